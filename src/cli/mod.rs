@@ -1,0 +1,217 @@
+//! The `writebehind` command line.
+
+mod tail;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{Config, RedisEndpoint};
+use crate::position::{ReplId, ReplOffset, StreamPosition};
+use crate::redis_client::RedisClient;
+use crate::replication::{ReplicationEvent, Replicator, ReplicatorOptions};
+
+#[derive(Debug, Parser)]
+#[command(name = "writebehind", version, about = "Keeps SQL tables equal to Redis hashes, attached to the primary as a replica")]
+pub struct Cli {
+    /// Log format on standard error.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the service.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate the configuration and check that Redis can be reached; exit 0 only when all is well.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Attach to a primary and print what it replicates, decoded, one line per event.
+    Tail {
+        /// redis://[user:password@]host:port
+        #[arg(long)]
+        source: String,
+        /// Continue after this position (`<replid>:<offset>[:<db>]`) instead of a full sync.
+        #[arg(long)]
+        from: Option<String>,
+        /// The port announced to the primary (nothing should answer there).
+        #[arg(long, default_value_t = 1)]
+        announce_port: u16,
+        /// Seconds of silence after which the link is considered dead.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run { config } => run(&config).await,
+            Command::Check { config } => check(&config).await,
+            Command::Tail { source, from, announce_port, timeout } => {
+                let endpoint = match RedisEndpoint::parse(&source) {
+                    Ok(endpoint) => endpoint,
+                    Err(e) => return usage_error(&format!("--source: {e}")),
+                };
+                let resume = match from.as_deref().map(parse_position).transpose() {
+                    Ok(resume) => resume,
+                    Err(e) => return usage_error(&format!("--from: {e}")),
+                };
+                let mut options = ReplicatorOptions::new(endpoint);
+                options.announce_port = announce_port;
+                options.timeout = Duration::from_secs(timeout.max(1));
+                tail::tail(options, resume).await
+            }
+        }
+    })
+}
+
+fn usage_error(message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(2)
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// `<replid>:<offset>[:<db>]`
+fn parse_position(text: &str) -> Result<StreamPosition, String> {
+    let mut parts = text.split(':');
+    let replid = parts.next().and_then(ReplId::parse).ok_or("expected <40-hex replid>:<offset>[:<db>]")?;
+    let offset = parts.next().and_then(|o| o.parse().ok()).ok_or("the offset must be a number")?;
+    let db = match parts.next() {
+        Some(db) => db.parse().map_err(|_| "the db must be a number")?,
+        None => 0,
+    };
+    Ok(StreamPosition { replid, offset: ReplOffset(offset), db })
+}
+
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|errors| {
+        for problem in &errors.0 {
+            eprintln!("error: {problem}");
+        }
+        ExitCode::from(2)
+    })
+}
+
+async fn check(path: &std::path::Path) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    println!("ok: {} is valid ({} mappings)", path.display(), config.mappings.len());
+    let mut failed = false;
+    for endpoint in config.source_endpoints() {
+        match RedisClient::connect(&endpoint, Duration::from_secs(5)).await {
+            Ok(mut client) => match client.command(&["PING"]).await {
+                Ok(_) => println!("ok: Redis at {} answers", endpoint.address()),
+                Err(e) => {
+                    failed = true;
+                    println!("error: {e}");
+                }
+            },
+            Err(e) => {
+                failed = true;
+                println!("error: {e}");
+            }
+        }
+    }
+    if config.source.sentinels.is_some() {
+        println!("note: Sentinel discovery is not implemented yet; the sentinels were not contacted");
+    }
+    if !config.backends.is_empty() {
+        println!("note: database connectivity and schema checks are not implemented yet");
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// The service. At this stage it attaches to the primary, decodes everything and acknowledges
+/// what it decoded; capture into the buffer and the database writes come with later stages.
+async fn run(path: &std::path::Path) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let Some(endpoint) = config.source_endpoints().into_iter().next() else {
+        eprintln!("error: {}: only [source] url and nodes are supported so far", path.display());
+        return ExitCode::from(2);
+    };
+    let mut options = ReplicatorOptions::new(endpoint);
+    options.announce_port = config.replication.announce_port;
+    options.timeout = Duration::from_secs(config.replication.timeout_secs);
+    let mut replicator = Replicator::new(options, None);
+    let mut snapshot_keys = 0u64;
+    let mut commands = 0u64;
+    loop {
+        let event = tokio::select! {
+            event = replicator.next() => event,
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!(commands, "interrupted; exiting");
+                return ExitCode::SUCCESS;
+            }
+        };
+        match event {
+            Ok(ReplicationEvent::FullSyncStarted { replid, offset, framing }) => {
+                snapshot_keys = 0;
+                tracing::info!(%replid, %offset, ?framing, "full sync started");
+            }
+            Ok(ReplicationEvent::Snapshot(crate::replication::rdb::RdbEvent::KeyStart { .. })) => snapshot_keys += 1,
+            Ok(ReplicationEvent::FullSyncCompleted { position, rdb_bytes }) => {
+                replicator.acknowledge(position.offset);
+                tracing::info!(%position, rdb_bytes, keys = snapshot_keys, "full sync completed");
+            }
+            Ok(ReplicationEvent::Continued { position, previous_replid }) => {
+                tracing::info!(%position, ?previous_replid, "partial resync accepted");
+            }
+            Ok(ReplicationEvent::Stream(event)) => {
+                commands += 1;
+                replicator.acknowledge(event.end());
+            }
+            Ok(ReplicationEvent::Disconnected { error, retry_in }) => {
+                tracing::warn!(%error, ?retry_in, "replication link lost; reconnecting");
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::error!(%error, "replication stopped");
+                eprintln!("error: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+}

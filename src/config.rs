@@ -1,0 +1,512 @@
+//! The TOML configuration (design.md section 2), parsed and validated before anything starts.
+//!
+//! `${VAR}` inside any string value is replaced from the environment (for secrets), after the
+//! TOML is parsed, so a secret cannot break the TOML syntax. Validation collects every problem
+//! and reports each on its own line; unknown keys are problems too (a typo must not be ignored).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A Redis server address with optional credentials: `redis://[user:password@]host:port`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisEndpoint {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl RedisEndpoint {
+    /// Parses `redis://[user:password@]host[:port]` (user and password percent-decoded; a
+    /// password alone is `redis://:password@host`). A bare `host:port` is accepted too.
+    pub fn parse(text: &str) -> Result<RedisEndpoint, String> {
+        let with_scheme = if text.contains("://") { text.to_string() } else { format!("redis://{text}") };
+        let url = url::Url::parse(&with_scheme).map_err(|e| format!("`{}` is not a redis:// URL: {e}", redact(text)))?;
+        if url.scheme() != "redis" {
+            return Err(format!("`{}` uses scheme `{}`; only redis:// is supported", redact(text), url.scheme()));
+        }
+        let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("`{}` has no host", redact(text)))?;
+        let decode = |s: &str| percent_decode(s);
+        let username = Some(decode(url.username())).filter(|u| !u.is_empty());
+        let password = url.password().map(decode);
+        if url.path() != "" && url.path() != "/" {
+            return Err(format!("`{}`: a database path is not supported; databases are chosen per mapping", redact(text)));
+        }
+        Ok(RedisEndpoint {
+            host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+            port: url.port().unwrap_or(6379),
+            username,
+            password,
+        })
+    }
+
+    /// `host:port`, for connecting and for messages.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Never print a password.
+impl fmt::Debug for RedisEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisEndpoint")
+            .field("address", &self.address())
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(high), Some(low)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A URL with its password replaced, for messages.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub buffer: BufferConfig,
+    #[serde(default)]
+    pub replication: ReplicationConfig,
+    #[serde(default)]
+    pub backends: BTreeMap<String, BackendConfig>,
+    #[serde(default)]
+    pub mappings: Vec<MappingConfig>,
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub url: Option<String>,
+    pub nodes: Option<Vec<String>>,
+    pub sentinels: Option<Vec<String>>,
+    pub master_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    #[serde(default = "default_buffer_path")]
+    pub path: PathBuf,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig { path: default_buffer_path() }
+    }
+}
+
+fn default_buffer_path() -> PathBuf {
+    PathBuf::from("./writebehind-data")
+}
+
+/// How the service behaves as a replica.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// The port announced with `REPLCONF listening-port`. Nothing must answer there, so that
+    /// Sentinel never considers this service a promotable replica.
+    #[serde(default = "default_announce_port")]
+    pub announce_port: u16,
+    /// Seconds of silence from the primary after which the link is considered dead.
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig { announce_port: default_announce_port(), timeout_secs: default_timeout_secs() }
+    }
+}
+
+fn default_announce_port() -> u16 {
+    // Port 1 (tcpmux) is privileged and unused on practically every host.
+    1
+}
+
+fn default_timeout_secs() -> u64 {
+    60
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExpire {
+    #[default]
+    Keep,
+    Delete,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InitialLoad {
+    #[default]
+    Upsert,
+    Skip,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingConfig {
+    pub name: String,
+    pub prefix: String,
+    #[serde(default = "default_separator")]
+    pub separator: String,
+    #[serde(default)]
+    pub db: u32,
+    pub backend: String,
+    pub table: String,
+    pub key_column: String,
+    #[serde(default)]
+    pub columns: BTreeMap<String, String>,
+    #[serde(default)]
+    pub required: Vec<String>,
+    #[serde(default)]
+    pub on_expire: OnExpire,
+    #[serde(default)]
+    pub initial_load: InitialLoad,
+    #[serde(default)]
+    pub create_table: bool,
+}
+
+fn default_separator() -> String {
+    ":".into()
+}
+
+impl MappingConfig {
+    /// The key prefix including the separator: keys starting with it are watched.
+    pub fn key_prefix(&self) -> String {
+        format!("{}{}", self.prefix, self.separator)
+    }
+}
+
+/// Every problem found in a configuration, one per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Reads, substitutes, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("{}: cannot read the configuration: {e}", path.display())]))?;
+        Config::parse(&text, &|name| std::env::var(name).ok())
+            .map_err(|ConfigErrors(problems)| ConfigErrors(problems.into_iter().map(|p| format!("{}: {p}", path.display())).collect()))
+    }
+
+    /// Parses and validates configuration text, resolving `${VAR}` with `env`.
+    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| ConfigErrors(vec![one_line(&e.to_string())]))?;
+        let mut problems = Vec::new();
+        substitute(&mut value, env, &mut problems);
+        if !problems.is_empty() {
+            return Err(ConfigErrors(problems));
+        }
+        let config: Config = value.try_into().map_err(|e: toml::de::Error| ConfigErrors(vec![one_line(&e.to_string())]))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut problems = Vec::new();
+        let source = &self.source;
+        let given = [source.url.is_some(), source.nodes.is_some(), source.sentinels.is_some()];
+        match given.iter().filter(|g| **g).count() {
+            0 => problems.push("[source]: set one of `url`, `nodes` or `sentinels`".to_string()),
+            1 => {}
+            _ => problems.push("[source]: set only one of `url`, `nodes` or `sentinels`".to_string()),
+        }
+        if let Some(url) = &source.url {
+            if let Err(e) = RedisEndpoint::parse(url) {
+                problems.push(format!("[source] url: {e}"));
+            }
+        }
+        for (field, list) in [("nodes", &source.nodes), ("sentinels", &source.sentinels)] {
+            if let Some(list) = list {
+                if list.is_empty() {
+                    problems.push(format!("[source] {field}: the list is empty"));
+                }
+                for entry in list {
+                    if let Err(e) = RedisEndpoint::parse(entry) {
+                        problems.push(format!("[source] {field}: {e}"));
+                    }
+                }
+            }
+        }
+        if source.sentinels.is_some() && source.master_name.as_deref().unwrap_or("").is_empty() {
+            problems.push("[source]: `sentinels` needs `master_name`".to_string());
+        }
+        if source.sentinels.is_none() && source.master_name.is_some() {
+            problems.push("[source]: `master_name` is only used with `sentinels`".to_string());
+        }
+        if self.buffer.path.as_os_str().is_empty() {
+            problems.push("[buffer] path: must not be empty".to_string());
+        }
+        if self.replication.timeout_secs < 5 {
+            problems.push(format!(
+                "[replication] timeout_secs = {}: must be at least 5 (the primary pings every 10 s by default)",
+                self.replication.timeout_secs
+            ));
+        }
+        for (name, backend) in &self.backends {
+            let scheme = backend.url.split("://").next().unwrap_or("");
+            if !matches!(scheme, "mysql" | "mariadb" | "sqlite") || !backend.url.contains("://") {
+                problems.push(format!(
+                    "[backends.{name}] url `{}`: use mysql://user:password@host:port/database or sqlite://path",
+                    redact(&backend.url)
+                ));
+            }
+        }
+        let mut names = HashSet::new();
+        let mut watched: HashMap<u32, Vec<(String, String)>> = HashMap::new();
+        for (i, m) in self.mappings.iter().enumerate() {
+            let label = if m.name.is_empty() { format!("[[mappings]] #{}", i + 1) } else { format!("mapping `{}`", m.name) };
+            if m.name.is_empty() {
+                problems.push(format!("{label}: `name` must not be empty"));
+            } else if !names.insert(m.name.clone()) {
+                problems.push(format!("{label}: the name is used by another mapping"));
+            }
+            if m.prefix.is_empty() {
+                problems.push(format!("{label}: `prefix` must not be empty"));
+            }
+            if m.separator.is_empty() {
+                problems.push(format!("{label}: `separator` must not be empty"));
+            }
+            if !self.backends.contains_key(&m.backend) {
+                let known: Vec<&str> = self.backends.keys().map(String::as_str).collect();
+                problems.push(format!("{label}: backend `{}` is not defined (defined: {})", m.backend, list_or_none(&known)));
+            }
+            if m.table.is_empty() {
+                problems.push(format!("{label}: `table` must not be empty"));
+            }
+            if m.key_column.is_empty() {
+                problems.push(format!("{label}: `key_column` must not be empty"));
+            }
+            if m.columns.is_empty() {
+                problems.push(format!("{label}: [mappings.columns] maps no hash field to a column"));
+            }
+            let mut columns = HashSet::new();
+            for (field, column) in &m.columns {
+                if column.is_empty() {
+                    problems.push(format!("{label}: field `{field}` maps to an empty column name"));
+                } else if !columns.insert(column.as_str()) {
+                    problems.push(format!("{label}: column `{column}` is the target of more than one field"));
+                }
+            }
+            for column in &m.required {
+                if !columns.contains(column.as_str()) {
+                    problems.push(format!("{label}: required column `{column}` is not a target in [mappings.columns]"));
+                }
+            }
+            let prefix = m.key_prefix();
+            for (other_name, other_prefix) in watched.get(&m.db).into_iter().flatten() {
+                if prefix.starts_with(other_prefix.as_str()) || other_prefix.starts_with(prefix.as_str()) {
+                    problems.push(format!(
+                        "{label}: keys `{prefix}*` overlap with mapping `{other_name}` (`{other_prefix}*`) in db {}",
+                        m.db
+                    ));
+                }
+            }
+            watched.entry(m.db).or_default().push((m.name.clone(), prefix));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(problems))
+        }
+    }
+
+    /// The Redis endpoints to try, in order.
+    pub fn source_endpoints(&self) -> Vec<RedisEndpoint> {
+        let list: Vec<String> = match (&self.source.url, &self.source.nodes) {
+            (Some(url), _) => vec![url.clone()],
+            (None, Some(nodes)) => nodes.clone(),
+            _ => Vec::new(),
+        };
+        list.iter().filter_map(|u| RedisEndpoint::parse(u).ok()).collect()
+    }
+}
+
+fn list_or_none(items: &[&str]) -> String {
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+fn one_line(message: &str) -> String {
+    message.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+fn substitute(value: &mut toml::Value, env: &dyn Fn(&str) -> Option<String>, problems: &mut Vec<String>) {
+    match value {
+        toml::Value::String(text) => {
+            let mut out = String::with_capacity(text.len());
+            let mut rest = text.as_str();
+            while let Some(start) = rest.find("${") {
+                out.push_str(&rest[..start]);
+                let Some(len) = rest[start..].find('}') else {
+                    problems.push(format!("unterminated `${{` in a configuration value: `{}`", text));
+                    return;
+                };
+                let name = &rest[start + 2..start + len];
+                match env(name) {
+                    Some(v) => out.push_str(&v),
+                    None => problems.push(format!("environment variable `{name}` is not set (used as ${{{name}}})")),
+                }
+                rest = &rest[start + len + 1..];
+            }
+            out.push_str(rest);
+            *text = out;
+        }
+        toml::Value::Array(items) => items.iter_mut().for_each(|v| substitute(v, env, problems)),
+        toml::Value::Table(table) => table.iter_mut().for_each(|(_, v)| substitute(v, env, problems)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[source]
+url = "redis://127.0.0.1:6379"
+
+[buffer]
+path = "./writebehind-data"
+
+[backends.mysql]
+url = "mysql://demouser:${DB_PASSWORD}@localhost:3306/test"
+
+[[mappings]]
+name = "PersonWriteBehind"
+prefix = "person2"
+backend = "mysql"
+table = "person1"
+key_column = "id"
+[mappings.columns]
+first_name = "first"
+last_name = "last"
+age = "age"
+
+[[mappings]]
+name = "CarsWriteBehind"
+prefix = "car"
+backend = "mysql"
+table = "car"
+key_column = "id"
+[mappings.columns]
+id = "id"
+color = "color"
+"#;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "DB_PASSWORD").then(|| "Password123!".to_string())
+    }
+
+    #[test]
+    fn the_design_example_parses() {
+        let config = Config::parse(EXAMPLE, &env).unwrap();
+        assert_eq!(config.mappings.len(), 2);
+        assert_eq!(config.mappings[0].key_prefix(), "person2:");
+        assert_eq!(config.backends["mysql"].url, "mysql://demouser:Password123!@localhost:3306/test");
+        assert_eq!(config.mappings[1].on_expire, OnExpire::Keep);
+        assert_eq!(config.source_endpoints()[0].port, 6379);
+    }
+
+    #[test]
+    fn every_problem_is_reported_on_its_own_line() {
+        let text = EXAMPLE
+            .replace("backend = \"mysql\"\ntable = \"car\"", "backend = \"pg\"\ntable = \"car\"")
+            .replace("prefix = \"car\"", "prefix = \"person2\"")
+            .replace("${DB_PASSWORD}", "${MISSING_VAR}");
+        let errors = Config::parse(&text, &env).unwrap_err();
+        assert_eq!(errors.0.len(), 1, "{errors}");
+        assert!(errors.0[0].contains("MISSING_VAR"));
+        let text = text.replace("${MISSING_VAR}", "x");
+        let errors = Config::parse(&text, &env).unwrap_err();
+        assert_eq!(errors.0.len(), 2, "{errors}");
+        assert!(errors.0.iter().any(|e| e.contains("backend `pg` is not defined")));
+        assert!(errors.0.iter().any(|e| e.contains("overlap with mapping `PersonWriteBehind`")));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let text = EXAMPLE.replace("key_column = \"id\"\n[mappings.columns]\nid", "key_colum = \"id\"\n[mappings.columns]\nid");
+        let errors = Config::parse(&text, &env).unwrap_err();
+        assert!(errors.0[0].contains("key_colum"), "{errors}");
+    }
+
+    #[test]
+    fn endpoints_with_credentials() {
+        let e = RedisEndpoint::parse("redis://writer:p%40ss@10.0.0.1:6380").unwrap();
+        assert_eq!((e.username.as_deref(), e.password.as_deref(), e.port), (Some("writer"), Some("p@ss"), 6380));
+        let e = RedisEndpoint::parse("redis://:secret@localhost").unwrap();
+        assert_eq!((e.username.as_deref(), e.password.as_deref(), e.port), (None, Some("secret"), 6379));
+        assert!(!format!("{e:?}").contains("secret"));
+        assert!(RedisEndpoint::parse("http://x:1").is_err());
+        assert_eq!(redact("mysql://u:pw@h/db"), "mysql://u:***@h/db");
+    }
+}

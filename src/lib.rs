@@ -1,0 +1,17 @@
+//! writebehind keeps SQL tables equal to Redis hashes. It attaches to a Redis primary as a
+//! replica, decodes the snapshot and the command stream, and (in later stages) buffers every
+//! change durably, writes rows to the database and acknowledges them back to Redis.
+//!
+//! The modules follow the data flow:
+//! - [`replication`]: the replica handshake, the snapshot ([`replication::rdb`]) and the
+//!   command stream ([`replication::stream`]), with exact offsets;
+//! - [`position`]: offsets and replication IDs;
+//! - [`config`]: the TOML configuration;
+//! - [`redis_client`]: ordinary request/response commands;
+//! - [`cli`]: the `writebehind` command line.
+
+pub mod cli;
+pub mod config;
+pub mod position;
+pub mod redis_client;
+pub mod replication;

@@ -1,0 +1,369 @@
+//! One connection to a primary, from the handshake to the end of the command stream.
+//!
+//! The read side is driven by the caller ([`Link::next`]); it decodes only when asked, so a slow
+//! consumer slows the socket (TCP backpressure) instead of buffering without bound. The write
+//! side runs as its own task so that the primary always hears from us: a `\n` every second while
+//! the snapshot is being received and decoded (the primary's `repl-timeout` clock runs during
+//! that time), then `REPLCONF ACK <offset>` every second with the position the caller
+//! acknowledged, and at once when the primary asks with `REPLCONF GETACK *`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::rdb::{RdbDecoder, RdbEvent};
+use super::stream::{CommandStream, StreamEvent};
+use super::{LinkError, ReplicationEvent, ReplicatorOptions, SnapshotFraming};
+use crate::position::{ReplId, ReplOffset, StreamPosition};
+use crate::redis_client::encode_command;
+
+/// Length of the random delimiter of a diskless (`$EOF:`) snapshot.
+const EOF_MARK_LEN: usize = 40;
+const READ_CHUNK: usize = 64 * 1024;
+
+enum Phase {
+    Snapshot { decoder: RdbDecoder, framing: SnapshotFraming, replid: ReplId, offset: ReplOffset, stream_db: u32 },
+    Streaming { replid: ReplId, stream: CommandStream },
+}
+
+enum WriterMessage {
+    /// Send an ACK now (after the snapshot; a diskless primary waits for it).
+    AckNow,
+    /// `REPLCONF GETACK` arrived: answer with at most this offset.
+    GetAck(ReplOffset),
+}
+
+pub(crate) struct Link {
+    reader: OwnedReadHalf,
+    input: BytesMut,
+    phase: Phase,
+    address: String,
+    timeout: Duration,
+    snapshot_in_progress: Arc<AtomicBool>,
+    writer: mpsc::UnboundedSender<WriterMessage>,
+    writer_task: JoinHandle<()>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.writer_task.abort();
+    }
+}
+
+impl Link {
+    /// Connects, performs the handshake and `PSYNC`, and returns the link with its first event
+    /// (`FullSyncStarted` or `Continued`).
+    pub(crate) async fn connect(
+        options: &ReplicatorOptions,
+        resume: Option<&StreamPosition>,
+        ack: Arc<AtomicU64>,
+    ) -> Result<(Link, ReplicationEvent), LinkError> {
+        let address = options.endpoint.address();
+        let stream = tokio::time::timeout(options.timeout, TcpStream::connect(&address))
+            .await
+            .map_err(|_| LinkError::Timeout { address: address.clone(), seconds: options.timeout.as_secs() })?
+            .map_err(|e| LinkError::Io { address: address.clone(), message: format!("cannot connect: {e}") })?;
+        stream.set_nodelay(true).ok();
+        let (reader, mut write_half) = stream.into_split();
+        let mut handshake = Handshake { reader, input: BytesMut::with_capacity(READ_CHUNK), address: address.clone(), timeout: options.timeout };
+
+        // PING first: a primary that wants AUTH answers -NOAUTH, which is fine here.
+        handshake.send(&mut write_half, &[&b"PING"[..]]).await?;
+        let pong = handshake.read_line().await?;
+        if pong.starts_with('-') && !(pong.starts_with("-NOAUTH") || pong.starts_with("-NOPERM") || pong.contains("operation not permitted")) {
+            return Err(LinkError::Refused { address, message: format!("PING answered `{pong}`") });
+        }
+        if let Some(password) = &options.endpoint.password {
+            let mut args: Vec<&[u8]> = vec![b"AUTH"];
+            if let Some(user) = &options.endpoint.username {
+                args.push(user.as_bytes());
+            }
+            args.push(password.as_bytes());
+            handshake.send(&mut write_half, &args).await?;
+            let reply = handshake.read_line().await?;
+            if reply.starts_with('-') {
+                return Err(LinkError::Fatal {
+                    address,
+                    message: format!("authentication failed ({reply}); check the user and password in the source URL"),
+                });
+            }
+        }
+        // Both REPLCONFs are advisory: a primary that refuses them still serves PSYNC.
+        let port = options.announce_port.to_string();
+        handshake.send(&mut write_half, &[&b"REPLCONF"[..], b"listening-port", port.as_bytes()]).await?;
+        let reply = handshake.read_line().await?;
+        if reply.starts_with('-') {
+            tracing::debug!(%address, %reply, "REPLCONF listening-port refused");
+        }
+        handshake.send(&mut write_half, &[&b"REPLCONF"[..], b"capa", b"eof", b"capa", b"psync2"]).await?;
+        let reply = handshake.read_line().await?;
+        if reply.starts_with('-') {
+            tracing::debug!(%address, %reply, "REPLCONF capa refused");
+        }
+
+        let (psync_id, psync_offset) = match resume {
+            Some(p) => (p.replid.as_str().to_string(), p.offset.next_byte().to_string()),
+            None => ("?".to_string(), "-1".to_string()),
+        };
+        handshake.send(&mut write_half, &[&b"PSYNC"[..], psync_id.as_bytes(), psync_offset.as_bytes()]).await?;
+        let reply = handshake.read_line().await?;
+        let mut words = reply.split_ascii_whitespace();
+        let (phase, first_event) = match words.next() {
+            Some("+FULLRESYNC") => {
+                let replid = words.next().and_then(ReplId::parse);
+                let offset = words.next().and_then(|o| o.parse::<u64>().ok());
+                let (Some(replid), Some(offset)) = (replid, offset) else {
+                    return Err(LinkError::Protocol { address, message: format!("malformed PSYNC reply `{reply}`") });
+                };
+                let offset = ReplOffset(offset);
+                let header = handshake.read_line().await?;
+                let framing = if let Some(mark) = header.strip_prefix("$EOF:") {
+                    if mark.len() != EOF_MARK_LEN {
+                        return Err(LinkError::Protocol { address, message: format!("snapshot header `{header}` has a bad EOF mark") });
+                    }
+                    SnapshotFraming::EofMark(mark.as_bytes().to_vec())
+                } else if let Some(len) = header.strip_prefix('$').and_then(|l| l.parse::<u64>().ok()) {
+                    SnapshotFraming::Length(len)
+                } else {
+                    return Err(LinkError::Protocol { address, message: format!("expected the snapshot header, got `{header}`") });
+                };
+                ack.store(0, Ordering::SeqCst);
+                let event = ReplicationEvent::FullSyncStarted { replid: replid.clone(), offset, framing: framing.describe() };
+                (Phase::Snapshot { decoder: RdbDecoder::new(), framing, replid, offset, stream_db: 0 }, event)
+            }
+            Some("+CONTINUE") => {
+                let Some(resume) = resume else {
+                    return Err(LinkError::Protocol { address, message: "+CONTINUE to a PSYNC ? -1".into() });
+                };
+                let replid = match words.next() {
+                    Some(id) => ReplId::parse(id)
+                        .ok_or_else(|| LinkError::Protocol { address: address.clone(), message: format!("malformed PSYNC reply `{reply}`") })?,
+                    None => resume.replid.clone(),
+                };
+                let previous_replid = (replid != resume.replid).then(|| resume.replid.clone());
+                ack.store(resume.offset.0, Ordering::SeqCst);
+                let position = StreamPosition { replid: replid.clone(), offset: resume.offset, db: resume.db };
+                let event = ReplicationEvent::Continued { position, previous_replid };
+                (Phase::Streaming { replid, stream: CommandStream::new(resume.offset, resume.db) }, event)
+            }
+            _ if reply.starts_with("-LOADING") || reply.starts_with("-NOMASTERLINK") => {
+                return Err(LinkError::NotReady { address, message: reply });
+            }
+            _ => {
+                return Err(LinkError::Fatal {
+                    address,
+                    message: format!(
+                        "PSYNC refused: `{reply}`; writebehind needs PSYNC (never SYNC): grant the user +psync +replconf +ping"
+                    ),
+                })
+            }
+        };
+
+        let snapshot_in_progress = Arc::new(AtomicBool::new(matches!(phase, Phase::Snapshot { .. })));
+        let (writer, writer_rx) = mpsc::unbounded_channel();
+        let writer_task = tokio::spawn(write_keepalives(write_half, writer_rx, ack, snapshot_in_progress.clone(), address.clone()));
+        let link = Link {
+            reader: handshake.reader,
+            input: handshake.input,
+            phase,
+            address,
+            timeout: options.timeout,
+            snapshot_in_progress,
+            writer,
+            writer_task,
+        };
+        Ok((link, first_event))
+    }
+
+    /// The next event of this link.
+    pub(crate) async fn next(&mut self) -> Result<ReplicationEvent, LinkError> {
+        loop {
+            match &mut self.phase {
+                Phase::Snapshot { decoder, framing, replid, offset, stream_db } => {
+                    let event = decoder
+                        .decode(&mut self.input)
+                        .map_err(|e| LinkError::Snapshot { address: self.address.clone(), message: e.to_string() })?;
+                    if let SnapshotFraming::Length(len) = framing {
+                        if decoder.consumed() > *len {
+                            return Err(LinkError::Snapshot {
+                                address: self.address.clone(),
+                                message: format!("the RDB runs past its announced {len} bytes"),
+                            });
+                        }
+                    }
+                    match event {
+                        Some(event) => {
+                            if let RdbEvent::Aux { key, value } = &event {
+                                if key.as_ref() == b"repl-stream-db" {
+                                    *stream_db = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+                                }
+                            }
+                            return Ok(ReplicationEvent::Snapshot(event));
+                        }
+                        None if decoder.is_done() => {
+                            let rdb_bytes = decoder.consumed();
+                            match framing {
+                                SnapshotFraming::Length(len) if rdb_bytes != *len => {
+                                    return Err(LinkError::Snapshot {
+                                        address: self.address.clone(),
+                                        message: format!("the RDB ended after {rdb_bytes} of its announced {len} bytes"),
+                                    })
+                                }
+                                SnapshotFraming::EofMark(mark) => {
+                                    let mark = mark.clone();
+                                    while self.input.len() < EOF_MARK_LEN {
+                                        fill(&mut self.reader, &mut self.input, &self.address, self.timeout).await?;
+                                    }
+                                    if self.input[..EOF_MARK_LEN] != mark[..] {
+                                        return Err(LinkError::Snapshot {
+                                            address: self.address.clone(),
+                                            message: "the diskless snapshot does not end with its EOF mark".into(),
+                                        });
+                                    }
+                                    self.input.advance(EOF_MARK_LEN);
+                                }
+                                SnapshotFraming::Length(_) => {}
+                            }
+                            let position = StreamPosition { replid: replid.clone(), offset: *offset, db: *stream_db };
+                            self.phase = Phase::Streaming {
+                                replid: position.replid.clone(),
+                                stream: CommandStream::new(position.offset, position.db),
+                            };
+                            self.snapshot_in_progress.store(false, Ordering::SeqCst);
+                            let _ = self.writer.send(WriterMessage::AckNow);
+                            return Ok(ReplicationEvent::FullSyncCompleted { position, rdb_bytes });
+                        }
+                        None => fill(&mut self.reader, &mut self.input, &self.address, self.timeout).await?,
+                    }
+                }
+                Phase::Streaming { stream, .. } => match stream.decode(&mut self.input) {
+                    Ok(Some(event)) => {
+                        if let StreamEvent::GetAck { before, .. } = &event {
+                            let _ = self.writer.send(WriterMessage::GetAck(*before));
+                        }
+                        return Ok(ReplicationEvent::Stream(event));
+                    }
+                    Ok(None) => fill(&mut self.reader, &mut self.input, &self.address, self.timeout).await?,
+                    Err(e) => return Err(LinkError::Protocol { address: self.address.clone(), message: e.to_string() }),
+                },
+            }
+        }
+    }
+
+    /// The replid and database of the command stream (None during a snapshot).
+    pub(crate) fn stream_state(&self) -> Option<(ReplId, u32)> {
+        match &self.phase {
+            Phase::Streaming { replid, stream } if !stream.in_transaction() => Some((replid.clone(), stream.db())),
+            _ => None,
+        }
+    }
+}
+
+async fn fill(reader: &mut OwnedReadHalf, input: &mut BytesMut, address: &str, timeout: Duration) -> Result<(), LinkError> {
+    // Grow reads with the buffer so that a large frame arrives in few reads.
+    input.reserve(READ_CHUNK.max(input.len()));
+    let read = tokio::time::timeout(timeout, reader.read_buf(input))
+        .await
+        .map_err(|_| LinkError::Timeout { address: address.to_string(), seconds: timeout.as_secs() })?
+        .map_err(|e| LinkError::Io { address: address.to_string(), message: e.to_string() })?;
+    if read == 0 {
+        return Err(LinkError::Io { address: address.to_string(), message: "the primary closed the connection".into() });
+    }
+    Ok(())
+}
+
+struct Handshake {
+    reader: OwnedReadHalf,
+    input: BytesMut,
+    address: String,
+    timeout: Duration,
+}
+
+impl Handshake {
+    async fn send(&mut self, writer: &mut OwnedWriteHalf, args: &[&[u8]]) -> Result<(), LinkError> {
+        writer
+            .write_all(&encode_command(args))
+            .await
+            .map_err(|e| LinkError::Io { address: self.address.clone(), message: e.to_string() })
+    }
+
+    /// One reply line, skipping the bare `\n` keepalives a primary sends while it prepares.
+    async fn read_line(&mut self) -> Result<String, LinkError> {
+        loop {
+            while self.input.first() == Some(&b'\n') {
+                self.input.advance(1);
+            }
+            if let Some(end) = self.input.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8_lossy(&self.input[..end]).into_owned();
+                self.input.advance(end + 2);
+                return Ok(line);
+            }
+            if self.input.len() > 64 * 1024 {
+                return Err(LinkError::Protocol { address: self.address.clone(), message: "reply line longer than 64 KiB".into() });
+            }
+            fill(&mut self.reader, &mut self.input, &self.address, self.timeout).await?;
+        }
+    }
+}
+
+async fn write_keepalives(
+    mut writer: OwnedWriteHalf,
+    mut messages: mpsc::UnboundedReceiver<WriterMessage>,
+    ack: Arc<AtomicU64>,
+    snapshot_in_progress: Arc<AtomicBool>,
+    address: String,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A GETACK answered below the offset it asked for is answered again once the caller's
+    // acknowledged position reaches it, so that `WAIT` returns promptly.
+    let mut getack_target: Option<u64> = None;
+    let mut recheck = tokio::time::interval(Duration::from_millis(5));
+    loop {
+        let send_ack = tokio::select! {
+            _ = tick.tick() => {
+                if snapshot_in_progress.load(Ordering::SeqCst) {
+                    if writer.write_all(b"\n").await.is_err() {
+                        return;
+                    }
+                    false
+                } else {
+                    true
+                }
+            }
+            message = messages.recv() => match message {
+                None => return,
+                Some(WriterMessage::AckNow) => true,
+                Some(WriterMessage::GetAck(before)) => {
+                    if ack.load(Ordering::SeqCst) < before.0 {
+                        getack_target = Some(before.0);
+                    }
+                    true
+                }
+            },
+            _ = recheck.tick(), if getack_target.is_some() => {
+                match getack_target {
+                    Some(target) if ack.load(Ordering::SeqCst) >= target => {
+                        getack_target = None;
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        };
+        if send_ack {
+            let offset = ack.load(Ordering::SeqCst).to_string();
+            if let Err(e) = writer.write_all(&encode_command(&[&b"REPLCONF"[..], b"ACK", offset.as_bytes()])).await {
+                tracing::debug!(%address, error = %e, "cannot send REPLCONF ACK; the reader will notice the broken link");
+                return;
+            }
+        }
+    }
+}

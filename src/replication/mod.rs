@@ -1,0 +1,251 @@
+//! Attaching to a Redis primary as a replica.
+//!
+//! # Protocol
+//!
+//! The handshake is what a real replica sends (`syncWithMaster`): `PING`, `AUTH [user] pass`,
+//! `REPLCONF listening-port <port>` (a port where nothing answers, so that Sentinel never
+//! considers us promotable), `REPLCONF capa eof capa psync2`, then `PSYNC <replid> <offset+1>`
+//! to continue after a known position, or `PSYNC ? -1`. Bare `\n` keepalives may precede any
+//! reply. The primary answers:
+//!
+//! - `+FULLRESYNC <replid> <offset>`: a snapshot follows, framed as `$<len>\r\n` + exactly
+//!   `len` bytes (disk-based sync; no CRLF after it) or as `$EOF:<40 chars>\r\n` + the RDB + the
+//!   same 40 chars (diskless). It is decoded while it streams ([`rdb`]). A diskless primary sends
+//!   no command until our first `REPLCONF ACK`, which we send as soon as the snapshot ends.
+//! - `+CONTINUE [<replid>]`: the command stream continues right after our offset; a different
+//!   replid means the history moved to a promoted replica.
+//! - `-LOADING` / `-NOMASTERLINK`: transient; we retry with backoff.
+//! - any other error: fatal. We never fall back to `SYNC`, which gives no position to resume.
+//!
+//! Then the command stream ([`stream`]): every byte counts toward the offset. We answer
+//! `REPLCONF GETACK *` and send `REPLCONF ACK <offset>` every second with the position the
+//! caller acknowledged (for the service: what is durably captured, so that `WAIT` means it).
+//!
+//! [`Replicator`] wraps one [`link`] at a time and reconnects with exponential backoff and
+//! jitter when it drops, resuming from the position the caller hands back.
+
+mod link;
+pub mod rdb;
+pub mod stream;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::config::RedisEndpoint;
+use crate::position::{ReplId, ReplOffset, StreamPosition};
+use link::Link;
+use rdb::RdbEvent;
+use stream::StreamEvent;
+
+/// How the snapshot was framed on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SnapshotFraming {
+    Length(u64),
+    EofMark(Vec<u8>),
+}
+
+impl SnapshotFraming {
+    fn describe(&self) -> Framing {
+        match self {
+            SnapshotFraming::Length(len) => Framing::Length(*len),
+            SnapshotFraming::EofMark(_) => Framing::Diskless,
+        }
+    }
+}
+
+/// The framing of a snapshot, as reported to the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Disk-based: `$<len>`.
+    Length(u64),
+    /// Diskless: `$EOF:<mark>`.
+    Diskless,
+}
+
+/// What the replication link delivers, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicationEvent {
+    /// A full synchronisation begins: the snapshot's events follow. Whatever the caller held
+    /// from before is superseded by the snapshot.
+    FullSyncStarted { replid: ReplId, offset: ReplOffset, framing: Framing },
+    /// One element of the snapshot.
+    Snapshot(RdbEvent),
+    /// The snapshot is complete; the command stream continues after `position`.
+    FullSyncCompleted { position: StreamPosition, rdb_bytes: u64 },
+    /// The primary accepted a partial resynchronisation from `position`. `previous_replid` is
+    /// set when the replid changed (a failover): persist the new one.
+    Continued { position: StreamPosition, previous_replid: Option<ReplId> },
+    /// An event of the command stream.
+    Stream(StreamEvent),
+    /// The link failed; the next call reconnects after `retry_in`, from the position set with
+    /// [`Replicator::resume_from`] (by default: after the last event delivered).
+    Disconnected { error: LinkError, retry_in: Duration },
+}
+
+/// Why a link ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    #[error("Redis primary {address}: {message}")]
+    Io { address: String, message: String },
+    #[error("Redis primary {address} was silent for {seconds} s")]
+    Timeout { address: String, seconds: u64 },
+    #[error("Redis primary {address} is not ready to serve replicas: {message}")]
+    NotReady { address: String, message: String },
+    #[error("Redis primary {address} refused the handshake: {message}")]
+    Refused { address: String, message: String },
+    #[error("Redis primary {address} sent something unexpected: {message}")]
+    Protocol { address: String, message: String },
+    #[error("snapshot from {address} is unusable, the sync restarts: {message}")]
+    Snapshot { address: String, message: String },
+    /// Retrying cannot help: wrong credentials, missing permission, PSYNC refused.
+    #[error("Redis primary {address}: {message}")]
+    Fatal { address: String, message: String },
+}
+
+impl LinkError {
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, LinkError::Fatal { .. })
+    }
+}
+
+/// Settings of the replica side.
+#[derive(Debug, Clone)]
+pub struct ReplicatorOptions {
+    pub endpoint: RedisEndpoint,
+    /// Announced with `REPLCONF listening-port`; nothing must answer there.
+    pub announce_port: u16,
+    /// Silence after which the link is considered dead (a real replica's `repl-timeout`).
+    pub timeout: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl ReplicatorOptions {
+    pub fn new(endpoint: RedisEndpoint) -> Self {
+        ReplicatorOptions {
+            endpoint,
+            announce_port: 1,
+            timeout: Duration::from_secs(60),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A replica's view of one primary, across reconnections.
+pub struct Replicator {
+    options: ReplicatorOptions,
+    link: Option<Link>,
+    /// Where the next `PSYNC` continues from.
+    resume: Option<StreamPosition>,
+    /// The offset reported by `REPLCONF ACK`, set by the caller.
+    ack: Arc<AtomicU64>,
+    failures: u32,
+    retry_at: Option<tokio::time::Instant>,
+}
+
+impl Replicator {
+    /// A replicator that starts with a full sync (`resume` None) or continues after `resume`.
+    pub fn new(options: ReplicatorOptions, resume: Option<StreamPosition>) -> Self {
+        Replicator { options, link: None, resume, ack: Arc::new(AtomicU64::new(0)), failures: 0, retry_at: None }
+    }
+
+    /// Sets where the next connection resumes (`None`: full sync). Call it after
+    /// `Disconnected` to resume from the caller's own durable position.
+    pub fn resume_from(&mut self, position: Option<StreamPosition>) {
+        self.resume = position;
+    }
+
+    /// The position after the last event delivered at a command boundary.
+    pub fn position(&self) -> Option<&StreamPosition> {
+        self.resume.as_ref()
+    }
+
+    /// The offset the next `REPLCONF ACK` reports: what the caller has captured.
+    pub fn acknowledge(&self, offset: ReplOffset) {
+        self.ack.store(offset.0, Ordering::SeqCst);
+    }
+
+    /// Drops the current link (the next call reconnects at once).
+    pub fn disconnect(&mut self) {
+        self.link = None;
+    }
+
+    /// The next event. `Err` only for fatal errors (authentication, permission, PSYNC refused);
+    /// everything else is reported as `Disconnected` and retried on the next call.
+    pub async fn next(&mut self) -> Result<ReplicationEvent, LinkError> {
+        if self.link.is_none() {
+            if let Some(at) = self.retry_at.take() {
+                tokio::time::sleep_until(at).await;
+            }
+            return match Link::connect(&self.options, self.resume.as_ref(), self.ack.clone()).await {
+                Ok((link, event)) => {
+                    self.link = Some(link);
+                    self.failures = 0;
+                    if let ReplicationEvent::Continued { position, .. } = &event {
+                        self.resume = Some(position.clone());
+                    }
+                    Ok(event)
+                }
+                Err(error) => self.failed(error),
+            };
+        }
+        let Some(link) = self.link.as_mut() else {
+            unreachable!("a link was set above")
+        };
+        match link.next().await {
+            Ok(event) => {
+                match &event {
+                    ReplicationEvent::FullSyncCompleted { position, .. } => self.resume = Some(position.clone()),
+                    ReplicationEvent::Stream(stream_event) => {
+                        if let Some((replid, db)) = link.stream_state() {
+                            self.resume = Some(StreamPosition { replid, offset: stream_event.end(), db });
+                        }
+                    }
+                    _ => {}
+                }
+                Ok(event)
+            }
+            Err(error) => {
+                self.link = None;
+                self.failed(error)
+            }
+        }
+    }
+
+    fn failed(&mut self, error: LinkError) -> Result<ReplicationEvent, LinkError> {
+        if error.is_fatal() {
+            return Err(error);
+        }
+        let retry_in = backoff(self.failures, self.options.backoff_min, self.options.backoff_max);
+        self.failures = self.failures.saturating_add(1);
+        self.retry_at = Some(tokio::time::Instant::now() + retry_in);
+        Ok(ReplicationEvent::Disconnected { error, retry_in })
+    }
+}
+
+/// Exponential backoff with "equal jitter": half the delay fixed, half random, so that many
+/// replicas restarting together do not reconnect in lockstep.
+fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
+    let exponential = min.saturating_mul(1u32 << failures.min(16)).min(max);
+    let half = exponential / 2;
+    half + rand::rng().random_range(Duration::ZERO..=half)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(30));
+        for failures in 0..40 {
+            let d = backoff(failures, min, max);
+            let ceiling = min.saturating_mul(1 << failures.min(16)).min(max);
+            assert!(d <= ceiling && d >= ceiling / 2, "{failures}: {d:?}");
+        }
+    }
+}

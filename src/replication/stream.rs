@@ -1,0 +1,305 @@
+//! The command stream that follows the snapshot (or `+CONTINUE`).
+//!
+//! Every command is a RESP2 array of bulk strings, exactly as the primary fed it to its
+//! replication buffer, so the byte length of each frame is what it adds to the offset. Frames
+//! are decoded with `redis-protocol` from the connection's `BytesMut`; arguments are `Bytes`
+//! slices of it, never copies.
+//!
+//! What the stream holds besides writes, and what is done with it:
+//! - `SELECT n` changes the database of the commands after it (also inside `MULTI`);
+//! - `MULTI ... EXEC` wraps an execution unit (a transaction, a script's or function's effects)
+//!   and is delivered as one [`StreamEvent::Transaction`]; positions never fall inside it;
+//! - `PING` (every `repl-ping-replica-period`) and `REPLCONF GETACK *` count toward the offset
+//!   like any command; GETACK must be answered with the offset *before* its own frame.
+//!
+//! Command names arrive in any case (`ping` is lowercase), so they compare case-insensitively.
+
+use bytes::{Bytes, BytesMut};
+use redis_protocol::resp2::decode::decode_bytes_mut;
+use redis_protocol::resp2::types::{BytesFrame, Resp2Frame};
+
+use crate::position::ReplOffset;
+
+/// One replicated command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// Name and arguments, as sent.
+    pub args: Vec<Bytes>,
+    /// The database it applies to.
+    pub db: u32,
+    /// The offset after its last byte.
+    pub end: ReplOffset,
+}
+
+impl Command {
+    /// Whether the command name equals `name`, ignoring ASCII case.
+    pub fn is(&self, name: &str) -> bool {
+        self.args.first().is_some_and(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+    }
+
+    /// The command name in upper case.
+    pub fn name(&self) -> String {
+        self.args.first().map(|n| String::from_utf8_lossy(n).to_ascii_uppercase()).unwrap_or_default()
+    }
+}
+
+/// What the command stream delivers, in order. Every variant ends at a top-level command
+/// boundary, a valid position to resume from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// A command outside `MULTI`.
+    Command(Command),
+    /// `MULTI`, the commands, `EXEC`: one execution unit of the primary.
+    Transaction { commands: Vec<Command>, start: ReplOffset, end: ReplOffset, db: u32 },
+    /// `SELECT db` outside a transaction.
+    Select { db: u32, end: ReplOffset },
+    /// The primary's keepalive `PING`.
+    Ping { end: ReplOffset },
+    /// `REPLCONF GETACK *`: the primary asks for an ACK, to be answered with `before`.
+    GetAck { before: ReplOffset, end: ReplOffset },
+    /// Any other `REPLCONF` the primary sends.
+    Replconf { args: Vec<Bytes>, end: ReplOffset },
+}
+
+impl StreamEvent {
+    /// The offset after this event.
+    pub fn end(&self) -> ReplOffset {
+        match self {
+            StreamEvent::Command(c) => c.end,
+            StreamEvent::Transaction { end, .. }
+            | StreamEvent::Select { end, .. }
+            | StreamEvent::Ping { end }
+            | StreamEvent::GetAck { end, .. }
+            | StreamEvent::Replconf { end, .. } => *end,
+        }
+    }
+}
+
+/// A frame the decoder cannot accept, with the stream offset of its first byte.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("replication stream byte {offset}: {message}")]
+pub struct StreamError {
+    pub offset: u64,
+    pub message: String,
+}
+
+struct PendingTransaction {
+    commands: Vec<Command>,
+    start: ReplOffset,
+}
+
+/// Decodes the command stream, tracking offset, database and transactions.
+pub struct CommandStream {
+    offset: ReplOffset,
+    db: u32,
+    transaction: Option<PendingTransaction>,
+}
+
+impl CommandStream {
+    /// A stream whose last processed byte is `offset`, with `db` selected.
+    pub fn new(offset: ReplOffset, db: u32) -> Self {
+        CommandStream { offset, db, transaction: None }
+    }
+
+    /// The offset of the last byte consumed (inside a transaction, that is not yet a boundary).
+    pub fn offset(&self) -> ReplOffset {
+        self.offset
+    }
+
+    pub fn db(&self) -> u32 {
+        self.db
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        self.transaction.is_some()
+    }
+
+    /// Decodes the next event from the front of `input`, or returns `None` when the next frame
+    /// is not complete yet.
+    pub fn decode(&mut self, input: &mut BytesMut) -> Result<Option<StreamEvent>, StreamError> {
+        loop {
+            if !frame_may_be_complete(input) {
+                return Ok(None);
+            }
+            let frame_start = self.offset;
+            let (frame, consumed) = match decode_bytes_mut(input) {
+                Ok(Some((frame, consumed, _))) => (frame, consumed),
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(self.error(format!("undecodable RESP: {e:?} (first bytes {:?})", preview(input)))),
+            };
+            self.offset = self.offset.advanced(consumed as u64);
+            let args = self.arguments(frame, frame_start)?;
+            if let Some(event) = self.handle(args, frame_start)? {
+                return Ok(Some(event));
+            }
+        }
+    }
+
+    fn error(&self, message: String) -> StreamError {
+        StreamError { offset: self.offset.next_byte(), message }
+    }
+
+    fn arguments(&self, frame: BytesFrame, start: ReplOffset) -> Result<Vec<Bytes>, StreamError> {
+        let fail = |message: String| StreamError { offset: start.next_byte(), message };
+        let BytesFrame::Array(items) = frame else {
+            return Err(fail(format!("expected a command (array of bulk strings), found {:?}", frame.kind())));
+        };
+        if items.is_empty() {
+            return Err(fail("empty command array".into()));
+        }
+        items
+            .into_iter()
+            .map(|item| match item {
+                BytesFrame::BulkString(bytes) => Ok(bytes),
+                other => Err(fail(format!("command argument is {:?}, expected a bulk string", other.kind()))),
+            })
+            .collect()
+    }
+
+    fn handle(&mut self, args: Vec<Bytes>, start: ReplOffset) -> Result<Option<StreamEvent>, StreamError> {
+        let end = self.offset;
+        let name = &args[0];
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        if is("SELECT") {
+            let db = args
+                .get(1)
+                .and_then(|a| std::str::from_utf8(a).ok())
+                .and_then(|a| a.parse::<u32>().ok())
+                .ok_or_else(|| StreamError { offset: start.next_byte(), message: "SELECT without a valid database number".into() })?;
+            self.db = db;
+            return Ok(self.transaction.is_none().then_some(StreamEvent::Select { db, end }));
+        }
+        if is("MULTI") {
+            if self.transaction.is_some() {
+                return Err(StreamError { offset: start.next_byte(), message: "MULTI inside MULTI".into() });
+            }
+            self.transaction = Some(PendingTransaction { commands: Vec::new(), start });
+            return Ok(None);
+        }
+        if is("EXEC") {
+            let Some(tx) = self.transaction.take() else {
+                return Err(StreamError { offset: start.next_byte(), message: "EXEC without MULTI".into() });
+            };
+            return Ok(Some(StreamEvent::Transaction { commands: tx.commands, start: tx.start, end, db: self.db }));
+        }
+        if self.transaction.is_none() {
+            if is("PING") {
+                return Ok(Some(StreamEvent::Ping { end }));
+            }
+            if is("REPLCONF") {
+                if args.get(1).is_some_and(|a| a.eq_ignore_ascii_case(b"GETACK")) {
+                    return Ok(Some(StreamEvent::GetAck { before: start, end }));
+                }
+                return Ok(Some(StreamEvent::Replconf { args, end }));
+            }
+        }
+        let command = Command { args, db: self.db, end };
+        match &mut self.transaction {
+            Some(tx) => {
+                tx.commands.push(command);
+                Ok(None)
+            }
+            None => Ok(Some(StreamEvent::Command(command))),
+        }
+    }
+}
+
+/// Check-then-parse: for the usual `*N\r\n($len\r\n<data>\r\n)*` shape, walks the lengths
+/// (not the data) to see whether the whole frame is buffered, so that a large command arriving
+/// in many reads is decoded once, not re-parsed on every read. Other shapes are left to the
+/// decoder (`true`).
+fn frame_may_be_complete(input: &[u8]) -> bool {
+    fn line(input: &[u8], from: usize) -> Option<(i64, usize)> {
+        let end = from + input.get(from..)?.iter().position(|&b| b == b'\r')?;
+        if input.get(end + 1)? != &b'\n' {
+            return None;
+        }
+        let number = std::str::from_utf8(&input[from..end]).ok()?.parse().ok()?;
+        Some((number, end + 2))
+    }
+    if input.is_empty() {
+        return false;
+    }
+    if input[0] != b'*' {
+        return true;
+    }
+    let Some((count, mut pos)) = line(input, 1) else {
+        // An incomplete or odd header line: a complete frame needs at least a `\n`.
+        return input.contains(&b'\n');
+    };
+    for _ in 0..count.max(0) {
+        match input.get(pos) {
+            None => return false,
+            Some(b'$') => {}
+            Some(_) => return true,
+        }
+        let Some((len, data)) = line(input, pos + 1) else {
+            return input[pos..].contains(&b'\n');
+        };
+        pos = data + len.max(0) as usize + 2;
+        if pos > input.len() {
+            return false;
+        }
+    }
+    true
+}
+
+fn preview(input: &[u8]) -> String {
+    String::from_utf8_lossy(&input[..input.len().min(32)]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(args: &[&str]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn offsets_db_and_transactions() {
+        let mut bytes = Vec::new();
+        bytes.extend(resp(&["SELECT", "2"]));
+        bytes.extend(resp(&["MULTI"]));
+        bytes.extend(resp(&["HSET", "k", "f", "v"]));
+        bytes.extend(resp(&["SELECT", "3"]));
+        bytes.extend(resp(&["DEL", "k"]));
+        bytes.extend(resp(&["EXEC"]));
+        bytes.extend(resp(&["ping"]));
+        bytes.extend(resp(&["REPLCONF", "GETACK", "*"]));
+        let total = bytes.len() as u64;
+        let mut input = BytesMut::from(&bytes[..]);
+        let mut stream = CommandStream::new(ReplOffset(100), 0);
+        let select = stream.decode(&mut input).unwrap().unwrap();
+        assert_eq!(select, StreamEvent::Select { db: 2, end: ReplOffset(100 + 23) });
+        let StreamEvent::Transaction { commands, start, db, .. } = stream.decode(&mut input).unwrap().unwrap() else {
+            panic!("expected a transaction")
+        };
+        assert_eq!(start, ReplOffset(123));
+        assert_eq!(commands.len(), 2);
+        assert_eq!((commands[0].db, commands[1].db, db), (2, 3, 3));
+        assert!(matches!(stream.decode(&mut input).unwrap(), Some(StreamEvent::Ping { .. })));
+        let getack = stream.decode(&mut input).unwrap().unwrap();
+        assert_eq!(getack, StreamEvent::GetAck { before: ReplOffset(100 + total - 37), end: ReplOffset(100 + total) });
+        assert_eq!(stream.decode(&mut input).unwrap(), None);
+    }
+
+    #[test]
+    fn partial_frames_wait_and_bad_frames_name_their_offset() {
+        let bytes = resp(&["HSET", "key", "field", "value"]);
+        let mut stream = CommandStream::new(ReplOffset(0), 0);
+        let mut input = BytesMut::new();
+        for (i, b) in bytes.iter().enumerate() {
+            input.extend_from_slice(&[*b]);
+            let event = stream.decode(&mut input).unwrap();
+            assert_eq!(event.is_some(), i == bytes.len() - 1);
+        }
+        let mut bad = BytesMut::from(&b"+OK\r\n"[..]);
+        let err = stream.decode(&mut bad).unwrap_err();
+        assert_eq!(err.offset, bytes.len() as u64 + 1);
+    }
+}
