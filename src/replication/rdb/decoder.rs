@@ -387,7 +387,15 @@ impl RdbDecoder {
                 self.state = State::ModuleOps { in_value: false };
             }
             OP_FUNCTION_PRE_GA => {
-                return malformed(at, "function library in the Redis 7.0 release-candidate format (opcode 246) is not supported");
+                // Redis 7.0 release candidates: name, engine, has-description flag,
+                // [description], code. Redis 7.0 still loads it.
+                cur.string()?;
+                cur.string()?;
+                if cur.length()? != 0 {
+                    cur.string()?;
+                }
+                let code = cur.string()?;
+                self.staged.push(Staged::Function { code });
             }
             OP_FUNCTION2 => {
                 let code = cur.string()?;

@@ -9,7 +9,7 @@
 //! Top-level opcodes: `0xFA` AUX (two strings; `repl-stream-db`, `repl-id` and `repl-offset`
 //! among them), `0xFE` SELECTDB, `0xFB` RESIZEDB, `0xFD`/`0xFC` expiry of the next key in
 //! seconds/milliseconds, `0xF8` IDLE and `0xF9` FREQ (eviction hints), `0xF7` MODULE_AUX,
-//! `0xF5` FUNCTION2 (a library's source), `0xF4` SLOT_INFO, and under `VALKEY` magic `0xF3`
+//! `0xF5` FUNCTION2 (a library's source; `0xF6`, the 7.0 release-candidate form, too), `0xF4` SLOT_INFO, and under `VALKEY` magic `0xF3`
 //! SLOT_IMPORT. Any other byte is a value type, followed by the key and the value.
 //!
 //! Lengths and strings use the RDB length encoding (see [`cursor`]). Hashes are decoded in every
