@@ -23,20 +23,38 @@ impl RedisEndpoint {
     /// Parses `redis://[user:password@]host[:port]` (user and password percent-decoded; a
     /// password alone is `redis://:password@host`). A bare `host:port` is accepted too.
     pub fn parse(text: &str) -> Result<RedisEndpoint, String> {
-        let with_scheme = if text.contains("://") { text.to_string() } else { format!("redis://{text}") };
-        let url = url::Url::parse(&with_scheme).map_err(|e| format!("`{}` is not a redis:// URL: {e}", redact(text)))?;
+        let with_scheme = if text.contains("://") {
+            text.to_string()
+        } else {
+            format!("redis://{text}")
+        };
+        let url = url::Url::parse(&with_scheme)
+            .map_err(|e| format!("`{}` is not a redis:// URL: {e}", redact(text)))?;
         if url.scheme() != "redis" {
-            return Err(format!("`{}` uses scheme `{}`; only redis:// is supported", redact(text), url.scheme()));
+            return Err(format!(
+                "`{}` uses scheme `{}`; only redis:// is supported",
+                redact(text),
+                url.scheme()
+            ));
         }
-        let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("`{}` has no host", redact(text)))?;
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| format!("`{}` has no host", redact(text)))?;
         let decode = |s: &str| percent_decode(s);
         let username = Some(decode(url.username())).filter(|u| !u.is_empty());
         let password = url.password().map(decode);
         if url.path() != "" && url.path() != "/" {
-            return Err(format!("`{}`: a database path is not supported; databases are chosen per mapping", redact(text)));
+            return Err(format!(
+                "`{}`: a database path is not supported; databases are chosen per mapping",
+                redact(text)
+            ));
         }
         Ok(RedisEndpoint {
-            host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
             port: url.port().unwrap_or(6379),
             username,
             password,
@@ -128,7 +146,9 @@ pub struct BufferConfig {
 
 impl Default for BufferConfig {
     fn default() -> Self {
-        BufferConfig { path: default_buffer_path() }
+        BufferConfig {
+            path: default_buffer_path(),
+        }
     }
 }
 
@@ -151,7 +171,10 @@ pub struct ReplicationConfig {
 
 impl Default for ReplicationConfig {
     fn default() -> Self {
-        ReplicationConfig { announce_port: default_announce_port(), timeout_secs: default_timeout_secs() }
+        ReplicationConfig {
+            announce_port: default_announce_port(),
+            timeout_secs: default_timeout_secs(),
+        }
     }
 }
 
@@ -248,21 +271,34 @@ impl std::error::Error for ConfigErrors {}
 impl Config {
     /// Reads, substitutes, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigErrors(vec![format!("{}: cannot read the configuration: {e}", path.display())]))?;
-        Config::parse(&text, &|name| std::env::var(name).ok())
-            .map_err(|ConfigErrors(problems)| ConfigErrors(problems.into_iter().map(|p| format!("{}: {p}", path.display())).collect()))
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![format!(
+                "{}: cannot read the configuration: {e}",
+                path.display()
+            )])
+        })?;
+        Config::parse(&text, &|name| std::env::var(name).ok()).map_err(|ConfigErrors(problems)| {
+            ConfigErrors(
+                problems
+                    .into_iter()
+                    .map(|p| format!("{}: {p}", path.display()))
+                    .collect(),
+            )
+        })
     }
 
     /// Parses and validates configuration text, resolving `${VAR}` with `env`.
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
-        let mut value: toml::Value = toml::from_str(text).map_err(|e| ConfigErrors(vec![one_line(&e.to_string())]))?;
+        let mut value: toml::Value =
+            toml::from_str(text).map_err(|e| ConfigErrors(vec![one_line(&e.to_string())]))?;
         let mut problems = Vec::new();
         substitute(&mut value, env, &mut problems);
         if !problems.is_empty() {
             return Err(ConfigErrors(problems));
         }
-        let config: Config = value.try_into().map_err(|e: toml::de::Error| ConfigErrors(vec![one_line(&e.to_string())]))?;
+        let config: Config = value
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigErrors(vec![one_line(&e.to_string())]))?;
         config.validate()?;
         Ok(config)
     }
@@ -270,11 +306,17 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigErrors> {
         let mut problems = Vec::new();
         let source = &self.source;
-        let given = [source.url.is_some(), source.nodes.is_some(), source.sentinels.is_some()];
+        let given = [
+            source.url.is_some(),
+            source.nodes.is_some(),
+            source.sentinels.is_some(),
+        ];
         match given.iter().filter(|g| **g).count() {
             0 => problems.push("[source]: set one of `url`, `nodes` or `sentinels`".to_string()),
             1 => {}
-            _ => problems.push("[source]: set only one of `url`, `nodes` or `sentinels`".to_string()),
+            _ => {
+                problems.push("[source]: set only one of `url`, `nodes` or `sentinels`".to_string())
+            }
         }
         if let Some(url) = &source.url {
             if let Err(e) = RedisEndpoint::parse(url) {
@@ -320,7 +362,11 @@ impl Config {
         let mut names = HashSet::new();
         let mut watched: HashMap<u32, Vec<(String, String)>> = HashMap::new();
         for (i, m) in self.mappings.iter().enumerate() {
-            let label = if m.name.is_empty() { format!("[[mappings]] #{}", i + 1) } else { format!("mapping `{}`", m.name) };
+            let label = if m.name.is_empty() {
+                format!("[[mappings]] #{}", i + 1)
+            } else {
+                format!("mapping `{}`", m.name)
+            };
             if m.name.is_empty() {
                 problems.push(format!("{label}: `name` must not be empty"));
             } else if !names.insert(m.name.clone()) {
@@ -334,7 +380,11 @@ impl Config {
             }
             if !self.backends.contains_key(&m.backend) {
                 let known: Vec<&str> = self.backends.keys().map(String::as_str).collect();
-                problems.push(format!("{label}: backend `{}` is not defined (defined: {})", m.backend, list_or_none(&known)));
+                problems.push(format!(
+                    "{label}: backend `{}` is not defined (defined: {})",
+                    m.backend,
+                    list_or_none(&known)
+                ));
             }
             if m.table.is_empty() {
                 problems.push(format!("{label}: `table` must not be empty"));
@@ -343,31 +393,44 @@ impl Config {
                 problems.push(format!("{label}: `key_column` must not be empty"));
             }
             if m.columns.is_empty() {
-                problems.push(format!("{label}: [mappings.columns] maps no hash field to a column"));
+                problems.push(format!(
+                    "{label}: [mappings.columns] maps no hash field to a column"
+                ));
             }
             let mut columns = HashSet::new();
             for (field, column) in &m.columns {
                 if column.is_empty() {
-                    problems.push(format!("{label}: field `{field}` maps to an empty column name"));
+                    problems.push(format!(
+                        "{label}: field `{field}` maps to an empty column name"
+                    ));
                 } else if !columns.insert(column.as_str()) {
-                    problems.push(format!("{label}: column `{column}` is the target of more than one field"));
+                    problems.push(format!(
+                        "{label}: column `{column}` is the target of more than one field"
+                    ));
                 }
             }
             for column in &m.required {
                 if !columns.contains(column.as_str()) {
-                    problems.push(format!("{label}: required column `{column}` is not a target in [mappings.columns]"));
+                    problems.push(format!(
+                        "{label}: required column `{column}` is not a target in [mappings.columns]"
+                    ));
                 }
             }
             let prefix = m.key_prefix();
             for (other_name, other_prefix) in watched.get(&m.db).into_iter().flatten() {
-                if prefix.starts_with(other_prefix.as_str()) || other_prefix.starts_with(prefix.as_str()) {
+                if prefix.starts_with(other_prefix.as_str())
+                    || other_prefix.starts_with(prefix.as_str())
+                {
                     problems.push(format!(
                         "{label}: keys `{prefix}*` overlap with mapping `{other_name}` (`{other_prefix}*`) in db {}",
                         m.db
                     ));
                 }
             }
-            watched.entry(m.db).or_default().push((m.name.clone(), prefix));
+            watched
+                .entry(m.db)
+                .or_default()
+                .push((m.name.clone(), prefix));
         }
         if problems.is_empty() {
             Ok(())
@@ -383,7 +446,9 @@ impl Config {
             (None, Some(nodes)) => nodes.clone(),
             _ => Vec::new(),
         };
-        list.iter().filter_map(|u| RedisEndpoint::parse(u).ok()).collect()
+        list.iter()
+            .filter_map(|u| RedisEndpoint::parse(u).ok())
+            .collect()
     }
 }
 
@@ -396,10 +461,19 @@ fn list_or_none(items: &[&str]) -> String {
 }
 
 fn one_line(message: &str) -> String {
-    message.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
-fn substitute(value: &mut toml::Value, env: &dyn Fn(&str) -> Option<String>, problems: &mut Vec<String>) {
+fn substitute(
+    value: &mut toml::Value,
+    env: &dyn Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) {
     match value {
         toml::Value::String(text) => {
             let mut out = String::with_capacity(text.len());
@@ -407,13 +481,18 @@ fn substitute(value: &mut toml::Value, env: &dyn Fn(&str) -> Option<String>, pro
             while let Some(start) = rest.find("${") {
                 out.push_str(&rest[..start]);
                 let Some(len) = rest[start..].find('}') else {
-                    problems.push(format!("unterminated `${{` in a configuration value: `{}`", text));
+                    problems.push(format!(
+                        "unterminated `${{` in a configuration value: `{}`",
+                        text
+                    ));
                     return;
                 };
                 let name = &rest[start + 2..start + len];
                 match env(name) {
                     Some(v) => out.push_str(&v),
-                    None => problems.push(format!("environment variable `{name}` is not set (used as ${{{name}}})")),
+                    None => problems.push(format!(
+                        "environment variable `{name}` is not set (used as ${{{name}}})"
+                    )),
                 }
                 rest = &rest[start + len + 1..];
             }
@@ -421,7 +500,9 @@ fn substitute(value: &mut toml::Value, env: &dyn Fn(&str) -> Option<String>, pro
             *text = out;
         }
         toml::Value::Array(items) => items.iter_mut().for_each(|v| substitute(v, env, problems)),
-        toml::Value::Table(table) => table.iter_mut().for_each(|(_, v)| substitute(v, env, problems)),
+        toml::Value::Table(table) => table
+            .iter_mut()
+            .for_each(|(_, v)| substitute(v, env, problems)),
         _ => {}
     }
 }
@@ -471,7 +552,10 @@ color = "color"
         let config = Config::parse(EXAMPLE, &env).unwrap();
         assert_eq!(config.mappings.len(), 2);
         assert_eq!(config.mappings[0].key_prefix(), "person2:");
-        assert_eq!(config.backends["mysql"].url, "mysql://demouser:Password123!@localhost:3306/test");
+        assert_eq!(
+            config.backends["mysql"].url,
+            "mysql://demouser:Password123!@localhost:3306/test"
+        );
         assert_eq!(config.mappings[1].on_expire, OnExpire::Keep);
         assert_eq!(config.source_endpoints()[0].port, 6379);
     }
@@ -479,7 +563,10 @@ color = "color"
     #[test]
     fn every_problem_is_reported_on_its_own_line() {
         let text = EXAMPLE
-            .replace("backend = \"mysql\"\ntable = \"car\"", "backend = \"pg\"\ntable = \"car\"")
+            .replace(
+                "backend = \"mysql\"\ntable = \"car\"",
+                "backend = \"pg\"\ntable = \"car\"",
+            )
             .replace("prefix = \"car\"", "prefix = \"person2\"")
             .replace("${DB_PASSWORD}", "${MISSING_VAR}");
         let errors = Config::parse(&text, &env).unwrap_err();
@@ -488,13 +575,22 @@ color = "color"
         let text = text.replace("${MISSING_VAR}", "x");
         let errors = Config::parse(&text, &env).unwrap_err();
         assert_eq!(errors.0.len(), 2, "{errors}");
-        assert!(errors.0.iter().any(|e| e.contains("backend `pg` is not defined")));
-        assert!(errors.0.iter().any(|e| e.contains("overlap with mapping `PersonWriteBehind`")));
+        assert!(errors
+            .0
+            .iter()
+            .any(|e| e.contains("backend `pg` is not defined")));
+        assert!(errors
+            .0
+            .iter()
+            .any(|e| e.contains("overlap with mapping `PersonWriteBehind`")));
     }
 
     #[test]
     fn unknown_keys_are_refused() {
-        let text = EXAMPLE.replace("key_column = \"id\"\n[mappings.columns]\nid", "key_colum = \"id\"\n[mappings.columns]\nid");
+        let text = EXAMPLE.replace(
+            "key_column = \"id\"\n[mappings.columns]\nid",
+            "key_colum = \"id\"\n[mappings.columns]\nid",
+        );
         let errors = Config::parse(&text, &env).unwrap_err();
         assert!(errors.0[0].contains("key_colum"), "{errors}");
     }
@@ -502,9 +598,15 @@ color = "color"
     #[test]
     fn endpoints_with_credentials() {
         let e = RedisEndpoint::parse("redis://writer:p%40ss@10.0.0.1:6380").unwrap();
-        assert_eq!((e.username.as_deref(), e.password.as_deref(), e.port), (Some("writer"), Some("p@ss"), 6380));
+        assert_eq!(
+            (e.username.as_deref(), e.password.as_deref(), e.port),
+            (Some("writer"), Some("p@ss"), 6380)
+        );
         let e = RedisEndpoint::parse("redis://:secret@localhost").unwrap();
-        assert_eq!((e.username.as_deref(), e.password.as_deref(), e.port), (None, Some("secret"), 6379));
+        assert_eq!(
+            (e.username.as_deref(), e.password.as_deref(), e.port),
+            (None, Some("secret"), 6379)
+        );
         assert!(!format!("{e:?}").contains("secret"));
         assert!(RedisEndpoint::parse("http://x:1").is_err());
         assert_eq!(redact("mysql://u:pw@h/db"), "mysql://u:***@h/db");

@@ -47,7 +47,8 @@ pub struct ReplId(String);
 impl ReplId {
     /// Accepts exactly 40 hexadecimal characters (`CONFIG_RUN_ID_SIZE`).
     pub fn parse(text: &str) -> Option<ReplId> {
-        (text.len() == 40 && text.bytes().all(|b| b.is_ascii_hexdigit())).then(|| ReplId(text.to_ascii_lowercase()))
+        (text.len() == 40 && text.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| ReplId(text.to_ascii_lowercase()))
     }
 
     pub fn as_str(&self) -> &str {

@@ -14,7 +14,8 @@ use crate::config::RedisEndpoint;
 
 /// Encodes a command as a RESP array of bulk strings.
 pub fn encode_command<A: AsRef<[u8]>>(args: &[A]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + args.iter().map(|a| a.as_ref().len() + 16).sum::<usize>());
+    let mut out =
+        Vec::with_capacity(16 + args.iter().map(|a| a.as_ref().len() + 16).sum::<usize>());
     out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
     for arg in args {
         let arg = arg.as_ref();
@@ -28,13 +29,23 @@ pub fn encode_command<A: AsRef<[u8]>>(args: &[A]) -> Vec<u8> {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect to Redis at {address}: {source}")]
-    Connect { address: String, source: std::io::Error },
+    Connect {
+        address: String,
+        source: std::io::Error,
+    },
     #[error("Redis at {address}: connection lost: {source}")]
-    Io { address: String, source: std::io::Error },
+    Io {
+        address: String,
+        source: std::io::Error,
+    },
     #[error("Redis at {address} did not answer within {seconds} s")]
     Timeout { address: String, seconds: u64 },
     #[error("Redis at {address} answered {command}: {message}")]
-    Reply { address: String, command: String, message: String },
+    Reply {
+        address: String,
+        command: String,
+        message: String,
+    },
     #[error("Redis at {address} sent an undecodable reply: {message}")]
     Protocol { address: String, message: String },
 }
@@ -49,14 +60,28 @@ pub struct RedisClient {
 
 impl RedisClient {
     /// Connects and authenticates with the endpoint's credentials.
-    pub async fn connect(endpoint: &RedisEndpoint, timeout: Duration) -> Result<RedisClient, ClientError> {
+    pub async fn connect(
+        endpoint: &RedisEndpoint,
+        timeout: Duration,
+    ) -> Result<RedisClient, ClientError> {
         let address = endpoint.address();
         let stream = tokio::time::timeout(timeout, TcpStream::connect(&address))
             .await
-            .map_err(|_| ClientError::Timeout { address: address.clone(), seconds: timeout.as_secs() })?
-            .map_err(|source| ClientError::Connect { address: address.clone(), source })?;
+            .map_err(|_| ClientError::Timeout {
+                address: address.clone(),
+                seconds: timeout.as_secs(),
+            })?
+            .map_err(|source| ClientError::Connect {
+                address: address.clone(),
+                source,
+            })?;
         stream.set_nodelay(true).ok();
-        let mut client = RedisClient { stream, input: BytesMut::with_capacity(16 * 1024), address, timeout };
+        let mut client = RedisClient {
+            stream,
+            input: BytesMut::with_capacity(16 * 1024),
+            address,
+            timeout,
+        };
         if let Some(password) = &endpoint.password {
             let mut args: Vec<&[u8]> = vec![b"AUTH"];
             if let Some(user) = &endpoint.username {
@@ -75,44 +100,78 @@ impl RedisClient {
     /// Sends one command and returns its reply; an error reply is an `Err`.
     pub async fn command<A: AsRef<[u8]>>(&mut self, args: &[A]) -> Result<BytesFrame, ClientError> {
         let mut replies = self.pipeline(&[args]).await?;
-        let reply = replies.pop().ok_or_else(|| ClientError::Protocol { address: self.address.clone(), message: "no reply".into() })?;
+        let reply = replies.pop().ok_or_else(|| ClientError::Protocol {
+            address: self.address.clone(),
+            message: "no reply".into(),
+        })?;
         self.check(args, reply)
     }
 
     /// Sends several commands in one write and reads all replies (error replies included, as
     /// `BytesFrame::Error`).
-    pub async fn pipeline<A: AsRef<[u8]>>(&mut self, commands: &[&[A]]) -> Result<Vec<BytesFrame>, ClientError> {
+    pub async fn pipeline<A: AsRef<[u8]>>(
+        &mut self,
+        commands: &[&[A]],
+    ) -> Result<Vec<BytesFrame>, ClientError> {
         let mut out = Vec::new();
         for args in commands {
             out.extend_from_slice(&encode_command(args));
         }
         let address = self.address.clone();
-        self.stream.write_all(&out).await.map_err(|source| ClientError::Io { address: address.clone(), source })?;
+        self.stream
+            .write_all(&out)
+            .await
+            .map_err(|source| ClientError::Io {
+                address: address.clone(),
+                source,
+            })?;
         let mut replies = Vec::with_capacity(commands.len());
         while replies.len() < commands.len() {
             match decode_bytes_mut(&mut self.input) {
                 Ok(Some((frame, _, _))) => replies.push(frame),
                 Ok(None) => {
                     self.input.reserve(16 * 1024);
-                    let read = tokio::time::timeout(self.timeout, self.stream.read_buf(&mut self.input))
-                        .await
-                        .map_err(|_| ClientError::Timeout { address: address.clone(), seconds: self.timeout.as_secs() })?
-                        .map_err(|source| ClientError::Io { address: address.clone(), source })?;
+                    let read =
+                        tokio::time::timeout(self.timeout, self.stream.read_buf(&mut self.input))
+                            .await
+                            .map_err(|_| ClientError::Timeout {
+                                address: address.clone(),
+                                seconds: self.timeout.as_secs(),
+                            })?
+                            .map_err(|source| ClientError::Io {
+                                address: address.clone(),
+                                source,
+                            })?;
                     if read == 0 {
-                        return Err(ClientError::Io { address, source: std::io::ErrorKind::UnexpectedEof.into() });
+                        return Err(ClientError::Io {
+                            address,
+                            source: std::io::ErrorKind::UnexpectedEof.into(),
+                        });
                     }
                 }
-                Err(e) => return Err(ClientError::Protocol { address, message: format!("{e:?}") }),
+                Err(e) => {
+                    return Err(ClientError::Protocol {
+                        address,
+                        message: format!("{e:?}"),
+                    })
+                }
             }
         }
         Ok(replies)
     }
 
-    fn check<A: AsRef<[u8]>>(&self, args: &[A], reply: BytesFrame) -> Result<BytesFrame, ClientError> {
+    fn check<A: AsRef<[u8]>>(
+        &self,
+        args: &[A],
+        reply: BytesFrame,
+    ) -> Result<BytesFrame, ClientError> {
         match reply {
             BytesFrame::Error(message) => Err(ClientError::Reply {
                 address: self.address.clone(),
-                command: args.first().map(|a| String::from_utf8_lossy(a.as_ref()).to_ascii_uppercase()).unwrap_or_default(),
+                command: args
+                    .first()
+                    .map(|a| String::from_utf8_lossy(a.as_ref()).to_ascii_uppercase())
+                    .unwrap_or_default(),
                 message: message.to_string(),
             }),
             other => Ok(other),
@@ -129,7 +188,9 @@ impl RedisClient {
 /// The text of a string reply (empty for other kinds).
 pub fn frame_text(frame: &BytesFrame) -> String {
     match frame {
-        BytesFrame::SimpleString(b) | BytesFrame::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        BytesFrame::SimpleString(b) | BytesFrame::BulkString(b) => {
+            String::from_utf8_lossy(b).into_owned()
+        }
         BytesFrame::Integer(i) => i.to_string(),
         BytesFrame::Error(e) => e.to_string(),
         _ => String::new(),
@@ -138,5 +199,9 @@ pub fn frame_text(frame: &BytesFrame) -> String {
 
 /// One `name:value` line of an `INFO` reply.
 pub fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
-    info.lines().find_map(|line| line.strip_prefix(name).and_then(|rest| rest.strip_prefix(':')).map(str::trim))
+    info.lines().find_map(|line| {
+        line.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(':'))
+            .map(str::trim)
+    })
 }

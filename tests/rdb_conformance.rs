@@ -16,7 +16,11 @@ use writebehind::replication::rdb::{Checksum, RdbDecoder, RdbError, RdbEvent, Va
 
 fn corpus() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/rdb");
-    assert!(dir.is_dir(), "the RDB corpus is missing at {}: the shared/ folder must sit beside the clone", dir.display());
+    assert!(
+        dir.is_dir(),
+        "the RDB corpus is missing at {}: the shared/ folder must sit beside the clone",
+        dir.display()
+    );
     dir
 }
 
@@ -56,10 +60,26 @@ fn decode(data: &[u8], chunk: usize, allow_trailing: bool) -> Result<Decoded, Rd
                     RdbEvent::Aux { key, value } => out.aux.push((key, value)),
                     RdbEvent::Function { code } => out.functions.push(code),
                     RdbEvent::ModuleAux { module } => out.modules_aux.push(module),
-                    RdbEvent::KeyStart { db, key, kind, expire_at_ms, .. } => {
-                        current = Some(Key { db, name: key, kind: Some(kind), expire_at_ms, ..Key::default() })
+                    RdbEvent::KeyStart {
+                        db,
+                        key,
+                        kind,
+                        expire_at_ms,
+                        ..
+                    } => {
+                        current = Some(Key {
+                            db,
+                            name: key,
+                            kind: Some(kind),
+                            expire_at_ms,
+                            ..Key::default()
+                        })
                     }
-                    RdbEvent::HashField(f) => current.as_mut().expect("field outside a key").fields.push((f.field, f.value, f.expire_at_ms)),
+                    RdbEvent::HashField(f) => current
+                        .as_mut()
+                        .expect("field outside a key")
+                        .fields
+                        .push((f.field, f.value, f.expire_at_ms)),
                     RdbEvent::KeyEnd { empty } => {
                         let mut key = current.take().expect("KeyEnd without KeyStart");
                         key.empty = empty;
@@ -83,7 +103,10 @@ fn decode(data: &[u8], chunk: usize, allow_trailing: bool) -> Result<Decoded, Rd
     }
     let trailing = input.len() + (data.len() - fed);
     if trailing > 0 && !allow_trailing {
-        return Err(RdbError::Malformed { offset: decoder.consumed(), message: format!("{trailing} bytes after the RDB") });
+        return Err(RdbError::Malformed {
+            offset: decoder.consumed(),
+            message: format!("{trailing} bytes after the RDB"),
+        });
     }
     Ok(out)
 }
@@ -95,10 +118,17 @@ fn read(file: &str) -> Vec<u8> {
 
 /// Files with bytes after their RDB: an AOF with an RDB preamble, and a snapshot captured from
 /// a diskless sync with its 40-byte EOF mark still attached.
-const TRAILING_BYTES_EXPECTED: [&str; 2] = ["redis-7.2/rdb-preamble.aof", "redis-rdb-tools/redis_40_with_module.rdb"];
+const TRAILING_BYTES_EXPECTED: [&str; 2] = [
+    "redis-7.2/rdb-preamble.aof",
+    "redis-rdb-tools/redis_40_with_module.rdb",
+];
 
 fn decode_file(file: &str) -> Result<Decoded, RdbError> {
-    decode(&read(file), usize::MAX, TRAILING_BYTES_EXPECTED.contains(&file))
+    decode(
+        &read(file),
+        usize::MAX,
+        TRAILING_BYTES_EXPECTED.contains(&file),
+    )
 }
 
 /// EXPECTED.md notation: printable UTF-8 as text, otherwise printable ASCII kept and every
@@ -109,7 +139,16 @@ fn render(bytes: &[u8]) -> String {
             return text.to_string();
         }
     }
-    bytes.iter().map(|&b| if (0x20..0x7f).contains(&b) { (b as char).to_string() } else { format!("\\x{b:02x}") }).collect()
+    bytes
+        .iter()
+        .map(|&b| {
+            if (0x20..0x7f).contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("\\x{b:02x}")
+            }
+        })
+        .collect()
 }
 
 fn kind_name(kind: Option<ValueKind>) -> &'static str {
@@ -117,15 +156,25 @@ fn kind_name(kind: Option<ValueKind>) -> &'static str {
 }
 
 fn hash_of(key: &Key) -> BTreeMap<String, String> {
-    key.fields.iter().map(|(f, v, _)| (render(f), render(v))).collect()
+    key.fields
+        .iter()
+        .map(|(f, v, _)| (render(f), render(v)))
+        .collect()
 }
 
 fn find<'a>(decoded: &'a Decoded, name: &str) -> &'a Key {
-    decoded.keys.iter().find(|k| render(&k.name) == name).unwrap_or_else(|| panic!("key {name} not decoded"))
+    decoded
+        .keys
+        .iter()
+        .find(|k| render(&k.name) == name)
+        .unwrap_or_else(|| panic!("key {name} not decoded"))
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Every file Redis 7.0.15 loaded decodes to the same keys, types and hash contents.
@@ -142,53 +191,112 @@ fn files_redis_loaded_decode_to_what_redis_loaded() {
         files += 1;
         // Redis drops empty collections and, loading as a primary, keys already expired.
         let now = now_ms();
-        let expired = decoded.keys.iter().filter(|k| !k.empty && k.expire_at_ms.is_some_and(|at| at < now)).count();
-        let live: Vec<&Key> = decoded.keys.iter().filter(|k| !k.empty && !k.expire_at_ms.is_some_and(|at| at < now)).collect();
-        let log: Vec<&str> = entry["log"].as_array().expect("log").iter().filter_map(Value::as_str).collect();
+        let expired = decoded
+            .keys
+            .iter()
+            .filter(|k| !k.empty && k.expire_at_ms.is_some_and(|at| at < now))
+            .count();
+        let live: Vec<&Key> = decoded
+            .keys
+            .iter()
+            .filter(|k| !k.empty && k.expire_at_ms.is_none_or(|at| at >= now))
+            .collect();
+        let log: Vec<&str> = entry["log"]
+            .as_array()
+            .expect("log")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
         if let Some(line) = log.iter().find(|l| l.contains("keys expired: ")) {
-            let redis_expired: usize = line.split("keys expired: ").nth(1).and_then(|r| r.split(['.', ',']).next()).and_then(|n| n.trim().parse().ok()).expect("count");
+            let redis_expired: usize = line
+                .split("keys expired: ")
+                .nth(1)
+                .and_then(|r| r.split(['.', ',']).next())
+                .and_then(|n| n.trim().parse().ok())
+                .expect("count");
             assert_eq!(expired, redis_expired, "{file}: keys expired at load");
         }
-        assert_eq!(live.len() as u64, entry["total_keys"].as_u64().expect("total"), "{file}: total keys");
+        assert_eq!(
+            live.len() as u64,
+            entry["total_keys"].as_u64().expect("total"),
+            "{file}: total keys"
+        );
         for (db, content) in entry["content"].as_object().expect("content") {
             let db: u64 = db.parse().expect("db");
             let ours: Vec<&&Key> = live.iter().filter(|k| k.db == db).collect();
             let mut our_types: BTreeMap<String, u64> = BTreeMap::new();
             for key in &ours {
-                *our_types.entry(kind_name(key.kind).to_string()).or_default() += 1;
+                *our_types
+                    .entry(kind_name(key.kind).to_string())
+                    .or_default() += 1;
             }
-            let their_types: BTreeMap<String, u64> =
-                content["types"].as_object().expect("types").iter().map(|(t, n)| (t.clone(), n.as_u64().expect("n"))).collect();
+            let their_types: BTreeMap<String, u64> = content["types"]
+                .as_object()
+                .expect("types")
+                .iter()
+                .map(|(t, n)| (t.clone(), n.as_u64().expect("n")))
+                .collect();
             assert_eq!(our_types, their_types, "{file} db {db}: types");
             let our_names: BTreeSet<String> = ours.iter().map(|k| render(&k.name)).collect();
             if let Some(samples) = content.get("sample_keys").and_then(Value::as_array) {
                 for sample in samples.iter().filter_map(Value::as_str) {
-                    assert!(our_names.contains(sample), "{file} db {db}: key {sample} missing");
+                    assert!(
+                        our_names.contains(sample),
+                        "{file} db {db}: key {sample} missing"
+                    );
                 }
             }
-            let Some(keys) = content.get("keys").and_then(Value::as_array) else { continue };
-            let their_names: BTreeSet<String> = keys.iter().map(|k| k["key"].as_str().expect("key").to_string()).collect();
+            let Some(keys) = content.get("keys").and_then(Value::as_array) else {
+                continue;
+            };
+            let their_names: BTreeSet<String> = keys
+                .iter()
+                .map(|k| k["key"].as_str().expect("key").to_string())
+                .collect();
             assert_eq!(our_names, their_names, "{file} db {db}: key names");
             for key in keys.iter().filter(|k| k["type"] == "hash") {
                 let name = key["key"].as_str().expect("key");
                 let ours = ours.iter().find(|k| render(&k.name) == name).expect("key");
                 let fields = hash_of(ours);
-                assert_eq!(fields.len() as u64, key["len"].as_u64().expect("len"), "{file}: {name} field count");
-                let pairs = key.get("value").or_else(|| key.get("first")).and_then(Value::as_array).expect("pairs");
+                assert_eq!(
+                    fields.len() as u64,
+                    key["len"].as_u64().expect("len"),
+                    "{file}: {name} field count"
+                );
+                let pairs = key
+                    .get("value")
+                    .or_else(|| key.get("first"))
+                    .and_then(Value::as_array)
+                    .expect("pairs");
                 for pair in pairs {
-                    let (f, v) = (pair[0].as_str().expect("field"), pair[1].as_str().expect("value"));
+                    let (f, v) = (
+                        pair[0].as_str().expect("field"),
+                        pair[1].as_str().expect("value"),
+                    );
                     // Long values appear cut to their first 64 characters.
-                    let ours = fields.get(f).map(String::as_str).unwrap_or_else(|| panic!("{file}: {name}.{f} missing"));
-                    assert!(ours == v || (v.chars().count() == 64 && ours.starts_with(v)), "{file}: {name}.{f}: {ours} vs {v}");
+                    let ours = fields
+                        .get(f)
+                        .map(String::as_str)
+                        .unwrap_or_else(|| panic!("{file}: {name}.{f} missing"));
+                    assert!(
+                        ours == v || (v.chars().count() == 64 && ours.starts_with(v)),
+                        "{file}: {name}.{f}: {ours} vs {v}"
+                    );
                 }
             }
         }
     }
-    assert_eq!(files, 87, "EXPECTED.md: Redis 7.0.15 loaded 87 of the 146 files");
+    assert_eq!(
+        files, 87,
+        "EXPECTED.md: Redis 7.0.15 loaded 87 of the 146 files"
+    );
 }
 
 fn fields(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(f, v)| (f.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(f, v)| (f.to_string(), v.to_string()))
+        .collect()
 }
 
 fn names(decoded: &Decoded) -> BTreeSet<String> {
@@ -202,16 +310,45 @@ fn files_redis_did_not_load_give_what_their_sources_state() {
 
     // Hashes in every encoding, with field TTLs.
     let d = ok("librdb/hash_lp_v11.rdb");
-    assert_eq!(hash_of(find(&d, "hash1")), fields(&[("field2", "2"), ("field3", "3"), ("field4", "value4.0"), ("field5", "5.0"), ("6", "6")]));
+    assert_eq!(
+        hash_of(find(&d, "hash1")),
+        fields(&[
+            ("field2", "2"),
+            ("field3", "3"),
+            ("field4", "value4.0"),
+            ("field5", "5.0"),
+            ("6", "6")
+        ])
+    );
     assert_eq!(
         hash_of(find(&d, "hash2")),
-        fields(&[("field7", "value7"), ("field8", "value8"), ("9", "value9"), ("field10", "value10"), ("field11", "11"), ("12", "12.0")])
+        fields(&[
+            ("field7", "value7"),
+            ("field8", "value8"),
+            ("9", "value9"),
+            ("field10", "value10"),
+            ("field11", "11"),
+            ("12", "12.0")
+        ])
     );
-    for file in ["librdb/hash_with_expire_v12.rdb", "librdb/hash_lp_with_hexpire_v12.rdb"] {
+    for file in [
+        "librdb/hash_with_expire_v12.rdb",
+        "librdb/hash_lp_with_hexpire_v12.rdb",
+    ] {
         let d = ok(file);
-        assert_eq!(hash_of(find(&d, "myhash")), fields(&[("field1", "value1"), ("field2", "value2"), ("field3", "value3")]), "{file}");
+        assert_eq!(
+            hash_of(find(&d, "myhash")),
+            fields(&[
+                ("field1", "value1"),
+                ("field2", "value2"),
+                ("field3", "value3")
+            ]),
+            "{file}"
+        );
     }
-    let ttls = |key: &Key| -> BTreeMap<String, Option<i64>> { key.fields.iter().map(|(f, _, t)| (render(f), *t)).collect() };
+    let ttls = |key: &Key| -> BTreeMap<String, Option<i64>> {
+        key.fields.iter().map(|(f, _, t)| (render(f), *t)).collect()
+    };
     let d = ok("HDT3213-rdb/hash_with_hfe.rdb");
     let key = find(&d, "hash-hfe");
     assert_eq!(hash_of(key).len(), 8);
@@ -221,83 +358,188 @@ fn files_redis_did_not_load_give_what_their_sources_state() {
     assert_eq!(ttls(key)["F4"], None);
     let d = ok("HDT3213-rdb/hash_as_listpack_with_hfe.rdb");
     let key = find(&d, "listpack-hfe");
-    assert_eq!(hash_of(key), fields(&[("F1", "V1"), ("F2", "V2"), ("F3", "V3")]));
-    assert_eq!((ttls(key)["F1"], ttls(key)["F2"], ttls(key)["F3"]), (Some(2755482478325), None, Some(2755484483878)));
+    assert_eq!(
+        hash_of(key),
+        fields(&[("F1", "V1"), ("F2", "V2"), ("F3", "V3")])
+    );
+    assert_eq!(
+        (ttls(key)["F1"], ttls(key)["F2"], ttls(key)["F3"]),
+        (Some(2755482478325), None, Some(2755484483878))
+    );
     let d = ok("HDT3213-rdb/valkey_hash2_with_hfe.rdb");
     let key = find(&d, "hash2-hfe");
-    assert_eq!(hash_of(key), fields(&[("F1", "V1"), ("F2", "V2"), ("F3", "V3")]));
-    assert_eq!((ttls(key)["F1"], ttls(key)["F2"], ttls(key)["F3"]), (Some(2715785640000), Some(2400425640000), None));
+    assert_eq!(
+        hash_of(key),
+        fields(&[("F1", "V1"), ("F2", "V2"), ("F3", "V3")])
+    );
+    assert_eq!(
+        (ttls(key)["F1"], ttls(key)["F2"], ttls(key)["F3"]),
+        (Some(2715785640000), Some(2400425640000), None)
+    );
     let d = ok("redis-replicator/dump-ttlhash.rdb");
-    let mut sizes: Vec<usize> = d.keys.iter().filter(|k| k.kind == Some(ValueKind::Hash)).map(|k| k.fields.len()).collect();
+    let mut sizes: Vec<usize> = d
+        .keys
+        .iter()
+        .filter(|k| k.kind == Some(ValueKind::Hash))
+        .map(|k| k.fields.len())
+        .collect();
     sizes.sort();
-    assert_eq!(sizes, vec![3, 128, 1024], "dump-ttlhash: 1024, 128 and 3 fields");
-    assert!(find(&d, "iterttlhash").fields.iter().any(|(_, _, t)| t.is_some()));
-    assert!(find(&d, "ttlhash1").fields.iter().any(|(_, _, t)| t.is_some()));
+    assert_eq!(
+        sizes,
+        vec![3, 128, 1024],
+        "dump-ttlhash: 1024, 128 and 3 fields"
+    );
+    assert!(find(&d, "iterttlhash")
+        .fields
+        .iter()
+        .any(|(_, _, t)| t.is_some()));
+    assert!(find(&d, "ttlhash1")
+        .fields
+        .iter()
+        .any(|(_, _, t)| t.is_some()));
     let d = ok("HDT3213-rdb/zipmap_big_len.rdb"); // count byte 0xFF: walked, as HDT3213/rdb does
-    assert_eq!(hash_of(find(&d, "zimap_doesnt_compress")), fields(&[("MKD1G6", "2"), ("YNNXK", "F7TI")]));
+    assert_eq!(
+        hash_of(find(&d, "zimap_doesnt_compress")),
+        fields(&[("MKD1G6", "2"), ("YNNXK", "F7TI")])
+    );
     let d = ok("rdb-rs/hash_list_pack.rdb");
-    assert!(d.keys.iter().any(|k| k.kind == Some(ValueKind::Hash) && k.fields.iter().any(|(f, _, _)| f.starts_with(b"_ts:"))));
+    assert!(d.keys.iter().any(|k| k.kind == Some(ValueKind::Hash)
+        && k.fields.iter().any(|(f, _, _)| f.starts_with(b"_ts:"))));
 
     // Other types are skipped by structure, keeping key and type.
     let d = ok("librdb/100_lists.rdb");
     assert_eq!(names(&d), (1..=100).map(|i| format!("mylist{i}")).collect());
     assert!(d.keys.iter().all(|k| k.kind == Some(ValueKind::List)));
-    assert_eq!(names(&ok("librdb/cluster_slot_info.rdb")), BTreeSet::from(["abc".to_string()]));
+    assert_eq!(
+        names(&ok("librdb/cluster_slot_info.rdb")),
+        BTreeSet::from(["abc".to_string()])
+    );
     assert!(ok("librdb/empty.rdb").keys.is_empty());
     assert_eq!(ok("librdb/function.rdb").functions.len(), 1);
     let d = ok("librdb/function2.rdb");
     assert_eq!(d.functions.len(), 2);
-    assert!(d.functions.iter().any(|f| f.starts_with(b"#!lua name=mylib2")));
+    assert!(d
+        .functions
+        .iter()
+        .any(|f| f.starts_with(b"#!lua name=mylib2")));
     assert_eq!(d.keys.len(), 10);
     for file in ["librdb/mem_policy_lfu.rdb", "librdb/mem_policy_lru.rdb"] {
-        assert_eq!(names(&ok(file)), BTreeSet::from(["abcdefghijk".to_string()]), "{file}");
+        assert_eq!(
+            names(&ok(file)),
+            BTreeSet::from(["abcdefghijk".to_string()]),
+            "{file}"
+        );
     }
     let d = ok("librdb/misc_with_stream.rdb");
-    assert!(!d.modules_aux.is_empty() && d.modules_aux.iter().all(|m| m == "test__rdb"), "{:?}", d.modules_aux);
+    assert!(
+        !d.modules_aux.is_empty() && d.modules_aux.iter().all(|m| m == "test__rdb"),
+        "{:?}",
+        d.modules_aux
+    );
     assert!(d.keys.iter().any(|k| k.kind == Some(ValueKind::Stream)));
     let d = ok("librdb/module.rdb");
     assert_eq!(find(&d, "key1").kind, Some(ValueKind::Module));
-    assert_eq!(names(&ok("librdb/module_aux.rdb")), BTreeSet::from(["x".to_string()]));
+    assert_eq!(
+        names(&ok("librdb/module_aux.rdb")),
+        BTreeSet::from(["x".to_string()])
+    );
     assert!(ok("librdb/module_aux_empty.rdb").keys.is_empty());
     assert!(!ok("librdb/module_aux_v12.rdb").modules_aux.is_empty());
     let d = ok("librdb/multiple_dbs.rdb");
     let dbs: Vec<(u64, String)> = d.keys.iter().map(|k| (k.db, render(&k.name))).collect();
     assert_eq!(dbs, vec![(0, "x".into()), (1, "y".into()), (2, "z".into())]);
     assert_eq!(names(&ok("librdb/multiple_lists_strings.rdb")).len(), 6);
-    assert_eq!(find(&ok("librdb/plain_zset_2_v11.rdb"), "myzset").kind, Some(ValueKind::SortedSet));
-    assert_eq!(find(&ok("librdb/quicklist2_v11.rdb"), "mylist").kind, Some(ValueKind::List));
+    assert_eq!(
+        find(&ok("librdb/plain_zset_2_v11.rdb"), "myzset").kind,
+        Some(ValueKind::SortedSet)
+    );
+    assert_eq!(
+        find(&ok("librdb/quicklist2_v11.rdb"), "mylist").kind,
+        Some(ValueKind::List)
+    );
     let d = ok("librdb/script.rdb");
     assert!(d.keys.is_empty());
-    assert!(d.aux.iter().any(|(k, v)| k.as_ref() == b"lua" && v.as_ref() == b"return 'Hello from Lua!'"));
+    assert!(d
+        .aux
+        .iter()
+        .any(|(k, v)| k.as_ref() == b"lua" && v.as_ref() == b"return 'Hello from Lua!'"));
     let d = ok("librdb/set_expired_v11.rdb");
-    assert!(find(&d, "mykey").expire_at_ms.is_some_and(|at| at < now_ms()));
-    assert!(find(&ok("librdb/set_not_expired_v11.rdb"), "mykey").expire_at_ms.is_some_and(|at| at > now_ms()));
-    assert_eq!(find(&ok("librdb/set_is_v11.rdb"), "myintest").kind, Some(ValueKind::Set));
-    assert_eq!(find(&ok("librdb/set_lp_v11.rdb"), "myset").kind, Some(ValueKind::Set));
+    assert!(find(&d, "mykey")
+        .expire_at_ms
+        .is_some_and(|at| at < now_ms()));
+    assert!(find(&ok("librdb/set_not_expired_v11.rdb"), "mykey")
+        .expire_at_ms
+        .is_some_and(|at| at > now_ms()));
+    assert_eq!(
+        find(&ok("librdb/set_is_v11.rdb"), "myintest").kind,
+        Some(ValueKind::Set)
+    );
+    assert_eq!(
+        find(&ok("librdb/set_lp_v11.rdb"), "myset").kind,
+        Some(ValueKind::Set)
+    );
     let d = ok("librdb/single_key.rdb");
     assert_eq!(names(&d), BTreeSet::from(["xxx".to_string()]));
-    assert!(d.aux.iter().any(|(k, v)| k.as_ref() == b"repl-id" && v.as_ref() == b"67ebe8f627f436e2630eef8661a697fa33563a8f"));
-    assert_eq!(find(&ok("librdb/stream_v11.rdb"), "mystream").kind, Some(ValueKind::Stream));
+    assert!(d.aux.iter().any(|(k, v)| k.as_ref() == b"repl-id"
+        && v.as_ref() == b"67ebe8f627f436e2630eef8661a697fa33563a8f"));
+    assert_eq!(
+        find(&ok("librdb/stream_v11.rdb"), "mystream").kind,
+        Some(ValueKind::Stream)
+    );
     let d = ok("librdb/string_int_encoded.rdb");
     assert!(names(&d).contains("str::-281474976710656"));
     assert!(!ok("librdb/string_lzf.rdb").keys.is_empty());
-    assert_eq!(find(&ok("librdb/zset_lp_v11.rdb"), "myzset").kind, Some(ValueKind::SortedSet));
+    assert_eq!(
+        find(&ok("librdb/zset_lp_v11.rdb"), "myzset").kind,
+        Some(ValueKind::SortedSet)
+    );
     let d = ok("redis-rdb-tools/redis_40_with_module.rdb");
     assert_eq!(find(&d, "foo").kind, Some(ValueKind::Module));
     assert_eq!(find(&d, "simplekey").kind, Some(ValueKind::String));
-    assert_eq!(ok("redis-rdb-tools/redis_60_with_module_aux.rdb").modules_aux.len(), 1);
+    assert_eq!(
+        ok("redis-rdb-tools/redis_60_with_module_aux.rdb")
+            .modules_aux
+            .len(),
+        1
+    );
     let d = ok("redis-replicator/dump-module-2.rdb");
-    assert_eq!(d.keys.iter().filter(|k| k.kind == Some(ValueKind::Module)).count(), 1);
+    assert_eq!(
+        d.keys
+            .iter()
+            .filter(|k| k.kind == Some(ValueKind::Module))
+            .count(),
+        1
+    );
     assert_eq!(ok("redis-replicator/dump-slot.rdb").keys.len(), 5);
     let d = ok("redis-replicator/dumpV11.rdb");
     assert_eq!(d.keys.len(), 2);
     assert!(d.keys.iter().any(|k| k.kind == Some(ValueKind::Stream)));
     let d = ok("HDT3213-rdb/expiration.rdb");
-    assert_eq!(d.keys.iter().filter(|k| k.expire_at_ms.is_some_and(|at| (1751731200000..1751817600000).contains(&at))).count(), 1);
-    assert_eq!(d.keys.iter().filter(|k| k.expire_at_ms.is_some_and(|at| at >= 1751817600000)).count(), 0);
+    assert_eq!(
+        d.keys
+            .iter()
+            .filter(|k| k
+                .expire_at_ms
+                .is_some_and(|at| (1751731200000..1751817600000).contains(&at)))
+            .count(),
+        1
+    );
+    assert_eq!(
+        d.keys
+            .iter()
+            .filter(|k| k.expire_at_ms.is_some_and(|at| at >= 1751817600000))
+            .count(),
+        0
+    );
     assert_eq!(ok("HDT3213-rdb/function.rdb").functions.len(), 1);
-    assert_eq!(find(&ok("HDT3213-rdb/set_listpack.rdb"), "s").kind, Some(ValueKind::Set));
-    assert_eq!(find(&ok("HDT3213-rdb/stream_listoacks_3.rdb"), "mystream").kind, Some(ValueKind::Stream));
+    assert_eq!(
+        find(&ok("HDT3213-rdb/set_listpack.rdb"), "s").kind,
+        Some(ValueKind::Set)
+    );
+    assert_eq!(
+        find(&ok("HDT3213-rdb/stream_listoacks_3.rdb"), "mystream").kind,
+        Some(ValueKind::Stream)
+    );
     assert!(!ok("HDT3213-rdb/tree.rdb").keys.is_empty());
     let d = ok("keydb/redis-module-save.rdb");
     assert_eq!(names(&d), (1..=5).map(|i| format!("key{i}")).collect());
@@ -310,28 +552,76 @@ fn files_redis_did_not_load_give_what_their_sources_state() {
     }
     assert_eq!(
         counts,
-        BTreeMap::from([("zset", 17), ("set", 20), ("string", 85), ("stream", 11), ("module", 1), ("list", 23), ("hash", 113)])
+        BTreeMap::from([
+            ("zset", 17),
+            ("set", 20),
+            ("string", 85),
+            ("stream", 11),
+            ("module", 1),
+            ("list", 23),
+            ("hash", 113)
+        ])
     );
-    for file in ["redis-rdb-cli/12.rdb", "redis-rdb-cli/34.rdb", "redis-rdb-cli/89.rdb", "redis-rdb-cli/dump.rdb", "redis-rdb-cli/filter.rdb", "redis-rdb-cli/string.rdb"] {
+    for file in [
+        "redis-rdb-cli/12.rdb",
+        "redis-rdb-cli/34.rdb",
+        "redis-rdb-cli/89.rdb",
+        "redis-rdb-cli/dump.rdb",
+        "redis-rdb-cli/filter.rdb",
+        "redis-rdb-cli/string.rdb",
+    ] {
         assert!(!ok(file).keys.is_empty(), "{file}");
     }
-    let merged: usize = ["redis-rdb-cli/12.rdb", "redis-rdb-cli/34.rdb", "redis-rdb-cli/89.rdb"].iter().map(|f| ok(f).keys.len()).sum();
-    assert_eq!(merged, ok("redis-rdb-cli/dump.rdb").keys.len(), "dump.rdb is the merge of 12, 34 and 89");
+    let merged: usize = [
+        "redis-rdb-cli/12.rdb",
+        "redis-rdb-cli/34.rdb",
+        "redis-rdb-cli/89.rdb",
+    ]
+    .iter()
+    .map(|f| ok(f).keys.len())
+    .sum();
+    assert_eq!(
+        merged,
+        ok("redis-rdb-cli/dump.rdb").keys.len(),
+        "dump.rdb is the merge of 12, 34 and 89"
+    );
 
     // Files that must fail, each with an error naming what and where.
-    let fails = |file: &str| decode_file(file).err().unwrap_or_else(|| panic!("{file} must not decode"));
-    assert!(matches!(fails("librdb/future_v19.rdb"), RdbError::UnsupportedVersion { version: 99, .. }));
-    assert!(matches!(fails("librdb/invalid_chksum_v8.rdb"), RdbError::BadChecksum { expected: 0xb477e446e98e5402, computed: 0xa609bb6465990fe1 }));
+    let fails = |file: &str| {
+        decode_file(file)
+            .err()
+            .unwrap_or_else(|| panic!("{file} must not decode"))
+    };
+    assert!(matches!(
+        fails("librdb/future_v19.rdb"),
+        RdbError::UnsupportedVersion { version: 99, .. }
+    ));
+    assert!(matches!(
+        fails("librdb/invalid_chksum_v8.rdb"),
+        RdbError::BadChecksum {
+            expected: 0xb477e446e98e5402,
+            computed: 0xa609bb6465990fe1
+        }
+    ));
     let e = fails("redis-7.2/corrupt_ziplist.rdb");
-    assert!(matches!(&e, RdbError::Malformed { message, .. } if message.contains("ziplist")), "{e}");
+    assert!(
+        matches!(&e, RdbError::Malformed { message, .. } if message.contains("ziplist")),
+        "{e}"
+    );
     // node-rdb-tools reports offset 48, where the entry starts (type byte); the unknown
     // encoding 0xFF is the key's length byte right after it.
     let e = fails("node-rdb-tools/error_reporting.rdb");
-    assert!(matches!(&e, RdbError::Malformed { offset: 49, message } if message.contains("unknown string encoding 63")), "{e}");
+    assert!(
+        matches!(&e, RdbError::Malformed { offset: 49, message } if message.contains("unknown string encoding 63")),
+        "{e}"
+    );
     let e = fails("redis-replicator/module.rdb");
     assert!(e.to_string().contains("type 6"), "{e}");
     let e = fails("librdb/redis_ent_opcode_ram_lru.rdb");
-    assert!(matches!(&e, RdbError::Malformed { message, .. } if message.contains("unknown RDB value type or opcode")), "{e}");
+    assert!(
+        matches!(&e, RdbError::Malformed { message, .. } if message.contains("unknown RDB value type or opcode")),
+        "{e}"
+    );
 }
 
 /// Every file gives the same events fed whole, in 7-byte pieces and (for small files) byte by
@@ -351,7 +641,11 @@ fn decoding_does_not_depend_on_how_the_bytes_arrive() {
             }
         }
     }
-    assert!(files.len() >= 140, "found only {} corpus files", files.len());
+    assert!(
+        files.len() >= 140,
+        "found only {} corpus files",
+        files.len()
+    );
     for path in &files {
         let data = std::fs::read(path).expect("read");
         let trailing = TRAILING_BYTES_EXPECTED.iter().any(|f| path.ends_with(f));
@@ -360,9 +654,16 @@ fn decoding_does_not_depend_on_how_the_bytes_arrive() {
         for chunk in chunks {
             let pieces = decode(&data, chunk, trailing);
             match (&whole, &pieces) {
-                (Ok(a), Ok(b)) => assert_eq!(a.events, b.events, "{}: chunk {chunk}", path.display()),
+                (Ok(a), Ok(b)) => {
+                    assert_eq!(a.events, b.events, "{}: chunk {chunk}", path.display())
+                }
                 (Err(a), Err(b)) => assert_eq!(a, b, "{}: chunk {chunk}", path.display()),
-                _ => panic!("{}: whole {:?} vs chunk {chunk} {:?}", path.display(), whole.as_ref().err(), pieces.as_ref().err()),
+                _ => panic!(
+                    "{}: whole {:?} vs chunk {chunk} {:?}",
+                    path.display(),
+                    whole.as_ref().err(),
+                    pieces.as_ref().err()
+                ),
             }
         }
         if whole.is_ok() && data.len() < 20_000 {
@@ -370,7 +671,11 @@ fn decoding_does_not_depend_on_how_the_bytes_arrive() {
                 match decode(&data[..cut], usize::MAX, trailing) {
                     Err(RdbError::Truncated { offset, .. }) => assert!(offset <= cut as u64),
                     Ok(d) if trailing && d.checksum.is_some() => {}
-                    other => panic!("{} cut at {cut}: {:?}", path.display(), other.map(|d| d.keys.len())),
+                    other => panic!(
+                        "{} cut at {cut}: {:?}",
+                        path.display(),
+                        other.map(|d| d.keys.len())
+                    ),
                 }
             }
         }
@@ -380,15 +685,25 @@ fn decoding_does_not_depend_on_how_the_bytes_arrive() {
 /// A changed byte anywhere in a checksummed file is never accepted as good data.
 #[test]
 fn corruption_is_detected() {
-    for file in ["librdb/hash_lp_v11.rdb", "redis-replicator/dumpV10.rdb", "HDT3213-rdb/valkey_hash2_with_hfe.rdb"] {
+    for file in [
+        "librdb/hash_lp_v11.rdb",
+        "redis-replicator/dumpV10.rdb",
+        "HDT3213-rdb/valkey_hash2_with_hfe.rdb",
+    ] {
         let data = read(file);
         let good = decode(&data, usize::MAX, false).expect("good file");
-        assert!(matches!(good.checksum, Some(Checksum::Verified(_))), "{file}");
+        assert!(
+            matches!(good.checksum, Some(Checksum::Verified(_))),
+            "{file}"
+        );
         for i in 0..data.len() {
             let mut bad = data.clone();
             bad[i] ^= 0x01;
             if let Ok(decoded) = decode(&bad, usize::MAX, false) {
-                panic!("{file}: flipping byte {i} was not detected ({} keys)", decoded.keys.len());
+                panic!(
+                    "{file}: flipping byte {i} was not detected ({} keys)",
+                    decoded.keys.len()
+                );
             }
         }
     }

@@ -14,7 +14,11 @@ use crate::redis_client::RedisClient;
 use crate::replication::{ReplicationEvent, Replicator, ReplicatorOptions};
 
 #[derive(Debug, Parser)]
-#[command(name = "writebehind", version, about = "Keeps SQL tables equal to Redis hashes, attached to the primary as a replica")]
+#[command(
+    name = "writebehind",
+    version,
+    about = "Keeps SQL tables equal to Redis hashes, attached to the primary as a replica"
+)]
 pub struct Cli {
     /// Log format on standard error.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
@@ -62,7 +66,10 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -73,7 +80,12 @@ pub fn main() -> ExitCode {
         match cli.command {
             Command::Run { config } => run(&config).await,
             Command::Check { config } => check(&config).await,
-            Command::Tail { source, from, announce_port, timeout } => {
+            Command::Tail {
+                source,
+                from,
+                announce_port,
+                timeout,
+            } => {
                 let endpoint = match RedisEndpoint::parse(&source) {
                     Ok(endpoint) => endpoint,
                     Err(e) => return usage_error(&format!("--source: {e}")),
@@ -97,8 +109,11 @@ fn usage_error(message: &str) -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -108,13 +123,23 @@ fn init_logging(format: LogFormat) {
 /// `<replid>:<offset>[:<db>]`
 fn parse_position(text: &str) -> Result<StreamPosition, String> {
     let mut parts = text.split(':');
-    let replid = parts.next().and_then(ReplId::parse).ok_or("expected <40-hex replid>:<offset>[:<db>]")?;
-    let offset = parts.next().and_then(|o| o.parse().ok()).ok_or("the offset must be a number")?;
+    let replid = parts
+        .next()
+        .and_then(ReplId::parse)
+        .ok_or("expected <40-hex replid>:<offset>[:<db>]")?;
+    let offset = parts
+        .next()
+        .and_then(|o| o.parse().ok())
+        .ok_or("the offset must be a number")?;
     let db = match parts.next() {
         Some(db) => db.parse().map_err(|_| "the db must be a number")?,
         None => 0,
     };
-    Ok(StreamPosition { replid, offset: ReplOffset(offset), db })
+    Ok(StreamPosition {
+        replid,
+        offset: ReplOffset(offset),
+        db,
+    })
 }
 
 fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
@@ -131,7 +156,11 @@ async fn check(path: &std::path::Path) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    println!("ok: {} is valid ({} mappings)", path.display(), config.mappings.len());
+    println!(
+        "ok: {} is valid ({} mappings)",
+        path.display(),
+        config.mappings.len()
+    );
     let mut failed = false;
     for endpoint in config.source_endpoints() {
         match RedisClient::connect(&endpoint, Duration::from_secs(5)).await {
@@ -149,7 +178,9 @@ async fn check(path: &std::path::Path) -> ExitCode {
         }
     }
     if config.source.sentinels.is_some() {
-        println!("note: Sentinel discovery is not implemented yet; the sentinels were not contacted");
+        println!(
+            "note: Sentinel discovery is not implemented yet; the sentinels were not contacted"
+        );
     }
     if !config.backends.is_empty() {
         println!("note: database connectivity and schema checks are not implemented yet");
@@ -169,7 +200,10 @@ async fn run(path: &std::path::Path) -> ExitCode {
         Err(code) => return code,
     };
     let Some(endpoint) = config.source_endpoints().into_iter().next() else {
-        eprintln!("error: {}: only [source] url and nodes are supported so far", path.display());
+        eprintln!(
+            "error: {}: only [source] url and nodes are supported so far",
+            path.display()
+        );
         return ExitCode::from(2);
     };
     let mut options = ReplicatorOptions::new(endpoint);
@@ -187,16 +221,28 @@ async fn run(path: &std::path::Path) -> ExitCode {
             }
         };
         match event {
-            Ok(ReplicationEvent::FullSyncStarted { replid, offset, framing }) => {
+            Ok(ReplicationEvent::FullSyncStarted {
+                replid,
+                offset,
+                framing,
+            }) => {
                 snapshot_keys = 0;
                 tracing::info!(%replid, %offset, ?framing, "full sync started");
             }
-            Ok(ReplicationEvent::Snapshot(crate::replication::rdb::RdbEvent::KeyStart { .. })) => snapshot_keys += 1,
-            Ok(ReplicationEvent::FullSyncCompleted { position, rdb_bytes }) => {
+            Ok(ReplicationEvent::Snapshot(crate::replication::rdb::RdbEvent::KeyStart {
+                ..
+            })) => snapshot_keys += 1,
+            Ok(ReplicationEvent::FullSyncCompleted {
+                position,
+                rdb_bytes,
+            }) => {
                 replicator.acknowledge(position.offset);
                 tracing::info!(%position, rdb_bytes, keys = snapshot_keys, "full sync completed");
             }
-            Ok(ReplicationEvent::Continued { position, previous_replid }) => {
+            Ok(ReplicationEvent::Continued {
+                position,
+                previous_replid,
+            }) => {
                 tracing::info!(%position, ?previous_replid, "partial resync accepted");
             }
             Ok(ReplicationEvent::Stream(event)) => {

@@ -55,24 +55,41 @@ pub(super) async fn tail(options: ReplicatorOptions, resume: Option<StreamPositi
             }
         };
         let line = match event {
-            ReplicationEvent::FullSyncStarted { replid, offset, framing } => {
+            ReplicationEvent::FullSyncStarted {
+                replid,
+                offset,
+                framing,
+            } => {
                 let framing = match framing {
                     Framing::Diskless => "diskless".to_string(),
                     Framing::Length(len) => format!("length:{len}"),
                 };
-                Some(format!("full-sync replid={replid} offset={offset} framing={framing}"))
+                Some(format!(
+                    "full-sync replid={replid} offset={offset} framing={framing}"
+                ))
             }
             ReplicationEvent::Snapshot(event) => snapshot_line(event, &mut pending),
-            ReplicationEvent::FullSyncCompleted { position, rdb_bytes } => {
+            ReplicationEvent::FullSyncCompleted {
+                position,
+                rdb_bytes,
+            } => {
                 replicator.acknowledge(position.offset);
                 Some(format!(
                     "full-sync-done replid={} offset={} db={} rdb_bytes={rdb_bytes}",
                     position.replid, position.offset, position.db
                 ))
             }
-            ReplicationEvent::Continued { position, previous_replid } => {
-                let previous = previous_replid.map(|id| format!(" previous_replid={id}")).unwrap_or_default();
-                Some(format!("continue replid={} offset={} db={}{previous}", position.replid, position.offset, position.db))
+            ReplicationEvent::Continued {
+                position,
+                previous_replid,
+            } => {
+                let previous = previous_replid
+                    .map(|id| format!(" previous_replid={id}"))
+                    .unwrap_or_default();
+                Some(format!(
+                    "continue replid={} offset={} db={}{previous}",
+                    position.replid, position.offset, position.db
+                ))
             }
             ReplicationEvent::Stream(event) => {
                 replicator.acknowledge(event.end());
@@ -80,7 +97,10 @@ pub(super) async fn tail(options: ReplicatorOptions, resume: Option<StreamPositi
             }
             ReplicationEvent::Disconnected { error, retry_in } => {
                 pending = None;
-                Some(format!("disconnected: {error}; retrying in {} ms", retry_in.as_millis()))
+                Some(format!(
+                    "disconnected: {error}; retrying in {} ms",
+                    retry_in.as_millis()
+                ))
             }
         };
         if let Some(line) = line {
@@ -95,11 +115,28 @@ pub(super) async fn tail(options: ReplicatorOptions, resume: Option<StreamPositi
 
 fn snapshot_line(event: RdbEvent, pending: &mut Option<PendingKey>) -> Option<String> {
     match event {
-        RdbEvent::Aux { key, value } => Some(format!("snapshot aux {}={}", printable(&key), printable(&value))),
+        RdbEvent::Aux { key, value } => Some(format!(
+            "snapshot aux {}={}",
+            printable(&key),
+            printable(&value)
+        )),
         RdbEvent::Function { code } => Some(format!("snapshot function {} bytes", code.len())),
         RdbEvent::ModuleAux { module } => Some(format!("snapshot module-aux {module}")),
-        RdbEvent::KeyStart { db, key, kind, expire_at_ms, .. } => {
-            *pending = Some(PendingKey { db, key, kind, expire_at_ms, fields: Vec::new(), field_count: 0 });
+        RdbEvent::KeyStart {
+            db,
+            key,
+            kind,
+            expire_at_ms,
+            ..
+        } => {
+            *pending = Some(PendingKey {
+                db,
+                key,
+                kind,
+                expire_at_ms,
+                fields: Vec::new(),
+                field_count: 0,
+            });
             None
         }
         RdbEvent::HashField(field) => {
@@ -113,7 +150,12 @@ fn snapshot_line(event: RdbEvent, pending: &mut Option<PendingKey>) -> Option<St
         }
         RdbEvent::KeyEnd { empty } => {
             let key = pending.take()?;
-            let mut line = format!("snapshot db={} {} {}", key.db, key.kind.name(), printable(&key.key));
+            let mut line = format!(
+                "snapshot db={} {} {}",
+                key.db,
+                key.kind.name(),
+                printable(&key.key)
+            );
             if let Some(at) = key.expire_at_ms {
                 line.push_str(&format!(" expire_at={at}"));
             }
@@ -122,12 +164,24 @@ fn snapshot_line(event: RdbEvent, pending: &mut Option<PendingKey>) -> Option<St
                     .fields
                     .iter()
                     .map(|f| match f.expire_at_ms {
-                        Some(at) => format!("{}={} (expire_at={at})", printable(&f.field), printable(&f.value)),
+                        Some(at) => format!(
+                            "{}={} (expire_at={at})",
+                            printable(&f.field),
+                            printable(&f.value)
+                        ),
                         None => format!("{}={}", printable(&f.field), printable(&f.value)),
                     })
                     .collect();
-                let more = if key.field_count > shown.len() { ", ..." } else { "" };
-                line.push_str(&format!(" fields={} {{{}{more}}}", key.field_count, shown.join(", ")));
+                let more = if key.field_count > shown.len() {
+                    ", ..."
+                } else {
+                    ""
+                };
+                line.push_str(&format!(
+                    " fields={} {{{}{more}}}",
+                    key.field_count,
+                    shown.join(", ")
+                ));
             }
             if empty {
                 line.push_str(" (empty, ignored by Redis)");
@@ -141,10 +195,21 @@ fn snapshot_line(event: RdbEvent, pending: &mut Option<PendingKey>) -> Option<St
 
 fn stream_line(event: &StreamEvent) -> String {
     match event {
-        StreamEvent::Command(command) => format!("{} db={} {}", command.end, command.db, command_text(command)),
-        StreamEvent::Transaction { commands, end, db, .. } => {
+        StreamEvent::Command(command) => format!(
+            "{} db={} {}",
+            command.end,
+            command.db,
+            command_text(command)
+        ),
+        StreamEvent::Transaction {
+            commands, end, db, ..
+        } => {
             let texts: Vec<String> = commands.iter().map(command_text).collect();
-            format!("{end} db={db} MULTI/EXEC {} commands: {}", commands.len(), texts.join("; "))
+            format!(
+                "{end} db={db} MULTI/EXEC {} commands: {}",
+                commands.len(),
+                texts.join("; ")
+            )
         }
         StreamEvent::Select { db, end } => format!("{end} SELECT {db}"),
         StreamEvent::Ping { end } => format!("{end} PING"),
@@ -158,7 +223,14 @@ fn stream_line(event: &StreamEvent) -> String {
 
 fn command_text(command: &Command) -> String {
     let mut parts = vec![command.name()];
-    parts.extend(command.args.iter().skip(1).take(MAX_ARGS_SHOWN).map(|a| printable(a)));
+    parts.extend(
+        command
+            .args
+            .iter()
+            .skip(1)
+            .take(MAX_ARGS_SHOWN)
+            .map(|a| printable(a)),
+    );
     let hidden = command.args.len().saturating_sub(1 + MAX_ARGS_SHOWN);
     if hidden > 0 {
         parts.push(format!("... (+{hidden} args)"));

@@ -29,8 +29,17 @@ const EOF_MARK_LEN: usize = 40;
 const READ_CHUNK: usize = 64 * 1024;
 
 enum Phase {
-    Snapshot { decoder: RdbDecoder, framing: SnapshotFraming, replid: ReplId, offset: ReplOffset, stream_db: u32 },
-    Streaming { replid: ReplId, stream: CommandStream },
+    Snapshot {
+        decoder: RdbDecoder,
+        framing: SnapshotFraming,
+        replid: ReplId,
+        offset: ReplOffset,
+        stream_db: u32,
+    },
+    Streaming {
+        replid: ReplId,
+        stream: CommandStream,
+    },
 }
 
 enum WriterMessage {
@@ -68,17 +77,35 @@ impl Link {
         let address = options.endpoint.address();
         let stream = tokio::time::timeout(options.timeout, TcpStream::connect(&address))
             .await
-            .map_err(|_| LinkError::Timeout { address: address.clone(), seconds: options.timeout.as_secs() })?
-            .map_err(|e| LinkError::Io { address: address.clone(), message: format!("cannot connect: {e}") })?;
+            .map_err(|_| LinkError::Timeout {
+                address: address.clone(),
+                seconds: options.timeout.as_secs(),
+            })?
+            .map_err(|e| LinkError::Io {
+                address: address.clone(),
+                message: format!("cannot connect: {e}"),
+            })?;
         stream.set_nodelay(true).ok();
         let (reader, mut write_half) = stream.into_split();
-        let mut handshake = Handshake { reader, input: BytesMut::with_capacity(READ_CHUNK), address: address.clone(), timeout: options.timeout };
+        let mut handshake = Handshake {
+            reader,
+            input: BytesMut::with_capacity(READ_CHUNK),
+            address: address.clone(),
+            timeout: options.timeout,
+        };
 
         // PING first: a primary that wants AUTH answers -NOAUTH, which is fine here.
         handshake.send(&mut write_half, &[&b"PING"[..]]).await?;
         let pong = handshake.read_line().await?;
-        if pong.starts_with('-') && !(pong.starts_with("-NOAUTH") || pong.starts_with("-NOPERM") || pong.contains("operation not permitted")) {
-            return Err(LinkError::Refused { address, message: format!("PING answered `{pong}`") });
+        if pong.starts_with('-')
+            && !(pong.starts_with("-NOAUTH")
+                || pong.starts_with("-NOPERM")
+                || pong.contains("operation not permitted"))
+        {
+            return Err(LinkError::Refused {
+                address,
+                message: format!("PING answered `{pong}`"),
+            });
         }
         if let Some(password) = &options.endpoint.password {
             let mut args: Vec<&[u8]> = vec![b"AUTH"];
@@ -97,22 +124,40 @@ impl Link {
         }
         // Both REPLCONFs are advisory: a primary that refuses them still serves PSYNC.
         let port = options.announce_port.to_string();
-        handshake.send(&mut write_half, &[&b"REPLCONF"[..], b"listening-port", port.as_bytes()]).await?;
+        handshake
+            .send(
+                &mut write_half,
+                &[&b"REPLCONF"[..], b"listening-port", port.as_bytes()],
+            )
+            .await?;
         let reply = handshake.read_line().await?;
         if reply.starts_with('-') {
             tracing::debug!(%address, %reply, "REPLCONF listening-port refused");
         }
-        handshake.send(&mut write_half, &[&b"REPLCONF"[..], b"capa", b"eof", b"capa", b"psync2"]).await?;
+        handshake
+            .send(
+                &mut write_half,
+                &[&b"REPLCONF"[..], b"capa", b"eof", b"capa", b"psync2"],
+            )
+            .await?;
         let reply = handshake.read_line().await?;
         if reply.starts_with('-') {
             tracing::debug!(%address, %reply, "REPLCONF capa refused");
         }
 
         let (psync_id, psync_offset) = match resume {
-            Some(p) => (p.replid.as_str().to_string(), p.offset.next_byte().to_string()),
+            Some(p) => (
+                p.replid.as_str().to_string(),
+                p.offset.next_byte().to_string(),
+            ),
             None => ("?".to_string(), "-1".to_string()),
         };
-        handshake.send(&mut write_half, &[&b"PSYNC"[..], psync_id.as_bytes(), psync_offset.as_bytes()]).await?;
+        handshake
+            .send(
+                &mut write_half,
+                &[&b"PSYNC"[..], psync_id.as_bytes(), psync_offset.as_bytes()],
+            )
+            .await?;
         let reply = handshake.read_line().await?;
         let mut words = reply.split_ascii_whitespace();
         let (phase, first_event) = match words.next() {
@@ -166,9 +211,16 @@ impl Link {
             }
         };
 
-        let snapshot_in_progress = Arc::new(AtomicBool::new(matches!(phase, Phase::Snapshot { .. })));
+        let snapshot_in_progress =
+            Arc::new(AtomicBool::new(matches!(phase, Phase::Snapshot { .. })));
         let (writer, writer_rx) = mpsc::unbounded_channel();
-        let writer_task = tokio::spawn(write_keepalives(write_half, writer_rx, ack, snapshot_in_progress.clone(), address.clone()));
+        let writer_task = tokio::spawn(write_keepalives(
+            write_half,
+            writer_rx,
+            ack,
+            snapshot_in_progress.clone(),
+            address.clone(),
+        ));
         let link = Link {
             reader: handshake.reader,
             input: handshake.input,
@@ -186,10 +238,20 @@ impl Link {
     pub(crate) async fn next(&mut self) -> Result<ReplicationEvent, LinkError> {
         loop {
             match &mut self.phase {
-                Phase::Snapshot { decoder, framing, replid, offset, stream_db } => {
-                    let event = decoder
-                        .decode(&mut self.input)
-                        .map_err(|e| LinkError::Snapshot { address: self.address.clone(), message: e.to_string() })?;
+                Phase::Snapshot {
+                    decoder,
+                    framing,
+                    replid,
+                    offset,
+                    stream_db,
+                } => {
+                    let event =
+                        decoder
+                            .decode(&mut self.input)
+                            .map_err(|e| LinkError::Snapshot {
+                                address: self.address.clone(),
+                                message: e.to_string(),
+                            })?;
                     if let SnapshotFraming::Length(len) = framing {
                         if decoder.consumed() > *len {
                             return Err(LinkError::Snapshot {
@@ -202,7 +264,10 @@ impl Link {
                         Some(event) => {
                             if let RdbEvent::Aux { key, value } = &event {
                                 if key.as_ref() == b"repl-stream-db" {
-                                    *stream_db = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+                                    *stream_db = std::str::from_utf8(value)
+                                        .ok()
+                                        .and_then(|v| v.parse().ok())
+                                        .unwrap_or(0);
                                 }
                             }
                             return Ok(ReplicationEvent::Snapshot(event));
@@ -231,16 +296,31 @@ impl Link {
                                 }
                                 SnapshotFraming::Length(_) => {}
                             }
-                            let position = StreamPosition { replid: replid.clone(), offset: *offset, db: *stream_db };
+                            let position = StreamPosition {
+                                replid: replid.clone(),
+                                offset: *offset,
+                                db: *stream_db,
+                            };
                             self.phase = Phase::Streaming {
                                 replid: position.replid.clone(),
                                 stream: CommandStream::new(position.offset, position.db),
                             };
                             self.snapshot_in_progress.store(false, Ordering::SeqCst);
                             let _ = self.writer.send(WriterMessage::AckNow);
-                            return Ok(ReplicationEvent::FullSyncCompleted { position, rdb_bytes });
+                            return Ok(ReplicationEvent::FullSyncCompleted {
+                                position,
+                                rdb_bytes,
+                            });
                         }
-                        None => fill(&mut self.reader, &mut self.input, &self.address, self.timeout).await?,
+                        None => {
+                            fill(
+                                &mut self.reader,
+                                &mut self.input,
+                                &self.address,
+                                self.timeout,
+                            )
+                            .await?
+                        }
                     }
                 }
                 Phase::Streaming { stream, .. } => match stream.decode(&mut self.input) {
@@ -250,8 +330,21 @@ impl Link {
                         }
                         return Ok(ReplicationEvent::Stream(event));
                     }
-                    Ok(None) => fill(&mut self.reader, &mut self.input, &self.address, self.timeout).await?,
-                    Err(e) => return Err(LinkError::Protocol { address: self.address.clone(), message: e.to_string() }),
+                    Ok(None) => {
+                        fill(
+                            &mut self.reader,
+                            &mut self.input,
+                            &self.address,
+                            self.timeout,
+                        )
+                        .await?
+                    }
+                    Err(e) => {
+                        return Err(LinkError::Protocol {
+                            address: self.address.clone(),
+                            message: e.to_string(),
+                        })
+                    }
                 },
             }
         }
@@ -260,21 +353,37 @@ impl Link {
     /// The replid and database of the command stream (None during a snapshot).
     pub(crate) fn stream_state(&self) -> Option<(ReplId, u32)> {
         match &self.phase {
-            Phase::Streaming { replid, stream } if !stream.in_transaction() => Some((replid.clone(), stream.db())),
+            Phase::Streaming { replid, stream } if !stream.in_transaction() => {
+                Some((replid.clone(), stream.db()))
+            }
             _ => None,
         }
     }
 }
 
-async fn fill(reader: &mut OwnedReadHalf, input: &mut BytesMut, address: &str, timeout: Duration) -> Result<(), LinkError> {
+async fn fill(
+    reader: &mut OwnedReadHalf,
+    input: &mut BytesMut,
+    address: &str,
+    timeout: Duration,
+) -> Result<(), LinkError> {
     // Grow reads with the buffer so that a large frame arrives in few reads.
     input.reserve(READ_CHUNK.max(input.len()));
     let read = tokio::time::timeout(timeout, reader.read_buf(input))
         .await
-        .map_err(|_| LinkError::Timeout { address: address.to_string(), seconds: timeout.as_secs() })?
-        .map_err(|e| LinkError::Io { address: address.to_string(), message: e.to_string() })?;
+        .map_err(|_| LinkError::Timeout {
+            address: address.to_string(),
+            seconds: timeout.as_secs(),
+        })?
+        .map_err(|e| LinkError::Io {
+            address: address.to_string(),
+            message: e.to_string(),
+        })?;
     if read == 0 {
-        return Err(LinkError::Io { address: address.to_string(), message: "the primary closed the connection".into() });
+        return Err(LinkError::Io {
+            address: address.to_string(),
+            message: "the primary closed the connection".into(),
+        });
     }
     Ok(())
 }
@@ -291,7 +400,10 @@ impl Handshake {
         writer
             .write_all(&encode_command(args))
             .await
-            .map_err(|e| LinkError::Io { address: self.address.clone(), message: e.to_string() })
+            .map_err(|e| LinkError::Io {
+                address: self.address.clone(),
+                message: e.to_string(),
+            })
     }
 
     /// One reply line, skipping the bare `\n` keepalives a primary sends while it prepares.
@@ -306,9 +418,18 @@ impl Handshake {
                 return Ok(line);
             }
             if self.input.len() > 64 * 1024 {
-                return Err(LinkError::Protocol { address: self.address.clone(), message: "reply line longer than 64 KiB".into() });
+                return Err(LinkError::Protocol {
+                    address: self.address.clone(),
+                    message: "reply line longer than 64 KiB".into(),
+                });
             }
-            fill(&mut self.reader, &mut self.input, &self.address, self.timeout).await?;
+            fill(
+                &mut self.reader,
+                &mut self.input,
+                &self.address,
+                self.timeout,
+            )
+            .await?;
         }
     }
 }
@@ -360,7 +481,14 @@ async fn write_keepalives(
         };
         if send_ack {
             let offset = ack.load(Ordering::SeqCst).to_string();
-            if let Err(e) = writer.write_all(&encode_command(&[&b"REPLCONF"[..], b"ACK", offset.as_bytes()])).await {
+            if let Err(e) = writer
+                .write_all(&encode_command(&[
+                    &b"REPLCONF"[..],
+                    b"ACK",
+                    offset.as_bytes(),
+                ]))
+                .await
+            {
                 tracing::debug!(%address, error = %e, "cannot send REPLCONF ACK; the reader will notice the broken link");
                 return;
             }

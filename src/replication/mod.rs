@@ -70,19 +70,32 @@ pub enum Framing {
 pub enum ReplicationEvent {
     /// A full synchronisation begins: the snapshot's events follow. Whatever the caller held
     /// from before is superseded by the snapshot.
-    FullSyncStarted { replid: ReplId, offset: ReplOffset, framing: Framing },
+    FullSyncStarted {
+        replid: ReplId,
+        offset: ReplOffset,
+        framing: Framing,
+    },
     /// One element of the snapshot.
     Snapshot(RdbEvent),
     /// The snapshot is complete; the command stream continues after `position`.
-    FullSyncCompleted { position: StreamPosition, rdb_bytes: u64 },
+    FullSyncCompleted {
+        position: StreamPosition,
+        rdb_bytes: u64,
+    },
     /// The primary accepted a partial resynchronisation from `position`. `previous_replid` is
     /// set when the replid changed (a failover): persist the new one.
-    Continued { position: StreamPosition, previous_replid: Option<ReplId> },
+    Continued {
+        position: StreamPosition,
+        previous_replid: Option<ReplId>,
+    },
     /// An event of the command stream.
     Stream(StreamEvent),
     /// The link failed; the next call reconnects after `retry_in`, from the position set with
     /// [`Replicator::resume_from`] (by default: after the last event delivered).
-    Disconnected { error: LinkError, retry_in: Duration },
+    Disconnected {
+        error: LinkError,
+        retry_in: Duration,
+    },
 }
 
 /// Why a link ended.
@@ -135,6 +148,16 @@ impl ReplicatorOptions {
     }
 }
 
+/// Sets the offset `REPLCONF ACK` reports, from any task.
+#[derive(Debug, Clone)]
+pub struct AckHandle(Arc<AtomicU64>);
+
+impl AckHandle {
+    pub fn acknowledge(&self, offset: ReplOffset) {
+        self.0.store(offset.0, Ordering::SeqCst);
+    }
+}
+
 /// A replica's view of one primary, across reconnections.
 pub struct Replicator {
     options: ReplicatorOptions,
@@ -150,7 +173,14 @@ pub struct Replicator {
 impl Replicator {
     /// A replicator that starts with a full sync (`resume` None) or continues after `resume`.
     pub fn new(options: ReplicatorOptions, resume: Option<StreamPosition>) -> Self {
-        Replicator { options, link: None, resume, ack: Arc::new(AtomicU64::new(0)), failures: 0, retry_at: None }
+        Replicator {
+            options,
+            link: None,
+            resume,
+            ack: Arc::new(AtomicU64::new(0)),
+            failures: 0,
+            retry_at: None,
+        }
     }
 
     /// Sets where the next connection resumes (`None`: full sync). Call it after
@@ -169,6 +199,11 @@ impl Replicator {
         self.ack.store(offset.0, Ordering::SeqCst);
     }
 
+    /// A handle to acknowledge from another task (the one that makes changes durable).
+    pub fn ack_handle(&self) -> AckHandle {
+        AckHandle(self.ack.clone())
+    }
+
     /// Drops the current link (the next call reconnects at once).
     pub fn disconnect(&mut self) {
         self.link = None;
@@ -181,7 +216,8 @@ impl Replicator {
             if let Some(at) = self.retry_at.take() {
                 tokio::time::sleep_until(at).await;
             }
-            return match Link::connect(&self.options, self.resume.as_ref(), self.ack.clone()).await {
+            return match Link::connect(&self.options, self.resume.as_ref(), self.ack.clone()).await
+            {
                 Ok((link, event)) => {
                     self.link = Some(link);
                     self.failures = 0;
@@ -199,10 +235,16 @@ impl Replicator {
         match link.next().await {
             Ok(event) => {
                 match &event {
-                    ReplicationEvent::FullSyncCompleted { position, .. } => self.resume = Some(position.clone()),
+                    ReplicationEvent::FullSyncCompleted { position, .. } => {
+                        self.resume = Some(position.clone())
+                    }
                     ReplicationEvent::Stream(stream_event) => {
                         if let Some((replid, db)) = link.stream_state() {
-                            self.resume = Some(StreamPosition { replid, offset: stream_event.end(), db });
+                            self.resume = Some(StreamPosition {
+                                replid,
+                                offset: stream_event.end(),
+                                db,
+                            });
                         }
                     }
                     _ => {}
@@ -220,7 +262,11 @@ impl Replicator {
         if error.is_fatal() {
             return Err(error);
         }
-        let retry_in = backoff(self.failures, self.options.backoff_min, self.options.backoff_max);
+        let retry_in = backoff(
+            self.failures,
+            self.options.backoff_min,
+            self.options.backoff_max,
+        );
         self.failures = self.failures.saturating_add(1);
         self.retry_at = Some(tokio::time::Instant::now() + retry_in);
         Ok(ReplicationEvent::Disconnected { error, retry_in })

@@ -34,12 +34,17 @@ pub struct Command {
 impl Command {
     /// Whether the command name equals `name`, ignoring ASCII case.
     pub fn is(&self, name: &str) -> bool {
-        self.args.first().is_some_and(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+        self.args
+            .first()
+            .is_some_and(|n| n.eq_ignore_ascii_case(name.as_bytes()))
     }
 
     /// The command name in upper case.
     pub fn name(&self) -> String {
-        self.args.first().map(|n| String::from_utf8_lossy(n).to_ascii_uppercase()).unwrap_or_default()
+        self.args
+            .first()
+            .map(|n| String::from_utf8_lossy(n).to_ascii_uppercase())
+            .unwrap_or_default()
     }
 }
 
@@ -50,7 +55,12 @@ pub enum StreamEvent {
     /// A command outside `MULTI`.
     Command(Command),
     /// `MULTI`, the commands, `EXEC`: one execution unit of the primary.
-    Transaction { commands: Vec<Command>, start: ReplOffset, end: ReplOffset, db: u32 },
+    Transaction {
+        commands: Vec<Command>,
+        start: ReplOffset,
+        end: ReplOffset,
+        db: u32,
+    },
     /// `SELECT db` outside a transaction.
     Select { db: u32, end: ReplOffset },
     /// The primary's keepalive `PING`.
@@ -98,7 +108,11 @@ pub struct CommandStream {
 impl CommandStream {
     /// A stream whose last processed byte is `offset`, with `db` selected.
     pub fn new(offset: ReplOffset, db: u32) -> Self {
-        CommandStream { offset, db, transaction: None }
+        CommandStream {
+            offset,
+            db,
+            transaction: None,
+        }
     }
 
     /// The offset of the last byte consumed (inside a transaction, that is not yet a boundary).
@@ -125,7 +139,12 @@ impl CommandStream {
             let (frame, consumed) = match decode_bytes_mut(input) {
                 Ok(Some((frame, consumed, _))) => (frame, consumed),
                 Ok(None) => return Ok(None),
-                Err(e) => return Err(self.error(format!("undecodable RESP: {e:?} (first bytes {:?})", preview(input)))),
+                Err(e) => {
+                    return Err(self.error(format!(
+                        "undecodable RESP: {e:?} (first bytes {:?})",
+                        preview(input)
+                    )))
+                }
             };
             self.offset = self.offset.advanced(consumed as u64);
             let args = self.arguments(frame, frame_start)?;
@@ -136,13 +155,22 @@ impl CommandStream {
     }
 
     fn error(&self, message: String) -> StreamError {
-        StreamError { offset: self.offset.next_byte(), message }
+        StreamError {
+            offset: self.offset.next_byte(),
+            message,
+        }
     }
 
     fn arguments(&self, frame: BytesFrame, start: ReplOffset) -> Result<Vec<Bytes>, StreamError> {
-        let fail = |message: String| StreamError { offset: start.next_byte(), message };
+        let fail = |message: String| StreamError {
+            offset: start.next_byte(),
+            message,
+        };
         let BytesFrame::Array(items) = frame else {
-            return Err(fail(format!("expected a command (array of bulk strings), found {:?}", frame.kind())));
+            return Err(fail(format!(
+                "expected a command (array of bulk strings), found {:?}",
+                frame.kind()
+            )));
         };
         if items.is_empty() {
             return Err(fail("empty command array".into()));
@@ -151,12 +179,19 @@ impl CommandStream {
             .into_iter()
             .map(|item| match item {
                 BytesFrame::BulkString(bytes) => Ok(bytes),
-                other => Err(fail(format!("command argument is {:?}, expected a bulk string", other.kind()))),
+                other => Err(fail(format!(
+                    "command argument is {:?}, expected a bulk string",
+                    other.kind()
+                ))),
             })
             .collect()
     }
 
-    fn handle(&mut self, args: Vec<Bytes>, start: ReplOffset) -> Result<Option<StreamEvent>, StreamError> {
+    fn handle(
+        &mut self,
+        args: Vec<Bytes>,
+        start: ReplOffset,
+    ) -> Result<Option<StreamEvent>, StreamError> {
         let end = self.offset;
         let name = &args[0];
         let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
@@ -165,35 +200,62 @@ impl CommandStream {
                 .get(1)
                 .and_then(|a| std::str::from_utf8(a).ok())
                 .and_then(|a| a.parse::<u32>().ok())
-                .ok_or_else(|| StreamError { offset: start.next_byte(), message: "SELECT without a valid database number".into() })?;
+                .ok_or_else(|| StreamError {
+                    offset: start.next_byte(),
+                    message: "SELECT without a valid database number".into(),
+                })?;
             self.db = db;
-            return Ok(self.transaction.is_none().then_some(StreamEvent::Select { db, end }));
+            return Ok(self
+                .transaction
+                .is_none()
+                .then_some(StreamEvent::Select { db, end }));
         }
         if is("MULTI") {
             if self.transaction.is_some() {
-                return Err(StreamError { offset: start.next_byte(), message: "MULTI inside MULTI".into() });
+                return Err(StreamError {
+                    offset: start.next_byte(),
+                    message: "MULTI inside MULTI".into(),
+                });
             }
-            self.transaction = Some(PendingTransaction { commands: Vec::new(), start });
+            self.transaction = Some(PendingTransaction {
+                commands: Vec::new(),
+                start,
+            });
             return Ok(None);
         }
         if is("EXEC") {
             let Some(tx) = self.transaction.take() else {
-                return Err(StreamError { offset: start.next_byte(), message: "EXEC without MULTI".into() });
+                return Err(StreamError {
+                    offset: start.next_byte(),
+                    message: "EXEC without MULTI".into(),
+                });
             };
-            return Ok(Some(StreamEvent::Transaction { commands: tx.commands, start: tx.start, end, db: self.db }));
+            return Ok(Some(StreamEvent::Transaction {
+                commands: tx.commands,
+                start: tx.start,
+                end,
+                db: self.db,
+            }));
         }
         if self.transaction.is_none() {
             if is("PING") {
                 return Ok(Some(StreamEvent::Ping { end }));
             }
             if is("REPLCONF") {
-                if args.get(1).is_some_and(|a| a.eq_ignore_ascii_case(b"GETACK")) {
+                if args
+                    .get(1)
+                    .is_some_and(|a| a.eq_ignore_ascii_case(b"GETACK"))
+                {
                     return Ok(Some(StreamEvent::GetAck { before: start, end }));
                 }
                 return Ok(Some(StreamEvent::Replconf { args, end }));
             }
         }
-        let command = Command { args, db: self.db, end };
+        let command = Command {
+            args,
+            db: self.db,
+            end,
+        };
         match &mut self.transaction {
             Some(tx) => {
                 tx.commands.push(command);
@@ -275,16 +337,37 @@ mod tests {
         let mut input = BytesMut::from(&bytes[..]);
         let mut stream = CommandStream::new(ReplOffset(100), 0);
         let select = stream.decode(&mut input).unwrap().unwrap();
-        assert_eq!(select, StreamEvent::Select { db: 2, end: ReplOffset(100 + 23) });
-        let StreamEvent::Transaction { commands, start, db, .. } = stream.decode(&mut input).unwrap().unwrap() else {
+        assert_eq!(
+            select,
+            StreamEvent::Select {
+                db: 2,
+                end: ReplOffset(100 + 23)
+            }
+        );
+        let StreamEvent::Transaction {
+            commands,
+            start,
+            db,
+            ..
+        } = stream.decode(&mut input).unwrap().unwrap()
+        else {
             panic!("expected a transaction")
         };
         assert_eq!(start, ReplOffset(123));
         assert_eq!(commands.len(), 2);
         assert_eq!((commands[0].db, commands[1].db, db), (2, 3, 3));
-        assert!(matches!(stream.decode(&mut input).unwrap(), Some(StreamEvent::Ping { .. })));
+        assert!(matches!(
+            stream.decode(&mut input).unwrap(),
+            Some(StreamEvent::Ping { .. })
+        ));
         let getack = stream.decode(&mut input).unwrap().unwrap();
-        assert_eq!(getack, StreamEvent::GetAck { before: ReplOffset(100 + total - 37), end: ReplOffset(100 + total) });
+        assert_eq!(
+            getack,
+            StreamEvent::GetAck {
+                before: ReplOffset(100 + total - 37),
+                end: ReplOffset(100 + total)
+            }
+        );
         assert_eq!(stream.decode(&mut input).unwrap(), None);
     }
 

@@ -44,7 +44,13 @@ fn err<T>(at: usize, message: impl Into<String>) -> Result<T, BlobError> {
 fn slice(blob: &[u8], at: usize, len: usize, what: &str) -> Result<Range<usize>, BlobError> {
     match at.checked_add(len) {
         Some(end) if end <= blob.len() => Ok(at..end),
-        _ => err(at, format!("{what} of {len} bytes runs past the end of the {}-byte blob", blob.len())),
+        _ => err(
+            at,
+            format!(
+                "{what} of {len} bytes runs past the end of the {}-byte blob",
+                blob.len()
+            ),
+        ),
     }
 }
 
@@ -66,11 +72,23 @@ fn le_int(bytes: &[u8]) -> i64 {
 /// All entries of a ziplist.
 pub(crate) fn ziplist_entries(blob: &[u8]) -> Result<Vec<Entry>, BlobError> {
     if blob.len() < 11 {
-        return err(0, format!("ziplist of {} bytes is shorter than its 11-byte minimum", blob.len()));
+        return err(
+            0,
+            format!(
+                "ziplist of {} bytes is shorter than its 11-byte minimum",
+                blob.len()
+            ),
+        );
     }
     let total = u32::from_le_bytes([blob[0], blob[1], blob[2], blob[3]]) as usize;
     if total != blob.len() {
-        return err(0, format!("ziplist header says {total} bytes but the blob has {}", blob.len()));
+        return err(
+            0,
+            format!(
+                "ziplist header says {total} bytes but the blob has {}",
+                blob.len()
+            ),
+        );
     }
     let mut entries = Vec::new();
     let mut pos = 10;
@@ -102,7 +120,8 @@ pub(crate) fn ziplist_entries(blob: &[u8]) -> Result<Vec<Entry>, BlobError> {
             }
             1 => {
                 let hdr = slice(blob, pos, 2, "ziplist string header")?;
-                let len = (usize::from(blob[hdr.start] & 0x3f) << 8) | usize::from(blob[hdr.start + 1]);
+                let len =
+                    (usize::from(blob[hdr.start] & 0x3f) << 8) | usize::from(blob[hdr.start + 1]);
                 let range = slice(blob, pos + 2, len, "ziplist string")?;
                 pos = range.end;
                 entries.push(Entry::Bytes(range));
@@ -112,7 +131,12 @@ pub(crate) fn ziplist_entries(blob: &[u8]) -> Result<Vec<Entry>, BlobError> {
                     return err(at, format!("invalid ziplist string encoding 0x{enc:02x}"));
                 }
                 let hdr = slice(blob, pos + 1, 4, "ziplist string header")?;
-                let len = u32::from_be_bytes([blob[hdr.start], blob[hdr.start + 1], blob[hdr.start + 2], blob[hdr.start + 3]]);
+                let len = u32::from_be_bytes([
+                    blob[hdr.start],
+                    blob[hdr.start + 1],
+                    blob[hdr.start + 2],
+                    blob[hdr.start + 3],
+                ]);
                 let range = slice(blob, pos + 5, len as usize, "ziplist string")?;
                 pos = range.end;
                 entries.push(Entry::Bytes(range));
@@ -142,11 +166,23 @@ pub(crate) fn ziplist_entries(blob: &[u8]) -> Result<Vec<Entry>, BlobError> {
 /// All entries of a listpack.
 pub(crate) fn listpack_entries(blob: &[u8]) -> Result<Vec<Entry>, BlobError> {
     if blob.len() < 7 {
-        return err(0, format!("listpack of {} bytes is shorter than its 7-byte minimum", blob.len()));
+        return err(
+            0,
+            format!(
+                "listpack of {} bytes is shorter than its 7-byte minimum",
+                blob.len()
+            ),
+        );
     }
     let total = u32::from_le_bytes([blob[0], blob[1], blob[2], blob[3]]) as usize;
     if total != blob.len() {
-        return err(0, format!("listpack header says {total} bytes but the blob has {}", blob.len()));
+        return err(
+            0,
+            format!(
+                "listpack header says {total} bytes but the blob has {}",
+                blob.len()
+            ),
+        );
     }
     let mut entries = Vec::new();
     let mut pos = 6;
@@ -164,7 +200,10 @@ pub(crate) fn listpack_entries(blob: &[u8]) -> Result<Vec<Entry>, BlobError> {
             (Entry::Int(i64::from(enc & 0x7f)), 1)
         } else if enc & 0xC0 == 0x80 {
             let len = usize::from(enc & 0x3f);
-            (Entry::Bytes(slice(blob, pos + 1, len, "listpack string")?), 1 + len)
+            (
+                Entry::Bytes(slice(blob, pos + 1, len, "listpack string")?),
+                1 + len,
+            )
         } else if enc & 0xE0 == 0xC0 {
             let next = slice(blob, pos + 1, 1, "listpack integer")?;
             let raw = (u16::from(enc & 0x1f) << 8) | u16::from(blob[next.start]);
@@ -174,14 +213,24 @@ pub(crate) fn listpack_entries(blob: &[u8]) -> Result<Vec<Entry>, BlobError> {
         } else if enc & 0xF0 == 0xE0 {
             let next = slice(blob, pos + 1, 1, "listpack string header")?;
             let len = (usize::from(enc & 0x0f) << 8) | usize::from(blob[next.start]);
-            (Entry::Bytes(slice(blob, pos + 2, len, "listpack string")?), 2 + len)
+            (
+                Entry::Bytes(slice(blob, pos + 2, len, "listpack string")?),
+                2 + len,
+            )
         } else {
             match enc {
                 0xF0 => {
                     let hdr = slice(blob, pos + 1, 4, "listpack string header")?;
-                    let len = u32::from_le_bytes([blob[hdr.start], blob[hdr.start + 1], blob[hdr.start + 2], blob[hdr.start + 3]])
-                        as usize;
-                    (Entry::Bytes(slice(blob, pos + 5, len, "listpack string")?), 5 + len)
+                    let len = u32::from_le_bytes([
+                        blob[hdr.start],
+                        blob[hdr.start + 1],
+                        blob[hdr.start + 2],
+                        blob[hdr.start + 3],
+                    ]) as usize;
+                    (
+                        Entry::Bytes(slice(blob, pos + 5, len, "listpack string")?),
+                        5 + len,
+                    )
                 }
                 0xF1..=0xF4 => {
                     let width = match enc {
@@ -208,16 +257,24 @@ pub(crate) fn listpack_entries(blob: &[u8]) -> Result<Vec<Entry>, BlobError> {
     }
 }
 
+/// A field and its value, as ranges inside a blob.
+pub(crate) type FieldValueRanges = (Range<usize>, Range<usize>);
+
 /// Field/value pairs of a zipmap, as ranges inside the blob. The count byte is ignored (Redis
 /// itself only trusts it below 254); the pairs are walked to the end marker.
-pub(crate) fn zipmap_pairs(blob: &[u8]) -> Result<Vec<(Range<usize>, Range<usize>)>, BlobError> {
+pub(crate) fn zipmap_pairs(blob: &[u8]) -> Result<Vec<FieldValueRanges>, BlobError> {
     fn len_at(blob: &[u8], pos: usize) -> Result<Option<(usize, usize)>, BlobError> {
         match blob.get(pos) {
             None => err(pos, "zipmap has no 0xFF end marker"),
             Some(0xFF) => Ok(None),
             Some(254) => {
                 let r = slice(blob, pos + 1, 4, "zipmap length")?;
-                let len = u32::from_le_bytes([blob[r.start], blob[r.start + 1], blob[r.start + 2], blob[r.start + 3]]);
+                let len = u32::from_le_bytes([
+                    blob[r.start],
+                    blob[r.start + 1],
+                    blob[r.start + 2],
+                    blob[r.start + 3],
+                ]);
                 Ok(Some((len as usize, 5)))
             }
             Some(&b) => Ok(Some((usize::from(b), 1))),
@@ -254,12 +311,24 @@ pub(crate) fn packed_is_empty(blob: &[u8], header_len: usize) -> bool {
 /// Number of integers in an intset.
 pub(crate) fn intset_len(blob: &[u8]) -> Result<u32, BlobError> {
     if blob.len() < 8 {
-        return err(0, format!("intset of {} bytes is shorter than its 8-byte header", blob.len()));
+        return err(
+            0,
+            format!(
+                "intset of {} bytes is shorter than its 8-byte header",
+                blob.len()
+            ),
+        );
     }
     let width = u32::from_le_bytes([blob[0], blob[1], blob[2], blob[3]]);
     let count = u32::from_le_bytes([blob[4], blob[5], blob[6], blob[7]]);
     if !matches!(width, 2 | 4 | 8) || 8 + (width as usize) * (count as usize) != blob.len() {
-        return err(0, format!("intset header (width {width}, count {count}) does not match its {} bytes", blob.len()));
+        return err(
+            0,
+            format!(
+                "intset header (width {width}, count {count}) does not match its {} bytes",
+                blob.len()
+            ),
+        );
     }
     Ok(count)
 }

@@ -123,7 +123,9 @@ impl<'a> Cursor<'a> {
             0 => Ok(Length::Plain(u64::from(first & 0x3f))),
             1 => {
                 let second = self.u8()?;
-                Ok(Length::Plain((u64::from(first & 0x3f) << 8) | u64::from(second)))
+                Ok(Length::Plain(
+                    (u64::from(first & 0x3f) << 8) | u64::from(second),
+                ))
             }
             2 => match first {
                 0x80 => Ok(Length::Plain(u64::from(u32::from_be_bytes(self.array()?)))),
@@ -139,7 +141,9 @@ impl<'a> Cursor<'a> {
         let at = self.pos;
         match self.length_or_encoding()? {
             Length::Plain(n) => Ok(n),
-            Length::Encoded(e) => malformed(at, format!("expected a length, found string encoding {e}")),
+            Length::Encoded(e) => {
+                malformed(at, format!("expected a length, found string encoding {e}"))
+            }
         }
     }
 
@@ -161,18 +165,33 @@ impl<'a> Cursor<'a> {
                 let compressed_len = self.length()?;
                 let len = self.length()?;
                 if len > MAX_MATERIALISED_STRING
-                    || len > compressed_len.saturating_mul(LZF_MAX_EXPANSION).saturating_add(64)
+                    || len
+                        > compressed_len
+                            .saturating_mul(LZF_MAX_EXPANSION)
+                            .saturating_add(64)
                 {
                     return malformed(
                         at,
-                        format!("LZF string claims {len} bytes from {compressed_len} compressed bytes"),
+                        format!(
+                            "LZF string claims {len} bytes from {compressed_len} compressed bytes"
+                        ),
                     );
                 }
                 let range = self.take(compressed_len)?;
-                let output = lzf::decompress(&self.data[range], len as usize)
-                    .map_err(|e| StepError::Malformed { at, message: format!("LZF string does not decompress: {e:?}") })?;
+                let output = lzf::decompress(&self.data[range], len as usize).map_err(|e| {
+                    StepError::Malformed {
+                        at,
+                        message: format!("LZF string does not decompress: {e:?}"),
+                    }
+                })?;
                 if output.len() as u64 != len {
-                    return malformed(at, format!("LZF string decompressed to {} bytes, expected {len}", output.len()));
+                    return malformed(
+                        at,
+                        format!(
+                            "LZF string decompressed to {} bytes, expected {len}",
+                            output.len()
+                        ),
+                    );
                 }
                 Ok(StrRef::Owned(Bytes::from(output)))
             }
@@ -194,7 +213,9 @@ impl<'a> Cursor<'a> {
                 let _uncompressed_len = self.length()?;
                 compressed_len
             }
-            Length::Encoded(other) => return malformed(at, format!("unknown string encoding {other}")),
+            Length::Encoded(other) => {
+                return malformed(at, format!("unknown string encoding {other}"))
+            }
         };
         let buffered = (self.data.len() - self.pos) as u64;
         let now = payload.min(buffered);

@@ -7,7 +7,10 @@ use crc::{Crc, Digest, Table, CRC_64_REDIS};
 
 use super::compact::{self, Entry};
 use super::cursor::{decimal, malformed, Cursor, StepError, StepResult, StrRef};
-use super::{Checksum, HashField, Magic, RdbError, RdbEvent, ValueKind, MAX_REDIS_RDB_VERSION, VALKEY_RDB_VERSION};
+use super::{
+    Checksum, HashField, Magic, RdbError, RdbEvent, ValueKind, MAX_REDIS_RDB_VERSION,
+    VALKEY_RDB_VERSION,
+};
 
 /// CRC-64/Jones as Redis computes it (`crc64.c`), slice-by-16 for speed.
 pub(crate) static CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_REDIS);
@@ -39,7 +42,9 @@ enum State {
     Magic,
     TopLevel,
     /// Module opcodes until `MODULE_OP_EOF`, for MODULE_AUX (`in_value` false) or a module value.
-    ModuleOps { in_value: bool },
+    ModuleOps {
+        in_value: bool,
+    },
     Value(Value),
     Checksum,
     Done,
@@ -56,9 +61,15 @@ struct Value {
 #[derive(Debug, Clone)]
 enum Phase {
     Start,
-    Items { remaining: u64, shape: Shape, part: u8 },
+    Items {
+        remaining: u64,
+        shape: Shape,
+        part: u8,
+    },
     StreamMeta,
-    StreamGroups { remaining: u64 },
+    StreamGroups {
+        remaining: u64,
+    },
     End,
 }
 
@@ -90,22 +101,56 @@ enum Shape {
 /// An event whose strings still point into the input being consumed.
 enum Staged {
     Ready(RdbEvent),
-    Aux { key: StrRef, value: StrRef },
-    Function { code: StrRef },
-    KeyStart { db: u64, key: StrRef, kind: ValueKind, type_byte: u8, expire_at_ms: Option<i64> },
-    Field { field: StrRef, value: StrRef, expire_at_ms: Option<i64> },
+    Aux {
+        key: StrRef,
+        value: StrRef,
+    },
+    Function {
+        code: StrRef,
+    },
+    KeyStart {
+        db: u64,
+        key: StrRef,
+        kind: ValueKind,
+        type_byte: u8,
+        expire_at_ms: Option<i64>,
+    },
+    Field {
+        field: StrRef,
+        value: StrRef,
+        expire_at_ms: Option<i64>,
+    },
 }
 
 impl Staged {
     fn resolve(self, frozen: &Bytes) -> RdbEvent {
         match self {
             Staged::Ready(event) => event,
-            Staged::Aux { key, value } => RdbEvent::Aux { key: key.resolve(frozen), value: value.resolve(frozen) },
-            Staged::Function { code } => RdbEvent::Function { code: code.resolve(frozen) },
-            Staged::KeyStart { db, key, kind, type_byte, expire_at_ms } => {
-                RdbEvent::KeyStart { db, key: key.resolve(frozen), kind, type_byte, expire_at_ms }
-            }
-            Staged::Field { field, value, expire_at_ms } => RdbEvent::HashField(HashField {
+            Staged::Aux { key, value } => RdbEvent::Aux {
+                key: key.resolve(frozen),
+                value: value.resolve(frozen),
+            },
+            Staged::Function { code } => RdbEvent::Function {
+                code: code.resolve(frozen),
+            },
+            Staged::KeyStart {
+                db,
+                key,
+                kind,
+                type_byte,
+                expire_at_ms,
+            } => RdbEvent::KeyStart {
+                db,
+                key: key.resolve(frozen),
+                kind,
+                type_byte,
+                expire_at_ms,
+            },
+            Staged::Field {
+                field,
+                value,
+                expire_at_ms,
+            } => RdbEvent::HashField(HashField {
                 field: field.resolve(frozen),
                 value: value.resolve(frozen),
                 expire_at_ms,
@@ -185,7 +230,11 @@ impl RdbDecoder {
         decoder.magic = magic;
         decoder.version = version;
         decoder.value_only = true;
-        decoder.state = State::Value(Value { type_byte, phase: Phase::Start, nonempty: false });
+        decoder.state = State::Value(Value {
+            type_byte,
+            phase: Phase::Start,
+            nonempty: false,
+        });
         Ok(decoder)
     }
 
@@ -256,7 +305,10 @@ impl RdbDecoder {
                 }
                 Err(StepError::Malformed { at, message }) => {
                     self.state = State::Failed;
-                    return Err(RdbError::Malformed { offset: self.consumed + at as u64, message });
+                    return Err(RdbError::Malformed {
+                        offset: self.consumed + at as u64,
+                        message,
+                    });
                 }
                 Err(StepError::Rejected(error)) => {
                     self.state = State::Failed;
@@ -271,7 +323,10 @@ impl RdbDecoder {
         if self.is_done() || (self.value_only && matches!(self.state, State::Done)) {
             return Ok(());
         }
-        Err(RdbError::Truncated { offset: self.consumed, context: self.describe_state() })
+        Err(RdbError::Truncated {
+            offset: self.consumed,
+            context: self.describe_state(),
+        })
     }
 
     fn describe_state(&self) -> String {
@@ -319,7 +374,13 @@ impl RdbDecoder {
         } else if header.starts_with(b"VALKEY") {
             (Magic::Valkey, &header[6..], "VALKEY")
         } else {
-            return malformed(0, format!("not an RDB: the file starts with {:?}", String::from_utf8_lossy(&header)));
+            return malformed(
+                0,
+                format!(
+                    "not an RDB: the file starts with {:?}",
+                    String::from_utf8_lossy(&header)
+                ),
+            );
         };
         let version: u32 = std::str::from_utf8(digits)
             .ok()
@@ -327,7 +388,10 @@ impl RdbDecoder {
             .and_then(|d| d.parse().ok())
             .ok_or_else(|| StepError::Malformed {
                 at: name.len(),
-                message: format!("RDB version digits {:?} are not a number", String::from_utf8_lossy(digits)),
+                message: format!(
+                    "RDB version digits {:?} are not a number",
+                    String::from_utf8_lossy(digits)
+                ),
             })?;
         let supported = match magic {
             Magic::Redis => (1..=MAX_REDIS_RDB_VERSION).contains(&version),
@@ -345,7 +409,8 @@ impl RdbDecoder {
         if version >= 5 {
             self.crc = Some(CRC64.digest());
         }
-        self.staged.push(Staged::Ready(RdbEvent::Header { magic, version }));
+        self.staged
+            .push(Staged::Ready(RdbEvent::Header { magic, version }));
         self.state = State::TopLevel;
         Ok(())
     }
@@ -361,12 +426,14 @@ impl RdbDecoder {
             }
             OP_SELECTDB => {
                 self.db = cur.length()?;
-                self.staged.push(Staged::Ready(RdbEvent::SelectDb { db: self.db }));
+                self.staged
+                    .push(Staged::Ready(RdbEvent::SelectDb { db: self.db }));
             }
             OP_RESIZEDB => {
                 let keys = cur.length()?;
                 let expires = cur.length()?;
-                self.staged.push(Staged::Ready(RdbEvent::ResizeDb { keys, expires }));
+                self.staged
+                    .push(Staged::Ready(RdbEvent::ResizeDb { keys, expires }));
             }
             OP_EXPIRETIME => self.pending_expire = Some(i64::from(cur.i32_le()?) * 1000),
             OP_EXPIRETIME_MS => self.pending_expire = Some(cur.i64_le()?),
@@ -381,9 +448,17 @@ impl RdbDecoder {
                 let when_opcode = cur.length()?;
                 let _when = cur.length()?;
                 if when_opcode != MODULE_OP_UINT {
-                    return malformed(at, format!("MODULE_AUX of {} has when-opcode {when_opcode}, expected 2", module_name(module_id)));
+                    return malformed(
+                        at,
+                        format!(
+                            "MODULE_AUX of {} has when-opcode {when_opcode}, expected 2",
+                            module_name(module_id)
+                        ),
+                    );
                 }
-                self.staged.push(Staged::Ready(RdbEvent::ModuleAux { module: module_name(module_id) }));
+                self.staged.push(Staged::Ready(RdbEvent::ModuleAux {
+                    module: module_name(module_id),
+                }));
                 self.state = State::ModuleOps { in_value: false };
             }
             OP_FUNCTION_PRE_GA => {
@@ -421,12 +496,15 @@ impl RdbDecoder {
                 if self.version >= 5 {
                     self.state = State::Checksum;
                 } else {
-                    self.staged.push(Staged::Ready(RdbEvent::End { checksum: Checksum::Absent }));
+                    self.staged.push(Staged::Ready(RdbEvent::End {
+                        checksum: Checksum::Absent,
+                    }));
                     self.state = State::Done;
                 }
             }
             type_byte => {
-                let kind = kind_of(type_byte, self.magic).map_err(|message| StepError::Malformed { at, message })?;
+                let kind = kind_of(type_byte, self.magic)
+                    .map_err(|message| StepError::Malformed { at, message })?;
                 let key = cur.string()?;
                 self.staged.push(Staged::KeyStart {
                     db: self.db,
@@ -435,7 +513,11 @@ impl RdbDecoder {
                     type_byte,
                     expire_at_ms: self.pending_expire.take(),
                 });
-                self.state = State::Value(Value { type_byte, phase: Phase::Start, nonempty: false });
+                self.state = State::Value(Value {
+                    type_byte,
+                    phase: Phase::Start,
+                    nonempty: false,
+                });
             }
         }
         Ok(())
@@ -466,8 +548,13 @@ impl RdbDecoder {
     }
 
     fn end_value(&mut self, nonempty: bool) {
-        self.staged.push(Staged::Ready(RdbEvent::KeyEnd { empty: !nonempty }));
-        self.state = if self.value_only { State::Done } else { State::TopLevel };
+        self.staged
+            .push(Staged::Ready(RdbEvent::KeyEnd { empty: !nonempty }));
+        self.state = if self.value_only {
+            State::Done
+        } else {
+            State::TopLevel
+        };
     }
 
     fn set_phase(&mut self, mut value: Value, phase: Phase) {
@@ -478,7 +565,11 @@ impl RdbDecoder {
     fn step_value(&mut self, cur: &mut Cursor<'_>, value: Value) -> StepResult<()> {
         match value.phase {
             Phase::Start => self.start_value(cur, value),
-            Phase::Items { remaining: 0, shape: Shape::StreamListpack, .. } => {
+            Phase::Items {
+                remaining: 0,
+                shape: Shape::StreamListpack,
+                ..
+            } => {
                 self.set_phase(value, Phase::StreamMeta);
                 Ok(())
             }
@@ -486,7 +577,11 @@ impl RdbDecoder {
                 self.end_value(value.nonempty);
                 Ok(())
             }
-            Phase::Items { remaining, shape, part } => self.step_item(cur, value, remaining, shape, part),
+            Phase::Items {
+                remaining,
+                shape,
+                part,
+            } => self.step_item(cur, value, remaining, shape, part),
             Phase::StreamMeta => {
                 // length, last id (ms, seq); v2+: first id, max deleted id, entries added.
                 let fields = if value.type_byte >= 19 { 8 } else { 3 };
@@ -503,7 +598,12 @@ impl RdbDecoder {
             }
             Phase::StreamGroups { remaining } => {
                 self.skip_stream_group(cur, value.type_byte)?;
-                self.set_phase(value, Phase::StreamGroups { remaining: remaining - 1 });
+                self.set_phase(
+                    value,
+                    Phase::StreamGroups {
+                        remaining: remaining - 1,
+                    },
+                );
                 Ok(())
             }
         }
@@ -511,7 +611,11 @@ impl RdbDecoder {
 
     fn start_value(&mut self, cur: &mut Cursor<'_>, mut value: Value) -> StepResult<()> {
         let at = cur.pos;
-        let items = |remaining: u64, shape: Shape| Phase::Items { remaining, shape, part: 0 };
+        let items = |remaining: u64, shape: Shape| Phase::Items {
+            remaining,
+            shape,
+            part: 0,
+        };
         let phase = match value.type_byte {
             0 => {
                 self.skip = cur.skip_string()?;
@@ -526,7 +630,14 @@ impl RdbDecoder {
             3 | 5 => {
                 let n = cur.length()?;
                 value.nonempty = n > 0;
-                items(n, if value.type_byte == 3 { Shape::ZsetAscii } else { Shape::ZsetBinary })
+                items(
+                    n,
+                    if value.type_byte == 3 {
+                        Shape::ZsetAscii
+                    } else {
+                        Shape::ZsetBinary
+                    },
+                )
             }
             4 => items(cur.length()?, Shape::HashPair),
             7 => {
@@ -536,23 +647,40 @@ impl RdbDecoder {
             }
             9 => {
                 let blob = cur.string()?;
-                let pairs = compact::zipmap_pairs(blob.as_slice(cur.data())).map_err(|e| blob_error(at, &blob, "zipmap", e))?;
+                let pairs = compact::zipmap_pairs(blob.as_slice(cur.data()))
+                    .map_err(|e| blob_error(at, &blob, "zipmap", e))?;
                 for (field, val) in pairs {
                     value.nonempty = true;
-                    self.staged.push(Staged::Field { field: sub(&blob, field), value: sub(&blob, val), expire_at_ms: None });
+                    self.staged.push(Staged::Field {
+                        field: sub(&blob, field),
+                        value: sub(&blob, val),
+                        expire_at_ms: None,
+                    });
                 }
                 Phase::End
             }
             13 | 16 => {
                 let blob = cur.string()?;
                 let (entries, what) = if value.type_byte == 13 {
-                    (compact::ziplist_entries(blob.as_slice(cur.data())), "ziplist")
+                    (
+                        compact::ziplist_entries(blob.as_slice(cur.data())),
+                        "ziplist",
+                    )
                 } else {
-                    (compact::listpack_entries(blob.as_slice(cur.data())), "listpack")
+                    (
+                        compact::listpack_entries(blob.as_slice(cur.data())),
+                        "listpack",
+                    )
                 };
                 let entries = entries.map_err(|e| blob_error(at, &blob, what, e))?;
                 if entries.len() % 2 != 0 {
-                    return malformed(at, format!("hash {what} has an odd number of entries ({})", entries.len()));
+                    return malformed(
+                        at,
+                        format!(
+                            "hash {what} has an odd number of entries ({})",
+                            entries.len()
+                        ),
+                    );
                 }
                 for pair in entries.chunks_exact(2) {
                     value.nonempty = true;
@@ -576,7 +704,8 @@ impl RdbDecoder {
             }
             11 => {
                 let blob = cur.string()?;
-                let len = compact::intset_len(blob.as_slice(cur.data())).map_err(|e| blob_error(at, &blob, "intset", e))?;
+                let len = compact::intset_len(blob.as_slice(cur.data()))
+                    .map_err(|e| blob_error(at, &blob, "intset", e))?;
                 value.nonempty = len > 0;
                 Phase::End
             }
@@ -598,16 +727,27 @@ impl RdbDecoder {
                     cur.i64_le()?;
                 }
                 let blob = cur.string()?;
-                let entries =
-                    compact::listpack_entries(blob.as_slice(cur.data())).map_err(|e| blob_error(at, &blob, "listpack", e))?;
+                let entries = compact::listpack_entries(blob.as_slice(cur.data()))
+                    .map_err(|e| blob_error(at, &blob, "listpack", e))?;
                 if entries.len() % 3 != 0 {
-                    return malformed(at, format!("hash listpack with TTLs has {} entries, not a multiple of 3", entries.len()));
+                    return malformed(
+                        at,
+                        format!(
+                            "hash listpack with TTLs has {} entries, not a multiple of 3",
+                            entries.len()
+                        ),
+                    );
                 }
                 for triple in entries.chunks_exact(3) {
                     let expire_at_ms = match triple[2] {
                         Entry::Int(0) => None,
                         Entry::Int(ms) => Some(ms),
-                        Entry::Bytes(_) => return malformed(at, "hash listpack TTL entry is a string, expected an integer"),
+                        Entry::Bytes(_) => {
+                            return malformed(
+                                at,
+                                "hash listpack TTL entry is a string, expected an integer",
+                            )
+                        }
                     };
                     value.nonempty = true;
                     self.staged.push(Staged::Field {
@@ -624,7 +764,14 @@ impl RdbDecoder {
         Ok(())
     }
 
-    fn step_item(&mut self, cur: &mut Cursor<'_>, mut value: Value, remaining: u64, shape: Shape, part: u8) -> StepResult<()> {
+    fn step_item(
+        &mut self,
+        cur: &mut Cursor<'_>,
+        mut value: Value,
+        remaining: u64,
+        shape: Shape,
+        part: u8,
+    ) -> StepResult<()> {
         let at = cur.pos;
         let mut next_part = 0;
         match (shape, part) {
@@ -648,7 +795,11 @@ impl RdbDecoder {
                 let field = cur.string()?;
                 let val = cur.string()?;
                 value.nonempty = true;
-                self.staged.push(Staged::Field { field, value: val, expire_at_ms: None });
+                self.staged.push(Staged::Field {
+                    field,
+                    value: val,
+                    expire_at_ms: None,
+                });
             }
             (Shape::HashTtlRelative { min_expire }, _) => {
                 let ttl = cur.length()?;
@@ -657,11 +808,18 @@ impl RdbDecoder {
                 let expire_at_ms = if ttl == 0 {
                     None
                 } else {
-                    let ttl = i64::try_from(ttl).map_err(|_| StepError::Malformed { at, message: format!("field TTL {ttl} out of range") })?;
+                    let ttl = i64::try_from(ttl).map_err(|_| StepError::Malformed {
+                        at,
+                        message: format!("field TTL {ttl} out of range"),
+                    })?;
                     Some(ttl.saturating_add(min_expire).saturating_sub(1))
                 };
                 value.nonempty = true;
-                self.staged.push(Staged::Field { field, value: val, expire_at_ms });
+                self.staged.push(Staged::Field {
+                    field,
+                    value: val,
+                    expire_at_ms,
+                });
             }
             (Shape::HashTtlAbsolute, _) => {
                 let ttl = cur.length()?;
@@ -671,7 +829,11 @@ impl RdbDecoder {
                 self.staged.push(Staged::Field {
                     field,
                     value: val,
-                    expire_at_ms: if ttl == 0 { None } else { i64::try_from(ttl).ok() },
+                    expire_at_ms: if ttl == 0 {
+                        None
+                    } else {
+                        i64::try_from(ttl).ok()
+                    },
                 });
             }
             (Shape::ValkeyHash2, _) => {
@@ -679,7 +841,11 @@ impl RdbDecoder {
                 let val = cur.string()?;
                 let expiry = cur.i64_le()?;
                 value.nonempty = true;
-                self.staged.push(Staged::Field { field, value: val, expire_at_ms: (expiry >= 0).then_some(expiry) });
+                self.staged.push(Staged::Field {
+                    field,
+                    value: val,
+                    expire_at_ms: (expiry >= 0).then_some(expiry),
+                });
             }
             (Shape::QuicklistNode, _) => {
                 let blob = cur.string()?;
@@ -697,8 +863,19 @@ impl RdbDecoder {
                 other => return malformed(at, format!("unknown quicklist container kind {other}")),
             },
         }
-        let remaining = if next_part == 0 { remaining - 1 } else { remaining };
-        self.set_phase(value, Phase::Items { remaining, shape, part: next_part });
+        let remaining = if next_part == 0 {
+            remaining - 1
+        } else {
+            remaining
+        };
+        self.set_phase(
+            value,
+            Phase::Items {
+                remaining,
+                shape,
+                part: next_part,
+            },
+        );
         Ok(())
     }
 
@@ -720,7 +897,10 @@ impl RdbDecoder {
             cur.take(if type_byte >= 21 { 16 } else { 8 })?; // seen time (+ active time)
             let owned = cur.length()?;
             let at = cur.pos;
-            let bytes = owned.checked_mul(16).ok_or(StepError::Malformed { at, message: format!("consumer PEL size {owned} overflows") })?;
+            let bytes = owned.checked_mul(16).ok_or(StepError::Malformed {
+                at,
+                message: format!("consumer PEL size {owned} overflows"),
+            })?;
             cur.take(bytes)?;
         }
         Ok(())
@@ -733,7 +913,10 @@ impl RdbDecoder {
         } else {
             let computed = self.crc.clone().map(|d| d.finalize()).unwrap_or_default();
             if computed != expected {
-                return Err(StepError::Rejected(RdbError::BadChecksum { expected, computed }));
+                return Err(StepError::Rejected(RdbError::BadChecksum {
+                    expected,
+                    computed,
+                }));
             }
             Checksum::Verified(expected)
         };
@@ -753,7 +936,9 @@ pub(crate) fn kind_of(type_byte: u8, magic: Magic) -> Result<ValueKind, String> 
         4 | 9 | 13 | 16 | 22 | 24 | 25 => ValueKind::Hash,
         23 if magic == Magic::Redis => ValueKind::Hash,
         23 => return Err("Valkey PATH_HASH values (type 23) are not supported".into()),
-        6 => return Err("module value in the pre-release format (type 6) cannot be skipped".into()),
+        6 => {
+            return Err("module value in the pre-release format (type 6) cannot be skipped".into())
+        }
         7 => ValueKind::Module,
         15 | 19 | 21 => ValueKind::Stream,
         other => return Err(format!("unknown RDB value type or opcode {other}")),
@@ -791,7 +976,13 @@ fn entry_str(blob: &StrRef, entry: &Entry) -> StrRef {
 fn blob_error(at: usize, blob: &StrRef, what: &str, error: compact::BlobError) -> StepError {
     let (at, note) = match blob {
         StrRef::Slice(range) => (range.start + error.at, String::new()),
-        StrRef::Owned(_) => (at, format!(" (at byte {} of the decompressed {what})", error.at)),
+        StrRef::Owned(_) => (
+            at,
+            format!(" (at byte {} of the decompressed {what})", error.at),
+        ),
     };
-    StepError::Malformed { at, message: format!("corrupt {what}: {}{note}", error.message) }
+    StepError::Malformed {
+        at,
+        message: format!("corrupt {what}: {}{note}", error.message),
+    }
 }

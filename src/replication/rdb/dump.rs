@@ -22,12 +22,19 @@ pub struct DumpedValue {
 pub fn decode_dump_payload(payload: &Bytes) -> Result<DumpedValue, RdbError> {
     let len = payload.len();
     if len < 11 {
-        return Err(RdbError::Truncated { offset: len as u64, context: format!("a DUMP payload ({len} bytes; at least 11 needed)") });
+        return Err(RdbError::Truncated {
+            offset: len as u64,
+            context: format!("a DUMP payload ({len} bytes; at least 11 needed)"),
+        });
     }
     let body_end = len - 10;
     let version = u16::from_le_bytes([payload[body_end], payload[body_end + 1]]);
     if u32::from(version) > MAX_REDIS_RDB_VERSION {
-        return Err(RdbError::UnsupportedVersion { magic: "DUMP payload RDB ".into(), version: version.into(), max: MAX_REDIS_RDB_VERSION });
+        return Err(RdbError::UnsupportedVersion {
+            magic: "DUMP payload RDB ".into(),
+            version: version.into(),
+            max: MAX_REDIS_RDB_VERSION,
+        });
     }
     let mut crc_bytes = [0u8; 8];
     crc_bytes.copy_from_slice(&payload[len - 8..]);
@@ -39,7 +46,12 @@ pub fn decode_dump_payload(payload: &Bytes) -> Result<DumpedValue, RdbError> {
     let type_byte = payload[0];
     let mut decoder = RdbDecoder::for_value(type_byte, Magic::Redis, version.into())?;
     let mut input = BytesMut::from(&payload[1..body_end]);
-    let mut value = DumpedValue { kind: ValueKind::String, rdb_version: version, fields: Vec::new(), empty: false };
+    let mut value = DumpedValue {
+        kind: ValueKind::String,
+        rdb_version: version,
+        fields: Vec::new(),
+        empty: false,
+    };
     let mut ended = false;
     while let Some(event) = decoder.decode(&mut input).map_err(|e| shift(e, 1))? {
         match event {
@@ -52,7 +64,10 @@ pub fn decode_dump_payload(payload: &Bytes) -> Result<DumpedValue, RdbError> {
         }
     }
     if !ended {
-        return Err(RdbError::Truncated { offset: 1 + decoder.consumed(), context: format!("the DUMP value of RDB type {type_byte}") });
+        return Err(RdbError::Truncated {
+            offset: 1 + decoder.consumed(),
+            context: format!("the DUMP value of RDB type {type_byte}"),
+        });
     }
     if !input.is_empty() {
         return Err(RdbError::Malformed {
@@ -60,15 +75,22 @@ pub fn decode_dump_payload(payload: &Bytes) -> Result<DumpedValue, RdbError> {
             message: format!("{} bytes after the DUMP value", input.len()),
         });
     }
-    value.kind = kind_of(type_byte, Magic::Redis).map_err(|message| RdbError::Malformed { offset: 0, message })?;
+    value.kind = kind_of(type_byte, Magic::Redis)
+        .map_err(|message| RdbError::Malformed { offset: 0, message })?;
     Ok(value)
 }
 
 /// Offsets inside the value are relative to the byte after the type byte.
 fn shift(error: RdbError, by: u64) -> RdbError {
     match error {
-        RdbError::Malformed { offset, message } => RdbError::Malformed { offset: offset + by, message },
-        RdbError::Truncated { offset, context } => RdbError::Truncated { offset: offset + by, context },
+        RdbError::Malformed { offset, message } => RdbError::Malformed {
+            offset: offset + by,
+            message,
+        },
+        RdbError::Truncated { offset, context } => RdbError::Truncated {
+            offset: offset + by,
+            context,
+        },
         other => other,
     }
 }

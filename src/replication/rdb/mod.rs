@@ -151,10 +151,16 @@ pub enum RdbEvent {
 pub enum RdbError {
     #[error("RDB byte {offset}: {message}")]
     Malformed { offset: u64, message: String },
-    #[error("RDB checksum mismatch: the file says {expected:016x}, its bytes give {computed:016x}")]
+    #[error(
+        "RDB checksum mismatch: the file says {expected:016x}, its bytes give {computed:016x}"
+    )]
     BadChecksum { expected: u64, computed: u64 },
     #[error("RDB byte {offset}: input ends in the middle of {context}")]
     Truncated { offset: u64, context: String },
     #[error("unsupported RDB format {magic}{version:04}: this writebehind reads REDIS versions 1 to {max} and VALKEY 80")]
-    UnsupportedVersion { magic: String, version: u32, max: u32 },
+    UnsupportedVersion {
+        magic: String,
+        version: u32,
+        max: u32,
+    },
 }
