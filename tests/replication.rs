@@ -819,3 +819,39 @@ async fn dump_payloads_of_every_hash_encoding_decode() {
         ValueKind::List
     );
 }
+
+#[tokio::test]
+async fn a_replica_without_its_primary_is_retried_until_it_serves() {
+    let mut primary = RedisServer::start(&[]);
+    let primary_port = primary.port.to_string();
+    let replica = RedisServer::start(&["--replicaof", "127.0.0.1", &primary_port]);
+    let mut client = replica.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while info_field(&client.info("replication").await.expect("info"), "master_link_status") != Some("up") {
+        assert!(std::time::Instant::now() < deadline, "the replica never linked to its primary");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    primary.kill();
+
+    // Attached to a replica whose primary is gone: -NOMASTERLINK, retried with backoff.
+    let mut replicator = Replicator::new(options(&replica), None);
+    let mut refusals = 0;
+    while refusals < 3 {
+        match next(&mut replicator).await {
+            ReplicationEvent::Disconnected { error: LinkError::NotReady { message, .. }, .. } => {
+                assert!(message.starts_with("-NOMASTERLINK"), "{message}");
+                refusals += 1;
+            }
+            other => panic!("expected -NOMASTERLINK, got {other:?}"),
+        }
+    }
+    // The primary returns on the same port: the replica relinks and then serves us.
+    let _primary = RedisServer::start_on_port(primary.port, &[]);
+    loop {
+        match next(&mut replicator).await {
+            ReplicationEvent::Disconnected { .. } => {}
+            ReplicationEvent::FullSyncStarted { .. } => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

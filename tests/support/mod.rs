@@ -41,9 +41,18 @@ fn answers_ping(port: u16) -> bool {
 impl RedisServer {
     /// Starts `redis-server` with the test defaults plus `extra` (`--name value` pairs).
     pub fn start(extra: &[&str]) -> RedisServer {
+        Self::start_with(None, extra)
+    }
+
+    /// Starts on a given port (to bring a stopped server back where its peers expect it).
+    pub fn start_on_port(port: u16, extra: &[&str]) -> RedisServer {
+        Self::start_with(Some(port), extra)
+    }
+
+    fn start_with(fixed_port: Option<u16>, extra: &[&str]) -> RedisServer {
         let mut last_error = String::new();
         for _ in 0..5 {
-            let port = free_port();
+            let port = fixed_port.unwrap_or_else(free_port);
             let dir = tempfile::tempdir().expect("temp dir");
             let log = dir.path().join("redis.log");
             let mut child = Command::new("redis-server")
@@ -122,18 +131,3 @@ impl Drop for RedisServer {
     }
 }
 
-/// Polls `condition` until it holds or `seconds` pass.
-pub async fn eventually<F, Fut>(seconds: u64, what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    while Instant::now() < deadline {
-        if condition().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out after {seconds} s waiting for: {what}");
-}
