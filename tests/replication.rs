@@ -827,8 +827,15 @@ async fn a_replica_without_its_primary_is_retried_until_it_serves() {
     let replica = RedisServer::start(&["--replicaof", "127.0.0.1", &primary_port]);
     let mut client = replica.client().await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while info_field(&client.info("replication").await.expect("info"), "master_link_status") != Some("up") {
-        assert!(std::time::Instant::now() < deadline, "the replica never linked to its primary");
+    while info_field(
+        &client.info("replication").await.expect("info"),
+        "master_link_status",
+    ) != Some("up")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never linked to its primary"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     primary.kill();
@@ -838,7 +845,10 @@ async fn a_replica_without_its_primary_is_retried_until_it_serves() {
     let mut refusals = 0;
     while refusals < 3 {
         match next(&mut replicator).await {
-            ReplicationEvent::Disconnected { error: LinkError::NotReady { message, .. }, .. } => {
+            ReplicationEvent::Disconnected {
+                error: LinkError::NotReady { message, .. },
+                ..
+            } => {
                 assert!(message.starts_with("-NOMASTERLINK"), "{message}");
                 refusals += 1;
             }

@@ -50,11 +50,9 @@ enum WriterMessage {
 }
 
 pub(crate) struct Link {
-    reader: OwnedReadHalf,
-    input: BytesMut,
+    socket: Socket,
     phase: Phase,
     address: String,
-    timeout: Duration,
     snapshot_in_progress: Arc<AtomicBool>,
     writer: mpsc::UnboundedSender<WriterMessage>,
     writer_task: JoinHandle<()>,
@@ -87,7 +85,7 @@ impl Link {
             })?;
         stream.set_nodelay(true).ok();
         let (reader, mut write_half) = stream.into_split();
-        let mut handshake = Handshake {
+        let mut handshake = Socket {
             reader,
             input: BytesMut::with_capacity(READ_CHUNK),
             address: address.clone(),
@@ -222,11 +220,9 @@ impl Link {
             address.clone(),
         ));
         let link = Link {
-            reader: handshake.reader,
-            input: handshake.input,
+            socket: handshake,
             phase,
             address,
-            timeout: options.timeout,
             snapshot_in_progress,
             writer,
             writer_task,
@@ -245,13 +241,12 @@ impl Link {
                     offset,
                     stream_db,
                 } => {
-                    let event =
-                        decoder
-                            .decode(&mut self.input)
-                            .map_err(|e| LinkError::Snapshot {
-                                address: self.address.clone(),
-                                message: e.to_string(),
-                            })?;
+                    let event = decoder.decode(&mut self.socket.input).map_err(|e| {
+                        LinkError::Snapshot {
+                            address: self.address.clone(),
+                            message: e.to_string(),
+                        }
+                    })?;
                     if let SnapshotFraming::Length(len) = framing {
                         if decoder.consumed() > *len {
                             return Err(LinkError::Snapshot {
@@ -283,16 +278,16 @@ impl Link {
                                 }
                                 SnapshotFraming::EofMark(mark) => {
                                     let mark = mark.clone();
-                                    while self.input.len() < EOF_MARK_LEN {
-                                        fill(&mut self.reader, &mut self.input, &self.address, self.timeout).await?;
+                                    while self.socket.input.len() < EOF_MARK_LEN {
+                                        self.socket.fill().await?;
                                     }
-                                    if self.input[..EOF_MARK_LEN] != mark[..] {
+                                    if self.socket.input[..EOF_MARK_LEN] != mark[..] {
                                         return Err(LinkError::Snapshot {
                                             address: self.address.clone(),
                                             message: "the diskless snapshot does not end with its EOF mark".into(),
                                         });
                                     }
-                                    self.input.advance(EOF_MARK_LEN);
+                                    self.socket.input.advance(EOF_MARK_LEN);
                                 }
                                 SnapshotFraming::Length(_) => {}
                             }
@@ -312,33 +307,17 @@ impl Link {
                                 rdb_bytes,
                             });
                         }
-                        None => {
-                            fill(
-                                &mut self.reader,
-                                &mut self.input,
-                                &self.address,
-                                self.timeout,
-                            )
-                            .await?
-                        }
+                        None => self.socket.fill().await?,
                     }
                 }
-                Phase::Streaming { stream, .. } => match stream.decode(&mut self.input) {
+                Phase::Streaming { stream, .. } => match stream.decode(&mut self.socket.input) {
                     Ok(Some(event)) => {
                         if let StreamEvent::GetAck { before, .. } = &event {
                             let _ = self.writer.send(WriterMessage::GetAck(*before));
                         }
                         return Ok(ReplicationEvent::Stream(event));
                     }
-                    Ok(None) => {
-                        fill(
-                            &mut self.reader,
-                            &mut self.input,
-                            &self.address,
-                            self.timeout,
-                        )
-                        .await?
-                    }
+                    Ok(None) => self.socket.fill().await?,
                     Err(e) => {
                         return Err(LinkError::Protocol {
                             address: self.address.clone(),
@@ -361,41 +340,37 @@ impl Link {
     }
 }
 
-async fn fill(
-    reader: &mut OwnedReadHalf,
-    input: &mut BytesMut,
-    address: &str,
-    timeout: Duration,
-) -> Result<(), LinkError> {
-    // Grow reads with the buffer so that a large frame arrives in few reads.
-    input.reserve(READ_CHUNK.max(input.len()));
-    let read = tokio::time::timeout(timeout, reader.read_buf(input))
-        .await
-        .map_err(|_| LinkError::Timeout {
-            address: address.to_string(),
-            seconds: timeout.as_secs(),
-        })?
-        .map_err(|e| LinkError::Io {
-            address: address.to_string(),
-            message: e.to_string(),
-        })?;
-    if read == 0 {
-        return Err(LinkError::Io {
-            address: address.to_string(),
-            message: "the primary closed the connection".into(),
-        });
-    }
-    Ok(())
-}
-
-struct Handshake {
+/// The read side of the connection: the socket and what has been read but not consumed.
+struct Socket {
     reader: OwnedReadHalf,
     input: BytesMut,
     address: String,
     timeout: Duration,
 }
 
-impl Handshake {
+impl Socket {
+    async fn fill(&mut self) -> Result<(), LinkError> {
+        // Grow reads with the buffer so that a large frame arrives in few reads.
+        self.input.reserve(READ_CHUNK.max(self.input.len()));
+        let read = tokio::time::timeout(self.timeout, self.reader.read_buf(&mut self.input))
+            .await
+            .map_err(|_| LinkError::Timeout {
+                address: self.address.clone(),
+                seconds: self.timeout.as_secs(),
+            })?
+            .map_err(|e| LinkError::Io {
+                address: self.address.clone(),
+                message: e.to_string(),
+            })?;
+        if read == 0 {
+            return Err(LinkError::Io {
+                address: self.address.clone(),
+                message: "the primary closed the connection".into(),
+            });
+        }
+        Ok(())
+    }
+
     async fn send(&mut self, writer: &mut OwnedWriteHalf, args: &[&[u8]]) -> Result<(), LinkError> {
         writer
             .write_all(&encode_command(args))
@@ -423,13 +398,7 @@ impl Handshake {
                     message: "reply line longer than 64 KiB".into(),
                 });
             }
-            fill(
-                &mut self.reader,
-                &mut self.input,
-                &self.address,
-                self.timeout,
-            )
-            .await?;
+            self.fill().await?;
         }
     }
 }

@@ -212,25 +212,8 @@ impl Replicator {
     /// The next event. `Err` only for fatal errors (authentication, permission, PSYNC refused);
     /// everything else is reported as `Disconnected` and retried on the next call.
     pub async fn next(&mut self) -> Result<ReplicationEvent, LinkError> {
-        if self.link.is_none() {
-            if let Some(at) = self.retry_at.take() {
-                tokio::time::sleep_until(at).await;
-            }
-            return match Link::connect(&self.options, self.resume.as_ref(), self.ack.clone()).await
-            {
-                Ok((link, event)) => {
-                    self.link = Some(link);
-                    self.failures = 0;
-                    if let ReplicationEvent::Continued { position, .. } = &event {
-                        self.resume = Some(position.clone());
-                    }
-                    Ok(event)
-                }
-                Err(error) => self.failed(error),
-            };
-        }
         let Some(link) = self.link.as_mut() else {
-            unreachable!("a link was set above")
+            return self.connect().await;
         };
         match link.next().await {
             Ok(event) => {
@@ -255,6 +238,23 @@ impl Replicator {
                 self.link = None;
                 self.failed(error)
             }
+        }
+    }
+
+    async fn connect(&mut self) -> Result<ReplicationEvent, LinkError> {
+        if let Some(at) = self.retry_at.take() {
+            tokio::time::sleep_until(at).await;
+        }
+        match Link::connect(&self.options, self.resume.as_ref(), self.ack.clone()).await {
+            Ok((link, event)) => {
+                self.link = Some(link);
+                self.failures = 0;
+                if let ReplicationEvent::Continued { position, .. } = &event {
+                    self.resume = Some(position.clone());
+                }
+                Ok(event)
+            }
+            Err(error) => self.failed(error),
         }
     }
 

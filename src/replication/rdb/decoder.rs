@@ -673,23 +673,7 @@ impl RdbDecoder {
                     )
                 };
                 let entries = entries.map_err(|e| blob_error(at, &blob, what, e))?;
-                if entries.len() % 2 != 0 {
-                    return malformed(
-                        at,
-                        format!(
-                            "hash {what} has an odd number of entries ({})",
-                            entries.len()
-                        ),
-                    );
-                }
-                for pair in entries.chunks_exact(2) {
-                    value.nonempty = true;
-                    self.staged.push(Staged::Field {
-                        field: entry_str(&blob, &pair[0]),
-                        value: entry_str(&blob, &pair[1]),
-                        expire_at_ms: None,
-                    });
-                }
+                self.stage_packed_fields(at, &blob, &entries, 2, &mut value)?;
                 Phase::End
             }
             10 | 12 => {
@@ -729,38 +713,49 @@ impl RdbDecoder {
                 let blob = cur.string()?;
                 let entries = compact::listpack_entries(blob.as_slice(cur.data()))
                     .map_err(|e| blob_error(at, &blob, "listpack", e))?;
-                if entries.len() % 3 != 0 {
-                    return malformed(
-                        at,
-                        format!(
-                            "hash listpack with TTLs has {} entries, not a multiple of 3",
-                            entries.len()
-                        ),
-                    );
-                }
-                for triple in entries.chunks_exact(3) {
-                    let expire_at_ms = match triple[2] {
-                        Entry::Int(0) => None,
-                        Entry::Int(ms) => Some(ms),
-                        Entry::Bytes(_) => {
-                            return malformed(
-                                at,
-                                "hash listpack TTL entry is a string, expected an integer",
-                            )
-                        }
-                    };
-                    value.nonempty = true;
-                    self.staged.push(Staged::Field {
-                        field: entry_str(&blob, &triple[0]),
-                        value: entry_str(&blob, &triple[1]),
-                        expire_at_ms,
-                    });
-                }
+                self.stage_packed_fields(at, &blob, &entries, 3, &mut value)?;
                 Phase::End
             }
             other => return malformed(at, format!("unknown RDB value type {other}")),
         };
         self.set_phase(value, phase);
+        Ok(())
+    }
+
+    /// Stages the fields of a hash stored as a ziplist or listpack: entries in groups of
+    /// `width`, field and value, and for width 3 an absolute expiry (0 = none).
+    fn stage_packed_fields(
+        &mut self,
+        at: usize,
+        blob: &StrRef,
+        entries: &[Entry],
+        width: usize,
+        value: &mut Value,
+    ) -> StepResult<()> {
+        if entries.len() % width != 0 {
+            return malformed(
+                at,
+                format!(
+                    "hash blob has {} entries, not a multiple of {width}",
+                    entries.len()
+                ),
+            );
+        }
+        for group in entries.chunks_exact(width) {
+            let expire_at_ms = match group.get(2) {
+                None | Some(Entry::Int(0)) => None,
+                Some(Entry::Int(ms)) => Some(*ms),
+                Some(Entry::Bytes(_)) => {
+                    return malformed(at, "hash field TTL entry is a string, expected an integer")
+                }
+            };
+            value.nonempty = true;
+            self.staged.push(Staged::Field {
+                field: entry_str(blob, &group[0]),
+                value: entry_str(blob, &group[1]),
+                expire_at_ms,
+            });
+        }
         Ok(())
     }
 
