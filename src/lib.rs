@@ -5,11 +5,15 @@
 //! The modules follow the data flow:
 //! - [`replication`]: the replica handshake, the snapshot ([`replication::rdb`]) and the
 //!   command stream ([`replication::stream`]), with exact offsets;
+//! - [`capture`]: applying the stream to the mirror and deriving row changes;
+//! - [`buffer`]: the RocksDB mirror, change log and checkpoints;
 //! - [`position`]: offsets and replication IDs;
 //! - [`config`]: the TOML configuration;
 //! - [`redis_client`]: ordinary request/response commands;
 //! - [`cli`]: the `writebehind` command line.
 
+pub mod buffer;
+pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod position;

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::{Config, RedisEndpoint};
 use crate::position::{ReplId, ReplOffset, StreamPosition};
 use crate::redis_client::RedisClient;
-use crate::replication::{ReplicationEvent, Replicator, ReplicatorOptions};
+use crate::replication::{Replicator, ReplicatorOptions};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -192,72 +192,48 @@ async fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-/// The service. At this stage it attaches to the primary, decodes everything and acknowledges
-/// what it decoded; capture into the buffer and the database writes come with later stages.
+/// The service: capture into the buffer. The database writes come with the sink stage.
 async fn run(path: &std::path::Path) -> ExitCode {
     let config = match load_config(path) {
         Ok(config) => config,
         Err(code) => return code,
     };
     let Some(endpoint) = config.source_endpoints().into_iter().next() else {
-        eprintln!(
-            "error: {}: only [source] url and nodes are supported so far",
-            path.display()
-        );
+        eprintln!("error: {}: only [source] url and nodes are supported so far", path.display());
         return ExitCode::from(2);
+    };
+    let store = match crate::buffer::Store::open(&config.buffer.path) {
+        Ok(store) => std::sync::Arc::new(store),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mappings = crate::capture::mapping::Mappings::new(&config.mappings);
+    let mut capture = match crate::capture::Capture::new(store, mappings, endpoint.clone()) {
+        Ok(capture) => capture,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
     };
     let mut options = ReplicatorOptions::new(endpoint);
     options.announce_port = config.replication.announce_port;
     options.timeout = Duration::from_secs(config.replication.timeout_secs);
-    let mut replicator = Replicator::new(options, None);
-    let mut snapshot_keys = 0u64;
-    let mut commands = 0u64;
-    loop {
-        let event = tokio::select! {
-            event = replicator.next() => event,
-            _ = tokio::signal::ctrl_c() => {
-                tracing::info!(commands, "interrupted; exiting");
-                return ExitCode::SUCCESS;
-            }
-        };
-        match event {
-            Ok(ReplicationEvent::FullSyncStarted {
-                replid,
-                offset,
-                framing,
-            }) => {
-                snapshot_keys = 0;
-                tracing::info!(%replid, %offset, ?framing, "full sync started");
-            }
-            Ok(ReplicationEvent::Snapshot(crate::replication::rdb::RdbEvent::KeyStart {
-                ..
-            })) => snapshot_keys += 1,
-            Ok(ReplicationEvent::FullSyncCompleted {
-                position,
-                rdb_bytes,
-            }) => {
-                replicator.acknowledge(position.offset);
-                tracing::info!(%position, rdb_bytes, keys = snapshot_keys, "full sync completed");
-            }
-            Ok(ReplicationEvent::Continued {
-                position,
-                previous_replid,
-            }) => {
-                tracing::info!(%position, ?previous_replid, "partial resync accepted");
-            }
-            Ok(ReplicationEvent::Stream(event)) => {
-                commands += 1;
-                replicator.acknowledge(event.end());
-            }
-            Ok(ReplicationEvent::Disconnected { error, retry_in }) => {
-                tracing::warn!(%error, ?retry_in, "replication link lost; reconnecting");
-            }
-            Ok(_) => {}
-            Err(error) => {
-                tracing::error!(%error, "replication stopped");
-                eprintln!("error: {error}");
-                return ExitCode::FAILURE;
-            }
+    let mut replicator = Replicator::new(options, capture.resume_position());
+    tracing::info!(resume = ?capture.resume_position().map(|p| p.to_string()), buffer = %config.buffer.path.display(), "capture starting");
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match capture.run(&mut replicator, stop).await {
+        Ok(()) => {
+            tracing::info!(stats = ?capture.stats, "stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            tracing::error!(%error, "capture stopped");
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
         }
     }
 }

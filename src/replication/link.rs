@@ -329,6 +329,21 @@ impl Link {
         }
     }
 
+    /// The next command-stream event from what is already buffered (never reads the socket).
+    pub(crate) fn try_next_stream(&mut self) -> Result<Option<StreamEvent>, LinkError> {
+        let Phase::Streaming { stream, .. } = &mut self.phase else { return Ok(None) };
+        match stream.decode(&mut self.socket.input) {
+            Ok(Some(event)) => {
+                if let StreamEvent::GetAck { before, .. } = &event {
+                    let _ = self.writer.send(WriterMessage::GetAck(*before));
+                }
+                Ok(Some(event))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(LinkError::Protocol { address: self.address.clone(), message: e.to_string() }),
+        }
+    }
+
     /// The replid and database of the command stream (None during a snapshot).
     pub(crate) fn stream_state(&self) -> Option<(ReplId, u32)> {
         match &self.phase {

@@ -168,6 +168,8 @@ pub struct Replicator {
     ack: Arc<AtomicU64>,
     failures: u32,
     retry_at: Option<tokio::time::Instant>,
+    /// An event produced by `try_next_buffered` (a failure) for the next `next` call.
+    pending: Option<ReplicationEvent>,
 }
 
 impl Replicator {
@@ -180,6 +182,7 @@ impl Replicator {
             ack: Arc::new(AtomicU64::new(0)),
             failures: 0,
             retry_at: None,
+            pending: None,
         }
     }
 
@@ -212,6 +215,9 @@ impl Replicator {
     /// The next event. `Err` only for fatal errors (authentication, permission, PSYNC refused);
     /// everything else is reported as `Disconnected` and retried on the next call.
     pub async fn next(&mut self) -> Result<ReplicationEvent, LinkError> {
+        if let Some(event) = self.pending.take() {
+            return Ok(event);
+        }
         let Some(link) = self.link.as_mut() else {
             return self.connect().await;
         };
@@ -237,6 +243,32 @@ impl Replicator {
             Err(error) => {
                 self.link = None;
                 self.failed(error)
+            }
+        }
+    }
+
+    /// The next command-stream event if it is already buffered, without waiting for the
+    /// socket: lets a consumer apply everything that arrived together and commit it at once.
+    pub fn try_next_buffered(&mut self) -> Option<StreamEvent> {
+        if self.pending.is_some() {
+            return None;
+        }
+        let link = self.link.as_mut()?;
+        match link.try_next_stream() {
+            Ok(Some(event)) => {
+                if let Some((replid, db)) = link.stream_state() {
+                    self.resume = Some(StreamPosition { replid, offset: event.end(), db });
+                }
+                Some(event)
+            }
+            Ok(None) => None,
+            Err(error) => {
+                self.link = None;
+                match self.failed(error) {
+                    Ok(event) => self.pending = Some(event),
+                    Err(fatal) => self.pending = Some(ReplicationEvent::Disconnected { error: fatal, retry_in: Duration::ZERO }),
+                }
+                None
             }
         }
     }

@@ -1,0 +1,127 @@
+//! Which keys are watched, and the row a hash maps to.
+//!
+//! A key is watched when it lies in a mapping's database and starts with the mapping's prefix
+//! and separator. The row id is everything after `<prefix><separator>` (so `person2:a:b` has id
+//! `a:b`). The row image lists every mapped column in a fixed order, `None` for an absent field;
+//! a field mapped onto the key column is left out of the image, since the key decides the id.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use crate::buffer::FieldValue;
+use crate::config::{InitialLoad, MappingConfig, OnExpire};
+
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    pub name: String,
+    pub db: u32,
+    pub key_prefix: Bytes,
+    pub key_column: String,
+    /// (hash field, column), in column order, without the key column.
+    pub columns: Vec<(Bytes, String)>,
+    pub on_expire: OnExpire,
+    pub initial_load: InitialLoad,
+}
+
+impl Mapping {
+    pub fn from_config(config: &MappingConfig) -> Mapping {
+        let mut columns: Vec<(Bytes, String)> = config
+            .columns
+            .iter()
+            .filter(|(_, column)| **column != config.key_column)
+            .map(|(field, column)| (Bytes::from(field.clone()), column.clone()))
+            .collect();
+        columns.sort_by(|a, b| a.1.cmp(&b.1));
+        Mapping {
+            name: config.name.clone(),
+            db: config.db,
+            key_prefix: Bytes::from(config.key_prefix()),
+            key_column: config.key_column.clone(),
+            columns,
+            on_expire: config.on_expire,
+            initial_load: config.initial_load,
+        }
+    }
+
+    /// The row id of a key this mapping watches.
+    pub fn row_id(&self, key: &Bytes) -> Bytes {
+        key.slice(self.key_prefix.len()..)
+    }
+
+    /// The mapped row image of a hash's fields.
+    pub fn row_image(&self, fields: &BTreeMap<Bytes, FieldValue>) -> Vec<(String, Option<Bytes>)> {
+        self.columns.iter().map(|(field, column)| (column.clone(), fields.get(field).map(|f| f.value.clone()))).collect()
+    }
+
+    /// Whether a field is mapped to a column (changes of other fields do not touch the row).
+    pub fn maps_field(&self, field: &[u8]) -> bool {
+        self.columns.iter().any(|(f, _)| f.as_ref() == field)
+    }
+}
+
+/// All mappings, looked up by database and key.
+#[derive(Debug, Clone, Default)]
+pub struct Mappings {
+    mappings: Vec<Mapping>,
+}
+
+impl Mappings {
+    pub fn new(configs: &[MappingConfig]) -> Mappings {
+        Mappings { mappings: configs.iter().map(Mapping::from_config).collect() }
+    }
+
+    /// The mapping watching `key` in `db`, if any.
+    pub fn watching(&self, db: u32, key: &[u8]) -> Option<&Mapping> {
+        self.mappings.iter().find(|m| m.db == db && key.len() > m.key_prefix.len() && key.starts_with(&m.key_prefix))
+    }
+
+    /// Whether any mapping watches database `db`.
+    pub fn watches_db(&self, db: u32) -> bool {
+        self.mappings.iter().any(|m| m.db == db)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Mapping> {
+        self.mappings.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn row_ids_keep_everything_after_the_prefix() {
+        let config = Config::parse(
+            r#"
+[source]
+url = "redis://127.0.0.1:6379"
+[backends.db]
+url = "sqlite://x.db"
+[[mappings]]
+name = "P"
+prefix = "person2"
+backend = "db"
+table = "person1"
+key_column = "id"
+[mappings.columns]
+first_name = "first"
+id = "id"
+age = "age"
+"#,
+            &|_| None,
+        )
+        .unwrap();
+        let mappings = Mappings::new(&config.mappings);
+        let m = mappings.watching(0, b"person2:a:b").unwrap();
+        assert_eq!(m.row_id(&Bytes::from("person2:a:b")), Bytes::from("a:b"));
+        assert!(mappings.watching(1, b"person2:1").is_none());
+        assert!(mappings.watching(0, b"person2:").is_none());
+        assert!(mappings.watching(0, b"person20:1").is_none());
+        let mut fields = BTreeMap::new();
+        fields.insert(Bytes::from("first_name"), FieldValue { value: Bytes::from("Ann"), expire_at_ms: None });
+        fields.insert(Bytes::from("id"), FieldValue { value: Bytes::from("99"), expire_at_ms: None });
+        assert_eq!(m.row_image(&fields), vec![("age".to_string(), None), ("first".to_string(), Some(Bytes::from("Ann")))]);
+    }
+}

@@ -1,0 +1,452 @@
+//! Capture: turns the replication stream into durable, ordered row changes in the buffer.
+//!
+//! - **Full sync**: every watched key of the snapshot is written to the mirror with the new
+//!   generation; a key whose data changed (or is new) gives an upsert (on the very first sync
+//!   only if its mapping's `initial_load` is `upsert`), an unchanged one only gets its generation
+//!   mark. When the snapshot ends, mirror entries of older generations are swept: their rows are
+//!   deleted. Memory stays bounded: one key at a time, written in batches.
+//! - **Stream**: each command or `MULTI` unit is applied to the mirror ([`apply`]); its row
+//!   changes go to the change log as one unit. Everything that arrived together is applied and
+//!   then written with one synced `WriteBatch` (group commit) holding mirror, changes and the
+//!   checkpoint after the last unit. Only then is the offset acknowledged to the primary, so
+//!   `WAIT 1` returns once a write is durably captured.
+//! - **Restart**: `PSYNC` from the checkpoint; a full sync that was interrupted starts over.
+
+pub mod apply;
+pub mod command_table;
+pub mod mapping;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis_protocol::resp2::types::BytesFrame;
+
+use crate::buffer::{Batch, Change, Checkpoint, FieldValue, MirrorValue, Store, StoreError};
+use crate::config::{InitialLoad, RedisEndpoint};
+use crate::position::{ReplId, ReplOffset, StreamPosition};
+use crate::redis_client::{info_field, ClientError, RedisClient};
+use crate::replication::rdb::{decode_dump_payload, RdbEvent, ValueKind};
+use crate::replication::stream::StreamEvent;
+use crate::replication::{LinkError, ReplicationEvent, Replicator};
+use apply::{now_ms, row_event, Applier, RowEvent, WorkingSet};
+use command_table::CommandTable;
+use mapping::Mappings;
+
+/// Units applied before a commit even if more are buffered (bounds memory and latency).
+const MAX_UNITS_PER_COMMIT: usize = 10_000;
+/// Snapshot keys written per batch.
+const SNAPSHOT_BATCH_KEYS: usize = 1_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
+
+/// Counters, for logs and metrics.
+#[derive(Debug, Default, Clone)]
+pub struct CaptureStats {
+    pub units: u64,
+    pub changes: u64,
+    pub commits: u64,
+    pub refreshed_keys: u64,
+    pub unknown_commands: u64,
+    pub full_syncs: u64,
+    pub partial_syncs: u64,
+}
+
+struct SnapshotKey {
+    db: u32,
+    key: Bytes,
+    value: MirrorValue,
+    empty: bool,
+}
+
+struct FullSync {
+    first: bool,
+    key: Option<SnapshotKey>,
+    batch: Batch,
+    keys_in_batch: usize,
+    keys: u64,
+}
+
+/// The capture pipeline.
+pub struct Capture {
+    store: Arc<Store>,
+    mappings: Mappings,
+    commands: CommandTable,
+    endpoint: RedisEndpoint,
+    checkpoint: Checkpoint,
+    full_sync: Option<FullSync>,
+    refresher: Option<RedisClient>,
+    pub stats: CaptureStats,
+}
+
+impl Capture {
+    pub fn new(store: Arc<Store>, mappings: Mappings, endpoint: RedisEndpoint) -> Result<Capture, StoreError> {
+        let checkpoint = store.checkpoint()?;
+        Ok(Capture { store, mappings, commands: CommandTable::default(), endpoint, checkpoint, full_sync: None, refresher: None, stats: CaptureStats::default() })
+    }
+
+    /// Where the next `PSYNC` continues from (`None`: a full sync).
+    pub fn resume_position(&self) -> Option<StreamPosition> {
+        if self.checkpoint.full_sync_in_progress {
+            None
+        } else {
+            self.checkpoint.position.clone()
+        }
+    }
+
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
+
+    /// Runs until `stop` resolves (then commits and returns) or a fatal error.
+    pub async fn run(&mut self, replicator: &mut Replicator, stop: impl std::future::Future<Output = ()>) -> Result<(), CaptureError> {
+        tokio::pin!(stop);
+        replicator.resume_from(self.resume_position());
+        loop {
+            let event = tokio::select! {
+                event = replicator.next() => event?,
+                _ = &mut stop => return Ok(()),
+            };
+            self.handle(replicator, event).await?;
+        }
+    }
+
+    /// Handles one event (and, for the command stream, everything already buffered after it).
+    pub async fn handle(&mut self, replicator: &mut Replicator, event: ReplicationEvent) -> Result<(), CaptureError> {
+        match event {
+            ReplicationEvent::FullSyncStarted { replid, offset, .. } => {
+                tracing::info!(%replid, %offset, "full sync started");
+                self.load_command_table().await;
+                self.begin_full_sync()?;
+            }
+            ReplicationEvent::Snapshot(event) => self.snapshot_event(event)?,
+            ReplicationEvent::FullSyncCompleted { position, rdb_bytes } => {
+                self.finish_full_sync(position.clone())?;
+                replicator.acknowledge(position.offset);
+                tracing::info!(%position, rdb_bytes, "full sync completed");
+            }
+            ReplicationEvent::Continued { position, previous_replid } => {
+                self.stats.partial_syncs += 1;
+                self.load_command_table().await;
+                if let Some(previous) = previous_replid {
+                    tracing::info!(%previous, new = %position.replid, "the primary's replication ID changed; continuing");
+                    let mut batch = Batch::default();
+                    batch.add_replid(self.checkpoint.next_seq, &position.replid, position.offset);
+                    self.checkpoint.position = Some(position.clone());
+                    batch.put_checkpoint(&self.checkpoint);
+                    self.store.write(batch, true)?;
+                }
+                tracing::info!(%position, "partial resync accepted");
+            }
+            ReplicationEvent::Stream(first) => {
+                let mut ws = WorkingSet::new(self.store.clone());
+                let mut changes = Vec::new();
+                let mut units = 0;
+                let mut next = Some(first);
+                let mut resync = None;
+                while let Some(event) = next.take() {
+                    if let Some(reason) = self.stream_event(&mut ws, &event, &mut changes).await? {
+                        resync = Some(reason);
+                        break;
+                    }
+                    units += 1;
+                    if units < MAX_UNITS_PER_COMMIT {
+                        next = replicator.try_next_buffered();
+                    }
+                }
+                self.commit(&mut ws, changes)?;
+                if let Some(position) = &self.checkpoint.position {
+                    replicator.acknowledge(position.offset);
+                }
+                if let Some(reason) = resync {
+                    tracing::warn!(%reason, "starting a full resynchronisation");
+                    replicator.resume_from(None);
+                    replicator.disconnect();
+                }
+            }
+            ReplicationEvent::Disconnected { error, retry_in } => {
+                tracing::warn!(%error, ?retry_in, "replication link lost");
+                self.full_sync = None;
+                replicator.resume_from(self.resume_position());
+            }
+        }
+        Ok(())
+    }
+
+    async fn load_command_table(&mut self) {
+        let result = async {
+            let mut client = RedisClient::connect(&self.endpoint, Duration::from_secs(10)).await?;
+            client.command(&["COMMAND"]).await
+        }
+        .await;
+        match result {
+            Ok(reply) => self.commands = CommandTable::from_reply(&reply),
+            Err(error) => tracing::warn!(%error, "cannot read the primary's command table; unknown writes will be refreshed by key"),
+        }
+    }
+
+    fn begin_full_sync(&mut self) -> Result<(), StoreError> {
+        self.stats.full_syncs += 1;
+        let first = self.checkpoint.position.is_none();
+        self.checkpoint.generation += 1;
+        self.checkpoint.full_sync_in_progress = true;
+        let mut batch = Batch::default();
+        batch.put_checkpoint(&self.checkpoint);
+        self.store.write(batch, true)?;
+        self.full_sync = Some(FullSync { first, key: None, batch: Batch::default(), keys_in_batch: 0, keys: 0 });
+        Ok(())
+    }
+
+    fn snapshot_event(&mut self, event: RdbEvent) -> Result<(), StoreError> {
+        let generation = self.checkpoint.generation;
+        let Some(sync) = self.full_sync.as_mut() else { return Ok(()) };
+        match event {
+            RdbEvent::KeyStart { db, key, kind, expire_at_ms, .. } => {
+                let db = u32::try_from(db).unwrap_or(u32::MAX);
+                sync.key = self.mappings.watching(db, &key).map(|_| {
+                    let mut value = if kind == ValueKind::Hash { MirrorValue::hash(generation) } else { MirrorValue::other(generation) };
+                    value.expire_at_ms = expire_at_ms;
+                    SnapshotKey { db, key, value, empty: false }
+                });
+            }
+            RdbEvent::HashField(field) => {
+                if let Some(current) = sync.key.as_mut() {
+                    current.value.fields.insert(field.field, FieldValue { value: field.value, expire_at_ms: field.expire_at_ms });
+                }
+            }
+            RdbEvent::KeyEnd { empty } => {
+                if let Some(mut current) = sync.key.take() {
+                    current.empty = empty;
+                    self.snapshot_key(current)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn snapshot_key(&mut self, key: SnapshotKey) -> Result<(), StoreError> {
+        let Some(mapping) = self.mappings.watching(key.db, &key.key).cloned() else { return Ok(()) };
+        let before = self.store.mirror(key.db, &key.key)?;
+        let after = if key.empty { None } else { Some(key.value) };
+        let Some(sync) = self.full_sync.as_mut() else { return Ok(()) };
+        let emit = !sync.first || mapping.initial_load == InitialLoad::Upsert;
+        let mut batch = std::mem::take(&mut sync.batch);
+        let event = if emit { row_event(&mapping, &key.key, &before, &after, false) } else { None };
+        match &after {
+            Some(value) => batch.put_mirror(key.db, &key.key, value),
+            None if before.is_some() => batch.delete_mirror(key.db, &key.key),
+            None => {}
+        }
+        if let Some(event) = event {
+            self.push_unit(&mut batch, vec![event], self.checkpoint.position.as_ref().map(|p| p.offset).unwrap_or_default());
+        }
+        let Some(sync) = self.full_sync.as_mut() else { return Ok(()) };
+        sync.batch = batch;
+        sync.keys += 1;
+        sync.keys_in_batch += 1;
+        if sync.keys_in_batch >= SNAPSHOT_BATCH_KEYS {
+            sync.keys_in_batch = 0;
+            let mut batch = std::mem::take(&mut sync.batch);
+            batch.put_checkpoint(&self.checkpoint);
+            self.store.write(batch, false)?;
+        }
+        Ok(())
+    }
+
+    fn finish_full_sync(&mut self, position: StreamPosition) -> Result<(), StoreError> {
+        let Some(mut sync) = self.full_sync.take() else { return Ok(()) };
+        let mut batch = std::mem::take(&mut sync.batch);
+        batch.put_checkpoint(&self.checkpoint);
+        self.store.write(batch, false)?;
+        // Sweep: what the snapshot did not contain is gone from Redis.
+        let generation = self.checkpoint.generation;
+        let mut after: Option<Vec<u8>> = None;
+        let mut swept = 0u64;
+        loop {
+            let page = self.store.mirror_scan(None, after.as_deref(), SNAPSHOT_BATCH_KEYS)?;
+            let Some(last) = page.last() else { break };
+            after = Some(crate::buffer::mirror_key(last.0, &last.1));
+            let mut batch = Batch::default();
+            for (db, key, value) in page {
+                if value.generation >= generation {
+                    continue;
+                }
+                swept += 1;
+                batch.delete_mirror(db, &key);
+                if let Some(mapping) = self.mappings.watching(db, &key).cloned() {
+                    if let Some(event) = row_event(&mapping, &key, &Some(value), &None, false) {
+                        self.push_unit(&mut batch, vec![event], position.offset);
+                    }
+                }
+            }
+            batch.put_checkpoint(&self.checkpoint);
+            self.store.write(batch, false)?;
+        }
+        let mut batch = Batch::default();
+        batch.add_replid(self.checkpoint.next_seq, &position.replid, position.offset);
+        self.checkpoint.position = Some(position);
+        self.checkpoint.full_sync_in_progress = false;
+        batch.put_checkpoint(&self.checkpoint);
+        self.store.write(batch, true)?;
+        tracing::info!(keys = sync.keys, swept, generation, "snapshot captured");
+        Ok(())
+    }
+
+    /// Appends one unit of row events to the change log in `batch`.
+    fn push_unit(&mut self, batch: &mut Batch, events: Vec<RowEvent>, offset: ReplOffset) {
+        let unit = self.checkpoint.next_seq;
+        let count = events.len();
+        for (i, event) in events.into_iter().enumerate() {
+            let change = Change {
+                seq: self.checkpoint.next_seq,
+                unit,
+                unit_end: i + 1 == count,
+                offset,
+                mapping: event.mapping,
+                row_id: event.row_id,
+                row: event.row,
+                op: None,
+            };
+            batch.put_change(&change);
+            self.checkpoint.next_seq += 1;
+            self.stats.changes += 1;
+        }
+    }
+
+    /// Applies one stream event; returns a reason when a full resync is needed instead.
+    async fn stream_event(&mut self, ws: &mut WorkingSet, event: &StreamEvent, changes: &mut Vec<(Vec<RowEvent>, ReplOffset)>) -> Result<Option<String>, CaptureError> {
+        let Some(position) = self.checkpoint.position.clone() else { return Ok(None) };
+        let commands = match event {
+            StreamEvent::Command(command) => std::slice::from_ref(command),
+            StreamEvent::Transaction { commands, .. } => commands.as_slice(),
+            StreamEvent::Select { db, end } => {
+                self.checkpoint.position = Some(StreamPosition { replid: position.replid, offset: *end, db: *db });
+                return Ok(None);
+            }
+            _ => {
+                self.checkpoint.position = Some(StreamPosition { offset: event.end(), ..position });
+                return Ok(None);
+            }
+        };
+        let applier = Applier { mappings: &self.mappings, commands: &self.commands, generation: self.checkpoint.generation };
+        let mut rows = Vec::new();
+        let mut refresh = Vec::new();
+        for command in commands {
+            let needs = applier.apply(ws, command, &mut rows)?;
+            if let Some(reason) = needs.full_resync {
+                return Ok(Some(reason));
+            }
+            if let Some(name) = needs.unknown_command {
+                self.stats.unknown_commands += 1;
+                tracing::warn!(command = %name, "a write this service does not model touched a watched key; reading the key from the primary");
+            }
+            refresh.extend(needs.refresh);
+        }
+        for (db, key) in refresh {
+            match self.refresh(db, &key, &position.replid).await {
+                Ok(Some(value)) => {
+                    self.stats.refreshed_keys += 1;
+                    let before = ws.get(db, &key)?;
+                    if let Some(mapping) = self.mappings.watching(db, &key) {
+                        if let Some(event) = row_event(mapping, &key, &before, &value, false) {
+                            rows.push(event);
+                        }
+                    }
+                    ws.set(db, &key, value)?;
+                }
+                Ok(None) => return Ok(Some("the primary's replication ID changed while reading a key".into())),
+                Err(error) => return Ok(Some(format!("cannot read a key from the primary: {error}"))),
+            }
+        }
+        let db = match event {
+            StreamEvent::Transaction { db, .. } => *db,
+            StreamEvent::Command(command) => command.db,
+            _ => position.db,
+        };
+        if !rows.is_empty() {
+            changes.push((rows, event.end()));
+        }
+        self.stats.units += 1;
+        self.checkpoint.position = Some(StreamPosition { replid: position.replid, offset: event.end(), db });
+        Ok(None)
+    }
+
+    /// Reads a key from the primary together with the primary's offset (one `MULTI`), so that
+    /// the stream's commands up to that offset are not applied to it again. `Ok(None)` when the
+    /// primary is on another replication ID than the stream.
+    async fn refresh(&mut self, db: u32, key: &Bytes, replid: &ReplId) -> Result<Option<Option<MirrorValue>>, ClientError> {
+        if self.refresher.is_none() {
+            self.refresher = Some(RedisClient::connect(&self.endpoint, Duration::from_secs(10)).await?);
+        }
+        let Some(client) = self.refresher.as_mut() else { return Ok(None) };
+        let db_text = db.to_string();
+        let replies = client
+            .pipeline(&[
+                &[&b"MULTI"[..]][..],
+                &[&b"SELECT"[..], db_text.as_bytes()],
+                &[&b"DUMP"[..], key.as_ref()],
+                &[&b"PTTL"[..], key.as_ref()],
+                &[&b"INFO"[..], b"replication"],
+                &[&b"EXEC"[..]],
+            ])
+            .await;
+        let replies = match replies {
+            Ok(replies) => replies,
+            Err(error) => {
+                self.refresher = None;
+                return Err(error);
+            }
+        };
+        let bad = |message: &str| ClientError::Protocol { address: self.endpoint.address(), message: message.to_string() };
+        let Some(BytesFrame::Array(results)) = replies.last() else { return Err(bad("EXEC did not return an array")) };
+        let [_, dump, pttl, info] = results.as_slice() else { return Err(bad("EXEC returned an unexpected number of replies")) };
+        let info = crate::redis_client::frame_text(info);
+        if info_field(&info, "master_replid") != Some(replid.as_str()) {
+            return Ok(None);
+        }
+        let offset: u64 = info_field(&info, "master_repl_offset").and_then(|o| o.parse().ok()).ok_or_else(|| bad("INFO has no master_repl_offset"))?;
+        let expire_at_ms = match pttl {
+            BytesFrame::Integer(ms) if *ms >= 0 => Some(now_ms() + ms),
+            _ => None,
+        };
+        let value = match dump {
+            BytesFrame::BulkString(payload) => {
+                let decoded = decode_dump_payload(payload).map_err(|e| bad(&format!("DUMP payload: {e}")))?;
+                let mut value = if decoded.kind == ValueKind::Hash { MirrorValue::hash(self.checkpoint.generation) } else { MirrorValue::other(self.checkpoint.generation) };
+                value.expire_at_ms = expire_at_ms;
+                for f in decoded.fields {
+                    value.fields.insert(f.field, FieldValue { value: f.value, expire_at_ms: f.expire_at_ms });
+                }
+                value.refreshed_through = offset;
+                Some(value)
+            }
+            _ => {
+                // Absent at that offset. A marker entry (no row) records the offset, so that the
+                // stream's commands up to it are not replayed onto the absent key.
+                let mut marker = MirrorValue::other(self.checkpoint.generation);
+                marker.refreshed_through = offset;
+                Some(marker)
+            }
+        };
+        Ok(Some(value))
+    }
+
+    fn commit(&mut self, ws: &mut WorkingSet, changes: Vec<(Vec<RowEvent>, ReplOffset)>) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        ws.flush_into(&mut batch);
+        for (rows, offset) in changes {
+            self.push_unit(&mut batch, rows, offset);
+        }
+        batch.put_checkpoint(&self.checkpoint);
+        self.store.write(batch, true)?;
+        self.stats.commits += 1;
+        Ok(())
+    }
+}
