@@ -67,17 +67,32 @@ pub(crate) struct Decoder<'a> {
 
 impl<'a> Decoder<'a> {
     pub(crate) fn new(input: &'a [u8], what: &'static str) -> Self {
-        Decoder { input, pos: 0, what }
+        Decoder {
+            input,
+            pos: 0,
+            what,
+        }
     }
 
     pub(crate) fn error(&self, message: impl Into<String>) -> DecodeError {
-        DecodeError { what: self.what, at: self.pos, message: message.into() }
+        DecodeError {
+            what: self.what,
+            at: self.pos,
+            message: message.into(),
+        }
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        let end = self.pos.checked_add(n).filter(|end| *end <= self.input.len()).ok_or_else(|| {
-            self.error(format!("needs {n} more bytes, {} left", self.input.len() - self.pos))
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|end| *end <= self.input.len())
+            .ok_or_else(|| {
+                self.error(format!(
+                    "needs {n} more bytes, {} left",
+                    self.input.len() - self.pos
+                ))
+            })?;
         let slice = &self.input[self.pos..end];
         self.pos = end;
         Ok(slice)
@@ -117,16 +132,27 @@ impl<'a> Decoder<'a> {
         }
     }
     pub(crate) fn opt_i64(&mut self) -> Result<Option<i64>, DecodeError> {
-        Ok(if self.flag()? { Some(self.i64()?) } else { None })
+        Ok(if self.flag()? {
+            Some(self.i64()?)
+        } else {
+            None
+        })
     }
     pub(crate) fn opt_bytes(&mut self) -> Result<Option<Bytes>, DecodeError> {
-        Ok(if self.flag()? { Some(self.bytes()?) } else { None })
+        Ok(if self.flag()? {
+            Some(self.bytes()?)
+        } else {
+            None
+        })
     }
     pub(crate) fn end(&self) -> Result<(), DecodeError> {
         if self.pos == self.input.len() {
             Ok(())
         } else {
-            Err(self.error(format!("{} unexpected trailing bytes", self.input.len() - self.pos)))
+            Err(self.error(format!(
+                "{} unexpected trailing bytes",
+                self.input.len() - self.pos
+            )))
         }
     }
 }

@@ -30,7 +30,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
+    WriteOptions, DB,
+};
 
 use crate::position::{ReplId, ReplOffset, StreamPosition};
 use codec::{DecodeError, Decoder, Encoder};
@@ -79,16 +82,27 @@ pub struct MirrorValue {
 
 impl MirrorValue {
     pub fn hash(generation: u64) -> Self {
-        MirrorValue { kind: MirrorKind::Hash, expire_at_ms: None, generation, refreshed_through: 0, fields: BTreeMap::new() }
+        MirrorValue {
+            kind: MirrorKind::Hash,
+            expire_at_ms: None,
+            generation,
+            refreshed_through: 0,
+            fields: BTreeMap::new(),
+        }
     }
 
     pub fn other(generation: u64) -> Self {
-        MirrorValue { kind: MirrorKind::Other, ..MirrorValue::hash(generation) }
+        MirrorValue {
+            kind: MirrorKind::Other,
+            ..MirrorValue::hash(generation)
+        }
     }
 
     /// Same content, whatever the bookkeeping (generation, refresh point).
     pub fn same_data(&self, other: &MirrorValue) -> bool {
-        self.kind == other.kind && self.expire_at_ms == other.expire_at_ms && self.fields == other.fields
+        self.kind == other.kind
+            && self.expire_at_ms == other.expire_at_ms
+            && self.fields == other.fields
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -102,7 +116,9 @@ impl MirrorValue {
         .u64(self.refreshed_through)
         .u32(self.fields.len() as u32);
         for (field, value) in &self.fields {
-            e.bytes(field).bytes(&value.value).opt_i64(value.expire_at_ms);
+            e.bytes(field)
+                .bytes(&value.value)
+                .opt_i64(value.expire_at_ms);
         }
         e.finish()
     }
@@ -123,10 +139,22 @@ impl MirrorValue {
             let field = d.bytes()?;
             let value = d.bytes()?;
             let expire_at_ms = d.opt_i64()?;
-            fields.insert(field, FieldValue { value, expire_at_ms });
+            fields.insert(
+                field,
+                FieldValue {
+                    value,
+                    expire_at_ms,
+                },
+            );
         }
         d.end()?;
-        Ok(MirrorValue { kind, expire_at_ms, generation, refreshed_through, fields })
+        Ok(MirrorValue {
+            kind,
+            expire_at_ms,
+            generation,
+            refreshed_through,
+            fields,
+        })
     }
 }
 
@@ -134,7 +162,9 @@ impl MirrorValue {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RowChange {
     /// The full mapped row image: every mapped column, `None` for an absent field.
-    Upsert { columns: Vec<(String, Option<Bytes>)> },
+    Upsert {
+        columns: Vec<(String, Option<Bytes>)>,
+    },
     Delete,
 }
 
@@ -164,7 +194,11 @@ pub struct Change {
 impl Change {
     fn encode(&self) -> Vec<u8> {
         let mut e = Encoder::default();
-        e.u64(self.unit).u8(u8::from(self.unit_end)).u64(self.offset.0).bytes(self.mapping.as_bytes()).bytes(&self.row_id);
+        e.u64(self.unit)
+            .u8(u8::from(self.unit_end))
+            .u64(self.offset.0)
+            .bytes(self.mapping.as_bytes())
+            .bytes(&self.row_id);
         match &self.row {
             RowChange::Upsert { columns } => {
                 e.u8(1).u32(columns.len() as u32);
@@ -204,10 +238,22 @@ impl Change {
         };
         let op = match d.u8()? {
             0 => None,
-            _ => Some(HashOp { op: d.u8()?, uuid: d.opt_bytes()? }),
+            _ => Some(HashOp {
+                op: d.u8()?,
+                uuid: d.opt_bytes()?,
+            }),
         };
         d.end()?;
-        Ok(Change { seq, unit, unit_end, offset, mapping, row_id, row, op })
+        Ok(Change {
+            seq,
+            unit,
+            unit_end,
+            offset,
+            mapping,
+            row_id,
+            row,
+            op,
+        })
     }
 }
 
@@ -231,7 +277,12 @@ impl Checkpoint {
             Some(p) => (Some(p.replid.as_str().as_bytes()), p.offset.0, p.db),
             None => (None, 0, 0),
         };
-        e.opt_bytes(replid).u64(offset).u32(db).u64(self.next_seq).u64(self.generation).u8(u8::from(self.full_sync_in_progress));
+        e.opt_bytes(replid)
+            .u64(offset)
+            .u32(db)
+            .u64(self.next_seq)
+            .u64(self.generation)
+            .u8(u8::from(self.full_sync_in_progress));
         e.finish()
     }
 
@@ -246,12 +297,24 @@ impl Checkpoint {
         d.end()?;
         let position = match replid {
             Some(id) => {
-                let text = std::str::from_utf8(&id).ok().and_then(ReplId::parse).ok_or_else(|| d.error("replid is not 40 hex characters"))?;
-                Some(StreamPosition { replid: text, offset, db })
+                let text = std::str::from_utf8(&id)
+                    .ok()
+                    .and_then(ReplId::parse)
+                    .ok_or_else(|| d.error("replid is not 40 hex characters"))?;
+                Some(StreamPosition {
+                    replid: text,
+                    offset,
+                    db,
+                })
             }
             None => None,
         };
-        Ok(Checkpoint { position, next_seq, generation, full_sync_in_progress })
+        Ok(Checkpoint {
+            position,
+            next_seq,
+            generation,
+            full_sync_in_progress,
+        })
     }
 }
 
@@ -284,7 +347,8 @@ enum Op {
 
 impl Batch {
     pub fn put_mirror(&mut self, db: u32, key: &[u8], value: &MirrorValue) {
-        self.ops.push(Op::PutMirror(mirror_key(db, key), value.encode()));
+        self.ops
+            .push(Op::PutMirror(mirror_key(db, key), value.encode()));
     }
     pub fn delete_mirror(&mut self, db: u32, key: &[u8]) {
         self.ops.push(Op::DeleteMirror(mirror_key(db, key)));
@@ -293,7 +357,8 @@ impl Batch {
         self.ops.push(Op::PutChange(change.seq, change.encode()));
     }
     pub fn put_checkpoint(&mut self, checkpoint: &Checkpoint) {
-        self.ops.push(Op::PutMeta(META_CHECKPOINT.to_vec(), checkpoint.encode()));
+        self.ops
+            .push(Op::PutMeta(META_CHECKPOINT.to_vec(), checkpoint.encode()));
     }
     /// Records that `replid` begins at `offset` (history, for diagnostics).
     pub fn add_replid(&mut self, seq: u64, replid: &ReplId, offset: ReplOffset) {
@@ -323,16 +388,38 @@ impl Store {
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
-        let families = [CF_MIRROR, CF_CHANGES, CF_META].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
-        let db = DB::open_cf_descriptors(&options, path, families).map_err(|e| StoreError::RocksDb { path: path.to_path_buf(), message: e.to_string() })?;
-        let store = Store { db, path: path.to_path_buf() };
+        let families = [CF_MIRROR, CF_CHANGES, CF_META]
+            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let db =
+            DB::open_cf_descriptors(&options, path, families).map_err(|e| StoreError::RocksDb {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let store = Store {
+            db,
+            path: path.to_path_buf(),
+        };
         let meta = store.cf(CF_META)?;
-        match store.db.get_cf(meta, META_FORMAT).map_err(|e| store.rocks(e))? {
-            None => store.db.put_cf(meta, META_FORMAT, FORMAT_VERSION.to_be_bytes()).map_err(|e| store.rocks(e))?,
+        match store
+            .db
+            .get_cf(meta, META_FORMAT)
+            .map_err(|e| store.rocks(e))?
+        {
+            None => store
+                .db
+                .put_cf(meta, META_FORMAT, FORMAT_VERSION.to_be_bytes())
+                .map_err(|e| store.rocks(e))?,
             Some(raw) => {
-                let found = raw.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(0);
+                let found = raw
+                    .as_slice()
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(0);
                 if found != FORMAT_VERSION {
-                    return Err(StoreError::Format { path: store.path.clone(), found });
+                    return Err(StoreError::Format {
+                        path: store.path.clone(),
+                        found,
+                    });
                 }
             }
         }
@@ -344,20 +431,33 @@ impl Store {
     }
 
     fn rocks(&self, e: rocksdb::Error) -> StoreError {
-        StoreError::RocksDb { path: self.path.clone(), message: e.to_string() }
+        StoreError::RocksDb {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
     }
 
     fn corrupt(&self, e: DecodeError) -> StoreError {
-        StoreError::Corrupt { path: self.path.clone(), source: e }
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            source: e,
+        }
     }
 
     fn cf(&self, name: &str) -> Result<&ColumnFamily, StoreError> {
-        self.db.cf_handle(name).ok_or_else(|| StoreError::RocksDb { path: self.path.clone(), message: format!("column family {name} is missing") })
+        self.db.cf_handle(name).ok_or_else(|| StoreError::RocksDb {
+            path: self.path.clone(),
+            message: format!("column family {name} is missing"),
+        })
     }
 
     /// The last checkpoint (the default one before anything was captured).
     pub fn checkpoint(&self) -> Result<Checkpoint, StoreError> {
-        match self.db.get_cf(self.cf(CF_META)?, META_CHECKPOINT).map_err(|e| self.rocks(e))? {
+        match self
+            .db
+            .get_cf(self.cf(CF_META)?, META_CHECKPOINT)
+            .map_err(|e| self.rocks(e))?
+        {
             Some(raw) => Checkpoint::decode(&raw).map_err(|e| self.corrupt(e)),
             None => Ok(Checkpoint::default()),
         }
@@ -366,7 +466,10 @@ impl Store {
     /// The replication IDs seen, in order, with the offset each began at.
     pub fn replid_history(&self) -> Result<Vec<(ReplId, ReplOffset)>, StoreError> {
         let mut out = Vec::new();
-        for item in self.db.prefix_iterator_cf(self.cf(CF_META)?, META_REPLID_PREFIX) {
+        for item in self
+            .db
+            .prefix_iterator_cf(self.cf(CF_META)?, META_REPLID_PREFIX)
+        {
             let (key, value) = item.map_err(|e| self.rocks(e))?;
             if !key.starts_with(META_REPLID_PREFIX) {
                 break;
@@ -374,22 +477,34 @@ impl Store {
             let mut d = Decoder::new(&value, "replid history");
             let id = d.string().map_err(|e| self.corrupt(e))?;
             let offset = d.u64().map_err(|e| self.corrupt(e))?;
-            let id = ReplId::parse(&id).ok_or_else(|| self.corrupt(d.error("replid is not 40 hex characters")))?;
+            let id = ReplId::parse(&id)
+                .ok_or_else(|| self.corrupt(d.error("replid is not 40 hex characters")))?;
             out.push((id, ReplOffset(offset)));
         }
         Ok(out)
     }
 
     pub fn mirror(&self, db: u32, key: &[u8]) -> Result<Option<MirrorValue>, StoreError> {
-        match self.db.get_pinned_cf(self.cf(CF_MIRROR)?, mirror_key(db, key)).map_err(|e| self.rocks(e))? {
-            Some(raw) => MirrorValue::decode(&raw).map(Some).map_err(|e| self.corrupt(e)),
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_MIRROR)?, mirror_key(db, key))
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(raw) => MirrorValue::decode(&raw)
+                .map(Some)
+                .map_err(|e| self.corrupt(e)),
             None => Ok(None),
         }
     }
 
     /// Up to `limit` mirror entries after `after` (exclusive; `None` from the start), in key
     /// order, restricted to `db` when given.
-    pub fn mirror_scan(&self, db: Option<u32>, after: Option<&[u8]>, limit: usize) -> Result<Vec<(u32, Bytes, MirrorValue)>, StoreError> {
+    pub fn mirror_scan(
+        &self,
+        db: Option<u32>,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(u32, Bytes, MirrorValue)>, StoreError> {
         let start = match (after, db) {
             (Some(after), _) => {
                 let mut k = after.to_vec();
@@ -400,15 +515,26 @@ impl Store {
             (None, None) => Vec::new(),
         };
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_MIRROR)?, IteratorMode::From(&start, Direction::Forward)) {
+        for item in self.db.iterator_cf(
+            self.cf(CF_MIRROR)?,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
             let (raw_key, raw_value) = item.map_err(|e| self.rocks(e))?;
             let Some((key_db, key)) = split_mirror_key(&raw_key) else {
-                return Err(self.corrupt(DecodeError { what: "mirror key", at: 0, message: "shorter than 4 bytes".into() }));
+                return Err(self.corrupt(DecodeError {
+                    what: "mirror key",
+                    at: 0,
+                    message: "shorter than 4 bytes".into(),
+                }));
             };
             if db.is_some_and(|db| db != key_db) || out.len() >= limit {
                 break;
             }
-            out.push((key_db, key, MirrorValue::decode(&raw_value).map_err(|e| self.corrupt(e))?));
+            out.push((
+                key_db,
+                key,
+                MirrorValue::decode(&raw_value).map_err(|e| self.corrupt(e))?,
+            ));
         }
         Ok(out)
     }
@@ -417,12 +543,25 @@ impl Store {
     pub fn changes(&self, from: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
         let start = from.to_be_bytes();
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_CHANGES)?, IteratorMode::From(&start, Direction::Forward)) {
+        for item in self.db.iterator_cf(
+            self.cf(CF_CHANGES)?,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
             if out.len() >= limit {
                 break;
             }
             let (key, value) = item.map_err(|e| self.rocks(e))?;
-            let seq = key.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| self.corrupt(DecodeError { what: "change key", at: 0, message: format!("{} bytes, expected 8", key.len()) }))?;
+            let seq = key
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| {
+                    self.corrupt(DecodeError {
+                        what: "change key",
+                        at: 0,
+                        message: format!("{} bytes, expected 8", key.len()),
+                    })
+                })?;
             out.push(Change::decode(seq, &value).map_err(|e| self.corrupt(e))?);
         }
         Ok(out)
@@ -431,13 +570,18 @@ impl Store {
     /// Removes every change with seq <= `through` (the sinks have applied them).
     pub fn trim_changes(&self, through: u64) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.cf(CF_CHANGES)?, 0u64.to_be_bytes(), through.saturating_add(1).to_be_bytes());
+        batch.delete_range_cf(
+            self.cf(CF_CHANGES)?,
+            0u64.to_be_bytes(),
+            through.saturating_add(1).to_be_bytes(),
+        );
         self.db.write(batch).map_err(|e| self.rocks(e))
     }
 
     /// Applies `batch` atomically; with `sync`, it is on disk when this returns.
     pub fn write(&self, batch: Batch, sync: bool) -> Result<(), StoreError> {
-        let (mirror, changes, meta) = (self.cf(CF_MIRROR)?, self.cf(CF_CHANGES)?, self.cf(CF_META)?);
+        let (mirror, changes, meta) =
+            (self.cf(CF_MIRROR)?, self.cf(CF_CHANGES)?, self.cf(CF_META)?);
         let mut write = WriteBatch::default();
         for op in batch.ops {
             match op {
@@ -449,12 +593,18 @@ impl Store {
         }
         let mut options = WriteOptions::default();
         options.set_sync(sync);
-        self.db.write_opt(write, &options).map_err(|e| self.rocks(e))
+        self.db
+            .write_opt(write, &options)
+            .map_err(|e| self.rocks(e))
     }
 
     /// Approximate bytes on disk (SST files).
     pub fn disk_size(&self) -> u64 {
-        self.db.property_int_value(rocksdb::properties::TOTAL_SST_FILES_SIZE).ok().flatten().unwrap_or(0)
+        self.db
+            .property_int_value(rocksdb::properties::TOTAL_SST_FILES_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
     }
 }
 
@@ -465,8 +615,20 @@ mod tests {
     fn value() -> MirrorValue {
         let mut v = MirrorValue::hash(3);
         v.expire_at_ms = Some(1_700_000_000_000);
-        v.fields.insert(Bytes::from("a"), FieldValue { value: Bytes::from("1"), expire_at_ms: None });
-        v.fields.insert(Bytes::from("b"), FieldValue { value: Bytes::from_static(b"\x00\xff"), expire_at_ms: Some(5) });
+        v.fields.insert(
+            Bytes::from("a"),
+            FieldValue {
+                value: Bytes::from("1"),
+                expire_at_ms: None,
+            },
+        );
+        v.fields.insert(
+            Bytes::from("b"),
+            FieldValue {
+                value: Bytes::from_static(b"\x00\xff"),
+                expire_at_ms: Some(5),
+            },
+        );
         v
     }
 
@@ -481,12 +643,24 @@ mod tests {
             offset: ReplOffset(99),
             mapping: "m".into(),
             row_id: Bytes::from("1"),
-            row: RowChange::Upsert { columns: vec![("first".into(), Some(Bytes::from("x"))), ("age".into(), None)] },
-            op: Some(HashOp { op: b'=', uuid: Some(Bytes::from("u")) }),
+            row: RowChange::Upsert {
+                columns: vec![
+                    ("first".into(), Some(Bytes::from("x"))),
+                    ("age".into(), None),
+                ],
+            },
+            op: Some(HashOp {
+                op: b'=',
+                uuid: Some(Bytes::from("u")),
+            }),
         };
         assert_eq!(Change::decode(7, &change.encode()).unwrap(), change);
         let cp = Checkpoint {
-            position: Some(StreamPosition { replid: ReplId::parse(&"a".repeat(40)).unwrap(), offset: ReplOffset(5), db: 2 }),
+            position: Some(StreamPosition {
+                replid: ReplId::parse(&"a".repeat(40)).unwrap(),
+                offset: ReplOffset(5),
+                db: 2,
+            }),
             next_seq: 10,
             generation: 2,
             full_sync_in_progress: false,
@@ -505,16 +679,44 @@ mod tests {
         let mut batch = Batch::default();
         batch.put_mirror(1, b"person2:1", &value());
         for seq in 0..5 {
-            batch.put_change(&Change { seq, unit: seq, unit_end: true, offset: ReplOffset(seq), mapping: "m".into(), row_id: Bytes::from("1"), row: RowChange::Delete, op: None });
+            batch.put_change(&Change {
+                seq,
+                unit: seq,
+                unit_end: true,
+                offset: ReplOffset(seq),
+                mapping: "m".into(),
+                row_id: Bytes::from("1"),
+                row: RowChange::Delete,
+                op: None,
+            });
         }
-        batch.put_checkpoint(&Checkpoint { next_seq: 5, ..Checkpoint::default() });
+        batch.put_checkpoint(&Checkpoint {
+            next_seq: 5,
+            ..Checkpoint::default()
+        });
         store.write(batch, true).unwrap();
         assert_eq!(store.mirror(1, b"person2:1").unwrap(), Some(value()));
         assert_eq!(store.mirror(0, b"person2:1").unwrap(), None);
         assert_eq!(store.mirror_scan(Some(1), None, 10).unwrap().len(), 1);
-        assert_eq!(store.changes(2, 2).unwrap().iter().map(|c| c.seq).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(
+            store
+                .changes(2, 2)
+                .unwrap()
+                .iter()
+                .map(|c| c.seq)
+                .collect::<Vec<_>>(),
+            vec![2, 3]
+        );
         store.trim_changes(2).unwrap();
-        assert_eq!(store.changes(0, 10).unwrap().iter().map(|c| c.seq).collect::<Vec<_>>(), vec![3, 4]);
+        assert_eq!(
+            store
+                .changes(0, 10)
+                .unwrap()
+                .iter()
+                .map(|c| c.seq)
+                .collect::<Vec<_>>(),
+            vec![3, 4]
+        );
         assert_eq!(store.checkpoint().unwrap().next_seq, 5);
         drop(store);
         let store = Store::open(dir.path()).unwrap();

@@ -59,7 +59,10 @@ pub struct WorkingSet {
 
 impl WorkingSet {
     pub fn new(store: Arc<Store>) -> Self {
-        WorkingSet { store, slots: HashMap::new() }
+        WorkingSet {
+            store,
+            slots: HashMap::new(),
+        }
     }
 
     fn slot(&mut self, db: u32, key: &Bytes) -> Result<&mut Slot, StoreError> {
@@ -68,7 +71,10 @@ impl WorkingSet {
             Entry::Occupied(slot) => Ok(slot.into_mut()),
             Entry::Vacant(slot) => {
                 let value = store.mirror(db, key)?;
-                Ok(slot.insert(Slot { value, dirty: false }))
+                Ok(slot.insert(Slot {
+                    value,
+                    dirty: false,
+                }))
             }
         }
     }
@@ -86,7 +92,12 @@ impl WorkingSet {
         Ok(self.slot(db, key)?.value.clone())
     }
 
-    pub fn set(&mut self, db: u32, key: &Bytes, value: Option<MirrorValue>) -> Result<(), StoreError> {
+    pub fn set(
+        &mut self,
+        db: u32,
+        key: &Bytes,
+        value: Option<MirrorValue>,
+    ) -> Result<(), StoreError> {
         let slot = self.slot(db, key)?;
         slot.value = value;
         slot.dirty = true;
@@ -112,13 +123,21 @@ impl WorkingSet {
 
 fn row_of(mapping: &Mapping, value: &Option<MirrorValue>) -> Option<Vec<(String, Option<Bytes>)>> {
     match value {
-        Some(v) if v.kind == MirrorKind::Hash && !v.fields.is_empty() => Some(mapping.row_image(&v.fields)),
+        Some(v) if v.kind == MirrorKind::Hash && !v.fields.is_empty() => {
+            Some(mapping.row_image(&v.fields))
+        }
         _ => None,
     }
 }
 
 /// The row event between two states of a watched key.
-pub fn row_event(mapping: &Mapping, key: &Bytes, before: &Option<MirrorValue>, after: &Option<MirrorValue>, expired: bool) -> Option<RowEvent> {
+pub fn row_event(
+    mapping: &Mapping,
+    key: &Bytes,
+    before: &Option<MirrorValue>,
+    after: &Option<MirrorValue>,
+    expired: bool,
+) -> Option<RowEvent> {
     let (old, new) = (row_of(mapping, before), row_of(mapping, after));
     let row = match (old, new) {
         (old, Some(new)) if old.as_ref() != Some(&new) => RowChange::Upsert { columns: new },
@@ -126,7 +145,11 @@ pub fn row_event(mapping: &Mapping, key: &Bytes, before: &Option<MirrorValue>, a
         (Some(_), None) => RowChange::Delete,
         _ => return None,
     };
-    Some(RowEvent { mapping: mapping.name.clone(), row_id: mapping.row_id(key), row })
+    Some(RowEvent {
+        mapping: mapping.name.clone(),
+        row_id: mapping.row_id(key),
+        row,
+    })
 }
 
 fn parse_i64(b: &[u8]) -> Option<i64> {
@@ -139,7 +162,10 @@ fn parse_u32(b: &[u8]) -> Option<u32> {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Applies commands to a working set.
@@ -151,7 +177,12 @@ pub struct Applier<'m> {
 
 impl Applier<'_> {
     /// Applies one command; row events go to `out`.
-    pub fn apply(&self, ws: &mut WorkingSet, command: &Command, out: &mut Vec<RowEvent>) -> Result<Needs, StoreError> {
+    pub fn apply(
+        &self,
+        ws: &mut WorkingSet,
+        command: &Command,
+        out: &mut Vec<RowEvent>,
+    ) -> Result<Needs, StoreError> {
         let mut needs = Needs::default();
         let name = command.name();
         let args = &command.args;
@@ -159,17 +190,29 @@ impl Applier<'_> {
         let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
         match name.as_str() {
             "HSET" | "HMSET" => {
-                let pairs: Vec<(Bytes, Bytes)> = args[2.min(args.len())..].chunks_exact(2).map(|p| (p[0].clone(), p[1].clone())).collect();
+                let pairs: Vec<(Bytes, Bytes)> = args[2.min(args.len())..]
+                    .chunks_exact(2)
+                    .map(|p| (p[0].clone(), p[1].clone()))
+                    .collect();
                 self.update_hash(ws, db, &arg(1), command, out, |fields| {
                     for (f, v) in pairs {
-                        fields.insert(f, FieldValue { value: v, expire_at_ms: None });
+                        fields.insert(
+                            f,
+                            FieldValue {
+                                value: v,
+                                expire_at_ms: None,
+                            },
+                        );
                     }
                 })?;
             }
             "HSETNX" => {
                 let (f, v) = (arg(2), arg(3));
                 self.update_hash(ws, db, &arg(1), command, out, |fields| {
-                    fields.entry(f).or_insert(FieldValue { value: v, expire_at_ms: None });
+                    fields.entry(f).or_insert(FieldValue {
+                        value: v,
+                        expire_at_ms: None,
+                    });
                 })?;
             }
             "HDEL" => {
@@ -183,9 +226,18 @@ impl Applier<'_> {
             "HINCRBY" => {
                 let (f, by) = (arg(2), parse_i64(&arg(3)).unwrap_or(0));
                 self.update_hash(ws, db, &arg(1), command, out, |fields| {
-                    let current = fields.get(&f).and_then(|v| parse_i64(&v.value)).unwrap_or(0);
+                    let current = fields
+                        .get(&f)
+                        .and_then(|v| parse_i64(&v.value))
+                        .unwrap_or(0);
                     let expire_at_ms = fields.get(&f).and_then(|v| v.expire_at_ms);
-                    fields.insert(f, FieldValue { value: Bytes::from(current.wrapping_add(by).to_string()), expire_at_ms });
+                    fields.insert(
+                        f,
+                        FieldValue {
+                            value: Bytes::from(current.wrapping_add(by).to_string()),
+                            expire_at_ms,
+                        },
+                    );
                 })?;
             }
             "HINCRBYFLOAT" => {
@@ -223,10 +275,35 @@ impl Applier<'_> {
                 };
                 self.set_expire(ws, db, &arg(1), command, at)?;
             }
-            "RENAME" | "RENAMENX" => self.move_key(ws, db, &arg(1), db, &arg(2), false, command, out, &mut needs)?,
+            "RENAME" | "RENAMENX" => self.move_key(
+                ws,
+                db,
+                &arg(1),
+                db,
+                &arg(2),
+                false,
+                command,
+                out,
+                &mut needs,
+            )?,
             "MOVE" => match parse_u32(&arg(2)) {
-                Some(to) => self.move_key(ws, db, &arg(1), to, &arg(1), false, command, out, &mut needs)?,
-                None => needs.full_resync = Some(format!("MOVE with database {:?}", String::from_utf8_lossy(&arg(2)))),
+                Some(to) => self.move_key(
+                    ws,
+                    db,
+                    &arg(1),
+                    to,
+                    &arg(1),
+                    false,
+                    command,
+                    out,
+                    &mut needs,
+                )?,
+                None => {
+                    needs.full_resync = Some(format!(
+                        "MOVE with database {:?}",
+                        String::from_utf8_lossy(&arg(2))
+                    ))
+                }
             },
             "COPY" => {
                 let mut to_db = db;
@@ -238,15 +315,31 @@ impl Applier<'_> {
                     }
                     i += 1;
                 }
-                self.move_key(ws, db, &arg(1), to_db, &arg(2), true, command, out, &mut needs)?;
+                self.move_key(
+                    ws,
+                    db,
+                    &arg(1),
+                    to_db,
+                    &arg(2),
+                    true,
+                    command,
+                    out,
+                    &mut needs,
+                )?;
             }
             "RESTORE" => self.restore(ws, command, out, &mut needs)?,
             "FLUSHDB" => self.flush(ws, Some(db), command, out)?,
             "FLUSHALL" => self.flush(ws, None, command, out)?,
             "SWAPDB" => {
                 let (a, b) = (parse_u32(&arg(1)), parse_u32(&arg(2)));
-                if a.is_some_and(|a| self.mappings.watches_db(a)) || b.is_some_and(|b| self.mappings.watches_db(b)) {
-                    needs.full_resync = Some(format!("SWAPDB {} {} involves a mapped database", String::from_utf8_lossy(&arg(1)), String::from_utf8_lossy(&arg(2))));
+                if a.is_some_and(|a| self.mappings.watches_db(a))
+                    || b.is_some_and(|b| self.mappings.watches_db(b))
+                {
+                    needs.full_resync = Some(format!(
+                        "SWAPDB {} {} involves a mapped database",
+                        String::from_utf8_lossy(&arg(1)),
+                        String::from_utf8_lossy(&arg(2))
+                    ));
                 }
             }
             "EVAL" | "EVALSHA" | "EVAL_RO" | "EVALSHA_RO" | "FCALL" | "FCALL_RO" => {
@@ -261,7 +354,9 @@ impl Applier<'_> {
 
     /// Whether commands ending at `end` are already contained in a refreshed value.
     fn already_in(value: &Option<MirrorValue>, command: &Command) -> bool {
-        value.as_ref().is_some_and(|v| v.refreshed_through >= command.end.0)
+        value
+            .as_ref()
+            .is_some_and(|v| v.refreshed_through >= command.end.0)
     }
 
     fn update_hash(
@@ -273,7 +368,9 @@ impl Applier<'_> {
         out: &mut Vec<RowEvent>,
         change: impl FnOnce(&mut std::collections::BTreeMap<Bytes, FieldValue>),
     ) -> Result<(), StoreError> {
-        let Some(mapping) = self.mappings.watching(db, key) else { return Ok(()) };
+        let Some(mapping) = self.mappings.watching(db, key) else {
+            return Ok(());
+        };
         let before = ws.get(db, key)?;
         if Self::already_in(&before, command) {
             return Ok(());
@@ -284,28 +381,51 @@ impl Applier<'_> {
             _ => MirrorValue::hash(self.generation),
         };
         change(&mut after.fields);
-        let after = if after.fields.is_empty() { None } else { Some(after) };
+        let after = if after.fields.is_empty() {
+            None
+        } else {
+            Some(after)
+        };
         if let Some(event) = row_event(mapping, key, &before, &after, false) {
             out.push(event);
         }
         ws.set(db, key, after)
     }
 
-    fn delete_key(&self, ws: &mut WorkingSet, db: u32, key: &Bytes, command: &Command, out: &mut Vec<RowEvent>) -> Result<(), StoreError> {
-        let Some(mapping) = self.mappings.watching(db, key) else { return Ok(()) };
+    fn delete_key(
+        &self,
+        ws: &mut WorkingSet,
+        db: u32,
+        key: &Bytes,
+        command: &Command,
+        out: &mut Vec<RowEvent>,
+    ) -> Result<(), StoreError> {
+        let Some(mapping) = self.mappings.watching(db, key) else {
+            return Ok(());
+        };
         let before = ws.get(db, key)?;
         if before.is_none() || Self::already_in(&before, command) {
             return Ok(());
         }
         // A DEL of a key whose time has come is how an expiry reaches replicas.
-        let expired = before.as_ref().and_then(|v| v.expire_at_ms).is_some_and(|at| at <= now_ms());
+        let expired = before
+            .as_ref()
+            .and_then(|v| v.expire_at_ms)
+            .is_some_and(|at| at <= now_ms());
         if let Some(event) = row_event(mapping, key, &before, &None, expired) {
             out.push(event);
         }
         ws.set(db, key, None)
     }
 
-    fn set_expire(&self, ws: &mut WorkingSet, db: u32, key: &Bytes, command: &Command, at: Option<i64>) -> Result<(), StoreError> {
+    fn set_expire(
+        &self,
+        ws: &mut WorkingSet,
+        db: u32,
+        key: &Bytes,
+        command: &Command,
+        at: Option<i64>,
+    ) -> Result<(), StoreError> {
         if self.mappings.watching(db, key).is_none() {
             return Ok(());
         }
@@ -339,7 +459,11 @@ impl Applier<'_> {
             return Ok(());
         }
         let source_mapping = self.mappings.watching(from_db, from);
-        let source = if source_mapping.is_some() { ws.get(from_db, from)? } else { None };
+        let source = if source_mapping.is_some() {
+            ws.get(from_db, from)?
+        } else {
+            None
+        };
         let source_ahead = Self::already_in(&source, command);
         if let Some(mapping) = source_mapping {
             if !copy && !source_ahead && source.is_some() {
@@ -349,7 +473,9 @@ impl Applier<'_> {
                 ws.set(from_db, from, None)?;
             }
         }
-        let Some(mapping) = self.mappings.watching(to_db, to) else { return Ok(()) };
+        let Some(mapping) = self.mappings.watching(to_db, to) else {
+            return Ok(());
+        };
         let before = ws.get(to_db, to)?;
         if Self::already_in(&before, command) {
             return Ok(());
@@ -370,15 +496,25 @@ impl Applier<'_> {
         ws.set(to_db, to, after)
     }
 
-    fn restore(&self, ws: &mut WorkingSet, command: &Command, out: &mut Vec<RowEvent>, needs: &mut Needs) -> Result<(), StoreError> {
+    fn restore(
+        &self,
+        ws: &mut WorkingSet,
+        command: &Command,
+        out: &mut Vec<RowEvent>,
+        needs: &mut Needs,
+    ) -> Result<(), StoreError> {
         let args = &command.args;
         let (db, key) = (command.db, args.get(1).cloned().unwrap_or_default());
-        let Some(mapping) = self.mappings.watching(db, &key) else { return Ok(()) };
+        let Some(mapping) = self.mappings.watching(db, &key) else {
+            return Ok(());
+        };
         let before = ws.get(db, &key)?;
         if Self::already_in(&before, command) {
             return Ok(());
         }
-        let Some(payload) = args.get(3) else { return Ok(()) };
+        let Some(payload) = args.get(3) else {
+            return Ok(());
+        };
         let decoded = match decode_dump_payload(payload) {
             Ok(decoded) => decoded,
             Err(error) => {
@@ -388,7 +524,10 @@ impl Applier<'_> {
             }
         };
         let ttl = args.get(2).and_then(|t| parse_i64(t)).unwrap_or(0);
-        let absolute = args.iter().skip(4).any(|a| a.eq_ignore_ascii_case(b"ABSTTL"));
+        let absolute = args
+            .iter()
+            .skip(4)
+            .any(|a| a.eq_ignore_ascii_case(b"ABSTTL"));
         let expire_at_ms = match (ttl, absolute) {
             (0, _) => None,
             (t, true) => Some(t),
@@ -401,7 +540,13 @@ impl Applier<'_> {
                 let mut v = MirrorValue::hash(self.generation);
                 v.expire_at_ms = expire_at_ms;
                 for f in decoded.fields {
-                    v.fields.insert(f.field, FieldValue { value: f.value, expire_at_ms: f.expire_at_ms });
+                    v.fields.insert(
+                        f.field,
+                        FieldValue {
+                            value: f.value,
+                            expire_at_ms: f.expire_at_ms,
+                        },
+                    );
                 }
                 Some(v)
             }
@@ -416,9 +561,20 @@ impl Applier<'_> {
         ws.set(db, &key, after)
     }
 
-    fn flush(&self, ws: &mut WorkingSet, db: Option<u32>, command: &Command, out: &mut Vec<RowEvent>) -> Result<(), StoreError> {
+    fn flush(
+        &self,
+        ws: &mut WorkingSet,
+        db: Option<u32>,
+        command: &Command,
+        out: &mut Vec<RowEvent>,
+    ) -> Result<(), StoreError> {
         // Entries already in the working set, then everything stored.
-        let mut keys: Vec<(u32, Bytes)> = ws.slots.iter().filter(|((d, _), s)| db.is_none_or(|db| db == *d) && s.value.is_some()).map(|(k, _)| k.clone()).collect();
+        let mut keys: Vec<(u32, Bytes)> = ws
+            .slots
+            .iter()
+            .filter(|((d, _), s)| db.is_none_or(|db| db == *d) && s.value.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
         let mut after: Option<Vec<u8>> = None;
         loop {
             let page = ws.store().mirror_scan(db, after.as_deref(), 1024)?;
@@ -429,7 +585,9 @@ impl Applier<'_> {
         keys.sort();
         keys.dedup();
         for (key_db, key) in keys {
-            let Some(mapping) = self.mappings.watching(key_db, &key) else { continue };
+            let Some(mapping) = self.mappings.watching(key_db, &key) else {
+                continue;
+            };
             let before = ws.get(key_db, &key)?;
             if before.is_none() || Self::already_in(&before, command) {
                 continue;
@@ -442,7 +600,12 @@ impl Applier<'_> {
         Ok(())
     }
 
-    fn hsetex(&self, ws: &mut WorkingSet, command: &Command, out: &mut Vec<RowEvent>) -> Result<(), StoreError> {
+    fn hsetex(
+        &self,
+        ws: &mut WorkingSet,
+        command: &Command,
+        out: &mut Vec<RowEvent>,
+    ) -> Result<(), StoreError> {
         // HSETEX key [FNX|FXX] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL] FIELDS n field value ...
         let args = &command.args;
         let mut at: Option<Option<i64>> = Some(None);
@@ -475,15 +638,34 @@ impl Applier<'_> {
             }
             i += 2;
         }
-        self.update_hash(ws, command.db, &args.get(1).cloned().unwrap_or_default(), command, out, |fields| {
-            for (f, v) in pairs {
-                let keep = fields.get(&f).and_then(|old| old.expire_at_ms);
-                fields.insert(f, FieldValue { value: v, expire_at_ms: at.unwrap_or(keep) });
-            }
-        })
+        self.update_hash(
+            ws,
+            command.db,
+            &args.get(1).cloned().unwrap_or_default(),
+            command,
+            out,
+            |fields| {
+                for (f, v) in pairs {
+                    let keep = fields.get(&f).and_then(|old| old.expire_at_ms);
+                    fields.insert(
+                        f,
+                        FieldValue {
+                            value: v,
+                            expire_at_ms: at.unwrap_or(keep),
+                        },
+                    );
+                }
+            },
+        )
     }
 
-    fn refresh_if_watched(&self, ws: &mut WorkingSet, db: u32, key: &Bytes, needs: &mut Needs) -> Result<(), StoreError> {
+    fn refresh_if_watched(
+        &self,
+        ws: &mut WorkingSet,
+        db: u32,
+        key: &Bytes,
+        needs: &mut Needs,
+    ) -> Result<(), StoreError> {
         if self.mappings.watching(db, key).is_some() {
             let _ = ws.get(db, key)?;
             needs.refresh.push((db, key.clone()));
@@ -493,7 +675,13 @@ impl Applier<'_> {
 
     /// Any other write: a command on other data types makes a watched key "not a hash"; an
     /// unknown one touching a watched key has that key read from the primary.
-    fn other_write(&self, ws: &mut WorkingSet, command: &Command, out: &mut Vec<RowEvent>, needs: &mut Needs) -> Result<(), StoreError> {
+    fn other_write(
+        &self,
+        ws: &mut WorkingSet,
+        command: &Command,
+        out: &mut Vec<RowEvent>,
+        needs: &mut Needs,
+    ) -> Result<(), StoreError> {
         let Some(spec) = self.commands.get(&command.name()) else {
             // Not in the primary's table (or the table is not loaded): only its first argument
             // can be guessed to be a key.
@@ -510,7 +698,9 @@ impl Applier<'_> {
         }
         let spec = spec.clone();
         for key in self.commands.keys(&spec, command) {
-            let Some(mapping) = self.mappings.watching(command.db, &key) else { continue };
+            let Some(mapping) = self.mappings.watching(command.db, &key) else {
+                continue;
+            };
             let before = ws.get(command.db, &key)?;
             if Self::already_in(&before, command) {
                 continue;
@@ -518,7 +708,8 @@ impl Applier<'_> {
             if spec.other_type && !spec.hash_type {
                 let mut after = MirrorValue::other(self.generation);
                 after.expire_at_ms = before.as_ref().and_then(|v| v.expire_at_ms);
-                if let Some(event) = row_event(mapping, &key, &before, &Some(after.clone()), false) {
+                if let Some(event) = row_event(mapping, &key, &before, &Some(after.clone()), false)
+                {
                     out.push(event);
                 }
                 ws.set(command.db, &key, Some(after))?;
@@ -534,8 +725,18 @@ impl Applier<'_> {
 /// The field names after `FIELDS n` starting at `start` (`HPEXPIREAT key ms [NX|XX|GT|LT]
 /// FIELDS n f...`, `HPERSIST key FIELDS n f...`).
 fn fields_argument(args: &[Bytes], start: usize) -> Vec<Bytes> {
-    let Some(pos) = args.iter().skip(start).position(|a| a.eq_ignore_ascii_case(b"FIELDS")) else { return Vec::new() };
+    let Some(pos) = args
+        .iter()
+        .skip(start)
+        .position(|a| a.eq_ignore_ascii_case(b"FIELDS"))
+    else {
+        return Vec::new();
+    };
     let pos = start + pos;
-    let n = args.get(pos + 1).and_then(|n| parse_i64(n)).unwrap_or(0).max(0) as usize;
+    let n = args
+        .get(pos + 1)
+        .and_then(|n| parse_i64(n))
+        .unwrap_or(0)
+        .max(0) as usize;
     args.iter().skip(pos + 2).take(n).cloned().collect()
 }

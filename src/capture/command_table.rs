@@ -34,7 +34,9 @@ pub struct CommandTable {
 
 fn text(frame: &BytesFrame) -> Option<String> {
     match frame {
-        BytesFrame::SimpleString(b) | BytesFrame::BulkString(b) => Some(String::from_utf8_lossy(b).to_ascii_lowercase()),
+        BytesFrame::SimpleString(b) | BytesFrame::BulkString(b) => {
+            Some(String::from_utf8_lossy(b).to_ascii_lowercase())
+        }
         _ => None,
     }
 }
@@ -50,10 +52,16 @@ impl CommandTable {
     /// Parses a `COMMAND` reply; entries it cannot read are left out.
     pub fn from_reply(reply: &BytesFrame) -> CommandTable {
         let mut specs = HashMap::new();
-        let BytesFrame::Array(commands) = reply else { return CommandTable { specs } };
+        let BytesFrame::Array(commands) = reply else {
+            return CommandTable { specs };
+        };
         for command in commands {
-            let BytesFrame::Array(parts) = command else { continue };
-            let Some(name) = parts.first().and_then(text) else { continue };
+            let BytesFrame::Array(parts) = command else {
+                continue;
+            };
+            let Some(name) = parts.first().and_then(text) else {
+                continue;
+            };
             let words = |index: usize| -> Vec<String> {
                 match parts.get(index) {
                     Some(BytesFrame::Array(items)) => items.iter().filter_map(text).collect(),
@@ -62,9 +70,18 @@ impl CommandTable {
             };
             let flags = words(2);
             let categories = words(6);
-            let other_type = ["@string", "@list", "@set", "@sortedset", "@stream", "@bitmap", "@hyperloglog", "@geo"]
-                .iter()
-                .any(|c| categories.iter().any(|x| x == c));
+            let other_type = [
+                "@string",
+                "@list",
+                "@set",
+                "@sortedset",
+                "@stream",
+                "@bitmap",
+                "@hyperloglog",
+                "@geo",
+            ]
+            .iter()
+            .any(|c| categories.iter().any(|x| x == c));
             specs.insert(
                 name,
                 CommandSpec {
@@ -95,7 +112,11 @@ impl CommandTable {
         let args = &command.args;
         let mut keys = Vec::new();
         if spec.first_key > 0 && spec.step > 0 {
-            let last = if spec.last_key < 0 { args.len() as i64 + spec.last_key } else { spec.last_key };
+            let last = if spec.last_key < 0 {
+                args.len() as i64 + spec.last_key
+            } else {
+                spec.last_key
+            };
             let mut i = spec.first_key;
             while i <= last && (i as usize) < args.len() {
                 keys.push(args[i as usize].clone());

@@ -51,7 +51,10 @@ impl Mapping {
 
     /// The mapped row image of a hash's fields.
     pub fn row_image(&self, fields: &BTreeMap<Bytes, FieldValue>) -> Vec<(String, Option<Bytes>)> {
-        self.columns.iter().map(|(field, column)| (column.clone(), fields.get(field).map(|f| f.value.clone()))).collect()
+        self.columns
+            .iter()
+            .map(|(field, column)| (column.clone(), fields.get(field).map(|f| f.value.clone())))
+            .collect()
     }
 
     /// Whether a field is mapped to a column (changes of other fields do not touch the row).
@@ -68,12 +71,16 @@ pub struct Mappings {
 
 impl Mappings {
     pub fn new(configs: &[MappingConfig]) -> Mappings {
-        Mappings { mappings: configs.iter().map(Mapping::from_config).collect() }
+        Mappings {
+            mappings: configs.iter().map(Mapping::from_config).collect(),
+        }
     }
 
     /// The mapping watching `key` in `db`, if any.
     pub fn watching(&self, db: u32, key: &[u8]) -> Option<&Mapping> {
-        self.mappings.iter().find(|m| m.db == db && key.len() > m.key_prefix.len() && key.starts_with(&m.key_prefix))
+        self.mappings.iter().find(|m| {
+            m.db == db && key.len() > m.key_prefix.len() && key.starts_with(&m.key_prefix)
+        })
     }
 
     /// Whether any mapping watches database `db`.
@@ -120,8 +127,26 @@ age = "age"
         assert!(mappings.watching(0, b"person2:").is_none());
         assert!(mappings.watching(0, b"person20:1").is_none());
         let mut fields = BTreeMap::new();
-        fields.insert(Bytes::from("first_name"), FieldValue { value: Bytes::from("Ann"), expire_at_ms: None });
-        fields.insert(Bytes::from("id"), FieldValue { value: Bytes::from("99"), expire_at_ms: None });
-        assert_eq!(m.row_image(&fields), vec![("age".to_string(), None), ("first".to_string(), Some(Bytes::from("Ann")))]);
+        fields.insert(
+            Bytes::from("first_name"),
+            FieldValue {
+                value: Bytes::from("Ann"),
+                expire_at_ms: None,
+            },
+        );
+        fields.insert(
+            Bytes::from("id"),
+            FieldValue {
+                value: Bytes::from("99"),
+                expire_at_ms: None,
+            },
+        );
+        assert_eq!(
+            m.row_image(&fields),
+            vec![
+                ("age".to_string(), None),
+                ("first".to_string(), Some(Bytes::from("Ann")))
+            ]
+        );
     }
 }

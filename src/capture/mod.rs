@@ -86,9 +86,22 @@ pub struct Capture {
 }
 
 impl Capture {
-    pub fn new(store: Arc<Store>, mappings: Mappings, endpoint: RedisEndpoint) -> Result<Capture, StoreError> {
+    pub fn new(
+        store: Arc<Store>,
+        mappings: Mappings,
+        endpoint: RedisEndpoint,
+    ) -> Result<Capture, StoreError> {
         let checkpoint = store.checkpoint()?;
-        Ok(Capture { store, mappings, commands: CommandTable::default(), endpoint, checkpoint, full_sync: None, refresher: None, stats: CaptureStats::default() })
+        Ok(Capture {
+            store,
+            mappings,
+            commands: CommandTable::default(),
+            endpoint,
+            checkpoint,
+            full_sync: None,
+            refresher: None,
+            stats: CaptureStats::default(),
+        })
     }
 
     /// Where the next `PSYNC` continues from (`None`: a full sync).
@@ -105,7 +118,11 @@ impl Capture {
     }
 
     /// Runs until `stop` resolves (then commits and returns) or a fatal error.
-    pub async fn run(&mut self, replicator: &mut Replicator, stop: impl std::future::Future<Output = ()>) -> Result<(), CaptureError> {
+    pub async fn run(
+        &mut self,
+        replicator: &mut Replicator,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), CaptureError> {
         tokio::pin!(stop);
         replicator.resume_from(self.resume_position());
         loop {
@@ -118,7 +135,11 @@ impl Capture {
     }
 
     /// Handles one event (and, for the command stream, everything already buffered after it).
-    pub async fn handle(&mut self, replicator: &mut Replicator, event: ReplicationEvent) -> Result<(), CaptureError> {
+    pub async fn handle(
+        &mut self,
+        replicator: &mut Replicator,
+        event: ReplicationEvent,
+    ) -> Result<(), CaptureError> {
         match event {
             ReplicationEvent::FullSyncStarted { replid, offset, .. } => {
                 tracing::info!(%replid, %offset, "full sync started");
@@ -126,12 +147,18 @@ impl Capture {
                 self.begin_full_sync()?;
             }
             ReplicationEvent::Snapshot(event) => self.snapshot_event(event)?,
-            ReplicationEvent::FullSyncCompleted { position, rdb_bytes } => {
+            ReplicationEvent::FullSyncCompleted {
+                position,
+                rdb_bytes,
+            } => {
                 self.finish_full_sync(position.clone())?;
                 replicator.acknowledge(position.offset);
                 tracing::info!(%position, rdb_bytes, "full sync completed");
             }
-            ReplicationEvent::Continued { position, previous_replid } => {
+            ReplicationEvent::Continued {
+                position,
+                previous_replid,
+            } => {
                 self.stats.partial_syncs += 1;
                 self.load_command_table().await;
                 if let Some(previous) = previous_replid {
@@ -187,7 +214,9 @@ impl Capture {
         .await;
         match result {
             Ok(reply) => self.commands = CommandTable::from_reply(&reply),
-            Err(error) => tracing::warn!(%error, "cannot read the primary's command table; unknown writes will be refreshed by key"),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the primary's command table; unknown writes will be refreshed by key")
+            }
         }
     }
 
@@ -199,25 +228,54 @@ impl Capture {
         let mut batch = Batch::default();
         batch.put_checkpoint(&self.checkpoint);
         self.store.write(batch, true)?;
-        self.full_sync = Some(FullSync { first, key: None, batch: Batch::default(), keys_in_batch: 0, keys: 0 });
+        self.full_sync = Some(FullSync {
+            first,
+            key: None,
+            batch: Batch::default(),
+            keys_in_batch: 0,
+            keys: 0,
+        });
         Ok(())
     }
 
     fn snapshot_event(&mut self, event: RdbEvent) -> Result<(), StoreError> {
         let generation = self.checkpoint.generation;
-        let Some(sync) = self.full_sync.as_mut() else { return Ok(()) };
+        let Some(sync) = self.full_sync.as_mut() else {
+            return Ok(());
+        };
         match event {
-            RdbEvent::KeyStart { db, key, kind, expire_at_ms, .. } => {
+            RdbEvent::KeyStart {
+                db,
+                key,
+                kind,
+                expire_at_ms,
+                ..
+            } => {
                 let db = u32::try_from(db).unwrap_or(u32::MAX);
                 sync.key = self.mappings.watching(db, &key).map(|_| {
-                    let mut value = if kind == ValueKind::Hash { MirrorValue::hash(generation) } else { MirrorValue::other(generation) };
+                    let mut value = if kind == ValueKind::Hash {
+                        MirrorValue::hash(generation)
+                    } else {
+                        MirrorValue::other(generation)
+                    };
                     value.expire_at_ms = expire_at_ms;
-                    SnapshotKey { db, key, value, empty: false }
+                    SnapshotKey {
+                        db,
+                        key,
+                        value,
+                        empty: false,
+                    }
                 });
             }
             RdbEvent::HashField(field) => {
                 if let Some(current) = sync.key.as_mut() {
-                    current.value.fields.insert(field.field, FieldValue { value: field.value, expire_at_ms: field.expire_at_ms });
+                    current.value.fields.insert(
+                        field.field,
+                        FieldValue {
+                            value: field.value,
+                            expire_at_ms: field.expire_at_ms,
+                        },
+                    );
                 }
             }
             RdbEvent::KeyEnd { empty } => {
@@ -232,22 +290,40 @@ impl Capture {
     }
 
     fn snapshot_key(&mut self, key: SnapshotKey) -> Result<(), StoreError> {
-        let Some(mapping) = self.mappings.watching(key.db, &key.key).cloned() else { return Ok(()) };
+        let Some(mapping) = self.mappings.watching(key.db, &key.key).cloned() else {
+            return Ok(());
+        };
         let before = self.store.mirror(key.db, &key.key)?;
         let after = if key.empty { None } else { Some(key.value) };
-        let Some(sync) = self.full_sync.as_mut() else { return Ok(()) };
+        let Some(sync) = self.full_sync.as_mut() else {
+            return Ok(());
+        };
         let emit = !sync.first || mapping.initial_load == InitialLoad::Upsert;
         let mut batch = std::mem::take(&mut sync.batch);
-        let event = if emit { row_event(&mapping, &key.key, &before, &after, false) } else { None };
+        let event = if emit {
+            row_event(&mapping, &key.key, &before, &after, false)
+        } else {
+            None
+        };
         match &after {
             Some(value) => batch.put_mirror(key.db, &key.key, value),
             None if before.is_some() => batch.delete_mirror(key.db, &key.key),
             None => {}
         }
         if let Some(event) = event {
-            self.push_unit(&mut batch, vec![event], self.checkpoint.position.as_ref().map(|p| p.offset).unwrap_or_default());
+            self.push_unit(
+                &mut batch,
+                vec![event],
+                self.checkpoint
+                    .position
+                    .as_ref()
+                    .map(|p| p.offset)
+                    .unwrap_or_default(),
+            );
         }
-        let Some(sync) = self.full_sync.as_mut() else { return Ok(()) };
+        let Some(sync) = self.full_sync.as_mut() else {
+            return Ok(());
+        };
         sync.batch = batch;
         sync.keys += 1;
         sync.keys_in_batch += 1;
@@ -261,7 +337,9 @@ impl Capture {
     }
 
     fn finish_full_sync(&mut self, position: StreamPosition) -> Result<(), StoreError> {
-        let Some(mut sync) = self.full_sync.take() else { return Ok(()) };
+        let Some(mut sync) = self.full_sync.take() else {
+            return Ok(());
+        };
         let mut batch = std::mem::take(&mut sync.batch);
         batch.put_checkpoint(&self.checkpoint);
         self.store.write(batch, false)?;
@@ -270,7 +348,9 @@ impl Capture {
         let mut after: Option<Vec<u8>> = None;
         let mut swept = 0u64;
         loop {
-            let page = self.store.mirror_scan(None, after.as_deref(), SNAPSHOT_BATCH_KEYS)?;
+            let page = self
+                .store
+                .mirror_scan(None, after.as_deref(), SNAPSHOT_BATCH_KEYS)?;
             let Some(last) = page.last() else { break };
             after = Some(crate::buffer::mirror_key(last.0, &last.1));
             let mut batch = Batch::default();
@@ -321,21 +401,39 @@ impl Capture {
     }
 
     /// Applies one stream event; returns a reason when a full resync is needed instead.
-    async fn stream_event(&mut self, ws: &mut WorkingSet, event: &StreamEvent, changes: &mut Vec<(Vec<RowEvent>, ReplOffset)>) -> Result<Option<String>, CaptureError> {
-        let Some(position) = self.checkpoint.position.clone() else { return Ok(None) };
+    async fn stream_event(
+        &mut self,
+        ws: &mut WorkingSet,
+        event: &StreamEvent,
+        changes: &mut Vec<(Vec<RowEvent>, ReplOffset)>,
+    ) -> Result<Option<String>, CaptureError> {
+        let Some(position) = self.checkpoint.position.clone() else {
+            return Ok(None);
+        };
         let commands = match event {
             StreamEvent::Command(command) => std::slice::from_ref(command),
             StreamEvent::Transaction { commands, .. } => commands.as_slice(),
             StreamEvent::Select { db, end } => {
-                self.checkpoint.position = Some(StreamPosition { replid: position.replid, offset: *end, db: *db });
+                self.checkpoint.position = Some(StreamPosition {
+                    replid: position.replid,
+                    offset: *end,
+                    db: *db,
+                });
                 return Ok(None);
             }
             _ => {
-                self.checkpoint.position = Some(StreamPosition { offset: event.end(), ..position });
+                self.checkpoint.position = Some(StreamPosition {
+                    offset: event.end(),
+                    ..position
+                });
                 return Ok(None);
             }
         };
-        let applier = Applier { mappings: &self.mappings, commands: &self.commands, generation: self.checkpoint.generation };
+        let applier = Applier {
+            mappings: &self.mappings,
+            commands: &self.commands,
+            generation: self.checkpoint.generation,
+        };
         let mut rows = Vec::new();
         let mut refresh = Vec::new();
         for command in commands {
@@ -361,8 +459,14 @@ impl Capture {
                     }
                     ws.set(db, &key, value)?;
                 }
-                Ok(None) => return Ok(Some("the primary's replication ID changed while reading a key".into())),
-                Err(error) => return Ok(Some(format!("cannot read a key from the primary: {error}"))),
+                Ok(None) => {
+                    return Ok(Some(
+                        "the primary's replication ID changed while reading a key".into(),
+                    ))
+                }
+                Err(error) => {
+                    return Ok(Some(format!("cannot read a key from the primary: {error}")))
+                }
             }
         }
         let db = match event {
@@ -374,18 +478,30 @@ impl Capture {
             changes.push((rows, event.end()));
         }
         self.stats.units += 1;
-        self.checkpoint.position = Some(StreamPosition { replid: position.replid, offset: event.end(), db });
+        self.checkpoint.position = Some(StreamPosition {
+            replid: position.replid,
+            offset: event.end(),
+            db,
+        });
         Ok(None)
     }
 
     /// Reads a key from the primary together with the primary's offset (one `MULTI`), so that
     /// the stream's commands up to that offset are not applied to it again. `Ok(None)` when the
     /// primary is on another replication ID than the stream.
-    async fn refresh(&mut self, db: u32, key: &Bytes, replid: &ReplId) -> Result<Option<Option<MirrorValue>>, ClientError> {
+    async fn refresh(
+        &mut self,
+        db: u32,
+        key: &Bytes,
+        replid: &ReplId,
+    ) -> Result<Option<Option<MirrorValue>>, ClientError> {
         if self.refresher.is_none() {
-            self.refresher = Some(RedisClient::connect(&self.endpoint, Duration::from_secs(10)).await?);
+            self.refresher =
+                Some(RedisClient::connect(&self.endpoint, Duration::from_secs(10)).await?);
         }
-        let Some(client) = self.refresher.as_mut() else { return Ok(None) };
+        let Some(client) = self.refresher.as_mut() else {
+            return Ok(None);
+        };
         let db_text = db.to_string();
         let replies = client
             .pipeline(&[
@@ -404,25 +520,45 @@ impl Capture {
                 return Err(error);
             }
         };
-        let bad = |message: &str| ClientError::Protocol { address: self.endpoint.address(), message: message.to_string() };
-        let Some(BytesFrame::Array(results)) = replies.last() else { return Err(bad("EXEC did not return an array")) };
-        let [_, dump, pttl, info] = results.as_slice() else { return Err(bad("EXEC returned an unexpected number of replies")) };
+        let bad = |message: &str| ClientError::Protocol {
+            address: self.endpoint.address(),
+            message: message.to_string(),
+        };
+        let Some(BytesFrame::Array(results)) = replies.last() else {
+            return Err(bad("EXEC did not return an array"));
+        };
+        let [_, dump, pttl, info] = results.as_slice() else {
+            return Err(bad("EXEC returned an unexpected number of replies"));
+        };
         let info = crate::redis_client::frame_text(info);
         if info_field(&info, "master_replid") != Some(replid.as_str()) {
             return Ok(None);
         }
-        let offset: u64 = info_field(&info, "master_repl_offset").and_then(|o| o.parse().ok()).ok_or_else(|| bad("INFO has no master_repl_offset"))?;
+        let offset: u64 = info_field(&info, "master_repl_offset")
+            .and_then(|o| o.parse().ok())
+            .ok_or_else(|| bad("INFO has no master_repl_offset"))?;
         let expire_at_ms = match pttl {
             BytesFrame::Integer(ms) if *ms >= 0 => Some(now_ms() + ms),
             _ => None,
         };
         let value = match dump {
             BytesFrame::BulkString(payload) => {
-                let decoded = decode_dump_payload(payload).map_err(|e| bad(&format!("DUMP payload: {e}")))?;
-                let mut value = if decoded.kind == ValueKind::Hash { MirrorValue::hash(self.checkpoint.generation) } else { MirrorValue::other(self.checkpoint.generation) };
+                let decoded =
+                    decode_dump_payload(payload).map_err(|e| bad(&format!("DUMP payload: {e}")))?;
+                let mut value = if decoded.kind == ValueKind::Hash {
+                    MirrorValue::hash(self.checkpoint.generation)
+                } else {
+                    MirrorValue::other(self.checkpoint.generation)
+                };
                 value.expire_at_ms = expire_at_ms;
                 for f in decoded.fields {
-                    value.fields.insert(f.field, FieldValue { value: f.value, expire_at_ms: f.expire_at_ms });
+                    value.fields.insert(
+                        f.field,
+                        FieldValue {
+                            value: f.value,
+                            expire_at_ms: f.expire_at_ms,
+                        },
+                    );
                 }
                 value.refreshed_through = offset;
                 Some(value)
@@ -438,7 +574,11 @@ impl Capture {
         Ok(Some(value))
     }
 
-    fn commit(&mut self, ws: &mut WorkingSet, changes: Vec<(Vec<RowEvent>, ReplOffset)>) -> Result<(), StoreError> {
+    fn commit(
+        &mut self,
+        ws: &mut WorkingSet,
+        changes: Vec<(Vec<RowEvent>, ReplOffset)>,
+    ) -> Result<(), StoreError> {
         let mut batch = Batch::default();
         ws.flush_into(&mut batch);
         for (rows, offset) in changes {

@@ -199,7 +199,10 @@ async fn run(path: &std::path::Path) -> ExitCode {
         Err(code) => return code,
     };
     let Some(endpoint) = config.source_endpoints().into_iter().next() else {
-        eprintln!("error: {}: only [source] url and nodes are supported so far", path.display());
+        eprintln!(
+            "error: {}: only [source] url and nodes are supported so far",
+            path.display()
+        );
         return ExitCode::from(2);
     };
     let store = match crate::buffer::Store::open(&config.buffer.path) {

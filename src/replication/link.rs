@@ -331,7 +331,9 @@ impl Link {
 
     /// The next command-stream event from what is already buffered (never reads the socket).
     pub(crate) fn try_next_stream(&mut self) -> Result<Option<StreamEvent>, LinkError> {
-        let Phase::Streaming { stream, .. } = &mut self.phase else { return Ok(None) };
+        let Phase::Streaming { stream, .. } = &mut self.phase else {
+            return Ok(None);
+        };
         match stream.decode(&mut self.socket.input) {
             Ok(Some(event)) => {
                 if let StreamEvent::GetAck { before, .. } = &event {
@@ -340,7 +342,10 @@ impl Link {
                 Ok(Some(event))
             }
             Ok(None) => Ok(None),
-            Err(e) => Err(LinkError::Protocol { address: self.address.clone(), message: e.to_string() }),
+            Err(e) => Err(LinkError::Protocol {
+                address: self.address.clone(),
+                message: e.to_string(),
+            }),
         }
     }
 

@@ -257,7 +257,11 @@ impl Replicator {
         match link.try_next_stream() {
             Ok(Some(event)) => {
                 if let Some((replid, db)) = link.stream_state() {
-                    self.resume = Some(StreamPosition { replid, offset: event.end(), db });
+                    self.resume = Some(StreamPosition {
+                        replid,
+                        offset: event.end(),
+                        db,
+                    });
                 }
                 Some(event)
             }
@@ -266,7 +270,12 @@ impl Replicator {
                 self.link = None;
                 match self.failed(error) {
                     Ok(event) => self.pending = Some(event),
-                    Err(fatal) => self.pending = Some(ReplicationEvent::Disconnected { error: fatal, retry_in: Duration::ZERO }),
+                    Err(fatal) => {
+                        self.pending = Some(ReplicationEvent::Disconnected {
+                            error: fatal,
+                            retry_in: Duration::ZERO,
+                        })
+                    }
                 }
                 None
             }

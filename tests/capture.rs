@@ -1,0 +1,760 @@
+//! Durable capture against real `redis-server` processes: the mirror follows Redis, the change
+//! log replays to the right rows, restarts resume by PSYNC, WAIT means durable.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use redis_protocol::resp2::types::BytesFrame;
+use support::RedisServer;
+use writebehind::buffer::{MirrorKind, RowChange, Store};
+use writebehind::capture::mapping::Mappings;
+use writebehind::capture::Capture;
+use writebehind::config::Config;
+use writebehind::redis_client::{frame_text, info_field, RedisClient};
+use writebehind::replication::{Replicator, ReplicatorOptions};
+
+fn config_text(url: &str, buffer: &str, on_expire: &str) -> String {
+    format!(
+        r#"
+[source]
+url = "{url}"
+[buffer]
+path = "{buffer}"
+[backends.db]
+url = "sqlite://unused.db"
+[[mappings]]
+name = "People"
+prefix = "person2"
+backend = "db"
+table = "person1"
+key_column = "id"
+on_expire = "{on_expire}"
+[mappings.columns]
+first_name = "first"
+last_name = "last"
+age = "age"
+seq = "seq"
+[[mappings]]
+name = "Cars"
+prefix = "car"
+db = 1
+backend = "db"
+table = "car"
+key_column = "id"
+on_expire = "{on_expire}"
+[mappings.columns]
+color = "color"
+"#
+    )
+}
+
+fn mappings(server: &RedisServer, on_expire: &str) -> Mappings {
+    let config =
+        Config::parse(&config_text(&server.url(), "unused", on_expire), &|_| None).expect("config");
+    Mappings::new(&config.mappings)
+}
+
+/// Capture running in a task of this process.
+struct Running {
+    task: tokio::task::JoinHandle<Capture>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+fn start_capture(server: &RedisServer, store: Arc<Store>, mappings: Mappings) -> Running {
+    let mut capture = Capture::new(store, mappings, server.endpoint()).expect("capture");
+    let mut options = ReplicatorOptions::new(server.endpoint());
+    options.timeout = Duration::from_secs(20);
+    options.backoff_min = Duration::from_millis(10);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let mut replicator = Replicator::new(options, capture.resume_position());
+        capture
+            .run(&mut replicator, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("capture failed");
+        capture
+    });
+    Running { task, stop }
+}
+
+impl Running {
+    async fn stop(self) -> Capture {
+        let _ = self.stop.send(());
+        self.task.await.expect("capture task")
+    }
+}
+
+async fn master_offset(client: &mut RedisClient) -> u64 {
+    let info = client.info("replication").await.expect("info");
+    info_field(&info, "master_repl_offset")
+        .and_then(|v| v.parse().ok())
+        .expect("offset")
+}
+
+/// Waits until the store's checkpoint reaches the primary's current offset.
+async fn caught_up(store: &Store, client: &mut RedisClient) {
+    let target = master_offset(client).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let checkpoint = store.checkpoint().expect("checkpoint");
+        if checkpoint
+            .position
+            .as_ref()
+            .is_some_and(|p| p.offset.0 >= target)
+            && !checkpoint.full_sync_in_progress
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "capture did not reach offset {target}: {checkpoint:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+type Hashes = BTreeMap<(u32, Bytes), BTreeMap<Bytes, Bytes>>;
+
+/// Every watched hash in Redis.
+async fn redis_hashes(client: &mut RedisClient, mappings: &Mappings) -> Hashes {
+    let mut out = BTreeMap::new();
+    for mapping in mappings.iter() {
+        client
+            .command(&["SELECT", &mapping.db.to_string()])
+            .await
+            .expect("select");
+        let pattern = format!("{}*", String::from_utf8_lossy(&mapping.key_prefix));
+        let BytesFrame::Array(keys) = client.command(&["KEYS", &pattern]).await.expect("keys")
+        else {
+            panic!("KEYS")
+        };
+        for key in keys {
+            let BytesFrame::BulkString(key) = key else {
+                continue;
+            };
+            if frame_text(&client.command(&[&b"TYPE"[..], &key]).await.expect("type")) != "hash" {
+                continue;
+            }
+            let BytesFrame::Array(items) = client
+                .command(&[&b"HGETALL"[..], &key])
+                .await
+                .expect("hgetall")
+            else {
+                panic!("HGETALL")
+            };
+            let fields = items
+                .chunks(2)
+                .filter_map(|p| match (&p[0], &p[1]) {
+                    (BytesFrame::BulkString(f), BytesFrame::BulkString(v)) => {
+                        Some((f.clone(), v.clone()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            out.insert((mapping.db, key), fields);
+        }
+    }
+    client.command(&["SELECT", "0"]).await.expect("select");
+    out
+}
+
+fn mirror_hashes(store: &Store) -> Hashes {
+    store
+        .mirror_scan(None, None, usize::MAX)
+        .expect("scan")
+        .into_iter()
+        .filter(|(_, _, v)| v.kind == MirrorKind::Hash)
+        .map(|(db, key, v)| {
+            (
+                (db, key),
+                v.fields.into_iter().map(|(f, v)| (f, v.value)).collect(),
+            )
+        })
+        .collect()
+}
+
+type Rows = BTreeMap<(String, Bytes), Vec<(String, Option<Bytes>)>>;
+
+/// Replays the whole change log over an empty table.
+fn replay(store: &Store) -> Rows {
+    let mut rows = BTreeMap::new();
+    let mut from = 0;
+    loop {
+        let page = store.changes(from, 1000).expect("changes");
+        let Some(last) = page.last() else { break };
+        from = last.seq + 1;
+        for change in page {
+            match change.row {
+                RowChange::Upsert { columns } => {
+                    rows.insert((change.mapping, change.row_id), columns);
+                }
+                RowChange::Delete => {
+                    rows.remove(&(change.mapping, change.row_id));
+                }
+            }
+        }
+    }
+    rows
+}
+
+/// The rows the tables should hold for these hashes.
+fn projection(hashes: &Hashes, mappings: &Mappings) -> Rows {
+    let mut rows = BTreeMap::new();
+    for ((db, key), fields) in hashes {
+        let Some(mapping) = mappings.watching(*db, key) else {
+            continue;
+        };
+        let fields = fields
+            .iter()
+            .map(|(f, v)| {
+                (
+                    f.clone(),
+                    writebehind::buffer::FieldValue {
+                        value: v.clone(),
+                        expire_at_ms: None,
+                    },
+                )
+            })
+            .collect();
+        rows.insert(
+            (mapping.name.clone(), mapping.row_id(key)),
+            mapping.row_image(&fields),
+        );
+    }
+    rows
+}
+
+/// One random command of the workload (as arguments), or a MULTI block.
+fn random_command(rng: &mut StdRng) -> Vec<Vec<String>> {
+    let watched = |rng: &mut StdRng| -> String {
+        if rng.random_bool(0.15) {
+            format!("car:{}", rng.random_range(0..10))
+        } else {
+            format!("person2:{}", rng.random_range(0..40))
+        }
+    };
+    let any = |rng: &mut StdRng| -> String {
+        if rng.random_bool(0.3) {
+            format!("tmp:{}", rng.random_range(0..10))
+        } else {
+            watched(rng)
+        }
+    };
+    let field = |rng: &mut StdRng| -> String {
+        ["first_name", "last_name", "age", "seq", "color", "extra"][rng.random_range(0..6)]
+            .to_string()
+    };
+    let value = |rng: &mut StdRng| -> String { format!("v{}", rng.random_range(0..1000)) };
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
+    let roll = rng.random_range(0..100);
+    let one = match roll {
+        0..=29 => {
+            let k = any(rng);
+            let (f1, v1, f2, v2) = (field(rng), value(rng), field(rng), value(rng));
+            s(&["HSET", &k, &f1, &v1, &f2, &v2])
+        }
+        30..=34 => {
+            let (k, f, v) = (any(rng), field(rng), value(rng));
+            s(&["HMSET", &k, &f, &v])
+        }
+        35..=38 => {
+            let (k, f, v) = (any(rng), field(rng), value(rng));
+            s(&["HSETNX", &k, &f, &v])
+        }
+        39..=46 => {
+            let (k, f) = (any(rng), field(rng));
+            s(&["HDEL", &k, &f])
+        }
+        47..=51 => {
+            let k = any(rng);
+            s(&[
+                "HINCRBY",
+                &k,
+                "counter",
+                &rng.random_range(-5..10).to_string(),
+            ])
+        }
+        52..=54 => {
+            let k = any(rng);
+            s(&["HINCRBYFLOAT", &k, "score", "1.5"])
+        }
+        55..=58 => {
+            let k = any(rng);
+            s(&[
+                if rng.random_bool(0.5) {
+                    "DEL"
+                } else {
+                    "UNLINK"
+                },
+                &k,
+            ])
+        }
+        59..=63 => {
+            let (a, b) = (any(rng), any(rng));
+            s(&[
+                if rng.random_bool(0.7) {
+                    "RENAME"
+                } else {
+                    "RENAMENX"
+                },
+                &a,
+                &b,
+            ])
+        }
+        64..=65 => {
+            let k = any(rng);
+            s(&["MOVE", &k, if rng.random_bool(0.5) { "1" } else { "0" }])
+        }
+        66..=68 => {
+            let (a, b) = (any(rng), any(rng));
+            if rng.random_bool(0.5) {
+                s(&["COPY", &a, &b, "REPLACE"])
+            } else {
+                s(&["COPY", &a, &b, "DB", "1", "REPLACE"])
+            }
+        }
+        69..=70 => {
+            let k = any(rng);
+            s(&["SET", &k, "a-string"])
+        }
+        71..=72 => {
+            let k = any(rng);
+            return vec![
+                s(&["SADD", "tmpset", "m"]),
+                s(&["SUNIONSTORE", &k, "tmpset"]),
+            ];
+        }
+        73..=76 => {
+            let k = any(rng);
+            s(&["EXPIRE", &k, "1000"])
+        }
+        77..=78 => {
+            let k = any(rng);
+            s(&["PERSIST", &k])
+        }
+        79..=80 => {
+            let k = any(rng);
+            s(&["PEXPIRE", &k, &rng.random_range(1..200).to_string()])
+        }
+        81..=85 => {
+            let (a, b, f, v) = (any(rng), any(rng), field(rng), value(rng));
+            return vec![
+                s(&["MULTI"]),
+                s(&["HSET", &a, &f, &v]),
+                s(&["DEL", &b]),
+                s(&["HINCRBY", &a, "counter", "1"]),
+                s(&["EXEC"]),
+            ];
+        }
+        86..=88 => {
+            let (a, b) = (any(rng), any(rng));
+            s(&["EVAL", "redis.call('HSET', KEYS[1], 'age', ARGV[1]); redis.call('HDEL', KEYS[2], 'age'); return 1", "2", &a, &b, &rng.random_range(0..99).to_string()])
+        }
+        89..=92 => {
+            let k = any(rng);
+            return vec![
+                s(&["SELECT", "1"]),
+                s(&["HSET", &k, "color", &value(rng)]),
+                s(&["SELECT", "0"]),
+            ];
+        }
+        93..=94 => {
+            let k = any(rng);
+            return vec![s(&["SELECT", "1"]), s(&["DEL", &k]), s(&["SELECT", "0"])];
+        }
+        _ => {
+            let k = any(rng);
+            s(&["HSET", &k, "seq", &value(rng)])
+        }
+    };
+    vec![one]
+}
+
+/// Polls until no key of the workload has a short TTL left. Asking for a key's TTL makes Redis
+/// delete it (and replicate the DEL) once it has expired; `KEYS` alone would only hide it.
+async fn expire_short_ttls(client: &mut RedisClient) {
+    let mut names: Vec<String> = (0..40).map(|i| format!("person2:{i}")).collect();
+    names.extend((0..10).map(|i| format!("car:{i}")));
+    names.extend((0..10).map(|i| format!("tmp:{i}")));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for db in ["0", "1"] {
+        client.command(&["SELECT", db]).await.expect("select");
+        loop {
+            let mut pending = false;
+            for name in &names {
+                if let BytesFrame::Integer(ttl) =
+                    client.command(&["PTTL", name]).await.expect("pttl")
+                {
+                    pending |= (0..10_000).contains(&ttl);
+                }
+            }
+            if !pending {
+                break;
+            }
+            assert!(Instant::now() < deadline, "short TTLs did not expire");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    client.command(&["SELECT", "0"]).await.expect("select");
+}
+
+async fn send_all(client: &mut RedisClient, commands: &[Vec<String>]) {
+    for chunk in commands.chunks(200) {
+        let refs: Vec<Vec<&str>> = chunk
+            .iter()
+            .map(|c| c.iter().map(String::as_str).collect())
+            .collect();
+        let slices: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
+        client.pipeline(&slices).await.expect("pipeline");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_random_workload_leaves_mirror_and_change_log_equal_to_redis() {
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let mappings = mappings(&server, "delete");
+    // Something to capture in the first full sync.
+    client
+        .command(&["HSET", "person2:1", "first_name", "Ann", "age", "30"])
+        .await
+        .expect("hset");
+    client
+        .command(&["HSET", "tmp:1", "first_name", "Tim"])
+        .await
+        .expect("hset");
+    let running = start_capture(&server, store.clone(), mappings.clone());
+
+    let mut rng = StdRng::seed_from_u64(20261125);
+    let mut sent = 0;
+    let mut batch = Vec::new();
+    while sent < 100_000 {
+        for command in random_command(&mut rng) {
+            batch.push(command);
+            sent += 1;
+        }
+        if batch.len() >= 2000 {
+            send_all(&mut client, &batch).await;
+            batch.clear();
+            // RESTORE from a DUMP, which a pipeline cannot express.
+            let source = format!("tmp:{}", rng.random_range(0..10));
+            if let Ok(BytesFrame::BulkString(payload)) = client.command(&["DUMP", &source]).await {
+                let target = format!("person2:{}", rng.random_range(0..40));
+                client
+                    .command(&[
+                        &b"RESTORE"[..],
+                        target.as_bytes(),
+                        b"0",
+                        &payload,
+                        b"REPLACE",
+                    ])
+                    .await
+                    .expect("restore");
+                sent += 1;
+            }
+        }
+    }
+    send_all(&mut client, &batch).await;
+    client.command(&["SELECT", "1"]).await.expect("select");
+    client.command(&["FLUSHDB"]).await.expect("flushdb");
+    client
+        .command(&["HSET", "car:1", "color", "red"])
+        .await
+        .expect("hset");
+    client.command(&["SELECT", "0"]).await.expect("select");
+    expire_short_ttls(&mut client).await;
+    caught_up(&store, &mut client).await;
+    let capture = running.stop().await;
+
+    let redis = redis_hashes(&mut client, &mappings).await;
+    assert!(
+        redis.len() > 10,
+        "the workload left too few hashes to prove anything: {}",
+        redis.len()
+    );
+    let mirror = mirror_hashes(&store);
+    for key in mirror
+        .keys()
+        .filter(|k| !redis.contains_key(*k))
+        .chain(redis.keys().filter(|k| !mirror.contains_key(*k)))
+    {
+        client
+            .command(&["SELECT", &key.0.to_string()])
+            .await
+            .expect("select");
+        let kind = frame_text(&client.command(&[&b"TYPE"[..], &key.1]).await.expect("type"));
+        let stored = store.mirror(key.0, &key.1).expect("mirror");
+        eprintln!("differs: {key:?}: Redis type {kind}; mirror {stored:?}");
+    }
+    client.command(&["SELECT", "0"]).await.expect("select");
+    assert_eq!(mirror, redis, "mirror vs Redis");
+    assert_eq!(
+        replay(&store),
+        projection(&redis, &mappings),
+        "change log replay vs Redis"
+    );
+    assert!(
+        capture.stats.refreshed_keys > 0,
+        "renames from unwatched keys must have been refreshed"
+    );
+    assert_eq!(capture.stats.full_syncs, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_returns_once_the_change_is_in_the_buffer() {
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let running = start_capture(&server, store.clone(), mappings(&server, "keep"));
+    caught_up(&store, &mut client).await;
+    for i in 0..20 {
+        let key = format!("person2:{i}");
+        client
+            .command(&["HSET", &key, "first_name", &format!("n{i}")])
+            .await
+            .expect("hset");
+        let waited = client.command(&["WAIT", "1", "5000"]).await.expect("wait");
+        assert_eq!(waited, BytesFrame::Integer(1), "WAIT after {key}");
+        let value = store
+            .mirror(0, key.as_bytes())
+            .expect("mirror")
+            .expect("captured before WAIT returned");
+        assert_eq!(
+            value.fields[&Bytes::from("first_name")].value,
+            Bytes::from(format!("n{i}"))
+        );
+    }
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_full_resync_reconciles_exactly() {
+    let server = RedisServer::start(&["--repl-backlog-size", "16384"]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let mappings = mappings(&server, "keep");
+    for i in 1..=10 {
+        client
+            .command(&[
+                "HSET",
+                &format!("person2:{i}"),
+                "first_name",
+                &format!("n{i}"),
+                "age",
+                "1",
+            ])
+            .await
+            .expect("hset");
+    }
+    let running = start_capture(&server, store.clone(), mappings.clone());
+    caught_up(&store, &mut client).await;
+    running.stop().await;
+    let seq_before = store.checkpoint().expect("checkpoint").next_seq;
+
+    // While the service is down: deletes, a change, an unmapped-only change, and enough other
+    // traffic to overflow the 16 KiB backlog.
+    for i in 1..=3 {
+        client
+            .command(&["DEL", &format!("person2:{i}")])
+            .await
+            .expect("del");
+    }
+    client
+        .command(&["HSET", "person2:4", "age", "2"])
+        .await
+        .expect("hset");
+    client
+        .command(&["HSET", "person2:5", "unmapped", "x"])
+        .await
+        .expect("hset");
+    for i in 0..100 {
+        client
+            .command(&["SET", &format!("junk:{i}"), &"x".repeat(1000)])
+            .await
+            .expect("set");
+    }
+    let running = start_capture(&server, store.clone(), mappings.clone());
+    caught_up(&store, &mut client).await;
+    let capture = running.stop().await;
+    assert_eq!(
+        capture.stats.full_syncs, 1,
+        "the backlog no longer covered the checkpoint"
+    );
+
+    let changes = store.changes(seq_before, 100).expect("changes");
+    let mut summary: Vec<(String, String)> = changes
+        .iter()
+        .map(|c| {
+            let kind = match &c.row {
+                RowChange::Upsert { columns } => format!(
+                    "upsert {:?}",
+                    columns
+                        .iter()
+                        .find(|(c, _)| c == "age")
+                        .and_then(|(_, v)| v.clone())
+                ),
+                RowChange::Delete => "delete".to_string(),
+            };
+            (String::from_utf8_lossy(&c.row_id).into_owned(), kind)
+        })
+        .collect();
+    summary.sort();
+    assert_eq!(
+        summary,
+        vec![
+            ("1".to_string(), "delete".to_string()),
+            ("2".to_string(), "delete".to_string()),
+            ("3".to_string(), "delete".to_string()),
+            (
+                "4".to_string(),
+                format!("upsert {:?}", Some(Bytes::from("2")))
+            ),
+        ]
+    );
+    assert_eq!(
+        mirror_hashes(&store),
+        redis_hashes(&mut client, &mappings).await
+    );
+}
+
+/// Starts `writebehind run` on `config`.
+fn spawn_service(config: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_writebehind"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start writebehind")
+}
+
+/// The primary's view of our acknowledged offset (`slave0:...,offset=N`).
+async fn replica_ack_offset(client: &mut RedisClient) -> Option<u64> {
+    let info = client.info("replication").await.ok()?;
+    let line = info_field(&info, "slave0")?;
+    line.split(',')
+        .find_map(|part| part.strip_prefix("offset="))
+        .and_then(|o| o.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_at_random_instants_loses_and_repeats_nothing() {
+    // The backlog must cover the writes made while the service restarts (README: sizing it).
+    let server = RedisServer::start(&["--repl-backlog-size", "256mb"]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let buffer = dir.path().join("buffer");
+    let config = dir.path().join("writebehind.toml");
+    std::fs::write(
+        &config,
+        config_text(&server.url(), &buffer.display().to_string(), "keep"),
+    )
+    .expect("config");
+    let mappings = mappings(&server, "keep");
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut service = spawn_service(&config);
+    // The first attach is a full sync of an empty database; writes start once it is done.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while replica_ack_offset(&mut client).await.is_none() {
+        assert!(Instant::now() < deadline, "the service never attached");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut next_seq = 1u64;
+    let kills = 20;
+    for round in 0..=kills {
+        // Writes flow while the service runs; it is killed at a random instant in the middle.
+        let kill_after = Duration::from_millis(rng.random_range(50..400));
+        let started = Instant::now();
+        while started.elapsed() < kill_after || round == kills {
+            let commands: Vec<Vec<String>> = (0..50)
+                .map(|_| {
+                    let key = format!("person2:{}", rng.random_range(0..100));
+                    let seq = next_seq.to_string();
+                    next_seq += 1;
+                    vec!["HSET".into(), key, "seq".into(), seq]
+                })
+                .collect();
+            send_all(&mut client, &commands).await;
+            if round == kills {
+                break;
+            }
+        }
+        if round < kills {
+            let _ = service.kill();
+            let _ = service.wait();
+            service = spawn_service(&config);
+        }
+    }
+    // Let the last service catch up (its ACK is its durable checkpoint), then stop it.
+    let target = master_offset(&mut client).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while replica_ack_offset(&mut client)
+        .await
+        .is_none_or(|o| o < target)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the service never acknowledged offset {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = service.kill();
+    let _ = service.wait();
+
+    let stats = client.info("stats").await.expect("info");
+    let log: Vec<String> = server
+        .log()
+        .lines()
+        .filter(|l| l.contains("esync") || l.contains("PSYNC") || l.contains("backlog"))
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        info_field(&stats, "sync_full"),
+        Some("1"),
+        "only the first attach may be a full sync:\n{}",
+        log.join("\n")
+    );
+    assert_eq!(
+        info_field(&stats, "sync_partial_ok"),
+        Some(kills.to_string().as_str()),
+        "every restart resumed with PSYNC"
+    );
+
+    let store = Store::open(&buffer).expect("store");
+    let mut seqs = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = store.changes(from, 1000).expect("changes");
+        let Some(last) = page.last() else { break };
+        from = last.seq + 1;
+        for change in page {
+            if let RowChange::Upsert { columns } = change.row {
+                if let Some((_, Some(seq))) = columns.iter().find(|(c, _)| c == "seq") {
+                    seqs.push(String::from_utf8_lossy(seq).parse::<u64>().expect("seq"));
+                }
+            }
+        }
+    }
+    assert_eq!(
+        seqs,
+        (1..next_seq).collect::<Vec<u64>>(),
+        "every write exactly once, in order"
+    );
+    assert_eq!(
+        mirror_hashes(&store),
+        redis_hashes(&mut client, &mappings).await
+    );
+}
