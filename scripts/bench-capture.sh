@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Capture benchmark: a real `redis-server --replicaof` and `writebehind run` attached to the same
+# primary, fed the same pipelined HSET burst by redis-benchmark. Reports, for both, the lag in
+# bytes when the burst ends and the time to catch up, then the throughput in commands per second
+# durably applied (writebehind acknowledges only what is synced to RocksDB), and the ratio.
+# Not a test: it measures.
+#
+# Usage: scripts/bench-capture.sh [commands]   (default 1000000 HSETs, pipeline 32)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+commands="${1:-1000000}"
+work="$(mktemp -d /var/tmp/writebehind-capture-bench.XXXXXX)"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+primary=$(free_port); replica=$(free_port)
+service_pid=""
+cleanup() {
+  [ -n "$service_pid" ] && kill -9 "$service_pid" 2>/dev/null || true
+  redis-cli -p "$primary" shutdown nosave >/dev/null 2>&1 || true
+  redis-cli -p "$replica" shutdown nosave >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+export ROCKSDB_LIB_DIR="${ROCKSDB_LIB_DIR:-/usr/lib/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)}"
+cargo build --release --bin writebehind >/dev/null 2>&1
+bin="${CARGO_TARGET_DIR:-target}/release/writebehind"
+
+redis-server --port "$primary" --bind 127.0.0.1 --dir "$work" --save '' --appendonly no \
+  --repl-backlog-size 512mb --daemonize yes --logfile "$work/primary.log"
+mkdir -p "$work/replica"
+redis-server --port "$replica" --bind 127.0.0.1 --dir "$work/replica" --save '' --appendonly no \
+  --replicaof 127.0.0.1 "$primary" --daemonize yes --logfile "$work/replica.log"
+cat > "$work/writebehind.toml" <<TOML
+[source]
+url = "redis://127.0.0.1:$primary"
+[buffer]
+path = "$work/buffer"
+[backends.db]
+url = "sqlite://$work/unused.db"
+[[mappings]]
+name = "People"
+prefix = "person2"
+backend = "db"
+table = "person1"
+key_column = "id"
+[mappings.columns]
+first_name = "first"
+last_name = "last"
+age = "age"
+TOML
+RUST_LOG=warn "$bin" run --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
+service_pid=$!
+
+offsets() {
+  # master offset, the replica's processed offset, writebehind's acknowledged (durable) offset
+  local info; info=$(redis-cli -p "$primary" info replication | tr -d '\r')
+  local master; master=$(echo "$info" | sed -n 's/^master_repl_offset://p')
+  local rep; rep=$(redis-cli -p "$replica" info replication | tr -d '\r' | sed -n 's/^slave_repl_offset://p')
+  local wb; wb=$(echo "$info" | grep '^slave' | grep 'port=1,' | sed -n 's/.*offset=\([0-9]*\).*/\1/p')
+  echo "${master:-0} ${rep:-0} ${wb:-0}"
+}
+for _ in $(seq 1 300); do
+  read -r m r w < <(offsets)
+  [ "$(redis-cli -p "$primary" info replication | tr -d '\r' | sed -n 's/^connected_slaves://p')" = 2 ] && [ "$w" -ge "$m" ] && [ "$r" -ge "$m" ] && break
+  sleep 0.1
+done
+
+echo "== burst: $commands HSETs (3 fields) over 100000 keys, pipeline 32"
+start=$(date +%s.%N)
+redis-benchmark -p "$primary" -q -n "$commands" -P 32 -r 100000 \
+  HSET person2:__rand_int__ first_name John last_name Doe age 42 >/dev/null
+burst_end=$(date +%s.%N)
+read -r target r w < <(offsets)
+echo "burst_seconds=$(python3 -c "print(round($burst_end-$start,3))")"
+echo "lag_at_burst_end_replica_bytes=$((target - r))"
+echo "lag_at_burst_end_writebehind_bytes=$((target - w))"
+replica_done=""; wb_done=""
+for _ in $(seq 1 6000); do
+  read -r _m r w < <(offsets)
+  now=$(date +%s.%N)
+  [ -z "$replica_done" ] && [ "$r" -ge "$target" ] && replica_done=$now
+  [ -z "$wb_done" ] && [ "$w" -ge "$target" ] && wb_done=$now
+  [ -n "$replica_done" ] && [ -n "$wb_done" ] && break
+  sleep 0.01
+done
+[ -n "$wb_done" ] || { echo "writebehind did not catch up"; exit 1; }
+python3 - "$start" "$burst_end" "$replica_done" "$wb_done" "$commands" <<'PY'
+import sys
+start, burst_end, replica_done, wb_done, n = map(float, sys.argv[1:])
+rep = replica_done - start
+wb = wb_done - start
+print(f"replica_caught_up_after_burst_seconds={replica_done - burst_end:.3f}")
+print(f"writebehind_caught_up_after_burst_seconds={wb_done - burst_end:.3f}")
+print(f"replica_commands_per_second={n / rep:.0f}")
+print(f"writebehind_durable_commands_per_second={n / wb:.0f}")
+print(f"ratio_writebehind_to_replica={(n / wb) / (n / rep):.2f}")
+PY
+grep -i error "$work/writebehind.log" | head -5 || true
