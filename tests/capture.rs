@@ -758,3 +758,79 @@ async fn kill_dash_nine_at_random_instants_loses_and_repeats_nothing() {
         redis_hashes(&mut client, &mappings).await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_logs_its_progress_in_percent_and_keys_per_second() {
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let commands: Vec<Vec<String>> = (0..2000)
+        .map(|i| {
+            vec![
+                "HSET".into(),
+                format!("person2:{i}"),
+                "age".into(),
+                i.to_string(),
+            ]
+        })
+        .collect();
+    send_all(&mut client, &commands).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let buffer = dir.path().join("buffer");
+    let config = dir.path().join("writebehind.toml");
+    std::fs::write(
+        &config,
+        config_text(&server.url(), &buffer.display().to_string(), "keep"),
+    )
+    .expect("config");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_writebehind"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start writebehind");
+    let stderr = child.stderr.take().expect("stderr");
+    let lines = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let done = line.contains("snapshot captured");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+        seen
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !lines.is_finished() {
+        assert!(Instant::now() < deadline, "no 'snapshot captured' line");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let seen = lines.join().expect("reader");
+    let progress: Vec<&String> = seen
+        .iter()
+        .filter(|l| l.contains("snapshot progress"))
+        .collect();
+    assert!(progress.len() >= 5, "{seen:#?}");
+    assert!(
+        progress
+            .iter()
+            .all(|l| l.contains("percent=") && l.contains("keys_per_second=")),
+        "{progress:#?}"
+    );
+    assert!(
+        progress.last().is_some_and(|l| l.contains("percent=100.0")),
+        "{progress:#?}"
+    );
+    assert!(
+        seen.last().is_some_and(|l| l.contains("keys=2000")),
+        "{seen:#?}"
+    );
+}

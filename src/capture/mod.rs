@@ -70,7 +70,80 @@ struct FullSync {
     key: Option<SnapshotKey>,
     batch: Batch,
     keys_in_batch: usize,
+    progress: SnapshotProgress,
+}
+
+/// Progress of a snapshot: a log line at every tenth of the keys and at least every few seconds,
+/// with percent and rate, and a bar when standard error is a terminal. The total is the
+/// primary's key count when the sync began.
+struct SnapshotProgress {
+    total: u64,
     keys: u64,
+    next_percent: f64,
+    started: std::time::Instant,
+    last_log: std::time::Instant,
+    bar: indicatif::ProgressBar,
+}
+
+impl SnapshotProgress {
+    const LOG_EVERY: Duration = Duration::from_secs(5);
+
+    fn new(total: u64) -> Self {
+        let bar = indicatif::ProgressBar::with_draw_target(
+            Some(total.max(1)),
+            indicatif::ProgressDrawTarget::stderr(),
+        );
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "snapshot {bar:40} {pos}/{len} keys {per_sec} {eta}",
+        ) {
+            bar.set_style(style);
+        }
+        let now = std::time::Instant::now();
+        SnapshotProgress {
+            total,
+            keys: 0,
+            next_percent: 10.0,
+            started: now,
+            last_log: now,
+            bar,
+        }
+    }
+
+    fn key_done(&mut self) {
+        self.keys += 1;
+        self.bar.set_position(self.keys);
+        let percent = self.percent();
+        if self.last_log.elapsed() >= Self::LOG_EVERY
+            || (self.total > 0 && percent >= self.next_percent)
+        {
+            self.last_log = std::time::Instant::now();
+            while self.next_percent <= percent {
+                self.next_percent += 10.0;
+            }
+            tracing::info!(keys = self.keys, total = self.total, percent = %format!("{percent:.1}"), keys_per_second = self.rate(), "snapshot progress");
+        }
+    }
+
+    fn percent(&self) -> f64 {
+        if self.total == 0 {
+            100.0
+        } else {
+            (self.keys as f64 * 100.0 / self.total as f64).min(100.0)
+        }
+    }
+
+    fn rate(&self) -> u64 {
+        let seconds = self.started.elapsed().as_secs_f64();
+        if seconds > 0.0 {
+            (self.keys as f64 / seconds) as u64
+        } else {
+            0
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
 }
 
 /// The capture pipeline.
@@ -144,7 +217,8 @@ impl Capture {
             ReplicationEvent::FullSyncStarted { replid, offset, .. } => {
                 tracing::info!(%replid, %offset, "full sync started");
                 self.load_command_table().await;
-                self.begin_full_sync()?;
+                let total = self.primary_key_count().await;
+                self.begin_full_sync(total)?;
             }
             ReplicationEvent::Snapshot(event) => self.snapshot_event(event)?,
             ReplicationEvent::FullSyncCompleted {
@@ -220,7 +294,27 @@ impl Capture {
         }
     }
 
-    fn begin_full_sync(&mut self) -> Result<(), StoreError> {
+    /// The number of keys in the primary (`INFO keyspace`), for the snapshot's progress.
+    async fn primary_key_count(&self) -> u64 {
+        let info = async {
+            RedisClient::connect(&self.endpoint, Duration::from_secs(10))
+                .await?
+                .info("keyspace")
+                .await
+        }
+        .await;
+        let Ok(info) = info else { return 0 };
+        info.lines()
+            .filter(|l| l.starts_with("db"))
+            .filter_map(|l| {
+                l.split([':', ','])
+                    .find_map(|part| part.strip_prefix("keys="))
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .sum()
+    }
+
+    fn begin_full_sync(&mut self, total_keys: u64) -> Result<(), StoreError> {
         self.stats.full_syncs += 1;
         let first = self.checkpoint.position.is_none();
         self.checkpoint.generation += 1;
@@ -233,7 +327,7 @@ impl Capture {
             key: None,
             batch: Batch::default(),
             keys_in_batch: 0,
-            keys: 0,
+            progress: SnapshotProgress::new(total_keys),
         });
         Ok(())
     }
@@ -279,6 +373,7 @@ impl Capture {
                 }
             }
             RdbEvent::KeyEnd { empty } => {
+                sync.progress.key_done();
                 if let Some(mut current) = sync.key.take() {
                     current.empty = empty;
                     self.snapshot_key(current)?;
@@ -325,7 +420,6 @@ impl Capture {
             return Ok(());
         };
         sync.batch = batch;
-        sync.keys += 1;
         sync.keys_in_batch += 1;
         if sync.keys_in_batch >= SNAPSHOT_BATCH_KEYS {
             sync.keys_in_batch = 0;
@@ -340,6 +434,7 @@ impl Capture {
         let Some(mut sync) = self.full_sync.take() else {
             return Ok(());
         };
+        sync.progress.finish();
         let mut batch = std::mem::take(&mut sync.batch);
         batch.put_checkpoint(&self.checkpoint);
         self.store.write(batch, false)?;
@@ -375,7 +470,13 @@ impl Capture {
         self.checkpoint.full_sync_in_progress = false;
         batch.put_checkpoint(&self.checkpoint);
         self.store.write(batch, true)?;
-        tracing::info!(keys = sync.keys, swept, generation, "snapshot captured");
+        tracing::info!(
+            keys = sync.progress.keys,
+            keys_per_second = sync.progress.rate(),
+            swept,
+            generation,
+            "snapshot captured"
+        );
         Ok(())
     }
 
