@@ -629,6 +629,21 @@ async fn a_forced_full_resync_reconciles_exactly() {
     );
 }
 
+/// Writes a service configuration for `server` into `dir`; returns (config, buffer) paths.
+fn service_config(
+    server: &RedisServer,
+    dir: &tempfile::TempDir,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let buffer = dir.path().join("buffer");
+    let config = dir.path().join("writebehind.toml");
+    std::fs::write(
+        &config,
+        config_text(&server.url(), &buffer.display().to_string(), "keep"),
+    )
+    .expect("config");
+    (config, buffer)
+}
+
 /// Starts `writebehind run` on `config`.
 fn spawn_service(config: &std::path::Path) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_writebehind"))
@@ -656,13 +671,7 @@ async fn kill_dash_nine_at_random_instants_loses_and_repeats_nothing() {
     let server = RedisServer::start(&["--repl-backlog-size", "256mb"]);
     let mut client = server.client().await;
     let dir = tempfile::tempdir().expect("dir");
-    let buffer = dir.path().join("buffer");
-    let config = dir.path().join("writebehind.toml");
-    std::fs::write(
-        &config,
-        config_text(&server.url(), &buffer.display().to_string(), "keep"),
-    )
-    .expect("config");
+    let (config, buffer) = service_config(&server, &dir);
     let mappings = mappings(&server, "keep");
     let mut rng = StdRng::seed_from_u64(9);
     let mut service = spawn_service(&config);
@@ -775,13 +784,7 @@ async fn a_full_sync_logs_its_progress_in_percent_and_keys_per_second() {
         .collect();
     send_all(&mut client, &commands).await;
     let dir = tempfile::tempdir().expect("dir");
-    let buffer = dir.path().join("buffer");
-    let config = dir.path().join("writebehind.toml");
-    std::fs::write(
-        &config,
-        config_text(&server.url(), &buffer.display().to_string(), "keep"),
-    )
-    .expect("config");
+    let (config, _buffer) = service_config(&server, &dir);
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_writebehind"))
         .args(["run", "--config"])
         .arg(&config)

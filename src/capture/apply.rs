@@ -23,7 +23,7 @@ use super::command_table::CommandTable;
 use super::mapping::{Mapping, Mappings};
 use crate::buffer::{Batch, FieldValue, MirrorKind, MirrorValue, RowChange, Store, StoreError};
 use crate::config::OnExpire;
-use crate::replication::rdb::{decode_dump_payload, ValueKind};
+use crate::replication::rdb::{decode_dump_payload, DumpedValue, ValueKind};
 use crate::replication::stream::Command;
 
 /// A row change derived from a command, before it gets its place in the change log.
@@ -533,28 +533,7 @@ impl Applier<'_> {
             (t, true) => Some(t),
             (t, false) => Some(now_ms().saturating_add(t)),
         };
-        let after = if decoded.kind == ValueKind::Hash {
-            if decoded.empty {
-                None
-            } else {
-                let mut v = MirrorValue::hash(self.generation);
-                v.expire_at_ms = expire_at_ms;
-                for f in decoded.fields {
-                    v.fields.insert(
-                        f.field,
-                        FieldValue {
-                            value: f.value,
-                            expire_at_ms: f.expire_at_ms,
-                        },
-                    );
-                }
-                Some(v)
-            }
-        } else {
-            let mut v = MirrorValue::other(self.generation);
-            v.expire_at_ms = expire_at_ms;
-            Some(v)
-        };
+        let after = mirror_value_from_dump(decoded, self.generation, expire_at_ms);
         if let Some(event) = row_event(mapping, &key, &before, &after, false) {
             out.push(event);
         }
@@ -720,6 +699,38 @@ impl Applier<'_> {
         }
         Ok(())
     }
+}
+
+/// The mirror value of a decoded DUMP payload (`None` for an empty hash, which Redis would not
+/// keep).
+pub fn mirror_value_from_dump(
+    decoded: DumpedValue,
+    generation: u64,
+    expire_at_ms: Option<i64>,
+) -> Option<MirrorValue> {
+    if decoded.kind != ValueKind::Hash {
+        return Some(MirrorValue {
+            expire_at_ms,
+            ..MirrorValue::other(generation)
+        });
+    }
+    if decoded.empty {
+        return None;
+    }
+    let mut value = MirrorValue {
+        expire_at_ms,
+        ..MirrorValue::hash(generation)
+    };
+    for f in decoded.fields {
+        value.fields.insert(
+            f.field,
+            FieldValue {
+                value: f.value,
+                expire_at_ms: f.expire_at_ms,
+            },
+        );
+    }
+    Some(value)
 }
 
 /// The field names after `FIELDS n` starting at `start` (`HPEXPIREAT key ms [NX|XX|GT|LT]

@@ -29,7 +29,7 @@ use crate::redis_client::{info_field, ClientError, RedisClient};
 use crate::replication::rdb::{decode_dump_payload, RdbEvent, ValueKind};
 use crate::replication::stream::StreamEvent;
 use crate::replication::{LinkError, ReplicationEvent, Replicator};
-use apply::{now_ms, row_event, Applier, RowEvent, WorkingSet};
+use apply::{mirror_value_from_dump, now_ms, row_event, Applier, RowEvent, WorkingSet};
 use command_table::CommandTable;
 use mapping::Mappings;
 
@@ -646,32 +646,15 @@ impl Capture {
             BytesFrame::BulkString(payload) => {
                 let decoded =
                     decode_dump_payload(payload).map_err(|e| bad(&format!("DUMP payload: {e}")))?;
-                let mut value = if decoded.kind == ValueKind::Hash {
-                    MirrorValue::hash(self.checkpoint.generation)
-                } else {
-                    MirrorValue::other(self.checkpoint.generation)
-                };
-                value.expire_at_ms = expire_at_ms;
-                for f in decoded.fields {
-                    value.fields.insert(
-                        f.field,
-                        FieldValue {
-                            value: f.value,
-                            expire_at_ms: f.expire_at_ms,
-                        },
-                    );
-                }
-                value.refreshed_through = offset;
-                Some(value)
+                mirror_value_from_dump(decoded, self.checkpoint.generation, expire_at_ms)
             }
-            _ => {
-                // Absent at that offset. A marker entry (no row) records the offset, so that the
-                // stream's commands up to it are not replayed onto the absent key.
-                let mut marker = MirrorValue::other(self.checkpoint.generation);
-                marker.refreshed_through = offset;
-                Some(marker)
-            }
+            _ => None,
         };
+        // Absent at that offset: a marker entry (no row) records the offset, so that the
+        // stream's commands up to it are not replayed onto the absent key.
+        let mut value = value.unwrap_or_else(|| MirrorValue::other(self.checkpoint.generation));
+        value.refreshed_through = offset;
+        let value = Some(value);
         Ok(Some(value))
     }
 
