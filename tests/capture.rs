@@ -837,3 +837,68 @@ async fn a_full_sync_logs_its_progress_in_percent_and_keys_per_second() {
         "{seen:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapdb_of_a_mapped_database_is_reconciled_by_a_full_sync() {
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let mappings = mappings(&server, "keep");
+    client
+        .command(&["HSET", "person2:1", "first_name", "A"])
+        .await
+        .expect("hset");
+    client
+        .command(&["HSET", "car:9", "color", "blue"])
+        .await
+        .expect("hset");
+    client.command(&["SELECT", "1"]).await.expect("select");
+    client
+        .command(&["HSET", "car:1", "color", "red"])
+        .await
+        .expect("hset");
+    client.command(&["SELECT", "0"]).await.expect("select");
+    let running = start_capture(&server, store.clone(), mappings.clone());
+    caught_up(&store, &mut client).await;
+    let seq_before = store.checkpoint().expect("checkpoint").next_seq;
+
+    // HSET, then SWAPDB in the same burst: the HSET must not be lost with the batch.
+    client
+        .command(&["HSET", "car:9", "color", "green"])
+        .await
+        .expect("hset");
+    client.command(&["SWAPDB", "0", "1"]).await.expect("swapdb");
+    caught_up(&store, &mut client).await;
+    let capture = running.stop().await;
+    assert_eq!(capture.stats.full_syncs, 2);
+    assert_eq!(
+        mirror_hashes(&store),
+        redis_hashes(&mut client, &mappings).await
+    );
+    let mut changes: Vec<(String, String, bool)> = store
+        .changes(seq_before, 100)
+        .expect("changes")
+        .into_iter()
+        .map(|c| {
+            (
+                c.mapping,
+                String::from_utf8_lossy(&c.row_id).into_owned(),
+                c.row == RowChange::Delete,
+            )
+        })
+        .collect();
+    changes.sort();
+    assert_eq!(
+        changes,
+        vec![
+            ("Cars".to_string(), "1".to_string(), true),
+            ("Cars".to_string(), "9".to_string(), false),
+            ("People".to_string(), "1".to_string(), true)
+        ]
+    );
+    assert_eq!(
+        replay(&store),
+        projection(&redis_hashes(&mut client, &mappings).await, &mappings)
+    );
+}

@@ -261,14 +261,20 @@ impl Capture {
                         next = replicator.try_next_buffered();
                     }
                 }
+                if let Some(reason) = resync {
+                    // Nothing of this batch is kept: a unit may be half applied to the working
+                    // set. The full sync compares the snapshot with the mirror as of the last
+                    // commit, so every change since then is found again.
+                    tracing::warn!(%reason, "starting a full resynchronisation");
+                    drop(ws);
+                    self.checkpoint = self.store.checkpoint()?;
+                    replicator.resume_from(None);
+                    replicator.disconnect();
+                    return Ok(());
+                }
                 self.commit(&mut ws, changes)?;
                 if let Some(position) = &self.checkpoint.position {
                     replicator.acknowledge(position.offset);
-                }
-                if let Some(reason) = resync {
-                    tracing::warn!(%reason, "starting a full resynchronisation");
-                    replicator.resume_from(None);
-                    replicator.disconnect();
                 }
             }
             ReplicationEvent::Disconnected { error, retry_in } => {
