@@ -55,7 +55,7 @@ offsets() {
   local info; info=$(redis-cli -p "$primary" info replication | tr -d '\r')
   local master; master=$(echo "$info" | sed -n 's/^master_repl_offset://p')
   local rep; rep=$(redis-cli -p "$replica" info replication | tr -d '\r' | sed -n 's/^slave_repl_offset://p')
-  local wb; wb=$(echo "$info" | grep '^slave' | grep 'port=1,' | sed -n 's/.*offset=\([0-9]*\).*/\1/p')
+  local wb; wb=$(echo "$info" | { grep '^slave' || true; } | { grep 'port=1,' || true; } | sed -n 's/.*offset=\([0-9]*\).*/\1/p')
   echo "${master:-0} ${rep:-0} ${wb:-0}"
 }
 for _ in $(seq 1 300); do
