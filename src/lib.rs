@@ -7,6 +7,7 @@
 //!   command stream ([`replication::stream`]), with exact offsets;
 //! - [`capture`]: applying the stream to the mirror and deriving row changes;
 //! - [`buffer`]: the RocksDB mirror, change log and checkpoints;
+//! - [`sink`]: writing the change log to MySQL/MariaDB and SQLite;
 //! - [`position`]: offsets and replication IDs;
 //! - [`config`]: the TOML configuration;
 //! - [`redis_client`]: ordinary request/response commands;
@@ -19,3 +20,4 @@ pub mod config;
 pub mod position;
 pub mod redis_client;
 pub mod replication;
+pub mod sink;

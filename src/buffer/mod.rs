@@ -10,12 +10,15 @@
 //!   u64` (commands ending at or before this offset are already in the value: it was read from
 //!   the primary at that offset), `field count u32`, then per field in byte order `field bytes,
 //!   value bytes, expire_at_ms opt i64`.
-//! - **`changes`**: the change log, in order. Key: `seq u64`. Value: `unit u64` (seq of the first
+//! - **`changes`**: the change log, in order. Key: `seq u64` (from 1; 0 means "none"). Value: `unit u64` (seq of the first
 //!   change of its execution unit: a command, or a `MULTI ... EXEC`; the sink commits a unit in
 //!   one transaction), `unit_end u8`, `offset u64` (stream offset after the unit), `mapping
 //!   bytes`, `row_id bytes`, `kind u8` (1 upsert, 2 delete), for an upsert `column count u32` and
 //!   per column `name bytes, value opt bytes` (absent field = NULL), then `op opt (u8 op, opt
 //!   bytes uuid)` (the `#` op field, later stages).
+//! - **`dead_letters`**: changes a database refused. Key: `seq u64`. Value: `backend bytes,
+//!   mapping bytes, row_id bytes, reason bytes, at_ms i64`. `writebehind dlq` lists, retries
+//!   (with the key's current mirror state) and drops them.
 //! - **`meta`**: `format` (u32 = 1); `checkpoint` (`replid opt bytes`, `offset u64`, `db u32`,
 //!   `next_seq u64`, `generation u64`, `full_sync_in_progress u8`); `replid/<seq u64>` the
 //!   history of replication IDs (`replid bytes, first offset u64`).
@@ -42,6 +45,7 @@ const FORMAT_VERSION: u32 = 1;
 const CF_MIRROR: &str = "mirror";
 const CF_CHANGES: &str = "changes";
 const CF_META: &str = "meta";
+const CF_DEAD_LETTERS: &str = "dead_letters";
 const META_FORMAT: &[u8] = b"format";
 const META_CHECKPOINT: &[u8] = b"checkpoint";
 const META_REPLID_PREFIX: &[u8] = b"replid/";
@@ -337,8 +341,47 @@ pub struct Batch {
     ops: Vec<Op>,
 }
 
+/// A change a database refused, kept until it is retried or dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub seq: u64,
+    pub backend: String,
+    pub mapping: String,
+    pub row_id: Bytes,
+    pub reason: String,
+    pub at_ms: i64,
+}
+
+impl DeadLetter {
+    fn encode(&self) -> Vec<u8> {
+        let mut e = Encoder::default();
+        e.bytes(self.backend.as_bytes())
+            .bytes(self.mapping.as_bytes())
+            .bytes(&self.row_id)
+            .bytes(self.reason.as_bytes())
+            .i64(self.at_ms);
+        e.finish()
+    }
+
+    fn decode(seq: u64, input: &[u8]) -> Result<DeadLetter, DecodeError> {
+        let mut d = Decoder::new(input, "dead letter");
+        let letter = DeadLetter {
+            seq,
+            backend: d.string()?,
+            mapping: d.string()?,
+            row_id: d.bytes()?,
+            reason: d.string()?,
+            at_ms: d.i64()?,
+        };
+        d.end()?;
+        Ok(letter)
+    }
+}
+
 #[derive(Debug)]
 enum Op {
+    PutDeadLetter(u64, Vec<u8>),
+    DeleteDeadLetter(u64),
     PutMirror(Vec<u8>, Vec<u8>),
     DeleteMirror(Vec<u8>),
     PutChange(u64, Vec<u8>),
@@ -368,6 +411,13 @@ impl Batch {
         e.bytes(replid.as_str().as_bytes()).u64(offset.0);
         self.ops.push(Op::PutMeta(key, e.finish()));
     }
+    pub fn put_dead_letter(&mut self, letter: &DeadLetter) {
+        self.ops
+            .push(Op::PutDeadLetter(letter.seq, letter.encode()));
+    }
+    pub fn delete_dead_letter(&mut self, seq: u64) {
+        self.ops.push(Op::DeleteDeadLetter(seq));
+    }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
@@ -388,7 +438,7 @@ impl Store {
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
-        let families = [CF_MIRROR, CF_CHANGES, CF_META]
+        let families = [CF_MIRROR, CF_CHANGES, CF_META, CF_DEAD_LETTERS]
             .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         let db =
             DB::open_cf_descriptors(&options, path, families).map_err(|e| StoreError::RocksDb {
@@ -580,8 +630,12 @@ impl Store {
 
     /// Applies `batch` atomically; with `sync`, it is on disk when this returns.
     pub fn write(&self, batch: Batch, sync: bool) -> Result<(), StoreError> {
-        let (mirror, changes, meta) =
-            (self.cf(CF_MIRROR)?, self.cf(CF_CHANGES)?, self.cf(CF_META)?);
+        let (mirror, changes, meta, dead) = (
+            self.cf(CF_MIRROR)?,
+            self.cf(CF_CHANGES)?,
+            self.cf(CF_META)?,
+            self.cf(CF_DEAD_LETTERS)?,
+        );
         let mut write = WriteBatch::default();
         for op in batch.ops {
             match op {
@@ -589,6 +643,8 @@ impl Store {
                 Op::DeleteMirror(k) => write.delete_cf(mirror, k),
                 Op::PutChange(seq, v) => write.put_cf(changes, seq.to_be_bytes(), v),
                 Op::PutMeta(k, v) => write.put_cf(meta, k, v),
+                Op::PutDeadLetter(seq, v) => write.put_cf(dead, seq.to_be_bytes(), v),
+                Op::DeleteDeadLetter(seq) => write.delete_cf(dead, seq.to_be_bytes()),
             }
         }
         let mut options = WriteOptions::default();
@@ -596,6 +652,30 @@ impl Store {
         self.db
             .write_opt(write, &options)
             .map_err(|e| self.rocks(e))
+    }
+
+    /// All dead letters, in seq order.
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_DEAD_LETTERS)?, IteratorMode::Start)
+        {
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            let seq = key
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| {
+                    self.corrupt(DecodeError {
+                        what: "dead letter key",
+                        at: 0,
+                        message: format!("{} bytes, expected 8", key.len()),
+                    })
+                })?;
+            out.push(DeadLetter::decode(seq, &value).map_err(|e| self.corrupt(e))?);
+        }
+        Ok(out)
     }
 
     /// Approximate bytes on disk (SST files).

@@ -22,6 +22,11 @@ pub struct Mapping {
     pub columns: Vec<(Bytes, String)>,
     pub on_expire: OnExpire,
     pub initial_load: InitialLoad,
+    pub backend: String,
+    pub table: String,
+    /// Columns that must be present, else the change is dead-lettered.
+    pub required: Vec<String>,
+    pub create_table: bool,
 }
 
 impl Mapping {
@@ -41,6 +46,10 @@ impl Mapping {
             columns,
             on_expire: config.on_expire,
             initial_load: config.initial_load,
+            backend: config.backend.clone(),
+            table: config.table.clone(),
+            required: config.required.clone(),
+            create_table: config.create_table,
         }
     }
 

@@ -155,6 +155,8 @@ pub struct Capture {
     checkpoint: Checkpoint,
     full_sync: Option<FullSync>,
     refresher: Option<RedisClient>,
+    /// Woken after every commit, for the sinks.
+    committed: Arc<tokio::sync::Notify>,
     pub stats: CaptureStats,
 }
 
@@ -164,7 +166,9 @@ impl Capture {
         mappings: Mappings,
         endpoint: RedisEndpoint,
     ) -> Result<Capture, StoreError> {
-        let checkpoint = store.checkpoint()?;
+        let mut checkpoint = store.checkpoint()?;
+        // Seqs start at 1: a sink whose checkpoint says 0 has applied nothing.
+        checkpoint.next_seq = checkpoint.next_seq.max(1);
         Ok(Capture {
             store,
             mappings,
@@ -173,8 +177,14 @@ impl Capture {
             checkpoint,
             full_sync: None,
             refresher: None,
+            committed: Arc::new(tokio::sync::Notify::new()),
             stats: CaptureStats::default(),
         })
+    }
+
+    /// Notified after every commit to the change log.
+    pub fn committed(&self) -> Arc<tokio::sync::Notify> {
+        self.committed.clone()
     }
 
     /// Where the next `PSYNC` continues from (`None`: a full sync).
@@ -476,6 +486,7 @@ impl Capture {
         self.checkpoint.full_sync_in_progress = false;
         batch.put_checkpoint(&self.checkpoint);
         self.store.write(batch, true)?;
+        self.committed.notify_waiters();
         tracing::info!(
             keys = sync.progress.keys,
             keys_per_second = sync.progress.rate(),
@@ -677,6 +688,7 @@ impl Capture {
         batch.put_checkpoint(&self.checkpoint);
         self.store.write(batch, true)?;
         self.stats.commits += 1;
+        self.committed.notify_waiters();
         Ok(())
     }
 }

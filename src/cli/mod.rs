@@ -194,7 +194,7 @@ async fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-/// The service: capture into the buffer. The database writes come with the sink stage.
+/// The service: capture into the buffer, and one sink runner per backend.
 async fn run(path: &std::path::Path) -> ExitCode {
     let config = match load_config(path) {
         Ok(config) => config,
@@ -215,28 +215,86 @@ async fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     let mappings = crate::capture::mapping::Mappings::new(&config.mappings);
-    let mut capture = match crate::capture::Capture::new(store, mappings, endpoint.clone()) {
-        Ok(capture) => capture,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
+    let mut capture =
+        match crate::capture::Capture::new(store.clone(), mappings.clone(), endpoint.clone()) {
+            Ok(capture) => capture,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    // One runner per backend that has mappings; every problem is reported before starting.
+    let backends: Vec<(&String, &crate::config::BackendConfig)> = config
+        .backends
+        .iter()
+        .filter(|(name, _)| mappings.iter().any(|m| &m.backend == *name))
+        .collect();
+    let positions = std::sync::Arc::new(crate::sink::runner::AppliedPositions::new(backends.len()));
+    let mut runners = Vec::new();
+    let mut problems = Vec::new();
+    for (name, backend) in &backends {
+        let mine: Vec<_> = mappings
+            .iter()
+            .filter(|m| &m.backend == *name)
+            .cloned()
+            .collect();
+        match crate::sink::runner::SinkRunner::start(
+            name,
+            &backend.url,
+            mine,
+            store.clone(),
+            capture.committed(),
+            positions.clone(),
+        )
+        .await
+        {
+            Ok(runner) => runners.push(runner),
+            Err(mut p) => problems.append(&mut p),
         }
+    }
+    if !problems.is_empty() {
+        for problem in problems {
+            eprintln!("error: {problem}");
+        }
+        return ExitCode::from(2);
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
     };
+    let mut tasks = tokio::task::JoinSet::new();
+    for runner in runners {
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(async move { runner.run(stop).await.map_err(|e| e.to_string()) });
+    }
     let mut options = ReplicatorOptions::new(endpoint);
     options.announce_port = config.replication.announce_port;
     options.timeout = Duration::from_secs(config.replication.timeout_secs);
     let mut replicator = Replicator::new(options, capture.resume_position());
-    tracing::info!(resume = ?capture.resume_position().map(|p| p.to_string()), buffer = %config.buffer.path.display(), "capture starting");
-    let stop = async {
-        let _ = tokio::signal::ctrl_c().await;
+    tracing::info!(resume = ?capture.resume_position().map(|p| p.to_string()), buffer = %config.buffer.path.display(), backends = backends.len(), "starting");
+    let capture_stop = stopped(stop_rx.clone());
+    let outcome = tokio::select! {
+        result = capture.run(&mut replicator, capture_stop) => result.map_err(|e| e.to_string()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        Some(result) = tasks.join_next() => match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(e.to_string()),
+        },
     };
-    match capture.run(&mut replicator, stop).await {
+    let _ = stop_tx.send(true);
+    while let Some(result) = tasks.join_next().await {
+        if let Ok(Err(e)) = result {
+            tracing::error!(error = %e, "sink stopped");
+        }
+    }
+    match outcome {
         Ok(()) => {
             tracing::info!(stats = ?capture.stats, "stopped");
             ExitCode::SUCCESS
         }
         Err(error) => {
-            tracing::error!(%error, "capture stopped");
+            tracing::error!(%error, "stopped");
             eprintln!("error: {error}");
             ExitCode::FAILURE
         }

@@ -1,0 +1,206 @@
+//! Sinks: the databases the rows are written to.
+//!
+//! # Contract of a sink
+//!
+//! - **Input**: batches of row operations built from the change log, in change-log order, made
+//!   of whole execution units (a `MULTI ... EXEC` is never split across batches).
+//! - **Coalescing**: inside a batch, the changes of one row are reduced to its final state, and
+//!   a delete that precedes the final upsert is kept, so that the committed state equals applying
+//!   the changes one by one (including unmapped columns of an existing row, which a delete then
+//!   upsert resets and a plain upsert keeps).
+//! - **Atomicity**: a batch is one database transaction that also updates the sink's row in
+//!   `writebehind_checkpoint` to the seq of the last change of the batch. **Applied** means
+//!   exactly that: committed together with the checkpoint.
+//! - **Idempotence**: on start the sink reads its checkpoint row and the runner skips every change
+//!   at or below it, so a batch is applied once whatever crashes in between (exactly-once effect).
+//! - **Rejections**: a row the database refuses (conversion, length, NOT NULL, constraint) is
+//!   isolated (savepoint per row) and reported with its reason; the rest of the batch commits.
+//!   Values are converted by column type before they are sent, so a value that cannot be
+//!   represented is rejected the same way by every backend.
+//! - **Errors**: transient ones (connection lost, server restarting, deadlock, lock timeout) are
+//!   reported as such and the runner retries the batch forever with backoff; anything else is
+//!   fatal and stops the service with a clear line.
+
+pub mod convert;
+pub mod mysql;
+pub mod runner;
+pub mod sqlite;
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use crate::capture::mapping::Mapping;
+use convert::{ColumnType, SqlValue};
+
+/// Name of the checkpoint table every sink keeps in its database.
+pub const CHECKPOINT_TABLE: &str = "writebehind_checkpoint";
+
+/// A column as the database declares it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColumnInfo {
+    pub name: String,
+    pub kind: ColumnType,
+    pub nullable: bool,
+}
+
+/// What the sink needs to know about a mapped table.
+#[derive(Debug, Clone)]
+pub struct TableSchema {
+    pub table: String,
+    pub key_column: ColumnInfo,
+    /// Mapped columns, in the mapping's column order.
+    pub columns: Vec<ColumnInfo>,
+    pub required: Vec<String>,
+}
+
+impl TableSchema {
+    /// Checks a table's columns against a mapping; one problem per line.
+    pub fn build(
+        mapping: &Mapping,
+        found: &HashMap<String, (ColumnInfo, bool)>,
+    ) -> Result<TableSchema, Vec<String>> {
+        let table = mapping.table.as_str();
+        let mut problems = Vec::new();
+        let key_column = match found.get(&mapping.key_column) {
+            Some((info, true)) => Some(info.clone()),
+            Some((_, false)) => {
+                problems.push(format!(
+                    "mapping `{}`: key column `{}` of table `{table}` is neither the primary key nor unique; add a unique index on it",
+                    mapping.name, mapping.key_column
+                ));
+                None
+            }
+            None => {
+                problems.push(format!(
+                    "mapping `{}`: table `{table}` has no key column `{}`",
+                    mapping.name, mapping.key_column
+                ));
+                None
+            }
+        };
+        let mut columns = Vec::new();
+        for (_, column) in &mapping.columns {
+            match found.get(column) {
+                Some((info, _)) => columns.push(info.clone()),
+                None => problems.push(format!(
+                    "mapping `{}`: table `{table}` has no column `{column}`",
+                    mapping.name
+                )),
+            }
+        }
+        match key_column {
+            Some(key_column) if problems.is_empty() => Ok(TableSchema {
+                table: table.to_string(),
+                key_column,
+                columns,
+                required: mapping.required.clone(),
+            }),
+            _ => Err(problems),
+        }
+    }
+}
+
+/// One row operation, converted for its table.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowOp {
+    Upsert { id: SqlValue, values: Vec<SqlValue> },
+    Delete { id: SqlValue },
+}
+
+/// Operations on one row after coalescing a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowWrite {
+    /// Index of the mapping (its table) in the sink's table list.
+    pub table: usize,
+    /// The seq of the last change that produced it (to dead-letter it).
+    pub seq: u64,
+    pub row_id: Bytes,
+    /// Delete the row first (a delete preceded the final upsert in this batch).
+    pub delete_first: bool,
+    pub op: RowOp,
+}
+
+/// A transaction's worth of work.
+#[derive(Debug, Clone, Default)]
+pub struct SinkBatch {
+    pub writes: Vec<RowWrite>,
+    /// The seq the checkpoint row takes when the batch commits.
+    pub last_seq: u64,
+    pub replid: String,
+    pub offset: u64,
+}
+
+/// A row the database refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub seq: u64,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SinkError {
+    /// Retry later: connection lost, server restarting, deadlock, lock wait timeout.
+    #[error("{0}")]
+    Transient(String),
+    /// Retrying cannot help: the service stops.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// A database backend.
+pub enum Sink {
+    Mysql(mysql::MysqlSink),
+    Sqlite(sqlite::SqliteSink),
+}
+
+impl Sink {
+    /// Connects to the backend at `url` (`mysql://...` or `sqlite://path`).
+    pub async fn connect(name: &str, url: &str) -> Result<Sink, SinkError> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            Ok(Sink::Sqlite(sqlite::SqliteSink::open(name, path).await?))
+        } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
+            Ok(Sink::Mysql(mysql::MysqlSink::connect(name, url).await?))
+        } else {
+            Err(SinkError::Fatal(format!(
+                "backend `{name}`: unsupported URL scheme in `{}`",
+                crate::config::redact(url)
+            )))
+        }
+    }
+
+    /// Creates missing tables (when asked) and the checkpoint table, then reads each mapped
+    /// table's schema. Problems are returned one per line.
+    pub async fn prepare(&mut self, mappings: &[Mapping]) -> Result<Vec<TableSchema>, Vec<String>> {
+        match self {
+            Sink::Mysql(s) => s.prepare(mappings).await,
+            Sink::Sqlite(s) => s.prepare(mappings).await,
+        }
+    }
+
+    /// The seq of the last applied change (0 when none).
+    pub async fn applied_seq(&mut self) -> Result<u64, SinkError> {
+        match self {
+            Sink::Mysql(s) => s.applied_seq().await,
+            Sink::Sqlite(s) => s.applied_seq().await,
+        }
+    }
+
+    /// Applies a batch in one transaction with the checkpoint; returns the rejected rows.
+    pub async fn apply(
+        &mut self,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<Vec<Rejected>, SinkError> {
+        match self {
+            Sink::Mysql(s) => s.apply(schemas, batch).await,
+            Sink::Sqlite(s) => s.apply(schemas, batch).await,
+        }
+    }
+}
+
+/// Quotes an identifier for MySQL/MariaDB (backticks) or SQLite (double quotes).
+pub fn quote(identifier: &str, quote: char) -> String {
+    let doubled = identifier.replace(quote, &format!("{quote}{quote}"));
+    format!("{quote}{doubled}{quote}")
+}

@@ -1,0 +1,419 @@
+//! The MySQL/MariaDB sink (`mysql_async`).
+//!
+//! A batch is one transaction: `DELETE ... WHERE key IN (...)` per table, then multi-row
+//! `INSERT ... ON DUPLICATE KEY UPDATE` of the mapped columns only (so unmapped columns of
+//! existing rows stay as they are), then the checkpoint row, then `COMMIT`. If the server refuses
+//! a row, the transaction is rolled back and replayed row by row, each behind a savepoint, so the
+//! refused rows are isolated and the others commit.
+
+use std::collections::HashMap;
+
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Opts, Params, Pool, TxOpts, Value};
+
+use super::convert::{ColumnType, SqlValue};
+use super::{
+    quote, ColumnInfo, Rejected, RowOp, SinkBatch, SinkError, TableSchema, CHECKPOINT_TABLE,
+};
+use crate::capture::mapping::Mapping;
+
+/// Placeholders per statement stay well under the protocol's 65,535.
+const MAX_PLACEHOLDERS: usize = 30_000;
+
+pub struct MysqlSink {
+    name: String,
+    pool: Pool,
+    address: String,
+}
+
+fn q(identifier: &str) -> String {
+    quote(identifier, '`')
+}
+
+fn value(v: &SqlValue) -> Value {
+    match v {
+        SqlValue::Null => Value::NULL,
+        SqlValue::Int(i) => Value::Int(*i),
+        SqlValue::UInt(u) => Value::UInt(*u),
+        SqlValue::Float(f) => Value::Double(*f),
+        SqlValue::Text(t) => Value::Bytes(t.as_bytes().to_vec()),
+        SqlValue::Bytes(b) => Value::Bytes(b.clone()),
+    }
+}
+
+enum Failure {
+    Row(String),
+    Transient(String),
+    Fatal(String),
+}
+
+fn classify(error: &mysql_async::Error) -> Failure {
+    match error {
+        mysql_async::Error::Server(server) => match server.code {
+            // Lock wait timeout, deadlock, shutdown in progress, connection killed, gone away,
+            // lost, too many connections, query interrupted, read-only during failover.
+            1205 | 1213 | 1053 | 1927 | 2006 | 2013 | 1040 | 1317 | 1290 => {
+                Failure::Transient(error.to_string())
+            }
+            // NOT NULL, duplicate, foreign keys, out of range, truncated, bad date, bad string,
+            // too long, check constraint, invalid value for the column type.
+            1048 | 1062 | 1216 | 1217 | 1264 | 1265 | 1292 | 1366 | 1406 | 1411 | 1451 | 1452
+            | 1690 | 3819 | 4025 => {
+                Failure::Row(format!("{} (error {})", server.message, server.code))
+            }
+            _ => Failure::Fatal(error.to_string()),
+        },
+        mysql_async::Error::Io(_) | mysql_async::Error::Driver(_) => {
+            Failure::Transient(error.to_string())
+        }
+        _ => Failure::Fatal(error.to_string()),
+    }
+}
+
+impl MysqlSink {
+    pub async fn connect(name: &str, url: &str) -> Result<MysqlSink, SinkError> {
+        let redacted = crate::config::redact(url);
+        let opts = Opts::from_url(&url.replacen("mariadb://", "mysql://", 1)).map_err(|e| {
+            SinkError::Fatal(format!(
+                "backend `{name}`: `{redacted}` is not a MySQL URL: {e}"
+            ))
+        })?;
+        let address = format!("{}:{}", opts.ip_or_hostname(), opts.tcp_port());
+        let pool = Pool::new(opts);
+        let sink = MysqlSink {
+            name: name.to_string(),
+            pool,
+            address,
+        };
+        let mut conn = sink.conn().await?;
+        let database: Option<String> = conn
+            .query_first("SELECT DATABASE()")
+            .await
+            .map_err(|e| sink.error(e))?
+            .flatten();
+        if database.is_none() {
+            return Err(SinkError::Fatal(format!(
+                "backend `{name}`: `{redacted}` names no database; add /<database> to the URL"
+            )));
+        }
+        Ok(sink)
+    }
+
+    fn error(&self, e: mysql_async::Error) -> SinkError {
+        match classify(&e) {
+            Failure::Transient(m) => {
+                SinkError::Transient(format!("backend `{}` ({}): {m}", self.name, self.address))
+            }
+            Failure::Row(m) | Failure::Fatal(m) => {
+                SinkError::Fatal(format!("backend `{}` ({}): {m}", self.name, self.address))
+            }
+        }
+    }
+
+    async fn conn(&self) -> Result<Conn, SinkError> {
+        self.pool.get_conn().await.map_err(|e| match classify(&e) {
+            Failure::Fatal(m) => SinkError::Fatal(format!(
+                "backend `{}`: cannot connect to {}: {m}",
+                self.name, self.address
+            )),
+            _ => SinkError::Transient(format!(
+                "backend `{}`: cannot connect to {}: {e}",
+                self.name, self.address
+            )),
+        })
+    }
+
+    pub async fn prepare(&mut self, mappings: &[Mapping]) -> Result<Vec<TableSchema>, Vec<String>> {
+        let mut conn = self.conn().await.map_err(|e| vec![e.to_string()])?;
+        let mut problems = Vec::new();
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (source VARCHAR(64) NOT NULL, backend VARCHAR(191) NOT NULL, replid CHAR(40), \
+             repl_offset BIGINT UNSIGNED, change_seq BIGINT UNSIGNED NOT NULL, \
+             updated_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3), \
+             PRIMARY KEY (source, backend)) ENGINE=InnoDB"
+        );
+        if let Err(e) = conn.query_drop(create).await {
+            return Err(vec![format!("backend `{}`: cannot create {CHECKPOINT_TABLE}: {e}; grant CREATE or create it by hand", self.name)]);
+        }
+        let mut schemas = Vec::new();
+        for mapping in mappings {
+            if mapping.create_table {
+                let mut columns = vec![format!(
+                    "{} VARCHAR(255) NOT NULL PRIMARY KEY",
+                    q(&mapping.key_column)
+                )];
+                columns.extend(
+                    mapping
+                        .columns
+                        .iter()
+                        .map(|(_, c)| format!("{} TEXT", q(c))),
+                );
+                let sql = format!(
+                    "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE=InnoDB",
+                    q(&mapping.table),
+                    columns.join(", ")
+                );
+                if let Err(e) = conn.query_drop(sql).await {
+                    problems.push(format!(
+                        "mapping `{}`: cannot create table `{}`: {e}",
+                        mapping.name, mapping.table
+                    ));
+                    continue;
+                }
+            }
+            let rows: Vec<(String, String, String, Option<u64>, String, String)> = match conn
+                .exec(
+                    "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, CHARACTER_MAXIMUM_LENGTH, IS_NULLABLE, COLUMN_KEY \
+                     FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+                    (mapping.table.clone(),),
+                )
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    problems.push(format!("mapping `{}`: cannot read the columns of `{}`: {e}", mapping.name, mapping.table));
+                    continue;
+                }
+            };
+            if rows.is_empty() {
+                problems.push(format!(
+                    "mapping `{}`: table `{}` does not exist in backend `{}`; create it or set create_table = true",
+                    mapping.name, mapping.table, self.name
+                ));
+                continue;
+            }
+            let primary_columns = rows.iter().filter(|r| r.5 == "PRI").count();
+            let found: HashMap<String, (ColumnInfo, bool)> = rows
+                .into_iter()
+                .map(
+                    |(name, data_type, column_type, max_length, nullable, key)| {
+                        let is_key = (key == "PRI" && primary_columns == 1) || key == "UNI";
+                        let info = ColumnInfo {
+                            name: name.clone(),
+                            kind: ColumnType::from_mysql(&data_type, &column_type, max_length),
+                            nullable: nullable == "YES",
+                        };
+                        (name, (info, is_key))
+                    },
+                )
+                .collect();
+            match TableSchema::build(mapping, &found) {
+                Ok(schema) => schemas.push(schema),
+                Err(mut p) => problems.append(&mut p),
+            }
+        }
+        if problems.is_empty() {
+            Ok(schemas)
+        } else {
+            Err(problems)
+        }
+    }
+
+    pub async fn applied_seq(&mut self) -> Result<u64, SinkError> {
+        let mut conn = self.conn().await?;
+        let seq: Option<u64> = conn
+            .exec_first(format!("SELECT change_seq FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ?"), (self.name.clone(),))
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(seq.unwrap_or(0))
+    }
+
+    pub async fn apply(
+        &mut self,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<Vec<Rejected>, SinkError> {
+        let mut conn = self.conn().await?;
+        match self.apply_grouped(&mut conn, schemas, batch).await {
+            Ok(()) => Ok(Vec::new()),
+            Err(Failure::Row(_)) => self.apply_row_by_row(&mut conn, schemas, batch).await,
+            Err(Failure::Transient(m)) => Err(SinkError::Transient(format!(
+                "backend `{}` ({}): {m}",
+                self.name, self.address
+            ))),
+            Err(Failure::Fatal(m)) => Err(SinkError::Fatal(format!(
+                "backend `{}` ({}): {m}",
+                self.name, self.address
+            ))),
+        }
+    }
+
+    fn checkpoint_statement(&self, batch: &SinkBatch) -> (String, Params) {
+        (
+            format!(
+                "INSERT INTO {CHECKPOINT_TABLE} (source, backend, replid, repl_offset, change_seq) VALUES ('writebehind', ?, ?, ?, ?) \
+                 ON DUPLICATE KEY UPDATE replid = VALUES(replid), repl_offset = VALUES(repl_offset), change_seq = VALUES(change_seq)"
+            ),
+            Params::Positional(vec![
+                Value::from(self.name.clone()),
+                Value::from(batch.replid.clone()),
+                Value::UInt(batch.offset),
+                Value::UInt(batch.last_seq),
+            ]),
+        )
+    }
+
+    /// The fast path: a few multi-row statements.
+    async fn apply_grouped(
+        &self,
+        conn: &mut Conn,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<(), Failure> {
+        let mut tx = conn
+            .start_transaction(TxOpts::default())
+            .await
+            .map_err(|e| classify(&e))?;
+        for (index, schema) in schemas.iter().enumerate() {
+            let writes: Vec<&super::RowWrite> =
+                batch.writes.iter().filter(|w| w.table == index).collect();
+            let deletes: Vec<Value> = writes
+                .iter()
+                .filter_map(|w| match &w.op {
+                    RowOp::Delete { id } => Some(value(id)),
+                    RowOp::Upsert { id, .. } if w.delete_first => Some(value(id)),
+                    RowOp::Upsert { .. } => None,
+                })
+                .collect();
+            for chunk in deletes.chunks(MAX_PLACEHOLDERS) {
+                let sql = format!(
+                    "DELETE FROM {} WHERE {} IN ({})",
+                    q(&schema.table),
+                    q(&schema.key_column.name),
+                    vec!["?"; chunk.len()].join(",")
+                );
+                tx.exec_drop(sql, Params::Positional(chunk.to_vec()))
+                    .await
+                    .map_err(|e| classify(&e))?;
+            }
+            let upserts: Vec<Vec<Value>> = writes
+                .iter()
+                .filter_map(|w| match &w.op {
+                    RowOp::Upsert { id, values } => Some(
+                        std::iter::once(id)
+                            .chain(values.iter())
+                            .map(value)
+                            .collect(),
+                    ),
+                    RowOp::Delete { .. } => None,
+                })
+                .collect();
+            let width = schema.columns.len() + 1;
+            for chunk in upserts.chunks((MAX_PLACEHOLDERS / width).max(1)) {
+                let row = format!("({})", vec!["?"; width].join(","));
+                let sql = format!(
+                    "{} VALUES {}{}",
+                    self.insert_head(schema),
+                    vec![row; chunk.len()].join(","),
+                    self.insert_tail(schema)
+                );
+                tx.exec_drop(sql, Params::Positional(chunk.concat()))
+                    .await
+                    .map_err(|e| classify(&e))?;
+            }
+        }
+        let (sql, params) = self.checkpoint_statement(batch);
+        tx.exec_drop(sql, params).await.map_err(|e| classify(&e))?;
+        tx.commit().await.map_err(|e| classify(&e))
+    }
+
+    fn insert_head(&self, schema: &TableSchema) -> String {
+        let mut columns = vec![q(&schema.key_column.name)];
+        columns.extend(schema.columns.iter().map(|c| q(&c.name)));
+        format!("INSERT INTO {} ({})", q(&schema.table), columns.join(", "))
+    }
+
+    fn insert_tail(&self, schema: &TableSchema) -> String {
+        let key = q(&schema.key_column.name);
+        if schema.columns.is_empty() {
+            return format!(" ON DUPLICATE KEY UPDATE {key} = {key}");
+        }
+        let updates: Vec<String> = schema
+            .columns
+            .iter()
+            .map(|c| format!("{0} = VALUES({0})", q(&c.name)))
+            .collect();
+        format!(" ON DUPLICATE KEY UPDATE {}", updates.join(", "))
+    }
+
+    /// The slow path after a refused row: each row behind a savepoint.
+    async fn apply_row_by_row(
+        &self,
+        conn: &mut Conn,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<Vec<Rejected>, SinkError> {
+        let err = |e: mysql_async::Error| self.error(e);
+        let mut tx = conn
+            .start_transaction(TxOpts::default())
+            .await
+            .map_err(err)?;
+        let mut rejected = Vec::new();
+        for write in &batch.writes {
+            let Some(schema) = schemas.get(write.table) else {
+                continue;
+            };
+            let delete = format!(
+                "DELETE FROM {} WHERE {} = ?",
+                q(&schema.table),
+                q(&schema.key_column.name)
+            );
+            let mut statements: Vec<(String, Vec<Value>)> = Vec::new();
+            match &write.op {
+                RowOp::Delete { id } => statements.push((delete, vec![value(id)])),
+                RowOp::Upsert { id, values } => {
+                    if write.delete_first {
+                        statements.push((delete, vec![value(id)]));
+                    }
+                    let row = format!("({})", vec!["?"; values.len() + 1].join(","));
+                    let sql = format!(
+                        "{} VALUES {row}{}",
+                        self.insert_head(schema),
+                        self.insert_tail(schema)
+                    );
+                    statements.push((
+                        sql,
+                        std::iter::once(id)
+                            .chain(values.iter())
+                            .map(value)
+                            .collect(),
+                    ));
+                }
+            }
+            tx.query_drop("SAVEPOINT writebehind_row")
+                .await
+                .map_err(err)?;
+            let mut refused = None;
+            for (sql, params) in statements {
+                if let Err(e) = tx.exec_drop(sql, Params::Positional(params)).await {
+                    match classify(&e) {
+                        Failure::Row(reason) => {
+                            refused = Some(reason);
+                            break;
+                        }
+                        _ => return Err(self.error(e)),
+                    }
+                }
+            }
+            match refused {
+                Some(reason) => {
+                    tx.query_drop("ROLLBACK TO SAVEPOINT writebehind_row")
+                        .await
+                        .map_err(err)?;
+                    rejected.push(Rejected {
+                        seq: write.seq,
+                        reason,
+                    });
+                }
+                None => tx
+                    .query_drop("RELEASE SAVEPOINT writebehind_row")
+                    .await
+                    .map_err(err)?,
+            }
+        }
+        let (sql, params) = self.checkpoint_statement(batch);
+        tx.exec_drop(sql, params).await.map_err(err)?;
+        tx.commit().await.map_err(err)?;
+        Ok(rejected)
+    }
+}

@@ -1,0 +1,353 @@
+//! Moves the change log into one backend: bounded batches of whole units, coalesced per row,
+//! converted by column type, applied with the checkpoint, retried forever on transient errors;
+//! refused rows go to the dead-letter store; the change log is trimmed behind the slowest
+//! backend.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::Rng;
+use tokio::sync::Notify;
+
+use super::convert::{convert, SqlValue};
+use super::{RowOp, RowWrite, Sink, SinkBatch, SinkError, TableSchema};
+use crate::buffer::{Batch, Change, DeadLetter, RowChange, Store, StoreError};
+use crate::capture::apply::now_ms;
+use crate::capture::mapping::Mapping;
+
+/// Most changes read for one batch (more when a unit is larger).
+pub const MAX_BATCH_CHANGES: usize = 5_000;
+
+/// The applied seq of every backend, so the change log is trimmed behind the slowest.
+#[derive(Debug, Default)]
+pub struct AppliedPositions {
+    applied: Mutex<HashMap<String, u64>>,
+    backends: usize,
+}
+
+impl AppliedPositions {
+    pub fn new(backends: usize) -> Self {
+        AppliedPositions {
+            applied: Mutex::new(HashMap::new()),
+            backends,
+        }
+    }
+
+    /// Records a backend's position; returns the seq every backend has passed, once all report.
+    fn record(&self, backend: &str, seq: u64) -> Option<u64> {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        applied.insert(backend.to_string(), seq);
+        (applied.len() >= self.backends).then(|| applied.values().copied().min().unwrap_or(0))
+    }
+
+    pub fn get(&self, backend: &str) -> Option<u64> {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(backend)
+            .copied()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct SinkRunner {
+    name: String,
+    sink: Sink,
+    mappings: Vec<Mapping>,
+    schemas: Vec<TableSchema>,
+    store: Arc<Store>,
+    notify: Arc<Notify>,
+    positions: Arc<AppliedPositions>,
+    applied: u64,
+}
+
+impl SinkRunner {
+    /// Connects the sink, checks (or creates) its tables, reads its checkpoint.
+    pub async fn start(
+        name: &str,
+        url: &str,
+        mappings: Vec<Mapping>,
+        store: Arc<Store>,
+        notify: Arc<Notify>,
+        positions: Arc<AppliedPositions>,
+    ) -> Result<SinkRunner, Vec<String>> {
+        let mut sink = Sink::connect(name, url)
+            .await
+            .map_err(|e| vec![e.to_string()])?;
+        let schemas = sink.prepare(&mappings).await?;
+        let applied = sink.applied_seq().await.map_err(|e| vec![e.to_string()])?;
+        Ok(SinkRunner {
+            name: name.to_string(),
+            sink,
+            mappings,
+            schemas,
+            store,
+            notify,
+            positions,
+            applied,
+        })
+    }
+
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Applies changes until `stop` resolves.
+    pub async fn run(
+        mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), RunnerError> {
+        tokio::pin!(stop);
+        self.report()?;
+        let notify = self.notify.clone();
+        loop {
+            // Registered before reading, so a commit in between is not missed.
+            let notified = notify.notified();
+            let applied_any = self.step().await?;
+            if !applied_any {
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = &mut stop => return Ok(()),
+                }
+            } else if futures_ready(&mut stop).await {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Applies one batch if there is one; returns whether it did.
+    pub async fn step(&mut self) -> Result<bool, RunnerError> {
+        let changes = self.read_units()?;
+        let Some(last) = changes.last() else {
+            return Ok(false);
+        };
+        let last_seq = last.seq;
+        let offset = last.offset.0;
+        let replid = self
+            .store
+            .checkpoint()?
+            .position
+            .map(|p| p.replid.to_string())
+            .unwrap_or_default();
+        let (writes, refused) = self.build(&changes);
+        let mut letters = Vec::new();
+        for (seq, mapping, row_id, reason) in refused {
+            letters.push(DeadLetter {
+                seq,
+                backend: self.name.clone(),
+                mapping,
+                row_id,
+                reason,
+                at_ms: now_ms(),
+            });
+        }
+        // Conversion refusals are stored before the batch commits: nothing is lost if we crash.
+        self.dead_letter(&letters)?;
+        let batch = SinkBatch {
+            writes,
+            last_seq,
+            replid,
+            offset,
+        };
+        let rejected = self.apply_with_retry(&batch).await?;
+        let mut letters = Vec::new();
+        for r in rejected {
+            if let Some(write) = batch.writes.iter().find(|w| w.seq == r.seq) {
+                let mapping = self
+                    .mappings
+                    .get(write.table)
+                    .map(|m| m.name.clone())
+                    .unwrap_or_default();
+                tracing::warn!(backend = %self.name, %mapping, row = %String::from_utf8_lossy(&write.row_id), reason = %r.reason, "row refused; moved to the dead-letter store");
+                letters.push(DeadLetter {
+                    seq: r.seq,
+                    backend: self.name.clone(),
+                    mapping,
+                    row_id: write.row_id.clone(),
+                    reason: r.reason,
+                    at_ms: now_ms(),
+                });
+            }
+        }
+        self.dead_letter(&letters)?;
+        self.applied = last_seq;
+        self.report()?;
+        Ok(true)
+    }
+
+    fn report(&self) -> Result<(), StoreError> {
+        if let Some(through) = self.positions.record(&self.name, self.applied) {
+            self.store.trim_changes(through)?;
+        }
+        Ok(())
+    }
+
+    fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        for letter in letters {
+            batch.put_dead_letter(letter);
+        }
+        self.store.write(batch, true)
+    }
+
+    async fn apply_with_retry(
+        &mut self,
+        batch: &SinkBatch,
+    ) -> Result<Vec<super::Rejected>, SinkError> {
+        let mut failures = 0u32;
+        loop {
+            match self.sink.apply(&self.schemas, batch).await {
+                Ok(rejected) => {
+                    if failures > 0 {
+                        tracing::info!(backend = %self.name, "database reachable again");
+                    }
+                    return Ok(rejected);
+                }
+                Err(SinkError::Transient(message)) => {
+                    let delay = Duration::from_millis(100)
+                        .saturating_mul(1 << failures.min(8))
+                        .min(Duration::from_secs(30));
+                    let delay = delay / 2 + rand::rng().random_range(Duration::ZERO..=delay / 2);
+                    tracing::warn!(backend = %self.name, error = %message, retry_in = ?delay, "database write failed; retrying");
+                    failures += 1;
+                    tokio::time::sleep(delay).await;
+                }
+                Err(fatal) => return Err(fatal),
+            }
+        }
+    }
+
+    /// Changes after the applied seq: at most about `MAX_BATCH_CHANGES`, ending on a unit end.
+    fn read_units(&self) -> Result<Vec<Change>, StoreError> {
+        let mut changes = self.store.changes(self.applied + 1, MAX_BATCH_CHANGES)?;
+        while changes.last().is_some_and(|c| !c.unit_end) {
+            let from = changes.last().map(|c| c.seq + 1).unwrap_or(0);
+            let more = self.store.changes(from, MAX_BATCH_CHANGES)?;
+            if more.is_empty() {
+                // The rest of the unit is not written yet (it is, atomically, so this is a
+                // unit cut by a trim or a damaged log): stop before it.
+                while changes.last().is_some_and(|c| !c.unit_end) {
+                    changes.pop();
+                }
+                break;
+            }
+            changes.extend(more);
+        }
+        Ok(changes)
+    }
+
+    /// Coalesces the changes of this backend per row and converts them. Returns the writes and
+    /// the refused ones (seq, mapping, row id, reason).
+    #[allow(clippy::type_complexity)]
+    fn build(&self, changes: &[Change]) -> (Vec<RowWrite>, Vec<(u64, String, Bytes, String)>) {
+        let mut order: Vec<(usize, Bytes)> = Vec::new();
+        let mut rows: HashMap<(usize, Bytes), (bool, &Change)> = HashMap::new();
+        for change in changes {
+            let Some(table) = self.mappings.iter().position(|m| m.name == change.mapping) else {
+                continue;
+            };
+            let key = (table, change.row_id.clone());
+            match rows.get_mut(&key) {
+                Some((deleted, last)) => {
+                    *deleted |= matches!(last.row, RowChange::Delete);
+                    *last = change;
+                }
+                None => {
+                    order.push(key.clone());
+                    rows.insert(key, (false, change));
+                }
+            }
+        }
+        let mut writes = Vec::new();
+        let mut refused = Vec::new();
+        for key in order {
+            let Some((deleted, change)) = rows.get(&key) else {
+                continue;
+            };
+            let (table, row_id) = key;
+            let (Some(schema), Some(mapping)) = (self.schemas.get(table), self.mappings.get(table))
+            else {
+                continue;
+            };
+            let id = match convert(
+                &schema.key_column.kind,
+                &schema.key_column.name,
+                Some(&row_id),
+            ) {
+                Ok(id) => id,
+                Err(reason) => {
+                    refused.push((
+                        change.seq,
+                        mapping.name.clone(),
+                        row_id,
+                        format!("key {reason}"),
+                    ));
+                    continue;
+                }
+            };
+            let op = match &change.row {
+                RowChange::Delete => RowOp::Delete { id },
+                RowChange::Upsert { columns } => match convert_row(schema, columns) {
+                    Ok(values) => RowOp::Upsert { id, values },
+                    Err(reason) => {
+                        refused.push((change.seq, mapping.name.clone(), row_id, reason));
+                        continue;
+                    }
+                },
+            };
+            writes.push(RowWrite {
+                table,
+                seq: change.seq,
+                row_id,
+                delete_first: *deleted && matches!(op, RowOp::Upsert { .. }),
+                op,
+            });
+        }
+        (writes, refused)
+    }
+}
+
+/// Converts a row image to the schema's columns, checking required ones.
+pub fn convert_row(
+    schema: &TableSchema,
+    columns: &[(String, Option<Bytes>)],
+) -> Result<Vec<SqlValue>, String> {
+    schema
+        .columns
+        .iter()
+        .map(|column| {
+            let value = columns
+                .iter()
+                .find(|(name, _)| *name == column.name)
+                .and_then(|(_, v)| v.as_deref());
+            if value.is_none() && schema.required.contains(&column.name) {
+                return Err(format!("required column `{}` is absent", column.name));
+            }
+            convert(&column.kind, &column.name, value)
+        })
+        .collect()
+}
+
+/// Whether `stop` has already resolved (without waiting).
+async fn futures_ready(
+    stop: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> bool {
+    tokio::select! {
+        biased;
+        _ = stop => true,
+        _ = std::future::ready(()) => false,
+    }
+}

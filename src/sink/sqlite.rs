@@ -1,0 +1,321 @@
+//! The SQLite sink (`sqlite://path`), the embedded default: nothing to run but Redis.
+//!
+//! The database runs in WAL mode with `synchronous = FULL`, so a committed batch survives a
+//! crash. A failed statement inside a transaction only backs out itself in SQLite, so a
+//! refused row is skipped without a savepoint and the rest of the batch commits.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params_from_iter, Connection, ErrorCode, OptionalExtension};
+
+use super::convert::{ColumnType, SqlValue};
+use super::{
+    quote, ColumnInfo, Rejected, RowOp, SinkBatch, SinkError, TableSchema, CHECKPOINT_TABLE,
+};
+use crate::capture::mapping::Mapping;
+
+pub struct SqliteSink {
+    name: String,
+    path: String,
+    connection: Arc<Mutex<Connection>>,
+}
+
+fn q(identifier: &str) -> String {
+    quote(identifier, '"')
+}
+
+impl rusqlite::ToSql for SqlValue {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, Value, ValueRef};
+        Ok(match self {
+            SqlValue::Null => ToSqlOutput::Owned(Value::Null),
+            SqlValue::Int(i) => ToSqlOutput::Owned(Value::Integer(*i)),
+            SqlValue::UInt(u) => match i64::try_from(*u) {
+                Ok(i) => ToSqlOutput::Owned(Value::Integer(i)),
+                Err(_) => ToSqlOutput::Owned(Value::Text(u.to_string())),
+            },
+            SqlValue::Float(f) => ToSqlOutput::Owned(Value::Real(*f)),
+            SqlValue::Text(t) => ToSqlOutput::Borrowed(ValueRef::Text(t.as_bytes())),
+            SqlValue::Bytes(b) => ToSqlOutput::Borrowed(ValueRef::Blob(b)),
+        })
+    }
+}
+
+enum Failure {
+    Row(String),
+    Transient(String),
+    Fatal(String),
+}
+
+fn classify(error: &rusqlite::Error) -> Failure {
+    match error.sqlite_error_code() {
+        Some(ErrorCode::ConstraintViolation)
+        | Some(ErrorCode::TooBig)
+        | Some(ErrorCode::TypeMismatch) => Failure::Row(error.to_string()),
+        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => {
+            Failure::Transient(error.to_string())
+        }
+        _ => Failure::Fatal(error.to_string()),
+    }
+}
+
+impl SqliteSink {
+    pub async fn open(name: &str, path: &str) -> Result<SqliteSink, SinkError> {
+        let (name, path) = (name.to_string(), path.to_string());
+        let opened = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || -> rusqlite::Result<Connection> {
+                let connection = Connection::open(&path)?;
+                connection.busy_timeout(std::time::Duration::from_secs(5))?;
+                connection.pragma_update(None, "journal_mode", "WAL")?;
+                connection.pragma_update(None, "synchronous", "FULL")?;
+                Ok(connection)
+            })
+            .await
+            .map_err(|e| SinkError::Fatal(e.to_string()))?
+        };
+        let connection = opened.map_err(|e| {
+            SinkError::Fatal(format!(
+                "backend `{name}`: cannot open SQLite database `{path}`: {e}"
+            ))
+        })?;
+        Ok(SqliteSink {
+            name,
+            path,
+            connection: Arc::new(Mutex::new(connection)),
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> T + Send + 'static,
+    ) -> Result<T, SinkError> {
+        let connection = self.connection.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = connection
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            work(&mut guard)
+        })
+        .await
+        .map_err(|e| SinkError::Fatal(format!("SQLite worker failed: {e}")))
+    }
+
+    pub async fn prepare(&mut self, mappings: &[Mapping]) -> Result<Vec<TableSchema>, Vec<String>> {
+        let mappings = mappings.to_vec();
+        let (name, path) = (self.name.clone(), self.path.clone());
+        let result = self
+            .blocking(move |connection| {
+                let mut problems = Vec::new();
+                let mut schemas = Vec::new();
+                let create = format!(
+                    "CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (source TEXT NOT NULL, backend TEXT NOT NULL, replid TEXT, repl_offset INTEGER, change_seq INTEGER NOT NULL, updated_at TEXT, PRIMARY KEY (source, backend))"
+                );
+                if let Err(e) = connection.execute_batch(&create) {
+                    return Err(vec![format!("backend `{name}` ({path}): cannot create {CHECKPOINT_TABLE}: {e}")]);
+                }
+                for mapping in &mappings {
+                    if mapping.create_table {
+                        let mut columns = vec![format!("{} TEXT PRIMARY KEY", q(&mapping.key_column))];
+                        columns.extend(mapping.columns.iter().map(|(_, c)| format!("{} TEXT", q(c))));
+                        let sql = format!("CREATE TABLE IF NOT EXISTS {} ({})", q(&mapping.table), columns.join(", "));
+                        if let Err(e) = connection.execute_batch(&sql) {
+                            problems.push(format!("mapping `{}`: cannot create table `{}`: {e}", mapping.name, mapping.table));
+                            continue;
+                        }
+                    }
+                    match describe(connection, &mapping.table) {
+                        Ok(found) if found.is_empty() => problems.push(format!(
+                            "mapping `{}`: table `{}` does not exist in {path}; create it or set create_table = true",
+                            mapping.name, mapping.table
+                        )),
+                        Ok(found) => match TableSchema::build(mapping, &found) {
+                            Ok(schema) => schemas.push(schema),
+                            Err(mut p) => problems.append(&mut p),
+                        },
+                        Err(e) => problems.push(format!("mapping `{}`: cannot read table `{}`: {e}", mapping.name, mapping.table)),
+                    }
+                }
+                if problems.is_empty() {
+                    Ok(schemas)
+                } else {
+                    Err(problems)
+                }
+            })
+            .await;
+        result.map_err(|e| vec![e.to_string()])?
+    }
+
+    pub async fn applied_seq(&mut self) -> Result<u64, SinkError> {
+        let name = self.name.clone();
+        self.blocking(move |connection| {
+            connection
+                .query_row(
+                    &format!("SELECT change_seq FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ?1"),
+                    [&name],
+                    |row| row.get::<_, i64>(0),
+                )
+                .optional()
+                .map(|seq| seq.unwrap_or(0).max(0) as u64)
+                .map_err(|e| SinkError::Fatal(format!("backend `{name}`: cannot read {CHECKPOINT_TABLE}: {e}")))
+        })
+        .await?
+    }
+
+    pub async fn apply(
+        &mut self,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<Vec<Rejected>, SinkError> {
+        let (schemas, batch, name) = (schemas.to_vec(), batch.clone(), self.name.clone());
+        self.blocking(move |connection| apply_blocking(connection, &name, &schemas, &batch))
+            .await?
+    }
+}
+
+/// Columns of a table: name -> (info, is the primary key or has a single-column unique index).
+fn describe(
+    connection: &Connection,
+    table: &str,
+) -> rusqlite::Result<HashMap<String, (ColumnInfo, bool)>> {
+    let mut unique = std::collections::HashSet::new();
+    {
+        let mut indexes = connection.prepare(&format!("PRAGMA index_list({})", q(table)))?;
+        let list: Vec<(String, bool)> = indexes
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(1)?, row.get::<_, bool>(2)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        for (index, is_unique) in list {
+            if !is_unique {
+                continue;
+            }
+            let mut info = connection.prepare(&format!("PRAGMA index_info({})", q(&index)))?;
+            let columns: Vec<String> = info
+                .query_map([], |row| row.get::<_, String>(2))?
+                .collect::<Result<_, _>>()?;
+            if let [only] = columns.as_slice() {
+                unique.insert(only.clone());
+            }
+        }
+    }
+    let mut statement = connection.prepare(&format!("PRAGMA table_info({})", q(table)))?;
+    let rows: Vec<(String, String, bool, i64)> = statement
+        .query_map([], |row| {
+            Ok((
+                row.get(1)?,
+                row.get(2)?,
+                row.get::<_, bool>(3)?,
+                row.get(5)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    let single_pk = rows.iter().filter(|r| r.3 > 0).count() == 1;
+    Ok(rows
+        .into_iter()
+        .map(|(name, declared, not_null, pk)| {
+            let is_key = (pk > 0 && single_pk) || unique.contains(&name);
+            (
+                name.clone(),
+                (
+                    ColumnInfo {
+                        name,
+                        kind: ColumnType::from_sqlite(&declared),
+                        nullable: !not_null,
+                    },
+                    is_key,
+                ),
+            )
+        })
+        .collect())
+}
+
+fn apply_blocking(
+    connection: &mut Connection,
+    name: &str,
+    schemas: &[TableSchema],
+    batch: &SinkBatch,
+) -> Result<Vec<Rejected>, SinkError> {
+    let fail = |e: rusqlite::Error| match classify(&e) {
+        Failure::Transient(m) => SinkError::Transient(format!("backend `{name}`: {m}")),
+        Failure::Row(m) | Failure::Fatal(m) => SinkError::Fatal(format!("backend `{name}`: {m}")),
+    };
+    let tx = connection.transaction().map_err(fail)?;
+    let mut rejected = Vec::new();
+    for write in &batch.writes {
+        let Some(schema) = schemas.get(write.table) else {
+            continue;
+        };
+        let key = q(&schema.key_column.name);
+        let mut run = |sql: &str, params: Vec<&SqlValue>| -> Result<(), SinkError> {
+            let result = tx
+                .prepare_cached(sql)
+                .and_then(|mut statement| statement.execute(params_from_iter(params)));
+            match result {
+                Ok(_) => Ok(()),
+                Err(e) => match classify(&e) {
+                    Failure::Row(reason) => {
+                        rejected.push(Rejected {
+                            seq: write.seq,
+                            reason,
+                        });
+                        Ok(())
+                    }
+                    Failure::Transient(m) => {
+                        Err(SinkError::Transient(format!("backend `{name}`: {m}")))
+                    }
+                    Failure::Fatal(m) => Err(SinkError::Fatal(format!(
+                        "backend `{name}`: table `{}`: {m}",
+                        schema.table
+                    ))),
+                },
+            }
+        };
+        let delete = format!("DELETE FROM {} WHERE {key} = ?1", q(&schema.table));
+        match &write.op {
+            RowOp::Delete { id } => run(&delete, vec![id])?,
+            RowOp::Upsert { id, values } => {
+                if write.delete_first {
+                    run(&delete, vec![id])?;
+                }
+                let columns: Vec<String> = schema.columns.iter().map(|c| q(&c.name)).collect();
+                let placeholders: Vec<String> =
+                    (1..=columns.len() + 1).map(|i| format!("?{i}")).collect();
+                let update = if columns.is_empty() {
+                    "NOTHING".to_string()
+                } else {
+                    format!(
+                        "UPDATE SET {}",
+                        columns
+                            .iter()
+                            .map(|c| format!("{c} = excluded.{c}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
+                let mut all_columns = vec![key.clone()];
+                all_columns.extend(columns);
+                let sql = format!(
+                    "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT({key}) DO {update}",
+                    q(&schema.table),
+                    all_columns.join(", "),
+                    placeholders.join(", ")
+                );
+                let mut params = vec![id];
+                params.extend(values.iter());
+                run(&sql, params)?;
+            }
+        }
+    }
+    tx.execute(
+        &format!(
+            "INSERT INTO {CHECKPOINT_TABLE} (source, backend, replid, repl_offset, change_seq, updated_at) VALUES ('writebehind', ?1, ?2, ?3, ?4, datetime('now')) \
+             ON CONFLICT(source, backend) DO UPDATE SET replid = excluded.replid, repl_offset = excluded.repl_offset, change_seq = excluded.change_seq, updated_at = excluded.updated_at"
+        ),
+        rusqlite::params![name, batch.replid, batch.offset as i64, batch.last_seq as i64],
+    )
+    .map_err(fail)?;
+    tx.commit().map_err(fail)?;
+    Ok(rejected)
+}

@@ -1,0 +1,468 @@
+//! Write-behind to real MariaDB (127.0.0.1:3306, a fresh database per test) and SQLite, fed by a
+//! real redis-server: the original recipe's example, step by step.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+use support::RedisServer;
+use writebehind::buffer::Store;
+use writebehind::capture::mapping::Mappings;
+use writebehind::capture::Capture;
+use writebehind::config::Config;
+use writebehind::redis_client::{info_field, RedisClient};
+use writebehind::replication::{Replicator, ReplicatorOptions};
+use writebehind::sink::runner::{AppliedPositions, SinkRunner};
+
+const PERSON_TABLE: &str = "CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first VARCHAR(255), last VARCHAR(255), age VARCHAR(20), note TEXT)";
+const CAR_TABLE: &str = "CREATE TABLE car (id VARCHAR(64) PRIMARY KEY, color VARCHAR(32))";
+
+/// A test database: a fresh MariaDB database, or a SQLite file.
+enum Database {
+    Maria {
+        pool: mysql_async::Pool,
+        name: String,
+    },
+    Sqlite {
+        path: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    },
+}
+
+impl Database {
+    async fn maria() -> Database {
+        let admin = mysql_async::Pool::new("mysql://root@127.0.0.1:3306/mysql");
+        let name = format!("wb_test_{}_{}", std::process::id(), rand::random::<u32>());
+        let mut conn = admin
+            .get_conn()
+            .await
+            .expect("MariaDB on 127.0.0.1:3306 (started by .ci/run)");
+        conn.query_drop(format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        drop(conn);
+        admin.disconnect().await.ok();
+        let pool = mysql_async::Pool::new(format!("mysql://root@127.0.0.1:3306/{name}").as_str());
+        Database::Maria { pool, name }
+    }
+
+    fn sqlite() -> Database {
+        let dir = tempfile::tempdir().expect("dir");
+        Database::Sqlite {
+            path: dir.path().join("writebehind.db"),
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Database::Maria { name, .. } => format!("mysql://root@127.0.0.1:3306/{name}"),
+            Database::Sqlite { path, .. } => format!("sqlite://{}", path.display()),
+        }
+    }
+
+    async fn execute(&self, sql: &str) {
+        match self {
+            Database::Maria { pool, .. } => pool
+                .get_conn()
+                .await
+                .expect("conn")
+                .query_drop(sql)
+                .await
+                .expect(sql),
+            Database::Sqlite { path, .. } => {
+                rusqlite::Connection::open(path)
+                    .expect("open")
+                    .execute_batch(sql)
+                    .expect(sql);
+            }
+        }
+    }
+
+    /// All rows of a table as text, by id.
+    async fn rows(&self, table: &str, columns: &[&str]) -> BTreeMap<String, Vec<Option<String>>> {
+        let sql = format!("SELECT id, {} FROM {table}", columns.join(", "));
+        match self {
+            Database::Maria { pool, .. } => {
+                let rows: Vec<mysql_async::Row> = pool
+                    .get_conn()
+                    .await
+                    .expect("conn")
+                    .query(sql)
+                    .await
+                    .expect("select");
+                rows.into_iter()
+                    .map(|row| {
+                        let values: Vec<Option<String>> = (0..row.len())
+                            .map(|i| row.get::<Option<String>, _>(i).flatten())
+                            .collect();
+                        (values[0].clone().unwrap_or_default(), values[1..].to_vec())
+                    })
+                    .collect()
+            }
+            Database::Sqlite { path, .. } => {
+                let conn = rusqlite::Connection::open(path).expect("open");
+                let mut statement = conn.prepare(&sql).expect("prepare");
+                let count = columns.len() + 1;
+                statement
+                    .query_map([], |row| {
+                        let values: Vec<Option<String>> = (0..count)
+                            .map(|i| row.get::<_, Option<String>>(i).ok().flatten())
+                            .collect();
+                        Ok((values[0].clone().unwrap_or_default(), values[1..].to_vec()))
+                    })
+                    .expect("query")
+                    .collect::<Result<_, _>>()
+                    .expect("rows")
+            }
+        }
+    }
+
+    async fn checkpoint_seq(&self) -> u64 {
+        let sql = "SELECT change_seq FROM writebehind_checkpoint WHERE backend = 'db'";
+        match self {
+            Database::Maria { pool, .. } => {
+                let seq: Option<u64> = pool
+                    .get_conn()
+                    .await
+                    .expect("conn")
+                    .query_first(sql)
+                    .await
+                    .unwrap_or(None);
+                seq.unwrap_or(0)
+            }
+            Database::Sqlite { path, .. } => rusqlite::Connection::open(path)
+                .expect("open")
+                .query_row(sql, [], |r| r.get::<_, i64>(0))
+                .map(|s| s as u64)
+                .unwrap_or(0),
+        }
+    }
+
+    async fn drop_database(self) {
+        if let Database::Maria { pool, name } = self {
+            pool.get_conn()
+                .await
+                .expect("conn")
+                .query_drop(format!("DROP DATABASE {name}"))
+                .await
+                .ok();
+            pool.disconnect().await.ok();
+        }
+    }
+}
+
+fn config(server: &RedisServer, db_url: &str) -> Config {
+    let text = format!(
+        r#"
+[source]
+url = "{}"
+[backends.db]
+url = "{db_url}"
+[[mappings]]
+name = "PersonWriteBehind"
+prefix = "person2"
+backend = "db"
+table = "person1"
+key_column = "id"
+[mappings.columns]
+first_name = "first"
+last_name = "last"
+age = "age"
+[[mappings]]
+name = "CarsWriteBehind"
+prefix = "car"
+backend = "db"
+table = "car"
+key_column = "id"
+on_expire = "delete"
+required = ["color"]
+[mappings.columns]
+id = "id"
+color = "color"
+"#,
+        server.url()
+    );
+    Config::parse(&text, &|_| None).expect("config")
+}
+
+struct Service {
+    store: Arc<Store>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(server: &RedisServer, database: &Database) -> Service {
+    let config = config(server, &database.url());
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let mappings = Mappings::new(&config.mappings);
+    let mut capture =
+        Capture::new(store.clone(), mappings.clone(), server.endpoint()).expect("capture");
+    let runner = SinkRunner::start(
+        "db",
+        &database.url(),
+        mappings.iter().cloned().collect(),
+        store.clone(),
+        capture.committed(),
+        Arc::new(AppliedPositions::new(1)),
+    )
+    .await
+    .unwrap_or_else(|problems| panic!("sink did not start: {problems:?}"));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut options = ReplicatorOptions::new(server.endpoint());
+    options.backoff_min = Duration::from_millis(10);
+    let mut rx = stopped.clone();
+    let capture_task = tokio::spawn(async move {
+        let mut replicator = Replicator::new(options, capture.resume_position());
+        capture
+            .run(&mut replicator, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+            .expect("capture");
+    });
+    let mut rx = stopped.clone();
+    let sink_task = tokio::spawn(async move {
+        runner
+            .run(async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+            .expect("sink");
+    });
+    Service {
+        store,
+        stop,
+        tasks: vec![capture_task, sink_task],
+        _dir: dir,
+    }
+}
+
+impl Service {
+    /// Waits until everything the primary has written is captured and applied.
+    async fn settle(&self, client: &mut RedisClient, database: &Database) {
+        let info = client.info("replication").await.expect("info");
+        let target: u64 = info_field(&info, "master_repl_offset")
+            .and_then(|v| v.parse().ok())
+            .expect("offset");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let checkpoint = self.store.checkpoint().expect("checkpoint");
+            let captured = checkpoint
+                .position
+                .as_ref()
+                .is_some_and(|p| p.offset.0 >= target)
+                && !checkpoint.full_sync_in_progress;
+            if captured && database.checkpoint_seq().await + 1 >= checkpoint.next_seq {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not applied within 30 s: {checkpoint:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            task.await.expect("task");
+        }
+    }
+}
+
+fn row(values: &[Option<&str>]) -> Vec<Option<String>> {
+    values.iter().map(|v| v.map(String::from)).collect()
+}
+
+async fn run(client: &mut RedisClient, args: &[&str]) {
+    client
+        .command(args)
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+}
+
+/// The recipe's example, step by step; after each step the tables hold what they must.
+async fn recipe_suite(database: Database) {
+    database.execute(PERSON_TABLE).await;
+    database.execute(CAR_TABLE).await;
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    run(
+        &mut client,
+        &["HSET", "person2:0", "first_name", "Pre", "age", "1"],
+    )
+    .await;
+    let service = start(&server, &database).await;
+    service.settle(&mut client, &database).await;
+    let cols = ["first", "last", "age", "note"];
+    let mut expected: BTreeMap<String, Vec<Option<String>>> = BTreeMap::new();
+    expected.insert("0".into(), row(&[Some("Pre"), None, Some("1"), None]));
+    assert_eq!(
+        database.rows("person1", &cols).await,
+        expected,
+        "initial load"
+    );
+
+    run(
+        &mut client,
+        &[
+            "HSET",
+            "person2:1",
+            "first_name",
+            "Ann",
+            "last_name",
+            "Lee",
+            "age",
+            "30",
+        ],
+    )
+    .await;
+    run(
+        &mut client,
+        &["HMSET", "person2:2", "first_name", "Bob", "age", "40"],
+    )
+    .await;
+    service.settle(&mut client, &database).await;
+    expected.insert(
+        "1".into(),
+        row(&[Some("Ann"), Some("Lee"), Some("30"), None]),
+    );
+    expected.insert("2".into(), row(&[Some("Bob"), None, Some("40"), None]));
+    assert_eq!(
+        database.rows("person1", &cols).await,
+        expected,
+        "HSET, HMSET (missing field is NULL)"
+    );
+
+    // Unmapped columns of existing rows stay as they are.
+    database
+        .execute("UPDATE person1 SET note = 'kept' WHERE id = '1'")
+        .await;
+    run(&mut client, &["HINCRBY", "person2:1", "age", "1"]).await;
+    run(&mut client, &["HINCRBYFLOAT", "person2:2", "age", "0.5"]).await;
+    run(&mut client, &["HSET", "person2:1", "unmapped", "x"]).await;
+    service.settle(&mut client, &database).await;
+    expected.insert(
+        "1".into(),
+        row(&[Some("Ann"), Some("Lee"), Some("31"), Some("kept")]),
+    );
+    expected.insert("2".into(), row(&[Some("Bob"), None, Some("40.5"), None]));
+    assert_eq!(
+        database.rows("person1", &cols).await,
+        expected,
+        "HINCRBY, HINCRBYFLOAT, unmapped field"
+    );
+
+    run(&mut client, &["HDEL", "person2:1", "last_name"]).await;
+    run(&mut client, &["DEL", "person2:2"]).await;
+    run(&mut client, &["HSET", "person2:3", "first_name", "Cy"]).await;
+    run(&mut client, &["UNLINK", "person2:3"]).await;
+    service.settle(&mut client, &database).await;
+    expected.insert(
+        "1".into(),
+        row(&[Some("Ann"), None, Some("31"), Some("kept")]),
+    );
+    expected.remove("2");
+    assert_eq!(
+        database.rows("person1", &cols).await,
+        expected,
+        "HDEL of a field, DEL, UNLINK"
+    );
+
+    run(&mut client, &["RENAME", "person2:1", "person2:4"]).await;
+    service.settle(&mut client, &database).await;
+    expected.remove("1");
+    expected.insert("4".into(), row(&[Some("Ann"), None, Some("31"), None]));
+    assert_eq!(database.rows("person1", &cols).await, expected, "RENAME");
+
+    // Expiry: person2 keeps rows (default), car deletes them.
+    run(&mut client, &["HSET", "car:1", "id", "1", "color", "red"]).await;
+    run(&mut client, &["HSET", "person2:5", "first_name", "Eve"]).await;
+    service.settle(&mut client, &database).await;
+    assert_eq!(database.rows("car", &["color"]).await.len(), 1);
+    run(&mut client, &["PEXPIRE", "car:1", "20"]).await;
+    run(&mut client, &["PEXPIRE", "person2:5", "20"]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client
+        .command(&["EXISTS", "car:1", "person2:5"])
+        .await
+        .expect("exists")
+        != redis_protocol::resp2::types::BytesFrame::Integer(0)
+    {
+        assert!(Instant::now() < deadline, "keys did not expire");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    service.settle(&mut client, &database).await;
+    expected.insert("5".into(), row(&[Some("Eve"), None, None, None]));
+    assert_eq!(
+        database.rows("person1", &cols).await,
+        expected,
+        "on_expire = keep"
+    );
+    assert!(
+        database.rows("car", &["color"]).await.is_empty(),
+        "on_expire = delete"
+    );
+
+    // A required column's absence dead-letters with its reason; the rest flows on.
+    run(&mut client, &["HSET", "car:9", "id", "9"]).await;
+    run(&mut client, &["HSET", "car:2", "color", "blue"]).await;
+    service.settle(&mut client, &database).await;
+    let cars = database.rows("car", &["color"]).await;
+    assert_eq!(
+        cars,
+        BTreeMap::from([("2".to_string(), row(&[Some("blue")]))])
+    );
+    let letters = service.store.dead_letters().expect("dead letters");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].row_id.as_ref(), b"9");
+    assert!(
+        letters[0]
+            .reason
+            .contains("required column `color` is absent"),
+        "{}",
+        letters[0].reason
+    );
+
+    // A MULTI with several keys is one transaction.
+    run(&mut client, &["MULTI"]).await;
+    for i in 10..13 {
+        run(
+            &mut client,
+            &["HSET", &format!("person2:{i}"), "first_name", "M"],
+        )
+        .await;
+    }
+    run(&mut client, &["EXEC"]).await;
+    service.settle(&mut client, &database).await;
+    for i in 10..13 {
+        expected.insert(i.to_string(), row(&[Some("M"), None, None, None]));
+    }
+    assert_eq!(database.rows("person1", &cols).await, expected, "MULTI");
+
+    run(&mut client, &["FLUSHDB"]).await;
+    service.settle(&mut client, &database).await;
+    // Only the row kept on expiry remains: its key was already gone from Redis.
+    let kept = BTreeMap::from([("5".to_string(), row(&[Some("Eve"), None, None, None]))]);
+    assert_eq!(database.rows("person1", &cols).await, kept, "FLUSHDB");
+    assert!(database.rows("car", &["color"]).await.is_empty());
+    service.stop().await;
+    database.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recipe_example_on_mariadb() {
+    recipe_suite(Database::maria().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recipe_example_on_sqlite() {
+    recipe_suite(Database::sqlite()).await;
+}
