@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Capture benchmark: a real `redis-server --replicaof` and `writebehind run` attached to the same
 # primary, fed the same pipelined HSET burst by redis-benchmark. Reports, for both, the lag in
-# bytes when the burst ends and the time to catch up, then the throughput in commands per second
+# bytes when the burst ends and the time to catch up (the service runs --capture-only: capture
+# alone, no database writes), then the throughput in commands per second
 # durably applied (writebehind acknowledges only what is synced to RocksDB), and the ratio.
 # Not a test: it measures.
 #
@@ -14,7 +15,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 primary=$(free_port); replica=$(free_port)
 service_pid=""
 cleanup() {
-  [ -n "$service_pid" ] && kill -9 "$service_pid" 2>/dev/null || true
+  if [ -n "$service_pid" ]; then kill -9 "$service_pid" 2>/dev/null; wait "$service_pid" 2>/dev/null; fi || true
   redis-cli -p "$primary" shutdown nosave >/dev/null 2>&1 || true
   redis-cli -p "$replica" shutdown nosave >/dev/null 2>&1 || true
   rm -rf "$work"
@@ -47,7 +48,7 @@ first_name = "first"
 last_name = "last"
 age = "age"
 TOML
-RUST_LOG=warn "$bin" run --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
+RUST_LOG=warn "$bin" run --capture-only --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
 service_pid=$!
 
 offsets() {

@@ -466,3 +466,48 @@ async fn the_recipe_example_on_mariadb() {
 async fn the_recipe_example_on_sqlite() {
     recipe_suite(Database::sqlite()).await;
 }
+
+#[tokio::test]
+async fn check_reports_a_missing_table_and_a_missing_column_on_one_line_each() {
+    let server = RedisServer::start(&[]);
+    let database = Database::sqlite();
+    database
+        .execute("CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first TEXT, age TEXT)")
+        .await;
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("writebehind.toml");
+    let text = format!(
+        "[source]\nurl = \"{}\"\n[backends.db]\nurl = \"{}\"\n\
+         [[mappings]]\nname = \"PersonWriteBehind\"\nprefix = \"person2\"\nbackend = \"db\"\ntable = \"person1\"\nkey_column = \"id\"\n\
+         [mappings.columns]\nfirst_name = \"first\"\nlast_name = \"last\"\nage = \"age\"\n\
+         [[mappings]]\nname = \"CarsWriteBehind\"\nprefix = \"car\"\nbackend = \"db\"\ntable = \"car\"\nkey_column = \"id\"\n\
+         [mappings.columns]\ncolor = \"color\"\n",
+        server.url(),
+        database.url()
+    );
+    std::fs::write(&path, text).expect("config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_writebehind"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "{stdout}");
+    let errors: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(errors.len(), 2, "{stdout}");
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains("table `person1` has no column `last`")),
+        "{stdout}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains("table `car` does not exist")),
+        "{stdout}"
+    );
+}

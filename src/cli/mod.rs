@@ -39,6 +39,10 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Capture into the buffer but write to no database (for database maintenance: the
+        /// change log keeps everything until the sinks run again).
+        #[arg(long)]
+        capture_only: bool,
     },
     /// Validate the configuration and check that Redis can be reached; exit 0 only when all is well.
     Check {
@@ -78,7 +82,10 @@ pub fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Run { config } => run(&config).await,
+            Command::Run {
+                config,
+                capture_only,
+            } => run(&config, capture_only).await,
             Command::Check { config } => check(&config).await,
             Command::Tail {
                 source,
@@ -184,8 +191,49 @@ async fn check(path: &std::path::Path) -> ExitCode {
             "note: Sentinel discovery is not implemented yet; the sentinels were not contacted"
         );
     }
-    if !config.backends.is_empty() {
-        println!("note: database connectivity and schema checks are not implemented yet");
+    let mappings = crate::capture::mapping::Mappings::new(&config.mappings);
+    for (name, backend) in &config.backends {
+        // Checked as they are: tables that `create_table` would create are reported as such.
+        let mine: Vec<_> = mappings
+            .iter()
+            .filter(|m| &m.backend == name)
+            .map(|m| crate::capture::mapping::Mapping {
+                create_table: false,
+                ..m.clone()
+            })
+            .collect();
+        let mut sink = match crate::sink::Sink::connect(name, &backend.url).await {
+            Ok(sink) => sink,
+            Err(e) => {
+                failed = true;
+                println!("error: {e}");
+                continue;
+            }
+        };
+        match sink.prepare(&mine).await {
+            Ok(schemas) => println!(
+                "ok: backend `{name}` reachable; {} mapped tables match their mappings",
+                schemas.len()
+            ),
+            Err(problems) => {
+                for problem in problems {
+                    let created = mine.iter().any(|m| {
+                        problem.contains(&format!(
+                            "mapping `{}`: table `{}` does not exist",
+                            m.name, m.table
+                        )) && mappings.iter().any(|o| o.name == m.name && o.create_table)
+                    });
+                    if created {
+                        println!(
+                            "ok: {problem} (it will be created at start: create_table = true)"
+                        );
+                    } else {
+                        failed = true;
+                        println!("error: {problem}");
+                    }
+                }
+            }
+        }
     }
     if failed {
         ExitCode::FAILURE
@@ -195,7 +243,7 @@ async fn check(path: &std::path::Path) -> ExitCode {
 }
 
 /// The service: capture into the buffer, and one sink runner per backend.
-async fn run(path: &std::path::Path) -> ExitCode {
+async fn run(path: &std::path::Path, capture_only: bool) -> ExitCode {
     let config = match load_config(path) {
         Ok(config) => config,
         Err(code) => return code,
@@ -227,7 +275,7 @@ async fn run(path: &std::path::Path) -> ExitCode {
     let backends: Vec<(&String, &crate::config::BackendConfig)> = config
         .backends
         .iter()
-        .filter(|(name, _)| mappings.iter().any(|m| &m.backend == *name))
+        .filter(|(name, _)| !capture_only && mappings.iter().any(|m| &m.backend == *name))
         .collect();
     let positions = std::sync::Arc::new(crate::sink::runner::AppliedPositions::new(backends.len()));
     let mut runners = Vec::new();
