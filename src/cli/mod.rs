@@ -12,6 +12,7 @@ use crate::config::{Config, RedisEndpoint};
 use crate::position::{ReplId, ReplOffset, StreamPosition};
 use crate::redis_client::RedisClient;
 use crate::replication::{Replicator, ReplicatorOptions};
+use crate::sink::Destination;
 
 #[derive(Debug, Parser)]
 #[command(

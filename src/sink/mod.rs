@@ -1,25 +1,5 @@
-//! Sinks: the databases the rows are written to.
-//!
-//! # Contract of a sink
-//!
-//! - **Input**: batches of row operations built from the change log, in change-log order, made
-//!   of whole execution units (a `MULTI ... EXEC` is never split across batches).
-//! - **Coalescing**: inside a batch, the changes of one row are reduced to its final state, and
-//!   a delete that precedes the final upsert is kept, so that the committed state equals applying
-//!   the changes one by one (including unmapped columns of an existing row, which a delete then
-//!   upsert resets and a plain upsert keeps).
-//! - **Atomicity**: a batch is one database transaction that also updates the sink's row in
-//!   `writebehind_checkpoint` to the seq of the last change of the batch. **Applied** means
-//!   exactly that: committed together with the checkpoint.
-//! - **Idempotence**: on start the sink reads its checkpoint row and the runner skips every change
-//!   at or below it, so a batch is applied once whatever crashes in between (exactly-once effect).
-//! - **Rejections**: a row the database refuses (conversion, length, NOT NULL, constraint) is
-//!   isolated (savepoint per row) and reported with its reason; the rest of the batch commits.
-//!   Values are converted by column type before they are sent, so a value that cannot be
-//!   represented is rejected the same way by every backend.
-//! - **Errors**: transient ones (connection lost, server restarting, deadlock, lock timeout) are
-//!   reported as such and the runner retries the batch forever with backoff; anything else is
-//!   fatal and stops the service with a clear line.
+//! Sinks: the databases the rows are written to. The contract every backend keeps is on
+//! [`Destination`]; [`Sink`] picks the backend from the URL.
 
 pub mod convert;
 pub mod mysql;
@@ -148,7 +128,44 @@ pub enum SinkError {
     Fatal(String),
 }
 
-/// A database backend.
+/// A database the rows are written to.
+///
+/// - **Input**: batches of row operations built from the change log, in change-log order, made
+///   of whole execution units (a `MULTI ... EXEC` is never split across batches).
+/// - **Coalescing**: inside a batch, the changes of one row are reduced to its final state, and
+///   a delete that precedes the final upsert is kept, so that the committed state equals applying
+///   the changes one by one (including unmapped columns of an existing row, which a delete then
+///   upsert resets and a plain upsert keeps).
+/// - **Atomicity**: a batch is one database transaction that also updates the sink's row in
+///   `writebehind_checkpoint` to the seq of the last change of the batch. **Applied** means
+///   exactly that: committed together with the checkpoint.
+/// - **Idempotence**: on start the sink reads its checkpoint row and the runner skips every change
+///   at or below it, so a batch is applied once whatever crashes in between (exactly-once effect).
+/// - **Rejections**: a row the database refuses (conversion, length, NOT NULL, constraint) is
+///   isolated (savepoint per row) and reported with its reason; the rest of the batch commits.
+///   Values are converted by column type before they are sent, so a value that cannot be
+///   represented is rejected the same way by every backend.
+/// - **Errors**: transient ones (connection lost, server restarting, deadlock, lock timeout) are
+///   reported as such and the runner retries the batch forever with backoff; anything else is
+///   fatal and stops the service with a clear line.
+#[allow(async_fn_in_trait)]
+pub trait Destination {
+    /// Creates missing tables (when the mapping asks) and the checkpoint table, then reads each
+    /// mapped table's schema. Problems are returned one per line.
+    async fn prepare(&mut self, mappings: &[Mapping]) -> Result<Vec<TableSchema>, Vec<String>>;
+
+    /// The seq of the last applied change (0 when none).
+    async fn applied_seq(&mut self) -> Result<u64, SinkError>;
+
+    /// Applies a batch in one transaction with the checkpoint; returns the refused rows.
+    async fn apply(
+        &mut self,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<Vec<Rejected>, SinkError>;
+}
+
+/// The configured backend, by URL scheme.
 pub enum Sink {
     Mysql(mysql::MysqlSink),
     Sqlite(sqlite::SqliteSink),
@@ -168,10 +185,12 @@ impl Sink {
             )))
         }
     }
+}
 
+impl Destination for Sink {
     /// Creates missing tables (when asked) and the checkpoint table, then reads each mapped
     /// table's schema. Problems are returned one per line.
-    pub async fn prepare(&mut self, mappings: &[Mapping]) -> Result<Vec<TableSchema>, Vec<String>> {
+    async fn prepare(&mut self, mappings: &[Mapping]) -> Result<Vec<TableSchema>, Vec<String>> {
         match self {
             Sink::Mysql(s) => s.prepare(mappings).await,
             Sink::Sqlite(s) => s.prepare(mappings).await,
@@ -179,7 +198,7 @@ impl Sink {
     }
 
     /// The seq of the last applied change (0 when none).
-    pub async fn applied_seq(&mut self) -> Result<u64, SinkError> {
+    async fn applied_seq(&mut self) -> Result<u64, SinkError> {
         match self {
             Sink::Mysql(s) => s.applied_seq().await,
             Sink::Sqlite(s) => s.applied_seq().await,
@@ -187,7 +206,7 @@ impl Sink {
     }
 
     /// Applies a batch in one transaction with the checkpoint; returns the rejected rows.
-    pub async fn apply(
+    async fn apply(
         &mut self,
         schemas: &[TableSchema],
         batch: &SinkBatch,

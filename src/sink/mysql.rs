@@ -13,7 +13,8 @@ use mysql_async::{Conn, Opts, Params, Pool, TxOpts, Value};
 
 use super::convert::{ColumnType, SqlValue};
 use super::{
-    quote, ColumnInfo, Rejected, RowOp, SinkBatch, SinkError, TableSchema, CHECKPOINT_TABLE,
+    quote, ColumnInfo, Destination, Rejected, RowOp, SinkBatch, SinkError, TableSchema,
+    CHECKPOINT_TABLE,
 };
 use crate::capture::mapping::Mapping;
 
@@ -121,121 +122,6 @@ impl MysqlSink {
                 self.name, self.address
             )),
         })
-    }
-
-    pub async fn prepare(&mut self, mappings: &[Mapping]) -> Result<Vec<TableSchema>, Vec<String>> {
-        let mut conn = self.conn().await.map_err(|e| vec![e.to_string()])?;
-        let mut problems = Vec::new();
-        let create = format!(
-            "CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (source VARCHAR(64) NOT NULL, backend VARCHAR(191) NOT NULL, replid CHAR(40), \
-             repl_offset BIGINT UNSIGNED, change_seq BIGINT UNSIGNED NOT NULL, \
-             updated_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3), \
-             PRIMARY KEY (source, backend)) ENGINE=InnoDB"
-        );
-        if let Err(e) = conn.query_drop(create).await {
-            return Err(vec![format!("backend `{}`: cannot create {CHECKPOINT_TABLE}: {e}; grant CREATE or create it by hand", self.name)]);
-        }
-        let mut schemas = Vec::new();
-        for mapping in mappings {
-            if mapping.create_table {
-                let mut columns = vec![format!(
-                    "{} VARCHAR(255) NOT NULL PRIMARY KEY",
-                    q(&mapping.key_column)
-                )];
-                columns.extend(
-                    mapping
-                        .columns
-                        .iter()
-                        .map(|(_, c)| format!("{} TEXT", q(c))),
-                );
-                let sql = format!(
-                    "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE=InnoDB",
-                    q(&mapping.table),
-                    columns.join(", ")
-                );
-                if let Err(e) = conn.query_drop(sql).await {
-                    problems.push(format!(
-                        "mapping `{}`: cannot create table `{}`: {e}",
-                        mapping.name, mapping.table
-                    ));
-                    continue;
-                }
-            }
-            let rows: Vec<(String, String, String, Option<u64>, String, String)> = match conn
-                .exec(
-                    "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, CHARACTER_MAXIMUM_LENGTH, IS_NULLABLE, COLUMN_KEY \
-                     FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
-                    (mapping.table.clone(),),
-                )
-                .await
-            {
-                Ok(rows) => rows,
-                Err(e) => {
-                    problems.push(format!("mapping `{}`: cannot read the columns of `{}`: {e}", mapping.name, mapping.table));
-                    continue;
-                }
-            };
-            if rows.is_empty() {
-                problems.push(format!(
-                    "mapping `{}`: table `{}` does not exist in backend `{}`; create it or set create_table = true",
-                    mapping.name, mapping.table, self.name
-                ));
-                continue;
-            }
-            let primary_columns = rows.iter().filter(|r| r.5 == "PRI").count();
-            let found: HashMap<String, (ColumnInfo, bool)> = rows
-                .into_iter()
-                .map(
-                    |(name, data_type, column_type, max_length, nullable, key)| {
-                        let is_key = (key == "PRI" && primary_columns == 1) || key == "UNI";
-                        let info = ColumnInfo {
-                            name: name.clone(),
-                            kind: ColumnType::from_mysql(&data_type, &column_type, max_length),
-                            nullable: nullable == "YES",
-                        };
-                        (name, (info, is_key))
-                    },
-                )
-                .collect();
-            match TableSchema::build(mapping, &found) {
-                Ok(schema) => schemas.push(schema),
-                Err(mut p) => problems.append(&mut p),
-            }
-        }
-        if problems.is_empty() {
-            Ok(schemas)
-        } else {
-            Err(problems)
-        }
-    }
-
-    pub async fn applied_seq(&mut self) -> Result<u64, SinkError> {
-        let mut conn = self.conn().await?;
-        let seq: Option<u64> = conn
-            .exec_first(format!("SELECT change_seq FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ?"), (self.name.clone(),))
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(seq.unwrap_or(0))
-    }
-
-    pub async fn apply(
-        &mut self,
-        schemas: &[TableSchema],
-        batch: &SinkBatch,
-    ) -> Result<Vec<Rejected>, SinkError> {
-        let mut conn = self.conn().await?;
-        match self.apply_grouped(&mut conn, schemas, batch).await {
-            Ok(()) => Ok(Vec::new()),
-            Err(Failure::Row(_)) => self.apply_row_by_row(&mut conn, schemas, batch).await,
-            Err(Failure::Transient(m)) => Err(SinkError::Transient(format!(
-                "backend `{}` ({}): {m}",
-                self.name, self.address
-            ))),
-            Err(Failure::Fatal(m)) => Err(SinkError::Fatal(format!(
-                "backend `{}` ({}): {m}",
-                self.name, self.address
-            ))),
-        }
     }
 
     fn checkpoint_statement(&self, batch: &SinkBatch) -> (String, Params) {
@@ -415,5 +301,122 @@ impl MysqlSink {
         tx.exec_drop(sql, params).await.map_err(err)?;
         tx.commit().await.map_err(err)?;
         Ok(rejected)
+    }
+}
+
+impl Destination for MysqlSink {
+    async fn prepare(&mut self, mappings: &[Mapping]) -> Result<Vec<TableSchema>, Vec<String>> {
+        let mut conn = self.conn().await.map_err(|e| vec![e.to_string()])?;
+        let mut problems = Vec::new();
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (source VARCHAR(64) NOT NULL, backend VARCHAR(191) NOT NULL, replid CHAR(40), \
+             repl_offset BIGINT UNSIGNED, change_seq BIGINT UNSIGNED NOT NULL, \
+             updated_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3), \
+             PRIMARY KEY (source, backend)) ENGINE=InnoDB"
+        );
+        if let Err(e) = conn.query_drop(create).await {
+            return Err(vec![format!("backend `{}`: cannot create {CHECKPOINT_TABLE}: {e}; grant CREATE or create it by hand", self.name)]);
+        }
+        let mut schemas = Vec::new();
+        for mapping in mappings {
+            if mapping.create_table {
+                let mut columns = vec![format!(
+                    "{} VARCHAR(255) NOT NULL PRIMARY KEY",
+                    q(&mapping.key_column)
+                )];
+                columns.extend(
+                    mapping
+                        .columns
+                        .iter()
+                        .map(|(_, c)| format!("{} TEXT", q(c))),
+                );
+                let sql = format!(
+                    "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE=InnoDB",
+                    q(&mapping.table),
+                    columns.join(", ")
+                );
+                if let Err(e) = conn.query_drop(sql).await {
+                    problems.push(format!(
+                        "mapping `{}`: cannot create table `{}`: {e}",
+                        mapping.name, mapping.table
+                    ));
+                    continue;
+                }
+            }
+            let rows: Vec<(String, String, String, Option<u64>, String, String)> = match conn
+                .exec(
+                    "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_TYPE, CHARACTER_MAXIMUM_LENGTH, IS_NULLABLE, COLUMN_KEY \
+                     FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+                    (mapping.table.clone(),),
+                )
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e) => {
+                    problems.push(format!("mapping `{}`: cannot read the columns of `{}`: {e}", mapping.name, mapping.table));
+                    continue;
+                }
+            };
+            if rows.is_empty() {
+                problems.push(format!(
+                    "mapping `{}`: table `{}` does not exist in backend `{}`; create it or set create_table = true",
+                    mapping.name, mapping.table, self.name
+                ));
+                continue;
+            }
+            let primary_columns = rows.iter().filter(|r| r.5 == "PRI").count();
+            let found: HashMap<String, (ColumnInfo, bool)> = rows
+                .into_iter()
+                .map(
+                    |(name, data_type, column_type, max_length, nullable, key)| {
+                        let is_key = (key == "PRI" && primary_columns == 1) || key == "UNI";
+                        let info = ColumnInfo {
+                            name: name.clone(),
+                            kind: ColumnType::from_mysql(&data_type, &column_type, max_length),
+                            nullable: nullable == "YES",
+                        };
+                        (name, (info, is_key))
+                    },
+                )
+                .collect();
+            match TableSchema::build(mapping, &found) {
+                Ok(schema) => schemas.push(schema),
+                Err(mut p) => problems.append(&mut p),
+            }
+        }
+        if problems.is_empty() {
+            Ok(schemas)
+        } else {
+            Err(problems)
+        }
+    }
+
+    async fn applied_seq(&mut self) -> Result<u64, SinkError> {
+        let mut conn = self.conn().await?;
+        let seq: Option<u64> = conn
+            .exec_first(format!("SELECT change_seq FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ?"), (self.name.clone(),))
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(seq.unwrap_or(0))
+    }
+
+    async fn apply(
+        &mut self,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<Vec<Rejected>, SinkError> {
+        let mut conn = self.conn().await?;
+        match self.apply_grouped(&mut conn, schemas, batch).await {
+            Ok(()) => Ok(Vec::new()),
+            Err(Failure::Row(_)) => self.apply_row_by_row(&mut conn, schemas, batch).await,
+            Err(Failure::Transient(m)) => Err(SinkError::Transient(format!(
+                "backend `{}` ({}): {m}",
+                self.name, self.address
+            ))),
+            Err(Failure::Fatal(m)) => Err(SinkError::Fatal(format!(
+                "backend `{}` ({}): {m}",
+                self.name, self.address
+            ))),
+        }
     }
 }

@@ -12,7 +12,7 @@ use rand::Rng;
 use tokio::sync::Notify;
 
 use super::convert::{convert, SqlValue};
-use super::{RowOp, RowWrite, Sink, SinkBatch, SinkError, TableSchema};
+use super::{Destination, RowOp, RowWrite, Sink, SinkBatch, SinkError, TableSchema};
 use crate::buffer::{Batch, Change, DeadLetter, RowChange, Store, StoreError};
 use crate::capture::apply::now_ms;
 use crate::capture::mapping::Mapping;

@@ -11,7 +11,8 @@ use rusqlite::{params_from_iter, Connection, ErrorCode, OptionalExtension};
 
 use super::convert::{ColumnType, SqlValue};
 use super::{
-    quote, ColumnInfo, Rejected, RowOp, SinkBatch, SinkError, TableSchema, CHECKPOINT_TABLE,
+    quote, ColumnInfo, Destination, Rejected, RowOp, SinkBatch, SinkError, TableSchema,
+    CHECKPOINT_TABLE,
 };
 use crate::capture::mapping::Mapping;
 
@@ -100,77 +101,6 @@ impl SqliteSink {
         })
         .await
         .map_err(|e| SinkError::Fatal(format!("SQLite worker failed: {e}")))
-    }
-
-    pub async fn prepare(&mut self, mappings: &[Mapping]) -> Result<Vec<TableSchema>, Vec<String>> {
-        let mappings = mappings.to_vec();
-        let (name, path) = (self.name.clone(), self.path.clone());
-        let result = self
-            .blocking(move |connection| {
-                let mut problems = Vec::new();
-                let mut schemas = Vec::new();
-                let create = format!(
-                    "CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (source TEXT NOT NULL, backend TEXT NOT NULL, replid TEXT, repl_offset INTEGER, change_seq INTEGER NOT NULL, updated_at TEXT, PRIMARY KEY (source, backend))"
-                );
-                if let Err(e) = connection.execute_batch(&create) {
-                    return Err(vec![format!("backend `{name}` ({path}): cannot create {CHECKPOINT_TABLE}: {e}")]);
-                }
-                for mapping in &mappings {
-                    if mapping.create_table {
-                        let mut columns = vec![format!("{} TEXT PRIMARY KEY", q(&mapping.key_column))];
-                        columns.extend(mapping.columns.iter().map(|(_, c)| format!("{} TEXT", q(c))));
-                        let sql = format!("CREATE TABLE IF NOT EXISTS {} ({})", q(&mapping.table), columns.join(", "));
-                        if let Err(e) = connection.execute_batch(&sql) {
-                            problems.push(format!("mapping `{}`: cannot create table `{}`: {e}", mapping.name, mapping.table));
-                            continue;
-                        }
-                    }
-                    match describe(connection, &mapping.table) {
-                        Ok(found) if found.is_empty() => problems.push(format!(
-                            "mapping `{}`: table `{}` does not exist in {path}; create it or set create_table = true",
-                            mapping.name, mapping.table
-                        )),
-                        Ok(found) => match TableSchema::build(mapping, &found) {
-                            Ok(schema) => schemas.push(schema),
-                            Err(mut p) => problems.append(&mut p),
-                        },
-                        Err(e) => problems.push(format!("mapping `{}`: cannot read table `{}`: {e}", mapping.name, mapping.table)),
-                    }
-                }
-                if problems.is_empty() {
-                    Ok(schemas)
-                } else {
-                    Err(problems)
-                }
-            })
-            .await;
-        result.map_err(|e| vec![e.to_string()])?
-    }
-
-    pub async fn applied_seq(&mut self) -> Result<u64, SinkError> {
-        let name = self.name.clone();
-        self.blocking(move |connection| {
-            connection
-                .query_row(
-                    &format!("SELECT change_seq FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ?1"),
-                    [&name],
-                    |row| row.get::<_, i64>(0),
-                )
-                .optional()
-                .map(|seq| seq.unwrap_or(0).max(0) as u64)
-                .map_err(|e| SinkError::Fatal(format!("backend `{name}`: cannot read {CHECKPOINT_TABLE}: {e}")))
-        })
-        .await?
-    }
-
-    pub async fn apply(
-        &mut self,
-        schemas: &[TableSchema],
-        batch: &SinkBatch,
-    ) -> Result<Vec<Rejected>, SinkError> {
-        let (schemas, batch, name) = (schemas.to_vec(), batch.clone(), self.name.clone());
-        self.blocking(move |connection| apply_blocking(connection, &name, &schemas, &batch))
-            .await?
     }
 }
 
@@ -318,4 +248,77 @@ fn apply_blocking(
     .map_err(fail)?;
     tx.commit().map_err(fail)?;
     Ok(rejected)
+}
+
+impl Destination for SqliteSink {
+    async fn prepare(&mut self, mappings: &[Mapping]) -> Result<Vec<TableSchema>, Vec<String>> {
+        let mappings = mappings.to_vec();
+        let (name, path) = (self.name.clone(), self.path.clone());
+        let result = self
+            .blocking(move |connection| {
+                let mut problems = Vec::new();
+                let mut schemas = Vec::new();
+                let create = format!(
+                    "CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (source TEXT NOT NULL, backend TEXT NOT NULL, replid TEXT, repl_offset INTEGER, change_seq INTEGER NOT NULL, updated_at TEXT, PRIMARY KEY (source, backend))"
+                );
+                if let Err(e) = connection.execute_batch(&create) {
+                    return Err(vec![format!("backend `{name}` ({path}): cannot create {CHECKPOINT_TABLE}: {e}")]);
+                }
+                for mapping in &mappings {
+                    if mapping.create_table {
+                        let mut columns = vec![format!("{} TEXT PRIMARY KEY", q(&mapping.key_column))];
+                        columns.extend(mapping.columns.iter().map(|(_, c)| format!("{} TEXT", q(c))));
+                        let sql = format!("CREATE TABLE IF NOT EXISTS {} ({})", q(&mapping.table), columns.join(", "));
+                        if let Err(e) = connection.execute_batch(&sql) {
+                            problems.push(format!("mapping `{}`: cannot create table `{}`: {e}", mapping.name, mapping.table));
+                            continue;
+                        }
+                    }
+                    match describe(connection, &mapping.table) {
+                        Ok(found) if found.is_empty() => problems.push(format!(
+                            "mapping `{}`: table `{}` does not exist in {path}; create it or set create_table = true",
+                            mapping.name, mapping.table
+                        )),
+                        Ok(found) => match TableSchema::build(mapping, &found) {
+                            Ok(schema) => schemas.push(schema),
+                            Err(mut p) => problems.append(&mut p),
+                        },
+                        Err(e) => problems.push(format!("mapping `{}`: cannot read table `{}`: {e}", mapping.name, mapping.table)),
+                    }
+                }
+                if problems.is_empty() {
+                    Ok(schemas)
+                } else {
+                    Err(problems)
+                }
+            })
+            .await;
+        result.map_err(|e| vec![e.to_string()])?
+    }
+
+    async fn applied_seq(&mut self) -> Result<u64, SinkError> {
+        let name = self.name.clone();
+        self.blocking(move |connection| {
+            connection
+                .query_row(
+                    &format!("SELECT change_seq FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ?1"),
+                    [&name],
+                    |row| row.get::<_, i64>(0),
+                )
+                .optional()
+                .map(|seq| seq.unwrap_or(0).max(0) as u64)
+                .map_err(|e| SinkError::Fatal(format!("backend `{name}`: cannot read {CHECKPOINT_TABLE}: {e}")))
+        })
+        .await?
+    }
+
+    async fn apply(
+        &mut self,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<Vec<Rejected>, SinkError> {
+        let (schemas, batch, name) = (schemas.to_vec(), batch.clone(), self.name.clone());
+        self.blocking(move |connection| apply_blocking(connection, &name, &schemas, &batch))
+            .await?
+    }
 }
