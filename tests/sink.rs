@@ -156,7 +156,11 @@ impl Database {
 }
 
 fn config(server: &RedisServer, db_url: &str) -> Config {
-    let text = format!(
+    Config::parse(&config_text(server, db_url), &|_| None).expect("config")
+}
+
+fn config_text(server: &RedisServer, db_url: &str) -> String {
+    format!(
         r#"
 [source]
 url = "{}"
@@ -185,12 +189,12 @@ id = "id"
 color = "color"
 "#,
         server.url()
-    );
-    Config::parse(&text, &|_| None).expect("config")
+    )
 }
 
 struct Service {
     store: Arc<Store>,
+    config_file: std::path::PathBuf,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -199,7 +203,19 @@ struct Service {
 async fn start(server: &RedisServer, database: &Database) -> Service {
     let config = config(server, &database.url());
     let dir = tempfile::tempdir().expect("dir");
-    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let buffer = dir.path().join("buffer");
+    let store = Arc::new(Store::open(&buffer).expect("store"));
+    // The same configuration as a file, for the command line (`dlq`).
+    let config_file = dir.path().join("writebehind.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "{}\n[buffer]\npath = \"{}\"\n",
+            config_text(server, &database.url()),
+            buffer.display()
+        ),
+    )
+    .expect("config file");
     let mappings = Mappings::new(&config.mappings);
     let mut capture =
         Capture::new(store.clone(), mappings.clone(), server.endpoint()).expect("capture");
@@ -237,6 +253,7 @@ async fn start(server: &RedisServer, database: &Database) -> Service {
     });
     Service {
         store,
+        config_file,
         stop,
         tasks: vec![capture_task, sink_task],
         _dir: dir,
@@ -269,11 +286,13 @@ impl Service {
         }
     }
 
-    async fn stop(self) {
+    /// Stops the service; returns its configuration file and keeps its buffer.
+    async fn stop(self) -> (std::path::PathBuf, tempfile::TempDir) {
         let _ = self.stop.send(true);
         for task in self.tasks {
             task.await.expect("task");
         }
+        (self.config_file, self._dir)
     }
 }
 
@@ -510,4 +529,132 @@ async fn check_reports_a_missing_table_and_a_missing_column_on_one_line_each() {
             .any(|l| l.contains("table `car` does not exist")),
         "{stdout}"
     );
+}
+
+fn writebehind(args: &[&str], config: &std::path::Path) -> (bool, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_writebehind"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run");
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_rows_are_dead_lettered_and_retried_after_the_fix() {
+    let database = Database::maria().await;
+    database
+        .execute("CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first VARCHAR(5), last VARCHAR(255) NOT NULL, age INT, note TEXT)")
+        .await;
+    database.execute(CAR_TABLE).await;
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let service = start(&server, &database).await;
+    run(
+        &mut client,
+        &[
+            "HSET",
+            "person2:1",
+            "first_name",
+            "Ann",
+            "last_name",
+            "L",
+            "age",
+            "abc",
+        ],
+    )
+    .await;
+    run(
+        &mut client,
+        &[
+            "HSET",
+            "person2:2",
+            "first_name",
+            "Bobbybobby",
+            "last_name",
+            "L",
+            "age",
+            "2",
+        ],
+    )
+    .await;
+    run(
+        &mut client,
+        &[
+            "HSET",
+            "person2:3",
+            "first_name",
+            "Cy",
+            "last_name",
+            "L",
+            "age",
+            "3",
+        ],
+    )
+    .await;
+    run(
+        &mut client,
+        &["HSET", "person2:4", "first_name", "Dee", "age", "4"],
+    )
+    .await;
+    service.settle(&mut client, &database).await;
+    let cols = ["first", "last", "age"];
+    let rows = database.rows("person1", &cols).await;
+    assert_eq!(
+        rows.keys().collect::<Vec<_>>(),
+        vec!["3"],
+        "only the good row commits: {rows:?}"
+    );
+    let mut letters: Vec<(String, String)> = service
+        .store
+        .dead_letters()
+        .expect("letters")
+        .into_iter()
+        .map(|l| (String::from_utf8_lossy(&l.row_id).into_owned(), l.reason))
+        .collect();
+    letters.sort();
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    assert!(
+        letters[0].1.contains("`abc` is not an integer"),
+        "{letters:?}"
+    );
+    assert!(
+        letters[1].1.contains("10 characters, longer than its 5"),
+        "{letters:?}"
+    );
+    assert!(
+        letters[2].1.contains("cannot be null") && letters[2].1.contains("1048"),
+        "the database's own refusal: {letters:?}"
+    );
+    let (config, _dir) = service.stop().await;
+
+    let (ok, out) = writebehind(&["dlq", "list"], &config);
+    assert!(ok && out.contains("3 dead letters"), "{out}");
+    let (ok, out) = writebehind(&["dlq", "retry", "--all"], &config);
+    assert!(
+        !ok && out.matches("still refused").count() == 3,
+        "nothing is fixed yet: {out}"
+    );
+
+    // Fix the columns, retry: the rows are written with their current values.
+    database.execute("ALTER TABLE person1 MODIFY first VARCHAR(255), MODIFY last VARCHAR(255) NULL, MODIFY age VARCHAR(20)").await;
+    run(&mut client, &["HSET", "person2:4", "age", "44"]).await;
+    let (ok, out) = writebehind(&["dlq", "retry", "--all"], &config);
+    assert!(ok, "{out}");
+    let (ok, out) = writebehind(&["dlq", "list"], &config);
+    assert!(ok && out.contains("0 dead letters"), "{out}");
+    let rows = database.rows("person1", &cols).await;
+    assert_eq!(rows["1"], row(&[Some("Ann"), Some("L"), Some("abc")]));
+    assert_eq!(rows["2"], row(&[Some("Bobbybobby"), Some("L"), Some("2")]));
+    // The mirror was last updated before the service stopped: person2:4 is retried as captured.
+    assert_eq!(rows["4"], row(&[Some("Dee"), None, Some("4")]));
+    database.drop_database().await;
 }

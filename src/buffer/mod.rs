@@ -56,6 +56,8 @@ pub enum StoreError {
     RocksDb { path: PathBuf, message: String },
     #[error("buffer at {path}: {source}; the buffer is damaged: move it away to start over with a full sync")]
     Corrupt { path: PathBuf, source: DecodeError },
+    #[error("buffer at {path} is in use by another writebehind process; stop it first")]
+    InUse { path: PathBuf },
     #[error("buffer at {path} has format version {found}; this writebehind reads version {FORMAT_VERSION}")]
     Format { path: PathBuf, found: u32 },
 }
@@ -440,11 +442,19 @@ impl Store {
         options.create_missing_column_families(true);
         let families = [CF_MIRROR, CF_CHANGES, CF_META, CF_DEAD_LETTERS]
             .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
-        let db =
-            DB::open_cf_descriptors(&options, path, families).map_err(|e| StoreError::RocksDb {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
+        let db = DB::open_cf_descriptors(&options, path, families).map_err(|e| {
+            let message = e.to_string();
+            if message.contains("lock") {
+                StoreError::InUse {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                StoreError::RocksDb {
+                    path: path.to_path_buf(),
+                    message,
+                }
+            }
+        })?;
         let store = Store {
             db,
             path: path.to_path_buf(),

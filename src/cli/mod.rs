@@ -1,5 +1,6 @@
 //! The `writebehind` command line.
 
+mod dlq;
 mod tail;
 
 use std::path::PathBuf;
@@ -50,6 +51,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// The dead-letter store: rows a database refused (stop the service first).
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// Attach to a primary and print what it replicates, decoded, one line per event.
     Tail {
         /// redis://[user:password@]host:port
@@ -65,6 +71,65 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqAction {
+    /// List the dead letters with their reasons.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Write the current state of the rows again (after fixing the cause).
+    Retry {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The seqs to retry (see `list`).
+        #[arg(long = "seq", required_unless_present = "all")]
+        seqs: Vec<u64>,
+        /// Retry every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Forget dead letters.
+    Drop {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long = "seq", required_unless_present = "all")]
+        seqs: Vec<u64>,
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+async fn dead_letters(action: DlqAction) -> ExitCode {
+    let (path, selection) = match &action {
+        DlqAction::List { config } => (config, dlq::Selection::All),
+        DlqAction::Retry { config, seqs, all } | DlqAction::Drop { config, seqs, all } => (
+            config,
+            if *all {
+                dlq::Selection::All
+            } else {
+                dlq::Selection::Seqs(seqs.clone())
+            },
+        ),
+    };
+    let config = match load_config(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let store = match crate::buffer::Store::open(&config.buffer.path) {
+        Ok(store) => std::sync::Arc::new(store),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match action {
+        DlqAction::List { .. } => dlq::list(&store),
+        DlqAction::Drop { .. } => dlq::drop(&store, &selection),
+        DlqAction::Retry { .. } => dlq::retry(&config, store, &selection).await,
+    }
 }
 
 /// Entry point of the binary.
@@ -88,6 +153,7 @@ pub fn main() -> ExitCode {
                 capture_only,
             } => run(&config, capture_only).await,
             Command::Check { config } => check(&config).await,
+            Command::Dlq { action } => dead_letters(action).await,
             Command::Tail {
                 source,
                 from,

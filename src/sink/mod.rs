@@ -111,6 +111,10 @@ pub struct SinkBatch {
     pub offset: u64,
 }
 
+/// Called with the refused rows of a batch just before it commits, so that they are stored
+/// (dead-lettered) before the batch counts as applied; an error aborts the batch.
+pub type BeforeCommit = std::sync::Arc<dyn Fn(&[Rejected]) -> Result<(), String> + Send + Sync>;
+
 /// A row the database refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected {
@@ -162,6 +166,7 @@ pub trait Destination {
         &mut self,
         schemas: &[TableSchema],
         batch: &SinkBatch,
+        before_commit: &BeforeCommit,
     ) -> Result<Vec<Rejected>, SinkError>;
 }
 
@@ -210,10 +215,11 @@ impl Destination for Sink {
         &mut self,
         schemas: &[TableSchema],
         batch: &SinkBatch,
+        before_commit: &BeforeCommit,
     ) -> Result<Vec<Rejected>, SinkError> {
         match self {
-            Sink::Mysql(s) => s.apply(schemas, batch).await,
-            Sink::Sqlite(s) => s.apply(schemas, batch).await,
+            Sink::Mysql(s) => s.apply(schemas, batch, before_commit).await,
+            Sink::Sqlite(s) => s.apply(schemas, batch, before_commit).await,
         }
     }
 }

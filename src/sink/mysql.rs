@@ -13,8 +13,8 @@ use mysql_async::{Conn, Opts, Params, Pool, TxOpts, Value};
 
 use super::convert::{ColumnType, SqlValue};
 use super::{
-    quote, ColumnInfo, Destination, Rejected, RowOp, SinkBatch, SinkError, TableSchema,
-    CHECKPOINT_TABLE,
+    quote, BeforeCommit, ColumnInfo, Destination, Rejected, RowOp, SinkBatch, SinkError,
+    TableSchema, CHECKPOINT_TABLE,
 };
 use crate::capture::mapping::Mapping;
 
@@ -228,6 +228,7 @@ impl MysqlSink {
         conn: &mut Conn,
         schemas: &[TableSchema],
         batch: &SinkBatch,
+        before_commit: &BeforeCommit,
     ) -> Result<Vec<Rejected>, SinkError> {
         let err = |e: mysql_async::Error| self.error(e);
         let mut tx = conn
@@ -299,6 +300,12 @@ impl MysqlSink {
         }
         let (sql, params) = self.checkpoint_statement(batch);
         tx.exec_drop(sql, params).await.map_err(err)?;
+        before_commit(&rejected).map_err(|e| {
+            SinkError::Fatal(format!(
+                "backend `{}`: cannot store refused rows: {e}",
+                self.name
+            ))
+        })?;
         tx.commit().await.map_err(err)?;
         Ok(rejected)
     }
@@ -404,11 +411,15 @@ impl Destination for MysqlSink {
         &mut self,
         schemas: &[TableSchema],
         batch: &SinkBatch,
+        before_commit: &BeforeCommit,
     ) -> Result<Vec<Rejected>, SinkError> {
         let mut conn = self.conn().await?;
         match self.apply_grouped(&mut conn, schemas, batch).await {
             Ok(()) => Ok(Vec::new()),
-            Err(Failure::Row(_)) => self.apply_row_by_row(&mut conn, schemas, batch).await,
+            Err(Failure::Row(_)) => {
+                self.apply_row_by_row(&mut conn, schemas, batch, before_commit)
+                    .await
+            }
             Err(Failure::Transient(m)) => Err(SinkError::Transient(format!(
                 "backend `{}` ({}): {m}",
                 self.name, self.address

@@ -12,7 +12,9 @@ use rand::Rng;
 use tokio::sync::Notify;
 
 use super::convert::{convert, SqlValue};
-use super::{Destination, RowOp, RowWrite, Sink, SinkBatch, SinkError, TableSchema};
+use super::{
+    BeforeCommit, Destination, Rejected, RowOp, RowWrite, Sink, SinkBatch, SinkError, TableSchema,
+};
 use crate::buffer::{Batch, Change, DeadLetter, RowChange, Store, StoreError};
 use crate::capture::apply::now_ms;
 use crate::capture::mapping::Mapping;
@@ -159,27 +161,45 @@ impl SinkRunner {
             replid,
             offset,
         };
-        let rejected = self.apply_with_retry(&batch).await?;
-        let mut letters = Vec::new();
-        for r in rejected {
-            if let Some(write) = batch.writes.iter().find(|w| w.seq == r.seq) {
-                let mapping = self
-                    .mappings
-                    .get(write.table)
-                    .map(|m| m.name.clone())
-                    .unwrap_or_default();
-                tracing::warn!(backend = %self.name, %mapping, row = %String::from_utf8_lossy(&write.row_id), reason = %r.reason, "row refused; moved to the dead-letter store");
-                letters.push(DeadLetter {
+        // Rows the database refuses are dead-lettered inside the commit, before the batch
+        // counts as applied: a crash cannot lose them.
+        let index: HashMap<u64, (String, Bytes)> = batch
+            .writes
+            .iter()
+            .map(|w| {
+                (
+                    w.seq,
+                    (
+                        self.mappings
+                            .get(w.table)
+                            .map(|m| m.name.clone())
+                            .unwrap_or_default(),
+                        w.row_id.clone(),
+                    ),
+                )
+            })
+            .collect();
+        let (store, backend) = (self.store.clone(), self.name.clone());
+        let before_commit: BeforeCommit = Arc::new(move |rejected: &[Rejected]| {
+            let mut letters = Batch::default();
+            for r in rejected {
+                let (mapping, row_id) = index.get(&r.seq).cloned().unwrap_or_default();
+                tracing::warn!(%backend, %mapping, row = %String::from_utf8_lossy(&row_id), reason = %r.reason, "row refused; moved to the dead-letter store");
+                letters.put_dead_letter(&DeadLetter {
                     seq: r.seq,
-                    backend: self.name.clone(),
+                    backend: backend.clone(),
                     mapping,
-                    row_id: write.row_id.clone(),
-                    reason: r.reason,
+                    row_id,
+                    reason: r.reason.clone(),
                     at_ms: now_ms(),
                 });
             }
-        }
-        self.dead_letter(&letters)?;
+            if letters.is_empty() {
+                return Ok(());
+            }
+            store.write(letters, true).map_err(|e| e.to_string())
+        });
+        self.apply_with_retry(&batch, &before_commit).await?;
         self.applied = last_seq;
         self.report()?;
         Ok(true)
@@ -206,10 +226,11 @@ impl SinkRunner {
     async fn apply_with_retry(
         &mut self,
         batch: &SinkBatch,
-    ) -> Result<Vec<super::Rejected>, SinkError> {
+        before_commit: &BeforeCommit,
+    ) -> Result<Vec<Rejected>, SinkError> {
         let mut failures = 0u32;
         loop {
-            match self.sink.apply(&self.schemas, batch).await {
+            match self.sink.apply(&self.schemas, batch, before_commit).await {
                 Ok(rejected) => {
                     if failures > 0 {
                         tracing::info!(backend = %self.name, "database reachable again");

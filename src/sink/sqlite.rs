@@ -11,8 +11,8 @@ use rusqlite::{params_from_iter, Connection, ErrorCode, OptionalExtension};
 
 use super::convert::{ColumnType, SqlValue};
 use super::{
-    quote, ColumnInfo, Destination, Rejected, RowOp, SinkBatch, SinkError, TableSchema,
-    CHECKPOINT_TABLE,
+    quote, BeforeCommit, ColumnInfo, Destination, Rejected, RowOp, SinkBatch, SinkError,
+    TableSchema, CHECKPOINT_TABLE,
 };
 use crate::capture::mapping::Mapping;
 
@@ -166,6 +166,7 @@ fn apply_blocking(
     name: &str,
     schemas: &[TableSchema],
     batch: &SinkBatch,
+    before_commit: &BeforeCommit,
 ) -> Result<Vec<Rejected>, SinkError> {
     let fail = |e: rusqlite::Error| match classify(&e) {
         Failure::Transient(m) => SinkError::Transient(format!("backend `{name}`: {m}")),
@@ -246,6 +247,9 @@ fn apply_blocking(
         rusqlite::params![name, batch.replid, batch.offset as i64, batch.last_seq as i64],
     )
     .map_err(fail)?;
+    before_commit(&rejected).map_err(|e| {
+        SinkError::Fatal(format!("backend `{name}`: cannot store refused rows: {e}"))
+    })?;
     tx.commit().map_err(fail)?;
     Ok(rejected)
 }
@@ -316,9 +320,13 @@ impl Destination for SqliteSink {
         &mut self,
         schemas: &[TableSchema],
         batch: &SinkBatch,
+        before_commit: &BeforeCommit,
     ) -> Result<Vec<Rejected>, SinkError> {
         let (schemas, batch, name) = (schemas.to_vec(), batch.clone(), self.name.clone());
-        self.blocking(move |connection| apply_blocking(connection, &name, &schemas, &batch))
-            .await?
+        let before_commit = before_commit.clone();
+        self.blocking(move |connection| {
+            apply_blocking(connection, &name, &schemas, &batch, &before_commit)
+        })
+        .await?
     }
 }

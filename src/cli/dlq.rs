@@ -1,0 +1,191 @@
+//! `writebehind dlq list | retry | drop`: the dead-letter store.
+//!
+//! A retry writes the key's *current* state (from the mirror), not the refused image: the row
+//! must follow Redis, and the key may have changed since. The service must be stopped (the
+//! buffer is a single-process RocksDB).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use crate::buffer::{Batch, DeadLetter, MirrorKind, Store};
+use crate::capture::mapping::Mappings;
+use crate::config::Config;
+use crate::sink::runner::convert_row;
+use crate::sink::{Destination, RowOp, RowWrite, Sink, SinkBatch};
+
+/// Which letters a command acts on.
+pub(super) enum Selection {
+    All,
+    Seqs(Vec<u64>),
+}
+
+impl Selection {
+    fn includes(&self, seq: u64) -> bool {
+        match self {
+            Selection::All => true,
+            Selection::Seqs(seqs) => seqs.contains(&seq),
+        }
+    }
+}
+
+pub(super) fn list(store: &Store) -> ExitCode {
+    match store.dead_letters() {
+        Ok(letters) => {
+            for l in &letters {
+                println!(
+                    "seq={} backend={} mapping={} row={} at_ms={} reason={}",
+                    l.seq,
+                    l.backend,
+                    l.mapping,
+                    String::from_utf8_lossy(&l.row_id),
+                    l.at_ms,
+                    l.reason
+                );
+            }
+            println!("{} dead letters", letters.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub(super) fn drop(store: &Store, selection: &Selection) -> ExitCode {
+    let letters = match store.dead_letters() {
+        Ok(letters) => letters,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut batch = Batch::default();
+    let mut dropped = 0;
+    for letter in letters.iter().filter(|l| selection.includes(l.seq)) {
+        batch.delete_dead_letter(letter.seq);
+        dropped += 1;
+    }
+    if let Err(e) = store.write(batch, true) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
+    println!("{dropped} dead letters dropped");
+    ExitCode::SUCCESS
+}
+
+pub(super) async fn retry(config: &Config, store: Arc<Store>, selection: &Selection) -> ExitCode {
+    let letters = match store.dead_letters() {
+        Ok(letters) => letters,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mappings = Mappings::new(&config.mappings);
+    let mut failed = false;
+    for letter in letters.iter().filter(|l| selection.includes(l.seq)) {
+        match retry_one(config, &store, &mappings, letter).await {
+            Ok(()) => {
+                let mut batch = Batch::default();
+                batch.delete_dead_letter(letter.seq);
+                if let Err(e) = store.write(batch, true) {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+                println!("seq={} applied", letter.seq);
+            }
+            Err(reason) => {
+                failed = true;
+                println!("seq={} still refused: {reason}", letter.seq);
+                let mut batch = Batch::default();
+                batch.put_dead_letter(&DeadLetter {
+                    reason,
+                    ..letter.clone()
+                });
+                if let Err(e) = store.write(batch, true) {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+async fn retry_one(
+    config: &Config,
+    store: &Store,
+    mappings: &Mappings,
+    letter: &DeadLetter,
+) -> Result<(), String> {
+    let mapping = mappings
+        .iter()
+        .find(|m| m.name == letter.mapping)
+        .ok_or_else(|| format!("mapping `{}` is no longer configured", letter.mapping))?;
+    let backend = config
+        .backends
+        .get(&mapping.backend)
+        .ok_or_else(|| format!("backend `{}` is not configured", mapping.backend))?;
+    let mut sink = Sink::connect(&mapping.backend, &backend.url)
+        .await
+        .map_err(|e| e.to_string())?;
+    let schemas = sink
+        .prepare(std::slice::from_ref(mapping))
+        .await
+        .map_err(|p| p.join("; "))?;
+    let applied = sink.applied_seq().await.map_err(|e| e.to_string())?;
+    let schema = schemas
+        .first()
+        .ok_or_else(|| format!("mapping `{}` has no usable table", mapping.name))?;
+    let mut key = mapping.key_prefix.to_vec();
+    key.extend_from_slice(&letter.row_id);
+    let current = store.mirror(mapping.db, &key).map_err(|e| e.to_string())?;
+    let id = crate::sink::convert::convert(
+        &schema.key_column.kind,
+        &schema.key_column.name,
+        Some(&letter.row_id),
+    )?;
+    let op = match current {
+        Some(value) if value.kind == MirrorKind::Hash && !value.fields.is_empty() => {
+            let image = mapping.row_image(&value.fields);
+            RowOp::Upsert {
+                id,
+                values: convert_row(schema, &image)?,
+            }
+        }
+        _ => RowOp::Delete { id },
+    };
+    let checkpoint = store.checkpoint().map_err(|e| e.to_string())?;
+    // The sink's checkpoint stays where it is: this row is written outside the change order.
+    let batch = SinkBatch {
+        writes: vec![RowWrite {
+            table: 0,
+            seq: letter.seq,
+            row_id: letter.row_id.clone(),
+            delete_first: false,
+            op,
+        }],
+        last_seq: applied,
+        replid: checkpoint
+            .position
+            .as_ref()
+            .map(|p| p.replid.to_string())
+            .unwrap_or_default(),
+        offset: checkpoint.position.map(|p| p.offset.0).unwrap_or(0),
+    };
+    let no_hook: crate::sink::BeforeCommit =
+        std::sync::Arc::new(|_: &[crate::sink::Rejected]| Ok(()));
+    let rejected = sink
+        .apply(&schemas, &batch, &no_hook)
+        .await
+        .map_err(|e| e.to_string())?;
+    match rejected.into_iter().next() {
+        Some(r) => Err(r.reason),
+        None => Ok(()),
+    }
+}
