@@ -67,6 +67,8 @@ struct SnapshotKey {
 
 struct FullSync {
     first: bool,
+    /// The offset of the snapshot (`+FULLRESYNC`), recorded with its changes.
+    offset: ReplOffset,
     key: Option<SnapshotKey>,
     batch: Batch,
     keys_in_batch: usize,
@@ -228,7 +230,7 @@ impl Capture {
                 tracing::info!(%replid, %offset, "full sync started");
                 self.load_command_table().await;
                 let total = self.primary_key_count().await;
-                self.begin_full_sync(total)?;
+                self.begin_full_sync(total, offset)?;
             }
             ReplicationEvent::Snapshot(event) => self.snapshot_event(event)?,
             ReplicationEvent::FullSyncCompleted {
@@ -330,7 +332,7 @@ impl Capture {
             .sum()
     }
 
-    fn begin_full_sync(&mut self, total_keys: u64) -> Result<(), StoreError> {
+    fn begin_full_sync(&mut self, total_keys: u64, offset: ReplOffset) -> Result<(), StoreError> {
         self.stats.full_syncs += 1;
         let first = self.checkpoint.position.is_none();
         self.checkpoint.generation += 1;
@@ -340,6 +342,7 @@ impl Capture {
         self.store.write(batch, true)?;
         self.full_sync = Some(FullSync {
             first,
+            offset,
             key: None,
             batch: Batch::default(),
             keys_in_batch: 0,
@@ -410,6 +413,7 @@ impl Capture {
             return Ok(());
         };
         let emit = !sync.first || mapping.initial_load == InitialLoad::Upsert;
+        let snapshot_offset = sync.offset;
         let mut batch = std::mem::take(&mut sync.batch);
         let event = if emit {
             row_event(&mapping, &key.key, &before, &after, false)
@@ -422,15 +426,7 @@ impl Capture {
             None => {}
         }
         if let Some(event) = event {
-            self.push_unit(
-                &mut batch,
-                vec![event],
-                self.checkpoint
-                    .position
-                    .as_ref()
-                    .map(|p| p.offset)
-                    .unwrap_or_default(),
-            );
+            self.push_unit(&mut batch, vec![event], snapshot_offset);
         }
         let Some(sync) = self.full_sync.as_mut() else {
             return Ok(());

@@ -291,8 +291,13 @@ async fn check(path: &std::path::Path) -> ExitCode {
                         )) && mappings.iter().any(|o| o.name == m.name && o.create_table)
                     });
                     if created {
+                        let table = mine
+                            .iter()
+                            .find(|m| problem.contains(&format!("mapping `{}`:", m.name)))
+                            .map(|m| m.table.as_str())
+                            .unwrap_or("?");
                         println!(
-                            "ok: {problem} (it will be created at start: create_table = true)"
+                            "ok: table `{table}` will be created at start (create_table = true)"
                         );
                     } else {
                         failed = true;
