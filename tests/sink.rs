@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
-use support::RedisServer;
+use support::{MariaDbServer, RedisServer};
 use writebehind::buffer::Store;
 use writebehind::capture::mapping::Mappings;
 use writebehind::capture::Capture;
@@ -25,6 +25,7 @@ enum Database {
     Maria {
         pool: mysql_async::Pool,
         name: String,
+        url: String,
     },
     Sqlite {
         path: std::path::PathBuf,
@@ -45,8 +46,28 @@ impl Database {
             .expect("create database");
         drop(conn);
         admin.disconnect().await.ok();
-        let pool = mysql_async::Pool::new(format!("mysql://root@127.0.0.1:3306/{name}").as_str());
-        Database::Maria { pool, name }
+        let url = format!("mysql://root@127.0.0.1:3306/{name}");
+        let pool = mysql_async::Pool::new(url.as_str());
+        Database::Maria { pool, name, url }
+    }
+
+    /// A database on a private server (see `MariaDbServer`).
+    async fn maria_on(server: &MariaDbServer) -> Database {
+        let admin = mysql_async::Pool::new(server.url("mysql").as_str());
+        admin
+            .get_conn()
+            .await
+            .expect("private MariaDB")
+            .query_drop("CREATE DATABASE wb")
+            .await
+            .expect("create database");
+        admin.disconnect().await.ok();
+        let url = server.url("wb");
+        Database::Maria {
+            pool: mysql_async::Pool::new(url.as_str()),
+            name: "wb".into(),
+            url,
+        }
     }
 
     fn sqlite() -> Database {
@@ -59,7 +80,7 @@ impl Database {
 
     fn url(&self) -> String {
         match self {
-            Database::Maria { name, .. } => format!("mysql://root@127.0.0.1:3306/{name}"),
+            Database::Maria { url, .. } => url.clone(),
             Database::Sqlite { path, .. } => format!("sqlite://{}", path.display()),
         }
     }
@@ -143,7 +164,7 @@ impl Database {
     }
 
     async fn drop_database(self) {
-        if let Database::Maria { pool, name } = self {
+        if let Database::Maria { pool, name, .. } = self {
             pool.get_conn()
                 .await
                 .expect("conn")
@@ -657,4 +678,62 @@ async fn poison_rows_are_dead_lettered_and_retried_after_the_fix() {
     // The mirror was last updated before the service stopped: person2:4 is retried as captured.
     assert_eq!(rows["4"], row(&[Some("Dee"), None, Some("4")]));
     database.drop_database().await;
+}
+
+const COUNTED_PERSON_TABLE: &str = "CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first VARCHAR(255), last VARCHAR(255), age VARCHAR(20));
+    CREATE TABLE writes (id VARCHAR(64));
+    CREATE TRIGGER counted_insert AFTER INSERT ON person1 FOR EACH ROW INSERT INTO writes VALUES (NEW.id);
+    CREATE TRIGGER counted_update AFTER UPDATE ON person1 FOR EACH ROW INSERT INTO writes VALUES (NEW.id);";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_crashing_during_a_load_loses_and_duplicates_nothing() {
+    let mut mariadb = MariaDbServer::start();
+    let database = Database::maria_on(&mariadb).await;
+    for statement in COUNTED_PERSON_TABLE.split(";\n") {
+        database.execute(statement).await;
+    }
+    database.execute(CAR_TABLE).await;
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let service = start(&server, &database).await;
+    let mut next = 1u64;
+    for round in 0..10 {
+        let commands: Vec<Vec<String>> = (0..2000)
+            .map(|_| {
+                let n = next.to_string();
+                next += 1;
+                vec!["HSET".into(), format!("person2:{n}"), "age".into(), n]
+            })
+            .collect();
+        for chunk in commands.chunks(200) {
+            let refs: Vec<Vec<&str>> = chunk
+                .iter()
+                .map(|c| c.iter().map(String::as_str).collect())
+                .collect();
+            let slices: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
+            client.pipeline(&slices).await.expect("pipeline");
+        }
+        // The database dies twice in the middle of the load, for a second each time.
+        if round == 3 || round == 6 {
+            tokio::task::block_in_place(|| mariadb.crash_and_restart(Duration::from_secs(1)));
+        }
+    }
+    service.settle(&mut client, &database).await;
+    let rows = database.rows("person1", &["age"]).await;
+    assert_eq!(rows.len() as u64, next - 1, "every change arrived");
+    assert!(rows
+        .iter()
+        .all(|(id, v)| v[0].as_deref() == Some(id.as_str())));
+    let twice: Vec<(String, i64)> = match &database {
+        Database::Maria { pool, .. } => pool
+            .get_conn()
+            .await
+            .expect("conn")
+            .query("SELECT id, COUNT(*) FROM writes GROUP BY id HAVING COUNT(*) > 1")
+            .await
+            .expect("count"),
+        Database::Sqlite { .. } => unreachable!(),
+    };
+    assert!(twice.is_empty(), "rows written twice: {twice:?}");
+    service.stop().await;
 }

@@ -245,6 +245,15 @@ impl SinkRunner {
                     tracing::warn!(backend = %self.name, error = %message, retry_in = ?delay, "database write failed; retrying");
                     failures += 1;
                     tokio::time::sleep(delay).await;
+                    // The connection may have died after COMMIT reached the server: if the
+                    // checkpoint row says the batch is in, it must not be applied again.
+                    match self.sink.applied_seq().await {
+                        Ok(applied) if applied >= batch.last_seq => {
+                            tracing::info!(backend = %self.name, seq = batch.last_seq, "the batch had committed before the connection failed");
+                            return Ok(Vec::new());
+                        }
+                        _ => {}
+                    }
                 }
                 Err(fatal) => return Err(fatal),
             }
