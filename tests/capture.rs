@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use mysql_async::prelude::Queryable;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redis_protocol::resp2::types::BytesFrame;
@@ -22,6 +23,10 @@ use writebehind::replication::{Replicator, ReplicatorOptions};
 /// The test configuration; the service writes to a SQLite file next to its buffer, creating the
 /// tables.
 fn config_text(url: &str, buffer: &str, on_expire: &str) -> String {
+    config_text_for(url, buffer, on_expire, &format!("sqlite://{buffer}.db"))
+}
+
+fn config_text_for(url: &str, buffer: &str, on_expire: &str, database: &str) -> String {
     format!(
         r#"
 [source]
@@ -29,7 +34,7 @@ url = "{url}"
 [buffer]
 path = "{buffer}"
 [backends.db]
-url = "sqlite://{buffer}.db"
+url = "{database}"
 [[mappings]]
 name = "People"
 prefix = "person2"
@@ -639,13 +644,156 @@ fn service_config(
     dir: &tempfile::TempDir,
 ) -> (std::path::PathBuf, std::path::PathBuf) {
     let buffer = dir.path().join("buffer");
+    let database = format!("sqlite://{}.db", buffer.display());
+    service_config_for(server, dir, &database)
+}
+
+fn service_config_for(
+    server: &RedisServer,
+    dir: &tempfile::TempDir,
+    database: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let buffer = dir.path().join("buffer");
     let config = dir.path().join("writebehind.toml");
     std::fs::write(
         &config,
-        config_text(&server.url(), &buffer.display().to_string(), "keep"),
+        config_text_for(
+            &server.url(),
+            &buffer.display().to_string(),
+            "keep",
+            database,
+        ),
     )
     .expect("config");
     (config, buffer)
+}
+
+/// The database of the kill test, with triggers that count every write of a row.
+enum CountedDb {
+    Sqlite(std::path::PathBuf),
+    Maria {
+        pool: mysql_async::Pool,
+        admin: mysql_async::Pool,
+        name: String,
+    },
+}
+
+impl CountedDb {
+    async fn maria() -> CountedDb {
+        let admin = mysql_async::Pool::new("mysql://root@127.0.0.1:3306/mysql");
+        let name = format!("wb_kill_{}_{}", std::process::id(), rand::random::<u32>());
+        admin
+            .get_conn()
+            .await
+            .expect("MariaDB on 127.0.0.1:3306")
+            .query_drop(format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create database");
+        let pool = mysql_async::Pool::new(format!("mysql://root@127.0.0.1:3306/{name}").as_str());
+        let mut conn = pool.get_conn().await.expect("conn");
+        for statement in [
+            "CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first TEXT, last TEXT, age TEXT, seq BIGINT)",
+            "CREATE TABLE writes (id VARCHAR(64))",
+            "CREATE TRIGGER counted_insert AFTER INSERT ON person1 FOR EACH ROW INSERT INTO writes VALUES (NEW.id)",
+            "CREATE TRIGGER counted_update AFTER UPDATE ON person1 FOR EACH ROW INSERT INTO writes VALUES (NEW.id)",
+            "CREATE TABLE car (id VARCHAR(64) PRIMARY KEY, color TEXT)",
+        ] {
+            conn.query_drop(statement).await.expect(statement);
+        }
+        CountedDb::Maria { pool, admin, name }
+    }
+
+    fn sqlite(path: std::path::PathBuf) -> CountedDb {
+        rusqlite::Connection::open(&path)
+            .expect("sqlite")
+            .execute_batch(
+                "CREATE TABLE person1 (id TEXT PRIMARY KEY, first TEXT, last TEXT, age TEXT, seq INTEGER);
+                 CREATE TABLE writes (id TEXT);
+                 CREATE TRIGGER counted_insert AFTER INSERT ON person1 BEGIN INSERT INTO writes VALUES (NEW.id); END;
+                 CREATE TRIGGER counted_update AFTER UPDATE ON person1 BEGIN INSERT INTO writes VALUES (NEW.id); END;",
+            )
+            .expect("schema");
+        CountedDb::Sqlite(path)
+    }
+
+    fn url(&self) -> String {
+        match self {
+            CountedDb::Sqlite(path) => format!("sqlite://{}", path.display()),
+            CountedDb::Maria { name, .. } => format!("mysql://root@127.0.0.1:3306/{name}"),
+        }
+    }
+
+    /// (rows, seqs in order, rows written more than once)
+    async fn counts(&self) -> (u64, Vec<u64>, u64) {
+        match self {
+            CountedDb::Sqlite(path) => {
+                let Ok(db) = rusqlite::Connection::open(path) else {
+                    return (0, vec![], 0);
+                };
+                let rows = db
+                    .query_row("SELECT COUNT(*) FROM person1", [], |r| r.get::<_, i64>(0))
+                    .unwrap_or(0) as u64;
+                let seqs = db
+                    .prepare("SELECT seq FROM person1 ORDER BY seq")
+                    .and_then(|mut s| {
+                        s.query_map([], |r| r.get::<_, i64>(0))
+                            .map(|rows| rows.filter_map(Result::ok).map(|v| v as u64).collect())
+                    })
+                    .unwrap_or_default();
+                let twice = db.query_row("SELECT COUNT(*) FROM (SELECT id FROM writes GROUP BY id HAVING COUNT(*) > 1)", [], |r| r.get::<_, i64>(0)).unwrap_or(0) as u64;
+                (rows, seqs, twice)
+            }
+            CountedDb::Maria { pool, .. } => {
+                let Ok(mut conn) = pool.get_conn().await else {
+                    return (0, vec![], 0);
+                };
+                let rows: Option<u64> = conn
+                    .query_first("SELECT COUNT(*) FROM person1")
+                    .await
+                    .unwrap_or(None);
+                let seqs: Vec<u64> = conn
+                    .query("SELECT seq FROM person1 ORDER BY seq")
+                    .await
+                    .unwrap_or_default();
+                let twice: Option<u64> = conn.query_first("SELECT COUNT(*) FROM (SELECT id FROM writes GROUP BY id HAVING COUNT(*) > 1) t").await.unwrap_or(None);
+                (rows.unwrap_or(0), seqs, twice.unwrap_or(0))
+            }
+        }
+    }
+
+    async fn row_count(&self) -> u64 {
+        match self {
+            CountedDb::Sqlite(path) => rusqlite::Connection::open(path)
+                .and_then(|c| {
+                    c.query_row("SELECT COUNT(*) FROM person1", [], |r| r.get::<_, i64>(0))
+                })
+                .map(|n| n as u64)
+                .unwrap_or(0),
+            CountedDb::Maria { pool, .. } => match pool.get_conn().await {
+                Ok(mut conn) => conn
+                    .query_first::<u64, _>("SELECT COUNT(*) FROM person1")
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0),
+                Err(_) => 0,
+            },
+        }
+    }
+
+    async fn drop_database(self) {
+        if let CountedDb::Maria { admin, name, pool } = self {
+            pool.disconnect().await.ok();
+            admin
+                .get_conn()
+                .await
+                .expect("conn")
+                .query_drop(format!("DROP DATABASE {name}"))
+                .await
+                .ok();
+            admin.disconnect().await.ok();
+        }
+    }
 }
 
 /// Starts `writebehind run` on `config`.
@@ -672,22 +820,26 @@ async fn replica_ack_offset(client: &mut RedisClient) -> Option<u64> {
 /// Every write makes a new row (`person2:<n>` with `seq = n`), so that no two writes coalesce:
 /// the table must end with exactly rows 1..N, each written once (triggers count the writes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_dash_nine_at_random_instants_loses_and_repeats_nothing() {
+async fn kill_dash_nine_at_random_instants_loses_and_repeats_nothing_sqlite() {
+    kill_dash_nine(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_at_random_instants_loses_and_repeats_nothing_mariadb() {
+    kill_dash_nine(true).await;
+}
+
+async fn kill_dash_nine(mariadb: bool) {
     // The backlog must cover the writes made while the service restarts (README: sizing it).
     let server = RedisServer::start(&["--repl-backlog-size", "256mb"]);
     let mut client = server.client().await;
     let dir = tempfile::tempdir().expect("dir");
-    let (config, buffer) = service_config(&server, &dir);
-    let database = std::path::PathBuf::from(format!("{}.db", buffer.display()));
-    rusqlite::Connection::open(&database)
-        .expect("sqlite")
-        .execute_batch(
-            "CREATE TABLE person1 (id TEXT PRIMARY KEY, first TEXT, last TEXT, age TEXT, seq INTEGER);
-             CREATE TABLE writes (id TEXT);
-             CREATE TRIGGER counted_insert AFTER INSERT ON person1 BEGIN INSERT INTO writes VALUES (NEW.id); END;
-             CREATE TRIGGER counted_update AFTER UPDATE ON person1 BEGIN INSERT INTO writes VALUES (NEW.id); END;",
-        )
-        .expect("schema");
+    let database = if mariadb {
+        CountedDb::maria().await
+    } else {
+        CountedDb::sqlite(dir.path().join("writebehind.db"))
+    };
+    let (config, buffer) = service_config_for(&server, &dir, &database.url());
     let mut rng = StdRng::seed_from_u64(9);
     let mut service = spawn_service(&config);
     // The first attach is a full sync of an empty database; writes start once it is done.
@@ -736,16 +888,10 @@ async fn kill_dash_nine_at_random_instants_loses_and_repeats_nothing() {
     let target = master_offset(&mut client).await;
     let written = next_seq - 1;
     let deadline = Instant::now() + Duration::from_secs(120);
-    let rows = |path: &std::path::Path| -> u64 {
-        rusqlite::Connection::open(path)
-            .and_then(|c| c.query_row("SELECT COUNT(*) FROM person1", [], |r| r.get::<_, i64>(0)))
-            .map(|n| n as u64)
-            .unwrap_or(0)
-    };
     while replica_ack_offset(&mut client)
         .await
         .is_none_or(|o| o < target)
-        || rows(&database) < written
+        || database.row_count().await < written
     {
         assert!(
             Instant::now() < deadline,
@@ -775,26 +921,13 @@ async fn kill_dash_nine_at_random_instants_loses_and_repeats_nothing() {
         "every restart resumed with PSYNC"
     );
 
-    let db = rusqlite::Connection::open(&database).expect("sqlite");
-    let seqs: Vec<u64> = db
-        .prepare("SELECT seq FROM person1 ORDER BY seq")
-        .expect("prepare")
-        .query_map([], |r| r.get::<_, i64>(0))
-        .expect("query")
-        .map(|r| r.expect("row") as u64)
-        .collect();
+    let (rows, seqs, twice) = database.counts().await;
+    assert_eq!(rows, written);
     assert_eq!(
         seqs,
         (1..next_seq).collect::<Vec<u64>>(),
         "every write arrived"
     );
-    let twice: i64 = db
-        .query_row(
-            "SELECT COUNT(*) FROM (SELECT id FROM writes GROUP BY id HAVING COUNT(*) > 1)",
-            [],
-            |r| r.get(0),
-        )
-        .expect("count");
     assert_eq!(twice, 0, "no row was written twice");
     // The mirror holds every key; a sample is compared field by field with Redis (reading all
     // of several hundred thousand keys back from Redis would dominate the test).
