@@ -955,6 +955,7 @@ async fn kill_dash_nine(mariadb: bool) {
             "{key}"
         );
     }
+    database.drop_database().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

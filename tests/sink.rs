@@ -737,3 +737,57 @@ async fn the_database_crashing_during_a_load_loses_and_duplicates_nothing() {
     assert!(twice.is_empty(), "rows written twice: {twice:?}");
     service.stop().await;
 }
+
+/// A reader polling the table never sees part of a MULTI: each group of keys written in one
+/// MULTI is either wholly absent or wholly present.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_becomes_visible_at_once() {
+    let database = Database::maria().await;
+    database.execute(PERSON_TABLE).await;
+    database.execute(CAR_TABLE).await;
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let service = start(&server, &database).await;
+    service.settle(&mut client, &database).await;
+    let Database::Maria { url, .. } = &database else {
+        unreachable!()
+    };
+    let reader_pool = mysql_async::Pool::new(url.as_str());
+    let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
+    let groups = 40;
+    let reader = tokio::spawn(async move {
+        let mut conn = reader_pool.get_conn().await.expect("conn");
+        let mut partial = Vec::new();
+        let mut reads = 0u64;
+        while !*done_rx.borrow_and_update() {
+            let counts: Vec<(String, u64)> = conn
+                .query("SELECT SUBSTRING_INDEX(id, '-', 1) AS g, COUNT(*) FROM person1 WHERE id LIKE 'g%' GROUP BY g")
+                .await
+                .expect("poll");
+            reads += 1;
+            partial.extend(counts.into_iter().filter(|(_, n)| *n != 5));
+        }
+        (partial, reads)
+    });
+    for g in 0..groups {
+        client.command(&["MULTI"]).await.expect("multi");
+        for i in 0..5 {
+            client
+                .command(&["HSET", &format!("person2:g{g}-{i}"), "first_name", "M"])
+                .await
+                .expect("hset");
+        }
+        client.command(&["EXEC"]).await.expect("exec");
+    }
+    service.settle(&mut client, &database).await;
+    let _ = done_tx.send(true);
+    let (partial, reads) = reader.await.expect("reader");
+    assert!(reads > 10, "the reader polled only {reads} times");
+    assert!(
+        partial.is_empty(),
+        "partially visible MULTI groups: {partial:?}"
+    );
+    assert_eq!(database.rows("person1", &["first"]).await.len(), groups * 5);
+    service.stop().await;
+    database.drop_database().await;
+}
