@@ -1,0 +1,97 @@
+//! Sink benchmark: rows per second written by the MySQL/MariaDB sink at several batch sizes,
+//! next to `LOAD DATA LOCAL INFILE` of the same rows into the same table, in the same run.
+//! Used by `scripts/bench-sink.sh`; prints one `key=value` line per figure.
+//!
+//! Usage: `sink_bench <mysql://user@host:port/database> [rows]`
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use mysql_async::prelude::Queryable;
+use writebehind::capture::mapping::Mappings;
+use writebehind::config::Config;
+use writebehind::sink::convert::SqlValue;
+use writebehind::sink::{BeforeCommit, Destination, RowOp, RowWrite, Sink, SinkBatch};
+
+const CREATE: &str = "CREATE TABLE wb_bench (id VARCHAR(64) PRIMARY KEY, first VARCHAR(255), last VARCHAR(255), age INT) ENGINE=InnoDB";
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let url = std::env::args().nth(1).ok_or("usage: sink_bench <mysql-url> [rows]")?;
+    let rows: usize = std::env::args().nth(2).map(|n| n.parse()).transpose()?.unwrap_or(200_000);
+    let data: Vec<(String, String, String, i64)> =
+        (0..rows).map(|i| (format!("{i}"), format!("first-{i}"), format!("last-{}", i % 977), (i % 100) as i64)).collect();
+    let pool = mysql_async::Pool::new(url.as_str());
+    let mut conn = pool.get_conn().await?;
+    // The database's own fastest path.
+    reset(&mut conn).await?;
+    let mut tsv = String::with_capacity(rows * 40);
+    for (id, first, last, age) in &data {
+        tsv.push_str(&format!("{id}\t{first}\t{last}\t{age}\n"));
+    }
+    let payload = Bytes::from(tsv);
+    conn.set_infile_handler(async move { Ok(futures_util::stream::iter(vec![Ok(payload)]).boxed()) });
+    let started = Instant::now();
+    conn.query_drop("LOAD DATA LOCAL INFILE 'rows.tsv' INTO TABLE wb_bench (id, first, last, age)").await?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    let load_rate = rows as f64 / load_seconds;
+    println!("rows={rows}");
+    println!("load_data_rows_per_second={load_rate:.0}");
+
+    let config = Config::parse(
+        &format!(
+            "[source]\nurl = \"redis://127.0.0.1:1\"\n[backends.bench]\nurl = \"{url}\"\n[[mappings]]\nname = \"Bench\"\nprefix = \"p\"\nbackend = \"bench\"\ntable = \"wb_bench\"\nkey_column = \"id\"\n[mappings.columns]\nfirst = \"first\"\nlast = \"last\"\nage = \"age\"\n"
+        ),
+        &|_| None,
+    )
+    .map_err(|e| e.to_string())?;
+    let mappings: Vec<_> = Mappings::new(&config.mappings).iter().cloned().collect();
+    let no_hook: BeforeCommit = std::sync::Arc::new(|_| Ok(()));
+    for batch_size in [100usize, 1_000, 5_000] {
+        reset(&mut conn).await?;
+        let mut sink = Sink::connect("bench", &url).await?;
+        let schemas = sink.prepare(&mappings).await.map_err(|p| p.join("; "))?;
+        let started = Instant::now();
+        let mut seq = 0u64;
+        for chunk in data.chunks(batch_size) {
+            let writes = chunk
+                .iter()
+                .map(|(id, first, last, age)| {
+                    seq += 1;
+                    RowWrite {
+                        table: 0,
+                        seq,
+                        row_id: Bytes::from(id.clone()),
+                        delete_first: false,
+                        // Columns in the schema's order: age, first, last.
+                        op: RowOp::Upsert {
+                            id: SqlValue::Text(id.clone()),
+                            values: vec![SqlValue::Int(*age), SqlValue::Text(first.clone()), SqlValue::Text(last.clone())],
+                        },
+                    }
+                })
+                .collect();
+            let batch = SinkBatch { writes, last_seq: seq, replid: String::new(), offset: 0 };
+            let rejected = sink.apply(&schemas, &batch, &no_hook).await?;
+            if !rejected.is_empty() {
+                return Err(format!("rows refused: {rejected:?}").into());
+            }
+        }
+        let rate = rows as f64 / started.elapsed().as_secs_f64();
+        println!("sink_batch_{batch_size}_rows_per_second={rate:.0}");
+        println!("sink_batch_{batch_size}_ratio_to_load_data={:.2}", rate / load_rate);
+    }
+    conn.query_drop("DROP TABLE IF EXISTS wb_bench").await?;
+    Ok(())
+}
+
+async fn reset(conn: &mut mysql_async::Conn) -> Result<(), mysql_async::Error> {
+    conn.query_drop("DROP TABLE IF EXISTS wb_bench").await?;
+    conn.query_drop(CREATE).await?;
+    conn.query_drop("DELETE FROM writebehind_checkpoint WHERE backend = 'bench'").await.ok();
+    Ok(())
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Sink benchmark against the local MariaDB (a scratch database it creates and drops): upserts by
+# the MySQL sink at batch sizes 100, 1,000 and 5,000 rows, next to LOAD DATA LOCAL INFILE of the
+# same rows into the same table, with the ratios. Not a test: it measures.
+#
+# Usage: scripts/bench-sink.sh [rows] [mysql-url-of-server]   (default 200000, root@127.0.0.1:3306)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rows="${1:-200000}"
+server="${2:-mysql://root@127.0.0.1:3306}"
+database="wb_bench_$$"
+export ROCKSDB_LIB_DIR="${ROCKSDB_LIB_DIR:-/usr/lib/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)}"
+mariadb --protocol=tcp -h127.0.0.1 -uroot -e "CREATE DATABASE $database"
+trap 'mariadb --protocol=tcp -h127.0.0.1 -uroot -e "DROP DATABASE IF EXISTS $database"' EXIT
+cargo build --release --example sink_bench >/dev/null 2>&1
+"${CARGO_TARGET_DIR:-target}/release/examples/sink_bench" "$server/$database" "$rows"
