@@ -17,14 +17,31 @@ use writebehind::sink::{BeforeCommit, Destination, RowOp, RowWrite, Sink, SinkBa
 const CREATE: &str = "CREATE TABLE wb_bench (id VARCHAR(64) PRIMARY KEY, first VARCHAR(255), last VARCHAR(255), age INT) ENGINE=InnoDB";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let url = std::env::args().nth(1).ok_or("usage: sink_bench <mysql-url> [rows]")?;
-    let rows: usize = std::env::args().nth(2).map(|n| n.parse()).transpose()?.unwrap_or(200_000);
-    let data: Vec<(String, String, String, i64)> =
-        (0..rows).map(|i| (format!("{i}"), format!("first-{i}"), format!("last-{}", i % 977), (i % 100) as i64)).collect();
+    let url = std::env::args()
+        .nth(1)
+        .ok_or("usage: sink_bench <mysql-url> [rows]")?;
+    let rows: usize = std::env::args()
+        .nth(2)
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(200_000);
+    let data: Vec<(String, String, String, i64)> = (0..rows)
+        .map(|i| {
+            (
+                format!("{i}"),
+                format!("first-{i}"),
+                format!("last-{}", i % 977),
+                (i % 100) as i64,
+            )
+        })
+        .collect();
     let pool = mysql_async::Pool::new(url.as_str());
     let mut conn = pool.get_conn().await?;
     // The database's own fastest path.
@@ -34,9 +51,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         tsv.push_str(&format!("{id}\t{first}\t{last}\t{age}\n"));
     }
     let payload = Bytes::from(tsv);
-    conn.set_infile_handler(async move { Ok(futures_util::stream::iter(vec![Ok(payload)]).boxed()) });
+    conn.set_infile_handler(
+        async move { Ok(futures_util::stream::iter(vec![Ok(payload)]).boxed()) },
+    );
     let started = Instant::now();
-    conn.query_drop("LOAD DATA LOCAL INFILE 'rows.tsv' INTO TABLE wb_bench (id, first, last, age)").await?;
+    conn.query_drop("LOAD DATA LOCAL INFILE 'rows.tsv' INTO TABLE wb_bench (id, first, last, age)")
+        .await?;
     let load_seconds = started.elapsed().as_secs_f64();
     let load_rate = rows as f64 / load_seconds;
     println!("rows={rows}");
@@ -70,12 +90,21 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                         // Columns in the schema's order: age, first, last.
                         op: RowOp::Upsert {
                             id: SqlValue::Text(id.clone()),
-                            values: vec![SqlValue::Int(*age), SqlValue::Text(first.clone()), SqlValue::Text(last.clone())],
+                            values: vec![
+                                SqlValue::Int(*age),
+                                SqlValue::Text(first.clone()),
+                                SqlValue::Text(last.clone()),
+                            ],
                         },
                     }
                 })
                 .collect();
-            let batch = SinkBatch { writes, last_seq: seq, replid: String::new(), offset: 0 };
+            let batch = SinkBatch {
+                writes,
+                last_seq: seq,
+                replid: String::new(),
+                offset: 0,
+            };
             let rejected = sink.apply(&schemas, &batch, &no_hook).await?;
             if !rejected.is_empty() {
                 return Err(format!("rows refused: {rejected:?}").into());
@@ -83,7 +112,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         let rate = rows as f64 / started.elapsed().as_secs_f64();
         println!("sink_batch_{batch_size}_rows_per_second={rate:.0}");
-        println!("sink_batch_{batch_size}_ratio_to_load_data={:.2}", rate / load_rate);
+        println!(
+            "sink_batch_{batch_size}_ratio_to_load_data={:.2}",
+            rate / load_rate
+        );
     }
     conn.query_drop("DROP TABLE IF EXISTS wb_bench").await?;
     Ok(())
@@ -92,6 +124,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 async fn reset(conn: &mut mysql_async::Conn) -> Result<(), mysql_async::Error> {
     conn.query_drop("DROP TABLE IF EXISTS wb_bench").await?;
     conn.query_drop(CREATE).await?;
-    conn.query_drop("DELETE FROM writebehind_checkpoint WHERE backend = 'bench'").await.ok();
+    conn.query_drop("DELETE FROM writebehind_checkpoint WHERE backend = 'bench'")
+        .await
+        .ok();
     Ok(())
 }

@@ -791,3 +791,95 @@ async fn a_multi_becomes_visible_at_once() {
     service.stop().await;
     database.drop_database().await;
 }
+
+/// A large batch goes through LOAD DATA LOCAL INFILE (staged): values with tabs, newlines,
+/// backslashes, NUL bytes, non-ASCII text, empty strings and absent fields arrive intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_is_staged_and_every_value_survives() {
+    let database = Database::maria().await;
+    database.execute("CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first TEXT, last VARBINARY(64), age VARCHAR(20), note TEXT)").await;
+    database.execute(CAR_TABLE).await;
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let service = start(&server, &database).await;
+    service.settle(&mut client, &database).await;
+    let loads = |pool: mysql_async::Pool| async move {
+        let status: Option<(String, u64)> = pool
+            .get_conn()
+            .await
+            .expect("conn")
+            .query_first("SHOW GLOBAL STATUS LIKE 'Com_load'")
+            .await
+            .expect("status");
+        status.map(|(_, n)| n).unwrap_or(0)
+    };
+    let Database::Maria { pool, .. } = &database else {
+        unreachable!()
+    };
+    let loads_before = loads(pool.clone()).await;
+    let tricky = [
+        "a\tb",
+        "line\nbreak\r\n",
+        "back\\slash\\N",
+        "nul\0byte",
+        "ünïcödé ✓",
+        "",
+        "\\",
+    ];
+    // One MULTI is one unit, so all 700 rows land in one batch.
+    client.command(&["MULTI"]).await.expect("multi");
+    for i in 0..700 {
+        let first = tricky[i % tricky.len()];
+        let key = format!("person2:{i}");
+        if i % 10 == 0 {
+            client
+                .command(&["HSET", &key, "first_name", first])
+                .await
+                .expect("hset");
+        } else {
+            client
+                .command(&[
+                    &b"HSET"[..],
+                    key.as_bytes(),
+                    b"first_name",
+                    first.as_bytes(),
+                    b"last_name",
+                    &[0xff, 0x00, b'\t', b'\n', b'\\'],
+                    b"age",
+                    i.to_string().as_bytes(),
+                ])
+                .await
+                .expect("hset");
+        }
+    }
+    client.command(&["EXEC"]).await.expect("exec");
+    service.settle(&mut client, &database).await;
+    assert!(
+        loads(pool.clone()).await > loads_before,
+        "the batch did not go through LOAD DATA"
+    );
+    let rows: Vec<(String, Option<String>, Option<Vec<u8>>, Option<String>)> = pool
+        .get_conn()
+        .await
+        .expect("conn")
+        .query("SELECT id, first, last, age FROM person1")
+        .await
+        .expect("select");
+    assert_eq!(rows.len(), 700);
+    for (id, first, last, age) in rows {
+        let i: usize = id.parse().expect("id");
+        assert_eq!(first.as_deref(), Some(tricky[i % tricky.len()]), "row {i}");
+        if i % 10 == 0 {
+            assert_eq!((last, age), (None, None), "row {i}: absent fields are NULL");
+        } else {
+            assert_eq!(
+                last.as_deref(),
+                Some(&[0xff, 0x00, b'\t', b'\n', b'\\'][..]),
+                "row {i}"
+            );
+            assert_eq!(age, Some(i.to_string()));
+        }
+    }
+    service.stop().await;
+    database.drop_database().await;
+}

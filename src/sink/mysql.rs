@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 
+use futures_util::StreamExt;
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, Params, Pool, TxOpts, Value};
 
@@ -20,11 +21,46 @@ use crate::capture::mapping::Mapping;
 
 /// Placeholders per statement stay well under the protocol's 65,535.
 const MAX_PLACEHOLDERS: usize = 30_000;
+/// Upserts into one table from this many rows on go through LOAD DATA LOCAL INFILE.
+const STAGE_THRESHOLD: usize = 500;
+
+enum StageError {
+    /// LOCAL INFILE is disabled on the server or the client: fall back for good.
+    Unavailable(String),
+    Failed(Failure),
+}
+
+/// One field in LOAD DATA's default format: `\N` for NULL; tab, newline, backslash and NUL
+/// escaped with a backslash.
+fn infile_field(out: &mut Vec<u8>, value: &SqlValue) {
+    let raw: std::borrow::Cow<'_, [u8]> = match value {
+        SqlValue::Null => {
+            out.extend_from_slice(b"\\N");
+            return;
+        }
+        SqlValue::Int(i) => i.to_string().into_bytes().into(),
+        SqlValue::UInt(u) => u.to_string().into_bytes().into(),
+        SqlValue::Float(f) => f.to_string().into_bytes().into(),
+        SqlValue::Text(t) => t.as_bytes().into(),
+        SqlValue::Bytes(b) => b.as_slice().into(),
+    };
+    for &b in raw.iter() {
+        match b {
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0 => out.extend_from_slice(b"\\0"),
+            _ => out.push(b),
+        }
+    }
+}
 
 pub struct MysqlSink {
     name: String,
     pool: Pool,
     address: String,
+    /// Whether large batches may use LOAD DATA LOCAL INFILE (off once the server refuses it).
+    staging: std::sync::atomic::AtomicBool,
 }
 
 fn q(identifier: &str) -> String {
@@ -85,6 +121,7 @@ impl MysqlSink {
             name: name.to_string(),
             pool,
             address,
+            staging: std::sync::atomic::AtomicBool::new(true),
         };
         let mut conn = sink.conn().await?;
         let database: Option<String> = conn
@@ -146,10 +183,27 @@ impl MysqlSink {
         schemas: &[TableSchema],
         batch: &SinkBatch,
     ) -> Result<(), Failure> {
-        let mut tx = conn
-            .start_transaction(TxOpts::default())
+        // A transaction by hand (not `Transaction`), so that the connection's LOCAL INFILE
+        // handler can be set for the staged path.
+        conn.query_drop("START TRANSACTION")
             .await
             .map_err(|e| classify(&e))?;
+        let result = self.write_grouped(conn, schemas, batch).await;
+        match result {
+            Ok(()) => conn.query_drop("COMMIT").await.map_err(|e| classify(&e)),
+            Err(failure) => {
+                let _ = conn.query_drop("ROLLBACK").await;
+                Err(failure)
+            }
+        }
+    }
+
+    async fn write_grouped(
+        &self,
+        conn: &mut Conn,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<(), Failure> {
         for (index, schema) in schemas.iter().enumerate() {
             let writes: Vec<&super::RowWrite> =
                 batch.writes.iter().filter(|w| w.table == index).collect();
@@ -168,22 +222,32 @@ impl MysqlSink {
                     q(&schema.key_column.name),
                     vec!["?"; chunk.len()].join(",")
                 );
-                tx.exec_drop(sql, Params::Positional(chunk.to_vec()))
+                conn.exec_drop(sql, Params::Positional(chunk.to_vec()))
                     .await
                     .map_err(|e| classify(&e))?;
             }
-            let upserts: Vec<Vec<Value>> = writes
+            let upserts: Vec<(&SqlValue, &Vec<SqlValue>)> = writes
                 .iter()
                 .filter_map(|w| match &w.op {
-                    RowOp::Upsert { id, values } => Some(
-                        std::iter::once(id)
-                            .chain(values.iter())
-                            .map(value)
-                            .collect(),
-                    ),
+                    RowOp::Upsert { id, values } => Some((id, values)),
                     RowOp::Delete { .. } => None,
                 })
                 .collect();
+            if upserts.len() >= STAGE_THRESHOLD
+                && self.staging.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                match self.stage_and_merge(conn, schema, &upserts).await {
+                    Ok(()) => continue,
+                    // The server (or its configuration) refuses LOCAL INFILE: use statements.
+                    Err(StageError::Unavailable(message)) => {
+                        tracing::warn!(backend = %self.name, %message, "LOAD DATA LOCAL INFILE unavailable; writing with multi-row INSERT");
+                        self.staging
+                            .store(false, std::sync::atomic::Ordering::Relaxed);
+                        return Err(Failure::Transient(message));
+                    }
+                    Err(StageError::Failed(failure)) => return Err(failure),
+                }
+            }
             let width = schema.columns.len() + 1;
             for chunk in upserts.chunks((MAX_PLACEHOLDERS / width).max(1)) {
                 let row = format!("({})", vec!["?"; width].join(","));
@@ -193,14 +257,78 @@ impl MysqlSink {
                     vec![row; chunk.len()].join(","),
                     self.insert_tail(schema)
                 );
-                tx.exec_drop(sql, Params::Positional(chunk.concat()))
+                let params: Vec<Value> = chunk
+                    .iter()
+                    .flat_map(|(id, values)| std::iter::once(*id).chain(values.iter()).map(value))
+                    .collect();
+                conn.exec_drop(sql, Params::Positional(params))
                     .await
                     .map_err(|e| classify(&e))?;
             }
         }
         let (sql, params) = self.checkpoint_statement(batch);
-        tx.exec_drop(sql, params).await.map_err(|e| classify(&e))?;
-        tx.commit().await.map_err(|e| classify(&e))
+        conn.exec_drop(sql, params).await.map_err(|e| classify(&e))
+    }
+
+    /// Large batches: `LOAD DATA LOCAL INFILE` into a per-connection temporary table with the
+    /// key and mapped columns, then one `INSERT ... SELECT ... ON DUPLICATE KEY UPDATE`. Same
+    /// effect as the multi-row INSERT (mapped columns only, inside the batch's transaction),
+    /// without parsing and binding every value as a statement parameter.
+    async fn stage_and_merge(
+        &self,
+        conn: &mut Conn,
+        schema: &TableSchema,
+        upserts: &[(&SqlValue, &Vec<SqlValue>)],
+    ) -> Result<(), StageError> {
+        let failed = |e: mysql_async::Error| match &e {
+            mysql_async::Error::Server(server) if matches!(server.code, 1148 | 3948 | 1290) => {
+                StageError::Unavailable(e.to_string())
+            }
+            _ => StageError::Failed(classify(&e)),
+        };
+        let stage = q(&format!("writebehind_stage_{}", schema.table));
+        let mut columns = vec![q(&schema.key_column.name)];
+        columns.extend(schema.columns.iter().map(|c| q(&c.name)));
+        let column_list = columns.join(", ");
+        conn.query_drop(format!(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS {stage} AS SELECT {column_list} FROM {} LIMIT 0",
+            q(&schema.table)
+        ))
+        .await
+        .map_err(failed)?;
+        conn.query_drop(format!("DELETE FROM {stage}"))
+            .await
+            .map_err(failed)?;
+        let mut data = Vec::with_capacity(upserts.len() * 64);
+        for (id, values) in upserts {
+            for (i, v) in std::iter::once(*id).chain(values.iter()).enumerate() {
+                if i > 0 {
+                    data.push(b'\t');
+                }
+                infile_field(&mut data, v);
+            }
+            data.push(b'\n');
+        }
+        let payload = bytes::Bytes::from(data);
+        conn.set_infile_handler(async move {
+            Ok(futures_util::stream::iter(vec![Ok(payload)]).boxed())
+        });
+        conn.query_drop(format!("LOAD DATA LOCAL INFILE 'writebehind-batch' INTO TABLE {stage} CHARACTER SET binary ({column_list})"))
+            .await
+            .map_err(failed)?;
+        let updates = if schema.columns.is_empty() {
+            format!("{0} = {0}", q(&schema.key_column.name))
+        } else {
+            schema
+                .columns
+                .iter()
+                .map(|c| format!("{0} = VALUES({0})", q(&c.name)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        conn.query_drop(format!("INSERT INTO {} ({column_list}) SELECT {column_list} FROM {stage} ON DUPLICATE KEY UPDATE {updates}", q(&schema.table)))
+            .await
+            .map_err(failed)
     }
 
     fn insert_head(&self, schema: &TableSchema) -> String {
