@@ -858,7 +858,8 @@ async fn a_large_batch_is_staged_and_every_value_survives() {
         loads(pool.clone()).await > loads_before,
         "the batch did not go through LOAD DATA"
     );
-    let rows: Vec<(String, Option<String>, Option<Vec<u8>>, Option<String>)> = pool
+    type Row = (String, Option<String>, Option<Vec<u8>>, Option<String>);
+    let rows: Vec<Row> = pool
         .get_conn()
         .await
         .expect("conn")
