@@ -611,20 +611,21 @@ impl Store {
                 break;
             }
             let (key, value) = item.map_err(|e| self.rocks(e))?;
-            let seq = key
-                .as_ref()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .map_err(|_| {
-                    self.corrupt(DecodeError {
-                        what: "change key",
-                        at: 0,
-                        message: format!("{} bytes, expected 8", key.len()),
-                    })
-                })?;
+            let seq = self.seq_key(&key, "change key")?;
             out.push(Change::decode(seq, &value).map_err(|e| self.corrupt(e))?);
         }
         Ok(out)
+    }
+
+    /// A `seq u64` key (change log, dead letters).
+    fn seq_key(&self, key: &[u8], what: &'static str) -> Result<u64, StoreError> {
+        key.try_into().map(u64::from_be_bytes).map_err(|_| {
+            self.corrupt(DecodeError {
+                what,
+                at: 0,
+                message: format!("{} bytes, expected 8", key.len()),
+            })
+        })
     }
 
     /// Removes every change with seq <= `through` (the sinks have applied them).
@@ -672,17 +673,7 @@ impl Store {
             .iterator_cf(self.cf(CF_DEAD_LETTERS)?, IteratorMode::Start)
         {
             let (key, value) = item.map_err(|e| self.rocks(e))?;
-            let seq = key
-                .as_ref()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .map_err(|_| {
-                    self.corrupt(DecodeError {
-                        what: "dead letter key",
-                        at: 0,
-                        message: format!("{} bytes, expected 8", key.len()),
-                    })
-                })?;
+            let seq = self.seq_key(&key, "dead letter key")?;
             out.push(DeadLetter::decode(seq, &value).map_err(|e| self.corrupt(e))?);
         }
         Ok(out)
