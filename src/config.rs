@@ -135,6 +135,10 @@ pub struct SourceConfig {
     pub nodes: Option<Vec<String>>,
     pub sentinels: Option<Vec<String>>,
     pub master_name: Option<String>,
+    /// Credentials for data nodes whose address carries none (nodes, or the primary Sentinel
+    /// names).
+    pub username: Option<String>,
+    pub password: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

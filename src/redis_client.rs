@@ -178,6 +178,57 @@ impl RedisClient {
         }
     }
 
+    /// Sends a command without reading its reply (for `SUBSCRIBE`).
+    pub async fn send<A: AsRef<[u8]>>(&mut self, args: &[A]) -> Result<(), ClientError> {
+        let address = self.address.clone();
+        self.stream
+            .write_all(&encode_command(args))
+            .await
+            .map_err(|source| ClientError::Io { address, source })
+    }
+
+    /// The next frame the server sends (a reply or a pushed message), waiting at most
+    /// `timeout` (forever with `None`).
+    pub async fn next_frame(
+        &mut self,
+        timeout: Option<Duration>,
+    ) -> Result<BytesFrame, ClientError> {
+        let address = self.address.clone();
+        loop {
+            match decode_bytes_mut(&mut self.input) {
+                Ok(Some((frame, _, _))) => return Ok(frame),
+                Ok(None) => {
+                    self.input.reserve(16 * 1024);
+                    let read = match timeout {
+                        Some(t) => tokio::time::timeout(t, self.stream.read_buf(&mut self.input))
+                            .await
+                            .map_err(|_| ClientError::Timeout {
+                                address: address.clone(),
+                                seconds: t.as_secs(),
+                            })?,
+                        None => self.stream.read_buf(&mut self.input).await,
+                    }
+                    .map_err(|source| ClientError::Io {
+                        address: address.clone(),
+                        source,
+                    })?;
+                    if read == 0 {
+                        return Err(ClientError::Io {
+                            address,
+                            source: std::io::ErrorKind::UnexpectedEof.into(),
+                        });
+                    }
+                }
+                Err(e) => {
+                    return Err(ClientError::Protocol {
+                        address,
+                        message: format!("{e:?}"),
+                    })
+                }
+            }
+        }
+    }
+
     /// `INFO <section>` as text.
     pub async fn info(&mut self, section: &str) -> Result<String, ClientError> {
         let reply = self.command(&["INFO", section]).await?;

@@ -225,6 +225,13 @@ impl Capture {
         replicator: &mut Replicator,
         event: ReplicationEvent,
     ) -> Result<(), CaptureError> {
+        // After a failover the primary is another server: ordinary commands go there too.
+        if let Some(primary) = replicator.primary() {
+            if *primary != self.endpoint {
+                self.endpoint = primary.clone();
+                self.refresher = None;
+            }
+        }
         match event {
             ReplicationEvent::FullSyncStarted { replid, offset, .. } => {
                 tracing::info!(%replid, %offset, "full sync started");

@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::{Config, RedisEndpoint};
 use crate::position::{ReplId, ReplOffset, StreamPosition};
 use crate::redis_client::RedisClient;
+use crate::replication::discovery::Discovery;
 use crate::replication::{Replicator, ReplicatorOptions};
 use crate::sink::Destination;
 
@@ -320,12 +321,26 @@ async fn run(path: &std::path::Path, capture_only: bool) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let Some(endpoint) = config.source_endpoints().into_iter().next() else {
-        eprintln!(
-            "error: {}: only [source] url and nodes are supported so far",
-            path.display()
-        );
-        return ExitCode::from(2);
+    let discovery = match Discovery::from_config(&config.source) {
+        Ok(discovery) => discovery,
+        Err(e) => {
+            eprintln!("error: {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    // A first guess; capture follows whatever primary the replication link finds.
+    let endpoint = match &discovery {
+        Discovery::Fixed(e) => e.clone(),
+        Discovery::Nodes(nodes)
+        | Discovery::Sentinel {
+            sentinels: nodes, ..
+        } => match nodes.first() {
+            Some(e) => e.clone(),
+            None => {
+                eprintln!("error: {}: [source] lists no address", path.display());
+                return ExitCode::from(2);
+            }
+        },
     };
     let store = match crate::buffer::Store::open(&config.buffer.path) {
         Ok(store) => std::sync::Arc::new(store),
@@ -387,11 +402,11 @@ async fn run(path: &std::path::Path, capture_only: bool) -> ExitCode {
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move { runner.run(stop).await.map_err(|e| e.to_string()) });
     }
-    let mut options = ReplicatorOptions::new(endpoint);
+    let mut options = ReplicatorOptions::with_discovery(discovery.clone());
     options.announce_port = config.replication.announce_port;
     options.timeout = Duration::from_secs(config.replication.timeout_secs);
     let mut replicator = Replicator::new(options, capture.resume_position());
-    tracing::info!(resume = ?capture.resume_position().map(|p| p.to_string()), buffer = %config.buffer.path.display(), backends = backends.len(), "starting");
+    tracing::info!(source = %discovery.describe(), resume = ?capture.resume_position().map(|p| p.to_string()), buffer = %config.buffer.path.display(), backends = backends.len(), "starting");
     let capture_stop = stopped(stop_rx.clone());
     let outcome = tokio::select! {
         result = capture.run(&mut replicator, capture_stop) => result.map_err(|e| e.to_string()),

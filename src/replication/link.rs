@@ -69,10 +69,11 @@ impl Link {
     /// (`FullSyncStarted` or `Continued`).
     pub(crate) async fn connect(
         options: &ReplicatorOptions,
+        endpoint: &crate::config::RedisEndpoint,
         resume: Option<&StreamPosition>,
         ack: Arc<AtomicU64>,
     ) -> Result<(Link, ReplicationEvent), LinkError> {
-        let address = options.endpoint.address();
+        let address = endpoint.address();
         let stream = tokio::time::timeout(options.timeout, TcpStream::connect(&address))
             .await
             .map_err(|_| LinkError::Timeout {
@@ -105,9 +106,9 @@ impl Link {
                 message: format!("PING answered `{pong}`"),
             });
         }
-        if let Some(password) = &options.endpoint.password {
+        if let Some(password) = &endpoint.password {
             let mut args: Vec<&[u8]> = vec![b"AUTH"];
-            if let Some(user) = &options.endpoint.username {
+            if let Some(user) = &endpoint.username {
                 args.push(user.as_bytes());
             }
             args.push(password.as_bytes());

@@ -24,6 +24,7 @@
 //! [`Replicator`] wraps one [`link`] at a time and reconnects with exponential backoff and
 //! jitter when it drops, resuming from the position the caller hands back.
 
+pub mod discovery;
 mod link;
 pub mod rdb;
 pub mod stream;
@@ -36,6 +37,7 @@ use rand::Rng;
 
 use crate::config::RedisEndpoint;
 use crate::position::{ReplId, ReplOffset, StreamPosition};
+use discovery::Discovery;
 use link::Link;
 use rdb::RdbEvent;
 use stream::StreamEvent;
@@ -127,7 +129,8 @@ impl LinkError {
 /// Settings of the replica side.
 #[derive(Debug, Clone)]
 pub struct ReplicatorOptions {
-    pub endpoint: RedisEndpoint,
+    /// Where the primary is (a fixed address, a list of nodes, or Sentinel).
+    pub discovery: Discovery,
     /// Announced with `REPLCONF listening-port`; nothing must answer there.
     pub announce_port: u16,
     /// Silence after which the link is considered dead (a real replica's `repl-timeout`).
@@ -138,8 +141,12 @@ pub struct ReplicatorOptions {
 
 impl ReplicatorOptions {
     pub fn new(endpoint: RedisEndpoint) -> Self {
+        Self::with_discovery(Discovery::Fixed(endpoint))
+    }
+
+    pub fn with_discovery(discovery: Discovery) -> Self {
         ReplicatorOptions {
-            endpoint,
+            discovery,
             announce_port: 1,
             timeout: Duration::from_secs(60),
             backoff_min: Duration::from_millis(100),
@@ -170,6 +177,19 @@ pub struct Replicator {
     retry_at: Option<tokio::time::Instant>,
     /// An event produced by `try_next_buffered` (a failure) for the next `next` call.
     pending: Option<ReplicationEvent>,
+    /// The primary of the current (or last) link.
+    primary: Option<RedisEndpoint>,
+    /// Notified when Sentinel announces a new primary.
+    switched: Arc<tokio::sync::Notify>,
+    watchers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Replicator {
+    fn drop(&mut self) {
+        for watcher in &self.watchers {
+            watcher.abort();
+        }
+    }
 }
 
 impl Replicator {
@@ -183,6 +203,9 @@ impl Replicator {
             failures: 0,
             retry_at: None,
             pending: None,
+            primary: None,
+            switched: Arc::new(tokio::sync::Notify::new()),
+            watchers: Vec::new(),
         }
     }
 
@@ -190,6 +213,11 @@ impl Replicator {
     /// `Disconnected` to resume from the caller's own durable position.
     pub fn resume_from(&mut self, position: Option<StreamPosition>) {
         self.resume = position;
+    }
+
+    /// The primary of the current (or last) link.
+    pub fn primary(&self) -> Option<&RedisEndpoint> {
+        self.primary.as_ref()
     }
 
     /// The position after the last event delivered at a command boundary.
@@ -221,7 +249,18 @@ impl Replicator {
         let Some(link) = self.link.as_mut() else {
             return self.connect().await;
         };
-        match link.next().await {
+        let switched = self.switched.clone();
+        let next = tokio::select! {
+            next = link.next() => next,
+            _ = switched.notified() => Err(LinkError::Io {
+                address: self.primary.as_ref().map(RedisEndpoint::address).unwrap_or_default(),
+                message: "Sentinel announced a new primary".into(),
+            }),
+        };
+        let Some(link) = self.link.as_mut() else {
+            return self.connect().await;
+        };
+        match next {
             Ok(event) => {
                 match &event {
                     ReplicationEvent::FullSyncCompleted { position, .. } => {
@@ -286,7 +325,29 @@ impl Replicator {
         if let Some(at) = self.retry_at.take() {
             tokio::time::sleep_until(at).await;
         }
-        match Link::connect(&self.options, self.resume.as_ref(), self.ack.clone()).await {
+        if self.watchers.is_empty() {
+            self.watchers = self.options.discovery.watch_switches(self.switched.clone());
+        }
+        let endpoint = match self.options.discovery.primary(self.options.timeout).await {
+            Ok(endpoint) => endpoint,
+            Err(error) => return self.failed(error),
+        };
+        if self
+            .primary
+            .as_ref()
+            .is_some_and(|p| p.address() != endpoint.address())
+        {
+            tracing::info!(primary = %endpoint.address(), "following a new primary");
+        }
+        self.primary = Some(endpoint.clone());
+        match Link::connect(
+            &self.options,
+            &endpoint,
+            self.resume.as_ref(),
+            self.ack.clone(),
+        )
+        .await
+        {
             Ok((link, event)) => {
                 self.link = Some(link);
                 self.failures = 0;

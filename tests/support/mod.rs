@@ -218,3 +218,61 @@ impl Drop for MariaDbServer {
         self.stop();
     }
 }
+
+/// A Sentinel (`redis-server <conf> --sentinel`) monitoring `master_name` at `master_port`.
+pub struct SentinelServer {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl SentinelServer {
+    pub fn start(master_name: &str, master_port: u16, quorum: u32) -> SentinelServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nlogfile {}\nsentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}\n\
+                 sentinel down-after-milliseconds {master_name} 1000\nsentinel failover-timeout {master_name} 5000\n\
+                 sentinel parallel-syncs {master_name} 1\n",
+                dir.path().display(),
+                dir.path().join("sentinel.log").display()
+            ),
+        )
+        .expect("sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !answers_ping(port) {
+            assert!(Instant::now() < deadline, "sentinel did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        SentinelServer {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("sentinel.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for SentinelServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

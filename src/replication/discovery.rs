@@ -1,0 +1,232 @@
+//! Finding the current primary: a fixed URL, a replicaof-style list of nodes (asked with
+//! `ROLE`), or Sentinel (`SENTINEL get-master-addr-by-name`), and Sentinel's `+switch-master`
+//! announcements, which make the service reconnect at once instead of waiting for its link to
+//! time out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis_protocol::resp2::types::BytesFrame;
+use tokio::sync::Notify;
+
+use super::LinkError;
+use crate::config::{RedisEndpoint, SourceConfig};
+use crate::redis_client::{frame_text, RedisClient};
+
+/// Where the primary is.
+#[derive(Debug, Clone)]
+pub enum Discovery {
+    Fixed(RedisEndpoint),
+    /// The node whose `ROLE` is `master`.
+    Nodes(Vec<RedisEndpoint>),
+    /// Whatever the Sentinels say; the data nodes get the credentials in `auth`.
+    Sentinel {
+        sentinels: Vec<RedisEndpoint>,
+        master_name: String,
+        auth: (Option<String>, Option<String>),
+    },
+}
+
+impl Discovery {
+    /// From a validated `[source]` section.
+    pub fn from_config(source: &SourceConfig) -> Result<Discovery, String> {
+        let parse = |list: &[String]| {
+            list.iter()
+                .map(|u| RedisEndpoint::parse(u))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let with_auth = |mut e: RedisEndpoint| {
+            if e.password.is_none() {
+                e.username = source.username.clone();
+                e.password = source.password.clone();
+            }
+            e
+        };
+        match (&source.url, &source.nodes, &source.sentinels) {
+            (Some(url), _, _) => Ok(Discovery::Fixed(with_auth(RedisEndpoint::parse(url)?))),
+            (None, Some(nodes), _) => Ok(Discovery::Nodes(
+                parse(nodes)?.into_iter().map(with_auth).collect(),
+            )),
+            (None, None, Some(sentinels)) => Ok(Discovery::Sentinel {
+                sentinels: parse(sentinels)?,
+                master_name: source.master_name.clone().unwrap_or_default(),
+                auth: (source.username.clone(), source.password.clone()),
+            }),
+            _ => Err("[source]: set one of `url`, `nodes` or `sentinels`".into()),
+        }
+    }
+
+    /// A short description for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Discovery::Fixed(e) => e.address(),
+            Discovery::Nodes(nodes) => format!(
+                "nodes {}",
+                nodes
+                    .iter()
+                    .map(RedisEndpoint::address)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Discovery::Sentinel {
+                sentinels,
+                master_name,
+                ..
+            } => {
+                format!(
+                    "master `{master_name}` via sentinels {}",
+                    sentinels
+                        .iter()
+                        .map(RedisEndpoint::address)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        }
+    }
+
+    /// The current primary. `NotReady` when none can be found now (retried with backoff).
+    pub async fn primary(&self, timeout: Duration) -> Result<RedisEndpoint, LinkError> {
+        match self {
+            Discovery::Fixed(endpoint) => Ok(endpoint.clone()),
+            Discovery::Nodes(nodes) => {
+                let mut seen = Vec::new();
+                for node in nodes {
+                    match role(node, timeout).await {
+                        Ok(role) if role == "master" => return Ok(node.clone()),
+                        Ok(role) => seen.push(format!("{} is {role}", node.address())),
+                        Err(e) => seen.push(e),
+                    }
+                }
+                Err(LinkError::NotReady {
+                    address: self.describe(),
+                    message: format!("no node is a primary ({})", seen.join("; ")),
+                })
+            }
+            Discovery::Sentinel {
+                sentinels,
+                master_name,
+                auth,
+            } => {
+                let mut seen = Vec::new();
+                for sentinel in sentinels {
+                    match master_address(sentinel, master_name, timeout).await {
+                        Ok((host, port)) => {
+                            return Ok(RedisEndpoint {
+                                host,
+                                port,
+                                username: auth.0.clone(),
+                                password: auth.1.clone(),
+                            });
+                        }
+                        Err(e) => seen.push(e),
+                    }
+                }
+                Err(LinkError::NotReady {
+                    address: self.describe(),
+                    message: format!("no sentinel knows the primary ({})", seen.join("; ")),
+                })
+            }
+        }
+    }
+
+    /// With Sentinel: a task per sentinel that notifies `switched` on every `+switch-master`
+    /// for this master. It runs until the returned handles are dropped or aborted.
+    pub fn watch_switches(&self, switched: Arc<Notify>) -> Vec<tokio::task::JoinHandle<()>> {
+        let Discovery::Sentinel {
+            sentinels,
+            master_name,
+            ..
+        } = self
+        else {
+            return Vec::new();
+        };
+        sentinels
+            .iter()
+            .cloned()
+            .map(|sentinel| {
+                let (switched, master_name) = (switched.clone(), master_name.clone());
+                tokio::spawn(async move {
+                    loop {
+                        if let Err(error) = watch_one(&sentinel, &master_name, &switched).await {
+                            tracing::debug!(sentinel = %sentinel.address(), %error, "sentinel subscription lost; resubscribing");
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
+async fn role(node: &RedisEndpoint, timeout: Duration) -> Result<String, String> {
+    let mut client = RedisClient::connect(node, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    match client.command(&["ROLE"]).await.map_err(|e| e.to_string())? {
+        BytesFrame::Array(items) => items
+            .first()
+            .map(frame_text)
+            .ok_or_else(|| format!("{}: empty ROLE reply", node.address())),
+        other => Err(format!(
+            "{}: unexpected ROLE reply {other:?}",
+            node.address()
+        )),
+    }
+}
+
+async fn master_address(
+    sentinel: &RedisEndpoint,
+    master_name: &str,
+    timeout: Duration,
+) -> Result<(String, u16), String> {
+    let mut client = RedisClient::connect(sentinel, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let reply = client
+        .command(&["SENTINEL", "get-master-addr-by-name", master_name])
+        .await
+        .map_err(|e| e.to_string())?;
+    match reply {
+        BytesFrame::Array(items) if items.len() == 2 => {
+            let host = frame_text(&items[0]);
+            let port = frame_text(&items[1])
+                .parse()
+                .map_err(|_| format!("{}: bad port in {items:?}", sentinel.address()))?;
+            Ok((host, port))
+        }
+        _ => Err(format!(
+            "sentinel {} does not know master `{master_name}`",
+            sentinel.address()
+        )),
+    }
+}
+
+async fn watch_one(
+    sentinel: &RedisEndpoint,
+    master_name: &str,
+    switched: &Notify,
+) -> Result<(), String> {
+    let mut client = RedisClient::connect(sentinel, Duration::from_secs(5))
+        .await
+        .map_err(|e| e.to_string())?;
+    client
+        .send(&["SUBSCRIBE", "+switch-master"])
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        // `+switch-master <name> <old ip> <old port> <new ip> <new port>`
+        let frame = client.next_frame(None).await.map_err(|e| e.to_string())?;
+        if let BytesFrame::Array(items) = frame {
+            let texts: Vec<String> = items.iter().map(frame_text).collect();
+            if texts.first().is_some_and(|k| k == "message")
+                && texts
+                    .get(2)
+                    .is_some_and(|m| m.split(' ').next() == Some(master_name))
+            {
+                tracing::info!(sentinel = %sentinel.address(), announcement = %texts[2], "sentinel switched the primary");
+                switched.notify_waiters();
+            }
+        }
+    }
+}
