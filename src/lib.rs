@@ -10,6 +10,7 @@
 //! - [`sink`]: writing the change log to MySQL/MariaDB and SQLite;
 //! - [`position`]: offsets and replication IDs;
 //! - [`config`]: the TOML configuration;
+//! - [`metrics`]: metrics, health and status over the admin HTTP listener;
 //! - [`redis_client`]: ordinary request/response commands;
 //! - [`cli`]: the `writebehind` command line.
 
@@ -17,6 +18,7 @@ pub mod buffer;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod position;
 pub mod redis_client;
 pub mod replication;

@@ -247,6 +247,7 @@ async fn start(server: &RedisServer, database: &Database) -> Service {
         store.clone(),
         capture.committed(),
         Arc::new(AppliedPositions::new(1)),
+        capture.health(),
     )
     .await
     .unwrap_or_else(|problems| panic!("sink did not start: {problems:?}"));

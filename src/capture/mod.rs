@@ -159,6 +159,7 @@ pub struct Capture {
     refresher: Option<RedisClient>,
     /// Woken after every commit, for the sinks.
     committed: Arc<tokio::sync::Notify>,
+    health: Arc<crate::metrics::Health>,
     pub stats: CaptureStats,
 }
 
@@ -180,8 +181,14 @@ impl Capture {
             full_sync: None,
             refresher: None,
             committed: Arc::new(tokio::sync::Notify::new()),
+            health: crate::metrics::Health::new(),
             stats: CaptureStats::default(),
         })
+    }
+
+    /// The state the admin endpoints report; shared with the sinks.
+    pub fn health(&self) -> Arc<crate::metrics::Health> {
+        self.health.clone()
     }
 
     /// Notified after every commit to the change log.
@@ -246,6 +253,11 @@ impl Capture {
             } => {
                 self.finish_full_sync(position.clone())?;
                 replicator.acknowledge(position.offset);
+                self.health.set_link(
+                    true,
+                    Some(self.endpoint.address()),
+                    Some(position.replid.to_string()),
+                );
                 tracing::info!(%position, rdb_bytes, "full sync completed");
             }
             ReplicationEvent::Continued {
@@ -253,6 +265,12 @@ impl Capture {
                 previous_replid,
             } => {
                 self.stats.partial_syncs += 1;
+                metrics::counter!("writebehind_partial_syncs_total").increment(1);
+                self.health.set_link(
+                    true,
+                    Some(self.endpoint.address()),
+                    Some(position.replid.to_string()),
+                );
                 self.load_command_table().await;
                 if let Some(previous) = previous_replid {
                     tracing::info!(%previous, new = %position.replid, "the primary's replication ID changed; continuing");
@@ -271,6 +289,7 @@ impl Capture {
                 let mut next = Some(first);
                 let mut resync = None;
                 while let Some(event) = next.take() {
+                    self.health.received(event.end().0);
                     if let Some(reason) = self.stream_event(&mut ws, &event, &mut changes).await? {
                         resync = Some(reason);
                         break;
@@ -298,6 +317,17 @@ impl Capture {
             }
             ReplicationEvent::Disconnected { error, retry_in } => {
                 tracing::warn!(%error, ?retry_in, "replication link lost");
+                let kind = match &error {
+                    LinkError::Io { .. } => "io",
+                    LinkError::Timeout { .. } => "timeout",
+                    LinkError::NotReady { .. } => "not_ready",
+                    LinkError::Refused { .. } => "refused",
+                    LinkError::Protocol { .. } => "protocol",
+                    LinkError::Snapshot { .. } => "snapshot",
+                    LinkError::Fatal { .. } => "fatal",
+                };
+                metrics::counter!("writebehind_link_errors_total", "kind" => kind).increment(1);
+                self.health.set_link(false, None, None);
                 self.full_sync = None;
                 replicator.resume_from(self.resume_position());
             }
@@ -341,6 +371,7 @@ impl Capture {
 
     fn begin_full_sync(&mut self, total_keys: u64, offset: ReplOffset) -> Result<(), StoreError> {
         self.stats.full_syncs += 1;
+        metrics::counter!("writebehind_full_syncs_total").increment(1);
         let first = self.checkpoint.position.is_none();
         self.checkpoint.generation += 1;
         self.checkpoint.full_sync_in_progress = true;
@@ -489,6 +520,14 @@ impl Capture {
         self.checkpoint.full_sync_in_progress = false;
         batch.put_checkpoint(&self.checkpoint);
         self.store.write(batch, true)?;
+        let offset = self
+            .checkpoint
+            .position
+            .as_ref()
+            .map(|p| p.offset.0)
+            .unwrap_or(0);
+        self.health
+            .buffered(offset, self.checkpoint.next_seq.checked_sub(1));
         self.committed.notify_waiters();
         tracing::info!(
             keys = sync.progress.keys,
@@ -515,6 +554,12 @@ impl Capture {
                 row: event.row,
                 op: None,
             };
+            let operation = if matches!(change.row, crate::buffer::RowChange::Delete) {
+                "delete"
+            } else {
+                "upsert"
+            };
+            metrics::counter!("writebehind_changes_total", "mapping" => change.mapping.clone(), "operation" => operation).increment(1);
             batch.put_change(&change);
             self.checkpoint.next_seq += 1;
             self.stats.changes += 1;
@@ -685,12 +730,21 @@ impl Capture {
     ) -> Result<(), StoreError> {
         let mut batch = Batch::default();
         ws.flush_into(&mut batch);
+        let first_seq = self.checkpoint.next_seq;
         for (rows, offset) in changes {
             self.push_unit(&mut batch, rows, offset);
         }
         batch.put_checkpoint(&self.checkpoint);
         self.store.write(batch, true)?;
         self.stats.commits += 1;
+        let offset = self
+            .checkpoint
+            .position
+            .as_ref()
+            .map(|p| p.offset.0)
+            .unwrap_or(0);
+        let last_seq = (self.checkpoint.next_seq > first_seq).then(|| self.checkpoint.next_seq - 1);
+        self.health.buffered(offset, last_seq);
         self.committed.notify_waiters();
         Ok(())
     }

@@ -52,6 +52,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Positions, lags, dead letters and link state: from the running service (its `[admin]`
+    /// listener) or, when it is stopped, from the buffer and the databases.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// The dead-letter store: rows a database refused (stop the service first).
     Dlq {
         #[command(subcommand)]
@@ -101,6 +107,109 @@ enum DlqAction {
         #[arg(long)]
         all: bool,
     },
+}
+
+/// `GET <path>` on the admin listener; the body when the status is 200.
+async fn admin_get(listen: &str, path: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect(listen),
+    )
+    .await
+    .map_err(|_| format!("{listen}: no answer"))?
+    .map_err(|e| format!("{listen}: {e}"))?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {listen}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("malformed HTTP response")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(head.lines().next().unwrap_or("").to_string());
+    }
+    Ok(body.to_string())
+}
+
+async fn status(path: &std::path::Path) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if let Some(admin) = &config.admin {
+        match admin_get(&admin.listen, "/status").await {
+            Ok(body) => {
+                match serde_json::from_str::<serde_json::Value>(&body) {
+                    Ok(json) => println!("{}", serde_json::to_string_pretty(&json).unwrap_or(body)),
+                    Err(_) => println!("{body}"),
+                }
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => println!(
+                "note: the service does not answer on {} ({e}); reading the buffer",
+                admin.listen
+            ),
+        }
+    }
+    let store = match crate::buffer::Store::open(&config.buffer.path) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let checkpoint = match store.checkpoint() {
+        Ok(checkpoint) => checkpoint,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let oldest = store
+        .changes(0, 1)
+        .ok()
+        .and_then(|c| c.first().map(|c| c.seq));
+    let letters = store.dead_letters().map(|l| l.len()).unwrap_or(0);
+    let mut backends = serde_json::Map::new();
+    let mappings = crate::capture::mapping::Mappings::new(&config.mappings);
+    for (name, backend) in &config.backends {
+        if !mappings.iter().any(|m| &m.backend == name) {
+            continue;
+        }
+        let applied = match crate::sink::Sink::connect(name, &backend.url).await {
+            Ok(mut sink) => sink
+                .applied_seq()
+                .await
+                .map(serde_json::Value::from)
+                .unwrap_or_else(|e| serde_json::Value::from(e.to_string())),
+            Err(e) => serde_json::Value::from(e.to_string()),
+        };
+        backends.insert(name.clone(), serde_json::json!({ "applied_seq": applied }));
+    }
+    let json = serde_json::json!({
+        "service": "stopped",
+        "position": checkpoint.position.as_ref().map(|p| p.to_string()),
+        "full_sync_in_progress": checkpoint.full_sync_in_progress,
+        "captured_seq": checkpoint.next_seq.saturating_sub(1),
+        "oldest_unapplied_seq": oldest,
+        "dead_letters": letters,
+        "backends": backends,
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json).unwrap_or_default()
+    );
+    ExitCode::SUCCESS
 }
 
 async fn dead_letters(action: DlqAction) -> ExitCode {
@@ -155,6 +264,7 @@ pub fn main() -> ExitCode {
             } => run(&config, capture_only).await,
             Command::Check { config } => check(&config).await,
             Command::Dlq { action } => dead_letters(action).await,
+            Command::Status { config } => status(&config).await,
             Command::Tail {
                 source,
                 from,
@@ -380,6 +490,7 @@ async fn run(path: &std::path::Path, capture_only: bool) -> ExitCode {
             store.clone(),
             capture.committed(),
             positions.clone(),
+            capture.health(),
         )
         .await
         {
@@ -397,10 +508,73 @@ async fn run(path: &std::path::Path, capture_only: bool) -> ExitCode {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let health = capture.health();
     let mut tasks = tokio::task::JoinSet::new();
     for runner in runners {
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move { runner.run(stop).await.map_err(|e| e.to_string()) });
+    }
+    let mut helpers = tokio::task::JoinSet::new();
+    if let Some(admin) = &config.admin {
+        let listen: std::net::SocketAddr = match admin.listen.parse() {
+            Ok(listen) => listen,
+            Err(e) => {
+                eprintln!("error: [admin] listen `{}`: {e}", admin.listen);
+                return ExitCode::from(2);
+            }
+        };
+        let handle = match crate::metrics::install() {
+            Ok(handle) => handle,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let letters_store = store.clone();
+        let dead_letters: std::sync::Arc<dyn Fn() -> u64 + Send + Sync> =
+            std::sync::Arc::new(move || {
+                letters_store
+                    .dead_letters()
+                    .map(|l| l.len() as u64)
+                    .unwrap_or(0)
+            });
+        let (health, stop) = (health.clone(), stopped(stop_rx.clone()));
+        helpers.spawn(async move {
+            if let Err(e) = crate::metrics::serve(listen, handle, health, dead_letters, stop).await
+            {
+                tracing::error!(error = %e, "admin listener stopped");
+            }
+        });
+    }
+    // The primary's offset (for the lag) and the buffer's size, every 2 seconds.
+    {
+        let (health, store, mut stop) = (health.clone(), store.clone(), stop_rx.clone());
+        helpers.spawn(async move {
+            loop {
+                metrics::gauge!("writebehind_buffer_size_bytes").set(store.disk_size() as f64);
+                if let Some(primary) = health
+                    .primary()
+                    .and_then(|p| crate::config::RedisEndpoint::parse(&p).ok())
+                {
+                    if let Ok(mut client) =
+                        RedisClient::connect(&primary, Duration::from_secs(2)).await
+                    {
+                        if let Ok(info) = client.info("replication").await {
+                            if let Some(offset) =
+                                crate::redis_client::info_field(&info, "master_repl_offset")
+                                    .and_then(|o| o.parse().ok())
+                            {
+                                health.primary_offset(offset);
+                            }
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        });
     }
     let mut options = ReplicatorOptions::with_discovery(discovery.clone());
     options.announce_port = config.replication.announce_port;
@@ -408,20 +582,51 @@ async fn run(path: &std::path::Path, capture_only: bool) -> ExitCode {
     let mut replicator = Replicator::new(options, capture.resume_position());
     tracing::info!(source = %discovery.describe(), resume = ?capture.resume_position().map(|p| p.to_string()), buffer = %config.buffer.path.display(), backends = backends.len(), "starting");
     let capture_stop = stopped(stop_rx.clone());
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(e) => {
+                eprintln!("error: cannot listen for SIGTERM: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
     let outcome = tokio::select! {
         result = capture.run(&mut replicator, capture_stop) => result.map_err(|e| e.to_string()),
-        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("SIGINT: stopping");
+            Ok(())
+        }
+        _ = terminate.recv() => {
+            tracing::info!("SIGTERM: stopping");
+            Ok(())
+        }
         Some(result) = tasks.join_next() => match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e),
             Err(e) => Err(e.to_string()),
         },
     };
-    let _ = stop_tx.send(true);
-    while let Some(result) = tasks.join_next().await {
-        if let Ok(Err(e)) = result {
-            tracing::error!(error = %e, "sink stopped");
+    // Graceful stop, bounded: not ready any more; capture stopped between two commits (what it
+    // had not committed is not acknowledged and comes again after a restart); a final ACK of
+    // the durable position; the sinks write everything committed; then exit.
+    health.begin_shutdown();
+    let finish = async {
+        replicator.flush_ack().await;
+        let _ = stop_tx.send(true);
+        while let Some(result) = tasks.join_next().await {
+            if let Ok(Err(e)) = result {
+                tracing::error!(error = %e, "sink stopped");
+            }
         }
+        while helpers.join_next().await.is_some() {}
+    };
+    if tokio::time::timeout(Duration::from_secs(30), finish)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "shutdown took longer than 30 s; exiting anyway (restart resumes from the checkpoints)"
+        );
     }
     match outcome {
         Ok(()) => {

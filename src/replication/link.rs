@@ -43,8 +43,9 @@ enum Phase {
 }
 
 enum WriterMessage {
-    /// Send an ACK now (after the snapshot; a diskless primary waits for it).
-    AckNow,
+    /// Send an ACK now (after the snapshot; a diskless primary waits for it). The sender, if
+    /// any, is told once it is written.
+    AckNow(Option<tokio::sync::oneshot::Sender<()>>),
     /// `REPLCONF GETACK` arrived: answer with at most this offset.
     GetAck(ReplOffset),
 }
@@ -302,7 +303,7 @@ impl Link {
                                 stream: CommandStream::new(position.offset, position.db),
                             };
                             self.snapshot_in_progress.store(false, Ordering::SeqCst);
-                            let _ = self.writer.send(WriterMessage::AckNow);
+                            let _ = self.writer.send(WriterMessage::AckNow(None));
                             return Ok(ReplicationEvent::FullSyncCompleted {
                                 position,
                                 rdb_bytes,
@@ -347,6 +348,14 @@ impl Link {
                 address: self.address.clone(),
                 message: e.to_string(),
             }),
+        }
+    }
+
+    /// Sends `REPLCONF ACK` with the acknowledged offset now and waits until it is written.
+    pub(crate) async fn flush_ack(&self) {
+        let (done, written) = tokio::sync::oneshot::channel();
+        if self.writer.send(WriterMessage::AckNow(Some(done))).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), written).await;
         }
     }
 
@@ -436,6 +445,7 @@ async fn write_keepalives(
     // A GETACK answered below the offset it asked for is answered again once the caller's
     // acknowledged position reaches it, so that `WAIT` returns promptly.
     let mut getack_target: Option<u64> = None;
+    let mut written: Option<tokio::sync::oneshot::Sender<()>> = None;
     let mut recheck = tokio::time::interval(Duration::from_millis(5));
     loop {
         let send_ack = tokio::select! {
@@ -451,7 +461,10 @@ async fn write_keepalives(
             }
             message = messages.recv() => match message {
                 None => return,
-                Some(WriterMessage::AckNow) => true,
+                Some(WriterMessage::AckNow(done)) => {
+                    written = done;
+                    true
+                }
                 Some(WriterMessage::GetAck(before)) => {
                     if ack.load(Ordering::SeqCst) < before.0 {
                         getack_target = Some(before.0);
@@ -471,14 +484,17 @@ async fn write_keepalives(
         };
         if send_ack {
             let offset = ack.load(Ordering::SeqCst).to_string();
-            if let Err(e) = writer
+            let result = writer
                 .write_all(&encode_command(&[
                     &b"REPLCONF"[..],
                     b"ACK",
                     offset.as_bytes(),
                 ]))
-                .await
-            {
+                .await;
+            if let Some(done) = written.take() {
+                let _ = done.send(());
+            }
+            if let Err(e) = result {
                 tracing::debug!(%address, error = %e, "cannot send REPLCONF ACK; the reader will notice the broken link");
                 return;
             }

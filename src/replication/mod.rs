@@ -235,6 +235,13 @@ impl Replicator {
         AckHandle(self.ack.clone())
     }
 
+    /// Sends the acknowledged offset to the primary now (a final ACK before stopping).
+    pub async fn flush_ack(&self) {
+        if let Some(link) = &self.link {
+            link.flush_ack().await;
+        }
+    }
+
     /// Drops the current link (the next call reconnects at once).
     pub fn disconnect(&mut self) {
         self.link = None;

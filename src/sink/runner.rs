@@ -70,6 +70,7 @@ pub struct SinkRunner {
     notify: Arc<Notify>,
     positions: Arc<AppliedPositions>,
     applied: u64,
+    health: Arc<crate::metrics::Health>,
 }
 
 impl SinkRunner {
@@ -81,12 +82,14 @@ impl SinkRunner {
         store: Arc<Store>,
         notify: Arc<Notify>,
         positions: Arc<AppliedPositions>,
+        health: Arc<crate::metrics::Health>,
     ) -> Result<SinkRunner, Vec<String>> {
         let mut sink = Sink::connect(name, url)
             .await
             .map_err(|e| vec![e.to_string()])?;
         let schemas = sink.prepare(&mappings).await?;
         let applied = sink.applied_seq().await.map_err(|e| vec![e.to_string()])?;
+        health.backend(name, true, None);
         Ok(SinkRunner {
             name: name.to_string(),
             sink,
@@ -96,6 +99,7 @@ impl SinkRunner {
             notify,
             positions,
             applied,
+            health,
         })
     }
 
@@ -115,13 +119,18 @@ impl SinkRunner {
             // Registered before reading, so a commit in between is not missed.
             let notified = notify.notified();
             let applied_any = self.step().await?;
-            if !applied_any {
+            let stopping = if !applied_any {
                 tokio::select! {
-                    _ = notified => {}
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    _ = &mut stop => return Ok(()),
+                    _ = notified => false,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => false,
+                    _ = &mut stop => true,
                 }
-            } else if futures_ready(&mut stop).await {
+            } else {
+                futures_ready(&mut stop).await
+            };
+            if stopping {
+                // Graceful stop: write what capture has already committed, then return.
+                while self.step().await? {}
                 return Ok(());
             }
         }
@@ -154,6 +163,8 @@ impl SinkRunner {
             });
         }
         // Conversion refusals are stored before the batch commits: nothing is lost if we crash.
+        metrics::counter!("writebehind_dead_letters_total", "backend" => self.name.clone())
+            .increment(letters.len() as u64);
         self.dead_letter(&letters)?;
         let batch = SinkBatch {
             writes,
@@ -197,9 +208,20 @@ impl SinkRunner {
             if letters.is_empty() {
                 return Ok(());
             }
+            metrics::counter!("writebehind_dead_letters_total", "backend" => backend.clone())
+                .increment(rejected.len() as u64);
             store.write(letters, true).map_err(|e| e.to_string())
         });
+        let started = std::time::Instant::now();
         self.apply_with_retry(&batch, &before_commit).await?;
+        metrics::counter!("writebehind_sink_batches_total", "backend" => self.name.clone())
+            .increment(1);
+        metrics::histogram!("writebehind_sink_batch_rows", "backend" => self.name.clone())
+            .record(batch.writes.len() as f64);
+        metrics::histogram!("writebehind_sink_commit_seconds", "backend" => self.name.clone())
+            .record(started.elapsed().as_secs_f64());
+        self.health.backend(&self.name, true, None);
+        self.health.applied(&self.name, last_seq, offset);
         self.applied = last_seq;
         self.report()?;
         Ok(true)
@@ -243,6 +265,9 @@ impl SinkRunner {
                         .min(Duration::from_secs(30));
                     let delay = delay / 2 + rand::rng().random_range(Duration::ZERO..=delay / 2);
                     tracing::warn!(backend = %self.name, error = %message, retry_in = ?delay, "database write failed; retrying");
+                    metrics::counter!("writebehind_sink_retries_total", "backend" => self.name.clone()).increment(1);
+                    self.health
+                        .backend(&self.name, false, Some(message.clone()));
                     failures += 1;
                     tokio::time::sleep(delay).await;
                     // The connection may have died after COMMIT reached the server: if the

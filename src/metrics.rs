@@ -1,0 +1,332 @@
+//! What an operator sees: Prometheus metrics, health, readiness and status over the admin HTTP
+//! listener (`[admin] listen`).
+//!
+//! Endpoints: `GET /metrics` (Prometheus text), `GET /health` (200 while the process runs),
+//! `GET /ready` (200 once the replication link and every backend are up, 503 with the reason
+//! otherwise and from the moment a shutdown begins), `GET /status` (JSON: positions, lags, dead
+//! letters, link state; what `writebehind status` prints).
+//!
+//! Metrics (all prefixed `writebehind_`; offsets in bytes of the replication stream):
+//! - `position_received_bytes`, `position_buffered_bytes`, `position_applied_bytes{backend}`,
+//!   `position_acked_bytes`, `primary_offset_bytes`: the positions, ordered
+//!   received >= buffered >= applied >= acked;
+//! - `lag_bytes` (primary offset minus the slowest applied position), `lag_seconds` (age of the
+//!   oldest captured change not yet applied everywhere; 0 when idle);
+//! - `changes_total{mapping,operation}` (upsert, delete), `dead_letters_total{backend}`;
+//! - `sink_batches_total{backend}`, `sink_batch_rows{backend}` and `sink_commit_seconds{backend}`
+//!   (histograms), `sink_retries_total{backend}`;
+//! - `link_errors_total{kind}`, `full_syncs_total`, `partial_syncs_total`;
+//! - `buffer_size_bytes` (RocksDB files), `link_up`, `backend_up{backend}`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response, StatusCode};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Installs the Prometheus recorder for the process.
+pub fn install() -> Result<PrometheusHandle, String> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("writebehind_sink_commit_seconds".into()),
+            &[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full("writebehind_sink_batch_rows".into()),
+                &[1.0, 10.0, 100.0, 500.0, 1000.0, 5000.0],
+            )
+        })
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))
+}
+
+/// State shared by capture, the sinks and the admin listener.
+#[derive(Debug, Default)]
+pub struct Health {
+    link_up: AtomicBool,
+    stopping: AtomicBool,
+    received: AtomicU64,
+    buffered: AtomicU64,
+    primary_offset: AtomicU64,
+    backends: Mutex<BTreeMap<String, BackendState>>,
+    /// (last seq of a commit, when it was captured), oldest first, until every backend applied it.
+    unapplied: Mutex<VecDeque<(u64, Instant)>>,
+    primary: Mutex<Option<String>>,
+    replid: Mutex<Option<String>>,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+struct BackendState {
+    up: bool,
+    applied_seq: u64,
+    applied_offset: u64,
+    last_error: Option<String>,
+}
+
+impl Health {
+    pub fn new() -> Arc<Health> {
+        Arc::new(Health::default())
+    }
+
+    pub fn set_link(&self, up: bool, primary: Option<String>, replid: Option<String>) {
+        self.link_up.store(up, Ordering::SeqCst);
+        metrics::gauge!("writebehind_link_up").set(if up { 1.0 } else { 0.0 });
+        if primary.is_some() {
+            *self.primary.lock().unwrap_or_else(|p| p.into_inner()) = primary;
+        }
+        if replid.is_some() {
+            *self.replid.lock().unwrap_or_else(|p| p.into_inner()) = replid;
+        }
+    }
+
+    pub fn received(&self, offset: u64) {
+        self.received.store(offset, Ordering::Relaxed);
+        metrics::gauge!("writebehind_position_received_bytes").set(offset as f64);
+    }
+
+    /// A commit made changes up to `last_seq` durable at `offset`.
+    pub fn buffered(&self, offset: u64, last_seq: Option<u64>) {
+        self.buffered.store(offset, Ordering::Relaxed);
+        metrics::gauge!("writebehind_position_buffered_bytes").set(offset as f64);
+        if let Some(seq) = last_seq {
+            self.unapplied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push_back((seq, Instant::now()));
+        }
+    }
+
+    pub fn backend(&self, name: &str, up: bool, error: Option<String>) {
+        let mut backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        let state = backends.entry(name.to_string()).or_default();
+        state.up = up;
+        state.last_error = error;
+        metrics::gauge!("writebehind_backend_up", "backend" => name.to_string()).set(if up {
+            1.0
+        } else {
+            0.0
+        });
+    }
+
+    pub fn applied(&self, name: &str, seq: u64, offset: u64) {
+        let slowest = {
+            let mut backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+            let state = backends.entry(name.to_string()).or_default();
+            state.applied_seq = seq;
+            state.applied_offset = state.applied_offset.max(offset);
+            backends
+                .values()
+                .map(|b| b.applied_seq)
+                .min()
+                .unwrap_or(seq)
+        };
+        metrics::gauge!("writebehind_position_applied_bytes", "backend" => name.to_string())
+            .set(offset as f64);
+        let mut unapplied = self.unapplied.lock().unwrap_or_else(|p| p.into_inner());
+        while unapplied.front().is_some_and(|(s, _)| *s <= slowest) {
+            unapplied.pop_front();
+        }
+    }
+
+    pub fn primary_offset(&self, offset: u64) {
+        self.primary_offset.store(offset, Ordering::Relaxed);
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    pub fn primary(&self) -> Option<String> {
+        self.primary
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// `None` when ready, else why not.
+    pub fn not_ready(&self) -> Option<String> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Some("shutting down".into());
+        }
+        if !self.link_up.load(Ordering::SeqCst) {
+            return Some("the replication link is down".into());
+        }
+        let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        let down: Vec<String> = backends
+            .iter()
+            .filter(|(_, b)| !b.up)
+            .map(|(n, b)| {
+                format!(
+                    "backend `{n}` is down ({})",
+                    b.last_error.clone().unwrap_or_default()
+                )
+            })
+            .collect();
+        (!down.is_empty()).then(|| down.join("; "))
+    }
+
+    fn slowest_applied(&self) -> u64 {
+        let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        if backends.is_empty() {
+            return self.buffered.load(Ordering::Relaxed);
+        }
+        backends
+            .values()
+            .map(|b| b.applied_offset)
+            .min()
+            .unwrap_or(0)
+    }
+
+    fn lag_seconds(&self) -> f64 {
+        self.unapplied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .front()
+            .map(|(_, at)| at.elapsed().as_secs_f64())
+            .unwrap_or(0.0)
+    }
+
+    /// Refreshes the derived gauges (before a scrape).
+    pub fn publish(&self) {
+        let applied = self.slowest_applied();
+        let primary = self
+            .primary_offset
+            .load(Ordering::Relaxed)
+            .max(self.received.load(Ordering::Relaxed));
+        // No acknowledgement stream yet: everything applied is acknowledged.
+        metrics::gauge!("writebehind_position_acked_bytes").set(applied as f64);
+        metrics::gauge!("writebehind_primary_offset_bytes").set(primary as f64);
+        metrics::gauge!("writebehind_lag_bytes").set(primary.saturating_sub(applied) as f64);
+        metrics::gauge!("writebehind_lag_seconds").set(self.lag_seconds());
+    }
+
+    /// The status document (`GET /status`, `writebehind status`).
+    pub fn status(&self, dead_letters: u64) -> serde_json::Value {
+        let backends = self
+            .backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let applied = self.slowest_applied();
+        let primary_offset = self
+            .primary_offset
+            .load(Ordering::Relaxed)
+            .max(self.received.load(Ordering::Relaxed));
+        serde_json::json!({
+            "link": if self.link_up.load(Ordering::SeqCst) { "up" } else { "down" },
+            "primary": self.primary(),
+            "replid": self.replid.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            "positions": {
+                "primary": primary_offset,
+                "received": self.received.load(Ordering::Relaxed),
+                "buffered": self.buffered.load(Ordering::Relaxed),
+                "applied": applied,
+                "acked": applied,
+            },
+            "lag_bytes": primary_offset.saturating_sub(applied),
+            "lag_seconds": self.lag_seconds(),
+            "dead_letters": dead_letters,
+            "backends": backends,
+            "ready": self.not_ready().is_none(),
+        })
+    }
+}
+
+/// Serves the admin endpoints until `stop` resolves. `dead_letters` counts the dead-letter
+/// store for `/status`.
+pub async fn serve(
+    listen: SocketAddr,
+    handle: PrometheusHandle,
+    health: Arc<Health>,
+    dead_letters: Arc<dyn Fn() -> u64 + Send + Sync>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("admin listener on {listen}: {e}"))?;
+    tracing::info!(%listen, "admin endpoints: /metrics /health /ready /status");
+    tokio::pin!(stop);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => return Ok(()),
+        };
+        let (handle, health, dead_letters) = (handle.clone(), health.clone(), dead_letters.clone());
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let response = respond(
+                        request.uri().path(),
+                        &handle,
+                        &health,
+                        dead_letters.as_ref(),
+                    );
+                    async move { Ok::<_, std::convert::Infallible>(response) }
+                });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+fn respond(
+    path: &str,
+    handle: &PrometheusHandle,
+    health: &Health,
+    dead_letters: &(dyn Fn() -> u64 + Send + Sync),
+) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        if let Ok(value) = content_type.parse() {
+            response
+                .headers_mut()
+                .insert(hyper::header::CONTENT_TYPE, value);
+        }
+        response
+    };
+    match path {
+        "/metrics" => {
+            health.publish();
+            reply(StatusCode::OK, "text/plain; version=0.0.4", handle.render())
+        }
+        "/health" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/ready" => match health.not_ready() {
+            None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+            Some(reason) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {reason}\n"),
+            ),
+        },
+        "/status" => reply(
+            StatusCode::OK,
+            "application/json",
+            health.status(dead_letters()).to_string(),
+        ),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics /health /ready /status\n".into(),
+        ),
+    }
+}

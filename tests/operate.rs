@@ -1,0 +1,343 @@
+//! Operating the service: metrics, readiness, status and graceful shutdown, with the
+//! `writebehind` binary against real redis-server, SQLite and a private MariaDB.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{MariaDbServer, RedisServer};
+use writebehind::redis_client::RedisClient;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// `GET path` on 127.0.0.1:port: (status, body), or None when nothing answers.
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+/// One value of a metric (the first series whose line starts with `name`).
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+struct Service {
+    child: Option<Child>,
+    config: std::path::PathBuf,
+    admin: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Service {
+    fn new(redis: &RedisServer, database_url: Option<&str>) -> Service {
+        let dir = tempfile::tempdir().expect("dir");
+        let admin = free_port();
+        let database = database_url
+            .map(String::from)
+            .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("writebehind.db").display()));
+        let config = dir.path().join("writebehind.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[source]\nurl = \"{}\"\n[buffer]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[backends.db]\nurl = \"{database}\"\n\
+                 [[mappings]]\nname = \"People\"\nprefix = \"person2\"\nbackend = \"db\"\ntable = \"person1\"\nkey_column = \"id\"\ncreate_table = true\n\
+                 [mappings.columns]\nfirst_name = \"first\"\nseq = \"seq\"\n",
+                redis.url(),
+                dir.path().join("buffer").display()
+            ),
+        )
+        .expect("config");
+        let mut service = Service {
+            child: None,
+            config,
+            admin,
+            dir,
+        };
+        service.spawn();
+        service
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("service.log"))
+            .expect("log");
+        self.child = Some(
+            Command::new(env!("CARGO_BIN_EXE_writebehind"))
+                .args(["run", "--config"])
+                .arg(&self.config)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("writebehind"),
+        );
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("service.log")).unwrap_or_default()
+    }
+
+    fn sqlite(&self) -> std::path::PathBuf {
+        self.dir.path().join("writebehind.db")
+    }
+
+    async fn until(&self, what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !condition() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; service log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the service did not exit after SIGTERM; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn write(client: &mut RedisClient, range: std::ops::Range<u64>) {
+    for chunk in range.collect::<Vec<_>>().chunks(100) {
+        let commands: Vec<Vec<String>> = chunk
+            .iter()
+            .map(|n| {
+                vec![
+                    "HSET".into(),
+                    format!("person2:{n}"),
+                    "seq".into(),
+                    n.to_string(),
+                ]
+            })
+            .collect();
+        let refs: Vec<Vec<&str>> = commands
+            .iter()
+            .map(|c| c.iter().map(String::as_str).collect())
+            .collect();
+        let slices: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
+        client.pipeline(&slices).await.expect("pipeline");
+    }
+}
+
+fn sqlite_rows(path: &std::path::Path) -> u64 {
+    rusqlite::Connection::open(path)
+        .and_then(|c| c.query_row("SELECT COUNT(*) FROM person1", [], |r| r.get::<_, i64>(0)))
+        .map(|n| n as u64)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_during_a_load_and_positions_stay_ordered() {
+    let redis = RedisServer::start(&[]);
+    let mut client = redis.client().await;
+    let service = Service::new(&redis, None);
+    service
+        .until("ready", || {
+            get(service.admin, "/ready").is_some_and(|(s, _)| s == 200)
+        })
+        .await;
+    assert_eq!(get(service.admin, "/health").map(|(s, _)| s), Some(200));
+    let mut changes_seen = Vec::new();
+    for round in 0..5u64 {
+        write(&mut client, round * 2000..(round + 1) * 2000).await;
+        let (status, text) = get(service.admin, "/metrics").expect("metrics");
+        assert_eq!(status, 200);
+        let received = metric(&text, "writebehind_position_received_bytes").unwrap_or(0.0);
+        let buffered = metric(&text, "writebehind_position_buffered_bytes").unwrap_or(0.0);
+        let applied = metric(&text, "writebehind_position_applied_bytes").unwrap_or(0.0);
+        let acked = metric(&text, "writebehind_position_acked_bytes").unwrap_or(0.0);
+        assert!(
+            received >= buffered && buffered >= applied && applied >= acked,
+            "{received} {buffered} {applied} {acked}"
+        );
+        changes_seen.push(metric(&text, "writebehind_changes_total").unwrap_or(0.0));
+        for name in [
+            "writebehind_lag_bytes",
+            "writebehind_lag_seconds",
+            "writebehind_primary_offset_bytes",
+            "writebehind_full_syncs_total",
+        ] {
+            assert!(
+                metric(&text, name).is_some(),
+                "{name} missing from:\n{text}"
+            );
+        }
+    }
+    service
+        .until("all rows", || sqlite_rows(&service.sqlite()) == 10_000)
+        .await;
+    let (_, text) = get(service.admin, "/metrics").expect("metrics");
+    assert_eq!(
+        metric(&text, "writebehind_changes_total"),
+        Some(10_000.0),
+        "{text}"
+    );
+    assert!(metric(&text, "writebehind_sink_batches_total").unwrap_or(0.0) >= 1.0);
+    assert!(
+        text.contains("writebehind_sink_commit_seconds_bucket"),
+        "{text}"
+    );
+    assert!(
+        changes_seen.windows(2).any(|w| w[1] > w[0]),
+        "the change counter never moved: {changes_seen:?}"
+    );
+    // The status document of the running service.
+    let output = Command::new(env!("CARGO_BIN_EXE_writebehind"))
+        .args(["status", "--config"])
+        .arg(&service.config)
+        .output()
+        .expect("status");
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("status JSON");
+    assert_eq!(status["link"], "up");
+    assert_eq!(status["dead_letters"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_is_503_while_the_database_is_down() {
+    let mut mariadb = MariaDbServer::start();
+    {
+        let admin = mysql_async::Pool::new(mariadb.url("mysql").as_str());
+        use mysql_async::prelude::Queryable;
+        admin
+            .get_conn()
+            .await
+            .expect("conn")
+            .query_drop("CREATE DATABASE wb")
+            .await
+            .expect("create");
+        admin.disconnect().await.ok();
+    }
+    let redis = RedisServer::start(&[]);
+    let mut client = redis.client().await;
+    let service = Service::new(&redis, Some(&mariadb.url("wb")));
+    service
+        .until("ready", || {
+            get(service.admin, "/ready").is_some_and(|(s, _)| s == 200)
+        })
+        .await;
+    tokio::task::block_in_place(|| mariadb.stop());
+    write(&mut client, 0..10).await;
+    service
+        .until("503 while MariaDB is down", || {
+            get(service.admin, "/ready")
+                .is_some_and(|(s, body)| s == 503 && body.contains("backend `db` is down"))
+        })
+        .await;
+    assert_eq!(
+        get(service.admin, "/health").map(|(s, _)| s),
+        Some(200),
+        "alive all the same"
+    );
+    tokio::task::block_in_place(|| mariadb.crash_and_restart(Duration::ZERO));
+    service
+        .until("ready again", || {
+            get(service.admin, "/ready").is_some_and(|(s, _)| s == 200)
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_load_exits_0_and_a_restart_loses_nothing() {
+    let redis = RedisServer::start(&["--repl-backlog-size", "64mb"]);
+    let mut client = redis.client().await;
+    let mut service = Service::new(&redis, None);
+    service
+        .until("ready", || {
+            get(service.admin, "/ready").is_some_and(|(s, _)| s == 200)
+        })
+        .await;
+    // The load runs before, during and after the stop, until told to end.
+    let (end_tx, end_rx) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(async move {
+        let mut next = 1u64;
+        while !*end_rx.borrow() {
+            write(&mut client, next..next + 100).await;
+            next += 100;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        next - 1
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = tokio::task::block_in_place(|| service.terminate());
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        service.log()
+    );
+    assert!(service.log().contains("SIGTERM: stopping"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    service.spawn();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = end_tx.send(true);
+    let written = load.await.expect("load");
+    service
+        .until("every row", || sqlite_rows(&service.sqlite()) == written)
+        .await;
+    let db = rusqlite::Connection::open(service.sqlite()).expect("sqlite");
+    let (min, max): (i64, i64) = db
+        .query_row(
+            "SELECT MIN(CAST(seq AS INTEGER)), MAX(CAST(seq AS INTEGER)) FROM person1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("range");
+    assert_eq!((min, max), (1, written as i64));
+    let stats = redis.client().await.info("stats").await.expect("info");
+    assert_eq!(
+        writebehind::redis_client::info_field(&stats, "sync_partial_ok"),
+        Some("1"),
+        "the restart resumed with PSYNC; redis log:\n{}\nservice log:\n{}",
+        redis.log(),
+        service.log()
+    );
+}
