@@ -109,6 +109,54 @@ enum DlqAction {
     },
 }
 
+/// Whether the connected user may run what a replica runs (`ACL DRYRUN`, Redis 7+). Prints
+/// one line; `false` only when a permission is known to be missing.
+async fn replica_permissions(client: &mut RedisClient, endpoint: &RedisEndpoint) -> bool {
+    let user = match client.command(&["ACL", "WHOAMI"]).await {
+        Ok(reply) => crate::redis_client::frame_text(&reply),
+        Err(_) => endpoint
+            .username
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+    };
+    let mut missing = Vec::new();
+    for command in [
+        &["PSYNC", "?", "-1"][..],
+        &["REPLCONF", "ACK", "0"],
+        &["PING"],
+    ] {
+        let mut args = vec!["ACL", "DRYRUN", user.as_str()];
+        args.extend_from_slice(command);
+        match client.command(&args).await {
+            Ok(redis_protocol::resp2::types::BytesFrame::SimpleString(ok))
+                if ok.as_ref() == b"OK" => {}
+            Ok(reply) => missing.push(format!(
+                "{} ({})",
+                command[0],
+                crate::redis_client::frame_text(&reply)
+            )),
+            Err(crate::redis_client::ClientError::Reply { message, .. })
+                if message.contains("NOPERM") || message.contains("unknown") =>
+            {
+                println!("note: Redis at {}: cannot verify that user `{user}` may run PSYNC (ACL DRYRUN not permitted or not available): {message}", endpoint.address());
+                return true;
+            }
+            Err(e) => missing.push(format!("{} ({e})", command[0])),
+        }
+    }
+    if missing.is_empty() {
+        println!("ok: Redis user `{user}` may run PSYNC, REPLCONF and PING");
+        true
+    } else {
+        println!(
+            "error: Redis at {}: user `{user}` may not run {}; grant it +psync +replconf +ping",
+            endpoint.address(),
+            missing.join(", ")
+        );
+        false
+    }
+}
+
 /// `GET <path>` on the admin listener; the body when the status is 200.
 async fn admin_get(listen: &str, path: &str) -> Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -349,10 +397,39 @@ async fn check(path: &std::path::Path) -> ExitCode {
         config.mappings.len()
     );
     let mut failed = false;
-    for endpoint in config.source_endpoints() {
+    let endpoints: Vec<RedisEndpoint> = match Discovery::from_config(&config.source) {
+        Ok(Discovery::Fixed(endpoint)) => vec![endpoint],
+        Ok(Discovery::Nodes(nodes)) => nodes,
+        Ok(discovery) => match discovery.primary(Duration::from_secs(5)).await {
+            Ok(primary) => {
+                println!(
+                    "ok: {} names the primary {}",
+                    discovery.describe(),
+                    primary.address()
+                );
+                vec![primary]
+            }
+            Err(e) => {
+                failed = true;
+                println!("error: {e}");
+                Vec::new()
+            }
+        },
+        Err(e) => {
+            failed = true;
+            println!("error: {e}");
+            Vec::new()
+        }
+    };
+    for endpoint in endpoints {
         match RedisClient::connect(&endpoint, Duration::from_secs(5)).await {
             Ok(mut client) => match client.command(&["PING"]).await {
-                Ok(_) => println!("ok: Redis at {} answers", endpoint.address()),
+                Ok(_) => {
+                    println!("ok: Redis at {} answers", endpoint.address());
+                    if !replica_permissions(&mut client, &endpoint).await {
+                        failed = true;
+                    }
+                }
                 Err(e) => {
                     failed = true;
                     println!("error: {e}");
@@ -363,11 +440,6 @@ async fn check(path: &std::path::Path) -> ExitCode {
                 println!("error: {e}");
             }
         }
-    }
-    if config.source.sentinels.is_some() {
-        println!(
-            "note: Sentinel discovery is not implemented yet; the sentinels were not contacted"
-        );
     }
     let mappings = crate::capture::mapping::Mappings::new(&config.mappings);
     for (name, backend) in &config.backends {
