@@ -345,12 +345,24 @@ async fn sigterm_during_a_load_exits_0_and_a_restart_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_prints_one_line_per_problem() {
     let redis = RedisServer::start(&["--requirepass", "adminpw"]);
-    let admin = writebehind::config::RedisEndpoint::parse(&format!("redis://:adminpw@127.0.0.1:{}", redis.port)).expect("url");
-    let mut client = RedisClient::connect(&admin, Duration::from_secs(5)).await.expect("admin");
-    client.command(&["ACL", "SETUSER", "app", "on", ">apppw", "+@all", "-psync"]).await.expect("acl");
+    let admin = writebehind::config::RedisEndpoint::parse(&format!(
+        "redis://:adminpw@127.0.0.1:{}",
+        redis.port
+    ))
+    .expect("url");
+    let mut client = RedisClient::connect(&admin, Duration::from_secs(5))
+        .await
+        .expect("admin");
+    client
+        .command(&["ACL", "SETUSER", "app", "on", ">apppw", "+@all", "-psync"])
+        .await
+        .expect("acl");
     let dir = tempfile::tempdir().expect("dir");
     let database = dir.path().join("rows.db");
-    rusqlite::Connection::open(&database).expect("sqlite").execute_batch("CREATE TABLE person1 (id TEXT PRIMARY KEY, first TEXT)").expect("table");
+    rusqlite::Connection::open(&database)
+        .expect("sqlite")
+        .execute_batch("CREATE TABLE person1 (id TEXT PRIMARY KEY, first TEXT)")
+        .expect("table");
     let run = |url: String| {
         let config = dir.path().join("check.toml");
         std::fs::write(
@@ -363,20 +375,44 @@ async fn check_prints_one_line_per_problem() {
             ),
         )
         .expect("config");
-        let output = Command::new(env!("CARGO_BIN_EXE_writebehind")).args(["check", "--config"]).arg(&config).output().expect("check");
+        let output = Command::new(env!("CARGO_BIN_EXE_writebehind"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .expect("check");
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         (output.status.success(), stdout)
     };
     let (ok, out) = run(format!("redis://app:wrong@127.0.0.1:{}", redis.port));
     let errors: Vec<&str> = out.lines().filter(|l| l.starts_with("error: ")).collect();
     assert!(!ok, "{out}");
-    assert!(errors.iter().any(|l| l.contains("AUTH") && !l.contains("wrong")), "wrong password, without printing it: {out}");
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains("AUTH") && !l.contains("wrong")),
+        "wrong password, without printing it: {out}"
+    );
 
     let (ok, out) = run(format!("redis://app:apppw@127.0.0.1:{}", redis.port));
     let errors: Vec<&str> = out.lines().filter(|l| l.starts_with("error: ")).collect();
     assert!(!ok, "{out}");
     assert_eq!(errors.len(), 3, "{out}");
-    assert!(errors.iter().any(|l| l.contains("user `app` may not run PSYNC")), "{out}");
-    assert!(errors.iter().any(|l| l.contains("table `person1` has no column `age`")), "{out}");
-    assert!(errors.iter().any(|l| l.contains("table `car` does not exist")), "{out}");
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains("user `app` may not run PSYNC")),
+        "{out}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains("table `person1` has no column `age`")),
+        "{out}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains("table `car` does not exist")),
+        "{out}"
+    );
 }

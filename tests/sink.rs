@@ -885,3 +885,59 @@ async fn a_large_batch_is_staged_and_every_value_survives() {
     service.stop().await;
     database.drop_database().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_missing_database_grants() {
+    let database = Database::maria().await;
+    database.execute(PERSON_TABLE).await;
+    database.execute(CAR_TABLE).await;
+    let Database::Maria { name, .. } = &database else {
+        unreachable!()
+    };
+    let user = format!("wbro{}", rand::random::<u32>());
+    database
+        .execute(&format!("CREATE USER '{user}'@'%' IDENTIFIED BY 'pw'"))
+        .await;
+    database
+        .execute(&format!(
+            "CREATE USER '{user}'@'localhost' IDENTIFIED BY 'pw'"
+        ))
+        .await;
+    for host in ["%", "localhost"] {
+        database
+            .execute(&format!(
+                "GRANT SELECT, CREATE ON {name}.* TO '{user}'@'{host}'"
+            ))
+            .await;
+    }
+    let server = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("check.toml");
+    std::fs::write(
+        &path,
+        config_text(&server, &format!("mysql://{user}:pw@127.0.0.1:3306/{name}")),
+    )
+    .expect("config");
+    let (ok, out) = writebehind(&["check"], &path);
+    assert!(!ok, "{out}");
+    let errors: Vec<&str> = out.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains("may not SELECT and INSERT on `person1`")),
+        "{out}"
+    );
+    assert!(
+        errors.iter().any(|l| l.contains("may not UPDATE on `car`")),
+        "{out}"
+    );
+    assert!(
+        errors.iter().any(|l| l.contains("may not DELETE on `car`")),
+        "{out}"
+    );
+    database.execute(&format!("DROP USER '{user}'@'%'")).await;
+    database
+        .execute(&format!("DROP USER '{user}'@'localhost'"))
+        .await;
+    database.drop_database().await;
+}

@@ -145,11 +145,11 @@ async fn replica_permissions(client: &mut RedisClient, endpoint: &RedisEndpoint)
         }
     }
     if missing.is_empty() {
-        println!("ok: Redis user `{user}` may run PSYNC, REPLCONF and PING");
+        println!("ok: Redis user `{user}` may run PSYNC, REPLCONF, PING, FUNCTION, FCALL, XADD and EXPIRE");
         true
     } else {
         println!(
-            "error: Redis at {}: user `{user}` may not run {}; grant it +psync +replconf +ping",
+            "error: Redis at {}: user `{user}` may not run {}; grant it +psync +replconf +ping +function +fcall +xadd +expire",
             endpoint.address(),
             missing.join(", ")
         );

@@ -515,7 +515,28 @@ impl Destination for MysqlSink {
                 )
                 .collect();
             match TableSchema::build(mapping, &found) {
-                Ok(schema) => schemas.push(schema),
+                Ok(schema) => {
+                    // Grants: statements that touch no row, refused all the same without the
+                    // privilege (error 1142).
+                    let (table, key) = (q(&schema.table), q(&schema.key_column.name));
+                    let mut columns = vec![key.clone()];
+                    columns.extend(schema.columns.iter().map(|c| q(&c.name)));
+                    let columns = columns.join(", ");
+                    for (privilege, sql) in [
+                        ("SELECT and INSERT", format!("INSERT INTO {table} ({columns}) SELECT {columns} FROM {table} WHERE 1 = 0")),
+                        ("UPDATE", format!("UPDATE {table} SET {key} = {key} WHERE 1 = 0")),
+                        ("DELETE", format!("DELETE FROM {table} WHERE 1 = 0")),
+                    ] {
+                        match conn.query_drop(sql).await {
+                            Err(mysql_async::Error::Server(e)) if matches!(e.code, 1142 | 1143) => problems.push(format!(
+                                "mapping `{}`: the database user may not {privilege} on `{}`: {}",
+                                mapping.name, schema.table, e.message
+                            )),
+                            _ => {}
+                        }
+                    }
+                    schemas.push(schema);
+                }
                 Err(mut p) => problems.append(&mut p),
             }
         }
