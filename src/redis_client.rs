@@ -127,35 +127,7 @@ impl RedisClient {
             })?;
         let mut replies = Vec::with_capacity(commands.len());
         while replies.len() < commands.len() {
-            match decode_bytes_mut(&mut self.input) {
-                Ok(Some((frame, _, _))) => replies.push(frame),
-                Ok(None) => {
-                    self.input.reserve(16 * 1024);
-                    let read =
-                        tokio::time::timeout(self.timeout, self.stream.read_buf(&mut self.input))
-                            .await
-                            .map_err(|_| ClientError::Timeout {
-                                address: address.clone(),
-                                seconds: self.timeout.as_secs(),
-                            })?
-                            .map_err(|source| ClientError::Io {
-                                address: address.clone(),
-                                source,
-                            })?;
-                    if read == 0 {
-                        return Err(ClientError::Io {
-                            address,
-                            source: std::io::ErrorKind::UnexpectedEof.into(),
-                        });
-                    }
-                }
-                Err(e) => {
-                    return Err(ClientError::Protocol {
-                        address,
-                        message: format!("{e:?}"),
-                    })
-                }
-            }
+            replies.push(self.next_frame(Some(self.timeout)).await?);
         }
         Ok(replies)
     }
