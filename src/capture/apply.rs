@@ -352,6 +352,25 @@ impl Applier<'_> {
         Ok(needs)
     }
 
+    /// The mapping watching a key and the key's mirrored state, unless the key is not watched or
+    /// its state already contains this command (it was refreshed from the primary later).
+    fn watched<'s>(
+        &'s self,
+        ws: &mut WorkingSet,
+        db: u32,
+        key: &Bytes,
+        command: &Command,
+    ) -> Result<Option<(&'s Mapping, Option<MirrorValue>)>, StoreError> {
+        let Some(mapping) = self.mappings.watching(db, key) else {
+            return Ok(None);
+        };
+        let before = ws.get(db, key)?;
+        if Self::already_in(&before, command) {
+            return Ok(None);
+        }
+        Ok(Some((mapping, before)))
+    }
+
     /// Whether commands ending at `end` are already contained in a refreshed value.
     fn already_in(value: &Option<MirrorValue>, command: &Command) -> bool {
         value
@@ -368,13 +387,9 @@ impl Applier<'_> {
         out: &mut Vec<RowEvent>,
         change: impl FnOnce(&mut std::collections::BTreeMap<Bytes, FieldValue>),
     ) -> Result<(), StoreError> {
-        let Some(mapping) = self.mappings.watching(db, key) else {
+        let Some((mapping, before)) = self.watched(ws, db, key, command)? else {
             return Ok(());
         };
-        let before = ws.get(db, key)?;
-        if Self::already_in(&before, command) {
-            return Ok(());
-        }
         let mut after = match &before {
             Some(v) if v.kind == MirrorKind::Hash => v.clone(),
             // The command succeeded, so the key was a hash (or absent).
@@ -473,13 +488,9 @@ impl Applier<'_> {
                 ws.set(from_db, from, None)?;
             }
         }
-        let Some(mapping) = self.mappings.watching(to_db, to) else {
+        let Some((mapping, before)) = self.watched(ws, to_db, to, command)? else {
             return Ok(());
         };
-        let before = ws.get(to_db, to)?;
-        if Self::already_in(&before, command) {
-            return Ok(());
-        }
         if source_mapping.is_none() || source_ahead || source.is_none() {
             // The content comes from a key we do not mirror (or mirror at a later point, or
             // lost track of): read the destination from the primary.
@@ -505,13 +516,9 @@ impl Applier<'_> {
     ) -> Result<(), StoreError> {
         let args = &command.args;
         let (db, key) = (command.db, args.get(1).cloned().unwrap_or_default());
-        let Some(mapping) = self.mappings.watching(db, &key) else {
+        let Some((mapping, before)) = self.watched(ws, db, &key, command)? else {
             return Ok(());
         };
-        let before = ws.get(db, &key)?;
-        if Self::already_in(&before, command) {
-            return Ok(());
-        }
         let Some(payload) = args.get(3) else {
             return Ok(());
         };
@@ -677,13 +684,9 @@ impl Applier<'_> {
         }
         let spec = spec.clone();
         for key in self.commands.keys(&spec, command) {
-            let Some(mapping) = self.mappings.watching(command.db, &key) else {
+            let Some((mapping, before)) = self.watched(ws, command.db, &key, command)? else {
                 continue;
             };
-            let before = ws.get(command.db, &key)?;
-            if Self::already_in(&before, command) {
-                continue;
-            }
             if spec.other_type && !spec.hash_type {
                 let mut after = MirrorValue::other(self.generation);
                 after.expire_at_ms = before.as_ref().and_then(|v| v.expire_at_ms);
