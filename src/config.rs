@@ -128,7 +128,7 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     pub url: Option<String>,
@@ -191,10 +191,36 @@ fn default_timeout_secs() -> u64 {
     60
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub url: String,
+}
+
+/// Never print a password: URLs are redacted, passwords replaced.
+impl fmt::Debug for BackendConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendConfig")
+            .field("url", &redact(&self.url))
+            .finish()
+    }
+}
+
+impl fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redact_all = |list: &Option<Vec<String>>| {
+            list.as_ref()
+                .map(|l| l.iter().map(|u| redact(u)).collect::<Vec<_>>())
+        };
+        f.debug_struct("SourceConfig")
+            .field("url", &self.url.as_deref().map(redact))
+            .field("nodes", &redact_all(&self.nodes))
+            .field("sentinels", &redact_all(&self.sentinels))
+            .field("master_name", &self.master_name)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -597,6 +623,19 @@ color = "color"
         );
         let errors = Config::parse(&text, &env).unwrap_err();
         assert!(errors.0[0].contains("key_colum"), "{errors}");
+    }
+
+    #[test]
+    fn secrets_never_appear_in_debug_output() {
+        let text = EXAMPLE.replace(
+            "url = \"redis://127.0.0.1:6379\"",
+            "url = \"redis://u:redispw@127.0.0.1:6379\"\npassword = \"otherpw\"",
+        );
+        let config = Config::parse(&text, &env).unwrap();
+        let shown = format!("{config:?}");
+        for secret in ["Password123!", "redispw", "otherpw"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
     }
 
     #[test]
