@@ -468,18 +468,6 @@ impl Config {
             Err(ConfigErrors(problems))
         }
     }
-
-    /// The Redis endpoints to try, in order.
-    pub fn source_endpoints(&self) -> Vec<RedisEndpoint> {
-        let list: Vec<String> = match (&self.source.url, &self.source.nodes) {
-            (Some(url), _) => vec![url.clone()],
-            (None, Some(nodes)) => nodes.clone(),
-            _ => Vec::new(),
-        };
-        list.iter()
-            .filter_map(|u| RedisEndpoint::parse(u).ok())
-            .collect()
-    }
 }
 
 fn list_or_none(items: &[&str]) -> String {
@@ -587,7 +575,12 @@ color = "color"
             "mysql://demouser:Password123!@localhost:3306/test"
         );
         assert_eq!(config.mappings[1].on_expire, OnExpire::Keep);
-        assert_eq!(config.source_endpoints()[0].port, 6379);
+        assert_eq!(
+            RedisEndpoint::parse(config.source.url.as_deref().unwrap())
+                .unwrap()
+                .port,
+            6379
+        );
     }
 
     #[test]
