@@ -21,7 +21,7 @@
 //! `REPLCONF GETACK *` and send `REPLCONF ACK <offset>` every second with the position the
 //! caller acknowledged (for the service: what is durably captured, so that `WAIT` means it).
 //!
-//! [`Replicator`] wraps one [`link`] at a time and reconnects with exponential backoff and
+//! [`Replicator`] wraps one link (`link.rs`) at a time and reconnects with exponential backoff and
 //! jitter when it drops, resuming from the position the caller hands back.
 
 pub mod discovery;

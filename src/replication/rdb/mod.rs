@@ -12,7 +12,7 @@
 //! `0xF5` FUNCTION2 (a library's source; `0xF6`, the 7.0 release-candidate form, too), `0xF4` SLOT_INFO, and under `VALKEY` magic `0xF3`
 //! SLOT_IMPORT. Any other byte is a value type, followed by the key and the value.
 //!
-//! Lengths and strings use the RDB length encoding (see [`cursor`]). Hashes are decoded in every
+//! Lengths and strings use the RDB length encoding (see `cursor.rs`). Hashes are decoded in every
 //! encoding Redis and Valkey write: 4 (field/value pairs), 9 (zipmap), 13 (ziplist), 16
 //! (listpack), 24 (field TTLs, Redis 7.4+: `minExpire`, then `ttl field value` triples whose
 //! `ttl` is relative to it), 25 (listpack of `field value ttl` triples with `minExpire` first),
