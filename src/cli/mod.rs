@@ -662,25 +662,46 @@ async fn run(path: &std::path::Path, capture_only: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-    let outcome = tokio::select! {
-        result = capture.run(&mut replicator, capture_stop) => result.map_err(|e| e.to_string()),
-        _ = tokio::signal::ctrl_c() => {
-            tracing::info!("SIGINT: stopping");
-            Ok(())
+    let outcome = {
+        let capture_future = capture.run(&mut replicator, capture_stop);
+        tokio::pin!(capture_future);
+        let signal = tokio::select! {
+            result = &mut capture_future => Err(result.map_err(|e| e.to_string())),
+            _ = tokio::signal::ctrl_c() => Ok("SIGINT"),
+            _ = terminate.recv() => Ok("SIGTERM"),
+            Some(result) = tasks.join_next() => Err(match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(e.to_string()),
+            }),
+        };
+        match signal {
+            Ok(name) => {
+                // Not ready any more; capture finishes the batch it is applying (a stop is
+                // seen between two events) and returns.
+                tracing::info!("{name}: stopping");
+                health.begin_shutdown();
+                let _ = stop_tx.send(true);
+                let outcome = match tokio::time::timeout(
+                    Duration::from_secs(10),
+                    &mut capture_future,
+                )
+                .await
+                {
+                    Ok(result) => result.map_err(|e| e.to_string()),
+                    Err(_) => {
+                        tracing::warn!("capture did not stop within 10 s; what it had not committed comes again after a restart");
+                        Ok(())
+                    }
+                };
+                outcome
+            }
+            Err(outcome) => outcome,
         }
-        _ = terminate.recv() => {
-            tracing::info!("SIGTERM: stopping");
-            Ok(())
-        }
-        Some(result) = tasks.join_next() => match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e),
-            Err(e) => Err(e.to_string()),
-        },
     };
-    // Graceful stop, bounded: not ready any more; capture stopped between two commits (what it
-    // had not committed is not acknowledged and comes again after a restart); a final ACK of
-    // the durable position; the sinks write everything committed; then exit.
+    // Then, bounded: a final ACK of the durable position; the sinks write everything committed;
+    // exit. (What capture had not committed was never acknowledged and comes again after a
+    // restart.)
     health.begin_shutdown();
     let finish = async {
         replicator.flush_ack().await;
