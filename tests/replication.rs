@@ -865,3 +865,45 @@ async fn a_replica_without_its_primary_is_retried_until_it_serves() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_silent_primary_times_the_link_out_and_it_resumes() {
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let mut opts = options(&server);
+    opts.timeout = Duration::from_secs(1);
+    let mut replicator = Replicator::new(opts, None);
+    full_sync(&mut replicator).await;
+    // The primary pings every 10 s: with a 1 s timeout its silence ends the link.
+    let mut timed_out = false;
+    let mut continued = false;
+    while !continued {
+        match next(&mut replicator).await {
+            ReplicationEvent::Disconnected {
+                error: LinkError::Timeout { .. },
+                ..
+            } => timed_out = true,
+            ReplicationEvent::Disconnected { .. } => {}
+            ReplicationEvent::Continued {
+                previous_replid: None,
+                ..
+            } => continued = true,
+            ReplicationEvent::Stream(event) => replicator.acknowledge(event.end()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        timed_out,
+        "the silence must have been detected as a timeout"
+    );
+    client
+        .command(&["HSET", "after", "f", "v"])
+        .await
+        .expect("hset");
+    let events = stream_until(
+        &mut replicator,
+        |e| matches!(e, StreamEvent::Command(c) if c.is("HSET")),
+    )
+    .await;
+    assert!(!events.is_empty());
+}

@@ -998,3 +998,75 @@ mod tests {
         assert_eq!(out, vec![upsert("1", None, Some("11"))]);
     }
 }
+
+#[cfg(test)]
+mod field_ttl_tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::position::ReplOffset;
+
+    fn apply_all(commands: &[&[&str]]) -> Option<MirrorValue> {
+        let text = "[source]\nurl = \"redis://127.0.0.1:1\"\n[backends.db]\nurl = \"sqlite://x\"\n[[mappings]]\nname = \"P\"\nprefix = \"p\"\nbackend = \"db\"\ntable = \"t\"\nkey_column = \"id\"\n[mappings.columns]\nf = \"f\"\n";
+        let mappings = Mappings::new(&Config::parse(text, &|_| None).unwrap().mappings);
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let table = CommandTable::default();
+        let applier = Applier {
+            mappings: &mappings,
+            commands: &table,
+            generation: 1,
+        };
+        let mut ws = WorkingSet::new(store);
+        let mut out = Vec::new();
+        for (i, args) in commands.iter().enumerate() {
+            let command = Command {
+                args: args
+                    .iter()
+                    .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+                    .collect(),
+                db: 0,
+                end: ReplOffset(10 + i as u64),
+            };
+            applier.apply(&mut ws, &command, &mut out).unwrap();
+        }
+        ws.get(0, &Bytes::from("p:1")).unwrap()
+    }
+
+    fn ttl(value: &Option<MirrorValue>, field: &str) -> Option<i64> {
+        value
+            .as_ref()
+            .and_then(|v| v.fields.get(&Bytes::copy_from_slice(field.as_bytes())))
+            .and_then(|f| f.expire_at_ms)
+    }
+
+    #[test]
+    fn hash_field_ttl_commands_of_redis_7_4_and_8() {
+        // As Redis 7.4+ propagates them: absolute HPEXPIREAT, HPERSIST, HSETEX with PXAT.
+        let v = apply_all(&[
+            &["HSET", "p:1", "f", "1", "g", "2"],
+            &["HPEXPIREAT", "p:1", "5000", "FIELDS", "1", "f"],
+        ]);
+        assert_eq!((ttl(&v, "f"), ttl(&v, "g")), (Some(5000), None));
+        let v = apply_all(&[
+            &["HSET", "p:1", "f", "1"],
+            &["HPEXPIREAT", "p:1", "5000", "FIELDS", "1", "f"],
+            &["HPERSIST", "p:1", "FIELDS", "1", "f"],
+        ]);
+        assert_eq!(ttl(&v, "f"), None);
+        let v = apply_all(&[&[
+            "HSETEX", "p:1", "PXAT", "7000", "FIELDS", "2", "f", "1", "g", "2",
+        ]]);
+        assert_eq!((ttl(&v, "f"), ttl(&v, "g")), (Some(7000), Some(7000)));
+        let v = apply_all(&[
+            &["HSETEX", "p:1", "PXAT", "7000", "FIELDS", "1", "f", "1"],
+            &["HSETEX", "p:1", "KEEPTTL", "FIELDS", "1", "f", "2"],
+        ]);
+        assert_eq!(ttl(&v, "f"), Some(7000));
+        // An expired field arrives as HDEL; the last one takes the key.
+        let v = apply_all(&[
+            &["HSETEX", "p:1", "PXAT", "7000", "FIELDS", "1", "f", "1"],
+            &["HDEL", "p:1", "f"],
+        ]);
+        assert!(v.is_none());
+    }
+}
