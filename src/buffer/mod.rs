@@ -714,9 +714,10 @@ mod tests {
     }
 
     #[test]
-    fn everything_round_trips_and_corruption_is_an_error() {
+    fn everything_round_trips_and_corruption_is_an_error() -> Result<(), Box<dyn std::error::Error>>
+    {
         let v = value();
-        assert_eq!(MirrorValue::decode(&v.encode()).unwrap(), v);
+        assert_eq!(MirrorValue::decode(&v.encode())?, v);
         let change = Change {
             seq: 7,
             unit: 6,
@@ -735,10 +736,10 @@ mod tests {
                 uuid: Some(Bytes::from("u")),
             }),
         };
-        assert_eq!(Change::decode(7, &change.encode()).unwrap(), change);
+        assert_eq!(Change::decode(7, &change.encode())?, change);
         let cp = Checkpoint {
             position: Some(StreamPosition {
-                replid: ReplId::parse(&"a".repeat(40)).unwrap(),
+                replid: ReplId::parse(&"a".repeat(40)).ok_or("replid")?,
                 offset: ReplOffset(5),
                 db: 2,
             }),
@@ -746,17 +747,18 @@ mod tests {
             generation: 2,
             full_sync_in_progress: false,
         };
-        assert_eq!(Checkpoint::decode(&cp.encode()).unwrap(), cp);
+        assert_eq!(Checkpoint::decode(&cp.encode())?, cp);
         let raw = v.encode();
         for cut in 0..raw.len() {
             assert!(MirrorValue::decode(&raw[..cut]).is_err());
         }
+        Ok(())
     }
 
     #[test]
-    fn store_writes_atomically_and_trims() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+    fn store_writes_atomically_and_trims() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
         let mut batch = Batch::default();
         batch.put_mirror(1, b"person2:1", &value());
         for seq in 0..5 {
@@ -775,32 +777,31 @@ mod tests {
             next_seq: 5,
             ..Checkpoint::default()
         });
-        store.write(batch, true).unwrap();
-        assert_eq!(store.mirror(1, b"person2:1").unwrap(), Some(value()));
-        assert_eq!(store.mirror(0, b"person2:1").unwrap(), None);
-        assert_eq!(store.mirror_scan(Some(1), None, 10).unwrap().len(), 1);
+        store.write(batch, true)?;
+        assert_eq!(store.mirror(1, b"person2:1")?, Some(value()));
+        assert_eq!(store.mirror(0, b"person2:1")?, None);
+        assert_eq!(store.mirror_scan(Some(1), None, 10)?.len(), 1);
         assert_eq!(
             store
-                .changes(2, 2)
-                .unwrap()
+                .changes(2, 2)?
                 .iter()
                 .map(|c| c.seq)
                 .collect::<Vec<_>>(),
             vec![2, 3]
         );
-        store.trim_changes(2).unwrap();
+        store.trim_changes(2)?;
         assert_eq!(
             store
-                .changes(0, 10)
-                .unwrap()
+                .changes(0, 10)?
                 .iter()
                 .map(|c| c.seq)
                 .collect::<Vec<_>>(),
             vec![3, 4]
         );
-        assert_eq!(store.checkpoint().unwrap().next_seq, 5);
+        assert_eq!(store.checkpoint()?.next_seq, 5);
         drop(store);
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.checkpoint().unwrap().next_seq, 5);
+        let store = Store::open(dir.path())?;
+        assert_eq!(store.checkpoint()?.next_seq, 5);
+        Ok(())
     }
 }
