@@ -172,18 +172,27 @@ async fn stat(client: &mut RedisClient, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_promoted_replica_is_followed_with_continue() {
-    let (mut primary, replica) = pair();
+/// A primary and its replica, the service following them as `nodes`, `rows` written and
+/// applied, and the replica caught up.
+async fn attached_pair(
+    rows: std::ops::Range<u32>,
+) -> (RedisServer, RedisServer, RedisClient, RedisClient, Service) {
+    let (primary, replica) = pair();
     let (mut p, mut r) = (primary.client().await, replica.client().await);
     let service = Service::start(&format!(
         "nodes = [\"{}\", \"{}\"]",
         primary.url(),
         replica.url()
     ));
-    hset(&mut p, 1..50, "old").await;
+    hset(&mut p, rows, "old").await;
     service.converges_to(&mut p).await;
     replica_caught_up(&mut p, &mut r).await;
+    (primary, replica, p, r, service)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_replica_is_followed_with_continue() {
+    let (mut primary, _replica, _p, mut r, service) = attached_pair(1..50).await;
 
     r.command(&["REPLICAOF", "NO", "ONE"])
         .await
@@ -208,16 +217,7 @@ async fn a_promoted_replica_is_followed_with_continue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_ahead_of_the_promoted_replica_is_reconciled_by_a_full_sync() {
-    let (mut primary, replica) = pair();
-    let (mut p, mut r) = (primary.client().await, replica.client().await);
-    let service = Service::start(&format!(
-        "nodes = [\"{}\", \"{}\"]",
-        primary.url(),
-        replica.url()
-    ));
-    hset(&mut p, 1..20, "old").await;
-    service.converges_to(&mut p).await;
-    replica_caught_up(&mut p, &mut r).await;
+    let (mut primary, _replica, mut p, mut r, service) = attached_pair(1..20).await;
 
     // The replica leaves; the old primary goes on taking writes that only the service sees.
     r.command(&["REPLICAOF", "NO", "ONE"])

@@ -415,11 +415,10 @@ impl Applier<'_> {
         command: &Command,
         out: &mut Vec<RowEvent>,
     ) -> Result<(), StoreError> {
-        let Some(mapping) = self.mappings.watching(db, key) else {
+        let Some((mapping, before)) = self.watched(ws, db, key, command)? else {
             return Ok(());
         };
-        let before = ws.get(db, key)?;
-        if before.is_none() || Self::already_in(&before, command) {
+        if before.is_none() {
             return Ok(());
         }
         // A DEL of a key whose time has come is how an expiry reaches replicas.
@@ -441,14 +440,7 @@ impl Applier<'_> {
         command: &Command,
         at: Option<i64>,
     ) -> Result<(), StoreError> {
-        if self.mappings.watching(db, key).is_none() {
-            return Ok(());
-        }
-        let before = ws.get(db, key)?;
-        if Self::already_in(&before, command) {
-            return Ok(());
-        }
-        if let Some(mut value) = before {
+        if let Some((_, Some(mut value))) = self.watched(ws, db, key, command)? {
             value.expire_at_ms = at;
             ws.set(db, key, Some(value))?;
         }
