@@ -329,11 +329,16 @@ impl Replicator {
     }
 
     async fn connect(&mut self) -> Result<ReplicationEvent, LinkError> {
-        if let Some(at) = self.retry_at.take() {
-            tokio::time::sleep_until(at).await;
-        }
         if self.watchers.is_empty() {
             self.watchers = self.options.discovery.watch_switches(self.switched.clone());
+        }
+        if let Some(at) = self.retry_at.take() {
+            // A new primary announced by Sentinel ends the backoff at once.
+            let switched = self.switched.clone();
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => {}
+                _ = switched.notified() => self.failures = 0,
+            }
         }
         let endpoint = match self.options.discovery.primary(self.options.timeout).await {
             Ok(endpoint) => endpoint,
