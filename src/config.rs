@@ -126,6 +126,38 @@ pub struct Config {
     pub mappings: Vec<MappingConfig>,
     #[serde(default)]
     pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub acks: AcksConfig,
+}
+
+/// The `#` op field and acknowledgements (design.md section 4).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcksConfig {
+    /// Treat `#` as the op field, load the function library, write acks (default true). When
+    /// false, `#` is an ordinary field and nothing is written to Redis.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Seconds an ack stream `{key}uuid` lives (its `EXPIRE`).
+    #[serde(default = "default_ack_expire_secs")]
+    pub expire_secs: u64,
+}
+
+impl Default for AcksConfig {
+    fn default() -> Self {
+        AcksConfig {
+            enabled: true,
+            expire_secs: default_ack_expire_secs(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_ack_expire_secs() -> u64 {
+    3600
 }
 
 #[derive(Clone, Default, Deserialize)]

@@ -14,6 +14,7 @@
 //! - [`redis_client`]: ordinary request/response commands;
 //! - [`cli`]: the `writebehind` command line.
 
+pub mod ack;
 pub mod buffer;
 pub mod capture;
 pub mod cli;

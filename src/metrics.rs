@@ -60,6 +60,8 @@ pub struct Health {
     unapplied: Mutex<VecDeque<(u64, Instant)>>,
     primary: Mutex<Option<String>>,
     replid: Mutex<Option<String>>,
+    /// Stream offset of the oldest acknowledgement not written to Redis yet (0: none).
+    oldest_unacked: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -135,6 +137,21 @@ impl Health {
         }
     }
 
+    /// The oldest acknowledgement still queued (its change's stream offset), after a write.
+    pub fn acks_pending(&self, oldest_offset: Option<u64>) {
+        self.oldest_unacked
+            .store(oldest_offset.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Everything up to here is applied and acknowledged: the slowest applied position, held
+    /// back before the oldest acknowledgement not written yet.
+    fn acked(&self, applied: u64) -> u64 {
+        match self.oldest_unacked.load(Ordering::Relaxed) {
+            0 => applied,
+            oldest => applied.min(oldest.saturating_sub(1)),
+        }
+    }
+
     pub fn primary_offset(&self, offset: u64) {
         self.primary_offset.store(offset, Ordering::Relaxed);
     }
@@ -200,8 +217,7 @@ impl Health {
             .primary_offset
             .load(Ordering::Relaxed)
             .max(self.received.load(Ordering::Relaxed));
-        // No acknowledgement stream yet: everything applied is acknowledged.
-        metrics::gauge!("writebehind_position_acked_bytes").set(applied as f64);
+        metrics::gauge!("writebehind_position_acked_bytes").set(self.acked(applied) as f64);
         metrics::gauge!("writebehind_primary_offset_bytes").set(primary as f64);
         metrics::gauge!("writebehind_lag_bytes").set(primary.saturating_sub(applied) as f64);
         metrics::gauge!("writebehind_lag_seconds").set(self.lag_seconds());
@@ -228,7 +244,7 @@ impl Health {
                 "received": self.received.load(Ordering::Relaxed),
                 "buffered": self.buffered.load(Ordering::Relaxed),
                 "applied": applied,
-                "acked": applied,
+                "acked": self.acked(applied),
             },
             "lag_bytes": primary_offset.saturating_sub(applied),
             "lag_seconds": self.lag_seconds(),

@@ -1,6 +1,6 @@
 //! The durable buffer: a RocksDB database between the replication stream and the sinks.
 //!
-//! # On-disk format (format version 1)
+//! # On-disk format (format version 2)
 //!
 //! Three column families; integers big-endian, byte strings `u32 length + bytes` (see [`codec`]):
 //!
@@ -14,14 +14,23 @@
 //!   change of its execution unit: a command, or a `MULTI ... EXEC`; the sink commits a unit in
 //!   one transaction), `unit_end u8`, `offset u64` (stream offset after the unit), `mapping
 //!   bytes`, `row_id bytes`, `kind u8` (1 upsert, 2 delete), for an upsert `column count u32` and
-//!   per column `name bytes, value opt bytes` (absent field = NULL), then `op opt (u8 op, opt
-//!   bytes uuid)` (the `#` op field, later stages).
+//!   per column `name bytes, value opt bytes` (absent field = NULL), then `op opt (u8 op, bytes
+//!   uuid, u32 db, bytes key)`: the `#` op of the write when it carried a uuid, so the sink's
+//!   commit can be acknowledged to `{key}uuid`.
 //! - **`dead_letters`**: changes a database refused. Key: `seq u64`. Value: `backend bytes,
 //!   mapping bytes, row_id bytes, reason bytes, at_ms i64`. `writebehind dlq` lists, retries
 //!   (with the key's current mirror state) and drops them.
-//! - **`meta`**: `format` (u32 = 1); `checkpoint` (`replid opt bytes`, `offset u64`, `db u32`,
+//! - **`raw`**: watched keys whose real Redis state differs from the mirror because a `#` op
+//!   written with a plain `HSET` is not completed in Redis yet (the mirror holds the state the op
+//!   gives; this holds what Redis holds, `#` field included). Key and value as in `mirror`. An
+//!   entry disappears when the two agree again (src/ack explains the completion).
+//! - **`acks`**: acknowledgements to write to Redis, in order. Key: `id u64`. Value: `db u32,
+//!   key bytes, uuid bytes, status bytes` (`done` or `failed`), `reason opt bytes`, `offset u64`
+//!   (stream offset of the change). Deleted once written.
+//! - **`meta`**: `format` (u32 = 2); `checkpoint` (`replid opt bytes`, `offset u64`, `db u32`,
 //!   `next_seq u64`, `generation u64`, `full_sync_in_progress u8`); `replid/<seq u64>` the
-//!   history of replication IDs (`replid bytes, first offset u64`).
+//!   history of replication IDs (`replid bytes, first offset u64`); `acks_enqueued/<backend>`
+//!   (u64: the backend's changes up to this seq have their acks in `acks`).
 //!
 //! Every command (or `MULTI` unit) is applied with one `WriteBatch` holding its mirror updates,
 //! its changes and the checkpoint after it, so the three never disagree; several units share one
@@ -41,14 +50,17 @@ use rocksdb::{
 use crate::position::{ReplId, ReplOffset, StreamPosition};
 use codec::{DecodeError, Decoder, Encoder};
 
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 const CF_MIRROR: &str = "mirror";
 const CF_CHANGES: &str = "changes";
 const CF_META: &str = "meta";
 const CF_DEAD_LETTERS: &str = "dead_letters";
+const CF_RAW: &str = "raw";
+const CF_ACKS: &str = "acks";
 const META_FORMAT: &[u8] = b"format";
 const META_CHECKPOINT: &[u8] = b"checkpoint";
 const META_REPLID_PREFIX: &[u8] = b"replid/";
+const META_ACKS_ENQUEUED_PREFIX: &[u8] = b"acks_enqueued/";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -174,11 +186,14 @@ pub enum RowChange {
     Delete,
 }
 
-/// The `#` op field of a write and its uuid, carried to the sink and the acknowledgements.
+/// The `#` op of a write that carried a uuid: after the sink commits the change, `{key}uuid`
+/// (in `db`) is acknowledged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HashOp {
     pub op: u8,
-    pub uuid: Option<Bytes>,
+    pub uuid: Bytes,
+    pub db: u32,
+    pub key: Bytes,
 }
 
 /// One entry of the change log.
@@ -217,7 +232,7 @@ impl Change {
             }
         }
         match &self.op {
-            Some(op) => e.u8(1).u8(op.op).opt_bytes(op.uuid.as_deref()),
+            Some(op) => e.u8(1).u8(op.op).bytes(&op.uuid).u32(op.db).bytes(&op.key),
             None => e.u8(0),
         };
         e.finish()
@@ -246,7 +261,9 @@ impl Change {
             0 => None,
             _ => Some(HashOp {
                 op: d.u8()?,
-                uuid: d.opt_bytes()?,
+                uuid: d.bytes()?,
+                db: d.u32()?,
+                key: d.bytes()?,
             }),
         };
         d.end()?;
@@ -380,8 +397,73 @@ impl DeadLetter {
     }
 }
 
+/// An acknowledgement to write: `XADD {key}uuid * status <status> [reason <reason>]` in `db`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckRecord {
+    pub id: u64,
+    pub db: u32,
+    pub key: Bytes,
+    pub uuid: Bytes,
+    /// `None`: done; `Some(reason)`: failed.
+    pub failure: Option<String>,
+    /// Stream offset of the change acknowledged.
+    pub offset: u64,
+}
+
+impl AckRecord {
+    /// The stream the client reads: `{<key>}<uuid>` (the hash tag keeps it in the key's slot).
+    pub fn stream_key(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.key.len() + self.uuid.len() + 2);
+        out.push(b'{');
+        out.extend_from_slice(&self.key);
+        out.push(b'}');
+        out.extend_from_slice(&self.uuid);
+        out
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut e = Encoder::default();
+        e.u32(self.db)
+            .bytes(&self.key)
+            .bytes(&self.uuid)
+            .bytes(if self.failure.is_some() {
+                b"failed"
+            } else {
+                b"done"
+            })
+            .opt_bytes(self.failure.as_deref().map(str::as_bytes))
+            .u64(self.offset);
+        e.finish()
+    }
+
+    fn decode(id: u64, input: &[u8]) -> Result<AckRecord, DecodeError> {
+        let mut d = Decoder::new(input, "ack");
+        let db = d.u32()?;
+        let key = d.bytes()?;
+        let uuid = d.bytes()?;
+        let _status = d.bytes()?;
+        let failure = d
+            .opt_bytes()?
+            .map(|r| String::from_utf8_lossy(&r).into_owned());
+        let offset = d.u64()?;
+        d.end()?;
+        Ok(AckRecord {
+            id,
+            db,
+            key,
+            uuid,
+            failure,
+            offset,
+        })
+    }
+}
+
 #[derive(Debug)]
 enum Op {
+    PutRaw(Vec<u8>, Vec<u8>),
+    DeleteRaw(Vec<u8>),
+    PutAck(u64, Vec<u8>),
+    DeleteAck(u64),
     PutDeadLetter(u64, Vec<u8>),
     DeleteDeadLetter(u64),
     PutMirror(Vec<u8>, Vec<u8>),
@@ -420,6 +502,27 @@ impl Batch {
     pub fn delete_dead_letter(&mut self, seq: u64) {
         self.ops.push(Op::DeleteDeadLetter(seq));
     }
+    /// What Redis really holds for a key whose `#` op is not completed yet.
+    pub fn put_raw(&mut self, db: u32, key: &[u8], value: &MirrorValue) {
+        self.ops
+            .push(Op::PutRaw(mirror_key(db, key), value.encode()));
+    }
+    pub fn delete_raw(&mut self, db: u32, key: &[u8]) {
+        self.ops.push(Op::DeleteRaw(mirror_key(db, key)));
+    }
+    /// An acknowledgement to write (its id from [`Store::allocate_ack_ids`]).
+    pub fn put_ack(&mut self, ack: &AckRecord) {
+        self.ops.push(Op::PutAck(ack.id, ack.encode()));
+    }
+    pub fn delete_ack(&mut self, id: u64) {
+        self.ops.push(Op::DeleteAck(id));
+    }
+    /// Records that `backend`'s changes up to `seq` have their acks queued.
+    pub fn put_acks_enqueued(&mut self, backend: &str, seq: u64) {
+        let mut key = META_ACKS_ENQUEUED_PREFIX.to_vec();
+        key.extend_from_slice(backend.as_bytes());
+        self.ops.push(Op::PutMeta(key, seq.to_be_bytes().to_vec()));
+    }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
@@ -432,6 +535,8 @@ impl Batch {
 pub struct Store {
     db: DB,
     path: PathBuf,
+    /// The id the next acknowledgement gets (ids only grow; written ones are deleted).
+    next_ack_id: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -440,8 +545,15 @@ impl Store {
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
-        let families = [CF_MIRROR, CF_CHANGES, CF_META, CF_DEAD_LETTERS]
-            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let families = [
+            CF_MIRROR,
+            CF_CHANGES,
+            CF_META,
+            CF_DEAD_LETTERS,
+            CF_RAW,
+            CF_ACKS,
+        ]
+        .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         let db = DB::open_cf_descriptors(&options, path, families).map_err(|e| {
             let message = e.to_string();
             if message.contains("lock") {
@@ -455,10 +567,23 @@ impl Store {
                 }
             }
         })?;
-        let store = Store {
+        let mut store = Store {
             db,
             path: path.to_path_buf(),
+            next_ack_id: std::sync::atomic::AtomicU64::new(1),
         };
+        let last_ack = match store
+            .db
+            .iterator_cf(store.cf(CF_ACKS)?, IteratorMode::End)
+            .next()
+        {
+            Some(item) => {
+                let (key, _) = item.map_err(|e| store.rocks(e))?;
+                store.seq_key(&key, "ack key")?
+            }
+            None => 0,
+        };
+        store.next_ack_id = std::sync::atomic::AtomicU64::new(last_ack + 1);
         let meta = store.cf(CF_META)?;
         match store
             .db
@@ -647,6 +772,7 @@ impl Store {
             self.cf(CF_META)?,
             self.cf(CF_DEAD_LETTERS)?,
         );
+        let (raw, acks) = (self.cf(CF_RAW)?, self.cf(CF_ACKS)?);
         let mut write = WriteBatch::default();
         for op in batch.ops {
             match op {
@@ -656,6 +782,10 @@ impl Store {
                 Op::PutMeta(k, v) => write.put_cf(meta, k, v),
                 Op::PutDeadLetter(seq, v) => write.put_cf(dead, seq.to_be_bytes(), v),
                 Op::DeleteDeadLetter(seq) => write.delete_cf(dead, seq.to_be_bytes()),
+                Op::PutRaw(k, v) => write.put_cf(raw, k, v),
+                Op::DeleteRaw(k) => write.delete_cf(raw, k),
+                Op::PutAck(id, v) => write.put_cf(acks, id.to_be_bytes(), v),
+                Op::DeleteAck(id) => write.delete_cf(acks, id.to_be_bytes()),
             }
         }
         let mut options = WriteOptions::default();
@@ -677,6 +807,108 @@ impl Store {
             out.push(DeadLetter::decode(seq, &value).map_err(|e| self.corrupt(e))?);
         }
         Ok(out)
+    }
+
+    /// What Redis really holds for `key`, when a `#` op on it is not completed yet.
+    pub fn raw(&self, db: u32, key: &[u8]) -> Result<Option<MirrorValue>, StoreError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_RAW)?, mirror_key(db, key))
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(raw) => MirrorValue::decode(&raw)
+                .map(Some)
+                .map_err(|e| self.corrupt(e)),
+            None => Ok(None),
+        }
+    }
+
+    /// Keys with a `#` op not completed in Redis: up to `limit` of them, each with its raw state
+    /// and its mirror state, read from one snapshot (capture writes both in one batch).
+    #[allow(clippy::type_complexity)]
+    pub fn pending_completions(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(u32, Bytes, MirrorValue, Option<MirrorValue>)>, StoreError> {
+        let snapshot = self.db.snapshot();
+        let mirror = self.cf(CF_MIRROR)?;
+        let mut out = Vec::new();
+        for item in snapshot.iterator_cf(self.cf(CF_RAW)?, IteratorMode::Start) {
+            if out.len() >= limit {
+                break;
+            }
+            let (raw_key, raw_value) = item.map_err(|e| self.rocks(e))?;
+            let Some((db, key)) = split_mirror_key(&raw_key) else {
+                continue;
+            };
+            let raw = MirrorValue::decode(&raw_value).map_err(|e| self.corrupt(e))?;
+            let intended = match snapshot
+                .get_cf(mirror, &raw_key)
+                .map_err(|e| self.rocks(e))?
+            {
+                Some(v) => Some(MirrorValue::decode(&v).map_err(|e| self.corrupt(e))?),
+                None => None,
+            };
+            out.push((db, key, raw, intended));
+        }
+        Ok(out)
+    }
+
+    /// Forgets every raw state (a full sync finds pending ops again).
+    pub fn clear_raw(&self) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf(CF_RAW)?, Vec::<u8>::new(), vec![0xffu8; 5]);
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .write_opt(batch, &options)
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// Every key with a `#` op not completed in Redis.
+    pub fn raw_keys(&self) -> Result<Vec<(u32, Bytes)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_RAW)?, IteratorMode::Start) {
+            let (raw_key, _) = item.map_err(|e| self.rocks(e))?;
+            if let Some(entry) = split_mirror_key(&raw_key) {
+                out.push(entry);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reserves `count` consecutive acknowledgement ids; returns the first.
+    pub fn allocate_ack_ids(&self, count: u64) -> u64 {
+        self.next_ack_id
+            .fetch_add(count, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Up to `limit` acknowledgements not written yet, oldest first.
+    pub fn acks(&self, limit: usize) -> Result<Vec<AckRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_ACKS)?, IteratorMode::Start) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            let id = self.seq_key(&key, "ack key")?;
+            out.push(AckRecord::decode(id, &value).map_err(|e| self.corrupt(e))?);
+        }
+        Ok(out)
+    }
+
+    /// The seq up to which `backend`'s acks are queued (0: none recorded).
+    pub fn acks_enqueued(&self, backend: &str) -> Result<u64, StoreError> {
+        let mut key = META_ACKS_ENQUEUED_PREFIX.to_vec();
+        key.extend_from_slice(backend.as_bytes());
+        match self
+            .db
+            .get_cf(self.cf(CF_META)?, key)
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(raw) => self.seq_key(&raw, "acks_enqueued"),
+            None => Ok(0),
+        }
     }
 
     /// Approximate bytes on disk (SST files).
@@ -733,10 +965,22 @@ mod tests {
             },
             op: Some(HashOp {
                 op: b'=',
-                uuid: Some(Bytes::from("u")),
+                uuid: Bytes::from("u"),
+                db: 3,
+                key: Bytes::from("p:1"),
             }),
         };
         assert_eq!(Change::decode(7, &change.encode())?, change);
+        let ack = AckRecord {
+            id: 9,
+            db: 1,
+            key: Bytes::from("p:1"),
+            uuid: Bytes::from("u-1"),
+            failure: Some("too long".into()),
+            offset: 77,
+        };
+        assert_eq!(AckRecord::decode(9, &ack.encode())?, ack);
+        assert_eq!(ack.stream_key(), b"{p:1}u-1".to_vec());
         let cp = Checkpoint {
             position: Some(StreamPosition {
                 replid: ReplId::parse(&"a".repeat(40)).ok_or("replid")?,

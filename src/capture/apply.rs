@@ -21,7 +21,10 @@ use bytes::Bytes;
 
 use super::command_table::CommandTable;
 use super::mapping::{Mapping, Mappings};
-use crate::buffer::{Batch, FieldValue, MirrorKind, MirrorValue, RowChange, Store, StoreError};
+use crate::ack::{OpField, OpKind, OP_FIELD};
+use crate::buffer::{
+    Batch, FieldValue, HashOp, MirrorKind, MirrorValue, RowChange, Store, StoreError,
+};
 use crate::config::OnExpire;
 use crate::replication::rdb::{decode_dump_payload, DumpedValue, ValueKind};
 use crate::replication::stream::Command;
@@ -32,6 +35,8 @@ pub struct RowEvent {
     pub mapping: String,
     pub row_id: Bytes,
     pub row: RowChange,
+    /// The `#` op (with its uuid) to acknowledge once the database has this change.
+    pub op: Option<HashOp>,
 }
 
 /// What a command needs beyond the mirror.
@@ -43,6 +48,83 @@ pub struct Needs {
     pub full_resync: Option<String>,
     /// A command that touched watched keys and is not modelled (logged and counted).
     pub unknown_command: Option<String>,
+    /// A `#` op the command wrote.
+    pub op: Option<OpSeen>,
+}
+
+/// A `#` op found in a watched hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpSeen {
+    pub db: u32,
+    pub key: Bytes,
+    /// The op character (`None`: invalid).
+    pub kind: Option<OpKind>,
+    /// What Redis holds: the hash with its `#` field, until the op is completed in Redis.
+    pub raw: MirrorValue,
+    /// An acknowledgement due as soon as the change is captured: the uuid, and the failure.
+    pub ack_now: Option<(Bytes, Option<String>)>,
+}
+
+/// Applies the op of `raw`, a watched hash holding a `#` field (design.md section 4). Returns
+/// the mirror's new value (the state the op gives), the row event, and what was seen.
+pub fn apply_op(
+    mapping: &Mapping,
+    db: u32,
+    key: &Bytes,
+    raw: MirrorValue,
+) -> (Option<MirrorValue>, Option<RowEvent>, OpSeen) {
+    let mut kept = raw.clone();
+    let value = kept
+        .fields
+        .remove(OP_FIELD)
+        .map(|f| f.value)
+        .unwrap_or_default();
+    let op = OpField::parse(&value);
+    let kept = (!kept.fields.is_empty()).then_some(kept);
+    let hash_op = |kind: OpKind| {
+        op.uuid.clone().map(|uuid| HashOp {
+            op: kind.as_char(),
+            uuid,
+            db,
+            key: key.clone(),
+        })
+    };
+    let done_now = op.uuid.clone().map(|uuid| (uuid, None));
+    let event = |row: RowChange, kind: OpKind| RowEvent {
+        mapping: mapping.name.clone(),
+        row_id: mapping.row_id(key),
+        row,
+        op: hash_op(kind),
+    };
+    let (after, event, ack_now) = match op.kind {
+        None => (
+            kept,
+            None,
+            op.uuid
+                .clone()
+                .map(|uuid| (uuid, Some(OpField::problem(&value).to_string()))),
+        ),
+        Some(OpKind::Write) => match kept {
+            Some(v) => {
+                // Always the full row, also when nothing mapped changed (a forced re-send).
+                let columns = mapping.row_image(&v.fields);
+                let upsert = event(RowChange::Upsert { columns }, OpKind::Write);
+                (Some(v), Some(upsert), None)
+            }
+            None => (None, None, done_now),
+        },
+        Some(OpKind::KeepOnly) => (kept, None, done_now),
+        Some(OpKind::DeleteKeyOnly) => (None, None, done_now),
+        Some(OpKind::Delete) => (None, Some(event(RowChange::Delete, OpKind::Delete)), None),
+    };
+    let seen = OpSeen {
+        db,
+        key: key.clone(),
+        kind: op.kind,
+        raw,
+        ack_now,
+    };
+    (after, event, seen)
 }
 
 struct Slot {
@@ -55,6 +137,9 @@ struct Slot {
 pub struct WorkingSet {
     store: Arc<Store>,
     slots: HashMap<(u32, Bytes), Slot>,
+    /// Holds what Redis really holds for keys with a pending `#` op (the buffer's `raw`), not
+    /// the mirror.
+    raw: bool,
 }
 
 impl WorkingSet {
@@ -62,21 +147,58 @@ impl WorkingSet {
         WorkingSet {
             store,
             slots: HashMap::new(),
+            raw: false,
+        }
+    }
+
+    /// A working set of raw states: a key without a raw entry holds what the mirror holds.
+    pub fn raw(store: Arc<Store>) -> Self {
+        WorkingSet {
+            raw: true,
+            ..WorkingSet::new(store)
         }
     }
 
     fn slot(&mut self, db: u32, key: &Bytes) -> Result<&mut Slot, StoreError> {
-        let store = &self.store;
+        let (store, raw) = (&self.store, self.raw);
         match self.slots.entry((db, key.clone())) {
             Entry::Occupied(slot) => Ok(slot.into_mut()),
             Entry::Vacant(slot) => {
-                let value = store.mirror(db, key)?;
+                let value = match raw {
+                    true => match store.raw(db, key)? {
+                        Some(value) => Some(value),
+                        None => store.mirror(db, key)?,
+                    },
+                    false => store.mirror(db, key)?,
+                };
                 Ok(slot.insert(Slot {
                     value,
                     dirty: false,
                 }))
             }
         }
+    }
+
+    /// Loads `key` with `value` unless it is already held.
+    pub fn seed(&mut self, db: u32, key: &Bytes, value: Option<MirrorValue>) {
+        self.slots.entry((db, key.clone())).or_insert(Slot {
+            value,
+            dirty: false,
+        });
+    }
+
+    pub fn contains(&self, db: u32, key: &[u8]) -> bool {
+        self.slots.contains_key(&(db, Bytes::copy_from_slice(key)))
+    }
+
+    /// Whether a key of this name is held, in any database.
+    pub fn holds_name(&self, key: &[u8]) -> bool {
+        self.slots.keys().any(|(_, k)| k.as_ref() == key)
+    }
+
+    /// Every entry held, emptying the set.
+    pub fn drain(&mut self) -> Vec<((u32, Bytes), Option<MirrorValue>)> {
+        self.slots.drain().map(|(k, s)| (k, s.value)).collect()
     }
 
     /// Number of keys held.
@@ -149,6 +271,7 @@ pub fn row_event(
         mapping: mapping.name.clone(),
         row_id: mapping.row_id(key),
         row,
+        op: None,
     })
 }
 
@@ -173,6 +296,9 @@ pub struct Applier<'m> {
     pub mappings: &'m Mappings,
     pub commands: &'m CommandTable,
     pub generation: u64,
+    /// Whether a `#` field is an op (false: follow Redis exactly, for the raw state of keys with
+    /// a pending op, or when `[acks] enabled = false`).
+    pub ops: bool,
 }
 
 impl Applier<'_> {
@@ -194,7 +320,7 @@ impl Applier<'_> {
                     .chunks_exact(2)
                     .map(|p| (p[0].clone(), p[1].clone()))
                     .collect();
-                self.update_hash(ws, db, &arg(1), command, out, |fields| {
+                needs.op = self.update_hash(ws, db, &arg(1), command, out, |fields| {
                     for (f, v) in pairs {
                         fields.insert(
                             f,
@@ -208,7 +334,7 @@ impl Applier<'_> {
             }
             "HSETNX" => {
                 let (f, v) = (arg(2), arg(3));
-                self.update_hash(ws, db, &arg(1), command, out, |fields| {
+                needs.op = self.update_hash(ws, db, &arg(1), command, out, |fields| {
                     fields.entry(f).or_insert(FieldValue {
                         value: v,
                         expire_at_ms: None,
@@ -217,7 +343,7 @@ impl Applier<'_> {
             }
             "HDEL" => {
                 let doomed: Vec<Bytes> = args.iter().skip(2).cloned().collect();
-                self.update_hash(ws, db, &arg(1), command, out, |fields| {
+                needs.op = self.update_hash(ws, db, &arg(1), command, out, |fields| {
                     for f in &doomed {
                         fields.remove(f);
                     }
@@ -225,7 +351,7 @@ impl Applier<'_> {
             }
             "HINCRBY" => {
                 let (f, by) = (arg(2), parse_i64(&arg(3)).unwrap_or(0));
-                self.update_hash(ws, db, &arg(1), command, out, |fields| {
+                needs.op = self.update_hash(ws, db, &arg(1), command, out, |fields| {
                     let current = fields
                         .get(&f)
                         .and_then(|v| parse_i64(&v.value))
@@ -245,13 +371,13 @@ impl Applier<'_> {
                 // cannot be reproduced bit for bit: read the key instead.
                 self.refresh_if_watched(ws, db, &arg(1), &mut needs)?;
             }
-            "HSETEX" => self.hsetex(ws, command, out)?,
+            "HSETEX" => needs.op = self.hsetex(ws, command, out)?,
             "HPEXPIREAT" | "HPERSIST" => {
                 let persist = name == "HPERSIST";
                 let at = if persist { None } else { parse_i64(&arg(2)) };
                 let start = if persist { 2 } else { 3 };
                 let fields: Vec<Bytes> = fields_argument(args, start);
-                self.update_hash(ws, db, &arg(1), command, out, |map| {
+                needs.op = self.update_hash(ws, db, &arg(1), command, out, |map| {
                     for f in &fields {
                         if let Some(v) = map.get_mut(f) {
                             v.expire_at_ms = at;
@@ -386,9 +512,9 @@ impl Applier<'_> {
         command: &Command,
         out: &mut Vec<RowEvent>,
         change: impl FnOnce(&mut std::collections::BTreeMap<Bytes, FieldValue>),
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<OpSeen>, StoreError> {
         let Some((mapping, before)) = self.watched(ws, db, key, command)? else {
-            return Ok(());
+            return Ok(None);
         };
         let mut after = match &before {
             Some(v) if v.kind == MirrorKind::Hash => v.clone(),
@@ -396,6 +522,12 @@ impl Applier<'_> {
             _ => MirrorValue::hash(self.generation),
         };
         change(&mut after.fields);
+        if self.ops && after.fields.contains_key(OP_FIELD) {
+            let (intended, event, seen) = apply_op(mapping, db, key, after);
+            out.extend(event);
+            ws.set(db, key, intended)?;
+            return Ok(Some(seen));
+        }
         let after = if after.fields.is_empty() {
             None
         } else {
@@ -404,7 +536,8 @@ impl Applier<'_> {
         if let Some(event) = row_event(mapping, key, &before, &after, false) {
             out.push(event);
         }
-        ws.set(db, key, after)
+        ws.set(db, key, after)?;
+        Ok(None)
     }
 
     fn delete_key(
@@ -583,7 +716,7 @@ impl Applier<'_> {
         ws: &mut WorkingSet,
         command: &Command,
         out: &mut Vec<RowEvent>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<OpSeen>, StoreError> {
         // HSETEX key [FNX|FXX] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL] FIELDS n field value ...
         let args = &command.args;
         let mut at: Option<Option<i64>> = Some(None);
@@ -785,6 +918,7 @@ mod tests {
             mappings: &mappings,
             commands: table,
             generation: 1,
+            ops: true,
         };
         let mut ws = WorkingSet::new(store);
         let mut out = Vec::new();
@@ -810,7 +944,86 @@ mod tests {
                     ),
                 ],
             },
+            op: None,
         }
+    }
+
+    fn with_op(mut event: RowEvent, op: u8, uuid: &str) -> RowEvent {
+        event.op = Some(HashOp {
+            op,
+            uuid: Bytes::copy_from_slice(uuid.as_bytes()),
+            db: 0,
+            key: Bytes::from("p:1"),
+        });
+        event
+    }
+
+    #[test]
+    fn op_field_semantics_in_the_mirror_and_the_rows() {
+        let table = CommandTable::default();
+        let name = |v: &Option<MirrorValue>| {
+            v.as_ref().map(|v| {
+                v.fields
+                    .keys()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .collect::<Vec<_>>()
+            })
+        };
+        // `-` then a write: the key was deleted at the op, the row only gets the later write.
+        let (out, _, mut ws) = run(
+            "keep",
+            &table,
+            &[
+                &["HSET", "p:1", "name", "A", "#", "-"],
+                &["HSET", "p:1", "n", "2"],
+            ],
+        );
+        assert_eq!(out, vec![upsert("1", None, Some("2"))]);
+        assert_eq!(
+            name(&ws.get(0, &Bytes::from("p:1")).unwrap()),
+            Some(vec!["n".into()])
+        );
+        // `=` alone re-sends the full row, with its uuid.
+        let (out, needs, _) = run(
+            "keep",
+            &table,
+            &[&["HSET", "p:1", "name", "A"], &["HSET", "p:1", "#", "=u1"]],
+        );
+        assert_eq!(
+            out,
+            vec![
+                upsert("1", Some("A"), None),
+                with_op(upsert("1", Some("A"), None), b'=', "u1")
+            ]
+        );
+        let seen = needs.op.unwrap();
+        assert_eq!(seen.ack_now, None);
+        assert!(seen.raw.fields.contains_key(&Bytes::from("#")));
+        // `+` keeps the data without a row; `~` deletes both; invalid keeps data, no row.
+        let (out, needs, mut ws) =
+            run("keep", &table, &[&["HSET", "p:1", "name", "A", "#", "+u2"]]);
+        assert!(out.is_empty());
+        assert_eq!(needs.op.unwrap().ack_now, Some((Bytes::from("u2"), None)));
+        assert_eq!(
+            name(&ws.get(0, &Bytes::from("p:1")).unwrap()),
+            Some(vec!["name".into()])
+        );
+        let (out, _, mut ws) = run("keep", &table, &[&["HSET", "p:1", "name", "A", "#", "~u3"]]);
+        assert_eq!(out, vec![with_op(delete("1"), b'~', "u3")]);
+        assert_eq!(ws.get(0, &Bytes::from("p:1")).unwrap(), None);
+        let (out, needs, mut ws) = run("keep", &table, &[&["HSET", "p:1", "name", "A", "#", "x9"]]);
+        assert!(out.is_empty());
+        assert_eq!(
+            needs.op.unwrap().ack_now,
+            Some((
+                Bytes::from("9"),
+                Some("invalid op: unknown operation".into())
+            ))
+        );
+        assert_eq!(
+            name(&ws.get(0, &Bytes::from("p:1")).unwrap()),
+            Some(vec!["name".into()])
+        );
     }
 
     fn delete(id: &str) -> RowEvent {
@@ -818,6 +1031,7 @@ mod tests {
             mapping: "P".into(),
             row_id: Bytes::copy_from_slice(id.as_bytes()),
             row: RowChange::Delete,
+            op: None,
         }
     }
 
@@ -956,6 +1170,7 @@ mod tests {
             mappings: &mappings,
             commands: &table,
             generation: 1,
+            ops: true,
         };
         let mut ws = WorkingSet::new(store);
         let mut refreshed = MirrorValue::hash(1);
@@ -1007,6 +1222,7 @@ mod field_ttl_tests {
             mappings: &mappings,
             commands: &table,
             generation: 1,
+            ops: true,
         };
         let mut ws = WorkingSet::new(store);
         let mut out = Vec::new();

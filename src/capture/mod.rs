@@ -16,20 +16,27 @@ pub mod apply;
 pub mod command_table;
 pub mod mapping;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use redis_protocol::resp2::types::BytesFrame;
 
-use crate::buffer::{Batch, Change, Checkpoint, FieldValue, MirrorValue, Store, StoreError};
+use crate::ack::{parse_tag, OpField, OpKind, Tag, OP_FIELD};
+use crate::buffer::{
+    AckRecord, Batch, Change, Checkpoint, FieldValue, HashOp, MirrorKind, MirrorValue, RowChange,
+    Store, StoreError,
+};
 use crate::config::{InitialLoad, RedisEndpoint};
 use crate::position::{ReplId, ReplOffset, StreamPosition};
 use crate::redis_client::{info_field, ClientError, RedisClient};
 use crate::replication::rdb::{decode_dump_payload, RdbEvent, ValueKind};
 use crate::replication::stream::StreamEvent;
 use crate::replication::{LinkError, ReplicationEvent, Replicator};
-use apply::{mirror_value_from_dump, now_ms, row_event, Applier, RowEvent, WorkingSet};
+use apply::{
+    apply_op, mirror_value_from_dump, now_ms, row_event, Applier, OpSeen, RowEvent, WorkingSet,
+};
 use command_table::CommandTable;
 use mapping::Mappings;
 
@@ -56,6 +63,34 @@ pub struct CaptureStats {
     pub unknown_commands: u64,
     pub full_syncs: u64,
     pub partial_syncs: u64,
+}
+
+/// An acknowledgement due once the batch that found it is committed.
+struct PendingAck {
+    db: u32,
+    key: Bytes,
+    uuid: Bytes,
+    failure: Option<String>,
+    offset: ReplOffset,
+}
+
+/// Whether Redis's real state of a key and the mirror's agree, so no `#` op is left to
+/// complete (field TTLs and the exact expiry instant are not compared: both are applied from
+/// the same commands).
+fn converged(raw: &Option<MirrorValue>, intended: &Option<MirrorValue>) -> bool {
+    match (raw, intended) {
+        (None, None) => true,
+        (Some(r), Some(i)) => {
+            r.kind == i.kind
+                && r.expire_at_ms.is_some() == i.expire_at_ms.is_some()
+                && r.fields.len() == i.fields.len()
+                && r.fields
+                    .iter()
+                    .zip(i.fields.iter())
+                    .all(|((f1, v1), (f2, v2))| f1 == f2 && v1.value == v2.value)
+        }
+        _ => false,
+    }
 }
 
 struct SnapshotKey {
@@ -160,6 +195,14 @@ pub struct Capture {
     /// Woken after every commit, for the sinks.
     committed: Arc<tokio::sync::Notify>,
     health: Arc<crate::metrics::Health>,
+    /// Whether `#` is the op field (`[acks] enabled`).
+    ops: bool,
+    /// Keys whose `#` op is not completed in Redis (the buffer's `raw` entries), and how many
+    /// databases hold each name (a cheap test of whether a command may touch one).
+    divergent: HashSet<(u32, Bytes)>,
+    divergent_names: HashMap<Bytes, usize>,
+    /// Woken when there is something to write back to Redis (a completion, an ack).
+    writeback: Arc<tokio::sync::Notify>,
     pub stats: CaptureStats,
 }
 
@@ -172,6 +215,12 @@ impl Capture {
         let mut checkpoint = store.checkpoint()?;
         // Seqs start at 1: a sink whose checkpoint says 0 has applied nothing.
         checkpoint.next_seq = checkpoint.next_seq.max(1);
+        let mut divergent = HashSet::new();
+        let mut divergent_names: HashMap<Bytes, usize> = HashMap::new();
+        for (db, key) in store.raw_keys()? {
+            *divergent_names.entry(key.clone()).or_default() += 1;
+            divergent.insert((db, key));
+        }
         Ok(Capture {
             store,
             mappings,
@@ -182,8 +231,22 @@ impl Capture {
             refresher: None,
             committed: Arc::new(tokio::sync::Notify::new()),
             health: crate::metrics::Health::new(),
+            ops: true,
+            divergent,
+            divergent_names,
+            writeback: Arc::new(tokio::sync::Notify::new()),
             stats: CaptureStats::default(),
         })
+    }
+
+    /// Whether `#` is the op field (default true).
+    pub fn set_ops(&mut self, enabled: bool) {
+        self.ops = enabled;
+    }
+
+    /// Notified when a completion or an acknowledgement is waiting to be written to Redis.
+    pub fn writeback(&self) -> Arc<tokio::sync::Notify> {
+        self.writeback.clone()
     }
 
     /// The state the admin endpoints report; shared with the sinks.
@@ -284,13 +347,18 @@ impl Capture {
             }
             ReplicationEvent::Stream(first) => {
                 let mut ws = WorkingSet::new(self.store.clone());
+                let mut raw = WorkingSet::raw(self.store.clone());
+                let mut acks = Vec::new();
                 let mut changes = Vec::new();
                 let mut units = 0;
                 let mut next = Some(first);
                 let mut resync = None;
                 while let Some(event) = next.take() {
                     self.health.received(event.end().0);
-                    if let Some(reason) = self.stream_event(&mut ws, &event, &mut changes).await? {
+                    if let Some(reason) = self
+                        .stream_event(&mut ws, &mut raw, &event, &mut changes, &mut acks)
+                        .await?
+                    {
                         resync = Some(reason);
                         break;
                     }
@@ -304,13 +372,13 @@ impl Capture {
                     // set. The full sync compares the snapshot with the mirror as of the last
                     // commit, so every change since then is found again.
                     tracing::warn!(%reason, "starting a full resynchronisation");
-                    drop(ws);
+                    drop((ws, raw));
                     self.checkpoint = self.store.checkpoint()?;
                     replicator.resume_from(None);
                     replicator.disconnect();
                     return Ok(());
                 }
-                self.commit(&mut ws, changes)?;
+                self.commit(&mut ws, &mut raw, changes, acks)?;
                 if let Some(position) = &self.checkpoint.position {
                     replicator.acknowledge(position.offset);
                 }
@@ -378,6 +446,10 @@ impl Capture {
         let mut batch = Batch::default();
         batch.put_checkpoint(&self.checkpoint);
         self.store.write(batch, true)?;
+        // The snapshot says what Redis holds: pending `#` ops are found in it again.
+        self.store.clear_raw()?;
+        self.divergent.clear();
+        self.divergent_names.clear();
         self.full_sync = Some(FullSync {
             first,
             offset,
@@ -453,11 +525,46 @@ impl Capture {
         let emit = !sync.first || mapping.initial_load == InitialLoad::Upsert;
         let snapshot_offset = sync.offset;
         let mut batch = std::mem::take(&mut sync.batch);
-        let event = if emit {
+        // A `#` op not completed when the snapshot was taken (written while this service was
+        // away, or lost with its completion): applied now, and completed like any other.
+        let mut op_event = None;
+        let mut acks = Vec::new();
+        let after = match after {
+            Some(v)
+                if self.ops && v.kind == MirrorKind::Hash && v.fields.contains_key(OP_FIELD) =>
+            {
+                let (intended, event, seen) = apply_op(&mapping, key.db, &key.key, v);
+                batch.put_raw(key.db, &key.key, &seen.raw);
+                if self.divergent.insert((key.db, key.key.clone())) {
+                    *self.divergent_names.entry(key.key.clone()).or_default() += 1;
+                }
+                let mut ack = seen.ack_now;
+                match event {
+                    Some(event) if emit => op_event = Some(event),
+                    Some(event) => ack = event.op.map(|op| (op.uuid, None)),
+                    None => {}
+                }
+                if let Some((uuid, failure)) = ack {
+                    acks.push(PendingAck {
+                        db: key.db,
+                        key: key.key.clone(),
+                        uuid,
+                        failure,
+                        offset: snapshot_offset,
+                    });
+                }
+                intended
+            }
+            other => other,
+        };
+        let event = if op_event.is_some() {
+            op_event
+        } else if emit {
             row_event(&mapping, &key.key, &before, &after, false)
         } else {
             None
         };
+        self.put_acks(&mut batch, acks);
         match &after {
             Some(value) => batch.put_mirror(key.db, &key.key, value),
             None if before.is_some() => batch.delete_mirror(key.db, &key.key),
@@ -529,6 +636,7 @@ impl Capture {
         self.health
             .buffered(offset, self.checkpoint.next_seq.checked_sub(1));
         self.committed.notify_waiters();
+        self.writeback.notify_one();
         tracing::info!(
             keys = sync.progress.keys,
             keys_per_second = sync.progress.rate(),
@@ -537,6 +645,63 @@ impl Capture {
             "snapshot captured"
         );
         Ok(())
+    }
+
+    /// Records which keys still differ from the mirror (their op is to be completed in Redis)
+    /// and which agree again.
+    fn flush_raw(
+        &mut self,
+        ws: &mut WorkingSet,
+        raw: &mut WorkingSet,
+        batch: &mut Batch,
+    ) -> Result<(), StoreError> {
+        for ((db, key), value) in raw.drain() {
+            let intended = ws.get(db, &key)?;
+            let entry = (db, key.clone());
+            match value {
+                Some(value) if !converged(&Some(value.clone()), &intended) => {
+                    batch.put_raw(db, &key, &value);
+                    if self.divergent.insert(entry) {
+                        *self.divergent_names.entry(key).or_default() += 1;
+                    }
+                }
+                value => {
+                    if value.is_none() && intended.is_some() {
+                        // Redis lost the key (an expiry) while the op's state still has it:
+                        // nothing can complete it; the mirror keeps what the op gave.
+                        tracing::warn!(key = %String::from_utf8_lossy(&key), "a key with a pending # op vanished from Redis");
+                    }
+                    if self.divergent.remove(&entry) {
+                        batch.delete_raw(db, &key);
+                        if let Some(count) = self.divergent_names.get_mut(&key) {
+                            *count -= 1;
+                            if *count == 0 {
+                                self.divergent_names.remove(&key);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues acknowledgements in `batch`.
+    fn put_acks(&self, batch: &mut Batch, acks: Vec<PendingAck>) {
+        if acks.is_empty() {
+            return;
+        }
+        let first = self.store.allocate_ack_ids(acks.len() as u64);
+        for (i, ack) in acks.into_iter().enumerate() {
+            batch.put_ack(&AckRecord {
+                id: first + i as u64,
+                db: ack.db,
+                key: ack.key,
+                uuid: ack.uuid,
+                failure: ack.failure,
+                offset: ack.offset.0,
+            });
+        }
     }
 
     /// Appends one unit of row events to the change log in `batch`.
@@ -552,7 +717,7 @@ impl Capture {
                 mapping: event.mapping,
                 row_id: event.row_id,
                 row: event.row,
-                op: None,
+                op: event.op,
             };
             let operation = if matches!(change.row, crate::buffer::RowChange::Delete) {
                 "delete"
@@ -570,8 +735,10 @@ impl Capture {
     async fn stream_event(
         &mut self,
         ws: &mut WorkingSet,
+        raw: &mut WorkingSet,
         event: &StreamEvent,
         changes: &mut Vec<(Vec<RowEvent>, ReplOffset)>,
+        acks: &mut Vec<PendingAck>,
     ) -> Result<Option<String>, CaptureError> {
         let Some(position) = self.checkpoint.position.clone() else {
             return Ok(None);
@@ -595,14 +762,34 @@ impl Capture {
                 return Ok(None);
             }
         };
-        let applier = Applier {
-            mappings: &self.mappings,
-            commands: &self.commands,
-            generation: self.checkpoint.generation,
+        // A unit of the function library starts with its tag (src/ack).
+        let tag = match commands.first() {
+            Some(first) if self.ops => parse_tag(first).map(|tag| (first.db, tag)),
+            _ => None,
         };
+        let commands = if tag.is_some() {
+            &commands[1..]
+        } else {
+            commands
+        };
+        let own_completion = matches!(tag, Some((_, Tag::Completion { .. })));
         let mut rows = Vec::new();
         let mut refresh = Vec::new();
         for command in commands {
+            if own_completion {
+                // It brings Redis to the mirror's state: only the raw state changes.
+                self.apply_raw(ws, raw, command)?;
+                continue;
+            }
+            if self.may_touch_raw(command, raw) {
+                self.apply_raw(ws, raw, command)?;
+            }
+            let applier = Applier {
+                mappings: &self.mappings,
+                commands: &self.commands,
+                generation: self.checkpoint.generation,
+                ops: self.ops,
+            };
             let needs = applier.apply(ws, command, &mut rows)?;
             if let Some(reason) = needs.full_resync {
                 return Ok(Some(reason));
@@ -612,12 +799,33 @@ impl Capture {
                 tracing::warn!(command = %name, "a write this service does not model touched a watched key; reading the key from the primary");
             }
             refresh.extend(needs.refresh);
+            if let Some(seen) = needs.op {
+                self.op_seen(raw, seen, event.end(), acks);
+            }
+        }
+        if let Some((db, Tag::Op { op, key })) = tag {
+            self.atomic_op(ws, db, op, key, &mut rows, acks, event.end())?;
         }
         for (db, key) in refresh {
             match self.refresh(db, &key, &position.replid).await {
                 Ok(Some(value)) => {
                     self.stats.refreshed_keys += 1;
                     let before = ws.get(db, &key)?;
+                    let mut value = value;
+                    if self.ops
+                        || raw.contains(db, &key)
+                        || self.divergent.contains(&(db, key.clone()))
+                    {
+                        // What was read is what Redis holds; a `#` in it is applied now.
+                        raw.set(db, &key, value.clone())?;
+                        if let (true, Some(mapping), Some(v)) =
+                            (self.ops, self.mappings.watching(db, &key), value.clone())
+                        {
+                            if v.kind == MirrorKind::Hash && v.fields.contains_key(OP_FIELD) {
+                                value = apply_op(mapping, db, &key, v).0;
+                            }
+                        }
+                    }
                     if let Some(mapping) = self.mappings.watching(db, &key) {
                         if let Some(event) = row_event(mapping, &key, &before, &value, false) {
                             rows.push(event);
@@ -650,6 +858,184 @@ impl Capture {
             db,
         });
         Ok(None)
+    }
+
+    /// Whether `command` may touch a key whose raw state is tracked (cheap and conservative:
+    /// any argument naming such a key, or a flush).
+    fn may_touch_raw(
+        &self,
+        command: &crate::replication::stream::Command,
+        raw: &WorkingSet,
+    ) -> bool {
+        if self.divergent.is_empty() && raw.is_empty() {
+            return false;
+        }
+        let name = command.name();
+        if name == "FLUSHDB" || name == "FLUSHALL" {
+            return true;
+        }
+        command
+            .args
+            .iter()
+            .skip(1)
+            .any(|a| self.divergent_names.contains_key(a) || raw.holds_name(a))
+    }
+
+    /// Applies `command` to the raw states (what Redis really holds), before the mirror sees it.
+    fn apply_raw(
+        &self,
+        ws: &mut WorkingSet,
+        raw: &mut WorkingSet,
+        command: &crate::replication::stream::Command,
+    ) -> Result<(), StoreError> {
+        let name = command.name();
+        if name == "FLUSHDB" || name == "FLUSHALL" {
+            let db = (name == "FLUSHDB").then_some(command.db);
+            let doomed: Vec<(u32, Bytes)> = self
+                .divergent
+                .iter()
+                .filter(|(d, _)| db.is_none_or(|db| db == *d))
+                .cloned()
+                .collect();
+            for (d, key) in doomed {
+                raw.set(d, &key, None)?;
+            }
+            return Ok(());
+        }
+        // Every argument that may be a watched key starts from the mirror's state before this
+        // command, unless its raw state differs.
+        let mut dbs = vec![command.db];
+        if name == "MOVE" {
+            dbs.extend(
+                command
+                    .args
+                    .get(2)
+                    .and_then(|d| std::str::from_utf8(d).ok()?.parse::<u32>().ok()),
+            );
+        }
+        if name == "COPY" {
+            let db_arg = command
+                .args
+                .iter()
+                .position(|a| a.eq_ignore_ascii_case(b"DB"));
+            dbs.extend(db_arg.and_then(|i| {
+                std::str::from_utf8(command.args.get(i + 1)?)
+                    .ok()?
+                    .parse::<u32>()
+                    .ok()
+            }));
+        }
+        for db in dbs {
+            for key in command.args.iter().skip(1) {
+                if self.mappings.watching(db, key).is_some() && !raw.contains(db, key) {
+                    let value = match self.store.raw(db, key)? {
+                        Some(value) => Some(value),
+                        None => ws.get(db, key)?,
+                    };
+                    raw.seed(db, key, value);
+                }
+            }
+        }
+        let applier = Applier {
+            mappings: &self.mappings,
+            commands: &self.commands,
+            generation: self.checkpoint.generation,
+            ops: false,
+        };
+        let mut ignored = Vec::new();
+        applier.apply(raw, command, &mut ignored)?;
+        Ok(())
+    }
+
+    /// A `#` op written with a plain command: Redis holds `seen.raw` until the op is completed.
+    fn op_seen(
+        &mut self,
+        raw: &mut WorkingSet,
+        seen: OpSeen,
+        offset: ReplOffset,
+        acks: &mut Vec<PendingAck>,
+    ) {
+        let op = seen.kind.map(|k| (k.as_char() as char).to_string());
+        metrics::counter!("writebehind_ops_total", "op" => op.unwrap_or_else(|| "invalid".into()))
+            .increment(1);
+        // When the key's raw state was already tracked, the raw pass has applied this command.
+        if !raw.contains(seen.db, &seen.key) {
+            raw.seed(seen.db, &seen.key, Some(seen.raw));
+        }
+        if let Some((uuid, failure)) = seen.ack_now {
+            acks.push(PendingAck {
+                db: seen.db,
+                key: seen.key,
+                uuid,
+                failure,
+                offset,
+            });
+        }
+    }
+
+    /// A unit of the atomic entry point `writebehind_hset`: its commands already applied the
+    /// op to Redis; the row change and the ack follow the op (design.md section 4).
+    #[allow(clippy::too_many_arguments)]
+    fn atomic_op(
+        &mut self,
+        ws: &mut WorkingSet,
+        db: u32,
+        op: OpField,
+        key: Bytes,
+        rows: &mut Vec<RowEvent>,
+        acks: &mut Vec<PendingAck>,
+        offset: ReplOffset,
+    ) -> Result<(), StoreError> {
+        let Some(kind) = op.kind else {
+            return Ok(());
+        };
+        metrics::counter!("writebehind_ops_total", "op" => (kind.as_char() as char).to_string())
+            .increment(1);
+        let ack_now = |acks: &mut Vec<PendingAck>| {
+            if let Some(uuid) = &op.uuid {
+                acks.push(PendingAck {
+                    db,
+                    key: key.clone(),
+                    uuid: uuid.clone(),
+                    failure: None,
+                    offset,
+                });
+            }
+        };
+        let Some(mapping) = self.mappings.watching(db, &key) else {
+            ack_now(acks);
+            return Ok(());
+        };
+        let row_id = mapping.row_id(&key);
+        rows.retain(|e| !(e.mapping == mapping.name && e.row_id == row_id));
+        let hash_op = op.uuid.clone().map(|uuid| HashOp {
+            op: kind.as_char(),
+            uuid,
+            db,
+            key: key.clone(),
+        });
+        let row = match kind {
+            OpKind::Write => match ws.get(db, &key)? {
+                Some(v) if v.kind == MirrorKind::Hash && !v.fields.is_empty() => {
+                    Some(RowChange::Upsert {
+                        columns: mapping.row_image(&v.fields),
+                    })
+                }
+                _ => None,
+            },
+            OpKind::Delete => Some(RowChange::Delete),
+            OpKind::KeepOnly | OpKind::DeleteKeyOnly => None,
+        };
+        match row {
+            Some(row) => rows.push(RowEvent {
+                mapping: mapping.name.clone(),
+                row_id,
+                row,
+                op: hash_op,
+            }),
+            None => ack_now(acks),
+        }
+        Ok(())
     }
 
     /// Reads a key from the primary together with the primary's offset (one `MULTI`), so that
@@ -726,16 +1112,24 @@ impl Capture {
     fn commit(
         &mut self,
         ws: &mut WorkingSet,
+        raw: &mut WorkingSet,
         changes: Vec<(Vec<RowEvent>, ReplOffset)>,
+        acks: Vec<PendingAck>,
     ) -> Result<(), StoreError> {
         let mut batch = Batch::default();
+        let writeback = !raw.is_empty() || !acks.is_empty();
+        self.flush_raw(ws, raw, &mut batch)?;
         ws.flush_into(&mut batch);
         let first_seq = self.checkpoint.next_seq;
         for (rows, offset) in changes {
             self.push_unit(&mut batch, rows, offset);
         }
+        self.put_acks(&mut batch, acks);
         batch.put_checkpoint(&self.checkpoint);
         self.store.write(batch, true)?;
+        if writeback {
+            self.writeback.notify_one();
+        }
         self.stats.commits += 1;
         let offset = self
             .checkpoint

@@ -540,6 +540,7 @@ async fn run(path: &std::path::Path, capture_only: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+    capture.set_ops(config.acks.enabled);
     // One runner per backend that has mappings; every problem is reported before starting.
     let backends: Vec<(&String, &crate::config::BackendConfig)> = config
         .backends
@@ -566,7 +567,7 @@ async fn run(path: &std::path::Path, capture_only: bool) -> ExitCode {
         )
         .await
         {
-            Ok(runner) => runners.push(runner),
+            Ok(runner) => runners.push(runner.with_writeback(capture.writeback())),
             Err(mut p) => problems.append(&mut p),
         }
     }
@@ -585,6 +586,18 @@ async fn run(path: &std::path::Path, capture_only: bool) -> ExitCode {
     for runner in runners {
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move { runner.run(stop).await.map_err(|e| e.to_string()) });
+    }
+    if config.acks.enabled {
+        // Completes `#` ops and writes acks; a primary without functions stops the service.
+        let writer = crate::ack::writer::Writer::new(
+            store.clone(),
+            discovery.clone(),
+            capture.writeback(),
+            config.acks.expire_secs,
+            health.clone(),
+        );
+        let stop = stopped(stop_rx.clone());
+        tasks.spawn(async move { writer.run(stop).await });
     }
     let mut helpers = tokio::task::JoinSet::new();
     if let Some(admin) = &config.admin {

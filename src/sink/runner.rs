@@ -15,7 +15,7 @@ use super::convert::{convert, SqlValue};
 use super::{
     BeforeCommit, Destination, Rejected, RowOp, RowWrite, Sink, SinkBatch, SinkError, TableSchema,
 };
-use crate::buffer::{Batch, Change, DeadLetter, RowChange, Store, StoreError};
+use crate::buffer::{AckRecord, Batch, Change, DeadLetter, HashOp, RowChange, Store, StoreError};
 use crate::capture::apply::now_ms;
 use crate::capture::mapping::Mapping;
 
@@ -71,6 +71,8 @@ pub struct SinkRunner {
     positions: Arc<AppliedPositions>,
     applied: u64,
     health: Arc<crate::metrics::Health>,
+    /// Woken when acknowledgements are queued.
+    writeback: Option<Arc<Notify>>,
 }
 
 impl SinkRunner {
@@ -100,7 +102,81 @@ impl SinkRunner {
             positions,
             applied,
             health,
+            writeback: None,
         })
+    }
+
+    /// Wakes `notify` whenever this runner queues acknowledgements.
+    pub fn with_writeback(mut self, notify: Arc<Notify>) -> Self {
+        self.writeback = Some(notify);
+        self
+    }
+
+    /// Queues the acks of changes this backend committed before a crash left them unqueued
+    /// (between its database commit and the ack queue write).
+    fn catch_up_acks(&self) -> Result<(), StoreError> {
+        let enqueued = self.store.acks_enqueued(&self.name)?;
+        if enqueued >= self.applied {
+            return Ok(());
+        }
+        let letters: HashMap<u64, String> = self
+            .store
+            .dead_letters()?
+            .into_iter()
+            .filter(|l| l.backend == self.name)
+            .map(|l| (l.seq, l.reason))
+            .collect();
+        let mut from = enqueued + 1;
+        loop {
+            let changes = self.store.changes(from, MAX_BATCH_CHANGES)?;
+            let changes: Vec<Change> = changes
+                .into_iter()
+                .take_while(|c| c.seq <= self.applied)
+                .collect();
+            let Some(last) = changes.last() else { break };
+            from = last.seq + 1;
+            let mine: Vec<&Change> = changes
+                .iter()
+                .filter(|c| self.mappings.iter().any(|m| m.name == c.mapping))
+                .collect();
+            self.queue_acks(&mine, |c| letters.get(&c.seq).cloned(), last.seq)?;
+        }
+        Ok(())
+    }
+
+    /// Queues the acks of `changes` (those with a `#` op uuid): failed with the reason `refused`
+    /// gives, done otherwise; records that this backend's acks are queued through `through`.
+    fn queue_acks(
+        &self,
+        changes: &[&Change],
+        refused: impl Fn(&Change) -> Option<String>,
+        through: u64,
+    ) -> Result<(), StoreError> {
+        let with_op: Vec<(&Change, &HashOp)> = changes
+            .iter()
+            .filter_map(|c| c.op.as_ref().map(|op| (*c, op)))
+            .collect();
+        if with_op.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        let first = self.store.allocate_ack_ids(with_op.len() as u64);
+        for (i, (change, op)) in with_op.into_iter().enumerate() {
+            batch.put_ack(&AckRecord {
+                id: first + i as u64,
+                db: op.db,
+                key: op.key.clone(),
+                uuid: op.uuid.clone(),
+                failure: refused(change),
+                offset: change.offset.0,
+            });
+        }
+        batch.put_acks_enqueued(&self.name, through);
+        self.store.write(batch, false)?;
+        if let Some(notify) = &self.writeback {
+            notify.notify_one();
+        }
+        Ok(())
     }
 
     pub fn applied(&self) -> u64 {
@@ -113,6 +189,7 @@ impl SinkRunner {
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<(), RunnerError> {
         tokio::pin!(stop);
+        self.catch_up_acks()?;
         self.report()?;
         let notify = self.notify.clone();
         loop {
@@ -152,7 +229,10 @@ impl SinkRunner {
             .unwrap_or_default();
         let (writes, refused) = self.build(&changes);
         let mut letters = Vec::new();
+        // Why each refused row was refused, for the acks of every change coalesced into it.
+        let mut refused_rows: HashMap<(String, Bytes), String> = HashMap::new();
         for (seq, mapping, row_id, reason) in refused {
+            refused_rows.insert((mapping.clone(), row_id.clone()), reason.clone());
             letters.push(DeadLetter {
                 seq,
                 backend: self.name.clone(),
@@ -213,7 +293,30 @@ impl SinkRunner {
             store.write(letters, true).map_err(|e| e.to_string())
         });
         let started = std::time::Instant::now();
-        self.apply_with_retry(&batch, &before_commit).await?;
+        let rejected = self.apply_with_retry(&batch, &before_commit).await?;
+        for r in &rejected {
+            if let Some(write) = batch.writes.iter().find(|w| w.seq == r.seq) {
+                let mapping = self
+                    .mappings
+                    .get(write.table)
+                    .map(|m| m.name.clone())
+                    .unwrap_or_default();
+                refused_rows.insert((mapping, write.row_id.clone()), r.reason.clone());
+            }
+        }
+        let mine: Vec<&Change> = changes
+            .iter()
+            .filter(|c| self.mappings.iter().any(|m| m.name == c.mapping))
+            .collect();
+        self.queue_acks(
+            &mine,
+            |c| {
+                refused_rows
+                    .get(&(c.mapping.clone(), c.row_id.clone()))
+                    .cloned()
+            },
+            last_seq,
+        )?;
         metrics::counter!("writebehind_sink_batches_total", "backend" => self.name.clone())
             .increment(1);
         metrics::histogram!("writebehind_sink_batch_rows", "backend" => self.name.clone())

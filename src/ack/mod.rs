@@ -1,0 +1,228 @@
+//! The `#` op field and acknowledgements: what this service writes back to Redis (design.md
+//! section 4).
+//!
+//! # The op field
+//!
+//! A client writes `HSET key f v ... # <op>[uuid]`. `<op>` is one character:
+//!
+//! | op | Redis | database | ack to `{key}uuid` |
+//! |---|---|---|---|
+//! | `=` (default) | `#` removed, data kept | full row upserted, also when only `#` was written | after the database commit |
+//! | `+` | `#` removed, data kept | untouched | once durably captured |
+//! | `-` | key deleted | untouched (row kept) | once durably captured |
+//! | `~` | key deleted | row deleted | after the database commit |
+//! | other, empty | `#` removed | untouched | `status failed reason invalid op` |
+//!
+//! The uuid is everything after the first character (the recipe's split); no uuid, no ack.
+//!
+//! # Completing an op written with a plain `HSET`
+//!
+//! Redis stores the `#` field; the service sees the `HSET` in the replication stream, applies the
+//! op to its mirror (which then holds the state the op gives) and keeps what Redis really holds
+//! in the buffer's `raw` column family. Every later command on that key is applied to both, so
+//! both stay exact whatever the client writes next. The [`writer`] then calls
+//! `FCALL writebehind_complete 1 key <raw fields> <mirror fields> <persist>`, a compare-and-set:
+//! if the key still holds exactly the raw fields, the function rewrites it to the mirror's
+//! fields (or deletes it); if the client has written the key since, it does nothing and the
+//! writer tries again once capture has seen those writes. `HSET k a 1 # -` followed at once by
+//! `HSET k b 2` therefore ends as `{b: 2}` in Redis, exactly as if the op had been atomic.
+//!
+//! # Recognising our own writes
+//!
+//! Every write the library makes for an op starts, inside the same atomic unit (a function's
+//! effects replicate as one `MULTI`), with `PUBLISH __writebehind__ <kind>:<n>:<op><key>`, where
+//! `<n>` is the byte length of `<op>`. `complete` units are applied to the raw state only (they
+//! bring Redis to the mirror's state; they are not user changes). `op` units come from the
+//! atomic entry point `FCALL writebehind_hset`: their commands are ordinary changes and the tag
+//! carries the op and uuid. The channel is reserved: nothing else may publish to it.
+//!
+//! # Acknowledgements
+//!
+//! Acks are queued durably in the buffer (`acks`): by capture for `+`, `-` and invalid ops, by
+//! each sink runner after its commit for `=` and `~` (`status failed reason <why>` when the row
+//! was dead-lettered). The writer sends them in order, pipelined, through
+//! `FCALL writebehind_ack` (`XADD {key}uuid * status done` and `EXPIRE`, atomically), then
+//! deletes them from the queue. A crash between the two writes an ack twice: a client reading
+//! from `0-0` sees the first entry.
+
+pub mod writer;
+
+use bytes::Bytes;
+
+use crate::replication::stream::Command;
+
+/// The function library (Lua), loaded with `FUNCTION LOAD REPLACE`.
+pub const LIBRARY: &str = include_str!("writebehind.lua");
+/// The version `writebehind_version` returns; the service upgrades an older library.
+pub const LIBRARY_VERSION: i64 = 1;
+/// The field that carries the op.
+pub const OP_FIELD: &[u8] = b"#";
+/// The channel of the tags that mark the library's writes.
+pub const TAG_CHANNEL: &[u8] = b"__writebehind__";
+
+/// What an op does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// `=`: keep the data, write the full row.
+    Write,
+    /// `+`: keep the data, do not write the row.
+    KeepOnly,
+    /// `-`: delete the key, keep the row.
+    DeleteKeyOnly,
+    /// `~`: delete the key and the row.
+    Delete,
+}
+
+impl OpKind {
+    pub fn from_char(c: u8) -> Option<OpKind> {
+        match c {
+            b'=' => Some(OpKind::Write),
+            b'+' => Some(OpKind::KeepOnly),
+            b'-' => Some(OpKind::DeleteKeyOnly),
+            b'~' => Some(OpKind::Delete),
+            _ => None,
+        }
+    }
+
+    pub fn as_char(self) -> u8 {
+        match self {
+            OpKind::Write => b'=',
+            OpKind::KeepOnly => b'+',
+            OpKind::DeleteKeyOnly => b'-',
+            OpKind::Delete => b'~',
+        }
+    }
+
+    /// Whether the key is gone from Redis after the op.
+    pub fn deletes_key(self) -> bool {
+        matches!(self, OpKind::DeleteKeyOnly | OpKind::Delete)
+    }
+}
+
+/// A parsed `#` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpField {
+    /// `None`: not a valid op (empty, or an unknown first character).
+    pub kind: Option<OpKind>,
+    /// Everything after the first character, when not empty.
+    pub uuid: Option<Bytes>,
+}
+
+impl OpField {
+    pub fn parse(value: &Bytes) -> OpField {
+        let kind = value.first().and_then(|c| OpKind::from_char(*c));
+        let uuid = (value.len() > 1).then(|| value.slice(1..));
+        OpField { kind, uuid }
+    }
+
+    /// Why an invalid op is refused (as the recipe words it).
+    pub fn problem(value: &[u8]) -> &'static str {
+        if value.is_empty() {
+            "invalid op: got no operation"
+        } else {
+            "invalid op: unknown operation"
+        }
+    }
+}
+
+/// A write of the function library, recognised by its first command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tag {
+    /// `writebehind_complete`: brings the key to the mirror's state; not a user change.
+    Completion { key: Bytes },
+    /// `writebehind_hset`: a user write whose op was applied atomically.
+    Op { op: OpField, key: Bytes },
+}
+
+/// The tag of a unit whose first command is `PUBLISH __writebehind__ <kind>:<n>:<op><key>`.
+pub fn parse_tag(command: &Command) -> Option<Tag> {
+    let args = &command.args;
+    if args.len() != 3
+        || !args[0].eq_ignore_ascii_case(b"PUBLISH")
+        || args[1].as_ref() != TAG_CHANNEL
+    {
+        return None;
+    }
+    let payload = &args[2];
+    let colon = payload.iter().position(|&b| b == b':')?;
+    let (kind, rest) = (&payload[..colon], colon + 1);
+    let second = rest + payload[rest..].iter().position(|&b| b == b':')?;
+    let length: usize = std::str::from_utf8(&payload[rest..second])
+        .ok()?
+        .parse()
+        .ok()?;
+    let op_start = second + 1;
+    let op_end = op_start.checked_add(length)?;
+    if op_end > payload.len() {
+        return None;
+    }
+    let key = payload.slice(op_end..);
+    match kind {
+        b"complete" => Some(Tag::Completion { key }),
+        b"op" => Some(Tag::Op {
+            op: OpField::parse(&payload.slice(op_start..op_end)),
+            key,
+        }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::position::ReplOffset;
+
+    fn publish(payload: &[u8]) -> Command {
+        Command {
+            args: vec![
+                Bytes::from_static(b"PUBLISH"),
+                Bytes::from_static(TAG_CHANNEL),
+                Bytes::copy_from_slice(payload),
+            ],
+            db: 0,
+            end: ReplOffset(1),
+        }
+    }
+
+    #[test]
+    fn op_values_split_as_the_recipe_does() {
+        let parse = |v: &'static str| OpField::parse(&Bytes::from(v));
+        assert_eq!(
+            parse("=1"),
+            OpField {
+                kind: Some(OpKind::Write),
+                uuid: Some(Bytes::from("1"))
+            }
+        );
+        assert_eq!(parse("~").kind, Some(OpKind::Delete));
+        assert_eq!(parse("~").uuid, None);
+        assert_eq!(parse("-x-y").uuid, Some(Bytes::from("x-y")));
+        assert_eq!(parse("").kind, None);
+        assert_eq!(parse("x").kind, None);
+        assert_eq!(parse("x7").uuid, Some(Bytes::from("7")));
+        assert_eq!(OpField::problem(b""), "invalid op: got no operation");
+    }
+
+    #[test]
+    fn tags_parse_and_anything_else_is_not_a_tag() {
+        assert_eq!(
+            parse_tag(&publish(b"complete:0:p:1")),
+            Some(Tag::Completion {
+                key: Bytes::from("p:1")
+            })
+        );
+        assert_eq!(
+            parse_tag(&publish(b"op:3:~u1p:a:b")),
+            Some(Tag::Op {
+                op: OpField::parse(&Bytes::from("~u1")),
+                key: Bytes::from("p:a:b")
+            })
+        );
+        for bad in [&b"op:9:~u"[..], b"op:x:~", b"other:0:k", b"complete", b""] {
+            assert_eq!(parse_tag(&publish(bad)), None, "{bad:?}");
+        }
+        let mut other_channel = publish(b"complete:0:k");
+        other_channel.args[1] = Bytes::from("news");
+        assert_eq!(parse_tag(&other_channel), None);
+    }
+}

@@ -1,0 +1,136 @@
+#!lua name=writebehind
+-- writebehind's Redis function library. The service loads it with FUNCTION LOAD REPLACE when the
+-- primary holds no version or an older one (writebehind_version). Every write this library makes
+-- on behalf of a `#` op is preceded, in the same atomic unit, by
+--     PUBLISH __writebehind__ <kind>:<op length>:<op><key>
+-- so that the service recognises it in the replication stream (README, "The # op field").
+
+local VERSION = 1
+local CHANNEL = '__writebehind__'
+
+local function tag(kind, op, key)
+  redis.call('PUBLISH', CHANNEL, kind .. ':' .. #op .. ':' .. op .. key)
+end
+
+local function is_op(c)
+  return c == '=' or c == '+' or c == '-' or c == '~'
+end
+
+-- writebehind_version: the library's version, an integer.
+local function version()
+  return VERSION
+end
+
+-- writebehind_hset KEY field value [field value ...] [# <op>[uuid]]
+-- HSET with the `#` op applied in the same instant (read-your-write): `=` (the default) and `+`
+-- store the fields, `-` and `~` delete the key. `#` is never stored. An invalid op is refused
+-- and nothing is written. Returns the number of fields added (`=`, `+`) or of keys deleted.
+local function hset(keys, args)
+  local key = keys[1]
+  if #args % 2 ~= 0 then
+    return redis.error_reply('ERR writebehind_hset needs field value pairs')
+  end
+  local op = '='
+  local fields = {}
+  for i = 1, #args, 2 do
+    if args[i] == '#' then
+      op = args[i + 1]
+    else
+      fields[#fields + 1] = args[i]
+      fields[#fields + 1] = args[i + 1]
+    end
+  end
+  if not is_op(string.sub(op, 1, 1)) then
+    return redis.error_reply('ERR invalid # op "' .. op .. '": the first character must be one of = + - ~')
+  end
+  tag('op', op, key)
+  local c = string.sub(op, 1, 1)
+  if c == '-' or c == '~' then
+    return redis.call('DEL', key)
+  end
+  if #fields == 0 then
+    return 0
+  end
+  return redis.call('HSET', key, unpack(fields))
+end
+
+-- writebehind_complete KEY n_raw field value ... n_target field value ... persist
+-- Completes a `#` op written with a plain HSET: if KEY holds exactly the raw fields (what the
+-- service has seen in the stream), make it hold the target fields (the state the op gives), and
+-- drop its TTL when persist is 1; n_target 0 deletes the key. Returns 1 if done, 0 if the key has
+-- changed since (the service retries once it has seen that change).
+local function complete(keys, args)
+  local key = keys[1]
+  local i = 1
+  local n_raw = tonumber(args[i])
+  i = i + 1
+  local raw = {}
+  for _ = 1, n_raw do
+    raw[args[i]] = args[i + 1]
+    i = i + 2
+  end
+  local n_target = tonumber(args[i])
+  i = i + 1
+  local target = {}
+  local order = {}
+  for _ = 1, n_target do
+    target[args[i]] = args[i + 1]
+    order[#order + 1] = args[i]
+    i = i + 2
+  end
+  local persist = args[i] == '1'
+  if redis.call('TYPE', key)['ok'] ~= 'hash' or redis.call('HLEN', key) ~= n_raw then
+    return 0
+  end
+  local current = redis.call('HGETALL', key)
+  for j = 1, #current, 2 do
+    if raw[current[j]] ~= current[j + 1] then
+      return 0
+    end
+  end
+  tag('complete', '', key)
+  if n_target == 0 then
+    redis.call('DEL', key)
+    return 1
+  end
+  local set = {}
+  for _, f in ipairs(order) do
+    if raw[f] ~= target[f] then
+      set[#set + 1] = f
+      set[#set + 1] = target[f]
+    end
+  end
+  if #set > 0 then
+    redis.call('HSET', key, unpack(set))
+  end
+  local doomed = {}
+  for f, _ in pairs(raw) do
+    if target[f] == nil then
+      doomed[#doomed + 1] = f
+    end
+  end
+  if #doomed > 0 then
+    redis.call('HDEL', key, unpack(doomed))
+  end
+  if persist then
+    redis.call('PERSIST', key)
+  end
+  return 1
+end
+
+-- writebehind_ack STREAM expire_secs status [reason]
+-- An acknowledgement: XADD STREAM * status <status> [reason <reason>], then EXPIRE.
+local function ack(keys, args)
+  if args[3] then
+    redis.call('XADD', keys[1], '*', 'status', args[2], 'reason', args[3])
+  else
+    redis.call('XADD', keys[1], '*', 'status', args[2])
+  end
+  redis.call('EXPIRE', keys[1], args[1])
+  return 1
+end
+
+redis.register_function{function_name = 'writebehind_version', callback = version, flags = {'no-writes'}}
+redis.register_function('writebehind_hset', hset)
+redis.register_function('writebehind_complete', complete)
+redis.register_function('writebehind_ack', ack)

@@ -1,0 +1,419 @@
+//! The write-back task: loads the function library into the primary, completes pending `#` ops
+//! and writes queued acknowledgements, each kind as one pipeline per round.
+//!
+//! It follows the primary the way the replication link does (the same discovery), so after a
+//! failover completions and acks go to the new primary. The library is checked on every
+//! connection (`writebehind_version`) and loaded with `FUNCTION LOAD REPLACE` when missing or
+//! older. A primary without functions (Redis < 7.0), or a user not allowed to load them, stops
+//! the service with one line saying so (or set `[acks] enabled = false`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use redis_protocol::resp2::types::BytesFrame;
+use tokio::sync::Notify;
+
+use super::{LIBRARY, LIBRARY_VERSION};
+use crate::buffer::{Batch, MirrorKind, MirrorValue, Store};
+use crate::config::RedisEndpoint;
+use crate::redis_client::{ClientError, RedisClient};
+use crate::replication::discovery::Discovery;
+
+/// Most completions and acks sent in one pipeline.
+const PIPELINE: usize = 1_000;
+/// A completion refused (the key changed) is retried when capture has seen a new raw state, or
+/// after this long.
+const RETRY_UNCHANGED: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    /// The service cannot work this way: stop with this line.
+    #[error("{0}")]
+    Fatal(String),
+    /// Try again (connection lost, primary read-only during a failover, ...).
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl From<ClientError> for WriterError {
+    fn from(e: ClientError) -> Self {
+        WriterError::Transient(e.to_string())
+    }
+}
+
+impl From<crate::buffer::StoreError> for WriterError {
+    fn from(e: crate::buffer::StoreError) -> Self {
+        WriterError::Fatal(e.to_string())
+    }
+}
+
+struct Connection {
+    client: RedisClient,
+    db: u32,
+}
+
+pub struct Writer {
+    store: Arc<Store>,
+    discovery: Discovery,
+    notify: Arc<Notify>,
+    expire_secs: u64,
+    health: Arc<crate::metrics::Health>,
+    connection: Option<Connection>,
+    /// Completions sent for a raw state, and when: not sent again for the same state soon.
+    attempted: HashMap<(u32, Bytes), (MirrorValue, Instant)>,
+}
+
+impl Writer {
+    pub fn new(
+        store: Arc<Store>,
+        discovery: Discovery,
+        notify: Arc<Notify>,
+        expire_secs: u64,
+        health: Arc<crate::metrics::Health>,
+    ) -> Writer {
+        Writer {
+            store,
+            discovery,
+            notify,
+            expire_secs,
+            health,
+            connection: None,
+            attempted: HashMap::new(),
+        }
+    }
+
+    /// Runs until `stop` resolves or a fatal error.
+    pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) -> Result<(), String> {
+        tokio::pin!(stop);
+        let mut failures = 0u32;
+        loop {
+            let wait = match self.round().await {
+                Ok(more) => {
+                    failures = 0;
+                    if more {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_millis(500)
+                    }
+                }
+                Err(WriterError::Fatal(message)) => return Err(message),
+                Err(WriterError::Transient(message)) => {
+                    self.connection = None;
+                    failures += 1;
+                    let delay = Duration::from_millis(100)
+                        .saturating_mul(1 << failures.min(7))
+                        .min(Duration::from_secs(10));
+                    tracing::warn!(error = %message, retry_in = ?delay, "writing acknowledgements to Redis failed; retrying");
+                    metrics::counter!("writebehind_writeback_errors_total").increment(1);
+                    delay
+                }
+            };
+            if wait.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                _ = self.notify.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = &mut stop => {
+                    // Write what is queued, once, then stop.
+                    let _ = self.round().await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// One round: completions, then acks. Returns whether more work is waiting.
+    pub async fn round(&mut self) -> Result<bool, WriterError> {
+        let pending = self.store.pending_completions(PIPELINE)?;
+        let acks = self.store.acks(PIPELINE)?;
+        self.health
+            .acks_pending(acks.first().map(|a| a.offset).filter(|o| *o > 0));
+        if pending.is_empty() && acks.is_empty() {
+            self.attempted.clear();
+            return Ok(false);
+        }
+        self.connect().await?;
+        let completed = self.complete(pending).await?;
+        let written = self.write_acks(&acks).await?;
+        let remaining = self.store.acks(1)?;
+        self.health
+            .acks_pending(remaining.first().map(|a| a.offset).filter(|o| *o > 0));
+        Ok(written == PIPELINE || completed == PIPELINE)
+    }
+
+    async fn connect(&mut self) -> Result<(), WriterError> {
+        if self.connection.is_some() {
+            return Ok(());
+        }
+        let endpoint = self
+            .discovery
+            .primary(Duration::from_secs(5))
+            .await
+            .map_err(|e| WriterError::Transient(e.to_string()))?;
+        let client = RedisClient::connect(&endpoint, Duration::from_secs(10)).await?;
+        let mut connection = Connection { client, db: 0 };
+        ensure_library(&mut connection.client, &endpoint).await?;
+        self.connection = Some(connection);
+        Ok(())
+    }
+
+    /// Sends `writebehind_complete` for every key whose raw state has not been tried yet.
+    async fn complete(
+        &mut self,
+        pending: Vec<(u32, Bytes, MirrorValue, Option<MirrorValue>)>,
+    ) -> Result<usize, WriterError> {
+        let count = pending.len();
+        let now = Instant::now();
+        let mut keys = Vec::new();
+        let mut commands: Vec<Vec<Bytes>> = Vec::new();
+        let mut db_now = self.connection.as_ref().map(|c| c.db).unwrap_or(0);
+        for (db, key, raw, intended) in pending {
+            if raw.kind != MirrorKind::Hash
+                || intended
+                    .as_ref()
+                    .is_some_and(|i| i.kind != MirrorKind::Hash)
+            {
+                continue;
+            }
+            if let Some((tried, at)) = self.attempted.get(&(db, key.clone())) {
+                if tried == &raw && now.duration_since(*at) < RETRY_UNCHANGED {
+                    continue;
+                }
+            }
+            if db != db_now {
+                commands.push(vec![
+                    Bytes::from_static(b"SELECT"),
+                    Bytes::from(db.to_string()),
+                ]);
+                keys.push(None);
+                db_now = db;
+            }
+            commands.push(completion_command(&key, &raw, intended.as_ref()));
+            keys.push(Some((db, key, raw)));
+        }
+        if commands.is_empty() {
+            return Ok(count);
+        }
+        let replies = self.pipeline(&commands, db_now).await?;
+        for (reply, key) in replies.into_iter().zip(keys) {
+            let Some((db, key, raw)) = key else { continue };
+            let result = match reply {
+                BytesFrame::Integer(1) => "done",
+                BytesFrame::Integer(_) => "changed",
+                BytesFrame::Error(e) => {
+                    tracing::warn!(key = %String::from_utf8_lossy(&key), error = %e, "completing a # op failed");
+                    "error"
+                }
+                _ => "error",
+            };
+            metrics::counter!("writebehind_completions_total", "result" => result).increment(1);
+            self.attempted.insert((db, key), (raw, now));
+        }
+        Ok(count)
+    }
+
+    /// Writes acks through `writebehind_ack`, then removes them from the queue.
+    async fn write_acks(
+        &mut self,
+        acks: &[crate::buffer::AckRecord],
+    ) -> Result<usize, WriterError> {
+        if acks.is_empty() {
+            return Ok(0);
+        }
+        let mut commands: Vec<Vec<Bytes>> = Vec::with_capacity(acks.len() + 4);
+        let mut index = Vec::with_capacity(acks.len() + 4);
+        let mut db_now = self.connection.as_ref().map(|c| c.db).unwrap_or(0);
+        let expire = Bytes::from(self.expire_secs.to_string());
+        for ack in acks {
+            if ack.db != db_now {
+                commands.push(vec![
+                    Bytes::from_static(b"SELECT"),
+                    Bytes::from(ack.db.to_string()),
+                ]);
+                index.push(None);
+                db_now = ack.db;
+            }
+            let mut command = vec![
+                Bytes::from_static(b"FCALL"),
+                Bytes::from_static(b"writebehind_ack"),
+                Bytes::from_static(b"1"),
+                Bytes::from(ack.stream_key()),
+                expire.clone(),
+            ];
+            match &ack.failure {
+                None => command.push(Bytes::from_static(b"done")),
+                Some(reason) => {
+                    command.push(Bytes::from_static(b"failed"));
+                    command.push(Bytes::from(reason.clone()));
+                }
+            }
+            commands.push(command);
+            index.push(Some(ack));
+        }
+        let replies = self.pipeline(&commands, db_now).await?;
+        let mut batch = Batch::default();
+        for (reply, ack) in replies.into_iter().zip(index) {
+            let Some(ack) = ack else { continue };
+            // An ack Redis refuses (the stream key holds another type, ...) would block the
+            // queue forever: it is logged and dropped.
+            let status = match reply {
+                BytesFrame::Error(e) => {
+                    tracing::warn!(stream = %String::from_utf8_lossy(&ack.stream_key()), error = %e, "an acknowledgement was refused by Redis; dropped");
+                    "refused"
+                }
+                _ if ack.failure.is_some() => "failed",
+                _ => "done",
+            };
+            metrics::counter!("writebehind_acks_total", "status" => status).increment(1);
+            batch.delete_ack(ack.id);
+        }
+        self.store.write(batch, false)?;
+        Ok(acks.len())
+    }
+
+    async fn pipeline(
+        &mut self,
+        commands: &[Vec<Bytes>],
+        db_after: u32,
+    ) -> Result<Vec<BytesFrame>, WriterError> {
+        let connection = self
+            .connection
+            .as_mut()
+            .ok_or_else(|| WriterError::Transient("not connected".into()))?;
+        let refs: Vec<&[Bytes]> = commands.iter().map(|c| c.as_slice()).collect();
+        let replies = connection.client.pipeline(&refs).await?;
+        connection.db = db_after;
+        // A read-only or loading server (a failover in progress) refuses everything: reconnect.
+        if let Some(BytesFrame::Error(e)) = replies.iter().find(|r| {
+            matches!(r, BytesFrame::Error(e) if e.starts_with("READONLY") || e.starts_with("LOADING") || e.starts_with("NOSCRIPT") || e.contains("Function not found"))
+        }) {
+            return Err(WriterError::Transient(format!(
+                "Redis at {} refused a write: {e}",
+                connection.client.address()
+            )));
+        }
+        Ok(replies)
+    }
+}
+
+/// `FCALL writebehind_complete 1 key n_raw raw... n_target target... persist`.
+fn completion_command(
+    key: &Bytes,
+    raw: &MirrorValue,
+    intended: Option<&MirrorValue>,
+) -> Vec<Bytes> {
+    let mut command = vec![
+        Bytes::from_static(b"FCALL"),
+        Bytes::from_static(b"writebehind_complete"),
+        Bytes::from_static(b"1"),
+        key.clone(),
+        Bytes::from(raw.fields.len().to_string()),
+    ];
+    for (field, value) in &raw.fields {
+        command.push(field.clone());
+        command.push(value.value.clone());
+    }
+    let target = intended.map(|i| &i.fields);
+    command.push(Bytes::from(target.map_or(0, |t| t.len()).to_string()));
+    for (field, value) in target.into_iter().flatten() {
+        command.push(field.clone());
+        command.push(value.value.clone());
+    }
+    // The key lost its TTL with the op (`-`, `~`), and nothing set one since.
+    let persist = raw.expire_at_ms.is_some() && intended.is_some_and(|i| i.expire_at_ms.is_none());
+    command.push(Bytes::from_static(if persist { b"1" } else { b"0" }));
+    command
+}
+
+/// Loads (or upgrades) the library unless the server has this version or a newer one.
+pub async fn ensure_library(
+    client: &mut RedisClient,
+    endpoint: &RedisEndpoint,
+) -> Result<(), WriterError> {
+    let loaded = match client.command(&["FCALL", "writebehind_version", "0"]).await {
+        Ok(BytesFrame::Integer(version)) => Some(version),
+        Ok(_) => None,
+        Err(ClientError::Reply { .. }) => None,
+        Err(other) => return Err(other.into()),
+    };
+    if loaded.is_some_and(|v| v >= LIBRARY_VERSION) {
+        return Ok(());
+    }
+    match client
+        .command(&["FUNCTION", "LOAD", "REPLACE", LIBRARY])
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(primary = %endpoint.address(), version = LIBRARY_VERSION, previous = ?loaded, "function library `writebehind` loaded");
+            Ok(())
+        }
+        Err(ClientError::Reply { message, .. }) => {
+            let address = endpoint.address();
+            if message.contains("unknown command") {
+                Err(WriterError::Fatal(format!("Redis at {address} has no functions (FUNCTION LOAD: {message}): the # op field and acknowledgements need Redis 7.0 or later; upgrade, or set [acks] enabled = false")))
+            } else if message.starts_with("NOPERM") {
+                Err(WriterError::Fatal(format!("Redis at {address} refused FUNCTION LOAD ({message}): grant the service's user +function|load +fcall, or set [acks] enabled = false")))
+            } else {
+                Err(WriterError::Transient(format!(
+                    "Redis at {address}: FUNCTION LOAD: {message}"
+                )))
+            }
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::FieldValue;
+
+    fn hash(fields: &[(&str, &str)], expire: Option<i64>) -> MirrorValue {
+        let mut v = MirrorValue::hash(1);
+        v.expire_at_ms = expire;
+        for (f, x) in fields {
+            v.fields.insert(
+                Bytes::copy_from_slice(f.as_bytes()),
+                FieldValue {
+                    value: Bytes::copy_from_slice(x.as_bytes()),
+                    expire_at_ms: None,
+                },
+            );
+        }
+        v
+    }
+
+    #[test]
+    fn a_completion_names_raw_and_target_fields_and_the_ttl() {
+        let raw = hash(&[("#", "-"), ("a", "1"), ("b", "2")], Some(5));
+        let target = hash(&[("b", "2")], None);
+        let command = completion_command(&Bytes::from("k"), &raw, Some(&target));
+        let text: Vec<&[u8]> = command.iter().map(|b| b.as_ref()).collect();
+        assert_eq!(
+            text,
+            vec![
+                &b"FCALL"[..],
+                b"writebehind_complete",
+                b"1",
+                b"k",
+                b"3",
+                b"#",
+                b"-",
+                b"a",
+                b"1",
+                b"b",
+                b"2",
+                b"1",
+                b"b",
+                b"2",
+                b"1"
+            ]
+        );
+        let gone = completion_command(&Bytes::from("k"), &raw, None);
+        assert_eq!(gone[gone.len() - 2].as_ref(), b"0");
+        assert_eq!(gone[gone.len() - 1].as_ref(), b"0");
+    }
+}
