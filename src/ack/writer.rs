@@ -127,6 +127,9 @@ impl Writer {
 
     /// One round: completions, then acks. Returns whether more work is waiting.
     pub async fn round(&mut self) -> Result<bool, WriterError> {
+        // Connected (and the library checked) from the start, not at the first op: a primary
+        // without functions is refused at once.
+        self.connect().await?;
         let pending = self.store.pending_completions(PIPELINE)?;
         let acks = self.store.acks(PIPELINE)?;
         self.health
@@ -135,7 +138,6 @@ impl Writer {
             self.attempted.clear();
             return Ok(false);
         }
-        self.connect().await?;
         let completed = self.complete(pending).await?;
         let written = self.write_acks(&acks).await?;
         let remaining = self.store.acks(1)?;
