@@ -1,0 +1,143 @@
+//! Acknowledgement latency benchmark (used by scripts/bench-ack.sh; not a test).
+//!
+//! At a fixed rate, each write is `HSET person:<i> first_name .. age <i> # =<uuid>` followed,
+//! on the same connection, by `XREAD BLOCK 10000 STREAMS {person:<i>}<uuid> 0-0`, exactly as a
+//! recipe client waits; the latency is from sending the HSET to the ack's arrival (the row is
+//! committed in the database by then). Reference, in the same process and at the same rate: a
+//! client writing through synchronously, `HSET` then an autocommitted
+//! `INSERT ... ON DUPLICATE KEY UPDATE` of the same row into the same database.
+//!
+//! Usage: ack_latency <redis-url> <mysql-url> [writes-per-second] [seconds]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+use redis_protocol::resp2::types::BytesFrame;
+use tokio::sync::Mutex;
+use writebehind::config::RedisEndpoint;
+use writebehind::redis_client::RedisClient;
+
+type Pool<T> = Arc<Mutex<Vec<T>>>;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn run<F, Fut>(rate: u64, seconds: u64, one: F) -> (Vec<f64>, u64)
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Option<Duration>> + Send + 'static,
+{
+    let one = Arc::new(one);
+    let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..rate * seconds {
+        ticker.tick().await;
+        let one = one.clone();
+        tasks.spawn(async move { one(i).await });
+    }
+    let mut samples = Vec::new();
+    let mut lost = 0;
+    while let Some(result) = tasks.join_next().await {
+        match result {
+            Ok(Some(d)) => samples.push(d.as_secs_f64() * 1000.0),
+            _ => lost += 1,
+        }
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    (samples, lost)
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(redis_url), Some(mysql_url)) = (args.get(1), args.get(2)) else {
+        eprintln!("usage: ack_latency <redis-url> <mysql-url> [writes-per-second] [seconds]");
+        std::process::exit(2);
+    };
+    let rate: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(1000);
+    let seconds: u64 = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(10);
+    let endpoint = RedisEndpoint::parse(redis_url).expect("redis url");
+    let mut clients = Vec::new();
+    for _ in 0..256 {
+        clients.push(
+            RedisClient::connect(&endpoint, Duration::from_secs(15))
+                .await
+                .expect("connect"),
+        );
+    }
+    let clients: Pool<RedisClient> = Arc::new(Mutex::new(clients));
+
+    let pool = clients.clone();
+    let (acked, acked_lost) = run(rate, seconds, move |i| {
+        let pool = pool.clone();
+        async move {
+            let mut client = pool.lock().await.pop()?;
+            let key = format!("person:{i}");
+            let uuid = format!("bench{i}");
+            let op = format!("={uuid}");
+            let age = i.to_string();
+            let stream = format!("{{{key}}}{uuid}");
+            let started = Instant::now();
+            let replies = client
+                .pipeline(&[
+                    &["HSET", &key, "first_name", "bench", "age", &age, "#", &op][..],
+                    &["XREAD", "BLOCK", "10000", "STREAMS", &stream, "0-0"][..],
+                ])
+                .await
+                .ok()?;
+            let elapsed = started.elapsed();
+            pool.lock().await.push(client);
+            matches!(replies.get(1), Some(BytesFrame::Array(_))).then_some(elapsed)
+        }
+    })
+    .await;
+
+    let mysql = mysql_async::Pool::new(mysql_url.as_str());
+    let pool = clients.clone();
+    let (reference, reference_lost) = run(rate, seconds, move |i| {
+        let (pool, mysql) = (pool.clone(), mysql.clone());
+        async move {
+            let mut client = pool.lock().await.pop()?;
+            let mut conn = mysql.get_conn().await.ok()?;
+            let key = format!("through:{i}");
+            let age = i.to_string();
+            let started = Instant::now();
+            client
+                .command(&["HSET", &key, "first_name", "bench", "age", &age])
+                .await
+                .ok()?;
+            conn.exec_drop(
+                "INSERT INTO through_persons (person_id, first, age) VALUES (?, ?, ?) \
+                 ON DUPLICATE KEY UPDATE first = VALUES(first), age = VALUES(age)",
+                (i.to_string(), "bench", i),
+            )
+            .await
+            .ok()?;
+            let elapsed = started.elapsed();
+            pool.lock().await.push(client);
+            Some(elapsed)
+        }
+    })
+    .await;
+
+    let (a50, a99) = (percentile(&acked, 0.50), percentile(&acked, 0.99));
+    let (r50, r99) = (percentile(&reference, 0.50), percentile(&reference, 0.99));
+    println!("rate {rate} writes/s for {seconds} s");
+    println!(
+        "ack latency (HSET # =uuid -> XREAD sees the ack): p50 {a50:.2} ms  p99 {a99:.2} ms  max {:.2} ms  ({} acks, {acked_lost} missing)",
+        acked.last().copied().unwrap_or(f64::NAN),
+        acked.len()
+    );
+    println!(
+        "reference, synchronous write-through (HSET + INSERT ... ON DUPLICATE KEY UPDATE): p50 {r50:.2} ms  p99 {r99:.2} ms  ({} writes, {reference_lost} failed)",
+        reference.len()
+    );
+    println!("ratio ack / write-through: p50 {:.2}x  p99 {:.2}x", a50 / r50, a99 / r99);
+}
