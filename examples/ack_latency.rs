@@ -139,5 +139,9 @@ async fn main() {
         "reference, synchronous write-through (HSET + INSERT ... ON DUPLICATE KEY UPDATE): p50 {r50:.2} ms  p99 {r99:.2} ms  ({} writes, {reference_lost} failed)",
         reference.len()
     );
-    println!("ratio ack / write-through: p50 {:.2}x  p99 {:.2}x", a50 / r50, a99 / r99);
+    println!(
+        "ratio ack / write-through: p50 {:.2}x  p99 {:.2}x",
+        a50 / r50,
+        a99 / r99
+    );
 }

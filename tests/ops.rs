@@ -21,7 +21,7 @@ const TABLE2: &str = "CREATE TABLE persons2 (person_id VARCHAR(100) PRIMARY KEY,
 type Row = (Option<String>, Option<String>, Option<i64>);
 
 struct Setup {
-    redis: RedisServer,
+    _redis: RedisServer,
     client: RedisClient,
     pool: mysql_async::Pool,
     database: String,
@@ -73,7 +73,7 @@ impl Setup {
         )
         .expect("config");
         Setup {
-            redis,
+            _redis: redis,
             client,
             pool,
             database,
@@ -633,9 +633,10 @@ async fn a_dead_lettered_change_acks_failed_with_the_reason() {
 async fn a_primary_without_functions_is_refused_with_one_clear_line() {
     let mut t = Setup::start(&["--rename-command", "FUNCTION", ""]).await;
     t.spawn();
-    let mut child = t.child.take().expect("running");
+    // The child stays in `t`, so it is killed even if an assertion fails.
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
+        let child = t.child.as_mut().expect("running");
         if let Some(status) = child.try_wait().expect("wait") {
             break status;
         }
@@ -656,5 +657,27 @@ async fn a_primary_without_functions_is_refused_with_one_clear_line() {
         line.contains("has no functions") && line.contains("[acks] enabled = false"),
         "{line}"
     );
-    let _ = &t.redis;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_written_while_the_service_was_away_are_applied_from_the_snapshot() {
+    let mut t = Setup::start(&[]).await;
+    // Before the first full sync: one `=` with a uuid, one `-` without.
+    t.redis(&person_with_op("=away1")).await;
+    t.redis(&["HSET", "person:6", "first_name", "gone", "#", "-"])
+        .await;
+    t.spawn();
+    assert_eq!(t.ack("person:1", "away1").await, done());
+    assert_eq!(
+        t.row("persons", "1").await,
+        Some((s("foo"), s("bar"), Some(22)))
+    );
+    until!(
+        t,
+        "`#` removed and the `-` key deleted",
+        t.hash("person:1").await
+            == pairs(&[("age", "22"), ("first_name", "foo"), ("last_name", "bar")])
+            && t.hash("person:6").await.is_empty()
+    );
+    assert_eq!(t.row("persons", "6").await, None, "`-` writes no row");
 }
