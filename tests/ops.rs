@@ -19,6 +19,8 @@ const TABLE: &str = "CREATE TABLE persons (person_id VARCHAR(100) PRIMARY KEY, f
 const TABLE2: &str = "CREATE TABLE persons2 (person_id VARCHAR(100) PRIMARY KEY, first VARCHAR(100), last VARCHAR(100), age INT)";
 
 type Row = (Option<String>, Option<String>, Option<i64>);
+/// (op, the hash in Redis afterwards, the row afterwards)
+type RaceCase = (&'static str, &'static [(&'static str, &'static str)], Row);
 
 struct Setup {
     _redis: RedisServer,
@@ -412,7 +414,7 @@ async fn a_write_pipelined_right_after_an_op_ends_as_if_the_op_were_atomic() {
     let mut t = Setup::start(&[]).await;
     t.spawn();
     // (op, Redis afterwards, row afterwards)
-    let cases: [(&str, &[(&str, &str)], Row); 4] = [
+    let cases: [RaceCase; 4] = [
         ("-", &[("last_name", "B")], (None, s("B"), None)),
         ("~", &[("last_name", "B")], (None, s("B"), None)),
         (
