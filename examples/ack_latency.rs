@@ -18,7 +18,31 @@ use tokio::sync::Mutex;
 use writebehind::config::RedisEndpoint;
 use writebehind::redis_client::RedisClient;
 
-type Pool<T> = Arc<Mutex<Vec<T>>>;
+/// Connections handed out one per write; a write waits for a free one (the semaphore counts
+/// them), so a slow ack delays later writes instead of failing them.
+struct Pool<T> {
+    free: Mutex<Vec<T>>,
+    available: tokio::sync::Semaphore,
+}
+
+impl<T> Pool<T> {
+    fn new(items: Vec<T>) -> Arc<Pool<T>> {
+        Arc::new(Pool {
+            available: tokio::sync::Semaphore::new(items.len()),
+            free: Mutex::new(items),
+        })
+    }
+
+    async fn take(&self) -> Option<T> {
+        self.available.acquire().await.ok()?.forget();
+        self.free.lock().await.pop()
+    }
+
+    async fn give(&self, item: T) {
+        self.free.lock().await.push(item);
+        self.available.add_permits(1);
+    }
+}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -72,13 +96,13 @@ async fn main() {
                 .expect("connect"),
         );
     }
-    let clients: Pool<RedisClient> = Arc::new(Mutex::new(clients));
+    let clients = Pool::new(clients);
 
     let pool = clients.clone();
     let (acked, acked_lost) = run(rate, seconds, move |i| {
         let pool = pool.clone();
         async move {
-            let mut client = pool.lock().await.pop()?;
+            let mut client = pool.take().await?;
             let key = format!("person:{i}");
             let uuid = format!("bench{i}");
             let op = format!("={uuid}");
@@ -93,7 +117,7 @@ async fn main() {
                 .await
                 .ok()?;
             let elapsed = started.elapsed();
-            pool.lock().await.push(client);
+            pool.give(client).await;
             matches!(replies.get(1), Some(BytesFrame::Array(_))).then_some(elapsed)
         }
     })
@@ -104,7 +128,7 @@ async fn main() {
     let (reference, reference_lost) = run(rate, seconds, move |i| {
         let (pool, mysql) = (pool.clone(), mysql.clone());
         async move {
-            let mut client = pool.lock().await.pop()?;
+            let mut client = pool.take().await?;
             let mut conn = mysql.get_conn().await.ok()?;
             let key = format!("through:{i}");
             let age = i.to_string();
@@ -121,7 +145,7 @@ async fn main() {
             .await
             .ok()?;
             let elapsed = started.elapsed();
-            pool.lock().await.push(client);
+            pool.give(client).await;
             Some(elapsed)
         }
     })

@@ -12,13 +12,14 @@ rate="${1:-1000}"
 seconds="${2:-10}"
 work="$(mktemp -d /var/tmp/writebehind-ack-bench.XXXXXX)"
 database="wb_ack_bench_$$"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port=$(free_port); admin=$(free_port)
 service_pid=""
 cleanup() {
   if [ -n "$service_pid" ]; then kill "$service_pid" 2>/dev/null; wait "$service_pid" 2>/dev/null; fi || true
   redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true
   mariadb --protocol=tcp -h127.0.0.1 -uroot -e "DROP DATABASE IF EXISTS $database" || true
-  rm -rf "$work"
+  [ -n "${KEEP_WORK:-}" ] && cp "$work/service.log" /tmp/bench-service.log; rm -rf "$work"
 }
 trap cleanup EXIT
 export ROCKSDB_LIB_DIR="${ROCKSDB_LIB_DIR:-/usr/lib/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)}"
@@ -35,6 +36,8 @@ cat > "$work/writebehind.toml" <<TOML
 url = "redis://127.0.0.1:$port"
 [buffer]
 path = "$work/buffer"
+[admin]
+listen = "127.0.0.1:$admin"
 [backends.db]
 url = "mysql://root@127.0.0.1:3306/$database"
 [[mappings]]
@@ -49,9 +52,10 @@ age = "age"
 TOML
 "$target/writebehind" run --config "$work/writebehind.toml" 2>"$work/service.log" &
 service_pid=$!
-for _ in $(seq 1 100); do
-  [ "$(redis-cli -p "$port" FCALL writebehind_version 0 2>/dev/null)" = "1" ] && break
-  sleep 0.1
-done
+# Measure from the moment the service is ready (the first full sync waits for the primary's
+# repl-diskless-sync-delay, 5 s by default).
+ready() { python3 -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$admin/ready').status == 200 else 1)" 2>/dev/null; }
+for _ in $(seq 1 300); do ready && break; sleep 0.1; done
+ready || { echo "the service did not become ready"; cat "$work/service.log"; exit 1; }
 "$target/examples/ack_latency" "redis://127.0.0.1:$port" "mysql://root@127.0.0.1:3306/$database" "$rate" "$seconds"
 echo "rows written by the service: $(mariadb --protocol=tcp -h127.0.0.1 -uroot -N -e "SELECT COUNT(*) FROM $database.persons")"
