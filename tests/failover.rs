@@ -6,7 +6,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use redis_protocol::resp2::types::BytesFrame;
@@ -38,14 +38,10 @@ impl Service {
             ),
         )
         .expect("config");
-        let child = Command::new(env!("CARGO_BIN_EXE_writebehind"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("service.log")).expect("log"))
-            .spawn()
-            .expect("writebehind");
+        let child = support::spawn_service(
+            &config,
+            std::fs::File::create(dir.path().join("service.log")).expect("log"),
+        );
         Service {
             child,
             database,

@@ -5,7 +5,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use support::{MariaDbServer, RedisServer};
@@ -85,16 +85,7 @@ impl Service {
             .append(true)
             .open(self.dir.path().join("service.log"))
             .expect("log");
-        self.child = Some(
-            Command::new(env!("CARGO_BIN_EXE_writebehind"))
-                .args(["run", "--config"])
-                .arg(&self.config)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("writebehind"),
-        );
+        self.child = Some(support::spawn_service(&self.config, log));
     }
 
     fn log(&self) -> String {

@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
@@ -86,16 +86,10 @@ impl Setup {
 
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("service.log")).expect("log");
-        self.child = Some(
-            Command::new(env!("CARGO_BIN_EXE_writebehind"))
-                .args(["run", "--config"])
-                .arg(self.dir.path().join("writebehind.toml"))
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("writebehind"),
-        );
+        self.child = Some(support::spawn_service(
+            &self.dir.path().join("writebehind.toml"),
+            log,
+        ));
     }
 
     fn log(&self) -> String {

@@ -57,6 +57,8 @@ pub const LIBRARY: &str = include_str!("writebehind.lua");
 pub const LIBRARY_VERSION: i64 = 1;
 /// The field that carries the op.
 pub const OP_FIELD: &[u8] = b"#";
+/// The reason of the `failed` ack of an invalid op (one with a uuid is never empty).
+pub const INVALID_OP: &str = "invalid op: unknown operation";
 /// The channel of the tags that mark the library's writes.
 pub const TAG_CHANNEL: &[u8] = b"__writebehind__";
 
@@ -113,15 +115,6 @@ impl OpField {
         let kind = value.first().and_then(|c| OpKind::from_char(*c));
         let uuid = (value.len() > 1).then(|| value.slice(1..));
         OpField { kind, uuid }
-    }
-
-    /// Why an invalid op is refused (as the recipe words it).
-    pub fn problem(value: &[u8]) -> &'static str {
-        if value.is_empty() {
-            "invalid op: got no operation"
-        } else {
-            "invalid op: unknown operation"
-        }
     }
 }
 
@@ -200,7 +193,6 @@ mod tests {
         assert_eq!(parse("").kind, None);
         assert_eq!(parse("x").kind, None);
         assert_eq!(parse("x7").uuid, Some(Bytes::from("7")));
-        assert_eq!(OpField::problem(b""), "invalid op: got no operation");
     }
 
     #[test]

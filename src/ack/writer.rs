@@ -132,9 +132,8 @@ impl Writer {
         self.connect().await?;
         let pending = self.store.pending_completions(PIPELINE)?;
         let acks = self.store.acks(PIPELINE)?;
-        self.health
-            .acks_pending(acks.first().map(|a| a.offset).filter(|o| *o > 0));
         if pending.is_empty() && acks.is_empty() {
+            self.health.acks_pending(None);
             self.attempted.clear();
             return Ok(false);
         }

@@ -116,6 +116,25 @@ impl MirrorValue {
         }
     }
 
+    /// Whether Redis holding `raw` and the mirror holding `intended` agree, so no `#` op is
+    /// left to complete: same kind and field values, a TTL on both or neither (field TTLs and
+    /// the exact instant are not compared: both sides are applied from the same commands).
+    pub fn agree(raw: &Option<MirrorValue>, intended: &Option<MirrorValue>) -> bool {
+        match (raw, intended) {
+            (None, None) => true,
+            (Some(r), Some(i)) => {
+                r.kind == i.kind
+                    && r.expire_at_ms.is_some() == i.expire_at_ms.is_some()
+                    && r.fields.len() == i.fields.len()
+                    && r.fields
+                        .iter()
+                        .zip(i.fields.iter())
+                        .all(|((f1, v1), (f2, v2))| f1 == f2 && v1.value == v2.value)
+            }
+            _ => false,
+        }
+    }
+
     /// Same content, whatever the bookkeeping (generation, refresh point).
     pub fn same_data(&self, other: &MirrorValue) -> bool {
         self.kind == other.kind
@@ -458,6 +477,17 @@ impl AckRecord {
     }
 }
 
+/// An acknowledgement to queue (it gets its id when put in a batch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAck {
+    pub db: u32,
+    pub key: Bytes,
+    pub uuid: Bytes,
+    /// `None`: done; `Some(reason)`: failed.
+    pub failure: Option<String>,
+    pub offset: u64,
+}
+
 #[derive(Debug)]
 enum Op {
     PutRaw(Vec<u8>, Vec<u8>),
@@ -510,9 +540,23 @@ impl Batch {
     pub fn delete_raw(&mut self, db: u32, key: &[u8]) {
         self.ops.push(Op::DeleteRaw(mirror_key(db, key)));
     }
-    /// An acknowledgement to write (its id from [`Store::allocate_ack_ids`]).
-    pub fn put_ack(&mut self, ack: &AckRecord) {
-        self.ops.push(Op::PutAck(ack.id, ack.encode()));
+    /// Queues acknowledgements, in order, with ids from `store`.
+    pub fn put_acks(&mut self, store: &Store, acks: Vec<NewAck>) {
+        if acks.is_empty() {
+            return;
+        }
+        let first = store.allocate_ack_ids(acks.len() as u64);
+        for (id, ack) in (first..).zip(acks) {
+            let record = AckRecord {
+                id,
+                db: ack.db,
+                key: ack.key,
+                uuid: ack.uuid,
+                failure: ack.failure,
+                offset: ack.offset,
+            };
+            self.ops.push(Op::PutAck(id, record.encode()));
+        }
     }
     pub fn delete_ack(&mut self, id: u64) {
         self.ops.push(Op::DeleteAck(id));
@@ -878,7 +922,7 @@ impl Store {
     }
 
     /// Reserves `count` consecutive acknowledgement ids; returns the first.
-    pub fn allocate_ack_ids(&self, count: u64) -> u64 {
+    fn allocate_ack_ids(&self, count: u64) -> u64 {
         self.next_ack_id
             .fetch_add(count, std::sync::atomic::Ordering::Relaxed)
     }

@@ -21,7 +21,7 @@ use bytes::Bytes;
 
 use super::command_table::CommandTable;
 use super::mapping::{Mapping, Mappings};
-use crate::ack::{OpField, OpKind, OP_FIELD};
+use crate::ack::{OpField, OpKind, INVALID_OP, OP_FIELD};
 use crate::buffer::{
     Batch, FieldValue, HashOp, MirrorKind, MirrorValue, RowChange, Store, StoreError,
 };
@@ -80,43 +80,11 @@ pub fn apply_op(
         .map(|f| f.value)
         .unwrap_or_default();
     let op = OpField::parse(&value);
-    let kept = (!kept.fields.is_empty()).then_some(kept);
-    let hash_op = |kind: OpKind| {
-        op.uuid.clone().map(|uuid| HashOp {
-            op: kind.as_char(),
-            uuid,
-            db,
-            key: key.clone(),
-        })
+    let after = match op.kind {
+        Some(kind) if kind.deletes_key() => None,
+        _ => (!kept.fields.is_empty()).then_some(kept),
     };
-    let done_now = op.uuid.clone().map(|uuid| (uuid, None));
-    let event = |row: RowChange, kind: OpKind| RowEvent {
-        mapping: mapping.name.clone(),
-        row_id: mapping.row_id(key),
-        row,
-        op: hash_op(kind),
-    };
-    let (after, event, ack_now) = match op.kind {
-        None => (
-            kept,
-            None,
-            op.uuid
-                .clone()
-                .map(|uuid| (uuid, Some(OpField::problem(&value).to_string()))),
-        ),
-        Some(OpKind::Write) => match kept {
-            Some(v) => {
-                // Always the full row, also when nothing mapped changed (a forced re-send).
-                let columns = mapping.row_image(&v.fields);
-                let upsert = event(RowChange::Upsert { columns }, OpKind::Write);
-                (Some(v), Some(upsert), None)
-            }
-            None => (None, None, done_now),
-        },
-        Some(OpKind::KeepOnly) => (kept, None, done_now),
-        Some(OpKind::DeleteKeyOnly) => (None, None, done_now),
-        Some(OpKind::Delete) => (None, Some(event(RowChange::Delete, OpKind::Delete)), None),
-    };
+    let (event, ack_now) = op_effects(mapping, db, key, &op, &after);
     let seen = OpSeen {
         db,
         key: key.clone(),
@@ -125,6 +93,49 @@ pub fn apply_op(
         ack_now,
     };
     (after, event, seen)
+}
+
+/// What an op does beyond Redis, given the key's state after it: the row event (`=`: the full
+/// row, also when nothing mapped changed; `~`: a delete), carrying the uuid to acknowledge
+/// after the commit; otherwise the acknowledgement due once the change is captured (`failed`
+/// for an invalid op).
+pub fn op_effects(
+    mapping: &Mapping,
+    db: u32,
+    key: &Bytes,
+    op: &OpField,
+    after: &Option<MirrorValue>,
+) -> (Option<RowEvent>, Option<(Bytes, Option<String>)>) {
+    let row = match op.kind {
+        Some(OpKind::Write) => after
+            .as_ref()
+            .filter(|v| v.kind == MirrorKind::Hash && !v.fields.is_empty())
+            .map(|v| RowChange::Upsert {
+                columns: mapping.row_image(&v.fields),
+            }),
+        Some(OpKind::Delete) => Some(RowChange::Delete),
+        _ => None,
+    };
+    match (row, op.kind) {
+        (Some(row), Some(kind)) => {
+            let event = RowEvent {
+                mapping: mapping.name.clone(),
+                row_id: mapping.row_id(key),
+                row,
+                op: op.uuid.clone().map(|uuid| HashOp {
+                    op: kind.as_char(),
+                    uuid,
+                    db,
+                    key: key.clone(),
+                }),
+            };
+            (Some(event), None)
+        }
+        _ => {
+            let failure = op.kind.is_none().then(|| INVALID_OP.to_string());
+            (None, op.uuid.clone().map(|uuid| (uuid, failure)))
+        }
+    }
 }
 
 struct Slot {

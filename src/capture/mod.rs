@@ -23,10 +23,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis_protocol::resp2::types::BytesFrame;
 
-use crate::ack::{parse_tag, OpField, OpKind, Tag, OP_FIELD};
+use crate::ack::{parse_tag, OpField, Tag, OP_FIELD};
 use crate::buffer::{
-    AckRecord, Batch, Change, Checkpoint, FieldValue, HashOp, MirrorKind, MirrorValue, RowChange,
-    Store, StoreError,
+    Batch, Change, Checkpoint, FieldValue, MirrorKind, MirrorValue, NewAck, Store, StoreError,
 };
 use crate::config::{InitialLoad, RedisEndpoint};
 use crate::position::{ReplId, ReplOffset, StreamPosition};
@@ -35,7 +34,8 @@ use crate::replication::rdb::{decode_dump_payload, RdbEvent, ValueKind};
 use crate::replication::stream::StreamEvent;
 use crate::replication::{LinkError, ReplicationEvent, Replicator};
 use apply::{
-    apply_op, mirror_value_from_dump, now_ms, row_event, Applier, OpSeen, RowEvent, WorkingSet,
+    apply_op, mirror_value_from_dump, now_ms, op_effects, row_event, Applier, OpSeen, RowEvent,
+    WorkingSet,
 };
 use command_table::CommandTable;
 use mapping::Mappings;
@@ -65,31 +65,51 @@ pub struct CaptureStats {
     pub partial_syncs: u64,
 }
 
-/// An acknowledgement due once the batch that found it is committed.
-struct PendingAck {
-    db: u32,
-    key: Bytes,
-    uuid: Bytes,
-    failure: Option<String>,
-    offset: ReplOffset,
+/// Keys whose `#` op is not completed in Redis (the buffer's `raw` entries), with how many
+/// databases hold each name: a cheap, conservative test of whether a command may touch one.
+#[derive(Default)]
+struct PendingKeys {
+    keys: HashSet<(u32, Bytes)>,
+    names: HashMap<Bytes, usize>,
 }
 
-/// Whether Redis's real state of a key and the mirror's agree, so no `#` op is left to
-/// complete (field TTLs and the exact expiry instant are not compared: both are applied from
-/// the same commands).
-fn converged(raw: &Option<MirrorValue>, intended: &Option<MirrorValue>) -> bool {
-    match (raw, intended) {
-        (None, None) => true,
-        (Some(r), Some(i)) => {
-            r.kind == i.kind
-                && r.expire_at_ms.is_some() == i.expire_at_ms.is_some()
-                && r.fields.len() == i.fields.len()
-                && r.fields
-                    .iter()
-                    .zip(i.fields.iter())
-                    .all(|((f1, v1), (f2, v2))| f1 == f2 && v1.value == v2.value)
+impl PendingKeys {
+    fn insert(&mut self, db: u32, key: &Bytes) {
+        if self.keys.insert((db, key.clone())) {
+            *self.names.entry(key.clone()).or_default() += 1;
         }
-        _ => false,
+    }
+
+    /// Returns whether it was pending.
+    fn remove(&mut self, db: u32, key: &Bytes) -> bool {
+        if !self.keys.remove(&(db, key.clone())) {
+            return false;
+        }
+        if let Some(count) = self.names.get_mut(key) {
+            *count -= 1;
+            if *count == 0 {
+                self.names.remove(key);
+            }
+        }
+        true
+    }
+
+    fn contains(&self, db: u32, key: &Bytes) -> bool {
+        self.keys.contains(&(db, key.clone()))
+    }
+
+    /// Whether a pending key has this name, in any database.
+    fn names(&self, name: &[u8]) -> bool {
+        self.names.contains_key(name)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.keys.clear();
+        self.names.clear();
     }
 }
 
@@ -197,10 +217,8 @@ pub struct Capture {
     health: Arc<crate::metrics::Health>,
     /// Whether `#` is the op field (`[acks] enabled`).
     ops: bool,
-    /// Keys whose `#` op is not completed in Redis (the buffer's `raw` entries), and how many
-    /// databases hold each name (a cheap test of whether a command may touch one).
-    divergent: HashSet<(u32, Bytes)>,
-    divergent_names: HashMap<Bytes, usize>,
+    /// Keys whose `#` op is not completed in Redis.
+    pending: PendingKeys,
     /// Woken when there is something to write back to Redis (a completion, an ack).
     writeback: Arc<tokio::sync::Notify>,
     pub stats: CaptureStats,
@@ -215,11 +233,9 @@ impl Capture {
         let mut checkpoint = store.checkpoint()?;
         // Seqs start at 1: a sink whose checkpoint says 0 has applied nothing.
         checkpoint.next_seq = checkpoint.next_seq.max(1);
-        let mut divergent = HashSet::new();
-        let mut divergent_names: HashMap<Bytes, usize> = HashMap::new();
+        let mut pending = PendingKeys::default();
         for (db, key) in store.raw_keys()? {
-            *divergent_names.entry(key.clone()).or_default() += 1;
-            divergent.insert((db, key));
+            pending.insert(db, &key);
         }
         Ok(Capture {
             store,
@@ -232,8 +248,7 @@ impl Capture {
             committed: Arc::new(tokio::sync::Notify::new()),
             health: crate::metrics::Health::new(),
             ops: true,
-            divergent,
-            divergent_names,
+            pending,
             writeback: Arc::new(tokio::sync::Notify::new()),
             stats: CaptureStats::default(),
         })
@@ -448,8 +463,7 @@ impl Capture {
         self.store.write(batch, true)?;
         // The snapshot says what Redis holds: pending `#` ops are found in it again.
         self.store.clear_raw()?;
-        self.divergent.clear();
-        self.divergent_names.clear();
+        self.pending.clear();
         self.full_sync = Some(FullSync {
             first,
             offset,
@@ -535,9 +549,7 @@ impl Capture {
             {
                 let (intended, event, seen) = apply_op(&mapping, key.db, &key.key, v);
                 batch.put_raw(key.db, &key.key, &seen.raw);
-                if self.divergent.insert((key.db, key.key.clone())) {
-                    *self.divergent_names.entry(key.key.clone()).or_default() += 1;
-                }
+                self.pending.insert(key.db, &key.key);
                 let mut ack = seen.ack_now;
                 match event {
                     Some(event) if emit => op_event = Some(event),
@@ -545,12 +557,12 @@ impl Capture {
                     None => {}
                 }
                 if let Some((uuid, failure)) = ack {
-                    acks.push(PendingAck {
+                    acks.push(NewAck {
                         db: key.db,
                         key: key.key.clone(),
                         uuid,
                         failure,
-                        offset: snapshot_offset,
+                        offset: snapshot_offset.0,
                     });
                 }
                 intended
@@ -564,7 +576,7 @@ impl Capture {
         } else {
             None
         };
-        self.put_acks(&mut batch, acks);
+        batch.put_acks(&self.store, acks);
         match &after {
             Some(value) => batch.put_mirror(key.db, &key.key, value),
             None if before.is_some() => batch.delete_mirror(key.db, &key.key),
@@ -657,13 +669,10 @@ impl Capture {
     ) -> Result<(), StoreError> {
         for ((db, key), value) in raw.drain() {
             let intended = ws.get(db, &key)?;
-            let entry = (db, key.clone());
             match value {
-                Some(value) if !converged(&Some(value.clone()), &intended) => {
+                Some(value) if !MirrorValue::agree(&Some(value.clone()), &intended) => {
                     batch.put_raw(db, &key, &value);
-                    if self.divergent.insert(entry) {
-                        *self.divergent_names.entry(key).or_default() += 1;
-                    }
+                    self.pending.insert(db, &key);
                 }
                 value => {
                     if value.is_none() && intended.is_some() {
@@ -671,37 +680,13 @@ impl Capture {
                         // nothing can complete it; the mirror keeps what the op gave.
                         tracing::warn!(key = %String::from_utf8_lossy(&key), "a key with a pending # op vanished from Redis");
                     }
-                    if self.divergent.remove(&entry) {
+                    if self.pending.remove(db, &key) {
                         batch.delete_raw(db, &key);
-                        if let Some(count) = self.divergent_names.get_mut(&key) {
-                            *count -= 1;
-                            if *count == 0 {
-                                self.divergent_names.remove(&key);
-                            }
-                        }
                     }
                 }
             }
         }
         Ok(())
-    }
-
-    /// Queues acknowledgements in `batch`.
-    fn put_acks(&self, batch: &mut Batch, acks: Vec<PendingAck>) {
-        if acks.is_empty() {
-            return;
-        }
-        let first = self.store.allocate_ack_ids(acks.len() as u64);
-        for (i, ack) in acks.into_iter().enumerate() {
-            batch.put_ack(&AckRecord {
-                id: first + i as u64,
-                db: ack.db,
-                key: ack.key,
-                uuid: ack.uuid,
-                failure: ack.failure,
-                offset: ack.offset.0,
-            });
-        }
     }
 
     /// Appends one unit of row events to the change log in `batch`.
@@ -738,7 +723,7 @@ impl Capture {
         raw: &mut WorkingSet,
         event: &StreamEvent,
         changes: &mut Vec<(Vec<RowEvent>, ReplOffset)>,
-        acks: &mut Vec<PendingAck>,
+        acks: &mut Vec<NewAck>,
     ) -> Result<Option<String>, CaptureError> {
         let Some(position) = self.checkpoint.position.clone() else {
             return Ok(None);
@@ -784,13 +769,7 @@ impl Capture {
             if self.may_touch_raw(command, raw) {
                 self.apply_raw(ws, raw, command)?;
             }
-            let applier = Applier {
-                mappings: &self.mappings,
-                commands: &self.commands,
-                generation: self.checkpoint.generation,
-                ops: self.ops,
-            };
-            let needs = applier.apply(ws, command, &mut rows)?;
+            let needs = self.applier(self.ops).apply(ws, command, &mut rows)?;
             if let Some(reason) = needs.full_resync {
                 return Ok(Some(reason));
             }
@@ -812,19 +791,22 @@ impl Capture {
                     self.stats.refreshed_keys += 1;
                     let before = ws.get(db, &key)?;
                     let mut value = value;
-                    if self.ops
+                    let op_mapping = self.mappings.watching(db, &key).filter(|_| {
+                        self.ops
+                            && value.as_ref().is_some_and(|v| {
+                                v.kind == MirrorKind::Hash && v.fields.contains_key(OP_FIELD)
+                            })
+                    });
+                    if op_mapping.is_some()
                         || raw.contains(db, &key)
-                        || self.divergent.contains(&(db, key.clone()))
+                        || self.pending.contains(db, &key)
                     {
-                        // What was read is what Redis holds; a `#` in it is applied now.
+                        // What was read is what Redis holds.
                         raw.set(db, &key, value.clone())?;
-                        if let (true, Some(mapping), Some(v)) =
-                            (self.ops, self.mappings.watching(db, &key), value.clone())
-                        {
-                            if v.kind == MirrorKind::Hash && v.fields.contains_key(OP_FIELD) {
-                                value = apply_op(mapping, db, &key, v).0;
-                            }
-                        }
+                    }
+                    if let (Some(mapping), Some(v)) = (op_mapping, value.clone()) {
+                        // A `#` in it is applied now (without an ack: it may have been seen).
+                        value = apply_op(mapping, db, &key, v).0;
                     }
                     if let Some(mapping) = self.mappings.watching(db, &key) {
                         if let Some(event) = row_event(mapping, &key, &before, &value, false) {
@@ -867,7 +849,7 @@ impl Capture {
         command: &crate::replication::stream::Command,
         raw: &WorkingSet,
     ) -> bool {
-        if self.divergent.is_empty() && raw.is_empty() {
+        if self.pending.is_empty() && raw.is_empty() {
             return false;
         }
         let name = command.name();
@@ -878,7 +860,7 @@ impl Capture {
             .args
             .iter()
             .skip(1)
-            .any(|a| self.divergent_names.contains_key(a) || raw.holds_name(a))
+            .any(|a| self.pending.names(a) || raw.holds_name(a))
     }
 
     /// Applies `command` to the raw states (what Redis really holds), before the mirror sees it.
@@ -892,7 +874,8 @@ impl Capture {
         if name == "FLUSHDB" || name == "FLUSHALL" {
             let db = (name == "FLUSHDB").then_some(command.db);
             let doomed: Vec<(u32, Bytes)> = self
-                .divergent
+                .pending
+                .keys
                 .iter()
                 .filter(|(d, _)| db.is_none_or(|db| db == *d))
                 .cloned()
@@ -936,15 +919,20 @@ impl Capture {
                 }
             }
         }
-        let applier = Applier {
+        let mut ignored = Vec::new();
+        self.applier(false).apply(raw, command, &mut ignored)?;
+        Ok(())
+    }
+
+    /// An applier of the current generation; `ops`: whether `#` is the op field (false for the
+    /// raw states, which follow Redis exactly).
+    fn applier(&self, ops: bool) -> Applier<'_> {
+        Applier {
             mappings: &self.mappings,
             commands: &self.commands,
             generation: self.checkpoint.generation,
-            ops: false,
-        };
-        let mut ignored = Vec::new();
-        applier.apply(raw, command, &mut ignored)?;
-        Ok(())
+            ops,
+        }
     }
 
     /// A `#` op written with a plain command: Redis holds `seen.raw` until the op is completed.
@@ -953,7 +941,7 @@ impl Capture {
         raw: &mut WorkingSet,
         seen: OpSeen,
         offset: ReplOffset,
-        acks: &mut Vec<PendingAck>,
+        acks: &mut Vec<NewAck>,
     ) {
         let op = seen.kind.map(|k| (k.as_char() as char).to_string());
         metrics::counter!("writebehind_ops_total", "op" => op.unwrap_or_else(|| "invalid".into()))
@@ -963,12 +951,12 @@ impl Capture {
             raw.seed(seen.db, &seen.key, Some(seen.raw));
         }
         if let Some((uuid, failure)) = seen.ack_now {
-            acks.push(PendingAck {
+            acks.push(NewAck {
                 db: seen.db,
                 key: seen.key,
                 uuid,
                 failure,
-                offset,
+                offset: offset.0,
             });
         }
     }
@@ -983,7 +971,7 @@ impl Capture {
         op: OpField,
         key: Bytes,
         rows: &mut Vec<RowEvent>,
-        acks: &mut Vec<PendingAck>,
+        acks: &mut Vec<NewAck>,
         offset: ReplOffset,
     ) -> Result<(), StoreError> {
         let Some(kind) = op.kind else {
@@ -991,49 +979,31 @@ impl Capture {
         };
         metrics::counter!("writebehind_ops_total", "op" => (kind.as_char() as char).to_string())
             .increment(1);
-        let ack_now = |acks: &mut Vec<PendingAck>| {
-            if let Some(uuid) = &op.uuid {
-                acks.push(PendingAck {
-                    db,
-                    key: key.clone(),
-                    uuid: uuid.clone(),
-                    failure: None,
-                    offset,
-                });
-            }
-        };
         let Some(mapping) = self.mappings.watching(db, &key) else {
-            ack_now(acks);
+            // Not watched: nothing to write, acknowledged once captured.
+            acks.extend(op.uuid.map(|uuid| NewAck {
+                db,
+                key,
+                uuid,
+                failure: None,
+                offset: offset.0,
+            }));
             return Ok(());
         };
+        // The op decides the row, not the commands that carried it out.
         let row_id = mapping.row_id(&key);
         rows.retain(|e| !(e.mapping == mapping.name && e.row_id == row_id));
-        let hash_op = op.uuid.clone().map(|uuid| HashOp {
-            op: kind.as_char(),
-            uuid,
-            db,
-            key: key.clone(),
-        });
-        let row = match kind {
-            OpKind::Write => match ws.get(db, &key)? {
-                Some(v) if v.kind == MirrorKind::Hash && !v.fields.is_empty() => {
-                    Some(RowChange::Upsert {
-                        columns: mapping.row_image(&v.fields),
-                    })
-                }
-                _ => None,
-            },
-            OpKind::Delete => Some(RowChange::Delete),
-            OpKind::KeepOnly | OpKind::DeleteKeyOnly => None,
-        };
-        match row {
-            Some(row) => rows.push(RowEvent {
-                mapping: mapping.name.clone(),
-                row_id,
-                row,
-                op: hash_op,
-            }),
-            None => ack_now(acks),
+        let after = ws.get(db, &key)?;
+        let (event, ack_now) = op_effects(mapping, db, &key, &op, &after);
+        rows.extend(event);
+        if let Some((uuid, failure)) = ack_now {
+            acks.push(NewAck {
+                db,
+                key,
+                uuid,
+                failure,
+                offset: offset.0,
+            });
         }
         Ok(())
     }
@@ -1114,7 +1084,7 @@ impl Capture {
         ws: &mut WorkingSet,
         raw: &mut WorkingSet,
         changes: Vec<(Vec<RowEvent>, ReplOffset)>,
-        acks: Vec<PendingAck>,
+        acks: Vec<NewAck>,
     ) -> Result<(), StoreError> {
         let mut batch = Batch::default();
         let writeback = !raw.is_empty() || !acks.is_empty();
@@ -1124,7 +1094,7 @@ impl Capture {
         for (rows, offset) in changes {
             self.push_unit(&mut batch, rows, offset);
         }
-        self.put_acks(&mut batch, acks);
+        batch.put_acks(&self.store, acks);
         batch.put_checkpoint(&self.checkpoint);
         self.store.write(batch, true)?;
         if writeback {

@@ -15,7 +15,7 @@ use super::convert::{convert, SqlValue};
 use super::{
     BeforeCommit, Destination, Rejected, RowOp, RowWrite, Sink, SinkBatch, SinkError, TableSchema,
 };
-use crate::buffer::{AckRecord, Batch, Change, DeadLetter, HashOp, RowChange, Store, StoreError};
+use crate::buffer::{Batch, Change, DeadLetter, NewAck, RowChange, Store, StoreError};
 use crate::capture::apply::now_ms;
 use crate::capture::mapping::Mapping;
 
@@ -135,52 +135,43 @@ impl SinkRunner {
                 .collect();
             let Some(last) = changes.last() else { break };
             from = last.seq + 1;
-            let mine: Vec<&Change> = changes
-                .iter()
-                .filter(|c| self.mappings.iter().any(|m| m.name == c.mapping))
-                .collect();
-            self.queue_acks(&mine, |c| letters.get(&c.seq).cloned(), last.seq)?;
+            self.queue_acks(&changes, |c| letters.get(&c.seq).cloned(), last.seq)?;
         }
         Ok(())
     }
 
-    /// Queues the acks of `changes` (those with a `#` op uuid): failed with the reason `refused`
-    /// gives, done otherwise; records that this backend's acks are queued through `through`.
+    /// Queues the acks of this backend's `changes` that carry a `#` op uuid: failed with the
+    /// reason `refused` gives, done otherwise; records that this backend's acks are queued
+    /// through `through`.
     fn queue_acks(
         &self,
-        changes: &[&Change],
+        changes: &[Change],
         refused: impl Fn(&Change) -> Option<String>,
         through: u64,
     ) -> Result<(), StoreError> {
-        let with_op: Vec<(&Change, &HashOp)> = changes
+        let acks: Vec<NewAck> = changes
             .iter()
-            .filter_map(|c| c.op.as_ref().map(|op| (*c, op)))
-            .collect();
-        if with_op.is_empty() {
-            return Ok(());
-        }
-        let mut batch = Batch::default();
-        let first = self.store.allocate_ack_ids(with_op.len() as u64);
-        for (i, (change, op)) in with_op.into_iter().enumerate() {
-            batch.put_ack(&AckRecord {
-                id: first + i as u64,
+            .filter_map(|c| c.op.as_ref().map(|op| (c, op)))
+            .filter(|(c, _)| self.mappings.iter().any(|m| m.name == c.mapping))
+            .map(|(change, op)| NewAck {
                 db: op.db,
                 key: op.key.clone(),
                 uuid: op.uuid.clone(),
                 failure: refused(change),
                 offset: change.offset.0,
-            });
+            })
+            .collect();
+        if acks.is_empty() {
+            return Ok(());
         }
+        let mut batch = Batch::default();
+        batch.put_acks(&self.store, acks);
         batch.put_acks_enqueued(&self.name, through);
         self.store.write(batch, false)?;
         if let Some(notify) = &self.writeback {
             notify.notify_one();
         }
         Ok(())
-    }
-
-    pub fn applied(&self) -> u64 {
-        self.applied
     }
 
     /// Applies changes until `stop` resolves.
@@ -304,12 +295,8 @@ impl SinkRunner {
                 refused_rows.insert((mapping, write.row_id.clone()), r.reason.clone());
             }
         }
-        let mine: Vec<&Change> = changes
-            .iter()
-            .filter(|c| self.mappings.iter().any(|m| m.name == c.mapping))
-            .collect();
         self.queue_acks(
-            &mine,
+            &changes,
             |c| {
                 refused_rows
                     .get(&(c.mapping.clone(), c.row_id.clone()))

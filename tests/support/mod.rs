@@ -276,3 +276,16 @@ impl Drop for SentinelServer {
         let _ = self.child.wait();
     }
 }
+
+/// Starts `writebehind run --config <config>` at log level info, its log (standard error) into
+/// `log`.
+pub fn spawn_service(config: &std::path::Path, log: impl Into<Stdio>) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_writebehind"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start writebehind")
+}
