@@ -301,3 +301,73 @@ async fn sentinel_failover_is_followed_and_never_picks_the_service() {
         service.log()
     );
 }
+
+/// The first entry of the ack stream `stream` (XREAD BLOCK 2000, as a recipe client), retried
+/// a few times.
+async fn ack(client: &mut RedisClient, stream: &str, service: &Service) -> String {
+    for _ in 0..10 {
+        let reply = client
+            .command(&["XREAD", "BLOCK", "2000", "STREAMS", stream, "0-0"])
+            .await
+            .expect("xread");
+        if let BytesFrame::Array(streams) = reply {
+            return format!("{streams:?}");
+        }
+    }
+    panic!("no ack on {stream}; service log:\n{}", service.log())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn op_completions_and_acks_follow_the_promoted_primary() {
+    let (mut primary, _replica, mut p, mut r, service) = attached_pair(1..10).await;
+    // An op on the old primary, completed and acknowledged there, replicated to the replica.
+    p.command(&["HSET", "person2:1", "first_name", "x", "#", "=before"])
+        .await
+        .expect("hset");
+    ack(&mut p, "{person2:1}before", &service).await;
+    replica_caught_up(&mut p, &mut r).await;
+
+    r.command(&["REPLICAOF", "NO", "ONE"])
+        .await
+        .expect("promote");
+    primary.kill();
+    // The library came with the replication stream; ops on the new primary are completed and
+    // acknowledged there, also when the client writes again at once.
+    assert_eq!(
+        r.command(&["FCALL", "writebehind_version", "0"])
+            .await
+            .expect("library on the promoted replica"),
+        BytesFrame::Integer(1)
+    );
+    r.pipeline(&[
+        &["HSET", "person2:2", "first_name", "gone", "#", "-after"][..],
+        &["HSET", "person2:2", "age", "7"][..],
+    ])
+    .await
+    .expect("pipeline");
+    let acked = ack(&mut r, "{person2:2}after", &service).await;
+    assert!(acked.contains("done"), "{acked}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let BytesFrame::Array(items) = r.command(&["HGETALL", "person2:2"]).await.expect("hgetall")
+        else {
+            panic!("HGETALL")
+        };
+        let fields: Vec<String> = items.iter().map(frame_text).collect();
+        if fields == ["age", "7"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the `-` op was not completed on the new primary: {fields:?}\n{}",
+            service.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    service.converges_to(&mut r).await;
+    assert_eq!(
+        service.table().get("2"),
+        Some(&(None, Some("7".to_string()))),
+        "the row has only the write after the op"
+    );
+}

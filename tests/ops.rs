@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
 use redis_protocol::resp2::types::BytesFrame;
-use support::RedisServer;
+use support::{MariaDbServer, RedisServer};
 use writebehind::redis_client::RedisClient;
 
 const TABLE: &str = "CREATE TABLE persons (person_id VARCHAR(100) PRIMARY KEY, first VARCHAR(100), last VARCHAR(100), age INT)";
@@ -35,10 +35,15 @@ impl Setup {
     /// Redis (with `extra` arguments), a fresh database with the recipe's tables, and the
     /// service; `before` runs against Redis before the service starts.
     async fn start(extra: &[&str]) -> Setup {
+        Setup::start_on(extra, "mysql://root@127.0.0.1:3306").await
+    }
+
+    /// The same, with the database on the MariaDB server at `server` (`mysql://user@host:port`).
+    async fn start_on(extra: &[&str], server: &str) -> Setup {
         let redis = RedisServer::start(extra);
         let client = redis.client().await;
         let database = format!("wb_ops_{}_{}", std::process::id(), rand::random::<u32>());
-        let admin = mysql_async::Pool::new("mysql://root@127.0.0.1:3306/mysql");
+        let admin = mysql_async::Pool::new(format!("{server}/mysql").as_str());
         let mut conn = admin
             .get_conn()
             .await
@@ -48,7 +53,7 @@ impl Setup {
             .expect("create database");
         drop(conn);
         admin.disconnect().await.ok();
-        let url = format!("mysql://root@127.0.0.1:3306/{database}");
+        let url = format!("{server}/{database}");
         let pool = mysql_async::Pool::new(url.as_str());
         let mut conn = pool.get_conn().await.expect("conn");
         conn.query_drop(TABLE).await.expect("table");
@@ -676,4 +681,43 @@ async fn ops_written_while_the_service_was_away_are_applied_from_the_snapshot() 
             && t.hash("person:6").await.is_empty()
     );
     assert_eq!(t.row("persons", "6").await, None, "`-` writes no row");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_survive_a_database_outage_and_a_kill_9() {
+    let mut maria = MariaDbServer::start();
+    let server = format!("mysql://root@127.0.0.1:{}", maria.port);
+    let mut t = Setup::start_on(&[], &server).await;
+    t.spawn();
+    t.redis(&["HSET", "person:1", "first_name", "a", "#", "=c0"])
+        .await;
+    assert_eq!(t.ack("person:1", "c0").await, done());
+
+    // The database goes away: an `=` ack must wait for it; a `+` ack does not.
+    maria.stop();
+    t.redis(&["HSET", "person:2", "first_name", "b", "#", "=c1"])
+        .await;
+    t.redis(&["HSET", "person:3", "first_name", "c", "#", "+c2"])
+        .await;
+    assert_eq!(t.ack("person:3", "c2").await, done());
+    assert_eq!(
+        t.xread("{person:2}c1").await,
+        None,
+        "no ack before the row is committed"
+    );
+    // Captured (the later `+` ack says so), not written: the service dies.
+    let mut child = t.child.take().expect("running");
+    child.kill().expect("kill -9");
+    child.wait().expect("wait");
+
+    maria.restart();
+    t.spawn();
+    assert_eq!(t.ack("person:2", "c1").await, done());
+    assert_eq!(t.row("persons", "2").await, Some((s("b"), None, None)));
+    until!(
+        t,
+        "`#` removed from person:2",
+        t.hash("person:2").await == pairs(&[("first_name", "b")])
+    );
+    assert_eq!(t.row("persons", "3").await, None, "`+` writes no row");
 }

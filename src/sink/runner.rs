@@ -496,3 +496,75 @@ async fn futures_ready(
         _ = std::future::ready(()) => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::HashOp;
+    use crate::position::ReplOffset;
+
+    fn change(seq: u64, uuid: Option<&str>) -> Change {
+        Change {
+            seq,
+            unit: seq,
+            unit_end: true,
+            offset: ReplOffset(100 + seq),
+            mapping: "P".into(),
+            row_id: Bytes::from(format!("{seq}")),
+            row: RowChange::Delete,
+            op: uuid.map(|u| HashOp {
+                op: b'~',
+                uuid: Bytes::copy_from_slice(u.as_bytes()),
+                db: 0,
+                key: Bytes::from(format!("p:{seq}")),
+            }),
+        }
+    }
+
+    /// A crash between a database commit and the ack queue: the next start queues the acks of
+    /// what the database has, once.
+    #[tokio::test]
+    async fn acks_lost_between_commit_and_queue_are_queued_at_start() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Arc::new(Store::open(&dir.path().join("buffer")).expect("store"));
+        let text = format!(
+            "[source]\nurl = \"redis://127.0.0.1:1\"\n[backends.db]\nurl = \"sqlite://{}\"\n[[mappings]]\nname = \"P\"\nprefix = \"p\"\nbackend = \"db\"\ntable = \"t\"\nkey_column = \"id\"\ncreate_table = true\n[mappings.columns]\nname = \"name\"\n",
+            dir.path().join("db.sqlite").display()
+        );
+        let config = crate::config::Config::parse(&text, &|_| None).expect("config");
+        let mappings: Vec<Mapping> = config.mappings.iter().map(Mapping::from_config).collect();
+        let mut batch = Batch::default();
+        for c in [change(1, None), change(2, Some("u2")), change(3, None)] {
+            batch.put_change(&c);
+        }
+        store.write(batch, true).expect("write");
+        let start = || {
+            SinkRunner::start(
+                "db",
+                &config.backends["db"].url,
+                mappings.clone(),
+                store.clone(),
+                Arc::new(Notify::new()),
+                Arc::new(AppliedPositions::new(1)),
+                crate::metrics::Health::new(),
+            )
+        };
+        let mut runner = start().await.expect("runner");
+        // As if the database had committed through seq 3 and the process died right after.
+        runner.applied = 3;
+        runner.catch_up_acks().expect("catch up");
+        let acks = store.acks(10).expect("acks");
+        assert_eq!(acks.len(), 1);
+        assert_eq!(
+            (
+                acks[0].key.as_ref(),
+                acks[0].uuid.as_ref(),
+                &acks[0].failure
+            ),
+            (&b"p:2"[..], &b"u2"[..], &None)
+        );
+        assert_eq!(store.acks_enqueued("db").expect("mark"), 3);
+        runner.catch_up_acks().expect("again");
+        assert_eq!(store.acks(10).expect("acks").len(), 1, "queued once");
+    }
+}

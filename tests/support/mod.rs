@@ -205,6 +205,13 @@ impl MariaDbServer {
         self.launch();
     }
 
+    /// Starts a stopped server again on the same data and port.
+    pub fn restart(&mut self) {
+        if self.child.is_none() {
+            self.launch();
+        }
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
