@@ -47,7 +47,11 @@
 
 pub mod writer;
 
+use std::collections::HashSet;
+use std::sync::Mutex;
+
 use bytes::Bytes;
+use tokio::sync::Notify;
 
 use crate::replication::stream::Command;
 
@@ -61,6 +65,38 @@ pub const OP_FIELD: &[u8] = b"#";
 pub const INVALID_OP: &str = "invalid op: unknown operation";
 /// The channel of the tags that mark the library's writes.
 pub const TAG_CHANNEL: &[u8] = b"__writebehind__";
+
+/// How capture and the sink runners wake the write-back task: keys whose raw state capture
+/// has just written (their op may need completing), and a wake-up for newly queued acks.
+#[derive(Debug, Default)]
+pub struct Writeback {
+    touched: Mutex<HashSet<(u32, Bytes)>>,
+    wake: Notify,
+}
+
+impl Writeback {
+    /// Capture wrote the raw state of these keys.
+    pub fn keys_touched(&self, keys: impl IntoIterator<Item = (u32, Bytes)>) {
+        self.touched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(keys);
+        self.wake.notify_one();
+    }
+
+    /// Acks were queued in the buffer.
+    pub fn acks_queued(&self) {
+        self.wake.notify_one();
+    }
+
+    fn take_touched(&self) -> HashSet<(u32, Bytes)> {
+        std::mem::take(&mut *self.touched.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    async fn woken(&self) {
+        self.wake.notified().await
+    }
+}
 
 /// What an op does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,19 +7,17 @@
 //! older. A primary without functions (Redis < 7.0), or a user not allowed to load them, stops
 //! the service with one line saying so (or set `[acks] enabled = false`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use redis_protocol::resp2::types::BytesFrame;
-use tokio::sync::Notify;
-
-use super::{LIBRARY, LIBRARY_VERSION};
+use super::{Writeback, LIBRARY, LIBRARY_VERSION};
 use crate::buffer::{Batch, MirrorKind, MirrorValue, Store};
 use crate::config::RedisEndpoint;
 use crate::redis_client::{ClientError, RedisClient};
 use crate::replication::discovery::Discovery;
+use bytes::Bytes;
+use redis_protocol::resp2::types::BytesFrame;
 
 /// Most completions and acks sent in one pipeline.
 const PIPELINE: usize = 1_000;
@@ -57,31 +55,39 @@ struct Connection {
 pub struct Writer {
     store: Arc<Store>,
     discovery: Discovery,
-    notify: Arc<Notify>,
+    writeback: Arc<Writeback>,
     expire_secs: u64,
     health: Arc<crate::metrics::Health>,
     connection: Option<Connection>,
+    /// Keys that may have an op to complete: all pending ones at start, then those capture
+    /// reports; a key leaves when it has no raw state any more.
+    candidates: HashSet<(u32, Bytes)>,
     /// Completions sent for a raw state, and when: not sent again for the same state soon.
     attempted: HashMap<(u32, Bytes), (MirrorValue, Instant)>,
+    /// Acks below this id are written (and deleted): reading starts here.
+    next_ack: u64,
 }
 
 impl Writer {
     pub fn new(
         store: Arc<Store>,
         discovery: Discovery,
-        notify: Arc<Notify>,
+        writeback: Arc<Writeback>,
         expire_secs: u64,
         health: Arc<crate::metrics::Health>,
-    ) -> Writer {
-        Writer {
+    ) -> Result<Writer, crate::buffer::StoreError> {
+        let candidates = store.raw_keys()?.into_iter().collect();
+        Ok(Writer {
             store,
             discovery,
-            notify,
+            writeback,
             expire_secs,
             health,
             connection: None,
+            candidates,
             attempted: HashMap::new(),
-        }
+            next_ack: 0,
+        })
     }
 
     /// Runs until `stop` resolves or a fatal error.
@@ -114,7 +120,7 @@ impl Writer {
                 continue;
             }
             tokio::select! {
-                _ = self.notify.notified() => {}
+                _ = self.writeback.woken() => {}
                 _ = tokio::time::sleep(wait) => {}
                 _ = &mut stop => {
                     // Write what is queued, once, then stop.
@@ -130,16 +136,44 @@ impl Writer {
         // Connected (and the library checked) from the start, not at the first op: a primary
         // without functions is refused at once.
         self.connect().await?;
-        let pending = self.store.pending_completions(PIPELINE)?;
-        let acks = self.store.acks(PIPELINE)?;
+        self.candidates.extend(self.writeback.take_touched());
+        let now = Instant::now();
+        let mut pending = Vec::new();
+        let mut gone = Vec::new();
+        for (db, key) in &self.candidates {
+            if pending.len() == PIPELINE {
+                break;
+            }
+            let Some((raw, intended)) = self.store.pending_completion(*db, key)? else {
+                // Completed (or read while capture moved it: then it is reported again).
+                gone.push((*db, key.clone()));
+                continue;
+            };
+            // Sent for this very state a moment ago: wait for capture to see its effect or the
+            // client's newer write.
+            let tried = self.attempted.get(&(*db, key.clone()));
+            if tried.is_some_and(|(state, at)| {
+                *state == raw && now.duration_since(*at) < RETRY_UNCHANGED
+            }) {
+                continue;
+            }
+            pending.push((*db, key.clone(), raw, intended));
+        }
+        for key in &gone {
+            self.candidates.remove(key);
+            self.attempted.remove(key);
+        }
+        let acks = self.store.acks(self.next_ack, PIPELINE)?;
         if pending.is_empty() && acks.is_empty() {
             self.health.acks_pending(None);
-            self.attempted.clear();
             return Ok(false);
         }
         let completed = self.complete(pending).await?;
         let written = self.write_acks(&acks).await?;
-        let remaining = self.store.acks(1)?;
+        if let Some(last) = acks.last() {
+            self.next_ack = last.id + 1;
+        }
+        let remaining = self.store.acks(self.next_ack, 1)?;
         self.health
             .acks_pending(remaining.first().map(|a| a.offset).filter(|o| *o > 0));
         Ok(written == PIPELINE || completed == PIPELINE)
@@ -161,7 +195,7 @@ impl Writer {
         Ok(())
     }
 
-    /// Sends `writebehind_complete` for every key whose raw state has not been tried yet.
+    /// Sends `writebehind_complete` for each key.
     async fn complete(
         &mut self,
         pending: Vec<(u32, Bytes, MirrorValue, Option<MirrorValue>)>,
@@ -178,11 +212,6 @@ impl Writer {
                     .is_some_and(|i| i.kind != MirrorKind::Hash)
             {
                 continue;
-            }
-            if let Some((tried, at)) = self.attempted.get(&(db, key.clone())) {
-                if tried == &raw && now.duration_since(*at) < RETRY_UNCHANGED {
-                    continue;
-                }
             }
             if db != db_now {
                 commands.push(vec![

@@ -26,7 +26,8 @@
 //!   entry disappears when the two agree again (src/ack explains the completion).
 //! - **`acks`**: acknowledgements to write to Redis, in order. Key: `id u64`. Value: `db u32,
 //!   key bytes, uuid bytes, status bytes` (`done` or `failed`), `reason opt bytes`, `offset u64`
-//!   (stream offset of the change). Deleted once written.
+//!   (stream offset of the change). Ids are given when the batch is written, under a lock, so
+//!   they become visible in increasing order. Deleted once written.
 //! - **`meta`**: `format` (u32 = 2); `checkpoint` (`replid opt bytes`, `offset u64`, `db u32`,
 //!   `next_seq u64`, `generation u64`, `full_sync_in_progress u8`); `replid/<seq u64>` the
 //!   history of replication IDs (`replid bytes, first offset u64`); `acks_enqueued/<backend>`
@@ -377,6 +378,7 @@ fn split_mirror_key(raw: &[u8]) -> Option<(u32, Bytes)> {
 #[derive(Debug, Default)]
 pub struct Batch {
     ops: Vec<Op>,
+    new_acks: Vec<NewAck>,
 }
 
 /// A change a database refused, kept until it is retried or dropped.
@@ -492,7 +494,6 @@ pub struct NewAck {
 enum Op {
     PutRaw(Vec<u8>, Vec<u8>),
     DeleteRaw(Vec<u8>),
-    PutAck(u64, Vec<u8>),
     DeleteAck(u64),
     PutDeadLetter(u64, Vec<u8>),
     DeleteDeadLetter(u64),
@@ -540,23 +541,9 @@ impl Batch {
     pub fn delete_raw(&mut self, db: u32, key: &[u8]) {
         self.ops.push(Op::DeleteRaw(mirror_key(db, key)));
     }
-    /// Queues acknowledgements, in order, with ids from `store`.
-    pub fn put_acks(&mut self, store: &Store, acks: Vec<NewAck>) {
-        if acks.is_empty() {
-            return;
-        }
-        let first = store.allocate_ack_ids(acks.len() as u64);
-        for (id, ack) in (first..).zip(acks) {
-            let record = AckRecord {
-                id,
-                db: ack.db,
-                key: ack.key,
-                uuid: ack.uuid,
-                failure: ack.failure,
-                offset: ack.offset,
-            };
-            self.ops.push(Op::PutAck(id, record.encode()));
-        }
+    /// Queues acknowledgements, in order; they get their ids when the batch is written.
+    pub fn put_acks(&mut self, acks: Vec<NewAck>) {
+        self.new_acks.extend(acks);
     }
     pub fn delete_ack(&mut self, id: u64) {
         self.ops.push(Op::DeleteAck(id));
@@ -568,7 +555,7 @@ impl Batch {
         self.ops.push(Op::PutMeta(key, seq.to_be_bytes().to_vec()));
     }
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        self.ops.is_empty() && self.new_acks.is_empty()
     }
     pub fn len(&self) -> usize {
         self.ops.len()
@@ -579,8 +566,9 @@ impl Batch {
 pub struct Store {
     db: DB,
     path: PathBuf,
-    /// The id the next acknowledgement gets (ids only grow; written ones are deleted).
-    next_ack_id: std::sync::atomic::AtomicU64,
+    /// The id the next acknowledgement gets. Held while a batch with acks is written, so ids
+    /// become visible in increasing order (the write-back task reads on from the last one).
+    next_ack_id: std::sync::Mutex<u64>,
 }
 
 impl Store {
@@ -614,7 +602,7 @@ impl Store {
         let mut store = Store {
             db,
             path: path.to_path_buf(),
-            next_ack_id: std::sync::atomic::AtomicU64::new(1),
+            next_ack_id: std::sync::Mutex::new(1),
         };
         let last_ack = match store
             .db
@@ -627,7 +615,7 @@ impl Store {
             }
             None => 0,
         };
-        store.next_ack_id = std::sync::atomic::AtomicU64::new(last_ack + 1);
+        store.next_ack_id = std::sync::Mutex::new(last_ack + 1);
         let meta = store.cf(CF_META)?;
         match store
             .db
@@ -828,15 +816,39 @@ impl Store {
                 Op::DeleteDeadLetter(seq) => write.delete_cf(dead, seq.to_be_bytes()),
                 Op::PutRaw(k, v) => write.put_cf(raw, k, v),
                 Op::DeleteRaw(k) => write.delete_cf(raw, k),
-                Op::PutAck(id, v) => write.put_cf(acks, id.to_be_bytes(), v),
                 Op::DeleteAck(id) => write.delete_cf(acks, id.to_be_bytes()),
             }
         }
         let mut options = WriteOptions::default();
         options.set_sync(sync);
-        self.db
+        if batch.new_acks.is_empty() {
+            return self
+                .db
+                .write_opt(write, &options)
+                .map_err(|e| self.rocks(e));
+        }
+        let mut next_id = self.next_ack_id.lock().unwrap_or_else(|p| p.into_inner());
+        let first = *next_id;
+        for (id, ack) in (first..).zip(batch.new_acks) {
+            let record = AckRecord {
+                id,
+                db: ack.db,
+                key: ack.key,
+                uuid: ack.uuid,
+                failure: ack.failure,
+                offset: ack.offset,
+            };
+            write.put_cf(acks, id.to_be_bytes(), record.encode());
+            *next_id = id + 1;
+        }
+        let written = self
+            .db
             .write_opt(write, &options)
-            .map_err(|e| self.rocks(e))
+            .map_err(|e| self.rocks(e));
+        if written.is_err() {
+            *next_id = first;
+        }
+        written
     }
 
     /// All dead letters, in seq order.
@@ -867,35 +879,23 @@ impl Store {
         }
     }
 
-    /// Keys with a `#` op not completed in Redis: up to `limit` of them, each with its raw state
-    /// and its mirror state, read from one snapshot (capture writes both in one batch).
+    /// The raw state of `key` (when its `#` op is not completed) with its mirror state. The
+    /// raw state is read again after the mirror: if it moved meanwhile, `None` (capture will
+    /// report the key again).
     #[allow(clippy::type_complexity)]
-    pub fn pending_completions(
+    pub fn pending_completion(
         &self,
-        limit: usize,
-    ) -> Result<Vec<(u32, Bytes, MirrorValue, Option<MirrorValue>)>, StoreError> {
-        let snapshot = self.db.snapshot();
-        let mirror = self.cf(CF_MIRROR)?;
-        let mut out = Vec::new();
-        for item in snapshot.iterator_cf(self.cf(CF_RAW)?, IteratorMode::Start) {
-            if out.len() >= limit {
-                break;
-            }
-            let (raw_key, raw_value) = item.map_err(|e| self.rocks(e))?;
-            let Some((db, key)) = split_mirror_key(&raw_key) else {
-                continue;
-            };
-            let raw = MirrorValue::decode(&raw_value).map_err(|e| self.corrupt(e))?;
-            let intended = match snapshot
-                .get_cf(mirror, &raw_key)
-                .map_err(|e| self.rocks(e))?
-            {
-                Some(v) => Some(MirrorValue::decode(&v).map_err(|e| self.corrupt(e))?),
-                None => None,
-            };
-            out.push((db, key, raw, intended));
+        db: u32,
+        key: &[u8],
+    ) -> Result<Option<(MirrorValue, Option<MirrorValue>)>, StoreError> {
+        let Some(raw) = self.raw(db, key)? else {
+            return Ok(None);
+        };
+        let intended = self.mirror(db, key)?;
+        if self.raw(db, key)?.as_ref() != Some(&raw) {
+            return Ok(None);
         }
-        Ok(out)
+        Ok(Some((raw, intended)))
     }
 
     /// Forgets every raw state (a full sync finds pending ops again).
@@ -921,16 +921,15 @@ impl Store {
         Ok(out)
     }
 
-    /// Reserves `count` consecutive acknowledgement ids; returns the first.
-    fn allocate_ack_ids(&self, count: u64) -> u64 {
-        self.next_ack_id
-            .fetch_add(count, std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Up to `limit` acknowledgements not written yet, oldest first.
-    pub fn acks(&self, limit: usize) -> Result<Vec<AckRecord>, StoreError> {
+    /// Up to `limit` acknowledgements not written yet with id >= `from`, oldest first. (Written
+    /// ones are deleted: starting after them skips their tombstones.)
+    pub fn acks(&self, from: u64, limit: usize) -> Result<Vec<AckRecord>, StoreError> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_ACKS)?, IteratorMode::Start) {
+        let start = from.to_be_bytes();
+        for item in self.db.iterator_cf(
+            self.cf(CF_ACKS)?,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
             if out.len() >= limit {
                 break;
             }

@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis_protocol::resp2::types::BytesFrame;
 
-use crate::ack::{parse_tag, OpField, Tag, OP_FIELD};
+use crate::ack::{parse_tag, OpField, Tag, Writeback, OP_FIELD};
 use crate::buffer::{
     Batch, Change, Checkpoint, FieldValue, MirrorKind, MirrorValue, NewAck, Store, StoreError,
 };
@@ -220,7 +220,7 @@ pub struct Capture {
     /// Keys whose `#` op is not completed in Redis.
     pending: PendingKeys,
     /// Woken when there is something to write back to Redis (a completion, an ack).
-    writeback: Arc<tokio::sync::Notify>,
+    writeback: Arc<Writeback>,
     pub stats: CaptureStats,
 }
 
@@ -249,7 +249,7 @@ impl Capture {
             health: crate::metrics::Health::new(),
             ops: true,
             pending,
-            writeback: Arc::new(tokio::sync::Notify::new()),
+            writeback: Arc::new(Writeback::default()),
             stats: CaptureStats::default(),
         })
     }
@@ -260,7 +260,7 @@ impl Capture {
     }
 
     /// Notified when a completion or an acknowledgement is waiting to be written to Redis.
-    pub fn writeback(&self) -> Arc<tokio::sync::Notify> {
+    pub fn writeback(&self) -> Arc<Writeback> {
         self.writeback.clone()
     }
 
@@ -576,7 +576,7 @@ impl Capture {
         } else {
             None
         };
-        batch.put_acks(&self.store, acks);
+        batch.put_acks(acks);
         match &after {
             Some(value) => batch.put_mirror(key.db, &key.key, value),
             None if before.is_some() => batch.delete_mirror(key.db, &key.key),
@@ -648,7 +648,10 @@ impl Capture {
         self.health
             .buffered(offset, self.checkpoint.next_seq.checked_sub(1));
         self.committed.notify_waiters();
-        self.writeback.notify_one();
+        // Ops found in the snapshot, and acks it queued.
+        self.writeback
+            .keys_touched(self.pending.keys.iter().cloned());
+        self.writeback.acks_queued();
         tracing::info!(
             keys = sync.progress.keys,
             keys_per_second = sync.progress.rate(),
@@ -659,20 +662,22 @@ impl Capture {
         Ok(())
     }
 
-    /// Records which keys still differ from the mirror (their op is to be completed in Redis)
-    /// and which agree again.
+    /// Records which keys still differ from the mirror (their op is to be completed in Redis;
+    /// returned) and which agree again.
     fn flush_raw(
         &mut self,
         ws: &mut WorkingSet,
         raw: &mut WorkingSet,
         batch: &mut Batch,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<(u32, Bytes)>, StoreError> {
+        let mut to_complete = Vec::new();
         for ((db, key), value) in raw.drain() {
             let intended = ws.get(db, &key)?;
             match value {
                 Some(value) if !MirrorValue::agree(&Some(value.clone()), &intended) => {
                     batch.put_raw(db, &key, &value);
                     self.pending.insert(db, &key);
+                    to_complete.push((db, key));
                 }
                 value => {
                     if value.is_none() && intended.is_some() {
@@ -686,7 +691,7 @@ impl Capture {
                 }
             }
         }
-        Ok(())
+        Ok(to_complete)
     }
 
     /// Appends one unit of row events to the change log in `batch`.
@@ -1087,18 +1092,20 @@ impl Capture {
         acks: Vec<NewAck>,
     ) -> Result<(), StoreError> {
         let mut batch = Batch::default();
-        let writeback = !raw.is_empty() || !acks.is_empty();
-        self.flush_raw(ws, raw, &mut batch)?;
+        let acks_queued = !acks.is_empty();
+        let to_complete = self.flush_raw(ws, raw, &mut batch)?;
         ws.flush_into(&mut batch);
         let first_seq = self.checkpoint.next_seq;
         for (rows, offset) in changes {
             self.push_unit(&mut batch, rows, offset);
         }
-        batch.put_acks(&self.store, acks);
+        batch.put_acks(acks);
         batch.put_checkpoint(&self.checkpoint);
         self.store.write(batch, true)?;
-        if writeback {
-            self.writeback.notify_one();
+        if !to_complete.is_empty() {
+            self.writeback.keys_touched(to_complete);
+        } else if acks_queued {
+            self.writeback.acks_queued();
         }
         self.stats.commits += 1;
         let offset = self

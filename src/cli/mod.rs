@@ -589,13 +589,19 @@ async fn run(path: &std::path::Path, capture_only: bool) -> ExitCode {
     }
     if config.acks.enabled {
         // Completes `#` ops and writes acks; a primary without functions stops the service.
-        let writer = crate::ack::writer::Writer::new(
+        let writer = match crate::ack::writer::Writer::new(
             store.clone(),
             discovery.clone(),
             capture.writeback(),
             config.acks.expire_secs,
             health.clone(),
-        );
+        ) {
+            Ok(writer) => writer,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let stop = stopped(stop_rx.clone());
         tasks.spawn(async move { writer.run(stop).await });
     }
