@@ -1,6 +1,10 @@
 //! The write-back task: loads the function library into the primary, completes pending `#` ops
 //! and writes queued acknowledgements, each kind as one pipeline per round.
 //!
+//! Capture reports the keys whose raw state it wrote ([`super::Writeback`]); at start every key
+//! with a raw state is a candidate. Acks are read on from the last id written. Neither needs a
+//! scan of the buffer per round (deleted entries would be walked over again and again).
+//!
 //! It follows the primary the way the replication link does (the same discovery), so after a
 //! failover completions and acks go to the new primary. The library is checked on every
 //! connection (`writebehind_version`) and loaded with `FUNCTION LOAD REPLACE` when missing or
