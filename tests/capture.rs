@@ -680,16 +680,9 @@ enum CountedDb {
 
 impl CountedDb {
     async fn maria() -> CountedDb {
-        let admin = mysql_async::Pool::new("mysql://root@127.0.0.1:3306/mysql");
-        let name = format!("wb_kill_{}_{}", std::process::id(), rand::random::<u32>());
-        admin
-            .get_conn()
-            .await
-            .expect("MariaDB on 127.0.0.1:3306")
-            .query_drop(format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create database");
-        let pool = mysql_async::Pool::new(format!("mysql://root@127.0.0.1:3306/{name}").as_str());
+        let admin = mysql_async::Pool::new(format!("{}/mysql", support::SHARED_MARIADB).as_str());
+        let (name, url) = support::create_database(support::SHARED_MARIADB, "wb_kill").await;
+        let pool = mysql_async::Pool::new(url.as_str());
         let mut conn = pool.get_conn().await.expect("conn");
         for statement in [
             "CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first TEXT, last TEXT, age TEXT, seq BIGINT)",

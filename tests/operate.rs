@@ -237,21 +237,10 @@ async fn metrics_move_during_a_load_and_positions_stay_ordered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_is_503_while_the_database_is_down() {
     let mut mariadb = MariaDbServer::start();
-    {
-        let admin = mysql_async::Pool::new(mariadb.url("mysql").as_str());
-        use mysql_async::prelude::Queryable;
-        admin
-            .get_conn()
-            .await
-            .expect("conn")
-            .query_drop("CREATE DATABASE wb")
-            .await
-            .expect("create");
-        admin.disconnect().await.ok();
-    }
+    let (_, url) = support::create_database(&mariadb.server(), "wb").await;
     let redis = RedisServer::start(&[]);
     let mut client = redis.client().await;
-    let service = Service::new(&redis, Some(&mariadb.url("wb")));
+    let service = Service::new(&redis, Some(&url));
     service
         .until("ready", || {
             get(service.admin, "/ready").is_some_and(|(s, _)| s == 200)

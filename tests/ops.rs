@@ -35,25 +35,14 @@ impl Setup {
     /// Redis (with `extra` arguments), a fresh database with the recipe's tables, and the
     /// service; `before` runs against Redis before the service starts.
     async fn start(extra: &[&str]) -> Setup {
-        Setup::start_on(extra, "mysql://root@127.0.0.1:3306").await
+        Setup::start_on(extra, support::SHARED_MARIADB).await
     }
 
     /// The same, with the database on the MariaDB server at `server` (`mysql://user@host:port`).
     async fn start_on(extra: &[&str], server: &str) -> Setup {
         let redis = RedisServer::start(extra);
         let client = redis.client().await;
-        let database = format!("wb_ops_{}_{}", std::process::id(), rand::random::<u32>());
-        let admin = mysql_async::Pool::new(format!("{server}/mysql").as_str());
-        let mut conn = admin
-            .get_conn()
-            .await
-            .expect("MariaDB on 127.0.0.1:3306 (started by .ci/run)");
-        conn.query_drop(format!("CREATE DATABASE {database}"))
-            .await
-            .expect("create database");
-        drop(conn);
-        admin.disconnect().await.ok();
-        let url = format!("{server}/{database}");
+        let (database, url) = support::create_database(server, "wb_ops").await;
         let pool = mysql_async::Pool::new(url.as_str());
         let mut conn = pool.get_conn().await.expect("conn");
         conn.query_drop(TABLE).await.expect("table");
@@ -172,6 +161,18 @@ impl Setup {
         panic!("no ack on {stream}; service log:\n{}", self.log())
     }
 
+    /// `FCALL writebehind_version 0`, when the library is loaded.
+    async fn library_version(&mut self) -> Option<i64> {
+        match self
+            .client
+            .command(&["FCALL", "writebehind_version", "0"])
+            .await
+        {
+            Ok(BytesFrame::Integer(version)) => Some(version),
+            _ => None,
+        }
+    }
+
     async fn keys(&mut self, pattern: &str) -> Vec<String> {
         match self.redis(&["KEYS", pattern]).await {
             BytesFrame::Array(items) => items
@@ -271,12 +272,7 @@ async fn the_recipes_scenarios_pass() {
     until!(
         t,
         "the library upgrade",
-        matches!(
-            t.client
-                .command(&["FCALL", "writebehind_version", "0"])
-                .await,
-            Ok(BytesFrame::Integer(1))
-        )
+        t.library_version().await == Some(1)
     );
 
     // testSimpleWriteBehind
@@ -525,16 +521,7 @@ async fn op_alone_resends_the_row_and_invalid_ops_are_reported_and_removed() {
 async fn the_atomic_entry_point_applies_the_op_in_the_same_instant() {
     let mut t = Setup::start(&[]).await;
     t.spawn();
-    until!(
-        t,
-        "the library",
-        matches!(
-            t.client
-                .command(&["FCALL", "writebehind_version", "0"])
-                .await,
-            Ok(BytesFrame::Integer(1))
-        )
-    );
+    until!(t, "the library", t.library_version().await == Some(1));
     let fcall = |op: &'static str| {
         vec![
             "FCALL",
@@ -686,8 +673,7 @@ async fn ops_written_while_the_service_was_away_are_applied_from_the_snapshot() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_survive_a_database_outage_and_a_kill_9() {
     let mut maria = MariaDbServer::start();
-    let server = format!("mysql://root@127.0.0.1:{}", maria.port);
-    let mut t = Setup::start_on(&[], &server).await;
+    let mut t = Setup::start_on(&[], &maria.server()).await;
     t.spawn();
     t.redis(&["HSET", "person:1", "first_name", "a", "#", "=c0"])
         .await;

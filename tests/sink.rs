@@ -35,37 +35,17 @@ enum Database {
 
 impl Database {
     async fn maria() -> Database {
-        let admin = mysql_async::Pool::new("mysql://root@127.0.0.1:3306/mysql");
-        let name = format!("wb_test_{}_{}", std::process::id(), rand::random::<u32>());
-        let mut conn = admin
-            .get_conn()
-            .await
-            .expect("MariaDB on 127.0.0.1:3306 (started by .ci/run)");
-        conn.query_drop(format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create database");
-        drop(conn);
-        admin.disconnect().await.ok();
-        let url = format!("mysql://root@127.0.0.1:3306/{name}");
+        let (name, url) = support::create_database(support::SHARED_MARIADB, "wb_test").await;
         let pool = mysql_async::Pool::new(url.as_str());
         Database::Maria { pool, name, url }
     }
 
     /// A database on a private server (see `MariaDbServer`).
     async fn maria_on(server: &MariaDbServer) -> Database {
-        let admin = mysql_async::Pool::new(server.url("mysql").as_str());
-        admin
-            .get_conn()
-            .await
-            .expect("private MariaDB")
-            .query_drop("CREATE DATABASE wb")
-            .await
-            .expect("create database");
-        admin.disconnect().await.ok();
-        let url = server.url("wb");
+        let (name, url) = support::create_database(&server.server(), "wb").await;
         Database::Maria {
             pool: mysql_async::Pool::new(url.as_str()),
-            name: "wb".into(),
+            name,
             url,
         }
     }

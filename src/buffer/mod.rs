@@ -758,18 +758,30 @@ impl Store {
 
     /// Up to `limit` changes with seq >= `from`, in order.
     pub fn changes(&self, from: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
+        self.by_seq(CF_CHANGES, "change key", from, limit, Change::decode)
+    }
+
+    /// Up to `limit` entries of a column family keyed by `seq u64`, from `from` on, decoded.
+    fn by_seq<T>(
+        &self,
+        family: &str,
+        what: &'static str,
+        from: u64,
+        limit: usize,
+        decode: impl Fn(u64, &[u8]) -> Result<T, DecodeError>,
+    ) -> Result<Vec<T>, StoreError> {
         let start = from.to_be_bytes();
         let mut out = Vec::new();
         for item in self.db.iterator_cf(
-            self.cf(CF_CHANGES)?,
+            self.cf(family)?,
             IteratorMode::From(&start, Direction::Forward),
         ) {
             if out.len() >= limit {
                 break;
             }
             let (key, value) = item.map_err(|e| self.rocks(e))?;
-            let seq = self.seq_key(&key, "change key")?;
-            out.push(Change::decode(seq, &value).map_err(|e| self.corrupt(e))?);
+            let seq = self.seq_key(&key, what)?;
+            out.push(decode(seq, &value).map_err(|e| self.corrupt(e))?);
         }
         Ok(out)
     }
@@ -853,16 +865,14 @@ impl Store {
 
     /// All dead letters, in seq order.
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
-        let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_DEAD_LETTERS)?, IteratorMode::Start)
-        {
-            let (key, value) = item.map_err(|e| self.rocks(e))?;
-            let seq = self.seq_key(&key, "dead letter key")?;
-            out.push(DeadLetter::decode(seq, &value).map_err(|e| self.corrupt(e))?);
-        }
-        Ok(out)
+        let all = usize::MAX;
+        self.by_seq(
+            CF_DEAD_LETTERS,
+            "dead letter key",
+            0,
+            all,
+            DeadLetter::decode,
+        )
     }
 
     /// What Redis really holds for `key`, when a `#` op on it is not completed yet.
@@ -924,20 +934,7 @@ impl Store {
     /// Up to `limit` acknowledgements not written yet with id >= `from`, oldest first. (Written
     /// ones are deleted: starting after them skips their tombstones.)
     pub fn acks(&self, from: u64, limit: usize) -> Result<Vec<AckRecord>, StoreError> {
-        let mut out = Vec::new();
-        let start = from.to_be_bytes();
-        for item in self.db.iterator_cf(
-            self.cf(CF_ACKS)?,
-            IteratorMode::From(&start, Direction::Forward),
-        ) {
-            if out.len() >= limit {
-                break;
-            }
-            let (key, value) = item.map_err(|e| self.rocks(e))?;
-            let id = self.seq_key(&key, "ack key")?;
-            out.push(AckRecord::decode(id, &value).map_err(|e| self.corrupt(e))?);
-        }
-        Ok(out)
+        self.by_seq(CF_ACKS, "ack key", from, limit, AckRecord::decode)
     }
 
     /// The seq up to which `backend`'s acks are queued (0: none recorded).

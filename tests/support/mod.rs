@@ -195,7 +195,12 @@ impl MariaDbServer {
     }
 
     pub fn url(&self, database: &str) -> String {
-        format!("mysql://root@127.0.0.1:{}/{database}", self.port)
+        format!("{}/{database}", self.server())
+    }
+
+    /// `mysql://root@127.0.0.1:<port>`, for [`create_database`].
+    pub fn server(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}", self.port)
     }
 
     /// Stops the server abruptly (SIGKILL) and starts it again on the same data and port.
@@ -295,4 +300,27 @@ pub fn spawn_service(config: &std::path::Path, log: impl Into<Stdio>) -> Child {
         .stderr(log)
         .spawn()
         .expect("start writebehind")
+}
+
+/// The machine's shared MariaDB (root, empty password), started by `.ci/run`.
+pub const SHARED_MARIADB: &str = "mysql://root@127.0.0.1:3306";
+
+/// Creates a database named `<prefix>_<pid>_<random>` on the MariaDB server `server`
+/// (`mysql://user@host:port`); returns its name and URL.
+pub async fn create_database(server: &str, prefix: &str) -> (String, String) {
+    use mysql_async::prelude::Queryable;
+    let name = format!("{prefix}_{}_{}", std::process::id(), rand::random::<u32>());
+    let admin = mysql_async::Pool::new(format!("{server}/mysql").as_str());
+    admin
+        .get_conn()
+        .await
+        .unwrap_or_else(|e| {
+            panic!("MariaDB at {server} (the shared one is started by .ci/run): {e}")
+        })
+        .query_drop(format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+    admin.disconnect().await.ok();
+    let url = format!("{server}/{name}");
+    (name, url)
 }
