@@ -702,9 +702,19 @@ impl Store {
     }
 
     pub fn mirror(&self, db: u32, key: &[u8]) -> Result<Option<MirrorValue>, StoreError> {
+        self.mirror_value(CF_MIRROR, db, key)
+    }
+
+    /// A value of `mirror` or `raw` (same keys, same encoding).
+    fn mirror_value(
+        &self,
+        family: &str,
+        db: u32,
+        key: &[u8],
+    ) -> Result<Option<MirrorValue>, StoreError> {
         match self
             .db
-            .get_pinned_cf(self.cf(CF_MIRROR)?, mirror_key(db, key))
+            .get_pinned_cf(self.cf(family)?, mirror_key(db, key))
             .map_err(|e| self.rocks(e))?
         {
             Some(raw) => MirrorValue::decode(&raw)
@@ -877,16 +887,7 @@ impl Store {
 
     /// What Redis really holds for `key`, when a `#` op on it is not completed yet.
     pub fn raw(&self, db: u32, key: &[u8]) -> Result<Option<MirrorValue>, StoreError> {
-        match self
-            .db
-            .get_pinned_cf(self.cf(CF_RAW)?, mirror_key(db, key))
-            .map_err(|e| self.rocks(e))?
-        {
-            Some(raw) => MirrorValue::decode(&raw)
-                .map(Some)
-                .map_err(|e| self.corrupt(e)),
-            None => Ok(None),
-        }
+        self.mirror_value(CF_RAW, db, key)
     }
 
     /// The raw state of `key` (when its `#` op is not completed) with its mirror state. The
