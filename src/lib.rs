@@ -15,12 +15,15 @@
 //! - [`cli`]: the `writebehind` command line.
 
 pub mod ack;
+pub mod backoff;
 pub mod buffer;
 pub mod capture;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod metrics;
 pub mod position;
 pub mod redis_client;
 pub mod replication;
+pub mod service;
 pub mod sink;

@@ -13,9 +13,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redis_protocol::resp2::types::BytesFrame;
 use support::RedisServer;
-use writebehind::buffer::{MirrorKind, RowChange, Store};
+use writebehind::buffer::{MirrorCursor, MirrorKind, RowChange, Store};
 use writebehind::capture::mapping::Mappings;
-use writebehind::capture::Capture;
+use writebehind::capture::{Capture, CaptureOutputs};
 use writebehind::config::Config;
 use writebehind::redis_client::{frame_text, info_field, RedisClient};
 use writebehind::replication::{Replicator, ReplicatorOptions};
@@ -76,7 +76,14 @@ struct Running {
 }
 
 fn start_capture(server: &RedisServer, store: Arc<Store>, mappings: Mappings) -> Running {
-    let mut capture = Capture::new(store, mappings, server.endpoint()).expect("capture");
+    let mut capture = Capture::new(
+        store,
+        mappings,
+        server.endpoint(),
+        true,
+        CaptureOutputs::default(),
+    )
+    .expect("capture");
     let mut options = ReplicatorOptions::new(server.endpoint());
     options.timeout = Duration::from_secs(20);
     options.backoff_min = Duration::from_millis(10);
@@ -177,8 +184,9 @@ async fn redis_hashes(client: &mut RedisClient, mappings: &Mappings) -> Hashes {
 
 fn mirror_hashes(store: &Store) -> Hashes {
     store
-        .mirror_scan(None, None, usize::MAX)
+        .mirror_scan(None, &MirrorCursor::default(), usize::MAX)
         .expect("scan")
+        .entries
         .into_iter()
         .filter(|(_, _, v)| v.kind == MirrorKind::Hash)
         .map(|(db, key, v)| {
@@ -513,10 +521,10 @@ async fn a_random_workload_leaves_mirror_and_change_log_equal_to_redis() {
         "change log replay vs Redis"
     );
     assert!(
-        capture.stats.refreshed_keys > 0,
+        capture.stats().refreshed_keys > 0,
         "renames from unwatched keys must have been refreshed"
     );
-    assert_eq!(capture.stats.full_syncs, 1);
+    assert_eq!(capture.stats().full_syncs, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -598,7 +606,8 @@ async fn a_forced_full_resync_reconciles_exactly() {
     caught_up(&store, &mut client).await;
     let capture = running.stop().await;
     assert_eq!(
-        capture.stats.full_syncs, 1,
+        capture.stats().full_syncs,
+        1,
         "the backlog no longer covered the checkpoint"
     );
 
@@ -1054,7 +1063,7 @@ async fn swapdb_of_a_mapped_database_is_reconciled_by_a_full_sync() {
     client.command(&["SWAPDB", "0", "1"]).await.expect("swapdb");
     caught_up(&store, &mut client).await;
     let capture = running.stop().await;
-    assert_eq!(capture.stats.full_syncs, 2);
+    assert_eq!(capture.stats().full_syncs, 2);
     assert_eq!(
         mirror_hashes(&store),
         redis_hashes(&mut client, &mappings).await

@@ -10,12 +10,9 @@ use std::time::{Duration, Instant};
 use mysql_async::prelude::Queryable;
 use support::{MariaDbServer, RedisServer};
 use writebehind::buffer::Store;
-use writebehind::capture::mapping::Mappings;
-use writebehind::capture::Capture;
 use writebehind::config::Config;
 use writebehind::redis_client::{info_field, RedisClient};
-use writebehind::replication::{Replicator, ReplicatorOptions};
-use writebehind::sink::runner::{AppliedPositions, SinkRunner};
+use writebehind::service::{Service, ServiceOptions};
 
 const PERSON_TABLE: &str = "CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first VARCHAR(255), last VARCHAR(255), age VARCHAR(20), note TEXT)";
 const CAR_TABLE: &str = "CREATE TABLE car (id VARCHAR(64) PRIMARY KEY, color VARCHAR(32))";
@@ -156,10 +153,6 @@ impl Database {
     }
 }
 
-fn config(server: &RedisServer, db_url: &str) -> Config {
-    Config::parse(&config_text(server, db_url), &|_| None).expect("config")
-}
-
 fn config_text(server: &RedisServer, db_url: &str) -> String {
     format!(
         r#"
@@ -193,76 +186,38 @@ color = "color"
     )
 }
 
-struct Service {
+/// The pipeline, started in this process through the library's `Service`.
+struct Running {
+    service: Service,
     store: Arc<Store>,
     config_file: std::path::PathBuf,
-    stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
 
-async fn start(server: &RedisServer, database: &Database) -> Service {
-    let config = config(server, &database.url());
+async fn start(server: &RedisServer, database: &Database) -> Running {
     let dir = tempfile::tempdir().expect("dir");
     let buffer = dir.path().join("buffer");
-    let store = Arc::new(Store::open(&buffer).expect("store"));
-    // The same configuration as a file, for the command line (`dlq`).
+    // The configuration as a file too, for the command line (`dlq`).
     let config_file = dir.path().join("writebehind.toml");
-    std::fs::write(
-        &config_file,
-        format!(
-            "{}\n[buffer]\npath = \"{}\"\n",
-            config_text(server, &database.url()),
-            buffer.display()
-        ),
-    )
-    .expect("config file");
-    let mappings = Mappings::new(&config.mappings);
-    let mut capture =
-        Capture::new(store.clone(), mappings.clone(), server.endpoint()).expect("capture");
-    let runner = SinkRunner::start(
-        "db",
-        &database.url(),
-        mappings.iter().cloned().collect(),
-        store.clone(),
-        capture.committed(),
-        Arc::new(AppliedPositions::new(1)),
-        capture.health(),
-    )
-    .await
-    .unwrap_or_else(|problems| panic!("sink did not start: {problems:?}"));
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut options = ReplicatorOptions::new(server.endpoint());
-    options.backoff_min = Duration::from_millis(10);
-    let mut rx = stopped.clone();
-    let capture_task = tokio::spawn(async move {
-        let mut replicator = Replicator::new(options, capture.resume_position());
-        capture
-            .run(&mut replicator, async move {
-                let _ = rx.wait_for(|s| *s).await;
-            })
-            .await
-            .expect("capture");
-    });
-    let mut rx = stopped.clone();
-    let sink_task = tokio::spawn(async move {
-        runner
-            .run(async move {
-                let _ = rx.wait_for(|s| *s).await;
-            })
-            .await
-            .expect("sink");
-    });
-    Service {
-        store,
+    let text = format!(
+        "{}\n[buffer]\npath = \"{}\"\n",
+        config_text(server, &database.url()),
+        buffer.display()
+    );
+    std::fs::write(&config_file, &text).expect("config file");
+    let config = Config::parse(&text, &|_| None).expect("config");
+    let service = Service::start(&config, ServiceOptions::default())
+        .await
+        .unwrap_or_else(|problems| panic!("the service did not start: {problems}"));
+    Running {
+        store: service.store().clone(),
+        service,
         config_file,
-        stop,
-        tasks: vec![capture_task, sink_task],
         _dir: dir,
     }
 }
 
-impl Service {
+impl Running {
     /// Waits until everything the primary has written is captured and applied.
     async fn settle(&self, client: &mut RedisClient, database: &Database) {
         let info = client.info("replication").await.expect("info");
@@ -290,10 +245,11 @@ impl Service {
 
     /// Stops the service; returns its configuration file and keeps its buffer.
     async fn stop(self) -> (std::path::PathBuf, tempfile::TempDir) {
-        let _ = self.stop.send(true);
-        for task in self.tasks {
-            task.await.expect("task");
-        }
+        self.service.shutdown();
+        self.service
+            .wait()
+            .await
+            .expect("the service stopped cleanly");
         (self.config_file, self._dir)
     }
 }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Writeback, LIBRARY, LIBRARY_VERSION};
+use crate::backoff::Backoff;
 use crate::buffer::{Batch, MirrorKind, MirrorValue, Store};
 use crate::config::RedisEndpoint;
 use crate::redis_client::{ClientError, RedisClient};
@@ -95,26 +96,26 @@ impl Writer {
     }
 
     /// Runs until `stop` resolves or a fatal error.
-    pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) -> Result<(), String> {
+    pub async fn run(
+        mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), WriterError> {
         tokio::pin!(stop);
-        let mut failures = 0u32;
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             let wait = match self.round().await {
                 Ok(more) => {
-                    failures = 0;
+                    backoff.reset();
                     if more {
                         Duration::ZERO
                     } else {
                         Duration::from_millis(500)
                     }
                 }
-                Err(WriterError::Fatal(message)) => return Err(message),
+                Err(WriterError::Fatal(message)) => return Err(WriterError::Fatal(message)),
                 Err(WriterError::Transient(message)) => {
                     self.connection = None;
-                    failures += 1;
-                    let delay = Duration::from_millis(100)
-                        .saturating_mul(1 << failures.min(7))
-                        .min(Duration::from_secs(10));
+                    let delay = backoff.next_delay();
                     tracing::warn!(error = %message, retry_in = ?delay, "writing acknowledgements to Redis failed; retrying");
                     metrics::counter!("writebehind_writeback_errors_total").increment(1);
                     delay

@@ -1,5 +1,5 @@
-//! Applying replicated commands to the mirror, exactly as Redis applied them, and deriving row
-//! changes (design.md section 3).
+//! Applying replicated writes to the mirror, exactly as Redis applied them, and deriving row
+//! changes (docs/design.md section 3).
 //!
 //! The primary only replicates commands that succeeded and had an effect, so a command in the
 //! stream is trusted: an `HSET` makes its key a hash whatever the mirror thought. Keys that are
@@ -8,36 +8,25 @@
 //! primary together with the primary's offset, and commands up to that offset are not applied to
 //! it again.
 //!
-//! Each command compares every touched watched key's row before and after it: a new or changed
-//! mapped image is an upsert (also for a new hash with no mapped field: the row now exists); a
-//! hash that stopped existing is a delete, unless it expired and its mapping keeps rows on
-//! expiry; a change of unmapped fields only is nothing.
-
-use std::collections::hash_map::Entry;
-use std::collections::HashMap;
-use std::sync::Arc;
+//! Each command is parsed once into a [`Write`] (`command.rs`); each write compares every
+//! touched watched key's row before and after it: a new or changed mapped image is an upsert
+//! (also for a new hash with no mapped field: the row now exists); a hash that stopped existing
+//! is a delete, unless it expired and its mapping keeps rows on expiry; a change of unmapped
+//! fields only is nothing.
 
 use bytes::Bytes;
 
+use super::command::{FieldTtl, Write};
 use super::command_table::CommandTable;
 use super::mapping::{Mapping, Mappings};
-use crate::ack::{OpField, OpKind, INVALID_OP, OP_FIELD};
-use crate::buffer::{
-    Batch, FieldValue, HashOp, MirrorKind, MirrorValue, RowChange, Store, StoreError,
-};
-use crate::config::OnExpire;
-use crate::replication::rdb::{decode_dump_payload, DumpedValue, ValueKind};
+use super::ops::{apply_op, OpSeen};
+use super::rows::{mirror_value_from_dump, row_event, RowEvent};
+use super::working_set::WorkingSet;
+use crate::ack::OP_FIELD;
+use crate::buffer::{FieldValue, MirrorKind, MirrorValue, StoreError};
+use crate::clock::now_ms;
+use crate::replication::rdb::decode_dump_payload;
 use crate::replication::stream::Command;
-
-/// A row change derived from a command, before it gets its place in the change log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RowEvent {
-    pub mapping: String,
-    pub row_id: Bytes,
-    pub row: RowChange,
-    /// The `#` op (with its uuid) to acknowledge once the database has this change.
-    pub op: Option<HashOp>,
-}
 
 /// What a command needs beyond the mirror.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -52,254 +41,8 @@ pub struct Needs {
     pub op: Option<OpSeen>,
 }
 
-/// A `#` op found in a watched hash.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OpSeen {
-    pub db: u32,
-    pub key: Bytes,
-    /// The op character (`None`: invalid).
-    pub kind: Option<OpKind>,
-    /// What Redis holds: the hash with its `#` field, until the op is completed in Redis.
-    pub raw: MirrorValue,
-    /// An acknowledgement due as soon as the change is captured: the uuid, and the failure.
-    pub ack_now: Option<(Bytes, Option<String>)>,
-}
-
-/// Applies the op of `raw`, a watched hash holding a `#` field (design.md section 4). Returns
-/// the mirror's new value (the state the op gives), the row event, and what was seen.
-pub fn apply_op(
-    mapping: &Mapping,
-    db: u32,
-    key: &Bytes,
-    raw: MirrorValue,
-) -> (Option<MirrorValue>, Option<RowEvent>, OpSeen) {
-    let mut kept = raw.clone();
-    let value = kept
-        .fields
-        .remove(OP_FIELD)
-        .map(|f| f.value)
-        .unwrap_or_default();
-    let op = OpField::parse(&value);
-    let after = match op.kind {
-        Some(kind) if kind.deletes_key() => None,
-        _ => (!kept.fields.is_empty()).then_some(kept),
-    };
-    let (event, ack_now) = op_effects(mapping, db, key, &op, &after);
-    let seen = OpSeen {
-        db,
-        key: key.clone(),
-        kind: op.kind,
-        raw,
-        ack_now,
-    };
-    (after, event, seen)
-}
-
-/// What an op does beyond Redis, given the key's state after it: the row event (`=`: the full
-/// row, also when nothing mapped changed; `~`: a delete), carrying the uuid to acknowledge
-/// after the commit; otherwise the acknowledgement due once the change is captured (`failed`
-/// for an invalid op).
-pub fn op_effects(
-    mapping: &Mapping,
-    db: u32,
-    key: &Bytes,
-    op: &OpField,
-    after: &Option<MirrorValue>,
-) -> (Option<RowEvent>, Option<(Bytes, Option<String>)>) {
-    let row = match op.kind {
-        Some(OpKind::Write) => after
-            .as_ref()
-            .filter(|v| v.kind == MirrorKind::Hash && !v.fields.is_empty())
-            .map(|v| RowChange::Upsert {
-                columns: mapping.row_image(&v.fields),
-            }),
-        Some(OpKind::Delete) => Some(RowChange::Delete),
-        _ => None,
-    };
-    match (row, op.kind) {
-        (Some(row), Some(kind)) => {
-            let event = RowEvent {
-                mapping: mapping.name.clone(),
-                row_id: mapping.row_id(key),
-                row,
-                op: op.uuid.clone().map(|uuid| HashOp {
-                    op: kind.as_char(),
-                    uuid,
-                    db,
-                    key: key.clone(),
-                }),
-            };
-            (Some(event), None)
-        }
-        _ => {
-            let failure = op.kind.is_none().then(|| INVALID_OP.to_string());
-            (None, op.uuid.clone().map(|uuid| (uuid, failure)))
-        }
-    }
-}
-
-struct Slot {
-    value: Option<MirrorValue>,
-    dirty: bool,
-}
-
-/// The mirror entries touched by the commands of one batch, loaded on first use and written
-/// back in one `Batch`.
-pub struct WorkingSet {
-    store: Arc<Store>,
-    slots: HashMap<(u32, Bytes), Slot>,
-    /// Holds what Redis really holds for keys with a pending `#` op (the buffer's `raw`), not
-    /// the mirror.
-    raw: bool,
-}
-
-impl WorkingSet {
-    pub fn new(store: Arc<Store>) -> Self {
-        WorkingSet {
-            store,
-            slots: HashMap::new(),
-            raw: false,
-        }
-    }
-
-    /// A working set of raw states: a key without a raw entry holds what the mirror holds.
-    pub fn raw(store: Arc<Store>) -> Self {
-        WorkingSet {
-            raw: true,
-            ..WorkingSet::new(store)
-        }
-    }
-
-    fn slot(&mut self, db: u32, key: &Bytes) -> Result<&mut Slot, StoreError> {
-        let (store, raw) = (&self.store, self.raw);
-        match self.slots.entry((db, key.clone())) {
-            Entry::Occupied(slot) => Ok(slot.into_mut()),
-            Entry::Vacant(slot) => {
-                let value = match raw {
-                    true => match store.raw(db, key)? {
-                        Some(value) => Some(value),
-                        None => store.mirror(db, key)?,
-                    },
-                    false => store.mirror(db, key)?,
-                };
-                Ok(slot.insert(Slot {
-                    value,
-                    dirty: false,
-                }))
-            }
-        }
-    }
-
-    /// Loads `key` with `value` unless it is already held.
-    pub fn seed(&mut self, db: u32, key: &Bytes, value: Option<MirrorValue>) {
-        self.slots.entry((db, key.clone())).or_insert(Slot {
-            value,
-            dirty: false,
-        });
-    }
-
-    pub fn contains(&self, db: u32, key: &[u8]) -> bool {
-        self.slots.contains_key(&(db, Bytes::copy_from_slice(key)))
-    }
-
-    /// Whether a key of this name is held, in any database.
-    pub fn holds_name(&self, key: &[u8]) -> bool {
-        self.slots.keys().any(|(_, k)| k.as_ref() == key)
-    }
-
-    /// Every entry held, emptying the set.
-    pub fn drain(&mut self) -> Vec<((u32, Bytes), Option<MirrorValue>)> {
-        self.slots.drain().map(|(k, s)| (k, s.value)).collect()
-    }
-
-    /// Number of keys held.
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
-
-    pub fn get(&mut self, db: u32, key: &Bytes) -> Result<Option<MirrorValue>, StoreError> {
-        Ok(self.slot(db, key)?.value.clone())
-    }
-
-    pub fn set(
-        &mut self,
-        db: u32,
-        key: &Bytes,
-        value: Option<MirrorValue>,
-    ) -> Result<(), StoreError> {
-        let slot = self.slot(db, key)?;
-        slot.value = value;
-        slot.dirty = true;
-        Ok(())
-    }
-
-    /// Moves the changed entries into `batch` and forgets them.
-    pub fn flush_into(&mut self, batch: &mut Batch) {
-        for ((db, key), slot) in self.slots.drain() {
-            if slot.dirty {
-                match &slot.value {
-                    Some(value) => batch.put_mirror(db, &key, value),
-                    None => batch.delete_mirror(db, &key),
-                }
-            }
-        }
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-}
-
-fn row_of(mapping: &Mapping, value: &Option<MirrorValue>) -> Option<Vec<(String, Option<Bytes>)>> {
-    match value {
-        Some(v) if v.kind == MirrorKind::Hash && !v.fields.is_empty() => {
-            Some(mapping.row_image(&v.fields))
-        }
-        _ => None,
-    }
-}
-
-/// The row event between two states of a watched key.
-pub fn row_event(
-    mapping: &Mapping,
-    key: &Bytes,
-    before: &Option<MirrorValue>,
-    after: &Option<MirrorValue>,
-    expired: bool,
-) -> Option<RowEvent> {
-    let (old, new) = (row_of(mapping, before), row_of(mapping, after));
-    let row = match (old, new) {
-        (old, Some(new)) if old.as_ref() != Some(&new) => RowChange::Upsert { columns: new },
-        (Some(_), None) if expired && mapping.on_expire == OnExpire::Keep => return None,
-        (Some(_), None) => RowChange::Delete,
-        _ => return None,
-    };
-    Some(RowEvent {
-        mapping: mapping.name.clone(),
-        row_id: mapping.row_id(key),
-        row,
-        op: None,
-    })
-}
-
 fn parse_i64(b: &[u8]) -> Option<i64> {
     std::str::from_utf8(b).ok()?.parse().ok()
-}
-
-fn parse_u32(b: &[u8]) -> Option<u32> {
-    std::str::from_utf8(b).ok()?.parse().ok()
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Applies commands to a working set.
@@ -313,178 +56,109 @@ pub struct Applier<'m> {
 }
 
 impl Applier<'_> {
-    /// Applies one command; row events go to `out`.
+    /// Applies one command, parsed as `write`; row events go to `out`.
     pub fn apply(
         &self,
         ws: &mut WorkingSet,
         command: &Command,
+        write: &Write,
         out: &mut Vec<RowEvent>,
     ) -> Result<Needs, StoreError> {
         let mut needs = Needs::default();
-        let name = command.name();
-        let args = &command.args;
         let db = command.db;
-        let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
-        match name.as_str() {
-            "HSET" | "HMSET" => {
-                let pairs: Vec<(Bytes, Bytes)> = args[2.min(args.len())..]
-                    .chunks_exact(2)
-                    .map(|p| (p[0].clone(), p[1].clone()))
-                    .collect();
-                needs.op = self.update_hash(ws, db, &arg(1), command, out, |fields| {
-                    for (f, v) in pairs {
+        match write {
+            Write::SetFields {
+                key,
+                pairs,
+                only_new,
+                ttl,
+            } => {
+                needs.op = self.update_hash(ws, db, key, command, out, |fields| {
+                    for (field, value) in pairs {
+                        if *only_new && fields.contains_key(field) {
+                            continue;
+                        }
+                        let expire_at_ms = match ttl {
+                            FieldTtl::Clear => None,
+                            FieldTtl::Keep => fields.get(field).and_then(|old| old.expire_at_ms),
+                            FieldTtl::At(at) => Some(*at),
+                        };
                         fields.insert(
-                            f,
+                            field.clone(),
                             FieldValue {
-                                value: v,
-                                expire_at_ms: None,
+                                value: value.clone(),
+                                expire_at_ms,
                             },
                         );
                     }
                 })?;
             }
-            "HSETNX" => {
-                let (f, v) = (arg(2), arg(3));
-                needs.op = self.update_hash(ws, db, &arg(1), command, out, |fields| {
-                    fields.entry(f).or_insert(FieldValue {
-                        value: v,
-                        expire_at_ms: None,
-                    });
-                })?;
-            }
-            "HDEL" => {
-                let doomed: Vec<Bytes> = args.iter().skip(2).cloned().collect();
-                needs.op = self.update_hash(ws, db, &arg(1), command, out, |fields| {
-                    for f in &doomed {
-                        fields.remove(f);
+            Write::DeleteFields { key, fields } => {
+                needs.op = self.update_hash(ws, db, key, command, out, |map| {
+                    for field in fields {
+                        map.remove(field);
                     }
                 })?;
             }
-            "HINCRBY" => {
-                let (f, by) = (arg(2), parse_i64(&arg(3)).unwrap_or(0));
-                needs.op = self.update_hash(ws, db, &arg(1), command, out, |fields| {
-                    let current = fields
-                        .get(&f)
-                        .and_then(|v| parse_i64(&v.value))
-                        .unwrap_or(0);
-                    let expire_at_ms = fields.get(&f).and_then(|v| v.expire_at_ms);
+            Write::IncrementField { key, field, by } => {
+                needs.op = self.update_hash(ws, db, key, command, out, |fields| {
+                    let old = fields.get(field);
+                    let current = old.and_then(|v| parse_i64(&v.value)).unwrap_or(0);
+                    let expire_at_ms = old.and_then(|v| v.expire_at_ms);
                     fields.insert(
-                        f,
+                        field.clone(),
                         FieldValue {
-                            value: Bytes::from(current.wrapping_add(by).to_string()),
+                            value: Bytes::from(current.wrapping_add(*by).to_string()),
                             expire_at_ms,
                         },
                     );
                 })?;
             }
-            "HINCRBYFLOAT" => {
-                // Redis replicates it as HSET with the result; a verbatim one (very old primary)
-                // cannot be reproduced bit for bit: read the key instead.
-                self.refresh_if_watched(ws, db, &arg(1), &mut needs)?;
-            }
-            "HSETEX" => needs.op = self.hsetex(ws, command, out)?,
-            "HPEXPIREAT" | "HPERSIST" => {
-                let persist = name == "HPERSIST";
-                let at = if persist { None } else { parse_i64(&arg(2)) };
-                let start = if persist { 2 } else { 3 };
-                let fields: Vec<Bytes> = fields_argument(args, start);
-                needs.op = self.update_hash(ws, db, &arg(1), command, out, |map| {
-                    for f in &fields {
-                        if let Some(v) = map.get_mut(f) {
-                            v.expire_at_ms = at;
+            Write::FieldExpiry { key, at, fields } => {
+                needs.op = self.update_hash(ws, db, key, command, out, |map| {
+                    for field in fields {
+                        if let Some(v) = map.get_mut(field) {
+                            v.expire_at_ms = *at;
                         }
                     }
                 })?;
             }
-            "DEL" | "UNLINK" => {
-                for key in args.iter().skip(1) {
+            Write::Unreproducible { key } => self.refresh_if_watched(ws, db, key, &mut needs)?,
+            Write::Delete { keys } => {
+                for key in keys {
                     self.delete_key(ws, db, key, command, out)?;
                 }
             }
-            "PEXPIREAT" | "EXPIREAT" | "PEXPIRE" | "EXPIRE" | "PERSIST" => {
-                let value = parse_i64(&arg(2)).unwrap_or(0);
-                let at = match name.as_str() {
-                    "PEXPIREAT" => Some(value),
-                    "EXPIREAT" => Some(value.saturating_mul(1000)),
-                    "PEXPIRE" => Some(now_ms().saturating_add(value)),
-                    "EXPIRE" => Some(now_ms().saturating_add(value.saturating_mul(1000))),
-                    _ => None,
-                };
-                self.set_expire(ws, db, &arg(1), command, at)?;
-            }
-            "RENAME" | "RENAMENX" => self.move_key(
+            Write::Expire { key, at } => self.set_expire(ws, db, key, command, *at)?,
+            Write::Move {
+                from,
+                to,
+                to_db,
+                copy,
+            } => self.move_key(ws, command, (from, to, *to_db, *copy), out, &mut needs)?,
+            Write::Restore {
+                key,
+                payload,
+                expire_at_ms,
+            } => self.restore(
                 ws,
-                db,
-                &arg(1),
-                db,
-                &arg(2),
-                false,
                 command,
+                key,
+                payload.as_ref(),
+                *expire_at_ms,
                 out,
                 &mut needs,
             )?,
-            "MOVE" => match parse_u32(&arg(2)) {
-                Some(to) => self.move_key(
-                    ws,
-                    db,
-                    &arg(1),
-                    to,
-                    &arg(1),
-                    false,
-                    command,
-                    out,
-                    &mut needs,
-                )?,
-                None => {
-                    needs.full_resync = Some(format!(
-                        "MOVE with database {:?}",
-                        String::from_utf8_lossy(&arg(2))
-                    ))
-                }
-            },
-            "COPY" => {
-                let mut to_db = db;
-                let mut i = 3;
-                while i < args.len() {
-                    if args[i].eq_ignore_ascii_case(b"DB") {
-                        to_db = parse_u32(&arg(i + 1)).unwrap_or(db);
-                        i += 1;
-                    }
-                    i += 1;
-                }
-                self.move_key(
-                    ws,
-                    db,
-                    &arg(1),
-                    to_db,
-                    &arg(2),
-                    true,
-                    command,
-                    out,
-                    &mut needs,
-                )?;
-            }
-            "RESTORE" => self.restore(ws, command, out, &mut needs)?,
-            "FLUSHDB" => self.flush(ws, Some(db), command, out)?,
-            "FLUSHALL" => self.flush(ws, None, command, out)?,
-            "SWAPDB" => {
-                let (a, b) = (parse_u32(&arg(1)), parse_u32(&arg(2)));
+            Write::Flush { db } => self.flush(ws, *db, command, out)?,
+            Write::SwapDb { a, b, text } => {
                 if a.is_some_and(|a| self.mappings.watches_db(a))
                     || b.is_some_and(|b| self.mappings.watches_db(b))
                 {
-                    needs.full_resync = Some(format!(
-                        "SWAPDB {} {} involves a mapped database",
-                        String::from_utf8_lossy(&arg(1)),
-                        String::from_utf8_lossy(&arg(2))
-                    ));
+                    needs.full_resync = Some(format!("SWAPDB {text} involves a mapped database"));
                 }
             }
-            "EVAL" | "EVALSHA" | "EVAL_RO" | "EVALSHA_RO" | "FCALL" | "FCALL_RO" => {
-                // Since Redis 7 (and by default since 5) scripts replicate their effects; a script
-                // sent verbatim cannot be reproduced here.
-                needs.full_resync = Some(format!("{name} replicated verbatim (the primary replicates scripts, not their effects)"));
-            }
-            _ => self.other_write(ws, command, out, &mut needs)?,
+            Write::Resync { reason } => needs.full_resync = Some(reason.clone()),
+            Write::Other => self.other_write(ws, command, out, &mut needs)?,
         }
         Ok(needs)
     }
@@ -593,19 +267,15 @@ impl Applier<'_> {
 
     /// RENAME, RENAMENX, MOVE and COPY: the destination gets the source's value (and TTL); the
     /// source is gone unless it is a copy.
-    #[allow(clippy::too_many_arguments)]
     fn move_key(
         &self,
         ws: &mut WorkingSet,
-        from_db: u32,
-        from: &Bytes,
-        to_db: u32,
-        to: &Bytes,
-        copy: bool,
         command: &Command,
+        (from, to, to_db, copy): (&Bytes, &Bytes, u32, bool),
         out: &mut Vec<RowEvent>,
         needs: &mut Needs,
     ) -> Result<(), StoreError> {
+        let from_db = command.db;
         if from_db == to_db && from == to {
             return Ok(());
         }
@@ -643,44 +313,37 @@ impl Applier<'_> {
         ws.set(to_db, to, after)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn restore(
         &self,
         ws: &mut WorkingSet,
         command: &Command,
+        key: &Bytes,
+        payload: Option<&Bytes>,
+        expire_at_ms: Option<i64>,
         out: &mut Vec<RowEvent>,
         needs: &mut Needs,
     ) -> Result<(), StoreError> {
-        let args = &command.args;
-        let (db, key) = (command.db, args.get(1).cloned().unwrap_or_default());
-        let Some((mapping, before)) = self.watched(ws, db, &key, command)? else {
+        let db = command.db;
+        let Some((mapping, before)) = self.watched(ws, db, key, command)? else {
             return Ok(());
         };
-        let Some(payload) = args.get(3) else {
+        let Some(payload) = payload else {
             return Ok(());
         };
         let decoded = match decode_dump_payload(payload) {
             Ok(decoded) => decoded,
             Err(error) => {
-                tracing::warn!(key = %String::from_utf8_lossy(&key), %error, "RESTORE payload not decodable; reading the key from the primary");
-                needs.refresh.push((db, key));
+                tracing::warn!(key = %String::from_utf8_lossy(key), %error, "RESTORE payload not decodable; reading the key from the primary");
+                needs.refresh.push((db, key.clone()));
                 return Ok(());
             }
         };
-        let ttl = args.get(2).and_then(|t| parse_i64(t)).unwrap_or(0);
-        let absolute = args
-            .iter()
-            .skip(4)
-            .any(|a| a.eq_ignore_ascii_case(b"ABSTTL"));
-        let expire_at_ms = match (ttl, absolute) {
-            (0, _) => None,
-            (t, true) => Some(t),
-            (t, false) => Some(now_ms().saturating_add(t)),
-        };
         let after = mirror_value_from_dump(decoded, self.generation, expire_at_ms);
-        if let Some(event) = row_event(mapping, &key, &before, &after, false) {
+        if let Some(event) = row_event(mapping, key, &before, &after, false) {
             out.push(event);
         }
-        ws.set(db, &key, after)
+        ws.set(db, key, after)
     }
 
     fn flush(
@@ -691,18 +354,12 @@ impl Applier<'_> {
         out: &mut Vec<RowEvent>,
     ) -> Result<(), StoreError> {
         // Entries already in the working set, then everything stored.
-        let mut keys: Vec<(u32, Bytes)> = ws
-            .slots
-            .iter()
-            .filter(|((d, _), s)| db.is_none_or(|db| db == *d) && s.value.is_some())
-            .map(|(k, _)| k.clone())
-            .collect();
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = ws.store().mirror_scan(db, after.as_deref(), 1024)?;
-            let Some(last) = page.last() else { break };
-            after = Some(crate::buffer::mirror_key(last.0, &last.1));
-            keys.extend(page.into_iter().map(|(d, k, _)| (d, k)));
+        let mut keys = ws.held_keys(db);
+        let mut cursor = Some(crate::buffer::MirrorCursor::default());
+        while let Some(from) = cursor.take() {
+            let page = ws.store().mirror_scan(db, &from, 1024)?;
+            cursor = page.next;
+            keys.extend(page.entries.into_iter().map(|(d, k, _)| (d, k)));
         }
         keys.sort();
         keys.dedup();
@@ -720,65 +377,6 @@ impl Applier<'_> {
             ws.set(key_db, &key, None)?;
         }
         Ok(())
-    }
-
-    fn hsetex(
-        &self,
-        ws: &mut WorkingSet,
-        command: &Command,
-        out: &mut Vec<RowEvent>,
-    ) -> Result<Option<OpSeen>, StoreError> {
-        // HSETEX key [FNX|FXX] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL] FIELDS n field value ...
-        let args = &command.args;
-        let mut at: Option<Option<i64>> = Some(None);
-        let mut i = 2;
-        let mut pairs = Vec::new();
-        while i < args.len() {
-            let word = args[i].to_ascii_uppercase();
-            let number = args.get(i + 1).and_then(|n| parse_i64(n)).unwrap_or(0);
-            match word.as_slice() {
-                b"PXAT" => at = Some(Some(number)),
-                b"EXAT" => at = Some(Some(number.saturating_mul(1000))),
-                b"PX" => at = Some(Some(now_ms().saturating_add(number))),
-                b"EX" => at = Some(Some(now_ms().saturating_add(number.saturating_mul(1000)))),
-                b"KEEPTTL" => {
-                    at = None;
-                    i += 1;
-                    continue;
-                }
-                b"FIELDS" => {
-                    let n = number.max(0) as usize;
-                    for p in args[(i + 2).min(args.len())..].chunks_exact(2).take(n) {
-                        pairs.push((p[0].clone(), p[1].clone()));
-                    }
-                    break;
-                }
-                _ => {
-                    i += 1;
-                    continue;
-                }
-            }
-            i += 2;
-        }
-        self.update_hash(
-            ws,
-            command.db,
-            &args.get(1).cloned().unwrap_or_default(),
-            command,
-            out,
-            |fields| {
-                for (f, v) in pairs {
-                    let keep = fields.get(&f).and_then(|old| old.expire_at_ms);
-                    fields.insert(
-                        f,
-                        FieldValue {
-                            value: v,
-                            expire_at_ms: at.unwrap_or(keep),
-                        },
-                    );
-                }
-            },
-        )
     }
 
     fn refresh_if_watched(
@@ -840,63 +438,14 @@ impl Applier<'_> {
     }
 }
 
-/// The mirror value of a decoded DUMP payload (`None` for an empty hash, which Redis would not
-/// keep).
-pub fn mirror_value_from_dump(
-    decoded: DumpedValue,
-    generation: u64,
-    expire_at_ms: Option<i64>,
-) -> Option<MirrorValue> {
-    if decoded.kind != ValueKind::Hash {
-        return Some(MirrorValue {
-            expire_at_ms,
-            ..MirrorValue::other(generation)
-        });
-    }
-    if decoded.empty {
-        return None;
-    }
-    let mut value = MirrorValue {
-        expire_at_ms,
-        ..MirrorValue::hash(generation)
-    };
-    for f in decoded.fields {
-        value.fields.insert(
-            f.field,
-            FieldValue {
-                value: f.value,
-                expire_at_ms: f.expire_at_ms,
-            },
-        );
-    }
-    Some(value)
-}
-
-/// The field names after `FIELDS n` starting at `start` (`HPEXPIREAT key ms [NX|XX|GT|LT]
-/// FIELDS n f...`, `HPERSIST key FIELDS n f...`).
-fn fields_argument(args: &[Bytes], start: usize) -> Vec<Bytes> {
-    let Some(pos) = args
-        .iter()
-        .skip(start)
-        .position(|a| a.eq_ignore_ascii_case(b"FIELDS"))
-    else {
-        return Vec::new();
-    };
-    let pos = start + pos;
-    let n = args
-        .get(pos + 1)
-        .and_then(|n| parse_i64(n))
-        .unwrap_or(0)
-        .max(0) as usize;
-    args.iter().skip(pos + 2).take(n).cloned().collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::buffer::{HashOp, RowChange, Store};
     use crate::config::Config;
     use crate::position::ReplOffset;
     use redis_protocol::resp2::types::BytesFrame;
+    use std::sync::Arc;
 
     fn mappings(on_expire: &str) -> Mappings {
         let text = format!(
@@ -935,9 +484,9 @@ mod tests {
         let mut out = Vec::new();
         let mut needs = Needs::default();
         for (i, args) in commands.iter().enumerate() {
-            needs = applier
-                .apply(&mut ws, &command(args, 100 + i as u64), &mut out)
-                .unwrap();
+            let command = command(args, 100 + i as u64);
+            let write = Write::parse(&command, now_ms());
+            needs = applier.apply(&mut ws, &command, &write, &mut out).unwrap();
         }
         (out, needs, ws)
     }
@@ -1159,11 +708,9 @@ mod tests {
             ],
         );
         assert_eq!(out, vec![upsert("1", Some("A"), None), delete("1")]);
+        let mut ws = ws;
         assert_eq!(
-            ws.slots[&(0, Bytes::from("p:1"))]
-                .value
-                .as_ref()
-                .map(|v| v.kind),
+            ws.get(0, &Bytes::from("p:1")).unwrap().map(|v| v.kind),
             Some(MirrorKind::Other)
         );
         let (_, needs, _) = run("keep", &table, &[&["HMODULE", "p:1", "x"]]);
@@ -1195,24 +742,16 @@ mod tests {
         );
         ws.set(0, &Bytes::from("p:1"), Some(refreshed)).unwrap();
         let mut out = Vec::new();
-        applier
-            .apply(
-                &mut ws,
-                &command(&["HINCRBY", "p:1", "n", "1"], 400),
-                &mut out,
-            )
-            .unwrap();
+        let at_400 = command(&["HINCRBY", "p:1", "n", "1"], 400);
+        let write = Write::parse(&at_400, now_ms());
+        applier.apply(&mut ws, &at_400, &write, &mut out).unwrap();
         assert!(
             out.is_empty(),
             "the increment at 400 is already in the value read at 500"
         );
-        applier
-            .apply(
-                &mut ws,
-                &command(&["HINCRBY", "p:1", "n", "1"], 600),
-                &mut out,
-            )
-            .unwrap();
+        let at_600 = command(&["HINCRBY", "p:1", "n", "1"], 600);
+        let write = Write::parse(&at_600, now_ms());
+        applier.apply(&mut ws, &at_600, &write, &mut out).unwrap();
         assert_eq!(out, vec![upsert("1", None, Some("11"))]);
     }
 }
@@ -1220,8 +759,10 @@ mod tests {
 #[cfg(test)]
 mod field_ttl_tests {
     use super::*;
+    use crate::buffer::Store;
     use crate::config::Config;
     use crate::position::ReplOffset;
+    use std::sync::Arc;
 
     fn apply_all(commands: &[&[&str]]) -> Option<MirrorValue> {
         let text = "[source]\nurl = \"redis://127.0.0.1:1\"\n[backends.db]\nurl = \"sqlite://x\"\n[[mappings]]\nname = \"P\"\nprefix = \"p\"\nbackend = \"db\"\ntable = \"t\"\nkey_column = \"id\"\n[mappings.columns]\nf = \"f\"\n";
@@ -1246,7 +787,8 @@ mod field_ttl_tests {
                 db: 0,
                 end: ReplOffset(10 + i as u64),
             };
-            applier.apply(&mut ws, &command, &mut out).unwrap();
+            let write = Write::parse(&command, now_ms());
+            applier.apply(&mut ws, &command, &write, &mut out).unwrap();
         }
         ws.get(0, &Bytes::from("p:1")).unwrap()
     }

@@ -13,7 +13,8 @@ use crate::config::{Config, RedisEndpoint};
 use crate::position::{ReplId, ReplOffset, StreamPosition};
 use crate::redis_client::RedisClient;
 use crate::replication::discovery::Discovery;
-use crate::replication::{Replicator, ReplicatorOptions};
+use crate::replication::ReplicatorOptions;
+use crate::service::{Service, ServiceOptions, StartError};
 use crate::sink::Destination;
 
 #[derive(Debug, Parser)]
@@ -497,182 +498,12 @@ async fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-/// The service: capture into the buffer, and one sink runner per backend.
+/// The service until a signal or a failure: starts it, stops it gracefully on SIGINT/SIGTERM.
 async fn run(path: &std::path::Path, capture_only: bool) -> ExitCode {
     let config = match load_config(path) {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let discovery = match Discovery::from_config(&config.source) {
-        Ok(discovery) => discovery,
-        Err(e) => {
-            eprintln!("error: {}: {e}", path.display());
-            return ExitCode::from(2);
-        }
-    };
-    // A first guess; capture follows whatever primary the replication link finds.
-    let endpoint = match &discovery {
-        Discovery::Fixed(e) => e.clone(),
-        Discovery::Nodes(nodes)
-        | Discovery::Sentinel {
-            sentinels: nodes, ..
-        } => match nodes.first() {
-            Some(e) => e.clone(),
-            None => {
-                eprintln!("error: {}: [source] lists no address", path.display());
-                return ExitCode::from(2);
-            }
-        },
-    };
-    let store = match crate::buffer::Store::open(&config.buffer.path) {
-        Ok(store) => std::sync::Arc::new(store),
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let mappings = crate::capture::mapping::Mappings::new(&config.mappings);
-    let mut capture =
-        match crate::capture::Capture::new(store.clone(), mappings.clone(), endpoint.clone()) {
-            Ok(capture) => capture,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-    capture.set_ops(config.acks.enabled);
-    // One runner per backend that has mappings; every problem is reported before starting.
-    let backends: Vec<(&String, &crate::config::BackendConfig)> = config
-        .backends
-        .iter()
-        .filter(|(name, _)| !capture_only && mappings.iter().any(|m| &m.backend == *name))
-        .collect();
-    let positions = std::sync::Arc::new(crate::sink::runner::AppliedPositions::new(backends.len()));
-    let mut runners = Vec::new();
-    let mut problems = Vec::new();
-    for (name, backend) in &backends {
-        let mine: Vec<_> = mappings
-            .iter()
-            .filter(|m| &m.backend == *name)
-            .cloned()
-            .collect();
-        match crate::sink::runner::SinkRunner::start(
-            name,
-            &backend.url,
-            mine,
-            store.clone(),
-            capture.committed(),
-            positions.clone(),
-            capture.health(),
-        )
-        .await
-        {
-            Ok(runner) => runners.push(runner.with_writeback(capture.writeback())),
-            Err(mut p) => problems.append(&mut p),
-        }
-    }
-    if !problems.is_empty() {
-        for problem in problems {
-            eprintln!("error: {problem}");
-        }
-        return ExitCode::from(2);
-    }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let health = capture.health();
-    let mut tasks = tokio::task::JoinSet::new();
-    for runner in runners {
-        let stop = stopped(stop_rx.clone());
-        tasks.spawn(async move { runner.run(stop).await.map_err(|e| e.to_string()) });
-    }
-    if config.acks.enabled {
-        // Completes `#` ops and writes acks; a primary without functions stops the service.
-        let writer = match crate::ack::writer::Writer::new(
-            store.clone(),
-            discovery.clone(),
-            capture.writeback(),
-            config.acks.expire_secs,
-            health.clone(),
-        ) {
-            Ok(writer) => writer,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let stop = stopped(stop_rx.clone());
-        tasks.spawn(async move { writer.run(stop).await });
-    }
-    let mut helpers = tokio::task::JoinSet::new();
-    if let Some(admin) = &config.admin {
-        let listen: std::net::SocketAddr = match admin.listen.parse() {
-            Ok(listen) => listen,
-            Err(e) => {
-                eprintln!("error: [admin] listen `{}`: {e}", admin.listen);
-                return ExitCode::from(2);
-            }
-        };
-        let handle = match crate::metrics::install() {
-            Ok(handle) => handle,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let letters_store = store.clone();
-        let dead_letters: std::sync::Arc<dyn Fn() -> u64 + Send + Sync> =
-            std::sync::Arc::new(move || {
-                letters_store
-                    .dead_letters()
-                    .map(|l| l.len() as u64)
-                    .unwrap_or(0)
-            });
-        let (health, stop) = (health.clone(), stopped(stop_rx.clone()));
-        helpers.spawn(async move {
-            if let Err(e) = crate::metrics::serve(listen, handle, health, dead_letters, stop).await
-            {
-                tracing::error!(error = %e, "admin listener stopped");
-            }
-        });
-    }
-    // The primary's offset (for the lag) and the buffer's size, every 2 seconds.
-    {
-        let (health, store, mut stop) = (health.clone(), store.clone(), stop_rx.clone());
-        helpers.spawn(async move {
-            loop {
-                metrics::gauge!("writebehind_buffer_size_bytes").set(store.disk_size() as f64);
-                if let Some(primary) = health
-                    .primary()
-                    .and_then(|p| crate::config::RedisEndpoint::parse(&p).ok())
-                {
-                    if let Ok(mut client) =
-                        RedisClient::connect(&primary, Duration::from_secs(2)).await
-                    {
-                        if let Ok(info) = client.info("replication").await {
-                            if let Some(offset) =
-                                crate::redis_client::info_field(&info, "master_repl_offset")
-                                    .and_then(|o| o.parse().ok())
-                            {
-                                health.primary_offset(offset);
-                            }
-                        }
-                    }
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-            }
-        });
-    }
-    let mut options = ReplicatorOptions::with_discovery(discovery.clone());
-    options.announce_port = config.replication.announce_port;
-    options.timeout = Duration::from_secs(config.replication.timeout_secs);
-    let mut replicator = Replicator::new(options, capture.resume_position());
-    tracing::info!(source = %discovery.describe(), resume = ?capture.resume_position().map(|p| p.to_string()), buffer = %config.buffer.path.display(), backends = backends.len(), "starting");
-    let capture_stop = stopped(stop_rx.clone());
     let mut terminate =
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(signal) => signal,
@@ -681,68 +512,36 @@ async fn run(path: &std::path::Path, capture_only: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-    let outcome = {
-        let capture_future = capture.run(&mut replicator, capture_stop);
-        tokio::pin!(capture_future);
-        let signal = tokio::select! {
-            result = &mut capture_future => Err(result.map_err(|e| e.to_string())),
-            _ = tokio::signal::ctrl_c() => Ok("SIGINT"),
-            _ = terminate.recv() => Ok("SIGTERM"),
-            Some(result) = tasks.join_next() => Err(match result {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(e.to_string()),
-            }),
-        };
-        match signal {
-            Ok(name) => {
-                // Not ready any more; capture finishes the batch it is applying (a stop is
-                // seen between two events) and returns.
-                tracing::info!("{name}: stopping");
-                health.begin_shutdown();
-                let _ = stop_tx.send(true);
-                let outcome = match tokio::time::timeout(
-                    Duration::from_secs(10),
-                    &mut capture_future,
-                )
-                .await
-                {
-                    Ok(result) => result.map_err(|e| e.to_string()),
-                    Err(_) => {
-                        tracing::warn!("capture did not stop within 10 s; what it had not committed comes again after a restart");
-                        Ok(())
-                    }
-                };
-                outcome
+    let service = match Service::start(&config, ServiceOptions { capture_only }).await {
+        Ok(service) => service,
+        Err(StartError::Invalid(problems)) => {
+            for problem in problems {
+                eprintln!("error: {}: {problem}", path.display());
             }
-            Err(outcome) => outcome,
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
         }
     };
-    // Then, bounded: a final ACK of the durable position; the sinks write everything committed;
-    // exit. (What capture had not committed was never acknowledged and comes again after a
-    // restart.)
-    health.begin_shutdown();
-    let finish = async {
-        replicator.flush_ack().await;
-        let _ = stop_tx.send(true);
-        while let Some(result) = tasks.join_next().await {
-            if let Ok(Err(e)) = result {
-                tracing::error!(error = %e, "sink stopped");
-            }
+    let stopper = service.stopper();
+    let stopped = service.wait();
+    tokio::pin!(stopped);
+    let outcome = tokio::select! {
+        outcome = &mut stopped => outcome,
+        _ = tokio::signal::ctrl_c() => {
+            stopper.shutdown("SIGINT");
+            stopped.await
         }
-        while helpers.join_next().await.is_some() {}
+        _ = terminate.recv() => {
+            stopper.shutdown("SIGTERM");
+            stopped.await
+        }
     };
-    if tokio::time::timeout(Duration::from_secs(30), finish)
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "shutdown took longer than 30 s; exiting anyway (restart resumes from the checkpoints)"
-        );
-    }
     match outcome {
-        Ok(()) => {
-            tracing::info!(stats = ?capture.stats, "stopped");
+        Ok(stats) => {
+            tracing::info!(?stats, "stopped");
             ExitCode::SUCCESS
         }
         Err(error) => {

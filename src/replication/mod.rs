@@ -33,8 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
-
+use crate::backoff::Backoff;
 use crate::config::RedisEndpoint;
 use crate::position::{ReplId, ReplOffset, StreamPosition};
 use discovery::Discovery;
@@ -124,6 +123,19 @@ impl LinkError {
     pub fn is_fatal(&self) -> bool {
         matches!(self, LinkError::Fatal { .. })
     }
+
+    /// The metric label of the error's kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LinkError::Io { .. } => "io",
+            LinkError::Timeout { .. } => "timeout",
+            LinkError::NotReady { .. } => "not_ready",
+            LinkError::Refused { .. } => "refused",
+            LinkError::Protocol { .. } => "protocol",
+            LinkError::Snapshot { .. } => "snapshot",
+            LinkError::Fatal { .. } => "fatal",
+        }
+    }
 }
 
 /// Settings of the replica side.
@@ -173,7 +185,7 @@ pub struct Replicator {
     resume: Option<StreamPosition>,
     /// The offset reported by `REPLCONF ACK`, set by the caller.
     ack: Arc<AtomicU64>,
-    failures: u32,
+    backoff: Backoff,
     retry_at: Option<tokio::time::Instant>,
     /// An event produced by `try_next_buffered` (a failure) for the next `next` call.
     pending: Option<ReplicationEvent>,
@@ -196,11 +208,11 @@ impl Replicator {
     /// A replicator that starts with a full sync (`resume` None) or continues after `resume`.
     pub fn new(options: ReplicatorOptions, resume: Option<StreamPosition>) -> Self {
         Replicator {
+            backoff: Backoff::new(options.backoff_min, options.backoff_max),
             options,
             link: None,
             resume,
             ack: Arc::new(AtomicU64::new(0)),
-            failures: 0,
             retry_at: None,
             pending: None,
             primary: None,
@@ -337,7 +349,7 @@ impl Replicator {
             let switched = self.switched.clone();
             tokio::select! {
                 _ = tokio::time::sleep_until(at) => {}
-                _ = switched.notified() => self.failures = 0,
+                _ = switched.notified() => self.backoff.reset(),
             }
         }
         let endpoint = match self.options.discovery.primary(self.options.timeout).await {
@@ -362,7 +374,7 @@ impl Replicator {
         {
             Ok((link, event)) => {
                 self.link = Some(link);
-                self.failures = 0;
+                self.backoff.reset();
                 if let ReplicationEvent::Continued { position, .. } = &event {
                     self.resume = Some(position.clone());
                 }
@@ -376,36 +388,8 @@ impl Replicator {
         if error.is_fatal() {
             return Err(error);
         }
-        let retry_in = backoff(
-            self.failures,
-            self.options.backoff_min,
-            self.options.backoff_max,
-        );
-        self.failures = self.failures.saturating_add(1);
+        let retry_in = self.backoff.next_delay();
         self.retry_at = Some(tokio::time::Instant::now() + retry_in);
         Ok(ReplicationEvent::Disconnected { error, retry_in })
-    }
-}
-
-/// Exponential backoff with "equal jitter": half the delay fixed, half random, so that many
-/// replicas restarting together do not reconnect in lockstep.
-fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
-    let exponential = min.saturating_mul(1u32 << failures.min(16)).min(max);
-    let half = exponential / 2;
-    half + rand::rng().random_range(Duration::ZERO..=half)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_the_cap_with_jitter() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_secs(30));
-        for failures in 0..40 {
-            let d = backoff(failures, min, max);
-            let ceiling = min.saturating_mul(1 << failures.min(16)).min(max);
-            assert!(d <= ceiling && d >= ceiling / 2, "{failures}: {d:?}");
-        }
     }
 }

@@ -2,6 +2,8 @@
 //! [`Destination`]; [`Sink`] picks the backend from the URL.
 
 pub mod convert;
+#[cfg(test)]
+pub mod memory;
 pub mod mysql;
 pub mod runner;
 pub mod sqlite;
@@ -130,6 +132,12 @@ pub enum SinkError {
     /// Retrying cannot help: the service stops.
     #[error("{0}")]
     Fatal(String),
+}
+
+impl SinkError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SinkError::Transient(_))
+    }
 }
 
 /// A database the rows are written to.

@@ -8,17 +8,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rand::Rng;
 use tokio::sync::Notify;
 
 use super::convert::{convert, SqlValue};
 use super::{
-    BeforeCommit, Destination, Rejected, RowOp, RowWrite, Sink, SinkBatch, SinkError, TableSchema,
+    BeforeCommit, Destination, Rejected, RowOp, RowWrite, SinkBatch, SinkError, TableSchema,
 };
 use crate::ack::Writeback;
+use crate::backoff::Backoff;
 use crate::buffer::{Batch, Change, DeadLetter, NewAck, RowChange, Store, StoreError};
-use crate::capture::apply::now_ms;
 use crate::capture::mapping::Mapping;
+use crate::clock::now_ms;
 
 /// Most changes read for one batch (more when a unit is larger).
 pub const MAX_BATCH_CHANGES: usize = 5_000;
@@ -85,9 +85,23 @@ pub enum RunnerError {
     Store(#[from] StoreError),
 }
 
-pub struct SinkRunner {
+/// What a runner shares with the rest of the service.
+pub struct RunnerLinks {
+    /// The buffer: the change log it reads, the dead letters and acknowledgements it writes.
+    pub store: Arc<Store>,
+    /// Woken after every capture commit.
+    pub committed: Arc<Notify>,
+    /// Every backend's applied seq, to trim the change log behind the slowest.
+    pub positions: Arc<AppliedPositions>,
+    pub health: Arc<crate::metrics::Health>,
+    /// Woken when acknowledgements are queued.
+    pub writeback: Arc<Writeback>,
+}
+
+/// Moves the change log into one backend (see the module doc).
+pub struct SinkRunner<D: Destination> {
     name: String,
-    sink: Sink,
+    sink: D,
     mappings: Vec<Mapping>,
     schemas: Vec<TableSchema>,
     store: Arc<Store>,
@@ -95,45 +109,35 @@ pub struct SinkRunner {
     positions: Arc<AppliedPositions>,
     applied: u64,
     health: Arc<crate::metrics::Health>,
-    /// Woken when acknowledgements are queued.
-    writeback: Option<Arc<Writeback>>,
+    writeback: Arc<Writeback>,
+    backoff: Backoff,
 }
 
-impl SinkRunner {
-    /// Connects the sink, checks (or creates) its tables, reads its checkpoint.
+impl<D: Destination> SinkRunner<D> {
+    /// Checks (or creates) the sink's tables and reads its checkpoint. Problems are returned
+    /// one per line.
     pub async fn start(
         name: &str,
-        url: &str,
+        mut sink: D,
         mappings: Vec<Mapping>,
-        store: Arc<Store>,
-        notify: Arc<Notify>,
-        positions: Arc<AppliedPositions>,
-        health: Arc<crate::metrics::Health>,
-    ) -> Result<SinkRunner, Vec<String>> {
-        let mut sink = Sink::connect(name, url)
-            .await
-            .map_err(|e| vec![e.to_string()])?;
+        links: RunnerLinks,
+    ) -> Result<SinkRunner<D>, Vec<String>> {
         let schemas = sink.prepare(&mappings).await?;
         let applied = sink.applied_seq().await.map_err(|e| vec![e.to_string()])?;
-        health.backend(name, true, None);
+        links.health.backend(name, true, None);
         Ok(SinkRunner {
             name: name.to_string(),
             sink,
             mappings,
             schemas,
-            store,
-            notify,
-            positions,
+            store: links.store,
+            notify: links.committed,
+            positions: links.positions,
             applied,
-            health,
-            writeback: None,
+            health: links.health,
+            writeback: links.writeback,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(30)),
         })
-    }
-
-    /// Wakes `notify` whenever this runner queues acknowledgements.
-    pub fn with_writeback(mut self, writeback: Arc<Writeback>) -> Self {
-        self.writeback = Some(writeback);
-        self
     }
 
     /// Queues the acks of changes this backend committed before a crash left them unqueued
@@ -192,9 +196,7 @@ impl SinkRunner {
         batch.put_acks(acks);
         batch.put_acks_enqueued(&self.name, through);
         self.store.write(batch, false)?;
-        if let Some(writeback) = &self.writeback {
-            writeback.acks_queued();
-        }
+        self.writeback.acks_queued();
         Ok(())
     }
 
@@ -364,31 +366,28 @@ impl SinkRunner {
         batch: &SinkBatch,
         before_commit: &BeforeCommit,
     ) -> Result<Vec<Rejected>, SinkError> {
-        let mut failures = 0u32;
         loop {
             match self.sink.apply(&self.schemas, batch, before_commit).await {
                 Ok(rejected) => {
-                    if failures > 0 {
+                    if self.backoff.failures() > 0 {
                         tracing::info!(backend = %self.name, "database reachable again");
                     }
+                    self.backoff.reset();
                     return Ok(rejected);
                 }
-                Err(SinkError::Transient(message)) => {
-                    let delay = Duration::from_millis(100)
-                        .saturating_mul(1 << failures.min(8))
-                        .min(Duration::from_secs(30));
-                    let delay = delay / 2 + rand::rng().random_range(Duration::ZERO..=delay / 2);
-                    tracing::warn!(backend = %self.name, error = %message, retry_in = ?delay, "database write failed; retrying");
+                Err(error) if error.is_transient() => {
+                    let delay = self.backoff.next_delay();
+                    tracing::warn!(backend = %self.name, %error, retry_in = ?delay, "database write failed; retrying");
                     metrics::counter!("writebehind_sink_retries_total", "backend" => self.name.clone()).increment(1);
                     self.health
-                        .backend(&self.name, false, Some(message.clone()));
-                    failures += 1;
+                        .backend(&self.name, false, Some(error.to_string()));
                     tokio::time::sleep(delay).await;
                     // The connection may have died after COMMIT reached the server: if the
                     // checkpoint row says the batch is in, it must not be applied again.
                     match self.sink.applied_seq().await {
                         Ok(applied) if applied >= batch.last_seq => {
                             tracing::info!(backend = %self.name, seq = batch.last_seq, "the batch had committed before the connection failed");
+                            self.backoff.reset();
                             return Ok(Vec::new());
                         }
                         _ => {}
@@ -526,6 +525,7 @@ mod tests {
     use super::*;
     use crate::buffer::HashOp;
     use crate::position::ReplOffset;
+    use crate::sink::memory::MemoryDestination;
 
     fn change(seq: u64, uuid: Option<&str>) -> Change {
         Change {
@@ -545,18 +545,28 @@ mod tests {
         }
     }
 
+    fn links(store: &Arc<Store>) -> RunnerLinks {
+        RunnerLinks {
+            store: store.clone(),
+            committed: Arc::new(Notify::new()),
+            positions: Arc::new(AppliedPositions::new(1)),
+            health: crate::metrics::Health::new(),
+            writeback: Arc::new(Writeback::default()),
+        }
+    }
+
+    fn mappings() -> Vec<Mapping> {
+        let text = "[source]\nurl = \"redis://127.0.0.1:1\"\n[backends.db]\nurl = \"sqlite://unused\"\n[[mappings]]\nname = \"P\"\nprefix = \"p\"\nbackend = \"db\"\ntable = \"t\"\nkey_column = \"id\"\n[mappings.columns]\nname = \"name\"\n";
+        let config = crate::config::Config::parse(text, &|_| None).expect("config");
+        config.mappings.iter().map(Mapping::from_config).collect()
+    }
+
     /// A crash between a database commit and the ack queue: the next start queues the acks of
     /// what the database has, once.
     #[tokio::test]
     async fn acks_lost_between_commit_and_queue_are_queued_at_start() {
         let dir = tempfile::tempdir().expect("dir");
         let store = Arc::new(Store::open(&dir.path().join("buffer")).expect("store"));
-        let text = format!(
-            "[source]\nurl = \"redis://127.0.0.1:1\"\n[backends.db]\nurl = \"sqlite://{}\"\n[[mappings]]\nname = \"P\"\nprefix = \"p\"\nbackend = \"db\"\ntable = \"t\"\nkey_column = \"id\"\ncreate_table = true\n[mappings.columns]\nname = \"name\"\n",
-            dir.path().join("db.sqlite").display()
-        );
-        let config = crate::config::Config::parse(&text, &|_| None).expect("config");
-        let mappings: Vec<Mapping> = config.mappings.iter().map(Mapping::from_config).collect();
         let mut batch = Batch::default();
         for c in [change(1, None), change(2, Some("u2")), change(3, None)] {
             batch.put_change(&c);
@@ -565,12 +575,9 @@ mod tests {
         let start = || {
             SinkRunner::start(
                 "db",
-                &config.backends["db"].url,
-                mappings.clone(),
-                store.clone(),
-                Arc::new(Notify::new()),
-                Arc::new(AppliedPositions::new(1)),
-                crate::metrics::Health::new(),
+                MemoryDestination::default(),
+                mappings(),
+                links(&store),
             )
         };
         let mut runner = start().await.expect("runner");

@@ -1,0 +1,89 @@
+//! A batch of writes applied atomically by [`super::Store::write`].
+
+use super::acknowledgement::NewAck;
+use super::change::Change;
+use super::checkpoint::Checkpoint;
+use super::codec::Encoder;
+use super::dead_letter::DeadLetter;
+use super::mirror::{mirror_key, MirrorValue};
+use super::{META_ACKS_ENQUEUED_PREFIX, META_CHECKPOINT, META_REPLID_PREFIX};
+use crate::position::{ReplId, ReplOffset};
+
+/// Writes to apply together, in order, atomically.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub(super) ops: Vec<Op>,
+    pub(super) new_acks: Vec<NewAck>,
+}
+
+#[derive(Debug)]
+pub(super) enum Op {
+    PutRaw(Vec<u8>, Vec<u8>),
+    DeleteRaw(Vec<u8>),
+    DeleteAck(u64),
+    PutDeadLetter(u64, Vec<u8>),
+    DeleteDeadLetter(u64),
+    PutMirror(Vec<u8>, Vec<u8>),
+    DeleteMirror(Vec<u8>),
+    PutChange(u64, Vec<u8>),
+    PutMeta(Vec<u8>, Vec<u8>),
+}
+
+impl Batch {
+    pub fn put_mirror(&mut self, db: u32, key: &[u8], value: &MirrorValue) {
+        self.ops
+            .push(Op::PutMirror(mirror_key(db, key), value.encode()));
+    }
+    pub fn delete_mirror(&mut self, db: u32, key: &[u8]) {
+        self.ops.push(Op::DeleteMirror(mirror_key(db, key)));
+    }
+    pub fn put_change(&mut self, change: &Change) {
+        self.ops.push(Op::PutChange(change.seq, change.encode()));
+    }
+    pub fn put_checkpoint(&mut self, checkpoint: &Checkpoint) {
+        self.ops
+            .push(Op::PutMeta(META_CHECKPOINT.to_vec(), checkpoint.encode()));
+    }
+    /// Records that `replid` begins at `offset` (history, for diagnostics).
+    pub fn add_replid(&mut self, seq: u64, replid: &ReplId, offset: ReplOffset) {
+        let mut key = META_REPLID_PREFIX.to_vec();
+        key.extend_from_slice(&seq.to_be_bytes());
+        let mut e = Encoder::default();
+        e.bytes(replid.as_str().as_bytes()).u64(offset.0);
+        self.ops.push(Op::PutMeta(key, e.finish()));
+    }
+    pub fn put_dead_letter(&mut self, letter: &DeadLetter) {
+        self.ops
+            .push(Op::PutDeadLetter(letter.seq, letter.encode()));
+    }
+    pub fn delete_dead_letter(&mut self, seq: u64) {
+        self.ops.push(Op::DeleteDeadLetter(seq));
+    }
+    /// What Redis really holds for a key whose `#` op is not completed yet.
+    pub fn put_raw(&mut self, db: u32, key: &[u8], value: &MirrorValue) {
+        self.ops
+            .push(Op::PutRaw(mirror_key(db, key), value.encode()));
+    }
+    pub fn delete_raw(&mut self, db: u32, key: &[u8]) {
+        self.ops.push(Op::DeleteRaw(mirror_key(db, key)));
+    }
+    /// Queues acknowledgements, in order; they get their ids when the batch is written.
+    pub fn put_acks(&mut self, acks: Vec<NewAck>) {
+        self.new_acks.extend(acks);
+    }
+    pub fn delete_ack(&mut self, id: u64) {
+        self.ops.push(Op::DeleteAck(id));
+    }
+    /// Records that `backend`'s changes up to `seq` have their acks queued.
+    pub fn put_acks_enqueued(&mut self, backend: &str, seq: u64) {
+        let mut key = META_ACKS_ENQUEUED_PREFIX.to_vec();
+        key.extend_from_slice(backend.as_bytes());
+        self.ops.push(Op::PutMeta(key, seq.to_be_bytes().to_vec()));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.new_acks.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+}

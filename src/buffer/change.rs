@@ -1,0 +1,110 @@
+//! Change-log records (column family `changes`).
+
+use bytes::Bytes;
+
+use super::codec::{DecodeError, Decoder, Encoder};
+use crate::position::ReplOffset;
+
+/// What a change does to its row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowChange {
+    /// The full mapped row image: every mapped column, `None` for an absent field.
+    Upsert {
+        columns: Vec<(String, Option<Bytes>)>,
+    },
+    Delete,
+}
+
+/// The `#` op of a write that carried a uuid: after the sink commits the change, `{key}uuid`
+/// (in `db`) is acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashOp {
+    pub op: u8,
+    pub uuid: Bytes,
+    pub db: u32,
+    pub key: Bytes,
+}
+
+/// One entry of the change log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub seq: u64,
+    /// The seq of the first change of its execution unit.
+    pub unit: u64,
+    /// Whether it is the last change of its unit.
+    pub unit_end: bool,
+    /// Stream offset after the unit.
+    pub offset: ReplOffset,
+    pub mapping: String,
+    pub row_id: Bytes,
+    pub row: RowChange,
+    pub op: Option<HashOp>,
+}
+
+impl Change {
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let mut e = Encoder::default();
+        e.u64(self.unit)
+            .u8(u8::from(self.unit_end))
+            .u64(self.offset.0)
+            .bytes(self.mapping.as_bytes())
+            .bytes(&self.row_id);
+        match &self.row {
+            RowChange::Upsert { columns } => {
+                e.u8(1).u32(columns.len() as u32);
+                for (column, value) in columns {
+                    e.bytes(column.as_bytes()).opt_bytes(value.as_deref());
+                }
+            }
+            RowChange::Delete => {
+                e.u8(2);
+            }
+        }
+        match &self.op {
+            Some(op) => e.u8(1).u8(op.op).bytes(&op.uuid).u32(op.db).bytes(&op.key),
+            None => e.u8(0),
+        };
+        e.finish()
+    }
+
+    pub(super) fn decode(seq: u64, input: &[u8]) -> Result<Change, DecodeError> {
+        let mut d = Decoder::new(input, "change");
+        let unit = d.u64()?;
+        let unit_end = d.u8()? != 0;
+        let offset = ReplOffset(d.u64()?);
+        let mapping = d.string()?;
+        let row_id = d.bytes()?;
+        let row = match d.u8()? {
+            1 => {
+                let count = d.u32()?;
+                let mut columns = Vec::with_capacity(count.min(1024) as usize);
+                for _ in 0..count {
+                    columns.push((d.string()?, d.opt_bytes()?));
+                }
+                RowChange::Upsert { columns }
+            }
+            2 => RowChange::Delete,
+            other => return Err(d.error(format!("row change kind {other}"))),
+        };
+        let op = match d.u8()? {
+            0 => None,
+            _ => Some(HashOp {
+                op: d.u8()?,
+                uuid: d.bytes()?,
+                db: d.u32()?,
+                key: d.bytes()?,
+            }),
+        };
+        d.end()?;
+        Ok(Change {
+            seq,
+            unit,
+            unit_end,
+            offset,
+            mapping,
+            row_id,
+            row,
+            op,
+        })
+    }
+}

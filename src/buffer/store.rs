@@ -1,0 +1,577 @@
+//! The RocksDB store: opening (and checking the format), reading each record kind, and
+//! writing batches atomically.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
+    WriteOptions, DB,
+};
+
+use super::batch::Op;
+use super::codec::{DecodeError, Decoder};
+use super::mirror::{mirror_key, split_mirror_key};
+use super::{
+    AckRecord, Batch, Change, Checkpoint, DeadLetter, MirrorValue, StoreError, CF_ACKS, CF_CHANGES,
+    CF_DEAD_LETTERS, CF_META, CF_MIRROR, CF_RAW, FORMAT_VERSION, META_ACKS_ENQUEUED_PREFIX,
+    META_CHECKPOINT, META_FORMAT, META_REPLID_PREFIX,
+};
+use crate::position::{ReplId, ReplOffset};
+
+/// Where a scan of the mirror continues (opaque outside the buffer): the start, or after the
+/// last entry of a page.
+#[derive(Debug, Clone, Default)]
+pub struct MirrorCursor {
+    after: Option<Vec<u8>>,
+}
+
+/// A page of a mirror scan: entries in key order and, unless the scan is over, where the
+/// next page starts.
+#[derive(Debug)]
+pub struct MirrorPage {
+    pub entries: Vec<(u32, Bytes, MirrorValue)>,
+    pub next: Option<MirrorCursor>,
+}
+
+/// The RocksDB buffer.
+pub struct Store {
+    db: DB,
+    path: PathBuf,
+    /// The id the next acknowledgement gets. Held while a batch with acks is written, so ids
+    /// become visible in increasing order (the write-back task reads on from the last one).
+    next_ack_id: std::sync::Mutex<u64>,
+}
+
+impl Store {
+    /// Opens (or creates) the buffer at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        let families = [
+            CF_MIRROR,
+            CF_CHANGES,
+            CF_META,
+            CF_DEAD_LETTERS,
+            CF_RAW,
+            CF_ACKS,
+        ]
+        .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let db = DB::open_cf_descriptors(&options, path, families).map_err(|e| {
+            let message = e.to_string();
+            if message.contains("lock") {
+                StoreError::InUse {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                StoreError::RocksDb {
+                    path: path.to_path_buf(),
+                    message,
+                }
+            }
+        })?;
+        let mut store = Store {
+            db,
+            path: path.to_path_buf(),
+            next_ack_id: std::sync::Mutex::new(1),
+        };
+        let last_ack = match store
+            .db
+            .iterator_cf(store.cf(CF_ACKS)?, IteratorMode::End)
+            .next()
+        {
+            Some(item) => {
+                let (key, _) = item.map_err(|e| store.rocks(e))?;
+                store.seq_key(&key, "ack key")?
+            }
+            None => 0,
+        };
+        store.next_ack_id = std::sync::Mutex::new(last_ack + 1);
+        let meta = store.cf(CF_META)?;
+        match store
+            .db
+            .get_cf(meta, META_FORMAT)
+            .map_err(|e| store.rocks(e))?
+        {
+            None => store
+                .db
+                .put_cf(meta, META_FORMAT, FORMAT_VERSION.to_be_bytes())
+                .map_err(|e| store.rocks(e))?,
+            Some(raw) => {
+                let found = raw
+                    .as_slice()
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(0);
+                if found != FORMAT_VERSION {
+                    return Err(StoreError::Format {
+                        path: store.path.clone(),
+                        found,
+                    });
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn rocks(&self, e: rocksdb::Error) -> StoreError {
+        StoreError::RocksDb {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    fn corrupt(&self, e: DecodeError) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            source: e,
+        }
+    }
+
+    fn cf(&self, name: &str) -> Result<&ColumnFamily, StoreError> {
+        self.db.cf_handle(name).ok_or_else(|| StoreError::RocksDb {
+            path: self.path.clone(),
+            message: format!("column family {name} is missing"),
+        })
+    }
+
+    /// The last checkpoint (the default one before anything was captured).
+    pub fn checkpoint(&self) -> Result<Checkpoint, StoreError> {
+        match self
+            .db
+            .get_cf(self.cf(CF_META)?, META_CHECKPOINT)
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(raw) => Checkpoint::decode(&raw).map_err(|e| self.corrupt(e)),
+            None => Ok(Checkpoint::default()),
+        }
+    }
+
+    /// The replication IDs seen, in order, with the offset each began at.
+    pub fn replid_history(&self) -> Result<Vec<(ReplId, ReplOffset)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .prefix_iterator_cf(self.cf(CF_META)?, META_REPLID_PREFIX)
+        {
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            if !key.starts_with(META_REPLID_PREFIX) {
+                break;
+            }
+            let mut d = Decoder::new(&value, "replid history");
+            let id = d.string().map_err(|e| self.corrupt(e))?;
+            let offset = d.u64().map_err(|e| self.corrupt(e))?;
+            let id = ReplId::parse(&id)
+                .ok_or_else(|| self.corrupt(d.error("replid is not 40 hex characters")))?;
+            out.push((id, ReplOffset(offset)));
+        }
+        Ok(out)
+    }
+
+    pub fn mirror(&self, db: u32, key: &[u8]) -> Result<Option<MirrorValue>, StoreError> {
+        self.mirror_value(CF_MIRROR, db, key)
+    }
+
+    /// A value of `mirror` or `raw` (same keys, same encoding).
+    fn mirror_value(
+        &self,
+        family: &str,
+        db: u32,
+        key: &[u8],
+    ) -> Result<Option<MirrorValue>, StoreError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(family)?, mirror_key(db, key))
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(raw) => MirrorValue::decode(&raw)
+                .map(Some)
+                .map_err(|e| self.corrupt(e)),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` mirror entries from `cursor` on, in key order, restricted to `db` when
+    /// given; the page says where the next one starts.
+    pub fn mirror_scan(
+        &self,
+        db: Option<u32>,
+        cursor: &MirrorCursor,
+        limit: usize,
+    ) -> Result<MirrorPage, StoreError> {
+        let start = match (&cursor.after, db) {
+            (Some(after), _) => {
+                let mut k = after.clone();
+                k.push(0);
+                k
+            }
+            (None, Some(db)) => db.to_be_bytes().to_vec(),
+            (None, None) => Vec::new(),
+        };
+        let mut entries = Vec::new();
+        let mut last_key = None;
+        for item in self.db.iterator_cf(
+            self.cf(CF_MIRROR)?,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            let (raw_key, raw_value) = item.map_err(|e| self.rocks(e))?;
+            let Some((key_db, key)) = split_mirror_key(&raw_key) else {
+                return Err(self.corrupt(DecodeError {
+                    what: "mirror key",
+                    at: 0,
+                    message: "shorter than 4 bytes".into(),
+                }));
+            };
+            if db.is_some_and(|db| db != key_db) || entries.len() >= limit {
+                break;
+            }
+            entries.push((
+                key_db,
+                key,
+                MirrorValue::decode(&raw_value).map_err(|e| self.corrupt(e))?,
+            ));
+            last_key = Some(raw_key);
+        }
+        let next = last_key.map(|key| MirrorCursor {
+            after: Some(key.to_vec()),
+        });
+        Ok(MirrorPage { entries, next })
+    }
+
+    /// Up to `limit` changes with seq >= `from`, in order.
+    pub fn changes(&self, from: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
+        self.by_seq(CF_CHANGES, "change key", from, limit, Change::decode)
+    }
+
+    /// Up to `limit` entries of a column family keyed by `seq u64`, from `from` on, decoded.
+    fn by_seq<T>(
+        &self,
+        family: &str,
+        what: &'static str,
+        from: u64,
+        limit: usize,
+        decode: impl Fn(u64, &[u8]) -> Result<T, DecodeError>,
+    ) -> Result<Vec<T>, StoreError> {
+        let start = from.to_be_bytes();
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(family)?,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            let seq = self.seq_key(&key, what)?;
+            out.push(decode(seq, &value).map_err(|e| self.corrupt(e))?);
+        }
+        Ok(out)
+    }
+
+    /// A `seq u64` key (change log, dead letters).
+    fn seq_key(&self, key: &[u8], what: &'static str) -> Result<u64, StoreError> {
+        key.try_into().map(u64::from_be_bytes).map_err(|_| {
+            self.corrupt(DecodeError {
+                what,
+                at: 0,
+                message: format!("{} bytes, expected 8", key.len()),
+            })
+        })
+    }
+
+    /// Removes every change with seq <= `through` (the sinks have applied them).
+    pub fn trim_changes(&self, through: u64) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            self.cf(CF_CHANGES)?,
+            0u64.to_be_bytes(),
+            through.saturating_add(1).to_be_bytes(),
+        );
+        self.db.write(batch).map_err(|e| self.rocks(e))
+    }
+
+    /// Applies `batch` atomically; with `sync`, it is on disk when this returns.
+    pub fn write(&self, batch: Batch, sync: bool) -> Result<(), StoreError> {
+        let (mirror, changes, meta, dead) = (
+            self.cf(CF_MIRROR)?,
+            self.cf(CF_CHANGES)?,
+            self.cf(CF_META)?,
+            self.cf(CF_DEAD_LETTERS)?,
+        );
+        let (raw, acks) = (self.cf(CF_RAW)?, self.cf(CF_ACKS)?);
+        let mut write = WriteBatch::default();
+        for op in batch.ops {
+            match op {
+                Op::PutMirror(k, v) => write.put_cf(mirror, k, v),
+                Op::DeleteMirror(k) => write.delete_cf(mirror, k),
+                Op::PutChange(seq, v) => write.put_cf(changes, seq.to_be_bytes(), v),
+                Op::PutMeta(k, v) => write.put_cf(meta, k, v),
+                Op::PutDeadLetter(seq, v) => write.put_cf(dead, seq.to_be_bytes(), v),
+                Op::DeleteDeadLetter(seq) => write.delete_cf(dead, seq.to_be_bytes()),
+                Op::PutRaw(k, v) => write.put_cf(raw, k, v),
+                Op::DeleteRaw(k) => write.delete_cf(raw, k),
+                Op::DeleteAck(id) => write.delete_cf(acks, id.to_be_bytes()),
+            }
+        }
+        let mut options = WriteOptions::default();
+        options.set_sync(sync);
+        if batch.new_acks.is_empty() {
+            return self
+                .db
+                .write_opt(write, &options)
+                .map_err(|e| self.rocks(e));
+        }
+        let mut next_id = self.next_ack_id.lock().unwrap_or_else(|p| p.into_inner());
+        let first = *next_id;
+        for (id, ack) in (first..).zip(batch.new_acks) {
+            let record = AckRecord {
+                id,
+                db: ack.db,
+                key: ack.key,
+                uuid: ack.uuid,
+                failure: ack.failure,
+                offset: ack.offset,
+            };
+            write.put_cf(acks, id.to_be_bytes(), record.encode());
+            *next_id = id + 1;
+        }
+        let written = self
+            .db
+            .write_opt(write, &options)
+            .map_err(|e| self.rocks(e));
+        if written.is_err() {
+            *next_id = first;
+        }
+        written
+    }
+
+    /// All dead letters, in seq order.
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        let all = usize::MAX;
+        self.by_seq(
+            CF_DEAD_LETTERS,
+            "dead letter key",
+            0,
+            all,
+            DeadLetter::decode,
+        )
+    }
+
+    /// What Redis really holds for `key`, when a `#` op on it is not completed yet.
+    pub fn raw(&self, db: u32, key: &[u8]) -> Result<Option<MirrorValue>, StoreError> {
+        self.mirror_value(CF_RAW, db, key)
+    }
+
+    /// The raw state of `key` (when its `#` op is not completed) with its mirror state. The
+    /// raw state is read again after the mirror: if it moved meanwhile, `None` (capture will
+    /// report the key again).
+    #[allow(clippy::type_complexity)]
+    pub fn pending_completion(
+        &self,
+        db: u32,
+        key: &[u8],
+    ) -> Result<Option<(MirrorValue, Option<MirrorValue>)>, StoreError> {
+        let Some(raw) = self.raw(db, key)? else {
+            return Ok(None);
+        };
+        let intended = self.mirror(db, key)?;
+        if self.raw(db, key)?.as_ref() != Some(&raw) {
+            return Ok(None);
+        }
+        Ok(Some((raw, intended)))
+    }
+
+    /// Forgets every raw state (a full sync finds pending ops again).
+    pub fn clear_raw(&self) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf(CF_RAW)?, Vec::<u8>::new(), vec![0xffu8; 5]);
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .write_opt(batch, &options)
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// Every key with a `#` op not completed in Redis.
+    pub fn raw_keys(&self) -> Result<Vec<(u32, Bytes)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_RAW)?, IteratorMode::Start) {
+            let (raw_key, _) = item.map_err(|e| self.rocks(e))?;
+            if let Some(entry) = split_mirror_key(&raw_key) {
+                out.push(entry);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` acknowledgements not written yet with id >= `from`, oldest first. (Written
+    /// ones are deleted: starting after them skips their tombstones.)
+    pub fn acks(&self, from: u64, limit: usize) -> Result<Vec<AckRecord>, StoreError> {
+        self.by_seq(CF_ACKS, "ack key", from, limit, AckRecord::decode)
+    }
+
+    /// The seq up to which `backend`'s acks are queued (0: none recorded).
+    pub fn acks_enqueued(&self, backend: &str) -> Result<u64, StoreError> {
+        let mut key = META_ACKS_ENQUEUED_PREFIX.to_vec();
+        key.extend_from_slice(backend.as_bytes());
+        match self
+            .db
+            .get_cf(self.cf(CF_META)?, key)
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(raw) => self.seq_key(&raw, "acks_enqueued"),
+            None => Ok(0),
+        }
+    }
+
+    /// Approximate bytes on disk (SST files).
+    pub fn disk_size(&self) -> u64 {
+        self.db
+            .property_int_value(rocksdb::properties::TOTAL_SST_FILES_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::{FieldValue, HashOp, RowChange};
+    use crate::position::StreamPosition;
+
+    fn value() -> MirrorValue {
+        let mut v = MirrorValue::hash(3);
+        v.expire_at_ms = Some(1_700_000_000_000);
+        v.fields.insert(
+            Bytes::from("a"),
+            FieldValue {
+                value: Bytes::from("1"),
+                expire_at_ms: None,
+            },
+        );
+        v.fields.insert(
+            Bytes::from("b"),
+            FieldValue {
+                value: Bytes::from_static(b"\x00\xff"),
+                expire_at_ms: Some(5),
+            },
+        );
+        v
+    }
+
+    #[test]
+    fn everything_round_trips_and_corruption_is_an_error() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let v = value();
+        assert_eq!(MirrorValue::decode(&v.encode())?, v);
+        let change = Change {
+            seq: 7,
+            unit: 6,
+            unit_end: true,
+            offset: ReplOffset(99),
+            mapping: "m".into(),
+            row_id: Bytes::from("1"),
+            row: RowChange::Upsert {
+                columns: vec![
+                    ("first".into(), Some(Bytes::from("x"))),
+                    ("age".into(), None),
+                ],
+            },
+            op: Some(HashOp {
+                op: b'=',
+                uuid: Bytes::from("u"),
+                db: 3,
+                key: Bytes::from("p:1"),
+            }),
+        };
+        assert_eq!(Change::decode(7, &change.encode())?, change);
+        let ack = AckRecord {
+            id: 9,
+            db: 1,
+            key: Bytes::from("p:1"),
+            uuid: Bytes::from("u-1"),
+            failure: Some("too long".into()),
+            offset: 77,
+        };
+        assert_eq!(AckRecord::decode(9, &ack.encode())?, ack);
+        assert_eq!(ack.stream_key(), b"{p:1}u-1".to_vec());
+        let cp = Checkpoint {
+            position: Some(StreamPosition {
+                replid: ReplId::parse(&"a".repeat(40)).ok_or("replid")?,
+                offset: ReplOffset(5),
+                db: 2,
+            }),
+            next_seq: 10,
+            generation: 2,
+            full_sync_in_progress: false,
+        };
+        assert_eq!(Checkpoint::decode(&cp.encode())?, cp);
+        let raw = v.encode();
+        for cut in 0..raw.len() {
+            assert!(MirrorValue::decode(&raw[..cut]).is_err());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn store_writes_atomically_and_trims() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        let mut batch = Batch::default();
+        batch.put_mirror(1, b"person2:1", &value());
+        for seq in 0..5 {
+            batch.put_change(&Change {
+                seq,
+                unit: seq,
+                unit_end: true,
+                offset: ReplOffset(seq),
+                mapping: "m".into(),
+                row_id: Bytes::from("1"),
+                row: RowChange::Delete,
+                op: None,
+            });
+        }
+        batch.put_checkpoint(&Checkpoint {
+            next_seq: 5,
+            ..Checkpoint::default()
+        });
+        store.write(batch, true)?;
+        assert_eq!(store.mirror(1, b"person2:1")?, Some(value()));
+        assert_eq!(store.mirror(0, b"person2:1")?, None);
+        assert_eq!(
+            store
+                .mirror_scan(Some(1), &MirrorCursor::default(), 10)?
+                .entries
+                .len(),
+            1
+        );
+        assert_eq!(
+            store
+                .changes(2, 2)?
+                .iter()
+                .map(|c| c.seq)
+                .collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        store.trim_changes(2)?;
+        assert_eq!(
+            store
+                .changes(0, 10)?
+                .iter()
+                .map(|c| c.seq)
+                .collect::<Vec<_>>(),
+            vec![3, 4]
+        );
+        assert_eq!(store.checkpoint()?.next_seq, 5);
+        drop(store);
+        let store = Store::open(dir.path())?;
+        assert_eq!(store.checkpoint()?.next_seq, 5);
+        Ok(())
+    }
+}

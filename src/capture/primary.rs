@@ -1,0 +1,163 @@
+//! What capture reads from the primary over an ordinary connection, beside the replication
+//! link: the command table (to classify writes it does not model), the key count (for the
+//! snapshot's progress) and single keys (*refresh*).
+//!
+//! # Refresh
+//!
+//! A watched key whose content this service cannot derive (a `RENAME` from an unwatched key, a
+//! write it does not model) is read with one `MULTI`: `SELECT db`, `DUMP key`, `PTTL key`,
+//! `INFO replication`, `EXEC`. The primary's offset in the same transaction says which commands
+//! of the stream the value already contains: it is stored as the value's `refreshed_through`,
+//! and commands ending at or before it are not applied to the key again. A key absent at that
+//! offset is stored as a marker entry (no row) for the same reason. When the primary is on
+//! another replication ID than the stream, the value cannot be placed in the stream: `None`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis_protocol::resp2::types::BytesFrame;
+
+use super::command_table::CommandTable;
+use super::rows::mirror_value_from_dump;
+use crate::buffer::MirrorValue;
+use crate::clock::now_ms;
+use crate::config::RedisEndpoint;
+use crate::position::ReplId;
+use crate::redis_client::{frame_text, info_field, ClientError, RedisClient};
+use crate::replication::rdb::decode_dump_payload;
+
+/// A key as the primary holds it at a point of the stream (`None`: absent there).
+pub type Refreshed = Option<MirrorValue>;
+
+pub struct Primary {
+    endpoint: RedisEndpoint,
+    /// Kept open for refreshes (they come in bursts).
+    client: Option<RedisClient>,
+}
+
+impl Primary {
+    pub fn new(endpoint: RedisEndpoint) -> Primary {
+        Primary {
+            endpoint,
+            client: None,
+        }
+    }
+
+    /// After a failover the primary is another server.
+    pub fn follow(&mut self, endpoint: &RedisEndpoint) {
+        if *endpoint != self.endpoint {
+            self.endpoint = endpoint.clone();
+            self.client = None;
+        }
+    }
+
+    pub fn address(&self) -> String {
+        self.endpoint.address()
+    }
+
+    /// The primary's `COMMAND` table; `None` (logged) when it cannot be read: unknown writes
+    /// are then refreshed by key.
+    pub async fn command_table(&self) -> Option<CommandTable> {
+        let result = async {
+            let mut client = RedisClient::connect(&self.endpoint, Duration::from_secs(10)).await?;
+            client.command(&["COMMAND"]).await
+        }
+        .await;
+        match result {
+            Ok(reply) => Some(CommandTable::from_reply(&reply)),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the primary's command table; unknown writes will be refreshed by key");
+                None
+            }
+        }
+    }
+
+    /// The number of keys in the primary (`INFO keyspace`; 0 when unknown).
+    pub async fn key_count(&self) -> u64 {
+        let info = async {
+            RedisClient::connect(&self.endpoint, Duration::from_secs(10))
+                .await?
+                .info("keyspace")
+                .await
+        }
+        .await;
+        let Ok(info) = info else { return 0 };
+        info.lines()
+            .filter(|l| l.starts_with("db"))
+            .filter_map(|l| {
+                l.split([':', ','])
+                    .find_map(|part| part.strip_prefix("keys="))
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .sum()
+    }
+
+    /// Reads `key` in `db` with the primary's offset (see the module doc). `Ok(None)` when the
+    /// primary is on another replication ID than `replid`.
+    pub async fn read_key(
+        &mut self,
+        db: u32,
+        key: &Bytes,
+        replid: &ReplId,
+        generation: u64,
+    ) -> Result<Option<Refreshed>, ClientError> {
+        let client = match self.client.as_mut() {
+            Some(client) => client,
+            None => self
+                .client
+                .insert(RedisClient::connect(&self.endpoint, Duration::from_secs(10)).await?),
+        };
+        let db_text = db.to_string();
+        let replies = client
+            .pipeline(&[
+                &[&b"MULTI"[..]][..],
+                &[&b"SELECT"[..], db_text.as_bytes()],
+                &[&b"DUMP"[..], key.as_ref()],
+                &[&b"PTTL"[..], key.as_ref()],
+                &[&b"INFO"[..], b"replication"],
+                &[&b"EXEC"[..]],
+            ])
+            .await;
+        let replies = match replies {
+            Ok(replies) => replies,
+            Err(error) => {
+                self.client = None;
+                return Err(error);
+            }
+        };
+        let bad = |message: &str| ClientError::Protocol {
+            address: self.endpoint.address(),
+            message: message.to_string(),
+        };
+        let Some(BytesFrame::Array(results)) = replies.last() else {
+            return Err(bad("EXEC did not return an array"));
+        };
+        let [_, dump, pttl, info] = results.as_slice() else {
+            return Err(bad("EXEC returned an unexpected number of replies"));
+        };
+        let info = frame_text(info);
+        if info_field(&info, "master_replid") != Some(replid.as_str()) {
+            return Ok(None);
+        }
+        let offset: u64 = info_field(&info, "master_repl_offset")
+            .and_then(|o| o.parse().ok())
+            .ok_or_else(|| bad("INFO has no master_repl_offset"))?;
+        let expire_at_ms = match pttl {
+            BytesFrame::Integer(ms) if *ms >= 0 => Some(now_ms() + ms),
+            _ => None,
+        };
+        let value = match dump {
+            BytesFrame::BulkString(payload) => {
+                let decoded =
+                    decode_dump_payload(payload).map_err(|e| bad(&format!("DUMP payload: {e}")))?;
+                mirror_value_from_dump(decoded, generation, expire_at_ms)
+            }
+            _ => None,
+        };
+        // Absent at that offset: a marker entry (no row) records the offset, so that the
+        // stream's commands up to it are not replayed onto the absent key.
+        let mut value = value.unwrap_or_else(|| MirrorValue::other(generation));
+        value.refreshed_through = offset;
+        Ok(Some(Some(value)))
+    }
+}

@@ -1,0 +1,82 @@
+//! Row events: what a change of a watched key does to its row.
+
+use bytes::Bytes;
+
+use super::mapping::Mapping;
+use crate::buffer::{FieldValue, HashOp, MirrorKind, MirrorValue, RowChange};
+use crate::config::OnExpire;
+use crate::replication::rdb::{DumpedValue, ValueKind};
+
+/// A row change derived from a command, before it gets its place in the change log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowEvent {
+    pub mapping: String,
+    pub row_id: Bytes,
+    pub row: RowChange,
+    /// The `#` op (with its uuid) to acknowledge once the database has this change.
+    pub op: Option<HashOp>,
+}
+
+fn row_of(mapping: &Mapping, value: &Option<MirrorValue>) -> Option<Vec<(String, Option<Bytes>)>> {
+    match value {
+        Some(v) if v.kind == MirrorKind::Hash && !v.fields.is_empty() => {
+            Some(mapping.row_image(&v.fields))
+        }
+        _ => None,
+    }
+}
+
+/// The row event between two states of a watched key.
+pub fn row_event(
+    mapping: &Mapping,
+    key: &Bytes,
+    before: &Option<MirrorValue>,
+    after: &Option<MirrorValue>,
+    expired: bool,
+) -> Option<RowEvent> {
+    let (old, new) = (row_of(mapping, before), row_of(mapping, after));
+    let row = match (old, new) {
+        (old, Some(new)) if old.as_ref() != Some(&new) => RowChange::Upsert { columns: new },
+        (Some(_), None) if expired && mapping.on_expire == OnExpire::Keep => return None,
+        (Some(_), None) => RowChange::Delete,
+        _ => return None,
+    };
+    Some(RowEvent {
+        mapping: mapping.name.clone(),
+        row_id: mapping.row_id(key),
+        row,
+        op: None,
+    })
+}
+
+/// The mirror value of a decoded DUMP payload (`None` for an empty hash, which Redis would not
+/// keep).
+pub fn mirror_value_from_dump(
+    decoded: DumpedValue,
+    generation: u64,
+    expire_at_ms: Option<i64>,
+) -> Option<MirrorValue> {
+    if decoded.kind != ValueKind::Hash {
+        return Some(MirrorValue {
+            expire_at_ms,
+            ..MirrorValue::other(generation)
+        });
+    }
+    if decoded.empty {
+        return None;
+    }
+    let mut value = MirrorValue {
+        expire_at_ms,
+        ..MirrorValue::hash(generation)
+    };
+    for f in decoded.fields {
+        value.fields.insert(
+            f.field,
+            FieldValue {
+                value: f.value,
+                expire_at_ms: f.expire_at_ms,
+            },
+        );
+    }
+    Some(value)
+}

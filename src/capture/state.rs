@@ -1,0 +1,73 @@
+//! What capture's parts share: the buffer, the mappings, the primary's command table, the
+//! checkpoint with the numbering of the change log, the `#` op state and the counters.
+
+use std::sync::Arc;
+
+use super::apply::Applier;
+use super::command_table::CommandTable;
+use super::mapping::Mappings;
+use super::ops::OpState;
+use super::rows::RowEvent;
+use super::CaptureStats;
+use crate::buffer::{Batch, Change, Checkpoint, RowChange, Store};
+use crate::position::ReplOffset;
+
+pub struct CaptureState {
+    pub store: Arc<Store>,
+    pub mappings: Mappings,
+    pub commands: CommandTable,
+    /// Where capture stands; written with every batch of the data it describes.
+    pub checkpoint: Checkpoint,
+    pub ops: OpState,
+    pub stats: CaptureStats,
+}
+
+impl CaptureState {
+    /// An applier of the current generation; `ops`: whether `#` is the op field (false for the
+    /// raw states, which follow Redis exactly).
+    pub fn applier(&self, ops: bool) -> Applier<'_> {
+        Applier {
+            mappings: &self.mappings,
+            commands: &self.commands,
+            generation: self.checkpoint.generation,
+            ops,
+        }
+    }
+
+    /// The offset of the checkpoint (0 before the first full sync).
+    pub fn offset(&self) -> ReplOffset {
+        self.checkpoint
+            .position
+            .as_ref()
+            .map(|p| p.offset)
+            .unwrap_or_default()
+    }
+
+    /// Appends one unit of row events to the change log in `batch`: consecutive seqs, the
+    /// first one naming the unit, the last one ending it.
+    pub fn append_unit(&mut self, batch: &mut Batch, events: Vec<RowEvent>, offset: ReplOffset) {
+        let unit = self.checkpoint.next_seq;
+        let count = events.len();
+        for (i, event) in events.into_iter().enumerate() {
+            let change = Change {
+                seq: self.checkpoint.next_seq,
+                unit,
+                unit_end: i + 1 == count,
+                offset,
+                mapping: event.mapping,
+                row_id: event.row_id,
+                row: event.row,
+                op: event.op,
+            };
+            let operation = if matches!(change.row, RowChange::Delete) {
+                "delete"
+            } else {
+                "upsert"
+            };
+            metrics::counter!("writebehind_changes_total", "mapping" => change.mapping.clone(), "operation" => operation).increment(1);
+            batch.put_change(&change);
+            self.checkpoint.next_seq += 1;
+            self.stats.changes += 1;
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! Applying the command stream: one [`StreamBatch`] holds everything that arrived together
+//! (up to [`MAX_UNITS_PER_COMMIT`] units), applied to working sets of the mirror and of the raw
+//! states, then written with one synced `WriteBatch` (group commit) holding mirror, changes,
+//! acknowledgements and the checkpoint after the last unit. Only then is the offset reported to
+//! the primary (`REPLCONF ACK`), so `WAIT 1` returns once a write is durably captured.
+//!
+//! A unit is a command or a `MULTI ... EXEC`; its row changes go to the change log as one unit.
+//! A unit of the function library starts with its tag (`src/ack`): a completion is applied to
+//! the raw state only, an atomic op decides the unit's row change and ack.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::command::Write;
+use super::ops::apply_op;
+use super::ops::OpSeen;
+use super::primary::Primary;
+use super::rows::{row_event, RowEvent};
+use super::state::CaptureState;
+use super::working_set::WorkingSet;
+use crate::ack::{parse_tag, Tag};
+use crate::buffer::{Batch, NewAck, Store, StoreError};
+use crate::clock::now_ms;
+use crate::position::{ReplOffset, StreamPosition};
+use crate::replication::stream::{Command, StreamEvent};
+
+/// Units applied before a commit even if more are buffered (bounds memory and latency).
+pub const MAX_UNITS_PER_COMMIT: usize = 10_000;
+
+/// What a committed batch leaves for the write-back task.
+pub struct Committed {
+    /// Keys whose `#` op is to be completed in Redis.
+    pub to_complete: Vec<(u32, Bytes)>,
+    /// Whether acknowledgements were queued.
+    pub acks_queued: bool,
+    /// The seq of the last change written, when the batch wrote any.
+    pub last_seq: Option<u64>,
+}
+
+/// The stream events of one group commit.
+pub struct StreamBatch {
+    /// The mirror entries the batch touches.
+    ws: WorkingSet,
+    /// The raw states of keys with a pending `#` op that the batch touches.
+    raw: WorkingSet,
+    /// Row events per unit, with the offset after the unit.
+    changes: Vec<(Vec<RowEvent>, ReplOffset)>,
+    acks: Vec<NewAck>,
+    units: usize,
+}
+
+impl StreamBatch {
+    pub fn new(store: Arc<Store>) -> StreamBatch {
+        StreamBatch {
+            ws: WorkingSet::new(store.clone()),
+            raw: WorkingSet::raw(store),
+            changes: Vec::new(),
+            acks: Vec::new(),
+            units: 0,
+        }
+    }
+
+    /// Whether it holds as many units as one commit may.
+    pub fn is_full(&self) -> bool {
+        self.units >= MAX_UNITS_PER_COMMIT
+    }
+
+    /// Applies one stream event; returns a reason when a full resync is needed instead (the
+    /// batch must then be dropped: a unit may be half applied).
+    pub async fn apply(
+        &mut self,
+        state: &mut CaptureState,
+        primary: &mut Primary,
+        event: &StreamEvent,
+    ) -> Result<Option<String>, StoreError> {
+        self.units += 1;
+        let Some(position) = state.checkpoint.position.clone() else {
+            return Ok(None);
+        };
+        let commands = match event {
+            StreamEvent::Command(command) => std::slice::from_ref(command),
+            StreamEvent::Transaction { commands, .. } => commands.as_slice(),
+            StreamEvent::Select { db, end } => {
+                state.checkpoint.position = Some(StreamPosition {
+                    replid: position.replid,
+                    offset: *end,
+                    db: *db,
+                });
+                return Ok(None);
+            }
+            _ => {
+                state.checkpoint.position = Some(StreamPosition {
+                    offset: event.end(),
+                    ..position
+                });
+                return Ok(None);
+            }
+        };
+        let mut rows = Vec::new();
+        let mut refresh = Vec::new();
+        if let Some(reason) =
+            self.apply_unit(state, commands, event.end(), &mut rows, &mut refresh)?
+        {
+            return Ok(Some(reason));
+        }
+        for (db, key) in refresh {
+            match primary
+                .read_key(db, &key, &position.replid, state.checkpoint.generation)
+                .await
+            {
+                Ok(Some(value)) => self.refreshed(state, db, &key, value, &mut rows)?,
+                Ok(None) => {
+                    return Ok(Some(
+                        "the primary's replication ID changed while reading a key".into(),
+                    ))
+                }
+                Err(error) => {
+                    return Ok(Some(format!("cannot read a key from the primary: {error}")))
+                }
+            }
+        }
+        let db = match event {
+            StreamEvent::Transaction { db, .. } => *db,
+            StreamEvent::Command(command) => command.db,
+            _ => position.db,
+        };
+        if !rows.is_empty() {
+            self.changes.push((rows, event.end()));
+        }
+        state.stats.units += 1;
+        state.checkpoint.position = Some(StreamPosition {
+            replid: position.replid,
+            offset: event.end(),
+            db,
+        });
+        Ok(None)
+    }
+
+    /// Applies the commands of one unit to the raw states and the mirror; row events go to
+    /// `rows`, keys to read from the primary to `refresh`.
+    fn apply_unit(
+        &mut self,
+        state: &mut CaptureState,
+        commands: &[Command],
+        end: ReplOffset,
+        rows: &mut Vec<RowEvent>,
+        refresh: &mut Vec<(u32, Bytes)>,
+    ) -> Result<Option<String>, StoreError> {
+        // A unit of the function library starts with its tag (src/ack).
+        let tag = match commands.first() {
+            Some(first) if state.ops.enabled => parse_tag(first).map(|tag| (first.db, tag)),
+            _ => None,
+        };
+        let commands = if tag.is_some() {
+            &commands[1..]
+        } else {
+            commands
+        };
+        let own_completion = matches!(tag, Some((_, Tag::Completion { .. })));
+        let now = now_ms();
+        for command in commands {
+            let write = Write::parse(command, now);
+            if own_completion {
+                // It brings Redis to the mirror's state: only the raw state changes.
+                state
+                    .ops
+                    .apply_raw(state, &mut self.ws, &mut self.raw, command, &write)?;
+                continue;
+            }
+            if state.ops.may_touch_raw(command, &write, &self.raw) {
+                state
+                    .ops
+                    .apply_raw(state, &mut self.ws, &mut self.raw, command, &write)?;
+            }
+            let needs =
+                state
+                    .applier(state.ops.enabled)
+                    .apply(&mut self.ws, command, &write, rows)?;
+            if let Some(reason) = needs.full_resync {
+                return Ok(Some(reason));
+            }
+            if let Some(name) = needs.unknown_command {
+                state.stats.unknown_commands += 1;
+                tracing::warn!(command = %name, "a write this service does not model touched a watched key; reading the key from the primary");
+            }
+            refresh.extend(needs.refresh);
+            if let Some(seen) = needs.op {
+                self.op_seen(state, seen, end);
+            }
+        }
+        if let Some((db, Tag::Op { op, key })) = tag {
+            let mapping = state.mappings.watching(db, &key);
+            state.ops.atomic(
+                mapping,
+                &mut self.ws,
+                (db, key),
+                op,
+                rows,
+                &mut self.acks,
+                end,
+            )?;
+        }
+        Ok(None)
+    }
+
+    fn op_seen(&mut self, state: &mut CaptureState, seen: OpSeen, end: ReplOffset) {
+        state.ops.seen(&mut self.raw, seen, end, &mut self.acks);
+    }
+
+    /// A key read from the primary replaces the mirror's value (and the raw state, which is
+    /// what Redis holds); a `#` op in it is applied now, without an ack (it may have been seen).
+    fn refreshed(
+        &mut self,
+        state: &mut CaptureState,
+        db: u32,
+        key: &Bytes,
+        value: Option<crate::buffer::MirrorValue>,
+        rows: &mut Vec<RowEvent>,
+    ) -> Result<(), StoreError> {
+        state.stats.refreshed_keys += 1;
+        let before = self.ws.get(db, key)?;
+        let mut value = value;
+        let mapping = state.mappings.watching(db, key);
+        let op_mapping = mapping.filter(|_| value.as_ref().is_some_and(|v| state.ops.holds_op(v)));
+        if op_mapping.is_some() || self.raw.contains(db, key) || state.ops.is_pending(db, key) {
+            // What was read is what Redis holds.
+            self.raw.set(db, key, value.clone())?;
+        }
+        if let (Some(mapping), Some(v)) = (op_mapping, value.clone()) {
+            value = apply_op(mapping, db, key, v).0;
+        }
+        if let Some(mapping) = mapping {
+            if let Some(event) = row_event(mapping, key, &before, &value, false) {
+                rows.push(event);
+            }
+        }
+        self.ws.set(db, key, value)
+    }
+
+    /// Writes the batch with the checkpoint, synced.
+    pub fn commit(mut self, state: &mut CaptureState) -> Result<Committed, StoreError> {
+        let mut batch = Batch::default();
+        let acks_queued = !self.acks.is_empty();
+        let to_complete = state
+            .ops
+            .flush_raw(&mut self.ws, &mut self.raw, &mut batch)?;
+        self.ws.flush_into(&mut batch);
+        let first_seq = state.checkpoint.next_seq;
+        for (rows, offset) in self.changes {
+            state.append_unit(&mut batch, rows, offset);
+        }
+        batch.put_acks(self.acks);
+        batch.put_checkpoint(&state.checkpoint);
+        state.store.write(batch, true)?;
+        state.stats.commits += 1;
+        let next = state.checkpoint.next_seq;
+        Ok(Committed {
+            to_complete,
+            acks_queued,
+            last_seq: (next > first_seq).then(|| next - 1),
+        })
+    }
+}

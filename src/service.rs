@@ -1,0 +1,381 @@
+//! The service: the whole pipeline of one process, wired (docs/architecture.md draws it).
+//!
+//! [`Service::start`] opens the buffer, connects every backend (checking or creating its
+//! tables), and spawns the tasks, each given at construction what it needs:
+//! - **capture** (one supervising task): the replication link and [`Capture`], which reports
+//!   through [`CaptureOutputs`];
+//! - one **sink runner** per backend with mappings, woken by capture's commits;
+//! - the **write-back** task (`[acks] enabled`): `#` completions and acknowledgement streams;
+//! - helpers: the admin listener (`[admin]`) and a poller of the primary's offset and the
+//!   buffer's size.
+//!
+//! [`Service::shutdown`] (or [`Stopper::shutdown`] from another task) begins a graceful stop:
+//! `/ready` turns 503, capture finishes the batch it is applying (bounded by
+//! [`CAPTURE_STOP_GRACE`]), the durable offset is reported to the primary one last time, the
+//! sinks write everything committed, and every task returns (all bounded by
+//! [`FINISH_GRACE`]). What capture had not committed was never acknowledged and comes again
+//! after a restart. [`Service::wait`] returns when the service has stopped, after a shutdown or
+//! because a task failed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::ack::writer::{Writer, WriterError};
+use crate::buffer::{Store, StoreError};
+use crate::capture::mapping::Mappings;
+use crate::capture::{Capture, CaptureError, CaptureOutputs, CaptureStats};
+use crate::config::{Config, RedisEndpoint};
+use crate::metrics::Health;
+use crate::redis_client::{info_field, RedisClient};
+use crate::replication::discovery::Discovery;
+use crate::replication::{Replicator, ReplicatorOptions};
+use crate::sink::runner::{AppliedPositions, RunnerError, RunnerLinks, SinkRunner};
+use crate::sink::Sink;
+
+/// How long capture may take to finish the batch it is applying once a stop is requested.
+pub const CAPTURE_STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long the rest of a graceful stop may take (final `REPLCONF ACK`, sinks draining).
+pub const FINISH_GRACE: Duration = Duration::from_secs(30);
+/// How often the primary's offset (for the lag) and the buffer's size are read.
+const POLL_EVERY: Duration = Duration::from_secs(2);
+
+/// How the service runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServiceOptions {
+    /// Capture into the buffer but write to no database.
+    pub capture_only: bool,
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration cannot work as it is (a usage error): one problem per entry.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The metrics recorder or another process-wide resource.
+    #[error("{0}")]
+    Process(String),
+}
+
+/// Why the service stopped by itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Sink(#[from] RunnerError),
+    #[error(transparent)]
+    Writeback(#[from] WriterError),
+    #[error("a task of the service failed: {0}")]
+    Task(String),
+}
+
+/// Requests a graceful stop from anywhere.
+#[derive(Clone)]
+pub struct Stopper {
+    stop: Arc<watch::Sender<bool>>,
+    health: Arc<Health>,
+}
+
+impl Stopper {
+    /// Begins a graceful stop (idempotent); `reason` is logged.
+    pub fn shutdown(&self, reason: &str) {
+        if !*self.stop.borrow() {
+            tracing::info!("{reason}: stopping");
+        }
+        self.health.begin_shutdown();
+        self.stop.send_replace(true);
+    }
+}
+
+/// A running service.
+pub struct Service {
+    store: Arc<Store>,
+    health: Arc<Health>,
+    stopper: Stopper,
+    supervisor: tokio::task::JoinHandle<Result<CaptureStats, ServiceError>>,
+}
+
+/// Resolves when a stop has been requested.
+async fn stop_requested(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+impl Service {
+    /// Opens the buffer, prepares every backend and starts the tasks. Every configuration
+    /// problem is reported before anything starts.
+    pub async fn start(config: &Config, options: ServiceOptions) -> Result<Service, StartError> {
+        let discovery = Discovery::from_config(&config.source)
+            .map_err(|e| StartError::Invalid(vec![e.to_string()]))?;
+        let endpoint = first_guess(&discovery)?;
+        let admin = match &config.admin {
+            Some(admin) => Some(admin.listen.parse::<SocketAddr>().map_err(|e| {
+                StartError::Invalid(vec![format!("[admin] listen `{}`: {e}", admin.listen)])
+            })?),
+            None => None,
+        };
+        let store = Arc::new(Store::open(&config.buffer.path)?);
+        let mappings = Mappings::new(&config.mappings);
+        let outputs = CaptureOutputs::default();
+        let capture = Capture::new(
+            store.clone(),
+            mappings.clone(),
+            endpoint,
+            config.acks.enabled,
+            outputs.clone(),
+        )?;
+        let runners = start_runners(config, &mappings, &store, &outputs, options).await?;
+        let writer = match config.acks.enabled {
+            true => Some(Writer::new(
+                store.clone(),
+                discovery.clone(),
+                outputs.writeback.clone(),
+                config.acks.expire_secs,
+                outputs.health.clone(),
+            )?),
+            false => None,
+        };
+        let metrics = match admin {
+            Some(listen) => Some((
+                listen,
+                crate::metrics::install().map_err(StartError::Process)?,
+            )),
+            None => None,
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let stopper = Stopper {
+            stop: Arc::new(stop),
+            health: outputs.health.clone(),
+        };
+        let mut tasks: JoinSet<Result<(), ServiceError>> = JoinSet::new();
+        for runner in runners {
+            let stop = stop_requested(stop_rx.clone());
+            tasks.spawn(async move { runner.run(stop).await.map_err(ServiceError::from) });
+        }
+        if let Some(writer) = writer {
+            let stop = stop_requested(stop_rx.clone());
+            tasks.spawn(async move { writer.run(stop).await.map_err(ServiceError::from) });
+        }
+        let mut helpers = JoinSet::new();
+        if let Some((listen, handle)) = metrics {
+            let (health, letters) = (outputs.health.clone(), store.clone());
+            let dead_letters: Arc<dyn Fn() -> u64 + Send + Sync> =
+                Arc::new(move || letters.dead_letters().map(|l| l.len() as u64).unwrap_or(0));
+            let stop = stop_requested(stop_rx.clone());
+            helpers.spawn(async move {
+                if let Err(e) =
+                    crate::metrics::serve(listen, handle, health, dead_letters, stop).await
+                {
+                    tracing::error!(error = %e, "admin listener stopped");
+                }
+            });
+        }
+        helpers.spawn(poll_primary(
+            outputs.health.clone(),
+            store.clone(),
+            stop_rx.clone(),
+        ));
+        let mut replication = ReplicatorOptions::with_discovery(discovery.clone());
+        replication.announce_port = config.replication.announce_port;
+        replication.timeout = Duration::from_secs(config.replication.timeout_secs);
+        let replicator = Replicator::new(replication, capture.resume_position());
+        tracing::info!(source = %discovery.describe(), resume = ?capture.resume_position().map(|p| p.to_string()), buffer = %config.buffer.path.display(), backends = tasks.len().saturating_sub(usize::from(config.acks.enabled)), "starting");
+        let supervisor = tokio::spawn(supervise(
+            Tasks {
+                capture,
+                replicator,
+                tasks,
+                helpers,
+            },
+            stopper.clone(),
+            stop_rx,
+        ));
+        Ok(Service {
+            store,
+            health: outputs.health,
+            stopper,
+            supervisor,
+        })
+    }
+
+    /// The buffer, for status and tests.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Positions, link and backend state (what `/status` shows).
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// A handle that requests a graceful stop from anywhere.
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+
+    /// Begins a graceful stop.
+    pub fn shutdown(&self) {
+        self.stopper.shutdown("shutdown requested");
+    }
+
+    /// Waits until the service has stopped: `Ok` with capture's counters after a graceful
+    /// stop, the first failure otherwise.
+    pub async fn wait(self) -> Result<CaptureStats, ServiceError> {
+        self.supervisor
+            .await
+            .map_err(|e| ServiceError::Task(e.to_string()))?
+    }
+}
+
+/// Where capture first looks for the primary; it follows whatever primary the link finds.
+fn first_guess(discovery: &Discovery) -> Result<RedisEndpoint, StartError> {
+    match discovery {
+        Discovery::Fixed(e) => Ok(e.clone()),
+        Discovery::Nodes(nodes)
+        | Discovery::Sentinel {
+            sentinels: nodes, ..
+        } => nodes
+            .first()
+            .cloned()
+            .ok_or_else(|| StartError::Invalid(vec!["[source] lists no address".into()])),
+    }
+}
+
+/// One runner per backend that has mappings (none when capturing only); every problem of
+/// every backend is reported together.
+async fn start_runners(
+    config: &Config,
+    mappings: &Mappings,
+    store: &Arc<Store>,
+    outputs: &CaptureOutputs,
+    options: ServiceOptions,
+) -> Result<Vec<SinkRunner<Sink>>, StartError> {
+    let backends: Vec<_> = config
+        .backends
+        .iter()
+        .filter(|(name, _)| !options.capture_only && mappings.iter().any(|m| &m.backend == *name))
+        .collect();
+    let positions = Arc::new(AppliedPositions::new(backends.len()));
+    let mut runners = Vec::new();
+    let mut problems = Vec::new();
+    for (name, backend) in backends {
+        let mine: Vec<_> = mappings
+            .iter()
+            .filter(|m| &m.backend == name)
+            .cloned()
+            .collect();
+        let sink = match Sink::connect(name, &backend.url).await {
+            Ok(sink) => sink,
+            Err(e) => {
+                problems.push(e.to_string());
+                continue;
+            }
+        };
+        let links = RunnerLinks {
+            store: store.clone(),
+            committed: outputs.committed.clone(),
+            positions: positions.clone(),
+            health: outputs.health.clone(),
+            writeback: outputs.writeback.clone(),
+        };
+        match SinkRunner::start(name, sink, mine, links).await {
+            Ok(runner) => runners.push(runner),
+            Err(mut p) => problems.append(&mut p),
+        }
+    }
+    match problems.is_empty() {
+        true => Ok(runners),
+        false => Err(StartError::Invalid(problems)),
+    }
+}
+
+/// What the supervising task owns.
+struct Tasks {
+    capture: Capture,
+    replicator: Replicator,
+    /// Sink runners and the write-back task: one failing stops the service.
+    tasks: JoinSet<Result<(), ServiceError>>,
+    /// The admin listener and the poller.
+    helpers: JoinSet<()>,
+}
+
+/// Runs capture until a stop is requested or something fails, then stops the rest in order.
+async fn supervise(
+    mut parts: Tasks,
+    stopper: Stopper,
+    stop: watch::Receiver<bool>,
+) -> Result<CaptureStats, ServiceError> {
+    let outcome = {
+        let capture = parts
+            .capture
+            .run(&mut parts.replicator, stop_requested(stop.clone()));
+        tokio::pin!(capture);
+        tokio::select! {
+            result = &mut capture => result.map_err(ServiceError::from),
+            Some(result) = parts.tasks.join_next() => task_outcome(result),
+            _ = stop_requested(stop.clone()) => {
+                // Capture finishes the batch it is applying (a stop is seen between events).
+                match tokio::time::timeout(CAPTURE_STOP_GRACE, &mut capture).await {
+                    Ok(result) => result.map_err(ServiceError::from),
+                    Err(_) => {
+                        tracing::warn!("capture did not stop within {CAPTURE_STOP_GRACE:?}; what it had not committed comes again after a restart");
+                        Ok(())
+                    }
+                }
+            }
+        }
+    };
+    // A final report of the durable offset; the sinks write everything committed; exit.
+    stopper.health.begin_shutdown();
+    let replicator = &parts.replicator;
+    let finish = async {
+        replicator.flush_ack().await;
+        stopper.stop.send_replace(true);
+        while let Some(result) = parts.tasks.join_next().await {
+            if let Err(e) = task_outcome(result) {
+                tracing::error!(error = %e, "a task failed while stopping");
+            }
+        }
+        while parts.helpers.join_next().await.is_some() {}
+    };
+    if tokio::time::timeout(FINISH_GRACE, finish).await.is_err() {
+        tracing::warn!("stopping took longer than {FINISH_GRACE:?}; exiting anyway (a restart resumes from the checkpoints)");
+    }
+    outcome.map(|()| parts.capture.stats().clone())
+}
+
+fn task_outcome(
+    result: Result<Result<(), ServiceError>, tokio::task::JoinError>,
+) -> Result<(), ServiceError> {
+    result.map_err(|e| ServiceError::Task(e.to_string()))?
+}
+
+/// The primary's offset (for the lag) and the buffer's size, every [`POLL_EVERY`].
+async fn poll_primary(health: Arc<Health>, store: Arc<Store>, stop: watch::Receiver<bool>) {
+    let stopped = stop_requested(stop);
+    tokio::pin!(stopped);
+    loop {
+        metrics::gauge!("writebehind_buffer_size_bytes").set(store.disk_size() as f64);
+        if let Some(primary) = health.primary().and_then(|p| RedisEndpoint::parse(&p).ok()) {
+            if let Ok(mut client) = RedisClient::connect(&primary, Duration::from_secs(2)).await {
+                if let Ok(info) = client.info("replication").await {
+                    if let Some(offset) =
+                        info_field(&info, "master_repl_offset").and_then(|o| o.parse().ok())
+                    {
+                        health.primary_offset(offset);
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POLL_EVERY) => {}
+            _ = &mut stopped => return,
+        }
+    }
+}

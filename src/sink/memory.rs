@@ -1,0 +1,104 @@
+//! An in-memory [`Destination`] for the runner's own unit tests: it keeps the contract's
+//! bookkeeping (checkpoint with the rows, refused rows reported, transient failures on demand)
+//! without a database. Real databases prove every feature (tests/); this only lets the runner's
+//! logic be tested in isolation.
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::convert::{ColumnType, SqlValue};
+use super::{
+    BeforeCommit, ColumnInfo, Destination, Rejected, RowOp, SinkBatch, SinkError, TableSchema,
+};
+use crate::capture::mapping::Mapping;
+
+/// Rows per table (by key), the checkpoint, and the failures to simulate.
+#[derive(Debug, Default)]
+pub struct MemoryDestination {
+    pub tables: BTreeMap<String, BTreeMap<String, Vec<SqlValue>>>,
+    /// The seq of the last applied change.
+    pub applied: u64,
+    /// The next this many `apply` calls fail with a transient error.
+    pub fail_next: u32,
+    /// Keys whose upsert the "database" refuses.
+    pub refuse: HashSet<String>,
+    /// Batches committed.
+    pub commits: u32,
+}
+
+fn text_column(name: &str) -> ColumnInfo {
+    ColumnInfo {
+        name: name.to_string(),
+        kind: ColumnType::Text { max_chars: None },
+        nullable: true,
+    }
+}
+
+/// Keys are text columns here: the row id as text.
+fn key_text(id: &SqlValue) -> String {
+    match id {
+        SqlValue::Text(text) => text.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+impl Destination for MemoryDestination {
+    async fn prepare(&mut self, mappings: &[Mapping]) -> Result<Vec<TableSchema>, Vec<String>> {
+        Ok(mappings
+            .iter()
+            .map(|m| {
+                self.tables.entry(m.table.clone()).or_default();
+                TableSchema {
+                    table: m.table.clone(),
+                    key_column: text_column(&m.key_column),
+                    columns: m.columns.iter().map(|(_, c)| text_column(c)).collect(),
+                    required: m.required.clone(),
+                }
+            })
+            .collect())
+    }
+
+    async fn applied_seq(&mut self) -> Result<u64, SinkError> {
+        Ok(self.applied)
+    }
+
+    async fn apply(
+        &mut self,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+        before_commit: &BeforeCommit,
+    ) -> Result<Vec<Rejected>, SinkError> {
+        if self.fail_next > 0 {
+            self.fail_next -= 1;
+            return Err(SinkError::Transient("memory: simulated outage".into()));
+        }
+        let mut tables = self.tables.clone();
+        let mut rejected = Vec::new();
+        for write in &batch.writes {
+            let Some(rows) = schemas
+                .get(write.table)
+                .and_then(|s| tables.get_mut(&s.table))
+            else {
+                continue;
+            };
+            match &write.op {
+                RowOp::Delete { id } => {
+                    rows.remove(&key_text(id));
+                }
+                RowOp::Upsert { id, .. } if self.refuse.contains(&key_text(id)) => {
+                    rejected.push(Rejected {
+                        seq: write.seq,
+                        reason: "refused by the memory destination".into(),
+                    })
+                }
+                RowOp::Upsert { id, values } => {
+                    rows.insert(key_text(id), values.clone());
+                }
+            }
+        }
+        before_commit(&rejected).map_err(SinkError::Fatal)?;
+        self.tables = tables;
+        self.applied = batch.last_seq;
+        self.commits += 1;
+        Ok(rejected)
+    }
+}
