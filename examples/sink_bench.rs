@@ -74,7 +74,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     for batch_size in [100usize, 1_000, 5_000] {
         reset(&mut conn).await?;
         let mut sink = Sink::connect("bench", &url).await?;
-        let schemas = sink.prepare(&mappings).await.map_err(|p| p.join("; "))?;
+        let schemas = sink.prepare(&mappings).await.map_err(|p| {
+            p.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })?;
         let started = Instant::now();
         let mut seq = 0u64;
         for chunk in data.chunks(batch_size) {

@@ -19,36 +19,41 @@ pub struct RedisEndpoint {
     pub password: Option<String>,
 }
 
+/// Why a Redis address cannot be used (the text says which and why).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct EndpointError(String);
+
 impl RedisEndpoint {
     /// Parses `redis://[user:password@]host[:port]` (user and password percent-decoded; a
     /// password alone is `redis://:password@host`). A bare `host:port` is accepted too.
-    pub fn parse(text: &str) -> Result<RedisEndpoint, String> {
+    pub fn parse(text: &str) -> Result<RedisEndpoint, EndpointError> {
         let with_scheme = if text.contains("://") {
             text.to_string()
         } else {
             format!("redis://{text}")
         };
         let url = url::Url::parse(&with_scheme)
-            .map_err(|e| format!("`{}` is not a redis:// URL: {e}", redact(text)))?;
+            .map_err(|e| EndpointError(format!("`{}` is not a redis:// URL: {e}", redact(text))))?;
         if url.scheme() != "redis" {
-            return Err(format!(
+            return Err(EndpointError(format!(
                 "`{}` uses scheme `{}`; only redis:// is supported",
                 redact(text),
                 url.scheme()
-            ));
+            )));
         }
         let host = url
             .host_str()
             .filter(|h| !h.is_empty())
-            .ok_or_else(|| format!("`{}` has no host", redact(text)))?;
+            .ok_or_else(|| EndpointError(format!("`{}` has no host", redact(text))))?;
         let decode = |s: &str| percent_decode(s);
         let username = Some(decode(url.username())).filter(|u| !u.is_empty());
         let password = url.password().map(decode);
         if url.path() != "" && url.path() != "/" {
-            return Err(format!(
+            return Err(EndpointError(format!(
                 "`{}`: a database path is not supported; databases are chosen per mapping",
                 redact(text)
-            ));
+            )));
         }
         Ok(RedisEndpoint {
             host: host

@@ -29,8 +29,20 @@ use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+/// Why the admin endpoints cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot install the metrics recorder: {0}")]
+    Recorder(#[from] metrics_exporter_prometheus::BuildError),
+    #[error("admin listener on {listen}: {source}")]
+    Listen {
+        listen: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
 /// Installs the Prometheus recorder for the process.
-pub fn install() -> Result<PrometheusHandle, String> {
+pub fn install() -> Result<PrometheusHandle, AdminError> {
     PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full("writebehind_sink_commit_seconds".into()),
@@ -41,10 +53,9 @@ pub fn install() -> Result<PrometheusHandle, String> {
                 Matcher::Full("writebehind_sink_batch_rows".into()),
                 &[1.0, 10.0, 100.0, 500.0, 1000.0, 5000.0],
             )
-        })
-        .map_err(|e| e.to_string())?
+        })?
         .install_recorder()
-        .map_err(|e| format!("cannot install the metrics recorder: {e}"))
+        .map_err(AdminError::from)
 }
 
 /// State shared by capture, the sinks and the admin listener.
@@ -263,10 +274,10 @@ pub async fn serve(
     health: Arc<Health>,
     dead_letters: Arc<dyn Fn() -> u64 + Send + Sync>,
     stop: impl std::future::Future<Output = ()>,
-) -> Result<(), String> {
+) -> Result<(), AdminError> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("admin listener on {listen}: {e}"))?;
+        .map_err(|source| AdminError::Listen { listen, source })?;
     tracing::info!(%listen, "admin endpoints: /metrics /health /ready /status");
     tokio::pin!(stop);
     loop {

@@ -29,12 +29,12 @@ use crate::buffer::{Store, StoreError};
 use crate::capture::mapping::Mappings;
 use crate::capture::{Capture, CaptureError, CaptureOutputs, CaptureStats};
 use crate::config::{Config, RedisEndpoint};
-use crate::metrics::Health;
+use crate::metrics::{AdminError, Health};
 use crate::redis_client::{info_field, RedisClient};
-use crate::replication::discovery::Discovery;
+use crate::replication::discovery::{Discovery, DiscoveryError};
 use crate::replication::{Replicator, ReplicatorOptions};
 use crate::sink::runner::{AppliedPositions, RunnerError, RunnerLinks, SinkRunner};
-use crate::sink::Sink;
+use crate::sink::{SchemaProblem, Sink};
 
 /// How long capture may take to finish the batch it is applying once a stop is requested.
 pub const CAPTURE_STOP_GRACE: Duration = Duration::from_secs(10);
@@ -53,14 +53,39 @@ pub struct ServiceOptions {
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The configuration cannot work as it is (a usage error): one problem per entry.
-    #[error("{}", .0.join("\n"))]
-    Invalid(Vec<String>),
+    /// `[source]` names no usable primary.
+    #[error(transparent)]
+    Source(#[from] DiscoveryError),
+    #[error("[admin] listen `{listen}`: {source}")]
+    AdminAddress {
+        listen: String,
+        source: std::net::AddrParseError,
+    },
+    /// Backends or mapped tables that cannot work as they are: every one found.
+    #[error("{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
+    Backends(Vec<SchemaProblem>),
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The metrics recorder or another process-wide resource.
-    #[error("{0}")]
-    Process(String),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+}
+
+impl StartError {
+    /// Whether the configuration is at fault (a usage error) rather than the machine.
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            StartError::Source(_) | StartError::AdminAddress { .. } | StartError::Backends(_)
+        )
+    }
+
+    /// One line per problem, as printed.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            StartError::Backends(problems) => problems.iter().map(|p| p.to_string()).collect(),
+            other => vec![other.to_string()],
+        }
+    }
 }
 
 /// Why the service stopped by itself.
@@ -111,12 +136,14 @@ impl Service {
     /// Opens the buffer, prepares every backend and starts the tasks. Every configuration
     /// problem is reported before anything starts.
     pub async fn start(config: &Config, options: ServiceOptions) -> Result<Service, StartError> {
-        let discovery = Discovery::from_config(&config.source)
-            .map_err(|e| StartError::Invalid(vec![e.to_string()]))?;
+        let discovery = Discovery::from_config(&config.source)?;
         let endpoint = first_guess(&discovery)?;
         let admin = match &config.admin {
-            Some(admin) => Some(admin.listen.parse::<SocketAddr>().map_err(|e| {
-                StartError::Invalid(vec![format!("[admin] listen `{}`: {e}", admin.listen)])
+            Some(admin) => Some(admin.listen.parse::<SocketAddr>().map_err(|source| {
+                StartError::AdminAddress {
+                    listen: admin.listen.clone(),
+                    source,
+                }
             })?),
             None => None,
         };
@@ -142,10 +169,7 @@ impl Service {
             false => None,
         };
         let metrics = match admin {
-            Some(listen) => Some((
-                listen,
-                crate::metrics::install().map_err(StartError::Process)?,
-            )),
+            Some(listen) => Some((listen, crate::metrics::install()?)),
             None => None,
         };
         let (stop, stop_rx) = watch::channel(false);
@@ -243,7 +267,7 @@ fn first_guess(discovery: &Discovery) -> Result<RedisEndpoint, StartError> {
         } => nodes
             .first()
             .cloned()
-            .ok_or_else(|| StartError::Invalid(vec!["[source] lists no address".into()])),
+            .ok_or(StartError::Source(DiscoveryError::NoSource)),
     }
 }
 
@@ -273,7 +297,7 @@ async fn start_runners(
         let sink = match Sink::connect(name, &backend.url).await {
             Ok(sink) => sink,
             Err(e) => {
-                problems.push(e.to_string());
+                problems.push(e.into());
                 continue;
             }
         };
@@ -291,7 +315,7 @@ async fn start_runners(
     }
     match problems.is_empty() {
         true => Ok(runners),
-        false => Err(StartError::Invalid(problems)),
+        false => Err(StartError::Backends(problems)),
     }
 }
 

@@ -21,6 +21,7 @@ use crate::buffer::{Batch, MirrorKind, MirrorValue, Store};
 use crate::config::RedisEndpoint;
 use crate::redis_client::{ClientError, RedisClient};
 use crate::replication::discovery::Discovery;
+use crate::replication::LinkError;
 use bytes::Bytes;
 use redis_protocol::resp2::types::BytesFrame;
 
@@ -30,25 +31,40 @@ const PIPELINE: usize = 1_000;
 /// after this long.
 const RETRY_UNCHANGED: Duration = Duration::from_secs(1);
 
+/// Why a round of write-back failed; [`WriterError::is_transient`] decides whether the task
+/// retries (with backoff) or stops the service.
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
-    /// The service cannot work this way: stop with this line.
-    #[error("{0}")]
-    Fatal(String),
-    /// Try again (connection lost, primary read-only during a failover, ...).
-    #[error("{0}")]
-    Transient(String),
+    /// Redis unreachable or the connection lost.
+    #[error(transparent)]
+    Redis(#[from] ClientError),
+    /// No primary found (discovery).
+    #[error(transparent)]
+    Discovery(#[from] LinkError),
+    /// The server refuses writes for now (read-only or loading during a failover, the library
+    /// gone after a `FUNCTION FLUSH`).
+    #[error("Redis at {address} refused a write: {message}")]
+    Refused { address: String, message: String },
+    #[error("Redis at {address}: FUNCTION LOAD: {message}")]
+    LibraryLoad { address: String, message: String },
+    #[error("Redis at {address} has no functions (FUNCTION LOAD: {message}): the # op field and acknowledgements need Redis 7.0 or later; upgrade, or set [acks] enabled = false")]
+    NoFunctions { address: String, message: String },
+    #[error("Redis at {address} refused FUNCTION LOAD ({message}): grant the service's user +function|load +fcall, or set [acks] enabled = false")]
+    NotPermitted { address: String, message: String },
+    #[error(transparent)]
+    Store(#[from] crate::buffer::StoreError),
 }
 
-impl From<ClientError> for WriterError {
-    fn from(e: ClientError) -> Self {
-        WriterError::Transient(e.to_string())
-    }
-}
-
-impl From<crate::buffer::StoreError> for WriterError {
-    fn from(e: crate::buffer::StoreError) -> Self {
-        WriterError::Fatal(e.to_string())
+impl WriterError {
+    /// Whether trying again later can succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            WriterError::Redis(_)
+                | WriterError::Discovery(_)
+                | WriterError::Refused { .. }
+                | WriterError::LibraryLoad { .. }
+        )
     }
 }
 
@@ -112,11 +128,11 @@ impl Writer {
                         Duration::from_millis(500)
                     }
                 }
-                Err(WriterError::Fatal(message)) => return Err(WriterError::Fatal(message)),
-                Err(WriterError::Transient(message)) => {
+                Err(error) if !error.is_transient() => return Err(error),
+                Err(error) => {
                     self.connection = None;
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %message, retry_in = ?delay, "writing acknowledgements to Redis failed; retrying");
+                    tracing::warn!(%error, retry_in = ?delay, "writing acknowledgements to Redis failed; retrying");
                     metrics::counter!("writebehind_writeback_errors_total").increment(1);
                     delay
                 }
@@ -188,11 +204,7 @@ impl Writer {
         if self.connection.is_some() {
             return Ok(());
         }
-        let endpoint = self
-            .discovery
-            .primary(Duration::from_secs(5))
-            .await
-            .map_err(|e| WriterError::Transient(e.to_string()))?;
+        let endpoint = self.discovery.primary(Duration::from_secs(5)).await?;
         let client = RedisClient::connect(&endpoint, Duration::from_secs(10)).await?;
         let mut connection = Connection { client, db: 0 };
         ensure_library(&mut connection.client, &endpoint).await?;
@@ -317,7 +329,10 @@ impl Writer {
         let connection = self
             .connection
             .as_mut()
-            .ok_or_else(|| WriterError::Transient("not connected".into()))?;
+            .ok_or_else(|| WriterError::Refused {
+                address: String::new(),
+                message: "not connected".into(),
+            })?;
         let refs: Vec<&[Bytes]> = commands.iter().map(|c| c.as_slice()).collect();
         let replies = connection.client.pipeline(&refs).await?;
         connection.db = db_after;
@@ -325,10 +340,10 @@ impl Writer {
         if let Some(BytesFrame::Error(e)) = replies.iter().find(|r| {
             matches!(r, BytesFrame::Error(e) if e.starts_with("READONLY") || e.starts_with("LOADING") || e.starts_with("NOSCRIPT") || e.contains("Function not found"))
         }) {
-            return Err(WriterError::Transient(format!(
-                "Redis at {} refused a write: {e}",
-                connection.client.address()
-            )));
+            return Err(WriterError::Refused {
+                address: connection.client.address().to_string(),
+                message: e.to_string(),
+            });
         }
         Ok(replies)
     }
@@ -388,13 +403,11 @@ pub async fn ensure_library(
         Err(ClientError::Reply { message, .. }) => {
             let address = endpoint.address();
             if message.contains("unknown command") {
-                Err(WriterError::Fatal(format!("Redis at {address} has no functions (FUNCTION LOAD: {message}): the # op field and acknowledgements need Redis 7.0 or later; upgrade, or set [acks] enabled = false")))
+                Err(WriterError::NoFunctions { address, message })
             } else if message.starts_with("NOPERM") {
-                Err(WriterError::Fatal(format!("Redis at {address} refused FUNCTION LOAD ({message}): grant the service's user +function|load +fcall, or set [acks] enabled = false")))
+                Err(WriterError::NotPermitted { address, message })
             } else {
-                Err(WriterError::Transient(format!(
-                    "Redis at {address}: FUNCTION LOAD: {message}"
-                )))
+                Err(WriterError::LibraryLoad { address, message })
             }
         }
         Err(other) => Err(other.into()),

@@ -7,11 +7,12 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use crate::buffer::{Batch, DeadLetter, MirrorKind, Store};
+use crate::buffer::{Batch, DeadLetter, MirrorKind, Store, StoreError};
 use crate::capture::mapping::Mappings;
 use crate::config::Config;
+use crate::sink::convert::Refusal;
 use crate::sink::runner::convert_row;
-use crate::sink::{Destination, RowOp, RowWrite, Sink, SinkBatch};
+use crate::sink::{Destination, RowOp, RowWrite, SchemaProblem, Sink, SinkBatch, SinkError};
 
 /// Which letters a command acts on.
 pub(super) enum Selection {
@@ -95,8 +96,9 @@ pub(super) async fn retry(config: &Config, store: Arc<Store>, selection: &Select
                 }
                 println!("seq={} applied", letter.seq);
             }
-            Err(reason) => {
+            Err(error) => {
                 failed = true;
+                let reason = error.to_string();
                 println!("seq={} still refused: {reason}", letter.seq);
                 let mut batch = Batch::default();
                 batch.put_dead_letter(&DeadLetter {
@@ -117,34 +119,58 @@ pub(super) async fn retry(config: &Config, store: Arc<Store>, selection: &Select
     }
 }
 
+/// Why a dead letter could not be written again.
+#[derive(Debug, thiserror::Error)]
+enum RetryError {
+    #[error("mapping `{0}` is no longer configured")]
+    UnknownMapping(String),
+    #[error("backend `{0}` is not configured")]
+    UnknownBackend(String),
+    #[error("mapping `{0}` has no usable table")]
+    NoTable(String),
+    #[error("{}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
+    Schema(Vec<SchemaProblem>),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The database (or the conversion) still refuses the row.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<Refusal> for RetryError {
+    fn from(refusal: Refusal) -> Self {
+        RetryError::Refused(refusal.0)
+    }
+}
+
 async fn retry_one(
     config: &Config,
     store: &Store,
     mappings: &Mappings,
     letter: &DeadLetter,
-) -> Result<(), String> {
+) -> Result<(), RetryError> {
     let mapping = mappings
         .iter()
         .find(|m| m.name == letter.mapping)
-        .ok_or_else(|| format!("mapping `{}` is no longer configured", letter.mapping))?;
+        .ok_or_else(|| RetryError::UnknownMapping(letter.mapping.clone()))?;
     let backend = config
         .backends
         .get(&mapping.backend)
-        .ok_or_else(|| format!("backend `{}` is not configured", mapping.backend))?;
-    let mut sink = Sink::connect(&mapping.backend, &backend.url)
-        .await
-        .map_err(|e| e.to_string())?;
+        .ok_or_else(|| RetryError::UnknownBackend(mapping.backend.clone()))?;
+    let mut sink = Sink::connect(&mapping.backend, &backend.url).await?;
     let schemas = sink
         .prepare(std::slice::from_ref(mapping))
         .await
-        .map_err(|p| p.join("; "))?;
-    let applied = sink.applied_seq().await.map_err(|e| e.to_string())?;
+        .map_err(RetryError::Schema)?;
+    let applied = sink.applied_seq().await?;
     let schema = schemas
         .first()
-        .ok_or_else(|| format!("mapping `{}` has no usable table", mapping.name))?;
+        .ok_or_else(|| RetryError::NoTable(mapping.name.clone()))?;
     let mut key = mapping.key_prefix.to_vec();
     key.extend_from_slice(&letter.row_id);
-    let current = store.mirror(mapping.db, &key).map_err(|e| e.to_string())?;
+    let current = store.mirror(mapping.db, &key)?;
     let id = crate::sink::convert::convert(
         &schema.key_column.kind,
         &schema.key_column.name,
@@ -160,7 +186,7 @@ async fn retry_one(
         }
         _ => RowOp::Delete { id },
     };
-    let checkpoint = store.checkpoint().map_err(|e| e.to_string())?;
+    let checkpoint = store.checkpoint()?;
     // The sink's checkpoint stays where it is: this row is written outside the change order.
     let batch = SinkBatch {
         writes: vec![RowWrite {
@@ -180,12 +206,9 @@ async fn retry_one(
     };
     let no_hook: crate::sink::BeforeCommit =
         std::sync::Arc::new(|_: &[crate::sink::Rejected]| Ok(()));
-    let rejected = sink
-        .apply(&schemas, &batch, &no_hook)
-        .await
-        .map_err(|e| e.to_string())?;
+    let rejected = sink.apply(&schemas, &batch, &no_hook).await?;
     match rejected.into_iter().next() {
-        Some(r) => Err(r.reason),
+        Some(r) => Err(RetryError::Refused(r.reason)),
         None => Ok(()),
     }
 }

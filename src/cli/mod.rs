@@ -14,7 +14,7 @@ use crate::position::{ReplId, ReplOffset, StreamPosition};
 use crate::redis_client::RedisClient;
 use crate::replication::discovery::Discovery;
 use crate::replication::ReplicatorOptions;
-use crate::service::{Service, ServiceOptions, StartError};
+use crate::service::{Service, ServiceOptions};
 use crate::sink::Destination;
 
 #[derive(Debug, Parser)]
@@ -158,34 +158,59 @@ async fn replica_permissions(client: &mut RedisClient, endpoint: &RedisEndpoint)
     }
 }
 
+/// Why the running service did not answer on its admin listener.
+#[derive(Debug, thiserror::Error)]
+enum AdminRequestError {
+    #[error("{listen}: no answer")]
+    Timeout { listen: String },
+    #[error("{listen}: {source}")]
+    Io {
+        listen: String,
+        source: std::io::Error,
+    },
+    #[error("malformed HTTP response")]
+    Malformed,
+    #[error("{0}")]
+    Status(String),
+}
+
 /// `GET <path>` on the admin listener; the body when the status is 200.
-async fn admin_get(listen: &str, path: &str) -> Result<String, String> {
+async fn admin_get(listen: &str, path: &str) -> Result<String, AdminRequestError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let timeout = || AdminRequestError::Timeout {
+        listen: listen.to_string(),
+    };
+    let io = |source| AdminRequestError::Io {
+        listen: listen.to_string(),
+        source,
+    };
     let mut stream = tokio::time::timeout(
         Duration::from_secs(3),
         tokio::net::TcpStream::connect(listen),
     )
     .await
-    .map_err(|_| format!("{listen}: no answer"))?
-    .map_err(|e| format!("{listen}: {e}"))?;
+    .map_err(|_| timeout())?
+    .map_err(io)?;
     stream
         .write_all(
             format!("GET {path} HTTP/1.1\r\nHost: {listen}\r\nConnection: close\r\n\r\n")
                 .as_bytes(),
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(io)?;
     let mut response = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
         .await
-        .map_err(|_| "timeout".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| timeout())?
+        .map_err(io)?;
     let text = String::from_utf8_lossy(&response).into_owned();
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .ok_or("malformed HTTP response")?;
+        .ok_or(AdminRequestError::Malformed)?;
     if !head.starts_with("HTTP/1.1 200") {
-        return Err(head.lines().next().unwrap_or("").to_string());
+        return Err(AdminRequestError::Status(
+            head.lines().next().unwrap_or("").to_string(),
+        ));
     }
     Ok(body.to_string())
 }
@@ -356,19 +381,30 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Why `--from` is not a position.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+enum PositionError {
+    #[error("expected <40-hex replid>:<offset>[:<db>]")]
+    Replid,
+    #[error("the offset must be a number")]
+    Offset,
+    #[error("the db must be a number")]
+    Db,
+}
+
 /// `<replid>:<offset>[:<db>]`
-fn parse_position(text: &str) -> Result<StreamPosition, String> {
+fn parse_position(text: &str) -> Result<StreamPosition, PositionError> {
     let mut parts = text.split(':');
     let replid = parts
         .next()
         .and_then(ReplId::parse)
-        .ok_or("expected <40-hex replid>:<offset>[:<db>]")?;
+        .ok_or(PositionError::Replid)?;
     let offset = parts
         .next()
         .and_then(|o| o.parse().ok())
-        .ok_or("the offset must be a number")?;
+        .ok_or(PositionError::Offset)?;
     let db = match parts.next() {
-        Some(db) => db.parse().map_err(|_| "the db must be a number")?,
+        Some(db) => db.parse().map_err(|_| PositionError::Db)?,
         None => 0,
     };
     Ok(StreamPosition {
@@ -468,24 +504,20 @@ async fn check(path: &std::path::Path) -> ExitCode {
             ),
             Err(problems) => {
                 for problem in problems {
-                    let created = mine.iter().any(|m| {
-                        problem.contains(&format!(
-                            "mapping `{}`: table `{}` does not exist",
-                            m.name, m.table
-                        )) && mappings.iter().any(|o| o.name == m.name && o.create_table)
-                    });
-                    if created {
-                        let table = mine
-                            .iter()
-                            .find(|m| problem.contains(&format!("mapping `{}`:", m.name)))
-                            .map(|m| m.table.as_str())
-                            .unwrap_or("?");
-                        println!(
-                            "ok: table `{table}` will be created at start (create_table = true)"
-                        );
-                    } else {
-                        failed = true;
-                        println!("error: {problem}");
+                    // Checked as they are: a table `create_table` will create is reported as such.
+                    let created = problem
+                        .missing_table_of()
+                        .and_then(|name| mappings.iter().find(|m| m.name == name))
+                        .filter(|m| m.create_table);
+                    match created {
+                        Some(mapping) => println!(
+                            "ok: table `{}` will be created at start (create_table = true)",
+                            mapping.table
+                        ),
+                        None => {
+                            failed = true;
+                            println!("error: {problem}");
+                        }
                     }
                 }
             }
@@ -514,15 +546,14 @@ async fn run(path: &std::path::Path, capture_only: bool) -> ExitCode {
         };
     let service = match Service::start(&config, ServiceOptions { capture_only }).await {
         Ok(service) => service,
-        Err(StartError::Invalid(problems)) => {
-            for problem in problems {
-                eprintln!("error: {}: {problem}", path.display());
-            }
-            return ExitCode::from(2);
-        }
         Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
+            for line in e.lines() {
+                eprintln!("error: {line}");
+            }
+            return match e.is_configuration() {
+                true => ExitCode::from(2),
+                false => ExitCode::FAILURE,
+            };
         }
     };
     let stopper = service.stopper();

@@ -10,8 +10,8 @@ use redis_protocol::resp2::types::BytesFrame;
 use tokio::sync::Notify;
 
 use super::LinkError;
-use crate::config::{RedisEndpoint, SourceConfig};
-use crate::redis_client::{frame_text, RedisClient};
+use crate::config::{EndpointError, RedisEndpoint, SourceConfig};
+use crate::redis_client::{frame_text, ClientError, RedisClient};
 
 /// Where the primary is.
 #[derive(Debug, Clone)]
@@ -29,7 +29,7 @@ pub enum Discovery {
 
 impl Discovery {
     /// From a validated `[source]` section.
-    pub fn from_config(source: &SourceConfig) -> Result<Discovery, String> {
+    pub fn from_config(source: &SourceConfig) -> Result<Discovery, DiscoveryError> {
         let parse = |list: &[String]| {
             list.iter()
                 .map(|u| RedisEndpoint::parse(u))
@@ -52,7 +52,7 @@ impl Discovery {
                 master_name: source.master_name.clone().unwrap_or_default(),
                 auth: (source.username.clone(), source.password.clone()),
             }),
-            _ => Err("[source]: set one of `url`, `nodes` or `sentinels`".into()),
+            _ => Err(DiscoveryError::NoSource),
         }
     }
 
@@ -95,7 +95,7 @@ impl Discovery {
                     match role(node, timeout).await {
                         Ok(role) if role == "master" => return Ok(node.clone()),
                         Ok(role) => seen.push(format!("{} is {role}", node.address())),
-                        Err(e) => seen.push(e),
+                        Err(e) => seen.push(e.to_string()),
                     }
                 }
                 Err(LinkError::NotReady {
@@ -119,7 +119,7 @@ impl Discovery {
                                 password: auth.1.clone(),
                             });
                         }
-                        Err(e) => seen.push(e),
+                        Err(e) => seen.push(e.to_string()),
                     }
                 }
                 Err(LinkError::NotReady {
@@ -159,19 +159,34 @@ impl Discovery {
     }
 }
 
-async fn role(node: &RedisEndpoint, timeout: Duration) -> Result<String, String> {
-    let mut client = RedisClient::connect(node, timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    match client.command(&["ROLE"]).await.map_err(|e| e.to_string())? {
+/// Why a node or a Sentinel could not say where the primary is.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("[source]: set one of `url`, `nodes` or `sentinels`")]
+    NoSource,
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error(transparent)]
+    Redis(#[from] ClientError),
+    #[error("{address}: {message}")]
+    Reply { address: String, message: String },
+}
+
+fn unexpected(node: &RedisEndpoint, message: String) -> DiscoveryError {
+    DiscoveryError::Reply {
+        address: node.address(),
+        message,
+    }
+}
+
+async fn role(node: &RedisEndpoint, timeout: Duration) -> Result<String, DiscoveryError> {
+    let mut client = RedisClient::connect(node, timeout).await?;
+    match client.command(&["ROLE"]).await? {
         BytesFrame::Array(items) => items
             .first()
             .map(frame_text)
-            .ok_or_else(|| format!("{}: empty ROLE reply", node.address())),
-        other => Err(format!(
-            "{}: unexpected ROLE reply {other:?}",
-            node.address()
-        )),
+            .ok_or_else(|| unexpected(node, "empty ROLE reply".into())),
+        other => Err(unexpected(node, format!("unexpected ROLE reply {other:?}"))),
     }
 }
 
@@ -179,25 +194,22 @@ async fn master_address(
     sentinel: &RedisEndpoint,
     master_name: &str,
     timeout: Duration,
-) -> Result<(String, u16), String> {
-    let mut client = RedisClient::connect(sentinel, timeout)
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<(String, u16), DiscoveryError> {
+    let mut client = RedisClient::connect(sentinel, timeout).await?;
     let reply = client
         .command(&["SENTINEL", "get-master-addr-by-name", master_name])
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     match reply {
         BytesFrame::Array(items) if items.len() == 2 => {
             let host = frame_text(&items[0]);
             let port = frame_text(&items[1])
                 .parse()
-                .map_err(|_| format!("{}: bad port in {items:?}", sentinel.address()))?;
+                .map_err(|_| unexpected(sentinel, format!("bad port in {items:?}")))?;
             Ok((host, port))
         }
-        _ => Err(format!(
-            "sentinel {} does not know master `{master_name}`",
-            sentinel.address()
+        _ => Err(unexpected(
+            sentinel,
+            format!("the sentinel does not know master `{master_name}`"),
         )),
     }
 }
@@ -206,17 +218,12 @@ async fn watch_one(
     sentinel: &RedisEndpoint,
     master_name: &str,
     switched: &Notify,
-) -> Result<(), String> {
-    let mut client = RedisClient::connect(sentinel, Duration::from_secs(5))
-        .await
-        .map_err(|e| e.to_string())?;
-    client
-        .send(&["SUBSCRIBE", "+switch-master"])
-        .await
-        .map_err(|e| e.to_string())?;
+) -> Result<(), DiscoveryError> {
+    let mut client = RedisClient::connect(sentinel, Duration::from_secs(5)).await?;
+    client.send(&["SUBSCRIBE", "+switch-master"]).await?;
     loop {
         // `+switch-master <name> <old ip> <old port> <new ip> <new port>`
-        let frame = client.next_frame(None).await.map_err(|e| e.to_string())?;
+        let frame = client.next_frame(None).await?;
         if let BytesFrame::Array(items) = frame {
             let texts: Vec<String> = items.iter().map(frame_text).collect();
             if texts.first().is_some_and(|k| k == "message")

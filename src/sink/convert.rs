@@ -117,30 +117,45 @@ fn is_decimal(text: &str) -> bool {
     mantissa_ok && exponent_ok
 }
 
+/// Why a value cannot be written to its column: the row is dead-lettered with this reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+impl Refusal {
+    pub fn contains(&self, text: &str) -> bool {
+        self.0.contains(text)
+    }
+}
+
 /// Converts a field value for a column; the error is the reason the row is refused.
-pub fn convert(kind: &ColumnType, column: &str, value: Option<&[u8]>) -> Result<SqlValue, String> {
+pub fn convert(kind: &ColumnType, column: &str, value: Option<&[u8]>) -> Result<SqlValue, Refusal> {
     let Some(value) = value else {
         return Ok(SqlValue::Null);
     };
     let text = || {
         std::str::from_utf8(value).map_err(|_| {
-            format!(
+            Refusal(format!(
                 "column `{column}`: value `{}` is not valid UTF-8",
                 shown(value)
-            )
+            ))
         })
     };
     match kind {
-        ColumnType::Integer { unsigned: false } => text()?
-            .parse::<i64>()
-            .map(SqlValue::Int)
-            .map_err(|_| format!("column `{column}`: `{}` is not an integer", shown(value))),
+        ColumnType::Integer { unsigned: false } => {
+            text()?.parse::<i64>().map(SqlValue::Int).map_err(|_| {
+                Refusal(format!(
+                    "column `{column}`: `{}` is not an integer",
+                    shown(value)
+                ))
+            })
+        }
         ColumnType::Integer { unsigned: true } => {
             text()?.parse::<u64>().map(SqlValue::UInt).map_err(|_| {
-                format!(
+                Refusal(format!(
                     "column `{column}`: `{}` is not an unsigned integer",
                     shown(value)
-                )
+                ))
             })
         }
         ColumnType::Decimal => {
@@ -148,35 +163,35 @@ pub fn convert(kind: &ColumnType, column: &str, value: Option<&[u8]>) -> Result<
             if is_decimal(t) {
                 Ok(SqlValue::Text(t.to_string()))
             } else {
-                Err(format!(
+                Err(Refusal(format!(
                     "column `{column}`: `{}` is not a decimal number",
                     shown(value)
-                ))
+                )))
             }
         }
         ColumnType::Float => match text()?.parse::<f64>() {
             Ok(f) if f.is_finite() => Ok(SqlValue::Float(f)),
-            _ => Err(format!(
+            _ => Err(Refusal(format!(
                 "column `{column}`: `{}` is not a finite number",
                 shown(value)
-            )),
+            ))),
         },
         ColumnType::Temporal => Ok(SqlValue::Text(text()?.to_string())),
         ColumnType::Text { max_chars } => {
             let t = text()?;
             let chars = t.chars().count() as u64;
             match max_chars {
-                Some(max) if chars > *max => Err(format!(
+                Some(max) if chars > *max => Err(Refusal(format!(
                     "column `{column}`: {chars} characters, longer than its {max}"
-                )),
+                ))),
                 _ => Ok(SqlValue::Text(t.to_string())),
             }
         }
         ColumnType::Binary { max_bytes } => match max_bytes {
-            Some(max) if value.len() as u64 > *max => Err(format!(
+            Some(max) if value.len() as u64 > *max => Err(Refusal(format!(
                 "column `{column}`: {} bytes, longer than its {max}",
                 value.len()
-            )),
+            ))),
             _ => Ok(SqlValue::Bytes(value.to_vec())),
         },
         ColumnType::Other => Ok(match std::str::from_utf8(value) {

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::convert::{ColumnType, SqlValue};
 use super::{
-    BeforeCommit, ColumnInfo, Destination, Rejected, RowOp, SinkBatch, SinkError, TableSchema,
+    BeforeCommit, ColumnInfo, Destination, Rejected, RowOp, SchemaProblem, SinkBatch, SinkError,
+    TableSchema,
 };
 use crate::capture::mapping::Mapping;
 
@@ -42,7 +43,10 @@ fn key_text(id: &SqlValue) -> String {
 }
 
 impl Destination for MemoryDestination {
-    async fn prepare(&mut self, mappings: &[Mapping]) -> Result<Vec<TableSchema>, Vec<String>> {
+    async fn prepare(
+        &mut self,
+        mappings: &[Mapping],
+    ) -> Result<Vec<TableSchema>, Vec<SchemaProblem>> {
         Ok(mappings
             .iter()
             .map(|m| {
@@ -69,7 +73,7 @@ impl Destination for MemoryDestination {
     ) -> Result<Vec<Rejected>, SinkError> {
         if self.fail_next > 0 {
             self.fail_next -= 1;
-            return Err(SinkError::Transient("memory: simulated outage".into()));
+            return Err(SinkError::transient("memory: simulated outage"));
         }
         let mut tables = self.tables.clone();
         let mut rejected = Vec::new();
@@ -95,7 +99,8 @@ impl Destination for MemoryDestination {
                 }
             }
         }
-        before_commit(&rejected).map_err(SinkError::Fatal)?;
+        before_commit(&rejected)
+            .map_err(|e| SinkError::fatal("memory: cannot store refused rows").caused_by(e))?;
         self.tables = tables;
         self.applied = batch.last_seq;
         self.commits += 1;

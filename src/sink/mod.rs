@@ -2,6 +2,7 @@
 //! [`Destination`]; [`Sink`] picks the backend from the URL.
 
 pub mod convert;
+mod error;
 #[cfg(test)]
 pub mod memory;
 pub mod mysql;
@@ -12,8 +13,10 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 
+use crate::buffer::StoreError;
 use crate::capture::mapping::Mapping;
 use convert::{ColumnType, SqlValue};
+pub use error::{SchemaProblem, SinkError, SinkErrorKind};
 
 /// Name of the checkpoint table every sink keeps in its database.
 pub const CHECKPOINT_TABLE: &str = "writebehind_checkpoint";
@@ -37,27 +40,29 @@ pub struct TableSchema {
 }
 
 impl TableSchema {
-    /// Checks a table's columns against a mapping; one problem per line.
+    /// Checks a table's columns against a mapping.
     pub fn build(
         mapping: &Mapping,
         found: &HashMap<String, (ColumnInfo, bool)>,
-    ) -> Result<TableSchema, Vec<String>> {
+    ) -> Result<TableSchema, Vec<SchemaProblem>> {
         let table = mapping.table.as_str();
         let mut problems = Vec::new();
         let key_column = match found.get(&mapping.key_column) {
             Some((info, true)) => Some(info.clone()),
             Some((_, false)) => {
-                problems.push(format!(
-                    "mapping `{}`: key column `{}` of table `{table}` is neither the primary key nor unique; add a unique index on it",
-                    mapping.name, mapping.key_column
-                ));
+                problems.push(SchemaProblem::KeyNotUnique {
+                    mapping: mapping.name.clone(),
+                    table: table.to_string(),
+                    column: mapping.key_column.clone(),
+                });
                 None
             }
             None => {
-                problems.push(format!(
-                    "mapping `{}`: table `{table}` has no key column `{}`",
-                    mapping.name, mapping.key_column
-                ));
+                problems.push(SchemaProblem::MissingKeyColumn {
+                    mapping: mapping.name.clone(),
+                    table: table.to_string(),
+                    column: mapping.key_column.clone(),
+                });
                 None
             }
         };
@@ -65,10 +70,11 @@ impl TableSchema {
         for (_, column) in &mapping.columns {
             match found.get(column) {
                 Some((info, _)) => columns.push(info.clone()),
-                None => problems.push(format!(
-                    "mapping `{}`: table `{table}` has no column `{column}`",
-                    mapping.name
-                )),
+                None => problems.push(SchemaProblem::MissingColumn {
+                    mapping: mapping.name.clone(),
+                    table: table.to_string(),
+                    column: column.clone(),
+                }),
             }
         }
         match key_column {
@@ -115,29 +121,13 @@ pub struct SinkBatch {
 
 /// Called with the refused rows of a batch just before it commits, so that they are stored
 /// (dead-lettered) before the batch counts as applied; an error aborts the batch.
-pub type BeforeCommit = std::sync::Arc<dyn Fn(&[Rejected]) -> Result<(), String> + Send + Sync>;
+pub type BeforeCommit = std::sync::Arc<dyn Fn(&[Rejected]) -> Result<(), StoreError> + Send + Sync>;
 
 /// A row the database refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected {
     pub seq: u64,
     pub reason: String,
-}
-
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SinkError {
-    /// Retry later: connection lost, server restarting, deadlock, lock wait timeout.
-    #[error("{0}")]
-    Transient(String),
-    /// Retrying cannot help: the service stops.
-    #[error("{0}")]
-    Fatal(String),
-}
-
-impl SinkError {
-    pub fn is_transient(&self) -> bool {
-        matches!(self, SinkError::Transient(_))
-    }
 }
 
 /// A database the rows are written to.
@@ -163,8 +153,11 @@ impl SinkError {
 #[allow(async_fn_in_trait)]
 pub trait Destination {
     /// Creates missing tables (when the mapping asks) and the checkpoint table, then reads each
-    /// mapped table's schema. Problems are returned one per line.
-    async fn prepare(&mut self, mappings: &[Mapping]) -> Result<Vec<TableSchema>, Vec<String>>;
+    /// mapped table's schema. Every problem found is returned.
+    async fn prepare(
+        &mut self,
+        mappings: &[Mapping],
+    ) -> Result<Vec<TableSchema>, Vec<SchemaProblem>>;
 
     /// The seq of the last applied change (0 when none).
     async fn applied_seq(&mut self) -> Result<u64, SinkError>;
@@ -192,7 +185,7 @@ impl Sink {
         } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
             Ok(Sink::Mysql(mysql::MysqlSink::connect(name, url).await?))
         } else {
-            Err(SinkError::Fatal(format!(
+            Err(SinkError::fatal(format!(
                 "backend `{name}`: unsupported URL scheme in `{}`",
                 crate::config::redact(url)
             )))
@@ -202,8 +195,11 @@ impl Sink {
 
 impl Destination for Sink {
     /// Creates missing tables (when asked) and the checkpoint table, then reads each mapped
-    /// table's schema. Problems are returned one per line.
-    async fn prepare(&mut self, mappings: &[Mapping]) -> Result<Vec<TableSchema>, Vec<String>> {
+    /// table's schema. Every problem found is returned.
+    async fn prepare(
+        &mut self,
+        mappings: &[Mapping],
+    ) -> Result<Vec<TableSchema>, Vec<SchemaProblem>> {
         match self {
             Sink::Mysql(s) => s.prepare(mappings).await,
             Sink::Sqlite(s) => s.prepare(mappings).await,

@@ -14,8 +14,8 @@ use mysql_async::{Conn, Opts, Params, Pool, TxOpts, Value};
 
 use super::convert::{ColumnType, SqlValue};
 use super::{
-    quote, BeforeCommit, ColumnInfo, Destination, Rejected, RowOp, SinkBatch, SinkError,
-    TableSchema, CHECKPOINT_TABLE,
+    quote, BeforeCommit, ColumnInfo, Destination, Rejected, RowOp, SchemaProblem, SinkBatch,
+    SinkError, SinkErrorKind, TableSchema, CHECKPOINT_TABLE,
 };
 use crate::capture::mapping::Mapping;
 
@@ -27,7 +27,7 @@ const STAGE_THRESHOLD: usize = 500;
 enum StageError {
     /// LOCAL INFILE is disabled on the server or the client: fall back for good.
     Unavailable(String),
-    Failed(Failure),
+    Failed(SinkError),
 }
 
 /// One field in LOAD DATA's default format: `\N` for NULL; tab, newline, backslash and NUL
@@ -78,40 +78,38 @@ fn value(v: &SqlValue) -> Value {
     }
 }
 
-enum Failure {
-    Row(String),
-    Transient(String),
-    Fatal(String),
-}
-
-fn classify(error: &mysql_async::Error) -> Failure {
-    match error {
+/// The one place MySQL/MariaDB errors are classified.
+fn classify(error: mysql_async::Error) -> SinkError {
+    let kind = match &error {
         mysql_async::Error::Server(server) => match server.code {
             // Lock wait timeout, deadlock, shutdown in progress, connection killed, gone away,
             // lost, too many connections, query interrupted, read-only during failover.
             1205 | 1213 | 1053 | 1927 | 2006 | 2013 | 1040 | 1317 | 1290 => {
-                Failure::Transient(error.to_string())
+                SinkErrorKind::Transient
             }
             // NOT NULL, duplicate, foreign keys, out of range, truncated, bad date, bad string,
             // too long, check constraint, invalid value for the column type.
             1048 | 1062 | 1216 | 1217 | 1264 | 1265 | 1292 | 1366 | 1406 | 1411 | 1451 | 1452
-            | 1690 | 3819 | 4025 => {
-                Failure::Row(format!("{} (error {})", server.message, server.code))
-            }
-            _ => Failure::Fatal(error.to_string()),
+            | 1690 | 3819 | 4025 => SinkErrorKind::RowRefused,
+            _ => SinkErrorKind::Fatal,
         },
-        mysql_async::Error::Io(_) | mysql_async::Error::Driver(_) => {
-            Failure::Transient(error.to_string())
+        mysql_async::Error::Io(_) | mysql_async::Error::Driver(_) => SinkErrorKind::Transient,
+        _ => SinkErrorKind::Fatal,
+    };
+    let message = match &error {
+        mysql_async::Error::Server(server) if kind == SinkErrorKind::RowRefused => {
+            format!("{} (error {})", server.message, server.code)
         }
-        _ => Failure::Fatal(error.to_string()),
-    }
+        other => other.to_string(),
+    };
+    SinkError::new(kind, message).caused_by(error)
 }
 
 impl MysqlSink {
     pub async fn connect(name: &str, url: &str) -> Result<MysqlSink, SinkError> {
         let redacted = crate::config::redact(url);
         let opts = Opts::from_url(&url.replacen("mariadb://", "mysql://", 1)).map_err(|e| {
-            SinkError::Fatal(format!(
+            SinkError::fatal(format!(
                 "backend `{name}`: `{redacted}` is not a MySQL URL: {e}"
             ))
         })?;
@@ -130,34 +128,28 @@ impl MysqlSink {
             .map_err(|e| sink.error(e))?
             .flatten();
         if database.is_none() {
-            return Err(SinkError::Fatal(format!(
+            return Err(SinkError::fatal(format!(
                 "backend `{name}`: `{redacted}` names no database; add /<database> to the URL"
             )));
         }
         Ok(sink)
     }
 
+    /// Where errors happened, as messages name it.
+    fn place(&self) -> String {
+        format!("backend `{}` ({})", self.name, self.address)
+    }
+
     fn error(&self, e: mysql_async::Error) -> SinkError {
-        match classify(&e) {
-            Failure::Transient(m) => {
-                SinkError::Transient(format!("backend `{}` ({}): {m}", self.name, self.address))
-            }
-            Failure::Row(m) | Failure::Fatal(m) => {
-                SinkError::Fatal(format!("backend `{}` ({}): {m}", self.name, self.address))
-            }
-        }
+        classify(e).outside_row().context(self.place())
     }
 
     async fn conn(&self) -> Result<Conn, SinkError> {
-        self.pool.get_conn().await.map_err(|e| match classify(&e) {
-            Failure::Fatal(m) => SinkError::Fatal(format!(
-                "backend `{}`: cannot connect to {}: {m}",
+        self.pool.get_conn().await.map_err(|e| {
+            classify(e).outside_row().context(format!(
+                "backend `{}`: cannot connect to {}",
                 self.name, self.address
-            )),
-            _ => SinkError::Transient(format!(
-                "backend `{}`: cannot connect to {}: {e}",
-                self.name, self.address
-            )),
+            ))
         })
     }
 
@@ -182,15 +174,15 @@ impl MysqlSink {
         conn: &mut Conn,
         schemas: &[TableSchema],
         batch: &SinkBatch,
-    ) -> Result<(), Failure> {
+    ) -> Result<(), SinkError> {
         // A transaction by hand (not `Transaction`), so that the connection's LOCAL INFILE
         // handler can be set for the staged path.
         conn.query_drop("START TRANSACTION")
             .await
-            .map_err(|e| classify(&e))?;
+            .map_err(classify)?;
         let result = self.write_grouped(conn, schemas, batch).await;
         match result {
-            Ok(()) => conn.query_drop("COMMIT").await.map_err(|e| classify(&e)),
+            Ok(()) => conn.query_drop("COMMIT").await.map_err(classify),
             Err(failure) => {
                 let _ = conn.query_drop("ROLLBACK").await;
                 Err(failure)
@@ -203,7 +195,7 @@ impl MysqlSink {
         conn: &mut Conn,
         schemas: &[TableSchema],
         batch: &SinkBatch,
-    ) -> Result<(), Failure> {
+    ) -> Result<(), SinkError> {
         for (index, schema) in schemas.iter().enumerate() {
             let writes: Vec<&super::RowWrite> =
                 batch.writes.iter().filter(|w| w.table == index).collect();
@@ -224,7 +216,7 @@ impl MysqlSink {
                 );
                 conn.exec_drop(sql, Params::Positional(chunk.to_vec()))
                     .await
-                    .map_err(|e| classify(&e))?;
+                    .map_err(classify)?;
             }
             let upserts: Vec<(&SqlValue, &Vec<SqlValue>)> = writes
                 .iter()
@@ -243,7 +235,7 @@ impl MysqlSink {
                         tracing::warn!(backend = %self.name, %message, "LOAD DATA LOCAL INFILE unavailable; writing with multi-row INSERT");
                         self.staging
                             .store(false, std::sync::atomic::Ordering::Relaxed);
-                        return Err(Failure::Transient(message));
+                        return Err(SinkError::transient(message));
                     }
                     Err(StageError::Failed(failure)) => return Err(failure),
                 }
@@ -263,11 +255,11 @@ impl MysqlSink {
                     .collect();
                 conn.exec_drop(sql, Params::Positional(params))
                     .await
-                    .map_err(|e| classify(&e))?;
+                    .map_err(classify)?;
             }
         }
         let (sql, params) = self.checkpoint_statement(batch);
-        conn.exec_drop(sql, params).await.map_err(|e| classify(&e))
+        conn.exec_drop(sql, params).await.map_err(classify)
     }
 
     /// Large batches: `LOAD DATA LOCAL INFILE` into a per-connection temporary table with the
@@ -284,7 +276,7 @@ impl MysqlSink {
             mysql_async::Error::Server(server) if matches!(server.code, 1148 | 3948 | 1290) => {
                 StageError::Unavailable(e.to_string())
             }
-            _ => StageError::Failed(classify(&e)),
+            _ => StageError::Failed(classify(e)),
         };
         let stage = q(&format!("writebehind_stage_{}", schema.table));
         let mut columns = vec![q(&schema.key_column.name)];
@@ -401,13 +393,12 @@ impl MysqlSink {
             let mut refused = None;
             for (sql, params) in statements {
                 if let Err(e) = tx.exec_drop(sql, Params::Positional(params)).await {
-                    match classify(&e) {
-                        Failure::Row(reason) => {
-                            refused = Some(reason);
-                            break;
-                        }
-                        _ => return Err(self.error(e)),
+                    let failure = classify(e);
+                    if failure.kind() != SinkErrorKind::RowRefused {
+                        return Err(failure.context(self.place()));
                     }
+                    refused = Some(failure.reason().to_string());
+                    break;
                 }
             }
             match refused {
@@ -429,10 +420,11 @@ impl MysqlSink {
         let (sql, params) = self.checkpoint_statement(batch);
         tx.exec_drop(sql, params).await.map_err(err)?;
         before_commit(&rejected).map_err(|e| {
-            SinkError::Fatal(format!(
+            SinkError::fatal(format!(
                 "backend `{}`: cannot store refused rows: {e}",
                 self.name
             ))
+            .caused_by(e)
         })?;
         tx.commit().await.map_err(err)?;
         Ok(rejected)
@@ -440,8 +432,11 @@ impl MysqlSink {
 }
 
 impl Destination for MysqlSink {
-    async fn prepare(&mut self, mappings: &[Mapping]) -> Result<Vec<TableSchema>, Vec<String>> {
-        let mut conn = self.conn().await.map_err(|e| vec![e.to_string()])?;
+    async fn prepare(
+        &mut self,
+        mappings: &[Mapping],
+    ) -> Result<Vec<TableSchema>, Vec<SchemaProblem>> {
+        let mut conn = self.conn().await.map_err(|e| vec![e.into()])?;
         let mut problems = Vec::new();
         let create = format!(
             "CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (source VARCHAR(64) NOT NULL, backend VARCHAR(191) NOT NULL, replid CHAR(40), \
@@ -450,7 +445,8 @@ impl Destination for MysqlSink {
              PRIMARY KEY (source, backend)) ENGINE=InnoDB"
         );
         if let Err(e) = conn.query_drop(create).await {
-            return Err(vec![format!("backend `{}`: cannot create {CHECKPOINT_TABLE}: {e}; grant CREATE or create it by hand", self.name)]);
+            let message = format!("backend `{}`: cannot create {CHECKPOINT_TABLE}: {e}; grant CREATE or create it by hand", self.name);
+            return Err(vec![SinkError::fatal(message).caused_by(e).into()]);
         }
         let mut schemas = Vec::new();
         for mapping in mappings {
@@ -471,10 +467,11 @@ impl Destination for MysqlSink {
                     columns.join(", ")
                 );
                 if let Err(e) = conn.query_drop(sql).await {
-                    problems.push(format!(
-                        "mapping `{}`: cannot create table `{}`: {e}",
-                        mapping.name, mapping.table
-                    ));
+                    problems.push(SchemaProblem::CannotCreate {
+                        mapping: mapping.name.clone(),
+                        table: mapping.table.clone(),
+                        message: e.to_string(),
+                    });
                     continue;
                 }
             }
@@ -488,15 +485,20 @@ impl Destination for MysqlSink {
             {
                 Ok(rows) => rows,
                 Err(e) => {
-                    problems.push(format!("mapping `{}`: cannot read the columns of `{}`: {e}", mapping.name, mapping.table));
+                    problems.push(SchemaProblem::Unreadable {
+                        mapping: mapping.name.clone(),
+                        table: mapping.table.clone(),
+                        message: e.to_string(),
+                    });
                     continue;
                 }
             };
             if rows.is_empty() {
-                problems.push(format!(
-                    "mapping `{}`: table `{}` does not exist in backend `{}`; create it or set create_table = true",
-                    mapping.name, mapping.table, self.name
-                ));
+                problems.push(SchemaProblem::MissingTable {
+                    mapping: mapping.name.clone(),
+                    table: mapping.table.clone(),
+                    place: format!("backend `{}`", self.name),
+                });
                 continue;
             }
             let primary_columns = rows.iter().filter(|r| r.5 == "PRI").count();
@@ -528,10 +530,12 @@ impl Destination for MysqlSink {
                         ("DELETE", format!("DELETE FROM {table} WHERE 1 = 0")),
                     ] {
                         match conn.query_drop(sql).await {
-                            Err(mysql_async::Error::Server(e)) if matches!(e.code, 1142 | 1143) => problems.push(format!(
-                                "mapping `{}`: the database user may not {privilege} on `{}`: {}",
-                                mapping.name, schema.table, e.message
-                            )),
+                            Err(mysql_async::Error::Server(e)) if matches!(e.code, 1142 | 1143) => problems.push(SchemaProblem::MissingGrant {
+                                mapping: mapping.name.clone(),
+                                table: schema.table.clone(),
+                                privilege: privilege.to_string(),
+                                message: e.message,
+                            }),
                             _ => {}
                         }
                     }
@@ -565,18 +569,11 @@ impl Destination for MysqlSink {
         let mut conn = self.conn().await?;
         match self.apply_grouped(&mut conn, schemas, batch).await {
             Ok(()) => Ok(Vec::new()),
-            Err(Failure::Row(_)) => {
+            Err(e) if e.kind() == SinkErrorKind::RowRefused => {
                 self.apply_row_by_row(&mut conn, schemas, batch, before_commit)
                     .await
             }
-            Err(Failure::Transient(m)) => Err(SinkError::Transient(format!(
-                "backend `{}` ({}): {m}",
-                self.name, self.address
-            ))),
-            Err(Failure::Fatal(m)) => Err(SinkError::Fatal(format!(
-                "backend `{}` ({}): {m}",
-                self.name, self.address
-            ))),
+            Err(e) => Err(e.context(self.place())),
         }
     }
 }

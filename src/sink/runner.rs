@@ -10,9 +10,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::convert::{convert, SqlValue};
+use super::convert::{convert, Refusal, SqlValue};
 use super::{
-    BeforeCommit, Destination, Rejected, RowOp, RowWrite, SinkBatch, SinkError, TableSchema,
+    BeforeCommit, Destination, Rejected, RowOp, RowWrite, SchemaProblem, SinkBatch, SinkError,
+    TableSchema,
 };
 use crate::ack::Writeback;
 use crate::backoff::Backoff;
@@ -121,9 +122,9 @@ impl<D: Destination> SinkRunner<D> {
         mut sink: D,
         mappings: Vec<Mapping>,
         links: RunnerLinks,
-    ) -> Result<SinkRunner<D>, Vec<String>> {
+    ) -> Result<SinkRunner<D>, Vec<SchemaProblem>> {
         let schemas = sink.prepare(&mappings).await?;
-        let applied = sink.applied_seq().await.map_err(|e| vec![e.to_string()])?;
+        let applied = sink.applied_seq().await.map_err(|e| vec![e.into()])?;
         links.health.backend(name, true, None);
         Ok(SinkRunner {
             name: name.to_string(),
@@ -307,7 +308,7 @@ impl<D: Destination> SinkRunner<D> {
             }
             metrics::counter!("writebehind_dead_letters_total", "backend" => backend.clone())
                 .increment(rejected.len() as u64);
-            store.write(letters, true).map_err(|e| e.to_string())
+            store.write(letters, true)
         });
         let started = std::time::Instant::now();
         let rejected = self.apply_with_retry(&batch, &before_commit).await?;
@@ -471,7 +472,7 @@ impl<D: Destination> SinkRunner<D> {
                 RowChange::Upsert { columns } => match convert_row(schema, columns) {
                     Ok(values) => RowOp::Upsert { id, values },
                     Err(reason) => {
-                        refused.push((change.seq, mapping.name.clone(), row_id, reason));
+                        refused.push((change.seq, mapping.name.clone(), row_id, reason.0));
                         continue;
                     }
                 },
@@ -492,7 +493,7 @@ impl<D: Destination> SinkRunner<D> {
 pub fn convert_row(
     schema: &TableSchema,
     columns: &[(String, Option<Bytes>)],
-) -> Result<Vec<SqlValue>, String> {
+) -> Result<Vec<SqlValue>, Refusal> {
     schema
         .columns
         .iter()
@@ -502,7 +503,10 @@ pub fn convert_row(
                 .find(|(name, _)| *name == column.name)
                 .and_then(|(_, v)| v.as_deref());
             if value.is_none() && schema.required.contains(&column.name) {
-                return Err(format!("required column `{}` is absent", column.name));
+                return Err(Refusal(format!(
+                    "required column `{}` is absent",
+                    column.name
+                )));
             }
             convert(&column.kind, &column.name, value)
         })

@@ -11,8 +11,8 @@ use rusqlite::{params_from_iter, Connection, ErrorCode, OptionalExtension};
 
 use super::convert::{ColumnType, SqlValue};
 use super::{
-    quote, BeforeCommit, ColumnInfo, Destination, Rejected, RowOp, SinkBatch, SinkError,
-    TableSchema, CHECKPOINT_TABLE,
+    quote, BeforeCommit, ColumnInfo, Destination, Rejected, RowOp, SchemaProblem, SinkBatch,
+    SinkError, SinkErrorKind, TableSchema, CHECKPOINT_TABLE,
 };
 use crate::capture::mapping::Mapping;
 
@@ -43,22 +43,16 @@ impl rusqlite::ToSql for SqlValue {
     }
 }
 
-enum Failure {
-    Row(String),
-    Transient(String),
-    Fatal(String),
-}
-
-fn classify(error: &rusqlite::Error) -> Failure {
-    match error.sqlite_error_code() {
+/// The one place SQLite errors are classified.
+fn classify(error: rusqlite::Error) -> SinkError {
+    let kind = match error.sqlite_error_code() {
         Some(ErrorCode::ConstraintViolation)
         | Some(ErrorCode::TooBig)
-        | Some(ErrorCode::TypeMismatch) => Failure::Row(error.to_string()),
-        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => {
-            Failure::Transient(error.to_string())
-        }
-        _ => Failure::Fatal(error.to_string()),
-    }
+        | Some(ErrorCode::TypeMismatch) => SinkErrorKind::RowRefused,
+        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => SinkErrorKind::Transient,
+        _ => SinkErrorKind::Fatal,
+    };
+    SinkError::new(kind, error.to_string()).caused_by(error)
 }
 
 impl SqliteSink {
@@ -74,12 +68,13 @@ impl SqliteSink {
                 Ok(connection)
             })
             .await
-            .map_err(|e| SinkError::Fatal(e.to_string()))?
+            .map_err(|e| SinkError::fatal(format!("backend `{name}`: SQLite worker failed: {e}")))?
         };
         let connection = opened.map_err(|e| {
-            SinkError::Fatal(format!(
+            SinkError::fatal(format!(
                 "backend `{name}`: cannot open SQLite database `{path}`: {e}"
             ))
+            .caused_by(e)
         })?;
         Ok(SqliteSink {
             name,
@@ -100,7 +95,7 @@ impl SqliteSink {
             work(&mut guard)
         })
         .await
-        .map_err(|e| SinkError::Fatal(format!("SQLite worker failed: {e}")))
+        .map_err(|e| SinkError::fatal(format!("SQLite worker failed: {e}")))
     }
 }
 
@@ -168,9 +163,10 @@ fn apply_blocking(
     batch: &SinkBatch,
     before_commit: &BeforeCommit,
 ) -> Result<Vec<Rejected>, SinkError> {
-    let fail = |e: rusqlite::Error| match classify(&e) {
-        Failure::Transient(m) => SinkError::Transient(format!("backend `{name}`: {m}")),
-        Failure::Row(m) | Failure::Fatal(m) => SinkError::Fatal(format!("backend `{name}`: {m}")),
+    let fail = |e: rusqlite::Error| {
+        classify(e)
+            .outside_row()
+            .context(format!("backend `{name}`"))
     };
     let tx = connection.transaction().map_err(fail)?;
     let mut rejected = Vec::new();
@@ -179,30 +175,32 @@ fn apply_blocking(
             continue;
         };
         let key = q(&schema.key_column.name);
-        let mut run = |sql: &str, params: Vec<&SqlValue>| -> Result<(), SinkError> {
-            let result = tx
-                .prepare_cached(sql)
-                .and_then(|mut statement| statement.execute(params_from_iter(params)));
-            match result {
-                Ok(_) => Ok(()),
-                Err(e) => match classify(&e) {
-                    Failure::Row(reason) => {
-                        rejected.push(Rejected {
-                            seq: write.seq,
-                            reason,
-                        });
-                        Ok(())
+        let mut run =
+            |sql: &str, params: Vec<&SqlValue>| -> Result<(), SinkError> {
+                let result = tx
+                    .prepare_cached(sql)
+                    .and_then(|mut statement| statement.execute(params_from_iter(params)));
+                match result {
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        let failure = classify(e);
+                        match failure.kind() {
+                            SinkErrorKind::RowRefused => {
+                                rejected.push(Rejected {
+                                    seq: write.seq,
+                                    reason: failure.reason().to_string(),
+                                });
+                                Ok(())
+                            }
+                            SinkErrorKind::Transient => {
+                                Err(failure.context(format!("backend `{name}`")))
+                            }
+                            SinkErrorKind::Fatal => Err(failure
+                                .context(format!("backend `{name}`: table `{}`", schema.table))),
+                        }
                     }
-                    Failure::Transient(m) => {
-                        Err(SinkError::Transient(format!("backend `{name}`: {m}")))
-                    }
-                    Failure::Fatal(m) => Err(SinkError::Fatal(format!(
-                        "backend `{name}`: table `{}`: {m}",
-                        schema.table
-                    ))),
-                },
-            }
-        };
+                }
+            };
         let delete = format!("DELETE FROM {} WHERE {key} = ?1", q(&schema.table));
         match &write.op {
             RowOp::Delete { id } => run(&delete, vec![id])?,
@@ -248,14 +246,17 @@ fn apply_blocking(
     )
     .map_err(fail)?;
     before_commit(&rejected).map_err(|e| {
-        SinkError::Fatal(format!("backend `{name}`: cannot store refused rows: {e}"))
+        SinkError::fatal(format!("backend `{name}`: cannot store refused rows: {e}")).caused_by(e)
     })?;
     tx.commit().map_err(fail)?;
     Ok(rejected)
 }
 
 impl Destination for SqliteSink {
-    async fn prepare(&mut self, mappings: &[Mapping]) -> Result<Vec<TableSchema>, Vec<String>> {
+    async fn prepare(
+        &mut self,
+        mappings: &[Mapping],
+    ) -> Result<Vec<TableSchema>, Vec<SchemaProblem>> {
         let mappings = mappings.to_vec();
         let (name, path) = (self.name.clone(), self.path.clone());
         let result = self
@@ -266,7 +267,8 @@ impl Destination for SqliteSink {
                     "CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (source TEXT NOT NULL, backend TEXT NOT NULL, replid TEXT, repl_offset INTEGER, change_seq INTEGER NOT NULL, updated_at TEXT, PRIMARY KEY (source, backend))"
                 );
                 if let Err(e) = connection.execute_batch(&create) {
-                    return Err(vec![format!("backend `{name}` ({path}): cannot create {CHECKPOINT_TABLE}: {e}")]);
+                    let message = format!("backend `{name}` ({path}): cannot create {CHECKPOINT_TABLE}: {e}");
+                    return Err(vec![SinkError::fatal(message).caused_by(e).into()]);
                 }
                 for mapping in &mappings {
                     if mapping.create_table {
@@ -274,20 +276,29 @@ impl Destination for SqliteSink {
                         columns.extend(mapping.columns.iter().map(|(_, c)| format!("{} TEXT", q(c))));
                         let sql = format!("CREATE TABLE IF NOT EXISTS {} ({})", q(&mapping.table), columns.join(", "));
                         if let Err(e) = connection.execute_batch(&sql) {
-                            problems.push(format!("mapping `{}`: cannot create table `{}`: {e}", mapping.name, mapping.table));
+                            problems.push(SchemaProblem::CannotCreate {
+                                mapping: mapping.name.clone(),
+                                table: mapping.table.clone(),
+                                message: e.to_string(),
+                            });
                             continue;
                         }
                     }
                     match describe(connection, &mapping.table) {
-                        Ok(found) if found.is_empty() => problems.push(format!(
-                            "mapping `{}`: table `{}` does not exist in {path}; create it or set create_table = true",
-                            mapping.name, mapping.table
-                        )),
+                        Ok(found) if found.is_empty() => problems.push(SchemaProblem::MissingTable {
+                            mapping: mapping.name.clone(),
+                            table: mapping.table.clone(),
+                            place: path.clone(),
+                        }),
                         Ok(found) => match TableSchema::build(mapping, &found) {
                             Ok(schema) => schemas.push(schema),
                             Err(mut p) => problems.append(&mut p),
                         },
-                        Err(e) => problems.push(format!("mapping `{}`: cannot read table `{}`: {e}", mapping.name, mapping.table)),
+                        Err(e) => problems.push(SchemaProblem::Unreadable {
+                            mapping: mapping.name.clone(),
+                            table: mapping.table.clone(),
+                            message: e.to_string(),
+                        }),
                     }
                 }
                 if problems.is_empty() {
@@ -297,7 +308,7 @@ impl Destination for SqliteSink {
                 }
             })
             .await;
-        result.map_err(|e| vec![e.to_string()])?
+        result.map_err(|e| vec![e.into()])?
     }
 
     async fn applied_seq(&mut self) -> Result<u64, SinkError> {
@@ -311,7 +322,7 @@ impl Destination for SqliteSink {
                 )
                 .optional()
                 .map(|seq| seq.unwrap_or(0).max(0) as u64)
-                .map_err(|e| SinkError::Fatal(format!("backend `{name}`: cannot read {CHECKPOINT_TABLE}: {e}")))
+                .map_err(|e| SinkError::fatal(format!("backend `{name}`: cannot read {CHECKPOINT_TABLE}: {e}")).caused_by(e))
         })
         .await?
     }

@@ -225,7 +225,10 @@ impl RdbDecoder {
 
     /// A decoder for one value of the given RDB type (the body of a DUMP payload).
     pub(crate) fn for_value(type_byte: u8, magic: Magic, version: u32) -> Result<Self, RdbError> {
-        kind_of(type_byte, magic).map_err(|message| RdbError::Malformed { offset: 0, message })?;
+        kind_of(type_byte, magic).map_err(|e| RdbError::Malformed {
+            offset: 0,
+            message: e.to_string(),
+        })?;
         let mut decoder = RdbDecoder::new();
         decoder.magic = magic;
         decoder.version = version;
@@ -503,8 +506,10 @@ impl RdbDecoder {
                 }
             }
             type_byte => {
-                let kind = kind_of(type_byte, self.magic)
-                    .map_err(|message| StepError::Malformed { at, message })?;
+                let kind = kind_of(type_byte, self.magic).map_err(|e| StepError::Malformed {
+                    at,
+                    message: e.to_string(),
+                })?;
                 let key = cur.string()?;
                 self.staged.push(Staged::KeyStart {
                     db: self.db,
@@ -921,8 +926,19 @@ impl RdbDecoder {
     }
 }
 
+/// An RDB type byte this decoder cannot read or skip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum UnreadableType {
+    #[error("Valkey PATH_HASH values (type 23) are not supported")]
+    PathHash,
+    #[error("module value in the pre-release format (type 6) cannot be skipped")]
+    PreReleaseModule,
+    #[error("unknown RDB value type or opcode {0}")]
+    Unknown(u8),
+}
+
 /// The logical kind of an RDB type byte; 22 and 23 depend on who wrote the file.
-pub(crate) fn kind_of(type_byte: u8, magic: Magic) -> Result<ValueKind, String> {
+pub(crate) fn kind_of(type_byte: u8, magic: Magic) -> Result<ValueKind, UnreadableType> {
     Ok(match type_byte {
         0 => ValueKind::String,
         1 | 10 | 14 | 18 => ValueKind::List,
@@ -930,13 +946,11 @@ pub(crate) fn kind_of(type_byte: u8, magic: Magic) -> Result<ValueKind, String> 
         3 | 5 | 12 | 17 => ValueKind::SortedSet,
         4 | 9 | 13 | 16 | 22 | 24 | 25 => ValueKind::Hash,
         23 if magic == Magic::Redis => ValueKind::Hash,
-        23 => return Err("Valkey PATH_HASH values (type 23) are not supported".into()),
-        6 => {
-            return Err("module value in the pre-release format (type 6) cannot be skipped".into())
-        }
+        23 => return Err(UnreadableType::PathHash),
+        6 => return Err(UnreadableType::PreReleaseModule),
         7 => ValueKind::Module,
         15 | 19 | 21 => ValueKind::Stream,
-        other => return Err(format!("unknown RDB value type or opcode {other}")),
+        other => return Err(UnreadableType::Unknown(other)),
     })
 }
 

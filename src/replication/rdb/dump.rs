@@ -75,8 +75,10 @@ pub fn decode_dump_payload(payload: &Bytes) -> Result<DumpedValue, RdbError> {
             message: format!("{} bytes after the DUMP value", input.len()),
         });
     }
-    value.kind = kind_of(type_byte, Magic::Redis)
-        .map_err(|message| RdbError::Malformed { offset: 0, message })?;
+    value.kind = kind_of(type_byte, Magic::Redis).map_err(|e| RdbError::Malformed {
+        offset: 0,
+        message: e.to_string(),
+    })?;
     Ok(value)
 }
 
