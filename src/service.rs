@@ -359,7 +359,7 @@ async fn supervise(
     stopper.health.begin_shutdown();
     let replicator = &parts.replicator;
     let finish = async {
-        replicator.flush_ack().await;
+        replicator.send_durable_offset().await;
         stopper.stop.send_replace(true);
         while let Some(result) = parts.tasks.join_next().await {
             if let Err(e) = task_outcome(result) {

@@ -105,7 +105,7 @@ async fn full_sync(replicator: &mut Replicator) -> FullSync {
                 _ => {}
             },
             ReplicationEvent::FullSyncCompleted { position, .. } => {
-                replicator.acknowledge(position.offset);
+                replicator.report_durable(position.offset);
                 return FullSync {
                     replid,
                     offset,
@@ -131,7 +131,7 @@ async fn stream_until(
     loop {
         match next(replicator).await {
             ReplicationEvent::Stream(event) => {
-                replicator.acknowledge(event.end());
+                replicator.report_durable(event.end());
                 let done = stop(&event);
                 events.push(event);
                 if done {
@@ -511,7 +511,7 @@ async fn wait_counts_the_client_only_for_what_it_acknowledged() {
     let mut client = server.client().await;
     let mut replicator = Replicator::new(options(&server), None);
     full_sync(&mut replicator).await;
-    let ack = replicator.ack_handle();
+    let ack = replicator.durable_offset();
 
     // Read the write but do not acknowledge it: WAIT must not count us.
     run(&mut client, &["HSET", "k", "f", "1"]).await;
@@ -532,7 +532,7 @@ async fn wait_counts_the_client_only_for_what_it_acknowledged() {
     });
     let waited = run(&mut client, &["WAIT", "1", "300"]).await;
     assert_eq!(waited, BytesFrame::Integer(0));
-    ack.acknowledge(event.end);
+    ack.advance(event.end);
     let waited = run(&mut client, &["WAIT", "1", "5000"]).await;
     assert_eq!(waited, BytesFrame::Integer(1));
     reader.abort();
@@ -583,7 +583,7 @@ async fn a_dropped_link_resumes_with_continue_and_misses_nothing() {
     while last_end < target {
         match next(&mut replicator).await {
             ReplicationEvent::Stream(event) => {
-                replicator.acknowledge(event.end());
+                replicator.report_durable(event.end());
                 last_end = event.end().0;
                 collect(&event, &mut seen);
             }
@@ -758,7 +758,7 @@ async fn keepalives_hold_the_link_while_a_slow_consumer_decodes_the_snapshot() {
             }
             ReplicationEvent::Snapshot(_) => {}
             ReplicationEvent::FullSyncCompleted { position, .. } => {
-                replicator.acknowledge(position.offset);
+                replicator.report_durable(position.offset);
                 break;
             }
             other => panic!("the link dropped during the snapshot: {other:?}"),
@@ -888,7 +888,7 @@ async fn a_silent_primary_times_the_link_out_and_it_resumes() {
                 previous_replid: None,
                 ..
             } => continued = true,
-            ReplicationEvent::Stream(event) => replicator.acknowledge(event.end()),
+            ReplicationEvent::Stream(event) => replicator.report_durable(event.end()),
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -173,7 +173,7 @@ impl Capture {
                 rdb_bytes,
             } => {
                 self.finish_full_sync(position.clone())?;
-                replicator.acknowledge(position.offset);
+                replicator.report_durable(position.offset);
                 self.link_up(&position);
                 tracing::info!(%position, rdb_bytes, "full sync completed");
             }
@@ -279,7 +279,7 @@ impl Capture {
         let committed = batch.commit(&mut self.state)?;
         self.committed(committed);
         if let Some(position) = &self.state.checkpoint.position {
-            replicator.acknowledge(position.offset);
+            replicator.report_durable(position.offset);
         }
         Ok(())
     }

@@ -73,7 +73,7 @@ pub(super) async fn tail(options: ReplicatorOptions, resume: Option<StreamPositi
                 position,
                 rdb_bytes,
             } => {
-                replicator.acknowledge(position.offset);
+                replicator.report_durable(position.offset);
                 Some(format!(
                     "full-sync-done replid={} offset={} db={} rdb_bytes={rdb_bytes}",
                     position.replid, position.offset, position.db
@@ -92,7 +92,7 @@ pub(super) async fn tail(options: ReplicatorOptions, resume: Option<StreamPositi
                 ))
             }
             ReplicationEvent::Stream(event) => {
-                replicator.acknowledge(event.end());
+                replicator.report_durable(event.end());
                 Some(stream_line(&event))
             }
             ReplicationEvent::Disconnected { error, retry_in } => {

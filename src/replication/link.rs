@@ -7,7 +7,7 @@
 //! that time), then `REPLCONF ACK <offset>` every second with the position the caller
 //! acknowledged, and at once when the primary asks with `REPLCONF GETACK *`.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use super::rdb::{RdbDecoder, RdbEvent};
 use super::stream::{CommandStream, StreamEvent};
 use super::{LinkError, ReplicationEvent, ReplicatorOptions, SnapshotFraming};
-use crate::position::{ReplId, ReplOffset, StreamPosition};
+use crate::position::{DurableOffset, ReplId, ReplOffset, StreamPosition};
 use crate::redis_client::encode_command;
 
 /// Length of the random delimiter of a diskless (`$EOF:`) snapshot.
@@ -72,7 +72,7 @@ impl Link {
         options: &ReplicatorOptions,
         endpoint: &crate::config::RedisEndpoint,
         resume: Option<&StreamPosition>,
-        ack: Arc<AtomicU64>,
+        durable: DurableOffset,
     ) -> Result<(Link, ReplicationEvent), LinkError> {
         let address = endpoint.address();
         let stream = tokio::time::timeout(options.timeout, TcpStream::connect(&address))
@@ -179,7 +179,7 @@ impl Link {
                 } else {
                     return Err(LinkError::Protocol { address, message: format!("expected the snapshot header, got `{header}`") });
                 };
-                ack.store(0, Ordering::SeqCst);
+                durable.restart_at(ReplOffset(0));
                 let event = ReplicationEvent::FullSyncStarted { replid: replid.clone(), offset, framing: framing.describe() };
                 (Phase::Snapshot { decoder: RdbDecoder::new(), framing, replid, offset, stream_db: 0 }, event)
             }
@@ -193,7 +193,7 @@ impl Link {
                     None => resume.replid.clone(),
                 };
                 let previous_replid = (replid != resume.replid).then(|| resume.replid.clone());
-                ack.store(resume.offset.0, Ordering::SeqCst);
+                durable.restart_at(resume.offset);
                 let position = StreamPosition { replid: replid.clone(), offset: resume.offset, db: resume.db };
                 let event = ReplicationEvent::Continued { position, previous_replid };
                 (Phase::Streaming { replid, stream: CommandStream::new(resume.offset, resume.db) }, event)
@@ -217,7 +217,7 @@ impl Link {
         let writer_task = tokio::spawn(write_keepalives(
             write_half,
             writer_rx,
-            ack,
+            durable,
             snapshot_in_progress.clone(),
             address.clone(),
         ));
@@ -351,8 +351,8 @@ impl Link {
         }
     }
 
-    /// Sends `REPLCONF ACK` with the acknowledged offset now and waits until it is written.
-    pub(crate) async fn flush_ack(&self) {
+    /// Sends `REPLCONF ACK` with the durable offset now and waits until it is written.
+    pub(crate) async fn send_durable_offset(&self) {
         let (done, written) = tokio::sync::oneshot::channel();
         if self.writer.send(WriterMessage::AckNow(Some(done))).is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(2), written).await;
@@ -436,7 +436,7 @@ impl Socket {
 async fn write_keepalives(
     mut writer: OwnedWriteHalf,
     mut messages: mpsc::UnboundedReceiver<WriterMessage>,
-    ack: Arc<AtomicU64>,
+    durable: DurableOffset,
     snapshot_in_progress: Arc<AtomicBool>,
     address: String,
 ) {
@@ -466,7 +466,7 @@ async fn write_keepalives(
                     true
                 }
                 Some(WriterMessage::GetAck(before)) => {
-                    if ack.load(Ordering::SeqCst) < before.0 {
+                    if durable.get() < before {
                         getack_target = Some(before.0);
                     }
                     true
@@ -474,7 +474,7 @@ async fn write_keepalives(
             },
             _ = recheck.tick(), if getack_target.is_some() => {
                 match getack_target {
-                    Some(target) if ack.load(Ordering::SeqCst) >= target => {
+                    Some(target) if durable.get().0 >= target => {
                         getack_target = None;
                         true
                     }
@@ -483,7 +483,7 @@ async fn write_keepalives(
             }
         };
         if send_ack {
-            let offset = ack.load(Ordering::SeqCst).to_string();
+            let offset = durable.get().to_string();
             let result = writer
                 .write_all(&encode_command(&[
                     &b"REPLCONF"[..],

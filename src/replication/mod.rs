@@ -29,13 +29,12 @@ mod link;
 pub mod rdb;
 pub mod stream;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backoff::Backoff;
 use crate::config::RedisEndpoint;
-use crate::position::{ReplId, ReplOffset, StreamPosition};
+use crate::position::{DurableOffset, ReplId, ReplOffset, StreamPosition};
 use discovery::Discovery;
 use link::Link;
 use rdb::RdbEvent;
@@ -167,16 +166,6 @@ impl ReplicatorOptions {
     }
 }
 
-/// Sets the offset `REPLCONF ACK` reports, from any task.
-#[derive(Debug, Clone)]
-pub struct AckHandle(Arc<AtomicU64>);
-
-impl AckHandle {
-    pub fn acknowledge(&self, offset: ReplOffset) {
-        self.0.store(offset.0, Ordering::SeqCst);
-    }
-}
-
 /// A replica's view of one primary, across reconnections.
 pub struct Replicator {
     options: ReplicatorOptions,
@@ -184,7 +173,7 @@ pub struct Replicator {
     /// Where the next `PSYNC` continues from.
     resume: Option<StreamPosition>,
     /// The offset reported by `REPLCONF ACK`, set by the caller.
-    ack: Arc<AtomicU64>,
+    durable: DurableOffset,
     backoff: Backoff,
     retry_at: Option<tokio::time::Instant>,
     /// An event produced by `try_next_buffered` (a failure) for the next `next` call.
@@ -212,7 +201,7 @@ impl Replicator {
             options,
             link: None,
             resume,
-            ack: Arc::new(AtomicU64::new(0)),
+            durable: DurableOffset::default(),
             retry_at: None,
             pending: None,
             primary: None,
@@ -237,20 +226,21 @@ impl Replicator {
         self.resume.as_ref()
     }
 
-    /// The offset the next `REPLCONF ACK` reports: what the caller has captured.
-    pub fn acknowledge(&self, offset: ReplOffset) {
-        self.ack.store(offset.0, Ordering::SeqCst);
+    /// Everything up to `offset` is durable: the next `REPLCONF ACK` reports it (it never
+    /// goes back on one link).
+    pub fn report_durable(&self, offset: ReplOffset) {
+        self.durable.advance(offset);
     }
 
-    /// A handle to acknowledge from another task (the one that makes changes durable).
-    pub fn ack_handle(&self) -> AckHandle {
-        AckHandle(self.ack.clone())
+    /// The durable offset, to advance from another task (the one that makes changes durable).
+    pub fn durable_offset(&self) -> DurableOffset {
+        self.durable.clone()
     }
 
-    /// Sends the acknowledged offset to the primary now (a final ACK before stopping).
-    pub async fn flush_ack(&self) {
+    /// Sends `REPLCONF ACK` with the durable offset now (a last report before stopping).
+    pub async fn send_durable_offset(&self) {
         if let Some(link) = &self.link {
-            link.flush_ack().await;
+            link.send_durable_offset().await;
         }
     }
 
@@ -368,7 +358,7 @@ impl Replicator {
             &self.options,
             &endpoint,
             self.resume.as_ref(),
-            self.ack.clone(),
+            self.durable.clone(),
         )
         .await
         {
