@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 use mysql_async::prelude::Queryable;
 use writebehind::capture::mapping::Mappings;
 use writebehind::config::Config;
+use writebehind::position::{ChangeSeq, ReplOffset};
 use writebehind::sink::convert::SqlValue;
 use writebehind::sink::{BeforeCommit, Destination, RowOp, RowWrite, Sink, SinkBatch};
 
@@ -89,7 +90,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                     seq += 1;
                     RowWrite {
                         table: 0,
-                        seq,
+                        seq: ChangeSeq(seq),
                         row_id: Bytes::from(id.clone()),
                         delete_first: false,
                         // Columns in the schema's order: age, first, last.
@@ -106,9 +107,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .collect();
             let batch = SinkBatch {
                 writes,
-                last_seq: seq,
+                last_seq: ChangeSeq(seq),
                 replid: String::new(),
-                offset: 0,
+                offset: ReplOffset(0),
             };
             let rejected = sink.apply(&schemas, &batch, &no_hook).await?;
             if !rejected.is_empty() {

@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::position::{ChangeSeq, ReplOffset};
+
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
@@ -73,6 +75,20 @@ pub struct Health {
     replid: Mutex<Option<String>>,
     /// Stream offset of the oldest acknowledgement not written to Redis yet (0: none).
     oldest_unacked: AtomicU64,
+    /// The stream started over below where it was (a full sync from a primary with a lower
+    /// offset): positions of the old history may stay ahead of the new one, so their order is
+    /// no longer checked.
+    restarted_lower: AtomicBool,
+}
+
+/// The positions along the stream at one moment (see `src/position.rs`), in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Positions {
+    pub received: ReplOffset,
+    pub buffered: ReplOffset,
+    /// The slowest backend's (the buffered position when there is no backend).
+    pub applied: ReplOffset,
+    pub acked: ReplOffset,
 }
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -99,20 +115,29 @@ impl Health {
         }
     }
 
-    pub fn received(&self, offset: u64) {
-        self.received.store(offset, Ordering::Relaxed);
-        metrics::gauge!("writebehind_position_received_bytes").set(offset as f64);
+    /// Capture has read and decoded the stream up to `offset` (never moves back).
+    pub fn received(&self, offset: ReplOffset) {
+        let received = self
+            .received
+            .fetch_max(offset.0, Ordering::Relaxed)
+            .max(offset.0);
+        metrics::gauge!("writebehind_position_received_bytes").set(received as f64);
     }
 
-    /// A commit made changes up to `last_seq` durable at `offset`.
-    pub fn buffered(&self, offset: u64, last_seq: Option<u64>) {
-        self.buffered.store(offset, Ordering::Relaxed);
-        metrics::gauge!("writebehind_position_buffered_bytes").set(offset as f64);
+    /// A commit made changes up to `last_seq` durable at `offset` (never moves back; what is
+    /// buffered was received).
+    pub fn buffered(&self, offset: ReplOffset, last_seq: Option<ChangeSeq>) {
+        self.received(offset);
+        let buffered = self
+            .buffered
+            .fetch_max(offset.0, Ordering::Relaxed)
+            .max(offset.0);
+        metrics::gauge!("writebehind_position_buffered_bytes").set(buffered as f64);
         if let Some(seq) = last_seq {
             self.unapplied
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push_back((seq, Instant::now()));
+                .push_back((seq.0, Instant::now()));
         }
     }
 
@@ -128,11 +153,29 @@ impl Health {
         });
     }
 
-    pub fn applied(&self, name: &str, seq: u64, offset: u64) {
+    /// The stream starts over at `offset` (a full sync completed): received and buffered are
+    /// set there, even when that is lower than before.
+    pub fn stream_restarted(&self, offset: ReplOffset) {
+        let before = self.buffered.swap(offset.0, Ordering::Relaxed);
+        self.received.store(offset.0, Ordering::Relaxed);
+        if before > offset.0 {
+            self.restarted_lower.store(true, Ordering::Relaxed);
+        }
+        self.buffered(offset, None);
+    }
+
+    /// Backend `name` committed changes up to `seq`, the last at stream offset `offset`.
+    pub fn applied(&self, name: &str, seq: ChangeSeq, offset: ReplOffset) {
+        // A sink reads only what is synced in the buffer: what it applied is buffered, even if
+        // capture has not reported its commit yet.
+        if !self.restarted_lower.load(Ordering::Relaxed) {
+            self.buffered(offset, None);
+        }
+        let (seq, offset) = (seq.0, offset.0);
         let slowest = {
             let mut backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
             let state = backends.entry(name.to_string()).or_default();
-            state.applied_seq = seq;
+            state.applied_seq = state.applied_seq.max(seq);
             state.applied_offset = state.applied_offset.max(offset);
             backends
                 .values()
@@ -149,9 +192,9 @@ impl Health {
     }
 
     /// The oldest acknowledgement still queued (its change's stream offset), after a write.
-    pub fn acks_pending(&self, oldest_offset: Option<u64>) {
+    pub fn acks_pending(&self, oldest_offset: Option<ReplOffset>) {
         self.oldest_unacked
-            .store(oldest_offset.unwrap_or(0), Ordering::Relaxed);
+            .store(oldest_offset.map_or(0, |o| o.0), Ordering::Relaxed);
     }
 
     /// Everything up to here is applied and acknowledged: the slowest applied position, held
@@ -221,14 +264,39 @@ impl Health {
             .unwrap_or(0.0)
     }
 
+    /// The positions now, checked to be in order (debug builds).
+    pub fn positions(&self) -> Positions {
+        // Read from the last to the first: each can only have moved on since.
+        let applied = self.slowest_applied();
+        let acked = self.acked(applied);
+        let buffered = self.buffered.load(Ordering::Relaxed);
+        let received = self.received.load(Ordering::Relaxed);
+        debug_assert!(
+            received >= buffered,
+            "received {received} < buffered {buffered}"
+        );
+        debug_assert!(applied >= acked, "applied {applied} < acked {acked}");
+        debug_assert!(
+            buffered >= applied || self.restarted_lower.load(Ordering::Relaxed),
+            "buffered {buffered} < applied {applied}"
+        );
+        Positions {
+            received: ReplOffset(received),
+            buffered: ReplOffset(buffered),
+            applied: ReplOffset(applied),
+            acked: ReplOffset(acked),
+        }
+    }
+
     /// Refreshes the derived gauges (before a scrape).
     pub fn publish(&self) {
-        let applied = self.slowest_applied();
+        let positions = self.positions();
+        let applied = positions.applied.0;
         let primary = self
             .primary_offset
             .load(Ordering::Relaxed)
-            .max(self.received.load(Ordering::Relaxed));
-        metrics::gauge!("writebehind_position_acked_bytes").set(self.acked(applied) as f64);
+            .max(positions.received.0);
+        metrics::gauge!("writebehind_position_acked_bytes").set(positions.acked.0 as f64);
         metrics::gauge!("writebehind_primary_offset_bytes").set(primary as f64);
         metrics::gauge!("writebehind_lag_bytes").set(primary.saturating_sub(applied) as f64);
         metrics::gauge!("writebehind_lag_seconds").set(self.lag_seconds());
@@ -241,21 +309,22 @@ impl Health {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let applied = self.slowest_applied();
+        let positions = self.positions();
+        let applied = positions.applied.0;
         let primary_offset = self
             .primary_offset
             .load(Ordering::Relaxed)
-            .max(self.received.load(Ordering::Relaxed));
+            .max(positions.received.0);
         serde_json::json!({
             "link": if self.link_up.load(Ordering::SeqCst) { "up" } else { "down" },
             "primary": self.primary(),
             "replid": self.replid.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             "positions": {
                 "primary": primary_offset,
-                "received": self.received.load(Ordering::Relaxed),
-                "buffered": self.buffered.load(Ordering::Relaxed),
+                "received": positions.received.0,
+                "buffered": positions.buffered.0,
                 "applied": applied,
-                "acked": self.acked(applied),
+                "acked": positions.acked.0,
             },
             "lag_bytes": primary_offset.saturating_sub(applied),
             "lag_seconds": self.lag_seconds(),

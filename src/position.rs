@@ -31,7 +31,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The number of the last byte of the replication stream that has been processed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
+#[serde(transparent)]
 pub struct ReplOffset(pub u64);
 
 impl ReplOffset {
@@ -54,7 +55,8 @@ impl fmt::Display for ReplOffset {
 
 /// The number of a change in the change log. Seqs start at 1 and increase by one per change in
 /// stream order; [`ChangeSeq::NONE`] (0) means "no change" (a sink that has applied nothing).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
+#[serde(transparent)]
 pub struct ChangeSeq(pub u64);
 
 impl ChangeSeq {

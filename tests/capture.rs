@@ -17,6 +17,7 @@ use writebehind::buffer::{MirrorCursor, MirrorKind, RowChange, Store};
 use writebehind::capture::mapping::Mappings;
 use writebehind::capture::{Capture, CaptureOutputs};
 use writebehind::config::Config;
+use writebehind::position::ChangeSeq;
 use writebehind::redis_client::{frame_text, info_field, RedisClient};
 use writebehind::replication::{Replicator, ReplicatorOptions};
 
@@ -203,11 +204,11 @@ type Rows = BTreeMap<(String, Bytes), Vec<(String, Option<Bytes>)>>;
 /// Replays the whole change log over an empty table.
 fn replay(store: &Store) -> Rows {
     let mut rows = BTreeMap::new();
-    let mut from = 0;
+    let mut from = ChangeSeq::NONE;
     loop {
         let page = store.changes(from, 1000).expect("changes");
         let Some(last) = page.last() else { break };
-        from = last.seq + 1;
+        from = last.seq.next();
         for change in page {
             match change.row {
                 RowChange::Upsert { columns } => {

@@ -232,7 +232,7 @@ impl Running {
                 .as_ref()
                 .is_some_and(|p| p.offset.0 >= target)
                 && !checkpoint.full_sync_in_progress;
-            if captured && database.checkpoint_seq().await + 1 >= checkpoint.next_seq {
+            if captured && database.checkpoint_seq().await + 1 >= checkpoint.next_seq.0 {
                 return;
             }
             assert!(

@@ -196,7 +196,7 @@ impl Writer {
         }
         let remaining = self.store.acks(self.next_ack, 1)?;
         self.health
-            .acks_pending(remaining.first().map(|a| a.offset).filter(|o| *o > 0));
+            .acks_pending(remaining.first().map(|a| a.offset).filter(|o| o.0 > 0));
         Ok(written == PIPELINE || completed == PIPELINE)
     }
 

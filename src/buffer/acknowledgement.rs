@@ -4,6 +4,7 @@
 use bytes::Bytes;
 
 use super::codec::{DecodeError, Decoder, Encoder};
+use crate::position::ReplOffset;
 
 /// An acknowledgement to write: `XADD {key}uuid * status <status> [reason <reason>]` in `db`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,7 +16,7 @@ pub struct AckRecord {
     /// `None`: done; `Some(reason)`: failed.
     pub failure: Option<String>,
     /// Stream offset of the change acknowledged.
-    pub offset: u64,
+    pub offset: ReplOffset,
 }
 
 impl AckRecord {
@@ -40,7 +41,7 @@ impl AckRecord {
                 b"done"
             })
             .opt_bytes(self.failure.as_deref().map(str::as_bytes))
-            .u64(self.offset);
+            .u64(self.offset.0);
         e.finish()
     }
 
@@ -53,7 +54,7 @@ impl AckRecord {
         let failure = d
             .opt_bytes()?
             .map(|r| String::from_utf8_lossy(&r).into_owned());
-        let offset = d.u64()?;
+        let offset = ReplOffset(d.u64()?);
         d.end()?;
         Ok(AckRecord {
             id,
@@ -74,5 +75,5 @@ pub struct NewAck {
     pub uuid: Bytes,
     /// `None`: done; `Some(reason)`: failed.
     pub failure: Option<String>,
-    pub offset: u64,
+    pub offset: ReplOffset,
 }

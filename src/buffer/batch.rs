@@ -7,7 +7,7 @@ use super::codec::Encoder;
 use super::dead_letter::DeadLetter;
 use super::mirror::{mirror_key, MirrorValue};
 use super::{META_ACKS_ENQUEUED_PREFIX, META_CHECKPOINT, META_REPLID_PREFIX};
-use crate::position::{ReplId, ReplOffset};
+use crate::position::{ChangeSeq, ReplId, ReplOffset};
 
 /// Writes to apply together, in order, atomically.
 #[derive(Debug, Default)]
@@ -21,11 +21,11 @@ pub(super) enum Op {
     PutRaw(Vec<u8>, Vec<u8>),
     DeleteRaw(Vec<u8>),
     DeleteAck(u64),
-    PutDeadLetter(u64, Vec<u8>),
-    DeleteDeadLetter(u64),
+    PutDeadLetter(ChangeSeq, Vec<u8>),
+    DeleteDeadLetter(ChangeSeq),
     PutMirror(Vec<u8>, Vec<u8>),
     DeleteMirror(Vec<u8>),
-    PutChange(u64, Vec<u8>),
+    PutChange(ChangeSeq, Vec<u8>),
     PutMeta(Vec<u8>, Vec<u8>),
 }
 
@@ -45,9 +45,9 @@ impl Batch {
             .push(Op::PutMeta(META_CHECKPOINT.to_vec(), checkpoint.encode()));
     }
     /// Records that `replid` begins at `offset` (history, for diagnostics).
-    pub fn add_replid(&mut self, seq: u64, replid: &ReplId, offset: ReplOffset) {
+    pub fn add_replid(&mut self, seq: ChangeSeq, replid: &ReplId, offset: ReplOffset) {
         let mut key = META_REPLID_PREFIX.to_vec();
-        key.extend_from_slice(&seq.to_be_bytes());
+        key.extend_from_slice(&seq.key());
         let mut e = Encoder::default();
         e.bytes(replid.as_str().as_bytes()).u64(offset.0);
         self.ops.push(Op::PutMeta(key, e.finish()));
@@ -56,7 +56,7 @@ impl Batch {
         self.ops
             .push(Op::PutDeadLetter(letter.seq, letter.encode()));
     }
-    pub fn delete_dead_letter(&mut self, seq: u64) {
+    pub fn delete_dead_letter(&mut self, seq: ChangeSeq) {
         self.ops.push(Op::DeleteDeadLetter(seq));
     }
     /// What Redis really holds for a key whose `#` op is not completed yet.
@@ -75,10 +75,10 @@ impl Batch {
         self.ops.push(Op::DeleteAck(id));
     }
     /// Records that `backend`'s changes up to `seq` have their acks queued.
-    pub fn put_acks_enqueued(&mut self, backend: &str, seq: u64) {
+    pub fn put_acks_enqueued(&mut self, backend: &str, seq: ChangeSeq) {
         let mut key = META_ACKS_ENQUEUED_PREFIX.to_vec();
         key.extend_from_slice(backend.as_bytes());
-        self.ops.push(Op::PutMeta(key, seq.to_be_bytes().to_vec()));
+        self.ops.push(Op::PutMeta(key, seq.key().to_vec()));
     }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty() && self.new_acks.is_empty()

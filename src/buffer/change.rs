@@ -3,7 +3,7 @@
 use bytes::Bytes;
 
 use super::codec::{DecodeError, Decoder, Encoder};
-use crate::position::ReplOffset;
+use crate::position::{ChangeSeq, ReplOffset};
 
 /// What a change does to its row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,9 +28,9 @@ pub struct HashOp {
 /// One entry of the change log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
-    pub seq: u64,
+    pub seq: ChangeSeq,
     /// The seq of the first change of its execution unit.
-    pub unit: u64,
+    pub unit: ChangeSeq,
     /// Whether it is the last change of its unit.
     pub unit_end: bool,
     /// Stream offset after the unit.
@@ -44,7 +44,7 @@ pub struct Change {
 impl Change {
     pub(super) fn encode(&self) -> Vec<u8> {
         let mut e = Encoder::default();
-        e.u64(self.unit)
+        e.u64(self.unit.0)
             .u8(u8::from(self.unit_end))
             .u64(self.offset.0)
             .bytes(self.mapping.as_bytes())
@@ -67,9 +67,9 @@ impl Change {
         e.finish()
     }
 
-    pub(super) fn decode(seq: u64, input: &[u8]) -> Result<Change, DecodeError> {
+    pub(super) fn decode(seq: ChangeSeq, input: &[u8]) -> Result<Change, DecodeError> {
         let mut d = Decoder::new(input, "change");
-        let unit = d.u64()?;
+        let unit = ChangeSeq(d.u64()?);
         let unit_end = d.u8()? != 0;
         let offset = ReplOffset(d.u64()?);
         let mapping = d.string()?;

@@ -1,7 +1,7 @@
 //! The capture checkpoint (`meta/checkpoint`).
 
 use super::codec::{DecodeError, Decoder, Encoder};
-use crate::position::{ReplId, ReplOffset, StreamPosition};
+use crate::position::{ChangeSeq, ReplId, ReplOffset, StreamPosition};
 
 /// Where capture stands, written atomically with the data it describes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -9,7 +9,7 @@ pub struct Checkpoint {
     /// The position after the last captured unit; `None` before the first full sync.
     pub position: Option<StreamPosition>,
     /// The seq the next change gets.
-    pub next_seq: u64,
+    pub next_seq: ChangeSeq,
     /// The generation of the last full sync.
     pub generation: u64,
     /// A full sync began and did not finish: the next attach must start a new one.
@@ -26,7 +26,7 @@ impl Checkpoint {
         e.opt_bytes(replid)
             .u64(offset)
             .u32(db)
-            .u64(self.next_seq)
+            .u64(self.next_seq.0)
             .u64(self.generation)
             .u8(u8::from(self.full_sync_in_progress));
         e.finish()
@@ -37,7 +37,7 @@ impl Checkpoint {
         let replid = d.opt_bytes()?;
         let offset = ReplOffset(d.u64()?);
         let db = d.u32()?;
-        let next_seq = d.u64()?;
+        let next_seq = ChangeSeq(d.u64()?);
         let generation = d.u64()?;
         let full_sync_in_progress = d.u8()? != 0;
         d.end()?;

@@ -3,11 +3,12 @@
 use bytes::Bytes;
 
 use super::codec::{DecodeError, Decoder, Encoder};
+use crate::position::ChangeSeq;
 
 /// A change a database refused, kept until it is retried or dropped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
-    pub seq: u64,
+    pub seq: ChangeSeq,
     pub backend: String,
     pub mapping: String,
     pub row_id: Bytes,
@@ -26,7 +27,7 @@ impl DeadLetter {
         e.finish()
     }
 
-    pub(super) fn decode(seq: u64, input: &[u8]) -> Result<DeadLetter, DecodeError> {
+    pub(super) fn decode(seq: ChangeSeq, input: &[u8]) -> Result<DeadLetter, DecodeError> {
         let mut d = Decoder::new(input, "dead letter");
         let letter = DeadLetter {
             seq,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use super::codec::{DecodeError, Decoder, Encoder};
+use crate::position::ReplOffset;
 
 /// What a mirrored key holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,7 +27,7 @@ pub struct MirrorValue {
     pub kind: MirrorKind,
     pub expire_at_ms: Option<i64>,
     pub generation: u64,
-    pub refreshed_through: u64,
+    pub refreshed_through: ReplOffset,
     pub fields: BTreeMap<Bytes, FieldValue>,
 }
 
@@ -36,7 +37,7 @@ impl MirrorValue {
             kind: MirrorKind::Hash,
             expire_at_ms: None,
             generation,
-            refreshed_through: 0,
+            refreshed_through: ReplOffset(0),
             fields: BTreeMap::new(),
         }
     }
@@ -82,7 +83,7 @@ impl MirrorValue {
         })
         .opt_i64(self.expire_at_ms)
         .u64(self.generation)
-        .u64(self.refreshed_through)
+        .u64(self.refreshed_through.0)
         .u32(self.fields.len() as u32);
         for (field, value) in &self.fields {
             e.bytes(field)
@@ -101,7 +102,7 @@ impl MirrorValue {
         };
         let expire_at_ms = d.opt_i64()?;
         let generation = d.u64()?;
-        let refreshed_through = d.u64()?;
+        let refreshed_through = ReplOffset(d.u64()?);
         let count = d.u32()?;
         let mut fields = BTreeMap::new();
         for _ in 0..count {

@@ -17,7 +17,7 @@ use super::{
     CF_DEAD_LETTERS, CF_META, CF_MIRROR, CF_RAW, FORMAT_VERSION, META_ACKS_ENQUEUED_PREFIX,
     META_CHECKPOINT, META_FORMAT, META_REPLID_PREFIX,
 };
-use crate::position::{ReplId, ReplOffset};
+use crate::position::{ChangeSeq, ReplId, ReplOffset};
 
 /// Where a scan of the mirror continues (opaque outside the buffer): the start, or after the
 /// last entry of a page.
@@ -244,8 +244,10 @@ impl Store {
     }
 
     /// Up to `limit` changes with seq >= `from`, in order.
-    pub fn changes(&self, from: u64, limit: usize) -> Result<Vec<Change>, StoreError> {
-        self.by_seq(CF_CHANGES, "change key", from, limit, Change::decode)
+    pub fn changes(&self, from: ChangeSeq, limit: usize) -> Result<Vec<Change>, StoreError> {
+        self.by_seq(CF_CHANGES, "change key", from.0, limit, |seq, value| {
+            Change::decode(ChangeSeq(seq), value)
+        })
     }
 
     /// Up to `limit` entries of a column family keyed by `seq u64`, from `from` on, decoded.
@@ -285,12 +287,12 @@ impl Store {
     }
 
     /// Removes every change with seq <= `through` (the sinks have applied them).
-    pub fn trim_changes(&self, through: u64) -> Result<(), StoreError> {
+    pub fn trim_changes(&self, through: ChangeSeq) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(
             self.cf(CF_CHANGES)?,
             0u64.to_be_bytes(),
-            through.saturating_add(1).to_be_bytes(),
+            through.next().key(),
         );
         self.db.write(batch).map_err(|e| self.rocks(e))
     }
@@ -309,10 +311,10 @@ impl Store {
             match op {
                 Op::PutMirror(k, v) => write.put_cf(mirror, k, v),
                 Op::DeleteMirror(k) => write.delete_cf(mirror, k),
-                Op::PutChange(seq, v) => write.put_cf(changes, seq.to_be_bytes(), v),
+                Op::PutChange(seq, v) => write.put_cf(changes, seq.key(), v),
                 Op::PutMeta(k, v) => write.put_cf(meta, k, v),
-                Op::PutDeadLetter(seq, v) => write.put_cf(dead, seq.to_be_bytes(), v),
-                Op::DeleteDeadLetter(seq) => write.delete_cf(dead, seq.to_be_bytes()),
+                Op::PutDeadLetter(seq, v) => write.put_cf(dead, seq.key(), v),
+                Op::DeleteDeadLetter(seq) => write.delete_cf(dead, seq.key()),
                 Op::PutRaw(k, v) => write.put_cf(raw, k, v),
                 Op::DeleteRaw(k) => write.delete_cf(raw, k),
                 Op::DeleteAck(id) => write.delete_cf(acks, id.to_be_bytes()),
@@ -353,13 +355,9 @@ impl Store {
     /// All dead letters, in seq order.
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
         let all = usize::MAX;
-        self.by_seq(
-            CF_DEAD_LETTERS,
-            "dead letter key",
-            0,
-            all,
-            DeadLetter::decode,
-        )
+        self.by_seq(CF_DEAD_LETTERS, "dead letter key", 0, all, |seq, value| {
+            DeadLetter::decode(ChangeSeq(seq), value)
+        })
     }
 
     /// What Redis really holds for `key`, when a `#` op on it is not completed yet.
@@ -416,7 +414,7 @@ impl Store {
     }
 
     /// The seq up to which `backend`'s acks are queued (0: none recorded).
-    pub fn acks_enqueued(&self, backend: &str) -> Result<u64, StoreError> {
+    pub fn acks_enqueued(&self, backend: &str) -> Result<ChangeSeq, StoreError> {
         let mut key = META_ACKS_ENQUEUED_PREFIX.to_vec();
         key.extend_from_slice(backend.as_bytes());
         match self
@@ -424,8 +422,8 @@ impl Store {
             .get_cf(self.cf(CF_META)?, key)
             .map_err(|e| self.rocks(e))?
         {
-            Some(raw) => self.seq_key(&raw, "acks_enqueued"),
-            None => Ok(0),
+            Some(raw) => self.seq_key(&raw, "acks_enqueued").map(ChangeSeq),
+            None => Ok(ChangeSeq::NONE),
         }
     }
 
@@ -471,8 +469,8 @@ mod tests {
         let v = value();
         assert_eq!(MirrorValue::decode(&v.encode())?, v);
         let change = Change {
-            seq: 7,
-            unit: 6,
+            seq: ChangeSeq(7),
+            unit: ChangeSeq(6),
             unit_end: true,
             offset: ReplOffset(99),
             mapping: "m".into(),
@@ -490,14 +488,14 @@ mod tests {
                 key: Bytes::from("p:1"),
             }),
         };
-        assert_eq!(Change::decode(7, &change.encode())?, change);
+        assert_eq!(Change::decode(ChangeSeq(7), &change.encode())?, change);
         let ack = AckRecord {
             id: 9,
             db: 1,
             key: Bytes::from("p:1"),
             uuid: Bytes::from("u-1"),
             failure: Some("too long".into()),
-            offset: 77,
+            offset: ReplOffset(77),
         };
         assert_eq!(AckRecord::decode(9, &ack.encode())?, ack);
         assert_eq!(ack.stream_key(), b"{p:1}u-1".to_vec());
@@ -507,7 +505,7 @@ mod tests {
                 offset: ReplOffset(5),
                 db: 2,
             }),
-            next_seq: 10,
+            next_seq: ChangeSeq(10),
             generation: 2,
             full_sync_in_progress: false,
         };
@@ -527,8 +525,8 @@ mod tests {
         batch.put_mirror(1, b"person2:1", &value());
         for seq in 0..5 {
             batch.put_change(&Change {
-                seq,
-                unit: seq,
+                seq: ChangeSeq(seq),
+                unit: ChangeSeq(seq),
                 unit_end: true,
                 offset: ReplOffset(seq),
                 mapping: "m".into(),
@@ -538,7 +536,7 @@ mod tests {
             });
         }
         batch.put_checkpoint(&Checkpoint {
-            next_seq: 5,
+            next_seq: ChangeSeq(5),
             ..Checkpoint::default()
         });
         store.write(batch, true)?;
@@ -553,25 +551,25 @@ mod tests {
         );
         assert_eq!(
             store
-                .changes(2, 2)?
+                .changes(ChangeSeq(2), 2)?
                 .iter()
-                .map(|c| c.seq)
+                .map(|c| c.seq.0)
                 .collect::<Vec<_>>(),
             vec![2, 3]
         );
-        store.trim_changes(2)?;
+        store.trim_changes(ChangeSeq(2))?;
         assert_eq!(
             store
-                .changes(0, 10)?
+                .changes(ChangeSeq::NONE, 10)?
                 .iter()
-                .map(|c| c.seq)
+                .map(|c| c.seq.0)
                 .collect::<Vec<_>>(),
             vec![3, 4]
         );
-        assert_eq!(store.checkpoint()?.next_seq, 5);
+        assert_eq!(store.checkpoint()?.next_seq, ChangeSeq(5));
         drop(store);
         let store = Store::open(dir.path())?;
-        assert_eq!(store.checkpoint()?.next_seq, 5);
+        assert_eq!(store.checkpoint()?.next_seq, ChangeSeq(5));
         Ok(())
     }
 }

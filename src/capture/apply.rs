@@ -25,6 +25,7 @@ use super::working_set::WorkingSet;
 use crate::ack::OP_FIELD;
 use crate::buffer::{FieldValue, MirrorKind, MirrorValue, StoreError};
 use crate::clock::now_ms;
+use crate::position::ReplOffset;
 use crate::replication::rdb::decode_dump_payload;
 use crate::replication::stream::Command;
 
@@ -186,7 +187,7 @@ impl Applier<'_> {
     fn already_in(value: &Option<MirrorValue>, command: &Command) -> bool {
         value
             .as_ref()
-            .is_some_and(|v| v.refreshed_through >= command.end.0)
+            .is_some_and(|v| v.refreshed_through >= command.end)
     }
 
     fn update_hash(
@@ -305,7 +306,7 @@ impl Applier<'_> {
         }
         let mut after = source.clone();
         if let Some(v) = after.as_mut() {
-            v.refreshed_through = 0;
+            v.refreshed_through = ReplOffset(0);
         }
         if let Some(event) = row_event(mapping, to, &before, &after, false) {
             out.push(event);
@@ -732,7 +733,7 @@ mod tests {
         };
         let mut ws = WorkingSet::new(store);
         let mut refreshed = MirrorValue::hash(1);
-        refreshed.refreshed_through = 500;
+        refreshed.refreshed_through = ReplOffset(500);
         refreshed.fields.insert(
             Bytes::from("n"),
             FieldValue {

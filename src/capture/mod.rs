@@ -35,7 +35,7 @@ use crate::ack::Writeback;
 use crate::buffer::{Batch, Checkpoint, Store, StoreError};
 use crate::config::RedisEndpoint;
 use crate::metrics::Health;
-use crate::position::StreamPosition;
+use crate::position::{ChangeSeq, StreamPosition};
 use crate::replication::{LinkError, ReplicationEvent, Replicator};
 use full_sync::FullSync;
 use mapping::Mappings;
@@ -95,8 +95,12 @@ impl Capture {
     ) -> Result<Capture, StoreError> {
         let mut checkpoint = store.checkpoint()?;
         // Seqs start at 1: a sink whose checkpoint says 0 has applied nothing.
-        checkpoint.next_seq = checkpoint.next_seq.max(1);
+        checkpoint.next_seq = checkpoint.next_seq.max(ChangeSeq::FIRST);
         let ops = OpState::new(ops, store.raw_keys()?);
+        // What the buffer already holds is buffered, whatever this run receives.
+        if let Some(position) = &checkpoint.position {
+            outputs.health.buffered(position.offset, None);
+        }
         Ok(Capture {
             state: CaptureState {
                 store,
@@ -230,9 +234,10 @@ impl Capture {
         let generation = self.state.checkpoint.generation;
         let summary = sync.finish(&mut self.state, position)?;
         let checkpoint = &self.state.checkpoint;
+        self.outputs.health.stream_restarted(self.state.offset());
         self.outputs
             .health
-            .buffered(self.state.offset().0, checkpoint.next_seq.checked_sub(1));
+            .buffered(self.state.offset(), checkpoint.next_seq.previous());
         self.outputs.committed.notify_waiters();
         // Ops found in the snapshot, and acks it queued.
         let writeback = &self.outputs.writeback;
@@ -257,7 +262,7 @@ impl Capture {
         let mut batch = StreamBatch::new(self.state.store.clone());
         let mut next = Some(first);
         while let Some(event) = next.take() {
-            self.outputs.health.received(event.end().0);
+            self.outputs.health.received(event.end());
             let resync = batch
                 .apply(&mut self.state, &mut self.primary, &event)
                 .await?;
@@ -294,7 +299,7 @@ impl Capture {
         }
         self.outputs
             .health
-            .buffered(self.state.offset().0, committed.last_seq);
+            .buffered(self.state.offset(), committed.last_seq);
         self.outputs.committed.notify_waiters();
     }
 }

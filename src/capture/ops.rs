@@ -173,7 +173,7 @@ fn ack(
         key,
         uuid,
         failure,
-        offset: offset.0,
+        offset,
     }
 }
 

@@ -22,7 +22,7 @@ use super::rows::mirror_value_from_dump;
 use crate::buffer::MirrorValue;
 use crate::clock::now_ms;
 use crate::config::RedisEndpoint;
-use crate::position::ReplId;
+use crate::position::{ReplId, ReplOffset};
 use crate::redis_client::{frame_text, info_field, ClientError, RedisClient};
 use crate::replication::rdb::decode_dump_payload;
 
@@ -157,7 +157,7 @@ impl Primary {
         // Absent at that offset: a marker entry (no row) records the offset, so that the
         // stream's commands up to it are not replayed onto the absent key.
         let mut value = value.unwrap_or_else(|| MirrorValue::other(generation));
-        value.refreshed_through = offset;
+        value.refreshed_through = ReplOffset(offset);
         Ok(Some(Some(value)))
     }
 }

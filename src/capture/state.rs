@@ -66,7 +66,7 @@ impl CaptureState {
             };
             metrics::counter!("writebehind_changes_total", "mapping" => change.mapping.clone(), "operation" => operation).increment(1);
             batch.put_change(&change);
-            self.checkpoint.next_seq += 1;
+            self.checkpoint.next_seq = self.checkpoint.next_seq.next();
             self.stats.changes += 1;
         }
     }

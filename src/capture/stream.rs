@@ -22,7 +22,7 @@ use super::working_set::WorkingSet;
 use crate::ack::{parse_tag, Tag};
 use crate::buffer::{Batch, NewAck, Store, StoreError};
 use crate::clock::now_ms;
-use crate::position::{ReplOffset, StreamPosition};
+use crate::position::{ChangeSeq, ReplOffset, StreamPosition};
 use crate::replication::stream::{Command, StreamEvent};
 
 /// Units applied before a commit even if more are buffered (bounds memory and latency).
@@ -35,7 +35,7 @@ pub struct Committed {
     /// Whether acknowledgements were queued.
     pub acks_queued: bool,
     /// The seq of the last change written, when the batch wrote any.
-    pub last_seq: Option<u64>,
+    pub last_seq: Option<ChangeSeq>,
 }
 
 /// The stream events of one group commit.
@@ -258,7 +258,7 @@ impl StreamBatch {
         Ok(Committed {
             to_complete,
             acks_queued,
-            last_seq: (next > first_seq).then(|| next - 1),
+            last_seq: (next > first_seq).then(|| next.previous()).flatten(),
         })
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::buffer::{Batch, DeadLetter, MirrorKind, Store, StoreError};
 use crate::capture::mapping::Mappings;
 use crate::config::Config;
+use crate::position::ChangeSeq;
 use crate::sink::convert::Refusal;
 use crate::sink::runner::convert_row;
 use crate::sink::{Destination, RowOp, RowWrite, SchemaProblem, Sink, SinkBatch, SinkError};
@@ -17,11 +18,11 @@ use crate::sink::{Destination, RowOp, RowWrite, SchemaProblem, Sink, SinkBatch, 
 /// Which letters a command acts on.
 pub(super) enum Selection {
     All,
-    Seqs(Vec<u64>),
+    Seqs(Vec<ChangeSeq>),
 }
 
 impl Selection {
-    fn includes(&self, seq: u64) -> bool {
+    fn includes(&self, seq: ChangeSeq) -> bool {
         match self {
             Selection::All => true,
             Selection::Seqs(seqs) => seqs.contains(&seq),
@@ -202,7 +203,7 @@ async fn retry_one(
             .as_ref()
             .map(|p| p.replid.to_string())
             .unwrap_or_default(),
-        offset: checkpoint.position.map(|p| p.offset.0).unwrap_or(0),
+        offset: checkpoint.position.map(|p| p.offset).unwrap_or_default(),
     };
     let no_hook: crate::sink::BeforeCommit =
         std::sync::Arc::new(|_: &[crate::sink::Rejected]| Ok(()));

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, RedisEndpoint};
-use crate::position::{ReplId, ReplOffset, StreamPosition};
+use crate::position::{ChangeSeq, ReplId, ReplOffset, StreamPosition};
 use crate::redis_client::RedisClient;
 use crate::replication::discovery::Discovery;
 use crate::replication::ReplicatorOptions;
@@ -250,7 +250,7 @@ async fn status(path: &std::path::Path) -> ExitCode {
         }
     };
     let oldest = store
-        .changes(0, 1)
+        .changes(ChangeSeq::NONE, 1)
         .ok()
         .and_then(|c| c.first().map(|c| c.seq));
     let letters = store.dead_letters().map(|l| l.len()).unwrap_or(0);
@@ -264,7 +264,7 @@ async fn status(path: &std::path::Path) -> ExitCode {
             Ok(mut sink) => sink
                 .applied_seq()
                 .await
-                .map(serde_json::Value::from)
+                .map(|seq| serde_json::Value::from(seq.0))
                 .unwrap_or_else(|e| serde_json::Value::from(e.to_string())),
             Err(e) => serde_json::Value::from(e.to_string()),
         };
@@ -274,7 +274,7 @@ async fn status(path: &std::path::Path) -> ExitCode {
         "service": "stopped",
         "position": checkpoint.position.as_ref().map(|p| p.to_string()),
         "full_sync_in_progress": checkpoint.full_sync_in_progress,
-        "captured_seq": checkpoint.next_seq.saturating_sub(1),
+        "captured_seq": checkpoint.next_seq.previous().unwrap_or_default(),
         "oldest_unapplied_seq": oldest,
         "dead_letters": letters,
         "backends": backends,
@@ -294,7 +294,7 @@ async fn dead_letters(action: DlqAction) -> ExitCode {
             if *all {
                 dlq::Selection::All
             } else {
-                dlq::Selection::Seqs(seqs.clone())
+                dlq::Selection::Seqs(seqs.iter().copied().map(ChangeSeq).collect())
             },
         ),
     };

@@ -11,13 +11,14 @@ use super::{
     TableSchema,
 };
 use crate::capture::mapping::Mapping;
+use crate::position::ChangeSeq;
 
 /// Rows per table (by key), the checkpoint, and the failures to simulate.
 #[derive(Debug, Default)]
 pub struct MemoryDestination {
     pub tables: BTreeMap<String, BTreeMap<String, Vec<SqlValue>>>,
     /// The seq of the last applied change.
-    pub applied: u64,
+    pub applied: ChangeSeq,
     /// The next this many `apply` calls fail with a transient error.
     pub fail_next: u32,
     /// Keys whose upsert the "database" refuses.
@@ -61,7 +62,7 @@ impl Destination for MemoryDestination {
             .collect())
     }
 
-    async fn applied_seq(&mut self) -> Result<u64, SinkError> {
+    async fn applied_seq(&mut self) -> Result<ChangeSeq, SinkError> {
         Ok(self.applied)
     }
 

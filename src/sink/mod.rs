@@ -1,6 +1,8 @@
 //! Sinks: the databases the rows are written to. The contract every backend keeps is on
 //! [`Destination`]; [`Sink`] picks the backend from the URL.
 
+mod applied;
+mod coalesce;
 pub mod convert;
 mod error;
 #[cfg(test)]
@@ -15,6 +17,7 @@ use bytes::Bytes;
 
 use crate::buffer::StoreError;
 use crate::capture::mapping::Mapping;
+use crate::position::{ChangeSeq, ReplOffset};
 use convert::{ColumnType, SqlValue};
 pub use error::{SchemaProblem, SinkError, SinkErrorKind};
 
@@ -102,7 +105,7 @@ pub struct RowWrite {
     /// Index of the mapping (its table) in the sink's table list.
     pub table: usize,
     /// The seq of the last change that produced it (to dead-letter it).
-    pub seq: u64,
+    pub seq: ChangeSeq,
     pub row_id: Bytes,
     /// Delete the row first (a delete preceded the final upsert in this batch).
     pub delete_first: bool,
@@ -114,9 +117,10 @@ pub struct RowWrite {
 pub struct SinkBatch {
     pub writes: Vec<RowWrite>,
     /// The seq the checkpoint row takes when the batch commits.
-    pub last_seq: u64,
+    pub last_seq: ChangeSeq,
     pub replid: String,
-    pub offset: u64,
+    /// The stream offset after the batch's last unit (recorded with the checkpoint).
+    pub offset: ReplOffset,
 }
 
 /// Called with the refused rows of a batch just before it commits, so that they are stored
@@ -126,7 +130,7 @@ pub type BeforeCommit = std::sync::Arc<dyn Fn(&[Rejected]) -> Result<(), StoreEr
 /// A row the database refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected {
-    pub seq: u64,
+    pub seq: ChangeSeq,
     pub reason: String,
 }
 
@@ -160,7 +164,7 @@ pub trait Destination {
     ) -> Result<Vec<TableSchema>, Vec<SchemaProblem>>;
 
     /// The seq of the last applied change (0 when none).
-    async fn applied_seq(&mut self) -> Result<u64, SinkError>;
+    async fn applied_seq(&mut self) -> Result<ChangeSeq, SinkError>;
 
     /// Applies a batch in one transaction with the checkpoint; returns the refused rows.
     async fn apply(
@@ -207,7 +211,7 @@ impl Destination for Sink {
     }
 
     /// The seq of the last applied change (0 when none).
-    async fn applied_seq(&mut self) -> Result<u64, SinkError> {
+    async fn applied_seq(&mut self) -> Result<ChangeSeq, SinkError> {
         match self {
             Sink::Mysql(s) => s.applied_seq().await,
             Sink::Sqlite(s) => s.applied_seq().await,

@@ -18,6 +18,7 @@ use super::{
     SinkError, SinkErrorKind, TableSchema, CHECKPOINT_TABLE,
 };
 use crate::capture::mapping::Mapping;
+use crate::position::ChangeSeq;
 
 /// Placeholders per statement stay well under the protocol's 65,535.
 const MAX_PLACEHOLDERS: usize = 30_000;
@@ -162,8 +163,8 @@ impl MysqlSink {
             Params::Positional(vec![
                 Value::from(self.name.clone()),
                 Value::from(batch.replid.clone()),
-                Value::UInt(batch.offset),
-                Value::UInt(batch.last_seq),
+                Value::UInt(batch.offset.0),
+                Value::UInt(batch.last_seq.0),
             ]),
         )
     }
@@ -551,13 +552,13 @@ impl Destination for MysqlSink {
         }
     }
 
-    async fn applied_seq(&mut self) -> Result<u64, SinkError> {
+    async fn applied_seq(&mut self) -> Result<ChangeSeq, SinkError> {
         let mut conn = self.conn().await?;
         let seq: Option<u64> = conn
             .exec_first(format!("SELECT change_seq FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ?"), (self.name.clone(),))
             .await
             .map_err(|e| self.error(e))?;
-        Ok(seq.unwrap_or(0))
+        Ok(ChangeSeq(seq.unwrap_or(0)))
     }
 
     async fn apply(

@@ -4,79 +4,27 @@
 //! backend.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use super::convert::{convert, Refusal, SqlValue};
+pub use super::applied::AppliedPositions;
+pub use super::coalesce::convert_row;
+use super::coalesce::{coalesce, Coalesced, RefusedRow};
 use super::{
-    BeforeCommit, Destination, Rejected, RowOp, RowWrite, SchemaProblem, SinkBatch, SinkError,
-    TableSchema,
+    BeforeCommit, Destination, Rejected, RowWrite, SchemaProblem, SinkBatch, SinkError, TableSchema,
 };
 use crate::ack::Writeback;
 use crate::backoff::Backoff;
-use crate::buffer::{Batch, Change, DeadLetter, NewAck, RowChange, Store, StoreError};
+use crate::buffer::{Batch, Change, DeadLetter, NewAck, Store, StoreError};
 use crate::capture::mapping::Mapping;
 use crate::clock::now_ms;
+use crate::position::ChangeSeq;
 
 /// Most changes read for one batch (more when a unit is larger).
 pub const MAX_BATCH_CHANGES: usize = 5_000;
-
-/// Changes trimmed at once at least (or after `TRIM_EVERY`): every trim is a range tombstone
-/// that each later read of the change log must process, so trimming after every small batch
-/// makes reads slower and slower (seen at 1,000 commits per second).
-const TRIM_AT_LEAST: u64 = 10_000;
-const TRIM_EVERY: Duration = Duration::from_secs(5);
-
-/// The applied seq of every backend, so the change log is trimmed behind the slowest.
-#[derive(Debug)]
-pub struct AppliedPositions {
-    applied: Mutex<HashMap<String, u64>>,
-    backends: usize,
-    /// Trimmed through this seq, at this instant.
-    trimmed: Mutex<(u64, std::time::Instant)>,
-}
-
-impl AppliedPositions {
-    pub fn new(backends: usize) -> Self {
-        AppliedPositions {
-            applied: Mutex::new(HashMap::new()),
-            backends,
-            trimmed: Mutex::new((0, std::time::Instant::now())),
-        }
-    }
-
-    /// Records a backend's position; returns the seq every backend has passed when it is time
-    /// to trim the change log through it.
-    fn record(&self, backend: &str, seq: u64) -> Option<u64> {
-        let through = {
-            let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
-            applied.insert(backend.to_string(), seq);
-            if applied.len() < self.backends {
-                return None;
-            }
-            applied.values().copied().min().unwrap_or(0)
-        };
-        let mut trimmed = self.trimmed.lock().unwrap_or_else(|p| p.into_inner());
-        let due = through >= trimmed.0.saturating_add(TRIM_AT_LEAST)
-            || (through > trimmed.0 && trimmed.1.elapsed() >= TRIM_EVERY);
-        if !due {
-            return None;
-        }
-        *trimmed = (through, std::time::Instant::now());
-        Some(through)
-    }
-
-    pub fn get(&self, backend: &str) -> Option<u64> {
-        self.applied
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(backend)
-            .copied()
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -108,7 +56,7 @@ pub struct SinkRunner<D: Destination> {
     store: Arc<Store>,
     notify: Arc<Notify>,
     positions: Arc<AppliedPositions>,
-    applied: u64,
+    applied: ChangeSeq,
     health: Arc<crate::metrics::Health>,
     writeback: Arc<Writeback>,
     backoff: Backoff,
@@ -148,14 +96,14 @@ impl<D: Destination> SinkRunner<D> {
         if enqueued >= self.applied {
             return Ok(());
         }
-        let letters: HashMap<u64, String> = self
+        let letters: HashMap<ChangeSeq, String> = self
             .store
             .dead_letters()?
             .into_iter()
             .filter(|l| l.backend == self.name)
             .map(|l| (l.seq, l.reason))
             .collect();
-        let mut from = enqueued + 1;
+        let mut from = enqueued.next();
         loop {
             let changes = self.store.changes(from, MAX_BATCH_CHANGES)?;
             let changes: Vec<Change> = changes
@@ -163,7 +111,7 @@ impl<D: Destination> SinkRunner<D> {
                 .take_while(|c| c.seq <= self.applied)
                 .collect();
             let Some(last) = changes.last() else { break };
-            from = last.seq + 1;
+            from = last.seq.next();
             self.queue_acks(&changes, |c| letters.get(&c.seq).cloned(), last.seq)?;
         }
         Ok(())
@@ -176,7 +124,7 @@ impl<D: Destination> SinkRunner<D> {
         &self,
         changes: &[Change],
         refused: impl Fn(&Change) -> Option<String>,
-        through: u64,
+        through: ChangeSeq,
     ) -> Result<(), StoreError> {
         let acks: Vec<NewAck> = changes
             .iter()
@@ -187,7 +135,7 @@ impl<D: Destination> SinkRunner<D> {
                 key: op.key.clone(),
                 uuid: op.uuid.clone(),
                 failure: refused(change),
-                offset: change.offset.0,
+                offset: change.offset,
             })
             .collect();
         if acks.is_empty() {
@@ -237,59 +185,75 @@ impl<D: Destination> SinkRunner<D> {
         let Some(last) = changes.last() else {
             return Ok(false);
         };
-        let last_seq = last.seq;
-        let offset = last.offset.0;
+        let (last_seq, offset) = (last.seq, last.offset);
         let replid = self
             .store
             .checkpoint()?
             .position
             .map(|p| p.replid.to_string())
             .unwrap_or_default();
-        let (writes, refused) = self.build(&changes);
-        let mut letters = Vec::new();
+        let Coalesced { writes, refused } = coalesce(&self.mappings, &self.schemas, &changes);
         // Why each refused row was refused, for the acks of every change coalesced into it.
-        let mut refused_rows: HashMap<(String, Bytes), String> = HashMap::new();
-        for (seq, mapping, row_id, reason) in refused {
-            refused_rows.insert((mapping.clone(), row_id.clone()), reason.clone());
-            letters.push(DeadLetter {
-                seq,
-                backend: self.name.clone(),
-                mapping,
-                row_id,
-                reason,
-                at_ms: now_ms(),
-            });
-        }
+        let mut refused_rows: HashMap<(String, Bytes), String> = refused
+            .iter()
+            .map(|r| ((r.mapping.clone(), r.row_id.clone()), r.reason.clone()))
+            .collect();
         // Conversion refusals are stored before the batch commits: nothing is lost if we crash.
-        metrics::counter!("writebehind_dead_letters_total", "backend" => self.name.clone())
-            .increment(letters.len() as u64);
-        self.dead_letter(&letters)?;
+        self.dead_letter(refused)?;
         let batch = SinkBatch {
             writes,
             last_seq,
             replid,
             offset,
         };
-        // Rows the database refuses are dead-lettered inside the commit, before the batch
-        // counts as applied: a crash cannot lose them.
-        let index: HashMap<u64, (String, Bytes)> = batch
+        let started = std::time::Instant::now();
+        let before_commit = self.dead_letters_before_commit(&batch);
+        let rejected = self.apply_with_retry(&batch, &before_commit).await?;
+        for r in &rejected {
+            if let Some(write) = batch.writes.iter().find(|w| w.seq == r.seq) {
+                refused_rows.insert(
+                    (self.mapping_name(write), write.row_id.clone()),
+                    r.reason.clone(),
+                );
+            }
+        }
+        let refused = |c: &Change| {
+            refused_rows
+                .get(&(c.mapping.clone(), c.row_id.clone()))
+                .cloned()
+        };
+        self.queue_acks(&changes, refused, last_seq)?;
+        let backend = self.name.clone();
+        metrics::counter!("writebehind_sink_batches_total", "backend" => backend.clone())
+            .increment(1);
+        metrics::histogram!("writebehind_sink_batch_rows", "backend" => backend.clone())
+            .record(batch.writes.len() as f64);
+        metrics::histogram!("writebehind_sink_commit_seconds", "backend" => backend)
+            .record(started.elapsed().as_secs_f64());
+        self.health.backend(&self.name, true, None);
+        self.health.applied(&self.name, last_seq, offset);
+        self.applied = last_seq;
+        self.report()?;
+        Ok(true)
+    }
+
+    fn mapping_name(&self, write: &RowWrite) -> String {
+        self.mappings
+            .get(write.table)
+            .map(|m| m.name.clone())
+            .unwrap_or_default()
+    }
+
+    /// Rows the database refuses are dead-lettered inside the commit, before the batch counts
+    /// as applied: a crash cannot lose them.
+    fn dead_letters_before_commit(&self, batch: &SinkBatch) -> BeforeCommit {
+        let index: HashMap<ChangeSeq, (String, Bytes)> = batch
             .writes
             .iter()
-            .map(|w| {
-                (
-                    w.seq,
-                    (
-                        self.mappings
-                            .get(w.table)
-                            .map(|m| m.name.clone())
-                            .unwrap_or_default(),
-                        w.row_id.clone(),
-                    ),
-                )
-            })
+            .map(|w| (w.seq, (self.mapping_name(w), w.row_id.clone())))
             .collect();
         let (store, backend) = (self.store.clone(), self.name.clone());
-        let before_commit: BeforeCommit = Arc::new(move |rejected: &[Rejected]| {
+        Arc::new(move |rejected: &[Rejected]| {
             let mut letters = Batch::default();
             for r in rejected {
                 let (mapping, row_id) = index.get(&r.seq).cloned().unwrap_or_default();
@@ -309,39 +273,7 @@ impl<D: Destination> SinkRunner<D> {
             metrics::counter!("writebehind_dead_letters_total", "backend" => backend.clone())
                 .increment(rejected.len() as u64);
             store.write(letters, true)
-        });
-        let started = std::time::Instant::now();
-        let rejected = self.apply_with_retry(&batch, &before_commit).await?;
-        for r in &rejected {
-            if let Some(write) = batch.writes.iter().find(|w| w.seq == r.seq) {
-                let mapping = self
-                    .mappings
-                    .get(write.table)
-                    .map(|m| m.name.clone())
-                    .unwrap_or_default();
-                refused_rows.insert((mapping, write.row_id.clone()), r.reason.clone());
-            }
-        }
-        self.queue_acks(
-            &changes,
-            |c| {
-                refused_rows
-                    .get(&(c.mapping.clone(), c.row_id.clone()))
-                    .cloned()
-            },
-            last_seq,
-        )?;
-        metrics::counter!("writebehind_sink_batches_total", "backend" => self.name.clone())
-            .increment(1);
-        metrics::histogram!("writebehind_sink_batch_rows", "backend" => self.name.clone())
-            .record(batch.writes.len() as f64);
-        metrics::histogram!("writebehind_sink_commit_seconds", "backend" => self.name.clone())
-            .record(started.elapsed().as_secs_f64());
-        self.health.backend(&self.name, true, None);
-        self.health.applied(&self.name, last_seq, offset);
-        self.applied = last_seq;
-        self.report()?;
-        Ok(true)
+        })
     }
 
     fn report(&self) -> Result<(), StoreError> {
@@ -351,13 +283,23 @@ impl<D: Destination> SinkRunner<D> {
         Ok(())
     }
 
-    fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
-        if letters.is_empty() {
+    /// Stores rows refused before reaching the database, synced.
+    fn dead_letter(&self, refused: Vec<RefusedRow>) -> Result<(), StoreError> {
+        metrics::counter!("writebehind_dead_letters_total", "backend" => self.name.clone())
+            .increment(refused.len() as u64);
+        if refused.is_empty() {
             return Ok(());
         }
         let mut batch = Batch::default();
-        for letter in letters {
-            batch.put_dead_letter(letter);
+        for row in refused {
+            batch.put_dead_letter(&DeadLetter {
+                seq: row.seq,
+                backend: self.name.clone(),
+                mapping: row.mapping,
+                row_id: row.row_id,
+                reason: row.reason,
+                at_ms: now_ms(),
+            });
         }
         self.store.write(batch, true)
     }
@@ -387,7 +329,7 @@ impl<D: Destination> SinkRunner<D> {
                     // checkpoint row says the batch is in, it must not be applied again.
                     match self.sink.applied_seq().await {
                         Ok(applied) if applied >= batch.last_seq => {
-                            tracing::info!(backend = %self.name, seq = batch.last_seq, "the batch had committed before the connection failed");
+                            tracing::info!(backend = %self.name, seq = %batch.last_seq, "the batch had committed before the connection failed");
                             self.backoff.reset();
                             return Ok(Vec::new());
                         }
@@ -401,9 +343,9 @@ impl<D: Destination> SinkRunner<D> {
 
     /// Changes after the applied seq: at most about `MAX_BATCH_CHANGES`, ending on a unit end.
     fn read_units(&self) -> Result<Vec<Change>, StoreError> {
-        let mut changes = self.store.changes(self.applied + 1, MAX_BATCH_CHANGES)?;
+        let mut changes = self.store.changes(self.applied.next(), MAX_BATCH_CHANGES)?;
         while changes.last().is_some_and(|c| !c.unit_end) {
-            let from = changes.last().map(|c| c.seq + 1).unwrap_or(0);
+            let from = changes.last().map(|c| c.seq.next()).unwrap_or_default();
             let more = self.store.changes(from, MAX_BATCH_CHANGES)?;
             if more.is_empty() {
                 // The rest of the unit is not written yet (it is, atomically, so this is a
@@ -417,100 +359,6 @@ impl<D: Destination> SinkRunner<D> {
         }
         Ok(changes)
     }
-
-    /// Coalesces the changes of this backend per row and converts them. Returns the writes and
-    /// the refused ones (seq, mapping, row id, reason).
-    #[allow(clippy::type_complexity)]
-    fn build(&self, changes: &[Change]) -> (Vec<RowWrite>, Vec<(u64, String, Bytes, String)>) {
-        let mut order: Vec<(usize, Bytes)> = Vec::new();
-        let mut rows: HashMap<(usize, Bytes), (bool, &Change)> = HashMap::new();
-        for change in changes {
-            let Some(table) = self.mappings.iter().position(|m| m.name == change.mapping) else {
-                continue;
-            };
-            let key = (table, change.row_id.clone());
-            match rows.get_mut(&key) {
-                Some((deleted, last)) => {
-                    *deleted |= matches!(last.row, RowChange::Delete);
-                    *last = change;
-                }
-                None => {
-                    order.push(key.clone());
-                    rows.insert(key, (false, change));
-                }
-            }
-        }
-        let mut writes = Vec::new();
-        let mut refused = Vec::new();
-        for key in order {
-            let Some((deleted, change)) = rows.get(&key) else {
-                continue;
-            };
-            let (table, row_id) = key;
-            let (Some(schema), Some(mapping)) = (self.schemas.get(table), self.mappings.get(table))
-            else {
-                continue;
-            };
-            let id = match convert(
-                &schema.key_column.kind,
-                &schema.key_column.name,
-                Some(&row_id),
-            ) {
-                Ok(id) => id,
-                Err(reason) => {
-                    refused.push((
-                        change.seq,
-                        mapping.name.clone(),
-                        row_id,
-                        format!("key {reason}"),
-                    ));
-                    continue;
-                }
-            };
-            let op = match &change.row {
-                RowChange::Delete => RowOp::Delete { id },
-                RowChange::Upsert { columns } => match convert_row(schema, columns) {
-                    Ok(values) => RowOp::Upsert { id, values },
-                    Err(reason) => {
-                        refused.push((change.seq, mapping.name.clone(), row_id, reason.0));
-                        continue;
-                    }
-                },
-            };
-            writes.push(RowWrite {
-                table,
-                seq: change.seq,
-                row_id,
-                delete_first: *deleted && matches!(op, RowOp::Upsert { .. }),
-                op,
-            });
-        }
-        (writes, refused)
-    }
-}
-
-/// Converts a row image to the schema's columns, checking required ones.
-pub fn convert_row(
-    schema: &TableSchema,
-    columns: &[(String, Option<Bytes>)],
-) -> Result<Vec<SqlValue>, Refusal> {
-    schema
-        .columns
-        .iter()
-        .map(|column| {
-            let value = columns
-                .iter()
-                .find(|(name, _)| *name == column.name)
-                .and_then(|(_, v)| v.as_deref());
-            if value.is_none() && schema.required.contains(&column.name) {
-                return Err(Refusal(format!(
-                    "required column `{}` is absent",
-                    column.name
-                )));
-            }
-            convert(&column.kind, &column.name, value)
-        })
-        .collect()
 }
 
 /// Whether `stop` has already resolved (without waiting).
@@ -527,14 +375,14 @@ async fn futures_ready(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::HashOp;
+    use crate::buffer::{HashOp, RowChange};
     use crate::position::ReplOffset;
     use crate::sink::memory::MemoryDestination;
 
     fn change(seq: u64, uuid: Option<&str>) -> Change {
         Change {
-            seq,
-            unit: seq,
+            seq: ChangeSeq(seq),
+            unit: ChangeSeq(seq),
             unit_end: true,
             offset: ReplOffset(100 + seq),
             mapping: "P".into(),
@@ -586,7 +434,7 @@ mod tests {
         };
         let mut runner = start().await.expect("runner");
         // As if the database had committed through seq 3 and the process died right after.
-        runner.applied = 3;
+        runner.applied = ChangeSeq(3);
         runner.catch_up_acks().expect("catch up");
         let acks = store.acks(0, 10).expect("acks");
         assert_eq!(acks.len(), 1);
@@ -598,7 +446,7 @@ mod tests {
             ),
             (&b"p:2"[..], &b"u2"[..], &None)
         );
-        assert_eq!(store.acks_enqueued("db").expect("mark"), 3);
+        assert_eq!(store.acks_enqueued("db").expect("mark"), ChangeSeq(3));
         runner.catch_up_acks().expect("again");
         assert_eq!(store.acks(0, 10).expect("acks").len(), 1, "queued once");
     }

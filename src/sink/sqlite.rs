@@ -15,6 +15,7 @@ use super::{
     SinkError, SinkErrorKind, TableSchema, CHECKPOINT_TABLE,
 };
 use crate::capture::mapping::Mapping;
+use crate::position::ChangeSeq;
 
 pub struct SqliteSink {
     name: String,
@@ -242,7 +243,7 @@ fn apply_blocking(
             "INSERT INTO {CHECKPOINT_TABLE} (source, backend, replid, repl_offset, change_seq, updated_at) VALUES ('writebehind', ?1, ?2, ?3, ?4, datetime('now')) \
              ON CONFLICT(source, backend) DO UPDATE SET replid = excluded.replid, repl_offset = excluded.repl_offset, change_seq = excluded.change_seq, updated_at = excluded.updated_at"
         ),
-        rusqlite::params![name, batch.replid, batch.offset as i64, batch.last_seq as i64],
+        rusqlite::params![name, batch.replid, batch.offset.0 as i64, batch.last_seq.0 as i64],
     )
     .map_err(fail)?;
     before_commit(&rejected).map_err(|e| {
@@ -311,7 +312,7 @@ impl Destination for SqliteSink {
         result.map_err(|e| vec![e.into()])?
     }
 
-    async fn applied_seq(&mut self) -> Result<u64, SinkError> {
+    async fn applied_seq(&mut self) -> Result<ChangeSeq, SinkError> {
         let name = self.name.clone();
         self.blocking(move |connection| {
             connection
@@ -321,7 +322,7 @@ impl Destination for SqliteSink {
                     |row| row.get::<_, i64>(0),
                 )
                 .optional()
-                .map(|seq| seq.unwrap_or(0).max(0) as u64)
+                .map(|seq| ChangeSeq(seq.unwrap_or(0).max(0) as u64))
                 .map_err(|e| SinkError::fatal(format!("backend `{name}`: cannot read {CHECKPOINT_TABLE}: {e}")).caused_by(e))
         })
         .await?

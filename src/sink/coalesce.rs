@@ -1,0 +1,120 @@
+//! From changes to row writes: the changes of one batch are reduced to each row's final state
+//! (keeping a delete that precedes the final upsert, see [`super::Destination`]) and converted
+//! by column type. A row whose values cannot be written is refused here, with its reason, the
+//! same way for every backend.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use super::convert::{convert, Refusal, SqlValue};
+use super::{RowOp, RowWrite, TableSchema};
+use crate::buffer::{Change, RowChange};
+use crate::capture::mapping::Mapping;
+use crate::position::ChangeSeq;
+
+/// A row refused before it reached the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedRow {
+    /// The seq of the last change coalesced into the row.
+    pub seq: ChangeSeq,
+    pub mapping: String,
+    pub row_id: Bytes,
+    pub reason: String,
+}
+
+/// The writes of a batch and the rows refused on the way.
+#[derive(Debug, Default)]
+pub struct Coalesced {
+    pub writes: Vec<RowWrite>,
+    pub refused: Vec<RefusedRow>,
+}
+
+/// Coalesces `changes` per row and converts them for `schemas` (one per mapping, same order);
+/// changes of other mappings are skipped.
+pub fn coalesce(mappings: &[Mapping], schemas: &[TableSchema], changes: &[Change]) -> Coalesced {
+    let mut order: Vec<(usize, Bytes)> = Vec::new();
+    let mut rows: HashMap<(usize, Bytes), (bool, &Change)> = HashMap::new();
+    for change in changes {
+        let Some(table) = mappings.iter().position(|m| m.name == change.mapping) else {
+            continue;
+        };
+        let key = (table, change.row_id.clone());
+        match rows.get_mut(&key) {
+            Some((deleted, last)) => {
+                *deleted |= matches!(last.row, RowChange::Delete);
+                *last = change;
+            }
+            None => {
+                order.push(key.clone());
+                rows.insert(key, (false, change));
+            }
+        }
+    }
+    let mut out = Coalesced::default();
+    for key in order {
+        let Some((deleted, change)) = rows.get(&key) else {
+            continue;
+        };
+        let (table, row_id) = key;
+        let (Some(schema), Some(mapping)) = (schemas.get(table), mappings.get(table)) else {
+            continue;
+        };
+        let refuse = |reason: String| RefusedRow {
+            seq: change.seq,
+            mapping: mapping.name.clone(),
+            row_id: row_id.clone(),
+            reason,
+        };
+        let key_column = &schema.key_column;
+        let id = match convert(&key_column.kind, &key_column.name, Some(&row_id)) {
+            Ok(id) => id,
+            Err(reason) => {
+                out.refused.push(refuse(format!("key {reason}")));
+                continue;
+            }
+        };
+        let op = match &change.row {
+            RowChange::Delete => RowOp::Delete { id },
+            RowChange::Upsert { columns } => match convert_row(schema, columns) {
+                Ok(values) => RowOp::Upsert { id, values },
+                Err(reason) => {
+                    out.refused.push(refuse(reason.0));
+                    continue;
+                }
+            },
+        };
+        out.writes.push(RowWrite {
+            table,
+            seq: change.seq,
+            row_id,
+            delete_first: *deleted && matches!(op, RowOp::Upsert { .. }),
+            op,
+        });
+    }
+    out
+}
+
+/// Converts a row image to the schema's columns, checking required ones.
+pub fn convert_row(
+    schema: &TableSchema,
+    columns: &[(String, Option<Bytes>)],
+) -> Result<Vec<SqlValue>, Refusal> {
+    schema
+        .columns
+        .iter()
+        .map(|column| {
+            let value = columns
+                .iter()
+                .find(|(name, _)| *name == column.name)
+                .and_then(|(_, v)| v.as_deref());
+            if value.is_none() && schema.required.contains(&column.name) {
+                return Err(Refusal(format!(
+                    "required column `{}` is absent",
+                    column.name
+                )));
+            }
+            convert(&column.kind, &column.name, value)
+        })
+        .collect()
+}
