@@ -372,6 +372,18 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigErrors> {
         let mut problems = Vec::new();
+        self.validate_source(&mut problems);
+        self.validate_sections(&mut problems);
+        self.validate_mappings(&mut problems);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(problems))
+        }
+    }
+
+    /// `[source]`: exactly one way to find the primary, every address parseable.
+    fn validate_source(&self, problems: &mut Vec<String>) {
         let source = &self.source;
         let given = [
             source.url.is_some(),
@@ -408,6 +420,10 @@ impl Config {
         if source.sentinels.is_none() && source.master_name.is_some() {
             problems.push("[source]: `master_name` is only used with `sentinels`".to_string());
         }
+    }
+
+    /// `[buffer]`, `[replication]` and `[backends.*]`.
+    fn validate_sections(&self, problems: &mut Vec<String>) {
         if self.buffer.path.as_os_str().is_empty() {
             problems.push("[buffer] path: must not be empty".to_string());
         }
@@ -426,6 +442,10 @@ impl Config {
                 ));
             }
         }
+    }
+
+    /// Every mapping on its own, and no two watching the same keys.
+    fn validate_mappings(&self, problems: &mut Vec<String>) {
         let mut names = HashSet::new();
         let mut watched: HashMap<u32, Vec<(String, String)>> = HashMap::new();
         for (i, m) in self.mappings.iter().enumerate() {
@@ -439,50 +459,7 @@ impl Config {
             } else if !names.insert(m.name.clone()) {
                 problems.push(format!("{label}: the name is used by another mapping"));
             }
-            if m.prefix.is_empty() {
-                problems.push(format!("{label}: `prefix` must not be empty"));
-            }
-            if m.separator.is_empty() {
-                problems.push(format!("{label}: `separator` must not be empty"));
-            }
-            if !self.backends.contains_key(&m.backend) {
-                let known: Vec<&str> = self.backends.keys().map(String::as_str).collect();
-                problems.push(format!(
-                    "{label}: backend `{}` is not defined (defined: {})",
-                    m.backend,
-                    list_or_none(&known)
-                ));
-            }
-            if m.table.is_empty() {
-                problems.push(format!("{label}: `table` must not be empty"));
-            }
-            if m.key_column.is_empty() {
-                problems.push(format!("{label}: `key_column` must not be empty"));
-            }
-            if m.columns.is_empty() {
-                problems.push(format!(
-                    "{label}: [mappings.columns] maps no hash field to a column"
-                ));
-            }
-            let mut columns = HashSet::new();
-            for (field, column) in &m.columns {
-                if column.is_empty() {
-                    problems.push(format!(
-                        "{label}: field `{field}` maps to an empty column name"
-                    ));
-                } else if !columns.insert(column.as_str()) {
-                    problems.push(format!(
-                        "{label}: column `{column}` is the target of more than one field"
-                    ));
-                }
-            }
-            for column in &m.required {
-                if !columns.contains(column.as_str()) {
-                    problems.push(format!(
-                        "{label}: required column `{column}` is not a target in [mappings.columns]"
-                    ));
-                }
-            }
+            self.validate_mapping(m, &label, problems);
             let prefix = m.key_prefix();
             for (other_name, other_prefix) in watched.get(&m.db).into_iter().flatten() {
                 if prefix.starts_with(other_prefix.as_str())
@@ -499,10 +476,53 @@ impl Config {
                 .or_default()
                 .push((m.name.clone(), prefix));
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(problems))
+    }
+
+    /// One mapping's own fields.
+    fn validate_mapping(&self, m: &MappingConfig, label: &str, problems: &mut Vec<String>) {
+        if m.prefix.is_empty() {
+            problems.push(format!("{label}: `prefix` must not be empty"));
+        }
+        if m.separator.is_empty() {
+            problems.push(format!("{label}: `separator` must not be empty"));
+        }
+        if !self.backends.contains_key(&m.backend) {
+            let known: Vec<&str> = self.backends.keys().map(String::as_str).collect();
+            problems.push(format!(
+                "{label}: backend `{}` is not defined (defined: {})",
+                m.backend,
+                list_or_none(&known)
+            ));
+        }
+        if m.table.is_empty() {
+            problems.push(format!("{label}: `table` must not be empty"));
+        }
+        if m.key_column.is_empty() {
+            problems.push(format!("{label}: `key_column` must not be empty"));
+        }
+        if m.columns.is_empty() {
+            problems.push(format!(
+                "{label}: [mappings.columns] maps no hash field to a column"
+            ));
+        }
+        let mut columns = HashSet::new();
+        for (field, column) in &m.columns {
+            if column.is_empty() {
+                problems.push(format!(
+                    "{label}: field `{field}` maps to an empty column name"
+                ));
+            } else if !columns.insert(column.as_str()) {
+                problems.push(format!(
+                    "{label}: column `{column}` is the target of more than one field"
+                ));
+            }
+        }
+        for column in &m.required {
+            if !columns.contains(column.as_str()) {
+                problems.push(format!(
+                    "{label}: required column `{column}` is not a target in [mappings.columns]"
+                ));
+            }
         }
     }
 }

@@ -556,6 +556,79 @@ async fn wait_returns_once_the_change_is_in_the_buffer() {
     running.stop().await;
 }
 
+/// Keys and fields named like command options (`db`, `replace`, `fields`) are keys and fields:
+/// every command is parsed once, the same way for the mirror and for the raw state of a key with
+/// a pending `#` op, so both end equal to Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_fields_named_like_options_are_followed_exactly() {
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let mappings = mappings(&server, "keep");
+    let running = start_capture(&server, store.clone(), mappings.clone());
+    caught_up(&store, &mut client).await;
+    let commands: &[&[&str]] = &[
+        &["HSET", "db", "last_name", "D"],
+        &["HSET", "replace", "first_name", "R"],
+        &["HSET", "fields", "age", "3"],
+        &[
+            "HSET",
+            "person2:db",
+            "db",
+            "1",
+            "replace",
+            "2",
+            "fields",
+            "3",
+            "first_name",
+            "X",
+        ],
+        // A pending `+` op: Redis keeps the `#` field until the op is completed (no write-back
+        // task runs here), so the key's raw state is tracked.
+        &["HSET", "person2:op", "first_name", "P", "#", "+"],
+        &["COPY", "db", "person2:a", "DB", "0"],
+        &["COPY", "replace", "person2:b"],
+        &["COPY", "person2:db", "car:db", "DB", "1", "REPLACE"],
+        &["COPY", "fields", "person2:replace", "DB", "0", "REPLACE"],
+        &["COPY", "replace", "person2:op", "DB", "0", "REPLACE"],
+        &["COPY", "db", "person2:fields", "REPLACE"],
+        &["MOVE", "db", "1"],
+        &["RENAME", "fields", "person2:fields"],
+        &["HDEL", "person2:db", "db", "fields"],
+    ];
+    for command in commands {
+        client
+            .command(command)
+            .await
+            .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    }
+    caught_up(&store, &mut client).await;
+    let capture = running.stop().await;
+    assert_eq!(
+        capture.stats().full_syncs,
+        1,
+        "no command was misread into a full resynchronisation"
+    );
+    let redis = redis_hashes(&mut client, &mappings).await;
+    assert_eq!(
+        redis.len(),
+        7,
+        "person2:{{db,op,a,b,replace,fields}} and car:db: {redis:?}"
+    );
+    assert_eq!(mirror_hashes(&store), redis, "mirror vs Redis");
+    assert_eq!(
+        store.raw(0, b"person2:op").expect("raw"),
+        None,
+        "the copy replaced the key with its pending op: nothing is left to complete"
+    );
+    assert_eq!(
+        replay(&store),
+        projection(&redis, &mappings),
+        "change log replay vs Redis"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_full_resync_reconciles_exactly() {
     let server = RedisServer::start(&["--repl-backlog-size", "16384"]);

@@ -93,124 +93,10 @@ impl Link {
             address: address.clone(),
             timeout: options.timeout,
         };
-
-        // PING first: a primary that wants AUTH answers -NOAUTH, which is fine here.
-        handshake.send(&mut write_half, &[&b"PING"[..]]).await?;
-        let pong = handshake.read_line().await?;
-        if pong.starts_with('-')
-            && !(pong.starts_with("-NOAUTH")
-                || pong.starts_with("-NOPERM")
-                || pong.contains("operation not permitted"))
-        {
-            return Err(LinkError::Refused {
-                address,
-                message: format!("PING answered `{pong}`"),
-            });
-        }
-        if let Some(password) = &endpoint.password {
-            let mut args: Vec<&[u8]> = vec![b"AUTH"];
-            if let Some(user) = &endpoint.username {
-                args.push(user.as_bytes());
-            }
-            args.push(password.as_bytes());
-            handshake.send(&mut write_half, &args).await?;
-            let reply = handshake.read_line().await?;
-            if reply.starts_with('-') {
-                return Err(LinkError::Fatal {
-                    address,
-                    message: format!("authentication failed ({reply}); check the user and password in the source URL"),
-                });
-            }
-        }
-        // Both REPLCONFs are advisory: a primary that refuses them still serves PSYNC.
-        let port = options.announce_port.to_string();
         handshake
-            .send(
-                &mut write_half,
-                &[&b"REPLCONF"[..], b"listening-port", port.as_bytes()],
-            )
+            .greet(&mut write_half, endpoint, options.announce_port)
             .await?;
-        let reply = handshake.read_line().await?;
-        if reply.starts_with('-') {
-            tracing::debug!(%address, %reply, "REPLCONF listening-port refused");
-        }
-        handshake
-            .send(
-                &mut write_half,
-                &[&b"REPLCONF"[..], b"capa", b"eof", b"capa", b"psync2"],
-            )
-            .await?;
-        let reply = handshake.read_line().await?;
-        if reply.starts_with('-') {
-            tracing::debug!(%address, %reply, "REPLCONF capa refused");
-        }
-
-        let (psync_id, psync_offset) = match resume {
-            Some(p) => (
-                p.replid.as_str().to_string(),
-                p.offset.next_byte().to_string(),
-            ),
-            None => ("?".to_string(), "-1".to_string()),
-        };
-        handshake
-            .send(
-                &mut write_half,
-                &[&b"PSYNC"[..], psync_id.as_bytes(), psync_offset.as_bytes()],
-            )
-            .await?;
-        let reply = handshake.read_line().await?;
-        let mut words = reply.split_ascii_whitespace();
-        let (phase, first_event) = match words.next() {
-            Some("+FULLRESYNC") => {
-                let replid = words.next().and_then(ReplId::parse);
-                let offset = words.next().and_then(|o| o.parse::<u64>().ok());
-                let (Some(replid), Some(offset)) = (replid, offset) else {
-                    return Err(LinkError::Protocol { address, message: format!("malformed PSYNC reply `{reply}`") });
-                };
-                let offset = ReplOffset(offset);
-                let header = handshake.read_line().await?;
-                let framing = if let Some(mark) = header.strip_prefix("$EOF:") {
-                    if mark.len() != EOF_MARK_LEN {
-                        return Err(LinkError::Protocol { address, message: format!("snapshot header `{header}` has a bad EOF mark") });
-                    }
-                    SnapshotFraming::EofMark(mark.as_bytes().to_vec())
-                } else if let Some(len) = header.strip_prefix('$').and_then(|l| l.parse::<u64>().ok()) {
-                    SnapshotFraming::Length(len)
-                } else {
-                    return Err(LinkError::Protocol { address, message: format!("expected the snapshot header, got `{header}`") });
-                };
-                durable.restart_at(ReplOffset(0));
-                let event = ReplicationEvent::FullSyncStarted { replid: replid.clone(), offset, framing: framing.describe() };
-                (Phase::Snapshot { decoder: RdbDecoder::new(), framing, replid, offset, stream_db: 0 }, event)
-            }
-            Some("+CONTINUE") => {
-                let Some(resume) = resume else {
-                    return Err(LinkError::Protocol { address, message: "+CONTINUE to a PSYNC ? -1".into() });
-                };
-                let replid = match words.next() {
-                    Some(id) => ReplId::parse(id)
-                        .ok_or_else(|| LinkError::Protocol { address: address.clone(), message: format!("malformed PSYNC reply `{reply}`") })?,
-                    None => resume.replid.clone(),
-                };
-                let previous_replid = (replid != resume.replid).then(|| resume.replid.clone());
-                durable.restart_at(resume.offset);
-                let position = StreamPosition { replid: replid.clone(), offset: resume.offset, db: resume.db };
-                let event = ReplicationEvent::Continued { position, previous_replid };
-                (Phase::Streaming { replid, stream: CommandStream::new(resume.offset, resume.db) }, event)
-            }
-            _ if reply.starts_with("-LOADING") || reply.starts_with("-NOMASTERLINK") => {
-                return Err(LinkError::NotReady { address, message: reply });
-            }
-            _ => {
-                return Err(LinkError::Fatal {
-                    address,
-                    message: format!(
-                        "PSYNC refused: `{reply}`; writebehind needs PSYNC (never SYNC): grant the user +psync +replconf +ping"
-                    ),
-                })
-            }
-        };
-
+        let (phase, first_event) = handshake.psync(&mut write_half, resume, &durable).await?;
         let snapshot_in_progress =
             Arc::new(AtomicBool::new(matches!(phase, Phase::Snapshot { .. })));
         let (writer, writer_rx) = mpsc::unbounded_channel();
@@ -379,6 +265,172 @@ struct Socket {
 }
 
 impl Socket {
+    /// `PING` (a primary that wants AUTH answers -NOAUTH, which is fine here), `AUTH` when the
+    /// endpoint has a password, then the two advisory `REPLCONF`s (a primary that refuses them
+    /// still serves PSYNC).
+    async fn greet(
+        &mut self,
+        writer: &mut OwnedWriteHalf,
+        endpoint: &crate::config::RedisEndpoint,
+        announce_port: u16,
+    ) -> Result<(), LinkError> {
+        let address = self.address.clone();
+        self.send(writer, &[&b"PING"[..]]).await?;
+        let pong = self.read_line().await?;
+        if pong.starts_with('-')
+            && !(pong.starts_with("-NOAUTH")
+                || pong.starts_with("-NOPERM")
+                || pong.contains("operation not permitted"))
+        {
+            return Err(LinkError::Refused {
+                address,
+                message: format!("PING answered `{pong}`"),
+            });
+        }
+        if let Some(password) = &endpoint.password {
+            let mut args: Vec<&[u8]> = vec![b"AUTH"];
+            if let Some(user) = &endpoint.username {
+                args.push(user.as_bytes());
+            }
+            args.push(password.as_bytes());
+            self.send(writer, &args).await?;
+            let reply = self.read_line().await?;
+            if reply.starts_with('-') {
+                return Err(LinkError::Fatal {
+                    address,
+                    message: format!("authentication failed ({reply}); check the user and password in the source URL"),
+                });
+            }
+        }
+        let port = announce_port.to_string();
+        for args in [
+            &[&b"REPLCONF"[..], b"listening-port", port.as_bytes()][..],
+            &[&b"REPLCONF"[..], b"capa", b"eof", b"capa", b"psync2"],
+        ] {
+            self.send(writer, args).await?;
+            let reply = self.read_line().await?;
+            if reply.starts_with('-') {
+                tracing::debug!(%address, %reply, command = %String::from_utf8_lossy(args[1]), "REPLCONF refused");
+            }
+        }
+        Ok(())
+    }
+
+    /// `PSYNC <replid> <offset + 1>` after `resume`, or `PSYNC ? -1`; the phase the reply
+    /// starts and the event that says so.
+    async fn psync(
+        &mut self,
+        writer: &mut OwnedWriteHalf,
+        resume: Option<&StreamPosition>,
+        durable: &DurableOffset,
+    ) -> Result<(Phase, ReplicationEvent), LinkError> {
+        let address = self.address.clone();
+        let (psync_id, psync_offset) = match resume {
+            Some(p) => (
+                p.replid.as_str().to_string(),
+                p.offset.next_byte().to_string(),
+            ),
+            None => ("?".to_string(), "-1".to_string()),
+        };
+        self.send(
+            writer,
+            &[&b"PSYNC"[..], psync_id.as_bytes(), psync_offset.as_bytes()],
+        )
+        .await?;
+        let reply = self.read_line().await?;
+        let malformed = || LinkError::Protocol {
+            address: address.clone(),
+            message: format!("malformed PSYNC reply `{reply}`"),
+        };
+        let mut words = reply.split_ascii_whitespace();
+        match (words.next(), resume) {
+            (Some("+FULLRESYNC"), _) => {
+                let replid = words.next().and_then(ReplId::parse).ok_or_else(malformed)?;
+                let offset = words
+                    .next()
+                    .and_then(|o| o.parse::<u64>().ok())
+                    .ok_or_else(malformed)?;
+                durable.restart_at(ReplOffset(0));
+                self.snapshot_header(replid, ReplOffset(offset)).await
+            }
+            (Some("+CONTINUE"), Some(resume)) => {
+                let replid = match words.next() {
+                    Some(id) => ReplId::parse(id).ok_or_else(malformed)?,
+                    None => resume.replid.clone(),
+                };
+                let previous_replid = (replid != resume.replid).then(|| resume.replid.clone());
+                durable.restart_at(resume.offset);
+                let position = StreamPosition {
+                    replid: replid.clone(),
+                    offset: resume.offset,
+                    db: resume.db,
+                };
+                let event = ReplicationEvent::Continued {
+                    position,
+                    previous_replid,
+                };
+                let stream = CommandStream::new(resume.offset, resume.db);
+                Ok((Phase::Streaming { replid, stream }, event))
+            }
+            (Some("+CONTINUE"), None) => Err(LinkError::Protocol {
+                address,
+                message: "+CONTINUE to a PSYNC ? -1".into(),
+            }),
+            _ if reply.starts_with("-LOADING") || reply.starts_with("-NOMASTERLINK") => {
+                Err(LinkError::NotReady {
+                    address,
+                    message: reply,
+                })
+            }
+            _ => Err(LinkError::Fatal {
+                address,
+                message: format!(
+                    "PSYNC refused: `{reply}`; writebehind needs PSYNC (never SYNC): grant the user +psync +replconf +ping"
+                ),
+            }),
+        }
+    }
+
+    /// After `+FULLRESYNC`: the snapshot's framing (`$<len>` or `$EOF:<mark>`).
+    async fn snapshot_header(
+        &mut self,
+        replid: ReplId,
+        offset: ReplOffset,
+    ) -> Result<(Phase, ReplicationEvent), LinkError> {
+        let header = self.read_line().await?;
+        let protocol = |message: String| LinkError::Protocol {
+            address: self.address.clone(),
+            message,
+        };
+        let framing = if let Some(mark) = header.strip_prefix("$EOF:") {
+            if mark.len() != EOF_MARK_LEN {
+                return Err(protocol(format!(
+                    "snapshot header `{header}` has a bad EOF mark"
+                )));
+            }
+            SnapshotFraming::EofMark(mark.as_bytes().to_vec())
+        } else if let Some(len) = header.strip_prefix('$').and_then(|l| l.parse::<u64>().ok()) {
+            SnapshotFraming::Length(len)
+        } else {
+            return Err(protocol(format!(
+                "expected the snapshot header, got `{header}`"
+            )));
+        };
+        let event = ReplicationEvent::FullSyncStarted {
+            replid: replid.clone(),
+            offset,
+            framing: framing.describe(),
+        };
+        let phase = Phase::Snapshot {
+            decoder: RdbDecoder::new(),
+            framing,
+            replid,
+            offset,
+            stream_db: 0,
+        };
+        Ok((phase, event))
+    }
+
     async fn fill(&mut self) -> Result<(), LinkError> {
         // Grow reads with the buffer so that a large frame arrives in few reads.
         self.input.reserve(READ_CHUNK.max(self.input.len()));

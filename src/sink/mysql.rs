@@ -452,22 +452,7 @@ impl Destination for MysqlSink {
         let mut schemas = Vec::new();
         for mapping in mappings {
             if mapping.create_table {
-                let mut columns = vec![format!(
-                    "{} VARCHAR(255) NOT NULL PRIMARY KEY",
-                    q(&mapping.key_column)
-                )];
-                columns.extend(
-                    mapping
-                        .columns
-                        .iter()
-                        .map(|(_, c)| format!("{} TEXT", q(c))),
-                );
-                let sql = format!(
-                    "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE=InnoDB",
-                    q(&mapping.table),
-                    columns.join(", ")
-                );
-                if let Err(e) = conn.query_drop(sql).await {
+                if let Err(e) = create_table(&mut conn, mapping).await {
                     problems.push(SchemaProblem::CannotCreate {
                         mapping: mapping.name.clone(),
                         table: mapping.table.clone(),
@@ -519,27 +504,7 @@ impl Destination for MysqlSink {
                 .collect();
             match TableSchema::build(mapping, &found) {
                 Ok(schema) => {
-                    // Grants: statements that touch no row, refused all the same without the
-                    // privilege (error 1142).
-                    let (table, key) = (q(&schema.table), q(&schema.key_column.name));
-                    let mut columns = vec![key.clone()];
-                    columns.extend(schema.columns.iter().map(|c| q(&c.name)));
-                    let columns = columns.join(", ");
-                    for (privilege, sql) in [
-                        ("SELECT and INSERT", format!("INSERT INTO {table} ({columns}) SELECT {columns} FROM {table} WHERE 1 = 0")),
-                        ("UPDATE", format!("UPDATE {table} SET {key} = {key} WHERE 1 = 0")),
-                        ("DELETE", format!("DELETE FROM {table} WHERE 1 = 0")),
-                    ] {
-                        match conn.query_drop(sql).await {
-                            Err(mysql_async::Error::Server(e)) if matches!(e.code, 1142 | 1143) => problems.push(SchemaProblem::MissingGrant {
-                                mapping: mapping.name.clone(),
-                                table: schema.table.clone(),
-                                privilege: privilege.to_string(),
-                                message: e.message,
-                            }),
-                            _ => {}
-                        }
-                    }
+                    problems.extend(missing_grants(&mut conn, mapping, &schema).await);
                     schemas.push(schema);
                 }
                 Err(mut p) => problems.append(&mut p),
@@ -577,4 +542,62 @@ impl Destination for MysqlSink {
             Err(e) => Err(e.context(self.place())),
         }
     }
+}
+
+/// `CREATE TABLE IF NOT EXISTS` with the key column as a `VARCHAR(255)` primary key and every
+/// mapped column as `TEXT` (`create_table = true`).
+async fn create_table(conn: &mut Conn, mapping: &Mapping) -> Result<(), mysql_async::Error> {
+    let mut columns = vec![format!(
+        "{} VARCHAR(255) NOT NULL PRIMARY KEY",
+        q(&mapping.key_column)
+    )];
+    columns.extend(
+        mapping
+            .columns
+            .iter()
+            .map(|(_, c)| format!("{} TEXT", q(c))),
+    );
+    let sql = format!(
+        "CREATE TABLE IF NOT EXISTS {} ({}) ENGINE=InnoDB",
+        q(&mapping.table),
+        columns.join(", ")
+    );
+    conn.query_drop(sql).await
+}
+
+/// Grants, probed with statements that touch no row but are refused all the same without the
+/// privilege (error 1142).
+async fn missing_grants(
+    conn: &mut Conn,
+    mapping: &Mapping,
+    schema: &TableSchema,
+) -> Vec<SchemaProblem> {
+    let (table, key) = (q(&schema.table), q(&schema.key_column.name));
+    let mut columns = vec![key.clone()];
+    columns.extend(schema.columns.iter().map(|c| q(&c.name)));
+    let columns = columns.join(", ");
+    let mut problems = Vec::new();
+    for (privilege, sql) in [
+        (
+            "SELECT and INSERT",
+            format!("INSERT INTO {table} ({columns}) SELECT {columns} FROM {table} WHERE 1 = 0"),
+        ),
+        (
+            "UPDATE",
+            format!("UPDATE {table} SET {key} = {key} WHERE 1 = 0"),
+        ),
+        ("DELETE", format!("DELETE FROM {table} WHERE 1 = 0")),
+    ] {
+        if let Err(mysql_async::Error::Server(e)) = conn.query_drop(sql).await {
+            if matches!(e.code, 1142 | 1143) {
+                problems.push(SchemaProblem::MissingGrant {
+                    mapping: mapping.name.clone(),
+                    table: schema.table.clone(),
+                    privilege: privilege.to_string(),
+                    message: e.message,
+                });
+            }
+        }
+    }
+    problems
 }

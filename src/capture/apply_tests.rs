@@ -1,0 +1,390 @@
+//! Unit tests of [`super::Applier`]: commands applied to a working set, row events out.
+
+use super::*;
+use crate::buffer::{HashOp, RowChange, Store};
+use crate::config::Config;
+use crate::position::ReplOffset;
+use redis_protocol::resp2::types::BytesFrame;
+use std::sync::Arc;
+
+fn mappings(on_expire: &str) -> Mappings {
+    let text = format!(
+        "[source]\nurl = \"redis://127.0.0.1:1\"\n[backends.db]\nurl = \"sqlite://x\"\n[[mappings]]\nname = \"P\"\nprefix = \"p\"\nbackend = \"db\"\ntable = \"t\"\nkey_column = \"id\"\non_expire = \"{on_expire}\"\n[mappings.columns]\nname = \"name\"\nn = \"n\"\n"
+    );
+    Mappings::new(&Config::parse(&text, &|_| None).unwrap().mappings)
+}
+
+fn command(args: &[&str], end: u64) -> Command {
+    Command {
+        args: args
+            .iter()
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect(),
+        db: 0,
+        end: ReplOffset(end),
+    }
+}
+
+/// Applies `commands` in order; returns the row events.
+fn run(
+    on_expire: &str,
+    table: &CommandTable,
+    commands: &[&[&str]],
+) -> (Vec<RowEvent>, Needs, WorkingSet) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let mappings = mappings(on_expire);
+    let applier = Applier {
+        mappings: &mappings,
+        commands: table,
+        generation: 1,
+        ops: true,
+    };
+    let mut ws = WorkingSet::new(store);
+    let mut out = Vec::new();
+    let mut needs = Needs::default();
+    for (i, args) in commands.iter().enumerate() {
+        let command = command(args, 100 + i as u64);
+        let write = Write::parse(&command, now_ms());
+        needs = applier.apply(&mut ws, &command, &write, &mut out).unwrap();
+    }
+    (out, needs, ws)
+}
+
+fn upsert(id: &str, name: Option<&str>, n: Option<&str>) -> RowEvent {
+    RowEvent {
+        mapping: "P".into(),
+        row_id: Bytes::copy_from_slice(id.as_bytes()),
+        row: RowChange::Upsert {
+            columns: vec![
+                ("n".into(), n.map(|v| Bytes::copy_from_slice(v.as_bytes()))),
+                (
+                    "name".into(),
+                    name.map(|v| Bytes::copy_from_slice(v.as_bytes())),
+                ),
+            ],
+        },
+        op: None,
+    }
+}
+
+fn with_op(mut event: RowEvent, op: u8, uuid: &str) -> RowEvent {
+    event.op = Some(HashOp {
+        op,
+        uuid: Bytes::copy_from_slice(uuid.as_bytes()),
+        db: 0,
+        key: Bytes::from("p:1"),
+    });
+    event
+}
+
+#[test]
+fn op_field_semantics_in_the_mirror_and_the_rows() {
+    let table = CommandTable::default();
+    let name = |v: &Option<MirrorValue>| {
+        v.as_ref().map(|v| {
+            v.fields
+                .keys()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .collect::<Vec<_>>()
+        })
+    };
+    // `-` then a write: the key was deleted at the op, the row only gets the later write.
+    let (out, _, mut ws) = run(
+        "keep",
+        &table,
+        &[
+            &["HSET", "p:1", "name", "A", "#", "-"],
+            &["HSET", "p:1", "n", "2"],
+        ],
+    );
+    assert_eq!(out, vec![upsert("1", None, Some("2"))]);
+    assert_eq!(
+        name(&ws.get(0, &Bytes::from("p:1")).unwrap()),
+        Some(vec!["n".into()])
+    );
+    // `=` alone re-sends the full row, with its uuid.
+    let (out, needs, _) = run(
+        "keep",
+        &table,
+        &[&["HSET", "p:1", "name", "A"], &["HSET", "p:1", "#", "=u1"]],
+    );
+    assert_eq!(
+        out,
+        vec![
+            upsert("1", Some("A"), None),
+            with_op(upsert("1", Some("A"), None), b'=', "u1")
+        ]
+    );
+    let seen = needs.op.unwrap();
+    assert_eq!(seen.ack_now, None);
+    assert!(seen.raw.fields.contains_key(&Bytes::from("#")));
+    // `+` keeps the data without a row; `~` deletes both; invalid keeps data, no row.
+    let (out, needs, mut ws) = run("keep", &table, &[&["HSET", "p:1", "name", "A", "#", "+u2"]]);
+    assert!(out.is_empty());
+    assert_eq!(needs.op.unwrap().ack_now, Some((Bytes::from("u2"), None)));
+    assert_eq!(
+        name(&ws.get(0, &Bytes::from("p:1")).unwrap()),
+        Some(vec!["name".into()])
+    );
+    let (out, _, mut ws) = run("keep", &table, &[&["HSET", "p:1", "name", "A", "#", "~u3"]]);
+    assert_eq!(out, vec![with_op(delete("1"), b'~', "u3")]);
+    assert_eq!(ws.get(0, &Bytes::from("p:1")).unwrap(), None);
+    let (out, needs, mut ws) = run("keep", &table, &[&["HSET", "p:1", "name", "A", "#", "x9"]]);
+    assert!(out.is_empty());
+    assert_eq!(
+        needs.op.unwrap().ack_now,
+        Some((
+            Bytes::from("9"),
+            Some("invalid op: unknown operation".into())
+        ))
+    );
+    assert_eq!(
+        name(&ws.get(0, &Bytes::from("p:1")).unwrap()),
+        Some(vec!["name".into()])
+    );
+}
+
+fn delete(id: &str) -> RowEvent {
+    RowEvent {
+        mapping: "P".into(),
+        row_id: Bytes::copy_from_slice(id.as_bytes()),
+        row: RowChange::Delete,
+        op: None,
+    }
+}
+
+#[test]
+fn hash_commands_give_full_row_images() {
+    let table = CommandTable::default();
+    let (out, _, _) = run(
+        "keep",
+        &table,
+        &[
+            &["HSET", "p:1", "name", "Ann"],
+            &["HINCRBY", "p:1", "n", "5"],
+            &["HSETNX", "p:1", "name", "Bob"],
+            &["HSET", "p:1", "other", "x"],
+            &["HDEL", "p:1", "name"],
+            &["HDEL", "p:1", "n", "other"],
+            &["HSET", "q:1", "name", "unwatched"],
+        ],
+    );
+    assert_eq!(
+        out,
+        vec![
+            upsert("1", Some("Ann"), None),
+            upsert("1", Some("Ann"), Some("5")),
+            upsert("1", None, Some("5")),
+            delete("1")
+        ]
+    );
+}
+
+#[test]
+fn an_expiry_keeps_or_deletes_the_row_by_mapping() {
+    let table = CommandTable::default();
+    for (on_expire, expected) in [("keep", 1), ("delete", 2)] {
+        let (out, _, _) = run(
+            on_expire,
+            &table,
+            &[
+                &["HSET", "p:1", "name", "A"],
+                &["PEXPIREAT", "p:1", "1000"],
+                &["DEL", "p:1"],
+            ],
+        );
+        assert_eq!(out.len(), expected, "{on_expire}: {out:?}");
+    }
+    // A DEL before the TTL is a delete whatever on_expire says.
+    let far = (now_ms() + 1_000_000).to_string();
+    let (out, _, _) = run(
+        "keep",
+        &table,
+        &[
+            &["HSET", "p:1", "name", "A"],
+            &["PEXPIREAT", "p:1", &far],
+            &["DEL", "p:1"],
+        ],
+    );
+    assert_eq!(out.last(), Some(&delete("1")));
+}
+
+#[test]
+fn renames_move_rows_and_unknown_sources_are_refreshed() {
+    let table = CommandTable::default();
+    let (out, needs, _) = run(
+        "keep",
+        &table,
+        &[&["HSET", "p:1", "name", "A"], &["RENAME", "p:1", "p:2"]],
+    );
+    assert_eq!(
+        out,
+        vec![
+            upsert("1", Some("A"), None),
+            delete("1"),
+            upsert("2", Some("A"), None)
+        ]
+    );
+    assert!(needs.refresh.is_empty());
+    let (out, needs, _) = run("keep", &table, &[&["RENAME", "tmp", "p:3"]]);
+    assert!(out.is_empty());
+    assert_eq!(needs.refresh, vec![(0, Bytes::from("p:3"))]);
+}
+
+#[test]
+fn other_writes_follow_the_primarys_command_table() {
+    let entry = |name: &str, flags: &[&str], categories: &[&str]| {
+        let words = |w: &[&str]| {
+            BytesFrame::Array(
+                w.iter()
+                    .map(|x| BytesFrame::SimpleString(Bytes::copy_from_slice(x.as_bytes())))
+                    .collect(),
+            )
+        };
+        BytesFrame::Array(vec![
+            BytesFrame::BulkString(Bytes::copy_from_slice(name.as_bytes())),
+            BytesFrame::Integer(-3),
+            words(flags),
+            BytesFrame::Integer(1),
+            BytesFrame::Integer(1),
+            BytesFrame::Integer(1),
+            words(categories),
+        ])
+    };
+    let table = CommandTable::from_reply(&BytesFrame::Array(vec![
+        entry("set", &["write"], &["@write", "@string"]),
+        entry("hmodule", &["write"], &["@write", "@hash"]),
+        entry("get", &["readonly"], &["@read", "@string"]),
+    ]));
+    let (out, _, ws) = run(
+        "keep",
+        &table,
+        &[
+            &["HSET", "p:1", "name", "A"],
+            &["GET", "p:1"],
+            &["SET", "p:1", "v"],
+        ],
+    );
+    assert_eq!(out, vec![upsert("1", Some("A"), None), delete("1")]);
+    let mut ws = ws;
+    assert_eq!(
+        ws.get(0, &Bytes::from("p:1")).unwrap().map(|v| v.kind),
+        Some(MirrorKind::Other)
+    );
+    let (_, needs, _) = run("keep", &table, &[&["HMODULE", "p:1", "x"]]);
+    assert_eq!(needs.unknown_command.as_deref(), Some("HMODULE"));
+    assert_eq!(needs.refresh, vec![(0, Bytes::from("p:1"))]);
+}
+
+#[test]
+fn commands_already_contained_in_a_refreshed_value_are_skipped() {
+    let table = CommandTable::default();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let mappings = mappings("keep");
+    let applier = Applier {
+        mappings: &mappings,
+        commands: &table,
+        generation: 1,
+        ops: true,
+    };
+    let mut ws = WorkingSet::new(store);
+    let mut refreshed = MirrorValue::hash(1);
+    refreshed.refreshed_through = ReplOffset(500);
+    refreshed.fields.insert(
+        Bytes::from("n"),
+        FieldValue {
+            value: Bytes::from("10"),
+            expire_at_ms: None,
+        },
+    );
+    ws.set(0, &Bytes::from("p:1"), Some(refreshed)).unwrap();
+    let mut out = Vec::new();
+    let at_400 = command(&["HINCRBY", "p:1", "n", "1"], 400);
+    let write = Write::parse(&at_400, now_ms());
+    applier.apply(&mut ws, &at_400, &write, &mut out).unwrap();
+    assert!(
+        out.is_empty(),
+        "the increment at 400 is already in the value read at 500"
+    );
+    let at_600 = command(&["HINCRBY", "p:1", "n", "1"], 600);
+    let write = Write::parse(&at_600, now_ms());
+    applier.apply(&mut ws, &at_600, &write, &mut out).unwrap();
+    assert_eq!(out, vec![upsert("1", None, Some("11"))]);
+}
+
+mod field_ttl_tests {
+    use super::super::*;
+    use crate::buffer::Store;
+    use crate::config::Config;
+    use crate::position::ReplOffset;
+    use std::sync::Arc;
+
+    fn apply_all(commands: &[&[&str]]) -> Option<MirrorValue> {
+        let text = "[source]\nurl = \"redis://127.0.0.1:1\"\n[backends.db]\nurl = \"sqlite://x\"\n[[mappings]]\nname = \"P\"\nprefix = \"p\"\nbackend = \"db\"\ntable = \"t\"\nkey_column = \"id\"\n[mappings.columns]\nf = \"f\"\n";
+        let mappings = Mappings::new(&Config::parse(text, &|_| None).unwrap().mappings);
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let table = CommandTable::default();
+        let applier = Applier {
+            mappings: &mappings,
+            commands: &table,
+            generation: 1,
+            ops: true,
+        };
+        let mut ws = WorkingSet::new(store);
+        let mut out = Vec::new();
+        for (i, args) in commands.iter().enumerate() {
+            let command = Command {
+                args: args
+                    .iter()
+                    .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+                    .collect(),
+                db: 0,
+                end: ReplOffset(10 + i as u64),
+            };
+            let write = Write::parse(&command, now_ms());
+            applier.apply(&mut ws, &command, &write, &mut out).unwrap();
+        }
+        ws.get(0, &Bytes::from("p:1")).unwrap()
+    }
+
+    fn ttl(value: &Option<MirrorValue>, field: &str) -> Option<i64> {
+        value
+            .as_ref()
+            .and_then(|v| v.fields.get(&Bytes::copy_from_slice(field.as_bytes())))
+            .and_then(|f| f.expire_at_ms)
+    }
+
+    #[test]
+    fn hash_field_ttl_commands_of_redis_7_4_and_8() {
+        // As Redis 7.4+ propagates them: absolute HPEXPIREAT, HPERSIST, HSETEX with PXAT.
+        let v = apply_all(&[
+            &["HSET", "p:1", "f", "1", "g", "2"],
+            &["HPEXPIREAT", "p:1", "5000", "FIELDS", "1", "f"],
+        ]);
+        assert_eq!((ttl(&v, "f"), ttl(&v, "g")), (Some(5000), None));
+        let v = apply_all(&[
+            &["HSET", "p:1", "f", "1"],
+            &["HPEXPIREAT", "p:1", "5000", "FIELDS", "1", "f"],
+            &["HPERSIST", "p:1", "FIELDS", "1", "f"],
+        ]);
+        assert_eq!(ttl(&v, "f"), None);
+        let v = apply_all(&[&[
+            "HSETEX", "p:1", "PXAT", "7000", "FIELDS", "2", "f", "1", "g", "2",
+        ]]);
+        assert_eq!((ttl(&v, "f"), ttl(&v, "g")), (Some(7000), Some(7000)));
+        let v = apply_all(&[
+            &["HSETEX", "p:1", "PXAT", "7000", "FIELDS", "1", "f", "1"],
+            &["HSETEX", "p:1", "KEEPTTL", "FIELDS", "1", "f", "2"],
+        ]);
+        assert_eq!(ttl(&v, "f"), Some(7000));
+        // An expired field arrives as HDEL; the last one takes the key.
+        let v = apply_all(&[
+            &["HSETEX", "p:1", "PXAT", "7000", "FIELDS", "1", "f", "1"],
+            &["HDEL", "p:1", "f"],
+        ]);
+        assert!(v.is_none());
+    }
+}

@@ -1,0 +1,180 @@
+//! `writebehind check`: the configuration, Redis (reachable, permissions of a replica) and
+//! every backend (reachable, tables and columns, grants), one line each; exit 0 only when all
+//! is well.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use super::load_config;
+use crate::config::{Config, RedisEndpoint};
+use crate::redis_client::RedisClient;
+use crate::replication::discovery::Discovery;
+use crate::sink::Destination;
+
+/// Whether the connected user may run what a replica runs (`ACL DRYRUN`, Redis 7+). Prints
+/// one line; `false` only when a permission is known to be missing.
+async fn replica_permissions(client: &mut RedisClient, endpoint: &RedisEndpoint) -> bool {
+    let user = match client.command(&["ACL", "WHOAMI"]).await {
+        Ok(reply) => crate::redis_client::frame_text(&reply),
+        Err(_) => endpoint
+            .username
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+    };
+    let mut missing = Vec::new();
+    for command in [
+        &["PSYNC", "?", "-1"][..],
+        &["REPLCONF", "ACK", "0"],
+        &["PING"],
+    ] {
+        let mut args = vec!["ACL", "DRYRUN", user.as_str()];
+        args.extend_from_slice(command);
+        match client.command(&args).await {
+            Ok(redis_protocol::resp2::types::BytesFrame::SimpleString(ok))
+                if ok.as_ref() == b"OK" => {}
+            Ok(reply) => missing.push(format!(
+                "{} ({})",
+                command[0],
+                crate::redis_client::frame_text(&reply)
+            )),
+            Err(crate::redis_client::ClientError::Reply { message, .. })
+                if message.contains("NOPERM") || message.contains("unknown") =>
+            {
+                println!("note: Redis at {}: cannot verify that user `{user}` may run PSYNC (ACL DRYRUN not permitted or not available): {message}", endpoint.address());
+                return true;
+            }
+            Err(e) => missing.push(format!("{} ({e})", command[0])),
+        }
+    }
+    if missing.is_empty() {
+        println!("ok: Redis user `{user}` may run PSYNC, REPLCONF, PING, FUNCTION, FCALL, XADD and EXPIRE");
+        true
+    } else {
+        println!(
+            "error: Redis at {}: user `{user}` may not run {}; grant it +psync +replconf +ping +function +fcall +xadd +expire",
+            endpoint.address(),
+            missing.join(", ")
+        );
+        false
+    }
+}
+
+pub(super) async fn check(path: &std::path::Path) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    println!(
+        "ok: {} is valid ({} mappings)",
+        path.display(),
+        config.mappings.len()
+    );
+    let redis_ok = check_redis(&config).await;
+    let backends_ok = check_backends(&config).await;
+    if redis_ok && backends_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// The primary (found as the service would), reachable, and its user's permissions.
+async fn check_redis(config: &Config) -> bool {
+    let mut failed = false;
+    let endpoints: Vec<RedisEndpoint> = match Discovery::from_config(&config.source) {
+        Ok(Discovery::Fixed(endpoint)) => vec![endpoint],
+        Ok(Discovery::Nodes(nodes)) => nodes,
+        Ok(discovery) => match discovery.primary(Duration::from_secs(5)).await {
+            Ok(primary) => {
+                println!(
+                    "ok: {} names the primary {}",
+                    discovery.describe(),
+                    primary.address()
+                );
+                vec![primary]
+            }
+            Err(e) => {
+                failed = true;
+                println!("error: {e}");
+                Vec::new()
+            }
+        },
+        Err(e) => {
+            failed = true;
+            println!("error: {e}");
+            Vec::new()
+        }
+    };
+    for endpoint in endpoints {
+        match RedisClient::connect(&endpoint, Duration::from_secs(5)).await {
+            Ok(mut client) => match client.command(&["PING"]).await {
+                Ok(_) => {
+                    println!("ok: Redis at {} answers", endpoint.address());
+                    if !replica_permissions(&mut client, &endpoint).await {
+                        failed = true;
+                    }
+                }
+                Err(e) => {
+                    failed = true;
+                    println!("error: {e}");
+                }
+            },
+            Err(e) => {
+                failed = true;
+                println!("error: {e}");
+            }
+        }
+    }
+    !failed
+}
+
+/// Every backend: reachable, its tables and columns as the mappings need them, its grants.
+async fn check_backends(config: &Config) -> bool {
+    let mut failed = false;
+    let mappings = crate::capture::mapping::Mappings::new(&config.mappings);
+    for (name, backend) in &config.backends {
+        // Checked as they are: tables that `create_table` would create are reported as such.
+        let mine: Vec<_> = mappings
+            .iter()
+            .filter(|m| &m.backend == name)
+            .map(|m| crate::capture::mapping::Mapping {
+                create_table: false,
+                ..m.clone()
+            })
+            .collect();
+        let mut sink = match crate::sink::Sink::connect(name, &backend.url).await {
+            Ok(sink) => sink,
+            Err(e) => {
+                failed = true;
+                println!("error: {e}");
+                continue;
+            }
+        };
+        match sink.prepare(&mine).await {
+            Ok(schemas) => println!(
+                "ok: backend `{name}` reachable; {} mapped tables match their mappings",
+                schemas.len()
+            ),
+            Err(problems) => {
+                for problem in problems {
+                    // Checked as they are: a table `create_table` will create is reported as such.
+                    let created = problem
+                        .missing_table_of()
+                        .and_then(|name| mappings.iter().find(|m| m.name == name))
+                        .filter(|m| m.create_table);
+                    match created {
+                        Some(mapping) => println!(
+                            "ok: table `{}` will be created at start (create_table = true)",
+                            mapping.table
+                        ),
+                        None => {
+                            failed = true;
+                            println!("error: {problem}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    !failed
+}

@@ -1,0 +1,137 @@
+//! `writebehind status`: from the running service (its `[admin]` listener) or, when it is
+//! stopped, from the buffer and the databases.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use super::load_config;
+use crate::position::ChangeSeq;
+use crate::sink::Destination;
+
+/// Why the running service did not answer on its admin listener.
+#[derive(Debug, thiserror::Error)]
+enum AdminRequestError {
+    #[error("{listen}: no answer")]
+    Timeout { listen: String },
+    #[error("{listen}: {source}")]
+    Io {
+        listen: String,
+        source: std::io::Error,
+    },
+    #[error("malformed HTTP response")]
+    Malformed,
+    #[error("{0}")]
+    Status(String),
+}
+
+/// `GET <path>` on the admin listener; the body when the status is 200.
+async fn admin_get(listen: &str, path: &str) -> Result<String, AdminRequestError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let timeout = || AdminRequestError::Timeout {
+        listen: listen.to_string(),
+    };
+    let io = |source| AdminRequestError::Io {
+        listen: listen.to_string(),
+        source,
+    };
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect(listen),
+    )
+    .await
+    .map_err(|_| timeout())?
+    .map_err(io)?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {listen}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .map_err(io)?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+        .await
+        .map_err(|_| timeout())?
+        .map_err(io)?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or(AdminRequestError::Malformed)?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(AdminRequestError::Status(
+            head.lines().next().unwrap_or("").to_string(),
+        ));
+    }
+    Ok(body.to_string())
+}
+
+pub(super) async fn status(path: &std::path::Path) -> ExitCode {
+    let config = match load_config(path) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if let Some(admin) = &config.admin {
+        match admin_get(&admin.listen, "/status").await {
+            Ok(body) => {
+                match serde_json::from_str::<serde_json::Value>(&body) {
+                    Ok(json) => println!("{}", serde_json::to_string_pretty(&json).unwrap_or(body)),
+                    Err(_) => println!("{body}"),
+                }
+                return ExitCode::SUCCESS;
+            }
+            Err(e) => println!(
+                "note: the service does not answer on {} ({e}); reading the buffer",
+                admin.listen
+            ),
+        }
+    }
+    let store = match crate::buffer::Store::open(&config.buffer.path) {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let checkpoint = match store.checkpoint() {
+        Ok(checkpoint) => checkpoint,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let oldest = store
+        .changes(ChangeSeq::NONE, 1)
+        .ok()
+        .and_then(|c| c.first().map(|c| c.seq));
+    let letters = store.dead_letters().map(|l| l.len()).unwrap_or(0);
+    let mut backends = serde_json::Map::new();
+    let mappings = crate::capture::mapping::Mappings::new(&config.mappings);
+    for (name, backend) in &config.backends {
+        if !mappings.iter().any(|m| &m.backend == name) {
+            continue;
+        }
+        let applied = match crate::sink::Sink::connect(name, &backend.url).await {
+            Ok(mut sink) => sink
+                .applied_seq()
+                .await
+                .map(|seq| serde_json::Value::from(seq.0))
+                .unwrap_or_else(|e| serde_json::Value::from(e.to_string())),
+            Err(e) => serde_json::Value::from(e.to_string()),
+        };
+        backends.insert(name.clone(), serde_json::json!({ "applied_seq": applied }));
+    }
+    let json = serde_json::json!({
+        "service": "stopped",
+        "position": checkpoint.position.as_ref().map(|p| p.to_string()),
+        "full_sync_in_progress": checkpoint.full_sync_in_progress,
+        "captured_seq": checkpoint.next_seq.previous().unwrap_or_default(),
+        "oldest_unapplied_seq": oldest,
+        "dead_letters": letters,
+        "backends": backends,
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json).unwrap_or_default()
+    );
+    ExitCode::SUCCESS
+}
