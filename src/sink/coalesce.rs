@@ -118,3 +118,95 @@ pub fn convert_row(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::position::ReplOffset;
+    use crate::sink::convert::ColumnType;
+    use crate::sink::ColumnInfo;
+
+    fn mapping() -> Mapping {
+        let text = "[source]\nurl = \"redis://127.0.0.1:1\"\n[backends.db]\nurl = \"sqlite://unused\"\n[[mappings]]\nname = \"P\"\nprefix = \"p\"\nbackend = \"db\"\ntable = \"t\"\nkey_column = \"id\"\nrequired = [\"n\"]\n[mappings.columns]\nn = \"n\"\n";
+        let config = crate::config::Config::parse(text, &|_| None).expect("config");
+        Mapping::from_config(&config.mappings[0])
+    }
+
+    fn schema() -> TableSchema {
+        let column = |name: &str, kind| ColumnInfo {
+            name: name.into(),
+            kind,
+            nullable: true,
+        };
+        TableSchema {
+            table: "t".into(),
+            key_column: column("id", ColumnType::Integer { unsigned: false }),
+            columns: vec![column("n", ColumnType::Integer { unsigned: false })],
+            required: vec!["n".into()],
+        }
+    }
+
+    fn change(seq: u64, row: &str, n: Option<&str>) -> Change {
+        Change {
+            seq: ChangeSeq(seq),
+            unit: ChangeSeq(seq),
+            unit_end: true,
+            offset: ReplOffset(seq),
+            mapping: "P".into(),
+            row_id: Bytes::copy_from_slice(row.as_bytes()),
+            row: match n {
+                Some(n) => RowChange::Upsert {
+                    columns: vec![("n".into(), Some(Bytes::copy_from_slice(n.as_bytes())))],
+                },
+                None => RowChange::Delete,
+            },
+            op: None,
+        }
+    }
+
+    #[test]
+    fn a_row_ends_in_its_final_state_with_an_earlier_delete_kept_and_bad_rows_refused() {
+        let changes = [
+            change(1, "1", Some("5")),
+            change(2, "1", None),
+            change(3, "1", Some("6")),
+            change(4, "2", Some("x")),
+            change(5, "y", None),
+            change(6, "3", None),
+        ];
+        let out = coalesce(&[mapping()], &[schema()], &changes);
+        let writes: Vec<(u64, bool, RowOp)> = out
+            .writes
+            .iter()
+            .map(|w| (w.seq.0, w.delete_first, w.op.clone()))
+            .collect();
+        assert_eq!(
+            writes,
+            vec![
+                (
+                    3,
+                    true,
+                    RowOp::Upsert {
+                        id: SqlValue::Int(1),
+                        values: vec![SqlValue::Int(6)]
+                    }
+                ),
+                (
+                    6,
+                    false,
+                    RowOp::Delete {
+                        id: SqlValue::Int(3)
+                    }
+                ),
+            ]
+        );
+        let refused: Vec<(u64, &str)> = out
+            .refused
+            .iter()
+            .map(|r| (r.seq.0, r.reason.as_str()))
+            .collect();
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(refused[0].0 == 4 && refused[0].1.contains("`x` is not an integer"));
+        assert!(refused[1].0 == 5 && refused[1].1.starts_with("key "));
+    }
+}

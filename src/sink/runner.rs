@@ -377,6 +377,7 @@ mod tests {
     use super::*;
     use crate::buffer::{HashOp, RowChange};
     use crate::position::ReplOffset;
+    use crate::sink::convert::SqlValue;
     use crate::sink::memory::MemoryDestination;
 
     fn change(seq: u64, uuid: Option<&str>) -> Change {
@@ -449,5 +450,104 @@ mod tests {
         assert_eq!(store.acks_enqueued("db").expect("mark"), ChangeSeq(3));
         runner.catch_up_acks().expect("again");
         assert_eq!(store.acks(0, 10).expect("acks").len(), 1, "queued once");
+    }
+
+    fn upsert(seq: u64, row: &str, name: &str, uuid: Option<&str>) -> Change {
+        Change {
+            row_id: Bytes::copy_from_slice(row.as_bytes()),
+            row: RowChange::Upsert {
+                columns: vec![("name".into(), Some(Bytes::copy_from_slice(name.as_bytes())))],
+            },
+            op: uuid.map(|u| HashOp {
+                op: b'=',
+                uuid: Bytes::copy_from_slice(u.as_bytes()),
+                db: 0,
+                key: Bytes::from(format!("p:{row}")),
+            }),
+            ..change(seq, None)
+        }
+    }
+
+    fn log(store: &Store, changes: &[Change]) {
+        let mut batch = Batch::default();
+        for c in changes {
+            batch.put_change(c);
+        }
+        store.write(batch, true).expect("write");
+    }
+
+    /// A transient failure is retried with backoff; the batch then commits once, with its
+    /// checkpoint, and the runner moves on from there.
+    #[tokio::test]
+    async fn a_transient_failure_is_retried_and_the_batch_commits_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Arc::new(Store::open(dir.path()).expect("store"));
+        log(
+            &store,
+            &[
+                upsert(1, "1", "a", None),
+                upsert(2, "2", "b", None),
+                upsert(3, "1", "c", None),
+            ],
+        );
+        let destination = MemoryDestination {
+            fail_next: 2,
+            ..MemoryDestination::default()
+        };
+        let mut runner = SinkRunner::start("db", destination, mappings(), links(&store))
+            .await
+            .expect("runner");
+        assert!(runner.step().await.expect("step"), "a batch was applied");
+        assert_eq!(runner.sink.commits, 1);
+        assert_eq!(runner.sink.applied, ChangeSeq(3));
+        assert_eq!(runner.applied, ChangeSeq(3));
+        let rows = &runner.sink.tables["t"];
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows["1"], vec![SqlValue::Text("c".into())], "coalesced");
+        assert!(!runner.step().await.expect("step"), "nothing left");
+        assert_eq!(runner.sink.commits, 1);
+    }
+
+    /// A row the database refuses is dead-lettered inside the commit with its reason; the rest
+    /// commits; the refused change's client acknowledgement says `failed` with that reason.
+    #[tokio::test]
+    async fn a_refused_row_is_dead_lettered_and_its_ack_fails_while_the_rest_commits() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Arc::new(Store::open(dir.path()).expect("store"));
+        log(
+            &store,
+            &[
+                upsert(1, "1", "a", Some("u1")),
+                upsert(2, "2", "b", Some("u2")),
+            ],
+        );
+        let destination = MemoryDestination {
+            refuse: ["2".to_string()].into(),
+            ..MemoryDestination::default()
+        };
+        let mut runner = SinkRunner::start("db", destination, mappings(), links(&store))
+            .await
+            .expect("runner");
+        assert!(runner.step().await.expect("step"));
+        assert_eq!(runner.sink.tables["t"].len(), 1, "the other row committed");
+        let letters = store.dead_letters().expect("letters");
+        assert_eq!(letters.len(), 1);
+        assert_eq!(
+            (letters[0].seq, letters[0].row_id.as_ref()),
+            (ChangeSeq(2), &b"2"[..])
+        );
+        let acks = store.acks(0, 10).expect("acks");
+        let by_uuid: Vec<(&[u8], Option<&str>)> = acks
+            .iter()
+            .map(|a| (a.uuid.as_ref(), a.failure.as_deref()))
+            .collect();
+        assert_eq!(
+            by_uuid,
+            vec![
+                (&b"u1"[..], None),
+                (&b"u2"[..], Some("refused by the memory destination"))
+            ]
+        );
+        assert_eq!(store.acks_enqueued("db").expect("mark"), ChangeSeq(2));
     }
 }
