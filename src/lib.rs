@@ -1,17 +1,23 @@
 //! writebehind keeps SQL tables equal to Redis hashes. It attaches to a Redis primary as a
-//! replica, decodes the snapshot and the command stream, and (in later stages) buffers every
-//! change durably, writes rows to the database and acknowledges them back to Redis.
+//! replica, decodes the snapshot and the command stream, buffers every change durably, writes
+//! rows to the database exactly once and acknowledges them back to Redis. The behaviour contract
+//! is `docs/design.md`; `docs/architecture.md` draws the tasks and what flows between them.
 //!
 //! The modules follow the data flow:
 //! - [`replication`]: the replica handshake, the snapshot ([`replication::rdb`]) and the
 //!   command stream ([`replication::stream`]), with exact offsets;
 //! - [`capture`]: applying the stream to the mirror and deriving row changes;
-//! - [`buffer`]: the RocksDB mirror, change log and checkpoints;
+//! - [`buffer`]: the RocksDB mirror, change log, checkpoints, dead letters and queued
+//!   acknowledgements;
 //! - [`sink`]: writing the change log to MySQL/MariaDB and SQLite;
-//! - [`position`]: offsets and replication IDs;
+//! - [`ack`]: the `#` op field: completing ops and writing acknowledgements back to Redis;
+//! - [`service`]: the pipeline of one process, wired (`Service::start`, `shutdown`, `wait`);
+//! - [`position`]: offsets, change seqs and replication IDs;
+//! - [`backoff`]: the one retry pace;
 //! - [`config`]: the TOML configuration;
 //! - [`metrics`]: metrics, health and status over the admin HTTP listener;
 //! - [`redis_client`]: ordinary request/response commands;
+//! - [`clock`]: the local clock;
 //! - [`cli`]: the `writebehind` command line.
 
 pub mod ack;

@@ -1,4 +1,4 @@
-//! The `#` op field and acknowledgements (design.md section 4), end to end: the `writebehind`
+//! The `#` op field and acknowledgements (docs/design.md section 4), end to end: the `writebehind`
 //! binary between a real redis-server and a fresh MariaDB database. The original recipe's
 //! scenarios (rgsync `testSimpleWriteBehind`, `testWriteBehindAck`,
 //! `testWriteBehindOperations`, the README's `XREAD BLOCK` example), the pipelined races, `# =`

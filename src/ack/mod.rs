@@ -1,4 +1,4 @@
-//! The `#` op field and acknowledgements: what this service writes back to Redis (design.md
+//! The `#` op field and acknowledgements: what this service writes back to Redis (docs/design.md
 //! section 4).
 //!
 //! # The op field

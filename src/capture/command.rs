@@ -1,5 +1,5 @@
 //! The typed command layer: every replicated command is parsed once into a [`Write`], which
-//! both the mirror ([`super::apply`]) and the raw states of `#` ops ([`super::ops`]) consume, so
+//! both the mirror ([`super::apply`]) and the raw states of `#` ops (`ops.rs`) consume, so
 //! the two can never read the same command differently.
 //!
 //! Parsing is total: a command this service does not model, or one whose arguments it cannot

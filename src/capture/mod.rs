@@ -3,12 +3,12 @@
 //!
 //! [`Capture`] takes the events of the replication link in order and hands each to the part
 //! that owns it:
-//! - a **full sync** ([`full_sync`]) writes the snapshot into the mirror under a new generation
+//! - a **full sync** (`full_sync.rs`) writes the snapshot into the mirror under a new generation
 //!   and sweeps what it did not contain;
-//! - the **command stream** ([`stream`]) is applied in batches of everything that arrived
+//! - the **command stream** (`stream.rs`) is applied in batches of everything that arrived
 //!   together, one synced write each (group commit); every command is parsed once into a typed
-//!   write ([`command`]) that the mirror ([`apply`]) and the raw states of `#` ops ([`ops`])
-//!   both consume; keys it cannot derive are read from the primary ([`primary`]);
+//!   write ([`command`]) that the mirror ([`apply`]) and the raw states of `#` ops (`ops.rs`)
+//!   both consume; keys it cannot derive are read from the primary (`primary.rs`);
 //! - **restart**: `PSYNC` from the checkpoint; a full sync that was interrupted starts over.
 //!
 //! After each commit it reports through [`CaptureOutputs`]: the buffered position (for the
