@@ -110,6 +110,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 last_seq: ChangeSeq(seq),
                 replid: String::new(),
                 offset: ReplOffset(0),
+                buffer_id: "bench".into(),
+                mappings_id: String::new(),
             };
             let rejected = sink.apply(&schemas, &batch, &no_hook).await?;
             if !rejected.is_empty() {

@@ -6,7 +6,7 @@ use super::checkpoint::Checkpoint;
 use super::codec::Encoder;
 use super::dead_letter::DeadLetter;
 use super::mirror::{mirror_key, MirrorValue};
-use super::{META_ACKS_ENQUEUED_PREFIX, META_CHECKPOINT, META_REPLID_PREFIX};
+use super::{META_ACKS_ENQUEUED_PREFIX, META_CHECKPOINT, META_REPLID_PREFIX, META_WATCHED};
 use crate::position::{ChangeSeq, ReplId, ReplOffset};
 
 /// Writes to apply together, in order, atomically.
@@ -73,6 +73,13 @@ impl Batch {
     }
     pub fn delete_ack(&mut self, id: u64) {
         self.ops.push(Op::DeleteAck(id));
+    }
+    /// Records what the mirror is built for (see `meta/watched`).
+    pub fn put_watched(&mut self, watched: &str) {
+        self.ops.push(Op::PutMeta(
+            META_WATCHED.to_vec(),
+            watched.as_bytes().to_vec(),
+        ));
     }
     /// Records that `backend`'s changes up to `seq` have their acks queued.
     pub fn put_acks_enqueued(&mut self, backend: &str, seq: ChangeSeq) {

@@ -34,7 +34,11 @@
 //! - **`meta`**: `format` (u32 = 2); `checkpoint` (`replid opt bytes`, `offset u64`, `db u32`,
 //!   `next_seq u64`, `generation u64`, `full_sync_in_progress u8`); `replid/<seq u64>` the
 //!   history of replication IDs (`replid bytes, first offset u64`); `acks_enqueued/<backend>`
-//!   (u64: the backend's changes up to this seq have their acks in `acks`).
+//!   (u64: the backend's changes up to this seq have their acks in `acks`); `identity` (text: a
+//!   UUID chosen when the buffer is created; every backend's checkpoint row records it, so a
+//!   database checkpoint of another buffer is never taken for this one's); `watched` (text: the
+//!   `db:prefix` of every mapping, one per line, as of the last full sync; when the
+//!   configuration watches other keys the mirror is rebuilt by a full sync).
 //!
 //! Every command (or `MULTI` unit) is applied with one `WriteBatch` holding its mirror updates,
 //! its changes and the checkpoint after it, so the three never disagree; several units share one
@@ -71,6 +75,8 @@ const META_FORMAT: &[u8] = b"format";
 const META_CHECKPOINT: &[u8] = b"checkpoint";
 const META_REPLID_PREFIX: &[u8] = b"replid/";
 const META_ACKS_ENQUEUED_PREFIX: &[u8] = b"acks_enqueued/";
+const META_IDENTITY: &[u8] = b"identity";
+const META_WATCHED: &[u8] = b"watched";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

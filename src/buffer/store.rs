@@ -15,7 +15,7 @@ use super::mirror::{mirror_key, split_mirror_key};
 use super::{
     AckRecord, Batch, Change, Checkpoint, DeadLetter, MirrorValue, StoreError, CF_ACKS, CF_CHANGES,
     CF_DEAD_LETTERS, CF_META, CF_MIRROR, CF_RAW, FORMAT_VERSION, META_ACKS_ENQUEUED_PREFIX,
-    META_CHECKPOINT, META_FORMAT, META_REPLID_PREFIX,
+    META_CHECKPOINT, META_FORMAT, META_IDENTITY, META_REPLID_PREFIX, META_WATCHED,
 };
 use crate::position::{ChangeSeq, ReplId, ReplOffset};
 
@@ -41,6 +41,8 @@ pub struct Store {
     /// The id the next acknowledgement gets. Held while a batch with acks is written, so ids
     /// become visible in increasing order (the write-back task reads on from the last one).
     next_ack_id: std::sync::Mutex<u64>,
+    /// This buffer's identity (`meta/identity`).
+    identity: String,
 }
 
 impl Store {
@@ -75,6 +77,7 @@ impl Store {
             db,
             path: path.to_path_buf(),
             next_ack_id: std::sync::Mutex::new(1),
+            identity: String::new(),
         };
         let last_ack = match store
             .db
@@ -112,7 +115,53 @@ impl Store {
                 }
             }
         }
+        store.identity = store.load_identity()?;
         Ok(store)
+    }
+
+    /// The buffer's identity, created (synced) the first time it is opened.
+    fn load_identity(&self) -> Result<String, StoreError> {
+        let meta = self.cf(CF_META)?;
+        if let Some(raw) = self
+            .db
+            .get_cf(meta, META_IDENTITY)
+            .map_err(|e| self.rocks(e))?
+        {
+            return String::from_utf8(raw).map_err(|_| {
+                self.corrupt(DecodeError {
+                    what: "buffer identity",
+                    at: 0,
+                    message: "not UTF-8".into(),
+                })
+            });
+        }
+        let identity = uuid::Uuid::new_v4().to_string();
+        let mut write = WriteBatch::default();
+        write.put_cf(meta, META_IDENTITY, identity.as_bytes());
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        self.db
+            .write_opt(write, &options)
+            .map_err(|e| self.rocks(e))?;
+        Ok(identity)
+    }
+
+    /// The identity every backend's checkpoint row records (see the module doc).
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// What the mirror was built for (`meta/watched`; `None` before the first full sync that
+    /// recorded it).
+    pub fn watched(&self) -> Result<Option<String>, StoreError> {
+        match self
+            .db
+            .get_cf(self.cf(CF_META)?, META_WATCHED)
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(raw) => Ok(Some(String::from_utf8_lossy(&raw).into_owned())),
+            None => Ok(None),
+        }
     }
 
     pub fn path(&self) -> &Path {

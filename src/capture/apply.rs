@@ -42,6 +42,19 @@ pub struct Needs {
     pub op: Option<OpSeen>,
 }
 
+/// Sets `key` to `after` and records the row event from `before` to `after`.
+fn set_with_row(
+    ws: &mut WorkingSet,
+    (mapping, db, key): (&Mapping, u32, &Bytes),
+    before: &Option<MirrorValue>,
+    after: Option<MirrorValue>,
+    expired: bool,
+    out: &mut Vec<RowEvent>,
+) -> Result<(), StoreError> {
+    out.extend(row_event(mapping, key, before, &after, expired));
+    ws.set(db, key, after)
+}
+
 /// `HSET`-like writes: each pair sets its field (unless `only_new` and it exists) with the TTL
 /// the write gives it.
 fn set_fields(
@@ -230,10 +243,7 @@ impl Applier<'_> {
         } else {
             Some(after)
         };
-        if let Some(event) = row_event(mapping, key, &before, &after, false) {
-            out.push(event);
-        }
-        ws.set(db, key, after)?;
+        set_with_row(ws, (mapping, db, key), &before, after, false, out)?;
         Ok(None)
     }
 
@@ -256,10 +266,7 @@ impl Applier<'_> {
             .as_ref()
             .and_then(|v| v.expire_at_ms)
             .is_some_and(|at| at <= now_ms());
-        if let Some(event) = row_event(mapping, key, &before, &None, expired) {
-            out.push(event);
-        }
-        ws.set(db, key, None)
+        set_with_row(ws, (mapping, db, key), &before, None, expired, out)
     }
 
     fn set_expire(
@@ -300,10 +307,7 @@ impl Applier<'_> {
         let source_ahead = Self::already_in(&source, command);
         if let Some(mapping) = source_mapping {
             if !copy && !source_ahead && source.is_some() {
-                if let Some(event) = row_event(mapping, from, &source, &None, false) {
-                    out.push(event);
-                }
-                ws.set(from_db, from, None)?;
+                set_with_row(ws, (mapping, from_db, from), &source, None, false, out)?;
             }
         }
         let Some((mapping, before)) = self.watched(ws, to_db, to, command)? else {
@@ -319,10 +323,7 @@ impl Applier<'_> {
         if let Some(v) = after.as_mut() {
             v.refreshed_through = ReplOffset(0);
         }
-        if let Some(event) = row_event(mapping, to, &before, &after, false) {
-            out.push(event);
-        }
-        ws.set(to_db, to, after)
+        set_with_row(ws, (mapping, to_db, to), &before, after, false, out)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -352,10 +353,7 @@ impl Applier<'_> {
             }
         };
         let after = mirror_value_from_dump(decoded, self.generation, expire_at_ms);
-        if let Some(event) = row_event(mapping, key, &before, &after, false) {
-            out.push(event);
-        }
-        ws.set(db, key, after)
+        set_with_row(ws, (mapping, db, key), &before, after, false, out)
     }
 
     fn flush(
@@ -383,10 +381,7 @@ impl Applier<'_> {
             if before.is_none() || Self::already_in(&before, command) {
                 continue;
             }
-            if let Some(event) = row_event(mapping, &key, &before, &None, false) {
-                out.push(event);
-            }
-            ws.set(key_db, &key, None)?;
+            set_with_row(ws, (mapping, key_db, &key), &before, None, false, out)?;
         }
         Ok(())
     }
@@ -436,11 +431,14 @@ impl Applier<'_> {
             if spec.other_type && !spec.hash_type {
                 let mut after = MirrorValue::other(self.generation);
                 after.expire_at_ms = before.as_ref().and_then(|v| v.expire_at_ms);
-                if let Some(event) = row_event(mapping, &key, &before, &Some(after.clone()), false)
-                {
-                    out.push(event);
-                }
-                ws.set(command.db, &key, Some(after))?;
+                set_with_row(
+                    ws,
+                    (mapping, command.db, &key),
+                    &before,
+                    Some(after),
+                    false,
+                    out,
+                )?;
             } else {
                 needs.unknown_command = Some(command.name());
                 needs.refresh.push((command.db, key));

@@ -15,14 +15,7 @@ fn mappings(on_expire: &str) -> Mappings {
 }
 
 fn command(args: &[&str], end: u64) -> Command {
-    Command {
-        args: args
-            .iter()
-            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
-            .collect(),
-        db: 0,
-        end: ReplOffset(end),
-    }
+    Command::from_words(args, 0, ReplOffset(end))
 }
 
 /// Applies `commands` in order; returns the row events.
@@ -336,14 +329,7 @@ mod field_ttl_tests {
         let mut ws = WorkingSet::new(store);
         let mut out = Vec::new();
         for (i, args) in commands.iter().enumerate() {
-            let command = Command {
-                args: args
-                    .iter()
-                    .map(|a| Bytes::copy_from_slice(a.as_bytes()))
-                    .collect(),
-                db: 0,
-                end: ReplOffset(10 + i as u64),
-            };
+            let command = Command::from_words(args, 0, ReplOffset(10 + i as u64));
             let write = Write::parse(&command, now_ms());
             applier.apply(&mut ws, &command, &write, &mut out).unwrap();
         }

@@ -324,15 +324,7 @@ mod tests {
     use crate::position::ReplOffset;
 
     fn parse(args: &[&str]) -> Write {
-        let command = Command {
-            args: args
-                .iter()
-                .map(|a| Bytes::copy_from_slice(a.as_bytes()))
-                .collect(),
-            db: 0,
-            end: ReplOffset(1),
-        };
-        Write::parse(&command, 1_000)
+        Write::parse(&Command::from_words(args, 0, ReplOffset(1)), 1_000)
     }
 
     fn b(text: &str) -> Bytes {

@@ -192,6 +192,7 @@ impl FullSync {
         state.checkpoint.position = Some(position);
         state.checkpoint.full_sync_in_progress = false;
         batch.put_checkpoint(&state.checkpoint);
+        batch.put_watched(&state.mappings.watched_keys());
         state.store.write(batch, true)?;
         Ok(FullSyncSummary {
             keys: self.progress.keys,

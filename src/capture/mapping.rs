@@ -72,6 +72,35 @@ impl Mapping {
     }
 }
 
+/// What rows a set of mappings writes, as one fingerprint (hex CRC-64 of a canonical text:
+/// name, db, key prefix, table, key column, field-to-column pairs, required columns). A
+/// backend's checkpoint row records it: rows written under other mappings are reconciled.
+pub fn fingerprint<'m>(mappings: impl IntoIterator<Item = &'m Mapping>) -> String {
+    let mut described: Vec<String> = mappings
+        .into_iter()
+        .map(|m| {
+            let columns: Vec<String> = m
+                .columns
+                .iter()
+                .map(|(field, column)| format!("{}={column}", String::from_utf8_lossy(field)))
+                .collect();
+            format!(
+                "{}|{}|{}|{}|{}|{}|{}",
+                m.name,
+                m.db,
+                String::from_utf8_lossy(&m.key_prefix),
+                m.table,
+                m.key_column,
+                columns.join(","),
+                m.required.join(",")
+            )
+        })
+        .collect();
+    described.sort();
+    let crc = crc::Crc::<u64>::new(&crc::CRC_64_ECMA_182);
+    format!("{:016x}", crc.checksum(described.join("\n").as_bytes()))
+}
+
 /// All mappings, looked up by database and key.
 #[derive(Debug, Clone, Default)]
 pub struct Mappings {
@@ -95,6 +124,19 @@ impl Mappings {
     /// Whether any mapping watches database `db`.
     pub fn watches_db(&self, db: u32) -> bool {
         self.mappings.iter().any(|m| m.db == db)
+    }
+
+    /// The keys the mirror follows: `db:prefix` of every mapping, one per line, sorted (the
+    /// buffer records it; a change means the mirror must be rebuilt).
+    pub fn watched_keys(&self) -> String {
+        let mut lines: Vec<String> = self
+            .mappings
+            .iter()
+            .map(|m| format!("{}:{}", m.db, String::from_utf8_lossy(&m.key_prefix)))
+            .collect();
+        lines.sort();
+        lines.dedup();
+        lines.join("\n")
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Mapping> {

@@ -96,6 +96,23 @@ impl Capture {
         let mut checkpoint = store.checkpoint()?;
         // Seqs start at 1: a sink whose checkpoint says 0 has applied nothing.
         checkpoint.next_seq = checkpoint.next_seq.max(ChangeSeq::FIRST);
+        let watched = mappings.watched_keys();
+        if checkpoint.position.is_some()
+            && !checkpoint.full_sync_in_progress
+            && store.watched()?.as_deref() != Some(watched.as_str())
+        {
+            // The mirror follows other keys than the configuration watches: what the new
+            // mappings watch is not in it. A full sync rebuilds it (and the sinks reconcile).
+            tracing::warn!(
+                "the configuration watches other keys than the buffer was built for; starting with a full synchronisation"
+            );
+            metrics::counter!("writebehind_reconciliations_total", "reason" => "watched_keys")
+                .increment(1);
+            checkpoint.full_sync_in_progress = true;
+            let mut batch = Batch::default();
+            batch.put_checkpoint(&checkpoint);
+            store.write(batch, true)?;
+        }
         let ops = OpState::new(ops, store.raw_keys()?);
         // What the buffer already holds is buffered, whatever this run receives.
         if let Some(position) = &checkpoint.position {

@@ -165,7 +165,8 @@ async fn retry_one(
         .prepare(std::slice::from_ref(mapping))
         .await
         .map_err(RetryError::Schema)?;
-    let applied = sink.applied_seq().await?;
+    // The sink's checkpoint row stays as it is: this row is written outside the change order.
+    let row = sink.checkpoint().await?;
     let schema = schemas
         .first()
         .ok_or_else(|| RetryError::NoTable(mapping.name.clone()))?;
@@ -188,7 +189,6 @@ async fn retry_one(
         _ => RowOp::Delete { id },
     };
     let checkpoint = store.checkpoint()?;
-    // The sink's checkpoint stays where it is: this row is written outside the change order.
     let batch = SinkBatch {
         writes: vec![RowWrite {
             table: 0,
@@ -197,7 +197,9 @@ async fn retry_one(
             delete_first: false,
             op,
         }],
-        last_seq: applied,
+        last_seq: row.seq,
+        buffer_id: row.buffer_id.unwrap_or_default(),
+        mappings_id: row.mappings_id.unwrap_or_default(),
         replid: checkpoint
             .position
             .as_ref()

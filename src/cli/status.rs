@@ -112,9 +112,9 @@ pub(super) async fn status(path: &std::path::Path) -> ExitCode {
         }
         let applied = match crate::sink::Sink::connect(name, &backend.url).await {
             Ok(mut sink) => sink
-                .applied_seq()
+                .checkpoint()
                 .await
-                .map(|seq| serde_json::Value::from(seq.0))
+                .map(|row| serde_json::Value::from(row.seq.0))
                 .unwrap_or_else(|e| serde_json::Value::from(e.to_string())),
             Err(e) => serde_json::Value::from(e.to_string()),
         };

@@ -31,6 +31,21 @@ pub struct Command {
     pub end: ReplOffset,
 }
 
+#[cfg(test)]
+impl Command {
+    /// A command from its words, for tests.
+    pub(crate) fn from_words(words: &[&str], db: u32, end: ReplOffset) -> Command {
+        Command {
+            args: words
+                .iter()
+                .map(|w| Bytes::copy_from_slice(w.as_bytes()))
+                .collect(),
+            db,
+            end,
+        }
+    }
+}
+
 impl Command {
     /// Whether the command name equals `name`, ignoring ASCII case.
     pub fn is(&self, name: &str) -> bool {

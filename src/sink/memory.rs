@@ -7,18 +7,17 @@ use std::collections::{BTreeMap, HashSet};
 
 use super::convert::{ColumnType, SqlValue};
 use super::{
-    BeforeCommit, ColumnInfo, Destination, Rejected, RowOp, SchemaProblem, SinkBatch, SinkError,
-    TableSchema,
+    BeforeCommit, ColumnInfo, Destination, Rejected, RowOp, SchemaProblem, SinkBatch,
+    SinkCheckpoint, SinkError, TableSchema,
 };
 use crate::capture::mapping::Mapping;
-use crate::position::ChangeSeq;
 
 /// Rows per table (by key), the checkpoint, and the failures to simulate.
 #[derive(Debug, Default)]
 pub struct MemoryDestination {
     pub tables: BTreeMap<String, BTreeMap<String, Vec<SqlValue>>>,
-    /// The seq of the last applied change.
-    pub applied: ChangeSeq,
+    /// The checkpoint row.
+    pub checkpoint: SinkCheckpoint,
     /// The next this many `apply` calls fail with a transient error.
     pub fail_next: u32,
     /// Keys whose upsert the "database" refuses.
@@ -62,8 +61,26 @@ impl Destination for MemoryDestination {
             .collect())
     }
 
-    async fn applied_seq(&mut self) -> Result<ChangeSeq, SinkError> {
-        Ok(self.applied)
+    async fn checkpoint(&mut self) -> Result<SinkCheckpoint, SinkError> {
+        Ok(self.checkpoint.clone())
+    }
+
+    async fn row_ids(
+        &mut self,
+        schema: &TableSchema,
+        after: Option<&SqlValue>,
+        limit: usize,
+    ) -> Result<Vec<SqlValue>, SinkError> {
+        let after = after.map(key_text);
+        Ok(self
+            .tables
+            .get(&schema.table)
+            .into_iter()
+            .flat_map(|rows| rows.keys())
+            .filter(|id| after.as_ref().is_none_or(|a| *id > a))
+            .take(limit)
+            .map(|id| SqlValue::Text(id.clone()))
+            .collect())
     }
 
     async fn apply(
@@ -103,7 +120,11 @@ impl Destination for MemoryDestination {
         before_commit(&rejected)
             .map_err(|e| SinkError::fatal("memory: cannot store refused rows").caused_by(e))?;
         self.tables = tables;
-        self.applied = batch.last_seq;
+        self.checkpoint = SinkCheckpoint {
+            seq: batch.last_seq,
+            buffer_id: Some(batch.buffer_id.clone()),
+            mappings_id: Some(batch.mappings_id.clone()),
+        };
         self.commits += 1;
         Ok(rejected)
     }

@@ -8,6 +8,7 @@ mod error;
 #[cfg(test)]
 pub mod memory;
 pub mod mysql;
+mod reconcile;
 pub mod runner;
 pub mod sqlite;
 
@@ -121,6 +122,21 @@ pub struct SinkBatch {
     pub replid: String,
     /// The stream offset after the batch's last unit (recorded with the checkpoint).
     pub offset: ReplOffset,
+    /// The identity of the buffer `last_seq` belongs to (recorded with the checkpoint).
+    pub buffer_id: String,
+    /// The fingerprint of the backend's mappings (recorded with the checkpoint).
+    pub mappings_id: String,
+}
+
+/// What a backend's checkpoint row says: how far it has applied, of which buffer, for which
+/// mappings. Seqs are only comparable with the buffer that gave them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SinkCheckpoint {
+    /// The seq of the last applied change ([`ChangeSeq::NONE`] when there is no row).
+    pub seq: ChangeSeq,
+    /// `None` when there is no row, or when it was written before buffers had identities.
+    pub buffer_id: Option<String>,
+    pub mappings_id: Option<String>,
 }
 
 /// Called with the refused rows of a batch just before it commits, so that they are stored
@@ -147,6 +163,9 @@ pub struct Rejected {
 ///   exactly that: committed together with the checkpoint.
 /// - **Idempotence**: on start the sink reads its checkpoint row and the runner skips every change
 ///   at or below it, so a batch is applied once whatever crashes in between (exactly-once effect).
+///   The row also records the identity of the buffer its seq belongs to and the fingerprint of
+///   the backend's mappings: when either differs, the seq means nothing here and the runner
+///   reconciles the tables with the mirror instead (`reconcile.rs`).
 /// - **Rejections**: a row the database refuses (conversion, length, NOT NULL, constraint) is
 ///   isolated (savepoint per row) and reported with its reason; the rest of the batch commits.
 ///   Values are converted by column type before they are sent, so a value that cannot be
@@ -163,8 +182,17 @@ pub trait Destination {
         mappings: &[Mapping],
     ) -> Result<Vec<TableSchema>, Vec<SchemaProblem>>;
 
-    /// The seq of the last applied change (0 when none).
-    async fn applied_seq(&mut self) -> Result<ChangeSeq, SinkError>;
+    /// The backend's checkpoint row (the default when there is none).
+    async fn checkpoint(&mut self) -> Result<SinkCheckpoint, SinkError>;
+
+    /// Up to `limit` values of the key column of `schema`'s table greater than `after`, in key
+    /// order (for reconciliation: rows whose key Redis no longer has are deleted).
+    async fn row_ids(
+        &mut self,
+        schema: &TableSchema,
+        after: Option<&SqlValue>,
+        limit: usize,
+    ) -> Result<Vec<SqlValue>, SinkError>;
 
     /// Applies a batch in one transaction with the checkpoint; returns the refused rows.
     async fn apply(
@@ -210,11 +238,22 @@ impl Destination for Sink {
         }
     }
 
-    /// The seq of the last applied change (0 when none).
-    async fn applied_seq(&mut self) -> Result<ChangeSeq, SinkError> {
+    async fn checkpoint(&mut self) -> Result<SinkCheckpoint, SinkError> {
         match self {
-            Sink::Mysql(s) => s.applied_seq().await,
-            Sink::Sqlite(s) => s.applied_seq().await,
+            Sink::Mysql(s) => s.checkpoint().await,
+            Sink::Sqlite(s) => s.checkpoint().await,
+        }
+    }
+
+    async fn row_ids(
+        &mut self,
+        schema: &TableSchema,
+        after: Option<&SqlValue>,
+        limit: usize,
+    ) -> Result<Vec<SqlValue>, SinkError> {
+        match self {
+            Sink::Mysql(s) => s.row_ids(schema, after, limit).await,
+            Sink::Sqlite(s) => s.row_ids(schema, after, limit).await,
         }
     }
 

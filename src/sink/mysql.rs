@@ -13,6 +13,7 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, Params, Pool, TxOpts, Value};
 
 use super::convert::{ColumnType, SqlValue};
+use super::SinkCheckpoint;
 use super::{
     quote, BeforeCommit, ColumnInfo, Destination, Rejected, RowOp, SchemaProblem, SinkBatch,
     SinkError, SinkErrorKind, TableSchema, CHECKPOINT_TABLE,
@@ -66,6 +67,22 @@ pub struct MysqlSink {
 
 fn q(identifier: &str) -> String {
     quote(identifier, '`')
+}
+
+/// A value read back from the server.
+fn sql_value(v: Value) -> SqlValue {
+    match v {
+        Value::NULL => SqlValue::Null,
+        Value::Int(i) => SqlValue::Int(i),
+        Value::UInt(u) => SqlValue::UInt(u),
+        Value::Float(f) => SqlValue::Float(f64::from(f)),
+        Value::Double(f) => SqlValue::Float(f),
+        Value::Bytes(b) => match String::from_utf8(b) {
+            Ok(text) => SqlValue::Text(text),
+            Err(e) => SqlValue::Bytes(e.into_bytes()),
+        },
+        other => SqlValue::Text(other.as_sql(true).trim_matches('\'').to_string()),
+    }
 }
 
 fn value(v: &SqlValue) -> Value {
@@ -157,14 +174,17 @@ impl MysqlSink {
     fn checkpoint_statement(&self, batch: &SinkBatch) -> (String, Params) {
         (
             format!(
-                "INSERT INTO {CHECKPOINT_TABLE} (source, backend, replid, repl_offset, change_seq) VALUES ('writebehind', ?, ?, ?, ?) \
-                 ON DUPLICATE KEY UPDATE replid = VALUES(replid), repl_offset = VALUES(repl_offset), change_seq = VALUES(change_seq)"
+                "INSERT INTO {CHECKPOINT_TABLE} (source, backend, replid, repl_offset, change_seq, buffer_id, mappings_id) VALUES ('writebehind', ?, ?, ?, ?, ?, ?) \
+                 ON DUPLICATE KEY UPDATE replid = VALUES(replid), repl_offset = VALUES(repl_offset), change_seq = VALUES(change_seq), \
+                 buffer_id = VALUES(buffer_id), mappings_id = VALUES(mappings_id)"
             ),
             Params::Positional(vec![
                 Value::from(self.name.clone()),
                 Value::from(batch.replid.clone()),
                 Value::UInt(batch.offset.0),
                 Value::UInt(batch.last_seq.0),
+                Value::from(batch.buffer_id.clone()),
+                Value::from(batch.mappings_id.clone()),
             ]),
         )
     }
@@ -442,12 +462,31 @@ impl Destination for MysqlSink {
         let create = format!(
             "CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (source VARCHAR(64) NOT NULL, backend VARCHAR(191) NOT NULL, replid CHAR(40), \
              repl_offset BIGINT UNSIGNED, change_seq BIGINT UNSIGNED NOT NULL, \
+             buffer_id VARCHAR(64), mappings_id VARCHAR(64), \
              updated_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3), \
              PRIMARY KEY (source, backend)) ENGINE=InnoDB"
         );
         if let Err(e) = conn.query_drop(create).await {
             let message = format!("backend `{}`: cannot create {CHECKPOINT_TABLE}: {e}; grant CREATE or create it by hand", self.name);
             return Err(vec![SinkError::fatal(message).caused_by(e).into()]);
+        }
+        // Checkpoint tables of earlier versions lack the identity columns.
+        let existing: Vec<String> = conn
+            .exec(
+                "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+                (CHECKPOINT_TABLE,),
+            )
+            .await
+            .unwrap_or_default();
+        for column in ["buffer_id", "mappings_id"] {
+            if existing.iter().any(|c| c == column) {
+                continue;
+            }
+            let alter = format!("ALTER TABLE {CHECKPOINT_TABLE} ADD COLUMN {column} VARCHAR(64)");
+            if let Err(e) = conn.query_drop(alter).await {
+                let message = format!("backend `{}`: cannot add {column} to {CHECKPOINT_TABLE}: {e}; grant ALTER or add it by hand", self.name);
+                return Err(vec![SinkError::fatal(message).caused_by(e).into()]);
+            }
         }
         let mut schemas = Vec::new();
         for mapping in mappings {
@@ -517,13 +556,40 @@ impl Destination for MysqlSink {
         }
     }
 
-    async fn applied_seq(&mut self) -> Result<ChangeSeq, SinkError> {
+    async fn checkpoint(&mut self) -> Result<SinkCheckpoint, SinkError> {
         let mut conn = self.conn().await?;
-        let seq: Option<u64> = conn
-            .exec_first(format!("SELECT change_seq FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ?"), (self.name.clone(),))
+        let row: Option<(u64, Option<String>, Option<String>)> = conn
+            .exec_first(format!("SELECT change_seq, buffer_id, mappings_id FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ?"), (self.name.clone(),))
             .await
             .map_err(|e| self.error(e))?;
-        Ok(ChangeSeq(seq.unwrap_or(0)))
+        Ok(row
+            .map(|(seq, buffer_id, mappings_id)| SinkCheckpoint {
+                seq: ChangeSeq(seq),
+                buffer_id,
+                mappings_id,
+            })
+            .unwrap_or_default())
+    }
+
+    async fn row_ids(
+        &mut self,
+        schema: &TableSchema,
+        after: Option<&SqlValue>,
+        limit: usize,
+    ) -> Result<Vec<SqlValue>, SinkError> {
+        let mut conn = self.conn().await?;
+        let key = q(&schema.key_column.name);
+        let table = q(&schema.table);
+        let (filter, params) = match after {
+            Some(after) => (format!("WHERE {key} > ?"), vec![value(after)]),
+            None => (String::new(), Vec::new()),
+        };
+        let sql = format!("SELECT {key} FROM {table} {filter} ORDER BY {key} LIMIT {limit}");
+        let ids: Vec<Value> = conn
+            .exec(sql, Params::Positional(params))
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(ids.into_iter().map(sql_value).collect())
     }
 
     async fn apply(

@@ -13,12 +13,15 @@ use tokio::sync::Notify;
 pub use super::applied::AppliedPositions;
 pub use super::coalesce::convert_row;
 use super::coalesce::{coalesce, Coalesced, RefusedRow};
+use super::reconcile::{Reconcile, RECONCILE_LETTERS};
 use super::{
-    BeforeCommit, Destination, Rejected, RowWrite, SchemaProblem, SinkBatch, SinkError, TableSchema,
+    BeforeCommit, Destination, Rejected, RowWrite, SchemaProblem, SinkBatch, SinkCheckpoint,
+    SinkError, TableSchema,
 };
 use crate::ack::Writeback;
 use crate::backoff::Backoff;
 use crate::buffer::{Batch, Change, DeadLetter, NewAck, Store, StoreError};
+use crate::capture::mapping::fingerprint;
 use crate::capture::mapping::Mapping;
 use crate::clock::now_ms;
 use crate::position::ChangeSeq;
@@ -49,17 +52,23 @@ pub struct RunnerLinks {
 
 /// Moves the change log into one backend (see the module doc).
 pub struct SinkRunner<D: Destination> {
-    name: String,
-    sink: D,
-    mappings: Vec<Mapping>,
-    schemas: Vec<TableSchema>,
-    store: Arc<Store>,
-    notify: Arc<Notify>,
-    positions: Arc<AppliedPositions>,
-    applied: ChangeSeq,
-    health: Arc<crate::metrics::Health>,
-    writeback: Arc<Writeback>,
-    backoff: Backoff,
+    pub(super) name: String,
+    pub(super) sink: D,
+    pub(super) mappings: Vec<Mapping>,
+    pub(super) schemas: Vec<TableSchema>,
+    pub(super) store: Arc<Store>,
+    pub(super) notify: Arc<Notify>,
+    pub(super) positions: Arc<AppliedPositions>,
+    pub(super) applied: ChangeSeq,
+    pub(super) health: Arc<crate::metrics::Health>,
+    pub(super) writeback: Arc<Writeback>,
+    pub(super) backoff: Backoff,
+    /// The fingerprint of `mappings`, recorded with every checkpoint.
+    pub(super) mappings_id: String,
+    /// Why the tables must be reconciled before anything else (found at start).
+    pub(super) reconcile: Option<Reconcile>,
+    /// The next dead-letter id of a reconciliation.
+    pub(super) reconcile_letters: u64,
 }
 
 impl<D: Destination> SinkRunner<D> {
@@ -72,7 +81,26 @@ impl<D: Destination> SinkRunner<D> {
         links: RunnerLinks,
     ) -> Result<SinkRunner<D>, Vec<SchemaProblem>> {
         let schemas = sink.prepare(&mappings).await?;
-        let applied = sink.applied_seq().await.map_err(|e| vec![e.into()])?;
+        let row = sink.checkpoint().await.map_err(|e| vec![e.into()])?;
+        let mappings_id = fingerprint(&mappings);
+        let store_problem =
+            |e: StoreError| vec![SinkError::fatal(e.to_string()).caused_by(e).into()];
+        let reconcile =
+            Reconcile::needed(&row, &links.store, &mappings_id).map_err(store_problem)?;
+        // Until the tables are reconciled, nothing of this buffer counts as applied here.
+        let applied = match reconcile {
+            Some(_) => ChangeSeq::NONE,
+            None => row.seq,
+        };
+        let reconcile_letters = links
+            .store
+            .dead_letters()
+            .map_err(store_problem)?
+            .iter()
+            .map(|l| l.seq.0 + 1)
+            .filter(|seq| *seq > RECONCILE_LETTERS)
+            .max()
+            .unwrap_or(RECONCILE_LETTERS);
         links.health.backend(name, true, None);
         Ok(SinkRunner {
             name: name.to_string(),
@@ -86,6 +114,9 @@ impl<D: Destination> SinkRunner<D> {
             health: links.health,
             writeback: links.writeback,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(30)),
+            mappings_id,
+            reconcile,
+            reconcile_letters,
         })
     }
 
@@ -96,13 +127,18 @@ impl<D: Destination> SinkRunner<D> {
         if enqueued >= self.applied {
             return Ok(());
         }
-        let letters: HashMap<ChangeSeq, String> = self
-            .store
-            .dead_letters()?
-            .into_iter()
-            .filter(|l| l.backend == self.name)
-            .map(|l| (l.seq, l.reason))
-            .collect();
+        let (mut letters, mut reconciled) = (HashMap::new(), HashMap::new());
+        for letter in self.store.dead_letters()? {
+            if letter.backend != self.name {
+                continue;
+            }
+            if letter.seq.0 >= RECONCILE_LETTERS {
+                // A row refused by a reconciliation belongs to no change: by row.
+                reconciled.insert((letter.mapping, letter.row_id), letter.reason);
+            } else {
+                letters.insert(letter.seq, letter.reason);
+            }
+        }
         let mut from = enqueued.next();
         loop {
             let changes = self.store.changes(from, MAX_BATCH_CHANGES)?;
@@ -112,7 +148,14 @@ impl<D: Destination> SinkRunner<D> {
                 .collect();
             let Some(last) = changes.last() else { break };
             from = last.seq.next();
-            self.queue_acks(&changes, |c| letters.get(&c.seq).cloned(), last.seq)?;
+            let refused = |c: &Change| {
+                letters.get(&c.seq).cloned().or_else(|| {
+                    reconciled
+                        .get(&(c.mapping.clone(), c.row_id.clone()))
+                        .cloned()
+                })
+            };
+            self.queue_acks(&changes, refused, last.seq)?;
         }
         Ok(())
     }
@@ -155,6 +198,11 @@ impl<D: Destination> SinkRunner<D> {
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<(), RunnerError> {
         tokio::pin!(stop);
+        if let Some(reason) = self.reconcile.take() {
+            if !self.reconcile(&reason, &mut stop).await? {
+                return Ok(());
+            }
+        }
         self.catch_up_acks()?;
         self.report()?;
         let notify = self.notify.clone();
@@ -205,6 +253,8 @@ impl<D: Destination> SinkRunner<D> {
             last_seq,
             replid,
             offset,
+            buffer_id: self.store.identity().to_string(),
+            mappings_id: self.mappings_id.clone(),
         };
         let started = std::time::Instant::now();
         let before_commit = self.dead_letters_before_commit(&batch);
@@ -237,7 +287,7 @@ impl<D: Destination> SinkRunner<D> {
         Ok(true)
     }
 
-    fn mapping_name(&self, write: &RowWrite) -> String {
+    pub(super) fn mapping_name(&self, write: &RowWrite) -> String {
         self.mappings
             .get(write.table)
             .map(|m| m.name.clone())
@@ -246,7 +296,7 @@ impl<D: Destination> SinkRunner<D> {
 
     /// Rows the database refuses are dead-lettered inside the commit, before the batch counts
     /// as applied: a crash cannot lose them.
-    fn dead_letters_before_commit(&self, batch: &SinkBatch) -> BeforeCommit {
+    pub(super) fn dead_letters_before_commit(&self, batch: &SinkBatch) -> BeforeCommit {
         let index: HashMap<ChangeSeq, (String, Bytes)> = batch
             .writes
             .iter()
@@ -304,7 +354,7 @@ impl<D: Destination> SinkRunner<D> {
         self.store.write(batch, true)
     }
 
-    async fn apply_with_retry(
+    pub(super) async fn apply_with_retry(
         &mut self,
         batch: &SinkBatch,
         before_commit: &BeforeCommit,
@@ -327,8 +377,8 @@ impl<D: Destination> SinkRunner<D> {
                     tokio::time::sleep(delay).await;
                     // The connection may have died after COMMIT reached the server: if the
                     // checkpoint row says the batch is in, it must not be applied again.
-                    match self.sink.applied_seq().await {
-                        Ok(applied) if applied >= batch.last_seq => {
+                    match self.sink.checkpoint().await {
+                        Ok(row) if batch_is_in(batch, &row) => {
                             tracing::info!(backend = %self.name, seq = %batch.last_seq, "the batch had committed before the connection failed");
                             self.backoff.reset();
                             return Ok(Vec::new());
@@ -359,6 +409,16 @@ impl<D: Destination> SinkRunner<D> {
         }
         Ok(changes)
     }
+}
+
+/// Whether the checkpoint `row` says `batch` has committed (a lost connection may have hidden
+/// its COMMIT). Only a batch that moves the checkpoint can tell; the others (reconciliation
+/// writes) are idempotent and simply applied again.
+fn batch_is_in(batch: &SinkBatch, row: &SinkCheckpoint) -> bool {
+    batch.last_seq > ChangeSeq::NONE
+        && !batch.buffer_id.is_empty()
+        && row.buffer_id.as_deref() == Some(batch.buffer_id.as_str())
+        && row.seq >= batch.last_seq
 }
 
 /// Whether `stop` has already resolved (without waiting).
@@ -499,7 +559,7 @@ mod tests {
             .expect("runner");
         assert!(runner.step().await.expect("step"), "a batch was applied");
         assert_eq!(runner.sink.commits, 1);
-        assert_eq!(runner.sink.applied, ChangeSeq(3));
+        assert_eq!(runner.sink.checkpoint.seq, ChangeSeq(3));
         assert_eq!(runner.applied, ChangeSeq(3));
         let rows = &runner.sink.tables["t"];
         assert_eq!(rows.len(), 2);

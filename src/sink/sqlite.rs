@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params_from_iter, Connection, ErrorCode, OptionalExtension};
 
 use super::convert::{ColumnType, SqlValue};
+use super::SinkCheckpoint;
 use super::{
     quote, BeforeCommit, ColumnInfo, Destination, Rejected, RowOp, SchemaProblem, SinkBatch,
     SinkError, SinkErrorKind, TableSchema, CHECKPOINT_TABLE,
@@ -101,6 +102,31 @@ impl SqliteSink {
 }
 
 /// Columns of a table: name -> (info, is the primary key or has a single-column unique index).
+/// Checkpoint tables of earlier versions lack the identity columns.
+fn add_identity_columns(connection: &Connection) -> rusqlite::Result<()> {
+    let existing = describe(connection, CHECKPOINT_TABLE)?;
+    for column in ["buffer_id", "mappings_id"] {
+        if !existing.contains_key(column) {
+            connection.execute_batch(&format!(
+                "ALTER TABLE {CHECKPOINT_TABLE} ADD COLUMN {column} TEXT"
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+/// A value read back from SQLite.
+fn sql_value(value: rusqlite::types::Value) -> SqlValue {
+    use rusqlite::types::Value as V;
+    match value {
+        V::Null => SqlValue::Null,
+        V::Integer(i) => SqlValue::Int(i),
+        V::Real(f) => SqlValue::Float(f),
+        V::Text(t) => SqlValue::Text(t),
+        V::Blob(b) => SqlValue::Bytes(b),
+    }
+}
+
 fn describe(
     connection: &Connection,
     table: &str,
@@ -240,10 +266,11 @@ fn apply_blocking(
     }
     tx.execute(
         &format!(
-            "INSERT INTO {CHECKPOINT_TABLE} (source, backend, replid, repl_offset, change_seq, updated_at) VALUES ('writebehind', ?1, ?2, ?3, ?4, datetime('now')) \
-             ON CONFLICT(source, backend) DO UPDATE SET replid = excluded.replid, repl_offset = excluded.repl_offset, change_seq = excluded.change_seq, updated_at = excluded.updated_at"
+            "INSERT INTO {CHECKPOINT_TABLE} (source, backend, replid, repl_offset, change_seq, buffer_id, mappings_id, updated_at) VALUES ('writebehind', ?1, ?2, ?3, ?4, ?5, ?6, datetime('now')) \
+             ON CONFLICT(source, backend) DO UPDATE SET replid = excluded.replid, repl_offset = excluded.repl_offset, change_seq = excluded.change_seq, \
+             buffer_id = excluded.buffer_id, mappings_id = excluded.mappings_id, updated_at = excluded.updated_at"
         ),
-        rusqlite::params![name, batch.replid, batch.offset.0 as i64, batch.last_seq.0 as i64],
+        rusqlite::params![name, batch.replid, batch.offset.0 as i64, batch.last_seq.0 as i64, batch.buffer_id, batch.mappings_id],
     )
     .map_err(fail)?;
     before_commit(&rejected).map_err(|e| {
@@ -265,9 +292,9 @@ impl Destination for SqliteSink {
                 let mut problems = Vec::new();
                 let mut schemas = Vec::new();
                 let create = format!(
-                    "CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (source TEXT NOT NULL, backend TEXT NOT NULL, replid TEXT, repl_offset INTEGER, change_seq INTEGER NOT NULL, updated_at TEXT, PRIMARY KEY (source, backend))"
+                    "CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (source TEXT NOT NULL, backend TEXT NOT NULL, replid TEXT, repl_offset INTEGER, change_seq INTEGER NOT NULL, buffer_id TEXT, mappings_id TEXT, updated_at TEXT, PRIMARY KEY (source, backend))"
                 );
-                if let Err(e) = connection.execute_batch(&create) {
+                if let Err(e) = connection.execute_batch(&create).and_then(|()| add_identity_columns(connection)) {
                     let message = format!("backend `{name}` ({path}): cannot create {CHECKPOINT_TABLE}: {e}");
                     return Err(vec![SinkError::fatal(message).caused_by(e).into()]);
                 }
@@ -312,18 +339,60 @@ impl Destination for SqliteSink {
         result.map_err(|e| vec![e.into()])?
     }
 
-    async fn applied_seq(&mut self) -> Result<ChangeSeq, SinkError> {
+    async fn checkpoint(&mut self) -> Result<SinkCheckpoint, SinkError> {
         let name = self.name.clone();
         self.blocking(move |connection| {
             connection
                 .query_row(
-                    &format!("SELECT change_seq FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ?1"),
+                    &format!("SELECT change_seq, buffer_id, mappings_id FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ?1"),
                     [&name],
-                    |row| row.get::<_, i64>(0),
+                    |row| {
+                        Ok(SinkCheckpoint {
+                            seq: ChangeSeq(row.get::<_, i64>(0)?.max(0) as u64),
+                            buffer_id: row.get(1)?,
+                            mappings_id: row.get(2)?,
+                        })
+                    },
                 )
                 .optional()
-                .map(|seq| ChangeSeq(seq.unwrap_or(0).max(0) as u64))
+                .map(Option::unwrap_or_default)
                 .map_err(|e| SinkError::fatal(format!("backend `{name}`: cannot read {CHECKPOINT_TABLE}: {e}")).caused_by(e))
+        })
+        .await?
+    }
+
+    async fn row_ids(
+        &mut self,
+        schema: &TableSchema,
+        after: Option<&SqlValue>,
+        limit: usize,
+    ) -> Result<Vec<SqlValue>, SinkError> {
+        let (name, key, table) = (
+            self.name.clone(),
+            q(&schema.key_column.name),
+            q(&schema.table),
+        );
+        let after = after.cloned();
+        self.blocking(move |connection| {
+            let filter = if after.is_some() {
+                format!("WHERE {key} > ?1")
+            } else {
+                String::new()
+            };
+            let sql = format!("SELECT {key} FROM {table} {filter} ORDER BY {key} LIMIT {limit}");
+            let read = || -> rusqlite::Result<Vec<SqlValue>> {
+                let mut statement = connection.prepare(&sql)?;
+                let params: Vec<&SqlValue> = after.iter().collect();
+                let rows = statement.query_map(params_from_iter(params), |row| {
+                    row.get::<_, rusqlite::types::Value>(0)
+                })?;
+                rows.map(|v| v.map(sql_value)).collect()
+            };
+            read().map_err(|e| {
+                classify(e)
+                    .outside_row()
+                    .context(format!("backend `{name}`"))
+            })
         })
         .await?
     }

@@ -1,0 +1,359 @@
+//! Never silently diverge (docs/design.md section 8.5): states the service cannot vouch for — a
+//! lost buffer, a buffer restored from an older copy, a change log trimmed before a backend saw
+//! it, mappings changed over an existing buffer — are reconciled, and the tables end equal to
+//! Redis. Real `redis-server` and MariaDB; the pipeline runs in-process (`Service`).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+use support::RedisServer;
+use writebehind::config::Config;
+use writebehind::position::ChangeSeq;
+use writebehind::redis_client::RedisClient;
+use writebehind::service::{Service, ServiceOptions};
+
+/// A row as (first, age).
+type Row = (Option<String>, Option<String>);
+
+struct Fixture {
+    _redis: RedisServer,
+    redis_url: String,
+    client: RedisClient,
+    databases: Vec<(String, String, mysql_async::Pool)>,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// Redis (with `extra` arguments) and `count` fresh MariaDB databases.
+    async fn new(count: usize) -> Fixture {
+        Fixture::with_redis(count, &[]).await
+    }
+
+    async fn with_redis(count: usize, extra: &[&str]) -> Fixture {
+        let redis = RedisServer::start(extra);
+        let client = redis.client().await;
+        let mut databases = Vec::new();
+        for _ in 0..count {
+            let (name, url) = support::create_database(support::SHARED_MARIADB, "wb_int").await;
+            let pool = mysql_async::Pool::new(url.as_str());
+            databases.push((name, url, pool));
+        }
+        Fixture {
+            redis_url: redis.url(),
+            _redis: redis,
+            client,
+            databases,
+            dir: tempfile::tempdir().expect("dir"),
+        }
+    }
+
+    fn buffer(&self) -> std::path::PathBuf {
+        self.dir.path().join("buffer")
+    }
+
+    /// A configuration: `mappings` as (name, prefix, backend index, table).
+    fn config(&self, mappings: &[(&str, &str, usize, &str)]) -> Config {
+        let mut text = format!(
+            "[source]\nurl = \"{}\"\n[buffer]\npath = \"{}\"\n",
+            self.redis_url,
+            self.buffer().display()
+        );
+        for (i, (_, url, _)) in self.databases.iter().enumerate() {
+            text.push_str(&format!("[backends.db{i}]\nurl = \"{url}\"\n"));
+        }
+        for (name, prefix, backend, table) in mappings {
+            text.push_str(&format!(
+                "[[mappings]]\nname = \"{name}\"\nprefix = \"{prefix}\"\nbackend = \"db{backend}\"\ntable = \"{table}\"\nkey_column = \"id\"\ncreate_table = true\n[mappings.columns]\nfirst_name = \"first\"\nage = \"age\"\n"
+            ));
+        }
+        Config::parse(&text, &|_| None).expect("config")
+    }
+
+    async fn start(&self, config: &Config) -> Service {
+        Service::start(config, ServiceOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("the service did not start: {e}"))
+    }
+
+    async fn redis(&mut self, args: &[&str]) {
+        self.client
+            .command(args)
+            .await
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    }
+
+    /// `HSET <prefix>:<i> first_name <first> age <i>` for each `i`.
+    async fn people(&mut self, prefix: &str, ids: std::ops::Range<u32>, first: &str) {
+        for i in ids {
+            let (key, age) = (format!("{prefix}:{i}"), i.to_string());
+            self.redis(&[
+                "HSET",
+                &key,
+                "first_name",
+                &format!("{first}{i}"),
+                "age",
+                &age,
+            ])
+            .await;
+        }
+    }
+
+    /// What the rows of `prefix` must be: every hash in Redis, by id.
+    async fn expected(&mut self, prefix: &str) -> BTreeMap<String, Row> {
+        let keys = match self
+            .client
+            .command(&["KEYS", &format!("{prefix}:*")])
+            .await
+            .expect("keys")
+        {
+            redis_protocol::resp2::types::BytesFrame::Array(keys) => keys,
+            other => panic!("KEYS: {other:?}"),
+        };
+        let mut rows = BTreeMap::new();
+        for key in keys.iter().map(writebehind::redis_client::frame_text) {
+            let field = |reply| match reply {
+                redis_protocol::resp2::types::BytesFrame::BulkString(v) => {
+                    Some(String::from_utf8_lossy(&v).into_owned())
+                }
+                _ => None,
+            };
+            let first = self.client.command(&["HGET", &key, "first_name"]).await;
+            let age = self.client.command(&["HGET", &key, "age"]).await;
+            let id = key[prefix.len() + 1..].to_string();
+            rows.insert(id, (field(first.expect("hget")), field(age.expect("hget"))));
+        }
+        rows
+    }
+
+    async fn table(&self, backend: usize, table: &str) -> BTreeMap<String, Row> {
+        let pool = &self.databases[backend].2;
+        let rows: Vec<(String, Option<String>, Option<String>)> = match pool.get_conn().await {
+            Ok(mut conn) => conn
+                .query(format!("SELECT id, first, age FROM {table}"))
+                .await
+                .unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        rows.into_iter()
+            .map(|(id, first, age)| (id, (first, age)))
+            .collect()
+    }
+
+    /// Waits until table `table` of backend `backend` equals the hashes of `prefix` in Redis.
+    async fn converges(&mut self, backend: usize, table: &str, prefix: &str) {
+        let expected = self.expected(prefix).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let rows = self.table(backend, table).await;
+            if rows == expected {
+                return;
+            }
+            if Instant::now() > deadline {
+                let wrong: Vec<_> = expected
+                    .iter()
+                    .filter(|(id, row)| rows.get(*id) != Some(row))
+                    .take(5)
+                    .collect();
+                let extra: Vec<_> = rows
+                    .keys()
+                    .filter(|id| !expected.contains_key(*id))
+                    .take(5)
+                    .collect();
+                panic!(
+                    "`{table}` never equalled Redis: {} rows for {} hashes; missing or different {wrong:?}; extra {extra:?}",
+                    rows.len(),
+                    expected.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn stop(service: Service) {
+    service.shutdown();
+    service.wait().await.expect("the service stopped cleanly");
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let names: Vec<String> = self.databases.iter().map(|d| d.0.clone()).collect();
+        std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                let admin =
+                    mysql_async::Pool::new(format!("{}/mysql", support::SHARED_MARIADB).as_str());
+                if let Ok(mut conn) = admin.get_conn().await {
+                    for name in names {
+                        conn.query_drop(format!("DROP DATABASE IF EXISTS {name}"))
+                            .await
+                            .ok();
+                    }
+                }
+                admin.disconnect().await.ok();
+            });
+        })
+        .join()
+        .ok();
+    }
+}
+
+/// The issue's first case: 300 hashes in the table; the buffer is lost while the service is
+/// stopped; 100 hashes change and 43 are deleted meanwhile; the service starts on an empty
+/// buffer and 20 new hashes arrive. The database's checkpoint belongs to the lost buffer: the
+/// table is reconciled and ends equal to Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_buffer_is_reconciled_not_skipped_over() {
+    let mut f = Fixture::new(1).await;
+    let config = f.config(&[("People", "person", 0, "people")]);
+    f.people("person", 0..300, "a").await;
+    let service = f.start(&config).await;
+    f.converges(0, "people", "person").await;
+    stop(service).await;
+    std::fs::remove_dir_all(f.buffer()).expect("remove the buffer");
+    f.people("person", 0..100, "b").await;
+    for i in 100..143 {
+        f.redis(&["DEL", &format!("person:{i}")]).await;
+    }
+    let service = f.start(&config).await;
+    f.people("person", 300..320, "c").await;
+    f.converges(0, "people", "person").await;
+    assert_eq!(f.table(0, "people").await.len(), 277);
+    stop(service).await;
+}
+
+/// A buffer restored from an older copy: the database has applied changes the buffer numbers
+/// differently now (the primary's backlog is too short for the old position, so the restored
+/// buffer resynchronises in full). The checkpoint is ahead of the buffer: reconciled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffer_older_than_the_database_is_reconciled() {
+    let mut f = Fixture::with_redis(1, &["--repl-backlog-size", "16kb"]).await;
+    let config = f.config(&[("People", "person", 0, "people")]);
+    f.people("person", 0..50, "a").await;
+    let service = f.start(&config).await;
+    f.converges(0, "people", "person").await;
+    stop(service).await;
+    let copy = f.dir.path().join("buffer-copy");
+    copy_dir(&f.buffer(), &copy);
+    let service = f.start(&config).await;
+    // More than the backlog holds, so the old copy cannot continue where it stopped.
+    f.people("person", 25..300, &"b".repeat(200)).await;
+    for i in 0..10 {
+        f.redis(&["DEL", &format!("person:{i}")]).await;
+    }
+    f.converges(0, "people", "person").await;
+    stop(service).await;
+    std::fs::remove_dir_all(f.buffer()).expect("remove");
+    copy_dir(&copy, &f.buffer());
+    let service = f.start(&config).await;
+    f.people("person", 80..90, "c").await;
+    f.converges(0, "people", "person").await;
+    stop(service).await;
+}
+
+/// A mapping moved to a new database after the change log was trimmed past its first changes:
+/// the new backend starts with a gap, and is reconciled instead of starting mid-stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_missed_trimmed_changes_is_reconciled() {
+    let mut f = Fixture::new(2).await;
+    let first = f.config(&[("People", "person", 0, "people")]);
+    f.people("person", 0..40, "a").await;
+    let service = f.start(&first).await;
+    f.converges(0, "people", "person").await;
+    // Trimming runs every 5 s behind the backends: keep writing until the first changes are gone.
+    let store = service.store().clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 40;
+    while store
+        .changes(ChangeSeq::NONE, 1)
+        .expect("changes")
+        .first()
+        .is_none_or(|c| c.seq == ChangeSeq::FIRST)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the change log was never trimmed"
+        );
+        f.people("person", n..n + 1, "a").await;
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop(service).await;
+    drop(store);
+    let moved = f.config(&[("People", "person", 1, "people")]);
+    let service = f.start(&moved).await;
+    f.people("person", 1000..1005, "b").await;
+    f.converges(1, "people", "person").await;
+    assert!(f.table(1, "people").await.len() > 40);
+    stop(service).await;
+}
+
+/// A mapping added to the configuration over an existing buffer: its hashes were never
+/// mirrored. They reach the table whole (every mapped column), not from the next write on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mapping_added_over_an_existing_buffer_gets_every_hash_whole() {
+    let mut f = Fixture::new(1).await;
+    let before = f.config(&[("People", "person", 0, "people")]);
+    f.people("person", 0..10, "a").await;
+    f.people("car", 0..30, "c").await;
+    let service = f.start(&before).await;
+    f.converges(0, "people", "person").await;
+    stop(service).await;
+    let after = f.config(&[
+        ("People", "person", 0, "people"),
+        ("Cars", "car", 0, "cars"),
+    ]);
+    let service = f.start(&after).await;
+    f.redis(&["HSET", "car:3", "age", "99"]).await;
+    f.converges(0, "cars", "car").await;
+    f.converges(0, "people", "person").await;
+    stop(service).await;
+}
+
+/// A checkpoint table written before buffers had identities: the columns are added, and a row
+/// that cannot say which buffer it belongs to is reconciled rather than trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_from_before_buffer_identities_is_reconciled() {
+    let mut f = Fixture::new(1).await;
+    let config = f.config(&[("People", "person", 0, "people")]);
+    let mut conn = f.databases[0].2.get_conn().await.expect("conn");
+    conn.query_drop(
+        "CREATE TABLE writebehind_checkpoint (source VARCHAR(64) NOT NULL, backend VARCHAR(191) NOT NULL, replid CHAR(40), \
+         repl_offset BIGINT UNSIGNED, change_seq BIGINT UNSIGNED NOT NULL, updated_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3), \
+         PRIMARY KEY (source, backend)) ENGINE=InnoDB",
+    )
+    .await
+    .expect("old checkpoint table");
+    conn.query_drop("INSERT INTO writebehind_checkpoint (source, backend, change_seq) VALUES ('writebehind', 'db0', 5000)")
+        .await
+        .expect("old row");
+    conn.query_drop(
+        "CREATE TABLE people (id VARCHAR(255) NOT NULL PRIMARY KEY, first TEXT, age TEXT)",
+    )
+    .await
+    .expect("table");
+    conn.query_drop("INSERT INTO people VALUES ('gone', 'x', '1')")
+        .await
+        .expect("stale row");
+    drop(conn);
+    f.people("person", 0..20, "a").await;
+    let service = f.start(&config).await;
+    f.converges(0, "people", "person").await;
+    stop(service).await;
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+    }
+}
