@@ -470,23 +470,9 @@ impl Destination for MysqlSink {
             let message = format!("backend `{}`: cannot create {CHECKPOINT_TABLE}: {e}; grant CREATE or create it by hand", self.name);
             return Err(vec![SinkError::fatal(message).caused_by(e).into()]);
         }
-        // Checkpoint tables of earlier versions lack the identity columns.
-        let existing: Vec<String> = conn
-            .exec(
-                "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
-                (CHECKPOINT_TABLE,),
-            )
-            .await
-            .unwrap_or_default();
-        for column in ["buffer_id", "mappings_id"] {
-            if existing.iter().any(|c| c == column) {
-                continue;
-            }
-            let alter = format!("ALTER TABLE {CHECKPOINT_TABLE} ADD COLUMN {column} VARCHAR(64)");
-            if let Err(e) = conn.query_drop(alter).await {
-                let message = format!("backend `{}`: cannot add {column} to {CHECKPOINT_TABLE}: {e}; grant ALTER or add it by hand", self.name);
-                return Err(vec![SinkError::fatal(message).caused_by(e).into()]);
-            }
+        if let Err(e) = add_identity_columns(&mut conn).await {
+            let message = format!("backend `{}`: cannot add the identity columns to {CHECKPOINT_TABLE}: {e}; grant ALTER or add them by hand", self.name);
+            return Err(vec![SinkError::fatal(message).caused_by(e).into()]);
         }
         let mut schemas = Vec::new();
         for mapping in mappings {
@@ -666,4 +652,23 @@ async fn missing_grants(
         }
     }
     problems
+}
+
+/// Checkpoint tables of earlier versions lack the identity columns: added when missing.
+async fn add_identity_columns(conn: &mut Conn) -> Result<(), mysql_async::Error> {
+    let existing: Vec<String> = conn
+        .exec(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+            (CHECKPOINT_TABLE,),
+        )
+        .await?;
+    for column in ["buffer_id", "mappings_id"] {
+        if !existing.iter().any(|c| c == column) {
+            conn.query_drop(format!(
+                "ALTER TABLE {CHECKPOINT_TABLE} ADD COLUMN {column} VARCHAR(64)"
+            ))
+            .await?;
+        }
+    }
+    Ok(())
 }
