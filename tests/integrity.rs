@@ -350,6 +350,220 @@ async fn a_checkpoint_from_before_buffer_identities_is_reconciled() {
     stop(service).await;
 }
 
+const TYPED_TABLE: &str =
+    "CREATE TABLE typed (id VARCHAR(64) PRIMARY KEY, tiny TINYINT, small SMALLINT, \
+    price DECIMAL(5,2), day DATE, need VARCHAR(10) NOT NULL, color ENUM('red','blue'), \
+    latin VARCHAR(20) CHARACTER SET latin1) ENGINE=InnoDB";
+
+/// Values a strict database refuses, one per row (field, value); `need` absent is NULL for a
+/// NOT NULL column.
+const REFUSED: &[(&str, &[(&str, &str)])] = &[
+    ("tiny", &[("tiny", "300"), ("need", "x")]),
+    ("small", &[("small", "70000"), ("need", "x")]),
+    ("price", &[("price", "1234.5"), ("need", "x")]),
+    ("day", &[("day", "2024-13-45"), ("need", "x")]),
+    ("need", &[("tiny", "1")]),
+    ("color", &[("color", "green"), ("need", "x")]),
+    ("latin", &[("latin", "日本語"), ("need", "x")]),
+];
+
+fn good_row(key: &str) -> Vec<String> {
+    [
+        "HSET",
+        key,
+        "tiny",
+        "1",
+        "small",
+        "2",
+        "price",
+        "3.25",
+        "day",
+        "2024-01-02",
+        "need",
+        "ok",
+        "color",
+        "red",
+        "latin",
+        "café",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn refused_row(key: &str, fields: &[(&str, &str)]) -> Vec<String> {
+    let mut args = vec!["HSET".to_string(), key.to_string()];
+    for (field, value) in fields {
+        args.push(field.to_string());
+        args.push(value.to_string());
+    }
+    args
+}
+
+/// A big batch is exactly as strict as a small one: the same values are refused (dead-lettered)
+/// whether they come one command at a time or in one MULTI of 1,000 HSETs (a unit staged with
+/// LOAD DATA), and nothing is clamped, truncated or filled in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_batch_refuses_exactly_what_a_single_row_refuses() {
+    let mut f = Fixture::new(1).await;
+    let mut conn = f.databases[0].2.get_conn().await.expect("conn");
+    conn.query_drop(TYPED_TABLE).await.expect("table");
+    drop(conn);
+    let text = format!(
+        "[source]\nurl = \"{}\"\n[buffer]\npath = \"{}\"\n[backends.db0]\nurl = \"{}\"\n\
+         [[mappings]]\nname = \"Typed\"\nprefix = \"t\"\nbackend = \"db0\"\ntable = \"typed\"\nkey_column = \"id\"\n\
+         [mappings.columns]\ntiny = \"tiny\"\nsmall = \"small\"\nprice = \"price\"\nday = \"day\"\nneed = \"need\"\ncolor = \"color\"\nlatin = \"latin\"\n",
+        f.redis_url,
+        f.buffer().display(),
+        f.databases[0].1
+    );
+    let config = Config::parse(&text, &|_| None).expect("config");
+    let service = f.start(&config).await;
+    // One command at a time.
+    let mut single = vec![good_row("t:single_good")];
+    single.extend(
+        REFUSED
+            .iter()
+            .map(|(name, fields)| refused_row(&format!("t:single_{name}"), fields)),
+    );
+    for command in &single {
+        let args: Vec<&str> = command.iter().map(String::as_str).collect();
+        f.redis(&args).await;
+    }
+    // One MULTI of 1,000 HSETs.
+    let mut multi: Vec<Vec<String>> = (0..1000 - REFUSED.len())
+        .map(|i| good_row(&format!("t:multi_good{i}")))
+        .collect();
+    multi.extend(
+        REFUSED
+            .iter()
+            .map(|(name, fields)| refused_row(&format!("t:multi_{name}"), fields)),
+    );
+    let mut pipeline: Vec<Vec<&str>> = vec![vec!["MULTI"]];
+    pipeline.extend(multi.iter().map(|c| c.iter().map(String::as_str).collect()));
+    pipeline.push(vec!["EXEC"]);
+    let refs: Vec<&[&str]> = pipeline.iter().map(|c| c.as_slice()).collect();
+    let replies = f.client.pipeline(&refs).await.expect("multi");
+    assert!(
+        matches!(replies.last(), Some(redis_protocol::resp2::types::BytesFrame::Array(r)) if r.len() == 1000),
+        "the MULTI ran"
+    );
+    let store = service.store().clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let expected_letters = 2 * REFUSED.len();
+    loop {
+        let letters = store.dead_letters().expect("letters").len();
+        let rows = f.rows_of_typed().await.len();
+        if letters >= expected_letters && rows > 1000 - REFUSED.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{letters} dead letters, {rows} rows"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let letters: Vec<String> = store
+        .dead_letters()
+        .expect("letters")
+        .iter()
+        .map(|l| String::from_utf8_lossy(&l.row_id).into_owned())
+        .collect();
+    let rows = f.rows_of_typed().await;
+    for (name, _) in REFUSED {
+        for way in ["single", "multi"] {
+            let id = format!("{way}_{name}");
+            assert!(letters.contains(&id), "{id} is dead-lettered: {letters:?}");
+            assert!(
+                !rows.contains_key(&id),
+                "{id} was written: {:?}",
+                rows.get(&id)
+            );
+        }
+    }
+    let good = "1|2|3.25|2024-01-02|ok|red|café".to_string();
+    assert_eq!(rows.get("single_good"), Some(&good));
+    assert_eq!(rows.get("multi_good0"), Some(&good));
+    assert_eq!(rows.len(), 1000 - REFUSED.len() + 1);
+    assert_eq!(letters.len(), expected_letters);
+    stop(service).await;
+}
+
+/// Staging needs CREATE TEMPORARY TABLES; without it a large batch is written with statements
+/// instead of stopping the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_without_the_temporary_table_privilege_uses_statements() {
+    let mut f = Fixture::new(1).await;
+    let (name, url, pool) = f.databases[0].clone();
+    let user = format!("wbtmp{}", rand::random::<u32>());
+    let mut conn = pool.get_conn().await.expect("conn");
+    for host in ["%", "localhost"] {
+        conn.query_drop(format!("CREATE USER '{user}'@'{host}' IDENTIFIED BY 'pw'"))
+            .await
+            .expect("user");
+        conn.query_drop(format!(
+            "GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, ALTER ON {name}.* TO '{user}'@'{host}'"
+        ))
+        .await
+        .expect("grant");
+    }
+    drop(conn);
+    f.databases[0].1 = url.replacen("root@", &format!("{user}:pw@"), 1);
+    let config = f.config(&[("People", "person", 0, "people")]);
+    let service = f.start(&config).await;
+    let mut pipeline: Vec<Vec<String>> = vec![vec!["MULTI".into()]];
+    for i in 0..600 {
+        pipeline.push(
+            [
+                "HSET",
+                &format!("person:{i}"),
+                "first_name",
+                "a",
+                "age",
+                "1",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        );
+    }
+    pipeline.push(vec!["EXEC".into()]);
+    let words: Vec<Vec<&str>> = pipeline
+        .iter()
+        .map(|c| c.iter().map(String::as_str).collect())
+        .collect();
+    let refs: Vec<&[&str]> = words.iter().map(|c| c.as_slice()).collect();
+    f.client.pipeline(&refs).await.expect("multi");
+    f.converges(0, "people", "person").await;
+    stop(service).await;
+    let mut conn = pool.get_conn().await.expect("conn");
+    for host in ["%", "localhost"] {
+        conn.query_drop(format!("DROP USER '{user}'@'{host}'"))
+            .await
+            .ok();
+    }
+}
+
+impl Fixture {
+    /// The rows of `typed`, every column joined with `|`.
+    async fn rows_of_typed(&self) -> BTreeMap<String, String> {
+        let mut conn = self.databases[0].2.get_conn().await.expect("conn");
+        let rows: Vec<mysql_async::Row> = conn
+            .query(
+                "SELECT id, CONCAT_WS('|', tiny, small, price, day, need, color, latin) FROM typed",
+            )
+            .await
+            .expect("select");
+        rows.into_iter()
+            .map(|row| {
+                let id: String = row.get(0).expect("id");
+                let all: Option<String> = row.get(1).flatten();
+                (id, all.unwrap_or_default())
+            })
+            .collect()
+    }
+}
+
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for entry in std::fs::read_dir(from).expect("read dir") {

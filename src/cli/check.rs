@@ -150,6 +150,9 @@ async fn check_backends(config: &Config) -> bool {
                 continue;
             }
         };
+        for note in sink.notes().await {
+            println!("note: {note}");
+        }
         match sink.prepare(&mine).await {
             Ok(schemas) => println!(
                 "ok: backend `{name}` reachable; {} mapped tables match their mappings",

@@ -225,6 +225,16 @@ impl Sink {
     }
 }
 
+impl Sink {
+    /// What `check` should mention about this backend without failing (slower paths taken).
+    pub async fn notes(&mut self) -> Vec<String> {
+        match self {
+            Sink::Mysql(s) => s.staging_notes().await,
+            Sink::Sqlite(_) => Vec::new(),
+        }
+    }
+}
+
 impl Destination for Sink {
     /// Creates missing tables (when asked) and the checkpoint table, then reads each mapped
     /// table's schema. Every problem found is returned.

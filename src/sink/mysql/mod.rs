@@ -8,9 +8,8 @@
 
 use std::collections::HashMap;
 
-use futures_util::StreamExt;
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, Opts, Params, Pool, TxOpts, Value};
+use mysql_async::{Conn, Opts, OptsBuilder, Params, Pool, TxOpts, Value};
 
 use super::convert::{ColumnType, SqlValue};
 use super::SinkCheckpoint;
@@ -21,41 +20,16 @@ use super::{
 use crate::capture::mapping::Mapping;
 use crate::position::ChangeSeq;
 
+mod staging;
+
+use staging::{no_warnings, StageError};
+
 /// Placeholders per statement stay well under the protocol's 65,535.
 const MAX_PLACEHOLDERS: usize = 30_000;
+/// Run on every new connection: strict `sql_mode` added to the server's.
+const STRICT_SESSION: &str = "SET SESSION sql_mode = IF(@@SESSION.sql_mode = '', 'STRICT_ALL_TABLES', CONCAT(@@SESSION.sql_mode, ',STRICT_ALL_TABLES'))";
 /// Upserts into one table from this many rows on go through LOAD DATA LOCAL INFILE.
-const STAGE_THRESHOLD: usize = 500;
-
-enum StageError {
-    /// LOCAL INFILE is disabled on the server or the client: fall back for good.
-    Unavailable(String),
-    Failed(SinkError),
-}
-
-/// One field in LOAD DATA's default format: `\N` for NULL; tab, newline, backslash and NUL
-/// escaped with a backslash.
-fn infile_field(out: &mut Vec<u8>, value: &SqlValue) {
-    let raw: std::borrow::Cow<'_, [u8]> = match value {
-        SqlValue::Null => {
-            out.extend_from_slice(b"\\N");
-            return;
-        }
-        SqlValue::Int(i) => i.to_string().into_bytes().into(),
-        SqlValue::UInt(u) => u.to_string().into_bytes().into(),
-        SqlValue::Float(f) => f.to_string().into_bytes().into(),
-        SqlValue::Text(t) => t.as_bytes().into(),
-        SqlValue::Bytes(b) => b.as_slice().into(),
-    };
-    for &b in raw.iter() {
-        match b {
-            b'\t' => out.extend_from_slice(b"\\t"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0 => out.extend_from_slice(b"\\0"),
-            _ => out.push(b),
-        }
-    }
-}
+pub(super) const STAGE_THRESHOLD: usize = 500;
 
 pub struct MysqlSink {
     name: String,
@@ -132,6 +106,9 @@ impl MysqlSink {
             ))
         })?;
         let address = format!("{}:{}", opts.ip_or_hostname(), opts.tcp_port());
+        // Every session is strict, whatever the server's default: a value the column cannot
+        // hold is an error (a refused row), never clamped, truncated or filled in.
+        let opts = OptsBuilder::from_opts(opts).init(vec![STRICT_SESSION, "SET NAMES utf8mb4"]);
         let pool = Pool::new(opts);
         let sink = MysqlSink {
             name: name.to_string(),
@@ -249,16 +226,19 @@ impl MysqlSink {
             if upserts.len() >= STAGE_THRESHOLD
                 && self.staging.load(std::sync::atomic::Ordering::Relaxed)
             {
-                match self.stage_and_merge(conn, schema, &upserts).await {
+                match self.stage_and_merge(conn, index, schema, &upserts).await {
                     Ok(()) => continue,
-                    // The server (or its configuration) refuses LOCAL INFILE: use statements.
-                    Err(StageError::Unavailable(message)) => {
-                        tracing::warn!(backend = %self.name, %message, "LOAD DATA LOCAL INFILE unavailable; writing with multi-row INSERT");
-                        self.staging
-                            .store(false, std::sync::atomic::Ordering::Relaxed);
-                        return Err(SinkError::transient(message));
+                    Err(StageError::Failed(failure)) if failure.kind() != SinkErrorKind::Fatal => {
+                        return Err(failure)
                     }
-                    Err(StageError::Failed(failure)) => return Err(failure),
+                    // LOCAL INFILE refused, or staging impossible here (a missing privilege):
+                    // statements from now on; the batch is redone.
+                    Err(StageError::Unavailable(message)) => {
+                        return Err(self.stop_staging(message));
+                    }
+                    Err(StageError::Failed(failure)) => {
+                        return Err(self.stop_staging(failure.to_string()));
+                    }
                 }
             }
             let width = schema.columns.len() + 1;
@@ -277,71 +257,22 @@ impl MysqlSink {
                 conn.exec_drop(sql, Params::Positional(params))
                     .await
                     .map_err(classify)?;
+                no_warnings(conn, "a multi-row INSERT")?;
             }
         }
         let (sql, params) = self.checkpoint_statement(batch);
         conn.exec_drop(sql, params).await.map_err(classify)
     }
 
-    /// Large batches: `LOAD DATA LOCAL INFILE` into a per-connection temporary table with the
-    /// key and mapped columns, then one `INSERT ... SELECT ... ON DUPLICATE KEY UPDATE`. Same
-    /// effect as the multi-row INSERT (mapped columns only, inside the batch's transaction),
-    /// without parsing and binding every value as a statement parameter.
-    async fn stage_and_merge(
-        &self,
-        conn: &mut Conn,
-        schema: &TableSchema,
-        upserts: &[(&SqlValue, &Vec<SqlValue>)],
-    ) -> Result<(), StageError> {
-        let failed = |e: mysql_async::Error| match &e {
-            mysql_async::Error::Server(server) if matches!(server.code, 1148 | 3948 | 1290) => {
-                StageError::Unavailable(e.to_string())
-            }
-            _ => StageError::Failed(classify(e)),
-        };
-        let stage = q(&format!("writebehind_stage_{}", schema.table));
-        let mut columns = vec![q(&schema.key_column.name)];
-        columns.extend(schema.columns.iter().map(|c| q(&c.name)));
-        let column_list = columns.join(", ");
-        conn.query_drop(format!(
-            "CREATE TEMPORARY TABLE IF NOT EXISTS {stage} AS SELECT {column_list} FROM {} LIMIT 0",
-            q(&schema.table)
+    /// Staging failed in a way retrying cannot fix: statements for the life of the process.
+    /// The batch is redone with them (reported as a transient failure, retried at once).
+    fn stop_staging(&self, message: String) -> SinkError {
+        tracing::warn!(backend = %self.name, %message, "large batches cannot be staged with LOAD DATA LOCAL INFILE; writing them with multi-row INSERT");
+        self.staging
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        SinkError::transient(format!(
+            "staging stopped ({message}); the batch is redone with statements"
         ))
-        .await
-        .map_err(failed)?;
-        conn.query_drop(format!("DELETE FROM {stage}"))
-            .await
-            .map_err(failed)?;
-        let mut data = Vec::with_capacity(upserts.len() * 64);
-        for (id, values) in upserts {
-            for (i, v) in std::iter::once(*id).chain(values.iter()).enumerate() {
-                if i > 0 {
-                    data.push(b'\t');
-                }
-                infile_field(&mut data, v);
-            }
-            data.push(b'\n');
-        }
-        let payload = bytes::Bytes::from(data);
-        conn.set_infile_handler(async move {
-            Ok(futures_util::stream::iter(vec![Ok(payload)]).boxed())
-        });
-        conn.query_drop(format!("LOAD DATA LOCAL INFILE 'writebehind-batch' INTO TABLE {stage} CHARACTER SET binary ({column_list})"))
-            .await
-            .map_err(failed)?;
-        let updates = if schema.columns.is_empty() {
-            format!("{0} = {0}", q(&schema.key_column.name))
-        } else {
-            schema
-                .columns
-                .iter()
-                .map(|c| format!("{0} = VALUES({0})", q(&c.name)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        conn.query_drop(format!("INSERT INTO {} ({column_list}) SELECT {column_list} FROM {stage} ON DUPLICATE KEY UPDATE {updates}", q(&schema.table)))
-            .await
-            .map_err(failed)
     }
 
     fn insert_head(&self, schema: &TableSchema) -> String {

@@ -1,0 +1,175 @@
+//! The staged path of large batches: `LOAD DATA LOCAL INFILE` into a per-connection temporary
+//! table, then one `INSERT ... SELECT ... ON DUPLICATE KEY UPDATE` into the mapped table.
+//!
+//! It must be exactly as strict as the statement path (docs/design.md section 8.2): the staging
+//! columns are wide (`LONGTEXT CHARACTER SET utf8mb4`, `LONGBLOB` for binary columns, all
+//! nullable), so loading never converts, clamps or fills in a value; every conversion happens in
+//! the `INSERT ... SELECT`, under the session's strict `sql_mode`, where a value out of range, a
+//! bad date, a `NULL` for a `NOT NULL` column, a value outside an `ENUM` or text the column's
+//! character set cannot hold is an error, as it is for a statement. Any warning is treated as a
+//! refusal too (the batch is redone row by row).
+
+use futures_util::StreamExt;
+use mysql_async::prelude::Queryable;
+use mysql_async::Conn;
+
+use super::{classify, q, MysqlSink};
+use crate::sink::convert::{ColumnType, SqlValue};
+use crate::sink::{SinkError, SinkErrorKind, TableSchema};
+
+/// Why staging did not write the rows.
+pub(super) enum StageError {
+    /// LOCAL INFILE is disabled on the server or the client (1148, 3948): statements, for good.
+    Unavailable(String),
+    /// The rows (or the server) refused: transient errors are retried, refused rows are
+    /// isolated row by row, anything else falls back to statements.
+    Failed(SinkError),
+}
+
+/// The staging column type for a mapped column: wide enough to hold any value unconverted.
+fn staging_type(kind: &ColumnType) -> &'static str {
+    match kind {
+        ColumnType::Binary { .. } => "LONGBLOB",
+        _ => "LONGTEXT CHARACTER SET utf8mb4",
+    }
+}
+
+/// A statement's warnings count as a refusal: the batch is redone row by row, where the same
+/// value gets the same answer as a single row would.
+pub(super) fn no_warnings(conn: &Conn, what: &str) -> Result<(), SinkError> {
+    match conn.get_warnings() {
+        0 => Ok(()),
+        n => Err(SinkError::new(
+            SinkErrorKind::RowRefused,
+            format!("{what} gave {n} warnings"),
+        )),
+    }
+}
+
+impl MysqlSink {
+    /// Why large batches cannot be staged here (for `check`): the server refuses LOCAL INFILE,
+    /// or the user may not create temporary tables. Batches are then written with statements.
+    pub async fn staging_notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        let Ok(mut conn) = self.pool.get_conn().await else {
+            return notes;
+        };
+        let local_infile: Option<i64> = conn
+            .query_first("SELECT @@GLOBAL.local_infile")
+            .await
+            .ok()
+            .flatten();
+        if local_infile == Some(0) {
+            notes.push(format!("backend `{}`: the server has local_infile = 0: batches of {} rows or more are written with multi-row INSERT (slower)", self.name, super::STAGE_THRESHOLD));
+        }
+        let probe = "CREATE TEMPORARY TABLE writebehind_probe (x INT)";
+        match conn.query_drop(probe).await {
+            Ok(()) => {
+                let _ = conn
+                    .query_drop("DROP TEMPORARY TABLE writebehind_probe")
+                    .await;
+            }
+            Err(e) => notes.push(format!("backend `{}`: the database user may not CREATE TEMPORARY TABLES ({e}): batches of {} rows or more are written with multi-row INSERT (slower)", self.name, super::STAGE_THRESHOLD)),
+        }
+        notes
+    }
+
+    /// Loads `upserts` for table `index` (`schema`) and merges them inside the batch's
+    /// transaction (mapped columns only, as the multi-row INSERT).
+    pub(super) async fn stage_and_merge(
+        &self,
+        conn: &mut Conn,
+        index: usize,
+        schema: &TableSchema,
+        upserts: &[(&SqlValue, &Vec<SqlValue>)],
+    ) -> Result<(), StageError> {
+        let failed = |e: mysql_async::Error| match &e {
+            mysql_async::Error::Server(server) if matches!(server.code, 1148 | 3948) => {
+                StageError::Unavailable(e.to_string())
+            }
+            _ => StageError::Failed(classify(e)),
+        };
+        // Named by index: a table name may be up to 64 characters, as is the stage's.
+        let stage = q(&format!("writebehind_stage_{index}"));
+        let mut columns = vec![q(&schema.key_column.name)];
+        columns.extend(schema.columns.iter().map(|c| q(&c.name)));
+        let column_list = columns.join(", ");
+        let mut definitions = vec![format!(
+            "{} {}",
+            q(&schema.key_column.name),
+            staging_type(&schema.key_column.kind)
+        )];
+        definitions.extend(
+            schema
+                .columns
+                .iter()
+                .map(|c| format!("{} {}", q(&c.name), staging_type(&c.kind))),
+        );
+        conn.query_drop(format!(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ({})",
+            definitions.join(", ")
+        ))
+        .await
+        .map_err(failed)?;
+        conn.query_drop(format!("DELETE FROM {stage}"))
+            .await
+            .map_err(failed)?;
+        let mut data = Vec::with_capacity(upserts.len() * 64);
+        for (id, values) in upserts {
+            for (i, v) in std::iter::once(*id).chain(values.iter()).enumerate() {
+                if i > 0 {
+                    data.push(b'\t');
+                }
+                infile_field(&mut data, v);
+            }
+            data.push(b'\n');
+        }
+        let payload = bytes::Bytes::from(data);
+        conn.set_infile_handler(async move {
+            Ok(futures_util::stream::iter(vec![Ok(payload)]).boxed())
+        });
+        conn.query_drop(format!("LOAD DATA LOCAL INFILE 'writebehind-batch' INTO TABLE {stage} CHARACTER SET binary ({column_list})"))
+            .await
+            .map_err(failed)?;
+        no_warnings(conn, "loading the stage").map_err(StageError::Failed)?;
+        let updates = if schema.columns.is_empty() {
+            format!("{0} = {0}", q(&schema.key_column.name))
+        } else {
+            schema
+                .columns
+                .iter()
+                .map(|c| format!("{0} = VALUES({0})", q(&c.name)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        conn.query_drop(format!("INSERT INTO {} ({column_list}) SELECT {column_list} FROM {stage} ON DUPLICATE KEY UPDATE {updates}", q(&schema.table)))
+            .await
+            .map_err(failed)?;
+        no_warnings(conn, "merging the stage").map_err(StageError::Failed)
+    }
+}
+
+/// One field in LOAD DATA's default format: `\N` for NULL; tab, newline, backslash and NUL
+/// escaped with a backslash.
+fn infile_field(out: &mut Vec<u8>, value: &SqlValue) {
+    let raw: std::borrow::Cow<'_, [u8]> = match value {
+        SqlValue::Null => {
+            out.extend_from_slice(b"\\N");
+            return;
+        }
+        SqlValue::Int(i) => i.to_string().into_bytes().into(),
+        SqlValue::UInt(u) => u.to_string().into_bytes().into(),
+        SqlValue::Float(f) => f.to_string().into_bytes().into(),
+        SqlValue::Text(t) => t.as_bytes().into(),
+        SqlValue::Bytes(b) => b.as_slice().into(),
+    };
+    for &b in raw.iter() {
+        match b {
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0 => out.extend_from_slice(b"\\0"),
+            _ => out.push(b),
+        }
+    }
+}
