@@ -272,7 +272,7 @@ async fn the_recipes_scenarios_pass() {
     until!(
         t,
         "the library upgrade",
-        t.library_version().await == Some(1)
+        t.library_version().await == Some(writebehind::ack::LIBRARY_VERSION)
     );
 
     // testSimpleWriteBehind
@@ -521,7 +521,11 @@ async fn op_alone_resends_the_row_and_invalid_ops_are_reported_and_removed() {
 async fn the_atomic_entry_point_applies_the_op_in_the_same_instant() {
     let mut t = Setup::start(&[]).await;
     t.spawn();
-    until!(t, "the library", t.library_version().await == Some(1));
+    until!(
+        t,
+        "the library",
+        t.library_version().await == Some(writebehind::ack::LIBRARY_VERSION)
+    );
     let fcall = |op: &'static str| {
         vec![
             "FCALL",
@@ -706,4 +710,92 @@ async fn acks_survive_a_database_outage_and_a_kill_9() {
         t.hash("person:2").await == pairs(&[("first_name", "b")])
     );
     assert_eq!(t.row("persons", "3").await, None, "`+` writes no row");
+}
+
+/// An ack Redis refuses for a reason that can pass (here the service's user may not XADD yet)
+/// stays queued and is written once it passes: never dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_refused_for_a_passing_reason_is_retried_not_dropped() {
+    let mut t = Setup::start(&[]).await;
+    t.redis(&[
+        "ACL", "SETUSER", "wb", "on", ">pw", "~*", "&*", "+@all", "-xadd",
+    ])
+    .await;
+    let config = t.dir.path().join("writebehind.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("redis://127.0.0.1:", "redis://wb:pw@127.0.0.1:"),
+    )
+    .expect("config");
+    t.spawn();
+    until!(
+        t,
+        "the library",
+        t.library_version().await == Some(writebehind::ack::LIBRARY_VERSION)
+    );
+    t.redis(&["HSET", "person:acl", "first_name", "A", "#", "+u-acl"])
+        .await;
+    // The write-back task tries (and is refused) for a while: no ack, and it is not dropped.
+    assert_eq!(t.xread("{person:acl}u-acl").await, None);
+    t.redis(&["ACL", "SETUSER", "wb", "+xadd"]).await;
+    assert_eq!(t.ack("person:acl", "u-acl").await, done());
+}
+
+/// An ack aimed at a stream that already exists (someone's) is added to it, and the stream keeps
+/// the TTL it had: the service only sets a TTL on a stream it created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_never_sets_a_ttl_on_a_stream_it_did_not_create() {
+    let mut t = Setup::start(&[]).await;
+    t.spawn();
+    t.redis(&["XADD", "{person:2}audit", "*", "kept", "1"])
+        .await;
+    t.redis(&["HSET", "person:2", "first_name", "A", "#", "+audit"])
+        .await;
+    until!(
+        t,
+        "the ack in the existing stream",
+        t.redis(&["XLEN", "{person:2}audit"]).await == BytesFrame::Integer(2)
+    );
+    assert_eq!(
+        t.redis(&["TTL", "{person:2}audit"]).await,
+        BytesFrame::Integer(-1)
+    );
+    // A stream the ack creates gets its TTL.
+    t.redis(&["HSET", "person:3", "first_name", "A", "#", "+new"])
+        .await;
+    assert_eq!(t.ack("person:3", "new").await, done());
+    assert!(matches!(
+        t.redis(&["TTL", "{person:3}new"]).await,
+        BytesFrame::Integer(ttl) if ttl > 0
+    ));
+}
+
+/// Completing an op on a hash of 9,000 fields (more than Lua's unpack takes at once): a `-`
+/// raced by a pipelined write ends as if the op were atomic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_hash_is_completed_in_chunks() {
+    let mut t = Setup::start(&[]).await;
+    t.spawn();
+    until!(
+        t,
+        "the library",
+        t.library_version().await == Some(writebehind::ack::LIBRARY_VERSION)
+    );
+    let fields: Vec<String> = (0..9000)
+        .flat_map(|i| [format!("f{i}"), "v".to_string()])
+        .collect();
+    let mut big: Vec<&str> = vec!["HSET", "person:big"];
+    big.extend(fields.iter().map(String::as_str));
+    big.extend(["#", "-big"]);
+    t.client
+        .pipeline(&[&big[..], &["HSET", "person:big", "last_name", "B"][..]])
+        .await
+        .expect("pipeline");
+    assert_eq!(t.ack("person:big", "big").await, done());
+    until!(
+        t,
+        "the completion",
+        t.hash("person:big").await == pairs(&[("last_name", "B")])
+    );
 }

@@ -58,7 +58,7 @@ use crate::replication::stream::Command;
 /// The function library (Lua), loaded with `FUNCTION LOAD REPLACE`.
 pub const LIBRARY: &str = include_str!("writebehind.lua");
 /// The version `writebehind_version` returns; the service upgrades an older library.
-pub const LIBRARY_VERSION: i64 = 1;
+pub const LIBRARY_VERSION: i64 = 2;
 /// The field that carries the op.
 pub const OP_FIELD: &[u8] = b"#";
 /// The reason of the `failed` ack of an invalid op (one with a uuid is never empty).

@@ -5,11 +5,20 @@
 --     PUBLISH __writebehind__ <kind>:<op length>:<op><key>
 -- so that the service recognises it in the replication stream (README, "The # op field").
 
-local VERSION = 1
+local VERSION = 2
+-- Lua's unpack takes a few thousand values at most: commands are sent in chunks of this many.
+local CHUNK = 1000
 local CHANNEL = '__writebehind__'
 
 local function tag(kind, op, key)
   redis.call('PUBLISH', CHANNEL, kind .. ':' .. #op .. ':' .. op .. key)
+end
+
+-- redis.call(command, key, values...) for `values` in chunks.
+local function chunked(command, key, values)
+  for first = 1, #values, CHUNK do
+    redis.call(command, key, unpack(values, first, math.min(first + CHUNK - 1, #values)))
+  end
 end
 
 local function is_op(c)
@@ -51,7 +60,11 @@ local function hset(keys, args)
   if #fields == 0 then
     return 0
   end
-  return redis.call('HSET', key, unpack(fields))
+  local added = 0
+  for first = 1, #fields, CHUNK * 2 do
+    added = added + redis.call('HSET', key, unpack(fields, first, math.min(first + CHUNK * 2 - 1, #fields)))
+  end
+  return added
 end
 
 -- writebehind_complete KEY n_raw field value ... n_target field value ... persist
@@ -101,7 +114,7 @@ local function complete(keys, args)
     end
   end
   if #set > 0 then
-    redis.call('HSET', key, unpack(set))
+    chunked('HSET', key, set)
   end
   local doomed = {}
   for f, _ in pairs(raw) do
@@ -110,7 +123,7 @@ local function complete(keys, args)
     end
   end
   if #doomed > 0 then
-    redis.call('HDEL', key, unpack(doomed))
+    chunked('HDEL', key, doomed)
   end
   if persist then
     redis.call('PERSIST', key)
@@ -119,14 +132,19 @@ local function complete(keys, args)
 end
 
 -- writebehind_ack STREAM expire_secs status [reason]
--- An acknowledgement: XADD STREAM * status <status> [reason <reason>], then EXPIRE.
+-- An acknowledgement: XADD STREAM * status <status> [reason <reason>], then EXPIRE, but only
+-- when this XADD created the stream: a stream that already existed is someone's (or an earlier
+-- copy of this ack, which has its TTL) and keeps the TTL it has.
 local function ack(keys, args)
+  local created = redis.call('EXISTS', keys[1]) == 0
   if args[3] then
     redis.call('XADD', keys[1], '*', 'status', args[2], 'reason', args[3])
   else
     redis.call('XADD', keys[1], '*', 'status', args[2])
   end
-  redis.call('EXPIRE', keys[1], args[1])
+  if created then
+    redis.call('EXPIRE', keys[1], args[1])
+  end
   return 1
 end
 

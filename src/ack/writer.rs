@@ -302,14 +302,21 @@ impl Writer {
         }
         let replies = self.pipeline(&commands, db_now).await?;
         let mut batch = Batch::default();
+        let mut retry = None;
         for (reply, ack) in replies.into_iter().zip(index) {
             let Some(ack) = ack else { continue };
-            // An ack Redis refuses (the stream key holds another type, ...) would block the
-            // queue forever: it is logged and dropped.
             let status = match reply {
-                BytesFrame::Error(e) => {
-                    tracing::warn!(stream = %String::from_utf8_lossy(&ack.stream_key()), error = %e, "an acknowledgement was refused by Redis; dropped");
+                // The stream key holds another type: no retry can write it. Dropped, so that it
+                // does not block the queue, logged and counted.
+                BytesFrame::Error(e) if e.starts_with("WRONGTYPE") => {
+                    tracing::warn!(stream = %String::from_utf8_lossy(&ack.stream_key()), error = %e, "an acknowledgement cannot be written (the key is not a stream); dropped");
                     "refused"
+                }
+                // Anything else (-OOM, -BUSY, -NOREPLICAS, -MASTERDOWN, NOPERM, ...) may pass
+                // later: the ack stays queued and the round is retried with backoff.
+                BytesFrame::Error(e) => {
+                    retry.get_or_insert(e);
+                    continue;
                 }
                 _ if ack.failure.is_some() => "failed",
                 _ => "done",
@@ -318,7 +325,17 @@ impl Writer {
             batch.delete_ack(ack.id);
         }
         self.store.write(batch, false)?;
-        Ok(acks.len())
+        match retry {
+            Some(message) => Err(WriterError::Refused {
+                address: self
+                    .connection
+                    .as_ref()
+                    .map(|c| c.client.address().to_string())
+                    .unwrap_or_default(),
+                message: message.to_string(),
+            }),
+            None => Ok(acks.len()),
+        }
     }
 
     async fn pipeline(
