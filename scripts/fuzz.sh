@@ -6,7 +6,7 @@ cd "$(dirname "$0")/../fuzz"
 seconds="${1:-60}"
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1
-for target in rdb_decoder dump_payload command_stream; do
+for target in rdb_decoder dump_payload command_stream redis_reply; do
   corpus="corpus/$target"
   mkdir -p "$corpus"
   if [ "$target" = rdb_decoder ]; then cp -n ../fixtures/rdb/*.rdb "$corpus"/ 2>/dev/null || true; fi

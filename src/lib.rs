@@ -17,6 +17,7 @@
 //! - [`config`]: the TOML configuration;
 //! - [`metrics`]: metrics, health and status over the admin HTTP listener;
 //! - [`redis_client`]: ordinary request/response commands;
+//! - [`resp`]: bounded checks of RESP input before it is parsed;
 //! - [`clock`]: the local clock;
 //! - [`cli`]: the `writebehind` command line.
 
@@ -31,5 +32,6 @@ pub mod metrics;
 pub mod position;
 pub mod redis_client;
 pub mod replication;
+pub mod resp;
 pub mod service;
 pub mod sink;

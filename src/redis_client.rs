@@ -167,6 +167,17 @@ impl RedisClient {
     ) -> Result<BytesFrame, ClientError> {
         let address = self.address.clone();
         loop {
+            if let crate::resp::Check::TooDeep { at } =
+                crate::resp::check(&self.input, crate::resp::MAX_DEPTH)
+            {
+                return Err(ClientError::Protocol {
+                    address,
+                    message: format!(
+                        "a reply nests arrays deeper than {} levels (at byte {at})",
+                        crate::resp::MAX_DEPTH
+                    ),
+                });
+            }
             match decode_bytes_mut(&mut self.input) {
                 Ok(Some((frame, _, _))) => return Ok(frame),
                 Ok(None) => {

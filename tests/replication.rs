@@ -907,3 +907,81 @@ async fn a_silent_primary_times_the_link_out_and_it_resumes() {
     .await;
     assert!(!events.is_empty());
 }
+
+/// A peer that answers every request with `reply`: a Redis that misbehaves on purpose.
+fn misbehaving_peer(reply: Vec<u8>, after_psync: Option<Vec<u8>>) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let Ok((mut socket, _)) = listener.accept() else {
+            return;
+        };
+        let mut buffer = [0u8; 4096];
+        loop {
+            let Ok(n) = socket.read(&mut buffer) else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            let request = String::from_utf8_lossy(&buffer[..n]).to_uppercase();
+            let answer = match (&after_psync, request.contains("\r\nPSYNC\r\n")) {
+                (Some(stream), true) => stream.clone(),
+                _ => reply.clone(),
+            };
+            if socket.write_all(&answer).is_err() {
+                return;
+            }
+        }
+    });
+    port
+}
+
+/// A reply nesting arrays a million levels deep is a protocol error on the connection, not a
+/// stack overflow.
+#[tokio::test]
+async fn a_deeply_nested_reply_is_refused_not_a_crash() {
+    let port = misbehaving_peer(b"*1\r\n".repeat(1_000_000), None);
+    let endpoint = writebehind::config::RedisEndpoint::parse(&format!("redis://127.0.0.1:{port}"))
+        .expect("endpoint");
+    let mut client = RedisClient::connect(&endpoint, Duration::from_secs(5))
+        .await
+        .expect("connect");
+    let error = client.command(&["ROLE"]).await.expect_err("refused");
+    assert!(error.to_string().contains("deeper than"), "{error}");
+}
+
+/// The same in the replication stream: the link ends with a protocol error naming the offset.
+#[tokio::test]
+async fn a_deeply_nested_frame_in_the_stream_ends_the_link() {
+    let replid = "a".repeat(40);
+    let mut stream = format!("+CONTINUE {replid}\r\n").into_bytes();
+    stream.extend(b"*1\r\n".repeat(1_000_000));
+    let port = misbehaving_peer(b"+OK\r\n".to_vec(), Some(stream));
+    let endpoint = writebehind::config::RedisEndpoint::parse(&format!("redis://127.0.0.1:{port}"))
+        .expect("endpoint");
+    let mut options = ReplicatorOptions::new(endpoint);
+    options.timeout = Duration::from_secs(10);
+    let resume = StreamPosition {
+        replid: ReplId::parse(&replid).expect("replid"),
+        offset: ReplOffset(100),
+        db: 0,
+    };
+    let mut replicator = Replicator::new(options, Some(resume));
+    let first = replicator.next().await.expect("continued");
+    assert!(
+        matches!(first, ReplicationEvent::Continued { .. }),
+        "{first:?}"
+    );
+    match replicator.next().await.expect("an event") {
+        ReplicationEvent::Disconnected { error, .. } => {
+            assert!(error.to_string().contains("deeper than"), "{error}");
+            assert!(
+                error.to_string().contains("101"),
+                "names the offset: {error}"
+            );
+        }
+        other => panic!("expected the link to end, got {other:?}"),
+    }
+}

@@ -19,6 +19,7 @@ use redis_protocol::resp2::decode::decode_bytes_mut;
 use redis_protocol::resp2::types::{BytesFrame, Resp2Frame};
 
 use crate::position::ReplOffset;
+use crate::resp;
 
 /// One replicated command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,8 +148,15 @@ impl CommandStream {
     /// is not complete yet.
     pub fn decode(&mut self, input: &mut BytesMut) -> Result<Option<StreamEvent>, StreamError> {
         loop {
-            if !frame_may_be_complete(input) {
-                return Ok(None);
+            match resp::check(input, resp::MAX_DEPTH) {
+                resp::Check::Incomplete => return Ok(None),
+                resp::Check::TooDeep { at } => {
+                    return Err(self.error(format!(
+                        "RESP arrays nested deeper than {} levels (at byte {at} of the frame)",
+                        resp::MAX_DEPTH
+                    )))
+                }
+                resp::Check::Complete => {}
             }
             let frame_start = self.offset;
             let (frame, consumed) = match decode_bytes_mut(input) {
@@ -285,42 +293,6 @@ impl CommandStream {
 /// (not the data) to see whether the whole frame is buffered, so that a large command arriving
 /// in many reads is decoded once, not re-parsed on every read. Other shapes are left to the
 /// decoder (`true`).
-fn frame_may_be_complete(input: &[u8]) -> bool {
-    fn line(input: &[u8], from: usize) -> Option<(i64, usize)> {
-        let end = from + input.get(from..)?.iter().position(|&b| b == b'\r')?;
-        if input.get(end + 1)? != &b'\n' {
-            return None;
-        }
-        let number = std::str::from_utf8(&input[from..end]).ok()?.parse().ok()?;
-        Some((number, end + 2))
-    }
-    if input.is_empty() {
-        return false;
-    }
-    if input[0] != b'*' {
-        return true;
-    }
-    let Some((count, mut pos)) = line(input, 1) else {
-        // An incomplete or odd header line: a complete frame needs at least a `\n`.
-        return input.contains(&b'\n');
-    };
-    for _ in 0..count.max(0) {
-        match input.get(pos) {
-            None => return false,
-            Some(b'$') => {}
-            Some(_) => return true,
-        }
-        let Some((len, data)) = line(input, pos + 1) else {
-            return input[pos..].contains(&b'\n');
-        };
-        pos = data + len.max(0) as usize + 2;
-        if pos > input.len() {
-            return false;
-        }
-    }
-    true
-}
-
 fn preview(input: &[u8]) -> String {
     String::from_utf8_lossy(&input[..input.len().min(32)]).into_owned()
 }
