@@ -79,6 +79,8 @@ pub struct Health {
     /// offset): positions of the old history may stay ahead of the new one, so their order is
     /// no longer checked.
     restarted_lower: AtomicBool,
+    /// Why capture cannot go on for now (a key it cannot read from the primary).
+    capture_problem: Mutex<Option<String>>,
 }
 
 /// The positions along the stream at one moment (see `src/position.rs`), in order.
@@ -210,6 +212,14 @@ impl Health {
         self.primary_offset.store(offset, Ordering::Relaxed);
     }
 
+    /// Capture is blocked (`Some`: why) or no longer (`None`); `/ready` says it.
+    pub fn capture_problem(&self, problem: Option<String>) {
+        *self
+            .capture_problem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = problem;
+    }
+
     pub fn begin_shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
     }
@@ -228,6 +238,14 @@ impl Health {
         }
         if !self.link_up.load(Ordering::SeqCst) {
             return Some("the replication link is down".into());
+        }
+        if let Some(problem) = self
+            .capture_problem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Some(problem);
         }
         let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
         let down: Vec<String> = backends

@@ -629,6 +629,90 @@ async fn keys_and_fields_named_like_options_are_followed_exactly() {
     );
 }
 
+/// A key capture must read from the primary but may not (the service's user lacks DUMP) is
+/// waited for with backoff and reported in the readiness, never turned into a full resync
+/// loop; once the permission is granted capture goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_that_fails_is_retried_not_a_full_resync() {
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    client
+        .command(&[
+            "ACL", "SETUSER", "wb", "on", ">pw", "~*", "&*", "+@all", "-dump",
+        ])
+        .await
+        .expect("acl");
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let endpoint = writebehind::config::RedisEndpoint::parse(&format!(
+        "redis://wb:pw@127.0.0.1:{}",
+        server.port
+    ))
+    .expect("endpoint");
+    let outputs = CaptureOutputs::default();
+    let health = outputs.health.clone();
+    let mut capture = Capture::new(
+        store.clone(),
+        mappings(&server, "keep"),
+        endpoint.clone(),
+        true,
+        outputs,
+    )
+    .expect("capture");
+    let mut options = ReplicatorOptions::new(endpoint);
+    options.backoff_min = Duration::from_millis(10);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let mut replicator = Replicator::new(options, capture.resume_position());
+        capture
+            .run(&mut replicator, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("capture");
+        capture
+    });
+    caught_up(&store, &mut client).await;
+    // A watched key gets its content from an unwatched one: capture must read it.
+    client
+        .command(&["HSET", "tmp", "first_name", "R"])
+        .await
+        .expect("hset");
+    client
+        .command(&["RENAME", "tmp", "person2:renamed"])
+        .await
+        .expect("rename");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !health
+        .not_ready()
+        .is_some_and(|why| why.contains("cannot read key `person2:renamed`"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not reported: {:?}",
+            health.not_ready()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client
+        .command(&["ACL", "SETUSER", "wb", "+dump"])
+        .await
+        .expect("acl");
+    caught_up(&store, &mut client).await;
+    assert_eq!(health.not_ready(), None);
+    let _ = stop.send(());
+    let capture = task.await.expect("capture task");
+    assert_eq!(capture.stats().full_syncs, 1, "no full resync");
+    let value = store
+        .mirror(0, b"person2:renamed")
+        .expect("mirror")
+        .expect("the refreshed key");
+    assert_eq!(
+        value.fields[&Bytes::from("first_name")].value,
+        Bytes::from("R")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_full_resync_reconciles_exactly() {
     let server = RedisServer::start(&["--repl-backlog-size", "16384"]);

@@ -337,7 +337,7 @@ async fn op_completions_and_acks_follow_the_promoted_primary() {
         r.command(&["FCALL", "writebehind_version", "0"])
             .await
             .expect("library on the promoted replica"),
-        BytesFrame::Integer(1)
+        BytesFrame::Integer(writebehind::ack::LIBRARY_VERSION)
     );
     r.pipeline(&[
         &["HSET", "person2:2", "first_name", "gone", "#", "-after"][..],

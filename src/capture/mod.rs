@@ -128,7 +128,7 @@ impl Capture {
                 stats: CaptureStats::default(),
             },
             full_sync: None,
-            primary: Primary::new(endpoint),
+            primary: Primary::new(endpoint, outputs.health.clone()),
             outputs,
         })
     }

@@ -12,6 +12,7 @@
 //! offset is stored as a marker entry (no row) for the same reason. When the primary is on
 //! another replication ID than the stream, the value cannot be placed in the stream: `None`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,9 +20,11 @@ use redis_protocol::resp2::types::BytesFrame;
 
 use super::command_table::CommandTable;
 use super::rows::mirror_value_from_dump;
+use crate::backoff::Backoff;
 use crate::buffer::MirrorValue;
 use crate::clock::now_ms;
 use crate::config::RedisEndpoint;
+use crate::metrics::Health;
 use crate::position::{ReplId, ReplOffset};
 use crate::redis_client::{frame_text, info_field, ClientError, RedisClient};
 use crate::replication::rdb::decode_dump_payload;
@@ -33,13 +36,52 @@ pub struct Primary {
     endpoint: RedisEndpoint,
     /// Kept open for refreshes (they come in bursts).
     client: Option<RedisClient>,
+    /// Where a refresh that keeps failing is reported (`/ready`).
+    health: Arc<Health>,
 }
 
 impl Primary {
-    pub fn new(endpoint: RedisEndpoint) -> Primary {
+    pub fn new(endpoint: RedisEndpoint, health: Arc<Health>) -> Primary {
         Primary {
             endpoint,
             client: None,
+            health,
+        }
+    }
+
+    /// Reads `key` (see [`Primary::read_key`]), retrying with backoff for as long as it fails
+    /// (a connection lost, a user not allowed `DUMP`): a refresh that cannot be done is waited
+    /// for, reported in `/ready`, never turned into a full resynchronisation. `None` when the
+    /// primary is on another replication ID than `replid`.
+    pub async fn read_key_retrying(
+        &mut self,
+        db: u32,
+        key: &Bytes,
+        replid: &ReplId,
+        generation: u64,
+    ) -> Option<Refreshed> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            match self.read_key(db, key, replid, generation).await {
+                Ok(found) => {
+                    if backoff.failures() > 0 {
+                        self.health.capture_problem(None);
+                        tracing::info!(key = %String::from_utf8_lossy(key), "the key could be read from the primary again");
+                    }
+                    return found;
+                }
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    let problem = format!(
+                        "cannot read key `{}` (db {db}) from the primary: {error}",
+                        String::from_utf8_lossy(key)
+                    );
+                    tracing::warn!(%problem, retry_in = ?delay, "capture waits for the key");
+                    metrics::counter!("writebehind_refresh_errors_total").increment(1);
+                    self.health.capture_problem(Some(problem));
+                    tokio::time::sleep(delay).await;
+                }
+            }
         }
     }
 

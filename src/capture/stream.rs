@@ -105,18 +105,16 @@ impl StreamBatch {
             return Ok(Some(reason));
         }
         for (db, key) in refresh {
+            let generation = state.checkpoint.generation;
             match primary
-                .read_key(db, &key, &position.replid, state.checkpoint.generation)
+                .read_key_retrying(db, &key, &position.replid, generation)
                 .await
             {
-                Ok(Some(value)) => self.refreshed(state, db, &key, value, &mut rows)?,
-                Ok(None) => {
+                Some(value) => self.refreshed(state, db, &key, value, &mut rows)?,
+                None => {
                     return Ok(Some(
                         "the primary's replication ID changed while reading a key".into(),
                     ))
-                }
-                Err(error) => {
-                    return Ok(Some(format!("cannot read a key from the primary: {error}")))
                 }
             }
         }

@@ -13,7 +13,11 @@ use crate::sink::Destination;
 
 /// Whether the connected user may run what a replica runs (`ACL DRYRUN`, Redis 7+). Prints
 /// one line; `false` only when a permission is known to be missing.
-async fn replica_permissions(client: &mut RedisClient, endpoint: &RedisEndpoint) -> bool {
+async fn replica_permissions(
+    client: &mut RedisClient,
+    endpoint: &RedisEndpoint,
+    acks: bool,
+) -> bool {
     let user = match client.command(&["ACL", "WHOAMI"]).await {
         Ok(reply) => crate::redis_client::frame_text(&reply),
         Err(_) => endpoint
@@ -22,11 +26,28 @@ async fn replica_permissions(client: &mut RedisClient, endpoint: &RedisEndpoint)
             .unwrap_or_else(|| "default".into()),
     };
     let mut missing = Vec::new();
-    for command in [
-        &["PSYNC", "?", "-1"][..],
+    // What a replica runs, then what capture reads besides the link (the command table, the
+    // key count, and keys it must refresh: without DUMP capture waits, it cannot go on), then
+    // what the write-back task runs.
+    let mut commands: Vec<&[&str]> = vec![
+        &["PSYNC", "?", "-1"],
         &["REPLCONF", "ACK", "0"],
         &["PING"],
-    ] {
+        &["COMMAND"],
+        &["INFO", "replication"],
+        &["SELECT", "0"],
+        &["DUMP", "writebehind:probe"],
+        &["PTTL", "writebehind:probe"],
+    ];
+    if acks {
+        commands.extend([
+            &["FUNCTION", "LOAD", "x"][..],
+            &["FCALL", "writebehind_ack", "1", "writebehind:probe"],
+            &["XADD", "writebehind:probe", "*", "f", "v"],
+            &["EXPIRE", "writebehind:probe", "1"],
+        ]);
+    }
+    for command in commands {
         let mut args = vec!["ACL", "DRYRUN", user.as_str()];
         args.extend_from_slice(command);
         match client.command(&args).await {
@@ -47,11 +68,16 @@ async fn replica_permissions(client: &mut RedisClient, endpoint: &RedisEndpoint)
         }
     }
     if missing.is_empty() {
-        println!("ok: Redis user `{user}` may run PSYNC, REPLCONF, PING, FUNCTION, FCALL, XADD and EXPIRE");
+        let acks = if acks {
+            ", FUNCTION, FCALL, XADD and EXPIRE"
+        } else {
+            ""
+        };
+        println!("ok: Redis user `{user}` may run PSYNC, REPLCONF, PING, COMMAND, INFO, SELECT, DUMP, PTTL{acks}");
         true
     } else {
         println!(
-            "error: Redis at {}: user `{user}` may not run {}; grant it +psync +replconf +ping +function +fcall +xadd +expire",
+            "error: Redis at {}: user `{user}` may not run {}; grant it +psync +replconf +ping +command +info +select +dump +pttl (and, for acks, +function +fcall +xadd +expire)",
             endpoint.address(),
             missing.join(", ")
         );
@@ -110,7 +136,7 @@ async fn check_redis(config: &Config) -> bool {
             Ok(mut client) => match client.command(&["PING"]).await {
                 Ok(_) => {
                     println!("ok: Redis at {} answers", endpoint.address());
-                    if !replica_permissions(&mut client, &endpoint).await {
+                    if !replica_permissions(&mut client, &endpoint, config.acks.enabled).await {
                         failed = true;
                     }
                 }
