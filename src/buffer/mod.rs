@@ -82,8 +82,10 @@ const META_WATCHED: &[u8] = b"watched";
 pub enum StoreError {
     #[error("buffer at {path}: RocksDB error: {message}; check the disk (space, permissions) and restart")]
     RocksDb { path: PathBuf, message: String },
-    #[error("buffer at {path}: {source}; the buffer is damaged: move it away to start over with a full sync")]
+    #[error("buffer at {path}: {source}; the buffer is damaged: move it away to start over (the service reconciles the tables with Redis)")]
     Corrupt { path: PathBuf, source: DecodeError },
+    #[error("buffer at {path}: RocksDB reports damaged data ({message}); move the buffer away to start over: the service reconciles the tables with Redis")]
+    Damaged { path: PathBuf, message: String },
     #[error("buffer at {path} is in use by another writebehind process; stop it first")]
     InUse { path: PathBuf },
     #[error("buffer at {path} has format version {found}; this writebehind reads version {FORMAT_VERSION}")]

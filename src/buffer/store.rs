@@ -19,6 +19,19 @@ use super::{
 };
 use crate::position::{ChangeSeq, ReplId, ReplOffset};
 
+/// The one place RocksDB errors are classified, by their kind: another process holding the
+/// lock file, damaged data, anything else (disk full, permissions).
+fn classify(path: &Path, e: rocksdb::Error) -> StoreError {
+    let path = path.to_path_buf();
+    let message = e.to_string();
+    match e.kind() {
+        rocksdb::ErrorKind::Corruption => StoreError::Damaged { path, message },
+        // `IO error: While lock file: <path>/LOCK: Resource temporarily unavailable`.
+        rocksdb::ErrorKind::IOError if message.contains("/LOCK") => StoreError::InUse { path },
+        _ => StoreError::RocksDb { path, message },
+    }
+}
+
 /// Where a scan of the mirror continues (opaque outside the buffer): the start, or after the
 /// last entry of a page.
 #[derive(Debug, Clone, Default)]
@@ -60,19 +73,8 @@ impl Store {
             CF_ACKS,
         ]
         .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
-        let db = DB::open_cf_descriptors(&options, path, families).map_err(|e| {
-            let message = e.to_string();
-            if message.contains("lock") {
-                StoreError::InUse {
-                    path: path.to_path_buf(),
-                }
-            } else {
-                StoreError::RocksDb {
-                    path: path.to_path_buf(),
-                    message,
-                }
-            }
-        })?;
+        let db =
+            DB::open_cf_descriptors(&options, path, families).map_err(|e| classify(path, e))?;
         let mut store = Store {
             db,
             path: path.to_path_buf(),
@@ -169,10 +171,7 @@ impl Store {
     }
 
     fn rocks(&self, e: rocksdb::Error) -> StoreError {
-        StoreError::RocksDb {
-            path: self.path.clone(),
-            message: e.to_string(),
-        }
+        classify(&self.path, e)
     }
 
     fn corrupt(&self, e: DecodeError) -> StoreError {
@@ -619,6 +618,34 @@ mod tests {
         drop(store);
         let store = Store::open(dir.path())?;
         assert_eq!(store.checkpoint()?.next_seq, ChangeSeq(5));
+        Ok(())
+    }
+
+    /// A second process is refused as such; damaged files are reported as damage, not as a
+    /// lock held by someone else (a message with "lock" in it once was).
+    #[test]
+    fn open_errors_are_classified_by_kind() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::InUse { .. })
+        ));
+        drop(store);
+        let current = std::fs::read_to_string(dir.path().join("CURRENT"))?;
+        let manifest = dir.path().join(current.trim());
+        let mut bytes = std::fs::read(&manifest)?;
+        for b in bytes.iter_mut().skip(8).step_by(3) {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&manifest, bytes)?;
+        match Store::open(dir.path()) {
+            Err(StoreError::Damaged { message, .. }) => {
+                assert!(!message.is_empty());
+            }
+            Err(other) => panic!("expected damage, got {other}"),
+            Ok(_) => panic!("a damaged manifest opened"),
+        }
         Ok(())
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, Opts, OptsBuilder, Params, Pool, TxOpts, Value};
+use mysql_async::{Conn, DriverError, Opts, OptsBuilder, Params, Pool, TxOpts, Value};
 
 use super::convert::{ColumnType, SqlValue};
 use super::SinkCheckpoint;
@@ -85,7 +85,18 @@ fn classify(error: mysql_async::Error) -> SinkError {
             | 1690 | 3819 | 4025 => SinkErrorKind::RowRefused,
             _ => SinkErrorKind::Fatal,
         },
-        mysql_async::Error::Io(_) | mysql_async::Error::Driver(_) => SinkErrorKind::Transient,
+        mysql_async::Error::Io(_) => SinkErrorKind::Transient,
+        // The connection (or the pool) went away, or the stream lost its framing: a new
+        // connection can succeed. Anything else the driver refuses (parameters, packet sizes,
+        // authentication plugins, ...) will be refused again.
+        mysql_async::Error::Driver(driver) => match driver {
+            DriverError::ConnectionClosed
+            | DriverError::PoolDisconnected
+            | DriverError::PacketOutOfOrder
+            | DriverError::UnexpectedPacket { .. }
+            | DriverError::BadCompressedPacketHeader => SinkErrorKind::Transient,
+            _ => SinkErrorKind::Fatal,
+        },
         _ => SinkErrorKind::Fatal,
     };
     let message = match &error {
