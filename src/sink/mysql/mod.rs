@@ -89,14 +89,13 @@ fn classify(error: mysql_async::Error) -> SinkError {
         // The connection (or the pool) went away, or the stream lost its framing: a new
         // connection can succeed. Anything else the driver refuses (parameters, packet sizes,
         // authentication plugins, ...) will be refused again.
-        mysql_async::Error::Driver(driver) => match driver {
+        mysql_async::Error::Driver(
             DriverError::ConnectionClosed
             | DriverError::PoolDisconnected
             | DriverError::PacketOutOfOrder
             | DriverError::UnexpectedPacket { .. }
-            | DriverError::BadCompressedPacketHeader => SinkErrorKind::Transient,
-            _ => SinkErrorKind::Fatal,
-        },
+            | DriverError::BadCompressedPacketHeader,
+        ) => SinkErrorKind::Transient,
         _ => SinkErrorKind::Fatal,
     };
     let message = match &error {
