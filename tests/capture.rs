@@ -77,15 +77,24 @@ struct Running {
 }
 
 fn start_capture(server: &RedisServer, store: Arc<Store>, mappings: Mappings) -> Running {
-    let mut capture = Capture::new(
+    start_capture_as(
+        server.endpoint(),
         store,
         mappings,
-        server.endpoint(),
-        true,
         CaptureOutputs::default(),
     )
-    .expect("capture");
-    let mut options = ReplicatorOptions::new(server.endpoint());
+}
+
+/// Capture connecting as `endpoint` says (a user, a password), reporting to `outputs`.
+fn start_capture_as(
+    endpoint: writebehind::config::RedisEndpoint,
+    store: Arc<Store>,
+    mappings: Mappings,
+    outputs: CaptureOutputs,
+) -> Running {
+    let mut capture =
+        Capture::new(store, mappings, endpoint.clone(), true, outputs).expect("capture");
+    let mut options = ReplicatorOptions::new(endpoint);
     options.timeout = Duration::from_secs(20);
     options.backoff_min = Duration::from_millis(10);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -651,27 +660,7 @@ async fn a_refresh_that_fails_is_retried_not_a_full_resync() {
     .expect("endpoint");
     let outputs = CaptureOutputs::default();
     let health = outputs.health.clone();
-    let mut capture = Capture::new(
-        store.clone(),
-        mappings(&server, "keep"),
-        endpoint.clone(),
-        true,
-        outputs,
-    )
-    .expect("capture");
-    let mut options = ReplicatorOptions::new(endpoint);
-    options.backoff_min = Duration::from_millis(10);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let mut replicator = Replicator::new(options, capture.resume_position());
-        capture
-            .run(&mut replicator, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("capture");
-        capture
-    });
+    let running = start_capture_as(endpoint, store.clone(), mappings(&server, "keep"), outputs);
     caught_up(&store, &mut client).await;
     // A watched key gets its content from an unwatched one: capture must read it.
     client
@@ -700,8 +689,7 @@ async fn a_refresh_that_fails_is_retried_not_a_full_resync() {
         .expect("acl");
     caught_up(&store, &mut client).await;
     assert_eq!(health.not_ready(), None);
-    let _ = stop.send(());
-    let capture = task.await.expect("capture task");
+    let capture = running.stop().await;
     assert_eq!(capture.stats().full_syncs, 1, "no full resync");
     let value = store
         .mirror(0, b"person2:renamed")
