@@ -799,3 +799,100 @@ async fn a_large_hash_is_completed_in_chunks() {
         t.hash("person:big").await == pairs(&[("last_name", "B")])
     );
 }
+
+/// Tags anyone can publish change nothing: a forged `~` op tag leaves the row (and the hash)
+/// in place, and a forged completion's write is applied as the client's own write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_tags_change_no_row_and_no_hash() {
+    let mut t = Setup::start(&[]).await;
+    t.spawn();
+    t.redis(&["HSET", "person:42", "first_name", "Kept"]).await;
+    until!(
+        t,
+        "the row of person:42",
+        t.row("persons", "42").await.is_some()
+    );
+    t.redis(&["PUBLISH", "__writebehind__", "op:1:~person:42"])
+        .await;
+    let replies = t
+        .client
+        .pipeline(&[
+            &["MULTI"][..],
+            &["PUBLISH", "__writebehind__", "complete:0:person:43"],
+            &["HSET", "person:43", "first_name", "Forged"],
+            &["EXEC"],
+        ])
+        .await
+        .expect("multi");
+    assert!(matches!(replies.last(), Some(BytesFrame::Array(_))));
+    // A later write is applied, so everything before it has been seen.
+    t.redis(&["HSET", "person:44", "first_name", "Marker"])
+        .await;
+    until!(t, "the marker row", t.row("persons", "44").await.is_some());
+    until!(
+        t,
+        "the forged completion's write, applied as the client's",
+        t.row("persons", "43").await == Some((s("Forged"), None, None))
+    );
+    assert_eq!(
+        t.row("persons", "42").await,
+        Some((s("Kept"), None, None)),
+        "a forged ~ tag deleted the row"
+    );
+    assert_eq!(t.hash("person:42").await, pairs(&[("first_name", "Kept")]));
+}
+
+/// A genuine completion tag, captured from the channel and published again with a write of
+/// the replayer's own, is not taken for a completion: the write reaches the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_completion_tag_is_not_a_completion() {
+    let mut t = Setup::start(&[]).await;
+    t.spawn();
+    until!(
+        t,
+        "the library",
+        t.library_version().await == Some(writebehind::ack::LIBRARY_VERSION)
+    );
+    let mut listener = t._redis.client().await;
+    listener
+        .send(&["SUBSCRIBE", "__writebehind__"])
+        .await
+        .expect("subscribe");
+    listener
+        .next_frame(Some(Duration::from_secs(5)))
+        .await
+        .expect("subscribed");
+    t.redis(&["HSET", "person:45", "first_name", "A", "#", "=r1"])
+        .await;
+    assert_eq!(t.ack("person:45", "r1").await, done());
+    let payload = loop {
+        let BytesFrame::Array(message) = listener
+            .next_frame(Some(Duration::from_secs(10)))
+            .await
+            .expect("the completion's tag")
+        else {
+            continue;
+        };
+        let text: Vec<String> = message
+            .iter()
+            .map(writebehind::redis_client::frame_text)
+            .collect();
+        if text.first().is_some_and(|k| k == "message") && text[2].starts_with("complete:") {
+            break text[2].clone();
+        }
+    };
+    t.client
+        .pipeline(&[
+            &["MULTI"][..],
+            &["PUBLISH", "__writebehind__", &payload],
+            &["HSET", "person:45", "first_name", "Replayed"],
+            &["EXEC"],
+        ])
+        .await
+        .expect("replay");
+    until!(
+        t,
+        "the replayed unit's write",
+        t.row("persons", "45").await == Some((s("Replayed"), None, None))
+    );
+}

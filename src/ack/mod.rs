@@ -34,7 +34,21 @@
 //! `<n>` is the byte length of `<op>`. `complete` units are applied to the raw state only (they
 //! bring Redis to the mirror's state; they are not user changes). `op` units come from the
 //! atomic entry point `FCALL writebehind_hset`: their commands are ordinary changes and the tag
-//! carries the op and uuid. The channel is reserved: nothing else may publish to it.
+//! carries the op and uuid.
+//!
+//! Any client may publish to the channel, so a tag is believed only when it cannot be a
+//! forgery (docs/design.md section 4.4):
+//! - a `complete` tag carries, in the `<op>` slot, a random nonce the write-back task chose for
+//!   that call and registered in [`Writeback`]; capture honours it only when it matches an
+//!   issued completion (once: a replay does not match) and the unit only writes that key. A
+//!   genuine completion left unmatched (issued before a restart) is harmless as a client write:
+//!   it brings Redis to the state the mirror already holds;
+//! - an `op` tag is believed only when the unit's commands write that key alone, and, for `-`
+//!   and `~`, leave it absent. A unit of that shape has the effect `writebehind_hset` gives, which
+//!   any client may call anyway.
+//!
+//! Otherwise the unit is applied as the client's own commands, and
+//! `writebehind_forged_tags_total{kind}` counts it.
 //!
 //! # Acknowledgements
 //!
@@ -58,7 +72,7 @@ use crate::replication::stream::Command;
 /// The function library (Lua), loaded with `FUNCTION LOAD REPLACE`.
 pub const LIBRARY: &str = include_str!("writebehind.lua");
 /// The version `writebehind_version` returns; the service upgrades an older library.
-pub const LIBRARY_VERSION: i64 = 2;
+pub const LIBRARY_VERSION: i64 = 3;
 /// The field that carries the op.
 pub const OP_FIELD: &[u8] = b"#";
 /// The reason of the `failed` ack of an invalid op (one with a uuid is never empty).
@@ -67,11 +81,14 @@ pub const INVALID_OP: &str = "invalid op: unknown operation";
 pub const TAG_CHANNEL: &[u8] = b"__writebehind__";
 
 /// How capture and the sink runners wake the write-back task: keys whose raw state capture
-/// has just written (their op may need completing), and a wake-up for newly queued acks.
+/// has just written (their op may need completing), and a wake-up for newly queued acks. It
+/// also holds the completions the write-back task has issued and capture has not seen yet:
+/// a completion tag counts only when it matches one of them (and only once).
 #[derive(Debug, Default)]
 pub struct Writeback {
     touched: Mutex<HashSet<(u32, Bytes)>>,
     wake: Notify,
+    issued: Mutex<HashSet<(u32, Bytes, Bytes)>>,
 }
 
 impl Writeback {
@@ -87,6 +104,28 @@ impl Writeback {
     /// Acks were queued in the buffer.
     pub fn acks_queued(&self) {
         self.wake.notify_one();
+    }
+
+    /// The write-back task is about to send a completion of `key` tagged with `nonce`.
+    pub fn issue(&self, db: u32, key: Bytes, nonce: Bytes) {
+        self.issued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((db, key, nonce));
+    }
+
+    /// A completion that wrote nothing (so published no tag) is forgotten.
+    pub fn withdraw(&self, db: u32, key: &Bytes, nonce: &Bytes) {
+        self.take_issued(db, key, nonce);
+    }
+
+    /// Whether a completion tag was issued by this service (it is forgotten: a replay of the
+    /// same tag does not count).
+    pub fn take_issued(&self, db: u32, key: &Bytes, nonce: &Bytes) -> bool {
+        self.issued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(db, key.clone(), nonce.clone()))
     }
 
     fn take_touched(&self) -> HashSet<(u32, Bytes)> {
@@ -157,8 +196,9 @@ impl OpField {
 /// A write of the function library, recognised by its first command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tag {
-    /// `writebehind_complete`: brings the key to the mirror's state; not a user change.
-    Completion { key: Bytes },
+    /// `writebehind_complete`: brings the key to the mirror's state; not a user change. The
+    /// nonce says which completion the service issued.
+    Completion { key: Bytes, nonce: Bytes },
     /// `writebehind_hset`: a user write whose op was applied atomically.
     Op { op: OpField, key: Bytes },
 }
@@ -187,7 +227,10 @@ pub fn parse_tag(command: &Command) -> Option<Tag> {
     }
     let key = payload.slice(op_end..);
     match kind {
-        b"complete" => Some(Tag::Completion { key }),
+        b"complete" => Some(Tag::Completion {
+            key,
+            nonce: payload.slice(op_start..op_end),
+        }),
         b"op" => Some(Tag::Op {
             op: OpField::parse(&payload.slice(op_start..op_end)),
             key,
@@ -234,9 +277,10 @@ mod tests {
     #[test]
     fn tags_parse_and_anything_else_is_not_a_tag() {
         assert_eq!(
-            parse_tag(&publish(b"complete:0:p:1")),
+            parse_tag(&publish(b"complete:3:abcp:1")),
             Some(Tag::Completion {
-                key: Bytes::from("p:1")
+                key: Bytes::from("p:1"),
+                nonce: Bytes::from("abc")
             })
         );
         assert_eq!(

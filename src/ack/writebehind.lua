@@ -5,7 +5,7 @@
 --     PUBLISH __writebehind__ <kind>:<op length>:<op><key>
 -- so that the service recognises it in the replication stream (README, "The # op field").
 
-local VERSION = 2
+local VERSION = 3
 -- Lua's unpack takes a few thousand values at most: commands are sent in chunks of this many.
 local CHUNK = 1000
 local CHANNEL = '__writebehind__'
@@ -67,11 +67,12 @@ local function hset(keys, args)
   return added
 end
 
--- writebehind_complete KEY n_raw field value ... n_target field value ... persist
+-- writebehind_complete KEY n_raw field value ... n_target field value ... persist nonce
 -- Completes a `#` op written with a plain HSET: if KEY holds exactly the raw fields (what the
 -- service has seen in the stream), make it hold the target fields (the state the op gives), and
 -- drop its TTL when persist is 1; n_target 0 deletes the key. Returns 1 if done, 0 if the key has
--- changed since (the service retries once it has seen that change).
+-- changed since (the service retries once it has seen that change). The tag carries `nonce`, a
+-- random value the service chose for this call: only a completion it issued counts as one.
 local function complete(keys, args)
   local key = keys[1]
   local i = 1
@@ -92,6 +93,7 @@ local function complete(keys, args)
     i = i + 2
   end
   local persist = args[i] == '1'
+  local nonce = args[i + 1] or ''
   if redis.call('TYPE', key)['ok'] ~= 'hash' or redis.call('HLEN', key) ~= n_raw then
     return 0
   end
@@ -101,7 +103,7 @@ local function complete(keys, args)
       return 0
     end
   end
-  tag('complete', '', key)
+  tag('complete', nonce, key)
   if n_target == 0 then
     redis.call('DEL', key)
     return 1

@@ -238,15 +238,34 @@ impl Writer {
                 keys.push(None);
                 db_now = db;
             }
-            commands.push(completion_command(&key, &raw, intended.as_ref()));
-            keys.push(Some((db, key, raw)));
+            // Registered before it is sent: capture may see its effect before the reply.
+            let nonce = Bytes::from(uuid::Uuid::new_v4().simple().to_string());
+            self.writeback.issue(db, key.clone(), nonce.clone());
+            commands.push(completion_command(&key, &raw, intended.as_ref(), &nonce));
+            keys.push(Some((db, key, raw, nonce)));
         }
         if commands.is_empty() {
             return Ok(count);
         }
-        let replies = self.pipeline(&commands, db_now).await?;
+        let replies = match self.pipeline(&commands, db_now).await {
+            Ok(replies) => replies,
+            Err(error) => {
+                // Unknown whether they ran: forgotten (one that did is then taken for a client
+                // write, which brings Redis to the state the mirror holds: harmless).
+                for (db, key, _, nonce) in keys.iter().flatten() {
+                    self.writeback.withdraw(*db, key, nonce);
+                }
+                return Err(error);
+            }
+        };
         for (reply, key) in replies.into_iter().zip(keys) {
-            let Some((db, key, raw)) = key else { continue };
+            let Some((db, key, raw, nonce)) = key else {
+                continue;
+            };
+            if reply != BytesFrame::Integer(1) {
+                // Nothing was written, so no tag will come.
+                self.writeback.withdraw(db, &key, &nonce);
+            }
             let result = match reply {
                 BytesFrame::Integer(1) => "done",
                 BytesFrame::Integer(_) => "changed",
@@ -366,11 +385,12 @@ impl Writer {
     }
 }
 
-/// `FCALL writebehind_complete 1 key n_raw raw... n_target target... persist`.
+/// `FCALL writebehind_complete 1 key n_raw raw... n_target target... persist nonce`.
 fn completion_command(
     key: &Bytes,
     raw: &MirrorValue,
     intended: Option<&MirrorValue>,
+    nonce: &Bytes,
 ) -> Vec<Bytes> {
     let mut command = vec![
         Bytes::from_static(b"FCALL"),
@@ -392,6 +412,7 @@ fn completion_command(
     // The key lost its TTL with the op (`-`, `~`), and nothing set one since.
     let persist = raw.expire_at_ms.is_some() && intended.is_some_and(|i| i.expire_at_ms.is_none());
     command.push(Bytes::from_static(if persist { b"1" } else { b"0" }));
+    command.push(nonce.clone());
     command
 }
 
@@ -455,7 +476,8 @@ mod tests {
     fn a_completion_names_raw_and_target_fields_and_the_ttl() {
         let raw = hash(&[("#", "-"), ("a", "1"), ("b", "2")], Some(5));
         let target = hash(&[("b", "2")], None);
-        let command = completion_command(&Bytes::from("k"), &raw, Some(&target));
+        let nonce = Bytes::from("n0");
+        let command = completion_command(&Bytes::from("k"), &raw, Some(&target), &nonce);
         let text: Vec<&[u8]> = command.iter().map(|b| b.as_ref()).collect();
         assert_eq!(
             text,
@@ -474,11 +496,13 @@ mod tests {
                 b"1",
                 b"b",
                 b"2",
-                b"1"
+                b"1",
+                b"n0"
             ]
         );
-        let gone = completion_command(&Bytes::from("k"), &raw, None);
+        let gone = completion_command(&Bytes::from("k"), &raw, None, &nonce);
+        assert_eq!(gone[gone.len() - 3].as_ref(), b"0");
         assert_eq!(gone[gone.len() - 2].as_ref(), b"0");
-        assert_eq!(gone[gone.len() - 1].as_ref(), b"0");
+        assert_eq!(gone[gone.len() - 1].as_ref(), b"n0");
     }
 }

@@ -113,7 +113,7 @@ impl Capture {
             batch.put_checkpoint(&checkpoint);
             store.write(batch, true)?;
         }
-        let ops = OpState::new(ops, store.raw_keys()?);
+        let ops = OpState::new(ops, store.raw_keys()?, outputs.writeback.clone());
         // What the buffer already holds is buffered, whatever this run receives.
         if let Some(position) = &checkpoint.position {
             outputs.health.buffered(position.offset, None);

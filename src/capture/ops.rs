@@ -16,7 +16,9 @@ use super::mapping::Mapping;
 use super::rows::RowEvent;
 use super::state::CaptureState;
 use super::working_set::WorkingSet;
-use crate::ack::{OpField, OpKind, INVALID_OP, OP_FIELD};
+use std::sync::Arc;
+
+use crate::ack::{OpField, OpKind, Tag, Writeback, INVALID_OP, OP_FIELD};
 use crate::buffer::{Batch, HashOp, MirrorKind, MirrorValue, NewAck, RowChange, StoreError};
 use crate::position::ReplOffset;
 use crate::replication::stream::Command;
@@ -160,6 +162,20 @@ pub struct OpState {
     /// `[acks] enabled`: whether `#` is the op field at all.
     pub enabled: bool,
     pending: PendingKeys,
+    /// The completions the write-back task issued (to tell them from forged tags).
+    writeback: Arc<Writeback>,
+}
+
+/// Whether every command of a tagged unit writes `key` in `db` alone, with one of `allowed`.
+fn writes_only(commands: &[Command], db: u32, key: &Bytes, allowed: &[&str]) -> bool {
+    commands
+        .iter()
+        .all(|c| c.db == db && c.args.get(1) == Some(key) && allowed.contains(&c.name().as_str()))
+}
+
+fn forged(kind: &'static str, key: &Bytes, why: &str) {
+    tracing::warn!(kind, key = %String::from_utf8_lossy(key), why, "a unit tagged as this service's own write is not; applied as the client's commands");
+    metrics::counter!("writebehind_forged_tags_total", "kind" => kind).increment(1);
 }
 
 fn ack(
@@ -179,12 +195,63 @@ fn ack(
 
 impl OpState {
     /// The pending keys are those with a raw state in the buffer.
-    pub fn new(enabled: bool, raw_keys: Vec<(u32, Bytes)>) -> OpState {
+    pub fn new(enabled: bool, raw_keys: Vec<(u32, Bytes)>, writeback: Arc<Writeback>) -> OpState {
         let mut pending = PendingKeys::default();
         for (db, key) in raw_keys {
             pending.insert(db, &key);
         }
-        OpState { enabled, pending }
+        OpState {
+            enabled,
+            pending,
+            writeback,
+        }
+    }
+
+    /// The tag of a unit (its first command) when it is believed (src/ack explains when): a
+    /// completion the write-back task issued that writes its key alone, or an op whose unit
+    /// writes its key alone. A forged tag is counted and the unit is the client's own.
+    pub fn believe(&self, tag: Tag, db: u32, commands: &[Command]) -> Option<Tag> {
+        match &tag {
+            Tag::Completion { key, nonce } => {
+                let shaped = writes_only(
+                    commands,
+                    db,
+                    key,
+                    &["HSET", "HDEL", "DEL", "UNLINK", "PERSIST"],
+                );
+                if shaped && self.writeback.take_issued(db, key, nonce) {
+                    return Some(tag);
+                }
+                forged(
+                    "complete",
+                    key,
+                    if shaped {
+                        "no completion of this service has this nonce"
+                    } else {
+                        "the unit writes more than the key"
+                    },
+                );
+                None
+            }
+            Tag::Op { key, .. } => {
+                if writes_only(commands, db, key, &["HSET", "DEL", "UNLINK"]) {
+                    return Some(tag);
+                }
+                forged("op", key, "the unit writes more than the key");
+                None
+            }
+        }
+    }
+
+    /// After an `op` unit's commands: a `-` or `~` that left the key in place is not what the
+    /// library does (forged).
+    pub fn op_took_effect(&self, op: &OpField, key: &Bytes, after: &Option<MirrorValue>) -> bool {
+        let deletes = op.kind.is_some_and(|k| k.deletes_key());
+        if deletes && after.is_some() {
+            forged("op", key, "the key still exists after a deleting op");
+            return false;
+        }
+        true
     }
 
     /// Every key with a pending op.

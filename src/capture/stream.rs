@@ -145,9 +145,12 @@ impl StreamBatch {
         rows: &mut Vec<RowEvent>,
         refresh: &mut Vec<(u32, Bytes)>,
     ) -> Result<Option<String>, StoreError> {
-        // A unit of the function library starts with its tag (src/ack).
-        let tag = match commands.first() {
-            Some(first) if state.ops.enabled => parse_tag(first).map(|tag| (first.db, tag)),
+        // A unit of the function library starts with its tag (src/ack), believed only when it
+        // cannot be a forgery.
+        let tag = match commands.split_first() {
+            Some((first, rest)) if state.ops.enabled => parse_tag(first)
+                .and_then(|tag| state.ops.believe(tag, first.db, rest))
+                .map(|tag| (first.db, tag)),
             _ => None,
         };
         let commands = if tag.is_some() {
@@ -188,6 +191,10 @@ impl StreamBatch {
             }
         }
         if let Some((db, Tag::Op { op, key })) = tag {
+            let after = self.ws.get(db, &key)?;
+            if !state.ops.op_took_effect(&op, &key, &after) {
+                return Ok(None);
+            }
             let mapping = state.mappings.watching(db, &key);
             state.ops.atomic(
                 mapping,
