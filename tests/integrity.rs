@@ -350,6 +350,70 @@ async fn a_checkpoint_from_before_buffer_identities_is_reconciled() {
     stop(service).await;
 }
 
+/// Waits until `key`'s row exists in `people`, after a marker write shows everything before it
+/// was applied; returns whether `key`'s row is there.
+async fn row_after_marker(f: &mut Fixture, id: &str, marker: &str) -> bool {
+    f.people("person", 0..0, "").await;
+    f.redis(&["HSET", &format!("person:{marker}"), "first_name", "m"])
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f.table(0, "people").await.contains_key(marker) {
+        assert!(Instant::now() < deadline, "the marker row never came");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f.table(0, "people").await.contains_key(id)
+}
+
+/// Expiry or delete is decided on the primary's clock and its count of expired keys, not on
+/// this host's clock at replay time: an application's `DEL` replayed from the backlog after the
+/// key's TTL has passed deletes the row (`on_expire = "keep"`), and a real expiry while the
+/// service was stopped keeps it. (Both in one stop would be ambiguous: counted, kept.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_and_delete_are_told_apart_when_replayed_from_the_backlog() {
+    let mut f = Fixture::new(1).await;
+    let config = f.config(&[("People", "person", 0, "people")]);
+    let service = f.start(&config).await;
+    f.people("person", 1..3, "a").await;
+    f.redis(&["PEXPIRE", "person:2", "600000"]).await;
+    let started = Instant::now();
+    f.redis(&["PEXPIRE", "person:1", "1500"]).await;
+    f.converges(0, "people", "person").await;
+    stop(service).await;
+    // While the service is stopped, the application deletes person:1 before its TTL; the
+    // service comes back after the TTL has passed.
+    f.redis(&["DEL", "person:1"]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while started.elapsed() < Duration::from_millis(2000) {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let service = f.start(&config).await;
+    assert!(
+        !row_after_marker(&mut f, "1", "m1").await,
+        "the application's DEL was taken for an expiry"
+    );
+    // Now person:2 expires on the primary while the service is stopped.
+    f.redis(&["PEXPIRE", "person:2", "1000"]).await;
+    row_after_marker(&mut f, "2", "m2").await;
+    stop(service).await;
+    while f
+        .client
+        .command(&["EXISTS", "person:2"])
+        .await
+        .expect("exists")
+        != redis_protocol::resp2::types::BytesFrame::Integer(0)
+    {
+        assert!(Instant::now() < deadline, "person:2 never expired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let service = f.start(&config).await;
+    assert!(
+        row_after_marker(&mut f, "2", "m3").await,
+        "the expiry deleted the row on_expire = keep keeps"
+    );
+    stop(service).await;
+}
+
 const TYPED_TABLE: &str =
     "CREATE TABLE typed (id VARCHAR(64) PRIMARY KEY, tiny TINYINT, small SMALLINT, \
     price DECIMAL(5,2), day DATE, need VARCHAR(10) NOT NULL, color ENUM('red','blue'), \

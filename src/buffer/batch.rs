@@ -6,7 +6,9 @@ use super::checkpoint::Checkpoint;
 use super::codec::Encoder;
 use super::dead_letter::DeadLetter;
 use super::mirror::{mirror_key, MirrorValue};
-use super::{META_ACKS_ENQUEUED_PREFIX, META_CHECKPOINT, META_REPLID_PREFIX, META_WATCHED};
+use super::{
+    META_ACKS_ENQUEUED_PREFIX, META_CHECKPOINT, META_CLOCK, META_REPLID_PREFIX, META_WATCHED,
+};
 use crate::position::{ChangeSeq, ReplId, ReplOffset};
 
 /// Writes to apply together, in order, atomically.
@@ -73,6 +75,12 @@ impl Batch {
     }
     pub fn delete_ack(&mut self, id: u64) {
         self.ops.push(Op::DeleteAck(id));
+    }
+    /// The latest sample of the primary's clock: `(offset, time_ms, expired_keys)`.
+    pub fn put_clock(&mut self, offset: ReplOffset, time_ms: i64, expired_keys: u64) {
+        let mut e = Encoder::default();
+        e.u64(offset.0).i64(time_ms).u64(expired_keys);
+        self.ops.push(Op::PutMeta(META_CLOCK.to_vec(), e.finish()));
     }
     /// Records what the mirror is built for (see `meta/watched`).
     pub fn put_watched(&mut self, watched: &str) {

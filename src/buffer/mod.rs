@@ -38,7 +38,9 @@
 //!   UUID chosen when the buffer is created; every backend's checkpoint row records it, so a
 //!   database checkpoint of another buffer is never taken for this one's); `watched` (text: the
 //!   `db:prefix` of every mapping, one per line, as of the last full sync; when the
-//!   configuration watches other keys the mirror is rebuilt by a full sync).
+//!   configuration watches other keys the mirror is rebuilt by a full sync); `clock`
+//!   (`offset u64, time_ms i64, expired_keys u64`: the latest sample of the primary's clock,
+//!   written with each commit; see `src/capture/clock.rs`).
 //!
 //! Every command (or `MULTI` unit) is applied with one `WriteBatch` holding its mirror updates,
 //! its changes and the checkpoint after it, so the three never disagree; several units share one
@@ -77,6 +79,7 @@ const META_REPLID_PREFIX: &[u8] = b"replid/";
 const META_ACKS_ENQUEUED_PREFIX: &[u8] = b"acks_enqueued/";
 const META_IDENTITY: &[u8] = b"identity";
 const META_WATCHED: &[u8] = b"watched";
+const META_CLOCK: &[u8] = b"clock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -15,7 +15,7 @@ use super::mirror::{mirror_key, split_mirror_key};
 use super::{
     AckRecord, Batch, Change, Checkpoint, DeadLetter, MirrorValue, StoreError, CF_ACKS, CF_CHANGES,
     CF_DEAD_LETTERS, CF_META, CF_MIRROR, CF_RAW, FORMAT_VERSION, META_ACKS_ENQUEUED_PREFIX,
-    META_CHECKPOINT, META_FORMAT, META_IDENTITY, META_REPLID_PREFIX, META_WATCHED,
+    META_CHECKPOINT, META_CLOCK, META_FORMAT, META_IDENTITY, META_REPLID_PREFIX, META_WATCHED,
 };
 use crate::position::{ChangeSeq, ReplId, ReplOffset};
 
@@ -151,6 +151,22 @@ impl Store {
     /// The identity every backend's checkpoint row records (see the module doc).
     pub fn identity(&self) -> &str {
         &self.identity
+    }
+
+    /// The latest sample of the primary's clock (`meta/clock`): `(offset, time_ms,
+    /// expired_keys)`.
+    pub fn clock(&self) -> Result<Option<(ReplOffset, i64, u64)>, StoreError> {
+        let Some(raw) = self
+            .db
+            .get_cf(self.cf(CF_META)?, META_CLOCK)
+            .map_err(|e| self.rocks(e))?
+        else {
+            return Ok(None);
+        };
+        let mut d = Decoder::new(&raw, "clock sample");
+        let sample = (|| Ok((ReplOffset(d.u64()?), d.i64()?, d.u64()?)))()
+            .map_err(|e: DecodeError| self.corrupt(e))?;
+        Ok(Some(sample))
     }
 
     /// What the mirror was built for (`meta/watched`; `None` before the first full sync that

@@ -16,6 +16,7 @@
 
 use bytes::Bytes;
 
+use super::clock::{Deletion, PrimaryClock};
 use super::command::{FieldTtl, Write};
 use super::command_table::CommandTable;
 use super::mapping::{Mapping, Mappings};
@@ -24,7 +25,6 @@ use super::rows::{mirror_value_from_dump, row_event, RowEvent};
 use super::working_set::WorkingSet;
 use crate::ack::OP_FIELD;
 use crate::buffer::{FieldValue, MirrorKind, MirrorValue, StoreError};
-use crate::clock::now_ms;
 use crate::position::ReplOffset;
 use crate::replication::rdb::decode_dump_payload;
 use crate::replication::stream::Command;
@@ -94,6 +94,8 @@ pub struct Applier<'m> {
     /// Whether a `#` field is an op (false: follow Redis exactly, for the raw state of keys with
     /// a pending op, or when `[acks] enabled = false`).
     pub ops: bool,
+    /// The primary's clock: whether a `DEL` was an expiry.
+    pub clock: &'m PrimaryClock,
 }
 
 impl Applier<'_> {
@@ -262,10 +264,19 @@ impl Applier<'_> {
             return Ok(());
         }
         // A DEL of a key whose time has come is how an expiry reaches replicas.
-        let expired = before
-            .as_ref()
-            .and_then(|v| v.expire_at_ms)
-            .is_some_and(|at| at <= now_ms());
+        let expired = match before.as_ref().and_then(|v| v.expire_at_ms) {
+            Some(at) => {
+                let (deletion, ambiguous) = self.clock.deletion(at, command.end);
+                let decision = match deletion {
+                    Deletion::Expiry => "expiry",
+                    Deletion::Delete => "delete",
+                };
+                let basis = if ambiguous { "ambiguous" } else { "samples" };
+                metrics::counter!("writebehind_expiry_decisions_total", "decision" => decision, "basis" => basis).increment(1);
+                deletion == Deletion::Expiry
+            }
+            None => false,
+        };
         set_with_row(ws, (mapping, db, key), &before, None, expired, out)
     }
 

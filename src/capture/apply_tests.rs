@@ -2,6 +2,8 @@
 
 use super::*;
 use crate::buffer::{HashOp, RowChange, Store};
+use crate::capture::clock::PrimaryClock;
+use crate::clock::now_ms;
 use crate::config::Config;
 use crate::position::ReplOffset;
 use redis_protocol::resp2::types::BytesFrame;
@@ -27,11 +29,13 @@ fn run(
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let mappings = mappings(on_expire);
+    let clock = PrimaryClock::default();
     let applier = Applier {
         mappings: &mappings,
         commands: table,
         generation: 1,
         ops: true,
+        clock: &clock,
     };
     let mut ws = WorkingSet::new(store);
     let mut out = Vec::new();
@@ -276,11 +280,13 @@ fn commands_already_contained_in_a_refreshed_value_are_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let mappings = mappings("keep");
+    let clock = PrimaryClock::default();
     let applier = Applier {
         mappings: &mappings,
         commands: &table,
         generation: 1,
         ops: true,
+        clock: &clock,
     };
     let mut ws = WorkingSet::new(store);
     let mut refreshed = MirrorValue::hash(1);
@@ -310,6 +316,7 @@ fn commands_already_contained_in_a_refreshed_value_are_skipped() {
 mod field_ttl_tests {
     use super::super::*;
     use crate::buffer::Store;
+    use crate::clock::now_ms;
     use crate::config::Config;
     use crate::position::ReplOffset;
     use std::sync::Arc;
@@ -320,11 +327,13 @@ mod field_ttl_tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let table = CommandTable::default();
+        let clock = PrimaryClock::default();
         let applier = Applier {
             mappings: &mappings,
             commands: &table,
             generation: 1,
             ops: true,
+            clock: &clock,
         };
         let mut ws = WorkingSet::new(store);
         let mut out = Vec::new();

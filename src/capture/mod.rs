@@ -17,6 +17,7 @@
 //! that is synced.
 
 pub mod apply;
+pub mod clock;
 pub mod command;
 pub mod command_table;
 mod full_sync;
@@ -37,6 +38,7 @@ use crate::config::RedisEndpoint;
 use crate::metrics::Health;
 use crate::position::{ChangeSeq, StreamPosition};
 use crate::replication::{LinkError, ReplicationEvent, Replicator};
+use clock::{ClockSample, PrimaryClock};
 use full_sync::FullSync;
 use mapping::Mappings;
 use ops::OpState;
@@ -82,7 +84,12 @@ pub struct Capture {
     full_sync: Option<FullSync>,
     primary: Primary,
     outputs: CaptureOutputs,
+    /// When the primary's clock was last sampled.
+    last_sample: Option<std::time::Instant>,
 }
+
+/// How often the primary's clock is sampled while the stream flows.
+const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Capture {
     /// Capture into `store`; `ops`: whether `#` is the op field (`[acks] enabled`).
@@ -118,6 +125,17 @@ impl Capture {
         if let Some(position) = &checkpoint.position {
             outputs.health.buffered(position.offset, None);
         }
+        // The last sample of the primary's clock from before a restart: the commands replayed
+        // from the backlog ran after it.
+        let mut clock = PrimaryClock::default();
+        if let Some((offset, time_ms, expired_keys)) = store.clock()? {
+            let sample = ClockSample {
+                offset,
+                time_ms,
+                expired_keys,
+            };
+            clock.record(sample, None);
+        }
         Ok(Capture {
             state: CaptureState {
                 store,
@@ -126,10 +144,12 @@ impl Capture {
                 checkpoint,
                 ops,
                 stats: CaptureStats::default(),
+                clock,
             },
             full_sync: None,
             primary: Primary::new(endpoint, outputs.health.clone()),
             outputs,
+            last_sample: None,
         })
     }
 
@@ -194,6 +214,9 @@ impl Capture {
                 rdb_bytes,
             } => {
                 self.finish_full_sync(position.clone())?;
+                // A new history: samples of the old one do not compare with its offsets.
+                self.state.clock.forget();
+                self.sample_clock().await;
                 replicator.report_durable(position.offset);
                 self.link_up(&position);
                 tracing::info!(%position, rdb_bytes, "full sync completed");
@@ -206,6 +229,8 @@ impl Capture {
                 metrics::counter!("writebehind_partial_syncs_total").increment(1);
                 self.link_up(&position);
                 self.load_command_table().await;
+                // Taken before the backlog is replayed: every replayed command ran before it.
+                self.sample_clock().await;
                 if let Some(previous) = previous_replid {
                     tracing::info!(%previous, new = %position.replid, "the primary's replication ID changed; continuing");
                     let checkpoint = &mut self.state.checkpoint;
@@ -236,6 +261,24 @@ impl Capture {
             Some(self.primary.address()),
             Some(position.replid.to_string()),
         );
+    }
+
+    /// Samples the primary's clock (see `clock.rs`); a failure only leaves decisions to the
+    /// samples already held.
+    async fn sample_clock(&mut self) {
+        self.last_sample = Some(std::time::Instant::now());
+        match self.primary.sample_clock().await {
+            Ok((sample, skew)) => {
+                self.state.clock.record(sample, Some(skew));
+                // Kept for the next start: the commands it replays ran after this sample.
+                let mut batch = Batch::default();
+                batch.put_clock(sample.offset, sample.time_ms, sample.expired_keys);
+                if let Err(error) = self.state.store.write(batch, false) {
+                    tracing::warn!(%error, "cannot store the sample of the primary's clock");
+                }
+            }
+            Err(error) => tracing::debug!(%error, "cannot sample the primary's clock"),
+        }
     }
 
     async fn load_command_table(&mut self) {
@@ -297,6 +340,12 @@ impl Capture {
             if !batch.is_full() {
                 next = replicator.try_next_buffered();
             }
+        }
+        if self
+            .last_sample
+            .is_none_or(|at| at.elapsed() >= SAMPLE_EVERY)
+        {
+            self.sample_clock().await;
         }
         let committed = batch.commit(&mut self.state)?;
         self.committed(committed);

@@ -18,6 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis_protocol::resp2::types::BytesFrame;
 
+use super::clock::ClockSample;
 use super::command_table::CommandTable;
 use super::rows::mirror_value_from_dump;
 use crate::backoff::Backoff;
@@ -58,11 +59,11 @@ impl Primary {
         db: u32,
         key: &Bytes,
         replid: &ReplId,
-        generation: u64,
+        (generation, now): (u64, i64),
     ) -> Option<Refreshed> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         loop {
-            match self.read_key(db, key, replid, generation).await {
+            match self.read_key(db, key, replid, (generation, now)).await {
                 Ok(found) => {
                     if backoff.failures() > 0 {
                         self.health.capture_problem(None);
@@ -114,6 +115,66 @@ impl Primary {
         }
     }
 
+    /// A sample of the primary's clock (`TIME`, `INFO replication`, `INFO stats` in one
+    /// `MULTI`) and the skew of its time against the local clock, half the round trip counted.
+    pub async fn sample_clock(&mut self) -> Result<(ClockSample, i64), ClientError> {
+        let client = match self.client.as_mut() {
+            Some(client) => client,
+            None => self
+                .client
+                .insert(RedisClient::connect(&self.endpoint, Duration::from_secs(10)).await?),
+        };
+        let sent = now_ms();
+        let replies = client
+            .pipeline(&[
+                &[&b"MULTI"[..]][..],
+                &[&b"TIME"[..]],
+                &[&b"INFO"[..], b"replication"],
+                &[&b"INFO"[..], b"stats"],
+                &[&b"EXEC"[..]],
+            ])
+            .await;
+        let received = now_ms();
+        let replies = match replies {
+            Ok(replies) => replies,
+            Err(error) => {
+                self.client = None;
+                return Err(error);
+            }
+        };
+        let bad = |message: &str| ClientError::Protocol {
+            address: self.endpoint.address(),
+            message: message.to_string(),
+        };
+        let Some(BytesFrame::Array(results)) = replies.last() else {
+            return Err(bad("EXEC did not return an array"));
+        };
+        let [BytesFrame::Array(time), replication, stats] = results.as_slice() else {
+            return Err(bad("EXEC returned unexpected replies"));
+        };
+        let number = |frame: Option<&BytesFrame>| frame_text(frame?).parse::<i64>().ok();
+        let (Some(seconds), Some(micros)) = (number(time.first()), number(time.get(1))) else {
+            return Err(bad("TIME returned no time"));
+        };
+        let time_ms = seconds.saturating_mul(1000).saturating_add(micros / 1000);
+        let field = |info: &BytesFrame, name: &str| {
+            info_field(&frame_text(info), name).and_then(|v| v.parse::<u64>().ok())
+        };
+        let (Some(offset), Some(expired_keys)) = (
+            field(replication, "master_repl_offset"),
+            field(stats, "expired_keys"),
+        ) else {
+            return Err(bad("INFO has no master_repl_offset or expired_keys"));
+        };
+        let skew = time_ms - (sent + (received - sent) / 2);
+        let sample = ClockSample {
+            offset: ReplOffset(offset),
+            time_ms,
+            expired_keys,
+        };
+        Ok((sample, skew))
+    }
+
     /// The number of keys in the primary (`INFO keyspace`; 0 when unknown).
     pub async fn key_count(&self) -> u64 {
         let info = async {
@@ -141,7 +202,7 @@ impl Primary {
         db: u32,
         key: &Bytes,
         replid: &ReplId,
-        generation: u64,
+        (generation, now): (u64, i64),
     ) -> Result<Option<Refreshed>, ClientError> {
         let client = match self.client.as_mut() {
             Some(client) => client,
@@ -185,7 +246,7 @@ impl Primary {
             .and_then(|o| o.parse().ok())
             .ok_or_else(|| bad("INFO has no master_repl_offset"))?;
         let expire_at_ms = match pttl {
-            BytesFrame::Integer(ms) if *ms >= 0 => Some(now_ms() + ms),
+            BytesFrame::Integer(ms) if *ms >= 0 => Some(now + ms),
             _ => None,
         };
         let value = match dump {

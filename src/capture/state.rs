@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::apply::Applier;
+use super::clock::PrimaryClock;
 use super::command_table::CommandTable;
 use super::mapping::Mappings;
 use super::ops::OpState;
@@ -20,6 +21,8 @@ pub struct CaptureState {
     pub checkpoint: Checkpoint,
     pub ops: OpState,
     pub stats: CaptureStats,
+    /// The primary's clock, sampled with the link.
+    pub clock: PrimaryClock,
 }
 
 impl CaptureState {
@@ -31,6 +34,7 @@ impl CaptureState {
             commands: &self.commands,
             generation: self.checkpoint.generation,
             ops,
+            clock: &self.clock,
         }
     }
 

@@ -21,7 +21,6 @@ use super::state::CaptureState;
 use super::working_set::WorkingSet;
 use crate::ack::{parse_tag, Tag};
 use crate::buffer::{Batch, NewAck, Store, StoreError};
-use crate::clock::now_ms;
 use crate::position::{ChangeSeq, ReplOffset, StreamPosition};
 use crate::replication::stream::{Command, StreamEvent};
 
@@ -105,9 +104,9 @@ impl StreamBatch {
             return Ok(Some(reason));
         }
         for (db, key) in refresh {
-            let generation = state.checkpoint.generation;
+            let when = (state.checkpoint.generation, state.clock.now());
             match primary
-                .read_key_retrying(db, &key, &position.replid, generation)
+                .read_key_retrying(db, &key, &position.replid, when)
                 .await
             {
                 Some(value) => self.refreshed(state, db, &key, value, &mut rows)?,
@@ -159,7 +158,7 @@ impl StreamBatch {
             commands
         };
         let own_completion = matches!(tag, Some((_, Tag::Completion { .. })));
-        let now = now_ms();
+        let now = state.clock.now();
         for command in commands {
             let write = Write::parse(command, now);
             if own_completion {
