@@ -335,7 +335,9 @@ async fn check_prints_one_line_per_problem() {
         .await
         .expect("admin");
     client
-        .command(&["ACL", "SETUSER", "app", "on", ">apppw", "+@all", "-psync"])
+        .command(&[
+            "ACL", "SETUSER", "app", "on", ">apppw", "+@all", "-psync", "-dump",
+        ])
         .await
         .expect("acl");
     let dir = tempfile::tempdir().expect("dir");
@@ -381,8 +383,8 @@ async fn check_prints_one_line_per_problem() {
     assert!(
         errors
             .iter()
-            .any(|l| l.contains("user `app` may not run PSYNC")),
-        "{out}"
+            .any(|l| l.contains("user `app` may not run PSYNC") && l.contains("DUMP (")),
+        "capture's refresh needs DUMP too: {out}"
     );
     assert!(
         errors

@@ -871,6 +871,11 @@ async fn check_reports_missing_database_grants() {
         errors.iter().any(|l| l.contains("may not DELETE on `car`")),
         "{out}"
     );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("note: ") && l.contains("may not CREATE TEMPORARY TABLES")),
+        "large batches without staging are noted: {out}"
+    );
     database.execute(&format!("DROP USER '{user}'@'%'")).await;
     database
         .execute(&format!("DROP USER '{user}'@'localhost'"))
