@@ -118,37 +118,16 @@ impl Primary {
     /// A sample of the primary's clock (`TIME`, `INFO replication`, `INFO stats` in one
     /// `MULTI`) and the skew of its time against the local clock, half the round trip counted.
     pub async fn sample_clock(&mut self) -> Result<(ClockSample, i64), ClientError> {
-        let client = match self.client.as_mut() {
-            Some(client) => client,
-            None => self
-                .client
-                .insert(RedisClient::connect(&self.endpoint, Duration::from_secs(10)).await?),
-        };
         let sent = now_ms();
-        let replies = client
-            .pipeline(&[
-                &[&b"MULTI"[..]][..],
-                &[&b"TIME"[..]],
+        let results = self
+            .transaction(&[
+                &[&b"TIME"[..]][..],
                 &[&b"INFO"[..], b"replication"],
                 &[&b"INFO"[..], b"stats"],
-                &[&b"EXEC"[..]],
             ])
-            .await;
+            .await?;
         let received = now_ms();
-        let replies = match replies {
-            Ok(replies) => replies,
-            Err(error) => {
-                self.client = None;
-                return Err(error);
-            }
-        };
-        let bad = |message: &str| ClientError::Protocol {
-            address: self.endpoint.address(),
-            message: message.to_string(),
-        };
-        let Some(BytesFrame::Array(results)) = replies.last() else {
-            return Err(bad("EXEC did not return an array"));
-        };
+        let bad = |message: &str| self.protocol_error(message);
         let [BytesFrame::Array(time), replication, stats] = results.as_slice() else {
             return Err(bad("EXEC returned unexpected replies"));
         };
@@ -173,6 +152,38 @@ impl Primary {
             expired_keys,
         };
         Ok((sample, skew))
+    }
+
+    /// Runs `commands` in one `MULTI` on the kept connection (opened when needed, dropped when
+    /// it fails); returns what `EXEC` returned.
+    async fn transaction(&mut self, commands: &[&[&[u8]]]) -> Result<Vec<BytesFrame>, ClientError> {
+        let client = match self.client.as_mut() {
+            Some(client) => client,
+            None => self
+                .client
+                .insert(RedisClient::connect(&self.endpoint, Duration::from_secs(10)).await?),
+        };
+        let mut all: Vec<&[&[u8]]> = vec![&[b"MULTI"]];
+        all.extend_from_slice(commands);
+        all.push(&[b"EXEC"]);
+        let replies = match client.pipeline(&all).await {
+            Ok(replies) => replies,
+            Err(error) => {
+                self.client = None;
+                return Err(error);
+            }
+        };
+        match replies.into_iter().last() {
+            Some(BytesFrame::Array(results)) if results.len() == commands.len() => Ok(results),
+            _ => Err(self.protocol_error("EXEC did not return one reply per command")),
+        }
+    }
+
+    fn protocol_error(&self, message: &str) -> ClientError {
+        ClientError::Protocol {
+            address: self.endpoint.address(),
+            message: message.to_string(),
+        }
     }
 
     /// The number of keys in the primary (`INFO keyspace`; 0 when unknown).
@@ -204,37 +215,16 @@ impl Primary {
         replid: &ReplId,
         (generation, now): (u64, i64),
     ) -> Result<Option<Refreshed>, ClientError> {
-        let client = match self.client.as_mut() {
-            Some(client) => client,
-            None => self
-                .client
-                .insert(RedisClient::connect(&self.endpoint, Duration::from_secs(10)).await?),
-        };
         let db_text = db.to_string();
-        let replies = client
-            .pipeline(&[
-                &[&b"MULTI"[..]][..],
-                &[&b"SELECT"[..], db_text.as_bytes()],
+        let results = self
+            .transaction(&[
+                &[&b"SELECT"[..], db_text.as_bytes()][..],
                 &[&b"DUMP"[..], key.as_ref()],
                 &[&b"PTTL"[..], key.as_ref()],
                 &[&b"INFO"[..], b"replication"],
-                &[&b"EXEC"[..]],
             ])
-            .await;
-        let replies = match replies {
-            Ok(replies) => replies,
-            Err(error) => {
-                self.client = None;
-                return Err(error);
-            }
-        };
-        let bad = |message: &str| ClientError::Protocol {
-            address: self.endpoint.address(),
-            message: message.to_string(),
-        };
-        let Some(BytesFrame::Array(results)) = replies.last() else {
-            return Err(bad("EXEC did not return an array"));
-        };
+            .await?;
+        let bad = |message: &str| self.protocol_error(message);
         let [_, dump, pttl, info] = results.as_slice() else {
             return Err(bad("EXEC returned an unexpected number of replies"));
         };
