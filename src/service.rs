@@ -2,8 +2,9 @@
 //!
 //! [`Service::start`] opens the buffer, connects every backend (checking or creating its
 //! tables), and spawns the tasks, each given at construction what it needs:
-//! - **capture** (one supervising task): the replication link and [`Capture`], which reports
-//!   through [`CaptureOutputs`];
+//! - **capture**, on a thread of its own with its own single-threaded runtime (it also
+//!   supervises the other tasks): the replication link and [`Capture`], which reports through
+//!   [`CaptureOutputs`];
 //! - one **sink runner** per backend with mappings, woken by capture's commits;
 //! - the **write-back** task (`[acks] enabled`): `#` completions and acknowledgement streams;
 //! - helpers: the admin listener (`[admin]`) and a poller of the primary's offset and the
@@ -68,6 +69,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Admin(#[from] AdminError),
+    #[error("cannot start the capture thread: {0}")]
+    Thread(std::io::Error),
 }
 
 impl StartError {
@@ -124,7 +127,8 @@ pub struct Service {
     store: Arc<Store>,
     health: Arc<Health>,
     stopper: Stopper,
-    supervisor: tokio::task::JoinHandle<Result<CaptureStats, ServiceError>>,
+    /// The capture thread's outcome (it supervises the other tasks).
+    supervisor: tokio::sync::oneshot::Receiver<Result<CaptureStats, ServiceError>>,
 }
 
 /// Resolves when a stop has been requested.
@@ -210,16 +214,32 @@ impl Service {
         replication.timeout = Duration::from_secs(config.replication.timeout_secs);
         let replicator = Replicator::new(replication, capture.resume_position());
         tracing::info!(source = %discovery.describe(), resume = ?capture.resume_position().map(|p| p.to_string()), buffer = %config.buffer.path.display(), backends = tasks.len().saturating_sub(usize::from(config.acks.enabled)), "starting");
-        let supervisor = tokio::spawn(supervise(
-            Tasks {
-                capture,
-                replicator,
-                tasks,
-                helpers,
-            },
-            stopper.clone(),
-            stop_rx,
-        ));
+        // Capture runs on a thread of its own (as a replica's main loop does): sharing the
+        // runtime's workers with the sinks and the write-back task measurably delays every
+        // commit, and so every acknowledgement.
+        let parts = Tasks {
+            capture,
+            replicator,
+            tasks,
+            helpers,
+        };
+        let (done, supervisor) = tokio::sync::oneshot::channel();
+        let capture_stopper = stopper.clone();
+        std::thread::Builder::new()
+            .name("writebehind-capture".into())
+            .spawn(move || {
+                let result = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime.block_on(supervise(parts, capture_stopper, stop_rx)),
+                    Err(e) => Err(ServiceError::Task(format!(
+                        "cannot start capture's runtime: {e}"
+                    ))),
+                };
+                let _ = done.send(result);
+            })
+            .map_err(StartError::Thread)?;
         Ok(Service {
             store,
             health: outputs.health,
@@ -253,7 +273,7 @@ impl Service {
     pub async fn wait(self) -> Result<CaptureStats, ServiceError> {
         self.supervisor
             .await
-            .map_err(|e| ServiceError::Task(e.to_string()))?
+            .map_err(|_| ServiceError::Task("the capture thread ended without a result".into()))?
     }
 }
 
