@@ -79,11 +79,6 @@ impl PrimaryClock {
         }
     }
 
-    /// The newest sample (stored with each commit).
-    pub fn latest(&self) -> Option<ClockSample> {
-        self.samples.back().copied()
-    }
-
     /// A new history (a full sync): earlier samples mean nothing for its offsets.
     pub fn forget(&mut self) {
         self.samples.clear();
@@ -168,7 +163,7 @@ mod tests {
         }
         assert_eq!(clock.samples.len(), SAMPLES);
         clock.record(sample(5, 1, 0), None);
-        assert_eq!(clock.latest(), Some(sample(5, 1, 0)));
+        assert_eq!(clock.samples.back(), Some(&sample(5, 1, 0)));
         assert_eq!(clock.samples.len(), 1);
     }
 }
