@@ -84,6 +84,11 @@ for _ in $(seq 1 6000); do
   sleep 0.01
 done
 [ -n "$wb_done" ] || { echo "writebehind did not catch up"; exit 1; }
+# CPU the service used (user + system), from its start: the cost per command, whatever the
+# machine's contention.
+read -r utime stime < <(awk '{print $14, $15}' "/proc/$service_pid/stat")
+echo "writebehind_cpu_seconds=$(python3 -c "print(round(($utime + $stime) / $(getconf CLK_TCK), 2))")"
+
 python3 - "$start" "$burst_end" "$replica_done" "$wb_done" "$commands" <<'PY'
 import sys
 start, burst_end, replica_done, wb_done, n = map(float, sys.argv[1:])

@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use crate::ack::writer::{Writer, WriterError};
 use crate::buffer::{Store, StoreError};
 use crate::capture::mapping::Mappings;
-use crate::capture::{Capture, CaptureError, CaptureOutputs, CaptureStats};
+use crate::capture::{Capture, CaptureError, CaptureOutputs, CaptureSettings, CaptureStats};
 use crate::config::{Config, RedisEndpoint};
 use crate::metrics::{AdminError, Health};
 use crate::redis_client::{info_field, RedisClient};
@@ -158,7 +158,10 @@ impl Service {
             store.clone(),
             mappings.clone(),
             endpoint,
-            config.acks.enabled,
+            CaptureSettings {
+                ops: config.acks.enabled,
+                mirror_cache_bytes: config.buffer.mirror_cache_mb << 20,
+            },
             outputs.clone(),
         )?;
         let runners = start_runners(config, &mappings, &store, &outputs, options).await?;

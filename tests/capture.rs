@@ -15,7 +15,7 @@ use redis_protocol::resp2::types::BytesFrame;
 use support::RedisServer;
 use writebehind::buffer::{MirrorCursor, MirrorKind, RowChange, Store};
 use writebehind::capture::mapping::Mappings;
-use writebehind::capture::{Capture, CaptureOutputs};
+use writebehind::capture::{Capture, CaptureOutputs, CaptureSettings};
 use writebehind::config::Config;
 use writebehind::position::ChangeSeq;
 use writebehind::redis_client::{frame_text, info_field, RedisClient};
@@ -92,8 +92,13 @@ fn start_capture_as(
     mappings: Mappings,
     outputs: CaptureOutputs,
 ) -> Running {
+    let settings = CaptureSettings {
+        ops: true,
+        // Small, so that tests also read what it evicted from RocksDB.
+        mirror_cache_bytes: 256 << 10,
+    };
     let mut capture =
-        Capture::new(store, mappings, endpoint.clone(), true, outputs).expect("capture");
+        Capture::new(store, mappings, endpoint.clone(), settings, outputs).expect("capture");
     let mut options = ReplicatorOptions::new(endpoint);
     options.timeout = Duration::from_secs(20);
     options.backoff_min = Duration::from_millis(10);

@@ -61,6 +61,8 @@ impl FullSync {
         let first = state.checkpoint.position.is_none();
         state.checkpoint.generation += 1;
         state.checkpoint.full_sync_in_progress = true;
+        // The snapshot is written to the mirror outside working sets (see mirror_cache.rs).
+        state.cache.clear();
         let mut batch = Batch::default();
         batch.put_checkpoint(&state.checkpoint);
         state.store.write(batch, true)?;
@@ -194,6 +196,7 @@ impl FullSync {
         batch.put_checkpoint(&state.checkpoint);
         batch.put_watched(&state.mappings.watched_keys());
         state.store.write(batch, true)?;
+        state.cache.clear();
         Ok(FullSyncSummary {
             keys: self.progress.keys,
             keys_per_second: self.progress.rate(),

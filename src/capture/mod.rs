@@ -22,6 +22,7 @@ pub mod command;
 pub mod command_table;
 mod full_sync;
 pub mod mapping;
+pub mod mirror_cache;
 mod ops;
 mod primary;
 mod progress;
@@ -41,6 +42,7 @@ use crate::replication::{LinkError, ReplicationEvent, Replicator};
 use clock::{ClockSample, PrimaryClock};
 use full_sync::FullSync;
 use mapping::Mappings;
+use mirror_cache::MirrorCache;
 use ops::OpState;
 use primary::Primary;
 use state::CaptureState;
@@ -78,6 +80,15 @@ pub struct CaptureOutputs {
     pub writeback: Arc<Writeback>,
 }
 
+/// How capture is set up (from the configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct CaptureSettings {
+    /// Whether `#` is the op field (`[acks] enabled`).
+    pub ops: bool,
+    /// The size of the in-memory mirror cache (`[buffer] mirror_cache_mb`; 0: none).
+    pub mirror_cache_bytes: u64,
+}
+
 /// The capture pipeline.
 pub struct Capture {
     state: CaptureState,
@@ -92,12 +103,12 @@ pub struct Capture {
 const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Capture {
-    /// Capture into `store`; `ops`: whether `#` is the op field (`[acks] enabled`).
+    /// Capture into `store`.
     pub fn new(
         store: Arc<Store>,
         mappings: Mappings,
         endpoint: RedisEndpoint,
-        ops: bool,
+        settings: CaptureSettings,
         outputs: CaptureOutputs,
     ) -> Result<Capture, StoreError> {
         let mut checkpoint = store.checkpoint()?;
@@ -120,7 +131,7 @@ impl Capture {
             batch.put_checkpoint(&checkpoint);
             store.write(batch, true)?;
         }
-        let ops = OpState::new(ops, store.raw_keys()?, outputs.writeback.clone());
+        let ops = OpState::new(settings.ops, store.raw_keys()?, outputs.writeback.clone());
         // What the buffer already holds is buffered, whatever this run receives.
         if let Some(position) = &checkpoint.position {
             outputs.health.buffered(position.offset, None);
@@ -145,6 +156,7 @@ impl Capture {
                 ops,
                 stats: CaptureStats::default(),
                 clock,
+                cache: MirrorCache::new(settings.mirror_cache_bytes),
             },
             full_sync: None,
             primary: Primary::new(endpoint, outputs.health.clone()),
@@ -319,7 +331,7 @@ impl Capture {
         replicator: &mut Replicator,
         first: crate::replication::stream::StreamEvent,
     ) -> Result<(), CaptureError> {
-        let mut batch = StreamBatch::new(self.state.store.clone());
+        let mut batch = StreamBatch::new(self.state.store.clone(), &self.state.cache);
         let mut next = Some(first);
         while let Some(event) = next.take() {
             self.outputs.health.received(event.end());

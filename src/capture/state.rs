@@ -7,6 +7,7 @@ use super::apply::Applier;
 use super::clock::PrimaryClock;
 use super::command_table::CommandTable;
 use super::mapping::Mappings;
+use super::mirror_cache::MirrorCache;
 use super::ops::OpState;
 use super::rows::RowEvent;
 use super::CaptureStats;
@@ -23,6 +24,8 @@ pub struct CaptureState {
     pub stats: CaptureStats,
     /// The primary's clock, sampled with the link.
     pub clock: PrimaryClock,
+    /// The mirror as of the last commit, in memory.
+    pub cache: MirrorCache,
 }
 
 impl CaptureState {

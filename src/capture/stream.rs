@@ -13,6 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::command::Write;
+use super::mirror_cache::MirrorCache;
 use super::ops::apply_op;
 use super::ops::OpSeen;
 use super::primary::Primary;
@@ -50,10 +51,10 @@ pub struct StreamBatch {
 }
 
 impl StreamBatch {
-    pub fn new(store: Arc<Store>) -> StreamBatch {
+    pub fn new(store: Arc<Store>, cache: &MirrorCache) -> StreamBatch {
         StreamBatch {
-            ws: WorkingSet::new(store.clone()),
-            raw: WorkingSet::raw(store),
+            ws: WorkingSet::cached(store.clone(), cache.clone()),
+            raw: WorkingSet::raw(store, cache.clone()),
             changes: Vec::new(),
             acks: Vec::new(),
             units: 0,
@@ -249,7 +250,7 @@ impl StreamBatch {
         let to_complete = state
             .ops
             .flush_raw(&mut self.ws, &mut self.raw, &mut batch)?;
-        self.ws.flush_into(&mut batch);
+        let mirrored = self.ws.flush_into(&mut batch);
         let first_seq = state.checkpoint.next_seq;
         for (rows, offset) in self.changes {
             state.append_unit(&mut batch, rows, offset);
@@ -257,6 +258,7 @@ impl StreamBatch {
         batch.put_acks(self.acks);
         batch.put_checkpoint(&state.checkpoint);
         state.store.write(batch, true)?;
+        mirrored.written();
         state.stats.commits += 1;
         let next = state.checkpoint.next_seq;
         Ok(Committed {

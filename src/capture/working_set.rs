@@ -1,5 +1,6 @@
 //! The working set of a batch: the mirror (or raw) entries its commands touch, loaded on first
-//! use and written back in one `Batch`.
+//! use (from the [`MirrorCache`] when it holds them, else from RocksDB) and written back in one
+//! `Batch`.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -7,7 +8,25 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::mirror_cache::MirrorCache;
 use crate::buffer::{Batch, MirrorValue, Store, StoreError};
+
+type LoadResult = Result<Option<MirrorValue>, StoreError>;
+
+/// The entries of a flushed mirror working set, to go into the cache once their batch is
+/// durably written (never before: a failed write must leave the cache as the store).
+#[must_use = "the cache learns nothing unless `written` is called"]
+pub struct Flushed {
+    entries: Vec<((u32, Bytes), Option<MirrorValue>)>,
+    cache: MirrorCache,
+}
+
+impl Flushed {
+    /// The batch holding these entries was written.
+    pub fn written(self) {
+        self.cache.insert_committed(self.entries);
+    }
+}
 
 struct Slot {
     value: Option<MirrorValue>,
@@ -22,36 +41,51 @@ pub struct WorkingSet {
     /// Holds what Redis really holds for keys with a pending `#` op (the buffer's `raw`), not
     /// the mirror.
     raw: bool,
+    /// The mirror as of the last commit, in memory (reads only: entries go in after a commit).
+    cache: MirrorCache,
 }
 
 impl WorkingSet {
     pub fn new(store: Arc<Store>) -> Self {
+        WorkingSet::cached(store, MirrorCache::default())
+    }
+
+    /// A working set of the mirror that reads through `cache`.
+    pub fn cached(store: Arc<Store>, cache: MirrorCache) -> Self {
         WorkingSet {
             store,
             slots: HashMap::new(),
             raw: false,
+            cache,
         }
     }
 
     /// A working set of raw states: a key without a raw entry holds what the mirror holds.
-    pub fn raw(store: Arc<Store>) -> Self {
+    pub fn raw(store: Arc<Store>, cache: MirrorCache) -> Self {
         WorkingSet {
             raw: true,
-            ..WorkingSet::new(store)
+            ..WorkingSet::cached(store, cache)
+        }
+    }
+
+    fn load_mirror(store: &Store, cache: &MirrorCache, db: u32, key: &Bytes) -> LoadResult {
+        match cache.get(db, key) {
+            Some(value) => Ok(value),
+            None => store.mirror(db, key),
         }
     }
 
     fn slot(&mut self, db: u32, key: &Bytes) -> Result<&mut Slot, StoreError> {
-        let (store, raw) = (&self.store, self.raw);
+        let (store, raw, cache) = (&self.store, self.raw, &self.cache);
         match self.slots.entry((db, key.clone())) {
             Entry::Occupied(slot) => Ok(slot.into_mut()),
             Entry::Vacant(slot) => {
                 let value = match raw {
                     true => match store.raw(db, key)? {
                         Some(value) => Some(value),
-                        None => store.mirror(db, key)?,
+                        None => Self::load_mirror(store, cache, db, key)?,
                     },
-                    false => store.mirror(db, key)?,
+                    false => Self::load_mirror(store, cache, db, key)?,
                 };
                 Ok(slot.insert(Slot {
                     value,
@@ -117,15 +151,26 @@ impl WorkingSet {
         Ok(())
     }
 
-    /// Moves the changed entries into `batch` and forgets them.
-    pub fn flush_into(&mut self, batch: &mut Batch) {
-        for ((db, key), slot) in self.slots.drain() {
+    /// Moves the changed entries into `batch` and empties the set; returns every entry held,
+    /// for the cache once `batch` is written.
+    pub fn flush_into(&mut self, batch: &mut Batch) -> Flushed {
+        let mut held = Vec::with_capacity(self.slots.len());
+        // In key order: consecutive inserts into RocksDB's memtable skiplist then walk mostly
+        // the same, cached, nodes (in hash order each one is a cold search).
+        let mut slots: Vec<_> = self.slots.drain().collect();
+        slots.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
+        for ((db, key), slot) in slots {
             if slot.dirty {
                 match &slot.value {
                     Some(value) => batch.put_mirror(db, &key, value),
                     None => batch.delete_mirror(db, &key),
                 }
             }
+            held.push(((db, key), slot.value));
+        }
+        Flushed {
+            entries: held,
+            cache: self.cache.clone(),
         }
     }
 

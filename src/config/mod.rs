@@ -79,14 +79,22 @@ pub struct SourceConfig {
 pub struct BufferConfig {
     #[serde(default = "default_buffer_path")]
     pub path: PathBuf,
+    /// Megabytes of mirrored hashes capture keeps in memory in front of RocksDB (0: none).
+    #[serde(default = "default_mirror_cache_mb")]
+    pub mirror_cache_mb: u64,
 }
 
 impl Default for BufferConfig {
     fn default() -> Self {
         BufferConfig {
             path: default_buffer_path(),
+            mirror_cache_mb: default_mirror_cache_mb(),
         }
     }
+}
+
+fn default_mirror_cache_mb() -> u64 {
+    64
 }
 
 fn default_buffer_path() -> PathBuf {

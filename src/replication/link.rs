@@ -222,7 +222,13 @@ impl Link {
         let Phase::Streaming { stream, .. } = &mut self.phase else {
             return Ok(None);
         };
-        match stream.decode(&mut self.socket.input) {
+        let mut decoded = stream.decode(&mut self.socket.input);
+        // What the kernel already holds belongs to the same batch: a commit per read of
+        // READ_CHUNK bytes would sync the buffer every few hundred commands.
+        if matches!(decoded, Ok(None)) && self.socket.try_fill() {
+            decoded = stream.decode(&mut self.socket.input);
+        }
+        match decoded {
             Ok(Some(event)) => {
                 if let StreamEvent::GetAck { before, .. } = &event {
                     let _ = self.writer.send(WriterMessage::GetAck(*before));
@@ -429,6 +435,13 @@ impl Socket {
             stream_db: 0,
         };
         Ok((phase, event))
+    }
+
+    /// Reads what the socket already holds, without waiting; false when nothing was read (an
+    /// error or the end of the stream is then found by the next `fill`).
+    fn try_fill(&mut self) -> bool {
+        self.input.reserve(READ_CHUNK.max(self.input.len()));
+        matches!(self.reader.try_read_buf(&mut self.input), Ok(read) if read > 0)
     }
 
     async fn fill(&mut self) -> Result<(), LinkError> {

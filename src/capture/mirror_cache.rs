@@ -1,0 +1,159 @@
+//! A bounded in-memory cache of the mirror, in front of RocksDB.
+//!
+//! Every replicated command reads the mirrored state of its key before it changes it; read from
+//! RocksDB, that is a memtable skiplist search (or a block read) per command, which profiling
+//! showed to be the largest single cost of capture (docs/benchmarks.md). The cache holds the
+//! decoded values of recently touched keys, absent keys included, up to `[buffer]
+//! mirror_cache_mb`; what does not fit is read from RocksDB as before.
+//!
+//! Coherence rule: the cache only ever holds what the mirror holds **as of the last commit**.
+//! Capture is the only writer of the mirror and the only user of the cache: a batch reads
+//! through it, and its entries are inserted only once the batch's write succeeded (a batch
+//! dropped for a resync leaves no trace). A full sync rewrites the mirror outside working sets,
+//! so it empties the cache when it starts and when it ends. Other readers of the mirror (the
+//! write-back task, `status`) read RocksDB, which holds the same as of the last commit.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+use crate::buffer::MirrorValue;
+
+/// Bytes counted for an entry besides its key and field contents (map nodes, headers).
+const ENTRY_OVERHEAD: u64 = 96;
+/// Bytes counted per field besides its name and value.
+const FIELD_OVERHEAD: u64 = 48;
+
+type Key = (u32, Bytes);
+type Value = Option<MirrorValue>;
+
+#[derive(Clone)]
+struct Weight;
+
+impl quick_cache::Weighter<Key, Value> for Weight {
+    fn weight(&self, key: &Key, value: &Value) -> u64 {
+        let fields = value.as_ref().map_or(0, |v| {
+            v.fields
+                .iter()
+                .map(|(f, v)| f.len() as u64 + v.value.len() as u64 + FIELD_OVERHEAD)
+                .sum()
+        });
+        ENTRY_OVERHEAD + key.1.len() as u64 + fields
+    }
+}
+
+type Inner = quick_cache::unsync::Cache<Key, Value, Weight>;
+
+/// A shared handle to the cache (capture's batches and its state hold it); `None` inside when
+/// the cache is disabled (size 0).
+#[derive(Clone, Default)]
+pub struct MirrorCache {
+    inner: Option<Arc<Mutex<Inner>>>,
+}
+
+impl MirrorCache {
+    /// A cache holding about `bytes` of mirrored values (0: no cache).
+    pub fn new(bytes: u64) -> MirrorCache {
+        if bytes == 0 {
+            return MirrorCache::default();
+        }
+        // The item estimate only sizes the hash table; the weight is what bounds the cache.
+        let items = (bytes / 256).max(16) as usize;
+        let cache = Inner::with_weighter(items, bytes, Weight);
+        MirrorCache {
+            inner: Some(Arc::new(Mutex::new(cache))),
+        }
+    }
+
+    fn lock(&self) -> Option<MutexGuard<'_, Inner>> {
+        // A panic while holding the lock leaves a consistent cache: each operation is one call.
+        self.inner
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+
+    /// The mirrored state of a key as of the last commit, when cached (`Some(None)`: absent).
+    pub fn get(&self, db: u32, key: &Bytes) -> Option<Value> {
+        self.lock()?.get(&(db, key.clone())).cloned()
+    }
+
+    /// Records the state of keys as of a commit that succeeded.
+    pub fn insert_committed(&self, entries: impl IntoIterator<Item = (Key, Value)>) {
+        if let Some(mut cache) = self.lock() {
+            for (key, value) in entries {
+                cache.insert(key, value);
+            }
+        }
+    }
+
+    /// Forgets everything (the mirror was rewritten by other means).
+    pub fn clear(&self) {
+        if let Some(mut cache) = self.lock() {
+            cache.clear();
+        }
+    }
+
+    /// Bytes held, by the weight above.
+    pub fn weight(&self) -> u64 {
+        self.lock().map_or(0, |cache| cache.weight())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(fields: &[(&str, &str)]) -> MirrorValue {
+        let mut value = MirrorValue::hash(1);
+        for (f, v) in fields {
+            value.fields.insert(
+                Bytes::copy_from_slice(f.as_bytes()),
+                crate::buffer::FieldValue {
+                    value: Bytes::copy_from_slice(v.as_bytes()),
+                    expire_at_ms: None,
+                },
+            );
+        }
+        value
+    }
+
+    #[test]
+    fn holds_committed_values_and_absences() {
+        let cache = MirrorCache::new(1 << 20);
+        let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
+        assert_eq!(cache.get(0, &a), None);
+        cache.insert_committed([
+            ((0, a.clone()), Some(hash(&[("f", "v")]))),
+            ((0, b.clone()), None),
+        ]);
+        assert_eq!(cache.get(0, &a), Some(Some(hash(&[("f", "v")]))));
+        assert_eq!(cache.get(0, &b), Some(None));
+        assert_eq!(cache.get(1, &a), None, "another database is another key");
+        cache.clear();
+        assert_eq!(cache.get(0, &a), None);
+    }
+
+    #[test]
+    fn stays_within_its_size() {
+        let cache = MirrorCache::new(64 << 10);
+        let big = "x".repeat(1000);
+        for i in 0..1000u32 {
+            let key = Bytes::from(format!("key:{i}"));
+            cache.insert_committed([((0, key), Some(hash(&[("f", &big)])))]);
+        }
+        assert!(cache.weight() <= 64 << 10, "weight {}", cache.weight());
+        assert!(
+            cache.weight() > 32 << 10,
+            "it holds what fits: {}",
+            cache.weight()
+        );
+    }
+
+    #[test]
+    fn a_disabled_cache_holds_nothing() {
+        let cache = MirrorCache::new(0);
+        let a = Bytes::from_static(b"a");
+        cache.insert_committed([((0, a.clone()), None)]);
+        assert_eq!(cache.get(0, &a), None);
+    }
+}
