@@ -95,6 +95,13 @@ impl Batch {
         key.extend_from_slice(backend.as_bytes());
         self.ops.push(Op::PutMeta(key, seq.key().to_vec()));
     }
+    /// Whether it writes raw states of `#` ops.
+    pub fn touches_raw(&self) -> bool {
+        self.ops
+            .iter()
+            .any(|op| matches!(op, Op::PutRaw(..) | Op::DeleteRaw(_)))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty() && self.new_acks.is_empty()
     }

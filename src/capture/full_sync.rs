@@ -14,7 +14,7 @@ use bytes::Bytes;
 
 use super::progress::SnapshotProgress;
 use super::rows::row_event;
-use super::state::CaptureState;
+use super::state::{CaptureState, ChangeCounts};
 use crate::buffer::{Batch, FieldValue, MirrorCursor, MirrorValue, StoreError};
 use crate::config::InitialLoad;
 use crate::position::{ReplOffset, StreamPosition};
@@ -39,6 +39,8 @@ pub struct FullSync {
     key: Option<SnapshotKey>,
     batch: Batch,
     keys_in_batch: usize,
+    /// Changes in `batch`, for the metrics once it is written.
+    counts: ChangeCounts,
     progress: SnapshotProgress,
 }
 
@@ -75,6 +77,7 @@ impl FullSync {
             key: None,
             batch: Batch::default(),
             keys_in_batch: 0,
+            counts: ChangeCounts::default(),
             progress: SnapshotProgress::new(total_keys),
         })
     }
@@ -165,7 +168,7 @@ impl FullSync {
             None => {}
         }
         if let Some(event) = event {
-            state.append_unit(&mut self.batch, vec![event], self.offset);
+            state.append_unit(&mut self.batch, vec![event], self.offset, &mut self.counts);
         }
         self.keys_in_batch += 1;
         if self.keys_in_batch >= SNAPSHOT_BATCH_KEYS {
@@ -173,6 +176,7 @@ impl FullSync {
             let mut batch = std::mem::take(&mut self.batch);
             batch.put_checkpoint(&state.checkpoint);
             state.store.write(batch, false)?;
+            std::mem::take(&mut self.counts).report();
         }
         Ok(())
     }
@@ -188,6 +192,7 @@ impl FullSync {
         let mut batch = std::mem::take(&mut self.batch);
         batch.put_checkpoint(&state.checkpoint);
         state.store.write(batch, false)?;
+        std::mem::take(&mut self.counts).report();
         let swept = sweep(state, position.offset)?;
         let mut batch = Batch::default();
         batch.add_replid(state.checkpoint.next_seq, &position.replid, position.offset);
@@ -215,6 +220,7 @@ fn sweep(state: &mut CaptureState, offset: ReplOffset) -> Result<u64, StoreError
         let page = state.store.mirror_scan(None, &from, SNAPSHOT_BATCH_KEYS)?;
         cursor = page.next;
         let mut batch = Batch::default();
+        let mut counts = ChangeCounts::default();
         for (db, key, value) in page.entries {
             if value.generation >= generation {
                 continue;
@@ -223,12 +229,13 @@ fn sweep(state: &mut CaptureState, offset: ReplOffset) -> Result<u64, StoreError
             batch.delete_mirror(db, &key);
             if let Some(mapping) = state.mappings.watching(db, &key).cloned() {
                 if let Some(event) = row_event(&mapping, &key, &Some(value), &None, false) {
-                    state.append_unit(&mut batch, vec![event], offset);
+                    state.append_unit(&mut batch, vec![event], offset, &mut counts);
                 }
             }
         }
         batch.put_checkpoint(&state.checkpoint);
         state.store.write(batch, false)?;
+        counts.report();
     }
     Ok(swept)
 }

@@ -20,6 +20,7 @@ pub mod apply;
 pub mod clock;
 pub mod command;
 pub mod command_table;
+mod committer;
 mod full_sync;
 pub mod mapping;
 pub mod mirror_cache;
@@ -40,13 +41,15 @@ use crate::metrics::Health;
 use crate::position::{ChangeSeq, StreamPosition};
 use crate::replication::{LinkError, ReplicationEvent, Replicator};
 use clock::{ClockSample, PrimaryClock};
+use committer::Committer;
 use full_sync::FullSync;
 use mapping::Mappings;
 use mirror_cache::MirrorCache;
 use ops::OpState;
 use primary::Primary;
 use state::CaptureState;
-use stream::{Committed, StreamBatch};
+use stream::StreamBatch;
+use working_set::MirrorView;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -54,6 +57,10 @@ pub enum CaptureError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Link(#[from] LinkError),
+    #[error("capture's commit thread stopped unexpectedly (see the log above); restart the service: nothing it did not finish was acknowledged")]
+    CommitterStopped,
+    #[error("cannot start capture's commit thread: {0}; check the process limits and restart")]
+    CommitterStart(std::io::Error),
 }
 
 /// Counters, for logs and metrics.
@@ -95,6 +102,8 @@ pub struct Capture {
     full_sync: Option<FullSync>,
     primary: Primary,
     outputs: CaptureOutputs,
+    /// Writes the group commits (started with the link: it reports the durable offset).
+    committer: Option<Committer>,
     /// When the primary's clock was last sampled.
     last_sample: Option<std::time::Instant>,
 }
@@ -161,6 +170,7 @@ impl Capture {
             full_sync: None,
             primary: Primary::new(endpoint, outputs.health.clone()),
             outputs,
+            committer: None,
             last_sample: None,
         })
     }
@@ -193,9 +203,31 @@ impl Capture {
         loop {
             let event = tokio::select! {
                 event = replicator.next() => event?,
-                _ = &mut stop => return Ok(()),
+                _ = &mut stop => return self.written().await,
             };
             self.handle(replicator, event).await?;
+        }
+    }
+
+    /// The committer, started on first use.
+    fn committer(&mut self, replicator: &Replicator) -> Result<&mut Committer, CaptureError> {
+        if self.committer.is_none() {
+            let committer = Committer::start(
+                self.state.store.clone(),
+                self.outputs.clone(),
+                replicator.durable_offset(),
+            )
+            .map_err(CaptureError::CommitterStart)?;
+            self.committer = Some(committer);
+        }
+        Ok(self.committer.as_mut().expect("started above"))
+    }
+
+    /// Waits until every batch handed to the committer is written.
+    async fn written(&mut self) -> Result<(), CaptureError> {
+        match self.committer.as_mut() {
+            Some(committer) => committer.wait().await,
+            None => Ok(()),
         }
     }
 
@@ -205,6 +237,10 @@ impl Capture {
         replicator: &mut Replicator,
         event: ReplicationEvent,
     ) -> Result<(), CaptureError> {
+        if !matches!(event, ReplicationEvent::Stream(_)) {
+            // Everything but the stream reads or writes the buffer directly.
+            self.written().await?;
+        }
         // After a failover the primary is another server: ordinary commands go there too.
         if let Some(primary) = replicator.primary() {
             self.primary.follow(primary);
@@ -325,13 +361,18 @@ impl Capture {
         Ok(())
     }
 
-    /// Applies `first` and every stream event already buffered after it, then commits them.
+    /// Applies `first` and every stream event already buffered after it, then hands them to
+    /// the committer (which publishes them once synced).
     async fn stream(
         &mut self,
         replicator: &mut Replicator,
         first: crate::replication::stream::StreamEvent,
     ) -> Result<(), CaptureError> {
-        let mut batch = StreamBatch::new(self.state.store.clone(), &self.state.cache);
+        let view = MirrorView {
+            cache: self.state.cache.clone(),
+            in_flight: self.committer(replicator)?.in_flight(),
+        };
+        let mut batch = StreamBatch::new(self.state.store.clone(), view);
         let mut next = Some(first);
         while let Some(event) = next.take() {
             self.outputs.health.received(event.end());
@@ -344,6 +385,7 @@ impl Capture {
                 // commit, so every change since then is found again.
                 tracing::warn!(%reason, "starting a full resynchronisation");
                 drop(batch);
+                self.written().await?;
                 self.state.checkpoint = self.state.store.checkpoint()?;
                 replicator.resume_from(None);
                 replicator.disconnect();
@@ -359,25 +401,14 @@ impl Capture {
         {
             self.sample_clock().await;
         }
-        let committed = batch.commit(&mut self.state)?;
-        self.committed(committed);
-        if let Some(position) = &self.state.checkpoint.position {
-            replicator.report_durable(position.offset);
-        }
-        Ok(())
-    }
-
-    /// Reports a commit to the write-back task, the metrics and the sinks.
-    fn committed(&self, committed: Committed) {
-        let writeback = &self.outputs.writeback;
-        if !committed.to_complete.is_empty() {
-            writeback.keys_touched(committed.to_complete);
-        } else if committed.acks_queued {
-            writeback.acks_queued();
-        }
-        self.outputs
-            .health
-            .buffered(self.state.offset(), committed.last_seq);
-        self.outputs.committed.notify_waiters();
+        let prepared = batch.commit(&mut self.state)?;
+        self.committer(replicator)?
+            .commit(
+                prepared.batch,
+                prepared.flushed,
+                prepared.publication,
+                prepared.wait,
+            )
+            .await
     }
 }

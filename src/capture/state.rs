@@ -51,8 +51,15 @@ impl CaptureState {
     }
 
     /// Appends one unit of row events to the change log in `batch`: consecutive seqs, the
-    /// first one naming the unit, the last one ending it.
-    pub fn append_unit(&mut self, batch: &mut Batch, events: Vec<RowEvent>, offset: ReplOffset) {
+    /// first one naming the unit, the last one ending it. `counts` tallies them per mapping and
+    /// operation, for the metrics (counted once per commit: a labelled counter costs a lookup).
+    pub fn append_unit(
+        &mut self,
+        batch: &mut Batch,
+        events: Vec<RowEvent>,
+        offset: ReplOffset,
+        counts: &mut ChangeCounts,
+    ) {
         let unit = self.checkpoint.next_seq;
         let count = events.len();
         for (i, event) in events.into_iter().enumerate() {
@@ -66,15 +73,42 @@ impl CaptureState {
                 row: event.row,
                 op: event.op,
             };
-            let operation = if matches!(change.row, RowChange::Delete) {
-                "delete"
-            } else {
-                "upsert"
-            };
-            metrics::counter!("writebehind_changes_total", "mapping" => change.mapping.clone(), "operation" => operation).increment(1);
+            counts.add(&change);
             batch.put_change(&change);
             self.checkpoint.next_seq = self.checkpoint.next_seq.next();
             self.stats.changes += 1;
+        }
+    }
+}
+
+/// Changes written, per mapping and operation, until [`ChangeCounts::report`].
+#[derive(Default)]
+pub struct ChangeCounts {
+    /// Per mapping: upserts, deletes.
+    counts: std::collections::HashMap<String, [u64; 2]>,
+}
+
+impl ChangeCounts {
+    fn add(&mut self, change: &Change) {
+        let slot = usize::from(matches!(change.row, RowChange::Delete));
+        match self.counts.get_mut(change.mapping.as_str()) {
+            Some(n) => n[slot] += 1,
+            None => {
+                let mut n = [0; 2];
+                n[slot] = 1;
+                self.counts.insert(change.mapping.clone(), n);
+            }
+        }
+    }
+
+    /// Adds the counts to `writebehind_changes_total`.
+    pub fn report(self) {
+        for (mapping, [upserts, deletes]) in self.counts {
+            for (operation, n) in [("upsert", upserts), ("delete", deletes)] {
+                if n > 0 {
+                    metrics::counter!("writebehind_changes_total", "mapping" => mapping.clone(), "operation" => operation).increment(n);
+                }
+            }
         }
     }
 }

@@ -13,13 +13,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::command::Write;
-use super::mirror_cache::MirrorCache;
+use super::committer::Publication;
 use super::ops::apply_op;
 use super::ops::OpSeen;
 use super::primary::Primary;
 use super::rows::{row_event, RowEvent};
-use super::state::CaptureState;
-use super::working_set::WorkingSet;
+use super::state::{CaptureState, ChangeCounts};
+use super::working_set::{Flushed, MirrorView, WorkingSet};
 use crate::ack::{parse_tag, Tag};
 use crate::buffer::{Batch, NewAck, Store, StoreError};
 use crate::position::{ChangeSeq, ReplOffset, StreamPosition};
@@ -51,10 +51,10 @@ pub struct StreamBatch {
 }
 
 impl StreamBatch {
-    pub fn new(store: Arc<Store>, cache: &MirrorCache) -> StreamBatch {
+    pub fn new(store: Arc<Store>, view: MirrorView) -> StreamBatch {
         StreamBatch {
-            ws: WorkingSet::cached(store.clone(), cache.clone()),
-            raw: WorkingSet::raw(store, cache.clone()),
+            ws: WorkingSet::viewing(store.clone(), view.clone()),
+            raw: WorkingSet::raw(store, view),
             changes: Vec::new(),
             acks: Vec::new(),
             units: 0,
@@ -243,28 +243,47 @@ impl StreamBatch {
         self.ws.set(db, key, value)
     }
 
-    /// Writes the batch with the checkpoint, synced.
-    pub fn commit(mut self, state: &mut CaptureState) -> Result<Committed, StoreError> {
+    /// Turns the batch into one write with the checkpoint, for the committer.
+    pub fn commit(mut self, state: &mut CaptureState) -> Result<Prepared, StoreError> {
         let mut batch = Batch::default();
         let acks_queued = !self.acks.is_empty();
         let to_complete = state
             .ops
             .flush_raw(&mut self.ws, &mut self.raw, &mut batch)?;
-        let mirrored = self.ws.flush_into(&mut batch);
+        let flushed = self.ws.flush_into(&mut batch);
         let first_seq = state.checkpoint.next_seq;
+        let mut counts = ChangeCounts::default();
         for (rows, offset) in self.changes {
-            state.append_unit(&mut batch, rows, offset);
+            state.append_unit(&mut batch, rows, offset, &mut counts);
         }
         batch.put_acks(self.acks);
         batch.put_checkpoint(&state.checkpoint);
-        state.store.write(batch, true)?;
-        mirrored.written();
         state.stats.commits += 1;
         let next = state.checkpoint.next_seq;
-        Ok(Committed {
-            to_complete,
-            acks_queued,
-            last_seq: (next > first_seq).then(|| next.previous()).flatten(),
+        let wait = batch.touches_raw();
+        Ok(Prepared {
+            batch,
+            flushed,
+            publication: Publication {
+                committed: Committed {
+                    to_complete,
+                    acks_queued,
+                    last_seq: (next > first_seq).then(|| next.previous()).flatten(),
+                },
+                offset: state.offset(),
+                counts,
+            },
+            wait,
         })
     }
+}
+
+/// A batch ready for the committer.
+pub struct Prepared {
+    pub batch: Batch,
+    pub flushed: Flushed,
+    pub publication: Publication,
+    /// Whether capture must wait for the write (it writes raw states, which are never in
+    /// flight: see committer.rs).
+    pub wait: bool,
 }

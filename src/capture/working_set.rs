@@ -11,26 +11,50 @@ use bytes::Bytes;
 use super::mirror_cache::MirrorCache;
 use crate::buffer::{Batch, MirrorValue, Store, StoreError};
 
-type LoadResult = Result<Option<MirrorValue>, StoreError>;
+type LoadResult = Result<(Option<MirrorValue>, bool), StoreError>;
 
-/// The entries of a flushed mirror working set, to go into the cache once their batch is
-/// durably written (never before: a failed write must leave the cache as the store).
+/// The mirror entries a batch changed, keyed by database and key.
+pub type Entries = HashMap<(u32, Bytes), Option<MirrorValue>>;
+
+/// Where a mirror working set reads what it does not hold: the entries of the batch being
+/// written (newest), then the cache, then RocksDB.
+#[derive(Clone, Default)]
+pub struct MirrorView {
+    pub cache: MirrorCache,
+    /// The changed entries of the batch handed to the committer and not yet written.
+    pub in_flight: Option<Arc<Entries>>,
+}
+
+/// The entries of a flushed mirror working set: what its batch changed (read by the next
+/// batch while this one is written) and what the cache does not hold yet, which goes into the
+/// cache once the batch is durably written (never before: a failed write must leave the cache
+/// as the store).
 #[must_use = "the cache learns nothing unless `written` is called"]
 pub struct Flushed {
-    entries: Vec<((u32, Bytes), Option<MirrorValue>)>,
+    changed: Arc<Entries>,
+    loaded: Vec<((u32, Bytes), Option<MirrorValue>)>,
     cache: MirrorCache,
 }
 
 impl Flushed {
+    /// The changed entries, for the next batch to read while this one is written.
+    pub fn changed(&self) -> Arc<Entries> {
+        self.changed.clone()
+    }
+
     /// The batch holding these entries was written.
     pub fn written(self) {
-        self.cache.insert_committed(self.entries);
+        let changed = Arc::try_unwrap(self.changed).unwrap_or_else(|shared| (*shared).clone());
+        self.cache
+            .insert_committed(changed.into_iter().chain(self.loaded));
     }
 }
 
 struct Slot {
     value: Option<MirrorValue>,
     dirty: bool,
+    /// Whether the cache holds this value already (loaded from it and unchanged).
+    cached: bool,
 }
 
 /// The mirror entries touched by the commands of one batch, loaded on first use and written
@@ -41,55 +65,65 @@ pub struct WorkingSet {
     /// Holds what Redis really holds for keys with a pending `#` op (the buffer's `raw`), not
     /// the mirror.
     raw: bool,
-    /// The mirror as of the last commit, in memory (reads only: entries go in after a commit).
-    cache: MirrorCache,
+    /// What it reads before RocksDB.
+    view: MirrorView,
 }
 
 impl WorkingSet {
     pub fn new(store: Arc<Store>) -> Self {
-        WorkingSet::cached(store, MirrorCache::default())
+        WorkingSet::viewing(store, MirrorView::default())
     }
 
-    /// A working set of the mirror that reads through `cache`.
-    pub fn cached(store: Arc<Store>, cache: MirrorCache) -> Self {
+    /// A working set of the mirror that reads through `view`.
+    pub fn viewing(store: Arc<Store>, view: MirrorView) -> Self {
         WorkingSet {
             store,
             slots: HashMap::new(),
             raw: false,
-            cache,
+            view,
         }
     }
 
-    /// A working set of raw states: a key without a raw entry holds what the mirror holds.
-    pub fn raw(store: Arc<Store>, cache: MirrorCache) -> Self {
+    /// A working set of raw states: a key without a raw entry holds what the mirror holds
+    /// (the raw states themselves are never in flight: see `committer.rs`).
+    pub fn raw(store: Arc<Store>, view: MirrorView) -> Self {
         WorkingSet {
             raw: true,
-            ..WorkingSet::cached(store, cache)
+            ..WorkingSet::viewing(store, view)
         }
     }
 
-    fn load_mirror(store: &Store, cache: &MirrorCache, db: u32, key: &Bytes) -> LoadResult {
-        match cache.get(db, key) {
-            Some(value) => Ok(value),
-            None => store.mirror(db, key),
+    /// The mirrored value of `key`, and whether the cache holds it.
+    fn load_mirror(store: &Store, view: &MirrorView, db: u32, key: &Bytes) -> LoadResult {
+        if let Some(value) = view
+            .in_flight
+            .as_ref()
+            .and_then(|e| e.get(&(db, key.clone())))
+        {
+            return Ok((value.clone(), false));
+        }
+        match view.cache.get(db, key) {
+            Some(value) => Ok((value, true)),
+            None => Ok((store.mirror(db, key)?, false)),
         }
     }
 
     fn slot(&mut self, db: u32, key: &Bytes) -> Result<&mut Slot, StoreError> {
-        let (store, raw, cache) = (&self.store, self.raw, &self.cache);
+        let (store, raw, view) = (&self.store, self.raw, &self.view);
         match self.slots.entry((db, key.clone())) {
             Entry::Occupied(slot) => Ok(slot.into_mut()),
             Entry::Vacant(slot) => {
-                let value = match raw {
+                let (value, cached) = match raw {
                     true => match store.raw(db, key)? {
-                        Some(value) => Some(value),
-                        None => Self::load_mirror(store, cache, db, key)?,
+                        Some(value) => (Some(value), false),
+                        None => Self::load_mirror(store, view, db, key)?,
                     },
-                    false => Self::load_mirror(store, cache, db, key)?,
+                    false => Self::load_mirror(store, view, db, key)?,
                 };
                 Ok(slot.insert(Slot {
                     value,
                     dirty: false,
+                    cached,
                 }))
             }
         }
@@ -100,6 +134,7 @@ impl WorkingSet {
         self.slots.entry((db, key.clone())).or_insert(Slot {
             value,
             dirty: false,
+            cached: false,
         });
     }
 
@@ -107,11 +142,16 @@ impl WorkingSet {
         self.slots.contains_key(&(db, Bytes::copy_from_slice(key)))
     }
 
-    /// The keys held with a value, in `db` (every database: `None`).
+    /// The keys held with a value, in `db` (every database: `None`), with those the batch in
+    /// flight gave a value: the keys RocksDB may not have yet.
     pub fn held_keys(&self, db: Option<u32>) -> Vec<(u32, Bytes)> {
+        let in_db = |d: &u32| db.is_none_or(|db| db == *d);
+        let in_flight = self.view.in_flight.iter().flat_map(|e| e.iter());
         self.slots
             .iter()
-            .filter(|((d, _), s)| db.is_none_or(|db| db == *d) && s.value.is_some())
+            .map(|(k, s)| (k, s.value.is_some()))
+            .chain(in_flight.map(|(k, v)| (k, v.is_some())))
+            .filter(|((d, _), exists)| in_db(d) && *exists)
             .map(|(k, _)| k.clone())
             .collect()
     }
@@ -148,13 +188,15 @@ impl WorkingSet {
         let slot = self.slot(db, key)?;
         slot.value = value;
         slot.dirty = true;
+        slot.cached = false;
         Ok(())
     }
 
-    /// Moves the changed entries into `batch` and empties the set; returns every entry held,
-    /// for the cache once `batch` is written.
+    /// Moves the changed entries into `batch` and empties the set; returns what it changed and
+    /// what the cache does not hold yet.
     pub fn flush_into(&mut self, batch: &mut Batch) -> Flushed {
-        let mut held = Vec::with_capacity(self.slots.len());
+        let mut changed = Entries::new();
+        let mut loaded = Vec::new();
         // In key order: consecutive inserts into RocksDB's memtable skiplist then walk mostly
         // the same, cached, nodes (in hash order each one is a cold search).
         let mut slots: Vec<_> = self.slots.drain().collect();
@@ -165,12 +207,15 @@ impl WorkingSet {
                     Some(value) => batch.put_mirror(db, &key, value),
                     None => batch.delete_mirror(db, &key),
                 }
+                changed.insert((db, key), slot.value);
+            } else if !slot.cached {
+                loaded.push(((db, key), slot.value));
             }
-            held.push(((db, key), slot.value));
         }
         Flushed {
-            entries: held,
-            cache: self.cache.clone(),
+            changed: Arc::new(changed),
+            loaded,
+            cache: self.view.cache.clone(),
         }
     }
 
