@@ -1245,3 +1245,47 @@ async fn swapdb_of_a_mapped_database_is_reconciled_by_a_full_sync() {
         projection(&redis_hashes(&mut client, &mappings).await, &mappings)
     );
 }
+
+/// A full sync inside one run rewrites the mirror behind capture's in-memory cache: a hash
+/// cached before it must not come back after it (the cache is emptied, src/capture/mirror_cache.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_within_a_run_leaves_no_stale_cached_hash() {
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let mappings = mappings(&server, "keep");
+    client
+        .command(&["HSET", "person2:1", "first_name", "A"])
+        .await
+        .expect("hset");
+    client.command(&["SELECT", "1"]).await.expect("select");
+    client
+        .command(&["HSET", "person2:1", "first_name", "B", "last_name", "Z"])
+        .await
+        .expect("hset");
+    client.command(&["SELECT", "0"]).await.expect("select");
+    let running = start_capture(&server, store.clone(), mappings.clone());
+    caught_up(&store, &mut client).await;
+    // Through the stream, so that the cache holds it.
+    client
+        .command(&["HSET", "person2:1", "age", "5"])
+        .await
+        .expect("hset");
+    caught_up(&store, &mut client).await;
+    client.command(&["SWAPDB", "0", "1"]).await.expect("swapdb");
+    caught_up(&store, &mut client).await;
+    client
+        .command(&["HSET", "person2:1", "seq", "1"])
+        .await
+        .expect("hset");
+    caught_up(&store, &mut client).await;
+    let capture = running.stop().await;
+    assert_eq!(capture.stats().full_syncs, 2, "SWAPDB forced a full sync");
+    let hashes = mirror_hashes(&store);
+    assert_eq!(hashes, redis_hashes(&mut client, &mappings).await);
+    assert!(
+        format!("{hashes:?}").contains("\"Z\""),
+        "the swapped-in hash is mirrored: {hashes:?}"
+    );
+}
