@@ -21,7 +21,7 @@ use super::command::{FieldTtl, Write};
 use super::command_table::CommandTable;
 use super::mapping::{Mapping, Mappings};
 use super::ops::{apply_op, OpSeen};
-use super::rows::{mirror_value_from_dump, row_event, RowEvent};
+use super::rows::{mirror_value_from_dump, row_event, row_event_between, row_of, RowEvent};
 use super::working_set::WorkingSet;
 use crate::ack::OP_FIELD;
 use crate::buffer::{FieldValue, MirrorKind, MirrorValue, StoreError};
@@ -216,6 +216,8 @@ impl Applier<'_> {
             .is_some_and(|v| v.refreshed_through >= command.end)
     }
 
+    /// Changes the fields of a watched hash in place (no copy of the hash: only its row images
+    /// before and after are compared).
     fn update_hash(
         &self,
         ws: &mut WorkingSet,
@@ -225,27 +227,37 @@ impl Applier<'_> {
         out: &mut Vec<RowEvent>,
         change: impl FnOnce(&mut std::collections::BTreeMap<Bytes, FieldValue>),
     ) -> Result<Option<OpSeen>, StoreError> {
-        let Some((mapping, before)) = self.watched(ws, db, key, command)? else {
+        let Some(mapping) = self.mappings.watching(db, key) else {
             return Ok(None);
         };
-        let mut after = match &before {
-            Some(v) if v.kind == MirrorKind::Hash => v.clone(),
+        if Self::already_in(ws.peek(db, key)?, command) {
+            return Ok(None);
+        }
+        let value = ws.get_mut(db, key)?;
+        let old_row = row_of(mapping, value);
+        let hash = match value {
+            Some(v) if v.kind == MirrorKind::Hash => v,
             // The command succeeded, so the key was a hash (or absent).
-            _ => MirrorValue::hash(self.generation),
+            _ => value.insert(MirrorValue::hash(self.generation)),
         };
-        change(&mut after.fields);
-        if self.ops && after.fields.contains_key(OP_FIELD) {
+        change(&mut hash.fields);
+        if self.ops && hash.fields.contains_key(OP_FIELD) {
+            let after = std::mem::replace(hash, MirrorValue::hash(self.generation));
             let (intended, event, seen) = apply_op(mapping, db, key, after);
             out.extend(event);
-            ws.set(db, key, intended)?;
+            *value = intended;
             return Ok(Some(seen));
         }
-        let after = if after.fields.is_empty() {
-            None
-        } else {
-            Some(after)
-        };
-        set_with_row(ws, (mapping, db, key), &before, after, false, out)?;
+        if hash.fields.is_empty() {
+            *value = None;
+        }
+        out.extend(row_event_between(
+            mapping,
+            key,
+            old_row,
+            row_of(mapping, value),
+            false,
+        ));
         Ok(None)
     }
 

@@ -17,7 +17,11 @@ pub struct RowEvent {
     pub op: Option<HashOp>,
 }
 
-fn row_of(mapping: &Mapping, value: &Option<MirrorValue>) -> Option<Vec<(String, Option<Bytes>)>> {
+/// The mapped columns of a row (`None`: no row).
+pub type RowImage = Option<Vec<(String, Option<Bytes>)>>;
+
+/// The row a state of a watched key has.
+pub fn row_of(mapping: &Mapping, value: &Option<MirrorValue>) -> RowImage {
     match value {
         Some(v) if v.kind == MirrorKind::Hash && !v.fields.is_empty() => {
             Some(mapping.row_image(&v.fields))
@@ -34,7 +38,23 @@ pub fn row_event(
     after: &Option<MirrorValue>,
     expired: bool,
 ) -> Option<RowEvent> {
-    let (old, new) = (row_of(mapping, before), row_of(mapping, after));
+    row_event_between(
+        mapping,
+        key,
+        row_of(mapping, before),
+        row_of(mapping, after),
+        expired,
+    )
+}
+
+/// The row event between two rows of a watched key (see [`row_of`]).
+pub fn row_event_between(
+    mapping: &Mapping,
+    key: &Bytes,
+    old: RowImage,
+    new: RowImage,
+    expired: bool,
+) -> Option<RowEvent> {
     let row = match (old, new) {
         (old, Some(new)) if old.as_ref() != Some(&new) => RowChange::Upsert { columns: new },
         (Some(_), None) if expired && mapping.on_expire == OnExpire::Keep => return None,

@@ -14,7 +14,7 @@ use crate::buffer::{Batch, MirrorValue, Store, StoreError};
 type LoadResult = Result<(Option<MirrorValue>, bool), StoreError>;
 
 /// The mirror entries a batch changed, keyed by database and key.
-pub type Entries = HashMap<(u32, Bytes), Option<MirrorValue>>;
+pub type Entries = HashMap<(u32, Bytes), Option<MirrorValue>, ahash::RandomState>;
 
 /// Where a mirror working set reads what it does not hold: the entries of the batch being
 /// written (newest), then the cache, then RocksDB.
@@ -61,7 +61,9 @@ struct Slot {
 /// back in one `Batch`.
 pub struct WorkingSet {
     store: Arc<Store>,
-    slots: HashMap<(u32, Bytes), Slot>,
+    /// ahash: keys are hashed for every command, and a batch is not exposed to the clients
+    /// that choose the keys for longer than it lasts (a randomly seeded hasher either way).
+    slots: HashMap<(u32, Bytes), Slot, ahash::RandomState>,
     /// Holds what Redis really holds for keys with a pending `#` op (the buffer's `raw`), not
     /// the mirror.
     raw: bool,
@@ -78,7 +80,7 @@ impl WorkingSet {
     pub fn viewing(store: Arc<Store>, view: MirrorView) -> Self {
         WorkingSet {
             store,
-            slots: HashMap::new(),
+            slots: HashMap::default(),
             raw: false,
             view,
         }
@@ -175,6 +177,23 @@ impl WorkingSet {
         self.slots.is_empty()
     }
 
+    /// The value of `key`, without copying it.
+    pub fn peek(&mut self, db: u32, key: &Bytes) -> Result<&Option<MirrorValue>, StoreError> {
+        Ok(&self.slot(db, key)?.value)
+    }
+
+    /// The value of `key`, to change in place (the entry is then written back).
+    pub fn get_mut(
+        &mut self,
+        db: u32,
+        key: &Bytes,
+    ) -> Result<&mut Option<MirrorValue>, StoreError> {
+        let slot = self.slot(db, key)?;
+        slot.dirty = true;
+        slot.cached = false;
+        Ok(&mut slot.value)
+    }
+
     pub fn get(&mut self, db: u32, key: &Bytes) -> Result<Option<MirrorValue>, StoreError> {
         Ok(self.slot(db, key)?.value.clone())
     }
@@ -195,7 +214,7 @@ impl WorkingSet {
     /// Moves the changed entries into `batch` and empties the set; returns what it changed and
     /// what the cache does not hold yet.
     pub fn flush_into(&mut self, batch: &mut Batch) -> Flushed {
-        let mut changed = Entries::new();
+        let mut changed = Entries::with_capacity_and_hasher(self.slots.len(), Default::default());
         let mut loaded = Vec::new();
         // In key order: consecutive inserts into RocksDB's memtable skiplist then walk mostly
         // the same, cached, nodes (in hash order each one is a cold search).
