@@ -1289,3 +1289,94 @@ async fn a_full_sync_within_a_run_leaves_no_stale_cached_hash() {
         "the swapped-in hash is mirrored: {hashes:?}"
     );
 }
+
+/// A flush of many watched keys is committed a page of keys at a time (memory bounded whatever
+/// the keyspace, docs/design.md): every row is deleted exactly once, in units of at most 1,024
+/// changes recorded no later than the flush, and what another database holds is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_of_many_keys_is_committed_in_bounded_units() {
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let mappings = mappings(&server, "keep");
+    let people = 3000;
+    let mut setup: Vec<Vec<String>> = (0..people)
+        .map(|i| {
+            vec![
+                "HSET".into(),
+                format!("person2:{i}"),
+                "first_name".into(),
+                format!("n{i}"),
+            ]
+        })
+        .collect();
+    setup.push(vec!["SET".into(), "unwatched".into(), "x".into()]);
+    send_all(&mut client, &setup).await;
+    client.command(&["SELECT", "1"]).await.expect("select");
+    let cars: Vec<Vec<String>> = (0..1500)
+        .map(|i| vec!["HSET".into(), format!("car:{i}"), "color".into(), "red".into()])
+        .collect();
+    send_all(&mut client, &cars).await;
+    client.command(&["SELECT", "0"]).await.expect("select");
+    let running = start_capture(&server, store.clone(), mappings.clone());
+    caught_up(&store, &mut client).await;
+    let seq_before = store.checkpoint().expect("checkpoint").next_seq;
+
+    // A change before the flush and one after it, in the same burst.
+    send_all(
+        &mut client,
+        &[
+            vec!["HSET".into(), "person2:0".into(), "age".into(), "7".into()],
+            vec!["FLUSHDB".into()],
+            vec!["HSET".into(), "person2:new".into(), "age".into(), "1".into()],
+        ],
+    )
+    .await;
+    caught_up(&store, &mut client).await;
+    let flushdb_offset = master_offset(&mut client).await;
+    client.command(&["FLUSHALL"]).await.expect("flushall");
+    caught_up(&store, &mut client).await;
+    let capture = running.stop().await;
+    assert_eq!(capture.stats().full_syncs, 1, "no full resync");
+
+    let changes = store.changes(seq_before, usize::MAX).expect("changes");
+    let mut deleted: Vec<(String, Bytes)> = changes
+        .iter()
+        .filter(|c| c.row == RowChange::Delete)
+        .map(|c| (c.mapping.clone(), c.row_id.clone()))
+        .collect();
+    let count = deleted.len();
+    deleted.sort();
+    deleted.dedup();
+    assert_eq!(deleted.len(), count, "no row is deleted twice");
+    assert_eq!(count, people + 1 + 1500, "every row is deleted once");
+    let mut unit_sizes = BTreeMap::<u64, usize>::new();
+    for change in &changes {
+        *unit_sizes.entry(change.unit.0).or_default() += 1;
+    }
+    assert!(
+        unit_sizes.values().all(|n| *n <= 1024),
+        "units of at most 1,024 changes: {unit_sizes:?}"
+    );
+    assert!(unit_sizes.len() >= 6, "the flushes took several units");
+    // The FLUSHDB's deletes are all recorded no later than the FLUSHDB itself.
+    let people_deletes_offset = changes
+        .iter()
+        .filter(|c| c.row == RowChange::Delete && c.mapping == "People")
+        .map(|c| c.offset.0)
+        .max()
+        .expect("deletes");
+    assert!(people_deletes_offset <= flushdb_offset);
+    let offsets: Vec<u64> = changes.iter().map(|c| c.offset.0).collect();
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "offsets in order");
+    assert_eq!(
+        mirror_hashes(&store),
+        redis_hashes(&mut client, &mappings).await
+    );
+    assert!(mirror_hashes(&store).is_empty());
+    assert_eq!(
+        replay(&store),
+        projection(&redis_hashes(&mut client, &mappings).await, &mappings)
+    );
+}

@@ -35,12 +35,14 @@ pub mod working_set;
 use std::sync::Arc;
 
 use crate::ack::Writeback;
-use crate::buffer::{Batch, Checkpoint, Store, StoreError};
+use crate::buffer::{Batch, Checkpoint, MirrorCursor, Store, StoreError};
 use crate::config::RedisEndpoint;
 use crate::metrics::Health;
-use crate::position::{ChangeSeq, StreamPosition};
+use crate::position::{ChangeSeq, ReplOffset, StreamPosition};
+use crate::replication::stream::StreamEvent;
 use crate::replication::{LinkError, ReplicationEvent, Replicator};
 use clock::{ClockSample, PrimaryClock};
+use command::Write;
 use committer::Committer;
 use full_sync::FullSync;
 use mapping::Mappings;
@@ -107,6 +109,9 @@ pub struct Capture {
     /// When the primary's clock was last sampled.
     last_sample: Option<std::time::Instant>,
 }
+
+/// Mirror keys deleted per commit ahead of a flush.
+const FLUSH_PAGE_KEYS: usize = 1024;
 
 /// How often the primary's clock is sampled while the stream flows.
 const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -366,16 +371,19 @@ impl Capture {
     async fn stream(
         &mut self,
         replicator: &mut Replicator,
-        first: crate::replication::stream::StreamEvent,
+        first: StreamEvent,
     ) -> Result<(), CaptureError> {
-        let view = MirrorView {
-            cache: self.state.cache.clone(),
-            in_flight: self.committer(replicator)?.in_flight(),
-        };
-        let mut batch = StreamBatch::new(self.state.store.clone(), view);
+        let mut batch = StreamBatch::new(self.state.store.clone(), self.view(replicator)?);
         let mut next = Some(first);
         while let Some(event) = next.take() {
             self.outputs.health.received(event.end());
+            if let Some(db) = self.flush_of(&event) {
+                if !batch.is_empty() {
+                    self.hand_over(replicator, batch).await?;
+                }
+                self.flush_ahead(replicator, db, event.end()).await?;
+                batch = StreamBatch::new(self.state.store.clone(), self.view(replicator)?);
+            }
             let resync = batch
                 .apply(&mut self.state, &mut self.primary, &event)
                 .await?;
@@ -401,6 +409,23 @@ impl Capture {
         {
             self.sample_clock().await;
         }
+        self.hand_over(replicator, batch).await
+    }
+
+    /// What a working set of the next batch reads before RocksDB.
+    fn view(&mut self, replicator: &Replicator) -> Result<MirrorView, CaptureError> {
+        Ok(MirrorView {
+            cache: self.state.cache.clone(),
+            in_flight: self.committer(replicator)?.in_flight(),
+        })
+    }
+
+    /// Hands a batch to the committer.
+    async fn hand_over(
+        &mut self,
+        replicator: &Replicator,
+        batch: StreamBatch,
+    ) -> Result<(), CaptureError> {
         let prepared = batch.commit(&mut self.state)?;
         self.committer(replicator)?
             .commit(
@@ -410,5 +435,48 @@ impl Capture {
                 prepared.wait,
             )
             .await
+    }
+
+    /// The databases a stand-alone `FLUSHALL` (`None`) or `FLUSHDB` empties.
+    fn flush_of(&self, event: &StreamEvent) -> Option<Option<u32>> {
+        let StreamEvent::Command(command) = event else {
+            return None;
+        };
+        let name = command.args.first()?;
+        if !name.eq_ignore_ascii_case(b"flushall") && !name.eq_ignore_ascii_case(b"flushdb") {
+            return None;
+        }
+        match Write::parse(command, self.state.clock.now()) {
+            Write::Flush { db } => Some(db),
+            _ => None,
+        }
+    }
+
+    /// Deletes the watched keys a flush ending at `end` empties, a page of the mirror per
+    /// commit, before the flush itself is applied: memory stays bounded whatever the keyspace
+    /// (docs/design.md, "FLUSHALL and FLUSHDB"). Each page is a unit recorded at the offset
+    /// before the flush, so the checkpoint never claims the flush before it is complete; after
+    /// a crash the flush is received again and deletes what is left (what was deleted is no
+    /// longer in the mirror, so no row is deleted twice).
+    async fn flush_ahead(
+        &mut self,
+        replicator: &Replicator,
+        db: Option<u32>,
+        end: ReplOffset,
+    ) -> Result<(), CaptureError> {
+        self.written().await?;
+        let mut cursor = Some(MirrorCursor::default());
+        while let Some(from) = cursor.take() {
+            let page = self.state.store.mirror_scan(db, &from, FLUSH_PAGE_KEYS)?;
+            cursor = page.next;
+            let mut batch = StreamBatch::new(self.state.store.clone(), self.view(replicator)?);
+            batch.delete_ahead_of_flush(&mut self.state, page.entries, end)?;
+            if !batch.is_empty() {
+                self.hand_over(replicator, batch).await?;
+                // The next page is read from RocksDB.
+                self.written().await?;
+            }
+        }
+        Ok(())
     }
 }

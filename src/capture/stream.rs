@@ -66,6 +66,41 @@ impl StreamBatch {
         self.units >= MAX_UNITS_PER_COMMIT
     }
 
+    /// Whether it holds anything to commit.
+    pub fn is_empty(&self) -> bool {
+        self.units == 0 && self.changes.is_empty()
+    }
+
+    /// Deletes, ahead of a `FLUSHALL`/`FLUSHDB` ending at `end`, the watched keys of one page of
+    /// the mirror, as one unit recorded at the checkpoint's offset (see `flush_ahead` in
+    /// mod.rs): keys with a pending `#` op and keys refreshed past the flush are left to the
+    /// flush itself.
+    pub fn delete_ahead_of_flush(
+        &mut self,
+        state: &mut CaptureState,
+        page: Vec<(u32, Bytes, crate::buffer::MirrorValue)>,
+        end: ReplOffset,
+    ) -> Result<(), StoreError> {
+        let mut rows = Vec::new();
+        for (db, key, value) in page {
+            if value.refreshed_through >= end || state.ops.is_pending(db, &key) {
+                continue;
+            }
+            let Some(mapping) = state.mappings.watching(db, &key) else {
+                continue;
+            };
+            let value = Some(value);
+            rows.extend(row_event(mapping, &key, &value, &None, false));
+            // Seeded with what the page read, so that deleting it reads nothing more.
+            self.ws.seed(db, &key, value);
+            self.ws.set(db, &key, None)?;
+        }
+        if !rows.is_empty() {
+            self.changes.push((rows, state.offset()));
+        }
+        Ok(())
+    }
+
     /// Applies one stream event; returns a reason when a full resync is needed instead (the
     /// batch must then be dropped: a unit may be half applied).
     pub async fn apply(
