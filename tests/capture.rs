@@ -1315,7 +1315,14 @@ async fn a_flush_of_many_keys_is_committed_in_bounded_units() {
     send_all(&mut client, &setup).await;
     client.command(&["SELECT", "1"]).await.expect("select");
     let cars: Vec<Vec<String>> = (0..1500)
-        .map(|i| vec!["HSET".into(), format!("car:{i}"), "color".into(), "red".into()])
+        .map(|i| {
+            vec![
+                "HSET".into(),
+                format!("car:{i}"),
+                "color".into(),
+                "red".into(),
+            ]
+        })
         .collect();
     send_all(&mut client, &cars).await;
     client.command(&["SELECT", "0"]).await.expect("select");
@@ -1329,7 +1336,12 @@ async fn a_flush_of_many_keys_is_committed_in_bounded_units() {
         &[
             vec!["HSET".into(), "person2:0".into(), "age".into(), "7".into()],
             vec!["FLUSHDB".into()],
-            vec!["HSET".into(), "person2:new".into(), "age".into(), "1".into()],
+            vec![
+                "HSET".into(),
+                "person2:new".into(),
+                "age".into(),
+                "1".into(),
+            ],
         ],
     )
     .await;

@@ -58,12 +58,19 @@ pub struct Store {
     identity: String,
 }
 
+/// The memory RocksDB's memtables may take, all column families together (measured with
+/// scripts/bench-flush.sh and scripts/bench-capture.sh: docs/benchmarks.md).
+const MEMTABLES_BYTES: usize = 64 << 20;
+
 impl Store {
     /// Opens (or creates) the buffer at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
+        // Memtables of all column families together: RocksDB's default is 64 MiB per family,
+        // two each, which a flush of a large keyspace fills in every family at once.
+        options.set_db_write_buffer_size(MEMTABLES_BYTES);
         let families = [
             CF_MIRROR,
             CF_CHANGES,

@@ -3,8 +3,8 @@
 //! Every replicated command reads the mirrored state of its key before it changes it; read from
 //! RocksDB, that is a memtable skiplist search (or a block read) per command, which profiling
 //! showed to be the largest single cost of capture (docs/benchmarks.md). The cache holds the
-//! decoded values of recently touched keys, absent keys included, up to `[buffer]
-//! mirror_cache_mb`; what does not fit is read from RocksDB as before.
+//! decoded values of recently touched keys that exist, up to `[buffer] mirror_cache_mb`; what
+//! does not fit is read from RocksDB as before.
 //!
 //! Coherence rule: the cache only ever holds what the mirror holds **as of the last commit**.
 //! Capture is the only writer of the mirror and the only user of the cache: a batch reads
@@ -19,10 +19,11 @@ use bytes::Bytes;
 
 use crate::buffer::MirrorValue;
 
-/// Bytes counted for an entry besides its key and field contents (map nodes, headers).
-const ENTRY_OVERHEAD: u64 = 96;
-/// Bytes counted per field besides its name and value.
-const FIELD_OVERHEAD: u64 = 48;
+/// Bytes counted for an entry besides its key and field contents: the table slot, the value's
+/// header and the key's allocation (measured: RSS over weight, docs/benchmarks.md).
+const ENTRY_OVERHEAD: u64 = 160;
+/// Bytes counted per field besides its name and value: a map node's share and two allocations.
+const FIELD_OVERHEAD: u64 = 64;
 
 type Key = (u32, Bytes);
 type Value = Option<MirrorValue>;
@@ -77,11 +78,18 @@ impl MirrorCache {
         self.lock()?.get(&(db, key.clone())).cloned()
     }
 
-    /// Records the state of keys as of a commit that succeeded.
+    /// Records the state of keys as of a commit that succeeded. A key that does not exist is
+    /// forgotten rather than cached: deleted keys are rarely written again, and a flush of a
+    /// large keyspace would fill the cache with them.
     pub fn insert_committed(&self, entries: impl IntoIterator<Item = (Key, Value)>) {
         if let Some(mut cache) = self.lock() {
             for (key, value) in entries {
-                cache.insert(key, value);
+                match value {
+                    Some(value) => cache.insert(key, Some(value)),
+                    None => {
+                        cache.remove(&key);
+                    }
+                }
             }
         }
     }
@@ -118,17 +126,18 @@ mod tests {
     }
 
     #[test]
-    fn holds_committed_values_and_absences() {
+    fn holds_committed_values_and_forgets_deleted_keys() {
         let cache = MirrorCache::new(1 << 20);
         let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
         assert_eq!(cache.get(0, &a), None);
         cache.insert_committed([
             ((0, a.clone()), Some(hash(&[("f", "v")]))),
-            ((0, b.clone()), None),
+            ((0, b.clone()), Some(hash(&[("g", "w")]))),
         ]);
         assert_eq!(cache.get(0, &a), Some(Some(hash(&[("f", "v")]))));
-        assert_eq!(cache.get(0, &b), Some(None));
         assert_eq!(cache.get(1, &a), None, "another database is another key");
+        cache.insert_committed([((0, b.clone()), None)]);
+        assert_eq!(cache.get(0, &b), None, "a deleted key is read from RocksDB");
         cache.clear();
         assert_eq!(cache.get(0, &a), None);
     }
@@ -153,7 +162,7 @@ mod tests {
     fn a_disabled_cache_holds_nothing() {
         let cache = MirrorCache::new(0);
         let a = Bytes::from_static(b"a");
-        cache.insert_committed([((0, a.clone()), None)]);
+        cache.insert_committed([((0, a.clone()), Some(hash(&[])))]);
         assert_eq!(cache.get(0, &a), None);
     }
 }

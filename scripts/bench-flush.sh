@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Memory benchmark: FLUSHALL of many watched keys end to end (capture and the MariaDB sink).
+# Fills a primary with N hashes, lets `writebehind run` load them into a scratch MariaDB
+# database, then sends FLUSHALL and samples the service's RSS every 0.1 s until the table is
+# empty. Reports the peak RSS during the flush (the limit to hold: bounded whatever N), the peak
+# over the whole run (the initial load included) and the seconds to an empty table.
+# Not a test: it measures.
+#
+# Usage: scripts/bench-flush.sh [keys]   (default 1000000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+keys="${1:-1000000}"
+work="$(mktemp -d /var/tmp/writebehind-flush-bench.XXXXXX)"
+database="wb_bench_flush_$$"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+primary=$(free_port)
+service_pid=""
+sql() { mariadb --protocol=tcp -h127.0.0.1 -uroot -N -e "$1"; }
+cleanup() {
+  if [ -n "$service_pid" ]; then kill -9 "$service_pid" 2>/dev/null; wait "$service_pid" 2>/dev/null; fi || true
+  redis-cli -p "$primary" shutdown nosave >/dev/null 2>&1 || true
+  sql "DROP DATABASE IF EXISTS $database" || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+export ROCKSDB_LIB_DIR="${ROCKSDB_LIB_DIR:-/usr/lib/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)}"
+cargo build --release --bin writebehind >/dev/null 2>&1
+bin="${CARGO_TARGET_DIR:-target}/release/writebehind"
+sql "CREATE DATABASE $database"
+
+redis-server --port "$primary" --bind 127.0.0.1 --dir "$work" --save '' --appendonly no \
+  --daemonize yes --logfile "$work/primary.log"
+for _ in $(seq 1 100); do redis-cli -p "$primary" ping >/dev/null 2>&1 && break; sleep 0.05; done
+# Filled by a script, 100,000 keys per call.
+for ((from = 1; from <= keys; from += 100000)); do
+  to=$((from + 99999 < keys ? from + 99999 : keys))
+  redis-cli -p "$primary" eval "for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do redis.call('HSET', 'person2:' .. i, 'first_name', 'John', 'last_name', 'Doe', 'age', '42') end" 0 "$from" "$to" >/dev/null
+done
+cat > "$work/writebehind.toml" <<TOML
+[source]
+url = "redis://127.0.0.1:$primary"
+[buffer]
+path = "$work/buffer"
+[backends.db]
+url = "mysql://root@127.0.0.1:3306/$database"
+[[mappings]]
+name = "People"
+prefix = "person2"
+backend = "db"
+table = "person1"
+key_column = "id"
+create_table = true
+[mappings.columns]
+first_name = "first"
+last_name = "last"
+age = "age"
+TOML
+RUST_LOG=warn "$bin" run --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
+service_pid=$!
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$service_pid/status"; }
+rows() { sql "SELECT COUNT(*) FROM $database.person1" 2>/dev/null || echo 0; }
+
+load_start=$(date +%s.%N)
+until [ "$(rows)" = "$keys" ]; do
+  kill -0 "$service_pid" 2>/dev/null || { echo "the service stopped"; tail -5 "$work/writebehind.log"; exit 1; }
+  sleep 0.5
+done
+load_end=$(date +%s.%N)
+rss_before=$(rss_kb)
+
+redis-cli -p "$primary" flushall >/dev/null
+flush_start=$(date +%s.%N)
+peak=$rss_before
+while :; do
+  rss=$(rss_kb); [ "$rss" -gt "$peak" ] && peak=$rss
+  [ "$(rows)" = 0 ] && break
+  sleep 0.1
+done
+flush_end=$(date +%s.%N)
+hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$service_pid/status")
+python3 - "$keys" "$load_start" "$load_end" "$flush_start" "$flush_end" "$rss_before" "$peak" "$hwm" <<'PY'
+import sys
+keys = int(sys.argv[1])
+load_start, load_end, flush_start, flush_end = map(float, sys.argv[2:6])
+rss_before, peak, hwm = map(int, sys.argv[6:9])
+print(f"keys={keys}")
+print(f"initial_load_seconds={load_end - load_start:.1f} (polled every 0.5 s)")
+print(f"rss_before_flush_mb={rss_before / 1024:.0f}")
+print(f"peak_rss_during_flush_mb={peak / 1024:.0f}")
+print(f"peak_rss_whole_run_mb={hwm / 1024:.0f}")
+print(f"flush_to_empty_table_seconds={flush_end - flush_start:.1f}")
+PY
+grep -i error "$work/writebehind.log" | head -5 || true
