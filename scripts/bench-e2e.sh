@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: a pipelined HSET burst on the primary until its effect is committed in
+# MariaDB. After the burst a marker hash is written; the run ends when the marker's row is in
+# the table (everything before it is then applied: changes are applied in order). Reports the
+# primary's burst rate (the reference), the end-to-end rate (commands over the time from the
+# start of the burst to the marker's row), the lag after the burst and the ratio.
+# Not a test: it measures.
+#
+# Usage: scripts/bench-e2e.sh [commands]   (default 1000000 HSETs over 100000 keys, pipeline 32)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+commands="${1:-1000000}"
+work="$(mktemp -d /var/tmp/writebehind-e2e-bench.XXXXXX)"
+database="wb_bench_e2e_$$"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+primary=$(free_port)
+service_pid=""
+sql() { mariadb --protocol=tcp -h127.0.0.1 -uroot -N -e "$1"; }
+cleanup() {
+  if [ -n "$service_pid" ]; then kill -9 "$service_pid" 2>/dev/null; wait "$service_pid" 2>/dev/null; fi || true
+  redis-cli -p "$primary" shutdown nosave >/dev/null 2>&1 || true
+  sql "DROP DATABASE IF EXISTS $database" || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+export ROCKSDB_LIB_DIR="${ROCKSDB_LIB_DIR:-/usr/lib/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)}"
+cargo build --release --bin writebehind >/dev/null 2>&1
+bin="${CARGO_TARGET_DIR:-target}/release/writebehind"
+sql "CREATE DATABASE $database"
+
+redis-server --port "$primary" --bind 127.0.0.1 --dir "$work" --save '' --appendonly no \
+  --repl-backlog-size 512mb --daemonize yes --logfile "$work/primary.log"
+for _ in $(seq 1 100); do redis-cli -p "$primary" ping >/dev/null 2>&1 && break; sleep 0.05; done
+cat > "$work/writebehind.toml" <<TOML
+[source]
+url = "redis://127.0.0.1:$primary"
+[buffer]
+path = "$work/buffer"
+[backends.db]
+url = "mysql://root@127.0.0.1:3306/$database"
+[[mappings]]
+name = "People"
+prefix = "person2"
+backend = "db"
+table = "person1"
+key_column = "id"
+create_table = true
+[mappings.columns]
+first_name = "first"
+last_name = "last"
+age = "age"
+TOML
+RUST_LOG=warn "$bin" run --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
+service_pid=$!
+has_row() { [ "$(sql "SELECT COUNT(*) FROM $database.person1 WHERE id = '$1'" 2>/dev/null || echo 0)" = 1 ]; }
+# Attached and writing: a first marker's row is in the table.
+redis-cli -p "$primary" hset person2:ready first_name ready >/dev/null
+until has_row ready; do
+  kill -0 "$service_pid" 2>/dev/null || { echo "the service stopped"; tail -5 "$work/writebehind.log"; exit 1; }
+  sleep 0.1
+done
+
+echo "== burst: $commands HSETs (3 fields) over 100000 keys, pipeline 32, into MariaDB"
+start=$(date +%s.%N)
+redis-benchmark -p "$primary" -q -n "$commands" -P 32 -r 100000 \
+  HSET person2:__rand_int__ first_name John last_name Doe age 42 >/dev/null
+burst_end=$(date +%s.%N)
+redis-cli -p "$primary" hset person2:marker first_name marker >/dev/null
+until has_row marker; do
+  kill -0 "$service_pid" 2>/dev/null || { echo "the service stopped"; tail -5 "$work/writebehind.log"; exit 1; }
+  sleep 0.05
+done
+done_at=$(date +%s.%N)
+read -r utime stime < <(awk '{print $14, $15}' "/proc/$service_pid/stat")
+python3 - "$start" "$burst_end" "$done_at" "$commands" "$utime" "$stime" "$(getconf CLK_TCK)" <<'PY'
+import sys
+start, burst_end, done_at, n, utime, stime, tck = map(float, sys.argv[1:])
+print(f"burst_seconds={burst_end - start:.3f}")
+print(f"lag_after_burst_seconds={done_at - burst_end:.3f}")
+print(f"primary_burst_commands_per_second={n / (burst_end - start):.0f}")
+print(f"end_to_end_commands_per_second={n / (done_at - start):.0f}")
+print(f"writebehind_cpu_seconds={(utime + stime) / tck:.2f}")
+print(f"ratio_end_to_end_to_primary={(n / (done_at - start)) / (n / (burst_end - start)):.2f}")
+PY
+grep -i error "$work/writebehind.log" | head -5 || true
