@@ -62,6 +62,21 @@ pub struct Store {
 /// scripts/bench-flush.sh and scripts/bench-capture.sh: docs/benchmarks.md).
 const MEMTABLES_BYTES: usize = 64 << 20;
 
+/// A column family's options. The mirror and the raw states are read by key for every command
+/// that touches a key the mirror cache does not hold, often a key that does not exist yet:
+/// bloom filters (in the memtable and in the tables) answer those without a search.
+fn family_options(name: &str) -> Options {
+    let mut options = Options::default();
+    if name == CF_MIRROR || name == CF_RAW {
+        options.set_memtable_whole_key_filtering(true);
+        options.set_memtable_prefix_bloom_ratio(0.1);
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        options.set_block_based_table_factory(&table);
+    }
+    options
+}
+
 impl Store {
     /// Opens (or creates) the buffer at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -79,7 +94,7 @@ impl Store {
             CF_RAW,
             CF_ACKS,
         ]
-        .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        .map(|name| ColumnFamilyDescriptor::new(name, family_options(name)));
         let db =
             DB::open_cf_descriptors(&options, path, families).map_err(|e| classify(path, e))?;
         let mut store = Store {
