@@ -60,9 +60,24 @@ impl Mapping {
 
     /// The mapped row image of a hash's fields.
     pub fn row_image(&self, fields: &BTreeMap<Bytes, FieldValue>) -> Vec<(String, Option<Bytes>)> {
+        self.named(self.row_values(fields))
+    }
+
+    /// The values of the mapped columns, in the mapping's column order (cheaper to compare than
+    /// a named image: no column names are copied).
+    pub fn row_values(&self, fields: &BTreeMap<Bytes, FieldValue>) -> Vec<Option<Bytes>> {
         self.columns
             .iter()
-            .map(|(field, column)| (column.clone(), fields.get(field).map(|f| f.value.clone())))
+            .map(|(field, _)| fields.get(field).map(|f| f.value.clone()))
+            .collect()
+    }
+
+    /// Names values given in the mapping's column order (see [`Mapping::row_values`]).
+    pub fn named(&self, values: Vec<Option<Bytes>>) -> Vec<(String, Option<Bytes>)> {
+        self.columns
+            .iter()
+            .zip(values)
+            .map(|((_, column), value)| (column.clone(), value))
             .collect()
     }
 

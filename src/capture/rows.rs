@@ -17,14 +17,14 @@ pub struct RowEvent {
     pub op: Option<HashOp>,
 }
 
-/// The mapped columns of a row (`None`: no row).
-pub type RowImage = Option<Vec<(String, Option<Bytes>)>>;
+/// The values of a row's mapped columns, in the mapping's column order (`None`: no row).
+pub type RowImage = Option<Vec<Option<Bytes>>>;
 
 /// The row a state of a watched key has.
 pub fn row_of(mapping: &Mapping, value: &Option<MirrorValue>) -> RowImage {
     match value {
         Some(v) if v.kind == MirrorKind::Hash && !v.fields.is_empty() => {
-            Some(mapping.row_image(&v.fields))
+            Some(mapping.row_values(&v.fields))
         }
         _ => None,
     }
@@ -56,7 +56,9 @@ pub fn row_event_between(
     expired: bool,
 ) -> Option<RowEvent> {
     let row = match (old, new) {
-        (old, Some(new)) if old.as_ref() != Some(&new) => RowChange::Upsert { columns: new },
+        (old, Some(new)) if old.as_ref() != Some(&new) => RowChange::Upsert {
+            columns: mapping.named(new),
+        },
         (Some(_), None) if expired && mapping.on_expire == OnExpire::Keep => return None,
         (Some(_), None) => RowChange::Delete,
         _ => return None,
