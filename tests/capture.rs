@@ -1392,3 +1392,81 @@ async fn a_flush_of_many_keys_is_committed_in_bounded_units() {
         projection(&redis_hashes(&mut client, &mappings).await, &mappings)
     );
 }
+
+/// A service killed (-9) while it deletes a large flush page by page resumes with PSYNC, the
+/// flush arrives again and deletes what is left: the table ends empty, nothing comes back, and no
+/// full resync is needed (docs/design.md 5.3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_during_a_paged_flush_deletes_every_row_once_resumed() {
+    let server = RedisServer::start(&["--repl-backlog-size", "64mb"]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let database = CountedDb::sqlite(dir.path().join("writebehind.db"));
+    let (config, buffer) = service_config_for(&server, &dir, &database.url());
+    let keys = 30_000u64;
+    let fill: Vec<Vec<String>> = (1..=keys)
+        .map(|i| {
+            vec![
+                "HSET".into(),
+                format!("person2:{i}"),
+                "seq".into(),
+                i.to_string(),
+            ]
+        })
+        .collect();
+    send_all(&mut client, &fill).await;
+    let mut service = spawn_service(&config);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while database.row_count().await < keys {
+        assert!(Instant::now() < deadline, "the initial load did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.command(&["FLUSHALL"]).await.expect("flushall");
+    let mut rng = StdRng::seed_from_u64(13);
+    let kills = 5;
+    let mut mirrored_at_kills = Vec::new();
+    for round in 1..=kills {
+        // Killed while the pages are being deleted (or just after: both must end the same).
+        tokio::time::sleep(Duration::from_millis(rng.random_range(20..150))).await;
+        let _ = service.kill();
+        let _ = service.wait();
+        let store = Store::open(&buffer).expect("store");
+        mirrored_at_kills.push(mirror_hashes(&store).len() as u64);
+        drop(store);
+        service = spawn_service(&config);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while info_field(
+            &client.info("stats").await.expect("info"),
+            "sync_partial_ok",
+        ) != Some(round.to_string().as_str())
+        {
+            assert!(Instant::now() < deadline, "restart {round} did not attach");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let target = master_offset(&mut client).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while replica_ack_offset(&mut client)
+        .await
+        .is_none_or(|o| o < target)
+        || database.row_count().await > 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the flush did not complete: {} rows left",
+            database.row_count().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = service.kill();
+    let _ = service.wait();
+    assert!(
+        mirrored_at_kills.iter().any(|n| *n > 0 && *n < keys),
+        "a kill landed in the middle of the paged flush: {mirrored_at_kills:?}"
+    );
+    let stats = client.info("stats").await.expect("info");
+    assert_eq!(info_field(&stats, "sync_full"), Some("1"), "no full resync");
+    assert_eq!(database.row_count().await, 0);
+    let store = Store::open(&buffer).expect("store");
+    assert!(mirror_hashes(&store).is_empty(), "the mirror is empty too");
+}
