@@ -12,44 +12,15 @@ cd "$(dirname "$0")/.."
 commands="${1:-1000000}"
 work="$(mktemp -d /var/tmp/writebehind-e2e-bench.XXXXXX)"
 database="wb_bench_e2e_$$"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/bench-common.sh
 primary=$(free_port)
 service_pid=""
-sql() { mariadb --protocol=tcp -h127.0.0.1 -uroot -N -e "$1"; }
-cleanup() {
-  if [ -n "$service_pid" ]; then kill -9 "$service_pid" 2>/dev/null; wait "$service_pid" 2>/dev/null; fi || true
-  redis-cli -p "$primary" shutdown nosave >/dev/null 2>&1 || true
-  sql "DROP DATABASE IF EXISTS $database" || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-export ROCKSDB_LIB_DIR="${ROCKSDB_LIB_DIR:-/usr/lib/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)}"
-cargo build --release --bin writebehind >/dev/null 2>&1
-bin="${CARGO_TARGET_DIR:-target}/release/writebehind"
+trap cleanup_bench EXIT
+build_release
 sql "CREATE DATABASE $database"
 
-redis-server --port "$primary" --bind 127.0.0.1 --dir "$work" --save '' --appendonly no \
-  --repl-backlog-size 512mb --daemonize yes --logfile "$work/primary.log"
-for _ in $(seq 1 100); do redis-cli -p "$primary" ping >/dev/null 2>&1 && break; sleep 0.05; done
-cat > "$work/writebehind.toml" <<TOML
-[source]
-url = "redis://127.0.0.1:$primary"
-[buffer]
-path = "$work/buffer"
-[backends.db]
-url = "mysql://root@127.0.0.1:3306/$database"
-[[mappings]]
-name = "People"
-prefix = "person2"
-backend = "db"
-table = "person1"
-key_column = "id"
-create_table = true
-[mappings.columns]
-first_name = "first"
-last_name = "last"
-age = "age"
-TOML
+start_primary "$primary" "$work" --repl-backlog-size 512mb
+write_config "$work/writebehind.toml" "$primary" "$work/buffer" "mysql://root@127.0.0.1:3306/$database"
 RUST_LOG=warn "$bin" run --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
 service_pid=$!
 has_row() { [ "$(sql "SELECT COUNT(*) FROM $database.person1 WHERE id = '$1'" 2>/dev/null || echo 0)" = 1 ]; }

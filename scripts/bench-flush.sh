@@ -12,49 +12,20 @@ cd "$(dirname "$0")/.."
 keys="${1:-1000000}"
 work="$(mktemp -d /var/tmp/writebehind-flush-bench.XXXXXX)"
 database="wb_bench_flush_$$"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/bench-common.sh
 primary=$(free_port)
 service_pid=""
-sql() { mariadb --protocol=tcp -h127.0.0.1 -uroot -N -e "$1"; }
-cleanup() {
-  if [ -n "$service_pid" ]; then kill -9 "$service_pid" 2>/dev/null; wait "$service_pid" 2>/dev/null; fi || true
-  redis-cli -p "$primary" shutdown nosave >/dev/null 2>&1 || true
-  sql "DROP DATABASE IF EXISTS $database" || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-export ROCKSDB_LIB_DIR="${ROCKSDB_LIB_DIR:-/usr/lib/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)}"
-cargo build --release --bin writebehind >/dev/null 2>&1
-bin="${CARGO_TARGET_DIR:-target}/release/writebehind"
+trap cleanup_bench EXIT
+build_release
 sql "CREATE DATABASE $database"
 
-redis-server --port "$primary" --bind 127.0.0.1 --dir "$work" --save '' --appendonly no \
-  --daemonize yes --logfile "$work/primary.log"
-for _ in $(seq 1 100); do redis-cli -p "$primary" ping >/dev/null 2>&1 && break; sleep 0.05; done
+start_primary "$primary" "$work"
 # Filled by a script, 100,000 keys per call.
 for ((from = 1; from <= keys; from += 100000)); do
   to=$((from + 99999 < keys ? from + 99999 : keys))
   redis-cli -p "$primary" eval "for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do redis.call('HSET', 'person2:' .. i, 'first_name', 'John', 'last_name', 'Doe', 'age', '42') end" 0 "$from" "$to" >/dev/null
 done
-cat > "$work/writebehind.toml" <<TOML
-[source]
-url = "redis://127.0.0.1:$primary"
-[buffer]
-path = "$work/buffer"
-[backends.db]
-url = "mysql://root@127.0.0.1:3306/$database"
-[[mappings]]
-name = "People"
-prefix = "person2"
-backend = "db"
-table = "person1"
-key_column = "id"
-create_table = true
-[mappings.columns]
-first_name = "first"
-last_name = "last"
-age = "age"
-TOML
+write_config "$work/writebehind.toml" "$primary" "$work/buffer" "mysql://root@127.0.0.1:3306/$database"
 RUST_LOG=warn "$bin" run --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
 service_pid=$!
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$service_pid/status"; }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::state::ChangeCounts;
-use super::stream::Committed;
+use super::stream::{Committed, Prepared};
 use super::working_set::{Entries, Flushed};
 use super::{CaptureError, CaptureOutputs};
 use crate::buffer::{Batch, Store, StoreError};
@@ -76,15 +76,15 @@ impl Committer {
         self.in_flight.as_ref().map(|f| f.flushed.changed())
     }
 
-    /// Hands a batch over (after the previous one is written); with `wait`, returns once it is
-    /// written too.
-    pub async fn commit(
-        &mut self,
-        batch: Batch,
-        flushed: Flushed,
-        publication: Publication,
-        wait: bool,
-    ) -> Result<(), CaptureError> {
+    /// Hands a batch over (after the previous one is written); when it must be waited for
+    /// (`Prepared::wait`), returns once it is written too.
+    pub async fn commit(&mut self, prepared: Prepared) -> Result<(), CaptureError> {
+        let Prepared {
+            batch,
+            flushed,
+            publication,
+            wait,
+        } = prepared;
         self.wait().await?;
         let (done, written) = tokio::sync::oneshot::channel();
         let job = Job {

@@ -216,16 +216,16 @@ impl Capture {
 
     /// The committer, started on first use.
     fn committer(&mut self, replicator: &Replicator) -> Result<&mut Committer, CaptureError> {
-        if self.committer.is_none() {
-            let committer = Committer::start(
+        let committer = match self.committer.take() {
+            Some(committer) => committer,
+            None => Committer::start(
                 self.state.store.clone(),
                 self.outputs.clone(),
                 replicator.durable_offset(),
             )
-            .map_err(CaptureError::CommitterStart)?;
-            self.committer = Some(committer);
-        }
-        Ok(self.committer.as_mut().expect("started above"))
+            .map_err(CaptureError::CommitterStart)?,
+        };
+        Ok(self.committer.insert(committer))
     }
 
     /// Waits until every batch handed to the committer is written.
@@ -373,7 +373,7 @@ impl Capture {
         replicator: &mut Replicator,
         first: StreamEvent,
     ) -> Result<(), CaptureError> {
-        let mut batch = StreamBatch::new(self.state.store.clone(), self.view(replicator)?);
+        let mut batch = self.new_batch(replicator)?;
         let mut next = Some(first);
         while let Some(event) = next.take() {
             self.outputs.health.received(event.end());
@@ -382,7 +382,7 @@ impl Capture {
                     self.hand_over(replicator, batch).await?;
                 }
                 self.flush_ahead(replicator, db, event.end()).await?;
-                batch = StreamBatch::new(self.state.store.clone(), self.view(replicator)?);
+                batch = self.new_batch(replicator)?;
             }
             let resync = batch
                 .apply(&mut self.state, &mut self.primary, &event)
@@ -412,12 +412,13 @@ impl Capture {
         self.hand_over(replicator, batch).await
     }
 
-    /// What a working set of the next batch reads before RocksDB.
-    fn view(&mut self, replicator: &Replicator) -> Result<MirrorView, CaptureError> {
-        Ok(MirrorView {
+    /// An empty batch whose working sets read through the cache and the batch in flight.
+    fn new_batch(&mut self, replicator: &Replicator) -> Result<StreamBatch, CaptureError> {
+        let view = MirrorView {
             cache: self.state.cache.clone(),
             in_flight: self.committer(replicator)?.in_flight(),
-        })
+        };
+        Ok(StreamBatch::new(self.state.store.clone(), view))
     }
 
     /// Hands a batch to the committer.
@@ -427,14 +428,7 @@ impl Capture {
         batch: StreamBatch,
     ) -> Result<(), CaptureError> {
         let prepared = batch.commit(&mut self.state)?;
-        self.committer(replicator)?
-            .commit(
-                prepared.batch,
-                prepared.flushed,
-                prepared.publication,
-                prepared.wait,
-            )
-            .await
+        self.committer(replicator)?.commit(prepared).await
     }
 
     /// The databases a stand-alone `FLUSHALL` (`None`) or `FLUSHDB` empties.
@@ -469,7 +463,7 @@ impl Capture {
         while let Some(from) = cursor.take() {
             let page = self.state.store.mirror_scan(db, &from, FLUSH_PAGE_KEYS)?;
             cursor = page.next;
-            let mut batch = StreamBatch::new(self.state.store.clone(), self.view(replicator)?);
+            let mut batch = self.new_batch(replicator)?;
             batch.delete_ahead_of_flush(&mut self.state, page.entries, end)?;
             if !batch.is_empty() {
                 self.hand_over(replicator, batch).await?;
