@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod capture;
+pub mod sink;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -139,10 +140,17 @@ pub struct MariaDbServer {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// Server options added to every launch.
+    options: Vec<String>,
 }
 
 impl MariaDbServer {
     pub fn start() -> MariaDbServer {
+        MariaDbServer::start_with(&[])
+    }
+
+    /// A server launched with `options` too (for example `--sql-mode=`).
+    pub fn start_with(options: &[&str]) -> MariaDbServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let status = Command::new("mariadb-install-db")
             .args([
@@ -161,6 +169,7 @@ impl MariaDbServer {
             child: None,
             port: free_port(),
             dir,
+            options: options.iter().map(|o| o.to_string()).collect(),
         };
         server.launch();
         server
@@ -180,6 +189,7 @@ impl MariaDbServer {
             .arg(format!("--socket={}", d.join("mariadb.sock").display()))
             .arg(format!("--pid-file={}", d.join("mariadb.pid").display()))
             .arg(format!("--log-error={}", d.join("error.log").display()))
+            .args(&self.options)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -33,10 +33,19 @@ pub(super) const STAGE_THRESHOLD: usize = 500;
 
 pub struct MysqlSink {
     name: String,
+    /// Connections for reading (schemas, checkpoint, row ids); reset when returned.
     pool: Pool,
+    /// What a batch's own session connects with.
+    opts: Opts,
+    /// The session batches are written on, kept between batches so that its staging tables and
+    /// prepared statements last; dropped (closed, so the server rolls back whatever it had
+    /// open) after any failure.
+    session: Option<Conn>,
     address: String,
     /// Whether large batches may use LOAD DATA LOCAL INFILE (off once the server refuses it).
     staging: std::sync::atomic::AtomicBool,
+    /// The engine of the staging tables (see `staging.rs`): `Aria` where the server has it.
+    stage_engine: staging::StageEngine,
 }
 
 fn q(identifier: &str) -> String {
@@ -117,14 +126,21 @@ impl MysqlSink {
         })?;
         let address = format!("{}:{}", opts.ip_or_hostname(), opts.tcp_port());
         // Every session is strict, whatever the server's default: a value the column cannot
-        // hold is an error (a refused row), never clamped, truncated or filled in.
-        let opts = OptsBuilder::from_opts(opts).init(vec![STRICT_SESSION, "SET NAMES utf8mb4"]);
-        let pool = Pool::new(opts);
+        // hold is an error (a refused row), never clamped, truncated or filled in. `setup`, not
+        // `init`: the pool resets a connection when it is returned (COM_RESET_CONNECTION puts
+        // the server's sql_mode back), and only `setup` runs again after a reset.
+        let opts: Opts = OptsBuilder::from_opts(opts)
+            .setup(vec![STRICT_SESSION, "SET NAMES utf8mb4"])
+            .into();
+        let pool = Pool::new(opts.clone());
         let sink = MysqlSink {
             name: name.to_string(),
             pool,
+            opts,
+            session: None,
             address,
             staging: std::sync::atomic::AtomicBool::new(true),
+            stage_engine: staging::StageEngine::ServerDefault,
         };
         let mut conn = sink.conn().await?;
         let database: Option<String> = conn
@@ -137,7 +153,12 @@ impl MysqlSink {
                 "backend `{name}`: `{redacted}` names no database; add /<database> to the URL"
             )));
         }
-        Ok(sink)
+        let stage_engine = staging::StageEngine::probe(&mut conn).await;
+        drop(conn);
+        Ok(MysqlSink {
+            stage_engine,
+            ..sink
+        })
     }
 
     /// Where errors happened, as messages name it.
@@ -151,6 +172,19 @@ impl MysqlSink {
 
     async fn conn(&self) -> Result<Conn, SinkError> {
         self.pool.get_conn().await.map_err(|e| {
+            classify(e).outside_row().context(format!(
+                "backend `{}`: cannot connect to {}",
+                self.name, self.address
+            ))
+        })
+    }
+
+    /// The batch session: the kept one, or a new connection.
+    async fn session(&mut self) -> Result<Conn, SinkError> {
+        if let Some(conn) = self.session.take() {
+            return Ok(conn);
+        }
+        Conn::new(self.opts.clone()).await.map_err(|e| {
             classify(e).outside_row().context(format!(
                 "backend `{}`: cannot connect to {}",
                 self.name, self.address
@@ -525,15 +559,21 @@ impl Destination for MysqlSink {
         batch: &SinkBatch,
         before_commit: &BeforeCommit,
     ) -> Result<Vec<Rejected>, SinkError> {
-        let mut conn = self.conn().await?;
-        match self.apply_grouped(&mut conn, schemas, batch).await {
+        let mut conn = self.session().await?;
+        let result = match self.apply_grouped(&mut conn, schemas, batch).await {
             Ok(()) => Ok(Vec::new()),
             Err(e) if e.kind() == SinkErrorKind::RowRefused => {
                 self.apply_row_by_row(&mut conn, schemas, batch, before_commit)
                     .await
             }
             Err(e) => Err(e.context(self.place())),
+        };
+        // After a failure the session is not trusted (an open transaction, a broken stream):
+        // dropping it closes it, and the server rolls back what it had.
+        if result.is_ok() {
+            self.session = Some(conn);
         }
+        result
     }
 }
 

@@ -8,6 +8,13 @@
 //! bad date, a `NULL` for a `NOT NULL` column, a value outside an `ENUM` or text the column's
 //! character set cannot hold is an error, as it is for a statement. Any warning is treated as a
 //! refusal too (the batch is redone row by row).
+//!
+//! The staging table is `ENGINE=Aria` where the server has Aria (MariaDB): measured on MariaDB
+//! 10.11, 200 batches of 1,000 rows staged through an Aria table ran at 170-233k rows/s, through
+//! the default InnoDB temporary table at 52-67k (docs/benchmarks.md). A stage needs no
+//! transactions: it is emptied before every load and read only inside the batch's transaction,
+//! and a rolled-back batch leaves nothing in the target table. Elsewhere (MySQL) the server's
+//! default temporary engine is used.
 
 use futures_util::StreamExt;
 use mysql_async::prelude::Queryable;
@@ -24,6 +31,38 @@ pub(super) enum StageError {
     /// The rows (or the server) refused: transient errors are retried, refused rows are
     /// isolated row by row, anything else falls back to statements.
     Failed(SinkError),
+}
+
+/// The engine staging tables are created with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StageEngine {
+    Aria,
+    ServerDefault,
+}
+
+impl StageEngine {
+    /// Aria when the server supports it, the server's default otherwise (or when it cannot
+    /// tell).
+    pub(super) async fn probe(conn: &mut Conn) -> StageEngine {
+        let aria: Option<String> = conn
+            .query_first(
+                "SELECT SUPPORT FROM information_schema.ENGINES WHERE ENGINE = 'Aria' AND SUPPORT IN ('YES', 'DEFAULT')",
+            )
+            .await
+            .ok()
+            .flatten();
+        match aria {
+            Some(_) => StageEngine::Aria,
+            None => StageEngine::ServerDefault,
+        }
+    }
+
+    fn clause(self) -> &'static str {
+        match self {
+            StageEngine::Aria => " ENGINE=Aria",
+            StageEngine::ServerDefault => "",
+        }
+    }
 }
 
 /// The staging column type for a mapped column: wide enough to hold any value unconverted.
@@ -106,8 +145,9 @@ impl MysqlSink {
                 .map(|c| format!("{} {}", q(&c.name), staging_type(&c.kind))),
         );
         conn.query_drop(format!(
-            "CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ({})",
-            definitions.join(", ")
+            "CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ({}){}",
+            definitions.join(", "),
+            self.stage_engine.clause()
         ))
         .await
         .map_err(failed)?;

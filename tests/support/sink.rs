@@ -1,0 +1,285 @@
+//! Helpers of the sink tests (tests/sink.rs, tests/sink_mysql.rs): a test database (a fresh
+//! MariaDB database or a SQLite file), the recipe's configuration, and the service started in
+//! this process through the library's `Service`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+use writebehind::buffer::Store;
+use writebehind::config::Config;
+use writebehind::redis_client::{info_field, RedisClient};
+use writebehind::service::{Service, ServiceOptions};
+
+use super::{MariaDbServer, RedisServer};
+
+pub const PERSON_TABLE: &str = "CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first VARCHAR(255), last VARCHAR(255), age VARCHAR(20), note TEXT)";
+pub const CAR_TABLE: &str = "CREATE TABLE car (id VARCHAR(64) PRIMARY KEY, color VARCHAR(32))";
+
+/// A test database: a fresh MariaDB database, or a SQLite file.
+pub enum Database {
+    Maria {
+        pool: mysql_async::Pool,
+        name: String,
+        url: String,
+    },
+    Sqlite {
+        path: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    },
+}
+
+impl Database {
+    pub async fn maria() -> Database {
+        let (name, url) = super::create_database(super::SHARED_MARIADB, "wb_test").await;
+        let pool = mysql_async::Pool::new(url.as_str());
+        Database::Maria { pool, name, url }
+    }
+
+    /// A database on a private server (see `MariaDbServer`).
+    pub async fn maria_on(server: &MariaDbServer) -> Database {
+        let (name, url) = super::create_database(&server.server(), "wb").await;
+        Database::Maria {
+            pool: mysql_async::Pool::new(url.as_str()),
+            name,
+            url,
+        }
+    }
+
+    pub fn sqlite() -> Database {
+        let dir = tempfile::tempdir().expect("dir");
+        Database::Sqlite {
+            path: dir.path().join("writebehind.db"),
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            Database::Maria { url, .. } => url.clone(),
+            Database::Sqlite { path, .. } => format!("sqlite://{}", path.display()),
+        }
+    }
+
+    pub async fn execute(&self, sql: &str) {
+        match self {
+            Database::Maria { pool, .. } => pool
+                .get_conn()
+                .await
+                .expect("conn")
+                .query_drop(sql)
+                .await
+                .expect(sql),
+            Database::Sqlite { path, .. } => {
+                rusqlite::Connection::open(path)
+                    .expect("open")
+                    .execute_batch(sql)
+                    .expect(sql);
+            }
+        }
+    }
+
+    /// All rows of a table as text, by id.
+    pub async fn rows(
+        &self,
+        table: &str,
+        columns: &[&str],
+    ) -> BTreeMap<String, Vec<Option<String>>> {
+        let sql = format!("SELECT id, {} FROM {table}", columns.join(", "));
+        match self {
+            Database::Maria { pool, .. } => {
+                let rows: Vec<mysql_async::Row> = pool
+                    .get_conn()
+                    .await
+                    .expect("conn")
+                    .query(sql)
+                    .await
+                    .expect("select");
+                rows.into_iter()
+                    .map(|row| {
+                        let values: Vec<Option<String>> = (0..row.len())
+                            .map(|i| row.get::<Option<String>, _>(i).flatten())
+                            .collect();
+                        (values[0].clone().unwrap_or_default(), values[1..].to_vec())
+                    })
+                    .collect()
+            }
+            Database::Sqlite { path, .. } => {
+                let conn = rusqlite::Connection::open(path).expect("open");
+                let mut statement = conn.prepare(&sql).expect("prepare");
+                let count = columns.len() + 1;
+                statement
+                    .query_map([], |row| {
+                        let values: Vec<Option<String>> = (0..count)
+                            .map(|i| row.get::<_, Option<String>>(i).ok().flatten())
+                            .collect();
+                        Ok((values[0].clone().unwrap_or_default(), values[1..].to_vec()))
+                    })
+                    .expect("query")
+                    .collect::<Result<_, _>>()
+                    .expect("rows")
+            }
+        }
+    }
+
+    pub async fn checkpoint_seq(&self) -> u64 {
+        let sql = "SELECT change_seq FROM writebehind_checkpoint WHERE backend = 'db'";
+        match self {
+            Database::Maria { pool, .. } => {
+                let seq: Option<u64> = pool
+                    .get_conn()
+                    .await
+                    .expect("conn")
+                    .query_first(sql)
+                    .await
+                    .unwrap_or(None);
+                seq.unwrap_or(0)
+            }
+            Database::Sqlite { path, .. } => rusqlite::Connection::open(path)
+                .expect("open")
+                .query_row(sql, [], |r| r.get::<_, i64>(0))
+                .map(|s| s as u64)
+                .unwrap_or(0),
+        }
+    }
+
+    pub async fn drop_database(self) {
+        if let Database::Maria { pool, name, .. } = self {
+            pool.get_conn()
+                .await
+                .expect("conn")
+                .query_drop(format!("DROP DATABASE {name}"))
+                .await
+                .ok();
+            pool.disconnect().await.ok();
+        }
+    }
+}
+
+pub fn config_text(server: &RedisServer, db_url: &str) -> String {
+    config_text_with(server, db_url, "")
+}
+
+/// The recipe's configuration with `backend_options` (TOML lines) added to `[backends.db]`.
+pub fn config_text_with(server: &RedisServer, db_url: &str, backend_options: &str) -> String {
+    format!(
+        r#"
+[source]
+url = "{}"
+[backends.db]
+url = "{db_url}"
+{backend_options}
+[[mappings]]
+name = "PersonWriteBehind"
+prefix = "person2"
+backend = "db"
+table = "person1"
+key_column = "id"
+[mappings.columns]
+first_name = "first"
+last_name = "last"
+age = "age"
+[[mappings]]
+name = "CarsWriteBehind"
+prefix = "car"
+backend = "db"
+table = "car"
+key_column = "id"
+on_expire = "delete"
+required = ["color"]
+[mappings.columns]
+id = "id"
+color = "color"
+"#,
+        server.url()
+    )
+}
+
+/// The pipeline, started in this process through the library's `Service`.
+pub struct Running {
+    pub service: Service,
+    pub store: Arc<Store>,
+    pub config_file: std::path::PathBuf,
+    pub _dir: tempfile::TempDir,
+}
+
+pub async fn start(server: &RedisServer, database: &Database) -> Running {
+    start_with(server, database, "").await
+}
+
+/// The service with `backend_options` (TOML lines) added to `[backends.db]`.
+pub async fn start_with(
+    server: &RedisServer,
+    database: &Database,
+    backend_options: &str,
+) -> Running {
+    let dir = tempfile::tempdir().expect("dir");
+    let buffer = dir.path().join("buffer");
+    // The configuration as a file too, for the command line (`dlq`).
+    let config_file = dir.path().join("writebehind.toml");
+    let text = format!(
+        "{}\n[buffer]\npath = \"{}\"\n",
+        config_text_with(server, &database.url(), backend_options),
+        buffer.display()
+    );
+    std::fs::write(&config_file, &text).expect("config file");
+    let config = Config::parse(&text, &|_| None).expect("config");
+    let service = Service::start(&config, ServiceOptions::default())
+        .await
+        .unwrap_or_else(|problems| panic!("the service did not start: {problems}"));
+    Running {
+        store: service.store().clone(),
+        service,
+        config_file,
+        _dir: dir,
+    }
+}
+
+impl Running {
+    /// Waits until everything the primary has written is captured and applied.
+    pub async fn settle(&self, client: &mut RedisClient, database: &Database) {
+        let info = client.info("replication").await.expect("info");
+        let target: u64 = info_field(&info, "master_repl_offset")
+            .and_then(|v| v.parse().ok())
+            .expect("offset");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let checkpoint = self.store.checkpoint().expect("checkpoint");
+            let captured = checkpoint
+                .position
+                .as_ref()
+                .is_some_and(|p| p.offset.0 >= target)
+                && !checkpoint.full_sync_in_progress;
+            if captured && database.checkpoint_seq().await + 1 >= checkpoint.next_seq.0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not applied within 30 s: {checkpoint:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the service; returns its configuration file and keeps its buffer.
+    pub async fn stop(self) -> (std::path::PathBuf, tempfile::TempDir) {
+        self.service.shutdown();
+        self.service
+            .wait()
+            .await
+            .expect("the service stopped cleanly");
+        (self.config_file, self._dir)
+    }
+}
+
+pub fn row(values: &[Option<&str>]) -> Vec<Option<String>> {
+    values.iter().map(|v| v.map(String::from)).collect()
+}
+
+pub async fn run(client: &mut RedisClient, args: &[&str]) {
+    client
+        .command(args)
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+}
