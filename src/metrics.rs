@@ -60,6 +60,22 @@ pub fn install() -> Result<PrometheusHandle, AdminError> {
         .map_err(AdminError::from)
 }
 
+/// Most commit records kept for `lag_seconds` (a backend down for an hour under load commits
+/// many thousands): beyond, neighbours are merged, so the lag's resolution coarsens instead of
+/// the memory growing.
+const LAG_RECORDS: usize = 4096;
+
+/// Merges each pair of neighbouring commit records into one: the later commit's seq with the
+/// earlier one's time, so the lag is never under-reported.
+fn merge_neighbours(records: &mut VecDeque<(u64, Instant)>) {
+    let merged: VecDeque<(u64, Instant)> = records
+        .make_contiguous()
+        .chunks(2)
+        .map(|pair| (pair[pair.len() - 1].0, pair[0].1))
+        .collect();
+    *records = merged;
+}
+
 /// State shared by capture, the sinks and the admin listener.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -68,6 +84,8 @@ pub struct Health {
     received: AtomicU64,
     buffered: AtomicU64,
     primary_offset: AtomicU64,
+    /// The buffer's size on disk (bytes), sampled by the service.
+    buffer_bytes: AtomicU64,
     backends: Mutex<BTreeMap<String, BackendState>>,
     /// (last seq of a commit, when it was captured), oldest first, until every backend applied it.
     unapplied: Mutex<VecDeque<(u64, Instant)>>,
@@ -135,11 +153,21 @@ impl Health {
             .fetch_max(offset.0, Ordering::Relaxed)
             .max(offset.0);
         metrics::gauge!("writebehind_position_buffered_bytes").set(buffered as f64);
-        if let Some(seq) = last_seq {
-            self.unapplied
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push_back((seq.0, Instant::now()));
+        let Some(seq) = last_seq else { return };
+        // Nothing will apply it without a backend (`--capture-only`): no lag to measure, and a
+        // record per commit would be kept for ever.
+        if self
+            .backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            return;
+        }
+        let mut unapplied = self.unapplied.lock().unwrap_or_else(|p| p.into_inner());
+        unapplied.push_back((seq.0, Instant::now()));
+        if unapplied.len() > LAG_RECORDS {
+            merge_neighbours(&mut unapplied);
         }
     }
 
@@ -320,6 +348,13 @@ impl Health {
         metrics::gauge!("writebehind_lag_seconds").set(self.lag_seconds());
     }
 
+    /// The buffer's size on disk (`buffer_size_bytes`, `buffer_bytes` in the status): what an
+    /// outage of a backend makes grow.
+    pub fn buffer_size(&self, bytes: u64) {
+        self.buffer_bytes.store(bytes, Ordering::Relaxed);
+        metrics::gauge!("writebehind_buffer_size_bytes").set(bytes as f64);
+    }
+
     /// The status document (`GET /status`, `writebehind status`).
     pub fn status(&self, dead_letters: u64) -> serde_json::Value {
         let backends = self
@@ -347,6 +382,7 @@ impl Health {
             "lag_bytes": primary_offset.saturating_sub(applied),
             "lag_seconds": self.lag_seconds(),
             "dead_letters": dead_letters,
+            "buffer_bytes": self.buffer_bytes.load(Ordering::Relaxed),
             "backends": backends,
             "ready": self.not_ready().is_none(),
         })
@@ -442,5 +478,41 @@ fn respond(
             "text/plain",
             "not found: try /metrics /health /ready /status\n".into(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without a backend (`--capture-only`) commits leave no record and there is no lag; with
+    /// one, the records stay bounded however many commits wait, and the lag stays that of the
+    /// oldest unapplied commit.
+    #[test]
+    fn commit_records_are_bounded_and_absent_without_backends() {
+        let health = Health::default();
+        for seq in 1..=10_000 {
+            health.buffered(ReplOffset(seq), Some(ChangeSeq(seq)));
+        }
+        assert!(health.unapplied.lock().expect("lock").is_empty());
+        assert_eq!(health.lag_seconds(), 0.0);
+
+        let health = Health::default();
+        health.backend("db", true, None);
+        health.buffered(ReplOffset(1), Some(ChangeSeq(1)));
+        let first = health.unapplied.lock().expect("lock")[0].1;
+        for seq in 2..=100_000 {
+            health.buffered(ReplOffset(seq), Some(ChangeSeq(seq)));
+        }
+        let records = health.unapplied.lock().expect("lock").clone();
+        assert!(records.len() <= LAG_RECORDS, "{} records", records.len());
+        assert_eq!(
+            records.front().map(|r| r.1),
+            Some(first),
+            "the oldest time kept"
+        );
+        assert_eq!(records.back().map(|r| r.0), Some(100_000));
+        health.applied("db", ChangeSeq(100_000), ReplOffset(100_000));
+        assert_eq!(health.lag_seconds(), 0.0, "all applied");
     }
 }

@@ -408,7 +408,7 @@ async fn poll_primary(health: Arc<Health>, store: Arc<Store>, stop: watch::Recei
     let stopped = stop_requested(stop);
     tokio::pin!(stopped);
     loop {
-        metrics::gauge!("writebehind_buffer_size_bytes").set(store.disk_size() as f64);
+        health.buffer_size(store.disk_size());
         if let Some(primary) = health.primary().and_then(|p| RedisEndpoint::parse(&p).ok()) {
             if let Ok(mut client) = RedisClient::connect(&primary, Duration::from_secs(2)).await {
                 if let Ok(info) = client.info("replication").await {

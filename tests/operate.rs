@@ -232,6 +232,15 @@ async fn metrics_move_during_a_load_and_positions_stay_ordered() {
     let status: serde_json::Value = serde_json::from_slice(&output.stdout).expect("status JSON");
     assert_eq!(status["link"], "up");
     assert_eq!(status["dead_letters"], 0);
+    // The buffer's size on disk: its files, whatever column family they belong to.
+    assert!(
+        status["buffer_bytes"].as_u64().is_some_and(|b| b > 0),
+        "{status}"
+    );
+    assert!(
+        metric(&text, "writebehind_buffer_size_bytes").is_some_and(|b| b > 0.0),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -127,6 +127,7 @@ pub(super) async fn status(path: &std::path::Path) -> ExitCode {
         "captured_seq": checkpoint.next_seq.previous().unwrap_or_default(),
         "oldest_unapplied_seq": oldest,
         "dead_letters": letters,
+        "buffer_bytes": store.disk_size(),
         "backends": backends,
     });
     println!(
