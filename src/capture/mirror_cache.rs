@@ -19,11 +19,18 @@ use bytes::Bytes;
 
 use crate::buffer::MirrorValue;
 
-/// Bytes counted for an entry besides its key and field contents: the table slot, the value's
-/// header and the key's allocation (measured: RSS over weight, docs/benchmarks.md).
+/// Bytes counted for an entry besides its key and fields: the table slot, the value's header
+/// and the key's allocation.
 const ENTRY_OVERHEAD: u64 = 160;
-/// Bytes counted per field besides its name and value: a map node's share and two allocations.
-const FIELD_OVERHEAD: u64 = 64;
+/// Bytes counted per field besides its name and value: their two allocations.
+const FIELD_OVERHEAD: u64 = 32;
+/// Bytes of one node of a hash's field map (a B-tree node is allocated whole: 11 slots of 80
+/// bytes, whatever the number of fields in it), counted per 8 fields (nodes are not full).
+/// Measured: 100,000 hashes of 3 small fields took about 1,040 bytes each (RSS with the cache
+/// minus RSS without it, scripts/soak.sh), for which this model counts 1,200; the earlier model
+/// (64 bytes a field, no node) counted 400, so a "64 MB" cache took 160 MB and more.
+const FIELD_NODE: u64 = 900;
+const FIELDS_PER_NODE: u64 = 8;
 
 type Key = (u32, Bytes);
 type Value = Option<MirrorValue>;
@@ -34,10 +41,13 @@ struct Weight;
 impl quick_cache::Weighter<Key, Value> for Weight {
     fn weight(&self, key: &Key, value: &Value) -> u64 {
         let fields = value.as_ref().map_or(0, |v| {
-            v.fields
+            let nodes = (v.fields.len() as u64).div_ceil(FIELDS_PER_NODE);
+            let contents: u64 = v
+                .fields
                 .iter()
                 .map(|(f, v)| f.len() as u64 + v.value.len() as u64 + FIELD_OVERHEAD)
-                .sum()
+                .sum();
+            nodes * FIELD_NODE + contents
         });
         ENTRY_OVERHEAD + key.1.len() as u64 + fields
     }
@@ -83,11 +93,11 @@ impl MirrorCache {
     /// large keyspace would fill the cache with them.
     pub fn insert_committed(&self, entries: impl IntoIterator<Item = (Key, Value)>) {
         if let Some(mut cache) = self.lock() {
-            for (key, value) in entries {
+            for ((db, key), value) in entries {
                 match value {
-                    Some(value) => cache.insert(key, Some(value)),
+                    Some(value) => cache.insert((db, owned(&key)), Some(compacted(value))),
                     None => {
-                        cache.remove(&key);
+                        cache.remove(&(db, key));
                     }
                 }
             }
@@ -105,6 +115,27 @@ impl MirrorCache {
     pub fn weight(&self) -> u64 {
         self.lock().map_or(0, |cache| cache.weight())
     }
+}
+
+/// `bytes` in an allocation of its own. A key, field name or value that came from the
+/// replication stream is a slice of a whole read buffer (64 KiB or more): cached as it is, it
+/// would keep that buffer alive for as long as it stays cached, unseen by the weight. Measured:
+/// without this copy a "64 MB" cache of 100,000 small hashes grew the process by 300 MB and
+/// more over five minutes (scripts/soak.sh).
+fn owned(bytes: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(bytes)
+}
+
+/// `value` with every field name and value in an allocation of its own (see [`owned`]).
+fn compacted(mut value: MirrorValue) -> MirrorValue {
+    value.fields = std::mem::take(&mut value.fields)
+        .into_iter()
+        .map(|(name, mut field)| {
+            field.value = owned(&field.value);
+            (owned(&name), field)
+        })
+        .collect();
+    value
 }
 
 #[cfg(test)]
@@ -140,6 +171,37 @@ mod tests {
         assert_eq!(cache.get(0, &b), None, "a deleted key is read from RocksDB");
         cache.clear();
         assert_eq!(cache.get(0, &a), None);
+    }
+
+    /// What is cached owns its bytes: a value that is a slice of a large buffer (as a stream
+    /// read is) does not keep that buffer alive.
+    #[test]
+    fn cached_values_do_not_hold_the_buffers_they_came_from() {
+        let cache = MirrorCache::new(1 << 20);
+        let read = Bytes::from(vec![b'v'; 64 << 10]);
+        let range = read.as_ptr() as usize..read.as_ptr() as usize + read.len();
+        let mut value = MirrorValue::hash(1);
+        value.fields.insert(
+            read.slice(0..4),
+            crate::buffer::FieldValue {
+                value: read.slice(4..8),
+                expire_at_ms: None,
+            },
+        );
+        cache.insert_committed([((0, read.slice(8..12)), Some(value))]);
+        let key = Bytes::from_static(b"vvvv");
+        let cached = cache.get(0, &key).flatten().expect("cached");
+        let (name, field) = cached.fields.iter().next().expect("a field");
+        assert_eq!(
+            (name.as_ref(), field.value.as_ref()),
+            (&b"vvvv"[..], &b"vvvv"[..])
+        );
+        for bytes in [name, &field.value] {
+            assert!(
+                !range.contains(&(bytes.as_ptr() as usize)),
+                "shares the read buffer"
+            );
+        }
     }
 
     #[test]
