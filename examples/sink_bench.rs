@@ -112,6 +112,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 offset: ReplOffset(0),
                 buffer_id: "bench".into(),
                 mappings_id: String::new(),
+                checkpoint_rows: vec!["bench".into()],
+                retire_rows: Vec::new(),
             };
             let rejected = sink.apply(&schemas, &batch, &no_hook).await?;
             if !rejected.is_empty() {

@@ -317,13 +317,19 @@ async fn start_runners(
             .filter(|m| &m.backend == name)
             .cloned()
             .collect();
-        let sink = match Sink::connect(name, &backend.url).await {
-            Ok(sink) => sink,
-            Err(e) => {
-                problems.push(e.into());
-                continue;
+        let mut sinks = Vec::new();
+        for _ in 0..backend.partitions.max(1) {
+            match Sink::connect(name, &backend.url).await {
+                Ok(sink) => sinks.push(sink),
+                Err(e) => {
+                    problems.push(e.into());
+                    break;
+                }
             }
-        };
+        }
+        if sinks.len() < backend.partitions.max(1) as usize {
+            continue;
+        }
         let links = RunnerLinks {
             store: store.clone(),
             committed: outputs.committed.clone(),
@@ -331,7 +337,7 @@ async fn start_runners(
             health: outputs.health.clone(),
             writeback: outputs.writeback.clone(),
         };
-        match SinkRunner::start(name, sink, mine, links).await {
+        match SinkRunner::start(name, sinks, mine, links).await {
             Ok(runner) => runners.push(runner),
             Err(mut p) => problems.append(&mut p),
         }

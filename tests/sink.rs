@@ -7,11 +7,15 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
-use support::sink::{config_text, row, run, start, Database, CAR_TABLE, PERSON_TABLE};
+use support::sink::{
+    config_text, row, run, start, start_with, Database, CAR_TABLE, COUNTED_PERSON_TABLE,
+    PERSON_TABLE,
+};
 use support::{MariaDbServer, RedisServer};
 
 /// The recipe's example, step by step; after each step the tables hold what they must.
-async fn recipe_suite(database: Database) {
+/// `backend_options` go to `[backends.db]`.
+async fn recipe_suite(database: Database, backend_options: &str) {
     database.execute(PERSON_TABLE).await;
     database.execute(CAR_TABLE).await;
     let server = RedisServer::start(&[]);
@@ -21,7 +25,7 @@ async fn recipe_suite(database: Database) {
         &["HSET", "person2:0", "first_name", "Pre", "age", "1"],
     )
     .await;
-    let service = start(&server, &database).await;
+    let service = start_with(&server, &database, backend_options).await;
     service.settle(&mut client, &database).await;
     let cols = ["first", "last", "age", "note"];
     let mut expected: BTreeMap<String, Vec<Option<String>>> = BTreeMap::new();
@@ -181,12 +185,18 @@ async fn recipe_suite(database: Database) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_recipe_example_on_mariadb() {
-    recipe_suite(Database::maria().await).await;
+    recipe_suite(Database::maria().await, "").await;
+}
+
+/// The same with rows spread over four connections (src/sink/partition.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recipe_example_on_mariadb_in_four_partitions() {
+    recipe_suite(Database::maria().await, "partitions = 4").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_recipe_example_on_sqlite() {
-    recipe_suite(Database::sqlite()).await;
+    recipe_suite(Database::sqlite(), "").await;
 }
 
 #[tokio::test]
@@ -362,13 +372,19 @@ async fn poison_rows_are_dead_lettered_and_retried_after_the_fix() {
     database.drop_database().await;
 }
 
-const COUNTED_PERSON_TABLE: &str = "CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first VARCHAR(255), last VARCHAR(255), age VARCHAR(20));
-    CREATE TABLE writes (id VARCHAR(64));
-    CREATE TRIGGER counted_insert AFTER INSERT ON person1 FOR EACH ROW INSERT INTO writes VALUES (NEW.id);
-    CREATE TRIGGER counted_update AFTER UPDATE ON person1 FOR EACH ROW INSERT INTO writes VALUES (NEW.id);";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_crashing_during_a_load_loses_and_duplicates_nothing() {
+    database_crash_suite("").await;
+}
+
+/// With four partitions a crash of the database lands between the partitions' commits: each
+/// partition resumes from its own checkpoint row, nothing twice, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_crashing_during_a_load_in_four_partitions_loses_and_duplicates_nothing() {
+    database_crash_suite("partitions = 4").await;
+}
+
+async fn database_crash_suite(backend_options: &str) {
     let mut mariadb = MariaDbServer::start();
     let database = Database::maria_on(&mariadb).await;
     for statement in COUNTED_PERSON_TABLE.split(";\n") {
@@ -377,7 +393,7 @@ async fn the_database_crashing_during_a_load_loses_and_duplicates_nothing() {
     database.execute(CAR_TABLE).await;
     let server = RedisServer::start(&[]);
     let mut client = server.client().await;
-    let service = start(&server, &database).await;
+    let service = start_with(&server, &database, backend_options).await;
     let mut next = 1u64;
     for round in 0..10 {
         let commands: Vec<Vec<String>> = (0..2000)

@@ -1,10 +1,15 @@
 //! MySQL/MariaDB-specific sink behaviour against real servers: sessions stay strict whatever
-//! the server's `sql_mode`, on every batch and not only the first.
+//! the server's `sql_mode`, on every batch and not only the first; the partition count of a
+//! backend changes between runs without losing or repeating a write.
 
 mod support;
 
-use support::sink::{run, start, Database, CAR_TABLE};
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::Queryable;
+use support::sink::{config_text_with, run, start, Database, CAR_TABLE, COUNTED_PERSON_TABLE};
 use support::{MariaDbServer, RedisServer};
+use writebehind::redis_client::RedisClient;
 
 /// On a server whose `sql_mode` is empty (values clamped with a warning), every batch of the
 /// service runs in a strict session: a value out of range for its column (300 for a `TINYINT`,
@@ -49,4 +54,152 @@ async fn every_batch_is_strict_on_a_server_that_is_not() {
         "each out-of-range value refused: {letters:?}"
     );
     service.stop().await;
+}
+
+/// The service as a process on `config_for(partitions)`, its log kept in `dir`.
+fn spawn(dir: &std::path::Path, text: &str, run: usize) -> std::process::Child {
+    let config = dir.join(format!("writebehind-{run}.toml"));
+    std::fs::write(&config, text).expect("config");
+    let log = std::fs::File::create(dir.join(format!("run-{run}.log"))).expect("log");
+    support::spawn_service(&config, log)
+}
+
+/// SIGTERM, then waits for the exit (a graceful stop writes what was captured).
+fn terminate(child: &mut std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes `count` new keys `person2:<n>` (age n) from `next` on, in one pipeline.
+async fn write_new_keys(client: &mut RedisClient, next: &mut u64, count: usize) {
+    let commands: Vec<Vec<String>> = (0..count)
+        .map(|_| {
+            let n = next.to_string();
+            *next += 1;
+            vec!["HSET".into(), format!("person2:{n}"), "age".into(), n]
+        })
+        .collect();
+    let refs: Vec<Vec<&str>> = commands
+        .iter()
+        .map(|c| c.iter().map(String::as_str).collect())
+        .collect();
+    let slices: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
+    client.pipeline(&slices).await.expect("pipeline");
+}
+
+/// Waits until `person1` has `expected` rows.
+async fn until_rows(database: &Database, expected: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while database.rows("person1", &["age"]).await.len() as u64 != expected {
+        assert!(Instant::now() < deadline, "{what}: rows missing");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The checkpoint rows, by name.
+async fn checkpoint_rows(conn: &mut mysql_async::Conn) -> Vec<(String, u64)> {
+    conn.query("SELECT backend, change_seq FROM writebehind_checkpoint ORDER BY backend")
+        .await
+        .expect("checkpoint rows")
+}
+
+/// The partition count changes between runs: 1, then 4, then 2, then 3. In the run with 4,
+/// partition 1's checkpoint row is held locked by the test while a load arrives, so the other
+/// three partitions commit the batch and partition 1 cannot; the service is then killed
+/// (SIGKILL): the rows are left apart, as a crash between the partitions' commits leaves them.
+/// The next run (2 partitions) must finish the old layout's batch for partition 1 only, then
+/// switch. At the end every key's row is there, written exactly once (counted by triggers), and
+/// only the last layout's checkpoint rows remain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_count_changes_between_runs_without_loss_or_repeats() {
+    let database = Database::maria().await;
+    for statement in COUNTED_PERSON_TABLE.split(";\n") {
+        database.execute(statement).await;
+    }
+    database.execute(CAR_TABLE).await;
+    let Database::Maria { pool, .. } = &database else {
+        unreachable!()
+    };
+    let mut conn = pool.get_conn().await.expect("conn");
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let buffer = dir.path().join("buffer");
+    let config_for = |partitions: u32| {
+        format!(
+            "{}\n[buffer]\npath = \"{}\"\n",
+            config_text_with(
+                &server,
+                &database.url(),
+                &format!("partitions = {partitions}")
+            ),
+            buffer.display()
+        )
+    };
+    let mut next = 1u64;
+    for (run, partitions) in [1, 4, 2, 3].into_iter().enumerate() {
+        let mut child = spawn(dir.path(), &config_for(partitions), run);
+        write_new_keys(&mut client, &mut next, 3_000).await;
+        until_rows(&database, next - 1, &format!("run {run}")).await;
+        if partitions != 4 {
+            tokio::task::block_in_place(|| terminate(&mut child));
+            continue;
+        }
+        let before = checkpoint_rows(&mut conn).await;
+        assert_eq!(before.len(), 4, "{before:?}");
+        let mut lock = pool.get_conn().await.expect("lock conn");
+        lock.query_drop("BEGIN").await.expect("begin");
+        lock.query_drop("SELECT * FROM writebehind_checkpoint WHERE source = 'writebehind' AND backend = 'db#1/4' FOR UPDATE")
+            .await
+            .expect("lock");
+        write_new_keys(&mut client, &mut next, 3_000).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = checkpoint_rows(&mut conn).await;
+            let moved: Vec<bool> = now.iter().zip(&before).map(|(a, b)| a.1 > b.1).collect();
+            if moved == [true, false, true, true] {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "partitions 0, 2, 3 did not commit: {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        lock.query_drop("ROLLBACK").await.expect("unlock");
+        drop(lock);
+    }
+    let rows = database.rows("person1", &["age"]).await;
+    assert_eq!(rows.len() as u64, next - 1, "every key has its row");
+    assert!(rows
+        .iter()
+        .all(|(id, v)| v[0].as_deref() == Some(id.as_str())));
+    let twice: Vec<(String, i64)> = conn
+        .query("SELECT id, COUNT(*) FROM writes GROUP BY id HAVING COUNT(*) > 1")
+        .await
+        .expect("count");
+    assert!(
+        twice.is_empty(),
+        "rows written twice: {} ({:?}...)",
+        twice.len(),
+        twice.first()
+    );
+    let names: Vec<String> = checkpoint_rows(&mut conn)
+        .await
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(names, vec!["db#0/3", "db#1/3", "db#2/3"]);
+    drop(conn);
+    database.drop_database().await;
 }

@@ -165,8 +165,6 @@ async fn retry_one(
         .prepare(std::slice::from_ref(mapping))
         .await
         .map_err(RetryError::Schema)?;
-    // The sink's checkpoint row stays as it is: this row is written outside the change order.
-    let row = sink.checkpoint().await?;
     let schema = schemas
         .first()
         .ok_or_else(|| RetryError::NoTable(mapping.name.clone()))?;
@@ -197,9 +195,12 @@ async fn retry_one(
             delete_first: false,
             op,
         }],
-        last_seq: row.seq,
-        buffer_id: row.buffer_id.unwrap_or_default(),
-        mappings_id: row.mappings_id.unwrap_or_default(),
+        // The checkpoint rows stay as they are: this row is written outside the change order.
+        checkpoint_rows: Vec::new(),
+        retire_rows: Vec::new(),
+        last_seq: ChangeSeq::NONE,
+        buffer_id: String::new(),
+        mappings_id: String::new(),
         replid: checkpoint
             .position
             .as_ref()

@@ -110,11 +110,15 @@ pub(super) async fn status(path: &std::path::Path) -> ExitCode {
         if !mappings.iter().any(|m| &m.backend == name) {
             continue;
         }
+        // The seq every partition has applied (the lowest of the backend's rows).
         let applied = match crate::sink::Sink::connect(name, &backend.url).await {
             Ok(mut sink) => sink
-                .checkpoint()
+                .checkpoints()
                 .await
-                .map(|row| serde_json::Value::from(row.seq.0))
+                .map(|rows| {
+                    let rows = crate::sink::partition::FoundRows::new(name, rows);
+                    serde_json::Value::from(rows.merged().seq.0)
+                })
                 .unwrap_or_else(|e| serde_json::Value::from(e.to_string())),
             Err(e) => serde_json::Value::from(e.to_string()),
         };

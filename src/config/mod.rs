@@ -136,6 +136,14 @@ fn default_timeout_secs() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub url: String,
+    /// Connections writing at once, rows spread over them by key, each with its own checkpoint
+    /// row (src/sink/partition.rs). 1: a unit (MULTI, script) is one transaction.
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+}
+
+fn default_partitions() -> u32 {
+    1
 }
 
 /// Never print a password: URLs are redacted, passwords replaced.
@@ -343,6 +351,23 @@ impl Config {
                 problems.push(format!(
                     "[backends.{name}] url `{}`: use mysql://user:password@host:port/database or sqlite://path",
                     redact(&backend.url)
+                ));
+            }
+            let most = crate::sink::partition::MAX_PARTITIONS;
+            if backend.partitions == 0 || backend.partitions > most {
+                problems.push(format!(
+                    "[backends.{name}] partitions = {}: must be between 1 and {most}",
+                    backend.partitions
+                ));
+            } else if scheme == "sqlite" && backend.partitions > 1 {
+                problems.push(format!(
+                    "[backends.{name}] partitions = {}: SQLite takes one writer at a time; use 1",
+                    backend.partitions
+                ));
+            }
+            if name.contains('#') {
+                problems.push(format!(
+                    "[backends.{name}]: a backend name may not contain `#` (it names checkpoint rows of partitions)"
                 ));
             }
         }

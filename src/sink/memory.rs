@@ -16,8 +16,8 @@ use crate::capture::mapping::Mapping;
 #[derive(Debug, Default)]
 pub struct MemoryDestination {
     pub tables: BTreeMap<String, BTreeMap<String, Vec<SqlValue>>>,
-    /// The checkpoint row.
-    pub checkpoint: SinkCheckpoint,
+    /// The checkpoint rows, by name.
+    pub checkpoints: BTreeMap<String, SinkCheckpoint>,
     /// The next this many `apply` calls fail with a transient error.
     pub fail_next: u32,
     /// Keys whose upsert the "database" refuses.
@@ -61,8 +61,8 @@ impl Destination for MemoryDestination {
             .collect())
     }
 
-    async fn checkpoint(&mut self) -> Result<SinkCheckpoint, SinkError> {
-        Ok(self.checkpoint.clone())
+    async fn checkpoints(&mut self) -> Result<Vec<(String, SinkCheckpoint)>, SinkError> {
+        Ok(self.checkpoints.clone().into_iter().collect())
     }
 
     async fn row_ids(
@@ -120,11 +120,17 @@ impl Destination for MemoryDestination {
         before_commit(&rejected)
             .map_err(|e| SinkError::fatal("memory: cannot store refused rows").caused_by(e))?;
         self.tables = tables;
-        self.checkpoint = SinkCheckpoint {
-            seq: batch.last_seq,
-            buffer_id: Some(batch.buffer_id.clone()),
-            mappings_id: Some(batch.mappings_id.clone()),
-        };
+        for row in &batch.checkpoint_rows {
+            let checkpoint = SinkCheckpoint {
+                seq: batch.last_seq,
+                buffer_id: Some(batch.buffer_id.clone()),
+                mappings_id: Some(batch.mappings_id.clone()),
+            };
+            self.checkpoints.insert(row.clone(), checkpoint);
+        }
+        for row in &batch.retire_rows {
+            self.checkpoints.remove(row);
+        }
         self.commits += 1;
         Ok(rejected)
     }

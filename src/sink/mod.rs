@@ -1,6 +1,7 @@
 //! Sinks: the databases the rows are written to. The contract every backend keeps is on
 //! [`Destination`]; [`Sink`] picks the backend from the URL.
 
+mod acks;
 mod applied;
 mod coalesce;
 pub mod convert;
@@ -8,6 +9,7 @@ mod error;
 #[cfg(test)]
 pub mod memory;
 pub mod mysql;
+pub mod partition;
 mod reconcile;
 pub mod runner;
 pub mod sqlite;
@@ -126,6 +128,11 @@ pub struct SinkBatch {
     pub buffer_id: String,
     /// The fingerprint of the backend's mappings (recorded with the checkpoint).
     pub mappings_id: String,
+    /// The checkpoint rows the transaction sets to `last_seq` (`partition.rs`; none for the
+    /// writes of a reconciliation, which leave the rows as they are).
+    pub checkpoint_rows: Vec<String>,
+    /// Checkpoint rows the transaction deletes (those of another partition layout).
+    pub retire_rows: Vec<String>,
 }
 
 /// What a backend's checkpoint row says: how far it has applied, of which buffer, for which
@@ -158,9 +165,10 @@ pub struct Rejected {
 ///   a delete that precedes the final upsert is kept, so that the committed state equals applying
 ///   the changes one by one (including unmapped columns of an existing row, which a delete then
 ///   upsert resets and a plain upsert keeps).
-/// - **Atomicity**: a batch is one database transaction that also updates the sink's row in
-///   `writebehind_checkpoint` to the seq of the last change of the batch. **Applied** means
-///   exactly that: committed together with the checkpoint.
+/// - **Atomicity**: a batch is one database transaction that also sets the batch's checkpoint
+///   rows in `writebehind_checkpoint` (`SinkBatch::checkpoint_rows`: one per partition, see
+///   `partition.rs`) to the seq of the last change of the batch, and deletes its
+///   `retire_rows`. **Applied** means exactly that: committed together with the checkpoint.
 /// - **Idempotence**: on start the sink reads its checkpoint row and the runner skips every change
 ///   at or below it, so a batch is applied once whatever crashes in between (exactly-once effect).
 ///   The row also records the identity of the buffer its seq belongs to and the fingerprint of
@@ -182,8 +190,9 @@ pub trait Destination {
         mappings: &[Mapping],
     ) -> Result<Vec<TableSchema>, Vec<SchemaProblem>>;
 
-    /// The backend's checkpoint row (the default when there is none).
-    async fn checkpoint(&mut self) -> Result<SinkCheckpoint, SinkError>;
+    /// Every checkpoint row of the `writebehind` source, by name (the caller keeps its own:
+    /// `partition::FoundRows`).
+    async fn checkpoints(&mut self) -> Result<Vec<(String, SinkCheckpoint)>, SinkError>;
 
     /// Up to `limit` values of the key column of `schema`'s table greater than `after`, in key
     /// order (for reconciliation: rows whose key Redis no longer has are deleted).
@@ -248,10 +257,10 @@ impl Destination for Sink {
         }
     }
 
-    async fn checkpoint(&mut self) -> Result<SinkCheckpoint, SinkError> {
+    async fn checkpoints(&mut self) -> Result<Vec<(String, SinkCheckpoint)>, SinkError> {
         match self {
-            Sink::Mysql(s) => s.checkpoint().await,
-            Sink::Sqlite(s) => s.checkpoint().await,
+            Sink::Mysql(s) => s.checkpoints().await,
+            Sink::Sqlite(s) => s.checkpoints().await,
         }
     }
 

@@ -33,7 +33,8 @@ use bytes::Bytes;
 
 use super::coalesce::convert_row;
 use super::convert::{convert, SqlValue};
-use super::{Destination, RowOp, RowWrite, SinkBatch, SinkCheckpoint};
+use super::partition::{row_name, FoundRows};
+use super::{Destination, RowOp, RowWrite, SinkBatch};
 use crate::buffer::{Batch, DeadLetter, MirrorCursor, MirrorKind, Store, StoreError};
 use crate::clock::now_ms;
 use crate::position::{ChangeSeq, ReplOffset};
@@ -59,6 +60,10 @@ pub enum Reconcile {
         first: ChangeSeq,
     },
     MappingsChanged,
+    /// Checkpoint rows of several partition counts at once (the service never leaves them so).
+    SeveralLayouts {
+        counts: Vec<u32>,
+    },
 }
 
 impl fmt::Display for Reconcile {
@@ -85,6 +90,10 @@ impl fmt::Display for Reconcile {
             Reconcile::MappingsChanged => {
                 f.write_str("the backend's mappings changed since its rows were written")
             }
+            Reconcile::SeveralLayouts { counts } => write!(
+                f,
+                "the database has checkpoint rows of several partition counts ({counts:?})"
+            ),
         }
     }
 }
@@ -98,22 +107,30 @@ impl Reconcile {
             Reconcile::Ahead { .. } => "ahead",
             Reconcile::Gap { .. } => "gap",
             Reconcile::MappingsChanged => "mappings",
+            Reconcile::SeveralLayouts { .. } => "several_layouts",
         }
     }
 
-    /// Whether `row` can be trusted for `store` and `mappings_id`; why not otherwise.
+    /// Whether the checkpoint rows `found` of `backend` can be trusted for `store` and
+    /// `mappings_id`; why not otherwise.
     pub fn needed(
-        row: &SinkCheckpoint,
+        found: &FoundRows,
+        backend: &str,
         store: &Store,
         mappings_id: &str,
     ) -> Result<Option<Reconcile>, StoreError> {
+        let layouts = found.layouts(backend);
+        if layouts.len() > 1 {
+            return Ok(Some(Reconcile::SeveralLayouts { counts: layouts }));
+        }
+        let row = found.merged();
         let buffered = store.checkpoint()?.next_seq.previous().unwrap_or_default();
         let first = store
             .changes(ChangeSeq::NONE, 1)?
             .first()
             .map(|c| c.seq)
             .unwrap_or(buffered.next());
-        let exists = row.seq != ChangeSeq::NONE || row.buffer_id.is_some();
+        let exists = !found.rows.is_empty();
         if exists {
             match row.buffer_id.as_deref() {
                 None => return Ok(Some(Reconcile::NoIdentity)),
@@ -124,9 +141,9 @@ impl Reconcile {
                 }
                 Some(_) => {}
             }
-            if row.seq > buffered {
+            if found.highest() > buffered {
                 return Ok(Some(Reconcile::Ahead {
-                    database: row.seq,
+                    database: found.highest(),
                     buffer: buffered,
                 }));
             }
@@ -172,7 +189,7 @@ impl<D: Destination> super::runner::SinkRunner<D> {
             .unwrap_or_default();
         let identity = self.store.identity().to_string();
         self.commit_stamp(through, offset, identity).await?;
-        self.applied = through;
+        self.applied = vec![through; self.layout as usize];
         tracing::info!(backend = %self.name, deleted, upserted, through = %through, "reconciled");
         Ok(true)
     }
@@ -196,13 +213,18 @@ impl<D: Destination> super::runner::SinkRunner<D> {
         }
     }
 
-    /// Writes only the checkpoint row: `buffer_id` empty marks a reconciliation in progress.
+    /// Writes only the checkpoint rows, all of the configured layout (the rows of any other are
+    /// deleted): `buffer_id` empty marks a reconciliation in progress.
     async fn commit_stamp(
         &mut self,
         seq: ChangeSeq,
         offset: ReplOffset,
         buffer_id: String,
     ) -> Result<(), super::runner::RunnerError> {
+        let configured = self.sinks.len() as u32;
+        let rows: Vec<String> = (0..configured as usize)
+            .map(|index| row_name(&self.name, index, configured))
+            .collect();
         let batch = SinkBatch {
             writes: Vec::new(),
             last_seq: seq,
@@ -210,9 +232,17 @@ impl<D: Destination> super::runner::SinkRunner<D> {
             offset,
             buffer_id,
             mappings_id: self.mappings_id.clone(),
+            retire_rows: self
+                .existing_rows
+                .iter()
+                .filter(|row| !rows.contains(row))
+                .cloned()
+                .collect(),
+            checkpoint_rows: rows,
         };
-        let before_commit = self.dead_letters_before_commit(&batch);
-        self.apply_with_retry(&batch, &before_commit).await?;
+        self.apply_on_first(&batch).await?;
+        self.layout = configured;
+        self.existing_rows = batch.checkpoint_rows.iter().cloned().collect();
         Ok(())
     }
 
@@ -224,8 +254,8 @@ impl<D: Destination> super::runner::SinkRunner<D> {
         let (schema, mapping) = (self.schemas[index].clone(), self.mappings[index].clone());
         let mut after: Option<SqlValue> = None;
         let mut deleted = 0;
-        loop {
-            let ids = self.sink.row_ids(&schema, after.as_ref(), PAGE).await?;
+        while let Some(sink) = self.sinks.first_mut() {
+            let ids = sink.row_ids(&schema, after.as_ref(), PAGE).await?;
             let Some(last) = ids.last().cloned() else {
                 break;
             };
@@ -320,9 +350,10 @@ impl<D: Destination> super::runner::SinkRunner<D> {
             offset: ReplOffset(0),
             buffer_id: String::new(),
             mappings_id: self.mappings_id.clone(),
+            checkpoint_rows: Vec::new(),
+            retire_rows: Vec::new(),
         };
-        let before_commit = self.dead_letters_before_commit(&batch);
-        self.apply_with_retry(&batch, &before_commit).await?;
+        self.apply_on_first(&batch).await?;
         Ok(())
     }
 
@@ -358,15 +389,6 @@ impl<D: Destination> super::runner::SinkRunner<D> {
         let first = self.reconcile_letters;
         self.reconcile_letters += count as u64;
         first
-    }
-
-    fn replid(&self) -> Result<String, StoreError> {
-        Ok(self
-            .store
-            .checkpoint()?
-            .position
-            .map(|p| p.replid.to_string())
-            .unwrap_or_default())
     }
 }
 

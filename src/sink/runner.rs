@@ -1,9 +1,9 @@
-//! Moves the change log into one backend: bounded batches of whole units, coalesced per row,
-//! converted by column type, applied with the checkpoint, retried forever on transient errors;
-//! refused rows go to the dead-letter store; the change log is trimmed behind the slowest
-//! backend.
+//! Moves the change log into one backend: bounded batches of whole units, split by partition
+//! (`partition.rs`), coalesced per row, converted by column type, applied with the checkpoint
+//! rows, retried forever on transient errors; refused rows go to the dead-letter store; the
+//! change log is trimmed behind the slowest backend.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use tokio::sync::Notify;
 pub use super::applied::AppliedPositions;
 pub use super::coalesce::convert_row;
 use super::coalesce::{coalesce, Coalesced, RefusedRow};
+use super::partition::{partition_of_change, row_name, FoundRows};
 use super::reconcile::{Reconcile, RECONCILE_LETTERS};
 use super::{
     BeforeCommit, Destination, Rejected, RowWrite, SchemaProblem, SinkBatch, SinkCheckpoint,
@@ -20,11 +21,12 @@ use super::{
 };
 use crate::ack::Writeback;
 use crate::backoff::Backoff;
-use crate::buffer::{Batch, Change, DeadLetter, NewAck, Store, StoreError};
+use crate::buffer::{Batch, Change, DeadLetter, Store, StoreError};
 use crate::capture::mapping::fingerprint;
 use crate::capture::mapping::Mapping;
 use crate::clock::now_ms;
-use crate::position::ChangeSeq;
+use crate::metrics::Health;
+use crate::position::{ChangeSeq, ReplOffset};
 
 /// Most changes read for one batch (more when a unit is larger).
 pub const MAX_BATCH_CHANGES: usize = 5_000;
@@ -45,24 +47,43 @@ pub struct RunnerLinks {
     pub committed: Arc<Notify>,
     /// Every backend's applied seq, to trim the change log behind the slowest.
     pub positions: Arc<AppliedPositions>,
-    pub health: Arc<crate::metrics::Health>,
+    pub health: Arc<Health>,
     /// Woken when acknowledgements are queued.
     pub writeback: Arc<Writeback>,
+}
+
+/// One partition's share of a batch.
+struct PartWork {
+    partition: usize,
+    changes: Vec<Change>,
+    batch: SinkBatch,
+    before_commit: BeforeCommit,
+    /// Why each row refused before the database was refused (for the acks).
+    refused_rows: HashMap<(String, Bytes), String>,
 }
 
 /// Moves the change log into one backend (see the module doc).
 pub struct SinkRunner<D: Destination> {
     pub(super) name: String,
-    pub(super) sink: D,
+    /// One connection per configured partition (`partition.rs`).
+    pub(super) sinks: Vec<D>,
+    pub(super) backoffs: Vec<Backoff>,
     pub(super) mappings: Vec<Mapping>,
     pub(super) schemas: Vec<TableSchema>,
     pub(super) store: Arc<Store>,
     pub(super) notify: Arc<Notify>,
     pub(super) positions: Arc<AppliedPositions>,
-    pub(super) applied: ChangeSeq,
-    pub(super) health: Arc<crate::metrics::Health>,
+    /// The partition count of the checkpoint rows in the database: the configured one, or the
+    /// one found at start until the rows found agree and the layout is switched.
+    pub(super) layout: u32,
+    /// The applied seq of each partition of `layout`.
+    pub(super) applied: Vec<ChangeSeq>,
+    /// The stream offset of the last change applied (recorded with a layout switch).
+    pub(super) applied_offset: ReplOffset,
+    /// The checkpoint rows of this backend that exist in the database.
+    pub(super) existing_rows: BTreeSet<String>,
+    pub(super) health: Arc<Health>,
     pub(super) writeback: Arc<Writeback>,
-    pub(super) backoff: Backoff,
     /// The fingerprint of `mappings`, recorded with every checkpoint.
     pub(super) mappings_id: String,
     /// Why the tables must be reconciled before anything else (found at start).
@@ -72,25 +93,33 @@ pub struct SinkRunner<D: Destination> {
 }
 
 impl<D: Destination> SinkRunner<D> {
-    /// Checks (or creates) the sink's tables and reads its checkpoint. Problems are returned
-    /// one per line.
+    /// Checks (or creates) the sink's tables and reads its checkpoint rows; `sinks` holds one
+    /// connection per partition (at least one). Problems are returned one per line.
     pub async fn start(
         name: &str,
-        mut sink: D,
+        mut sinks: Vec<D>,
         mappings: Vec<Mapping>,
         links: RunnerLinks,
     ) -> Result<SinkRunner<D>, Vec<SchemaProblem>> {
-        let schemas = sink.prepare(&mappings).await?;
-        let row = sink.checkpoint().await.map_err(|e| vec![e.into()])?;
+        let Some(first) = sinks.first_mut() else {
+            return Err(vec![SinkError::fatal(format!(
+                "backend `{name}`: no connection"
+            ))
+            .into()]);
+        };
+        let schemas = first.prepare(&mappings).await?;
+        let found = first.checkpoints().await.map_err(|e| vec![e.into()])?;
+        let found = FoundRows::new(name, found);
         let mappings_id = fingerprint(&mappings);
         let store_problem =
             |e: StoreError| vec![SinkError::fatal(e.to_string()).caused_by(e).into()];
         let reconcile =
-            Reconcile::needed(&row, &links.store, &mappings_id).map_err(store_problem)?;
+            Reconcile::needed(&found, name, &links.store, &mappings_id).map_err(store_problem)?;
+        let configured = sinks.len() as u32;
         // Until the tables are reconciled, nothing of this buffer counts as applied here.
-        let applied = match reconcile {
-            Some(_) => ChangeSeq::NONE,
-            None => row.seq,
+        let (layout, applied) = match (&reconcile, found.layouts(name).first()) {
+            (None, Some(&count)) => (count, found.applied(name, count)),
+            _ => (configured, vec![ChangeSeq::NONE; configured as usize]),
         };
         let reconcile_letters = links
             .store
@@ -102,94 +131,36 @@ impl<D: Destination> SinkRunner<D> {
             .max()
             .unwrap_or(RECONCILE_LETTERS);
         links.health.backend(name, true, None);
+        let backoffs = sinks.iter().map(|_| new_backoff()).collect();
         Ok(SinkRunner {
             name: name.to_string(),
-            sink,
+            sinks,
+            backoffs,
             mappings,
             schemas,
             store: links.store,
             notify: links.committed,
             positions: links.positions,
+            layout,
             applied,
+            applied_offset: ReplOffset(0),
+            existing_rows: found.rows.keys().cloned().collect(),
             health: links.health,
             writeback: links.writeback,
-            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(30)),
             mappings_id,
             reconcile,
             reconcile_letters,
         })
     }
 
-    /// Queues the acks of changes this backend committed before a crash left them unqueued
-    /// (between its database commit and the ack queue write).
-    fn catch_up_acks(&self) -> Result<(), StoreError> {
-        let enqueued = self.store.acks_enqueued(&self.name)?;
-        if enqueued >= self.applied {
-            return Ok(());
-        }
-        let (mut letters, mut reconciled) = (HashMap::new(), HashMap::new());
-        for letter in self.store.dead_letters()? {
-            if letter.backend != self.name {
-                continue;
-            }
-            if letter.seq.0 >= RECONCILE_LETTERS {
-                // A row refused by a reconciliation belongs to no change: by row.
-                reconciled.insert((letter.mapping, letter.row_id), letter.reason);
-            } else {
-                letters.insert(letter.seq, letter.reason);
-            }
-        }
-        let mut from = enqueued.next();
-        loop {
-            let changes = self.store.changes(from, MAX_BATCH_CHANGES)?;
-            let changes: Vec<Change> = changes
-                .into_iter()
-                .take_while(|c| c.seq <= self.applied)
-                .collect();
-            let Some(last) = changes.last() else { break };
-            from = last.seq.next();
-            let refused = |c: &Change| {
-                letters.get(&c.seq).cloned().or_else(|| {
-                    reconciled
-                        .get(&(c.mapping.clone(), c.row_id.clone()))
-                        .cloned()
-                })
-            };
-            self.queue_acks(&changes, refused, last.seq)?;
-        }
-        Ok(())
+    /// The seq every partition has applied.
+    pub(super) fn lowest_applied(&self) -> ChangeSeq {
+        self.applied.iter().copied().min().unwrap_or_default()
     }
 
-    /// Queues the acks of this backend's `changes` that carry a `#` op uuid: failed with the
-    /// reason `refused` gives, done otherwise; records that this backend's acks are queued
-    /// through `through`.
-    fn queue_acks(
-        &self,
-        changes: &[Change],
-        refused: impl Fn(&Change) -> Option<String>,
-        through: ChangeSeq,
-    ) -> Result<(), StoreError> {
-        let acks: Vec<NewAck> = changes
-            .iter()
-            .filter_map(|c| c.op.as_ref().map(|op| (c, op)))
-            .filter(|(c, _)| self.mappings.iter().any(|m| m.name == c.mapping))
-            .map(|(change, op)| NewAck {
-                db: op.db,
-                key: op.key.clone(),
-                uuid: op.uuid.clone(),
-                failure: refused(change),
-                offset: change.offset,
-            })
-            .collect();
-        if acks.is_empty() {
-            return Ok(());
-        }
-        let mut batch = Batch::default();
-        batch.put_acks(acks);
-        batch.put_acks_enqueued(&self.name, through);
-        self.store.write(batch, false)?;
-        self.writeback.acks_queued();
-        Ok(())
+    /// The checkpoint row (and acknowledgement marker) of partition `index` of the layout.
+    pub(super) fn row(&self, index: usize) -> String {
+        row_name(&self.name, index, self.layout)
     }
 
     /// Applies changes until `stop` resolves.
@@ -204,6 +175,7 @@ impl<D: Destination> SinkRunner<D> {
             }
         }
         self.catch_up_acks()?;
+        self.switch_layout_when_settled().await?;
         self.report()?;
         let notify = self.notify.clone();
         loop {
@@ -234,31 +206,92 @@ impl<D: Destination> SinkRunner<D> {
             return Ok(false);
         };
         let (last_seq, offset) = (last.seq, last.offset);
-        let replid = self
-            .store
-            .checkpoint()?
-            .position
-            .map(|p| p.replid.to_string())
-            .unwrap_or_default();
-        let Coalesced { writes, refused } = coalesce(&self.mappings, &self.schemas, &changes);
-        // Why each refused row was refused, for the acks of every change coalesced into it.
-        let mut refused_rows: HashMap<(String, Bytes), String> = refused
-            .iter()
-            .map(|r| ((r.mapping.clone(), r.row_id.clone()), r.reason.clone()))
-            .collect();
-        // Conversion refusals are stored before the batch commits: nothing is lost if we crash.
-        self.dead_letter(refused)?;
-        let batch = SinkBatch {
-            writes,
-            last_seq,
-            replid,
-            offset,
-            buffer_id: self.store.identity().to_string(),
-            mappings_id: self.mappings_id.clone(),
-        };
+        let replid = self.replid()?;
+        let mut parts: Vec<Vec<Change>> = vec![Vec::new(); self.applied.len()];
+        for change in changes {
+            let partition = partition_of_change(&change, self.layout);
+            // After a crash some partitions may have committed this far already.
+            if change.seq > self.applied[partition] {
+                parts[partition].push(change);
+            }
+        }
+        let mut work = Vec::with_capacity(parts.len());
+        for (partition, changes) in parts.into_iter().enumerate() {
+            // A partition a crash left ahead of this batch has nothing in it (and its row must
+            // not move back).
+            if self.applied[partition] >= last_seq {
+                continue;
+            }
+            let Coalesced { writes, refused } = coalesce(&self.mappings, &self.schemas, &changes);
+            let refused_rows = refused
+                .iter()
+                .map(|r| ((r.mapping.clone(), r.row_id.clone()), r.reason.clone()))
+                .collect();
+            // Conversion refusals are stored before the batch commits: nothing is lost if we
+            // crash.
+            self.dead_letter(refused)?;
+            let batch = SinkBatch {
+                writes,
+                last_seq,
+                replid: replid.clone(),
+                offset,
+                buffer_id: self.store.identity().to_string(),
+                mappings_id: self.mappings_id.clone(),
+                checkpoint_rows: vec![self.row(partition)],
+                retire_rows: Vec::new(),
+            };
+            let before_commit = self.dead_letters_before_commit(&batch);
+            work.push(PartWork {
+                partition,
+                changes,
+                batch,
+                before_commit,
+                refused_rows,
+            });
+        }
         let started = std::time::Instant::now();
-        let before_commit = self.dead_letters_before_commit(&batch);
-        let rejected = self.apply_with_retry(&batch, &before_commit).await?;
+        let results = self.apply_parts(&work).await;
+        let mut failure = None;
+        let mut rows = 0;
+        for (part, result) in work.into_iter().zip(results) {
+            let rejected = match result {
+                Some(Ok(rejected)) => rejected,
+                Some(Err(e)) => {
+                    failure.get_or_insert(e);
+                    continue;
+                }
+                None => continue,
+            };
+            rows += part.batch.writes.len();
+            self.finish_part(part, rejected)?;
+        }
+        self.report()?;
+        if let Some(failure) = failure {
+            return Err(failure.into());
+        }
+        let backend = self.name.clone();
+        metrics::counter!("writebehind_sink_batches_total", "backend" => backend.clone())
+            .increment(1);
+        metrics::histogram!("writebehind_sink_batch_rows", "backend" => backend.clone())
+            .record(rows as f64);
+        metrics::histogram!("writebehind_sink_commit_seconds", "backend" => backend)
+            .record(started.elapsed().as_secs_f64());
+        self.health.backend(&self.name, true, None);
+        self.health.applied(&self.name, last_seq, offset);
+        self.applied_offset = offset;
+        self.switch_layout_when_settled().await?;
+        Ok(true)
+    }
+
+    /// A partition's transaction committed: its acks are queued and its row moves on.
+    fn finish_part(&mut self, part: PartWork, rejected: Vec<Rejected>) -> Result<(), StoreError> {
+        let PartWork {
+            partition,
+            changes,
+            batch,
+            mut refused_rows,
+            ..
+        } = part;
         for r in &rejected {
             if let Some(write) = batch.writes.iter().find(|w| w.seq == r.seq) {
                 refused_rows.insert(
@@ -272,19 +305,100 @@ impl<D: Destination> SinkRunner<D> {
                 .get(&(c.mapping.clone(), c.row_id.clone()))
                 .cloned()
         };
-        self.queue_acks(&changes, refused, last_seq)?;
-        let backend = self.name.clone();
-        metrics::counter!("writebehind_sink_batches_total", "backend" => backend.clone())
-            .increment(1);
-        metrics::histogram!("writebehind_sink_batch_rows", "backend" => backend.clone())
-            .record(batch.writes.len() as f64);
-        metrics::histogram!("writebehind_sink_commit_seconds", "backend" => backend)
-            .record(started.elapsed().as_secs_f64());
-        self.health.backend(&self.name, true, None);
-        self.health.applied(&self.name, last_seq, offset);
-        self.applied = last_seq;
-        self.report()?;
-        Ok(true)
+        let row = self.row(partition);
+        self.queue_acks(&changes, refused, batch.last_seq, &row)?;
+        self.applied[partition] = batch.last_seq;
+        Ok(())
+    }
+
+    /// Applies every partition's share at once, each connection taking the shares of its
+    /// partitions in turn (one each, unless the layout found differs from the configured one).
+    /// `None` for a share not attempted because an earlier one on its connection failed.
+    async fn apply_parts(
+        &mut self,
+        work: &[PartWork],
+    ) -> Vec<Option<Result<Vec<Rejected>, SinkError>>> {
+        let connections = self.sinks.len().max(1);
+        let (name, health, schemas) = (&self.name, &self.health, &self.schemas);
+        let runs = self
+            .sinks
+            .iter_mut()
+            .zip(self.backoffs.iter_mut())
+            .enumerate()
+            .map(|(connection, (sink, backoff))| async move {
+                let mut results = Vec::new();
+                for (index, part) in work.iter().enumerate() {
+                    if part.partition % connections != connection {
+                        continue;
+                    }
+                    let result = apply_with_retry(
+                        sink,
+                        backoff,
+                        name,
+                        health,
+                        schemas,
+                        &part.batch,
+                        &part.before_commit,
+                    )
+                    .await;
+                    let failed = result.is_err();
+                    results.push((index, result));
+                    if failed {
+                        break;
+                    }
+                }
+                results
+            });
+        let mut results: Vec<Option<Result<Vec<Rejected>, SinkError>>> =
+            work.iter().map(|_| None).collect();
+        for (index, result) in futures_util::future::join_all(runs)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            results[index] = Some(result);
+        }
+        results
+    }
+
+    /// Once the rows of a layout other than the configured one agree (all at one seq `S`), the
+    /// configured layout's rows are written at `S` and the others deleted, in one transaction
+    /// (the acknowledgement markers of the new rows are set to `S` first). See `partition.rs`.
+    async fn switch_layout_when_settled(&mut self) -> Result<(), RunnerError> {
+        let configured = self.sinks.len() as u32;
+        let settled = self.lowest_applied();
+        if self.layout == configured || self.applied.iter().any(|seq| *seq != settled) {
+            return Ok(());
+        }
+        let rows: Vec<String> = (0..configured as usize)
+            .map(|index| row_name(&self.name, index, configured))
+            .collect();
+        let mut markers = Batch::default();
+        for row in &rows {
+            markers.put_acks_enqueued(row, settled);
+        }
+        self.store.write(markers, true)?;
+        let batch = SinkBatch {
+            writes: Vec::new(),
+            last_seq: settled,
+            replid: self.replid()?,
+            offset: self.applied_offset,
+            buffer_id: self.store.identity().to_string(),
+            mappings_id: self.mappings_id.clone(),
+            retire_rows: self
+                .existing_rows
+                .iter()
+                .filter(|row| !rows.contains(row))
+                .cloned()
+                .collect(),
+            checkpoint_rows: rows,
+        };
+        self.apply_on_first(&batch).await?;
+        tracing::info!(backend = %self.name, from = self.layout, to = configured, at = %settled, "partition layout changed");
+        self.layout = configured;
+        self.applied = vec![settled; configured as usize];
+        self.existing_rows = batch.checkpoint_rows.iter().cloned().collect();
+        Ok(())
     }
 
     pub(super) fn mapping_name(&self, write: &RowWrite) -> String {
@@ -327,7 +441,7 @@ impl<D: Destination> SinkRunner<D> {
     }
 
     fn report(&self) -> Result<(), StoreError> {
-        if let Some(through) = self.positions.record(&self.name, self.applied) {
+        if let Some(through) = self.positions.record(&self.name, self.lowest_applied()) {
             self.store.trim_changes(through)?;
         }
         Ok(())
@@ -335,11 +449,11 @@ impl<D: Destination> SinkRunner<D> {
 
     /// Stores rows refused before reaching the database, synced.
     fn dead_letter(&self, refused: Vec<RefusedRow>) -> Result<(), StoreError> {
-        metrics::counter!("writebehind_dead_letters_total", "backend" => self.name.clone())
-            .increment(refused.len() as u64);
         if refused.is_empty() {
             return Ok(());
         }
+        metrics::counter!("writebehind_dead_letters_total", "backend" => self.name.clone())
+            .increment(refused.len() as u64);
         let mut batch = Batch::default();
         for row in refused {
             batch.put_dead_letter(&DeadLetter {
@@ -354,46 +468,47 @@ impl<D: Destination> SinkRunner<D> {
         self.store.write(batch, true)
     }
 
-    pub(super) async fn apply_with_retry(
+    /// Applies a batch on the first connection (the writes of a reconciliation, stamps of the
+    /// checkpoint rows), retried like any other.
+    pub(super) async fn apply_on_first(
         &mut self,
         batch: &SinkBatch,
-        before_commit: &BeforeCommit,
     ) -> Result<Vec<Rejected>, SinkError> {
-        loop {
-            match self.sink.apply(&self.schemas, batch, before_commit).await {
-                Ok(rejected) => {
-                    if self.backoff.failures() > 0 {
-                        tracing::info!(backend = %self.name, "database reachable again");
-                    }
-                    self.backoff.reset();
-                    return Ok(rejected);
-                }
-                Err(error) if error.is_transient() => {
-                    let delay = self.backoff.next_delay();
-                    tracing::warn!(backend = %self.name, %error, retry_in = ?delay, "database write failed; retrying");
-                    metrics::counter!("writebehind_sink_retries_total", "backend" => self.name.clone()).increment(1);
-                    self.health
-                        .backend(&self.name, false, Some(error.to_string()));
-                    tokio::time::sleep(delay).await;
-                    // The connection may have died after COMMIT reached the server: if the
-                    // checkpoint row says the batch is in, it must not be applied again.
-                    match self.sink.checkpoint().await {
-                        Ok(row) if batch_is_in(batch, &row) => {
-                            tracing::info!(backend = %self.name, seq = %batch.last_seq, "the batch had committed before the connection failed");
-                            self.backoff.reset();
-                            return Ok(Vec::new());
-                        }
-                        _ => {}
-                    }
-                }
-                Err(fatal) => return Err(fatal),
-            }
-        }
+        let before_commit = self.dead_letters_before_commit(batch);
+        let (Some(sink), Some(backoff)) = (self.sinks.first_mut(), self.backoffs.first_mut())
+        else {
+            return Err(SinkError::fatal(format!(
+                "backend `{}`: no connection",
+                self.name
+            )));
+        };
+        apply_with_retry(
+            sink,
+            backoff,
+            &self.name,
+            &self.health,
+            &self.schemas,
+            batch,
+            &before_commit,
+        )
+        .await
     }
 
-    /// Changes after the applied seq: at most about `MAX_BATCH_CHANGES`, ending on a unit end.
+    pub(super) fn replid(&self) -> Result<String, StoreError> {
+        Ok(self
+            .store
+            .checkpoint()?
+            .position
+            .map(|p| p.replid.to_string())
+            .unwrap_or_default())
+    }
+
+    /// Changes after the lowest applied seq: at most about `MAX_BATCH_CHANGES`, ending on a
+    /// unit end.
     fn read_units(&self) -> Result<Vec<Change>, StoreError> {
-        let mut changes = self.store.changes(self.applied.next(), MAX_BATCH_CHANGES)?;
+        let mut changes = self
+            .store
+            .changes(self.lowest_applied().next(), MAX_BATCH_CHANGES)?;
         while changes.last().is_some_and(|c| !c.unit_end) {
             let from = changes.last().map(|c| c.seq.next()).unwrap_or_default();
             let more = self.store.changes(from, MAX_BATCH_CHANGES)?;
@@ -411,14 +526,70 @@ impl<D: Destination> SinkRunner<D> {
     }
 }
 
-/// Whether the checkpoint `row` says `batch` has committed (a lost connection may have hidden
-/// its COMMIT). Only a batch that moves the checkpoint can tell; the others (reconciliation
+fn new_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(30))
+}
+
+/// Applies `batch` on `sink`, retrying transient failures forever with `backoff`.
+async fn apply_with_retry<D: Destination>(
+    sink: &mut D,
+    backoff: &mut Backoff,
+    name: &str,
+    health: &Health,
+    schemas: &[TableSchema],
+    batch: &SinkBatch,
+    before_commit: &BeforeCommit,
+) -> Result<Vec<Rejected>, SinkError> {
+    loop {
+        match sink.apply(schemas, batch, before_commit).await {
+            Ok(rejected) => {
+                if backoff.failures() > 0 {
+                    tracing::info!(backend = %name, "database reachable again");
+                }
+                backoff.reset();
+                return Ok(rejected);
+            }
+            Err(error) if error.is_transient() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(backend = %name, %error, retry_in = ?delay, "database write failed; retrying");
+                metrics::counter!("writebehind_sink_retries_total", "backend" => name.to_string())
+                    .increment(1);
+                health.backend(name, false, Some(error.to_string()));
+                tokio::time::sleep(delay).await;
+                // The connection may have died after COMMIT reached the server: if the
+                // checkpoint rows say the batch is in, it must not be applied again.
+                match sink.checkpoints().await {
+                    Ok(rows) if batch_is_in(batch, &rows) => {
+                        tracing::info!(backend = %name, seq = %batch.last_seq, "the batch had committed before the connection failed");
+                        backoff.reset();
+                        return Ok(Vec::new());
+                    }
+                    _ => {}
+                }
+            }
+            Err(fatal) => return Err(fatal),
+        }
+    }
+}
+
+/// Whether the checkpoint `rows` say `batch` has committed (a lost connection may have hidden
+/// its COMMIT). Only a batch that moves checkpoint rows can tell; the others (reconciliation
 /// writes) are idempotent and simply applied again.
-fn batch_is_in(batch: &SinkBatch, row: &SinkCheckpoint) -> bool {
+fn batch_is_in(batch: &SinkBatch, rows: &[(String, SinkCheckpoint)]) -> bool {
     batch.last_seq > ChangeSeq::NONE
         && !batch.buffer_id.is_empty()
-        && row.buffer_id.as_deref() == Some(batch.buffer_id.as_str())
-        && row.seq >= batch.last_seq
+        && !batch.checkpoint_rows.is_empty()
+        && batch.checkpoint_rows.iter().all(|name| {
+            rows.iter().any(|(found, row)| {
+                found == name
+                    && row.buffer_id.as_deref() == Some(batch.buffer_id.as_str())
+                    && row.seq >= batch.last_seq
+            })
+        })
+        && batch
+            .retire_rows
+            .iter()
+            .all(|name| rows.iter().all(|(found, _)| found != name))
 }
 
 /// Whether `stop` has already resolved (without waiting).
@@ -488,14 +659,14 @@ mod tests {
         let start = || {
             SinkRunner::start(
                 "db",
-                MemoryDestination::default(),
+                vec![MemoryDestination::default()],
                 mappings(),
                 links(&store),
             )
         };
         let mut runner = start().await.expect("runner");
         // As if the database had committed through seq 3 and the process died right after.
-        runner.applied = ChangeSeq(3);
+        runner.applied = vec![ChangeSeq(3)];
         runner.catch_up_acks().expect("catch up");
         let acks = store.acks(0, 10).expect("acks");
         assert_eq!(acks.len(), 1);
@@ -554,18 +725,18 @@ mod tests {
             fail_next: 2,
             ..MemoryDestination::default()
         };
-        let mut runner = SinkRunner::start("db", destination, mappings(), links(&store))
+        let mut runner = SinkRunner::start("db", vec![destination], mappings(), links(&store))
             .await
             .expect("runner");
         assert!(runner.step().await.expect("step"), "a batch was applied");
-        assert_eq!(runner.sink.commits, 1);
-        assert_eq!(runner.sink.checkpoint.seq, ChangeSeq(3));
-        assert_eq!(runner.applied, ChangeSeq(3));
-        let rows = &runner.sink.tables["t"];
+        assert_eq!(runner.sinks[0].commits, 1);
+        assert_eq!(runner.sinks[0].checkpoints["db"].seq, ChangeSeq(3));
+        assert_eq!(runner.applied, vec![ChangeSeq(3)]);
+        let rows = &runner.sinks[0].tables["t"];
         assert_eq!(rows.len(), 2);
         assert_eq!(rows["1"], vec![SqlValue::Text("c".into())], "coalesced");
         assert!(!runner.step().await.expect("step"), "nothing left");
-        assert_eq!(runner.sink.commits, 1);
+        assert_eq!(runner.sinks[0].commits, 1);
     }
 
     /// A row the database refuses is dead-lettered inside the commit with its reason; the rest
@@ -585,11 +756,15 @@ mod tests {
             refuse: ["2".to_string()].into(),
             ..MemoryDestination::default()
         };
-        let mut runner = SinkRunner::start("db", destination, mappings(), links(&store))
+        let mut runner = SinkRunner::start("db", vec![destination], mappings(), links(&store))
             .await
             .expect("runner");
         assert!(runner.step().await.expect("step"));
-        assert_eq!(runner.sink.tables["t"].len(), 1, "the other row committed");
+        assert_eq!(
+            runner.sinks[0].tables["t"].len(),
+            1,
+            "the other row committed"
+        );
         let letters = store.dead_letters().expect("letters");
         assert_eq!(letters.len(), 1);
         assert_eq!(

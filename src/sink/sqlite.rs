@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{params_from_iter, Connection, ErrorCode, OptionalExtension};
+use rusqlite::{params_from_iter, Connection, ErrorCode};
 
 use super::convert::{ColumnType, SqlValue};
 use super::SinkCheckpoint;
@@ -264,15 +264,26 @@ fn apply_blocking(
             }
         }
     }
-    tx.execute(
-        &format!(
-            "INSERT INTO {CHECKPOINT_TABLE} (source, backend, replid, repl_offset, change_seq, buffer_id, mappings_id, updated_at) VALUES ('writebehind', ?1, ?2, ?3, ?4, ?5, ?6, datetime('now')) \
-             ON CONFLICT(source, backend) DO UPDATE SET replid = excluded.replid, repl_offset = excluded.repl_offset, change_seq = excluded.change_seq, \
-             buffer_id = excluded.buffer_id, mappings_id = excluded.mappings_id, updated_at = excluded.updated_at"
-        ),
-        rusqlite::params![name, batch.replid, batch.offset.0 as i64, batch.last_seq.0 as i64, batch.buffer_id, batch.mappings_id],
-    )
-    .map_err(fail)?;
+    for row in &batch.checkpoint_rows {
+        tx.execute(
+            &format!(
+                "INSERT INTO {CHECKPOINT_TABLE} (source, backend, replid, repl_offset, change_seq, buffer_id, mappings_id, updated_at) VALUES ('writebehind', ?1, ?2, ?3, ?4, ?5, ?6, datetime('now')) \
+                 ON CONFLICT(source, backend) DO UPDATE SET replid = excluded.replid, repl_offset = excluded.repl_offset, change_seq = excluded.change_seq, \
+                 buffer_id = excluded.buffer_id, mappings_id = excluded.mappings_id, updated_at = excluded.updated_at"
+            ),
+            rusqlite::params![row, batch.replid, batch.offset.0 as i64, batch.last_seq.0 as i64, batch.buffer_id, batch.mappings_id],
+        )
+        .map_err(fail)?;
+    }
+    for row in &batch.retire_rows {
+        tx.execute(
+            &format!(
+                "DELETE FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ?1"
+            ),
+            [row],
+        )
+        .map_err(fail)?;
+    }
     before_commit(&rejected).map_err(|e| {
         SinkError::fatal(format!("backend `{name}`: cannot store refused rows: {e}")).caused_by(e)
     })?;
@@ -339,24 +350,24 @@ impl Destination for SqliteSink {
         result.map_err(|e| vec![e.into()])?
     }
 
-    async fn checkpoint(&mut self) -> Result<SinkCheckpoint, SinkError> {
+    async fn checkpoints(&mut self) -> Result<Vec<(String, SinkCheckpoint)>, SinkError> {
         let name = self.name.clone();
         self.blocking(move |connection| {
-            connection
-                .query_row(
-                    &format!("SELECT change_seq, buffer_id, mappings_id FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ?1"),
-                    [&name],
-                    |row| {
-                        Ok(SinkCheckpoint {
-                            seq: ChangeSeq(row.get::<_, i64>(0)?.max(0) as u64),
-                            buffer_id: row.get(1)?,
-                            mappings_id: row.get(2)?,
-                        })
-                    },
-                )
-                .optional()
-                .map(Option::unwrap_or_default)
-                .map_err(|e| SinkError::fatal(format!("backend `{name}`: cannot read {CHECKPOINT_TABLE}: {e}")).caused_by(e))
+            let read = || -> rusqlite::Result<Vec<(String, SinkCheckpoint)>> {
+                let mut statement = connection.prepare(&format!("SELECT backend, change_seq, buffer_id, mappings_id FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind'"))?;
+                let rows = statement.query_map([], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        SinkCheckpoint {
+                            seq: ChangeSeq(row.get::<_, i64>(1)?.max(0) as u64),
+                            buffer_id: row.get(2)?,
+                            mappings_id: row.get(3)?,
+                        },
+                    ))
+                })?;
+                rows.collect()
+            };
+            read().map_err(|e| SinkError::fatal(format!("backend `{name}`: cannot read {CHECKPOINT_TABLE}: {e}")).caused_by(e))
         })
         .await?
     }

@@ -15,6 +15,11 @@ use writebehind::service::{Service, ServiceOptions};
 use super::{MariaDbServer, RedisServer};
 
 pub const PERSON_TABLE: &str = "CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first VARCHAR(255), last VARCHAR(255), age VARCHAR(20), note TEXT)";
+/// `person1` with every insert and update of a row counted in `writes` (exactly-once checks).
+pub const COUNTED_PERSON_TABLE: &str = "CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first VARCHAR(255), last VARCHAR(255), age VARCHAR(20));
+    CREATE TABLE writes (id VARCHAR(64));
+    CREATE TRIGGER counted_insert AFTER INSERT ON person1 FOR EACH ROW INSERT INTO writes VALUES (NEW.id);
+    CREATE TRIGGER counted_update AFTER UPDATE ON person1 FOR EACH ROW INSERT INTO writes VALUES (NEW.id);";
 pub const CAR_TABLE: &str = "CREATE TABLE car (id VARCHAR(64) PRIMARY KEY, color VARCHAR(32))";
 
 /// A test database: a fresh MariaDB database, or a SQLite file.
@@ -124,17 +129,18 @@ impl Database {
     }
 
     pub async fn checkpoint_seq(&self) -> u64 {
-        let sql = "SELECT change_seq FROM writebehind_checkpoint WHERE backend = 'db'";
+        // The seq every partition has applied: the lowest of the backend's rows.
+        let sql = "SELECT MIN(change_seq) FROM writebehind_checkpoint WHERE backend = 'db' OR backend LIKE 'db#%'";
         match self {
             Database::Maria { pool, .. } => {
-                let seq: Option<u64> = pool
+                let seq: Option<Option<u64>> = pool
                     .get_conn()
                     .await
                     .expect("conn")
                     .query_first(sql)
                     .await
                     .unwrap_or(None);
-                seq.unwrap_or(0)
+                seq.flatten().unwrap_or(0)
             }
             Database::Sqlite { path, .. } => rusqlite::Connection::open(path)
                 .expect("open")

@@ -192,22 +192,48 @@ impl MysqlSink {
         })
     }
 
-    fn checkpoint_statement(&self, batch: &SinkBatch) -> (String, Params) {
-        (
-            format!(
-                "INSERT INTO {CHECKPOINT_TABLE} (source, backend, replid, repl_offset, change_seq, buffer_id, mappings_id) VALUES ('writebehind', ?, ?, ?, ?, ?, ?) \
+    /// Sets the batch's checkpoint rows and deletes its retired ones.
+    async fn write_checkpoint<Q: Queryable>(
+        conn: &mut Q,
+        batch: &SinkBatch,
+    ) -> Result<(), mysql_async::Error> {
+        if !batch.checkpoint_rows.is_empty() {
+            let row = "('writebehind', ?, ?, ?, ?, ?, ?)";
+            let sql = format!(
+                "INSERT INTO {CHECKPOINT_TABLE} (source, backend, replid, repl_offset, change_seq, buffer_id, mappings_id) VALUES {} \
                  ON DUPLICATE KEY UPDATE replid = VALUES(replid), repl_offset = VALUES(repl_offset), change_seq = VALUES(change_seq), \
-                 buffer_id = VALUES(buffer_id), mappings_id = VALUES(mappings_id)"
-            ),
-            Params::Positional(vec![
-                Value::from(self.name.clone()),
-                Value::from(batch.replid.clone()),
-                Value::UInt(batch.offset.0),
-                Value::UInt(batch.last_seq.0),
-                Value::from(batch.buffer_id.clone()),
-                Value::from(batch.mappings_id.clone()),
-            ]),
-        )
+                 buffer_id = VALUES(buffer_id), mappings_id = VALUES(mappings_id)",
+                vec![row; batch.checkpoint_rows.len()].join(", ")
+            );
+            let params: Vec<Value> = batch
+                .checkpoint_rows
+                .iter()
+                .flat_map(|name| {
+                    [
+                        Value::from(name.clone()),
+                        Value::from(batch.replid.clone()),
+                        Value::UInt(batch.offset.0),
+                        Value::UInt(batch.last_seq.0),
+                        Value::from(batch.buffer_id.clone()),
+                        Value::from(batch.mappings_id.clone()),
+                    ]
+                })
+                .collect();
+            conn.exec_drop(sql, Params::Positional(params)).await?;
+        }
+        if !batch.retire_rows.is_empty() {
+            let sql = format!(
+                "DELETE FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend IN ({})",
+                vec!["?"; batch.retire_rows.len()].join(", ")
+            );
+            let params = batch
+                .retire_rows
+                .iter()
+                .map(|n| Value::from(n.clone()))
+                .collect();
+            conn.exec_drop(sql, Params::Positional(params)).await?;
+        }
+        Ok(())
     }
 
     /// The fast path: a few multi-row statements.
@@ -304,8 +330,7 @@ impl MysqlSink {
                 no_warnings(conn, "a multi-row INSERT")?;
             }
         }
-        let (sql, params) = self.checkpoint_statement(batch);
-        conn.exec_drop(sql, params).await.map_err(classify)
+        Self::write_checkpoint(conn, batch).await.map_err(classify)
     }
 
     /// Staging failed in a way retrying cannot fix: statements for the life of the process.
@@ -413,8 +438,7 @@ impl MysqlSink {
                     .map_err(err)?,
             }
         }
-        let (sql, params) = self.checkpoint_statement(batch);
-        tx.exec_drop(sql, params).await.map_err(err)?;
+        Self::write_checkpoint(&mut tx, batch).await.map_err(err)?;
         before_commit(&rejected).map_err(|e| {
             SinkError::fatal(format!(
                 "backend `{}`: cannot store refused rows: {e}",
@@ -517,19 +541,23 @@ impl Destination for MysqlSink {
         }
     }
 
-    async fn checkpoint(&mut self) -> Result<SinkCheckpoint, SinkError> {
+    async fn checkpoints(&mut self) -> Result<Vec<(String, SinkCheckpoint)>, SinkError> {
         let mut conn = self.conn().await?;
-        let row: Option<(u64, Option<String>, Option<String>)> = conn
-            .exec_first(format!("SELECT change_seq, buffer_id, mappings_id FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ?"), (self.name.clone(),))
+        let rows: Vec<(String, u64, Option<String>, Option<String>)> = conn
+            .query(format!("SELECT backend, change_seq, buffer_id, mappings_id FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind'"))
             .await
             .map_err(|e| self.error(e))?;
-        Ok(row
-            .map(|(seq, buffer_id, mappings_id)| SinkCheckpoint {
-                seq: ChangeSeq(seq),
-                buffer_id,
-                mappings_id,
+        Ok(rows
+            .into_iter()
+            .map(|(name, seq, buffer_id, mappings_id)| {
+                let row = SinkCheckpoint {
+                    seq: ChangeSeq(seq),
+                    buffer_id,
+                    mappings_id,
+                };
+                (name, row)
             })
-            .unwrap_or_default())
+            .collect())
     }
 
     async fn row_ids(

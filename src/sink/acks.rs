@@ -1,0 +1,103 @@
+//! The client acknowledgements a backend queues (`#` ops, docs/op-field.md): after each
+//! partition's commit for the changes it applied, and at start for what a crash left between a
+//! commit and its queueing. The marker `acks_enqueued` is kept per checkpoint row
+//! (`partition.rs`), in the same buffer write as the acks, so each ack is queued once.
+
+use std::collections::HashMap;
+
+use super::partition::partition_of_change;
+use super::reconcile::RECONCILE_LETTERS;
+use super::runner::{SinkRunner, MAX_BATCH_CHANGES};
+use super::Destination;
+use crate::buffer::{Batch, Change, NewAck, StoreError};
+use crate::position::ChangeSeq;
+
+impl<D: Destination> SinkRunner<D> {
+    /// Queues the acks of changes this backend committed before a crash left them unqueued
+    /// (between a partition's database commit and its ack queue write).
+    pub(super) fn catch_up_acks(&self) -> Result<(), StoreError> {
+        let mut behind = Vec::new();
+        for (partition, applied) in self.applied.iter().enumerate() {
+            let row = self.row(partition);
+            let enqueued = self.store.acks_enqueued(&row)?;
+            if enqueued < *applied {
+                behind.push((partition, row, enqueued, *applied));
+            }
+        }
+        if behind.is_empty() {
+            return Ok(());
+        }
+        let (mut letters, mut reconciled) = (HashMap::new(), HashMap::new());
+        for letter in self.store.dead_letters()? {
+            if letter.backend != self.name {
+                continue;
+            }
+            if letter.seq.0 >= RECONCILE_LETTERS {
+                // A row refused by a reconciliation belongs to no change: by row.
+                reconciled.insert((letter.mapping, letter.row_id), letter.reason);
+            } else {
+                letters.insert(letter.seq, letter.reason);
+            }
+        }
+        let refused = |c: &Change| {
+            letters.get(&c.seq).cloned().or_else(|| {
+                reconciled
+                    .get(&(c.mapping.clone(), c.row_id.clone()))
+                    .cloned()
+            })
+        };
+        for (partition, row, enqueued, applied) in behind {
+            let mut from = enqueued.next();
+            loop {
+                let changes: Vec<Change> = self
+                    .store
+                    .changes(from, MAX_BATCH_CHANGES)?
+                    .into_iter()
+                    .take_while(|c| c.seq <= applied)
+                    .collect();
+                let Some(last) = changes.last() else { break };
+                from = last.seq.next();
+                let through = last.seq;
+                let mine: Vec<Change> = changes
+                    .into_iter()
+                    .filter(|c| partition_of_change(c, self.layout) == partition)
+                    .collect();
+                self.queue_acks(&mine, refused, through, &row)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues the acks of this backend's `changes` that carry a `#` op uuid: failed with the
+    /// reason `refused` gives, done otherwise; records that the acks of checkpoint row `row` are
+    /// queued through `through`.
+    pub(super) fn queue_acks(
+        &self,
+        changes: &[Change],
+        refused: impl Fn(&Change) -> Option<String>,
+        through: ChangeSeq,
+        row: &str,
+    ) -> Result<(), StoreError> {
+        let acks: Vec<NewAck> = changes
+            .iter()
+            .filter_map(|c| c.op.as_ref().map(|op| (c, op)))
+            .filter(|(c, _)| self.mappings.iter().any(|m| m.name == c.mapping))
+            .map(|(change, op)| NewAck {
+                db: op.db,
+                key: op.key.clone(),
+                uuid: op.uuid.clone(),
+                failure: refused(change),
+                offset: change.offset,
+            })
+            .collect();
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        batch.put_acks(acks);
+        batch.put_acks_enqueued(row, through);
+        self.store.write(batch, false)?;
+        self.writeback.acks_queued();
+        Ok(())
+    }
+}
