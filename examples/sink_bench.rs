@@ -1,5 +1,6 @@
 //! Sink benchmark: rows per second written by the MySQL/MariaDB sink at several batch sizes,
-//! next to `LOAD DATA LOCAL INFILE` of the same rows into the same table, in the same run.
+//! and at 1,000 rows per batch in 2 and 4 partitions, next to `LOAD DATA LOCAL INFILE` of the
+//! same rows into the same table, in the same run.
 //! Used by `scripts/bench-sink.sh`; prints one `key=value` line per figure.
 //!
 //! Usage: `sink_bench <mysql://user@host:port/database> [rows]`
@@ -13,6 +14,7 @@ use writebehind::capture::mapping::Mappings;
 use writebehind::config::Config;
 use writebehind::position::{ChangeSeq, ReplOffset};
 use writebehind::sink::convert::SqlValue;
+use writebehind::sink::partition::{partition_of, row_name};
 use writebehind::sink::{BeforeCommit, Destination, RowOp, RowWrite, Sink, SinkBatch};
 
 const CREATE: &str = "CREATE TABLE wb_bench (id VARCHAR(64) PRIMARY KEY, first VARCHAR(255), last VARCHAR(255), age INT) ENGINE=InnoDB";
@@ -88,21 +90,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .iter()
                 .map(|(id, first, last, age)| {
                     seq += 1;
-                    RowWrite {
-                        table: 0,
-                        seq: ChangeSeq(seq),
-                        row_id: Bytes::from(id.clone()),
-                        delete_first: false,
-                        // Columns in the schema's order: age, first, last.
-                        op: RowOp::Upsert {
-                            id: SqlValue::Text(id.clone()),
-                            values: vec![
-                                SqlValue::Int(*age),
-                                SqlValue::Text(first.clone()),
-                                SqlValue::Text(last.clone()),
-                            ],
-                        },
-                    }
+                    upsert(seq, id, first, last, *age)
                 })
                 .collect();
             let batch = SinkBatch {
@@ -127,14 +115,88 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             rate / load_rate
         );
     }
+    // Partitions, as the runner applies them: each batch of 1,000 rows split by
+    // `partition_of`, every share applied at once on its own connection with its own
+    // checkpoint row, the next batch after all of them.
+    for partitions in [2u32, 4] {
+        reset(&mut conn).await?;
+        let mut sinks = Vec::new();
+        for _ in 0..partitions {
+            sinks.push(Sink::connect("bench", &url).await?);
+        }
+        let schemas = sinks[0].prepare(&mappings).await.map_err(|p| {
+            p.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })?;
+        let started = Instant::now();
+        let mut seq = 0u64;
+        for chunk in data.chunks(1_000) {
+            let mut shares: Vec<Vec<RowWrite>> = vec![Vec::new(); partitions as usize];
+            for (id, first, last, age) in chunk {
+                seq += 1;
+                shares[partition_of("Bench", id.as_bytes(), partitions)]
+                    .push(upsert(seq, id, first, last, *age));
+            }
+            let applies =
+                sinks
+                    .iter_mut()
+                    .zip(shares)
+                    .enumerate()
+                    .map(|(index, (sink, writes))| {
+                        let batch = SinkBatch {
+                            writes,
+                            last_seq: ChangeSeq(seq),
+                            replid: String::new(),
+                            offset: ReplOffset(0),
+                            buffer_id: "bench".into(),
+                            mappings_id: String::new(),
+                            checkpoint_rows: vec![row_name("bench", index, partitions)],
+                            retire_rows: Vec::new(),
+                        };
+                        let (schemas, no_hook) = (&schemas, &no_hook);
+                        async move { sink.apply(schemas, &batch, no_hook).await }
+                    });
+            for rejected in futures_util::future::join_all(applies).await {
+                if !rejected?.is_empty() {
+                    return Err("rows refused".into());
+                }
+            }
+        }
+        let rate = rows as f64 / started.elapsed().as_secs_f64();
+        println!("sink_batch_1000_partitions_{partitions}_rows_per_second={rate:.0}");
+        println!(
+            "sink_batch_1000_partitions_{partitions}_ratio_to_load_data={:.2}",
+            rate / load_rate
+        );
+    }
     conn.query_drop("DROP TABLE IF EXISTS wb_bench").await?;
     Ok(())
+}
+
+/// The upsert of one benchmark row (columns in the schema's order: age, first, last).
+fn upsert(seq: u64, id: &str, first: &str, last: &str, age: i64) -> RowWrite {
+    RowWrite {
+        table: 0,
+        seq: ChangeSeq(seq),
+        row_id: Bytes::from(id.to_string()),
+        delete_first: false,
+        op: RowOp::Upsert {
+            id: SqlValue::Text(id.to_string()),
+            values: vec![
+                SqlValue::Int(age),
+                SqlValue::Text(first.to_string()),
+                SqlValue::Text(last.to_string()),
+            ],
+        },
+    }
 }
 
 async fn reset(conn: &mut mysql_async::Conn) -> Result<(), mysql_async::Error> {
     conn.query_drop("DROP TABLE IF EXISTS wb_bench").await?;
     conn.query_drop(CREATE).await?;
-    conn.query_drop("DELETE FROM writebehind_checkpoint WHERE backend = 'bench'")
+    conn.query_drop("DELETE FROM writebehind_checkpoint WHERE backend LIKE 'bench%'")
         .await
         .ok();
     Ok(())

@@ -1,0 +1,181 @@
+//! Unit tests of the runner with the in-memory destination (the real databases are in tests/).
+use super::*;
+use crate::buffer::{HashOp, RowChange};
+use crate::position::ReplOffset;
+use crate::sink::convert::SqlValue;
+use crate::sink::memory::MemoryDestination;
+
+fn change(seq: u64, uuid: Option<&str>) -> Change {
+    Change {
+        seq: ChangeSeq(seq),
+        unit: ChangeSeq(seq),
+        unit_end: true,
+        offset: ReplOffset(100 + seq),
+        mapping: "P".into(),
+        row_id: Bytes::from(format!("{seq}")),
+        row: RowChange::Delete,
+        op: uuid.map(|u| HashOp {
+            op: b'~',
+            uuid: Bytes::copy_from_slice(u.as_bytes()),
+            db: 0,
+            key: Bytes::from(format!("p:{seq}")),
+        }),
+    }
+}
+
+fn links(store: &Arc<Store>) -> RunnerLinks {
+    RunnerLinks {
+        store: store.clone(),
+        committed: Arc::new(Notify::new()),
+        positions: Arc::new(AppliedPositions::new(1)),
+        health: crate::metrics::Health::new(),
+        writeback: Arc::new(Writeback::default()),
+    }
+}
+
+fn mappings() -> Vec<Mapping> {
+    let text = "[source]\nurl = \"redis://127.0.0.1:1\"\n[backends.db]\nurl = \"sqlite://unused\"\n[[mappings]]\nname = \"P\"\nprefix = \"p\"\nbackend = \"db\"\ntable = \"t\"\nkey_column = \"id\"\n[mappings.columns]\nname = \"name\"\n";
+    let config = crate::config::Config::parse(text, &|_| None).expect("config");
+    config.mappings.iter().map(Mapping::from_config).collect()
+}
+
+/// A crash between a database commit and the ack queue: the next start queues the acks of
+/// what the database has, once.
+#[tokio::test]
+async fn acks_lost_between_commit_and_queue_are_queued_at_start() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(&dir.path().join("buffer")).expect("store"));
+    let mut batch = Batch::default();
+    for c in [change(1, None), change(2, Some("u2")), change(3, None)] {
+        batch.put_change(&c);
+    }
+    store.write(batch, true).expect("write");
+    let start = || {
+        SinkRunner::start(
+            "db",
+            vec![MemoryDestination::default()],
+            mappings(),
+            links(&store),
+        )
+    };
+    let mut runner = start().await.expect("runner");
+    // As if the database had committed through seq 3 and the process died right after.
+    runner.applied = vec![ChangeSeq(3)];
+    runner.catch_up_acks().expect("catch up");
+    let acks = store.acks(0, 10).expect("acks");
+    assert_eq!(acks.len(), 1);
+    assert_eq!(
+        (
+            acks[0].key.as_ref(),
+            acks[0].uuid.as_ref(),
+            &acks[0].failure
+        ),
+        (&b"p:2"[..], &b"u2"[..], &None)
+    );
+    assert_eq!(store.acks_enqueued("db").expect("mark"), ChangeSeq(3));
+    runner.catch_up_acks().expect("again");
+    assert_eq!(store.acks(0, 10).expect("acks").len(), 1, "queued once");
+}
+
+fn upsert(seq: u64, row: &str, name: &str, uuid: Option<&str>) -> Change {
+    Change {
+        row_id: Bytes::copy_from_slice(row.as_bytes()),
+        row: RowChange::Upsert {
+            columns: vec![("name".into(), Some(Bytes::copy_from_slice(name.as_bytes())))],
+        },
+        op: uuid.map(|u| HashOp {
+            op: b'=',
+            uuid: Bytes::copy_from_slice(u.as_bytes()),
+            db: 0,
+            key: Bytes::from(format!("p:{row}")),
+        }),
+        ..change(seq, None)
+    }
+}
+
+fn log(store: &Store, changes: &[Change]) {
+    let mut batch = Batch::default();
+    for c in changes {
+        batch.put_change(c);
+    }
+    store.write(batch, true).expect("write");
+}
+
+/// A transient failure is retried with backoff; the batch then commits once, with its
+/// checkpoint, and the runner moves on from there.
+#[tokio::test]
+async fn a_transient_failure_is_retried_and_the_batch_commits_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    log(
+        &store,
+        &[
+            upsert(1, "1", "a", None),
+            upsert(2, "2", "b", None),
+            upsert(3, "1", "c", None),
+        ],
+    );
+    let destination = MemoryDestination {
+        fail_next: 2,
+        ..MemoryDestination::default()
+    };
+    let mut runner = SinkRunner::start("db", vec![destination], mappings(), links(&store))
+        .await
+        .expect("runner");
+    assert!(runner.step().await.expect("step"), "a batch was applied");
+    assert_eq!(runner.sinks[0].commits, 1);
+    assert_eq!(runner.sinks[0].checkpoints["db"].seq, ChangeSeq(3));
+    assert_eq!(runner.applied, vec![ChangeSeq(3)]);
+    let rows = &runner.sinks[0].tables["t"];
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows["1"], vec![SqlValue::Text("c".into())], "coalesced");
+    assert!(!runner.step().await.expect("step"), "nothing left");
+    assert_eq!(runner.sinks[0].commits, 1);
+}
+
+/// A row the database refuses is dead-lettered inside the commit with its reason; the rest
+/// commits; the refused change's client acknowledgement says `failed` with that reason.
+#[tokio::test]
+async fn a_refused_row_is_dead_lettered_and_its_ack_fails_while_the_rest_commits() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    log(
+        &store,
+        &[
+            upsert(1, "1", "a", Some("u1")),
+            upsert(2, "2", "b", Some("u2")),
+        ],
+    );
+    let destination = MemoryDestination {
+        refuse: ["2".to_string()].into(),
+        ..MemoryDestination::default()
+    };
+    let mut runner = SinkRunner::start("db", vec![destination], mappings(), links(&store))
+        .await
+        .expect("runner");
+    assert!(runner.step().await.expect("step"));
+    assert_eq!(
+        runner.sinks[0].tables["t"].len(),
+        1,
+        "the other row committed"
+    );
+    let letters = store.dead_letters().expect("letters");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        (letters[0].seq, letters[0].row_id.as_ref()),
+        (ChangeSeq(2), &b"2"[..])
+    );
+    let acks = store.acks(0, 10).expect("acks");
+    let by_uuid: Vec<(&[u8], Option<&str>)> = acks
+        .iter()
+        .map(|a| (a.uuid.as_ref(), a.failure.as_deref()))
+        .collect();
+    assert_eq!(
+        by_uuid,
+        vec![
+            (&b"u1"[..], None),
+            (&b"u2"[..], Some("refused by the memory destination"))
+        ]
+    );
+    assert_eq!(store.acks_enqueued("db").expect("mark"), ChangeSeq(2));
+}
