@@ -23,8 +23,8 @@ start_primary() {
 # sql STATEMENT: runs it on the local MariaDB as root, without column names.
 sql() { mariadb --protocol=tcp -h127.0.0.1 -uroot -N -e "$1"; }
 
-# write_config FILE PRIMARY_PORT BUFFER BACKEND_URL: the People mapping of the benchmarks
-# (person2:<id> hashes, first_name, last_name and age to table person1).
+# write_config FILE PRIMARY_PORT BUFFER BACKEND_URL [PARTITIONS]: the People mapping of the
+# benchmarks (person2:<id> hashes, first_name, last_name and age to table person1).
 write_config() {
   cat > "$1" <<TOML
 [source]
@@ -33,6 +33,7 @@ url = "redis://127.0.0.1:$2"
 path = "$3"
 [backends.db]
 url = "$4"
+partitions = ${5:-1}
 [[mappings]]
 name = "People"
 prefix = "person2"

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Initial-load benchmark: a primary holding N hashes, `writebehind run` started against it, until
+# every row is in a scratch MariaDB table (a marker written right after the start comes after
+# the snapshot in the stream: its row means the snapshot is applied). The reference, in the same
+# run: LOAD DATA LOCAL INFILE of the same N rows into a table of the same shape.
+# Not a test: it measures.
+#
+# Usage: scripts/bench-load.sh [keys] [partitions]   (default 500000 1)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+keys="${1:-500000}"
+partitions="${2:-1}"
+work="$(mktemp -d /var/tmp/writebehind-load-bench.XXXXXX)"
+database="wb_bench_load_$$"
+. scripts/bench-common.sh
+primary=$(free_port)
+service_pid=""
+trap cleanup_bench EXIT
+build_release
+sql "CREATE DATABASE $database"
+
+# The reference: the same rows by LOAD DATA into a table shaped as create_table makes it.
+python3 - "$keys" >"$work/rows.tsv" <<'PY'
+import sys
+out = sys.stdout
+for i in range(1, int(sys.argv[1]) + 1):
+    out.write(f"{i}\tJohn\tDoe\t42\n")
+PY
+sql "CREATE TABLE $database.reference (id VARCHAR(255) NOT NULL PRIMARY KEY, first TEXT, last TEXT, age TEXT) ENGINE=InnoDB"
+load_start=$(date +%s.%N)
+mariadb --protocol=tcp -h127.0.0.1 -uroot --local-infile=1 -e \
+  "LOAD DATA LOCAL INFILE '$work/rows.tsv' INTO TABLE $database.reference (id, first, last, age)"
+load_end=$(date +%s.%N)
+
+# No diskless-sync delay (5 s by default): the load is timed from the service's start.
+start_primary "$primary" "$work" --repl-diskless-sync-delay 0
+for ((from = 1; from <= keys; from += 100000)); do
+  to=$((from + 99999 < keys ? from + 99999 : keys))
+  redis-cli -p "$primary" eval "for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do redis.call('HSET', 'person2:' .. i, 'first_name', 'John', 'last_name', 'Doe', 'age', '42') end" 0 "$from" "$to" >/dev/null
+done
+write_config "$work/writebehind.toml" "$primary" "$work/buffer" "mysql://root@127.0.0.1:3306/$database" "$partitions"
+has_row() { [ "$(sql "SELECT COUNT(*) FROM $database.person1 WHERE id = '$1'" 2>/dev/null || echo 0)" = 1 ]; }
+start=$(date +%s.%N)
+RUST_LOG=warn "$bin" run --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
+service_pid=$!
+# Written once the snapshot is delivered (the replica is `online`): it is then in the stream,
+# after the snapshot, not in it.
+until redis-cli -p "$primary" info replication | grep -q '^slave0:.*state=online'; do
+  kill -0 "$service_pid" 2>/dev/null || { echo "the service stopped"; tail -5 "$work/writebehind.log"; exit 1; }
+  sleep 0.05
+done
+redis-cli -p "$primary" hset person2:marker first_name marker >/dev/null
+until has_row marker; do
+  kill -0 "$service_pid" 2>/dev/null || { echo "the service stopped"; tail -5 "$work/writebehind.log"; exit 1; }
+  sleep 0.1
+done
+done_at=$(date +%s.%N)
+rows=$(sql "SELECT COUNT(*) FROM $database.person1")
+read -r utime stime < <(awk '{print $14, $15}' "/proc/$service_pid/stat")
+hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$service_pid/status")
+python3 - "$keys" "$rows" "$load_start" "$load_end" "$start" "$done_at" "$utime" "$stime" "$(getconf CLK_TCK)" "$hwm" "$partitions" <<'PY'
+import sys
+keys, rows = int(sys.argv[1]), int(sys.argv[2])
+load_start, load_end, start, done = map(float, sys.argv[3:7])
+utime, stime, tck, hwm = map(float, sys.argv[7:11])
+reference = keys / (load_end - load_start)
+rate = keys / (done - start)
+print(f"keys={keys} partitions={sys.argv[11]} rows_in_table={rows}")
+print(f"load_data_rows_per_second={reference:.0f}")
+print(f"initial_load_rows_per_second={rate:.0f} (start of the service to the marker row, {done - start:.1f} s)")
+print(f"writebehind_cpu_seconds={(utime + stime) / tck:.2f} peak_rss_mb={hwm / 1024:.0f}")
+print(f"ratio_initial_load_to_load_data={rate / reference:.2f}")
+PY
+grep -i error "$work/writebehind.log" | head -5 || true
