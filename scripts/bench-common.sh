@@ -56,3 +56,47 @@ cleanup_bench() {
   if [ -n "${database:-}" ]; then sql "DROP DATABASE IF EXISTS $database" || true; fi
   rm -rf "$work"
 }
+
+# sample_positions ADMIN_PORT SERVICE_PID CSV: every 0.2 s until killed, the positions from the
+# admin endpoint's metrics and the service's RSS, one CSV line each (time in seconds from the
+# first sample). Run it in the background.
+sample_positions() {
+  local admin=$1 pid=$2 csv=$3 started
+  started=$(date +%s.%N)
+  echo "seconds,primary,received,buffered,applied,acked,lag_bytes,rss_mb" >"$csv"
+  while kill -0 "$pid" 2>/dev/null; do
+    curl -sf "http://127.0.0.1:$admin/metrics" | awk -v t="$(date +%s.%N)" -v s="$started" \
+      -v rss="$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null)" '
+      $1 == "writebehind_primary_offset_bytes" { p = $2 }
+      $1 == "writebehind_position_received_bytes" { r = $2 }
+      $1 == "writebehind_position_buffered_bytes" { b = $2 }
+      $1 ~ /^writebehind_position_applied_bytes/ { a = $2 }
+      $1 == "writebehind_position_acked_bytes" { k = $2 }
+      $1 == "writebehind_lag_bytes" { l = $2 }
+      END { printf "%.2f,%s,%s,%s,%s,%s,%s,%.1f\n", t - s, p, r, b, a, k, l, rss / 1024 }' >>"$csv" || true
+    sleep 0.2
+  done
+}
+
+# plot_positions CSV PNG TITLE: positions (MB of stream) and RSS over time, with gnuplot when
+# it is installed (apt-get install gnuplot-nox).
+plot_positions() {
+  command -v gnuplot >/dev/null || { echo "(gnuplot not installed: no plot)"; return 0; }
+  gnuplot <<GP
+set terminal pngcairo size 900,480
+set output "$2"
+set datafile separator ","
+set key top left
+set xlabel "seconds"
+set ylabel "stream position (MB)"
+set y2label "RSS (MB)"
+set y2tics
+set title "$3"
+plot "$1" using 1:(\$2/1e6) skip 1 with lines lw 2 title "primary", \
+     "" using 1:(\$3/1e6) skip 1 with lines title "received", \
+     "" using 1:(\$4/1e6) skip 1 with lines title "buffered", \
+     "" using 1:(\$5/1e6) skip 1 with lines lw 2 title "applied", \
+     "" using 1:(\$6/1e6) skip 1 with lines title "acked", \
+     "" using 1:8 skip 1 axes x1y2 with lines dt 2 title "RSS (right)"
+GP
+}

@@ -6,10 +6,17 @@
 # start of the burst to the marker's row), the lag after the burst and the ratio.
 # Not a test: it measures.
 #
-# Usage: scripts/bench-e2e.sh [commands]   (default 1000000 HSETs over 100000 keys, pipeline 32)
+# Positions and RSS are sampled every 0.2 s (e2e-positions.csv) and plotted (e2e-positions.png,
+# with gnuplot) into the output directory.
+#
+# Usage: scripts/bench-e2e.sh [commands] [partitions] [output-dir]
+#        (default 1000000 HSETs over 100000 keys, pipeline 32; 1 partition; ./bench-out)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 commands="${1:-1000000}"
+partitions="${2:-1}"
+out="$(realpath -m "${3:-bench-out}")"
+mkdir -p "$out"
 work="$(mktemp -d /var/tmp/writebehind-e2e-bench.XXXXXX)"
 database="wb_bench_e2e_$$"
 . scripts/bench-common.sh
@@ -20,7 +27,9 @@ build_release
 sql "CREATE DATABASE $database"
 
 start_primary "$primary" "$work" --repl-backlog-size 512mb
-write_config "$work/writebehind.toml" "$primary" "$work/buffer" "mysql://root@127.0.0.1:3306/$database"
+write_config "$work/writebehind.toml" "$primary" "$work/buffer" "mysql://root@127.0.0.1:3306/$database" "$partitions"
+admin=$(free_port)
+printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$admin" >>"$work/writebehind.toml"
 RUST_LOG=warn "$bin" run --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
 service_pid=$!
 has_row() { [ "$(sql "SELECT COUNT(*) FROM $database.person1 WHERE id = '$1'" 2>/dev/null || echo 0)" = 1 ]; }
@@ -31,7 +40,9 @@ until has_row ready; do
   sleep 0.1
 done
 
-echo "== burst: $commands HSETs (3 fields) over 100000 keys, pipeline 32, into MariaDB"
+echo "== burst: $commands HSETs (3 fields) over 100000 keys, pipeline 32, into MariaDB, $partitions partition(s)"
+sample_positions "$admin" "$service_pid" "$out/e2e-positions.csv" &
+sampler=$!
 start=$(date +%s.%N)
 redis-benchmark -p "$primary" -q -n "$commands" -P 32 -r 100000 \
   HSET person2:__rand_int__ first_name John last_name Doe age 42 >/dev/null
@@ -42,6 +53,9 @@ until has_row marker; do
   sleep 0.05
 done
 done_at=$(date +%s.%N)
+sleep 0.5
+kill "$sampler" 2>/dev/null || true
+plot_positions "$out/e2e-positions.csv" "$out/e2e-positions.png" "bench-e2e: $commands HSETs into MariaDB, $partitions partition(s)"
 read -r utime stime < <(awk '{print $14, $15}' "/proc/$service_pid/stat")
 python3 - "$start" "$burst_end" "$done_at" "$commands" "$utime" "$stime" "$(getconf CLK_TCK)" <<'PY'
 import sys
