@@ -7,7 +7,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::Queryable;
-use support::sink::{config_text_with, run, start, Database, CAR_TABLE, COUNTED_PERSON_TABLE};
+use support::sink::{
+    config_text_with, run, start, Database, CAR_TABLE, COUNTED_PERSON_TABLE, PERSON_TABLE,
+};
 use support::{MariaDbServer, RedisServer};
 use writebehind::redis_client::RedisClient;
 
@@ -201,5 +203,88 @@ async fn the_partition_count_changes_between_runs_without_loss_or_repeats() {
         .collect();
     assert_eq!(names, vec!["db#0/3", "db#1/3", "db#2/3"]);
     drop(conn);
+    database.drop_database().await;
+}
+
+/// How many entries the acknowledgement stream of `key` and `uuid` holds.
+async fn ack_count(client: &mut RedisClient, key: &str, uuid: &str) -> i64 {
+    let stream = format!("{{{key}}}{uuid}");
+    match client.command(&["XLEN", &stream]).await.expect("XLEN") {
+        redis_protocol::resp2::types::BytesFrame::Integer(n) => n,
+        other => panic!("XLEN {stream}: {other:?}"),
+    }
+}
+
+/// Waits until the acknowledgement of `key`/`uuid` is in Redis.
+async fn until_acked(client: &mut RedisClient, key: &str, uuid: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ack_count(client, key, uuid).await == 0 {
+        assert!(Instant::now() < deadline, "no ack for {key} {uuid}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A start that must reconcile (the checkpoint row lost its buffer identity) and also changes
+/// the partition count (1 to 4) queues no acknowledgement twice: the reconciliation runs in the
+/// rows' own layout, whose acknowledgement marker says what was queued, and the switch to four
+/// partitions follows. Each op's stream holds one entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconciliation_with_a_new_partition_count_acks_each_op_once() {
+    let database = Database::maria().await;
+    database.execute(PERSON_TABLE).await;
+    database.execute(CAR_TABLE).await;
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let buffer = dir.path().join("buffer");
+    let config_for = |partitions: u32| {
+        format!(
+            "{}\n[buffer]\npath = \"{}\"\n",
+            config_text_with(
+                &server,
+                &database.url(),
+                &format!("partitions = {partitions}")
+            ),
+            buffer.display()
+        )
+    };
+    let mut child = spawn(dir.path(), &config_for(1), 0);
+    for n in 1..=20 {
+        let (key, op) = (format!("person2:{n}"), format!("=u{n}"));
+        run(&mut client, &["HSET", &key, "age", "1", "#", &op]).await;
+    }
+    for n in 1..=20 {
+        until_acked(&mut client, &format!("person2:{n}"), &format!("u{n}")).await;
+    }
+    tokio::task::block_in_place(|| terminate(&mut child));
+    // A checkpoint row the service cannot vouch for: reconciled at the next start.
+    database
+        .execute("UPDATE writebehind_checkpoint SET buffer_id = NULL")
+        .await;
+    let mut child = spawn(dir.path(), &config_for(4), 1);
+    run(
+        &mut client,
+        &["HSET", "person2:last", "age", "2", "#", "=last"],
+    )
+    .await;
+    // Acks are written in the order they are queued: the catch-up after the reconciliation
+    // comes before this one.
+    until_acked(&mut client, "person2:last", "last").await;
+    for n in 1..=20 {
+        let count = ack_count(&mut client, &format!("person2:{n}"), &format!("u{n}")).await;
+        assert_eq!(count, 1, "person2:{n} acknowledged {count} times");
+    }
+    let Database::Maria { pool, .. } = &database else {
+        unreachable!()
+    };
+    let mut conn = pool.get_conn().await.expect("conn");
+    let names: Vec<String> = checkpoint_rows(&mut conn)
+        .await
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(names, vec!["db#0/4", "db#1/4", "db#2/4", "db#3/4"]);
+    drop(conn);
+    tokio::task::block_in_place(|| terminate(&mut child));
     database.drop_database().await;
 }

@@ -117,7 +117,7 @@ pub(super) async fn status(path: &std::path::Path) -> ExitCode {
                 .await
                 .map(|rows| {
                     let rows = crate::sink::partition::FoundRows::new(name, rows);
-                    serde_json::Value::from(rows.merged().seq.0)
+                    serde_json::Value::from(rows.merged(name).seq.0)
                 })
                 .unwrap_or_else(|e| serde_json::Value::from(e.to_string())),
             Err(e) => serde_json::Value::from(e.to_string()),

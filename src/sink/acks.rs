@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 
-use super::partition::partition_of_change;
 use super::reconcile::RECONCILE_LETTERS;
 use super::runner::{SinkRunner, MAX_BATCH_CHANGES};
 use super::Destination;
@@ -60,7 +59,7 @@ impl<D: Destination> SinkRunner<D> {
                 let through = last.seq;
                 let mine: Vec<Change> = changes
                     .into_iter()
-                    .filter(|c| partition_of_change(c, self.layout) == partition)
+                    .filter(|c| self.partition(c) == partition)
                     .collect();
                 self.queue_acks(&mine, refused, through, &row)?;
             }

@@ -169,11 +169,12 @@ pub struct Rejected {
 ///   rows in `writebehind_checkpoint` (`SinkBatch::checkpoint_rows`: one per partition, see
 ///   `partition.rs`) to the seq of the last change of the batch, and deletes its
 ///   `retire_rows`. **Applied** means exactly that: committed together with the checkpoint.
-/// - **Idempotence**: on start the sink reads its checkpoint row and the runner skips every change
-///   at or below it, so a batch is applied once whatever crashes in between (exactly-once effect).
-///   The row also records the identity of the buffer its seq belongs to and the fingerprint of
-///   the backend's mappings: when either differs, the seq means nothing here and the runner
-///   reconciles the tables with the mirror instead (`reconcile.rs`).
+/// - **Idempotence**: on start the runner reads the checkpoint rows and skips, per partition,
+///   every change at or below that partition's row, so a batch is applied once whatever crashes
+///   in between (exactly-once effect). Each row also records the identity of the buffer its seq
+///   belongs to and the fingerprint of the backend's mappings: when either differs, the seq
+///   means nothing here and the runner reconciles the tables with the mirror instead
+///   (`reconcile.rs`).
 /// - **Rejections**: a row the database refuses (conversion, length, NOT NULL, constraint) is
 ///   isolated (savepoint per row) and reported with its reason; the rest of the batch commits.
 ///   Values are converted by column type before they are sent, so a value that cannot be

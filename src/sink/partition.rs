@@ -4,9 +4,14 @@
 //! # Layout
 //!
 //! `[backends.<name>] partitions = N`. A change belongs to partition
-//! `fmix64(fnv1a64(mapping, 0x00, row id)) mod N` (FNV-1a alone keeps, in its low bits, only
-//! the low bits of each byte; murmur3's finalizer mixes them): every change of one row goes to the same partition,
-//! so a row's changes are applied in their order. The hash is written here, not taken from the
+//! `fmix64(fnv1a64(table, 0x00, key)) mod N` (FNV-1a alone keeps, in its low bits, only the low
+//! bits of each byte; murmur3's finalizer mixes them), where `key` is the row's key as the
+//! database compares it, as far as the service can tell: an integer key column by its value
+//! (`1`, `01` and `+1` are one row), a text key column lowercased (a case-insensitive collation,
+//! MySQL's default, makes `Ab` and `ab` one row), anything else by its bytes. Every change of
+//! one database row then goes to one partition and is applied in order. Two keys a collation
+//! equates otherwise (accent-insensitive collations: `é` and `e`) can fall in two partitions:
+//! use `partitions = 1` for such keys. The hash is written here, not taken from the
 //! standard library, because it is part of what the checkpoint rows mean: it never changes
 //! between versions or runs.
 //!
@@ -44,22 +49,25 @@
 use std::collections::BTreeMap;
 
 use crate::buffer::Change;
+use crate::capture::mapping::Mapping;
 use crate::position::ChangeSeq;
 
-use super::SinkCheckpoint;
+use super::convert::ColumnType;
+use super::{SinkCheckpoint, TableSchema};
 
 /// Most partitions a backend may have.
 pub const MAX_PARTITIONS: u32 = 64;
 
-/// The partition of a row among `count`.
-pub fn partition_of(mapping: &str, row_id: &[u8], count: u32) -> usize {
+/// The partition of a row among `count`: `table` and the row's key as compared by the
+/// database ([`comparable_key`]).
+pub fn partition_of(table: &str, key: &[u8], count: u32) -> usize {
     if count <= 1 {
         return 0;
     }
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut hash = OFFSET;
-    for byte in mapping.bytes().chain([0u8]).chain(row_id.iter().copied()) {
+    for byte in table.bytes().chain([0u8]).chain(key.iter().copied()) {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(PRIME);
     }
@@ -71,9 +79,42 @@ pub fn partition_of(mapping: &str, row_id: &[u8], count: u32) -> usize {
     (hash % u64::from(count)) as usize
 }
 
-/// The partition of a change among `count`.
-pub fn partition_of_change(change: &Change, count: u32) -> usize {
-    partition_of(&change.mapping, &change.row_id, count)
+/// A row id as the database compares keys of `kind`: integers by value, text lowercased,
+/// anything else as it is (see the module doc).
+pub fn comparable_key(kind: &ColumnType, row_id: &[u8]) -> Vec<u8> {
+    let text = std::str::from_utf8(row_id).ok();
+    match (kind, text) {
+        (ColumnType::Integer { .. }, Some(text)) => match text.trim().parse::<i128>() {
+            Ok(value) => value.to_string().into_bytes(),
+            Err(_) => row_id.to_vec(),
+        },
+        (ColumnType::Text { .. } | ColumnType::Other, Some(text)) => {
+            text.to_lowercase().into_bytes()
+        }
+        _ => row_id.to_vec(),
+    }
+}
+
+/// The partition of a change among `count`, for the backend's `mappings` and their `schemas`
+/// (same order); a change of another mapping goes by its mapping name.
+pub fn partition_of_change(
+    change: &Change,
+    mappings: &[Mapping],
+    schemas: &[TableSchema],
+    count: u32,
+) -> usize {
+    if count <= 1 {
+        return 0;
+    }
+    let index = mappings.iter().position(|m| m.name == change.mapping);
+    match index.and_then(|i| schemas.get(i)) {
+        Some(schema) => partition_of(
+            &schema.table,
+            &comparable_key(&schema.key_column.kind, &change.row_id),
+            count,
+        ),
+        None => partition_of(&change.mapping, &change.row_id, count),
+    }
 }
 
 /// The checkpoint row (and acknowledgement marker) name of partition `index` of `count`.
@@ -94,8 +135,11 @@ pub fn parse_row_name(backend: &str, name: &str) -> Option<(usize, u32)> {
     let rest = name.strip_prefix(backend)?.strip_prefix('#')?;
     let (index, count) = rest.split_once('/')?;
     let (index, count): (usize, u32) = (index.parse().ok()?, count.parse().ok()?);
-    (count > 1 && index < count as usize && name == row_name(backend, index, count))
-        .then_some((index, count))
+    (count > 1
+        && count <= MAX_PARTITIONS
+        && index < count as usize
+        && name == row_name(backend, index, count))
+    .then_some((index, count))
 }
 
 /// The checkpoint rows of a backend, as read at start.
@@ -129,13 +173,21 @@ impl FoundRows {
     }
 
     /// One row standing for all of them, for the checks of `Reconcile::needed`: the lowest
-    /// seq (where reading resumes), and an identity only when every row has the same one.
-    pub fn merged(&self) -> SinkCheckpoint {
+    /// seq (where reading resumes; nothing when a row of the layout is missing, as the runner
+    /// counts it), and an identity only when every row has the same one.
+    pub fn merged(&self, backend: &str) -> SinkCheckpoint {
         let mut rows = self.rows.values();
         let Some(first) = rows.next() else {
             return SinkCheckpoint::default();
         };
         let mut merged = first.clone();
+        let complete = match self.layouts(backend).as_slice() {
+            [count] => self.rows.len() == *count as usize,
+            _ => true,
+        };
+        if !complete {
+            merged.seq = ChangeSeq::NONE;
+        }
         for row in rows {
             merged.seq = merged.seq.min(row.seq);
             if row.buffer_id != merged.buffer_id {
@@ -171,8 +223,8 @@ mod tests {
     use super::*;
 
     /// The assignment is part of what stored checkpoint rows mean: these values must never
-    /// change (FNV-1a 64 of `mapping \0 row id`, then murmur3's fmix64), or a restart after an upgrade would skip or
-    /// repeat changes.
+    /// change (FNV-1a 64 of `table \0 key`, then murmur3's fmix64), or a restart after an
+    /// upgrade would skip or repeat changes.
     #[test]
     fn the_assignment_is_fixed_and_spreads_rows() {
         assert_eq!(partition_of("People", b"1", 1), 0);
@@ -180,7 +232,7 @@ mod tests {
             .iter()
             .map(|id| partition_of("People", id.as_bytes(), 4))
             .collect();
-        // Computed independently (Python, the same FNV-1a 64).
+        // Computed independently (Python: the same FNV-1a 64 and fmix64).
         assert_eq!(golden, vec![0, 0, 1, 2, 1, 2, 1, 1]);
         let mut counts = [0usize; 4];
         for i in 0..40_000 {
@@ -196,7 +248,22 @@ mod tests {
                 partition_of("Cars", b"17", 4)
             ),
             (1, 3),
-            "the mapping is part of the key"
+            "the table is part of the key"
+        );
+        let int = ColumnType::Integer { unsigned: false };
+        let text = ColumnType::Text { max_chars: None };
+        for (a, b) in [("1", "01"), ("1", "+1")] {
+            assert_eq!(
+                comparable_key(&int, a.as_bytes()),
+                comparable_key(&int, b.as_bytes())
+            );
+        }
+        assert_eq!(comparable_key(&text, b"Ab"), comparable_key(&text, b"ab"));
+        assert_ne!(comparable_key(&text, b"01"), comparable_key(&text, b"1"));
+        let binary = ColumnType::Binary { max_bytes: None };
+        assert_ne!(
+            comparable_key(&binary, b"Ab"),
+            comparable_key(&binary, b"ab")
         );
         // Keys differing only in the high bits of a byte ("a" and "e", "1" and "5") spread too.
         let letters: std::collections::BTreeSet<usize> = ["a", "e", "i", "m", "q", "u"]
@@ -237,8 +304,19 @@ mod tests {
             ],
         );
         assert_eq!(found.layouts("db"), vec![2]);
-        assert_eq!(found.merged().seq, ChangeSeq(5));
-        assert_eq!(found.merged().buffer_id.as_deref(), Some("b"));
+        assert_eq!(found.merged("db").seq, ChangeSeq(5));
+        assert_eq!(found.merged("db").buffer_id.as_deref(), Some("b"));
+        let partial = FoundRows::new("db", vec![("db#0/2".into(), row(7))]);
+        assert_eq!(
+            partial.merged("db").seq,
+            ChangeSeq::NONE,
+            "a missing row applied nothing"
+        );
+        assert_eq!(
+            parse_row_name("db", "db#0/4000000000"),
+            None,
+            "more than MAX_PARTITIONS"
+        );
         assert_eq!(found.highest(), ChangeSeq(7));
         assert_eq!(found.applied("db", 2), vec![ChangeSeq(7), ChangeSeq(5)]);
         assert_eq!(found.applied("db", 3), vec![ChangeSeq::NONE; 3]);

@@ -33,7 +33,7 @@ use bytes::Bytes;
 
 use super::coalesce::convert_row;
 use super::convert::{convert, SqlValue};
-use super::partition::{row_name, FoundRows};
+use super::partition::FoundRows;
 use super::{Destination, RowOp, RowWrite, SinkBatch};
 use crate::buffer::{Batch, DeadLetter, MirrorCursor, MirrorKind, Store, StoreError};
 use crate::clock::now_ms;
@@ -123,7 +123,7 @@ impl Reconcile {
         if layouts.len() > 1 {
             return Ok(Some(Reconcile::SeveralLayouts { counts: layouts }));
         }
-        let row = found.merged();
+        let row = found.merged(backend);
         let buffered = store.checkpoint()?.next_seq.previous().unwrap_or_default();
         let first = store
             .changes(ChangeSeq::NONE, 1)?
@@ -213,17 +213,18 @@ impl<D: Destination> super::runner::SinkRunner<D> {
         }
     }
 
-    /// Writes only the checkpoint rows, all of the configured layout (the rows of any other are
-    /// deleted): `buffer_id` empty marks a reconciliation in progress.
+    /// Writes only the checkpoint rows, all of the runner's layout (the rows of any other are
+    /// deleted): `buffer_id` empty marks a reconciliation in progress. The layout is the rows'
+    /// own (their acknowledgement markers stay meaningful); the runner switches to the
+    /// configured one afterwards.
     async fn commit_stamp(
         &mut self,
         seq: ChangeSeq,
         offset: ReplOffset,
         buffer_id: String,
     ) -> Result<(), super::runner::RunnerError> {
-        let configured = self.sinks.len() as u32;
-        let rows: Vec<String> = (0..configured as usize)
-            .map(|index| row_name(&self.name, index, configured))
+        let rows: Vec<String> = (0..self.layout as usize)
+            .map(|index| self.row(index))
             .collect();
         let batch = SinkBatch {
             writes: Vec::new(),
@@ -241,7 +242,6 @@ impl<D: Destination> super::runner::SinkRunner<D> {
             checkpoint_rows: rows,
         };
         self.apply_on_first(&batch).await?;
-        self.layout = configured;
         self.existing_rows = batch.checkpoint_rows.iter().cloned().collect();
         Ok(())
     }

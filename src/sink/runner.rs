@@ -116,10 +116,16 @@ impl<D: Destination> SinkRunner<D> {
         let reconcile =
             Reconcile::needed(&found, name, &links.store, &mappings_id).map_err(store_problem)?;
         let configured = sinks.len() as u32;
+        // The rows' own layout when there is one (also to reconcile in: the acknowledgement
+        // markers are kept per row), switched to the configured one once settled.
+        let layout = match found.layouts(name).as_slice() {
+            [count] => *count,
+            _ => configured,
+        };
         // Until the tables are reconciled, nothing of this buffer counts as applied here.
-        let (layout, applied) = match (&reconcile, found.layouts(name).first()) {
-            (None, Some(&count)) => (count, found.applied(name, count)),
-            _ => (configured, vec![ChangeSeq::NONE; configured as usize]),
+        let applied = match reconcile {
+            None => found.applied(name, layout),
+            Some(_) => vec![ChangeSeq::NONE; layout as usize],
         };
         let reconcile_letters = links
             .store
@@ -156,6 +162,11 @@ impl<D: Destination> SinkRunner<D> {
     /// The seq every partition has applied.
     pub(super) fn lowest_applied(&self) -> ChangeSeq {
         self.applied.iter().copied().min().unwrap_or_default()
+    }
+
+    /// The partition of `change` in the layout.
+    pub(super) fn partition(&self, change: &Change) -> usize {
+        partition_of_change(change, &self.mappings, &self.schemas, self.layout)
     }
 
     /// The checkpoint row (and acknowledgement marker) of partition `index` of the layout.
@@ -209,7 +220,7 @@ impl<D: Destination> SinkRunner<D> {
         let replid = self.replid()?;
         let mut parts: Vec<Vec<Change>> = vec![Vec::new(); self.applied.len()];
         for change in changes {
-            let partition = partition_of_change(&change, self.layout);
+            let partition = self.partition(&change);
             // After a crash some partitions may have committed this far already.
             if change.seq > self.applied[partition] {
                 parts[partition].push(change);
@@ -308,6 +319,7 @@ impl<D: Destination> SinkRunner<D> {
         let row = self.row(partition);
         self.queue_acks(&changes, refused, batch.last_seq, &row)?;
         self.applied[partition] = batch.last_seq;
+        self.existing_rows.insert(row);
         Ok(())
     }
 

@@ -28,6 +28,9 @@ use staging::{no_warnings, StageError};
 const MAX_PLACEHOLDERS: usize = 30_000;
 /// Run on every new connection: strict `sql_mode` added to the server's.
 const STRICT_SESSION: &str = "SET SESSION sql_mode = IF(@@SESSION.sql_mode = '', 'STRICT_ALL_TABLES', CONCAT(@@SESSION.sql_mode, ',STRICT_ALL_TABLES'))";
+/// A kept session idle this long is pinged before a batch (a server closes idle sessions after
+/// its `wait_timeout`).
+const SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Upserts into one table from this many rows on go through LOAD DATA LOCAL INFILE.
 pub(super) const STAGE_THRESHOLD: usize = 500;
 
@@ -40,7 +43,7 @@ pub struct MysqlSink {
     /// The session batches are written on, kept between batches so that its staging tables and
     /// prepared statements last; dropped (closed, so the server rolls back whatever it had
     /// open) after any failure.
-    session: Option<Conn>,
+    session: Option<(Conn, std::time::Instant)>,
     address: String,
     /// Whether large batches may use LOAD DATA LOCAL INFILE (off once the server refuses it).
     staging: std::sync::atomic::AtomicBool,
@@ -85,7 +88,8 @@ fn classify(error: mysql_async::Error) -> SinkError {
         mysql_async::Error::Server(server) => match server.code {
             // Lock wait timeout, deadlock, shutdown in progress, connection killed, gone away,
             // lost, too many connections, query interrupted, read-only during failover.
-            1205 | 1213 | 1053 | 1927 | 2006 | 2013 | 1040 | 1317 | 1290 => {
+            // 4031: the server closed an idle session (MySQL 8.0.24+).
+            1205 | 1213 | 1053 | 1927 | 2006 | 2013 | 1040 | 1317 | 1290 | 4031 => {
                 SinkErrorKind::Transient
             }
             // NOT NULL, duplicate, foreign keys, out of range, truncated, bad date, bad string,
@@ -179,10 +183,13 @@ impl MysqlSink {
         })
     }
 
-    /// The batch session: the kept one, or a new connection.
+    /// The batch session: the kept one (checked with a ping after an idle spell: the server
+    /// may have closed it), or a new connection.
     async fn session(&mut self) -> Result<Conn, SinkError> {
-        if let Some(conn) = self.session.take() {
-            return Ok(conn);
+        if let Some((mut conn, used)) = self.session.take() {
+            if used.elapsed() < SESSION_IDLE || conn.ping().await.is_ok() {
+                return Ok(conn);
+            }
         }
         Conn::new(self.opts.clone()).await.map_err(|e| {
             classify(e).outside_row().context(format!(
@@ -251,10 +258,14 @@ impl MysqlSink {
         let result = self.write_grouped(conn, schemas, batch).await;
         match result {
             Ok(()) => conn.query_drop("COMMIT").await.map_err(classify),
-            Err(failure) => {
-                let _ = conn.query_drop("ROLLBACK").await;
-                Err(failure)
-            }
+            Err(failure) => match conn.query_drop("ROLLBACK").await {
+                Ok(()) => Err(failure),
+                // The session cannot be trusted to be outside a transaction (the row-by-row
+                // replay would start one inside it): it is dropped, the batch retried.
+                Err(e) => Err(SinkError::transient(format!(
+                    "ROLLBACK after `{failure}` failed: {e}"
+                ))),
+            },
         }
     }
 
@@ -599,7 +610,7 @@ impl Destination for MysqlSink {
         // After a failure the session is not trusted (an open transaction, a broken stream):
         // dropping it closes it, and the server rolls back what it had.
         if result.is_ok() {
-            self.session = Some(conn);
+            self.session = Some((conn, std::time::Instant::now()));
         }
         result
     }
