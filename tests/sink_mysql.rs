@@ -58,12 +58,35 @@ async fn every_batch_is_strict_on_a_server_that_is_not() {
     service.stop().await;
 }
 
-/// The service as a process on `config_for(partitions)`, its log kept in `dir`.
-fn spawn(dir: &std::path::Path, text: &str, run: usize) -> std::process::Child {
+/// The service as a process, killed when dropped (a failing test leaves none behind).
+struct Spawned(std::process::Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The service as a process on the configuration `text`, its log kept in `dir`.
+fn spawn(dir: &std::path::Path, text: &str, run: usize) -> Spawned {
     let config = dir.join(format!("writebehind-{run}.toml"));
     std::fs::write(&config, text).expect("config");
     let log = std::fs::File::create(dir.join(format!("run-{run}.log"))).expect("log");
-    support::spawn_service(&config, log)
+    Spawned(support::spawn_service(&config, log))
 }
 
 /// SIGTERM, then waits for the exit (a graceful stop writes what was captured).
@@ -152,7 +175,7 @@ async fn the_partition_count_changes_between_runs_without_loss_or_repeats() {
         write_new_keys(&mut client, &mut next, 3_000).await;
         until_rows(&database, next - 1, &format!("run {run}")).await;
         if partitions != 4 {
-            tokio::task::block_in_place(|| terminate(&mut child));
+            tokio::task::block_in_place(|| terminate(&mut child.0));
             continue;
         }
         let before = checkpoint_rows(&mut conn).await;
@@ -256,7 +279,7 @@ async fn a_reconciliation_with_a_new_partition_count_acks_each_op_once() {
     for n in 1..=20 {
         until_acked(&mut client, &format!("person2:{n}"), &format!("u{n}")).await;
     }
-    tokio::task::block_in_place(|| terminate(&mut child));
+    tokio::task::block_in_place(|| terminate(&mut child.0));
     // A checkpoint row the service cannot vouch for: reconciled at the next start.
     database
         .execute("UPDATE writebehind_checkpoint SET buffer_id = NULL")
@@ -285,6 +308,6 @@ async fn a_reconciliation_with_a_new_partition_count_acks_each_op_once() {
         .collect();
     assert_eq!(names, vec!["db#0/4", "db#1/4", "db#2/4", "db#3/4"]);
     drop(conn);
-    tokio::task::block_in_place(|| terminate(&mut child));
+    tokio::task::block_in_place(|| terminate(&mut child.0));
     database.drop_database().await;
 }
