@@ -23,7 +23,7 @@ cleanup() {
 trap cleanup EXIT
 export ROCKSDB_LIB_DIR="${ROCKSDB_LIB_DIR:-/usr/lib/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)}"
 cargo build --release --bin writebehind >/dev/null 2>&1
-bin="${CARGO_TARGET_DIR:-target}/release/writebehind"
+bin="${BIN:-${CARGO_TARGET_DIR:-target}/release/writebehind}"  # BIN: another build to compare
 
 redis-server --port "$primary" --bind 127.0.0.1 --dir "$work" --save '' --appendonly no \
   --repl-backlog-size 512mb --daemonize yes --logfile "$work/primary.log"
@@ -35,6 +35,7 @@ cat > "$work/writebehind.toml" <<TOML
 url = "redis://127.0.0.1:$primary"
 [buffer]
 path = "$work/buffer"
+mirror_cache_mb = ${MIRROR_CACHE_MB:-64}
 [backends.db]
 url = "sqlite://$work/unused.db"
 [[mappings]]

@@ -383,3 +383,63 @@ mod field_ttl_tests {
         assert!(v.is_none());
     }
 }
+
+/// What a command stores in the working set (and so in the mirror cache) owns its bytes: the
+/// key, new field names and values are not slices of the stream read they came from.
+#[test]
+fn stored_keys_names_and_values_do_not_hold_the_stream_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let mappings = mappings("keep");
+    let clock = PrimaryClock::default();
+    let table = CommandTable::default();
+    let applier = Applier {
+        mappings: &mappings,
+        commands: &table,
+        generation: 1,
+        ops: true,
+        clock: &clock,
+    };
+    // One buffer, as a stream read is, every argument a slice of it.
+    let read = Bytes::from_static(b"HSETp:1namevaluenname2HINCRBYcount5");
+    let range = read.as_ptr() as usize..read.as_ptr() as usize + read.len();
+    let slices = |spans: &[(usize, usize)]| -> Vec<Bytes> {
+        spans.iter().map(|&(a, b)| read.slice(a..b)).collect()
+    };
+    let mut ws = WorkingSet::new(store);
+    let mut out = Vec::new();
+    for (i, args) in [
+        slices(&[(0, 4), (4, 7), (7, 11), (11, 16), (16, 17), (17, 22)]),
+        slices(&[(22, 29), (4, 7), (29, 34), (34, 35)]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let command = Command {
+            args,
+            db: 0,
+            end: ReplOffset(100 + i as u64),
+        };
+        let write = Write::parse(&command, now_ms());
+        applier.apply(&mut ws, &command, &write, &mut out).unwrap();
+    }
+    let value = ws
+        .peek(0, &Bytes::from_static(b"p:1"))
+        .unwrap()
+        .clone()
+        .unwrap();
+    assert_eq!(value.fields.len(), 3, "name, n and count");
+    let outside = |b: &Bytes| !range.contains(&(b.as_ptr() as usize));
+    for (name, field) in &value.fields {
+        assert!(outside(name), "field name {name:?} is a slice of the read");
+        assert!(
+            outside(&field.value),
+            "value of {name:?} is a slice of the read"
+        );
+    }
+    let mut batch = crate::buffer::Batch::default();
+    let flushed = ws.flush_into(&mut batch);
+    for ((_, key), _) in flushed.changed().iter() {
+        assert!(outside(key), "key {key:?} is a slice of the read");
+    }
+}

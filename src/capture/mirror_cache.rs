@@ -6,6 +6,10 @@
 //! decoded values of recently touched keys that exist, up to `[buffer] mirror_cache_mb`; what
 //! does not fit is read from RocksDB as before.
 //!
+//! Entries own their bytes: keys, field names and values that came from the replication stream
+//! are copied where they enter the mirror (`apply::owned`), never kept as slices of a stream
+//! read, which would keep the whole read buffer alive unseen by the weight.
+//!
 //! Coherence rule: the cache only ever holds what the mirror holds **as of the last commit**.
 //! Capture is the only writer of the mirror and the only user of the cache: a batch reads
 //! through it, and its entries are inserted only once the batch's write succeeded (a batch
@@ -95,7 +99,7 @@ impl MirrorCache {
         if let Some(mut cache) = self.lock() {
             for ((db, key), value) in entries {
                 match value {
-                    Some(value) => cache.insert((db, owned(&key)), Some(compacted(value))),
+                    Some(value) => cache.insert((db, key), Some(value)),
                     None => {
                         cache.remove(&(db, key));
                     }
@@ -115,27 +119,6 @@ impl MirrorCache {
     pub fn weight(&self) -> u64 {
         self.lock().map_or(0, |cache| cache.weight())
     }
-}
-
-/// `bytes` in an allocation of its own. A key, field name or value that came from the
-/// replication stream is a slice of a whole read buffer (64 KiB or more): cached as it is, it
-/// would keep that buffer alive for as long as it stays cached, unseen by the weight. Measured:
-/// without this copy a "64 MB" cache of 100,000 small hashes grew the process by 300 MB and
-/// more over five minutes (scripts/soak.sh).
-fn owned(bytes: &Bytes) -> Bytes {
-    Bytes::copy_from_slice(bytes)
-}
-
-/// `value` with every field name and value in an allocation of its own (see [`owned`]).
-fn compacted(mut value: MirrorValue) -> MirrorValue {
-    value.fields = std::mem::take(&mut value.fields)
-        .into_iter()
-        .map(|(name, mut field)| {
-            field.value = owned(&field.value);
-            (owned(&name), field)
-        })
-        .collect();
-    value
 }
 
 #[cfg(test)]
@@ -171,37 +154,6 @@ mod tests {
         assert_eq!(cache.get(0, &b), None, "a deleted key is read from RocksDB");
         cache.clear();
         assert_eq!(cache.get(0, &a), None);
-    }
-
-    /// What is cached owns its bytes: a value that is a slice of a large buffer (as a stream
-    /// read is) does not keep that buffer alive.
-    #[test]
-    fn cached_values_do_not_hold_the_buffers_they_came_from() {
-        let cache = MirrorCache::new(1 << 20);
-        let read = Bytes::from(vec![b'v'; 64 << 10]);
-        let range = read.as_ptr() as usize..read.as_ptr() as usize + read.len();
-        let mut value = MirrorValue::hash(1);
-        value.fields.insert(
-            read.slice(0..4),
-            crate::buffer::FieldValue {
-                value: read.slice(4..8),
-                expire_at_ms: None,
-            },
-        );
-        cache.insert_committed([((0, read.slice(8..12)), Some(value))]);
-        let key = Bytes::from_static(b"vvvv");
-        let cached = cache.get(0, &key).flatten().expect("cached");
-        let (name, field) = cached.fields.iter().next().expect("a field");
-        assert_eq!(
-            (name.as_ref(), field.value.as_ref()),
-            (&b"vvvv"[..], &b"vvvv"[..])
-        );
-        for bytes in [name, &field.value] {
-            assert!(
-                !range.contains(&(bytes.as_ptr() as usize)),
-                "shares the read buffer"
-            );
-        }
     }
 
     #[test]

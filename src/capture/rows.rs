@@ -92,10 +92,11 @@ pub fn mirror_value_from_dump(
         ..MirrorValue::hash(generation)
     };
     for f in decoded.fields {
+        // Owned copies: the decoded fields are slices of the reply (see `apply::owned`).
         value.fields.insert(
-            f.field,
+            super::apply::owned(&f.field),
             FieldValue {
-                value: f.value,
+                value: super::apply::owned(&f.value),
                 expire_at_ms: f.expire_at_ms,
             },
         );

@@ -2,12 +2,12 @@
 //! use (from the [`MirrorCache`] when it holds them, else from RocksDB) and written back in one
 //! `Batch`.
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::apply::owned;
 use super::mirror_cache::MirrorCache;
 use crate::buffer::{Batch, MirrorValue, Store, StoreError};
 
@@ -111,29 +111,35 @@ impl WorkingSet {
     }
 
     fn slot(&mut self, db: u32, key: &Bytes) -> Result<&mut Slot, StoreError> {
-        let (store, raw, view) = (&self.store, self.raw, &self.view);
-        match self.slots.entry((db, key.clone())) {
-            Entry::Occupied(slot) => Ok(slot.into_mut()),
-            Entry::Vacant(slot) => {
-                let (value, cached) = match raw {
-                    true => match store.raw(db, key)? {
-                        Some(value) => (Some(value), false),
-                        None => Self::load_mirror(store, view, db, key)?,
-                    },
-                    false => Self::load_mirror(store, view, db, key)?,
-                };
-                Ok(slot.insert(Slot {
-                    value,
-                    dirty: false,
-                    cached,
-                }))
-            }
+        let id = (db, key.clone());
+        if !self.slots.contains_key(&id) {
+            let (store, raw, view) = (&self.store, self.raw, &self.view);
+            let (value, cached) = match raw {
+                true => match store.raw(db, key)? {
+                    Some(value) => (Some(value), false),
+                    None => Self::load_mirror(store, view, db, key)?,
+                },
+                false => Self::load_mirror(store, view, db, key)?,
+            };
+            // The key in its own allocation (see `apply::owned`): it goes to the cache.
+            let slot = Slot {
+                value,
+                dirty: false,
+                cached,
+            };
+            self.slots.insert((db, owned(key)), slot);
         }
+        // Present: the stored (owned) key is kept, the slot returned.
+        Ok(self.slots.entry(id).or_insert(Slot {
+            value: None,
+            dirty: false,
+            cached: false,
+        }))
     }
 
     /// Loads `key` with `value` unless it is already held.
     pub fn seed(&mut self, db: u32, key: &Bytes, value: Option<MirrorValue>) {
-        self.slots.entry((db, key.clone())).or_insert(Slot {
+        self.slots.entry((db, owned(key))).or_insert(Slot {
             value,
             dirty: false,
             cached: false,
