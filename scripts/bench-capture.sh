@@ -35,7 +35,7 @@ cat > "$work/writebehind.toml" <<TOML
 url = "redis://127.0.0.1:$primary"
 [buffer]
 path = "$work/buffer"
-mirror_cache_mb = ${MIRROR_CACHE_MB:-64}
+mirror_cache_mb = ${MIRROR_CACHE_MB:-128}
 [backends.db]
 url = "sqlite://$work/unused.db"
 [[mappings]]

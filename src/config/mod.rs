@@ -94,7 +94,7 @@ impl Default for BufferConfig {
 }
 
 fn default_mirror_cache_mb() -> u64 {
-    64
+    128
 }
 
 fn default_buffer_path() -> PathBuf {
