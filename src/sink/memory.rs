@@ -20,6 +20,9 @@ pub struct MemoryDestination {
     pub checkpoints: BTreeMap<String, SinkCheckpoint>,
     /// The next this many `apply` calls fail with a transient error.
     pub fail_next: u32,
+    /// The next this many `apply` calls commit, then report a lost connection (a COMMIT that
+    /// reached the database while its answer did not).
+    pub lose_answer_next: u32,
     /// Keys whose upsert the "database" refuses.
     pub refuse: HashSet<String>,
     /// Batches committed.
@@ -132,6 +135,12 @@ impl Destination for MemoryDestination {
             self.checkpoints.remove(row);
         }
         self.commits += 1;
+        if self.lose_answer_next > 0 {
+            self.lose_answer_next -= 1;
+            return Err(SinkError::transient(
+                "memory: simulated lost answer to COMMIT",
+            ));
+        }
         Ok(rejected)
     }
 }

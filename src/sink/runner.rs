@@ -332,6 +332,7 @@ impl<D: Destination> SinkRunner<D> {
     ) -> Vec<Option<Result<Vec<Rejected>, SinkError>>> {
         let connections = self.sinks.len().max(1);
         let (name, health, schemas) = (&self.name, &self.health, &self.schemas);
+        let store = &self.store;
         let runs = self
             .sinks
             .iter_mut()
@@ -346,8 +347,7 @@ impl<D: Destination> SinkRunner<D> {
                     let result = apply_with_retry(
                         sink,
                         backoff,
-                        name,
-                        health,
+                        (name, health, store),
                         schemas,
                         &part.batch,
                         &part.before_commit,
@@ -497,8 +497,7 @@ impl<D: Destination> SinkRunner<D> {
         apply_with_retry(
             sink,
             backoff,
-            &self.name,
-            &self.health,
+            (&self.name, &self.health, &self.store),
             &self.schemas,
             batch,
             &before_commit,
@@ -542,16 +541,17 @@ fn new_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(100), Duration::from_secs(30))
 }
 
-/// Applies `batch` on `sink`, retrying transient failures forever with `backoff`.
+/// Applies `batch` on `sink`, retrying transient failures forever with `backoff`; `place` is
+/// the backend's name, its health and the buffer (where refused rows are dead-lettered).
 async fn apply_with_retry<D: Destination>(
     sink: &mut D,
     backoff: &mut Backoff,
-    name: &str,
-    health: &Health,
+    place: (&str, &Health, &Store),
     schemas: &[TableSchema],
     batch: &SinkBatch,
     before_commit: &BeforeCommit,
 ) -> Result<Vec<Rejected>, SinkError> {
+    let (name, health, store) = place;
     loop {
         match sink.apply(schemas, batch, before_commit).await {
             Ok(rejected) => {
@@ -574,7 +574,9 @@ async fn apply_with_retry<D: Destination>(
                     Ok(rows) if batch_is_in(batch, &rows) => {
                         tracing::info!(backend = %name, seq = %batch.last_seq, "the batch had committed before the connection failed");
                         backoff.reset();
-                        return Ok(Vec::new());
+                        // The rows it refused were dead-lettered inside that commit: their
+                        // acknowledgements must say so.
+                        return refused_in(store, name, batch);
                     }
                     _ => {}
                 }
@@ -582,6 +584,26 @@ async fn apply_with_retry<D: Destination>(
             Err(fatal) => return Err(fatal),
         }
     }
+}
+
+/// The rows of `batch` that backend `name` dead-lettered (read back after a commit whose answer
+/// was lost).
+fn refused_in(store: &Store, name: &str, batch: &SinkBatch) -> Result<Vec<Rejected>, SinkError> {
+    let seqs: std::collections::HashSet<ChangeSeq> = batch.writes.iter().map(|w| w.seq).collect();
+    let letters = store.dead_letters().map_err(|e| {
+        SinkError::fatal(format!(
+            "backend `{name}`: cannot read the dead letters: {e}"
+        ))
+        .caused_by(e)
+    })?;
+    Ok(letters
+        .into_iter()
+        .filter(|l| l.backend == name && seqs.contains(&l.seq))
+        .map(|l| Rejected {
+            seq: l.seq,
+            reason: l.reason,
+        })
+        .collect())
 }
 
 /// Whether the checkpoint `rows` say `batch` has committed (a lost connection may have hidden

@@ -179,3 +179,41 @@ async fn a_refused_row_is_dead_lettered_and_its_ack_fails_while_the_rest_commits
     );
     assert_eq!(store.acks_enqueued("db").expect("mark"), ChangeSeq(2));
 }
+
+/// A COMMIT that reached the database but whose answer was lost: the retry finds the batch in
+/// (its checkpoint row) and does not apply it again, and a row that commit refused (and
+/// dead-lettered) still gets a `failed` acknowledgement, not `done`.
+#[tokio::test]
+async fn a_lost_commit_answer_keeps_the_refusals_of_the_commit() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    log(
+        &store,
+        &[
+            upsert(1, "1", "a", Some("u1")),
+            upsert(2, "2", "b", Some("u2")),
+        ],
+    );
+    let destination = MemoryDestination {
+        refuse: ["2".to_string()].into(),
+        lose_answer_next: 1,
+        ..MemoryDestination::default()
+    };
+    let mut runner = SinkRunner::start("db", vec![destination], mappings(), links(&store))
+        .await
+        .expect("runner");
+    assert!(runner.step().await.expect("step"));
+    assert_eq!(runner.sinks[0].commits, 1, "applied once");
+    let acks = store.acks(0, 10).expect("acks");
+    let by_uuid: Vec<(&[u8], Option<&str>)> = acks
+        .iter()
+        .map(|a| (a.uuid.as_ref(), a.failure.as_deref()))
+        .collect();
+    assert_eq!(
+        by_uuid,
+        vec![
+            (&b"u1"[..], None),
+            (&b"u2"[..], Some("refused by the memory destination"))
+        ]
+    );
+}
