@@ -594,6 +594,44 @@ color = "color"
             .any(|e| e.contains("overlap with mapping `PersonWriteBehind`")));
     }
 
+    /// Partitions: 1 by default; a count out of range, several on SQLite, and a backend name
+    /// with `#` (which names partition rows) are each refused on a line of their own.
+    #[test]
+    fn partitions_are_checked() {
+        let config = Config::parse(EXAMPLE, &env).unwrap();
+        assert_eq!(config.backends["mysql"].partitions, 1);
+        let four = EXAMPLE.replace(
+            "url = \"mysql://demouser:${DB_PASSWORD}@localhost:3306/test\"",
+            "url = \"mysql://demouser:${DB_PASSWORD}@localhost:3306/test\"\npartitions = 4",
+        );
+        assert_eq!(
+            Config::parse(&four, &env).unwrap().backends["mysql"].partitions,
+            4
+        );
+        for (options, expected) in [
+            ("partitions = 0", "must be between 1 and 64"),
+            ("partitions = 65", "must be between 1 and 64"),
+        ] {
+            let text = EXAMPLE.replace(
+                "url = \"mysql://demouser:${DB_PASSWORD}@localhost:3306/test\"",
+                &format!("url = \"mysql://x@h:1/d\"\n{options}"),
+            );
+            let error = Config::parse(&text, &env).unwrap_err().to_string();
+            assert!(error.contains(expected), "{options}: {error}");
+        }
+        let sqlite = EXAMPLE.replace(
+            "url = \"mysql://demouser:${DB_PASSWORD}@localhost:3306/test\"",
+            "url = \"sqlite://x.db\"\npartitions = 2",
+        );
+        let error = Config::parse(&sqlite, &env).unwrap_err().to_string();
+        assert!(error.contains("SQLite takes one writer"), "{error}");
+        let hash = EXAMPLE
+            .replace("[backends.mysql]", "[backends.\"my#sql\"]")
+            .replace("backend = \"mysql\"", "backend = \"my#sql\"");
+        let error = Config::parse(&hash, &env).unwrap_err().to_string();
+        assert!(error.contains("may not contain `#`"), "{error}");
+    }
+
     #[test]
     fn unknown_keys_are_refused() {
         let text = EXAMPLE.replace(
