@@ -526,6 +526,16 @@ async fn the_atomic_entry_point_applies_the_op_in_the_same_instant() {
         "the library",
         t.library_version().await == Some(writebehind::ack::LIBRARY_VERSION)
     );
+    // Attached: an op tag written before the snapshot's fork is not in the snapshot, so its
+    // ack would never come (docs/design.md 10.1).
+    until!(
+        t,
+        "the replica online",
+        t.client
+            .info("replication")
+            .await
+            .is_ok_and(|info| info.contains("state=online"))
+    );
     let fcall = |op: &'static str| {
         vec![
             "FCALL",
