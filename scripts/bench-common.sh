@@ -100,3 +100,15 @@ plot "$1" using 1:(\$2/1e6) skip 1 with lines lw 2 title "primary", \
      "" using 1:8 skip 1 axes x1y2 with lines dt 2 title "RSS (right)"
 GP
 }
+
+# steady_load PORT RATE SECONDS: RATE pipelined HSETs over 100,000 person2 keys in one burst at
+# the start of every second, for SECONDS (run it in the background).
+steady_load() {
+  local port=$1 rate=$2 end=$(($(date +%s) + $3)) next
+  while [ "$(date +%s)" -lt "$end" ]; do
+    next=$(($(date +%s) + 1))
+    redis-benchmark -p "$port" -q -n "$rate" -P 16 -r 100000 \
+      HSET person2:__rand_int__ first_name John last_name Doe age __rand_int__ >/dev/null
+    while [ "$(date +%s)" -lt "$next" ]; do sleep 0.05; done
+  done
+}

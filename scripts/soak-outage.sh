@@ -52,15 +52,7 @@ until curl -sf "http://127.0.0.1:$admin/metrics" >/dev/null; do
   kill -0 "$service_pid" 2>/dev/null || { echo "the service stopped"; tail -5 "$work/writebehind.log"; exit 1; }
   sleep 0.1
 done
-(
-  end=$(($(date +%s) + seconds))
-  while [ "$(date +%s)" -lt "$end" ]; do
-    next=$(($(date +%s) + 1))
-    redis-benchmark -p "$primary" -q -n "$rate" -P 16 -r 100000 \
-      HSET person2:__rand_int__ first_name John last_name Doe age __rand_int__ >/dev/null
-    while [ "$(date +%s)" -lt "$next" ]; do sleep 0.05; done
-  done
-) &
+steady_load "$primary" "$rate" "$seconds" &
 load_pid=$!
 metric() { awk -v name="$1" '$1 == name {print $2; exit}' "$work/metrics"; }
 echo "elapsed_s,rss_mb,buffer_mb,primary_offset,buffered,applied,lag_bytes,db_up" >"$out/outage.csv"

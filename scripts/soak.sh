@@ -48,16 +48,7 @@ until curl -sf "http://127.0.0.1:$admin/metrics" >/dev/null; do
   sleep 0.1
 done
 
-# The load: RATE commands in one pipelined burst at the start of every second.
-(
-  end=$(($(date +%s) + seconds))
-  while [ "$(date +%s)" -lt "$end" ]; do
-    next=$(($(date +%s) + 1))
-    redis-benchmark -p "$primary" -q -n "$rate" -P 16 -r 100000 \
-      HSET person2:__rand_int__ first_name John last_name Doe age __rand_int__ >/dev/null
-    while [ "$(date +%s)" -lt "$next" ]; do sleep 0.05; done
-  done
-) &
+steady_load "$primary" "$rate" "$seconds" &
 load_pid=$!
 
 metric() { awk -v name="$1" '$1 == name {print $2; exit}' "$work/metrics"; }

@@ -103,6 +103,21 @@ fn terminate(child: &mut std::process::Child) {
     }
 }
 
+/// The recipe's configuration with `partitions` and the buffer at `buffer`.
+fn partitioned_config(
+    server: &RedisServer,
+    database: &Database,
+    buffer: &std::path::Path,
+    partitions: u32,
+) -> String {
+    let options = format!("partitions = {partitions}");
+    format!(
+        "{}\n[buffer]\npath = \"{}\"\n",
+        config_text_with(server, &database.url(), &options),
+        buffer.display()
+    )
+}
+
 /// Writes `count` new keys `person2:<n>` (age n) from `next` on, in one pipeline.
 async fn write_new_keys(client: &mut RedisClient, next: &mut u64, count: usize) {
     let commands: Vec<Vec<String>> = (0..count)
@@ -158,17 +173,7 @@ async fn the_partition_count_changes_between_runs_without_loss_or_repeats() {
     let mut client = server.client().await;
     let dir = tempfile::tempdir().expect("dir");
     let buffer = dir.path().join("buffer");
-    let config_for = |partitions: u32| {
-        format!(
-            "{}\n[buffer]\npath = \"{}\"\n",
-            config_text_with(
-                &server,
-                &database.url(),
-                &format!("partitions = {partitions}")
-            ),
-            buffer.display()
-        )
-    };
+    let config_for = |partitions| partitioned_config(&server, &database, &buffer, partitions);
     let mut next = 1u64;
     for (run, partitions) in [1, 4, 2, 3].into_iter().enumerate() {
         let mut child = spawn(dir.path(), &config_for(partitions), run);
@@ -260,17 +265,7 @@ async fn a_reconciliation_with_a_new_partition_count_acks_each_op_once() {
     let mut client = server.client().await;
     let dir = tempfile::tempdir().expect("dir");
     let buffer = dir.path().join("buffer");
-    let config_for = |partitions: u32| {
-        format!(
-            "{}\n[buffer]\npath = \"{}\"\n",
-            config_text_with(
-                &server,
-                &database.url(),
-                &format!("partitions = {partitions}")
-            ),
-            buffer.display()
-        )
-    };
+    let config_for = |partitions| partitioned_config(&server, &database, &buffer, partitions);
     let mut child = spawn(dir.path(), &config_for(1), 0);
     for n in 1..=20 {
         let (key, op) = (format!("person2:{n}"), format!("=u{n}"));

@@ -165,16 +165,14 @@ async fn a_refused_row_is_dead_lettered_and_its_ack_fails_while_the_rest_commits
         (letters[0].seq, letters[0].row_id.as_ref()),
         (ChangeSeq(2), &b"2"[..])
     );
-    let acks = store.acks(0, 10).expect("acks");
-    let by_uuid: Vec<(&[u8], Option<&str>)> = acks
-        .iter()
-        .map(|a| (a.uuid.as_ref(), a.failure.as_deref()))
-        .collect();
     assert_eq!(
-        by_uuid,
+        acks_by_uuid(&store),
         vec![
-            (&b"u1"[..], None),
-            (&b"u2"[..], Some("refused by the memory destination"))
+            (b"u1".to_vec(), None),
+            (
+                b"u2".to_vec(),
+                Some("refused by the memory destination".to_string())
+            )
         ]
     );
     assert_eq!(store.acks_enqueued("db").expect("mark"), ChangeSeq(2));
@@ -204,16 +202,22 @@ async fn a_lost_commit_answer_keeps_the_refusals_of_the_commit() {
         .expect("runner");
     assert!(runner.step().await.expect("step"));
     assert_eq!(runner.sinks[0].commits, 1, "applied once");
-    let acks = store.acks(0, 10).expect("acks");
-    let by_uuid: Vec<(&[u8], Option<&str>)> = acks
-        .iter()
-        .map(|a| (a.uuid.as_ref(), a.failure.as_deref()))
-        .collect();
     assert_eq!(
-        by_uuid,
+        acks_by_uuid(&store),
         vec![
-            (&b"u1"[..], None),
-            (&b"u2"[..], Some("refused by the memory destination"))
+            (b"u1".to_vec(), None),
+            (
+                b"u2".to_vec(),
+                Some("refused by the memory destination".to_string())
+            )
         ]
     );
+}
+
+/// The queued acks as (uuid, failure), in queue order.
+fn acks_by_uuid(store: &Store) -> Vec<(Vec<u8>, Option<String>)> {
+    let acks = store.acks(0, 10).expect("acks");
+    acks.into_iter()
+        .map(|a| (a.uuid.to_vec(), a.failure))
+        .collect()
 }
