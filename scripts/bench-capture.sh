@@ -67,6 +67,11 @@ for _ in $(seq 1 300); do
 done
 
 echo "== burst: $commands HSETs (3 fields) over 100000 keys, pipeline 32"
+perf_pid=""
+if [ -n "${PERF_OUT:-}" ]; then  # PERF_OUT=file: profile the service through the burst and catch-up
+  perf record -F 499 --call-graph dwarf,16384 -o "$PERF_OUT" -p "$service_pid" >/dev/null 2>&1 &
+  perf_pid=$!
+fi
 start=$(date +%s.%N)
 redis-benchmark -p "$primary" -q -n "$commands" -P 32 -r 100000 \
   HSET person2:__rand_int__ first_name John last_name Doe age 42 >/dev/null
@@ -85,6 +90,7 @@ for _ in $(seq 1 6000); do
   sleep 0.01
 done
 [ -n "$wb_done" ] || { echo "writebehind did not catch up"; exit 1; }
+if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
 # CPU the service used (user + system), from its start: the cost per command, whatever the
 # machine's contention.
 read -r utime stime < <(awk '{print $14, $15}' "/proc/$service_pid/stat")

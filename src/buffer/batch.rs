@@ -5,11 +5,12 @@ use super::change::Change;
 use super::checkpoint::Checkpoint;
 use super::codec::Encoder;
 use super::dead_letter::DeadLetter;
-use super::mirror::{mirror_key, MirrorValue};
+use super::mirror::{mirror_key, MirrorEntries, MirrorValue};
 use super::{
     META_ACKS_ENQUEUED_PREFIX, META_CHECKPOINT, META_CLOCK, META_REPLID_PREFIX, META_WATCHED,
 };
 use crate::position::{ChangeSeq, ReplId, ReplOffset};
+use std::sync::Arc;
 
 /// Writes to apply together, in order, atomically.
 #[derive(Debug, Default)]
@@ -27,6 +28,9 @@ pub(super) enum Op {
     DeleteDeadLetter(ChangeSeq),
     PutMirror(Vec<u8>, Vec<u8>),
     DeleteMirror(Vec<u8>),
+    /// Mirror entries encoded when the batch is written (on the committer's thread, not
+    /// capture's), in key order.
+    MirrorEntries(Arc<MirrorEntries>),
     PutChange(ChangeSeq, Vec<u8>),
     PutMeta(Vec<u8>, Vec<u8>),
 }
@@ -38,6 +42,12 @@ impl Batch {
     }
     pub fn delete_mirror(&mut self, db: u32, key: &[u8]) {
         self.ops.push(Op::DeleteMirror(mirror_key(db, key)));
+    }
+    /// Puts (or, for `None`, deletes) every entry; encoded when the batch is written.
+    pub fn put_mirror_entries(&mut self, entries: Arc<MirrorEntries>) {
+        if !entries.is_empty() {
+            self.ops.push(Op::MirrorEntries(entries));
+        }
     }
     pub fn put_change(&mut self, change: &Change) {
         self.ops.push(Op::PutChange(change.seq, change.encode()));

@@ -1,6 +1,7 @@
 //! Mirror records: a watched key as Redis holds it (column families `mirror` and `raw`).
 
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
 
 use bytes::Bytes;
 
@@ -76,7 +77,23 @@ impl MirrorValue {
     }
 
     pub(super) fn encode(&self) -> Vec<u8> {
-        let mut e = Encoder::default();
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Encodes into `out` (emptied first), so that a batch of values reuses one buffer.
+    pub(super) fn encode_into(&self, out: &mut Vec<u8>) {
+        out.clear();
+        let size: usize = self
+            .fields
+            .iter()
+            .map(|(f, v)| f.len() + v.value.len() + 17)
+            .sum();
+        out.reserve(size + 30);
+        let mut e = Encoder {
+            out: std::mem::take(out),
+        };
         e.u8(match self.kind {
             MirrorKind::Hash => 1,
             MirrorKind::Other => 2,
@@ -90,7 +107,7 @@ impl MirrorValue {
                 .bytes(&value.value)
                 .opt_i64(value.expire_at_ms);
         }
-        e.finish()
+        *out = e.out;
     }
 
     pub(super) fn decode(input: &[u8]) -> Result<MirrorValue, DecodeError> {
@@ -128,15 +145,122 @@ impl MirrorValue {
     }
 }
 
+/// Mirror entries by database and key (`None`: the key does not exist), as a batch of the
+/// command stream changed them.
+pub type MirrorEntries = hashbrown::HashMap<(u32, Bytes), Option<MirrorValue>, ahash::RandomState>;
+
+/// A mirror key borrowed, to look up maps keyed by `(u32, Bytes)` without building (and
+/// reference-counting) an owned key per lookup: it hashes and compares exactly as the owned key
+/// does (`(db, key)` hashes its `u32` then its bytes as a slice; tested below).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRef<'a> {
+    pub db: u32,
+    pub key: &'a [u8],
+}
+
+impl Hash for KeyRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.db.hash(state);
+        self.key.hash(state);
+    }
+}
+
+impl hashbrown::Equivalent<(u32, Bytes)> for KeyRef<'_> {
+    fn equivalent(&self, owned: &(u32, Bytes)) -> bool {
+        self.db == owned.0 && self.key == owned.1.as_ref()
+    }
+}
+
+/// The owned key, in an allocation of its own (never a slice of a stream read: see
+/// `capture::apply::owned`).
+impl From<&KeyRef<'_>> for (u32, Bytes) {
+    fn from(key: &KeyRef<'_>) -> (u32, Bytes) {
+        (key.db, Bytes::copy_from_slice(key.key))
+    }
+}
+
+/// Adds `entries` to `write` in key order, encoded into two reused buffers (RocksDB copies
+/// what it is given): consecutive inserts into the memtable's skiplist then walk mostly the
+/// same, cached, nodes (in hash order each one is a cold search).
+pub(super) fn put_entries(
+    write: &mut rocksdb::WriteBatch,
+    family: &rocksdb::ColumnFamily,
+    entries: &MirrorEntries,
+) {
+    let mut sorted: Vec<_> = entries.iter().collect();
+    sorted.sort_unstable_by_key(|(key, _)| *key);
+    let (mut key, mut value) = (Vec::new(), Vec::new());
+    for ((db, name), entry) in sorted {
+        mirror_key_into(*db, name, &mut key);
+        match entry {
+            Some(entry) => {
+                entry.encode_into(&mut value);
+                write.put_cf(family, &key, &value);
+            }
+            None => write.delete_cf(family, &key),
+        }
+    }
+}
+
 /// The mirror key of `key` in `db`.
 pub(super) fn mirror_key(db: u32, key: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + key.len());
+    mirror_key_into(db, key, &mut out);
+    out
+}
+
+/// The mirror key of `key` in `db`, into `out` (emptied first).
+pub(super) fn mirror_key_into(db: u32, key: &[u8], out: &mut Vec<u8>) {
+    out.clear();
     out.extend_from_slice(&db.to_be_bytes());
     out.extend_from_slice(key);
-    out
 }
 
 pub(super) fn split_mirror_key(raw: &[u8]) -> Option<(u32, Bytes)> {
     let db = u32::from_be_bytes(raw.get(..4)?.try_into().ok()?);
     Some((db, Bytes::copy_from_slice(&raw[4..])))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_borrowed_key_hashes_and_compares_as_the_owned_key() {
+        let state = ahash::RandomState::new();
+        for (db, key) in [(0u32, &b"person:1"[..]), (7, b""), (u32::MAX, b"\x00\xff")] {
+            let owned = (db, Bytes::copy_from_slice(key));
+            let borrowed = KeyRef { db, key };
+            assert_eq!(state.hash_one(&owned), state.hash_one(borrowed));
+            assert!(hashbrown::Equivalent::equivalent(&borrowed, &owned));
+            assert!(!hashbrown::Equivalent::equivalent(
+                &KeyRef { db: db ^ 1, key },
+                &owned
+            ));
+            assert_eq!(<(u32, Bytes)>::from(&borrowed), owned);
+        }
+        let mut entries = MirrorEntries::default();
+        entries.insert((3, Bytes::from_static(b"k")), None);
+        assert!(entries.contains_key(&KeyRef { db: 3, key: b"k" }));
+        assert!(!entries.contains_key(&KeyRef { db: 3, key: b"j" }));
+    }
+
+    #[test]
+    fn encoding_into_a_reused_buffer_is_the_same_encoding() {
+        let mut value = MirrorValue::hash(4);
+        value.expire_at_ms = Some(17);
+        for i in 0..5 {
+            value.fields.insert(
+                Bytes::from(format!("f{i}")),
+                FieldValue {
+                    value: Bytes::from(format!("v{i}")),
+                    expire_at_ms: (i % 2 == 0).then_some(i),
+                },
+            );
+        }
+        let mut buffer = b"left over from another value".to_vec();
+        value.encode_into(&mut buffer);
+        assert_eq!(buffer, value.encode());
+        assert_eq!(MirrorValue::decode(&buffer).ok(), Some(value));
+    }
 }

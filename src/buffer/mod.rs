@@ -63,7 +63,7 @@ pub use change::{Change, HashOp, RowChange};
 pub use checkpoint::Checkpoint;
 pub use codec::DecodeError;
 pub use dead_letter::DeadLetter;
-pub use mirror::{FieldValue, MirrorKind, MirrorValue};
+pub use mirror::{FieldValue, KeyRef, MirrorEntries, MirrorKind, MirrorValue};
 pub use store::{MirrorCursor, MirrorPage, Store};
 
 const FORMAT_VERSION: u32 = 2;

@@ -11,7 +11,7 @@ use rocksdb::{
 
 use super::batch::Op;
 use super::codec::{DecodeError, Decoder};
-use super::mirror::{mirror_key, split_mirror_key};
+use super::mirror::{mirror_key, put_entries, split_mirror_key};
 use super::{
     AckRecord, Batch, Change, Checkpoint, DeadLetter, MirrorValue, StoreError, CF_ACKS, CF_CHANGES,
     CF_DEAD_LETTERS, CF_META, CF_MIRROR, CF_RAW, FORMAT_VERSION, META_ACKS_ENQUEUED_PREFIX,
@@ -395,6 +395,7 @@ impl Store {
         let mut write = WriteBatch::default();
         for op in batch.ops {
             match op {
+                Op::MirrorEntries(entries) => put_entries(&mut write, mirror, &entries),
                 Op::PutMirror(k, v) => write.put_cf(mirror, k, v),
                 Op::DeleteMirror(k) => write.delete_cf(mirror, k),
                 Op::PutChange(seq, v) => write.put_cf(changes, seq.key(), v),

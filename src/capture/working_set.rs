@@ -2,19 +2,18 @@
 //! use (from the [`MirrorCache`] when it holds them, else from RocksDB) and written back in one
 //! `Batch`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use hashbrown::hash_map::EntryRef;
 
-use super::apply::owned;
 use super::mirror_cache::MirrorCache;
-use crate::buffer::{Batch, MirrorValue, Store, StoreError};
+use crate::buffer::{Batch, KeyRef, MirrorEntries, MirrorValue, Store, StoreError};
 
-type LoadResult = Result<(Option<MirrorValue>, bool), StoreError>;
+type LoadResult = Result<Option<MirrorValue>, StoreError>;
 
 /// The mirror entries a batch changed, keyed by database and key.
-pub type Entries = HashMap<(u32, Bytes), Option<MirrorValue>, ahash::RandomState>;
+pub type Entries = MirrorEntries;
 
 /// Where a mirror working set reads what it does not hold: the entries of the batch being
 /// written (newest), then the cache, then RocksDB.
@@ -26,9 +25,9 @@ pub struct MirrorView {
 }
 
 /// The entries of a flushed mirror working set: what its batch changed (read by the next
-/// batch while this one is written) and what the cache does not hold yet, which goes into the
-/// cache once the batch is durably written (never before: a failed write must leave the cache
-/// as the store).
+/// batch while this one is written, and written by the committer) and what it read unchanged,
+/// which both go into the cache once the batch is durably written (never before: a failed
+/// write must leave the cache as the store).
 #[must_use = "the cache learns nothing unless `written` is called"]
 pub struct Flushed {
     changed: Arc<Entries>,
@@ -44,6 +43,8 @@ impl Flushed {
 
     /// The batch holding these entries was written.
     pub fn written(self) {
+        // Shared only while the committer or the next batch still holds it (rare: the
+        // committer drops the batch before reporting it written, the next batch is flushed).
         let changed = Arc::try_unwrap(self.changed).unwrap_or_else(|shared| (*shared).clone());
         self.cache
             .insert_committed(changed.into_iter().chain(self.loaded));
@@ -53,8 +54,6 @@ impl Flushed {
 struct Slot {
     value: Option<MirrorValue>,
     dirty: bool,
-    /// Whether the cache holds this value already (loaded from it and unchanged).
-    cached: bool,
 }
 
 /// The mirror entries touched by the commands of one batch, loaded on first use and written
@@ -63,7 +62,8 @@ pub struct WorkingSet {
     store: Arc<Store>,
     /// ahash: keys are hashed for every command, and a batch is not exposed to the clients
     /// that choose the keys for longer than it lasts (a randomly seeded hasher either way).
-    slots: HashMap<(u32, Bytes), Slot, ahash::RandomState>,
+    /// Looked up by [`KeyRef`]: the owned key is built once, when the key is first loaded.
+    slots: hashbrown::HashMap<(u32, Bytes), Slot, ahash::RandomState>,
     /// Holds what Redis really holds for keys with a pending `#` op (the buffer's `raw`), not
     /// the mirror.
     raw: bool,
@@ -80,7 +80,7 @@ impl WorkingSet {
     pub fn viewing(store: Arc<Store>, view: MirrorView) -> Self {
         WorkingSet {
             store,
-            slots: HashMap::default(),
+            slots: Default::default(),
             raw: false,
             view,
         }
@@ -95,59 +95,56 @@ impl WorkingSet {
         }
     }
 
-    /// The mirrored value of `key`, and whether the cache holds it.
-    fn load_mirror(store: &Store, view: &MirrorView, db: u32, key: &Bytes) -> LoadResult {
-        if let Some(value) = view
-            .in_flight
-            .as_ref()
-            .and_then(|e| e.get(&(db, key.clone())))
-        {
-            return Ok((value.clone(), false));
+    /// The mirrored value of `key`: from the batch in flight, else the cache (moved out of it
+    /// when `take`, copied otherwise), else RocksDB.
+    fn load_mirror(store: &Store, view: &MirrorView, key: KeyRef, take: bool) -> LoadResult {
+        if let Some(value) = view.in_flight.as_ref().and_then(|e| e.get(&key)) {
+            return Ok(value.clone());
         }
-        match view.cache.get(db, key) {
-            Some(value) => Ok((value, true)),
-            None => Ok((store.mirror(db, key)?, false)),
+        let cached = match take {
+            true => view.cache.take(key.db, key.key),
+            false => view.cache.get(key.db, key.key),
+        };
+        match cached {
+            Some(value) => Ok(value),
+            None => store.mirror(key.db, key.key),
         }
     }
 
-    fn slot(&mut self, db: u32, key: &Bytes) -> Result<&mut Slot, StoreError> {
-        let id = (db, key.clone());
-        if !self.slots.contains_key(&id) {
-            let (store, raw, view) = (&self.store, self.raw, &self.view);
-            let (value, cached) = match raw {
-                true => match store.raw(db, key)? {
-                    Some(value) => (Some(value), false),
-                    None => Self::load_mirror(store, view, db, key)?,
-                },
-                false => Self::load_mirror(store, view, db, key)?,
-            };
-            // The key in its own allocation (see `apply::owned`): it goes to the cache.
-            let slot = Slot {
-                value,
-                dirty: false,
-                cached,
-            };
-            self.slots.insert((db, owned(key)), slot);
+    fn slot(&mut self, db: u32, key: &[u8]) -> Result<&mut Slot, StoreError> {
+        let id = KeyRef { db, key };
+        let (store, raw, view) = (&self.store, self.raw, &self.view);
+        match self.slots.entry_ref(&id) {
+            EntryRef::Occupied(slot) => Ok(slot.into_mut()),
+            EntryRef::Vacant(vacant) => {
+                let value = match raw {
+                    true => match store.raw(db, key)? {
+                        Some(value) => Some(value),
+                        // The mirror is only read here: it is not this set's to put back.
+                        None => Self::load_mirror(store, view, id, false)?,
+                    },
+                    false => Self::load_mirror(store, view, id, true)?,
+                };
+                // The key goes in as its own allocation (see `apply::owned`): it goes to the
+                // cache.
+                Ok(vacant.insert(Slot {
+                    value,
+                    dirty: false,
+                }))
+            }
         }
-        // Present: the stored (owned) key is kept, the slot returned.
-        Ok(self.slots.entry(id).or_insert(Slot {
-            value: None,
-            dirty: false,
-            cached: false,
-        }))
     }
 
     /// Loads `key` with `value` unless it is already held.
     pub fn seed(&mut self, db: u32, key: &Bytes, value: Option<MirrorValue>) {
-        self.slots.entry((db, owned(key))).or_insert(Slot {
+        self.slots.entry_ref(&KeyRef { db, key }).or_insert(Slot {
             value,
             dirty: false,
-            cached: false,
         });
     }
 
     pub fn contains(&self, db: u32, key: &[u8]) -> bool {
-        self.slots.contains_key(&(db, Bytes::copy_from_slice(key)))
+        self.slots.contains_key(&KeyRef { db, key })
     }
 
     /// The keys held with a value, in `db` (every database: `None`), with those the batch in
@@ -196,7 +193,6 @@ impl WorkingSet {
     ) -> Result<&mut Option<MirrorValue>, StoreError> {
         let slot = self.slot(db, key)?;
         slot.dirty = true;
-        slot.cached = false;
         Ok(&mut slot.value)
     }
 
@@ -213,32 +209,26 @@ impl WorkingSet {
         let slot = self.slot(db, key)?;
         slot.value = value;
         slot.dirty = true;
-        slot.cached = false;
         Ok(())
     }
 
-    /// Moves the changed entries into `batch` and empties the set; returns what it changed and
-    /// what the cache does not hold yet.
+    /// Hands the changed entries to `batch` (encoded when it is written) and empties the set;
+    /// returns what it changed and what it read unchanged, for the cache.
     pub fn flush_into(&mut self, batch: &mut Batch) -> Flushed {
         let mut changed = Entries::with_capacity_and_hasher(self.slots.len(), Default::default());
         let mut loaded = Vec::new();
-        // In key order: consecutive inserts into RocksDB's memtable skiplist then walk mostly
-        // the same, cached, nodes (in hash order each one is a cold search).
-        let mut slots: Vec<_> = self.slots.drain().collect();
-        slots.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
-        for ((db, key), slot) in slots {
+        for (id, slot) in self.slots.drain() {
             if slot.dirty {
-                match &slot.value {
-                    Some(value) => batch.put_mirror(db, &key, value),
-                    None => batch.delete_mirror(db, &key),
-                }
-                changed.insert((db, key), slot.value);
-            } else if !slot.cached {
-                loaded.push(((db, key), slot.value));
+                changed.insert(id, slot.value);
+            } else if slot.value.is_some() {
+                // Taken out of the cache (or read): it goes back in with this batch.
+                loaded.push((id, slot.value));
             }
         }
+        let changed = Arc::new(changed);
+        batch.put_mirror_entries(changed.clone());
         Flushed {
-            changed: Arc::new(changed),
+            changed,
             loaded,
             cache: self.view.cache.clone(),
         }
@@ -246,5 +236,69 @@ impl WorkingSet {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::FieldValue;
+
+    fn hash(value: &str) -> MirrorValue {
+        let mut hash = MirrorValue::hash(1);
+        let field = FieldValue {
+            value: Bytes::copy_from_slice(value.as_bytes()),
+            expire_at_ms: None,
+        };
+        hash.fields.insert(Bytes::from_static(b"f"), field);
+        hash
+    }
+
+    fn field(value: &Option<MirrorValue>) -> Option<Bytes> {
+        Some(value.as_ref()?.fields.get(&b"f"[..])?.value.clone())
+    }
+
+    /// A batch moves what it touches out of the cache; the cache gets it back only with a
+    /// written batch, so a dropped batch (a resync) leaves the store's value to be read.
+    #[test]
+    fn a_batch_takes_entries_from_the_cache_and_puts_them_back_only_when_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let (changed, read) = (Bytes::from_static(b"changed"), Bytes::from_static(b"read"));
+        let mut batch = Batch::default();
+        batch.put_mirror(0, &changed, &hash("stored"));
+        batch.put_mirror(0, &read, &hash("stored"));
+        store.write(batch, false).unwrap();
+        let cache = MirrorCache::new(1 << 20);
+        cache.insert_committed([
+            ((0, changed.clone()), Some(hash("cached"))),
+            ((0, read.clone()), Some(hash("cached"))),
+        ]);
+        let view = MirrorView {
+            cache: cache.clone(),
+            in_flight: None,
+        };
+
+        // Dropped: the taken entries are gone from the cache, the store is read again.
+        let mut dropped = WorkingSet::viewing(store.clone(), view.clone());
+        *dropped.get_mut(0, &changed).unwrap() = Some(hash("dropped"));
+        assert_eq!(field(dropped.peek(0, &read).unwrap()).unwrap(), "cached");
+        assert_eq!(cache.get(0, &changed), None);
+        assert_eq!(cache.get(0, &read), None);
+        drop(dropped);
+        let mut next = WorkingSet::viewing(store.clone(), view.clone());
+        assert_eq!(field(next.peek(0, &changed).unwrap()).unwrap(), "stored");
+
+        // Written: changed and unchanged entries are cached again, as the batch left them.
+        next.set(0, &changed, Some(hash("new"))).unwrap();
+        assert_eq!(field(next.peek(0, &read).unwrap()).unwrap(), "stored");
+        let mut batch = Batch::default();
+        let flushed = next.flush_into(&mut batch);
+        assert_eq!(cache.get(0, &changed), None, "not before the write");
+        store.write(batch, true).unwrap();
+        flushed.written();
+        assert_eq!(field(&cache.get(0, &changed).unwrap()).unwrap(), "new");
+        assert_eq!(field(&cache.get(0, &read).unwrap()).unwrap(), "stored");
+        assert_eq!(field(&store.mirror(0, &changed).unwrap()).unwrap(), "new");
     }
 }
