@@ -7,7 +7,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 build_release() {
   export ROCKSDB_LIB_DIR="${ROCKSDB_LIB_DIR:-/usr/lib/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)}"
   cargo build --release --bin writebehind >/dev/null 2>&1
-  bin="${CARGO_TARGET_DIR:-target}/release/writebehind"
+  bin="${BIN:-${CARGO_TARGET_DIR:-target}/release/writebehind}"  # BIN: another build to compare
 }
 
 # start_primary PORT DIR [redis-server options...]: a primary keeping nothing on disk, up once
