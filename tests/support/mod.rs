@@ -1,5 +1,9 @@
 //! Real servers for the integration tests: each test starts its own `redis-server` on a free
 //! port in a temporary directory, and the server is killed when the handle drops.
+//!
+//! The server program is `redis-server` unless `WRITEBEHIND_TEST_SERVER` names another (a
+//! Redis or Valkey build taking the same arguments): `.ci/run` runs the suite once per server of
+//! the matrix (scripts/fetch-servers.sh).
 
 #![allow(dead_code)]
 
@@ -19,6 +23,23 @@ pub struct RedisServer {
     child: Child,
     pub port: u16,
     dir: tempfile::TempDir,
+}
+
+/// The Redis (or Valkey) server program the tests start.
+pub fn server_program() -> String {
+    std::env::var("WRITEBEHIND_TEST_SERVER").unwrap_or_else(|_| "redis-server".into())
+}
+
+/// The `(major, minor)` version a server reports as `redis_version` in `INFO server` (Valkey
+/// reports the Redis version it is compatible with, 7.2 for Valkey 8), for assertions that
+/// depend on it.
+pub fn redis_version(info_server: &str) -> (u32, u32) {
+    let version = writebehind::redis_client::info_field(info_server, "redis_version")
+        .expect("INFO server has redis_version");
+    let mut parts = version
+        .split('.')
+        .map(|p| p.parse::<u32>().expect("a version number"));
+    (parts.next().expect("major"), parts.next().expect("minor"))
 }
 
 fn free_port() -> u16 {
@@ -58,7 +79,7 @@ impl RedisServer {
             let port = fixed_port.unwrap_or_else(free_port);
             let dir = tempfile::tempdir().expect("temp dir");
             let log = dir.path().join("redis.log");
-            let mut child = Command::new("redis-server")
+            let mut child = Command::new(server_program())
                 .args([
                     "--port",
                     &port.to_string(),
@@ -79,7 +100,7 @@ impl RedisServer {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
-                .expect("redis-server must be installed (see .ci/run)");
+                .unwrap_or_else(|e| panic!("cannot run {} (see .ci/run): {e}", server_program()));
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if answers_ping(port) {
@@ -266,7 +287,7 @@ impl SentinelServer {
             ),
         )
         .expect("sentinel.conf");
-        let child = Command::new("redis-server")
+        let child = Command::new(server_program())
             .arg(&conf)
             .arg("--sentinel")
             .stdout(Stdio::null())
