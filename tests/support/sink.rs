@@ -129,24 +129,38 @@ impl Database {
     }
 
     pub async fn checkpoint_seq(&self) -> u64 {
-        // The seq every partition has applied: the lowest of the backend's rows.
-        let sql = "SELECT MIN(change_seq) FROM writebehind_checkpoint WHERE backend = 'db' OR backend LIKE 'db#%'";
-        match self {
+        // The seq every partition has applied: the lowest of the backend's rows, 0 while a
+        // partition of a layout has no row yet (its first commit may come after the others').
+        let sql = "SELECT backend, change_seq FROM writebehind_checkpoint WHERE backend = 'db' OR backend LIKE 'db#%'";
+        let rows: Vec<(String, u64)> = match self {
             Database::Maria { pool, .. } => {
-                let seq: Option<Option<u64>> = pool
-                    .get_conn()
-                    .await
-                    .expect("conn")
-                    .query_first(sql)
-                    .await
-                    .unwrap_or(None);
-                seq.flatten().unwrap_or(0)
+                let mut conn = pool.get_conn().await.expect("conn");
+                conn.query(sql).await.unwrap_or_default()
             }
-            Database::Sqlite { path, .. } => rusqlite::Connection::open(path)
-                .expect("open")
-                .query_row(sql, [], |r| r.get::<_, i64>(0))
-                .map(|s| s as u64)
-                .unwrap_or(0),
+            Database::Sqlite { path, .. } => {
+                let conn = rusqlite::Connection::open(path).expect("open");
+                let rows = conn.prepare(sql).and_then(|mut statement| {
+                    statement
+                        .query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?
+                        .collect::<Result<Vec<_>, _>>()
+                });
+                rows.unwrap_or_default()
+            }
+        };
+        let layout = |name: &str| -> usize {
+            name.rsplit_once('/')
+                .and_then(|(_, n)| n.parse().ok())
+                .unwrap_or(1)
+        };
+        let complete = rows.iter().all(|(name, _)| {
+            rows.iter()
+                .filter(|(other, _)| layout(other) == layout(name))
+                .count()
+                >= layout(name)
+        });
+        match complete {
+            true => rows.iter().map(|(_, seq)| *seq).min().unwrap_or(0),
+            false => 0,
         }
     }
 
