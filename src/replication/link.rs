@@ -270,10 +270,14 @@ struct Socket {
     timeout: Duration,
 }
 
+/// The server version announced with `REPLCONF version`: the newest whose snapshot format the
+/// decoder reads (see mod.rs, "Protocol").
+const ANNOUNCED_VERSION: &[u8] = b"9.0.0";
+
 impl Socket {
     /// `PING` (a primary that wants AUTH answers -NOAUTH, which is fine here), `AUTH` when the
-    /// endpoint has a password, then the two advisory `REPLCONF`s (a primary that refuses them
-    /// still serves PSYNC).
+    /// endpoint has a password, then the three advisory `REPLCONF`s (a primary that refuses them
+    /// still serves PSYNC; Redis refuses `version`, see mod.rs).
     async fn greet(
         &mut self,
         writer: &mut OwnedWriteHalf,
@@ -312,6 +316,7 @@ impl Socket {
         for args in [
             &[&b"REPLCONF"[..], b"listening-port", port.as_bytes()][..],
             &[&b"REPLCONF"[..], b"capa", b"eof", b"capa", b"psync2"],
+            &[&b"REPLCONF"[..], b"version", ANNOUNCED_VERSION],
         ] {
             self.send(writer, args).await?;
             let reply = self.read_line().await?;

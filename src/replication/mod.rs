@@ -4,9 +4,16 @@
 //!
 //! The handshake is what a real replica sends (`syncWithMaster`): `PING`, `AUTH [user] pass`,
 //! `REPLCONF listening-port <port>` (a port where nothing answers, so that Sentinel never
-//! considers us promotable), `REPLCONF capa eof capa psync2`, then `PSYNC <replid> <offset+1>`
-//! to continue after a known position, or `PSYNC ? -1`. Bare `\n` keepalives may precede any
-//! reply. The primary answers:
+//! considers us promotable), `REPLCONF capa eof capa psync2`, `REPLCONF version 9.0.0`, then
+//! `PSYNC <replid> <offset+1>` to continue after a known position, or `PSYNC ? -1`. Bare `\n`
+//! keepalives may precede any reply. The primary answers:
+//!
+//! A primary that refuses a `REPLCONF` (Redis answers `-ERR Unrecognized REPLCONF option` to
+//! `version`) still serves `PSYNC`: the refusal is logged, never fatal. `version` is Valkey's
+//! (8.0+): a Valkey primary picks the snapshot format from the version its replica announces
+//! (`replicaRdbVersion`, `RDB_VERSION_MAP` in its sources), RDB 11 for a replica that announces
+//! none, which cannot hold a hash with field TTLs, so such a full sync aborts. 9.0.0 announces
+//! the newest format the decoder reads (`VALKEY080`, [`rdb`]); raise it with the decoder.
 //!
 //! - `+FULLRESYNC <replid> <offset>`: a snapshot follows, framed as `$<len>\r\n` + exactly
 //!   `len` bytes (disk-based sync; no CRLF after it) or as `$EOF:<40 chars>\r\n` + the RDB + the
