@@ -13,6 +13,10 @@ use serde::Deserialize;
 mod endpoint;
 pub use endpoint::{redact, EndpointError, RedisEndpoint};
 
+/// The longest backend name: its checkpoint rows (`<name>#<p>/<n>`, up to 6 more characters)
+/// must fit the checkpoint table's `backend VARCHAR(191)` (191 characters: the longest
+/// utf8mb4 key InnoDB indexes with the old 767-byte limit).
+pub const MAX_BACKEND_NAME_CHARS: usize = 185;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -370,6 +374,11 @@ impl Config {
                     "[backends.{name}]: a backend name may not contain `#` (it names checkpoint rows of partitions)"
                 ));
             }
+            if name.chars().count() > MAX_BACKEND_NAME_CHARS {
+                problems.push(format!(
+                    "[backends.{name}]: a backend name has at most {MAX_BACKEND_NAME_CHARS} characters (it names the checkpoint rows, `<name>#<p>/<n>`, in a 191-character column); choose a shorter one"
+                ));
+            }
         }
     }
 
@@ -630,6 +639,20 @@ color = "color"
             .replace("backend = \"mysql\"", "backend = \"my#sql\"");
         let error = Config::parse(&hash, &env).unwrap_err().to_string();
         assert!(error.contains("may not contain `#`"), "{error}");
+        for (length, refused) in [
+            (MAX_BACKEND_NAME_CHARS, false),
+            (MAX_BACKEND_NAME_CHARS + 1, true),
+        ] {
+            let name = "é".repeat(length);
+            let long = EXAMPLE
+                .replace("[backends.mysql]", &format!("[backends.\"{name}\"]"))
+                .replace("backend = \"mysql\"", &format!("backend = \"{name}\""));
+            let parsed = Config::parse(&long, &env).map_err(|e| e.to_string());
+            match refused {
+                true => assert!(parsed.unwrap_err().contains("at most 185 characters")),
+                false => assert!(parsed.is_ok(), "{length} characters: {parsed:?}"),
+            }
+        }
     }
 
     #[test]
