@@ -382,6 +382,64 @@ mod field_ttl_tests {
         ]);
         assert!(v.is_none());
     }
+
+    fn value(value: &Option<MirrorValue>, field: &str) -> Option<String> {
+        let field = value.as_ref()?.fields.get(field.as_bytes())?;
+        Some(String::from_utf8_lossy(&field.value).into_owned())
+    }
+
+    /// Redis 8's HGETEX, HGETDEL and HINCRBYFLOAT never reach a replica as themselves: these
+    /// are the forms the primary propagates (redis `tests/unit/type/hash-field-expire.tcl`,
+    /// `assert_replication_stream`; built from the spec, no Redis 8 binary here).
+    #[test]
+    fn the_replicated_forms_of_redis_8_hash_commands() {
+        // HGETEX ... EX/PX/EXAT: HPEXPIREAT with every requested field, missing ones included.
+        let v = apply_all(&[
+            &["HSET", "p:1", "f", "1", "g", "2"],
+            &["HPEXPIREAT", "p:1", "9000", "FIELDS", "2", "f", "missing"],
+        ]);
+        assert_eq!((ttl(&v, "f"), ttl(&v, "g")), (Some(9000), None));
+        assert_eq!(value(&v, "missing"), None, "no field is created");
+        // HGETEX ... PERSIST: HPERSIST.
+        let v = apply_all(&[
+            &["HSETEX", "p:1", "PXAT", "9000", "FIELDS", "1", "f", "1"],
+            &["HPERSIST", "p:1", "FIELDS", "2", "f", "missing"],
+        ]);
+        assert_eq!((ttl(&v, "f"), value(&v, "f")), (None, Some("1".into())));
+        // HGETEX with a time in the past, HGETDEL: HDEL (several are wrapped in a MULTI, which
+        // the stream decoder unwraps); the last field takes the key with it (no DEL is sent).
+        let v = apply_all(&[
+            &["HSET", "p:1", "f", "1", "g", "2"],
+            &["HDEL", "p:1", "f"],
+            &["HDEL", "p:1", "missing"],
+        ]);
+        assert_eq!((value(&v, "f"), value(&v, "g")), (None, Some("2".into())));
+        let v = apply_all(&[
+            &["HSET", "p:1", "f", "1", "g", "2"],
+            &["HDEL", "p:1", "f", "g", "missing"],
+        ]);
+        assert!(v.is_none());
+        // HINCRBYFLOAT (8.2+): HSETEX KEEPTTL with the result, TTL kept.
+        let v = apply_all(&[
+            &["HSETEX", "p:1", "PXAT", "9000", "FIELDS", "1", "n", "1"],
+            &["HSETEX", "p:1", "KEEPTTL", "FIELDS", "1", "n", "1.5"],
+        ]);
+        assert_eq!(
+            (value(&v, "n"), ttl(&v, "n")),
+            (Some("1.5".into()), Some(9000))
+        );
+        // HSETEX with options after the FIELDS block (8.4+).
+        let v = apply_all(&[
+            &[
+                "HSETEX", "p:1", "FIELDS", "1", "n", "1", "PXAT", "9000", "FNX",
+            ],
+            &["HSETEX", "p:1", "FIELDS", "1", "n", "2", "KEEPTTL"],
+        ]);
+        assert_eq!(
+            (value(&v, "n"), ttl(&v, "n")),
+            (Some("2".into()), Some(9000))
+        );
+    }
 }
 
 /// What a command stores in the working set (and so in the mirror cache) owns its bytes: the

@@ -214,36 +214,43 @@ fn pairs(args: &[Bytes]) -> Vec<(Bytes, Bytes)> {
         .collect()
 }
 
-/// `HSETEX key [FNX|FXX] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL] FIELDS n field value ...`
+/// `HSETEX key [FNX|FXX] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL] FIELDS n field value ...`, as the
+/// primary propagates it: a relative time rewritten in place to `PXAT <ms>`, every other word
+/// kept where the client put it. Since Redis 8.4 (redis#14416) the options may also follow the
+/// `FIELDS` block (`HSETEX k FIELDS 1 f v PXAT 5000 FNX`), so options are read on both sides of
+/// it, and the block itself is skipped by its count (a field or value named `PX` is data).
+/// `FNX`/`FXX` need nothing: a write whose condition failed is not propagated.
 fn hsetex(args: &[Bytes], now_ms: i64) -> Write {
     let mut ttl = FieldTtl::Clear;
-    let mut i = 2;
     let mut found = Vec::new();
+    let mut i = 2;
     while i < args.len() {
         let word = args[i].to_ascii_uppercase();
         let number = args.get(i + 1).and_then(|n| parse_i64(n)).unwrap_or(0);
-        match word.as_slice() {
-            b"PXAT" => ttl = FieldTtl::At(number),
-            b"EXAT" => ttl = FieldTtl::At(number.saturating_mul(1000)),
-            b"PX" => ttl = FieldTtl::At(now_ms.saturating_add(number)),
-            b"EX" => ttl = FieldTtl::At(now_ms.saturating_add(number.saturating_mul(1000))),
-            b"KEEPTTL" => {
-                ttl = FieldTtl::Keep;
-                i += 1;
-                continue;
-            }
-            b"FIELDS" => {
-                let n = number.max(0) as usize;
-                let rest = args.get(i + 2..).unwrap_or_default();
-                found = pairs(rest).into_iter().take(n).collect();
-                break;
-            }
-            _ => {
-                i += 1;
-                continue;
-            }
+        let at = match word.as_slice() {
+            b"PXAT" => Some(number),
+            b"EXAT" => Some(number.saturating_mul(1000)),
+            b"PX" => Some(now_ms.saturating_add(number)),
+            b"EX" => Some(now_ms.saturating_add(number.saturating_mul(1000))),
+            _ => None,
+        };
+        if let Some(at) = at {
+            ttl = FieldTtl::At(at);
+            i += 2;
+            continue;
         }
-        i += 2;
+        match word.as_slice() {
+            b"KEEPTTL" => ttl = FieldTtl::Keep,
+            b"FIELDS" if found.is_empty() => {
+                let n = number.max(0) as usize;
+                let block = args.get(i + 2..).unwrap_or_default();
+                found = pairs(block).into_iter().take(n).collect();
+                i += 2 + 2 * found.len();
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
     }
     Write::SetFields {
         key: args.get(1).cloned().unwrap_or_default(),
@@ -384,6 +391,43 @@ mod tests {
                 ttl: FieldTtl::Keep
             }
         );
+        // Redis 8.4+: options after the FIELDS block, in the client's order; a field or a value
+        // named like an option is data.
+        for (args, ttl) in [
+            (
+                &[
+                    "HSETEX", "k", "FIELDS", "1", "PX", "KEEPTTL", "PXAT", "5000", "FNX",
+                ][..],
+                FieldTtl::At(5000),
+            ),
+            (
+                &[
+                    "HSETEX", "k", "FXX", "FIELDS", "1", "PX", "KEEPTTL", "KEEPTTL",
+                ],
+                FieldTtl::Keep,
+            ),
+            (
+                &["HSETEX", "k", "FIELDS", "1", "PX", "KEEPTTL"],
+                FieldTtl::Clear,
+            ),
+            (
+                &[
+                    "HSETEX", "k", "PXAT", "7000", "FXX", "FIELDS", "1", "PX", "KEEPTTL",
+                ],
+                FieldTtl::At(7000),
+            ),
+        ] {
+            assert_eq!(
+                parse(args),
+                Write::SetFields {
+                    key: b("k"),
+                    pairs: vec![(b("PX"), b("KEEPTTL"))],
+                    only_new: false,
+                    ttl
+                },
+                "{args:?}"
+            );
+        }
         assert_eq!(
             parse(&["MOVE", "db", "3"]),
             Write::Move {
