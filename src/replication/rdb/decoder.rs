@@ -6,6 +6,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use crc::{Crc, Digest, Table, CRC_64_REDIS};
 
 use super::cursor::{malformed, Cursor, StepError, StepResult, StrRef};
+pub(crate) use super::types::kind_of;
+use super::types::module_name;
 use super::{
     Checksum, HashField, Magic, RdbError, RdbEvent, ValueKind, MAX_REDIS_RDB_VERSION,
     VALKEY_RDB_VERSION,
@@ -14,7 +16,11 @@ use super::{
 /// CRC-64/Jones as Redis computes it (`crc64.c`), slice-by-16 for speed.
 pub(crate) static CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_REDIS);
 
+/// 243 is Valkey's SLOT_IMPORT under `VALKEY` magic and Redis's KEY_META (RDB 13+) under `REDIS`.
 const OP_SLOT_IMPORT_VALKEY: u8 = 0xF3;
+const OP_KEY_META_REDIS: u8 = 0xF3;
+/// A key carries at most this many classes of metadata (Redis: 7, `rdbSaveKeyMetadata`).
+const KEY_META_MAX_CLASSES: u64 = 7;
 const OP_SLOT_INFO: u8 = 0xF4;
 const OP_FUNCTION2: u8 = 0xF5;
 const OP_FUNCTION_PRE_GA: u8 = 0xF6;
@@ -43,14 +49,30 @@ mod values;
 enum State {
     Magic,
     TopLevel,
-    /// Module opcodes until `MODULE_OP_EOF`, for MODULE_AUX (`in_value` false) or a module value.
+    /// Module opcodes until `MODULE_OP_EOF`, for MODULE_AUX, a module value or a class of key
+    /// metadata.
     ModuleOps {
-        in_value: bool,
+        of: ModuleData,
     },
+    /// KEY_META (Redis RDB 13+): classes of module metadata of the next key, each a 4-byte
+    /// class spec and module opcodes; the key's type byte follows.
+    KeyMeta {
+        classes_left: u64,
+    },
+    /// The type byte of a DUMP payload (after its KEY_META, if any).
+    DumpType,
     Value(Value),
     Checksum,
     Done,
     Failed,
+}
+
+/// What a run of module opcodes belongs to: where the decoder goes at its `MODULE_OP_EOF`.
+#[derive(Debug, Clone, Copy)]
+enum ModuleData {
+    Aux,
+    Value,
+    KeyMeta { classes_left: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +92,11 @@ enum Phase {
     },
     StreamMeta,
     StreamGroups {
+        remaining: u64,
+    },
+    /// Streams 26 and 27: the IDMP settings and the producer count after the groups.
+    StreamIdmp,
+    StreamProducers {
         remaining: u64,
     },
     End,
@@ -98,6 +125,8 @@ enum Shape {
     Quicklist2Node,
     /// Master ID string + listpack string of a stream.
     StreamListpack,
+    /// Index + tag + payload of an array element (type 28).
+    ArrayElement,
 }
 
 /// An event whose strings still point into the input being consumed.
@@ -199,6 +228,8 @@ pub struct RdbDecoder {
     ready: VecDeque<RdbEvent>,
     /// DUMP payload mode: a single value, no key, no header.
     value_only: bool,
+    /// DUMP payload mode: the kind of the value, once its type byte is read.
+    dump_kind: Option<ValueKind>,
 }
 
 impl Default for RdbDecoder {
@@ -222,25 +253,24 @@ impl RdbDecoder {
             staged: Vec::new(),
             ready: VecDeque::new(),
             value_only: false,
+            dump_kind: None,
         }
     }
 
-    /// A decoder for one value of the given RDB type (the body of a DUMP payload).
-    pub(crate) fn for_value(type_byte: u8, magic: Magic, version: u32) -> Result<Self, RdbError> {
-        kind_of(type_byte, magic).map_err(|e| RdbError::Malformed {
-            offset: 0,
-            message: e.to_string(),
-        })?;
+    /// A decoder for the body of a DUMP payload: one value, starting at its type byte (or,
+    /// Redis RDB 13+, its KEY_META).
+    pub(crate) fn for_dump(magic: Magic, version: u32) -> Self {
         let mut decoder = RdbDecoder::new();
         decoder.magic = magic;
         decoder.version = version;
         decoder.value_only = true;
-        decoder.state = State::Value(Value {
-            type_byte,
-            phase: Phase::Start,
-            nonempty: false,
-        });
-        Ok(decoder)
+        decoder.state = State::DumpType;
+        decoder
+    }
+
+    /// The kind of a DUMP payload's value, once its type byte is decoded.
+    pub(crate) fn dump_kind(&self) -> Option<ValueKind> {
+        self.dump_kind
     }
 
     /// Bytes consumed so far.
@@ -339,6 +369,8 @@ impl RdbDecoder {
             State::Magic => "the header".into(),
             State::TopLevel => "the opcode stream (no EOF opcode yet)".into(),
             State::ModuleOps { .. } => "module data".into(),
+            State::KeyMeta { .. } => "key metadata (KEY_META)".into(),
+            State::DumpType => "the type of a DUMP payload".into(),
             State::Value(value) => format!("a value of RDB type {}", value.type_byte),
             State::Checksum => "the checksum trailer".into(),
             State::Done | State::Failed => "nothing".into(),
@@ -365,7 +397,9 @@ impl RdbDecoder {
         match self.state.clone() {
             State::Magic => self.step_magic(cur),
             State::TopLevel => self.step_top_level(cur),
-            State::ModuleOps { in_value } => self.step_module_op(cur, in_value),
+            State::ModuleOps { of } => self.step_module_op(cur, of),
+            State::KeyMeta { classes_left } => self.step_key_meta(cur, classes_left),
+            State::DumpType => self.step_dump_type(cur),
             State::Value(value) => self.step_value(cur, value),
             State::Checksum => self.step_checksum(cur),
             State::Done | State::Failed => Ok(()),
@@ -464,7 +498,9 @@ impl RdbDecoder {
                 self.staged.push(Staged::Ready(RdbEvent::ModuleAux {
                     module: module_name(module_id),
                 }));
-                self.state = State::ModuleOps { in_value: false };
+                self.state = State::ModuleOps {
+                    of: ModuleData::Aux,
+                };
             }
             OP_FUNCTION_PRE_GA => {
                 // Redis 7.0 release candidates: name, engine, has-description flag,
@@ -486,6 +522,7 @@ impl RdbDecoder {
                 cur.length()?;
                 cur.length()?;
             }
+            OP_KEY_META_REDIS if self.magic == Magic::Redis => self.start_key_meta(cur, at)?,
             OP_SLOT_IMPORT_VALKEY if self.magic == Magic::Valkey => {
                 cur.string()?;
                 let ranges = cur.length()?;
@@ -530,15 +567,70 @@ impl RdbDecoder {
         Ok(())
     }
 
-    fn step_module_op(&mut self, cur: &mut Cursor<'_>, in_value: bool) -> StepResult<()> {
+    /// KEY_META's class count (`rdbSaveKeyMetadata`); the classes follow.
+    fn start_key_meta(&mut self, cur: &mut Cursor<'_>, at: usize) -> StepResult<()> {
+        let classes = cur.length()?;
+        if classes > KEY_META_MAX_CLASSES {
+            return malformed(
+                at,
+                format!("KEY_META with {classes} classes (at most {KEY_META_MAX_CLASSES})"),
+            );
+        }
+        self.state = State::KeyMeta {
+            classes_left: classes,
+        };
+        Ok(())
+    }
+
+    /// One class of key metadata: its 4-byte spec (name, version, flags), then its values as
+    /// module opcodes up to `MODULE_OP_EOF`; after the last class, the key's type byte.
+    fn step_key_meta(&mut self, cur: &mut Cursor<'_>, classes_left: u64) -> StepResult<()> {
+        if classes_left == 0 {
+            self.state = match self.value_only {
+                true => State::DumpType,
+                false => State::TopLevel,
+            };
+            return Ok(());
+        }
+        cur.take(4)?;
+        self.state = State::ModuleOps {
+            of: ModuleData::KeyMeta {
+                classes_left: classes_left - 1,
+            },
+        };
+        Ok(())
+    }
+
+    /// A DUMP payload starts with its type byte, or (Redis RDB 13+) with KEY_META and then it.
+    fn step_dump_type(&mut self, cur: &mut Cursor<'_>) -> StepResult<()> {
+        let at = cur.pos;
+        let type_byte = cur.u8()?;
+        if type_byte == OP_KEY_META_REDIS && self.magic == Magic::Redis && self.version >= 13 {
+            return self.start_key_meta(cur, at);
+        }
+        let kind = kind_of(type_byte, self.magic).map_err(|e| StepError::Malformed {
+            at,
+            message: e.to_string(),
+        })?;
+        self.dump_kind = Some(kind);
+        self.state = State::Value(Value {
+            type_byte,
+            phase: Phase::Start,
+            nonempty: false,
+        });
+        Ok(())
+    }
+
+    fn step_module_op(&mut self, cur: &mut Cursor<'_>, of: ModuleData) -> StepResult<()> {
         let at = cur.pos;
         match cur.length()? {
-            MODULE_OP_EOF => {
-                self.state = State::TopLevel;
-                if in_value {
-                    self.end_value(true);
+            MODULE_OP_EOF => match of {
+                ModuleData::Aux => self.state = State::TopLevel,
+                ModuleData::Value => self.end_value(true),
+                ModuleData::KeyMeta { classes_left } => {
+                    self.state = State::KeyMeta { classes_left }
                 }
-            }
+            },
             MODULE_OP_SINT | MODULE_OP_UINT => {
                 cur.length()?;
             }
@@ -572,45 +664,4 @@ impl RdbDecoder {
         self.state = State::Done;
         Ok(())
     }
-}
-
-/// An RDB type byte this decoder cannot read or skip.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum UnreadableType {
-    #[error("Valkey PATH_HASH values (type 23) are not supported")]
-    PathHash,
-    #[error("module value in the pre-release format (type 6) cannot be skipped")]
-    PreReleaseModule,
-    #[error("unknown RDB value type or opcode {0}")]
-    Unknown(u8),
-}
-
-/// The logical kind of an RDB type byte; 22 and 23 depend on who wrote the file.
-pub(crate) fn kind_of(type_byte: u8, magic: Magic) -> Result<ValueKind, UnreadableType> {
-    Ok(match type_byte {
-        0 => ValueKind::String,
-        1 | 10 | 14 | 18 => ValueKind::List,
-        2 | 11 | 20 => ValueKind::Set,
-        3 | 5 | 12 | 17 => ValueKind::SortedSet,
-        4 | 9 | 13 | 16 | 22 | 24 | 25 => ValueKind::Hash,
-        23 if magic == Magic::Redis => ValueKind::Hash,
-        23 => return Err(UnreadableType::PathHash),
-        6 => return Err(UnreadableType::PreReleaseModule),
-        7 => ValueKind::Module,
-        15 | 19 | 21 => ValueKind::Stream,
-        other => return Err(UnreadableType::Unknown(other)),
-    })
-}
-
-/// A module's name from its 64-bit id: nine characters of six bits each, then ten bits of
-/// encoding version (`moduleTypeNameByID`).
-fn module_name(id: u64) -> String {
-    const CHARSET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut bits = id >> 10;
-    let mut name = [0u8; 9];
-    for slot in name.iter_mut().rev() {
-        *slot = CHARSET[(bits & 63) as usize];
-        bits >>= 6;
-    }
-    String::from_utf8_lossy(&name).into_owned()
 }

@@ -52,8 +52,46 @@ impl RdbDecoder {
                 self.set_phase(value, Phase::StreamGroups { remaining: groups });
                 Ok(())
             }
+            Phase::StreamGroups { remaining: 0 } if value.type_byte >= 26 => {
+                self.set_phase(value, Phase::StreamIdmp);
+                Ok(())
+            }
             Phase::StreamGroups { remaining: 0 } => {
                 self.end_value(true);
+                Ok(())
+            }
+            Phase::StreamIdmp => {
+                cur.length()?; // IDMP duration
+                cur.length()?; // and max entries
+                let producers = cur.length()?;
+                self.set_phase(
+                    value,
+                    Phase::StreamProducers {
+                        remaining: producers,
+                    },
+                );
+                Ok(())
+            }
+            Phase::StreamProducers { remaining: 0 } => {
+                cur.length()?; // iids added
+                cur.length()?; // iids found duplicate
+                self.end_value(true);
+                Ok(())
+            }
+            Phase::StreamProducers { remaining } => {
+                cur.string()?; // producer id
+                let iids = cur.length()?;
+                for _ in 0..iids {
+                    cur.string()?; // iid
+                    cur.length()?; // its stream id: ms
+                    cur.length()?; // and seq
+                }
+                self.set_phase(
+                    value,
+                    Phase::StreamProducers {
+                        remaining: remaining - 1,
+                    },
+                );
                 Ok(())
             }
             Phase::StreamGroups { remaining } => {
@@ -102,7 +140,9 @@ impl RdbDecoder {
             4 => items(cur.length()?, Shape::HashPair),
             7 => {
                 let _module_id = cur.length()?;
-                self.state = State::ModuleOps { in_value: true };
+                self.state = State::ModuleOps {
+                    of: ModuleData::Value,
+                };
                 return Ok(());
             }
             9 => {
@@ -155,9 +195,21 @@ impl RdbDecoder {
             }
             14 => items(cur.length()?, Shape::QuicklistNode),
             18 => items(cur.length()?, Shape::Quicklist2Node),
-            15 | 19 | 21 => {
+            15 | 19 | 21 | 26 | 27 => {
                 value.nonempty = true;
                 items(cur.length()?, Shape::StreamListpack)
+            }
+            28 => {
+                let count = cur.length()?;
+                match cur.length()? {
+                    0 => {}
+                    1 => {
+                        cur.length()?; // the insert index
+                    }
+                    other => return malformed(at, format!("array insert-index flag {other}")),
+                }
+                value.nonempty = count > 0;
+                items(count, Shape::ArrayElement)
             }
             22 if self.magic == Magic::Valkey => items(cur.length()?, Shape::ValkeyHash2),
             22 => items(cur.length()?, Shape::HashTtlAbsolute),
@@ -246,6 +298,16 @@ impl RdbDecoder {
                 cur.take(8)?;
             }
             (Shape::StreamListpack, _) => self.skip = cur.skip_string()?,
+            (Shape::ArrayElement, _) => {
+                cur.length()?; // index
+                match cur.length()? {
+                    0 | 3 => self.skip = cur.skip_string()?, // string, small string
+                    1 | 2 => {
+                        cur.take(8)?; // int64, double
+                    }
+                    tag => return malformed(at, format!("array element tag {tag}")),
+                }
+            }
             (Shape::HashPair, _) => {
                 let field = cur.string()?;
                 let val = cur.string()?;
@@ -295,6 +357,10 @@ impl RdbDecoder {
                 let field = cur.string()?;
                 let val = cur.string()?;
                 let expiry = cur.i64_le()?;
+                if expiry < -1 {
+                    // Valkey's loader refuses it too: -1 is "none", times are not negative.
+                    return malformed(at, format!("field expiry {expiry} (below -1)"));
+                }
                 value.nonempty = true;
                 self.staged.push(Staged::Field {
                     field,
@@ -359,6 +425,16 @@ impl RdbDecoder {
             let bytes = owned.checked_mul(16).ok_or(StepError::Malformed {
                 at,
                 message: format!("consumer PEL size {owned} overflows"),
+            })?;
+            cur.take(bytes)?;
+        }
+        if type_byte >= 27 {
+            // NACKed ids of the group (Redis 8.8).
+            let nacked = cur.length()?;
+            let at = cur.pos;
+            let bytes = nacked.checked_mul(16).ok_or(StepError::Malformed {
+                at,
+                message: format!("NACK list size {nacked} overflows"),
             })?;
             cur.take(bytes)?;
         }

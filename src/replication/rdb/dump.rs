@@ -1,12 +1,13 @@
 //! DUMP / RESTORE payloads.
 //!
 //! A payload is `type byte + value (RDB object encoding) + u16 LE RDB version + u64 LE
-//! CRC-64` where the CRC covers everything before it (`createDumpPayload`). It reaches us as the
+//! CRC-64` where the CRC covers everything before it (`createDumpPayload`); from RDB 13
+//! (Redis 8.6) a key with module metadata has KEY_META before its type byte (see mod.rs). It reaches us as the
 //! last argument of `RESTORE key ttl payload [REPLACE] [ABSTTL] ...` in the replication stream.
 
 use bytes::{Bytes, BytesMut};
 
-use super::decoder::{kind_of, RdbDecoder, CRC64};
+use super::decoder::{RdbDecoder, CRC64};
 use super::{HashField, Magic, RdbError, RdbEvent, ValueKind, MAX_REDIS_RDB_VERSION};
 
 /// The decoded value of a DUMP payload: its kind, and for a hash its fields.
@@ -43,9 +44,8 @@ pub fn decode_dump_payload(payload: &Bytes) -> Result<DumpedValue, RdbError> {
     if expected != 0 && expected != computed {
         return Err(RdbError::BadChecksum { expected, computed });
     }
-    let type_byte = payload[0];
-    let mut decoder = RdbDecoder::for_value(type_byte, Magic::Redis, version.into())?;
-    let mut input = BytesMut::from(&payload[1..body_end]);
+    let mut decoder = RdbDecoder::for_dump(Magic::Redis, version.into());
+    let mut input = BytesMut::from(&payload[..body_end]);
     let mut value = DumpedValue {
         kind: ValueKind::String,
         rdb_version: version,
@@ -53,7 +53,7 @@ pub fn decode_dump_payload(payload: &Bytes) -> Result<DumpedValue, RdbError> {
         empty: false,
     };
     let mut ended = false;
-    while let Some(event) = decoder.decode(&mut input).map_err(|e| shift(e, 1))? {
+    while let Some(event) = decoder.decode(&mut input)? {
         match event {
             RdbEvent::HashField(field) => value.fields.push(field),
             RdbEvent::KeyEnd { empty } => {
@@ -63,36 +63,22 @@ pub fn decode_dump_payload(payload: &Bytes) -> Result<DumpedValue, RdbError> {
             _ => {}
         }
     }
-    if !ended {
+    let kind = decoder.dump_kind();
+    let Some(kind) = kind.filter(|_| ended) else {
         return Err(RdbError::Truncated {
-            offset: 1 + decoder.consumed(),
-            context: format!("the DUMP value of RDB type {type_byte}"),
+            offset: decoder.consumed(),
+            context: match kind {
+                Some(kind) => format!("the DUMP value ({})", kind.name()),
+                None => "the type of a DUMP value".into(),
+            },
         });
-    }
+    };
     if !input.is_empty() {
         return Err(RdbError::Malformed {
-            offset: 1 + decoder.consumed(),
+            offset: decoder.consumed(),
             message: format!("{} bytes after the DUMP value", input.len()),
         });
     }
-    value.kind = kind_of(type_byte, Magic::Redis).map_err(|e| RdbError::Malformed {
-        offset: 0,
-        message: e.to_string(),
-    })?;
+    value.kind = kind;
     Ok(value)
-}
-
-/// Offsets inside the value are relative to the byte after the type byte.
-fn shift(error: RdbError, by: u64) -> RdbError {
-    match error {
-        RdbError::Malformed { offset, message } => RdbError::Malformed {
-            offset: offset + by,
-            message,
-        },
-        RdbError::Truncated { offset, context } => RdbError::Truncated {
-            offset: offset + by,
-            context,
-        },
-        other => other,
-    }
 }

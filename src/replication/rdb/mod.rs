@@ -9,8 +9,11 @@
 //! Top-level opcodes: `0xFA` AUX (two strings; `repl-stream-db`, `repl-id` and `repl-offset`
 //! among them), `0xFE` SELECTDB, `0xFB` RESIZEDB, `0xFD`/`0xFC` expiry of the next key in
 //! seconds/milliseconds, `0xF8` IDLE and `0xF9` FREQ (eviction hints), `0xF7` MODULE_AUX,
-//! `0xF5` FUNCTION2 (a library's source; `0xF6`, the 7.0 release-candidate form, too), `0xF4` SLOT_INFO, and under `VALKEY` magic `0xF3`
-//! SLOT_IMPORT. Any other byte is a value type, followed by the key and the value.
+//! `0xF5` FUNCTION2 (a library's source; `0xF6`, the 7.0 release-candidate form, too), `0xF4`
+//! SLOT_INFO, and `0xF3`: under `VALKEY` magic SLOT_IMPORT (a job name and slot ranges), under
+//! `REDIS` magic KEY_META (RDB 13+, before a key's type byte and at the start of a DUMP payload:
+//! a class count of at most 7, then per class a 4-byte spec and module opcodes up to their EOF;
+//! skipped). Any other byte is a value type, followed by the key and the value.
 //!
 //! Lengths and strings use the RDB length encoding (see `cursor.rs`). Hashes are decoded in every
 //! encoding Redis and Valkey write: 4 (field/value pairs), 9 (zipmap), 13 (ziplist), 16
@@ -18,7 +21,12 @@
 //! `ttl` is relative to it), 25 (listpack of `field value ttl` triples with `minExpire` first),
 //! the 7.4 release-candidate forms 22 and 23 (absolute TTLs, no `minExpire`), and Valkey's 22
 //! (`field value i64-expiry`, -1 = none). Every other type is skipped by its structure and
-//! reported with its key and type, so a consumer can track which keys are not hashes.
+//! reported with its key and type, so a consumer can track which keys are not hashes; among
+//! them Redis 8.6's stream 26 (type 21 plus an IDMP section after the groups: duration, max
+//! entries, producers each with their `iid ms seq` entries, two counters), 8.8's stream 27 (26
+//! plus, per group after its consumers, a count of NACKed 16-byte ids) and 8.8's array 28
+//! (count, an insert-index flag and index, then `index tag payload` elements: tag 0 and 3 a
+//! string, 1 and 2 eight bytes). Sources: redis `src/rdb.c`, `rdbSaveObject`.
 //!
 //! # Streaming
 //!
@@ -35,6 +43,7 @@ mod compact;
 pub(crate) mod cursor;
 mod decoder;
 mod dump;
+mod types;
 
 pub use decoder::RdbDecoder;
 pub use dump::{decode_dump_payload, DumpedValue};
@@ -48,8 +57,9 @@ pub enum Magic {
     Valkey,
 }
 
-/// Highest `REDIS` RDB version this decoder understands (Redis 7.4 to 8.4).
-pub const MAX_REDIS_RDB_VERSION: u32 = 12;
+/// Highest `REDIS` RDB version this decoder understands (12: Redis 7.4 to 8.4; 13: 8.6; 14:
+/// 8.8).
+pub const MAX_REDIS_RDB_VERSION: u32 = 14;
 /// The `VALKEY` RDB version this decoder understands (Valkey 9.0).
 pub const VALKEY_RDB_VERSION: u32 = 80;
 
@@ -63,6 +73,8 @@ pub enum ValueKind {
     Hash,
     Stream,
     Module,
+    /// Redis 8.8's sparse array (RDB type 28).
+    Array,
 }
 
 impl ValueKind {
@@ -76,6 +88,7 @@ impl ValueKind {
             ValueKind::Hash => "hash",
             ValueKind::Stream => "stream",
             ValueKind::Module => "module",
+            ValueKind::Array => "array",
         }
     }
 }
