@@ -152,11 +152,23 @@ fn decode(data: &[u8], chunk: usize) -> Result<Vec<Key>, RdbError> {
     Ok(keys)
 }
 
-/// Decodes whole and byte by byte (every step cut at every place), which must agree.
+/// Decodes whole and byte by byte (every step cut at every place), which must agree. With
+/// `WRITEBEHIND_RDB_SEEDS=<dir>` the file is also written there (seeds for `scripts/fuzz.sh`).
 fn decode_both_ways(data: &[u8]) -> Vec<Key> {
+    if let Ok(dir) = std::env::var("WRITEBEHIND_RDB_SEEDS") {
+        let name = format!("newer-{:016x}.rdb", fnv(data));
+        std::fs::write(std::path::Path::new(&dir).join(name), data).expect("seed written");
+    }
     let whole = decode(data, data.len()).expect("decodes");
     assert_eq!(decode(data, 1).expect("decodes byte by byte"), whole);
     whole
+}
+
+/// FNV-1a: a stable name for a seed file.
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
 }
 
 fn hash_key(name: &str, expire_at_ms: Option<i64>, fields: &[(&str, &str)]) -> Key {
