@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# A long full sync under write load: a primary holding a snapshot of about KEYS x VALUE bytes
+# (1 GB by default) takes a steady stream of writes while the service attaches (capture only)
+# and, after it, while a real `--replicaof` replica attaches: the reference. The primary keeps
+# the defaults that decide whether a slow full sync survives the writes: `client-output-buffer-
+# limit replica 256mb 64mb 60` (the writes queued for a replica while it loads the snapshot; past
+# the limit the primary drops the replica, which must start over) and a 1 MB backlog.
+# Reports, for both, whether the sync completed, in how many full syncs, how long it took, and
+# the largest output buffer the primary held for it. Not a test: it measures.
+#
+# Usage: scripts/bench-fullsync-load.sh [keys] [value-bytes] [writes-per-second]
+#        (default 1000000 1000 20000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+keys="${1:-1000000}"
+size="${2:-1000}"
+rate="${3:-20000}"
+work="$(mktemp -d /var/tmp/writebehind-fullsync-bench.XXXXXX)"
+database=""
+. scripts/bench-common.sh
+primary=$(free_port)
+replica=$(free_port)
+service_pid=""
+load_pid=""
+cleanup() {
+  if [ -n "$load_pid" ]; then kill "$load_pid" 2>/dev/null || true; fi
+  redis-cli -p "$replica" shutdown nosave >/dev/null 2>&1 || true
+  cleanup_bench
+}
+trap cleanup EXIT
+build_release
+
+start_primary "$primary" "$work"
+for ((from = 1; from <= keys; from += 100000)); do
+  to=$((from + 99999 < keys ? from + 99999 : keys))
+  redis-cli -p "$primary" eval "local v = string.rep('x', tonumber(ARGV[3])) for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do redis.call('HSET', 'person2:' .. i, 'first_name', v, 'age', '42') end" 0 "$from" "$to" "$size" >/dev/null
+done
+used=$(redis-cli -p "$primary" info memory | tr -d '\r' | sed -n 's/^used_memory://p')
+echo "== snapshot: $keys hashes of ${size}-byte values, primary memory $((used / 1000000)) MB; writes: $rate HSETs/s"
+
+steady_load "$primary" "$rate" 100000 &
+load_pid=$!
+
+full_syncs() { redis-cli -p "$primary" info stats | tr -d '\r' | sed -n 's/^sync_full://p'; }
+# follow NAME PORT-PATTERN: polls until the replica whose INFO line matches is online; prints
+# completed (yes/no), seconds, full syncs started for it, peak output buffer (MB).
+follow() {
+  local name=$1 pattern=$2 limit=600 start syncs_before peak=0 omem line
+  start=$(date +%s.%N)
+  syncs_before=$(full_syncs)
+  while :; do
+    line=$(redis-cli -p "$primary" info replication | tr -d '\r' | grep "^slave" | grep "$pattern" || true)
+    omem=$(redis-cli -p "$primary" client list type replica | grep -o 'omem=[0-9]*' | cut -d= -f2 | sort -n | tail -1)
+    [ -n "$omem" ] && [ "$omem" -gt "$peak" ] && peak=$omem
+    if [[ "$line" == *state=online* ]]; then
+      echo "${name}_completed=yes"
+      break
+    fi
+    if python3 -c "import sys; sys.exit(0 if $(date +%s.%N) - $start > $limit else 1)"; then
+      echo "${name}_completed=no (not online after ${limit} s)"
+      break
+    fi
+    sleep 0.2
+  done
+  echo "${name}_seconds=$(python3 -c "print(round($(date +%s.%N) - $start, 1))")"
+  echo "${name}_full_syncs=$(($(full_syncs) - syncs_before))"
+  echo "${name}_peak_output_buffer_mb=$((peak / 1000000))"
+}
+
+write_config "$work/writebehind.toml" "$primary" "$work/buffer" "sqlite://$work/unused.db"
+RUST_LOG=warn "$bin" run --capture-only --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
+service_pid=$!
+follow writebehind "port=1,"  # the service announces port 1 (see src/replication/mod.rs)
+grep -i "error\|closed\|limit" "$work/writebehind.log" | head -3 || true
+
+mkdir -p "$work/replica"
+redis-server --port "$replica" --bind 127.0.0.1 --dir "$work/replica" --save '' --appendonly no \
+  --replicaof 127.0.0.1 "$primary" --daemonize yes --logfile "$work/replica.log"
+follow replica "port=$replica,"
+echo "primary_dropped_replicas=$(grep -c 'scheduled to be closed ASAP for overcoming of output buffer limits' "$work/primary-$primary.log" || true)"
