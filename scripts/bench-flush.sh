@@ -2,8 +2,10 @@
 # Memory benchmark: FLUSHALL of many watched keys end to end (capture and the MariaDB sink).
 # Fills a primary with N hashes, lets `writebehind run` load them into a scratch MariaDB
 # database, then sends FLUSHALL and samples the service's RSS every 0.1 s until the table is
-# empty. Reports the peak RSS during the flush (the limit to hold: bounded whatever N), the peak
-# over the whole run (the initial load included) and the seconds to an empty table.
+# empty. Reports the peak RSS during the flush (the limit to hold: bounded whatever N), the
+# memory by part at that peak (`memory_bytes{part}`: heap allocated and resident, RocksDB's
+# memtables, table readers and block caches), the peak over the whole run (the initial load
+# included) and the seconds to an empty table.
 # Not a test: it measures.
 #
 # Usage: scripts/bench-flush.sh [keys]   (default 1000000)
@@ -26,6 +28,8 @@ for ((from = 1; from <= keys; from += 100000)); do
   redis-cli -p "$primary" eval "for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do redis.call('HSET', 'person2:' .. i, 'first_name', 'John', 'last_name', 'Doe', 'age', '42') end" 0 "$from" "$to" >/dev/null
 done
 write_config "$work/writebehind.toml" "$primary" "$work/buffer" "mysql://root@127.0.0.1:3306/$database"
+admin=$(free_port)
+printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$admin" >>"$work/writebehind.toml"
 RUST_LOG=warn "$bin" run --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
 service_pid=$!
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$service_pid/status"; }
@@ -39,14 +43,23 @@ done
 load_end=$(date +%s.%N)
 rss_before=$(rss_kb)
 
+# memory_parts: the memory_bytes{part} gauges (MB), one "part=MB" per part, on one line.
+memory_parts() {
+  curl -sf "http://127.0.0.1:$admin/metrics" | awk -F'[{}" ]+' '
+    $1 == "writebehind_memory_bytes" { printf "%s=%.0f ", $3, $4 / 1e6 }' || true
+}
 redis-cli -p "$primary" flushall >/dev/null
 flush_start=$(date +%s.%N)
 peak=$rss_before
+at_peak=""
 while :; do
-  rss=$(rss_kb); [ "$rss" -gt "$peak" ] && peak=$rss
+  rss=$(rss_kb)
+  if [ "$rss" -gt "$peak" ]; then peak=$rss; at_peak=$(memory_parts); fi
   [ "$(rows)" = 0 ] && break
   sleep 0.1
 done
+# The gauges are sampled once a second: at the peak they are at most a second old.
+echo "memory_at_peak_mb: $at_peak"
 flush_end=$(date +%s.%N)
 hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$service_pid/status")
 python3 - "$keys" "$load_start" "$load_end" "$flush_start" "$flush_end" "$rss_before" "$peak" "$hwm" <<'PY'

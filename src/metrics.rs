@@ -16,7 +16,11 @@
 //! - `sink_batches_total{backend}`, `sink_batch_rows{backend}` and `sink_commit_seconds{backend}`
 //!   (histograms), `sink_retries_total{backend}`;
 //! - `link_errors_total{kind}`, `full_syncs_total`, `partial_syncs_total`;
-//! - `buffer_size_bytes` (RocksDB files), `link_up`, `backend_up{backend}`.
+//! - `buffer_size_bytes` (RocksDB files), `link_up`, `backend_up{backend}`;
+//! - `memory_bytes{part}`: `heap_allocated` and `heap_resident` (the allocator's figures: what
+//!   the process asked for, and what the allocator keeps in RAM for it, which RSS follows),
+//!   `rocksdb_memtables`, `rocksdb_table_readers` (index and filter blocks of open tables),
+//!   `rocksdb_block_cache`, `rocksdb_pinned_blocks`; sampled with the primary's offset.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -355,6 +359,24 @@ impl Health {
         metrics::gauge!("writebehind_buffer_size_bytes").set(bytes as f64);
     }
 
+    /// The process's memory by part (`memory_bytes{part}`), from the allocator and RocksDB.
+    pub fn memory(&self, store: crate::buffer::StoreMemory) {
+        let heap = heap_figures();
+        let parts = [
+            ("heap_allocated", heap.map(|h| h.0)),
+            ("heap_resident", heap.map(|h| h.1)),
+            ("rocksdb_memtables", Some(store.memtables)),
+            ("rocksdb_table_readers", Some(store.table_readers)),
+            ("rocksdb_block_cache", Some(store.block_cache)),
+            ("rocksdb_pinned_blocks", Some(store.pinned_blocks)),
+        ];
+        for (part, bytes) in parts {
+            if let Some(bytes) = bytes {
+                metrics::gauge!("writebehind_memory_bytes", "part" => part).set(bytes as f64);
+            }
+        }
+    }
+
     /// The status document (`GET /status`, `writebehind status`).
     pub fn status(&self, dead_letters: u64) -> serde_json::Value {
         let backends = self
@@ -479,6 +501,15 @@ fn respond(
             "not found: try /metrics /health /ready /status\n".into(),
         ),
     }
+}
+
+/// jemalloc's `stats.allocated` and `stats.resident` (refreshed by advancing its epoch); `None`
+/// when they cannot be read.
+fn heap_figures() -> Option<(u64, u64)> {
+    tikv_jemalloc_ctl::epoch::advance().ok()?;
+    let allocated = tikv_jemalloc_ctl::stats::allocated::read().ok()?;
+    let resident = tikv_jemalloc_ctl::stats::resident::read().ok()?;
+    Some((allocated as u64, resident as u64))
 }
 
 #[cfg(test)]

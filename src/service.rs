@@ -409,12 +409,14 @@ fn task_outcome(
     result.map_err(|e| ServiceError::Task(e.to_string()))?
 }
 
-/// The primary's offset (for the lag) and the buffer's size, every [`POLL_EVERY`].
+/// The primary's offset (for the lag), the buffer's size and the memory figures, every
+/// [`POLL_EVERY`].
 async fn poll_primary(health: Arc<Health>, store: Arc<Store>, stop: watch::Receiver<bool>) {
     let stopped = stop_requested(stop);
     tokio::pin!(stopped);
     loop {
         health.buffer_size(store.disk_size());
+        health.memory(store.memory());
         if let Some(primary) = health.primary().and_then(|p| RedisEndpoint::parse(&p).ok()) {
             if let Ok(mut client) = RedisClient::connect(&primary, Duration::from_secs(2)).await {
                 if let Ok(info) = client.info("replication").await {

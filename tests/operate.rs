@@ -213,6 +213,28 @@ async fn metrics_move_during_a_load_and_positions_stay_ordered() {
         Some(10_000.0),
         "{text}"
     );
+    // The memory by part: the allocator's figures (the binary runs on jemalloc) and RocksDB's.
+    let part = |name: &str| {
+        metric(
+            &text,
+            &format!("writebehind_memory_bytes{{part=\"{name}\"}}"),
+        )
+    };
+    let (allocated, resident) = (part("heap_allocated"), part("heap_resident"));
+    assert!(
+        allocated.is_some_and(|a| a > 1e6) && resident >= allocated,
+        "{allocated:?} {resident:?}"
+    );
+    for name in [
+        "rocksdb_memtables",
+        "rocksdb_table_readers",
+        "rocksdb_block_cache",
+    ] {
+        assert!(
+            part(name).is_some(),
+            "memory part {name} missing from:\n{text}"
+        );
+    }
     assert!(metric(&text, "writebehind_sink_batches_total").unwrap_or(0.0) >= 1.0);
     assert!(
         text.contains("writebehind_sink_commit_seconds_bucket"),

@@ -52,6 +52,7 @@ mod change;
 mod checkpoint;
 pub mod codec;
 mod dead_letter;
+mod footprint;
 mod mirror;
 mod store;
 
@@ -63,6 +64,7 @@ pub use change::{Change, HashOp, RowChange};
 pub use checkpoint::Checkpoint;
 pub use codec::DecodeError;
 pub use dead_letter::DeadLetter;
+pub use footprint::StoreMemory;
 pub use mirror::{FieldValue, KeyRef, MirrorEntries, MirrorKind, MirrorValue};
 pub use store::{MirrorCursor, MirrorPage, Store};
 

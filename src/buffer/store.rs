@@ -49,14 +49,24 @@ pub struct MirrorPage {
 
 /// The RocksDB buffer.
 pub struct Store {
-    db: DB,
-    path: PathBuf,
+    pub(super) db: DB,
+    pub(super) path: PathBuf,
     /// The id the next acknowledgement gets. Held while a batch with acks is written, so ids
     /// become visible in increasing order (the write-back task reads on from the last one).
     next_ack_id: std::sync::Mutex<u64>,
     /// This buffer's identity (`meta/identity`).
     identity: String,
 }
+
+/// Every column family.
+pub(super) const FAMILIES: [&str; 6] = [
+    CF_MIRROR,
+    CF_CHANGES,
+    CF_META,
+    CF_DEAD_LETTERS,
+    CF_RAW,
+    CF_ACKS,
+];
 
 /// The memory RocksDB's memtables may take, all column families together (measured with
 /// scripts/bench-flush.sh and scripts/bench-capture.sh: docs/benchmarks.md).
@@ -86,15 +96,7 @@ impl Store {
         // Memtables of all column families together: RocksDB's default is 64 MiB per family,
         // two each, which a flush of a large keyspace fills in every family at once.
         options.set_db_write_buffer_size(MEMTABLES_BYTES);
-        let families = [
-            CF_MIRROR,
-            CF_CHANGES,
-            CF_META,
-            CF_DEAD_LETTERS,
-            CF_RAW,
-            CF_ACKS,
-        ]
-        .map(|name| ColumnFamilyDescriptor::new(name, family_options(name)));
+        let families = FAMILIES.map(|name| ColumnFamilyDescriptor::new(name, family_options(name)));
         let db =
             DB::open_cf_descriptors(&options, path, families).map_err(|e| classify(path, e))?;
         let mut store = Store {
@@ -513,25 +515,6 @@ impl Store {
             None => Ok(ChangeSeq::NONE),
         }
     }
-
-    /// The bytes the buffer takes on disk: every column family's tables and the write-ahead log.
-    pub fn disk_size(&self) -> u64 {
-        directory_size(&self.path)
-    }
-}
-
-/// The bytes of the files in `dir` (RocksDB keeps its files in one directory): tables of every
-/// column family, the write-ahead log, the manifest. Unreadable entries count as nothing.
-fn directory_size(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|entry| entry.metadata().ok())
-        .filter(|metadata| metadata.is_file())
-        .map(|metadata| metadata.len())
-        .sum()
 }
 
 #[cfg(test)]
@@ -611,35 +594,6 @@ mod tests {
         for cut in 0..raw.len() {
             assert!(MirrorValue::decode(&raw[..cut]).is_err());
         }
-        Ok(())
-    }
-
-    /// The size reported is the buffer's: a megabyte of changes (in the log and the tables of
-    /// the `changes` family, not the default family) shows.
-    #[test]
-    fn disk_size_counts_every_family_and_the_log() -> Result<(), Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let store = Store::open(dir.path())?;
-        let before = store.disk_size();
-        let mut batch = Batch::default();
-        for seq in 0..1_000 {
-            batch.put_change(&Change {
-                seq: ChangeSeq(seq),
-                unit: ChangeSeq(seq),
-                unit_end: true,
-                offset: ReplOffset(seq),
-                mapping: "m".into(),
-                row_id: Bytes::from(vec![b'x'; 1_000]),
-                row: RowChange::Delete,
-                op: None,
-            });
-        }
-        store.write(batch, true)?;
-        assert!(
-            store.disk_size() >= before + 1_000_000,
-            "{before} -> {}",
-            store.disk_size()
-        );
         Ok(())
     }
 
