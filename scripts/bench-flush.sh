@@ -52,14 +52,19 @@ redis-cli -p "$primary" flushall >/dev/null
 flush_start=$(date +%s.%N)
 peak=$rss_before
 at_peak=""
+[ -n "${FLUSH_CSV:-}" ] && echo "seconds,rows,rss_mb,parts" >"$FLUSH_CSV"  # FLUSH_CSV=file: a timeline
 while :; do
   rss=$(rss_kb)
   if [ "$rss" -gt "$peak" ]; then peak=$rss; at_peak=$(memory_parts); fi
+  if [ -n "${FLUSH_CSV:-}" ]; then
+    echo "$(python3 -c "print(round($(date +%s.%N) - $flush_start, 1))"),$(rows),$((rss / 1024)),$(memory_parts)" >>"$FLUSH_CSV"
+  fi
   [ "$(rows)" = 0 ] && break
   sleep 0.1
 done
 # The gauges are sampled once a second: at the peak they are at most a second old.
 echo "memory_at_peak_mb: $at_peak"
+echo "sink_batch_rows: $(curl -sf "http://127.0.0.1:$admin/metrics" | grep -E "^writebehind_sink_batch_rows_(count|sum|bucket.*le=.(5000|\\+Inf))" | tr '\n' ' ')"
 flush_end=$(date +%s.%N)
 hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$service_pid/status")
 python3 - "$keys" "$load_start" "$load_end" "$flush_start" "$flush_end" "$rss_before" "$peak" "$hwm" <<'PY'

@@ -514,24 +514,33 @@ impl<D: Destination> SinkRunner<D> {
             .unwrap_or_default())
     }
 
-    /// Changes after the lowest applied seq: at most about `MAX_BATCH_CHANGES`, ending on a
-    /// unit end.
+    /// Changes after the lowest applied seq, whole units only: the units that end within the
+    /// first `MAX_BATCH_CHANGES`, or, when one unit alone is longer, that unit. (Reading on in
+    /// steps of `MAX_BATCH_CHANGES` until a step happened to end on a unit end made batches of
+    /// 640,000 changes out of a flush's 1,024-change units: docs/benchmarks.md.)
     fn read_units(&self) -> Result<Vec<Change>, StoreError> {
         let mut changes = self
             .store
             .changes(self.lowest_applied().next(), MAX_BATCH_CHANGES)?;
+        if let Some(last_end) = changes.iter().rposition(|c| c.unit_end) {
+            changes.truncate(last_end + 1);
+            return Ok(changes);
+        }
+        // The first unit is longer than a batch: read on to its end.
         while changes.last().is_some_and(|c| !c.unit_end) {
             let from = changes.last().map(|c| c.seq.next()).unwrap_or_default();
             let more = self.store.changes(from, MAX_BATCH_CHANGES)?;
             if more.is_empty() {
                 // The rest of the unit is not written yet (it is, atomically, so this is a
                 // unit cut by a trim or a damaged log): stop before it.
-                while changes.last().is_some_and(|c| !c.unit_end) {
-                    changes.pop();
-                }
+                changes.clear();
                 break;
             }
-            changes.extend(more);
+            let end = more
+                .iter()
+                .position(|c| c.unit_end)
+                .map_or(more.len(), |i| i + 1);
+            changes.extend(more.into_iter().take(end));
         }
         Ok(changes)
     }

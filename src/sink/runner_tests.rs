@@ -221,3 +221,49 @@ fn acks_by_uuid(store: &Store) -> Vec<(Vec<u8>, Option<String>)> {
         .map(|a| (a.uuid.to_vec(), a.failure))
         .collect()
 }
+
+/// A batch holds whole units and no more than it must: units of 1,024 changes (a flush's pages)
+/// give batches of the units that end within `MAX_BATCH_CHANGES`; one unit longer than that is
+/// one batch of its own, whole; every change is applied once.
+#[tokio::test]
+async fn batches_end_at_the_last_whole_unit() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let unit = |first: u64, len: u64| -> Vec<Change> {
+        (first..first + len)
+            .map(|seq| Change {
+                unit: ChangeSeq(first),
+                unit_end: seq == first + len - 1,
+                ..change(seq, None)
+            })
+            .collect()
+    };
+    let mut changes = Vec::new();
+    for page in 0..12 {
+        changes.extend(unit(1 + page * 1024, 1024));
+    }
+    let long = MAX_BATCH_CHANGES as u64 * 3 / 2;
+    changes.extend(unit(1 + 12 * 1024, long));
+    changes.extend(unit(1 + 12 * 1024 + long, 10));
+    log(&store, &changes);
+    let mut runner = SinkRunner::start(
+        "db",
+        vec![MemoryDestination::default()],
+        mappings(),
+        links(&store),
+    )
+    .await
+    .expect("runner");
+    let mut sizes = Vec::new();
+    let mut applied = ChangeSeq::NONE;
+    while runner.step().await.expect("step") {
+        let now = runner.applied[0];
+        sizes.push(now.0 - applied.0);
+        applied = now;
+    }
+    let whole = (MAX_BATCH_CHANGES as u64 / 1024) * 1024;
+    assert_eq!(sizes[0], whole, "the units ending within the first read");
+    assert!(sizes.contains(&long), "the long unit alone: {sizes:?}");
+    assert!(sizes.iter().all(|s| *s <= whole || *s == long), "{sizes:?}");
+    assert_eq!(applied.0, changes.len() as u64, "every change once");
+}
