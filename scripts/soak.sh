@@ -3,7 +3,7 @@
 # A scratch primary receives RATE HSETs per second (pipelined bursts once a second, over 100,000
 # keys) for SECONDS; the service runs with `--capture-only` (default) or into a scratch MariaDB
 # database (`sink`). Every 10 s the service's RSS, the buffer's size on disk and the positions
-# (from the admin endpoint's metrics) go to soak.csv; the summary compares the RSS of the first
+# (from the admin endpoint's metrics) and the memory by part (`memory_bytes{part}`) go to soak.csv; the summary compares the RSS of the first
 # and last tenth of the run after a warm-up minute. With gnuplot, soak-rss.png is drawn too.
 # Not a test: it measures.
 #
@@ -52,7 +52,8 @@ steady_load "$primary" "$rate" "$seconds" &
 load_pid=$!
 
 metric() { awk -v name="$1" '$1 == name {print $2; exit}' "$work/metrics"; }
-echo "elapsed_s,rss_mb,buffer_mb,primary_offset,buffered,applied,lag_bytes" >"$out/soak.csv"
+part() { awk -v name="writebehind_memory_bytes{part=\"$1\"}" '$1 == name {printf "%.1f", $2 / 1048576; exit}' "$work/metrics"; }
+echo "elapsed_s,rss_mb,buffer_mb,primary_offset,buffered,applied,lag_bytes,heap_allocated_mb,heap_resident_mb,memtables_mb,table_readers_mb,block_cache_mb" >"$out/soak.csv"
 started=$(date +%s)
 while kill -0 "$load_pid" 2>/dev/null; do
   kill -0 "$service_pid" 2>/dev/null || { echo "the service stopped"; tail -5 "$work/writebehind.log"; exit 1; }
@@ -63,7 +64,8 @@ while kill -0 "$load_pid" 2>/dev/null; do
   awk -v t="$(($(date +%s) - started))" -v rss="$rss_kb" -v buf="${buffer:-0}" \
     -v p="$(metric writebehind_primary_offset_bytes)" -v b="$(metric writebehind_position_buffered_bytes)" \
     -v a="${applied:-}" -v lag="$(metric writebehind_lag_bytes)" \
-    'BEGIN { printf "%d,%.1f,%.1f,%s,%s,%s,%s\n", t, rss / 1024, buf / 1048576, p, b, a, lag }' >>"$out/soak.csv"
+    -v parts="$(part heap_allocated),$(part heap_resident),$(part rocksdb_memtables),$(part rocksdb_table_readers),$(part rocksdb_block_cache)" \
+    'BEGIN { printf "%d,%.1f,%.1f,%s,%s,%s,%s,%s\n", t, rss / 1024, buf / 1048576, p, b, a, lag, parts }' >>"$out/soak.csv"
   sleep 10
 done
 cp "$work/writebehind.log" "$out/writebehind.log"

@@ -7,5 +7,15 @@ use std::process::ExitCode;
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
+    writebehind::metrics::set_heap_reader(jemalloc_figures);
     writebehind::cli::main()
+}
+
+/// jemalloc's `stats.allocated` and `stats.resident` (refreshed by advancing its epoch), for
+/// `memory_bytes{part="heap_*"}`; `None` when they cannot be read.
+fn jemalloc_figures() -> Option<(u64, u64)> {
+    tikv_jemalloc_ctl::epoch::advance().ok()?;
+    let allocated = tikv_jemalloc_ctl::stats::allocated::read().ok()?;
+    let resident = tikv_jemalloc_ctl::stats::resident::read().ok()?;
+    Some((allocated as u64, resident as u64))
 }

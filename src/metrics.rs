@@ -503,13 +503,20 @@ fn respond(
     }
 }
 
-/// jemalloc's `stats.allocated` and `stats.resident` (refreshed by advancing its epoch); `None`
-/// when they cannot be read.
+/// Reads the allocator's `(allocated, resident)` bytes.
+pub type HeapReader = fn() -> Option<(u64, u64)>;
+
+static HEAP_READER: std::sync::OnceLock<HeapReader> = std::sync::OnceLock::new();
+
+/// Sets where the heap figures come from: the binary, which chose the allocator (jemalloc, in
+/// `main.rs`), registers its reader. The library does not link the allocator itself: anything
+/// else built on it (the tests, the fuzz targets under a sanitizer) keeps its own.
+pub fn set_heap_reader(reader: HeapReader) {
+    let _ = HEAP_READER.set(reader);
+}
+
 fn heap_figures() -> Option<(u64, u64)> {
-    tikv_jemalloc_ctl::epoch::advance().ok()?;
-    let allocated = tikv_jemalloc_ctl::stats::allocated::read().ok()?;
-    let resident = tikv_jemalloc_ctl::stats::resident::read().ok()?;
-    Some((allocated as u64, resident as u64))
+    HEAP_READER.get().and_then(|read| read())
 }
 
 #[cfg(test)]
