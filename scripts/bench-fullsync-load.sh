@@ -23,6 +23,10 @@ replica=$(free_port)
 service_pid=""
 load_pid=""
 cleanup() {
+  local status=$?
+  if [ "$status" != 0 ]; then
+    echo "failed ($status); the primary's log ends:"; tail -5 "$work"/primary-*.log 2>/dev/null || true
+  fi
   if [ -n "$load_pid" ]; then kill "$load_pid" 2>/dev/null || true; fi
   redis-cli -p "$replica" shutdown nosave >/dev/null 2>&1 || true
   cleanup_bench
@@ -42,15 +46,14 @@ steady_load "$primary" "$rate" 100000 &
 load_pid=$!
 
 full_syncs() { redis-cli -p "$primary" info stats | tr -d '\r' | sed -n 's/^sync_full://p'; }
-# follow NAME PORT-PATTERN: polls until the replica whose INFO line matches is online; prints
-# completed (yes/no), seconds, full syncs started for it, peak output buffer (MB).
+# follow NAME PORT-PATTERN START SYNCS: polls until the replica whose INFO line matches is
+# online; prints completed (yes/no), seconds since START, full syncs since SYNCS, peak output
+# buffer (MB).
 follow() {
-  local name=$1 pattern=$2 limit=600 start syncs_before peak=0 omem line
-  start=$(date +%s.%N)
-  syncs_before=$(full_syncs)
+  local name=$1 pattern=$2 start=$3 syncs_before=$4 limit=600 peak=0 omem line
   while :; do
     line=$(redis-cli -p "$primary" info replication | tr -d '\r' | grep "^slave" | grep "$pattern" || true)
-    omem=$(redis-cli -p "$primary" client list type replica | grep -o 'omem=[0-9]*' | cut -d= -f2 | sort -n | tail -1)
+    omem=$(redis-cli -p "$primary" client list type replica | { grep -o 'omem=[0-9]*' || true; } | cut -d= -f2 | sort -n | tail -1)
     [ -n "$omem" ] && [ "$omem" -gt "$peak" ] && peak=$omem
     if [[ "$line" == *state=online* ]]; then
       echo "${name}_completed=yes"
@@ -68,13 +71,15 @@ follow() {
 }
 
 write_config "$work/writebehind.toml" "$primary" "$work/buffer" "sqlite://$work/unused.db"
+start=$(date +%s.%N); syncs=$(full_syncs)
 RUST_LOG=warn "$bin" run --capture-only --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
 service_pid=$!
-follow writebehind "port=1,"  # the service announces port 1 (see src/replication/mod.rs)
+follow writebehind "port=1," "$start" "$syncs"  # the service announces port 1 (src/replication)
 grep -i "error\|closed\|limit" "$work/writebehind.log" | head -3 || true
 
 mkdir -p "$work/replica"
+start=$(date +%s.%N); syncs=$(full_syncs)
 redis-server --port "$replica" --bind 127.0.0.1 --dir "$work/replica" --save '' --appendonly no \
   --replicaof 127.0.0.1 "$primary" --daemonize yes --logfile "$work/replica.log"
-follow replica "port=$replica,"
+follow replica "port=$replica," "$start" "$syncs"
 echo "primary_dropped_replicas=$(grep -c 'scheduled to be closed ASAP for overcoming of output buffer limits' "$work/primary-$primary.log" || true)"
