@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod capture;
+pub mod ops;
 pub mod replication;
 pub mod sink;
 
