@@ -77,7 +77,17 @@ impl<D: Destination> SinkRunner<D> {
         through: ChangeSeq,
         row: &str,
     ) -> Result<(), StoreError> {
-        let acks: Vec<NewAck> = changes
+        let acks = self.acks_of(changes, refused);
+        self.queue_shares(vec![(row.to_string(), through, acks)])
+    }
+
+    /// The acks of this backend's `changes` that carry a `#` op uuid (see [`Self::queue_acks`]).
+    pub(super) fn acks_of(
+        &self,
+        changes: &[Change],
+        refused: impl Fn(&Change) -> Option<String>,
+    ) -> Vec<NewAck> {
+        changes
             .iter()
             .filter_map(|c| c.op.as_ref().map(|op| (c, op)))
             .filter(|(c, _)| self.mappings.iter().any(|m| m.name == c.mapping))
@@ -88,13 +98,32 @@ impl<D: Destination> SinkRunner<D> {
                 failure: refused(change),
                 offset: change.offset,
             })
-            .collect();
+            .collect()
+    }
+
+    /// Queues the acks of several partitions' shares of one batch in one write, in stream
+    /// order across the shares (the write-back task writes them in queue order, and the acked
+    /// position stops before the first one queued: queued per share, a later share's earlier
+    /// offsets would sit behind an earlier share's later ones); with each share's marker
+    /// `(row, through)`.
+    pub(super) fn queue_shares(
+        &self,
+        shares: Vec<(String, ChangeSeq, Vec<NewAck>)>,
+    ) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        let mut acks = Vec::new();
+        for (row, through, share) in shares {
+            if !share.is_empty() {
+                batch.put_acks_enqueued(&row, through);
+                acks.extend(share);
+            }
+        }
         if acks.is_empty() {
             return Ok(());
         }
-        let mut batch = Batch::default();
+        // Stable: a share's own acks keep their order (one offset may carry several).
+        acks.sort_by_key(|ack| ack.offset);
         batch.put_acks(acks);
-        batch.put_acks_enqueued(row, through);
         self.store.write(batch, false)?;
         self.writeback.acks_queued();
         Ok(())

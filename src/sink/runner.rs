@@ -21,7 +21,7 @@ use super::{
 };
 use crate::ack::Writeback;
 use crate::backoff::Backoff;
-use crate::buffer::{Batch, Change, DeadLetter, Store, StoreError};
+use crate::buffer::{Batch, Change, DeadLetter, NewAck, Store, StoreError};
 use crate::capture::mapping::fingerprint;
 use crate::capture::mapping::Mapping;
 use crate::clock::now_ms;
@@ -264,6 +264,7 @@ impl<D: Destination> SinkRunner<D> {
         let results = self.apply_parts(&work).await;
         let mut failure = None;
         let mut rows = 0;
+        let mut acks = Vec::new();
         for (part, result) in work.into_iter().zip(results) {
             let rejected = match result {
                 Some(Ok(rejected)) => rejected,
@@ -274,8 +275,9 @@ impl<D: Destination> SinkRunner<D> {
                 None => continue,
             };
             rows += part.batch.writes.len();
-            self.finish_part(part, rejected)?;
+            acks.push(self.finish_part(part, rejected));
         }
+        self.queue_shares(acks)?;
         self.report()?;
         if let Some(failure) = failure {
             return Err(failure.into());
@@ -295,7 +297,12 @@ impl<D: Destination> SinkRunner<D> {
     }
 
     /// A partition's transaction committed: its acks are queued and its row moves on.
-    fn finish_part(&mut self, part: PartWork, rejected: Vec<Rejected>) -> Result<(), StoreError> {
+    /// Records a committed share; returns its acks and marker, for [`Self::queue_shares`].
+    fn finish_part(
+        &mut self,
+        part: PartWork,
+        rejected: Vec<Rejected>,
+    ) -> (String, ChangeSeq, Vec<NewAck>) {
         let PartWork {
             partition,
             changes,
@@ -317,10 +324,10 @@ impl<D: Destination> SinkRunner<D> {
                 .cloned()
         };
         let row = self.row(partition);
-        self.queue_acks(&changes, refused, batch.last_seq, &row)?;
+        let acks = self.acks_of(&changes, refused);
         self.applied[partition] = batch.last_seq;
-        self.existing_rows.insert(row);
-        Ok(())
+        self.existing_rows.insert(row.clone());
+        (row, batch.last_seq, acks)
     }
 
     /// Applies every partition's share at once, each connection taking the shares of its

@@ -267,3 +267,32 @@ async fn batches_end_at_the_last_whole_unit() {
     assert!(sizes.iter().all(|s| *s <= whole || *s == long), "{sizes:?}");
     assert_eq!(applied.0, changes.len() as u64, "every change once");
 }
+
+/// With several partitions, a batch's acks are queued in stream order across the partitions'
+/// shares: the write-back task writes them in queue order and the acked position stops before
+/// the first one queued, so a share queued after another must not hold earlier offsets.
+#[tokio::test]
+async fn a_batch_queues_the_acks_of_all_its_partitions_in_stream_order() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let changes: Vec<Change> = (1..=40)
+        .map(|seq| upsert(seq, &seq.to_string(), "n", Some(&format!("u{seq}"))))
+        .collect();
+    log(&store, &changes);
+    let sinks = vec![MemoryDestination::default(), MemoryDestination::default()];
+    let mut runner = SinkRunner::start("db", sinks, mappings(), links(&store))
+        .await
+        .expect("runner");
+    assert!(runner.step().await.expect("step"));
+    let acks = store.acks(0, 100).expect("acks");
+    let offsets: Vec<u64> = acks.iter().map(|a| a.offset.0).collect();
+    let mut sorted = offsets.clone();
+    sorted.sort();
+    assert_eq!(offsets.len(), 40);
+    assert_eq!(offsets, sorted, "queued in stream order");
+    // Both partitions' shares had acks (a share's marker is written with its acks).
+    for partition in 0..2 {
+        let row = format!("db#{partition}/2");
+        assert_eq!(store.acks_enqueued(&row).expect("marker"), ChangeSeq(40));
+    }
+}
