@@ -45,70 +45,74 @@ impl<D: Destination> SinkRunner<D> {
                     .cloned()
             })
         };
-        for (partition, row, enqueued, applied) in behind {
-            let mut from = enqueued.next();
-            loop {
-                let changes: Vec<Change> = self
-                    .store
-                    .changes(from, MAX_BATCH_CHANGES)?
-                    .into_iter()
-                    .take_while(|c| c.seq <= applied)
-                    .collect();
-                let Some(last) = changes.last() else { break };
-                from = last.seq.next();
-                let through = last.seq;
-                let mine: Vec<Change> = changes
-                    .into_iter()
-                    .filter(|c| self.partition(c) == partition)
-                    .collect();
-                self.queue_acks(&mine, refused, through, &row)?;
-            }
+        // One pass over the change log for every partition behind, each chunk queued in one
+        // write in stream order (see `queue_shares`).
+        let lowest = behind.iter().map(|b| b.2).min().unwrap_or_default();
+        let highest = behind.iter().map(|b| b.3).max().unwrap_or_default();
+        let mut from = lowest.next();
+        loop {
+            let changes: Vec<Change> = self
+                .store
+                .changes(from, MAX_BATCH_CHANGES)?
+                .into_iter()
+                .take_while(|c| c.seq <= highest)
+                .collect();
+            let Some(last) = changes.last().map(|c| c.seq) else {
+                break;
+            };
+            from = last.next();
+            let shares = behind
+                .iter()
+                .filter(|(_, _, enqueued, _)| last > *enqueued)
+                .map(|(partition, row, enqueued, applied)| {
+                    let mine: Vec<Change> = changes
+                        .iter()
+                        .filter(|c| c.seq > *enqueued && c.seq <= *applied)
+                        .filter(|c| self.partition(c) == *partition)
+                        .cloned()
+                        .collect();
+                    let through = last.min(*applied);
+                    (row.clone(), through, self.acks_of(&mine, refused))
+                })
+                .collect();
+            self.queue_shares(shares)?;
         }
         Ok(())
     }
 
-    /// Queues the acks of this backend's `changes` that carry a `#` op uuid: failed with the
-    /// reason `refused` gives, done otherwise; records that the acks of checkpoint row `row` are
-    /// queued through `through`.
-    pub(super) fn queue_acks(
-        &self,
-        changes: &[Change],
-        refused: impl Fn(&Change) -> Option<String>,
-        through: ChangeSeq,
-        row: &str,
-    ) -> Result<(), StoreError> {
-        let acks = self.acks_of(changes, refused);
-        self.queue_shares(vec![(row.to_string(), through, acks)])
-    }
-
-    /// The acks of this backend's `changes` that carry a `#` op uuid (see [`Self::queue_acks`]).
+    /// The acks of this backend's `changes` that carry a `#` op uuid, with their change's seq:
+    /// failed with the reason `refused` gives, done otherwise.
     pub(super) fn acks_of(
         &self,
         changes: &[Change],
         refused: impl Fn(&Change) -> Option<String>,
-    ) -> Vec<NewAck> {
+    ) -> Vec<(ChangeSeq, NewAck)> {
         changes
             .iter()
             .filter_map(|c| c.op.as_ref().map(|op| (c, op)))
             .filter(|(c, _)| self.mappings.iter().any(|m| m.name == c.mapping))
-            .map(|(change, op)| NewAck {
-                db: op.db,
-                key: op.key.clone(),
-                uuid: op.uuid.clone(),
-                failure: refused(change),
-                offset: change.offset,
+            .map(|(change, op)| {
+                let ack = NewAck {
+                    db: op.db,
+                    key: op.key.clone(),
+                    uuid: op.uuid.clone(),
+                    failure: refused(change),
+                    offset: change.offset,
+                };
+                (change.seq, ack)
             })
             .collect()
     }
 
-    /// Queues the acks of several partitions' shares of one batch in one write, in stream
+    /// Queues the acks of several partitions' shares of one batch in one write, in change-log
     /// order across the shares (the write-back task writes them in queue order, and the acked
     /// position stops before the first one queued: queued per share, a later share's earlier
-    /// offsets would sit behind an earlier share's later ones); with each share's marker
-    /// `(row, through)`.
+    /// changes would sit behind an earlier share's later ones); with each share's marker
+    /// `(row, through)`. By seq, not by offset: offsets start again with a new replication
+    /// history, seqs never do.
     pub(super) fn queue_shares(
         &self,
-        shares: Vec<(String, ChangeSeq, Vec<NewAck>)>,
+        shares: Vec<(String, ChangeSeq, Vec<(ChangeSeq, NewAck)>)>,
     ) -> Result<(), StoreError> {
         let mut batch = Batch::default();
         let mut acks = Vec::new();
@@ -121,9 +125,9 @@ impl<D: Destination> SinkRunner<D> {
         if acks.is_empty() {
             return Ok(());
         }
-        // Stable: a share's own acks keep their order (one offset may carry several).
-        acks.sort_by_key(|ack| ack.offset);
-        batch.put_acks(acks);
+        // Stable: a change's own acks keep their order.
+        acks.sort_by_key(|(seq, _)| *seq);
+        batch.put_acks(acks.into_iter().map(|(_, ack)| ack).collect());
         self.store.write(batch, false)?;
         self.writeback.acks_queued();
         Ok(())

@@ -302,7 +302,7 @@ impl<D: Destination> SinkRunner<D> {
         &mut self,
         part: PartWork,
         rejected: Vec<Rejected>,
-    ) -> (String, ChangeSeq, Vec<NewAck>) {
+    ) -> (String, ChangeSeq, Vec<(ChangeSeq, NewAck)>) {
         let PartWork {
             partition,
             changes,

@@ -296,3 +296,42 @@ async fn a_batch_queues_the_acks_of_all_its_partitions_in_stream_order() {
         assert_eq!(store.acks_enqueued(&row).expect("marker"), ChangeSeq(40));
     }
 }
+
+/// The same after a crash between the partitions' commits and their ack queue: the catch-up at
+/// start queues every partition's acks, once, in change-log order across the partitions.
+#[tokio::test]
+async fn the_acks_caught_up_at_start_are_queued_in_change_log_order_across_partitions() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let changes: Vec<Change> = (1..=40)
+        .map(|seq| upsert(seq, &seq.to_string(), "n", Some(&format!("u{seq}"))))
+        .collect();
+    log(&store, &changes);
+    let sinks = vec![MemoryDestination::default(), MemoryDestination::default()];
+    let mut runner = SinkRunner::start("db", sinks, mappings(), links(&store))
+        .await
+        .expect("runner");
+    // As if both partitions had committed through seq 40 (partition 1 only through 30) and the
+    // process died before queueing.
+    runner.applied = vec![ChangeSeq(40), ChangeSeq(30)];
+    runner.catch_up_acks().expect("catch up");
+    let seqs: Vec<u64> = store
+        .acks(0, 100)
+        .expect("acks")
+        .iter()
+        .map(|a| a.offset.0 - 100)
+        .collect();
+    let mut sorted = seqs.clone();
+    sorted.sort();
+    assert_eq!(seqs, sorted, "queued in change-log order");
+    let partition_1 = |seq: &u64| runner.partition(&changes[*seq as usize - 1]) == 1;
+    assert!(seqs.iter().all(|s| *s <= 30 || !partition_1(s)), "{seqs:?}");
+    let expected = (1..=40u64).filter(|s| *s <= 30 || !partition_1(s)).count();
+    assert_eq!(seqs.len(), expected, "each once");
+    runner.catch_up_acks().expect("again");
+    assert_eq!(
+        store.acks(0, 100).expect("acks").len(),
+        expected,
+        "queued once"
+    );
+}
