@@ -11,6 +11,10 @@ use super::Destination;
 use crate::buffer::{Batch, Change, NewAck, StoreError};
 use crate::position::ChangeSeq;
 
+/// One partition's acks of a batch, with their change seqs, and its marker: the checkpoint row
+/// and the seq its acks are queued through.
+pub(super) type AckShare = (String, ChangeSeq, Vec<(ChangeSeq, NewAck)>);
+
 impl<D: Destination> SinkRunner<D> {
     /// Queues the acks of changes this backend committed before a crash left them unqueued
     /// (between a partition's database commit and its ack queue write).
@@ -110,10 +114,7 @@ impl<D: Destination> SinkRunner<D> {
     /// changes would sit behind an earlier share's later ones); with each share's marker
     /// `(row, through)`. By seq, not by offset: offsets start again with a new replication
     /// history, seqs never do.
-    pub(super) fn queue_shares(
-        &self,
-        shares: Vec<(String, ChangeSeq, Vec<(ChangeSeq, NewAck)>)>,
-    ) -> Result<(), StoreError> {
+    pub(super) fn queue_shares(&self, shares: Vec<AckShare>) -> Result<(), StoreError> {
         let mut batch = Batch::default();
         let mut acks = Vec::new();
         for (row, through, share) in shares {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use super::acks::AckShare;
 pub use super::applied::AppliedPositions;
 pub use super::coalesce::convert_row;
 use super::coalesce::{coalesce, Coalesced, RefusedRow};
@@ -21,7 +22,7 @@ use super::{
 };
 use crate::ack::Writeback;
 use crate::backoff::Backoff;
-use crate::buffer::{Batch, Change, DeadLetter, NewAck, Store, StoreError};
+use crate::buffer::{Batch, Change, DeadLetter, Store, StoreError};
 use crate::capture::mapping::fingerprint;
 use crate::capture::mapping::Mapping;
 use crate::clock::now_ms;
@@ -298,11 +299,7 @@ impl<D: Destination> SinkRunner<D> {
 
     /// A partition's transaction committed: its acks are queued and its row moves on.
     /// Records a committed share; returns its acks and marker, for [`Self::queue_shares`].
-    fn finish_part(
-        &mut self,
-        part: PartWork,
-        rejected: Vec<Rejected>,
-    ) -> (String, ChangeSeq, Vec<(ChangeSeq, NewAck)>) {
+    fn finish_part(&mut self, part: PartWork, rejected: Vec<Rejected>) -> AckShare {
         let PartWork {
             partition,
             changes,
