@@ -50,7 +50,7 @@ key_column = "person_id"
 first_name = "first"
 age = "age"
 TOML
-"$target/writebehind" run --config "$work/writebehind.toml" 2>"$work/service.log" &
+"${BIN:-$target/writebehind}" run --config "$work/writebehind.toml" 2>"$work/service.log" &  # BIN: another build
 service_pid=$!
 # Measure from the moment the service is ready (the first full sync waits for the primary's
 # repl-diskless-sync-delay, 5 s by default).
