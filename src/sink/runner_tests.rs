@@ -77,6 +77,33 @@ async fn acks_lost_between_commit_and_queue_are_queued_at_start() {
     assert_eq!(store.acks(0, 10).expect("acks").len(), 1, "queued once");
 }
 
+async fn runner(
+    store: &Arc<Store>,
+    sinks: Vec<MemoryDestination>,
+) -> SinkRunner<MemoryDestination> {
+    SinkRunner::start("db", sinks, mappings(), links(store))
+        .await
+        .expect("runner")
+}
+
+/// A buffer holding 40 upserts with `#` ops, and a runner in two partitions.
+async fn forty_ops_in_two_partitions() -> (
+    tempfile::TempDir,
+    Arc<Store>,
+    Vec<Change>,
+    SinkRunner<MemoryDestination>,
+) {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let changes: Vec<Change> = (1..=40)
+        .map(|seq| upsert(seq, &seq.to_string(), "n", Some(&format!("u{seq}"))))
+        .collect();
+    log(&store, &changes);
+    let sinks = vec![MemoryDestination::default(), MemoryDestination::default()];
+    let runner = runner(&store, sinks).await;
+    (dir, store, changes, runner)
+}
+
 fn upsert(seq: u64, row: &str, name: &str, uuid: Option<&str>) -> Change {
     Change {
         row_id: Bytes::copy_from_slice(row.as_bytes()),
@@ -119,9 +146,7 @@ async fn a_transient_failure_is_retried_and_the_batch_commits_once() {
         fail_next: 2,
         ..MemoryDestination::default()
     };
-    let mut runner = SinkRunner::start("db", vec![destination], mappings(), links(&store))
-        .await
-        .expect("runner");
+    let mut runner = runner(&store, vec![destination]).await;
     assert!(runner.step().await.expect("step"), "a batch was applied");
     assert_eq!(runner.sinks[0].commits, 1);
     assert_eq!(runner.sinks[0].checkpoints["db"].seq, ChangeSeq(3));
@@ -150,9 +175,7 @@ async fn a_refused_row_is_dead_lettered_and_its_ack_fails_while_the_rest_commits
         refuse: ["2".to_string()].into(),
         ..MemoryDestination::default()
     };
-    let mut runner = SinkRunner::start("db", vec![destination], mappings(), links(&store))
-        .await
-        .expect("runner");
+    let mut runner = runner(&store, vec![destination]).await;
     assert!(runner.step().await.expect("step"));
     assert_eq!(
         runner.sinks[0].tables["t"].len(),
@@ -197,9 +220,7 @@ async fn a_lost_commit_answer_keeps_the_refusals_of_the_commit() {
         lose_answer_next: 1,
         ..MemoryDestination::default()
     };
-    let mut runner = SinkRunner::start("db", vec![destination], mappings(), links(&store))
-        .await
-        .expect("runner");
+    let mut runner = runner(&store, vec![destination]).await;
     assert!(runner.step().await.expect("step"));
     assert_eq!(runner.sinks[0].commits, 1, "applied once");
     assert_eq!(
@@ -246,14 +267,7 @@ async fn batches_end_at_the_last_whole_unit() {
     changes.extend(unit(1 + 12 * 1024, long));
     changes.extend(unit(1 + 12 * 1024 + long, 10));
     log(&store, &changes);
-    let mut runner = SinkRunner::start(
-        "db",
-        vec![MemoryDestination::default()],
-        mappings(),
-        links(&store),
-    )
-    .await
-    .expect("runner");
+    let mut runner = runner(&store, vec![MemoryDestination::default()]).await;
     let mut sizes = Vec::new();
     let mut applied = ChangeSeq::NONE;
     while runner.step().await.expect("step") {
@@ -273,16 +287,7 @@ async fn batches_end_at_the_last_whole_unit() {
 /// the first one queued, so a share queued after another must not hold earlier offsets.
 #[tokio::test]
 async fn a_batch_queues_the_acks_of_all_its_partitions_in_stream_order() {
-    let dir = tempfile::tempdir().expect("dir");
-    let store = Arc::new(Store::open(dir.path()).expect("store"));
-    let changes: Vec<Change> = (1..=40)
-        .map(|seq| upsert(seq, &seq.to_string(), "n", Some(&format!("u{seq}"))))
-        .collect();
-    log(&store, &changes);
-    let sinks = vec![MemoryDestination::default(), MemoryDestination::default()];
-    let mut runner = SinkRunner::start("db", sinks, mappings(), links(&store))
-        .await
-        .expect("runner");
+    let (_dir, store, _, mut runner) = forty_ops_in_two_partitions().await;
     assert!(runner.step().await.expect("step"));
     let acks = store.acks(0, 100).expect("acks");
     let offsets: Vec<u64> = acks.iter().map(|a| a.offset.0).collect();
@@ -301,16 +306,7 @@ async fn a_batch_queues_the_acks_of_all_its_partitions_in_stream_order() {
 /// start queues every partition's acks, once, in change-log order across the partitions.
 #[tokio::test]
 async fn the_acks_caught_up_at_start_are_queued_in_change_log_order_across_partitions() {
-    let dir = tempfile::tempdir().expect("dir");
-    let store = Arc::new(Store::open(dir.path()).expect("store"));
-    let changes: Vec<Change> = (1..=40)
-        .map(|seq| upsert(seq, &seq.to_string(), "n", Some(&format!("u{seq}"))))
-        .collect();
-    log(&store, &changes);
-    let sinks = vec![MemoryDestination::default(), MemoryDestination::default()];
-    let mut runner = SinkRunner::start("db", sinks, mappings(), links(&store))
-        .await
-        .expect("runner");
+    let (_dir, store, changes, mut runner) = forty_ops_in_two_partitions().await;
     // As if both partitions had committed through seq 40 (partition 1 only through 30) and the
     // process died before queueing.
     runner.applied = vec![ChangeSeq(40), ChangeSeq(30)];
