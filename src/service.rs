@@ -215,6 +215,13 @@ impl Service {
         let mut replication = ReplicatorOptions::with_discovery(discovery.clone());
         replication.announce_port = config.replication.announce_port;
         replication.timeout = Duration::from_secs(config.replication.timeout_secs);
+        replication.spool_dir = config.buffer.path.join("spool");
+        // A spool never outlives its link: what a previous run left is of no use.
+        if let Err(e) = std::fs::remove_dir_all(&replication.spool_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %replication.spool_dir.display(), error = %e, "cannot empty the snapshot spool directory");
+            }
+        }
         let replicator = Replicator::new(replication, capture.resume_position());
         tracing::info!(source = %discovery.describe(), resume = ?capture.resume_position().map(|p| p.to_string()), buffer = %config.buffer.path.display(), backends = tasks.len().saturating_sub(usize::from(config.acks.enabled)), "starting");
         // Capture runs on a thread of its own (as a replica's main loop does): sharing the

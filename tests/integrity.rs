@@ -632,6 +632,9 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for entry in std::fs::read_dir(from).expect("read dir") {
         let entry = entry.expect("entry");
+        if entry.file_type().expect("file type").is_dir() {
+            continue; // the snapshot spool: never part of what a buffer holds
+        }
         std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
     }
 }

@@ -391,6 +391,140 @@ async fn keepalives_hold_the_link_while_a_slow_consumer_decodes_the_snapshot() {
     );
 }
 
+/// The consumer stops reading right after `FullSyncStarted` while the primary takes 30 MB of
+/// writes under a 4 MB `client-output-buffer-limit replica`: the snapshot spool drains the link,
+/// so the primary never cuts it and the one full sync completes with every write after it.
+async fn a_paused_consumer_is_not_cut_by_the_output_buffer_limit(diskless: &str) {
+    let server = RedisServer::start(&["--repl-diskless-sync", diskless]);
+    let mut client = server.client().await;
+    run(
+        &mut client,
+        &[
+            "CONFIG",
+            "SET",
+            "client-output-buffer-limit",
+            "replica 4mb 0 0",
+        ],
+    )
+    .await;
+    for chunk in 0..20 {
+        let fields: Vec<String> = (0..100)
+            .flat_map(|i| [format!("k{chunk}-{i}"), "v".repeat(100)])
+            .collect();
+        let mut args = vec!["MSET"];
+        args.extend(fields.iter().map(String::as_str));
+        run(&mut client, &args).await;
+    }
+    let spool_root = tempfile::tempdir().expect("tempdir");
+    let mut options = options(&server);
+    options.spool_dir = spool_root.path().to_path_buf();
+    let mut replicator = Replicator::new(options, None);
+    assert!(matches!(
+        next(&mut replicator).await,
+        ReplicationEvent::FullSyncStarted { .. }
+    ));
+    // The primary holds what is written while it forks and sends the snapshot, whoever the
+    // replica is: write once the stream flows, seen as a 1 MB marker value (the snapshot is
+    // about 250 KB) in the spool.
+    run(&mut client, &["SET", "marker", &"m".repeat(1 << 20)]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while spooled_bytes(spool_root.path()) < 1 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the primary never streamed to the paused consumer"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let value = "x".repeat(10_000);
+    const WRITES: usize = 3_000;
+    for i in 0..WRITES {
+        run(&mut client, &["HSET", "during", &format!("f{i}"), &value]).await;
+    }
+    let mut completed = 0;
+    loop {
+        match next(&mut replicator).await {
+            ReplicationEvent::Snapshot(_) => {}
+            ReplicationEvent::FullSyncCompleted { position, .. } => {
+                replicator.report_durable(position.offset);
+                completed += 1;
+                break;
+            }
+            other => panic!("the link dropped during the snapshot: {other:?}"),
+        }
+    }
+    let mut writes = 0;
+    while writes < WRITES {
+        match next(&mut replicator).await {
+            ReplicationEvent::Stream(StreamEvent::Command(c)) if c.is("HSET") => writes += 1,
+            ReplicationEvent::Stream(_) => {}
+            other => panic!(
+                "the link dropped after {writes} writes: {other:?}\n{}",
+                server.log()
+            ),
+        }
+    }
+    assert_eq!(completed, 1);
+    assert!(
+        !server.log().contains("output buffer limits"),
+        "{}",
+        server.log()
+    );
+    // Caught up: the link reads the socket again and the spool directory is gone.
+    run(&mut client, &["HSET", "after", "f", "v"]).await;
+    stream_until(
+        &mut replicator,
+        |e| matches!(e, StreamEvent::Command(c) if c.is("HSET")),
+    )
+    .await;
+    // The next read finds the spool read to its end and takes the socket back.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(spool_root.path()).map_or(0, Iterator::count) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the link never left the spool"
+        );
+        if let Ok(event) = tokio::time::timeout(Duration::from_millis(50), replicator.next()).await
+        {
+            // The primary's periodic PING may come; nothing else was written.
+            assert!(
+                matches!(
+                    &event,
+                    Ok(ReplicationEvent::Stream(StreamEvent::Ping { .. }))
+                ),
+                "nothing more was written, got {event:?}"
+            );
+        }
+    }
+}
+
+/// Bytes in the spool files under `root` (one directory per link).
+fn spooled_bytes(root: &std::path::Path) -> u64 {
+    let files = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|link| {
+            std::fs::read_dir(link.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        });
+    files
+        .filter_map(|f| f.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_paused_consumer_of_a_diskless_full_sync_is_not_cut_by_the_output_buffer_limit() {
+    a_paused_consumer_is_not_cut_by_the_output_buffer_limit("yes").await;
+}
+
+#[tokio::test]
+async fn a_paused_consumer_of_a_disk_based_full_sync_is_not_cut_by_the_output_buffer_limit() {
+    a_paused_consumer_is_not_cut_by_the_output_buffer_limit("no").await;
+}
+
 #[tokio::test]
 async fn a_replica_without_its_primary_is_retried_until_it_serves() {
     let mut primary = RedisServer::start(&[]);

@@ -1,14 +1,17 @@
 //! One connection to a primary, from the handshake to the end of the command stream.
 //!
-//! The read side is driven by the caller ([`Link::next`]); it decodes only when asked, so a slow
-//! consumer slows the socket (TCP backpressure) instead of buffering without bound. The write
-//! side runs as its own task so that the primary always hears from us: a `\n` every second while
-//! the snapshot is being received and decoded (the primary's `repl-timeout` clock runs during
-//! that time), then `REPLCONF ACK <offset>` every second with the position the caller
-//! acknowledged, and at once when the primary asks with `REPLCONF GETACK *`.
+//! The read side is driven by the caller ([`Link::next`]); it decodes only when asked. A full
+//! sync is drained into the snapshot spool by a thread of its own ([`spool`](super::spool)) so
+//! that the primary never holds the snapshot's backlog for us; once the snapshot is decoded and
+//! the spool read to its end, the link reads the socket directly again, and a slow consumer
+//! slows the socket (TCP backpressure) instead of buffering without bound. While the link reads
+//! the socket directly, a task of its own sends `REPLCONF ACK <offset>` every second with the
+//! position the caller acknowledged, and at once when the primary asks with
+//! `REPLCONF GETACK *`; while it is spooled, the spooler does (with a `\n` every second until
+//! the snapshot has arrived, as the primary's `repl-timeout` clock runs during that time).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -19,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::rdb::{RdbDecoder, RdbEvent};
+use super::spool::{SnapshotEnd, Spool, SpoolSettings};
 use super::stream::{CommandStream, StreamEvent};
 use super::{LinkError, ReplicationEvent, ReplicatorOptions, SnapshotFraming};
 use crate::position::{DurableOffset, ReplId, ReplOffset, StreamPosition};
@@ -27,6 +31,9 @@ use crate::redis_client::encode_command;
 /// Length of the random delimiter of a diskless (`$EOF:`) snapshot.
 const EOF_MARK_LEN: usize = 40;
 const READ_CHUNK: usize = 64 * 1024;
+
+/// Numbers the spool directories of this process's links.
+static SPOOL_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 enum Phase {
     Snapshot {
@@ -43,26 +50,39 @@ enum Phase {
 }
 
 enum WriterMessage {
-    /// Send an ACK now (after the snapshot; a diskless primary waits for it). The sender, if
-    /// any, is told once it is written.
+    /// Send an ACK now. The sender, if any, is told once it is written.
     AckNow(Option<tokio::sync::oneshot::Sender<()>>),
     /// `REPLCONF GETACK` arrived: answer with at most this offset.
     GetAck(ReplOffset),
+}
+
+/// The task that writes ACKs while the link reads the socket directly.
+struct AckWriter {
+    messages: mpsc::UnboundedSender<WriterMessage>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for AckWriter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl AckWriter {
+    fn start(writer: OwnedWriteHalf, durable: DurableOffset, address: String) -> AckWriter {
+        let (messages, receiver) = mpsc::unbounded_channel();
+        let task = tokio::spawn(write_acks(writer, receiver, durable, address));
+        AckWriter { messages, task }
+    }
 }
 
 pub(crate) struct Link {
     socket: Socket,
     phase: Phase,
     address: String,
-    snapshot_in_progress: Arc<AtomicBool>,
-    writer: mpsc::UnboundedSender<WriterMessage>,
-    writer_task: JoinHandle<()>,
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        self.writer_task.abort();
-    }
+    durable: DurableOffset,
+    /// None while the link is spooled (the spooler sends the ACKs).
+    writer: Option<AckWriter>,
 }
 
 impl Link {
@@ -88,7 +108,7 @@ impl Link {
         stream.set_nodelay(true).ok();
         let (reader, mut write_half) = stream.into_split();
         let mut handshake = Socket {
-            reader,
+            source: Source::Tcp(reader),
             input: BytesMut::with_capacity(READ_CHUNK),
             address: address.clone(),
             timeout: options.timeout,
@@ -97,25 +117,117 @@ impl Link {
             .greet(&mut write_half, endpoint, options.announce_port)
             .await?;
         let (phase, first_event) = handshake.psync(&mut write_half, resume, &durable).await?;
-        let snapshot_in_progress =
-            Arc::new(AtomicBool::new(matches!(phase, Phase::Snapshot { .. })));
-        let (writer, writer_rx) = mpsc::unbounded_channel();
-        let writer_task = tokio::spawn(write_keepalives(
-            write_half,
-            writer_rx,
-            durable,
-            snapshot_in_progress.clone(),
-            address.clone(),
-        ));
-        let link = Link {
+        let mut link = Link {
             socket: handshake,
             phase,
             address,
-            snapshot_in_progress,
-            writer,
-            writer_task,
+            durable,
+            writer: None,
         };
+        match &link.phase {
+            Phase::Snapshot { framing, .. } => {
+                let end = match framing {
+                    SnapshotFraming::Length(len) => SnapshotEnd::AfterBytes(*len),
+                    SnapshotFraming::EofMark(mark) => SnapshotEnd::Mark(mark.clone()),
+                };
+                link.start_spool(write_half, end, &options.spool_dir)?;
+            }
+            Phase::Streaming { .. } => {
+                link.writer = Some(AckWriter::start(
+                    write_half,
+                    link.durable.clone(),
+                    link.address.clone(),
+                ))
+            }
+        }
         Ok((link, first_event))
+    }
+
+    /// Hands the socket to a spooler for the snapshot (see the module doc).
+    fn start_spool(
+        &mut self,
+        write_half: OwnedWriteHalf,
+        end: SnapshotEnd,
+        spool_root: &std::path::Path,
+    ) -> Result<(), LinkError> {
+        let Source::Tcp(reader) = std::mem::replace(&mut self.socket.source, Source::Detached)
+        else {
+            return Ok(());
+        };
+        let io_error = |e: std::io::Error| LinkError::Io {
+            address: self.address.clone(),
+            message: format!("cannot hand the socket to the snapshot spool: {e}"),
+        };
+        let socket = reader
+            .reunite(write_half)
+            .map_err(|e| io_error(std::io::Error::other(e.to_string())))?
+            .into_std()
+            .map_err(io_error)?;
+        let dir: PathBuf = spool_root.join(format!(
+            "link-{}-{}",
+            std::process::id(),
+            SPOOL_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let settings = SpoolSettings {
+            dir,
+            end,
+            durable: self.durable.clone(),
+            address: self.address.clone(),
+            timeout: self.socket.timeout,
+        };
+        let spool = Spool::start(socket, &self.socket.input, settings)?;
+        self.socket.source = Source::Spool(spool);
+        Ok(())
+    }
+
+    /// Takes the socket back from the spooler: what it wrote and was not read is appended to
+    /// the input, and the link reads the socket directly from then on. Cancel-safe: the only
+    /// wait leaves the spool in place.
+    async fn leave_spool(&mut self) -> Result<(), LinkError> {
+        let Source::Spool(spool) = &mut self.socket.source else {
+            return Ok(());
+        };
+        let socket = spool.take_socket().await?;
+        spool.drain(&mut self.socket.input)?;
+        let address = self.address.clone();
+        let io_error = |e: std::io::Error| LinkError::Io {
+            address: address.clone(),
+            message: format!("cannot take the socket back from the snapshot spool: {e}"),
+        };
+        socket.set_read_timeout(None).map_err(io_error)?;
+        socket.set_nonblocking(true).map_err(io_error)?;
+        let (reader, writer) = TcpStream::from_std(socket).map_err(io_error)?.into_split();
+        // Dropping the spool removes its directory.
+        self.socket.source = Source::Tcp(reader);
+        self.writer = Some(AckWriter::start(writer, self.durable.clone(), address));
+        tracing::debug!(address = %self.address, "the snapshot spool is read to its end; reading the primary directly");
+        Ok(())
+    }
+
+    /// Reads more input: from the spool or the socket. A spool read to its end after the
+    /// snapshot gives the socket back first.
+    async fn fill(&mut self) -> Result<(), LinkError> {
+        if let (Source::Spool(spool), Phase::Streaming { .. }) = (&self.socket.source, &self.phase)
+        {
+            if spool.caught_up() {
+                self.leave_spool().await?;
+                if !self.socket.input.is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+        self.socket.fill().await
+    }
+
+    /// Sends `message` to whoever writes ACKs now.
+    fn send_to_writer(&self, message: WriterMessage) {
+        match (&self.writer, &self.socket.source) {
+            (Some(writer), _) => {
+                let _ = writer.messages.send(message);
+            }
+            (None, Source::Spool(spool)) => spool.request_ack(),
+            (None, _) => {}
+        }
     }
 
     /// The next event of this link.
@@ -188,8 +300,9 @@ impl Link {
                                 replid: position.replid.clone(),
                                 stream: CommandStream::new(position.offset, position.db),
                             };
-                            self.snapshot_in_progress.store(false, Ordering::SeqCst);
-                            let _ = self.writer.send(WriterMessage::AckNow(None));
+                            // The spooler acknowledged the snapshot when it arrived; this covers
+                            // a mark it could not see (then nothing more arrives until an ACK).
+                            self.send_to_writer(WriterMessage::AckNow(None));
                             return Ok(ReplicationEvent::FullSyncCompleted {
                                 position,
                                 rdb_bytes,
@@ -201,11 +314,11 @@ impl Link {
                 Phase::Streaming { stream, .. } => match stream.decode(&mut self.socket.input) {
                     Ok(Some(event)) => {
                         if let StreamEvent::GetAck { before, .. } = &event {
-                            let _ = self.writer.send(WriterMessage::GetAck(*before));
+                            self.send_to_writer(WriterMessage::GetAck(*before));
                         }
                         return Ok(ReplicationEvent::Stream(event));
                     }
-                    Ok(None) => self.socket.fill().await?,
+                    Ok(None) => self.fill().await?,
                     Err(e) => {
                         return Err(LinkError::Protocol {
                             address: self.address.clone(),
@@ -231,7 +344,7 @@ impl Link {
         match decoded {
             Ok(Some(event)) => {
                 if let StreamEvent::GetAck { before, .. } = &event {
-                    let _ = self.writer.send(WriterMessage::GetAck(*before));
+                    self.send_to_writer(WriterMessage::GetAck(*before));
                 }
                 Ok(Some(event))
             }
@@ -243,12 +356,12 @@ impl Link {
         }
     }
 
-    /// Sends `REPLCONF ACK` with the durable offset now and waits until it is written.
+    /// Sends `REPLCONF ACK` with the durable offset now and waits until it is written (while
+    /// spooled: asks the spooler, which sends it within its poll interval).
     pub(crate) async fn send_durable_offset(&self) {
         let (done, written) = tokio::sync::oneshot::channel();
-        if self.writer.send(WriterMessage::AckNow(Some(done))).is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), written).await;
-        }
+        self.send_to_writer(WriterMessage::AckNow(Some(done)));
+        let _ = tokio::time::timeout(Duration::from_secs(2), written).await;
     }
 
     /// The replid and database of the command stream (None during a snapshot).
@@ -262,12 +375,20 @@ impl Link {
     }
 }
 
-/// The read side of the connection: the socket and what has been read but not consumed.
+/// The read side of the connection: where bytes come from and what has been read but not
+/// consumed.
 struct Socket {
-    reader: OwnedReadHalf,
+    source: Source,
     input: BytesMut,
     address: String,
     timeout: Duration,
+}
+
+enum Source {
+    Tcp(OwnedReadHalf),
+    Spool(Spool),
+    /// Only while the socket moves between the two (a failure then ends the link).
+    Detached,
 }
 
 /// The server version announced with `REPLCONF version`: the newest whose snapshot format the
@@ -442,17 +563,35 @@ impl Socket {
         Ok((phase, event))
     }
 
-    /// Reads what the socket already holds, without waiting; false when nothing was read (an
-    /// error or the end of the stream is then found by the next `fill`).
+    /// Reads what the socket (or the spool) already holds, without waiting; false when nothing
+    /// was read (an error or the end of the stream is then found by the next `fill`).
     fn try_fill(&mut self) -> bool {
-        self.input.reserve(READ_CHUNK.max(self.input.len()));
-        matches!(self.reader.try_read_buf(&mut self.input), Ok(read) if read > 0)
+        let want = READ_CHUNK.max(self.input.len());
+        match &mut self.source {
+            Source::Tcp(reader) => {
+                self.input.reserve(want);
+                matches!(reader.try_read_buf(&mut self.input), Ok(read) if read > 0)
+            }
+            Source::Spool(spool) => matches!(spool.try_fill(&mut self.input, want), Ok(true)),
+            Source::Detached => false,
+        }
     }
 
     async fn fill(&mut self) -> Result<(), LinkError> {
         // Grow reads with the buffer so that a large frame arrives in few reads.
-        self.input.reserve(READ_CHUNK.max(self.input.len()));
-        let read = tokio::time::timeout(self.timeout, self.reader.read_buf(&mut self.input))
+        let want = READ_CHUNK.max(self.input.len());
+        let reader = match &mut self.source {
+            Source::Tcp(reader) => reader,
+            Source::Spool(spool) => return spool.fill(&mut self.input, want).await,
+            Source::Detached => {
+                return Err(LinkError::Io {
+                    address: self.address.clone(),
+                    message: "the link lost its socket while handing it over".into(),
+                })
+            }
+        };
+        self.input.reserve(want);
+        let read = tokio::time::timeout(self.timeout, reader.read_buf(&mut self.input))
             .await
             .map_err(|_| LinkError::Timeout {
                 address: self.address.clone(),
@@ -503,11 +642,11 @@ impl Socket {
     }
 }
 
-async fn write_keepalives(
+/// Sends `REPLCONF ACK <durable offset>` every second and when asked.
+async fn write_acks(
     mut writer: OwnedWriteHalf,
     mut messages: mpsc::UnboundedReceiver<WriterMessage>,
     durable: DurableOffset,
-    snapshot_in_progress: Arc<AtomicBool>,
     address: String,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -519,16 +658,7 @@ async fn write_keepalives(
     let mut recheck = tokio::time::interval(Duration::from_millis(5));
     loop {
         let send_ack = tokio::select! {
-            _ = tick.tick() => {
-                if snapshot_in_progress.load(Ordering::SeqCst) {
-                    if writer.write_all(b"\n").await.is_err() {
-                        return;
-                    }
-                    false
-                } else {
-                    true
-                }
-            }
+            _ = tick.tick() => true,
             message = messages.recv() => match message {
                 None => return,
                 Some(WriterMessage::AckNow(done)) => {

@@ -34,8 +34,10 @@
 pub mod discovery;
 mod link;
 pub mod rdb;
+mod spool;
 pub mod stream;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -155,6 +157,9 @@ pub struct ReplicatorOptions {
     pub timeout: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Where full syncs are spooled (a directory per link inside; see `spool.rs`). The
+    /// service uses `<buffer path>/spool`; by default the system's temporary directory.
+    pub spool_dir: PathBuf,
 }
 
 impl ReplicatorOptions {
@@ -169,6 +174,7 @@ impl ReplicatorOptions {
             timeout: Duration::from_secs(60),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
+            spool_dir: std::env::temp_dir(),
         }
     }
 }

@@ -1,0 +1,210 @@
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use bytes::BytesMut;
+
+use super::*;
+
+fn patterned(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+fn segments_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn segments_read_back_in_order_and_each_is_deleted_once_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = patterned(10_000);
+    let mut writer = SegmentWriter {
+        dir: dir.path().to_path_buf(),
+        segment_bytes: 1_000,
+        written: 0,
+        file: None,
+    };
+    for chunk in data.chunks(1_777) {
+        writer.append(chunk).expect("append");
+    }
+    assert_eq!(writer.written, 10_000);
+    assert_eq!(segments_in(dir.path()).len(), 10);
+    let mut reader = SegmentReader {
+        dir: dir.path().to_path_buf(),
+        segment_bytes: 1_000,
+        read: 0,
+        file: None,
+    };
+    let mut input = BytesMut::new();
+    reader
+        .read_into(&mut input, writer.written, 2_500)
+        .expect("read");
+    assert_eq!(input.len(), 1_000, "a read stops at the end of a segment");
+    assert_eq!(
+        segments_in(dir.path()).first().map(String::as_str),
+        Some("00000001.seg"),
+        "the segment read to its end is deleted"
+    );
+    reader.read_into(&mut input, 1_300, 2_500).expect("read");
+    assert_eq!(input.len(), 1_300, "a read stops at what is available");
+    while reader.read < writer.written {
+        reader
+            .read_into(&mut input, writer.written, 333)
+            .expect("read");
+    }
+    assert_eq!(&input[..], &data[..]);
+    assert!(segments_in(dir.path()).is_empty());
+}
+
+#[test]
+fn the_snapshot_end_is_counted_or_seen_as_the_mark_across_reads() {
+    let mut counted = SnapshotWatch {
+        end: SnapshotEnd::AfterBytes(10),
+        seen: 0,
+        tail: Vec::new(),
+    };
+    assert!(!counted.saw(b"12345"));
+    assert!(!counted.saw(b"6789"));
+    assert!(counted.saw(b"0 and the stream"));
+
+    let mark = b"0123456789012345678901234567890123456789".to_vec();
+    let mut marked = SnapshotWatch {
+        end: SnapshotEnd::Mark(mark.clone()),
+        seen: 0,
+        tail: Vec::new(),
+    };
+    assert!(!marked.saw(b"REDIS0011 and a long snapshot body"));
+    assert!(!marked.saw(&mark[..15]), "a mark cut by a read");
+    assert!(marked.saw(&mark[15..]));
+    assert!(!marked.saw(b"x"), "the mark must be the last bytes");
+}
+
+/// A spooler on a real socket: `primary` is the other end.
+fn spooled(end: SnapshotEnd, received: &[u8], dir: &Path) -> (Spool, TcpStream, DurableOffset) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let ours = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    let (primary, _) = listener.accept().expect("accept");
+    primary
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let durable = DurableOffset::default();
+    let settings = SpoolSettings {
+        dir: dir.to_path_buf(),
+        end,
+        durable: durable.clone(),
+        address: "primary".into(),
+        timeout: Duration::from_secs(60),
+    };
+    let spool = Spool::start_with_segments(ours, received, settings, 4_096).expect("start");
+    (spool, primary, durable)
+}
+
+/// Reads from `primary` until `expected` has arrived (keepalive newlines skipped).
+fn expect_from_us(primary: &mut TcpStream, expected: &[u8]) {
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        let mut byte = [0u8; 1];
+        primary
+            .read_exact(&mut byte)
+            .expect("read what the spooler sent");
+        if !(got.is_empty() && byte[0] == b'\n') {
+            got.push(byte[0]);
+        }
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(expected)
+    );
+}
+
+#[tokio::test]
+async fn a_spooled_diskless_snapshot_is_acknowledged_on_arrival_and_read_back_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let link_dir = dir.path().join("link");
+    let mark = b"abcdefghijabcdefghijabcdefghijabcdefghij".to_vec();
+    let (mut spool, mut primary, durable) =
+        spooled(SnapshotEnd::Mark(mark.clone()), b"REDIS", &link_dir);
+    durable.advance(crate::position::ReplOffset(0));
+    let body = patterned(50_000);
+    primary.write_all(&body).expect("send");
+    primary.write_all(&mark).expect("send the mark");
+    // Nobody reads the spool yet: the spooler alone acknowledges the snapshot.
+    expect_from_us(
+        &mut primary,
+        b"*3\r\n$8\r\nREPLCONF\r\n$3\r\nACK\r\n$1\r\n0\r\n",
+    );
+    primary.write_all(b"*1\r\n$4\r\nPING\r\n").expect("send");
+
+    let mut input = BytesMut::from(&b"REDIS"[..]);
+    let total = 5 + body.len() + mark.len() + 14;
+    while input.len() < total {
+        spool.fill(&mut input, 10_000).await.expect("fill");
+    }
+    assert_eq!(&input[5..5 + body.len()], &body[..]);
+    assert_eq!(&input[total - 14..], b"*1\r\n$4\r\nPING\r\n");
+    assert!(spool.caught_up());
+    let socket = spool.take_socket().await.expect("the socket back");
+    spool.drain(&mut input).expect("drain");
+    assert_eq!(input.len(), total, "nothing more was spooled");
+    drop(spool);
+    assert!(!link_dir.exists(), "the spool directory is removed");
+    // The socket still reaches the primary.
+    let mut socket = socket;
+    socket.write_all(b"back").expect("write");
+    expect_from_us(&mut primary, b"back");
+}
+
+#[tokio::test]
+async fn the_spooler_reports_a_closed_link_after_what_arrived_before_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut spool, mut primary, _) = spooled(
+        SnapshotEnd::AfterBytes(1_000_000),
+        b"",
+        &dir.path().join("l"),
+    );
+    let body = patterned(9_000);
+    primary.write_all(&body).expect("send");
+    drop(primary);
+    let mut input = BytesMut::new();
+    let error = loop {
+        match spool.fill(&mut input, 1_000).await {
+            Ok(()) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(
+        &input[..],
+        &body[..],
+        "every byte before the failure is read"
+    );
+    assert!(
+        error.to_string().contains("closed the connection"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_length_framed_snapshot_is_acknowledged_once_its_bytes_arrived() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (spool, mut primary, durable) = spooled(
+        SnapshotEnd::AfterBytes(20_000),
+        &[0; 100],
+        &dir.path().join("l"),
+    );
+    durable.advance(crate::position::ReplOffset(1234));
+    primary.write_all(&patterned(19_900)).expect("send");
+    expect_from_us(
+        &mut primary,
+        b"*3\r\n$8\r\nREPLCONF\r\n$3\r\nACK\r\n$4\r\n1234\r\n",
+    );
+    drop(spool);
+}
