@@ -16,7 +16,8 @@
 //! - `sink_batches_total{backend}`, `sink_batch_rows{backend}` and `sink_commit_seconds{backend}`
 //!   (histograms), `sink_retries_total{backend}`;
 //! - `link_errors_total{kind}`, `full_syncs_total`, `partial_syncs_total`;
-//! - `buffer_size_bytes` (RocksDB files), `link_up`, `backend_up{backend}`;
+//! - `buffer_size_bytes` (RocksDB files), `spool_bytes` (a full sync received and not yet decoded,
+//!   `src/replication/spool.rs`), `link_up`, `backend_up{backend}`;
 //! - `memory_bytes{part}`: `heap_allocated` and `heap_resident` (the allocator's figures: what
 //!   the process asked for, and what the allocator keeps in RAM for it, which RSS follows),
 //!   `rocksdb_memtables`, `rocksdb_table_readers` (index and filter blocks of open tables),
