@@ -20,7 +20,8 @@
 //!   `src/replication/spool.rs`), `link_up`, `backend_up{backend}`;
 //! - `memory_bytes{part}`: `heap_allocated` and `heap_resident` (the allocator's figures: what
 //!   the process asked for, and what the allocator keeps in RAM for it, which RSS follows),
-//!   `rocksdb_memtables`, `rocksdb_table_readers` (index and filter blocks of open tables),
+//!   `rocksdb_memtables`, `rocksdb_table_readers` (index and filter blocks held outside the
+//!   caches: the mirror's, which grow with the keyspace; the change log's are in its cache),
 //!   `rocksdb_block_cache`, `rocksdb_pinned_blocks`; sampled with the primary's offset.
 
 use std::collections::{BTreeMap, VecDeque};

@@ -7,8 +7,9 @@ use super::store::FAMILIES;
 use super::Store;
 
 /// RocksDB's memory by use ([`Store::memory`]): memtables (bounded by `MEMTABLES_BYTES`), the
-/// index and filter blocks of open tables (outside the block cache: they grow with the number
-/// of table files), the block caches, and the cached blocks iterators hold pinned.
+/// index and filter blocks of open tables held outside the block caches (those of the mirror and
+/// the other families: they grow with the keyspace; the change log's are in its cache), the
+/// block caches, and the cached blocks pinned (by iterators, and the log's level-0 index).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreMemory {
     pub memtables: u64,
