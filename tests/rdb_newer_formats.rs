@@ -1,7 +1,7 @@
 //! The RDB formats of servers newer than the ones CI runs (Redis 8.6 writes RDB 13, 8.8 RDB
-//! 14), from hand-built files: no binary of those servers can be had here, so each file is built
-//! byte by byte from the layouts in redis `src/rdb.c` (`rdbSaveObject`, `rdbSaveKeyMetadata`),
-//! as src/replication/rdb/mod.rs describes them. What is decoded: the hashes around the new
+//! 14, Valkey 9.2 `VALKEY081`), from hand-built files: no binary of those servers can be had
+//! here, so each file is built byte by byte from the layouts in redis and valkey `src/rdb.c`
+//! (`rdbSaveObject`, `rdbSaveKeyMetadata`), as src/replication/rdb/mod.rs describes them. What is decoded: the hashes around the new
 //! structures, which must come out whole (a skip one byte off would misread them); what is
 //! refused: what cannot be skipped, with the offset.
 
@@ -93,6 +93,17 @@ impl Rdb {
         let rdb = rdb.len(3).len(1).raw(&42i64.to_le_bytes());
         let rdb = rdb.len(5).len(2).raw(&1.5f64.to_le_bytes());
         rdb.len(8).len(3).string(b"small")
+    }
+    /// A Valkey path hash (type 23): paths, each with its fields and values.
+    fn path_hash(self, key: &str, paths: &[(&str, &[(&str, &str)])]) -> Rdb {
+        let mut rdb = self.byte(23).string(key.as_bytes()).len(paths.len() as u64);
+        for (path, fields) in paths {
+            rdb = rdb.string(path.as_bytes()).len(fields.len() as u64);
+            for (f, v) in *fields {
+                rdb = rdb.string(f.as_bytes()).string(v.as_bytes());
+            }
+        }
+        rdb
     }
     /// EOF and a zero checksum (not computed).
     fn end(self) -> Vec<u8> {
@@ -245,6 +256,51 @@ fn rdb_14_nack_streams_and_arrays_are_skipped_around_the_hashes() {
 }
 
 #[test]
+fn valkey_081_path_hashes_are_skipped_around_the_hashes() {
+    let long = "v".repeat(20_000);
+    let data = Rdb::new("VALKEY081")
+        .byte(0xFE)
+        .len(0)
+        .path_hash(
+            "p",
+            &[("a.b", &[("f", "1"), ("g", "2")]), ("c", &[("h", &long)])],
+        )
+        .hash("between", &[("f", "v")])
+        .path_hash("empty", &[])
+        .byte(22) // Valkey's HASH_2: field, value, i64 expiry
+        .string(b"h2")
+        .len(1)
+        .string(b"x")
+        .string(b"y")
+        .raw(&(-1i64).to_le_bytes())
+        .end();
+    assert_eq!(
+        decode_both_ways(&data),
+        vec![
+            other_key("p", ValueKind::PathHash),
+            hash_key("between", None, &[("f", "v")]),
+            other_key("empty", ValueKind::PathHash),
+            hash_key("h2", None, &[("x", "y")]),
+        ]
+    );
+}
+
+#[test]
+fn a_valkey_dump_payload_holds_valkey_types() {
+    // Valkey 9 writes its own format number in the footer: 22 is then HASH_2, not 7.4's RC.
+    let body = Rdb::new("").byte(22).len(1).string(b"f").string(b"v");
+    let payload = body.raw(&5_000i64.to_le_bytes()).raw(&80u16.to_le_bytes());
+    let dumped = decode_dump_payload(&Bytes::from(payload.raw(&[0; 8]).0)).expect("decodes");
+    assert_eq!(dumped.kind, ValueKind::Hash);
+    assert_eq!(dumped.fields[0].expire_at_ms, Some(5_000));
+    let path = Rdb::new("").byte(23).len(1).string(b"p").len(1);
+    let path = path.string(b"f").string(b"v").raw(&81u16.to_le_bytes());
+    let dumped = decode_dump_payload(&Bytes::from(path.raw(&[0; 8]).0)).expect("decodes");
+    assert_eq!(dumped.kind, ValueKind::PathHash);
+    assert!(!dumped.empty);
+}
+
+#[test]
 fn a_dump_payload_may_start_with_key_metadata() {
     let body = Rdb::new("").key_meta(&[1]).byte(4).len(1);
     let payload = body.string(b"f").string(b"v").raw(&13u16.to_le_bytes());
@@ -292,6 +348,18 @@ fn what_cannot_be_skipped_is_refused_with_its_offset() {
         let data = Rdb::new("VALKEY080").byte(type_byte).string(b"k").end();
         refused(data, &format!("type or opcode {type_byte}"), 9);
     }
+    // A path without fields (Valkey's loader refuses it too), at the path's field count.
+    let data = Rdb::new("VALKEY081").path_hash("p", &[("a", &[])]).end();
+    refused(data, "path hash path with 0 fields", 15);
+    // PATH_HASH does not exist before VALKEY081.
+    let data = Rdb::new("VALKEY080").path_hash("p", &[]).end();
+    refused(data, "PATH_HASH", 9);
+    // A command a forkless save inlined is a write: refused, never skipped.
+    let data = Rdb::new("VALKEY081")
+        .byte(0xF2)
+        .raw(b"*3\r\n$4\r\nHSET\r\n$1\r\nk\r\n$1\r\nv\r\n")
+        .end();
+    refused(data, "opcode 242", 9);
     // A version past what the decoder reads is refused before anything else.
     let data = Rdb::new("REDIS0015").end();
     let error = decode(&data, data.len()).expect_err("refused");

@@ -393,7 +393,7 @@ enum Source {
 
 /// The server version announced with `REPLCONF version`: the newest whose snapshot format the
 /// decoder reads (see mod.rs, "Protocol").
-const ANNOUNCED_VERSION: &[u8] = b"9.0.0";
+const ANNOUNCED_VERSION: &[u8] = b"9.2.0";
 
 impl Socket {
     /// `PING` (a primary that wants AUTH answers -NOAUTH, which is fine here), `AUTH` when the

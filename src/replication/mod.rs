@@ -4,7 +4,7 @@
 //!
 //! The handshake is what a real replica sends (`syncWithMaster`): `PING`, `AUTH [user] pass`,
 //! `REPLCONF listening-port <port>` (a port where nothing answers, so that Sentinel never
-//! considers us promotable), `REPLCONF capa eof capa psync2`, `REPLCONF version 9.0.0`, then
+//! considers us promotable), `REPLCONF capa eof capa psync2`, `REPLCONF version 9.2.0`, then
 //! `PSYNC <replid> <offset+1>` to continue after a known position, or `PSYNC ? -1`. Bare `\n`
 //! keepalives may precede any reply. The primary answers:
 //!
@@ -12,13 +12,15 @@
 //! `version`) still serves `PSYNC`: the refusal is logged, never fatal. `version` is Valkey's
 //! (8.0+): a Valkey primary picks the snapshot format from the version its replica announces
 //! (`replicaRdbVersion`, `RDB_VERSION_MAP` in its sources), RDB 11 for a replica that announces
-//! none, which cannot hold a hash with field TTLs, so such a full sync aborts. 9.0.0 announces
-//! the newest format the decoder reads (`VALKEY080`, [`rdb`]); raise it with the decoder.
+//! none, which cannot hold a hash with field TTLs, so such a full sync aborts (and 80 for 9.0
+//! and 9.1, which cannot hold 9.2's path hashes). 9.2.0 announces the newest format the decoder
+//! reads (`VALKEY081`, [`rdb`]); raise it with the decoder.
 //!
 //! - `+FULLRESYNC <replid> <offset>`: a snapshot follows, framed as `$<len>\r\n` + exactly
 //!   `len` bytes (disk-based sync; no CRLF after it) or as `$EOF:<40 chars>\r\n` + the RDB + the
-//!   same 40 chars (diskless). It is decoded while it streams ([`rdb`]). A diskless primary sends
-//!   no command until our first `REPLCONF ACK`, which we send as soon as the snapshot ends.
+//!   same 40 chars (diskless). It is received into the snapshot spool ([`spool`]) and decoded
+//!   from there ([`rdb`]). A diskless primary sends no command until our first `REPLCONF ACK`
+//!   after it considers the snapshot sent, which the spooler sends as soon as it has arrived.
 //! - `+CONTINUE [<replid>]`: the command stream continues right after our offset; a different
 //!   replid means the history moved to a promoted replica.
 //! - `-LOADING` / `-NOMASTERLINK`: transient; we retry with backoff.

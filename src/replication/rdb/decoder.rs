@@ -10,7 +10,7 @@ pub(crate) use super::types::kind_of;
 use super::types::module_name;
 use super::{
     Checksum, HashField, Magic, RdbError, RdbEvent, ValueKind, MAX_REDIS_RDB_VERSION,
-    VALKEY_RDB_VERSION,
+    VALKEY_RDB_VERSIONS,
 };
 
 /// CRC-64/Jones as Redis computes it (`crc64.c`), slice-by-16 for speed.
@@ -18,6 +18,8 @@ pub(crate) static CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_6
 
 /// 243 is Valkey's SLOT_IMPORT under `VALKEY` magic and Redis's KEY_META (RDB 13+) under `REDIS`.
 const OP_SLOT_IMPORT_VALKEY: u8 = 0xF3;
+/// Valkey's UPDATE: a command (RESP) a forkless save inlines into the snapshot; refused.
+const OP_INLINE_COMMAND_VALKEY: u8 = 0xF2;
 const OP_KEY_META_REDIS: u8 = 0xF3;
 /// A key carries at most this many classes of metadata (Redis: 7, `rdbSaveKeyMetadata`).
 const KEY_META_MAX_CLASSES: u64 = 7;
@@ -127,6 +129,10 @@ enum Shape {
     StreamListpack,
     /// Index + tag + payload of an array element (type 28).
     ArrayElement,
+    /// A path of a path hash: its name, then its field count (Valkey type 23).
+    PathHashPath,
+    /// The field and value strings of a path hash's path, then `paths_after` more paths.
+    PathHashString { paths_after: u64 },
 }
 
 /// An event whose strings still point into the input being consumed.
@@ -434,7 +440,7 @@ impl RdbDecoder {
             })?;
         let supported = match magic {
             Magic::Redis => (1..=MAX_REDIS_RDB_VERSION).contains(&version),
-            Magic::Valkey => version == VALKEY_RDB_VERSION,
+            Magic::Valkey => VALKEY_RDB_VERSIONS.contains(&version),
         };
         if !supported {
             return Err(StepError::Rejected(RdbError::UnsupportedVersion {
@@ -531,6 +537,14 @@ impl RdbDecoder {
                     cur.length()?;
                 }
             }
+            OP_INLINE_COMMAND_VALKEY if self.magic == Magic::Valkey => {
+                return malformed(
+                    at,
+                    "opcode 242, a command inlined by a forkless save (Valkey 9.2), carries a \
+                     write that cannot be skipped; turn forkless saves off for replicas on the \
+                     primary",
+                );
+            }
             OP_EOF => {
                 if self.value_only {
                     return malformed(at, "EOF opcode inside a DUMP payload");
@@ -545,9 +559,11 @@ impl RdbDecoder {
                 }
             }
             type_byte => {
-                let kind = kind_of(type_byte, self.magic).map_err(|e| StepError::Malformed {
-                    at,
-                    message: e.to_string(),
+                let kind = kind_of(type_byte, self.magic, self.version).map_err(|e| {
+                    StepError::Malformed {
+                        at,
+                        message: e.to_string(),
+                    }
                 })?;
                 let key = cur.string()?;
                 self.staged.push(Staged::KeyStart {
@@ -608,10 +624,11 @@ impl RdbDecoder {
         if type_byte == OP_KEY_META_REDIS && self.magic == Magic::Redis && self.version >= 13 {
             return self.start_key_meta(cur, at);
         }
-        let kind = kind_of(type_byte, self.magic).map_err(|e| StepError::Malformed {
-            at,
-            message: e.to_string(),
-        })?;
+        let kind =
+            kind_of(type_byte, self.magic, self.version).map_err(|e| StepError::Malformed {
+                at,
+                message: e.to_string(),
+            })?;
         self.dump_kind = Some(kind);
         self.state = State::Value(Value {
             type_byte,

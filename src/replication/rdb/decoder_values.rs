@@ -33,6 +33,19 @@ impl RdbDecoder {
                 self.set_phase(value, Phase::StreamMeta);
                 Ok(())
             }
+            Phase::Items {
+                remaining: 0,
+                shape: Shape::PathHashString { paths_after },
+                ..
+            } => {
+                let phase = Phase::Items {
+                    remaining: paths_after,
+                    shape: Shape::PathHashPath,
+                    part: 0,
+                };
+                self.set_phase(value, phase);
+                Ok(())
+            }
             Phase::Items { remaining: 0, .. } | Phase::End => {
                 self.end_value(value.nonempty);
                 Ok(())
@@ -212,6 +225,11 @@ impl RdbDecoder {
                 items(count, Shape::ArrayElement)
             }
             22 if self.magic == Magic::Valkey => items(cur.length()?, Shape::ValkeyHash2),
+            23 if self.magic == Magic::Valkey => {
+                let paths = cur.length()?;
+                value.nonempty = paths > 0;
+                items(paths, Shape::PathHashPath)
+            }
             22 => items(cur.length()?, Shape::HashTtlAbsolute),
             24 => {
                 let min_expire = cur.i64_le()?;
@@ -282,7 +300,28 @@ impl RdbDecoder {
         let at = cur.pos;
         let mut next_part = 0;
         match (shape, part) {
-            (Shape::Str, _) => self.skip = cur.skip_string()?,
+            (Shape::Str | Shape::PathHashString { .. }, _) => self.skip = cur.skip_string()?,
+            (Shape::PathHashPath, 0) => {
+                self.skip = cur.skip_string()?;
+                next_part = 1;
+            }
+            (Shape::PathHashPath, _) => {
+                let fields = cur.length()?;
+                // Valkey's loader refuses a path without fields.
+                let strings = match fields.checked_mul(2) {
+                    Some(strings) if fields > 0 => strings,
+                    _ => return malformed(at, format!("path hash path with {fields} fields")),
+                };
+                let phase = Phase::Items {
+                    remaining: strings,
+                    shape: Shape::PathHashString {
+                        paths_after: remaining - 1,
+                    },
+                    part: 0,
+                };
+                self.set_phase(value, phase);
+                return Ok(());
+            }
             (Shape::ZsetAscii | Shape::ZsetBinary | Shape::StreamListpack, 0) => {
                 self.skip = cur.skip_string()?;
                 next_part = 1;

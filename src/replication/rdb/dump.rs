@@ -2,13 +2,16 @@
 //!
 //! A payload is `type byte + value (RDB object encoding) + u16 LE RDB version + u64 LE
 //! CRC-64` where the CRC covers everything before it (`createDumpPayload`); from RDB 13
-//! (Redis 8.6) a key with module metadata has KEY_META before its type byte (see mod.rs). It reaches us as the
-//! last argument of `RESTORE key ttl payload [REPLACE] [ABSTTL] ...` in the replication stream.
+//! (Redis 8.6) a key with module metadata has KEY_META before its type byte (see mod.rs). The
+//! version is Redis's (up to 14) or Valkey 9's (80, 81), which decides the meaning of the type
+//! byte (mod.rs). It reaches us as the last argument of `RESTORE key ttl payload [REPLACE] [ABSTTL] ...` in the replication stream.
 
 use bytes::{Bytes, BytesMut};
 
 use super::decoder::{RdbDecoder, CRC64};
-use super::{HashField, Magic, RdbError, RdbEvent, ValueKind, MAX_REDIS_RDB_VERSION};
+use super::{
+    HashField, Magic, RdbError, RdbEvent, ValueKind, MAX_REDIS_RDB_VERSION, VALKEY_RDB_VERSIONS,
+};
 
 /// The decoded value of a DUMP payload: its kind, and for a hash its fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,13 +33,18 @@ pub fn decode_dump_payload(payload: &Bytes) -> Result<DumpedValue, RdbError> {
     }
     let body_end = len - 10;
     let version = u16::from_le_bytes([payload[body_end], payload[body_end + 1]]);
-    if u32::from(version) > MAX_REDIS_RDB_VERSION {
+    // Valkey 9 numbers its formats from 80: a payload of 80 or 81 holds Valkey's types.
+    let magic = if VALKEY_RDB_VERSIONS.contains(&u32::from(version)) {
+        Magic::Valkey
+    } else if u32::from(version) <= MAX_REDIS_RDB_VERSION {
+        Magic::Redis
+    } else {
         return Err(RdbError::UnsupportedVersion {
             magic: "DUMP payload RDB ".into(),
             version: version.into(),
             max: MAX_REDIS_RDB_VERSION,
         });
-    }
+    };
     let mut crc_bytes = [0u8; 8];
     crc_bytes.copy_from_slice(&payload[len - 8..]);
     let expected = u64::from_le_bytes(crc_bytes);
@@ -44,7 +52,7 @@ pub fn decode_dump_payload(payload: &Bytes) -> Result<DumpedValue, RdbError> {
     if expected != 0 && expected != computed {
         return Err(RdbError::BadChecksum { expected, computed });
     }
-    let mut decoder = RdbDecoder::for_dump(Magic::Redis, version.into());
+    let mut decoder = RdbDecoder::for_dump(magic, version.into());
     let mut input = BytesMut::from(&payload[..body_end]);
     let mut value = DumpedValue {
         kind: ValueKind::String,

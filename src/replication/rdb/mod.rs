@@ -26,7 +26,11 @@
 //! entries, producers each with their `iid ms seq` entries, two counters), 8.8's stream 27 (26
 //! plus, per group after its consumers, a count of NACKed 16-byte ids) and 8.8's array 28
 //! (count, an insert-index flag and index, then `index tag payload` elements: tag 0 and 3 a
-//! string, 1 and 2 eight bytes). Sources: redis `src/rdb.c`, `rdbSaveObject`.
+//! string, 1 and 2 eight bytes), and Valkey 9.2's PATH_HASH 23 under `VALKEY081` (a path
+//! count, then per path its name, a field count of at least one and the field/value strings).
+//! Under `VALKEY` magic, opcode 242 (commands a forkless save inlines into the snapshot) is
+//! refused: it carries writes, which skipping would lose. Sources: redis and valkey
+//! `src/rdb.c`, `rdbSaveObject`; valkey `src/forkless.c`.
 //!
 //! # Streaming
 //!
@@ -60,8 +64,9 @@ pub enum Magic {
 /// Highest `REDIS` RDB version this decoder understands (12: Redis 7.4 to 8.4; 13: 8.6; 14:
 /// 8.8).
 pub const MAX_REDIS_RDB_VERSION: u32 = 14;
-/// The `VALKEY` RDB version this decoder understands (Valkey 9.0).
-pub const VALKEY_RDB_VERSION: u32 = 80;
+/// The `VALKEY` RDB versions this decoder understands: 80 (Valkey 9.0) and 81 (9.2: PATH_HASH
+/// values, skipped; the commands a forkless save inlines are refused, see `types.rs`).
+pub const VALKEY_RDB_VERSIONS: std::ops::RangeInclusive<u32> = 80..=81;
 
 /// The logical type of a key, whatever its encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,6 +80,8 @@ pub enum ValueKind {
     Module,
     /// Redis 8.8's sparse array (RDB type 28).
     Array,
+    /// Valkey 9.2's path hash (type 23 under `VALKEY081`): hashes by path, not a hash.
+    PathHash,
 }
 
 impl ValueKind {
@@ -89,6 +96,7 @@ impl ValueKind {
             ValueKind::Stream => "stream",
             ValueKind::Module => "module",
             ValueKind::Array => "array",
+            ValueKind::PathHash => "pathhash",
         }
     }
 }
@@ -170,7 +178,7 @@ pub enum RdbError {
     BadChecksum { expected: u64, computed: u64 },
     #[error("RDB byte {offset}: input ends in the middle of {context}")]
     Truncated { offset: u64, context: String },
-    #[error("unsupported RDB format {magic}{version:04}: this writebehind reads REDIS versions 1 to {max} and VALKEY 80")]
+    #[error("unsupported RDB format {magic}{version:04}: this writebehind reads REDIS versions 1 to {max} and VALKEY 80 and 81")]
     UnsupportedVersion {
         magic: String,
         version: u32,

@@ -5,8 +5,8 @@ use super::{Magic, ValueKind};
 /// An RDB type byte this decoder cannot read or skip.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum UnreadableType {
-    #[error("Valkey PATH_HASH values (type 23) are not supported")]
-    PathHash,
+    #[error("type 23 (Valkey's PATH_HASH) in a VALKEY080 file, where it does not exist")]
+    PathHashBefore81,
     #[error("module value in the pre-release format (type 6) cannot be skipped")]
     PreReleaseModule,
     #[error("unknown RDB value type or opcode {0}")]
@@ -14,8 +14,12 @@ pub(crate) enum UnreadableType {
 }
 
 /// The logical kind of an RDB type byte; 22 and above depend on who wrote the file (VALKEY080
-/// ends at 22; Redis 7.4 added 22 to 25, 8.6 26, 8.8 27 and 28).
-pub(crate) fn kind_of(type_byte: u8, magic: Magic) -> Result<ValueKind, UnreadableType> {
+/// ends at 22, VALKEY081 adds 23; Redis 7.4 added 22 to 25, 8.6 26, 8.8 27 and 28).
+pub(crate) fn kind_of(
+    type_byte: u8,
+    magic: Magic,
+    version: u32,
+) -> Result<ValueKind, UnreadableType> {
     let redis = magic == Magic::Redis;
     Ok(match type_byte {
         0 => ValueKind::String,
@@ -24,7 +28,8 @@ pub(crate) fn kind_of(type_byte: u8, magic: Magic) -> Result<ValueKind, Unreadab
         3 | 5 | 12 | 17 => ValueKind::SortedSet,
         4 | 9 | 13 | 16 | 22 => ValueKind::Hash,
         23..=25 if redis => ValueKind::Hash,
-        23 => return Err(UnreadableType::PathHash),
+        23 if version >= 81 => ValueKind::PathHash,
+        23 => return Err(UnreadableType::PathHashBefore81),
         6 => return Err(UnreadableType::PreReleaseModule),
         7 => ValueKind::Module,
         15 | 19 | 21 => ValueKind::Stream,
