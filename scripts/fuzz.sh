@@ -12,7 +12,7 @@ export ROCKSDB_LIB_DIR="${ROCKSDB_LIB_DIR:-/usr/lib/$(gcc -print-multiarch 2>/de
 for target in rdb_decoder dump_payload command_stream redis_reply; do
   corpus="corpus/$target"
   mkdir -p "$corpus"
-  if [ "$target" = rdb_decoder ]; then cp -n ../fixtures/rdb/*.rdb "$corpus"/ 2>/dev/null || true; fi
+  if [ "$target" = rdb_decoder ]; then cp -n ../fixtures/rdb/*/*.rdb "$corpus"/ 2>/dev/null || true; fi
   echo "== $target for ${seconds}s"
   cargo fuzz run "$target" "$corpus" -- -max_total_time="$seconds" -rss_limit_mb=4096
 done

@@ -1,5 +1,5 @@
 //! Conformance of the RDB decoder over the shared corpus of real RDB files
-//! (`../shared/fixtures/rdb`, see its MANIFEST.md and EXPECTED.md).
+//! (`fixtures/rdb`, see its MANIFEST.md and EXPECTED.md).
 //!
 //! - Every file Redis 7.0.15 loaded is compared with what Redis loaded
 //!   (`redis-7.0.15-load.json`): keys per database, their types, hash contents, expired keys.
@@ -15,10 +15,10 @@ use serde_json::Value;
 use writebehind::replication::rdb::{Checksum, RdbDecoder, RdbError, RdbEvent, ValueKind};
 
 fn corpus() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/rdb");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/rdb");
     assert!(
         dir.is_dir(),
-        "the RDB corpus is missing at {}: the shared/ folder must sit beside the clone",
+        "the RDB corpus is missing at {}: it is part of the repository",
         dir.display()
     );
     dir
