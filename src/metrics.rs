@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::config::RedisEndpoint;
 use crate::position::{ChangeSeq, ReplOffset};
 
 use http_body_util::Full;
@@ -90,12 +91,19 @@ pub struct Health {
     received: AtomicU64,
     buffered: AtomicU64,
     primary_offset: AtomicU64,
+    /// The last poll of the primary's offset succeeded: `lag_bytes` is measured against the
+    /// primary, not only against what was received.
+    primary_polled: AtomicBool,
+    /// The failure to poll it was logged (once per failure streak).
+    primary_poll_failing: AtomicBool,
     /// The buffer's size on disk (bytes), sampled by the service.
     buffer_bytes: AtomicU64,
     backends: Mutex<BTreeMap<String, BackendState>>,
     /// (last seq of a commit, when it was captured), oldest first, until every backend applied it.
     unapplied: Mutex<VecDeque<(u64, Instant)>>,
-    primary: Mutex<Option<String>>,
+    /// The primary of the link, with the source's credentials (the lag poller connects to it;
+    /// only its address is shown).
+    primary: Mutex<Option<RedisEndpoint>>,
     replid: Mutex<Option<String>>,
     /// Stream offset of the oldest acknowledgement not written to Redis yet (0: none).
     oldest_unacked: AtomicU64,
@@ -130,7 +138,7 @@ impl Health {
         Arc::new(Health::default())
     }
 
-    pub fn set_link(&self, up: bool, primary: Option<String>, replid: Option<String>) {
+    pub fn set_link(&self, up: bool, primary: Option<RedisEndpoint>, replid: Option<String>) {
         self.link_up.store(up, Ordering::SeqCst);
         metrics::gauge!("writebehind_link_up").set(if up { 1.0 } else { 0.0 });
         if primary.is_some() {
@@ -242,8 +250,22 @@ impl Health {
         }
     }
 
+    /// The primary's offset, as its `INFO` reported it.
     pub fn primary_offset(&self, offset: u64) {
         self.primary_offset.store(offset, Ordering::Relaxed);
+        self.primary_polled.store(true, Ordering::Relaxed);
+        if self.primary_poll_failing.swap(false, Ordering::Relaxed) {
+            tracing::info!(offset, "the primary's offset can be read again");
+        }
+    }
+
+    /// The primary's offset cannot be read (`why`): the lag is measured against what was
+    /// received until it can. Said once per failure streak, not at every poll.
+    pub fn primary_offset_unavailable(&self, why: &str) {
+        self.primary_polled.store(false, Ordering::Relaxed);
+        if !self.primary_poll_failing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(reason = why, "cannot read the primary's offset; lag_bytes counts from what was received until it can");
+        }
     }
 
     /// Capture is blocked (`Some`: why) or no longer (`None`); `/ready` says it.
@@ -258,7 +280,8 @@ impl Health {
         self.stopping.store(true, Ordering::SeqCst);
     }
 
-    pub fn primary(&self) -> Option<String> {
+    /// The primary of the link, credentials included.
+    pub fn primary(&self) -> Option<RedisEndpoint> {
         self.primary
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -394,7 +417,7 @@ impl Health {
             .max(positions.received.0);
         serde_json::json!({
             "link": if self.link_up.load(Ordering::SeqCst) { "up" } else { "down" },
-            "primary": self.primary(),
+            "primary": self.primary().map(|p| p.address()),
             "replid": self.replid.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             "positions": {
                 "primary": primary_offset,
@@ -403,6 +426,8 @@ impl Health {
                 "applied": applied,
                 "acked": positions.acked.0,
             },
+            // False: the primary's offset could not be read; "primary" is then what was received.
+            "primary_polled": self.primary_polled.load(Ordering::Relaxed),
             "lag_bytes": primary_offset.saturating_sub(applied),
             "lag_seconds": self.lag_seconds(),
             "dead_letters": dead_letters,

@@ -418,21 +418,31 @@ fn task_outcome(
 
 /// The primary's offset (for the lag), the buffer's size and the memory figures, every
 /// [`POLL_EVERY`].
+/// The primary's `master_repl_offset`, or why it cannot be read.
+async fn primary_offset(primary: &RedisEndpoint) -> Result<u64, String> {
+    let mut client = RedisClient::connect(primary, Duration::from_secs(2))
+        .await
+        .map_err(|e| e.to_string())?;
+    let info = client
+        .info("replication")
+        .await
+        .map_err(|e| e.to_string())?;
+    info_field(&info, "master_repl_offset")
+        .and_then(|o| o.parse().ok())
+        .ok_or_else(|| "INFO replication has no master_repl_offset".to_string())
+}
+
 async fn poll_primary(health: Arc<Health>, store: Arc<Store>, stop: watch::Receiver<bool>) {
     let stopped = stop_requested(stop);
     tokio::pin!(stopped);
     loop {
         health.buffer_size(store.disk_size());
         health.memory(store.memory());
-        if let Some(primary) = health.primary().and_then(|p| RedisEndpoint::parse(&p).ok()) {
-            if let Ok(mut client) = RedisClient::connect(&primary, Duration::from_secs(2)).await {
-                if let Ok(info) = client.info("replication").await {
-                    if let Some(offset) =
-                        info_field(&info, "master_repl_offset").and_then(|o| o.parse().ok())
-                    {
-                        health.primary_offset(offset);
-                    }
-                }
+        // With the source's credentials: a protected primary refuses INFO otherwise.
+        if let Some(primary) = health.primary() {
+            match primary_offset(&primary).await {
+                Ok(offset) => health.primary_offset(offset),
+                Err(why) => health.primary_offset_unavailable(&why),
             }
         }
         tokio::select! {

@@ -52,6 +52,10 @@ struct Service {
 
 impl Service {
     fn new(redis: &RedisServer, database_url: Option<&str>) -> Service {
+        Service::with_source(&redis.url(), database_url)
+    }
+
+    fn with_source(source_url: &str, database_url: Option<&str>) -> Service {
         let dir = tempfile::tempdir().expect("dir");
         let admin = free_port();
         let database = database_url
@@ -64,7 +68,7 @@ impl Service {
                 "[source]\nurl = \"{}\"\n[buffer]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[backends.db]\nurl = \"{database}\"\n\
                  [[mappings]]\nname = \"People\"\nprefix = \"person2\"\nbackend = \"db\"\ntable = \"person1\"\nkey_column = \"id\"\ncreate_table = true\n\
                  [mappings.columns]\nfirst_name = \"first\"\nseq = \"seq\"\n",
-                redis.url(),
+                source_url,
                 dir.path().join("buffer").display()
             ),
         )
@@ -350,6 +354,28 @@ async fn sigterm_during_a_load_exits_0_and_a_restart_loses_nothing() {
         Some("1"),
         "the restart resumed with PSYNC; redis log:\n{}\nservice log:\n{}",
         redis.log(),
+        service.log()
+    );
+}
+
+/// The lag is measured against the primary's own offset, read with the source's credentials:
+/// on a password-protected primary too (it once connected with the address only, was refused,
+/// and silently counted from what was received).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lag_poller_reads_a_protected_primary_with_the_sources_credentials() {
+    let redis = RedisServer::start(&["--requirepass", "pollpw"]);
+    let service = Service::with_source(&format!("redis://:pollpw@127.0.0.1:{}", redis.port), None);
+    service
+        .until("the primary's offset polled", || {
+            get(service.admin, "/status").is_some_and(|(_, body)| {
+                serde_json::from_str::<serde_json::Value>(&body)
+                    .is_ok_and(|s| s["primary_polled"] == serde_json::Value::Bool(true))
+            })
+        })
+        .await;
+    assert!(
+        !service.log().contains("cannot read the primary's offset"),
+        "{}",
         service.log()
     );
 }

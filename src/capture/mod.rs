@@ -311,7 +311,7 @@ impl Capture {
     fn link_up(&self, position: &StreamPosition) {
         self.outputs.health.set_link(
             true,
-            Some(self.primary.address()),
+            Some(self.primary.endpoint().clone()),
             Some(position.replid.to_string()),
         );
     }

@@ -94,8 +94,9 @@ impl Primary {
         }
     }
 
-    pub fn address(&self) -> String {
-        self.endpoint.address()
+    /// The primary, with the source's credentials.
+    pub fn endpoint(&self) -> &RedisEndpoint {
+        &self.endpoint
     }
 
     /// The primary's `COMMAND` table; `None` (logged) when it cannot be read: unknown writes
