@@ -96,6 +96,9 @@ pub struct Health {
     primary_polled: AtomicBool,
     /// The failure to poll it was logged (once per failure streak).
     primary_poll_failing: AtomicBool,
+    /// The primary accepted a full sync and has not started the snapshot for over a second
+    /// (set by the replication link).
+    waiting_for_snapshot: Arc<AtomicBool>,
     /// The buffer's size on disk (bytes), sampled by the service.
     buffer_bytes: AtomicU64,
     backends: Mutex<BTreeMap<String, BackendState>>,
@@ -250,6 +253,24 @@ impl Health {
         }
     }
 
+    /// The flag the replication link sets while the primary prepares a snapshot
+    /// (`ReplicatorOptions::waiting_for_snapshot`).
+    pub fn waiting_for_snapshot_flag(&self) -> Arc<AtomicBool> {
+        self.waiting_for_snapshot.clone()
+    }
+
+    /// What the link is doing, for `/status`: `up`, `down`, or waiting for the primary to start
+    /// a snapshot it accepted.
+    fn link_state(&self) -> &'static str {
+        if self.link_up.load(Ordering::SeqCst) {
+            "up"
+        } else if self.waiting_for_snapshot.load(Ordering::SeqCst) {
+            "waiting for the primary to start the snapshot"
+        } else {
+            "down"
+        }
+    }
+
     /// The primary's offset, as its `INFO` reported it.
     pub fn primary_offset(&self, offset: u64) {
         self.primary_offset.store(offset, Ordering::Relaxed);
@@ -294,7 +315,7 @@ impl Health {
             return Some("shutting down".into());
         }
         if !self.link_up.load(Ordering::SeqCst) {
-            return Some("the replication link is down".into());
+            return Some(format!("the replication link is {}", self.link_state()));
         }
         if let Some(problem) = self
             .capture_problem
@@ -416,7 +437,7 @@ impl Health {
             .load(Ordering::Relaxed)
             .max(positions.received.0);
         serde_json::json!({
-            "link": if self.link_up.load(Ordering::SeqCst) { "up" } else { "down" },
+            "link": self.link_state(),
             "primary": self.primary().map(|p| p.address()),
             "replid": self.replid.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             "positions": {

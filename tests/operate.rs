@@ -358,6 +358,47 @@ async fn sigterm_during_a_load_exits_0_and_a_restart_loses_nothing() {
     );
 }
 
+/// A first full sync the primary delays (`repl-diskless-sync-delay`) says why it waits: in
+/// `/status`, in `/ready`'s reason and in one log line; then the link comes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_snapshot_is_reported_while_the_primary_prepares_it() {
+    let redis = RedisServer::start(&[
+        "--repl-diskless-sync",
+        "yes",
+        "--repl-diskless-sync-delay",
+        "4",
+    ]);
+    let service = Service::new(&redis, None);
+    let status = || {
+        get(service.admin, "/status")
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+    };
+    service
+        .until("the wait reported", || {
+            status().is_some_and(|s| s["link"] == "waiting for the primary to start the snapshot")
+        })
+        .await;
+    let (code, reason) = get(service.admin, "/ready").expect("ready");
+    assert_eq!(code, 503);
+    assert!(
+        reason.contains("waiting for the primary to start the snapshot"),
+        "{reason}"
+    );
+    service
+        .until("the link up", || {
+            status().is_some_and(|s| s["link"] == "up")
+        })
+        .await;
+    let log = service.log();
+    assert_eq!(
+        log.matches("waiting for the primary to start the snapshot")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("repl-diskless-sync-delay"), "{log}");
+}
+
 /// The lag is measured against the primary's own offset, read with the source's credentials:
 /// on a password-protected primary too (it once connected with the address only, was refused,
 /// and silently counted from what was received).

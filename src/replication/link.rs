@@ -11,7 +11,7 @@
 //! the snapshot has arrived, as the primary's `repl-timeout` clock runs during that time).
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -116,7 +116,14 @@ impl Link {
         handshake
             .greet(&mut write_half, endpoint, options.announce_port)
             .await?;
-        let (phase, first_event) = handshake.psync(&mut write_half, resume, &durable).await?;
+        let (phase, first_event) = handshake
+            .psync(
+                &mut write_half,
+                resume,
+                &durable,
+                &options.waiting_for_snapshot,
+            )
+            .await?;
         let mut link = Link {
             socket: handshake,
             phase,
@@ -455,6 +462,7 @@ impl Socket {
         writer: &mut OwnedWriteHalf,
         resume: Option<&StreamPosition>,
         durable: &DurableOffset,
+        waiting: &AtomicBool,
     ) -> Result<(Phase, ReplicationEvent), LinkError> {
         let address = self.address.clone();
         let (psync_id, psync_offset) = match resume {
@@ -469,7 +477,11 @@ impl Socket {
             &[&b"PSYNC"[..], psync_id.as_bytes(), psync_offset.as_bytes()],
         )
         .await?;
-        let reply = self.read_line().await?;
+        let reply = self.read_line_noting_a_wait(waiting).await;
+        if !matches!(&reply, Ok(r) if r.starts_with("+FULLRESYNC")) {
+            waiting.store(false, Ordering::SeqCst);
+        }
+        let reply = reply?;
         let malformed = || LinkError::Protocol {
             address: address.clone(),
             message: format!("malformed PSYNC reply `{reply}`"),
@@ -483,7 +495,9 @@ impl Socket {
                     .and_then(|o| o.parse::<u64>().ok())
                     .ok_or_else(malformed)?;
                 durable.restart_at(ReplOffset(0));
-                self.snapshot_header(replid, ReplOffset(offset)).await
+                let header = self.snapshot_header(replid, ReplOffset(offset), waiting).await;
+                waiting.store(false, Ordering::SeqCst);
+                header
             }
             (Some("+CONTINUE"), Some(resume)) => {
                 let replid = match words.next() {
@@ -528,8 +542,9 @@ impl Socket {
         &mut self,
         replid: ReplId,
         offset: ReplOffset,
+        waiting: &AtomicBool,
     ) -> Result<(Phase, ReplicationEvent), LinkError> {
-        let header = self.read_line().await?;
+        let header = self.read_line_noting_a_wait(waiting).await?;
         let protocol = |message: String| LinkError::Protocol {
             address: self.address.clone(),
             message,
@@ -618,6 +633,24 @@ impl Socket {
                 address: self.address.clone(),
                 message: e.to_string(),
             })
+    }
+
+    /// A reply line to `PSYNC`, or the snapshot header after it: a primary preparing a full sync
+    /// sends only `\n` keepalives until it starts the snapshot (a diskless one first waits
+    /// `repl-diskless-sync-delay` for other replicas, and answers `PSYNC` only then; a
+    /// disk-based one answers, then writes its RDB). Past a second, `waiting` is set and one
+    /// line is logged, so that a first sync that seems stuck says why; cleared by the caller.
+    async fn read_line_noting_a_wait(&mut self, waiting: &AtomicBool) -> Result<String, LinkError> {
+        // read_line is cancel-safe: what a cut-off read took stays in the input.
+        match tokio::time::timeout(Duration::from_secs(1), self.read_line()).await {
+            Ok(line) => line,
+            Err(_) => {
+                if !waiting.swap(true, Ordering::SeqCst) {
+                    tracing::info!(primary = %self.address, "waiting for the primary to start the snapshot: a diskless primary waits repl-diskless-sync-delay seconds (5 by default) for other replicas to join, a disk-based one writes its RDB file first");
+                }
+                self.read_line().await
+            }
+        }
     }
 
     /// One reply line, skipping the bare `\n` keepalives a primary sends while it prepares.

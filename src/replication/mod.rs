@@ -40,6 +40,7 @@ mod spool;
 pub mod stream;
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -162,6 +163,10 @@ pub struct ReplicatorOptions {
     /// Where full syncs are spooled (a directory per link inside; see `spool.rs`). The
     /// service uses `<buffer path>/spool`; by default the system's temporary directory.
     pub spool_dir: PathBuf,
+    /// Set while the primary has accepted a full sync but not started sending the snapshot for
+    /// over a second (it waits `repl-diskless-sync-delay`, or saves its RDB first): shown by
+    /// `/status`, which otherwise only sees a link that is down.
+    pub waiting_for_snapshot: Arc<AtomicBool>,
 }
 
 impl ReplicatorOptions {
@@ -177,6 +182,7 @@ impl ReplicatorOptions {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             spool_dir: std::env::temp_dir(),
+            waiting_for_snapshot: Arc::new(AtomicBool::new(false)),
         }
     }
 }
