@@ -30,12 +30,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::buffer::DeadLetterSummary;
 use crate::config::RedisEndpoint;
 use crate::position::{ChangeSeq, ReplOffset};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Why the admin endpoints cannot be served.
@@ -424,7 +425,7 @@ impl Health {
     }
 
     /// The status document (`GET /status`, `writebehind status`).
-    pub fn status(&self, dead_letters: u64) -> serde_json::Value {
+    pub fn status(&self, dead_letters: &DeadLetterSummary) -> serde_json::Value {
         let backends = self
             .backends
             .lock()
@@ -451,7 +452,8 @@ impl Health {
             "primary_polled": self.primary_polled.load(Ordering::Relaxed),
             "lag_bytes": primary_offset.saturating_sub(applied),
             "lag_seconds": self.lag_seconds(),
-            "dead_letters": dead_letters,
+            "dead_letters": dead_letters.count,
+            "oldest_dead_letter": oldest_dead_letter(dead_letters),
             "buffer_bytes": self.buffer_bytes.load(Ordering::Relaxed),
             "backends": backends,
             "ready": self.not_ready().is_none(),
@@ -459,13 +461,39 @@ impl Health {
     }
 }
 
+/// The oldest dead letter as `/status` and `status` show it: where and when, not the row (its
+/// key and the refused values stay behind `dlq list`).
+pub(crate) fn oldest_dead_letter(summary: &DeadLetterSummary) -> serde_json::Value {
+    match &summary.oldest {
+        Some(letter) => serde_json::json!({
+            "seq": letter.seq.0,
+            "backend": letter.backend,
+            "mapping": letter.mapping,
+            "at_ms": letter.at_ms,
+        }),
+        None => serde_json::Value::Null,
+    }
+}
+
+/// Connections the admin listener serves at once; more are closed as they arrive.
+const ADMIN_CONNECTIONS: usize = 32;
+/// A client must send a request's headers within this time.
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// No connection is held longer (a scraper that keeps one open reconnects).
+const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Counts the dead letters for `/status`.
+pub type DeadLetterCounter = Arc<dyn Fn() -> DeadLetterSummary + Send + Sync>;
+
 /// Serves the admin endpoints until `stop` resolves. `dead_letters` counts the dead-letter
-/// store for `/status`.
+/// store for `/status`. Bounded for an untrusted network: at most [`ADMIN_CONNECTIONS`] at once,
+/// headers within [`ADMIN_HEADER_TIMEOUT`], each connection at most
+/// [`ADMIN_CONNECTION_LIFETIME`], and only `GET`/`HEAD` (anything else: 405).
 pub async fn serve(
     listen: SocketAddr,
     handle: PrometheusHandle,
     health: Arc<Health>,
-    dead_letters: Arc<dyn Fn() -> u64 + Send + Sync>,
+    dead_letters: DeadLetterCounter,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), AdminError> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -473,6 +501,7 @@ pub async fn serve(
         .map_err(|source| AdminError::Listen { listen, source })?;
     tracing::info!(%listen, "admin endpoints: /metrics /health /ready /status");
     tokio::pin!(stop);
+    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -485,34 +514,58 @@ pub async fn serve(
             },
             _ = &mut stop => return Ok(()),
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("admin listener at its connection limit: a connection closed");
+            continue;
+        };
         let (handle, health, dead_letters) = (handle.clone(), health.clone(), dead_letters.clone());
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let response = respond(
-                        request.uri().path(),
-                        &handle,
-                        &health,
-                        dead_letters.as_ref(),
-                    );
+                    let response = if matches!(*request.method(), Method::GET | Method::HEAD) {
+                        respond(
+                            request.uri().path(),
+                            &handle,
+                            &health,
+                            dead_letters.as_ref(),
+                        )
+                    } else {
+                        method_not_allowed()
+                    };
                     async move { Ok::<_, std::convert::Infallible>(response) }
                 });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                tracing::debug!(error = %e, "admin connection ended");
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+                .serve_connection(io, service);
+            match tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, connection).await {
+                Ok(Err(e)) => tracing::debug!(error = %e, "admin connection ended"),
+                Err(_) => tracing::debug!("admin connection closed at its lifetime"),
+                Ok(Ok(())) => {}
             }
+            drop(permit);
         });
     }
+}
+
+fn method_not_allowed() -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(
+        "method not allowed: the admin endpoints are read with GET\n",
+    )));
+    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    response.headers_mut().insert(
+        hyper::header::ALLOW,
+        hyper::header::HeaderValue::from_static("GET, HEAD"),
+    );
+    response
 }
 
 fn respond(
     path: &str,
     handle: &PrometheusHandle,
     health: &Health,
-    dead_letters: &(dyn Fn() -> u64 + Send + Sync),
+    dead_letters: &(dyn Fn() -> DeadLetterSummary + Send + Sync),
 ) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, content_type: &str, body: String| {
         let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -541,7 +594,7 @@ fn respond(
         "/status" => reply(
             StatusCode::OK,
             "application/json",
-            health.status(dead_letters()).to_string(),
+            health.status(&dead_letters()).to_string(),
         ),
         _ => reply(
             StatusCode::NOT_FOUND,

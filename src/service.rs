@@ -196,8 +196,8 @@ impl Service {
         let mut helpers = JoinSet::new();
         if let Some((listen, handle)) = metrics {
             let (health, letters) = (outputs.health.clone(), store.clone());
-            let dead_letters: Arc<dyn Fn() -> u64 + Send + Sync> =
-                Arc::new(move || letters.dead_letters().map(|l| l.len() as u64).unwrap_or(0));
+            let dead_letters: crate::metrics::DeadLetterCounter =
+                Arc::new(move || letters.dead_letter_summary().unwrap_or_default());
             let stop = stop_requested(stop_rx.clone());
             helpers.spawn(async move {
                 if let Err(e) =

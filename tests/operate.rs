@@ -358,6 +358,62 @@ async fn sigterm_during_a_load_exits_0_and_a_restart_loses_nothing() {
     );
 }
 
+/// What a raw request on a new connection gets back: everything until the server closes (or
+/// resets) it; empty: closed without an answer. A read blocked past 30 s fails the test.
+fn exchange(port: u16, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    stream.write_all(request).expect("send");
+    let mut response = Vec::new();
+    match stream.read_to_end(&mut response) {
+        // A socket closed with our request unread is reset: closed all the same.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => {
+            other.expect("the server closes the connection");
+        }
+    }
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// The admin listener is bounded: GET only, headers within a timeout, a connection limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_is_read_only_and_bounded() {
+    let redis = RedisServer::start(&[]);
+    let service = Service::new(&redis, None);
+    service
+        .until("listening", || get(service.admin, "/health").is_some())
+        .await;
+    let post = exchange(
+        service.admin,
+        b"POST /status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    assert!(post.contains("allow: GET, HEAD"), "{post}");
+    // Headers that never end: the connection is closed without an answer (after 10 s).
+    assert_eq!(
+        exchange(service.admin, b"GET /status HTTP/1.1\r\nHost: x\r\n"),
+        ""
+    );
+    // 32 connections that send nothing take every slot: the next is closed unanswered, and
+    // once they are gone (closed here) requests are served again.
+    let idle: Vec<TcpStream> = (0..32)
+        .map(|_| TcpStream::connect(("127.0.0.1", service.admin)).expect("connect"))
+        .collect();
+    let refused = exchange(
+        service.admin,
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(refused, "", "served past the connection limit");
+    drop(idle);
+    service
+        .until("served again", || {
+            get(service.admin, "/health").is_some_and(|(s, _)| s == 200)
+        })
+        .await;
+}
+
 /// A first full sync the primary delays (`repl-diskless-sync-delay`) says why it waits: in
 /// `/status`, in `/ready`'s reason and in one log line; then the link comes up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

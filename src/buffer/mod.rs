@@ -63,7 +63,7 @@ pub use batch::Batch;
 pub use change::{Change, HashOp, RowChange};
 pub use checkpoint::Checkpoint;
 pub use codec::DecodeError;
-pub use dead_letter::DeadLetter;
+pub use dead_letter::{DeadLetter, DeadLetterSummary};
 pub use footprint::StoreMemory;
 pub use mirror::{FieldValue, KeyRef, MirrorEntries, MirrorKind, MirrorValue};
 pub use store::{MirrorCursor, MirrorPage, Store};

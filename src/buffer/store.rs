@@ -231,18 +231,18 @@ impl Store {
         &self.path
     }
 
-    fn rocks(&self, e: rocksdb::Error) -> StoreError {
+    pub(super) fn rocks(&self, e: rocksdb::Error) -> StoreError {
         classify(&self.path, e)
     }
 
-    fn corrupt(&self, e: DecodeError) -> StoreError {
+    pub(super) fn corrupt(&self, e: DecodeError) -> StoreError {
         StoreError::Corrupt {
             path: self.path.clone(),
             source: e,
         }
     }
 
-    fn cf(&self, name: &str) -> Result<&ColumnFamily, StoreError> {
+    pub(super) fn cf(&self, name: &str) -> Result<&ColumnFamily, StoreError> {
         self.db.cf_handle(name).ok_or_else(|| StoreError::RocksDb {
             path: self.path.clone(),
             message: format!("column family {name} is missing"),
@@ -385,7 +385,7 @@ impl Store {
     }
 
     /// A `seq u64` key (change log, dead letters).
-    fn seq_key(&self, key: &[u8], what: &'static str) -> Result<u64, StoreError> {
+    pub(super) fn seq_key(&self, key: &[u8], what: &'static str) -> Result<u64, StoreError> {
         key.try_into().map(u64::from_be_bytes).map_err(|_| {
             self.corrupt(DecodeError {
                 what,

@@ -103,7 +103,7 @@ pub(super) async fn status(path: &std::path::Path) -> ExitCode {
         .changes(ChangeSeq::NONE, 1)
         .ok()
         .and_then(|c| c.first().map(|c| c.seq));
-    let letters = store.dead_letters().map(|l| l.len()).unwrap_or(0);
+    let letters = store.dead_letter_summary().unwrap_or_default();
     let mut backends = serde_json::Map::new();
     let mappings = crate::capture::mapping::Mappings::new(&config.mappings);
     for (name, backend) in &config.backends {
@@ -130,7 +130,8 @@ pub(super) async fn status(path: &std::path::Path) -> ExitCode {
         "full_sync_in_progress": checkpoint.full_sync_in_progress,
         "captured_seq": checkpoint.next_seq.previous().unwrap_or_default(),
         "oldest_unapplied_seq": oldest,
-        "dead_letters": letters,
+        "dead_letters": letters.count,
+        "oldest_dead_letter": crate::metrics::oldest_dead_letter(&letters),
         "buffer_bytes": store.disk_size(),
         "backends": backends,
     });
