@@ -67,7 +67,9 @@ impl Service {
             format!(
                 "[source]\nurl = \"{}\"\n[buffer]\npath = \"{}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n[backends.db]\nurl = \"{database}\"\n\
                  [[mappings]]\nname = \"People\"\nprefix = \"person2\"\nbackend = \"db\"\ntable = \"person1\"\nkey_column = \"id\"\ncreate_table = true\n\
-                 [mappings.columns]\nfirst_name = \"first\"\nseq = \"seq\"\n",
+                 [mappings.columns]\nfirst_name = \"first\"\nseq = \"seq\"\n\
+                 [[mappings]]\nname = \"Strict\"\nprefix = \"strict\"\nbackend = \"db\"\ntable = \"strict\"\nkey_column = \"id\"\ncreate_table = true\nrequired = [\"first\"]\n\
+                 [mappings.columns]\nfirst_name = \"first\"\n",
                 source_url,
                 dir.path().join("buffer").display()
             ),
@@ -412,6 +414,68 @@ async fn the_admin_listener_is_read_only_and_bounded() {
             get(service.admin, "/health").is_some_and(|(s, _)| s == 200)
         })
         .await;
+}
+
+/// While the service runs: `/status` counts a dead letter and names the oldest (not its row),
+/// `dlq list` reads it from the running service's buffer, `dlq drop` says to stop it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_while_the_service_runs() {
+    let redis = RedisServer::start(&[]);
+    let mut client = redis.client().await;
+    let service = Service::new(&redis, None);
+    service
+        .until("ready", || {
+            get(service.admin, "/ready").is_some_and(|(s, _)| s == 200)
+        })
+        .await;
+    client
+        .command(&["HSET", "strict:1", "seq", "1"])
+        .await
+        .expect("hset");
+    let status = || {
+        get(service.admin, "/status")
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+    };
+    service
+        .until("a dead letter", || {
+            status().is_some_and(|s| s["dead_letters"] == 1)
+        })
+        .await;
+    let oldest = status().expect("status")["oldest_dead_letter"].clone();
+    assert_eq!(oldest["mapping"], "Strict", "{oldest}");
+    assert_eq!(
+        oldest
+            .as_object()
+            .map(|o| o.keys().cloned().collect::<Vec<_>>()),
+        Some(vec![
+            "at_ms".into(),
+            "backend".into(),
+            "mapping".into(),
+            "seq".into()
+        ]),
+        "the row stays behind dlq list: {oldest}"
+    );
+    let dlq = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_writebehind"))
+            .arg("dlq")
+            .args(args)
+            .arg("--config")
+            .arg(&service.config)
+            .output()
+            .expect("dlq");
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        (output.status.success(), text)
+    };
+    let (ok, out) = dlq(&["list"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("mapping=Strict row=1 ") && out.contains("1 dead letters"),
+        "{out}"
+    );
+    let (ok, out) = dlq(&["drop", "--all"]);
+    assert!(!ok && out.contains("need it stopped"), "{out}");
+    assert_eq!(status().expect("status")["dead_letters"], 1);
 }
 
 /// A first full sync the primary delays (`repl-diskless-sync-delay`) says why it waits: in

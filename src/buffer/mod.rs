@@ -54,6 +54,7 @@ pub mod codec;
 mod dead_letter;
 mod footprint;
 mod mirror;
+mod reader;
 mod store;
 
 use std::path::PathBuf;

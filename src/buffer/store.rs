@@ -21,7 +21,7 @@ use crate::position::{ChangeSeq, ReplId, ReplOffset};
 
 /// The one place RocksDB errors are classified, by their kind: another process holding the
 /// lock file, damaged data, anything else (disk full, permissions).
-fn classify(path: &Path, e: rocksdb::Error) -> StoreError {
+pub(super) fn classify(path: &Path, e: rocksdb::Error) -> StoreError {
     let path = path.to_path_buf();
     let message = e.to_string();
     match e.kind() {
@@ -53,9 +53,19 @@ pub struct Store {
     pub(super) path: PathBuf,
     /// The id the next acknowledgement gets. Held while a batch with acks is written, so ids
     /// become visible in increasing order (the write-back task reads on from the last one).
-    next_ack_id: std::sync::Mutex<u64>,
+    pub(super) next_ack_id: std::sync::Mutex<u64>,
     /// This buffer's identity (`meta/identity`).
-    identity: String,
+    pub(super) identity: String,
+    /// A reader's own directory (`open_for_reading`), removed when the store is dropped.
+    pub(super) reader_dir: Option<PathBuf>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.reader_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// Every column family.
@@ -125,6 +135,7 @@ impl Store {
             path: path.to_path_buf(),
             next_ack_id: std::sync::Mutex::new(1),
             identity: String::new(),
+            reader_dir: None,
         };
         let last_ack = match store
             .db

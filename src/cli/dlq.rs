@@ -1,8 +1,9 @@
 //! `writebehind dlq list | retry | drop`: the dead-letter store.
 //!
 //! A retry writes the key's *current* state (from the mirror), not the refused image: the row
-//! must follow Redis, and the key may have changed since. The service must be stopped (the
-//! buffer is a single-process RocksDB).
+//! must follow Redis, and the key may have changed since. `retry` and `drop` need the service
+//! stopped (the buffer is a single-process RocksDB); `list` reads a running service's buffer as
+//! a secondary instance (`buffer/reader.rs`).
 
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -127,6 +127,20 @@ async fn dead_letters(action: DlqAction) -> ExitCode {
     };
     let store = match crate::buffer::Store::open(&config.buffer.path) {
         Ok(store) => std::sync::Arc::new(store),
+        // The service runs: a listing reads what it wrote; changes must wait.
+        Err(crate::buffer::StoreError::InUse { path }) => {
+            if !matches!(action, DlqAction::List { .. }) {
+                eprintln!("error: the service is running on the buffer at {}: `dlq retry` and `dlq drop` need it stopped (`dlq list` works while it runs)", path.display());
+                return ExitCode::FAILURE;
+            }
+            match crate::buffer::Store::open_for_reading(&path) {
+                Ok(store) => return dlq::list(&store),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;

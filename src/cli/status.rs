@@ -85,8 +85,18 @@ pub(super) async fn status(path: &std::path::Path) -> ExitCode {
             ),
         }
     }
-    let store = match crate::buffer::Store::open(&config.buffer.path) {
-        Ok(store) => store,
+    // A running service without [admin] holds the buffer: read what it wrote.
+    let (store, service) = match crate::buffer::Store::open(&config.buffer.path) {
+        Ok(store) => (store, "stopped"),
+        Err(crate::buffer::StoreError::InUse { path }) => {
+            match crate::buffer::Store::open_for_reading(&path) {
+                Ok(store) => (store, "running (read from its buffer)"),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
@@ -125,7 +135,7 @@ pub(super) async fn status(path: &std::path::Path) -> ExitCode {
         backends.insert(name.clone(), serde_json::json!({ "applied_seq": applied }));
     }
     let json = serde_json::json!({
-        "service": "stopped",
+        "service": service,
         "position": checkpoint.position.as_ref().map(|p| p.to_string()),
         "full_sync_in_progress": checkpoint.full_sync_in_progress,
         "captured_seq": checkpoint.next_seq.previous().unwrap_or_default(),
