@@ -44,16 +44,22 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub enum AdminError {
     #[error("cannot install the metrics recorder: {0}")]
     Recorder(#[from] metrics_exporter_prometheus::BuildError),
-    #[error("admin listener on {listen}: {source}")]
+    #[error("admin listener cannot listen on {listen}: {source}; set [admin] listen to a free address, or to \"\" to turn it off")]
     Listen {
         listen: SocketAddr,
         source: std::io::Error,
     },
 }
 
-/// Installs the Prometheus recorder for the process.
+/// Installs the Prometheus recorder for the process, once: a second service in the same
+/// process (a library user, the tests) shares it.
 pub fn install() -> Result<PrometheusHandle, AdminError> {
-    PrometheusBuilder::new()
+    static HANDLE: Mutex<Option<PrometheusHandle>> = Mutex::new(None);
+    let mut installed = HANDLE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(handle) = installed.as_ref() {
+        return Ok(handle.clone());
+    }
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full("writebehind_sink_commit_seconds".into()),
             &[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
@@ -64,8 +70,9 @@ pub fn install() -> Result<PrometheusHandle, AdminError> {
                 &[1.0, 10.0, 100.0, 500.0, 1000.0, 5000.0],
             )
         })?
-        .install_recorder()
-        .map_err(AdminError::from)
+        .install_recorder()?;
+    *installed = Some(handle.clone());
+    Ok(handle)
 }
 
 /// Most commit records kept for `lag_seconds` (a backend down for an hour under load commits

@@ -142,15 +142,16 @@ impl Service {
     pub async fn start(config: &Config, options: ServiceOptions) -> Result<Service, StartError> {
         let discovery = Discovery::from_config(&config.source)?;
         let endpoint = first_guess(&discovery)?;
-        let admin = match &config.admin {
-            Some(admin) => Some(admin.listen.parse::<SocketAddr>().map_err(|source| {
-                StartError::AdminAddress {
-                    listen: admin.listen.clone(),
-                    source,
-                }
-            })?),
-            None => None,
-        };
+        let admin =
+            match config.admin.address() {
+                Some(listen) => Some(listen.parse::<SocketAddr>().map_err(|source| {
+                    StartError::AdminAddress {
+                        listen: listen.to_string(),
+                        source,
+                    }
+                })?),
+                None => None,
+            };
         let store = Arc::new(Store::open(&config.buffer.path)?);
         let mappings = Mappings::new(&config.mappings);
         let outputs = CaptureOutputs::default();
@@ -203,7 +204,7 @@ impl Service {
                 if let Err(e) =
                     crate::metrics::serve(listen, handle, health, dead_letters, stop).await
                 {
-                    tracing::error!(error = %e, "admin listener stopped");
+                    tracing::error!(error = %e, "admin listener stopped; the pipeline runs on without /metrics and /status");
                 }
             });
         }

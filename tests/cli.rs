@@ -114,6 +114,8 @@ fn check_reports_each_configuration_problem_on_one_line() {
     std::fs::write(
         &path,
         r#"
+[admin]
+listen = ""
 [source]
 url = "redis://127.0.0.1:1"
 [backends.db]
@@ -159,7 +161,7 @@ async fn check_reaches_redis_or_says_why_not() {
         std::fs::write(
             &path,
             format!(
-                "[source]\nurl = \"redis://:{password}@127.0.0.1:{}\"\n",
+                "[admin]\nlisten = \"\"\n[source]\nurl = \"redis://:{password}@127.0.0.1:{}\"\n",
                 server.port
             ),
         )

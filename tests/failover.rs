@@ -30,7 +30,7 @@ impl Service {
         std::fs::write(
             &config,
             format!(
-                "[source]\n{source}\n[buffer]\npath = \"{}\"\n[replication]\ntimeout_secs = 5\n[backends.db]\nurl = \"sqlite://{}\"\n\
+                "[admin]\nlisten = \"\"\n[source]\n{source}\n[buffer]\npath = \"{}\"\n[replication]\ntimeout_secs = 5\n[backends.db]\nurl = \"sqlite://{}\"\n\
                  [[mappings]]\nname = \"People\"\nprefix = \"person2\"\nbackend = \"db\"\ntable = \"person1\"\nkey_column = \"id\"\ncreate_table = true\n\
                  [mappings.columns]\nfirst_name = \"first\"\nage = \"age\"\n",
                 dir.path().join("buffer").display(),

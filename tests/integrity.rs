@@ -57,7 +57,7 @@ impl Fixture {
     /// A configuration: `mappings` as (name, prefix, backend index, table).
     fn config(&self, mappings: &[(&str, &str, usize, &str)]) -> Config {
         let mut text = format!(
-            "[source]\nurl = \"{}\"\n[buffer]\npath = \"{}\"\n",
+            "[admin]\nlisten = \"\"\n[source]\nurl = \"{}\"\n[buffer]\npath = \"{}\"\n",
             self.redis_url,
             self.buffer().display()
         );
@@ -474,7 +474,7 @@ async fn a_big_batch_refuses_exactly_what_a_single_row_refuses() {
     conn.query_drop(TYPED_TABLE).await.expect("table");
     drop(conn);
     let text = format!(
-        "[source]\nurl = \"{}\"\n[buffer]\npath = \"{}\"\n[backends.db0]\nurl = \"{}\"\n\
+        "[admin]\nlisten = \"\"\n[source]\nurl = \"{}\"\n[buffer]\npath = \"{}\"\n[backends.db0]\nurl = \"{}\"\n\
          [[mappings]]\nname = \"Typed\"\nprefix = \"t\"\nbackend = \"db0\"\ntable = \"typed\"\nkey_column = \"id\"\n\
          [mappings.columns]\ntiny = \"tiny\"\nsmall = \"small\"\nprice = \"price\"\nday = \"day\"\nneed = \"need\"\ncolor = \"color\"\nlatin = \"latin\"\n",
         f.redis_url,

@@ -209,7 +209,7 @@ async fn check_reports_a_missing_table_and_a_missing_column_on_one_line_each() {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("writebehind.toml");
     let text = format!(
-        "[source]\nurl = \"{}\"\n[backends.db]\nurl = \"{}\"\n\
+        "[admin]\nlisten = \"\"\n[source]\nurl = \"{}\"\n[backends.db]\nurl = \"{}\"\n\
          [[mappings]]\nname = \"PersonWriteBehind\"\nprefix = \"person2\"\nbackend = \"db\"\ntable = \"person1\"\nkey_column = \"id\"\n\
          [mappings.columns]\nfirst_name = \"first\"\nlast_name = \"last\"\nage = \"age\"\n\
          [[mappings]]\nname = \"CarsWriteBehind\"\nprefix = \"car\"\nbackend = \"db\"\ntable = \"car\"\nkey_column = \"id\"\n\

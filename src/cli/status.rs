@@ -70,8 +70,8 @@ pub(super) async fn status(path: &std::path::Path) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Some(admin) = &config.admin {
-        match admin_get(&admin.listen, "/status").await {
+    if let Some(listen) = config.admin.address() {
+        match admin_get(listen, "/status").await {
             Ok(body) => {
                 match serde_json::from_str::<serde_json::Value>(&body) {
                     Ok(json) => println!("{}", serde_json::to_string_pretty(&json).unwrap_or(body)),
@@ -79,13 +79,13 @@ pub(super) async fn status(path: &std::path::Path) -> ExitCode {
                 }
                 return ExitCode::SUCCESS;
             }
-            Err(e) => println!(
-                "note: the service does not answer on {} ({e}); reading the buffer",
-                admin.listen
-            ),
+            // On standard error: standard output stays one JSON document.
+            Err(e) => {
+                eprintln!("note: the service does not answer on {listen} ({e}); reading the buffer")
+            }
         }
     }
-    // A running service without [admin] holds the buffer: read what it wrote.
+    // A running service without its admin listener holds the buffer: read what it wrote.
     let (store, service) = match crate::buffer::Store::open(&config.buffer.path) {
         Ok(store) => (store, "stopped"),
         Err(crate::buffer::StoreError::InUse { path }) => {

@@ -30,7 +30,7 @@ pub struct Config {
     #[serde(default)]
     pub mappings: Vec<MappingConfig>,
     #[serde(default)]
-    pub admin: Option<AdminConfig>,
+    pub admin: AdminConfig,
     #[serde(default)]
     pub acks: AcksConfig,
 }
@@ -176,10 +176,36 @@ impl fmt::Debug for SourceConfig {
     }
 }
 
+/// The admin listener (`/metrics`, `/health`, `/ready`, `/status`): on by default on a
+/// loopback port, so that `writebehind status` reads a running service; `listen = ""` turns it
+/// off.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
     pub listen: String,
+}
+
+/// The admin listener's default address.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9187";
+
+fn default_admin_listen() -> String {
+    DEFAULT_ADMIN_LISTEN.to_string()
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// Where to listen; None when turned off (`listen = ""`).
+    pub fn address(&self) -> Option<&str> {
+        Some(self.listen.as_str()).filter(|listen| !listen.is_empty())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -576,6 +602,10 @@ color = "color"
                 .port,
             6379
         );
+        // No [admin]: the listener is on, on loopback; `listen = ""` turns it off.
+        assert_eq!(config.admin.address(), Some(DEFAULT_ADMIN_LISTEN));
+        let off = Config::parse(&format!("[admin]\nlisten = \"\"\n{EXAMPLE}"), &env).unwrap();
+        assert_eq!(off.admin.address(), None);
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub fn config_text(url: &str, buffer: &str, on_expire: &str) -> String {
 pub fn config_text_for(url: &str, buffer: &str, on_expire: &str, database: &str) -> String {
     format!(
         r#"
+[admin]
+listen = ""
 [source]
 url = "{url}"
 [buffer]

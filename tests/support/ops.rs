@@ -56,7 +56,7 @@ impl Setup {
         std::fs::write(
             dir.path().join("writebehind.toml"),
             format!(
-                "[source]\nurl = \"{}\"\n[buffer]\npath = \"{}\"\n[backends.db]\nurl = \"{url}\"\n{mappings}",
+                "[admin]\nlisten = \"\"\n[source]\nurl = \"{}\"\n[buffer]\npath = \"{}\"\n[backends.db]\nurl = \"{url}\"\n{mappings}",
                 redis.url(),
                 dir.path().join("buffer").display()
             ),

@@ -185,6 +185,8 @@ pub fn config_text(server: &RedisServer, db_url: &str) -> String {
 pub fn config_text_with(server: &RedisServer, db_url: &str, backend_options: &str) -> String {
     format!(
         r#"
+[admin]
+listen = ""
 [source]
 url = "{}"
 [backends.db]
