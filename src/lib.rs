@@ -22,6 +22,7 @@
 //! - [`cli`]: the `writebehind` command line.
 
 pub mod ack;
+pub mod admin;
 pub mod backoff;
 pub mod buffer;
 pub mod capture;

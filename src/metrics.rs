@@ -1,5 +1,5 @@
-//! What an operator sees: Prometheus metrics, health, readiness and status over the admin HTTP
-//! listener (`[admin] listen`).
+//! What an operator sees: Prometheus metrics, health, readiness and status, served by the admin
+//! HTTP listener (`src/admin.rs`).
 //!
 //! Endpoints: `GET /metrics` (Prometheus text), `GET /health` (200 while the process runs),
 //! `GET /ready` (200 once the replication link and every backend are up, 503 with the reason
@@ -28,15 +28,12 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::buffer::DeadLetterSummary;
 use crate::config::RedisEndpoint;
 use crate::position::{ChangeSeq, ReplOffset};
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Method, Request, Response, StatusCode};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Why the admin endpoints cannot be served.
@@ -479,135 +476,6 @@ pub(crate) fn oldest_dead_letter(summary: &DeadLetterSummary) -> serde_json::Val
             "at_ms": letter.at_ms,
         }),
         None => serde_json::Value::Null,
-    }
-}
-
-/// Connections the admin listener serves at once; more are closed as they arrive.
-const ADMIN_CONNECTIONS: usize = 32;
-/// A client must send a request's headers within this time.
-const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// No connection is held longer (a scraper that keeps one open reconnects).
-const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
-
-/// Counts the dead letters for `/status`.
-pub type DeadLetterCounter = Arc<dyn Fn() -> DeadLetterSummary + Send + Sync>;
-
-/// Serves the admin endpoints until `stop` resolves. `dead_letters` counts the dead-letter
-/// store for `/status`. Bounded for an untrusted network: at most [`ADMIN_CONNECTIONS`] at once,
-/// headers within [`ADMIN_HEADER_TIMEOUT`], each connection at most
-/// [`ADMIN_CONNECTION_LIFETIME`], and only `GET`/`HEAD` (anything else: 405).
-pub async fn serve(
-    listen: SocketAddr,
-    handle: PrometheusHandle,
-    health: Arc<Health>,
-    dead_letters: DeadLetterCounter,
-    stop: impl std::future::Future<Output = ()>,
-) -> Result<(), AdminError> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| AdminError::Listen { listen, source })?;
-    tracing::info!(%listen, "admin endpoints: /metrics /health /ready /status");
-    tokio::pin!(stop);
-    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS));
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin listener accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = &mut stop => return Ok(()),
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("admin listener at its connection limit: a connection closed");
-            continue;
-        };
-        let (handle, health, dead_letters) = (handle.clone(), health.clone(), dead_letters.clone());
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let response = if matches!(*request.method(), Method::GET | Method::HEAD) {
-                        respond(
-                            request.uri().path(),
-                            &handle,
-                            &health,
-                            dead_letters.as_ref(),
-                        )
-                    } else {
-                        method_not_allowed()
-                    };
-                    async move { Ok::<_, std::convert::Infallible>(response) }
-                });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
-                .serve_connection(io, service);
-            match tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, connection).await {
-                Ok(Err(e)) => tracing::debug!(error = %e, "admin connection ended"),
-                Err(_) => tracing::debug!("admin connection closed at its lifetime"),
-                Ok(Ok(())) => {}
-            }
-            drop(permit);
-        });
-    }
-}
-
-fn method_not_allowed() -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(
-        "method not allowed: the admin endpoints are read with GET\n",
-    )));
-    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-    response.headers_mut().insert(
-        hyper::header::ALLOW,
-        hyper::header::HeaderValue::from_static("GET, HEAD"),
-    );
-    response
-}
-
-fn respond(
-    path: &str,
-    handle: &PrometheusHandle,
-    health: &Health,
-    dead_letters: &(dyn Fn() -> DeadLetterSummary + Send + Sync),
-) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, content_type: &str, body: String| {
-        let mut response = Response::new(Full::new(Bytes::from(body)));
-        *response.status_mut() = status;
-        if let Ok(value) = content_type.parse() {
-            response
-                .headers_mut()
-                .insert(hyper::header::CONTENT_TYPE, value);
-        }
-        response
-    };
-    match path {
-        "/metrics" => {
-            health.publish();
-            reply(StatusCode::OK, "text/plain; version=0.0.4", handle.render())
-        }
-        "/health" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/ready" => match health.not_ready() {
-            None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
-            Some(reason) => reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                format!("not ready: {reason}\n"),
-            ),
-        },
-        "/status" => reply(
-            StatusCode::OK,
-            "application/json",
-            health.status(&dead_letters()).to_string(),
-        ),
-        _ => reply(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found: try /metrics /health /ready /status\n".into(),
-        ),
     }
 }
 

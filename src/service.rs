@@ -196,14 +196,10 @@ impl Service {
         }
         let mut helpers = JoinSet::new();
         if let Some((listen, handle)) = metrics {
-            let (health, letters) = (outputs.health.clone(), store.clone());
-            let dead_letters: crate::metrics::DeadLetterCounter =
-                Arc::new(move || letters.dead_letter_summary().unwrap_or_default());
+            let (health, store) = (outputs.health.clone(), store.clone());
             let stop = stop_requested(stop_rx.clone());
             helpers.spawn(async move {
-                if let Err(e) =
-                    crate::metrics::serve(listen, handle, health, dead_letters, stop).await
-                {
+                if let Err(e) = crate::admin::serve(listen, handle, health, store, stop).await {
                     tracing::error!(error = %e, "admin listener stopped; the pipeline runs on without /metrics and /status");
                 }
             });

@@ -392,7 +392,12 @@ async fn the_admin_listener_is_read_only_and_bounded() {
         b"POST /status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
     );
     assert!(post.starts_with("HTTP/1.1 405"), "{post}");
-    assert!(post.contains("allow: GET, HEAD"), "{post}");
+    assert!(post.contains("allow: GET, HEAD, POST"), "{post}");
+    let bad_drop = exchange(
+        service.admin,
+        b"POST /dlq/drop?seq=x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert!(bad_drop.starts_with("HTTP/1.1 400"), "{bad_drop}");
     // Headers that never end: the connection is closed without an answer (after 10 s).
     assert_eq!(
         exchange(service.admin, b"GET /status HTTP/1.1\r\nHost: x\r\n"),
@@ -417,7 +422,8 @@ async fn the_admin_listener_is_read_only_and_bounded() {
 }
 
 /// While the service runs: `/status` counts a dead letter and names the oldest (not its row),
-/// `dlq list` reads it from the running service's buffer, `dlq drop` says to stop it first.
+/// `dlq list` reads it from the running service's buffer, `dlq retry` says to stop it first,
+/// `dlq drop` goes through its admin listener.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_while_the_service_runs() {
     let redis = RedisServer::start(&[]);
@@ -473,9 +479,13 @@ async fn dead_letters_are_listed_while_the_service_runs() {
         out.contains("mapping=Strict row=1 ") && out.contains("1 dead letters"),
         "{out}"
     );
-    let (ok, out) = dlq(&["drop", "--all"]);
-    assert!(!ok && out.contains("need it stopped"), "{out}");
+    let (ok, out) = dlq(&["retry", "--all"]);
+    assert!(!ok && out.contains("`dlq retry` needs it stopped"), "{out}");
     assert_eq!(status().expect("status")["dead_letters"], 1);
+    // A drop is asked of the running service, through its (loopback) admin listener.
+    let (ok, out) = dlq(&["drop", "--seq", "1"]);
+    assert!(ok && out.contains("1 dead letters dropped"), "{out}");
+    assert_eq!(status().expect("status")["dead_letters"], 0);
 }
 
 /// A first full sync the primary delays (`repl-diskless-sync-delay`) says why it waits: in

@@ -129,8 +129,11 @@ async fn dead_letters(action: DlqAction) -> ExitCode {
         Ok(store) => std::sync::Arc::new(store),
         // The service runs: a listing reads what it wrote; changes must wait.
         Err(crate::buffer::StoreError::InUse { path }) => {
+            if let (DlqAction::Drop { .. }, Some(listen)) = (&action, config.admin.address()) {
+                return drop_through_service(listen, &selection).await;
+            }
             if !matches!(action, DlqAction::List { .. }) {
-                eprintln!("error: the service is running on the buffer at {}: `dlq retry` and `dlq drop` need it stopped (`dlq list` works while it runs)", path.display());
+                eprintln!("error: the service is running on the buffer at {}: `dlq retry` needs it stopped, and `dlq drop` its admin listener ([admin] listen) (`dlq list` works while it runs)", path.display());
                 return ExitCode::FAILURE;
             }
             match crate::buffer::Store::open_for_reading(&path) {
@@ -150,6 +153,28 @@ async fn dead_letters(action: DlqAction) -> ExitCode {
         DlqAction::List { .. } => dlq::list(&store),
         DlqAction::Drop { .. } => dlq::drop(&store, &selection),
         DlqAction::Retry { .. } => dlq::retry(&config, store, &selection).await,
+    }
+}
+
+/// `dlq drop` while the service runs: asked of it through its admin listener.
+async fn drop_through_service(listen: &str, selection: &dlq::Selection) -> ExitCode {
+    let query = match selection {
+        dlq::Selection::All => "all".to_string(),
+        dlq::Selection::Seqs(seqs) => seqs
+            .iter()
+            .map(|seq| format!("seq={}", seq.0))
+            .collect::<Vec<_>>()
+            .join("&"),
+    };
+    match status::admin_request(listen, "POST", &format!("/dlq/drop?{query}")).await {
+        Ok(body) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: the running service did not drop the dead letters ({e})");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use crate::sink::Destination;
 
 /// Why the running service did not answer on its admin listener.
 #[derive(Debug, thiserror::Error)]
-enum AdminRequestError {
+pub(super) enum AdminRequestError {
     #[error("{listen}: no answer")]
     Timeout { listen: String },
     #[error("{listen}: {source}")]
@@ -26,6 +26,16 @@ enum AdminRequestError {
 
 /// `GET <path>` on the admin listener; the body when the status is 200.
 async fn admin_get(listen: &str, path: &str) -> Result<String, AdminRequestError> {
+    admin_request(listen, "GET", path).await
+}
+
+/// `<method> <path>` on the admin listener (no body); the body when the status is 200, else
+/// the status line and the body.
+pub(super) async fn admin_request(
+    listen: &str,
+    method: &str,
+    path: &str,
+) -> Result<String, AdminRequestError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let timeout = || AdminRequestError::Timeout {
         listen: listen.to_string(),
@@ -43,8 +53,10 @@ async fn admin_get(listen: &str, path: &str) -> Result<String, AdminRequestError
     .map_err(io)?;
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {listen}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: {listen}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
         )
         .await
         .map_err(io)?;
@@ -58,9 +70,11 @@ async fn admin_get(listen: &str, path: &str) -> Result<String, AdminRequestError
         .split_once("\r\n\r\n")
         .ok_or(AdminRequestError::Malformed)?;
     if !head.starts_with("HTTP/1.1 200") {
-        return Err(AdminRequestError::Status(
-            head.lines().next().unwrap_or("").to_string(),
-        ));
+        return Err(AdminRequestError::Status(format!(
+            "{}: {}",
+            head.lines().next().unwrap_or(""),
+            body.trim()
+        )));
     }
     Ok(body.to_string())
 }
