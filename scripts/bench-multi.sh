@@ -16,7 +16,14 @@ database="wb_bench_multi_$$"
 . scripts/bench-common.sh
 primary=$(free_port)
 service_pid=""
-trap cleanup_bench EXIT
+on_exit() {
+  local status=$?
+  if [ "$status" != 0 ] && [ -f "$work/writebehind.log" ]; then
+    echo "failed ($status); the service's log ends:"; tail -5 "$work/writebehind.log" | cut -c1-400
+  fi
+  cleanup_bench
+}
+trap on_exit EXIT
 build_release
 sql "CREATE DATABASE $database"
 
