@@ -35,6 +35,11 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body.to_string()))
 }
 
+/// `GET /status` parsed, or None when nothing (or no JSON) answers.
+fn status_of(port: u16) -> Option<serde_json::Value> {
+    get(port, "/status").and_then(|(_, body)| serde_json::from_str(&body).ok())
+}
+
 /// One value of a metric (the first series whose line starts with `name`).
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -438,10 +443,7 @@ async fn dead_letters_are_listed_while_the_service_runs() {
         .command(&["HSET", "strict:1", "seq", "1"])
         .await
         .expect("hset");
-    let status = || {
-        get(service.admin, "/status")
-            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
-    };
+    let status = || status_of(service.admin);
     service
         .until("a dead letter", || {
             status().is_some_and(|s| s["dead_letters"] == 1)
@@ -499,10 +501,7 @@ async fn a_delayed_snapshot_is_reported_while_the_primary_prepares_it() {
         "4",
     ]);
     let service = Service::new(&redis, None);
-    let status = || {
-        get(service.admin, "/status")
-            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
-    };
+    let status = || status_of(service.admin);
     service
         .until("the wait reported", || {
             status().is_some_and(|s| s["link"] == "waiting for the primary to start the snapshot")
@@ -538,10 +537,7 @@ async fn the_lag_poller_reads_a_protected_primary_with_the_sources_credentials()
     let service = Service::with_source(&format!("redis://:pollpw@127.0.0.1:{}", redis.port), None);
     service
         .until("the primary's offset polled", || {
-            get(service.admin, "/status").is_some_and(|(_, body)| {
-                serde_json::from_str::<serde_json::Value>(&body)
-                    .is_ok_and(|s| s["primary_polled"] == serde_json::Value::Bool(true))
-            })
+            status_of(service.admin).is_some_and(|s| s["primary_polled"] == true)
         })
         .await;
     assert!(
