@@ -1,11 +1,21 @@
-//! The admin HTTP listener (`[admin] listen`, by default `127.0.0.1:9187`): `GET /metrics`
-//! (Prometheus text), `GET /health`, `GET /ready`, `GET /status` (see `metrics.rs` for what
-//! they report), and `POST /dlq/drop` (forget dead letters while the service runs).
+//! The admin HTTP listener (`[admin] listen`, by default `127.0.0.1:9187`).
+//!
+//! Reads, `GET`/`HEAD`: `/metrics` (Prometheus text), `/health`, `/ready`, `/status` (see
+//! `metrics.rs` for what they report), and `/dlq?from=N&limit=M` (dead letters with their row
+//! ids and reasons: row data). Changes, `POST`: `/dlq/drop?seq=N&seq=M` or `?all` (forget dead
+//! letters) and `/dlq/retry?seq=N` or `?all` (requeue them through capture, in the change
+//! order: `capture/requeue.rs`).
+//!
+//! **Who may change state or see rows.** With `[admin] token` set, a request to `/dlq...` must
+//! carry `Authorization: Bearer <token>` (compared in constant time), on any listener; 401
+//! otherwise. Without a token, `/dlq...` is served on a loopback listener only (anyone who can
+//! reach loopback can read the buffer's files anyway) and refused with 403 elsewhere. The other
+//! reads show no row data and are open, as a scraper and a probe need.
 //!
 //! Bounded for an untrusted network: at most [`ADMIN_CONNECTIONS`] connections at once (more
 //! are closed as they arrive), headers within [`ADMIN_HEADER_TIMEOUT`], a connection at most
-//! [`ADMIN_CONNECTION_LIFETIME`]; reads are `GET`/`HEAD`. What changes state is served only on
-//! a loopback listener (there is no authentication yet: `[admin] token` is issue 15's).
+//! [`ADMIN_CONNECTION_LIFETIME`], no request body read, at most [`DLQ_PAGE_LIMIT`] letters a
+//! page.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,8 +25,11 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
+use subtle::ConstantTimeEq;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::buffer::{Batch, Store};
+use crate::capture::requeue::{Letters, RequeueRequest};
 use crate::metrics::{AdminError, Health};
 use crate::position::ChangeSeq;
 
@@ -26,19 +39,46 @@ const ADMIN_CONNECTIONS: usize = 32;
 const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// No connection is held longer (a scraper that keeps one open reconnects).
 const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// How long a retry waits for capture's answer (capture answers between two events).
+const REQUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Dead letters `GET /dlq` shows at most.
+pub const DLQ_PAGE_LIMIT: usize = 1000;
+
+type Reply = Response<Full<Bytes>>;
+
+/// What the admin listener serves from.
+pub struct Admin {
+    pub handle: PrometheusHandle,
+    pub health: Arc<Health>,
+    pub store: Arc<Store>,
+    /// Where retries go (capture); `None`: retries are refused.
+    pub requeue: Option<mpsc::Sender<RequeueRequest>>,
+    /// `[admin] token`: required for `/dlq...` when set.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish_non_exhaustive()
+    }
+}
 
 /// Serves the admin endpoints until `stop` resolves (see the module doc).
 pub async fn serve(
     listen: SocketAddr,
-    handle: PrometheusHandle,
-    health: Arc<Health>,
-    store: Arc<Store>,
+    admin: Admin,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), AdminError> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| AdminError::Listen { listen, source })?;
-    tracing::info!(%listen, "admin endpoints: /metrics /health /ready /status");
+    tracing::info!(%listen, token = admin.token.is_some(), "admin endpoints: /metrics /health /ready /status /dlq");
+    if admin.token.is_none() && !listen.ip().is_loopback() {
+        tracing::warn!(%listen, "the admin listener is not on loopback and [admin] token is not set: /dlq (dead letters, their retry and drop) is refused; set a token to use it");
+    }
+    let admin = Arc::new(admin);
     tokio::pin!(stop);
     let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS));
     loop {
@@ -58,21 +98,14 @@ pub async fn serve(
             continue;
         };
         let loopback = listen.ip().is_loopback();
-        let (handle, health, store) = (handle.clone(), health.clone(), store.clone());
+        let admin = admin.clone();
         tokio::spawn(async move {
             let service =
                 hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                    let (method, uri) = (request.method(), request.uri());
-                    let response = match (method, uri.path()) {
-                        (&Method::GET | &Method::HEAD, path) => {
-                            respond(path, &handle, &health, &store)
-                        }
-                        (&Method::POST, "/dlq/drop") => {
-                            drop_dead_letters(&store, uri.query().unwrap_or(""), loopback)
-                        }
-                        _ => method_not_allowed(),
-                    };
-                    async move { Ok::<_, std::convert::Infallible>(response) }
+                    let admin = admin.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(admin.route(&request, loopback).await)
+                    }
                 });
             let io = hyper_util::rt::TokioIo::new(stream);
             let connection = hyper::server::conn::http1::Builder::new()
@@ -89,9 +122,248 @@ pub async fn serve(
     }
 }
 
+impl Admin {
+    async fn route<B>(&self, request: &Request<B>, loopback: bool) -> Reply {
+        let (method, uri) = (request.method(), request.uri());
+        let query = uri.query().unwrap_or("");
+        let guarded = uri.path() == "/dlq" || uri.path().starts_with("/dlq/");
+        if guarded {
+            if let Some(refusal) = self.refusal(request, loopback) {
+                return refusal;
+            }
+        }
+        match (method, uri.path()) {
+            (&Method::GET | &Method::HEAD, "/dlq") => self.list_dead_letters(query),
+            (&Method::GET | &Method::HEAD, path) => self.respond(path),
+            (&Method::POST, "/dlq/drop") => match parse_letters(query) {
+                Ok(letters) => self.drop_dead_letters(&letters),
+                Err(problem) => bad_request(&problem),
+            },
+            (&Method::POST, "/dlq/retry") => match parse_letters(query) {
+                Ok(letters) => self.requeue_dead_letters(letters).await,
+                Err(problem) => bad_request(&problem),
+            },
+            _ => method_not_allowed(),
+        }
+    }
+
+    /// Why a request may not reach `/dlq...`, if it may not (see the module doc).
+    fn refusal<B>(&self, request: &Request<B>, loopback: bool) -> Option<Reply> {
+        let Some(token) = &self.token else {
+            return match loopback {
+                true => None,
+                false => Some(reply(
+                    StatusCode::FORBIDDEN,
+                    "text/plain",
+                    "forbidden: /dlq is served off loopback only with [admin] token set\n".into(),
+                )),
+            };
+        };
+        let presented = request
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "));
+        match presented {
+            Some(presented) if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) => None,
+            _ => {
+                let mut refusal = reply(
+                    StatusCode::UNAUTHORIZED,
+                    "text/plain",
+                    "unauthorized: /dlq needs the header `Authorization: Bearer <[admin] token>`\n"
+                        .into(),
+                );
+                refusal.headers_mut().insert(
+                    hyper::header::WWW_AUTHENTICATE,
+                    hyper::header::HeaderValue::from_static("Bearer"),
+                );
+                Some(refusal)
+            }
+        }
+    }
+
+    /// `GET /dlq?from=N&limit=M`: a page of dead letters, a line each (what `dlq list` prints).
+    fn list_dead_letters(&self, query: &str) -> Reply {
+        let (mut from, mut limit) = (0u64, DLQ_PAGE_LIMIT);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let parsed = match pair.split_once('=') {
+                Some(("from", n)) => n.parse().map(|n| from = n).is_ok(),
+                Some(("limit", n)) => n
+                    .parse()
+                    .map(|n: usize| limit = n.min(DLQ_PAGE_LIMIT))
+                    .is_ok(),
+                _ => false,
+            };
+            if !parsed {
+                return bad_request(&format!("`{pair}`; use from=N and limit=M"));
+            }
+        }
+        match self.store.dead_letters_from(ChangeSeq(from), limit) {
+            Ok(letters) => {
+                let mut body = String::new();
+                for letter in &letters {
+                    body.push_str(&letter.line());
+                    body.push('\n');
+                }
+                reply(StatusCode::OK, "text/plain", body)
+            }
+            Err(e) => internal_error(&e.to_string()),
+        }
+    }
+
+    /// `POST /dlq/drop`: forgets those dead letters (what `dlq drop` asks a running service),
+    /// a page at a time.
+    fn drop_dead_letters(&self, letters: &Letters) -> Reply {
+        match drop_letters(&self.store, letters) {
+            Ok(dropped) => reply(
+                StatusCode::OK,
+                "text/plain",
+                format!("{dropped} dead letters dropped\n"),
+            ),
+            Err(e) => internal_error(&e.to_string()),
+        }
+    }
+
+    /// `POST /dlq/retry`: asks capture to requeue those dead letters (see
+    /// `capture/requeue.rs`) and answers with what it did.
+    async fn requeue_dead_letters(&self, letters: Letters) -> Reply {
+        let Some(requeue) = &self.requeue else {
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "unavailable: this service does not requeue dead letters\n".into(),
+            );
+        };
+        let (answer, answered) = oneshot::channel();
+        let request = RequeueRequest {
+            letters,
+            reply: answer,
+        };
+        if requeue.send(request).await.is_err() {
+            return unavailable("capture has stopped");
+        }
+        match tokio::time::timeout(REQUEUE_TIMEOUT, answered).await {
+            Ok(Ok(Ok(requeued))) => reply(StatusCode::OK, "text/plain", requeued.report()),
+            Ok(Ok(Err(reason))) => unavailable(&reason),
+            Ok(Err(_)) => unavailable("capture stopped before it answered"),
+            Err(_) => unavailable(&format!(
+                "capture did not answer within {} s; see the service's log",
+                REQUEUE_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
+    fn respond(&self, path: &str) -> Reply {
+        let (handle, health, store) = (&self.handle, &self.health, &self.store);
+        match path {
+            "/metrics" => {
+                health.publish();
+                reply(StatusCode::OK, "text/plain; version=0.0.4", handle.render())
+            }
+            "/health" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+            "/ready" => match health.not_ready() {
+                None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+                Some(reason) => reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("not ready: {reason}\n"),
+                ),
+            },
+            "/status" => reply(
+                StatusCode::OK,
+                "application/json",
+                health
+                    .status(&store.dead_letter_summary().unwrap_or_default())
+                    .to_string(),
+            ),
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found: try /metrics /health /ready /status /dlq\n".into(),
+            ),
+        }
+    }
+}
+
+/// Deletes the letters named (those that exist), or all of them a page at a time; returns how
+/// many were deleted.
+pub fn drop_letters(store: &Store, letters: &Letters) -> Result<usize, crate::buffer::StoreError> {
+    let mut dropped = 0;
+    match letters {
+        Letters::Seqs(seqs) => {
+            let mut batch = Batch::default();
+            for &seq in seqs {
+                if store.dead_letter(seq)?.is_some() {
+                    batch.delete_dead_letter(seq);
+                    dropped += 1;
+                }
+            }
+            store.write(batch, true)?;
+        }
+        Letters::All => loop {
+            let page = store.dead_letters_from(ChangeSeq(0), DLQ_PAGE_LIMIT)?;
+            if page.is_empty() {
+                break;
+            }
+            let mut batch = Batch::default();
+            for letter in &page {
+                batch.delete_dead_letter(letter.seq);
+            }
+            store.write(batch, true)?;
+            dropped += page.len();
+        },
+    }
+    Ok(dropped)
+}
+
+/// `seq=N` (repeated) or `all`.
+fn parse_letters(query: &str) -> Result<Letters, String> {
+    let mut seqs = Vec::new();
+    let mut all = false;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("seq", n)) => match n.parse::<u64>() {
+                Ok(n) => seqs.push(ChangeSeq(n)),
+                Err(_) => return Err(format!("seq `{n}` is not a number")),
+            },
+            None if pair == "all" => all = true,
+            _ => return Err(format!("`{pair}`; use seq=N (repeated) or all")),
+        }
+    }
+    match (all, seqs.is_empty()) {
+        (true, _) => Ok(Letters::All),
+        (false, false) => Ok(Letters::Seqs(seqs)),
+        (false, true) => Err("name the letters with seq=N, or all".into()),
+    }
+}
+
+fn bad_request(what: &str) -> Reply {
+    reply(
+        StatusCode::BAD_REQUEST,
+        "text/plain",
+        format!("bad request: {what}\n"),
+    )
+}
+
+fn internal_error(what: &str) -> Reply {
+    reply(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "text/plain",
+        format!("error: {what}\n"),
+    )
+}
+
+fn unavailable(what: &str) -> Reply {
+    reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "text/plain",
+        format!("unavailable: {what}\n"),
+    )
+}
+
 fn method_not_allowed() -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(
-        "method not allowed: the admin endpoints are read with GET; POST is for /dlq/drop\n",
+        "method not allowed: the admin endpoints are read with GET; POST is for /dlq/drop and /dlq/retry\n",
     )));
     *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
     response.headers_mut().insert(
@@ -110,103 +382,4 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
             .insert(hyper::header::CONTENT_TYPE, value);
     }
     response
-}
-
-/// `POST /dlq/drop?seq=N&seq=M` or `?all`: forgets those dead letters (what `writebehind dlq
-/// drop` asks a running service). Only on a loopback listener: nothing authenticates yet.
-fn drop_dead_letters(store: &Store, query: &str, loopback: bool) -> Response<Full<Bytes>> {
-    if !loopback {
-        return reply(
-            StatusCode::FORBIDDEN,
-            "text/plain",
-            "forbidden: dead letters are changed only through a loopback admin listener\n".into(),
-        );
-    }
-    let mut seqs = Vec::new();
-    let mut all = false;
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("seq", n)) => match n.parse::<u64>() {
-                Ok(n) => seqs.push(ChangeSeq(n)),
-                Err(_) => {
-                    return reply(
-                        StatusCode::BAD_REQUEST,
-                        "text/plain",
-                        format!("bad request: seq `{n}` is not a number\n"),
-                    )
-                }
-            },
-            None if pair == "all" => all = true,
-            _ => {
-                return reply(
-                    StatusCode::BAD_REQUEST,
-                    "text/plain",
-                    format!("bad request: `{pair}`; use seq=N (repeated) or all\n"),
-                )
-            }
-        }
-    }
-    if !all && seqs.is_empty() {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            "text/plain",
-            "bad request: name the letters with seq=N, or all\n".into(),
-        );
-    }
-    let dropped = store.dead_letters().and_then(|letters| {
-        let mut batch = Batch::default();
-        let mut dropped = 0;
-        for letter in letters.iter().filter(|l| all || seqs.contains(&l.seq)) {
-            batch.delete_dead_letter(letter.seq);
-            dropped += 1;
-        }
-        store.write(batch, true).map(|()| dropped)
-    });
-    match dropped {
-        Ok(dropped) => reply(
-            StatusCode::OK,
-            "text/plain",
-            format!("{dropped} dead letters dropped\n"),
-        ),
-        Err(e) => reply(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            format!("error: {e}\n"),
-        ),
-    }
-}
-
-fn respond(
-    path: &str,
-    handle: &PrometheusHandle,
-    health: &Health,
-    store: &Store,
-) -> Response<Full<Bytes>> {
-    match path {
-        "/metrics" => {
-            health.publish();
-            reply(StatusCode::OK, "text/plain; version=0.0.4", handle.render())
-        }
-        "/health" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/ready" => match health.not_ready() {
-            None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
-            Some(reason) => reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                format!("not ready: {reason}\n"),
-            ),
-        },
-        "/status" => reply(
-            StatusCode::OK,
-            "application/json",
-            health
-                .status(&store.dead_letter_summary().unwrap_or_default())
-                .to_string(),
-        ),
-        _ => reply(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found: try /metrics /health /ready /status\n".into(),
-        ),
-    }
 }

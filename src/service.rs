@@ -155,7 +155,7 @@ impl Service {
         let store = Arc::new(Store::open(&config.buffer.path)?);
         let mappings = Mappings::new(&config.mappings);
         let outputs = CaptureOutputs::default();
-        let capture = Capture::new(
+        let mut capture = Capture::new(
             store.clone(),
             mappings.clone(),
             endpoint,
@@ -165,6 +165,9 @@ impl Service {
             },
             outputs.clone(),
         )?;
+        // Dead-letter retries from the admin listener, served by capture in the change order.
+        let (requeue, requeues) = tokio::sync::mpsc::channel(4);
+        capture.serve_requeues(requeues);
         let runners = start_runners(config, &mappings, &store, &outputs, options).await?;
         let writer = match config.acks.enabled {
             true => Some(Writer::new(
@@ -196,10 +199,16 @@ impl Service {
         }
         let mut helpers = JoinSet::new();
         if let Some((listen, handle)) = metrics {
-            let (health, store) = (outputs.health.clone(), store.clone());
+            let admin = crate::admin::Admin {
+                handle,
+                health: outputs.health.clone(),
+                store: store.clone(),
+                requeue: Some(requeue),
+                token: config.admin.token.clone(),
+            };
             let stop = stop_requested(stop_rx.clone());
             helpers.spawn(async move {
-                if let Err(e) = crate::admin::serve(listen, handle, health, store, stop).await {
+                if let Err(e) = crate::admin::serve(listen, admin, stop).await {
                     tracing::error!(error = %e, "admin listener stopped; the pipeline runs on without /metrics and /status");
                 }
             });

@@ -19,7 +19,11 @@ fn read(path: &str) -> String {
 }
 
 fn env(name: &str) -> Option<String> {
-    (name == "DB_PASSWORD").then(|| "secret".to_string())
+    match name {
+        "DB_PASSWORD" => Some("secret".to_string()),
+        "WRITEBEHIND_ADMIN_TOKEN" => Some("an-admin-token-of-32-characters".to_string()),
+        _ => None,
+    }
 }
 
 #[test]

@@ -18,6 +18,20 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// One line: what `dlq list` and `GET /dlq` show (the row id as text, invalid UTF-8
+    /// replaced).
+    pub fn line(&self) -> String {
+        format!(
+            "seq={} backend={} mapping={} row={} at_ms={} reason={}",
+            self.seq,
+            self.backend,
+            self.mapping,
+            String::from_utf8_lossy(&self.row_id),
+            self.at_ms,
+            self.reason
+        )
+    }
+
     pub(super) fn encode(&self) -> Vec<u8> {
         let mut e = Encoder::default();
         e.bytes(self.backend.as_bytes())

@@ -481,6 +481,32 @@ impl Store {
         })
     }
 
+    /// At most `limit` dead letters from `from` on, in seq order.
+    pub fn dead_letters_from(
+        &self,
+        from: ChangeSeq,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        self.by_seq(
+            CF_DEAD_LETTERS,
+            "dead letter key",
+            from.0,
+            limit,
+            |seq, value| DeadLetter::decode(ChangeSeq(seq), value),
+        )
+    }
+
+    /// The dead letter of change `seq`, if there is one.
+    pub fn dead_letter(&self, seq: ChangeSeq) -> Result<Option<DeadLetter>, StoreError> {
+        let value = self
+            .db
+            .get_pinned_cf(self.cf(CF_DEAD_LETTERS)?, seq.0.to_be_bytes())
+            .map_err(|e| self.rocks(e))?;
+        value
+            .map(|value| DeadLetter::decode(seq, &value).map_err(|e| self.corrupt(e)))
+            .transpose()
+    }
+
     /// What Redis really holds for `key`, when a `#` op on it is not completed yet.
     pub fn raw(&self, db: u32, key: &[u8]) -> Result<Option<MirrorValue>, StoreError> {
         self.mirror_value(CF_RAW, db, key)

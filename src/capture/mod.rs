@@ -27,6 +27,7 @@ pub mod mirror_cache;
 mod ops;
 mod primary;
 mod progress;
+pub mod requeue;
 pub mod rows;
 mod state;
 mod stream;
@@ -38,7 +39,7 @@ use crate::ack::Writeback;
 use crate::buffer::{Batch, Checkpoint, MirrorCursor, Store, StoreError};
 use crate::config::RedisEndpoint;
 use crate::metrics::Health;
-use crate::position::{ChangeSeq, ReplOffset, StreamPosition};
+use crate::position::{ChangeSeq, DurableOffset, ReplOffset, StreamPosition};
 use crate::replication::stream::StreamEvent;
 use crate::replication::{LinkError, ReplicationEvent, Replicator};
 use clock::{ClockSample, PrimaryClock};
@@ -49,6 +50,7 @@ use mapping::Mappings;
 use mirror_cache::MirrorCache;
 use ops::OpState;
 use primary::Primary;
+use requeue::{next_request, RequeueRequest};
 use state::CaptureState;
 use stream::StreamBatch;
 use working_set::MirrorView;
@@ -108,6 +110,8 @@ pub struct Capture {
     committer: Option<Committer>,
     /// When the primary's clock was last sampled.
     last_sample: Option<std::time::Instant>,
+    /// Dead letters to requeue, from the admin listener (`requeue.rs`).
+    requests: Option<tokio::sync::mpsc::Receiver<RequeueRequest>>,
 }
 
 /// Mirror keys deleted per commit ahead of a flush.
@@ -177,7 +181,13 @@ impl Capture {
             outputs,
             committer: None,
             last_sample: None,
+            requests: None,
         })
+    }
+
+    /// Serves requests to requeue dead letters from `requests` (see `requeue.rs`).
+    pub fn serve_requeues(&mut self, requests: tokio::sync::mpsc::Receiver<RequeueRequest>) {
+        self.requests = Some(requests);
     }
 
     pub fn stats(&self) -> &CaptureStats {
@@ -205,23 +215,35 @@ impl Capture {
     ) -> Result<(), CaptureError> {
         tokio::pin!(stop);
         replicator.resume_from(self.resume_position());
+        let durable = replicator.durable_offset();
         loop {
-            let event = tokio::select! {
-                event = replicator.next() => event?,
-                _ = &mut stop => return self.written().await,
+            // Requests are served while the link waits for its next event: that future is
+            // kept, not cancelled, so nothing it has read is lost (see requeue.rs).
+            let event = {
+                let next = replicator.next();
+                tokio::pin!(next);
+                loop {
+                    tokio::select! {
+                        event = &mut next => break event?,
+                        Some(request) = next_request(&mut self.requests) => {
+                            self.requeue(&durable, request).await?;
+                        }
+                        _ = &mut stop => return self.written().await,
+                    }
+                }
             };
             self.handle(replicator, event).await?;
         }
     }
 
     /// The committer, started on first use.
-    fn committer(&mut self, replicator: &Replicator) -> Result<&mut Committer, CaptureError> {
+    fn committer(&mut self, durable: &DurableOffset) -> Result<&mut Committer, CaptureError> {
         let committer = match self.committer.take() {
             Some(committer) => committer,
             None => Committer::start(
                 self.state.store.clone(),
                 self.outputs.clone(),
-                replicator.durable_offset(),
+                durable.clone(),
             )
             .map_err(CaptureError::CommitterStart)?,
         };
@@ -373,16 +395,17 @@ impl Capture {
         replicator: &mut Replicator,
         first: StreamEvent,
     ) -> Result<(), CaptureError> {
-        let mut batch = self.new_batch(replicator)?;
+        let durable = replicator.durable_offset();
+        let mut batch = self.new_batch(&durable)?;
         let mut next = Some(first);
         while let Some(event) = next.take() {
             self.outputs.health.received(event.end());
             if let Some(db) = self.flush_of(&event) {
                 if !batch.is_empty() {
-                    self.hand_over(replicator, batch).await?;
+                    self.hand_over(&durable, batch).await?;
                 }
-                self.flush_ahead(replicator, db, event.end()).await?;
-                batch = self.new_batch(replicator)?;
+                self.flush_ahead(&durable, db, event.end()).await?;
+                batch = self.new_batch(&durable)?;
             }
             let resync = batch
                 .apply(&mut self.state, &mut self.primary, &event)
@@ -409,14 +432,14 @@ impl Capture {
         {
             self.sample_clock().await;
         }
-        self.hand_over(replicator, batch).await
+        self.hand_over(&durable, batch).await
     }
 
     /// An empty batch whose working sets read through the cache and the batch in flight.
-    fn new_batch(&mut self, replicator: &Replicator) -> Result<StreamBatch, CaptureError> {
+    fn new_batch(&mut self, durable: &DurableOffset) -> Result<StreamBatch, CaptureError> {
         let view = MirrorView {
             cache: self.state.cache.clone(),
-            in_flight: self.committer(replicator)?.in_flight(),
+            in_flight: self.committer(durable)?.in_flight(),
         };
         Ok(StreamBatch::new(self.state.store.clone(), view))
     }
@@ -424,11 +447,11 @@ impl Capture {
     /// Hands a batch to the committer.
     async fn hand_over(
         &mut self,
-        replicator: &Replicator,
+        durable: &DurableOffset,
         batch: StreamBatch,
     ) -> Result<(), CaptureError> {
         let prepared = batch.commit(&mut self.state)?;
-        self.committer(replicator)?.commit(prepared).await
+        self.committer(durable)?.commit(prepared).await
     }
 
     /// The databases a stand-alone `FLUSHALL` (`None`) or `FLUSHDB` empties.
@@ -454,7 +477,7 @@ impl Capture {
     /// longer in the mirror, so no row is deleted twice).
     async fn flush_ahead(
         &mut self,
-        replicator: &Replicator,
+        durable: &DurableOffset,
         db: Option<u32>,
         end: ReplOffset,
     ) -> Result<(), CaptureError> {
@@ -463,10 +486,10 @@ impl Capture {
         while let Some(from) = cursor.take() {
             let page = self.state.store.mirror_scan(db, &from, FLUSH_PAGE_KEYS)?;
             cursor = page.next;
-            let mut batch = self.new_batch(replicator)?;
+            let mut batch = self.new_batch(durable)?;
             batch.delete_ahead_of_flush(&mut self.state, page.entries, end)?;
             if !batch.is_empty() {
-                self.hand_over(replicator, batch).await?;
+                self.hand_over(durable, batch).await?;
                 // The next page is read from RocksDB.
                 self.written().await?;
             }

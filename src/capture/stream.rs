@@ -48,6 +48,8 @@ pub struct StreamBatch {
     changes: Vec<(Vec<RowEvent>, ReplOffset)>,
     acks: Vec<NewAck>,
     units: usize,
+    /// Dead letters whose changes this batch requeues (`requeue.rs`), deleted with it.
+    retired: Vec<ChangeSeq>,
 }
 
 impl StreamBatch {
@@ -58,6 +60,7 @@ impl StreamBatch {
             changes: Vec::new(),
             acks: Vec::new(),
             units: 0,
+            retired: Vec::new(),
         }
     }
 
@@ -99,6 +102,27 @@ impl StreamBatch {
             self.changes.push((rows, state.offset()));
         }
         Ok(())
+    }
+
+    /// The state of `key` as of this batch.
+    pub fn mirror_state(
+        &mut self,
+        db: u32,
+        key: &Bytes,
+    ) -> Result<Option<crate::buffer::MirrorValue>, StoreError> {
+        self.ws.get(db, key)
+    }
+
+    /// Appends row events as one unit recorded at `offset`.
+    pub fn push_unit(&mut self, rows: Vec<RowEvent>, offset: ReplOffset) {
+        if !rows.is_empty() {
+            self.changes.push((rows, offset));
+        }
+    }
+
+    /// Deletes a dead letter with this batch's write.
+    pub fn retire_dead_letter(&mut self, seq: ChangeSeq) {
+        self.retired.push(seq);
     }
 
     /// Applies one stream event; returns a reason when a full resync is needed instead (the
@@ -292,6 +316,9 @@ impl StreamBatch {
             state.append_unit(&mut batch, rows, offset, &mut counts);
         }
         batch.put_acks(self.acks);
+        for seq in self.retired {
+            batch.delete_dead_letter(seq);
+        }
         batch.put_checkpoint(&state.checkpoint);
         state.stats.commits += 1;
         let next = state.checkpoint.next_seq;

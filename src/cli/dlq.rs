@@ -1,49 +1,30 @@
 //! `writebehind dlq list | retry | drop`: the dead-letter store.
 //!
 //! A retry writes the key's *current* state (from the mirror), not the refused image: the row
-//! must follow Redis, and the key may have changed since. `retry` and `drop` need the service
-//! stopped (the buffer is a single-process RocksDB); `list` reads a running service's buffer as
-//! a secondary instance (`buffer/reader.rs`).
+//! must follow Redis, and the key may have changed since. Here the service is stopped: the
+//! buffer is opened by this process, and a retry writes the row outside the change order (no
+//! change can follow it). While the service runs, `retry` and `drop` are asked of it through its
+//! admin listener (`POST /dlq/retry`: capture requeues the key's state in the change order,
+//! `capture/requeue.rs`), and `list` reads its buffer as a secondary instance
+//! (`buffer/reader.rs`).
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use crate::buffer::{Batch, DeadLetter, MirrorKind, Store, StoreError};
 use crate::capture::mapping::Mappings;
+use crate::capture::requeue::Letters;
 use crate::config::Config;
 use crate::position::ChangeSeq;
 use crate::sink::convert::Refusal;
 use crate::sink::runner::convert_row;
 use crate::sink::{Destination, RowOp, RowWrite, SchemaProblem, Sink, SinkBatch, SinkError};
 
-/// Which letters a command acts on.
-pub(super) enum Selection {
-    All,
-    Seqs(Vec<ChangeSeq>),
-}
-
-impl Selection {
-    fn includes(&self, seq: ChangeSeq) -> bool {
-        match self {
-            Selection::All => true,
-            Selection::Seqs(seqs) => seqs.contains(&seq),
-        }
-    }
-}
-
 pub(super) fn list(store: &Store) -> ExitCode {
     match store.dead_letters() {
         Ok(letters) => {
-            for l in &letters {
-                println!(
-                    "seq={} backend={} mapping={} row={} at_ms={} reason={}",
-                    l.seq,
-                    l.backend,
-                    l.mapping,
-                    String::from_utf8_lossy(&l.row_id),
-                    l.at_ms,
-                    l.reason
-                );
+            for letter in &letters {
+                println!("{}", letter.line());
             }
             println!("{} dead letters", letters.len());
             ExitCode::SUCCESS
@@ -55,31 +36,22 @@ pub(super) fn list(store: &Store) -> ExitCode {
     }
 }
 
-pub(super) fn drop(store: &Store, selection: &Selection) -> ExitCode {
-    let letters = match store.dead_letters() {
-        Ok(letters) => letters,
+pub(super) fn drop(store: &Store, letters: &Letters) -> ExitCode {
+    match crate::admin::drop_letters(store, letters) {
+        Ok(dropped) => {
+            println!("{dropped} dead letters dropped");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
-    let mut batch = Batch::default();
-    let mut dropped = 0;
-    for letter in letters.iter().filter(|l| selection.includes(l.seq)) {
-        batch.delete_dead_letter(letter.seq);
-        dropped += 1;
     }
-    if let Err(e) = store.write(batch, true) {
-        eprintln!("error: {e}");
-        return ExitCode::FAILURE;
-    }
-    println!("{dropped} dead letters dropped");
-    ExitCode::SUCCESS
 }
 
-pub(super) async fn retry(config: &Config, store: Arc<Store>, selection: &Selection) -> ExitCode {
-    let letters = match store.dead_letters() {
-        Ok(letters) => letters,
+pub(super) async fn retry(config: &Config, store: Arc<Store>, letters: &Letters) -> ExitCode {
+    let all = match store.dead_letters() {
+        Ok(all) => all,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
@@ -87,7 +59,7 @@ pub(super) async fn retry(config: &Config, store: Arc<Store>, selection: &Select
     };
     let mappings = Mappings::new(&config.mappings);
     let mut failed = false;
-    for letter in letters.iter().filter(|l| selection.includes(l.seq)) {
+    for letter in all.iter().filter(|l| letters.includes(l.seq)) {
         match retry_one(config, &store, &mappings, letter).await {
             Ok(()) => {
                 let mut batch = Batch::default();

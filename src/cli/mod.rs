@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::capture::requeue::Letters;
 use crate::config::{Config, RedisEndpoint};
 use crate::position::{ChangeSeq, ReplId, ReplOffset, StreamPosition};
 use crate::replication::ReplicatorOptions;
@@ -110,14 +111,14 @@ enum DlqAction {
 }
 
 async fn dead_letters(action: DlqAction) -> ExitCode {
-    let (path, selection) = match &action {
-        DlqAction::List { config } => (config, dlq::Selection::All),
+    let (path, letters) = match &action {
+        DlqAction::List { config } => (config, Letters::All),
         DlqAction::Retry { config, seqs, all } | DlqAction::Drop { config, seqs, all } => (
             config,
             if *all {
-                dlq::Selection::All
+                Letters::All
             } else {
-                dlq::Selection::Seqs(seqs.iter().copied().map(ChangeSeq).collect())
+                Letters::Seqs(seqs.iter().copied().map(ChangeSeq).collect())
             },
         ),
     };
@@ -127,22 +128,29 @@ async fn dead_letters(action: DlqAction) -> ExitCode {
     };
     let store = match crate::buffer::Store::open(&config.buffer.path) {
         Ok(store) => std::sync::Arc::new(store),
-        // The service runs: a listing reads what it wrote; changes must wait.
+        // The service runs: a listing reads what it wrote; changes are asked of it.
         Err(crate::buffer::StoreError::InUse { path }) => {
-            if let (DlqAction::Drop { .. }, Some(listen)) = (&action, config.admin.address()) {
-                return drop_through_service(listen, &selection).await;
-            }
-            if !matches!(action, DlqAction::List { .. }) {
-                eprintln!("error: the service is running on the buffer at {}: `dlq retry` needs it stopped, and `dlq drop` its admin listener ([admin] listen) (`dlq list` works while it runs)", path.display());
-                return ExitCode::FAILURE;
-            }
-            match crate::buffer::Store::open_for_reading(&path) {
-                Ok(store) => return dlq::list(&store),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::FAILURE;
+            let verb = match action {
+                DlqAction::List { .. } => None,
+                DlqAction::Retry { .. } => Some("retry"),
+                DlqAction::Drop { .. } => Some("drop"),
+            };
+            return match (verb, config.admin.address()) {
+                (Some(verb), Some(listen)) => {
+                    ask_the_service(listen, config.admin.token.as_deref(), verb, &letters).await
                 }
-            }
+                (Some(verb), None) => {
+                    eprintln!("error: the service is running on the buffer at {} without an admin listener: `dlq {verb}` is asked of it through one; set [admin] listen, or stop the service", path.display());
+                    ExitCode::FAILURE
+                }
+                (None, _) => match crate::buffer::Store::open_for_reading(&path) {
+                    Ok(store) => dlq::list(&store),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                },
+            };
         }
         Err(e) => {
             eprintln!("error: {e}");
@@ -151,28 +159,27 @@ async fn dead_letters(action: DlqAction) -> ExitCode {
     };
     match action {
         DlqAction::List { .. } => dlq::list(&store),
-        DlqAction::Drop { .. } => dlq::drop(&store, &selection),
-        DlqAction::Retry { .. } => dlq::retry(&config, store, &selection).await,
+        DlqAction::Drop { .. } => dlq::drop(&store, &letters),
+        DlqAction::Retry { .. } => dlq::retry(&config, store, &letters).await,
     }
 }
 
-/// `dlq drop` while the service runs: asked of it through its admin listener.
-async fn drop_through_service(listen: &str, selection: &dlq::Selection) -> ExitCode {
-    let query = match selection {
-        dlq::Selection::All => "all".to_string(),
-        dlq::Selection::Seqs(seqs) => seqs
-            .iter()
-            .map(|seq| format!("seq={}", seq.0))
-            .collect::<Vec<_>>()
-            .join("&"),
-    };
-    match status::admin_request(listen, "POST", &format!("/dlq/drop?{query}")).await {
+/// `dlq retry|drop` while the service runs: asked of it through its admin listener
+/// (`POST /dlq/<verb>`, with the bearer token when `[admin] token` is set).
+async fn ask_the_service(
+    listen: &str,
+    token: Option<&str>,
+    verb: &str,
+    letters: &Letters,
+) -> ExitCode {
+    let path = format!("/dlq/{verb}?{}", letters.query());
+    match status::admin_request(listen, "POST", &path, token).await {
         Ok(body) => {
             print!("{body}");
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: the running service did not drop the dead letters ({e})");
+            eprintln!("error: the running service did not {verb} the dead letters ({e})");
             ExitCode::FAILURE
         }
     }

@@ -26,15 +26,16 @@ pub(super) enum AdminRequestError {
 
 /// `GET <path>` on the admin listener; the body when the status is 200.
 async fn admin_get(listen: &str, path: &str) -> Result<String, AdminRequestError> {
-    admin_request(listen, "GET", path).await
+    admin_request(listen, "GET", path, None).await
 }
 
-/// `<method> <path>` on the admin listener (no body); the body when the status is 200, else
-/// the status line and the body.
+/// `<method> <path>` on the admin listener (no body; with `token` as a bearer token when
+/// given); the body when the status is 200, else the status line and the body.
 pub(super) async fn admin_request(
     listen: &str,
     method: &str,
     path: &str,
+    token: Option<&str>,
 ) -> Result<String, AdminRequestError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let timeout = || AdminRequestError::Timeout {
@@ -51,17 +52,22 @@ pub(super) async fn admin_request(
     .await
     .map_err(|_| timeout())?
     .map_err(io)?;
+    let authorization = token
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
     stream
         .write_all(
             format!(
-                "{method} {path} HTTP/1.1\r\nHost: {listen}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                "{method} {path} HTTP/1.1\r\nHost: {listen}\r\n{authorization}Content-Length: 0\r\nConnection: close\r\n\r\n"
             )
             .as_bytes(),
         )
         .await
         .map_err(io)?;
     let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
+    // A retry is answered once capture has made it durable (the listener waits up to 30 s).
+    let answer_within = Duration::from_secs(if method == "POST" { 40 } else { 5 });
+    tokio::time::timeout(answer_within, stream.read_to_end(&mut response))
         .await
         .map_err(|_| timeout())?
         .map_err(io)?;

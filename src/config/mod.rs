@@ -176,15 +176,31 @@ impl fmt::Debug for SourceConfig {
     }
 }
 
-/// The admin listener (`/metrics`, `/health`, `/ready`, `/status`): on by default on a
-/// loopback port, so that `writebehind status` reads a running service; `listen = ""` turns it
-/// off.
-#[derive(Debug, Clone, Deserialize)]
+/// The admin listener (`/metrics`, `/health`, `/ready`, `/status`, `/dlq`): on by default on a
+/// loopback port, so that `writebehind status` and `dlq` reach a running service; `listen = ""`
+/// turns it off. `token` (from the environment: `token = "${WRITEBEHIND_ADMIN_TOKEN}"`) is
+/// the bearer token `/dlq` requires; without one, `/dlq` is served on loopback only
+/// (`src/admin.rs`).
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     #[serde(default = "default_admin_listen")]
     pub listen: String,
+    #[serde(default)]
+    pub token: Option<String>,
 }
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// The shortest `[admin] token` taken: a guessable token is no protection.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
 
 /// The admin listener's default address.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9187";
@@ -197,6 +213,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: default_admin_listen(),
+            token: None,
         }
     }
 }
@@ -364,8 +381,15 @@ impl Config {
         }
     }
 
-    /// `[buffer]`, `[replication]` and `[backends.*]`.
+    /// `[buffer]`, `[replication]`, `[admin]` and `[backends.*]`.
     fn validate_sections(&self, problems: &mut Vec<String>) {
+        if let Some(token) = &self.admin.token {
+            if token.len() < MIN_ADMIN_TOKEN_BYTES || token.chars().any(|c| !c.is_ascii_graphic()) {
+                problems.push(format!(
+                    "[admin] token: use at least {MIN_ADMIN_TOKEN_BYTES} printable ASCII characters without spaces (e.g. `openssl rand -hex 32`)"
+                ));
+            }
+        }
         if self.buffer.path.as_os_str().is_empty() {
             problems.push("[buffer] path: must not be empty".to_string());
         }
@@ -606,6 +630,29 @@ color = "color"
         assert_eq!(config.admin.address(), Some(DEFAULT_ADMIN_LISTEN));
         let off = Config::parse(&format!("[admin]\nlisten = \"\"\n{EXAMPLE}"), &env).unwrap();
         assert_eq!(off.admin.address(), None);
+    }
+
+    #[test]
+    fn the_admin_token_comes_from_the_environment_and_is_never_shown() {
+        let secret = "0123456789abcdef0123";
+        let env = |name: &str| (name == "ADMIN_TOKEN").then(|| secret.to_string());
+        let text = format!("[admin]\ntoken = \"${{ADMIN_TOKEN}}\"\n{EXAMPLE}");
+        let config = Config::parse(&text, &|n| {
+            env(n).or_else(|| (n == "DB_PASSWORD").then(|| "pw".into()))
+        })
+        .unwrap();
+        assert_eq!(config.admin.token.as_deref(), Some(secret));
+        assert!(
+            !format!("{config:?}").contains(secret),
+            "the token is redacted"
+        );
+        for weak in ["short", "has a space in it, long enough"] {
+            let text = format!("[admin]\ntoken = \"{weak}\"\n{EXAMPLE}");
+            let errors = Config::parse(&text, &|n| (n == "DB_PASSWORD").then(|| "pw".into()))
+                .unwrap_err()
+                .to_string();
+            assert!(errors.contains("[admin] token"), "{weak}: {errors}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod capture;
 pub mod ops;
 pub mod replication;
+pub mod service;
 pub mod sink;
 
 use std::io::{Read, Write};
@@ -44,7 +45,7 @@ pub fn redis_version(info_server: &str) -> (u32, u32) {
     (parts.next().expect("major"), parts.next().expect("minor"))
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("local addr").port()
 }
