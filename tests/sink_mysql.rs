@@ -306,3 +306,77 @@ async fn a_reconciliation_with_a_new_partition_count_acks_each_op_once() {
     tokio::task::block_in_place(|| terminate(&mut child.0));
     database.drop_database().await;
 }
+
+/// One `MULTI` of `count` HSETs of `person2:<n>` with `first_name` = `value`.
+async fn one_transaction(client: &mut RedisClient, keys: std::ops::Range<u64>, value: &str) {
+    let keys: Vec<String> = keys.map(|n| format!("person2:{n}")).collect();
+    let mut commands: Vec<Vec<&str>> = vec![vec!["MULTI"]];
+    commands.extend(
+        keys.iter()
+            .map(|key| vec!["HSET", key.as_str(), "first_name", value, "age", "7"]),
+    );
+    commands.push(vec!["EXEC"]);
+    let slices: Vec<&[&str]> = commands.iter().map(Vec::as_slice).collect();
+    client.pipeline(&slices).await.expect("MULTI");
+}
+
+/// On a server whose `max_allowed_packet` is 1 MiB, transactions whose rows add up to several
+/// times that are written whole, through multi-row INSERTs (400 rows of 4 KB: 1.6 MB) and
+/// through the staged load (2,000 rows: 8 MB); a row no packet can carry (2 MB) is
+/// dead-lettered with the reason while the rows of its transaction are written. None of it is
+/// retried forever (a statement over the limit used to be, as a lost connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_stay_within_the_servers_max_allowed_packet() {
+    let mariadb = MariaDbServer::start_with(&["--max-allowed-packet=1M"]);
+    let database = Database::maria_on(&mariadb).await;
+    database
+        .execute("CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first LONGTEXT, last LONGTEXT, age INT)")
+        .await;
+    database.execute(CAR_TABLE).await;
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let service = start(&server, &database).await;
+    let value = "v".repeat(4_000);
+    one_transaction(&mut client, 0..400, &value).await;
+    one_transaction(&mut client, 1_000..3_000, &value).await;
+    let mut commands: Vec<Vec<String>> = vec![vec!["MULTI".into()]];
+    for n in 5_000..5_010u64 {
+        commands.push(vec![
+            "HSET".into(),
+            format!("person2:{n}"),
+            "age".into(),
+            "1".into(),
+        ]);
+    }
+    commands.push(vec![
+        "HSET".into(),
+        "person2:huge".into(),
+        "first_name".into(),
+        "h".repeat(2 << 20),
+    ]);
+    commands.push(vec!["EXEC".into()]);
+    let refs: Vec<Vec<&str>> = commands
+        .iter()
+        .map(|c| c.iter().map(String::as_str).collect())
+        .collect();
+    let slices: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
+    client.pipeline(&slices).await.expect("MULTI");
+    service.settle(&mut client, &database).await;
+    let rows = database.rows("person1", &["first"]).await;
+    assert_eq!(rows.len(), 2_410, "every row but the huge one");
+    assert!(
+        rows.iter()
+            .filter(|(id, _)| !id.starts_with('5'))
+            .all(|(_, v)| v[0].as_deref() == Some(value.as_str())),
+        "values written whole"
+    );
+    let letters = service.store.dead_letters().expect("dead letters");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(&letters[0].row_id[..], b"huge");
+    assert!(
+        letters[0].reason.contains("max_allowed_packet"),
+        "{}",
+        letters[0].reason
+    );
+    service.stop().await;
+}

@@ -176,7 +176,7 @@ impl MariaDbServer {
     /// A server launched with `options` too (for example `--sql-mode=`).
     pub fn start_with(options: &[&str]) -> MariaDbServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let status = Command::new("mariadb-install-db")
+        let output = Command::new("mariadb-install-db")
             .args([
                 "--no-defaults",
                 "--user=root",
@@ -184,11 +184,16 @@ impl MariaDbServer {
                 "--skip-test-db",
             ])
             .arg(format!("--datadir={}", dir.path().join("data").display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
+            .output()
             .expect("mariadb-install-db (MariaDB server package, installed by .ci/run)");
-        assert!(status.success(), "mariadb-install-db failed");
+        // What it printed, to tell why when it fails (it once did in CI, unexplained).
+        assert!(
+            output.status.success(),
+            "mariadb-install-db failed ({}):\n{}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
         let mut server = MariaDbServer {
             child: None,
             port: free_port(),

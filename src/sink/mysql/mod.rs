@@ -20,8 +20,10 @@ use super::{
 use crate::capture::mapping::Mapping;
 use crate::position::ChangeSeq;
 
+mod packet;
 mod staging;
 
+use packet::{param_bytes, row_text_bytes};
 use staging::{no_warnings, StageError};
 
 /// Placeholders per statement stay well under the protocol's 65,535.
@@ -33,6 +35,8 @@ const STRICT_SESSION: &str = "SET SESSION sql_mode = IF(@@SESSION.sql_mode = '',
 const SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 /// Upserts into one table from this many rows on go through LOAD DATA LOCAL INFILE.
 pub(super) const STAGE_THRESHOLD: usize = 500;
+/// `max_allowed_packet` until the server has said (MariaDB's default).
+const DEFAULT_MAX_PACKET: usize = 16 << 20;
 
 pub struct MysqlSink {
     name: String,
@@ -49,6 +53,8 @@ pub struct MysqlSink {
     staging: std::sync::atomic::AtomicBool,
     /// The engine of the staging tables (see `staging.rs`): `Aria` where the server has it.
     stage_engine: staging::StageEngine,
+    /// The server's `max_allowed_packet`, read on every new session (see `packet.rs`).
+    max_packet: std::sync::atomic::AtomicUsize,
 }
 
 fn q(identifier: &str) -> String {
@@ -98,6 +104,9 @@ fn classify(error: mysql_async::Error) -> SinkError {
             | 1690 | 3819 | 4025 => SinkErrorKind::RowRefused,
             _ => SinkErrorKind::Fatal,
         },
+        // The driver would not send a packet over `max_allowed_packet`: a retry sends the same
+        // (statements are sized to it, `packet.rs`: only a row too large for any can do this).
+        error if packet::is_packet_too_large(error) => SinkErrorKind::RowRefused,
         mysql_async::Error::Io(_) => SinkErrorKind::Transient,
         // The connection (or the pool) went away, or the stream lost its framing: a new
         // connection can succeed. Anything else the driver refuses (parameters, packet sizes,
@@ -145,6 +154,7 @@ impl MysqlSink {
             address,
             staging: std::sync::atomic::AtomicBool::new(true),
             stage_engine: staging::StageEngine::ServerDefault,
+            max_packet: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_PACKET),
         };
         let mut conn = sink.conn().await?;
         let database: Option<String> = conn
@@ -158,6 +168,7 @@ impl MysqlSink {
             )));
         }
         let stage_engine = staging::StageEngine::probe(&mut conn).await;
+        sink.read_max_packet(&mut conn).await?;
         drop(conn);
         Ok(MysqlSink {
             stage_engine,
@@ -191,11 +202,54 @@ impl MysqlSink {
                 return Ok(conn);
             }
         }
-        Conn::new(self.opts.clone()).await.map_err(|e| {
+        let mut conn = Conn::new(self.opts.clone()).await.map_err(|e| {
             classify(e).outside_row().context(format!(
                 "backend `{}`: cannot connect to {}",
                 self.name, self.address
             ))
+        })?;
+        self.read_max_packet(&mut conn).await?;
+        Ok(conn)
+    }
+
+    /// Reads the server's `max_allowed_packet` (it may have been changed since the last
+    /// session: `SET GLOBAL` applies to new sessions).
+    async fn read_max_packet(&self, conn: &mut Conn) -> Result<(), SinkError> {
+        let size: Option<u64> = conn
+            .query_first("SELECT @@max_allowed_packet")
+            .await
+            .map_err(|e| self.error(e))?;
+        let size = size.map_or(DEFAULT_MAX_PACKET, |s| s as usize);
+        self.max_packet
+            .store(size, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Bytes a statement may take (see `packet.rs`).
+    fn statement_budget(&self) -> usize {
+        packet::budget(self.max_packet.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Why a row cannot be written by any statement, when its own upsert exceeds the budget.
+    fn oversized(
+        &self,
+        schema: &TableSchema,
+        id: &SqlValue,
+        values: &[SqlValue],
+    ) -> Option<String> {
+        let bytes = self.insert_head(schema).len()
+            + self.insert_tail(schema).len()
+            + row_text_bytes(values.len() + 1)
+            + std::iter::once(id)
+                .chain(values)
+                .map(param_bytes)
+                .sum::<usize>();
+        let budget = self.statement_budget();
+        (bytes > budget).then(|| {
+            format!(
+                "the row takes about {bytes} bytes in a statement, more than the database's max_allowed_packet allows ({} bytes); raise max_allowed_packet, then `writebehind dlq retry`",
+                budget + packet::PACKET_HEADROOM
+            )
         })
     }
 
@@ -286,7 +340,14 @@ impl MysqlSink {
                     RowOp::Upsert { .. } => None,
                 })
                 .collect();
-            for chunk in deletes.chunks(MAX_PLACEHOLDERS) {
+            let budget = self.statement_budget();
+            let delete_head = 64 + schema.table.len() + schema.key_column.name.len();
+            for chunk in packet::runs(&deletes, delete_head, budget, MAX_PLACEHOLDERS, |id| {
+                2 + match id {
+                    Value::Bytes(bytes) => 11 + bytes.len(),
+                    _ => 19,
+                }
+            }) {
                 let sql = format!(
                     "DELETE FROM {} WHERE {} IN ({})",
                     q(&schema.table),
@@ -304,6 +365,14 @@ impl MysqlSink {
                     RowOp::Delete { .. } => None,
                 })
                 .collect();
+            // A row no statement can carry is refused on every path: the row-by-row replay
+            // dead-letters it with the reason.
+            if let Some(reason) = upserts
+                .iter()
+                .find_map(|(id, values)| self.oversized(schema, id, values))
+            {
+                return Err(SinkError::new(SinkErrorKind::RowRefused, reason));
+            }
             if upserts.len() >= STAGE_THRESHOLD
                 && self.staging.load(std::sync::atomic::Ordering::Relaxed)
             {
@@ -323,7 +392,16 @@ impl MysqlSink {
                 }
             }
             let width = schema.columns.len() + 1;
-            for chunk in upserts.chunks((MAX_PLACEHOLDERS / width).max(1)) {
+            let fixed = self.insert_head(schema).len() + self.insert_tail(schema).len();
+            let row_bytes = |(id, values): &(&SqlValue, &Vec<SqlValue>)| {
+                row_text_bytes(width)
+                    + std::iter::once(*id)
+                        .chain(values.iter())
+                        .map(param_bytes)
+                        .sum::<usize>()
+            };
+            for chunk in packet::runs(&upserts, fixed, budget, MAX_PLACEHOLDERS / width, row_bytes)
+            {
                 let row = format!("({})", vec!["?"; width].join(","));
                 let sql = format!(
                     "{} VALUES {}{}",
@@ -401,6 +479,13 @@ impl MysqlSink {
             match &write.op {
                 RowOp::Delete { id } => statements.push((delete, vec![value(id)])),
                 RowOp::Upsert { id, values } => {
+                    if let Some(reason) = self.oversized(schema, id, values) {
+                        rejected.push(Rejected {
+                            seq: write.seq,
+                            reason,
+                        });
+                        continue;
+                    }
                     if write.delete_first {
                         statements.push((delete, vec![value(id)]));
                     }

@@ -164,10 +164,16 @@ impl MysqlSink {
             }
             data.push(b'\n');
         }
+        // One packet per chunk: each within the server's max_allowed_packet (`packet.rs`).
         let payload = bytes::Bytes::from(data);
-        conn.set_infile_handler(async move {
-            Ok(futures_util::stream::iter(vec![Ok(payload)]).boxed())
-        });
+        let chunk = super::packet::INFILE_CHUNK
+            .min(self.statement_budget())
+            .max(1);
+        let chunks: Vec<std::io::Result<bytes::Bytes>> = (0..payload.len())
+            .step_by(chunk)
+            .map(|at| Ok(payload.slice(at..(at + chunk).min(payload.len()))))
+            .collect();
+        conn.set_infile_handler(async move { Ok(futures_util::stream::iter(chunks).boxed()) });
         conn.query_drop(format!("LOAD DATA LOCAL INFILE 'writebehind-batch' INTO TABLE {stage} CHARACTER SET binary ({column_list})"))
             .await
             .map_err(failed)?;
