@@ -27,7 +27,7 @@ load_pid=""
 db_pid=""
 start_db() {
   mariadbd --no-defaults --user=root --bind-address=127.0.0.1 --skip-name-resolve --port="$dbport" \
-    --datadir="$work/db" --socket="$work/db.sock" --pid-file="$work/db.pid" \
+    --datadir="$work/db" --tmpdir="$work/dbtmp" --socket="$work/db.sock" --pid-file="$work/db.pid" \
     --log-error="$work/db.log" >/dev/null 2>&1 &
   db_pid=$!
   until mariadb-admin --protocol=tcp -h127.0.0.1 -P"$dbport" -uroot ping >/dev/null 2>&1; do sleep 0.1; done
@@ -39,8 +39,11 @@ cleanup() {
 }
 trap cleanup EXIT
 build_release
+# A tmpdir of its own: a starting mariadbd deletes the `#sql*` files of its tmpdir, which in a
+# shared /tmp are another server's temporary tables in use (MariaDB 10.11 crashed on that).
+mkdir -p "$work/dbtmp"
 mariadb-install-db --no-defaults --user=root --auth-root-authentication-method=normal \
-  --skip-test-db --datadir="$work/db" >/dev/null 2>&1
+  --skip-test-db --datadir="$work/db" --tmpdir="$work/dbtmp" >/dev/null 2>&1
 start_db
 mariadb --protocol=tcp -h127.0.0.1 -P"$dbport" -uroot -e "CREATE DATABASE soak"
 start_primary "$primary" "$work" --repl-backlog-size 256mb

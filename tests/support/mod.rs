@@ -176,6 +176,11 @@ impl MariaDbServer {
     /// A server launched with `options` too (for example `--sql-mode=`).
     pub fn start_with(options: &[&str]) -> MariaDbServer {
         let dir = tempfile::tempdir().expect("temp dir");
+        // A tmpdir of its own: every mariadbd (and mariadb-install-db) deletes the `#sql*` files
+        // of its tmpdir when it starts, and in the shared /tmp those are the temporary tables
+        // of the machine's shared server in use; MariaDB 10.11 then crashed (signal 11 in
+        // ha_maria::drop_table) when its open of one failed, taking every test using it down.
+        std::fs::create_dir(dir.path().join("tmp")).expect("tmpdir");
         let output = Command::new("mariadb-install-db")
             .args([
                 "--no-defaults",
@@ -184,6 +189,7 @@ impl MariaDbServer {
                 "--skip-test-db",
             ])
             .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .arg(format!("--tmpdir={}", dir.path().join("tmp").display()))
             .output()
             .expect("mariadb-install-db (MariaDB server package, installed by .ci/run)");
         // What it printed, to tell why when it fails (it once did in CI, unexplained).
@@ -215,6 +221,7 @@ impl MariaDbServer {
             ])
             .arg(format!("--port={}", self.port))
             .arg(format!("--datadir={}", d.join("data").display()))
+            .arg(format!("--tmpdir={}", d.join("tmp").display()))
             .arg(format!("--socket={}", d.join("mariadb.sock").display()))
             .arg(format!("--pid-file={}", d.join("mariadb.pid").display()))
             .arg(format!("--log-error={}", d.join("error.log").display()))
