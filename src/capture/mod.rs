@@ -217,22 +217,28 @@ impl Capture {
         replicator.resume_from(self.resume_position());
         let durable = replicator.durable_offset();
         loop {
-            // Requests are served while the link waits for its next event: that future is
-            // kept, not cancelled, so nothing it has read is lost (see requeue.rs).
+            // Requests are served while the link waits for its next event (that future is
+            // kept, not cancelled, so nothing it has read is lost: see requeue.rs), and after
+            // each event, so that a stream that never pauses does not starve them. In that
+            // order: a stop first, the stream before a request.
             let event = {
                 let next = replicator.next();
                 tokio::pin!(next);
                 loop {
                     tokio::select! {
+                        biased;
+                        _ = &mut stop => return self.written().await,
                         event = &mut next => break event?,
                         Some(request) = next_request(&mut self.requests) => {
                             self.requeue(&durable, request).await?;
                         }
-                        _ = &mut stop => return self.written().await,
                     }
                 }
             };
             self.handle(replicator, event).await?;
+            if let Some(request) = self.requests.as_mut().and_then(|r| r.try_recv().ok()) {
+                self.requeue(&durable, request).await?;
+            }
         }
     }
 

@@ -230,15 +230,10 @@ impl MysqlSink {
         packet::budget(self.max_packet.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// Why a row cannot be written by any statement, when its own upsert exceeds the budget.
-    fn oversized(
-        &self,
-        schema: &TableSchema,
-        id: &SqlValue,
-        values: &[SqlValue],
-    ) -> Option<String> {
-        let bytes = self.insert_head(schema).len()
-            + self.insert_tail(schema).len()
+    /// Why a row cannot be written by any statement, when its own upsert (whose SQL text
+    /// without the row is `fixed` bytes) exceeds the budget.
+    fn oversized(&self, fixed: usize, id: &SqlValue, values: &[SqlValue]) -> Option<String> {
+        let bytes = fixed
             + row_text_bytes(values.len() + 1)
             + std::iter::once(id)
                 .chain(values)
@@ -367,9 +362,10 @@ impl MysqlSink {
                 .collect();
             // A row no statement can carry is refused on every path: the row-by-row replay
             // dead-letters it with the reason.
+            let fixed = self.insert_head(schema).len() + self.insert_tail(schema).len();
             if let Some(reason) = upserts
                 .iter()
-                .find_map(|(id, values)| self.oversized(schema, id, values))
+                .find_map(|(id, values)| self.oversized(fixed, id, values))
             {
                 return Err(SinkError::new(SinkErrorKind::RowRefused, reason));
             }
@@ -392,7 +388,6 @@ impl MysqlSink {
                 }
             }
             let width = schema.columns.len() + 1;
-            let fixed = self.insert_head(schema).len() + self.insert_tail(schema).len();
             let row_bytes = |(id, values): &(&SqlValue, &Vec<SqlValue>)| {
                 row_text_bytes(width)
                     + std::iter::once(*id)
@@ -479,7 +474,8 @@ impl MysqlSink {
             match &write.op {
                 RowOp::Delete { id } => statements.push((delete, vec![value(id)])),
                 RowOp::Upsert { id, values } => {
-                    if let Some(reason) = self.oversized(schema, id, values) {
+                    let fixed = self.insert_head(schema).len() + self.insert_tail(schema).len();
+                    if let Some(reason) = self.oversized(fixed, id, values) {
                         rejected.push(Rejected {
                             seq: write.seq,
                             reason,
