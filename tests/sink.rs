@@ -195,6 +195,11 @@ async fn the_recipe_example_on_mariadb_in_four_partitions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recipe_example_on_postgres() {
+    recipe_suite(Database::postgres().await, "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_recipe_example_on_sqlite() {
     recipe_suite(Database::sqlite(), "").await;
 }
@@ -430,7 +435,7 @@ async fn database_crash_suite(backend_options: &str) {
             .query("SELECT id, COUNT(*) FROM writes GROUP BY id HAVING COUNT(*) > 1")
             .await
             .expect("count"),
-        Database::Sqlite { .. } => unreachable!(),
+        Database::Postgres { .. } | Database::Sqlite { .. } => unreachable!(),
     };
     assert!(twice.is_empty(), "rows written twice: {twice:?}");
     service.stop().await;

@@ -401,9 +401,13 @@ impl Config {
         }
         for (name, backend) in &self.backends {
             let scheme = backend.url.split("://").next().unwrap_or("");
-            if !matches!(scheme, "mysql" | "mariadb" | "sqlite") || !backend.url.contains("://") {
+            if !matches!(
+                scheme,
+                "mysql" | "mariadb" | "postgres" | "postgresql" | "sqlite"
+            ) || !backend.url.contains("://")
+            {
                 problems.push(format!(
-                    "[backends.{name}] url `{}`: use mysql://user:password@host:port/database or sqlite://path",
+                    "[backends.{name}] url `{}`: use mysql://user:password@host:port/database, postgres://user:password@host:port/database or sqlite://path",
                     redact(&backend.url)
                 ));
             }

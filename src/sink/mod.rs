@@ -10,6 +10,7 @@ mod error;
 pub mod memory;
 pub mod mysql;
 pub mod partition;
+pub mod postgres;
 mod reconcile;
 pub mod runner;
 pub mod sqlite;
@@ -216,16 +217,21 @@ pub trait Destination {
 /// The configured backend, by URL scheme.
 pub enum Sink {
     Mysql(mysql::MysqlSink),
+    Postgres(postgres::PostgresSink),
     Sqlite(sqlite::SqliteSink),
 }
 
 impl Sink {
-    /// Connects to the backend at `url` (`mysql://...` or `sqlite://path`).
+    /// Connects to the backend at `url` (`mysql://...`, `postgres://...` or `sqlite://path`).
     pub async fn connect(name: &str, url: &str) -> Result<Sink, SinkError> {
         if let Some(path) = url.strip_prefix("sqlite://") {
             Ok(Sink::Sqlite(sqlite::SqliteSink::open(name, path).await?))
         } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
             Ok(Sink::Mysql(mysql::MysqlSink::connect(name, url).await?))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Sink::Postgres(
+                postgres::PostgresSink::connect(name, url).await?,
+            ))
         } else {
             Err(SinkError::fatal(format!(
                 "backend `{name}`: unsupported URL scheme in `{}`",
@@ -240,7 +246,7 @@ impl Sink {
     pub async fn notes(&mut self) -> Vec<String> {
         match self {
             Sink::Mysql(s) => s.staging_notes().await,
-            Sink::Sqlite(_) => Vec::new(),
+            Sink::Postgres(_) | Sink::Sqlite(_) => Vec::new(),
         }
     }
 }
@@ -254,6 +260,7 @@ impl Destination for Sink {
     ) -> Result<Vec<TableSchema>, Vec<SchemaProblem>> {
         match self {
             Sink::Mysql(s) => s.prepare(mappings).await,
+            Sink::Postgres(s) => s.prepare(mappings).await,
             Sink::Sqlite(s) => s.prepare(mappings).await,
         }
     }
@@ -261,6 +268,7 @@ impl Destination for Sink {
     async fn checkpoints(&mut self) -> Result<Vec<(String, SinkCheckpoint)>, SinkError> {
         match self {
             Sink::Mysql(s) => s.checkpoints().await,
+            Sink::Postgres(s) => s.checkpoints().await,
             Sink::Sqlite(s) => s.checkpoints().await,
         }
     }
@@ -273,6 +281,7 @@ impl Destination for Sink {
     ) -> Result<Vec<SqlValue>, SinkError> {
         match self {
             Sink::Mysql(s) => s.row_ids(schema, after, limit).await,
+            Sink::Postgres(s) => s.row_ids(schema, after, limit).await,
             Sink::Sqlite(s) => s.row_ids(schema, after, limit).await,
         }
     }
@@ -286,6 +295,7 @@ impl Destination for Sink {
     ) -> Result<Vec<Rejected>, SinkError> {
         match self {
             Sink::Mysql(s) => s.apply(schemas, batch, before_commit).await,
+            Sink::Postgres(s) => s.apply(schemas, batch, before_commit).await,
             Sink::Sqlite(s) => s.apply(schemas, batch, before_commit).await,
         }
     }

@@ -1,6 +1,6 @@
-//! Helpers of the sink tests (tests/sink.rs, tests/sink_mysql.rs): a test database (a fresh
-//! MariaDB database or a SQLite file), the recipe's configuration, and the service started in
-//! this process through the library's `Service`.
+//! Helpers of the sink tests (tests/sink.rs, tests/sink_mysql.rs, tests/sink_postgres.rs): a
+//! test database (a fresh MariaDB or PostgreSQL database, or a SQLite file), the recipe's
+//! configuration, and the service started in this process through the library's `Service`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,10 +22,18 @@ pub const COUNTED_PERSON_TABLE: &str = "CREATE TABLE person1 (id VARCHAR(64) PRI
     CREATE TRIGGER counted_update AFTER UPDATE ON person1 FOR EACH ROW INSERT INTO writes VALUES (NEW.id);";
 pub const CAR_TABLE: &str = "CREATE TABLE car (id VARCHAR(64) PRIMARY KEY, color VARCHAR(32))";
 
-/// A test database: a fresh MariaDB database, or a SQLite file.
+/// The machine's shared PostgreSQL (`pg_hba` trusts 127.0.0.1), started by `.ci/run`.
+pub const SHARED_POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
+
+/// A test database: a fresh MariaDB or PostgreSQL database, or a SQLite file.
 pub enum Database {
     Maria {
         pool: mysql_async::Pool,
+        name: String,
+        url: String,
+    },
+    Postgres {
+        client: tokio_postgres::Client,
         name: String,
         url: String,
     },
@@ -52,6 +60,29 @@ impl Database {
         }
     }
 
+    /// A fresh database on the shared PostgreSQL.
+    pub async fn postgres() -> Database {
+        let name = format!("wb_pg_{}_{}", std::process::id(), rand::random::<u32>());
+        let admin = Self::postgres_client(&format!("{SHARED_POSTGRES}/postgres")).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("CREATE DATABASE");
+        let url = format!("{SHARED_POSTGRES}/{name}");
+        let client = Self::postgres_client(&url).await;
+        Database::Postgres { client, name, url }
+    }
+
+    async fn postgres_client(url: &str) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("PostgreSQL at {url} (the shared one is started by .ci/run): {e}")
+            });
+        tokio::spawn(connection);
+        client
+    }
+
     pub fn sqlite() -> Database {
         let dir = tempfile::tempdir().expect("dir");
         Database::Sqlite {
@@ -62,7 +93,7 @@ impl Database {
 
     pub fn url(&self) -> String {
         match self {
-            Database::Maria { url, .. } => url.clone(),
+            Database::Maria { url, .. } | Database::Postgres { url, .. } => url.clone(),
             Database::Sqlite { path, .. } => format!("sqlite://{}", path.display()),
         }
     }
@@ -76,6 +107,7 @@ impl Database {
                 .query_drop(sql)
                 .await
                 .expect(sql),
+            Database::Postgres { client, .. } => client.batch_execute(sql).await.expect(sql),
             Database::Sqlite { path, .. } => {
                 rusqlite::Connection::open(path)
                     .expect("open")
@@ -110,6 +142,21 @@ impl Database {
                     })
                     .collect()
             }
+            Database::Postgres { client, .. } => {
+                let columns: Vec<String> = std::iter::once("id")
+                    .chain(columns.iter().copied())
+                    .map(|c| format!("{c}::text"))
+                    .collect();
+                let sql = format!("SELECT {} FROM {table}", columns.join(", "));
+                let rows = client.query(&sql, &[]).await.expect("select");
+                rows.into_iter()
+                    .map(|row| {
+                        let values: Vec<Option<String>> =
+                            (0..row.len()).map(|i| row.get(i)).collect();
+                        (values[0].clone().unwrap_or_default(), values[1..].to_vec())
+                    })
+                    .collect()
+            }
             Database::Sqlite { path, .. } => {
                 let conn = rusqlite::Connection::open(path).expect("open");
                 let mut statement = conn.prepare(&sql).expect("prepare");
@@ -137,6 +184,15 @@ impl Database {
                 let mut conn = pool.get_conn().await.expect("conn");
                 conn.query(sql).await.unwrap_or_default()
             }
+            Database::Postgres { client, .. } => client
+                .query(sql, &[])
+                .await
+                .map(|rows| {
+                    rows.iter()
+                        .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+                        .collect()
+                })
+                .unwrap_or_default(),
             Database::Sqlite { path, .. } => {
                 let conn = rusqlite::Connection::open(path).expect("open");
                 let rows = conn.prepare(sql).and_then(|mut statement| {
@@ -165,6 +221,15 @@ impl Database {
     }
 
     pub async fn drop_database(self) {
+        if let Database::Postgres { client, name, .. } = self {
+            drop(client);
+            Self::postgres_client(&format!("{SHARED_POSTGRES}/postgres"))
+                .await
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await
+                .ok();
+            return;
+        }
         if let Database::Maria { pool, name, .. } = self {
             pool.get_conn()
                 .await

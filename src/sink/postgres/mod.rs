@@ -1,0 +1,443 @@
+//! The PostgreSQL sink (`postgres://` or `postgresql://`, `tokio-postgres`).
+//!
+//! A batch is one transaction: `DELETE ... WHERE key = ANY($1)` per table, then multi-row
+//! `INSERT ... ON CONFLICT (key) DO UPDATE` of the mapped columns only (unmapped columns of an
+//! existing row stay as they are), then the checkpoint row, then `COMMIT`. If the server refuses
+//! a row, the transaction is rolled back and replayed row by row, each behind a savepoint, so
+//! the refused rows are isolated and the others commit.
+//!
+//! **Values.** Every value is converted by column type first (`convert.rs`, as for the other
+//! backends), then sent as text and cast in the statement to the column's type without its
+//! modifier (`$1::text::integer`, `$2::text::numeric`): the server's own input function decides,
+//! exactly as `COPY` would, and a value it refuses (`22P02` invalid text, `22003` out of range,
+//! `22001` too long for `varchar(n)`, ...) is a refused row. Casting to the base type, never to
+//! `varchar(n)` or `numeric(p,s)`, matters: an explicit cast to those truncates or rounds, while
+//! assignment to the column refuses a too-long string. Assignment still rounds a number to the
+//! column's scale, so a value with more decimal places than `numeric(p,s)` holds is refused here
+//! (`schema.rs`). `bytea` columns take the bytes as they are.
+//!
+//! **Errors** by SQLSTATE (`classify`): data exceptions (class 22) and integrity violations
+//! (class 23) refuse the row; a lost connection, `40001`, `40P01`, `57P01`-`57P03`, `53300`,
+//! `25006` (read-only during a failover) and class 08 are transient (retried); the rest is
+//! fatal.
+
+mod schema;
+
+use std::str::FromStr;
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls};
+
+use super::convert::SqlValue;
+use super::{
+    BeforeCommit, Destination, Rejected, RowOp, SchemaProblem, SinkBatch, SinkCheckpoint,
+    SinkError, SinkErrorKind, TableSchema, CHECKPOINT_TABLE,
+};
+use crate::capture::mapping::Mapping;
+use crate::position::ChangeSeq;
+use schema::TableTypes;
+
+/// Parameters per statement stay well under the protocol's 65,535.
+const MAX_PARAMETERS: usize = 30_000;
+
+pub struct PostgresSink {
+    name: String,
+    /// Boxed: it is large, and `Sink` holds one of three backends.
+    config: Box<tokio_postgres::Config>,
+    address: String,
+    /// The connection batches are written on; replaced after it is lost.
+    client: Option<Client>,
+    /// Per mapped table (in schema order): the cast of each column, key first.
+    types: Vec<TableTypes>,
+}
+
+/// One place PostgreSQL errors are classified (see the module doc).
+fn classify(error: tokio_postgres::Error) -> SinkError {
+    let kind = match error.code().map(|code| code.code()) {
+        Some(code) if code.starts_with("22") || code.starts_with("23") => SinkErrorKind::RowRefused,
+        Some("40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300" | "25006") => {
+            SinkErrorKind::Transient
+        }
+        Some(code) if code.starts_with("08") => SinkErrorKind::Transient,
+        Some(_) => SinkErrorKind::Fatal,
+        // No SQLSTATE: the connection (closed, or an I/O error on it).
+        None if error.is_closed() || std::error::Error::source(&error).is_some() => {
+            SinkErrorKind::Transient
+        }
+        None => SinkErrorKind::Fatal,
+    };
+    let message = match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => error.to_string(),
+    };
+    SinkError::new(kind, message).caused_by(error)
+}
+
+/// A value as a statement parameter: text (cast in the statement) or bytes (`bytea`).
+enum Param {
+    Text(Option<String>),
+    Bytes(Vec<u8>),
+}
+
+impl Param {
+    fn of(value: &SqlValue) -> Param {
+        match value {
+            SqlValue::Null => Param::Text(None),
+            SqlValue::Int(i) => Param::Text(Some(i.to_string())),
+            SqlValue::UInt(u) => Param::Text(Some(u.to_string())),
+            SqlValue::Float(f) => Param::Text(Some(f.to_string())),
+            SqlValue::Text(t) => Param::Text(Some(t.clone())),
+            SqlValue::Bytes(b) => match std::str::from_utf8(b) {
+                Ok(t) => Param::Text(Some(t.to_string())),
+                Err(_) => Param::Bytes(b.clone()),
+            },
+        }
+    }
+
+    fn sql(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            Param::Text(t) => t,
+            Param::Bytes(b) => b,
+        }
+    }
+}
+
+impl PostgresSink {
+    pub async fn connect(name: &str, url: &str) -> Result<PostgresSink, SinkError> {
+        let redacted = crate::config::redact(url);
+        let config = tokio_postgres::Config::from_str(url).map_err(|e| {
+            SinkError::fatal(format!(
+                "backend `{name}`: `{redacted}` is not a PostgreSQL URL: {e}"
+            ))
+        })?;
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+            None => "localhost".to_string(),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        if config.get_dbname().is_none() {
+            return Err(SinkError::fatal(format!(
+                "backend `{name}`: `{redacted}` names no database; add /<database> to the URL"
+            )));
+        }
+        let mut sink = PostgresSink {
+            name: name.to_string(),
+            config: Box::new(config),
+            address: format!("{host}:{port}"),
+            client: None,
+            types: Vec::new(),
+        };
+        sink.client().await?;
+        Ok(sink)
+    }
+
+    fn place(&self) -> String {
+        format!("backend `{}` ({})", self.name, self.address)
+    }
+
+    fn error(&self, e: tokio_postgres::Error) -> SinkError {
+        classify(e).outside_row().context(self.place())
+    }
+
+    /// The connection: the kept one, or a new one when there is none or it was lost.
+    async fn client(&mut self) -> Result<&Client, SinkError> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
+                classify(e).outside_row().context(format!(
+                    "backend `{}`: cannot connect to {}",
+                    self.name, self.address
+                ))
+            })?;
+            let name = self.name.clone();
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(backend = %name, %error, "PostgreSQL connection ended");
+                }
+            });
+            self.client = Some(client);
+        }
+        self.client
+            .as_ref()
+            .ok_or_else(|| SinkError::transient("the PostgreSQL connection is gone"))
+    }
+
+    /// The fast path: a few multi-row statements in one transaction.
+    async fn apply_grouped(&self, client: &Client, batch: &SinkBatch) -> Result<(), SinkError> {
+        client.batch_execute("BEGIN").await.map_err(classify)?;
+        let result = self.write_grouped(client, batch).await;
+        match result {
+            Ok(()) => client.batch_execute("COMMIT").await.map_err(classify),
+            Err(failure) => match client.batch_execute("ROLLBACK").await {
+                Ok(()) => Err(failure),
+                Err(e) => Err(SinkError::transient(format!(
+                    "ROLLBACK after `{failure}` failed: {e}"
+                ))),
+            },
+        }
+    }
+
+    async fn write_grouped(&self, client: &Client, batch: &SinkBatch) -> Result<(), SinkError> {
+        for (index, types) in self.types.iter().enumerate() {
+            let writes: Vec<&super::RowWrite> =
+                batch.writes.iter().filter(|w| w.table == index).collect();
+            let deletes: Vec<Option<String>> = writes
+                .iter()
+                .filter_map(|w| match &w.op {
+                    RowOp::Delete { id } => Some(id),
+                    RowOp::Upsert { id, .. } if w.delete_first => Some(id),
+                    RowOp::Upsert { .. } => None,
+                })
+                .map(|id| match Param::of(id) {
+                    Param::Text(text) => text,
+                    Param::Bytes(_) => None,
+                })
+                .collect();
+            for chunk in deletes.chunks(MAX_PARAMETERS) {
+                let chunk = chunk.to_vec();
+                client
+                    .execute(&types.delete_any(), &[&chunk])
+                    .await
+                    .map_err(classify)?;
+            }
+            let upserts: Vec<(&SqlValue, &Vec<SqlValue>)> = writes
+                .iter()
+                .filter_map(|w| match &w.op {
+                    RowOp::Upsert { id, values } => Some((id, values)),
+                    RowOp::Delete { .. } => None,
+                })
+                .collect();
+            // A row refused here is refused on every path: the replay dead-letters it.
+            if let Some(reason) = upserts
+                .iter()
+                .find_map(|(id, values)| types.refusal(id, values))
+            {
+                return Err(SinkError::new(SinkErrorKind::RowRefused, reason));
+            }
+            let width = types.width();
+            for chunk in upserts.chunks((MAX_PARAMETERS / width).max(1)) {
+                let params: Vec<Param> = chunk
+                    .iter()
+                    .flat_map(|(id, values)| std::iter::once(*id).chain(values.iter()))
+                    .map(Param::of)
+                    .collect();
+                let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(Param::sql).collect();
+                client
+                    .execute(&types.upsert(chunk.len()), &refs)
+                    .await
+                    .map_err(classify)?;
+            }
+        }
+        write_checkpoint(client, batch).await.map_err(classify)
+    }
+
+    /// The slow path after a refused row: each row behind a savepoint.
+    async fn apply_row_by_row(
+        &self,
+        client: &Client,
+        batch: &SinkBatch,
+        before_commit: &BeforeCommit,
+    ) -> Result<Vec<Rejected>, SinkError> {
+        let err = |e: tokio_postgres::Error| self.error(e);
+        client.batch_execute("BEGIN").await.map_err(err)?;
+        let mut rejected = Vec::new();
+        for write in &batch.writes {
+            let Some(types) = self.types.get(write.table) else {
+                continue;
+            };
+            let mut statements: Vec<(String, Vec<Param>)> = Vec::new();
+            let delete = |id: &SqlValue| (types.delete_one(), vec![Param::of(id)]);
+            match &write.op {
+                RowOp::Delete { id } => statements.push(delete(id)),
+                RowOp::Upsert { id, values } => {
+                    if let Some(reason) = types.refusal(id, values) {
+                        rejected.push(Rejected {
+                            seq: write.seq,
+                            reason,
+                        });
+                        continue;
+                    }
+                    if write.delete_first {
+                        statements.push(delete(id));
+                    }
+                    let params = std::iter::once(id)
+                        .chain(values.iter())
+                        .map(Param::of)
+                        .collect();
+                    statements.push((types.upsert(1), params));
+                }
+            }
+            client
+                .batch_execute("SAVEPOINT writebehind_row")
+                .await
+                .map_err(err)?;
+            let mut refused = None;
+            for (sql, params) in statements {
+                let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(Param::sql).collect();
+                if let Err(e) = client.execute(&sql, &refs).await {
+                    let failure = classify(e);
+                    if failure.kind() != SinkErrorKind::RowRefused {
+                        return Err(failure.context(self.place()));
+                    }
+                    refused = Some(failure.reason().to_string());
+                    break;
+                }
+            }
+            let end = match refused {
+                Some(reason) => {
+                    rejected.push(Rejected {
+                        seq: write.seq,
+                        reason,
+                    });
+                    "ROLLBACK TO SAVEPOINT writebehind_row"
+                }
+                None => "RELEASE SAVEPOINT writebehind_row",
+            };
+            client.batch_execute(end).await.map_err(err)?;
+        }
+        write_checkpoint(client, batch).await.map_err(err)?;
+        before_commit(&rejected).map_err(|e| {
+            SinkError::fatal(format!(
+                "backend `{}`: cannot store refused rows: {e}",
+                self.name
+            ))
+            .caused_by(e)
+        })?;
+        client.batch_execute("COMMIT").await.map_err(err)?;
+        Ok(rejected)
+    }
+}
+
+/// Sets the batch's checkpoint rows and deletes its retired ones.
+async fn write_checkpoint(client: &Client, batch: &SinkBatch) -> Result<(), tokio_postgres::Error> {
+    let seq = i64::try_from(batch.last_seq.0).unwrap_or(i64::MAX);
+    let offset = i64::try_from(batch.offset.0).unwrap_or(i64::MAX);
+    let upsert = format!(
+        "INSERT INTO {CHECKPOINT_TABLE} (source, backend, replid, repl_offset, change_seq, buffer_id, mappings_id) \
+         VALUES ('writebehind', $1, $2, $3, $4, $5, $6) ON CONFLICT (source, backend) DO UPDATE SET \
+         replid = EXCLUDED.replid, repl_offset = EXCLUDED.repl_offset, change_seq = EXCLUDED.change_seq, \
+         buffer_id = EXCLUDED.buffer_id, mappings_id = EXCLUDED.mappings_id, updated_at = now()"
+    );
+    for name in &batch.checkpoint_rows {
+        client
+            .execute(
+                &upsert,
+                &[
+                    name,
+                    &batch.replid,
+                    &offset,
+                    &seq,
+                    &batch.buffer_id,
+                    &batch.mappings_id,
+                ],
+            )
+            .await?;
+    }
+    if !batch.retire_rows.is_empty() {
+        let sql = format!(
+            "DELETE FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ANY($1)"
+        );
+        client.execute(&sql, &[&batch.retire_rows]).await?;
+    }
+    Ok(())
+}
+
+impl Destination for PostgresSink {
+    async fn prepare(
+        &mut self,
+        mappings: &[Mapping],
+    ) -> Result<Vec<TableSchema>, Vec<SchemaProblem>> {
+        let name = self.name.clone();
+        let client = self.client().await.map_err(|e| vec![e.into()])?;
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (source VARCHAR(64) NOT NULL, backend VARCHAR(191) NOT NULL, \
+             replid CHAR(40), repl_offset BIGINT, change_seq BIGINT NOT NULL, buffer_id VARCHAR(64), mappings_id VARCHAR(64), \
+             updated_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (source, backend))"
+        );
+        if let Err(e) = client.batch_execute(&create).await {
+            let message = format!("backend `{name}`: cannot create {CHECKPOINT_TABLE}: {e}; grant CREATE on the schema or create it by hand");
+            return Err(vec![SinkError::fatal(message).caused_by(e).into()]);
+        }
+        let (schemas, types) = schema::read_all(client, &name, mappings).await?;
+        self.types = types;
+        Ok(schemas)
+    }
+
+    async fn checkpoints(&mut self) -> Result<Vec<(String, SinkCheckpoint)>, SinkError> {
+        let sql = format!("SELECT backend, change_seq, buffer_id, mappings_id FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind'");
+        let rows = match self.client().await?.query(&sql, &[]).await {
+            Ok(rows) => rows,
+            Err(e) => return Err(self.error(e)),
+        };
+        let mut found = Vec::new();
+        for row in rows {
+            let seq: i64 = row.try_get(1).map_err(|e| self.error(e))?;
+            let checkpoint = SinkCheckpoint {
+                seq: ChangeSeq(u64::try_from(seq).unwrap_or(0)),
+                buffer_id: row.try_get(2).map_err(|e| self.error(e))?,
+                mappings_id: row.try_get(3).map_err(|e| self.error(e))?,
+            };
+            found.push((row.try_get(0).map_err(|e| self.error(e))?, checkpoint));
+        }
+        Ok(found)
+    }
+
+    async fn row_ids(
+        &mut self,
+        schema: &TableSchema,
+        after: Option<&SqlValue>,
+        limit: usize,
+    ) -> Result<Vec<SqlValue>, SinkError> {
+        let Some(types) = self.types.iter().find(|t| t.table == schema.table).cloned() else {
+            return Err(SinkError::fatal(format!(
+                "backend `{}`: table `{}` was not prepared",
+                self.name, schema.table
+            )));
+        };
+        let after = after.map(Param::of);
+        let sql = types.ids_after(after.is_some(), limit);
+        let params: Vec<&(dyn ToSql + Sync)> = after.iter().map(Param::sql).collect();
+        let rows = match self.client().await?.query(&sql, &params).await {
+            Ok(rows) => rows,
+            Err(e) => return Err(self.error(e)),
+        };
+        let mut ids = Vec::with_capacity(rows.len());
+        for row in rows {
+            let text: Option<String> = row.try_get(0).map_err(|e| self.error(e))?;
+            // As a Redis key converts: the reconciliation compares the two.
+            let id = super::convert::convert(
+                &schema.key_column.kind,
+                &schema.key_column.name,
+                text.as_deref().map(str::as_bytes),
+            )
+            .map_err(|refusal| SinkError::fatal(refusal.0))?;
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    async fn apply(
+        &mut self,
+        _schemas: &[TableSchema],
+        batch: &SinkBatch,
+        before_commit: &BeforeCommit,
+    ) -> Result<Vec<Rejected>, SinkError> {
+        self.client().await?;
+        let Some(client) = self.client.as_ref() else {
+            return Err(SinkError::transient("the PostgreSQL connection is gone"));
+        };
+        let result = match self.apply_grouped(client, batch).await {
+            Ok(()) => Ok(Vec::new()),
+            Err(e) if e.kind() == SinkErrorKind::RowRefused => {
+                self.apply_row_by_row(client, batch, before_commit).await
+            }
+            Err(e) => Err(e.context(self.place())),
+        };
+        if result.is_err() {
+            // Not trusted after a failure (a transaction may be open): a new connection next.
+            self.client = None;
+        }
+        result
+    }
+}
