@@ -21,6 +21,7 @@
 //! `25006` (read-only during a failover) and class 08 are transient (retried); the rest is
 //! fatal.
 
+mod copy;
 mod schema;
 
 use std::str::FromStr;
@@ -73,24 +74,30 @@ fn classify(error: tokio_postgres::Error) -> SinkError {
     SinkError::new(kind, message).caused_by(error)
 }
 
-/// A value as a statement parameter: text (cast in the statement) or bytes (`bytea`).
+/// A value as a statement parameter: text (cast in the statement) or, for a `bytea` column,
+/// bytes.
 enum Param {
     Text(Option<String>),
-    Bytes(Vec<u8>),
+    Bytes(Option<Vec<u8>>),
 }
 
 impl Param {
-    fn of(value: &SqlValue) -> Param {
-        match value {
-            SqlValue::Null => Param::Text(None),
-            SqlValue::Int(i) => Param::Text(Some(i.to_string())),
-            SqlValue::UInt(u) => Param::Text(Some(u.to_string())),
-            SqlValue::Float(f) => Param::Text(Some(f.to_string())),
-            SqlValue::Text(t) => Param::Text(Some(t.clone())),
-            SqlValue::Bytes(b) => match std::str::from_utf8(b) {
-                Ok(t) => Param::Text(Some(t.to_string())),
-                Err(_) => Param::Bytes(b.clone()),
-            },
+    /// `value` for a column (`bytea` or not). A non-UTF-8 value for a text column never gets
+    /// here: `TableTypes::refusal` refuses it first.
+    fn of(value: &SqlValue, bytea: bool) -> Param {
+        let text = match value {
+            SqlValue::Null if bytea => return Param::Bytes(None),
+            SqlValue::Null => return Param::Text(None),
+            SqlValue::Bytes(b) if bytea => return Param::Bytes(Some(b.clone())),
+            SqlValue::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
+            SqlValue::Int(i) => i.to_string(),
+            SqlValue::UInt(u) => u.to_string(),
+            SqlValue::Float(f) => f.to_string(),
+            SqlValue::Text(t) => t.clone(),
+        };
+        match bytea {
+            true => Param::Bytes(Some(text.into_bytes())),
+            false => Param::Text(Some(text)),
         }
     }
 
@@ -189,7 +196,7 @@ impl PostgresSink {
                     RowOp::Upsert { id, .. } if w.delete_first => Some(id),
                     RowOp::Upsert { .. } => None,
                 })
-                .map(|id| match Param::of(id) {
+                .map(|id| match Param::of(id, false) {
                     Param::Text(text) => text,
                     Param::Bytes(_) => None,
                 })
@@ -215,12 +222,17 @@ impl PostgresSink {
             {
                 return Err(SinkError::new(SinkErrorKind::RowRefused, reason));
             }
+            if upserts.len() >= copy::COPY_THRESHOLD {
+                copy::copy_and_merge(client, index, types, &upserts)
+                    .await
+                    .map_err(classify)?;
+                continue;
+            }
             let width = types.width();
             for chunk in upserts.chunks((MAX_PARAMETERS / width).max(1)) {
                 let params: Vec<Param> = chunk
                     .iter()
-                    .flat_map(|(id, values)| std::iter::once(*id).chain(values.iter()))
-                    .map(Param::of)
+                    .flat_map(|(id, values)| types.params(id, values))
                     .collect();
                 let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(Param::sql).collect();
                 client
@@ -247,7 +259,7 @@ impl PostgresSink {
                 continue;
             };
             let mut statements: Vec<(String, Vec<Param>)> = Vec::new();
-            let delete = |id: &SqlValue| (types.delete_one(), vec![Param::of(id)]);
+            let delete = |id: &SqlValue| (types.delete_one(), types.params(id, &[]));
             match &write.op {
                 RowOp::Delete { id } => statements.push(delete(id)),
                 RowOp::Upsert { id, values } => {
@@ -261,11 +273,7 @@ impl PostgresSink {
                     if write.delete_first {
                         statements.push(delete(id));
                     }
-                    let params = std::iter::once(id)
-                        .chain(values.iter())
-                        .map(Param::of)
-                        .collect();
-                    statements.push((types.upsert(1), params));
+                    statements.push((types.upsert(1), types.params(id, values)));
                 }
             }
             client
@@ -395,7 +403,7 @@ impl Destination for PostgresSink {
                 self.name, schema.table
             )));
         };
-        let after = after.map(Param::of);
+        let after = after.map(|id| types.params(id, &[]).remove(0));
         let sql = types.ids_after(after.is_some(), limit);
         let params: Vec<&(dyn ToSql + Sync)> = after.iter().map(Param::sql).collect();
         let rows = match self.client().await?.query(&sql, &params).await {

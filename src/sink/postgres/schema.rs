@@ -8,6 +8,7 @@ use tokio_postgres::Client;
 
 use super::super::convert::{ColumnType, SqlValue};
 use super::super::{ColumnInfo, SchemaProblem, TableSchema};
+use super::Param;
 use crate::capture::mapping::Mapping;
 
 /// Columns of a table: name, type without modifier, base type name, modifier, nullable, and
@@ -81,6 +82,17 @@ impl TableTypes {
                 .collect();
             values.push(format!("({})", row.join(", ")));
         }
+        format!(
+            "INSERT INTO {} ({}) VALUES {} {}",
+            self.quoted,
+            names.join(", "),
+            values.join(", "),
+            self.on_conflict()
+        )
+    }
+
+    /// `ON CONFLICT (key) DO UPDATE SET` the mapped columns (`DO NOTHING` when there are none).
+    fn on_conflict(&self) -> String {
         let action = if self.columns.is_empty() {
             "DO NOTHING".to_string()
         } else {
@@ -91,13 +103,7 @@ impl TableTypes {
                 .collect();
             format!("DO UPDATE SET {}", updates.join(", "))
         };
-        format!(
-            "INSERT INTO {} ({}) VALUES {} ON CONFLICT ({}) {action}",
-            self.quoted,
-            names.join(", "),
-            values.join(", "),
-            self.key.quoted
-        )
+        format!("ON CONFLICT ({}) {action}", self.key.quoted)
     }
 
     /// `DELETE ... WHERE key = ANY($1)`, the keys as a text array.
@@ -132,12 +138,70 @@ impl TableTypes {
         )
     }
 
+    /// The parameters of a row: `id`, then `values` (fewer or none for a delete).
+    pub fn params(&self, id: &SqlValue, values: &[SqlValue]) -> Vec<Param> {
+        std::iter::once((&self.key, id))
+            .chain(self.columns.iter().zip(values))
+            .map(|(column, value)| Param::of(value, column.cast.is_none()))
+            .collect()
+    }
+
+    /// The stage's columns for `COPY` (`copy.rs`): `text`, `bytea` for binary columns.
+    pub fn stage_columns(&self) -> Vec<String> {
+        std::iter::once(&self.key)
+            .chain(&self.columns)
+            .map(|c| match c.cast {
+                Some(_) => format!("{} text", c.quoted),
+                None => format!("{} bytea", c.quoted),
+            })
+            .collect()
+    }
+
+    /// Whether column `i` of a row (0: the key) is `bytea`.
+    pub fn is_bytea(&self, i: usize) -> bool {
+        std::iter::once(&self.key)
+            .chain(&self.columns)
+            .nth(i)
+            .is_some_and(|c| c.cast.is_none())
+    }
+
+    /// The merge of a loaded stage: the same casts as a statement's parameters.
+    pub fn merge_from(&self, stage: &str) -> String {
+        let names: Vec<&str> = std::iter::once(&self.key)
+            .chain(&self.columns)
+            .map(|c| c.quoted.as_str())
+            .collect();
+        let values: Vec<String> = std::iter::once(&self.key)
+            .chain(&self.columns)
+            .map(|c| match &c.cast {
+                Some(cast) => format!("{}::text::{cast}", c.quoted),
+                None => c.quoted.clone(),
+            })
+            .collect();
+        format!(
+            "INSERT INTO {} ({}) SELECT {} FROM {stage} {}",
+            self.quoted,
+            names.join(", "),
+            values.join(", "),
+            self.on_conflict()
+        )
+    }
+
     /// Why no statement may write this row, if none may: a number with more decimal places
-    /// than its `numeric(p,s)` column holds (the server would round it).
+    /// than its `numeric(p,s)` column holds (the server would round it), or bytes that are not
+    /// UTF-8 for a column that is not `bytea`.
     pub fn refusal(&self, id: &SqlValue, values: &[SqlValue]) -> Option<String> {
         std::iter::once((&self.key, id))
             .chain(self.columns.iter().zip(values))
             .find_map(|(column, value)| {
+                if let (Some(_), SqlValue::Bytes(bytes)) = (&column.cast, value) {
+                    if std::str::from_utf8(bytes).is_err() {
+                        return Some(format!(
+                            "column `{}`: the value is not UTF-8 text",
+                            column.name
+                        ));
+                    }
+                }
                 let (Some(scale), SqlValue::Text(text)) = (column.scale, value) else {
                     return None;
                 };
