@@ -19,23 +19,28 @@ use writebehind::redis_client::info_field;
 /// the table must end with exactly rows 1..N, each written once (triggers count the writes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_at_random_instants_loses_and_repeats_nothing_sqlite() {
-    kill_dash_nine(false).await;
+    kill_dash_nine("sqlite").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_at_random_instants_loses_and_repeats_nothing_mariadb() {
-    kill_dash_nine(true).await;
+    kill_dash_nine("mariadb").await;
 }
 
-async fn kill_dash_nine(mariadb: bool) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_at_random_instants_loses_and_repeats_nothing_postgres() {
+    kill_dash_nine("postgres").await;
+}
+
+async fn kill_dash_nine(backend: &str) {
     // The backlog must cover the writes made while the service restarts (README: sizing it).
     let server = RedisServer::start(&["--repl-backlog-size", "256mb"]);
     let mut client = server.client().await;
     let dir = tempfile::tempdir().expect("dir");
-    let database = if mariadb {
-        CountedDb::maria().await
-    } else {
-        CountedDb::sqlite(dir.path().join("writebehind.db"))
+    let database = match backend {
+        "mariadb" => CountedDb::maria().await,
+        "postgres" => CountedDb::postgres().await,
+        _ => CountedDb::sqlite(dir.path().join("writebehind.db")),
     };
     let (config, buffer) = service_config_for(&server, &dir, &database.url());
     let mut rng = StdRng::seed_from_u64(9);

@@ -313,6 +313,7 @@ pub enum CountedDb {
         admin: mysql_async::Pool,
         name: String,
     },
+    Postgres(super::sink::Database),
 }
 
 impl CountedDb {
@@ -333,6 +334,20 @@ impl CountedDb {
         CountedDb::Maria { pool, admin, name }
     }
 
+    pub async fn postgres() -> CountedDb {
+        let database = super::sink::Database::postgres().await;
+        database
+            .execute(
+                "CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first TEXT, last TEXT, age TEXT, seq BIGINT);
+                 CREATE TABLE writes (id VARCHAR(64));
+                 CREATE FUNCTION count_write() RETURNS trigger AS $$ BEGIN INSERT INTO writes VALUES (NEW.id); RETURN NEW; END $$ LANGUAGE plpgsql;
+                 CREATE TRIGGER counted AFTER INSERT OR UPDATE ON person1 FOR EACH ROW EXECUTE FUNCTION count_write();
+                 CREATE TABLE car (id VARCHAR(64) PRIMARY KEY, color TEXT)",
+            )
+            .await;
+        CountedDb::Postgres(database)
+    }
+
     pub fn sqlite(path: std::path::PathBuf) -> CountedDb {
         rusqlite::Connection::open(&path)
             .expect("sqlite")
@@ -350,6 +365,7 @@ impl CountedDb {
         match self {
             CountedDb::Sqlite(path) => format!("sqlite://{}", path.display()),
             CountedDb::Maria { name, .. } => format!("mysql://root@127.0.0.1:3306/{name}"),
+            CountedDb::Postgres(database) => database.url(),
         }
     }
 
@@ -388,6 +404,20 @@ impl CountedDb {
                 let twice: Option<u64> = conn.query_first("SELECT COUNT(*) FROM (SELECT id FROM writes GROUP BY id HAVING COUNT(*) > 1) t").await.unwrap_or(None);
                 (rows.unwrap_or(0), seqs, twice.unwrap_or(0))
             }
+            CountedDb::Postgres(database) => {
+                let one = |sql: &'static str| async move {
+                    database.query_i64(sql).await.first().copied().unwrap_or(0) as u64
+                };
+                let rows = one("SELECT COUNT(*) FROM person1").await;
+                let seqs = database
+                    .query_i64("SELECT seq FROM person1 ORDER BY seq")
+                    .await
+                    .into_iter()
+                    .map(|v| v as u64)
+                    .collect();
+                let twice = one("SELECT COUNT(*) FROM (SELECT id FROM writes GROUP BY id HAVING COUNT(*) > 1) t").await;
+                (rows, seqs, twice)
+            }
         }
     }
 
@@ -408,10 +438,20 @@ impl CountedDb {
                     .unwrap_or(0),
                 Err(_) => 0,
             },
+            CountedDb::Postgres(database) => database
+                .query_i64("SELECT COUNT(*) FROM person1")
+                .await
+                .first()
+                .copied()
+                .unwrap_or(0) as u64,
         }
     }
 
     pub async fn drop_database(self) {
+        if let CountedDb::Postgres(database) = self {
+            database.drop_database().await;
+            return;
+        }
         if let CountedDb::Maria { admin, name, pool } = self {
             pool.disconnect().await.ok();
             admin

@@ -9,6 +9,7 @@
 
 pub mod capture;
 pub mod ops;
+pub mod postgres;
 pub mod replication;
 pub mod service;
 pub mod sink;

@@ -20,6 +20,11 @@ pub const COUNTED_PERSON_TABLE: &str = "CREATE TABLE person1 (id VARCHAR(64) PRI
     CREATE TABLE writes (id VARCHAR(64));
     CREATE TRIGGER counted_insert AFTER INSERT ON person1 FOR EACH ROW INSERT INTO writes VALUES (NEW.id);
     CREATE TRIGGER counted_update AFTER UPDATE ON person1 FOR EACH ROW INSERT INTO writes VALUES (NEW.id);";
+/// `person1` with every insert and update counted in `writes`, for PostgreSQL.
+pub const COUNTED_PERSON_TABLE_POSTGRES: &str = "CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first VARCHAR(255), last VARCHAR(255), age VARCHAR(20));
+    CREATE TABLE writes (id VARCHAR(64));
+    CREATE FUNCTION count_write() RETURNS trigger AS $$ BEGIN INSERT INTO writes VALUES (NEW.id); RETURN NEW; END $$ LANGUAGE plpgsql;
+    CREATE TRIGGER counted AFTER INSERT OR UPDATE ON person1 FOR EACH ROW EXECUTE FUNCTION count_write();";
 pub const CAR_TABLE: &str = "CREATE TABLE car (id VARCHAR(64) PRIMARY KEY, color VARCHAR(32))";
 
 /// The machine's shared PostgreSQL (`pg_hba` trusts 127.0.0.1), started by `.ci/run`.
@@ -32,11 +37,8 @@ pub enum Database {
         name: String,
         url: String,
     },
-    Postgres {
-        client: tokio_postgres::Client,
-        name: String,
-        url: String,
-    },
+    /// Connected anew for each use: a test may restart the server.
+    Postgres { name: String, url: String },
     Sqlite {
         path: std::path::PathBuf,
         _dir: tempfile::TempDir,
@@ -62,25 +64,37 @@ impl Database {
 
     /// A fresh database on the shared PostgreSQL.
     pub async fn postgres() -> Database {
+        Self::postgres_at(SHARED_POSTGRES).await
+    }
+
+    /// A fresh database on a private cluster (see `PostgresServer`).
+    pub async fn postgres_on(server: &super::postgres::PostgresServer) -> Database {
+        Self::postgres_at(&server.server()).await
+    }
+
+    async fn postgres_at(server: &str) -> Database {
         let name = format!("wb_pg_{}_{}", std::process::id(), rand::random::<u32>());
-        let admin = Self::postgres_client(&format!("{SHARED_POSTGRES}/postgres")).await;
+        let admin = Self::postgres_client(&format!("{server}/postgres")).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .expect("CREATE DATABASE");
-        let url = format!("{SHARED_POSTGRES}/{name}");
-        let client = Self::postgres_client(&url).await;
-        Database::Postgres { client, name, url }
+        let url = format!("{server}/{name}");
+        Database::Postgres { name, url }
     }
 
     async fn postgres_client(url: &str) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .unwrap_or_else(|e| {
-                panic!("PostgreSQL at {url} (the shared one is started by .ci/run): {e}")
-            });
+        Self::try_postgres_client(url).await.unwrap_or_else(|e| {
+            panic!("PostgreSQL at {url} (the shared one is started by .ci/run): {e}")
+        })
+    }
+
+    async fn try_postgres_client(
+        url: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
         tokio::spawn(connection);
-        client
+        Ok(client)
     }
 
     pub fn sqlite() -> Database {
@@ -107,7 +121,11 @@ impl Database {
                 .query_drop(sql)
                 .await
                 .expect(sql),
-            Database::Postgres { client, .. } => client.batch_execute(sql).await.expect(sql),
+            Database::Postgres { url, .. } => Self::postgres_client(url)
+                .await
+                .batch_execute(sql)
+                .await
+                .expect(sql),
             Database::Sqlite { path, .. } => {
                 rusqlite::Connection::open(path)
                     .expect("open")
@@ -142,7 +160,8 @@ impl Database {
                     })
                     .collect()
             }
-            Database::Postgres { client, .. } => {
+            Database::Postgres { url, .. } => {
+                let client = Self::postgres_client(url).await;
                 let columns: Vec<String> = std::iter::once("id")
                     .chain(columns.iter().copied())
                     .map(|c| format!("{c}::text"))
@@ -175,6 +194,21 @@ impl Database {
         }
     }
 
+    /// The first column of every row of `sql`, as integers (PostgreSQL only; empty on error).
+    pub async fn query_i64(&self, sql: &str) -> Vec<i64> {
+        let Database::Postgres { url, .. } = self else {
+            panic!("query_i64 is for PostgreSQL");
+        };
+        let Ok(client) = Self::try_postgres_client(url).await else {
+            return Vec::new();
+        };
+        client
+            .query(sql, &[])
+            .await
+            .map(|rows| rows.iter().map(|r| r.get::<_, i64>(0)).collect())
+            .unwrap_or_default()
+    }
+
     pub async fn checkpoint_seq(&self) -> u64 {
         // The seq every partition has applied: the lowest of the backend's rows, 0 while a
         // partition of a layout has no row yet (its first commit may come after the others').
@@ -184,15 +218,16 @@ impl Database {
                 let mut conn = pool.get_conn().await.expect("conn");
                 conn.query(sql).await.unwrap_or_default()
             }
-            Database::Postgres { client, .. } => client
-                .query(sql, &[])
-                .await
-                .map(|rows| {
-                    rows.iter()
-                        .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            Database::Postgres { url, .. } => match Self::try_postgres_client(url).await {
+                Ok(client) => client.query(sql, &[]).await,
+                Err(e) => Err(e),
+            }
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+                    .collect()
+            })
+            .unwrap_or_default(),
             Database::Sqlite { path, .. } => {
                 let conn = rusqlite::Connection::open(path).expect("open");
                 let rows = conn.prepare(sql).and_then(|mut statement| {
@@ -221,9 +256,9 @@ impl Database {
     }
 
     pub async fn drop_database(self) {
-        if let Database::Postgres { client, name, .. } = self {
-            drop(client);
-            Self::postgres_client(&format!("{SHARED_POSTGRES}/postgres"))
+        if let Database::Postgres { name, url } = self {
+            let server = url.rsplit_once('/').map_or(SHARED_POSTGRES, |(s, _)| s);
+            Self::postgres_client(&format!("{server}/postgres"))
                 .await
                 .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                 .await
