@@ -4,7 +4,7 @@
 
 mod support;
 
-use support::sink::{run, start, Database};
+use support::sink::{config_text, run, start, Database};
 use support::RedisServer;
 
 /// The recipe's tables, typed: an integer key, `first` `varchar(5) NOT NULL`, `last`
@@ -104,6 +104,163 @@ async fn poison_values_are_refused_alike_in_small_and_large_batches() {
         .values()
         .all(|v| v[0].as_deref() == Some("ok") && v[1].is_none()));
     assert!(database.rows("car", &["color"]).await.is_empty());
+    service.stop().await;
+    database.drop_database().await;
+}
+
+/// `writebehind check`: a user without INSERT, UPDATE and DELETE on the tables is told so, one
+/// line each; a database without the TEMP privilege is noted (large batches without COPY).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_missing_postgres_grants() {
+    let database = Database::postgres().await;
+    database
+        .execute("CREATE TABLE person1 (id TEXT PRIMARY KEY, first TEXT, last TEXT, age TEXT); CREATE TABLE car (id TEXT PRIMARY KEY, color TEXT)")
+        .await;
+    let (name, url) = match &database {
+        Database::Postgres { name, url } => (name.clone(), url.clone()),
+        _ => unreachable!(),
+    };
+    let user = format!("wbro{}", rand::random::<u32>());
+    database
+        .execute(&format!(
+            "CREATE ROLE {user} LOGIN; GRANT SELECT ON person1, car TO {user}; GRANT CREATE ON SCHEMA public TO {user}; REVOKE TEMP ON DATABASE {name} FROM PUBLIC"
+        ))
+        .await;
+    let server = RedisServer::start(&[]);
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("check.toml");
+    let restricted = url.replacen("postgres://postgres@", &format!("postgres://{user}@"), 1);
+    std::fs::write(&path, config_text(&server, &restricted)).expect("config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_writebehind"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("check");
+    let out = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(!output.status.success(), "{out}");
+    for (privilege, table) in [("INSERT", "person1"), ("UPDATE", "car"), ("DELETE", "car")] {
+        assert!(
+            out.lines().any(|l| l.starts_with("error: ")
+                && l.contains(&format!("may not {privilege} on `{table}`"))),
+            "{privilege} on {table}: {out}"
+        );
+    }
+    assert!(!out.contains("may not SELECT"), "SELECT is granted: {out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("note: ") && l.contains("temporary tables (TEMP)")),
+        "large batches without COPY are noted: {out}"
+    );
+    database.drop_database().await;
+    Database::postgres()
+        .await
+        .execute(&format!("DROP ROLE IF EXISTS {user}"))
+        .await;
+}
+
+/// Text with tabs, line breaks and backslashes, and bytes into a `bytea` column, arrive intact
+/// through COPY (700 rows in one batch) and through statements (one row at a time); a NUL,
+/// which PostgreSQL text cannot hold, is refused on both paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_value_survives_copy_and_statements_alike() {
+    let database = Database::postgres().await;
+    database
+        .execute("CREATE TABLE person1 (id INTEGER PRIMARY KEY, first TEXT, last BYTEA, age TEXT); CREATE TABLE car (id TEXT PRIMARY KEY, color TEXT)")
+        .await;
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let service = start(&server, &database).await;
+    let tricky = [
+        "a\tb",
+        "line\nbreak\r\n",
+        "back\\slash\\N",
+        "ünïcödé ✓",
+        "",
+        "\\",
+    ];
+    let binary: &[u8] = &[0xff, 0x00, b'\t', b'\n', b'\\'];
+    let write = |i: usize| {
+        let first = tricky[i % tricky.len()];
+        let key = format!("person2:{i}");
+        let age = i.to_string();
+        (key, first, age)
+    };
+    client.command(&["MULTI"]).await.expect("multi");
+    for i in 0..700 {
+        let (key, first, age) = write(i);
+        client
+            .command(&[
+                &b"HSET"[..],
+                key.as_bytes(),
+                b"first_name",
+                first.as_bytes(),
+                b"last_name",
+                binary,
+                b"age",
+                age.as_bytes(),
+            ])
+            .await
+            .expect("hset");
+    }
+    client.command(&["EXEC"]).await.expect("exec");
+    service.settle(&mut client, &database).await;
+    let stages = database
+        .query_i64("SELECT COUNT(*) FROM pg_class WHERE relname LIKE 'writebehind_stage_%'")
+        .await;
+    assert_eq!(stages, vec![1], "the 700 rows went through COPY");
+    for i in 1_000..1_006 {
+        let (key, first, age) = write(i);
+        client
+            .command(&[
+                &b"HSET"[..],
+                key.as_bytes(),
+                b"first_name",
+                first.as_bytes(),
+                b"last_name",
+                binary,
+                b"age",
+                age.as_bytes(),
+            ])
+            .await
+            .expect("hset");
+        service.settle(&mut client, &database).await;
+    }
+    // A NUL alone, and among 600 rows (COPY, then the replay row by row).
+    let nul = |key: &'static str| ["HSET", key, "first_name", "nul\0byte"];
+    run(&mut client, &nul("person2:5001")).await;
+    client.command(&["MULTI"]).await.expect("multi");
+    for i in 2_000..2_600 {
+        let key = format!("person2:{i}");
+        run(&mut client, &["HSET", &key, "age", &i.to_string()]).await;
+    }
+    run(&mut client, &nul("person2:5000")).await;
+    client.command(&["EXEC"]).await.expect("exec");
+    service.settle(&mut client, &database).await;
+    let all = database.rows("person1", &["first", "age"]).await;
+    assert_eq!(all.len(), 1_306, "every row but the two with a NUL");
+    let tricky_rows = |id: &String| id.len() < 4 || id.starts_with('1');
+    for (id, values) in all.iter().filter(|(id, _)| tricky_rows(id)) {
+        let i: usize = id.parse().expect("id");
+        assert_eq!(
+            values[0].as_deref(),
+            Some(tricky[i % tricky.len()]),
+            "row {i}"
+        );
+        assert_eq!(values[1], Some(i.to_string()), "row {i}");
+    }
+    let hex = database.rows("person1", &["encode(last, 'hex')"]).await;
+    assert!(
+        hex.iter()
+            .filter(|(id, _)| tricky_rows(id))
+            .all(|(_, v)| v[0].as_deref() == Some("ff00090a5c")),
+        "{hex:?}"
+    );
+    let letters = service.store.dead_letters().expect("dead letters");
+    assert_eq!(letters.len(), 2, "{letters:#?}");
+    assert!(
+        letters.iter().all(|l| l.reason.contains("0x00")),
+        "{letters:#?}"
+    );
     service.stop().await;
     database.drop_database().await;
 }

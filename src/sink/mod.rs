@@ -246,7 +246,8 @@ impl Sink {
     pub async fn notes(&mut self) -> Vec<String> {
         match self {
             Sink::Mysql(s) => s.staging_notes().await,
-            Sink::Postgres(_) | Sink::Sqlite(_) => Vec::new(),
+            Sink::Postgres(s) => s.notes(),
+            Sink::Sqlite(_) => Vec::new(),
         }
     }
 }

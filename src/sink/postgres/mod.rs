@@ -50,6 +50,17 @@ pub struct PostgresSink {
     client: Option<Client>,
     /// Per mapped table (in schema order): the cast of each column, key first.
     types: Vec<TableTypes>,
+    /// Whether large batches may go through `COPY` (it needs the TEMP privilege for its stage).
+    copy: bool,
+}
+
+/// An error as one line: the server's message and SQLSTATE when it has them (the driver's own
+/// `Display` says only "db error").
+pub(super) fn message(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => error.to_string(),
+    }
 }
 
 /// One place PostgreSQL errors are classified (see the module doc).
@@ -67,11 +78,7 @@ fn classify(error: tokio_postgres::Error) -> SinkError {
         }
         None => SinkErrorKind::Fatal,
     };
-    let message = match error.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => error.to_string(),
-    };
-    SinkError::new(kind, message).caused_by(error)
+    SinkError::new(kind, message(&error)).caused_by(error)
 }
 
 /// A value as a statement parameter: text (cast in the statement) or, for a `bytea` column,
@@ -135,8 +142,18 @@ impl PostgresSink {
             address: format!("{host}:{port}"),
             client: None,
             types: Vec::new(),
+            copy: true,
         };
-        sink.client().await?;
+        let temporary = sink
+            .client()
+            .await?
+            .query_one(
+                "SELECT has_database_privilege(current_database(), 'TEMP')",
+                &[],
+            )
+            .await
+            .and_then(|row| row.try_get::<_, bool>(0));
+        sink.copy = temporary.unwrap_or(false);
         Ok(sink)
     }
 
@@ -179,7 +196,8 @@ impl PostgresSink {
             Err(failure) => match client.batch_execute("ROLLBACK").await {
                 Ok(()) => Err(failure),
                 Err(e) => Err(SinkError::transient(format!(
-                    "ROLLBACK after `{failure}` failed: {e}"
+                    "ROLLBACK after `{failure}` failed: {}",
+                    message(&e)
                 ))),
             },
         }
@@ -222,7 +240,7 @@ impl PostgresSink {
             {
                 return Err(SinkError::new(SinkErrorKind::RowRefused, reason));
             }
-            if upserts.len() >= copy::COPY_THRESHOLD {
+            if self.copy && upserts.len() >= copy::COPY_THRESHOLD {
                 copy::copy_and_merge(client, index, types, &upserts)
                     .await
                     .map_err(classify)?;
@@ -351,6 +369,20 @@ async fn write_checkpoint(client: &Client, batch: &SinkBatch) -> Result<(), toki
     Ok(())
 }
 
+impl PostgresSink {
+    /// What `check` mentions without failing: a slower path taken.
+    pub fn notes(&self) -> Vec<String> {
+        match self.copy {
+            true => Vec::new(),
+            false => vec![format!(
+                "backend `{}`: the database user may not create temporary tables (TEMP): batches of {} rows or more are written with multi-row INSERT (slower)",
+                self.name,
+                copy::COPY_THRESHOLD
+            )],
+        }
+    }
+}
+
 impl Destination for PostgresSink {
     async fn prepare(
         &mut self,
@@ -363,9 +395,22 @@ impl Destination for PostgresSink {
              replid CHAR(40), repl_offset BIGINT, change_seq BIGINT NOT NULL, buffer_id VARCHAR(64), mappings_id VARCHAR(64), \
              updated_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (source, backend))"
         );
-        if let Err(e) = client.batch_execute(&create).await {
-            let message = format!("backend `{name}`: cannot create {CHECKPOINT_TABLE}: {e}; grant CREATE on the schema or create it by hand");
-            return Err(vec![SinkError::fatal(message).caused_by(e).into()]);
+        // Created only when missing: CREATE TABLE IF NOT EXISTS needs the CREATE privilege
+        // even when the table exists (an administrator may have created it).
+        let exists = client
+            .query_one(
+                &format!("SELECT to_regclass('{CHECKPOINT_TABLE}') IS NOT NULL"),
+                &[],
+            )
+            .await
+            .and_then(|row| row.try_get::<_, bool>(0));
+        if let Err(e) = match exists {
+            Ok(true) => Ok(()),
+            Ok(false) => client.batch_execute(&create).await,
+            Err(e) => Err(e),
+        } {
+            let text = format!("backend `{name}`: cannot create {CHECKPOINT_TABLE}: {}; grant CREATE on the schema or create it by hand", message(&e));
+            return Err(vec![SinkError::fatal(text).caused_by(e).into()]);
         }
         let (schemas, types) = schema::read_all(client, &name, mappings).await?;
         self.types = types;

@@ -279,6 +279,17 @@ async fn read_table(client: &Client, table: &str) -> Result<Found, tokio_postgre
 /// `CREATE TABLE IF NOT EXISTS` with the key column as a `TEXT` primary key and every mapped
 /// column as `TEXT` (`create_table = true`).
 async fn create_table(client: &Client, mapping: &Mapping) -> Result<(), tokio_postgres::Error> {
+    // Only when missing: CREATE TABLE IF NOT EXISTS needs the CREATE privilege even then.
+    let exists: bool = client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&qualified(&mapping.table)],
+        )
+        .await?
+        .try_get(0)?;
+    if exists {
+        return Ok(());
+    }
     let mut columns = vec![format!(
         "{} TEXT NOT NULL PRIMARY KEY",
         ident(&mapping.key_column)
@@ -298,6 +309,35 @@ async fn create_table(client: &Client, mapping: &Mapping) -> Result<(), tokio_po
         .await
 }
 
+/// The privileges a batch needs on a mapped table that the connecting user lacks.
+async fn missing_grants(client: &Client, mapping: &Mapping) -> Vec<SchemaProblem> {
+    let mut problems = Vec::new();
+    for privilege in ["SELECT", "INSERT", "UPDATE", "DELETE"] {
+        let granted = client
+            .query_one(
+                "SELECT has_table_privilege($1, $2)",
+                &[&qualified(&mapping.table), &privilege],
+            )
+            .await
+            .and_then(|row| row.try_get::<_, bool>(0));
+        match granted {
+            Ok(true) => {}
+            Ok(false) => problems.push(SchemaProblem::MissingGrant {
+                mapping: mapping.name.clone(),
+                table: mapping.table.clone(),
+                privilege: privilege.to_string(),
+                message: format!("permission denied for table {}", mapping.table),
+            }),
+            Err(e) => problems.push(SchemaProblem::Unreadable {
+                mapping: mapping.name.clone(),
+                table: mapping.table.clone(),
+                message: super::message(&e),
+            }),
+        }
+    }
+    problems
+}
+
 /// Every mapped table's schema and statements; every problem found.
 pub async fn read_all(
     client: &Client,
@@ -312,7 +352,7 @@ pub async fn read_all(
                 problems.push(SchemaProblem::CannotCreate {
                     mapping: mapping.name.clone(),
                     table: mapping.table.clone(),
-                    message: e.to_string(),
+                    message: super::message(&e),
                 });
                 continue;
             }
@@ -323,7 +363,7 @@ pub async fn read_all(
                 problems.push(SchemaProblem::Unreadable {
                     mapping: mapping.name.clone(),
                     table: mapping.table.clone(),
-                    message: e.to_string(),
+                    message: super::message(&e),
                 });
                 continue;
             }
@@ -342,6 +382,7 @@ pub async fn read_all(
             .collect();
         match TableSchema::build(mapping, &infos) {
             Ok(schema) => {
+                problems.extend(missing_grants(client, mapping).await);
                 let column = |name: &str| found.get(name).map(|(_, _, c)| c.clone());
                 let (Some(key), Some(columns)) = (
                     column(&schema.key_column.name),
