@@ -1,4 +1,5 @@
-//! Large batches through `COPY`: from [`COPY_THRESHOLD`] upserts into one table on, the rows are
+//! Large batches through `COPY`: from [`COPY_THRESHOLD`] upserts into one table on (below, one
+//! statement of column arrays measured faster: docs/benchmarks.md), the rows are
 //! copied (text format) into a temporary table of text columns and merged with one `INSERT ...
 //! SELECT ... ON CONFLICT (key) DO UPDATE`, inside the batch's transaction.
 //!
@@ -19,25 +20,29 @@ use super::Param;
 use crate::sink::convert::SqlValue;
 
 /// Upserts into one table from this many rows on go through `COPY`.
-pub const COPY_THRESHOLD: usize = 500;
+pub const COPY_THRESHOLD: usize = 5_000;
 
 /// Bytes of copy data sent per message.
 const COPY_CHUNK: usize = 1 << 20;
 
-/// Copies `upserts` into table `index`'s stage and merges them.
+/// Copies `upserts` into table `index`'s stage (created first unless `staged`: this session
+/// has it) and merges them.
 pub async fn copy_and_merge(
     client: &Client,
     index: usize,
     types: &TableTypes,
     upserts: &[(&SqlValue, &Vec<SqlValue>)],
+    staged: bool,
 ) -> Result<(), tokio_postgres::Error> {
     let stage = format!("writebehind_stage_{index}");
-    client
-        .batch_execute(&format!(
-            "CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ({}) ON COMMIT DELETE ROWS",
-            types.stage_columns().join(", ")
-        ))
-        .await?;
+    if !staged {
+        client
+            .batch_execute(&format!(
+                "CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ({}) ON COMMIT DELETE ROWS",
+                types.stage_columns().join(", ")
+            ))
+            .await?;
+    }
     let sink = client
         .copy_in::<_, Bytes>(&format!("COPY {stage} FROM STDIN"))
         .await?;

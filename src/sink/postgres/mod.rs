@@ -1,8 +1,11 @@
 //! The PostgreSQL sink (`postgres://` or `postgresql://`, `tokio-postgres`).
 //!
-//! A batch is one transaction: `DELETE ... WHERE key = ANY($1)` per table, then multi-row
-//! `INSERT ... ON CONFLICT (key) DO UPDATE` of the mapped columns only (unmapped columns of an
-//! existing row stay as they are), then the checkpoint row, then `COMMIT`. If the server refuses
+//! A batch is one transaction: `DELETE ... WHERE key = ANY($1)` per table, then one
+//! `INSERT ... SELECT ... FROM unnest($1, $2, ...) ON CONFLICT (key) DO UPDATE` of the mapped
+//! columns only (one array parameter per column; unmapped columns of an existing row stay as
+//! they are), or, from 5,000 upserts into a table on, `COPY` into a stage and one merge
+//! (`copy.rs`); then the checkpoint row, then `COMMIT`. Every statement goes with its parameter
+//! types (`execute_typed`): one round trip, no prepare. If the server refuses
 //! a row, the transaction is rolled back and replayed row by row, each behind a savepoint, so
 //! the refused rows are isolated and the others commit.
 //!
@@ -26,7 +29,7 @@ mod schema;
 
 use std::str::FromStr;
 
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls};
 
 use super::convert::SqlValue;
@@ -52,6 +55,8 @@ pub struct PostgresSink {
     types: Vec<TableTypes>,
     /// Whether large batches may go through `COPY` (it needs the TEMP privilege for its stage).
     copy: bool,
+    /// The tables whose `COPY` stage this connection has created (`copy.rs`).
+    stages: std::sync::Mutex<std::collections::HashSet<usize>>,
 }
 
 /// An error as one line: the server's message and SQLSTATE when it has them (the driver's own
@@ -108,10 +113,12 @@ impl Param {
         }
     }
 
-    fn sql(&self) -> &(dyn ToSql + Sync) {
+    /// The value with its type: statements are sent with their parameter types
+    /// (`execute_typed`), one round trip instead of three (prepare, execute, close).
+    fn typed(&self) -> (&(dyn ToSql + Sync), Type) {
         match self {
-            Param::Text(t) => t,
-            Param::Bytes(b) => b,
+            Param::Text(t) => (t, Type::TEXT),
+            Param::Bytes(b) => (b, Type::BYTEA),
         }
     }
 }
@@ -143,6 +150,7 @@ impl PostgresSink {
             client: None,
             types: Vec::new(),
             copy: true,
+            stages: Default::default(),
         };
         let temporary = sink
             .client()
@@ -181,6 +189,11 @@ impl PostgresSink {
                 }
             });
             self.client = Some(client);
+            // Temporary tables die with their session.
+            self.stages
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
         }
         self.client
             .as_ref()
@@ -222,7 +235,7 @@ impl PostgresSink {
             for chunk in deletes.chunks(MAX_PARAMETERS) {
                 let chunk = chunk.to_vec();
                 client
-                    .execute(&types.delete_any(), &[&chunk])
+                    .execute_typed(&types.delete_any(), &[(&chunk, Type::TEXT_ARRAY)])
                     .await
                     .map_err(classify)?;
             }
@@ -240,26 +253,62 @@ impl PostgresSink {
             {
                 return Err(SinkError::new(SinkErrorKind::RowRefused, reason));
             }
-            if self.copy && upserts.len() >= copy::COPY_THRESHOLD {
-                copy::copy_and_merge(client, index, types, &upserts)
-                    .await
-                    .map_err(classify)?;
+            if upserts.is_empty() {
                 continue;
             }
-            let width = types.width();
-            for chunk in upserts.chunks((MAX_PARAMETERS / width).max(1)) {
-                let params: Vec<Param> = chunk
-                    .iter()
-                    .flat_map(|(id, values)| types.params(id, values))
-                    .collect();
-                let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(Param::sql).collect();
-                client
-                    .execute(&types.upsert(chunk.len()), &refs)
-                    .await
-                    .map_err(classify)?;
+            // Measured (docs/benchmarks.md): one statement of column arrays is the faster
+            // below COPY_THRESHOLD rows, COPY and a merge from there on.
+            if !self.copy || upserts.len() < copy::COPY_THRESHOLD {
+                self.upsert_columns(client, types, &upserts).await?;
+                continue;
             }
+            let staged = self
+                .stages
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&index);
+            copy::copy_and_merge(client, index, types, &upserts, staged)
+                .await
+                .map_err(classify)?;
+            self.stages
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(index);
         }
         write_checkpoint(client, batch).await.map_err(classify)
+    }
+
+    /// Upserts `upserts` with one statement of one array per column (`upsert_unnest`).
+    async fn upsert_columns(
+        &self,
+        client: &Client,
+        types: &TableTypes,
+        upserts: &[(&SqlValue, &Vec<SqlValue>)],
+    ) -> Result<(), SinkError> {
+        let width = types.width();
+        let mut text: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(upserts.len()); width];
+        let mut bytes: Vec<Vec<Option<Vec<u8>>>> = vec![Vec::new(); width];
+        for (id, values) in upserts {
+            for (i, param) in types.params(id, values).into_iter().enumerate() {
+                match param {
+                    Param::Text(t) => text[i].push(t),
+                    Param::Bytes(b) => bytes[i].push(b),
+                }
+            }
+        }
+        let params: Vec<(&(dyn ToSql + Sync), Type)> = (0..width)
+            .map(|i| -> (&(dyn ToSql + Sync), Type) {
+                match types.is_bytea(i) {
+                    true => (&bytes[i], Type::BYTEA_ARRAY),
+                    false => (&text[i], Type::TEXT_ARRAY),
+                }
+            })
+            .collect();
+        client
+            .execute_typed(&types.upsert_unnest(), &params)
+            .await
+            .map_err(classify)?;
+        Ok(())
     }
 
     /// The slow path after a refused row: each row behind a savepoint.
@@ -300,8 +349,8 @@ impl PostgresSink {
                 .map_err(err)?;
             let mut refused = None;
             for (sql, params) in statements {
-                let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(Param::sql).collect();
-                if let Err(e) = client.execute(&sql, &refs).await {
+                let typed: Vec<_> = params.iter().map(Param::typed).collect();
+                if let Err(e) = client.execute_typed(&sql, &typed).await {
                     let failure = classify(e);
                     if failure.kind() != SinkErrorKind::RowRefused {
                         return Err(failure.context(self.place()));
@@ -347,15 +396,15 @@ async fn write_checkpoint(client: &Client, batch: &SinkBatch) -> Result<(), toki
     );
     for name in &batch.checkpoint_rows {
         client
-            .execute(
+            .execute_typed(
                 &upsert,
                 &[
-                    name,
-                    &batch.replid,
-                    &offset,
-                    &seq,
-                    &batch.buffer_id,
-                    &batch.mappings_id,
+                    (name, Type::TEXT),
+                    (&batch.replid, Type::TEXT),
+                    (&offset, Type::INT8),
+                    (&seq, Type::INT8),
+                    (&batch.buffer_id, Type::TEXT),
+                    (&batch.mappings_id, Type::TEXT),
                 ],
             )
             .await?;
@@ -364,7 +413,9 @@ async fn write_checkpoint(client: &Client, batch: &SinkBatch) -> Result<(), toki
         let sql = format!(
             "DELETE FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ANY($1)"
         );
-        client.execute(&sql, &[&batch.retire_rows]).await?;
+        client
+            .execute_typed(&sql, &[(&batch.retire_rows, Type::TEXT_ARRAY)])
+            .await?;
     }
     Ok(())
 }
@@ -450,8 +501,8 @@ impl Destination for PostgresSink {
         };
         let after = after.map(|id| types.params(id, &[]).remove(0));
         let sql = types.ids_after(after.is_some(), limit);
-        let params: Vec<&(dyn ToSql + Sync)> = after.iter().map(Param::sql).collect();
-        let rows = match self.client().await?.query(&sql, &params).await {
+        let params: Vec<_> = after.iter().map(Param::typed).collect();
+        let rows = match self.client().await?.query_typed(&sql, &params).await {
             Ok(rows) => rows,
             Err(e) => return Err(self.error(e)),
         };
@@ -483,6 +534,11 @@ impl Destination for PostgresSink {
         let result = match self.apply_grouped(client, batch).await {
             Ok(()) => Ok(Vec::new()),
             Err(e) if e.kind() == SinkErrorKind::RowRefused => {
+                // A stage created by the rolled-back transaction is gone with it.
+                self.stages
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clear();
                 self.apply_row_by_row(client, batch, before_commit).await
             }
             Err(e) => Err(e.context(self.place())),

@@ -91,6 +91,40 @@ impl TableTypes {
         )
     }
 
+    /// `INSERT ... SELECT ... FROM unnest($1, $2, ...) ON CONFLICT (key) DO UPDATE`: any
+    /// number of rows in one statement, one array parameter per column (text, or bytea),
+    /// each cast as a single row's parameter is.
+    pub fn upsert_unnest(&self) -> String {
+        let all: Vec<&Column> = std::iter::once(&self.key).chain(&self.columns).collect();
+        let names: Vec<&str> = all.iter().map(|c| c.quoted.as_str()).collect();
+        let arrays: Vec<String> = all
+            .iter()
+            .enumerate()
+            .map(|(i, c)| match c.cast {
+                Some(_) => format!("${}::text[]", i + 1),
+                None => format!("${}::bytea[]", i + 1),
+            })
+            .collect();
+        let aliases: Vec<String> = (0..all.len()).map(|i| format!("c{i}")).collect();
+        let values: Vec<String> = all
+            .iter()
+            .enumerate()
+            .map(|(i, c)| match &c.cast {
+                Some(cast) => format!("c{i}::text::{cast}"),
+                None => format!("c{i}"),
+            })
+            .collect();
+        format!(
+            "INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS s({}) {}",
+            self.quoted,
+            names.join(", "),
+            values.join(", "),
+            arrays.join(", "),
+            aliases.join(", "),
+            self.on_conflict()
+        )
+    }
+
     /// `ON CONFLICT (key) DO UPDATE SET` the mapped columns (`DO NOTHING` when there are none).
     fn on_conflict(&self) -> String {
         let action = if self.columns.is_empty() {

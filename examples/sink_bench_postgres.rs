@@ -1,0 +1,133 @@
+//! Sink benchmark for PostgreSQL: rows per second written by the PostgreSQL sink at 100, 1,000
+//! and 5,000 rows per batch, next to `COPY` of the same rows into the same table, in the same
+//! run. Used by `scripts/bench-sink-postgres.sh`; prints one `key=value` line per figure.
+//!
+//! Usage: `sink_bench_postgres <postgres://user@host:port/database> [rows]`
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::SinkExt;
+use writebehind::capture::mapping::Mappings;
+use writebehind::config::Config;
+use writebehind::position::{ChangeSeq, ReplOffset};
+use writebehind::sink::convert::SqlValue;
+use writebehind::sink::{BeforeCommit, Destination, RowOp, RowWrite, Sink, SinkBatch};
+
+const CREATE: &str = "DROP TABLE IF EXISTS wb_bench; \
+    CREATE TABLE wb_bench (id VARCHAR(64) PRIMARY KEY, first VARCHAR(255), last VARCHAR(255), age INTEGER); \
+    DELETE FROM writebehind_checkpoint WHERE backend LIKE 'bench%'";
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let url = std::env::args()
+        .nth(1)
+        .ok_or("usage: sink_bench_postgres <postgres-url> [rows]")?;
+    let rows: usize = std::env::args()
+        .nth(2)
+        .map(|n| n.parse())
+        .transpose()?
+        .unwrap_or(200_000);
+    let data: Vec<(String, String, String, i64)> = (0..rows)
+        .map(|i| {
+            (
+                format!("{i}"),
+                format!("first-{i}"),
+                format!("last-{}", i % 977),
+                (i % 100) as i64,
+            )
+        })
+        .collect();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS writebehind_checkpoint (source VARCHAR(64) NOT NULL, backend VARCHAR(191) NOT NULL, replid CHAR(40), repl_offset BIGINT, change_seq BIGINT NOT NULL, buffer_id VARCHAR(64), mappings_id VARCHAR(64), updated_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (source, backend))")
+        .await?;
+    // The database's own fastest path.
+    client.batch_execute(CREATE).await?;
+    let mut tsv = String::with_capacity(rows * 40);
+    for (id, first, last, age) in &data {
+        tsv.push_str(&format!("{id}\t{first}\t{last}\t{age}\n"));
+    }
+    let started = Instant::now();
+    let sink = client
+        .copy_in::<_, Bytes>("COPY wb_bench (id, first, last, age) FROM STDIN")
+        .await?;
+    futures_util::pin_mut!(sink);
+    sink.send(Bytes::from(tsv)).await?;
+    sink.as_mut().finish().await?;
+    let copy_rate = rows as f64 / started.elapsed().as_secs_f64();
+    println!("rows={rows}");
+    println!("copy_rows_per_second={copy_rate:.0}");
+
+    let config = Config::parse(
+        &format!(
+            "[source]\nurl = \"redis://127.0.0.1:1\"\n[backends.bench]\nurl = \"{url}\"\n[[mappings]]\nname = \"Bench\"\nprefix = \"p\"\nbackend = \"bench\"\ntable = \"wb_bench\"\nkey_column = \"id\"\n[mappings.columns]\nfirst = \"first\"\nlast = \"last\"\nage = \"age\"\n"
+        ),
+        &|_| None,
+    )
+    .map_err(|e| e.to_string())?;
+    let mappings: Vec<_> = Mappings::new(&config.mappings).iter().cloned().collect();
+    let no_hook: BeforeCommit = std::sync::Arc::new(|_| Ok(()));
+    for batch_size in [100usize, 1_000, 5_000, 20_000] {
+        client.batch_execute(CREATE).await?;
+        let mut sink = Sink::connect("bench", &url).await?;
+        let schemas = sink.prepare(&mappings).await.map_err(|p| {
+            p.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })?;
+        let started = Instant::now();
+        let mut seq = 0u64;
+        for chunk in data.chunks(batch_size) {
+            let writes = chunk
+                .iter()
+                .map(|(id, first, last, age)| {
+                    seq += 1;
+                    RowWrite {
+                        table: 0,
+                        seq: ChangeSeq(seq),
+                        row_id: Bytes::from(id.clone()),
+                        delete_first: false,
+                        op: RowOp::Upsert {
+                            id: SqlValue::Text(id.clone()),
+                            values: vec![
+                                SqlValue::Int(*age),
+                                SqlValue::Text(first.clone()),
+                                SqlValue::Text(last.clone()),
+                            ],
+                        },
+                    }
+                })
+                .collect();
+            let batch = SinkBatch {
+                writes,
+                last_seq: ChangeSeq(seq),
+                replid: String::new(),
+                offset: ReplOffset(0),
+                buffer_id: "bench".into(),
+                mappings_id: String::new(),
+                checkpoint_rows: vec!["bench".into()],
+                retire_rows: Vec::new(),
+            };
+            let rejected = sink.apply(&schemas, &batch, &no_hook).await?;
+            if !rejected.is_empty() {
+                return Err(format!("rows refused: {rejected:?}").into());
+            }
+        }
+        let rate = rows as f64 / started.elapsed().as_secs_f64();
+        println!("sink_batch_{batch_size}_rows_per_second={rate:.0}");
+        println!(
+            "sink_batch_{batch_size}_ratio_to_copy={:.2}",
+            rate / copy_rate
+        );
+    }
+    Ok(())
+}
