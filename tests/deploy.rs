@@ -95,6 +95,10 @@ fn the_compose_example_parses_and_its_configuration_validates() {
         assert!(!services[name].is_badvalue(), "service {name} missing");
     }
     Config::parse(&read("compose/writebehind.toml"), &env).expect("compose/writebehind.toml");
+    assert!(!services["postgres"].is_badvalue() && !services["writebehind-postgres"].is_badvalue());
+    let postgres = Config::parse(&read("compose/writebehind-postgres.toml"), &env)
+        .expect("compose/writebehind-postgres.toml");
+    assert!(postgres.backends["pg"].url.starts_with("postgres://"));
     assert!(
         read("Dockerfile")
             .lines()
