@@ -22,7 +22,7 @@ async fn poison_values_are_refused_alike_in_small_and_large_batches() {
     let mut client = server.client().await;
     let service = start(&server, &database).await;
     // (key, fields, what the reason says)
-    let poison: [(&str, [&str; 4], &str); 6] = [
+    let poison: [(&str, [&str; 4], &str); 7] = [
         (
             "person2:101",
             ["first_name", "a", "age", "forty"],
@@ -44,6 +44,11 @@ async fn poison_values_are_refused_alike_in_small_and_large_batches() {
             "more than its scale 2",
         ),
         ("person2:105", ["age", "1", "age", "1"], "not-null"),
+        (
+            "person2:106",
+            ["first_name", "a", "last_name", "123456.5"],
+            "numeric field overflow",
+        ),
         (
             "car:c1",
             ["color", "not-a-uuid", "color", "not-a-uuid"],
@@ -93,17 +98,93 @@ async fn poison_values_are_refused_alike_in_small_and_large_batches() {
             "{key}: `{reason}` in a small and a large batch: {letters:#?}"
         );
     }
-    assert_eq!(letters.len(), 12, "{letters:#?}");
+    assert_eq!(letters.len(), 14, "{letters:#?}");
     let people = database.rows("person1", &["first", "last"]).await;
     assert_eq!(
         people.len(),
-        6_000,
+        7_000,
         "the good rows, none of the poison ones"
     );
     assert!(people
         .values()
         .all(|v| v[0].as_deref() == Some("ok") && v[1].is_none()));
     assert!(database.rows("car", &["color"]).await.is_empty());
+
+    // The column widened, the too-long names are retried and written; the others stay.
+    let (config, _dir) = service.stop().await;
+    database
+        .execute("ALTER TABLE person1 ALTER COLUMN first TYPE VARCHAR(10)")
+        .await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_writebehind"))
+        .args(["dlq", "retry", "--all", "--config"])
+        .arg(&config)
+        .output()
+        .expect("dlq retry");
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(out.matches(" applied").count(), 2, "{out}");
+    assert_eq!(out.matches("still refused").count(), 12, "{out}");
+    let people = database.rows("person1", &["first"]).await;
+    for id in ["103", "902"] {
+        assert_eq!(people[id][0].as_deref(), Some("toolong"), "{id}");
+    }
+    database.drop_database().await;
+}
+
+/// A reader polling the table never sees part of a MULTI: each group of keys written in one
+/// MULTI is either wholly absent or wholly present.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_becomes_visible_at_once_on_postgres() {
+    let database = Database::postgres().await;
+    database
+        .execute("CREATE TABLE person1 (id TEXT PRIMARY KEY, first TEXT, last TEXT, age TEXT); CREATE TABLE car (id TEXT PRIMARY KEY, color TEXT)")
+        .await;
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let service = start(&server, &database).await;
+    service.settle(&mut client, &database).await;
+    let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
+    let groups = 40;
+    let url = database.url();
+    let reader = tokio::spawn(async move {
+        let (reader, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("reader");
+        tokio::spawn(connection);
+        let (mut partial, mut reads) = (Vec::new(), 0u64);
+        while !*done_rx.borrow_and_update() {
+            let rows = reader
+                .query("SELECT split_part(id, '-', 1), COUNT(*) FROM person1 WHERE id LIKE 'g%' GROUP BY 1", &[])
+                .await
+                .expect("poll");
+            reads += 1;
+            partial.extend(
+                rows.iter()
+                    .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+                    .filter(|(_, n)| *n != 5),
+            );
+        }
+        (partial, reads)
+    });
+    for g in 0..groups {
+        client.command(&["MULTI"]).await.expect("multi");
+        for i in 0..5 {
+            let key = format!("person2:g{g}-{i}");
+            client
+                .command(&["HSET", &key, "first_name", "M"])
+                .await
+                .expect("hset");
+        }
+        client.command(&["EXEC"]).await.expect("exec");
+    }
+    service.settle(&mut client, &database).await;
+    let _ = done_tx.send(true);
+    let (partial, reads) = reader.await.expect("reader");
+    assert!(reads > 10, "the reader polled only {reads} times");
+    assert!(
+        partial.is_empty(),
+        "partially visible MULTI groups: {partial:?}"
+    );
+    assert_eq!(database.rows("person1", &["first"]).await.len(), groups * 5);
     service.stop().await;
     database.drop_database().await;
 }
