@@ -11,6 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redis_protocol::resp2::types::BytesFrame;
 use support::capture::*;
+use support::send_all;
 use support::RedisServer;
 use writebehind::buffer::Store;
 use writebehind::redis_client::info_field;

@@ -119,7 +119,7 @@ listen = ""
 [source]
 url = "redis://127.0.0.1:1"
 [backends.db]
-url = "postgres://x"
+url = "oracle://x"
 [[mappings]]
 name = "A"
 prefix = "person2"

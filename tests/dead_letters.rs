@@ -61,11 +61,7 @@ async fn a_poison_row_is_listed_and_retried_while_the_pipeline_flows() {
     let redis = RedisServer::start(&[]);
     let mut client = redis.client().await;
     let service = Service::new(&redis, None);
-    service
-        .until("ready", || {
-            get(service.admin, "/ready").is_some_and(|(s, _)| s == 200)
-        })
-        .await;
+    service.until_ready().await;
     let poison = "BEGIN SELECT RAISE(ABORT, 'poisoned row'); END;";
     sqlite(
         &service,
@@ -148,11 +144,7 @@ async fn dead_letters_are_listed_and_dropped_while_the_service_runs() {
     let redis = RedisServer::start(&[]);
     let mut client = redis.client().await;
     let service = Service::new(&redis, None);
-    service
-        .until("ready", || {
-            get(service.admin, "/ready").is_some_and(|(s, _)| s == 200)
-        })
-        .await;
+    service.until_ready().await;
     client
         .command(&["HSET", "strict:1", "seq", "1"])
         .await
@@ -197,10 +189,7 @@ async fn off_loopback_the_dead_letters_need_the_token() {
     let redis = RedisServer::start(&[]);
     let mut client = redis.client().await;
     let open = Service::start(&redis.url(), None, "0.0.0.0", None);
-    open.until("ready", || {
-        get(open.admin, "/ready").is_some_and(|(s, _)| s == 200)
-    })
-    .await;
+    open.until_ready().await;
     assert_eq!(get(open.admin, "/dlq").map(|(s, _)| s), Some(403));
     assert_eq!(get(open.admin, "/status").map(|(s, _)| s), Some(200));
     let (ok, out) = dlq(&open, &["drop", "--all"]);
@@ -209,11 +198,7 @@ async fn off_loopback_the_dead_letters_need_the_token() {
 
     let token = "s3cret-admin-token-0123456789";
     let guarded = Service::start(&redis.url(), None, "0.0.0.0", Some(token));
-    guarded
-        .until("ready", || {
-            get(guarded.admin, "/ready").is_some_and(|(s, _)| s == 200)
-        })
-        .await;
+    guarded.until_ready().await;
     client
         .command(&["HSET", "strict:1", "seq", "1"])
         .await

@@ -16,11 +16,7 @@ async fn metrics_move_during_a_load_and_positions_stay_ordered() {
     let redis = RedisServer::start(&[]);
     let mut client = redis.client().await;
     let service = Service::new(&redis, None);
-    service
-        .until("ready", || {
-            get(service.admin, "/ready").is_some_and(|(s, _)| s == 200)
-        })
-        .await;
+    service.until_ready().await;
     assert_eq!(get(service.admin, "/health").map(|(s, _)| s), Some(200));
     let mut changes_seen = Vec::new();
     for round in 0..5u64 {
@@ -116,11 +112,7 @@ async fn ready_is_503_while_the_database_is_down() {
     let redis = RedisServer::start(&[]);
     let mut client = redis.client().await;
     let service = Service::new(&redis, Some(&url));
-    service
-        .until("ready", || {
-            get(service.admin, "/ready").is_some_and(|(s, _)| s == 200)
-        })
-        .await;
+    service.until_ready().await;
     tokio::task::block_in_place(|| mariadb.stop());
     write(&mut client, 0..10).await;
     service
@@ -147,11 +139,7 @@ async fn sigterm_during_a_load_exits_0_and_a_restart_loses_nothing() {
     let redis = RedisServer::start(&["--repl-backlog-size", "64mb"]);
     let mut client = redis.client().await;
     let mut service = Service::new(&redis, None);
-    service
-        .until("ready", || {
-            get(service.admin, "/ready").is_some_and(|(s, _)| s == 200)
-        })
-        .await;
+    service.until_ready().await;
     // The load runs before, during and after the stop, until told to end.
     let (end_tx, end_rx) = tokio::sync::watch::channel(false);
     let load = tokio::spawn(async move {

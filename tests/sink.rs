@@ -201,6 +201,11 @@ async fn the_recipe_example_on_postgres() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recipe_example_on_postgres_in_four_partitions() {
+    recipe_suite(Database::postgres().await, "partitions = 4").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_recipe_example_on_sqlite() {
     recipe_suite(Database::sqlite(), "").await;
 }
@@ -438,14 +443,7 @@ async fn database_crash_suite(backend_options: &str, postgres: bool) {
                 vec!["HSET".into(), format!("person2:{n}"), "age".into(), n]
             })
             .collect();
-        for chunk in commands.chunks(200) {
-            let refs: Vec<Vec<&str>> = chunk
-                .iter()
-                .map(|c| c.iter().map(String::as_str).collect())
-                .collect();
-            let slices: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
-            client.pipeline(&slices).await.expect("pipeline");
-        }
+        support::send_all(&mut client, &commands).await;
         // The database dies twice in the middle of the load, for a second each time.
         if round == 3 || round == 6 {
             tokio::task::block_in_place(|| private.crash_and_restart(Duration::from_secs(1)));

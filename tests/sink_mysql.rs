@@ -127,12 +127,7 @@ async fn write_new_keys(client: &mut RedisClient, next: &mut u64, count: usize) 
             vec!["HSET".into(), format!("person2:{n}"), "age".into(), n]
         })
         .collect();
-    let refs: Vec<Vec<&str>> = commands
-        .iter()
-        .map(|c| c.iter().map(String::as_str).collect())
-        .collect();
-    let slices: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
-    client.pipeline(&slices).await.expect("pipeline");
+    support::send_all(client, &commands).await;
 }
 
 /// Waits until `person1` has `expected` rows.
@@ -355,12 +350,7 @@ async fn statements_stay_within_the_servers_max_allowed_packet() {
         "h".repeat(2 << 20),
     ]);
     commands.push(vec!["EXEC".into()]);
-    let refs: Vec<Vec<&str>> = commands
-        .iter()
-        .map(|c| c.iter().map(String::as_str).collect())
-        .collect();
-    let slices: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
-    client.pipeline(&slices).await.expect("MULTI");
+    support::send_all(&mut client, &commands).await;
     service.settle(&mut client, &database).await;
     let rows = database.rows("person1", &["first"]).await;
     assert_eq!(rows.len(), 2_410, "every row but the huge one");

@@ -82,12 +82,7 @@ async fn poison_values_are_refused_alike_in_small_and_large_batches() {
                 .collect(),
         );
         commands.push(vec!["EXEC".into()]);
-        let refs: Vec<Vec<&str>> = commands
-            .iter()
-            .map(|c| c.iter().map(String::as_str).collect())
-            .collect();
-        let slices: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
-        client.pipeline(&slices).await.expect("MULTI");
+        support::send_all(&mut client, &commands).await;
         service.settle(&mut client, &database).await;
     }
     let letters = service.store.dead_letters().expect("dead letters");
@@ -239,6 +234,34 @@ async fn check_reports_missing_postgres_grants() {
         .await;
 }
 
+/// Values that need escaping in COPY's text format, by row number.
+const TRICKY: [&str; 6] = [
+    "a\tb",
+    "line\nbreak\r\n",
+    "back\\slash\\N",
+    "ünïcödé ✓",
+    "",
+    "\\",
+];
+
+/// `HSET person2:<i> first_name <TRICKY[i]> last_name <bytes> age <i>`.
+async fn hset_tricky(client: &mut writebehind::redis_client::RedisClient, i: usize) {
+    let (key, age) = (format!("person2:{i}"), i.to_string());
+    client
+        .command(&[
+            &b"HSET"[..],
+            key.as_bytes(),
+            b"first_name",
+            TRICKY[i % TRICKY.len()].as_bytes(),
+            b"last_name",
+            &[0xff, 0x00, b'\t', b'\n', b'\\'],
+            b"age",
+            age.as_bytes(),
+        ])
+        .await
+        .expect("hset");
+}
+
 /// Text with tabs, line breaks and backslashes, and bytes into a `bytea` column, arrive intact
 /// through a statement of column arrays (700 rows in one batch), through COPY (5,000) and one
 /// row at a time; a NUL, which PostgreSQL text cannot hold, is refused on every path.
@@ -251,21 +274,6 @@ async fn every_value_survives_copy_and_statements_alike() {
     let server = RedisServer::start(&[]);
     let mut client = server.client().await;
     let service = start(&server, &database).await;
-    let tricky = [
-        "a\tb",
-        "line\nbreak\r\n",
-        "back\\slash\\N",
-        "ünïcödé ✓",
-        "",
-        "\\",
-    ];
-    let binary: &[u8] = &[0xff, 0x00, b'\t', b'\n', b'\\'];
-    let write = |i: usize| {
-        let first = tricky[i % tricky.len()];
-        let key = format!("person2:{i}");
-        let age = i.to_string();
-        (key, first, age)
-    };
     let stages = || {
         database.query_i64("SELECT COUNT(*) FROM pg_class WHERE relname LIKE 'writebehind_stage_%'")
     };
@@ -273,40 +281,14 @@ async fn every_value_survives_copy_and_statements_alike() {
     for (ids, copied) in [(0..700, 0), (10_000..15_000, 1)] {
         client.command(&["MULTI"]).await.expect("multi");
         for i in ids {
-            let (key, first, age) = write(i);
-            client
-                .command(&[
-                    &b"HSET"[..],
-                    key.as_bytes(),
-                    b"first_name",
-                    first.as_bytes(),
-                    b"last_name",
-                    binary,
-                    b"age",
-                    age.as_bytes(),
-                ])
-                .await
-                .expect("hset");
+            hset_tricky(&mut client, i).await;
         }
         client.command(&["EXEC"]).await.expect("exec");
         service.settle(&mut client, &database).await;
         assert_eq!(stages().await, vec![copied], "COPY's stage");
     }
     for i in 1_000..1_006 {
-        let (key, first, age) = write(i);
-        client
-            .command(&[
-                &b"HSET"[..],
-                key.as_bytes(),
-                b"first_name",
-                first.as_bytes(),
-                b"last_name",
-                binary,
-                b"age",
-                age.as_bytes(),
-            ])
-            .await
-            .expect("hset");
+        hset_tricky(&mut client, i).await;
         service.settle(&mut client, &database).await;
     }
     // A NUL alone, and among 5,000 rows (COPY, then the replay row by row).
@@ -327,7 +309,7 @@ async fn every_value_survives_copy_and_statements_alike() {
         let i: usize = id.parse().expect("id");
         assert_eq!(
             values[0].as_deref(),
-            Some(tricky[i % tricky.len()]),
+            Some(TRICKY[i % TRICKY.len()]),
             "row {i}"
         );
         assert_eq!(values[1], Some(i.to_string()), "row {i}");

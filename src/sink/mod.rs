@@ -116,6 +116,34 @@ pub struct RowWrite {
     pub op: RowOp,
 }
 
+/// The writes of `batch` to table `table`, as grouped statements take them: the ids to delete
+/// first (deletes, and upserts that follow a delete in the batch), then the upserts.
+pub struct TableWrites<'a> {
+    pub deletes: Vec<&'a SqlValue>,
+    pub upserts: Vec<(&'a SqlValue, &'a Vec<SqlValue>)>,
+}
+
+impl<'a> TableWrites<'a> {
+    pub fn of(batch: &'a SinkBatch, table: usize) -> TableWrites<'a> {
+        let mut writes = TableWrites {
+            deletes: Vec::new(),
+            upserts: Vec::new(),
+        };
+        for write in batch.writes.iter().filter(|w| w.table == table) {
+            match &write.op {
+                RowOp::Delete { id } => writes.deletes.push(id),
+                RowOp::Upsert { id, values } => {
+                    if write.delete_first {
+                        writes.deletes.push(id);
+                    }
+                    writes.upserts.push((id, values));
+                }
+            }
+        }
+        writes
+    }
+}
+
 /// A transaction's worth of work.
 #[derive(Debug, Clone, Default)]
 pub struct SinkBatch {

@@ -264,17 +264,6 @@ pub fn projection(hashes: &Hashes, mappings: &Mappings) -> Rows {
     rows
 }
 
-pub async fn send_all(client: &mut RedisClient, commands: &[Vec<String>]) {
-    for chunk in commands.chunks(200) {
-        let refs: Vec<Vec<&str>> = chunk
-            .iter()
-            .map(|c| c.iter().map(String::as_str).collect())
-            .collect();
-        let slices: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
-        client.pipeline(&slices).await.expect("pipeline");
-    }
-}
-
 /// Writes a service configuration for `server` into `dir`; returns (config, buffer) paths.
 pub fn service_config(
     server: &RedisServer,

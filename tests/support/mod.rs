@@ -373,3 +373,15 @@ pub async fn create_database(server: &str, prefix: &str) -> (String, String) {
     let url = format!("{server}/{name}");
     (name, url)
 }
+
+/// Sends `commands` (owned arguments) in pipelines of 200; a `MULTI` may span them.
+pub async fn send_all(client: &mut RedisClient, commands: &[Vec<String>]) {
+    for chunk in commands.chunks(200) {
+        let refs: Vec<Vec<&str>> = chunk
+            .iter()
+            .map(|c| c.iter().map(String::as_str).collect())
+            .collect();
+        let slices: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
+        client.pipeline(&slices).await.expect("pipeline");
+    }
+}

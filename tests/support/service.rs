@@ -114,6 +114,14 @@ impl Service {
         self.dir.path().join("writebehind.db")
     }
 
+    /// Waits until `/ready` answers 200.
+    pub async fn until_ready(&self) {
+        self.until("ready", || {
+            get(self.admin, "/ready").is_some_and(|(s, _)| s == 200)
+        })
+        .await;
+    }
+
     pub async fn until(&self, what: &str, mut condition: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !condition() {
@@ -169,12 +177,7 @@ pub async fn write(client: &mut RedisClient, range: std::ops::Range<u64>) {
                 ]
             })
             .collect();
-        let refs: Vec<Vec<&str>> = commands
-            .iter()
-            .map(|c| c.iter().map(String::as_str).collect())
-            .collect();
-        let slices: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
-        client.pipeline(&slices).await.expect("pipeline");
+        super::send_all(client, &commands).await;
     }
 }
 

@@ -325,16 +325,8 @@ impl MysqlSink {
         batch: &SinkBatch,
     ) -> Result<(), SinkError> {
         for (index, schema) in schemas.iter().enumerate() {
-            let writes: Vec<&super::RowWrite> =
-                batch.writes.iter().filter(|w| w.table == index).collect();
-            let deletes: Vec<Value> = writes
-                .iter()
-                .filter_map(|w| match &w.op {
-                    RowOp::Delete { id } => Some(value(id)),
-                    RowOp::Upsert { id, .. } if w.delete_first => Some(value(id)),
-                    RowOp::Upsert { .. } => None,
-                })
-                .collect();
+            let super::TableWrites { deletes, upserts } = super::TableWrites::of(batch, index);
+            let deletes: Vec<Value> = deletes.into_iter().map(value).collect();
             let budget = self.statement_budget();
             let delete_head = 64 + schema.table.len() + schema.key_column.name.len();
             for chunk in packet::runs(&deletes, delete_head, budget, MAX_PLACEHOLDERS, |id| {
@@ -353,13 +345,6 @@ impl MysqlSink {
                     .await
                     .map_err(classify)?;
             }
-            let upserts: Vec<(&SqlValue, &Vec<SqlValue>)> = writes
-                .iter()
-                .filter_map(|w| match &w.op {
-                    RowOp::Upsert { id, values } => Some((id, values)),
-                    RowOp::Delete { .. } => None,
-                })
-                .collect();
             // A row no statement can carry is refused on every path: the row-by-row replay
             // dead-letters it with the reason.
             let fixed = self.insert_head(schema).len() + self.insert_tail(schema).len();

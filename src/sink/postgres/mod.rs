@@ -218,15 +218,9 @@ impl PostgresSink {
 
     async fn write_grouped(&self, client: &Client, batch: &SinkBatch) -> Result<(), SinkError> {
         for (index, types) in self.types.iter().enumerate() {
-            let writes: Vec<&super::RowWrite> =
-                batch.writes.iter().filter(|w| w.table == index).collect();
-            let deletes: Vec<Option<String>> = writes
-                .iter()
-                .filter_map(|w| match &w.op {
-                    RowOp::Delete { id } => Some(id),
-                    RowOp::Upsert { id, .. } if w.delete_first => Some(id),
-                    RowOp::Upsert { .. } => None,
-                })
+            let super::TableWrites { deletes, upserts } = super::TableWrites::of(batch, index);
+            let deletes: Vec<Option<String>> = deletes
+                .into_iter()
                 .map(|id| match Param::of(id, false) {
                     Param::Text(text) => text,
                     Param::Bytes(_) => None,
@@ -239,13 +233,6 @@ impl PostgresSink {
                     .await
                     .map_err(classify)?;
             }
-            let upserts: Vec<(&SqlValue, &Vec<SqlValue>)> = writes
-                .iter()
-                .filter_map(|w| match &w.op {
-                    RowOp::Upsert { id, values } => Some((id, values)),
-                    RowOp::Delete { .. } => None,
-                })
-                .collect();
             // A row refused here is refused on every path: the replay dead-letters it.
             if let Some(reason) = upserts
                 .iter()
@@ -421,6 +408,25 @@ async fn write_checkpoint(client: &Client, batch: &SinkBatch) -> Result<(), toki
 }
 
 impl PostgresSink {
+    /// Makes sure the statements of `schemas` are known: a partition's sink was not prepared
+    /// itself (`runner.rs` prepares the first and hands the schemas to the others).
+    async fn types_for(&mut self, schemas: &[TableSchema]) -> Result<(), SinkError> {
+        let known = self.types.len() == schemas.len()
+            && self
+                .types
+                .iter()
+                .zip(schemas)
+                .all(|(t, s)| t.table == s.table);
+        if !known {
+            let client = self.client().await?;
+            let types = schema::types_of(client, schemas)
+                .await
+                .map_err(|e| SinkError::fatal(format!("{}: {e}", self.place())))?;
+            self.types = types;
+        }
+        Ok(())
+    }
+
     /// What `check` mentions without failing: a slower path taken.
     pub fn notes(&self) -> Vec<String> {
         match self.copy {
@@ -493,11 +499,15 @@ impl Destination for PostgresSink {
         after: Option<&SqlValue>,
         limit: usize,
     ) -> Result<Vec<SqlValue>, SinkError> {
-        let Some(types) = self.types.iter().find(|t| t.table == schema.table).cloned() else {
-            return Err(SinkError::fatal(format!(
-                "backend `{}`: table `{}` was not prepared",
-                self.name, schema.table
-            )));
+        let types = match self.types.iter().find(|t| t.table == schema.table) {
+            Some(types) => types.clone(),
+            None => {
+                let client = self.client().await?;
+                let mut types = schema::types_of(client, std::slice::from_ref(schema))
+                    .await
+                    .map_err(|e| SinkError::fatal(format!("{}: {e}", self.place())))?;
+                types.remove(0)
+            }
         };
         let after = after.map(|id| types.params(id, &[]).remove(0));
         let sql = types.ids_after(after.is_some(), limit);
@@ -523,11 +533,20 @@ impl Destination for PostgresSink {
 
     async fn apply(
         &mut self,
-        _schemas: &[TableSchema],
+        schemas: &[TableSchema],
         batch: &SinkBatch,
         before_commit: &BeforeCommit,
     ) -> Result<Vec<Rejected>, SinkError> {
-        self.client().await?;
+        self.types_for(schemas).await?;
+        // Never a write without its table's statements: it would be skipped silently.
+        if let Some(write) = batch.writes.iter().find(|w| w.table >= self.types.len()) {
+            return Err(SinkError::fatal(format!(
+                "{}: a write to table {} of {} prepared; this is a bug, restart the service",
+                self.place(),
+                write.table,
+                self.types.len()
+            )));
+        }
         let Some(client) = self.client.as_ref() else {
             return Err(SinkError::transient("the PostgreSQL connection is gone"));
         };

@@ -54,6 +54,22 @@ pub struct TableTypes {
 }
 
 impl TableTypes {
+    /// The statements of `schema`'s table from its catalog columns `found`; `None` when a
+    /// column of the schema is not among them.
+    fn of(schema: &TableSchema, found: &Found) -> Option<TableTypes> {
+        let column = |name: &str| found.get(name).map(|(_, _, c)| c.clone());
+        Some(TableTypes {
+            table: schema.table.clone(),
+            quoted: qualified(&schema.table),
+            key: column(&schema.key_column.name)?,
+            columns: schema
+                .columns
+                .iter()
+                .map(|c| column(&c.name))
+                .collect::<Option<Vec<_>>>()?,
+        })
+    }
+
     /// Parameters per row: the key and the mapped columns.
     pub fn width(&self) -> usize {
         self.columns.len() + 1
@@ -372,6 +388,29 @@ async fn missing_grants(client: &Client, mapping: &Mapping) -> Vec<SchemaProblem
     problems
 }
 
+/// The statements of tables another connection prepared (`schemas`, in their order): a
+/// partition's sink is given the schemas its first sink read (`runner.rs`).
+pub async fn types_of(client: &Client, schemas: &[TableSchema]) -> Result<Vec<TableTypes>, String> {
+    let mut types = Vec::with_capacity(schemas.len());
+    for schema in schemas {
+        let found = read_table(client, &schema.table).await.map_err(|e| {
+            format!(
+                "cannot read table `{}`: {}",
+                schema.table,
+                super::message(&e)
+            )
+        })?;
+        let table = TableTypes::of(schema, &found).ok_or_else(|| {
+            format!(
+                "table `{}` no longer has the columns it was prepared with",
+                schema.table
+            )
+        })?;
+        types.push(table);
+    }
+    Ok(types)
+}
+
 /// Every mapped table's schema and statements; every problem found.
 pub async fn read_all(
     client: &Client,
@@ -417,23 +456,10 @@ pub async fn read_all(
         match TableSchema::build(mapping, &infos) {
             Ok(schema) => {
                 problems.extend(missing_grants(client, mapping).await);
-                let column = |name: &str| found.get(name).map(|(_, _, c)| c.clone());
-                let (Some(key), Some(columns)) = (
-                    column(&schema.key_column.name),
-                    schema
-                        .columns
-                        .iter()
-                        .map(|c| column(&c.name))
-                        .collect::<Option<Vec<_>>>(),
-                ) else {
+                let Some(table) = TableTypes::of(&schema, &found) else {
                     continue;
                 };
-                types.push(TableTypes {
-                    table: schema.table.clone(),
-                    quoted: qualified(&schema.table),
-                    key,
-                    columns,
-                });
+                types.push(table);
                 schemas.push(schema);
             }
             Err(mut p) => problems.append(&mut p),
