@@ -239,13 +239,15 @@ impl Admin {
             letters,
             reply: answer,
         };
-        if requeue.send(request).await.is_err() {
-            return unavailable("capture has stopped");
-        }
-        match tokio::time::timeout(REQUEUE_TIMEOUT, answered).await {
+        // Queued and answered within the timeout (the queue holds a few requests).
+        let asked = async {
+            requeue.send(request).await.map_err(|_| ())?;
+            answered.await.map_err(|_| ())
+        };
+        match tokio::time::timeout(REQUEUE_TIMEOUT, asked).await {
             Ok(Ok(Ok(requeued))) => reply(StatusCode::OK, "text/plain", requeued.report()),
             Ok(Ok(Err(reason))) => unavailable(&reason),
-            Ok(Err(_)) => unavailable("capture stopped before it answered"),
+            Ok(Err(())) => unavailable("capture has stopped"),
             Err(_) => unavailable(&format!(
                 "capture did not answer within {} s; see the service's log",
                 REQUEUE_TIMEOUT.as_secs()
