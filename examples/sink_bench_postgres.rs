@@ -1,5 +1,6 @@
-//! Sink benchmark for PostgreSQL: rows per second written by the PostgreSQL sink at 100, 1,000
-//! and 5,000 rows per batch, next to `COPY` of the same rows into the same table, in the same
+//! Sink benchmark for PostgreSQL: rows per second written by the PostgreSQL sink at 100, 1,000,
+//! 5,000 and 20,000 rows per batch into an empty table, then at 1,000 over the same rows again
+//! (every write an update), next to `COPY` of the same rows into the same table, in the same
 //! run. Used by `scripts/bench-sink-postgres.sh`; prints one `key=value` line per figure.
 //!
 //! Usage: `sink_bench_postgres <postgres://user@host:port/database> [rows]`
@@ -75,8 +76,17 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     .map_err(|e| e.to_string())?;
     let mappings: Vec<_> = Mappings::new(&config.mappings).iter().cloned().collect();
     let no_hook: BeforeCommit = std::sync::Arc::new(|_| Ok(()));
-    for batch_size in [100usize, 1_000, 5_000, 20_000] {
-        client.batch_execute(CREATE).await?;
+    // The last pass writes the same rows again: every row exists, every write an update.
+    for (batch_size, updates) in [
+        (100usize, false),
+        (1_000, false),
+        (5_000, false),
+        (20_000, false),
+        (1_000, true),
+    ] {
+        if !updates {
+            client.batch_execute(CREATE).await?;
+        }
         let mut sink = Sink::connect("bench", &url).await?;
         let schemas = sink.prepare(&mappings).await.map_err(|p| {
             p.iter()
@@ -123,11 +133,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         let rate = rows as f64 / started.elapsed().as_secs_f64();
-        println!("sink_batch_{batch_size}_rows_per_second={rate:.0}");
-        println!(
-            "sink_batch_{batch_size}_ratio_to_copy={:.2}",
-            rate / copy_rate
-        );
+        let name = match updates {
+            true => format!("sink_batch_{batch_size}_updates"),
+            false => format!("sink_batch_{batch_size}"),
+        };
+        println!("{name}_rows_per_second={rate:.0}");
+        println!("{name}_ratio_to_copy={:.2}", rate / copy_rate);
     }
     Ok(())
 }

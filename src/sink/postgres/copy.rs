@@ -26,13 +26,14 @@ pub const COPY_THRESHOLD: usize = 5_000;
 const COPY_CHUNK: usize = 1 << 20;
 
 /// Copies `upserts` into table `index`'s stage (created first unless `staged`: this session
-/// has it) and merges them.
+/// has it) and merges them (inserts them only, `insert_only`: see `Upserts` in mod.rs).
 pub async fn copy_and_merge(
     client: &Client,
     index: usize,
     types: &TableTypes,
     upserts: &[(&SqlValue, &Vec<SqlValue>)],
     staged: bool,
+    insert_only: bool,
 ) -> Result<(), tokio_postgres::Error> {
     let stage = format!("writebehind_stage_{index}");
     if !staged {
@@ -64,7 +65,9 @@ pub async fn copy_and_merge(
         sink.send(data.freeze()).await?;
     }
     sink.as_mut().finish().await?;
-    client.batch_execute(&types.merge_from(&stage)).await
+    client
+        .batch_execute(&types.merge_from(&stage, insert_only))
+        .await
 }
 
 /// One field in `COPY`'s text format: `\N` for NULL; backslash, tab, newline and carriage return

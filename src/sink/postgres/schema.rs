@@ -110,7 +110,7 @@ impl TableTypes {
     /// `INSERT ... SELECT ... FROM unnest($1, $2, ...) ON CONFLICT (key) DO UPDATE`: any
     /// number of rows in one statement, one array parameter per column (text, or bytea),
     /// each cast as a single row's parameter is.
-    pub fn upsert_unnest(&self) -> String {
+    pub fn upsert_unnest(&self, insert_only: bool) -> String {
         let all: Vec<&Column> = std::iter::once(&self.key).chain(&self.columns).collect();
         let names: Vec<&str> = all.iter().map(|c| c.quoted.as_str()).collect();
         let arrays: Vec<String> = all
@@ -137,8 +137,16 @@ impl TableTypes {
             values.join(", "),
             arrays.join(", "),
             aliases.join(", "),
-            self.on_conflict()
+            self.on_conflict_unless(insert_only)
         )
+    }
+
+    /// The conflict clause, or none for an insert-only statement.
+    fn on_conflict_unless(&self, insert_only: bool) -> String {
+        match insert_only {
+            true => String::new(),
+            false => self.on_conflict(),
+        }
     }
 
     /// `ON CONFLICT (key) DO UPDATE SET` the mapped columns (`DO NOTHING` when there are none).
@@ -216,7 +224,7 @@ impl TableTypes {
     }
 
     /// The merge of a loaded stage: the same casts as a statement's parameters.
-    pub fn merge_from(&self, stage: &str) -> String {
+    pub fn merge_from(&self, stage: &str, insert_only: bool) -> String {
         let names: Vec<&str> = std::iter::once(&self.key)
             .chain(&self.columns)
             .map(|c| c.quoted.as_str())
@@ -233,7 +241,7 @@ impl TableTypes {
             self.quoted,
             names.join(", "),
             values.join(", "),
-            self.on_conflict()
+            self.on_conflict_unless(insert_only)
         )
     }
 
