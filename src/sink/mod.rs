@@ -179,6 +179,21 @@ pub struct SinkCheckpoint {
 /// (dead-lettered) before the batch counts as applied; an error aborts the batch.
 pub type BeforeCommit = std::sync::Arc<dyn Fn(&[Rejected]) -> Result<(), StoreError> + Send + Sync>;
 
+/// Stores a batch's refused rows through its `before_commit` (see [`BeforeCommit`]); a failure
+/// is fatal: the batch must not commit without them.
+pub fn store_refused(
+    before_commit: &BeforeCommit,
+    rejected: &[Rejected],
+    backend: &str,
+) -> Result<(), SinkError> {
+    before_commit(rejected).map_err(|e| {
+        SinkError::fatal(format!(
+            "backend `{backend}`: cannot store refused rows: {e}"
+        ))
+        .caused_by(e)
+    })
+}
+
 /// A row the database refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected {

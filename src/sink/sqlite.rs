@@ -284,9 +284,7 @@ fn apply_blocking(
         )
         .map_err(fail)?;
     }
-    before_commit(&rejected).map_err(|e| {
-        SinkError::fatal(format!("backend `{name}`: cannot store refused rows: {e}")).caused_by(e)
-    })?;
+    super::store_refused(before_commit, &rejected, name)?;
     tx.commit().map_err(fail)?;
     Ok(rejected)
 }

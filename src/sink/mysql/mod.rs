@@ -518,13 +518,7 @@ impl MysqlSink {
             }
         }
         Self::write_checkpoint(&mut tx, batch).await.map_err(err)?;
-        before_commit(&rejected).map_err(|e| {
-            SinkError::fatal(format!(
-                "backend `{}`: cannot store refused rows: {e}",
-                self.name
-            ))
-            .caused_by(e)
-        })?;
+        super::store_refused(before_commit, &rejected, &self.name)?;
         tx.commit().await.map_err(err)?;
         Ok(rejected)
     }

@@ -414,13 +414,7 @@ impl PostgresSink {
             client.batch_execute(end).await.map_err(err)?;
         }
         write_checkpoint(client, batch).await.map_err(err)?;
-        before_commit(&rejected).map_err(|e| {
-            SinkError::fatal(format!(
-                "backend `{}`: cannot store refused rows: {e}",
-                self.name
-            ))
-            .caused_by(e)
-        })?;
+        super::store_refused(before_commit, &rejected, &self.name)?;
         client.batch_execute("COMMIT").await.map_err(err)?;
         Ok(rejected)
     }
