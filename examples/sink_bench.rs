@@ -10,12 +10,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use mysql_async::prelude::Queryable;
-use writebehind::capture::mapping::Mappings;
-use writebehind::config::Config;
-use writebehind::position::{ChangeSeq, ReplOffset};
-use writebehind::sink::convert::SqlValue;
 use writebehind::sink::partition::{partition_of, row_name};
-use writebehind::sink::{BeforeCommit, Destination, RowOp, RowWrite, Sink, SinkBatch};
+use writebehind::sink::{BeforeCommit, Destination, RowWrite, Sink};
+
+mod bench_rows;
 
 const CREATE: &str = "CREATE TABLE wb_bench (id VARCHAR(64) PRIMARY KEY, first VARCHAR(255), last VARCHAR(255), age INT) ENGINE=InnoDB";
 
@@ -27,24 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let url = std::env::args()
-        .nth(1)
-        .ok_or("usage: sink_bench <mysql-url> [rows]")?;
-    let rows: usize = std::env::args()
-        .nth(2)
-        .map(|n| n.parse())
-        .transpose()?
-        .unwrap_or(200_000);
-    let data: Vec<(String, String, String, i64)> = (0..rows)
-        .map(|i| {
-            (
-                format!("{i}"),
-                format!("first-{i}"),
-                format!("last-{}", i % 977),
-                (i % 100) as i64,
-            )
-        })
-        .collect();
+    let (url, rows) = bench_rows::args("usage: sink_bench <mysql-url> [rows]")?;
+    let data = bench_rows::rows(rows);
     let pool = mysql_async::Pool::new(url.as_str());
     let mut conn = pool.get_conn().await?;
     // The database's own fastest path.
@@ -65,14 +47,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     println!("rows={rows}");
     println!("load_data_rows_per_second={load_rate:.0}");
 
-    let config = Config::parse(
-        &format!(
-            "[source]\nurl = \"redis://127.0.0.1:1\"\n[backends.bench]\nurl = \"{url}\"\n[[mappings]]\nname = \"Bench\"\nprefix = \"p\"\nbackend = \"bench\"\ntable = \"wb_bench\"\nkey_column = \"id\"\n[mappings.columns]\nfirst = \"first\"\nlast = \"last\"\nage = \"age\"\n"
-        ),
-        &|_| None,
-    )
-    .map_err(|e| e.to_string())?;
-    let mappings: Vec<_> = Mappings::new(&config.mappings).iter().cloned().collect();
+    let mappings = bench_rows::mappings(&url)?;
     let no_hook: BeforeCommit = std::sync::Arc::new(|_| Ok(()));
     for batch_size in [100usize, 1_000, 5_000] {
         reset(&mut conn).await?;
@@ -88,21 +63,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         for chunk in data.chunks(batch_size) {
             let writes = chunk
                 .iter()
-                .map(|(id, first, last, age)| {
+                .map(|row| {
                     seq += 1;
-                    upsert(seq, id, first, last, *age)
+                    bench_rows::upsert(seq, row)
                 })
                 .collect();
-            let batch = SinkBatch {
-                writes,
-                last_seq: ChangeSeq(seq),
-                replid: String::new(),
-                offset: ReplOffset(0),
-                buffer_id: "bench".into(),
-                mappings_id: String::new(),
-                checkpoint_rows: vec!["bench".into()],
-                retire_rows: Vec::new(),
-            };
+            let batch = bench_rows::batch(writes, seq, vec!["bench".into()]);
             let rejected = sink.apply(&schemas, &batch, &no_hook).await?;
             if !rejected.is_empty() {
                 return Err(format!("rows refused: {rejected:?}").into());
@@ -134,10 +100,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         let mut seq = 0u64;
         for chunk in data.chunks(1_000) {
             let mut shares: Vec<Vec<RowWrite>> = vec![Vec::new(); partitions as usize];
-            for (id, first, last, age) in chunk {
+            for row in chunk {
                 seq += 1;
-                shares[partition_of("Bench", id.as_bytes(), partitions)]
-                    .push(upsert(seq, id, first, last, *age));
+                shares[partition_of("Bench", row.0.as_bytes(), partitions)]
+                    .push(bench_rows::upsert(seq, row));
             }
             let applies =
                 sinks
@@ -145,16 +111,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                     .zip(shares)
                     .enumerate()
                     .map(|(index, (sink, writes))| {
-                        let batch = SinkBatch {
-                            writes,
-                            last_seq: ChangeSeq(seq),
-                            replid: String::new(),
-                            offset: ReplOffset(0),
-                            buffer_id: "bench".into(),
-                            mappings_id: String::new(),
-                            checkpoint_rows: vec![row_name("bench", index, partitions)],
-                            retire_rows: Vec::new(),
-                        };
+                        let rows = vec![row_name("bench", index, partitions)];
+                        let batch = bench_rows::batch(writes, seq, rows);
                         let (schemas, no_hook) = (&schemas, &no_hook);
                         async move { sink.apply(schemas, &batch, no_hook).await }
                     });
@@ -176,23 +134,6 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// The upsert of one benchmark row (columns in the schema's order: age, first, last).
-fn upsert(seq: u64, id: &str, first: &str, last: &str, age: i64) -> RowWrite {
-    RowWrite {
-        table: 0,
-        seq: ChangeSeq(seq),
-        row_id: Bytes::from(id.to_string()),
-        delete_first: false,
-        op: RowOp::Upsert {
-            id: SqlValue::Text(id.to_string()),
-            values: vec![
-                SqlValue::Int(age),
-                SqlValue::Text(first.to_string()),
-                SqlValue::Text(last.to_string()),
-            ],
-        },
-    }
-}
-
 async fn reset(conn: &mut mysql_async::Conn) -> Result<(), mysql_async::Error> {
     conn.query_drop("DROP TABLE IF EXISTS wb_bench").await?;
     conn.query_drop(CREATE).await?;

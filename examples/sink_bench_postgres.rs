@@ -9,11 +9,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::SinkExt;
-use writebehind::capture::mapping::Mappings;
-use writebehind::config::Config;
-use writebehind::position::{ChangeSeq, ReplOffset};
-use writebehind::sink::convert::SqlValue;
-use writebehind::sink::{BeforeCommit, Destination, RowOp, RowWrite, Sink, SinkBatch};
+use writebehind::sink::{BeforeCommit, Destination, Sink};
+
+mod bench_rows;
 
 const CREATE: &str = "DROP TABLE IF EXISTS wb_bench; \
     CREATE TABLE wb_bench (id VARCHAR(64) PRIMARY KEY, first VARCHAR(255), last VARCHAR(255), age INTEGER); \
@@ -27,24 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let url = std::env::args()
-        .nth(1)
-        .ok_or("usage: sink_bench_postgres <postgres-url> [rows]")?;
-    let rows: usize = std::env::args()
-        .nth(2)
-        .map(|n| n.parse())
-        .transpose()?
-        .unwrap_or(200_000);
-    let data: Vec<(String, String, String, i64)> = (0..rows)
-        .map(|i| {
-            (
-                format!("{i}"),
-                format!("first-{i}"),
-                format!("last-{}", i % 977),
-                (i % 100) as i64,
-            )
-        })
-        .collect();
+    let (url, rows) = bench_rows::args("usage: sink_bench_postgres <postgres-url> [rows]")?;
+    let data = bench_rows::rows(rows);
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
     client
@@ -67,14 +49,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     println!("rows={rows}");
     println!("copy_rows_per_second={copy_rate:.0}");
 
-    let config = Config::parse(
-        &format!(
-            "[source]\nurl = \"redis://127.0.0.1:1\"\n[backends.bench]\nurl = \"{url}\"\n[[mappings]]\nname = \"Bench\"\nprefix = \"p\"\nbackend = \"bench\"\ntable = \"wb_bench\"\nkey_column = \"id\"\n[mappings.columns]\nfirst = \"first\"\nlast = \"last\"\nage = \"age\"\n"
-        ),
-        &|_| None,
-    )
-    .map_err(|e| e.to_string())?;
-    let mappings: Vec<_> = Mappings::new(&config.mappings).iter().cloned().collect();
+    let mappings = bench_rows::mappings(&url)?;
     let no_hook: BeforeCommit = std::sync::Arc::new(|_| Ok(()));
     // The last pass writes the same rows again: every row exists, every write an update.
     for (batch_size, updates) in [
@@ -99,34 +74,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         for chunk in data.chunks(batch_size) {
             let writes = chunk
                 .iter()
-                .map(|(id, first, last, age)| {
+                .map(|row| {
                     seq += 1;
-                    RowWrite {
-                        table: 0,
-                        seq: ChangeSeq(seq),
-                        row_id: Bytes::from(id.clone()),
-                        delete_first: false,
-                        op: RowOp::Upsert {
-                            id: SqlValue::Text(id.clone()),
-                            values: vec![
-                                SqlValue::Int(*age),
-                                SqlValue::Text(first.clone()),
-                                SqlValue::Text(last.clone()),
-                            ],
-                        },
-                    }
+                    bench_rows::upsert(seq, row)
                 })
                 .collect();
-            let batch = SinkBatch {
-                writes,
-                last_seq: ChangeSeq(seq),
-                replid: String::new(),
-                offset: ReplOffset(0),
-                buffer_id: "bench".into(),
-                mappings_id: String::new(),
-                checkpoint_rows: vec!["bench".into()],
-                retire_rows: Vec::new(),
-            };
+            let batch = bench_rows::batch(writes, seq, vec!["bench".into()]);
             let rejected = sink.apply(&schemas, &batch, &no_hook).await?;
             if !rejected.is_empty() {
                 return Err(format!("rows refused: {rejected:?}").into());
