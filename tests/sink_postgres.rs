@@ -1,6 +1,7 @@
 //! PostgreSQL-specific sink behaviour against the machine's PostgreSQL (a fresh database per
 //! test): values the server or the conversion refuses are dead-lettered alike in a single-row
-//! batch and in a 1,000-row batch, and a value is never rounded or truncated to fit its column.
+//! batch and in batches of 1,000 and 2,500 rows (column arrays, and COPY), and a value is never
+//! rounded or truncated to fit its column.
 
 mod support;
 
@@ -12,7 +13,8 @@ use support::RedisServer;
 const TYPED_TABLES: &str = "CREATE TABLE person1 (id INTEGER PRIMARY KEY, first VARCHAR(5) NOT NULL, last NUMERIC(6,2), age SMALLINT);
     CREATE TABLE car (id TEXT PRIMARY KEY, color UUID)";
 
-/// Each poison value, alone in its batch and then with 1,000 good rows in one transaction:
+/// Each poison value, alone in its batch and then with 1,000 and with 2,500 good rows in one
+/// transaction (column arrays, then COPY straight into the table):
 /// dead-lettered with its reason, never written altered, while the good rows are written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_values_are_refused_alike_in_small_and_large_batches() {
@@ -60,44 +62,47 @@ async fn poison_values_are_refused_alike_in_small_and_large_batches() {
         alone.extend(fields);
         run(&mut client, &alone).await;
         service.settle(&mut client, &database).await;
-        let mut commands: Vec<Vec<String>> = vec![vec!["MULTI".into()]];
-        for n in 0..1_000 {
+        // New rows: 1,000 go as column arrays, 2,500 are copied straight into the table.
+        for (size, base, big) in [(1_000, 10_000, 900), (2_500, 20_000, 950)] {
+            let mut commands: Vec<Vec<String>> = vec![vec!["MULTI".into()]];
+            for n in 0..size {
+                commands.push(
+                    ["HSET", &format!("person2:{}", base + round * size + n)]
+                        .into_iter()
+                        .chain(["first_name", "ok", "age", &(n % 100).to_string()])
+                        .map(String::from)
+                        .collect(),
+                );
+            }
+            let big_key = match key.strip_prefix("car:") {
+                Some(id) => format!("car:{id}big{size}"),
+                None => format!("person2:{}", big + round),
+            };
             commands.push(
-                ["HSET", &format!("person2:{}", 10_000 + round * 1_000 + n)]
+                ["HSET", big_key.as_str()]
                     .into_iter()
-                    .chain(["first_name", "ok", "age", &(n % 100).to_string()])
+                    .chain(fields.iter().copied())
                     .map(String::from)
                     .collect(),
             );
+            commands.push(vec!["EXEC".into()]);
+            support::send_all(&mut client, &commands).await;
+            service.settle(&mut client, &database).await;
         }
-        let big_key = match key.strip_prefix("car:") {
-            Some(id) => format!("car:{id}big"),
-            None => format!("person2:{}", 900 + round),
-        };
-        commands.push(
-            ["HSET", big_key.as_str()]
-                .into_iter()
-                .chain(fields.iter().copied())
-                .map(String::from)
-                .collect(),
-        );
-        commands.push(vec!["EXEC".into()]);
-        support::send_all(&mut client, &commands).await;
-        service.settle(&mut client, &database).await;
     }
     let letters = service.store.dead_letters().expect("dead letters");
     for (key, _, reason) in poison {
         let found = letters.iter().filter(|l| l.reason.contains(reason)).count();
         assert_eq!(
-            found, 2,
-            "{key}: `{reason}` in a small and a large batch: {letters:#?}"
+            found, 3,
+            "{key}: `{reason}` alone, in 1,000 and in 2,500 rows: {letters:#?}"
         );
     }
-    assert_eq!(letters.len(), 14, "{letters:#?}");
+    assert_eq!(letters.len(), 21, "{letters:#?}");
     let people = database.rows("person1", &["first", "last"]).await;
     assert_eq!(
         people.len(),
-        7_000,
+        24_500,
         "the good rows, none of the poison ones"
     );
     assert!(people
@@ -116,10 +121,10 @@ async fn poison_values_are_refused_alike_in_small_and_large_batches() {
         .output()
         .expect("dlq retry");
     let out = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(out.matches(" applied").count(), 2, "{out}");
-    assert_eq!(out.matches("still refused").count(), 12, "{out}");
+    assert_eq!(out.matches(" applied").count(), 3, "{out}");
+    assert_eq!(out.matches("still refused").count(), 18, "{out}");
     let people = database.rows("person1", &["first"]).await;
-    for id in ["103", "902"] {
+    for id in ["103", "902", "952"] {
         assert_eq!(people[id][0].as_deref(), Some("toolong"), "{id}");
     }
     database.drop_database().await;
@@ -244,6 +249,22 @@ const TRICKY: [&str; 6] = [
     "\\",
 ];
 
+/// One transaction of `hset_tricky` for `ids`, or of a plain `HSET person2:<i> age 0`.
+async fn multi_exec(
+    client: &mut writebehind::redis_client::RedisClient,
+    ids: std::ops::Range<usize>,
+    plain: bool,
+) {
+    client.command(&["MULTI"]).await.expect("multi");
+    for i in ids {
+        match plain {
+            true => run(client, &["HSET", &format!("person2:{i}"), "age", "0"]).await,
+            false => hset_tricky(client, i).await,
+        }
+    }
+    client.command(&["EXEC"]).await.expect("exec");
+}
+
 /// `HSET person2:<i> first_name <TRICKY[i]> last_name <bytes> age <i>`.
 async fn hset_tricky(client: &mut writebehind::redis_client::RedisClient, i: usize) {
     let (key, age) = (format!("person2:{i}"), i.to_string());
@@ -263,29 +284,48 @@ async fn hset_tricky(client: &mut writebehind::redis_client::RedisClient, i: usi
 }
 
 /// Text with tabs, line breaks and backslashes, and bytes into a `bytea` column, arrive intact
-/// through a statement of column arrays (700 rows in one batch), through COPY (5,000) and one
-/// row at a time; a NUL, which PostgreSQL text cannot hold, is refused on every path.
+/// on every write path: new rows through a statement of column arrays (700 in one batch) and
+/// through COPY straight into the table (5,000), existing rows through COPY into a stage and a
+/// merge (5,000), and one row at a time; a NUL, which PostgreSQL text cannot hold, is refused
+/// on every path. A statement trigger logs which path each batch took.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_value_survives_copy_and_statements_alike() {
     let database = Database::postgres().await;
     database
-        .execute("CREATE TABLE person1 (id INTEGER PRIMARY KEY, first TEXT, last BYTEA, age TEXT); CREATE TABLE car (id TEXT PRIMARY KEY, color TEXT)")
+        .execute(
+            "CREATE TABLE person1 (id INTEGER PRIMARY KEY, first TEXT, last BYTEA, age TEXT); CREATE TABLE car (id TEXT PRIMARY KEY, color TEXT); \
+             CREATE TABLE statements (id SERIAL PRIMARY KEY, query TEXT); \
+             CREATE FUNCTION log_statement() RETURNS trigger AS $$ BEGIN INSERT INTO statements (query) VALUES (current_query()); RETURN NULL; END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER log_statement AFTER INSERT ON person1 FOR EACH STATEMENT EXECUTE FUNCTION log_statement()",
+        )
         .await;
     let server = RedisServer::start(&[]);
     let mut client = server.client().await;
     let service = start(&server, &database).await;
-    let stages = || {
-        database.query_i64("SELECT COUNT(*) FROM pg_class WHERE relname LIKE 'writebehind_stage_%'")
-    };
-    // 700 rows in one statement of column arrays, then 5,000 through COPY.
-    for (ids, copied) in [(0..700, 0), (10_000..15_000, 1)] {
-        client.command(&["MULTI"]).await.expect("multi");
-        for i in ids {
-            hset_tricky(&mut client, i).await;
+    // How many committed statements inserted into person1 by each path.
+    let paths = || async {
+        let mut counts = Vec::new();
+        for pattern in [
+            "%unnest(%",
+            "COPY \"person1\"%",
+            "%FROM writebehind_stage_%",
+        ] {
+            let sql = format!("SELECT COUNT(*) FROM statements WHERE query LIKE '{pattern}'");
+            counts.extend(database.query_i64(&sql).await);
         }
-        client.command(&["EXEC"]).await.expect("exec");
+        counts
+    };
+    // New rows: 700 in one statement of column arrays, then 5,000 copied into the table.
+    // Then 5,000 rows written plainly (copied) and again tricky: a key exists, so staged.
+    for (ids, plain, expected) in [
+        (0..700, false, [1, 0, 0]),
+        (10_000..15_000, false, [1, 1, 0]),
+        (30_000..35_000, true, [1, 2, 0]),
+        (30_000..35_000, false, [1, 2, 1]),
+    ] {
+        multi_exec(&mut client, ids, plain).await;
         service.settle(&mut client, &database).await;
-        assert_eq!(stages().await, vec![copied], "COPY's stage");
+        assert_eq!(paths().await, expected, "unnest, COPY, staged merge");
     }
     for i in 1_000..1_006 {
         hset_tricky(&mut client, i).await;
@@ -303,8 +343,8 @@ async fn every_value_survives_copy_and_statements_alike() {
     client.command(&["EXEC"]).await.expect("exec");
     service.settle(&mut client, &database).await;
     let all = database.rows("person1", &["first", "age"]).await;
-    assert_eq!(all.len(), 10_706, "every row but the two with a NUL");
-    let tricky_rows = |id: &String| id.parse::<usize>().is_ok_and(|i| i < 20_000);
+    assert_eq!(all.len(), 15_706, "every row but the two with a NUL");
+    let tricky_rows = |id: &String| id.parse::<usize>().is_ok_and(|i| i < 20_000 || i >= 30_000);
     for (id, values) in all.iter().filter(|(id, _)| tricky_rows(id)) {
         let i: usize = id.parse().expect("id");
         assert_eq!(

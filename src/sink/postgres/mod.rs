@@ -4,8 +4,9 @@
 //! `INSERT ... SELECT ... FROM unnest($1, $2, ...) ON CONFLICT (key) DO UPDATE` of the mapped
 //! columns only (one array parameter per column; unmapped columns of an existing row stay as
 //! they are), or, from 5,000 upserts into a table on, `COPY` into a stage and one merge
-//! (`copy.rs`); then the checkpoint row, then `COMMIT`. Every statement goes with its parameter
-//! types (`execute_typed`): one round trip, no prepare. If the server refuses
+//! (`copy.rs`); then the checkpoint row, then `COMMIT` (`grouped.rs`: without `COPY`, the whole
+//! transaction is pipelined, one round trip). Every statement goes with its parameter types
+//! (`execute_typed`): no prepare. If the server refuses
 //! a row, the transaction is rolled back and replayed row by row, each behind a savepoint, so
 //! the refused rows are isolated and the others commit.
 //!
@@ -25,11 +26,11 @@
 //! fatal.
 
 mod copy;
+mod grouped;
 mod schema;
 
 use std::str::FromStr;
 
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls};
 
@@ -40,6 +41,7 @@ use super::{
 };
 use crate::capture::mapping::Mapping;
 use crate::position::ChangeSeq;
+use grouped::{Grouped, Upserts, UPSERTS_AFTER_A_CONFLICT};
 use schema::TableTypes;
 
 /// Parameters per statement stay well under the protocol's 65,535.
@@ -58,6 +60,8 @@ pub struct PostgresSink {
     copy: bool,
     /// The tables whose `COPY` stage this connection has created (`copy.rs`).
     stages: std::sync::Mutex<std::collections::HashSet<usize>>,
+    /// Per table, the prepared `COPY` of new rows on this connection (`copy.rs`).
+    copy_into: std::sync::Mutex<std::collections::HashMap<usize, tokio_postgres::Statement>>,
     /// Batches left to upsert before trying insert-only again ([`UPSERTS_AFTER_A_CONFLICT`]).
     upserts_left: u32,
 }
@@ -88,28 +92,6 @@ fn classify(error: tokio_postgres::Error) -> SinkError {
     };
     SinkError::new(kind, message(&error)).caused_by(error)
 }
-
-/// How a grouped batch writes its upserts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Upserts {
-    /// A plain `INSERT`: measured 1.7x faster than `ON CONFLICT` for new rows (1,000-row
-    /// statements, docs/benchmarks.md); a key that exists fails it, and the batch is redone.
-    InsertOnly,
-    /// `INSERT ... ON CONFLICT (key) DO UPDATE`.
-    Upsert,
-}
-
-/// What a grouped attempt did.
-#[derive(Debug, PartialEq, Eq)]
-enum Grouped {
-    Written,
-    /// An insert-only attempt met a key that exists: rolled back, to be redone as upserts.
-    KeyExists,
-}
-
-/// After an insert-only attempt met an existing key, batches upsert this many times before
-/// trying insert-only again (a workload of updates wastes one attempt in this many).
-const UPSERTS_AFTER_A_CONFLICT: u32 = 32;
 
 /// A value as a statement parameter: text (cast in the statement) or, for a `bytea` column,
 /// bytes.
@@ -176,6 +158,7 @@ impl PostgresSink {
             types: Vec::new(),
             copy: true,
             stages: Default::default(),
+            copy_into: Default::default(),
             upserts_left: 0,
         };
         let temporary = sink
@@ -215,142 +198,16 @@ impl PostgresSink {
                 }
             });
             self.client = Some(client);
-            // Temporary tables die with their session.
+            // Temporary tables and prepared statements die with their session.
             self.stages
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
+            self.forget_copies();
         }
         self.client
             .as_ref()
             .ok_or_else(|| SinkError::transient("the PostgreSQL connection is gone"))
-    }
-
-    /// The fast path: a few multi-row statements in one transaction.
-    /// The fast path: one transaction of grouped statements (see `Upserts`).
-    async fn apply_grouped(
-        &self,
-        client: &Client,
-        batch: &SinkBatch,
-        upserts: Upserts,
-    ) -> Result<Grouped, SinkError> {
-        client.batch_execute("BEGIN").await.map_err(classify)?;
-        let result = self.write_grouped(client, batch, upserts).await;
-        let failure = match result {
-            Ok(Grouped::Written) => {
-                client.batch_execute("COMMIT").await.map_err(classify)?;
-                return Ok(Grouped::Written);
-            }
-            Ok(Grouped::KeyExists) => None,
-            Err(failure) => Some(failure),
-        };
-        match (client.batch_execute("ROLLBACK").await, failure) {
-            (Ok(()), None) => Ok(Grouped::KeyExists),
-            (Ok(()), Some(failure)) => Err(failure),
-            (Err(e), failure) => Err(SinkError::transient(format!(
-                "ROLLBACK after `{}` failed: {}",
-                failure.map_or("a key that exists".to_string(), |f| f.to_string()),
-                message(&e)
-            ))),
-        }
-    }
-
-    async fn write_grouped(
-        &self,
-        client: &Client,
-        batch: &SinkBatch,
-        mode: Upserts,
-    ) -> Result<Grouped, SinkError> {
-        for (index, types) in self.types.iter().enumerate() {
-            let super::TableWrites { deletes, upserts } = super::TableWrites::of(batch, index);
-            let deletes: Vec<Option<String>> = deletes
-                .into_iter()
-                .map(|id| match Param::of(id, false) {
-                    Param::Text(text) => text,
-                    Param::Bytes(_) => None,
-                })
-                .collect();
-            for chunk in deletes.chunks(MAX_PARAMETERS) {
-                let chunk = chunk.to_vec();
-                client
-                    .execute_typed(&types.delete_any(), &[(&chunk, Type::TEXT_ARRAY)])
-                    .await
-                    .map_err(classify)?;
-            }
-            // A row refused here is refused on every path: the replay dead-letters it.
-            if let Some(reason) = upserts
-                .iter()
-                .find_map(|(id, values)| types.refusal(id, values))
-            {
-                return Err(SinkError::new(SinkErrorKind::RowRefused, reason));
-            }
-            if upserts.is_empty() {
-                continue;
-            }
-            // Measured (docs/benchmarks.md): one statement of column arrays is the faster
-            // below COPY_THRESHOLD rows, COPY and a merge from there on.
-            let insert_only = mode == Upserts::InsertOnly;
-            let written = if !self.copy || upserts.len() < copy::COPY_THRESHOLD {
-                self.upsert_columns(client, types, &upserts, insert_only)
-                    .await
-            } else {
-                let staged = self
-                    .stages
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .contains(&index);
-                let written =
-                    copy::copy_and_merge(client, index, types, &upserts, staged, insert_only).await;
-                self.stages
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(index);
-                written
-            };
-            match written {
-                Ok(()) => {}
-                Err(e) if insert_only && e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                    return Ok(Grouped::KeyExists)
-                }
-                Err(e) => return Err(classify(e)),
-            }
-        }
-        write_checkpoint(client, batch).await.map_err(classify)?;
-        Ok(Grouped::Written)
-    }
-
-    /// Upserts (or, `insert_only`, inserts) `upserts` with one statement of one array per
-    /// column (`upsert_unnest`).
-    async fn upsert_columns(
-        &self,
-        client: &Client,
-        types: &TableTypes,
-        upserts: &[(&SqlValue, &Vec<SqlValue>)],
-        insert_only: bool,
-    ) -> Result<(), tokio_postgres::Error> {
-        let width = types.width();
-        let mut text: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(upserts.len()); width];
-        let mut bytes: Vec<Vec<Option<Vec<u8>>>> = vec![Vec::new(); width];
-        for (id, values) in upserts {
-            for (i, param) in types.params(id, values).into_iter().enumerate() {
-                match param {
-                    Param::Text(t) => text[i].push(t),
-                    Param::Bytes(b) => bytes[i].push(b),
-                }
-            }
-        }
-        let params: Vec<(&(dyn ToSql + Sync), Type)> = (0..width)
-            .map(|i| -> (&(dyn ToSql + Sync), Type) {
-                match types.is_bytea(i) {
-                    true => (&bytes[i], Type::BYTEA_ARRAY),
-                    false => (&text[i], Type::TEXT_ARRAY),
-                }
-            })
-            .collect();
-        client
-            .execute_typed(&types.upsert_unnest(insert_only), &params)
-            .await?;
-        Ok(())
     }
 
     /// The slow path after a refused row: each row behind a savepoint.
@@ -413,47 +270,14 @@ impl PostgresSink {
             };
             client.batch_execute(end).await.map_err(err)?;
         }
-        write_checkpoint(client, batch).await.map_err(err)?;
+        let numbers = grouped::CheckpointNumbers::of(batch);
+        grouped::run_in_turn(client, &grouped::checkpoint_statements(batch, &numbers))
+            .await
+            .map_err(err)?;
         super::store_refused(before_commit, &rejected, &self.name)?;
         client.batch_execute("COMMIT").await.map_err(err)?;
         Ok(rejected)
     }
-}
-
-/// Sets the batch's checkpoint rows and deletes its retired ones.
-async fn write_checkpoint(client: &Client, batch: &SinkBatch) -> Result<(), tokio_postgres::Error> {
-    let seq = i64::try_from(batch.last_seq.0).unwrap_or(i64::MAX);
-    let offset = i64::try_from(batch.offset.0).unwrap_or(i64::MAX);
-    let upsert = format!(
-        "INSERT INTO {CHECKPOINT_TABLE} (source, backend, replid, repl_offset, change_seq, buffer_id, mappings_id) \
-         VALUES ('writebehind', $1, $2, $3, $4, $5, $6) ON CONFLICT (source, backend) DO UPDATE SET \
-         replid = EXCLUDED.replid, repl_offset = EXCLUDED.repl_offset, change_seq = EXCLUDED.change_seq, \
-         buffer_id = EXCLUDED.buffer_id, mappings_id = EXCLUDED.mappings_id, updated_at = now()"
-    );
-    for name in &batch.checkpoint_rows {
-        client
-            .execute_typed(
-                &upsert,
-                &[
-                    (name, Type::TEXT),
-                    (&batch.replid, Type::TEXT),
-                    (&offset, Type::INT8),
-                    (&seq, Type::INT8),
-                    (&batch.buffer_id, Type::TEXT),
-                    (&batch.mappings_id, Type::TEXT),
-                ],
-            )
-            .await?;
-    }
-    if !batch.retire_rows.is_empty() {
-        let sql = format!(
-            "DELETE FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ANY($1)"
-        );
-        client
-            .execute_typed(&sql, &[(&batch.retire_rows, Type::TEXT_ARRAY)])
-            .await?;
-    }
-    Ok(())
 }
 
 impl PostgresSink {
@@ -472,8 +296,17 @@ impl PostgresSink {
                 .await
                 .map_err(|e| SinkError::fatal(format!("{}: {e}", self.place())))?;
             self.types = types;
+            self.forget_copies();
         }
         Ok(())
+    }
+
+    /// Drops the prepared `COPY`s: a new session, or tables whose indexes may have moved.
+    fn forget_copies(&self) {
+        self.copy_into
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// What `check` mentions without failing: a slower path taken.
@@ -520,6 +353,7 @@ impl Destination for PostgresSink {
         }
         let (schemas, types) = schema::read_all(client, &name, mappings).await?;
         self.types = types;
+        self.forget_copies();
         Ok(schemas)
     }
 

@@ -223,8 +223,19 @@ impl TableTypes {
             .is_some_and(|c| c.cast.is_none())
     }
 
+    /// `COPY` of a row's columns (key first) straight into the table: its input functions
+    /// take each value with the column's modifier, as assignment after the statements' casts
+    /// does (too long a `varchar(n)` refused, a `numeric(p,s)` rounded: checked first).
+    pub fn copy_into(&self) -> String {
+        let names: Vec<&str> = std::iter::once(&self.key)
+            .chain(&self.columns)
+            .map(|c| c.quoted.as_str())
+            .collect();
+        format!("COPY {} ({}) FROM STDIN", self.quoted, names.join(", "))
+    }
+
     /// The merge of a loaded stage: the same casts as a statement's parameters.
-    pub fn merge_from(&self, stage: &str, insert_only: bool) -> String {
+    pub fn merge_from(&self, stage: &str) -> String {
         let names: Vec<&str> = std::iter::once(&self.key)
             .chain(&self.columns)
             .map(|c| c.quoted.as_str())
@@ -241,7 +252,7 @@ impl TableTypes {
             self.quoted,
             names.join(", "),
             values.join(", "),
-            self.on_conflict_unless(insert_only)
+            self.on_conflict()
         )
     }
 
