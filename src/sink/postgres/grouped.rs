@@ -389,7 +389,8 @@ impl PostgresSink {
         types: &TableTypes,
         rows: &[(&SqlValue, &Vec<SqlValue>)],
     ) -> Result<(), tokio_postgres::Error> {
-        let statement = copy::copy_into_statement(client, &self.copy_into, index, types).await?;
+        let statement =
+            copy::copy_into_statement(client, &self.session.copy_into, index, types).await?;
         copy::copy_rows(client, &statement, types, rows).await
     }
 
@@ -420,12 +421,14 @@ impl PostgresSink {
                 continue;
             }
             let staged = self
+                .session
                 .stages
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .contains(&index);
             let merged = copy::copy_and_merge(client, index, types, &upserts, staged).await;
-            self.stages
+            self.session
+                .stages
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(index);

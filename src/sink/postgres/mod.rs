@@ -58,12 +58,20 @@ pub struct PostgresSink {
     types: Vec<TableTypes>,
     /// Whether large batches may go through `COPY` (it needs the TEMP privilege for its stage).
     copy: bool,
-    /// The tables whose `COPY` stage this connection has created (`copy.rs`).
-    stages: std::sync::Mutex<std::collections::HashSet<usize>>,
-    /// Per table, the prepared `COPY` of new rows on this connection (`copy.rs`).
-    copy_into: std::sync::Mutex<std::collections::HashMap<usize, tokio_postgres::Statement>>,
+    /// What this connection has set up (boxed: `Sink` holds one of three backends).
+    session: Box<Session>,
     /// Batches left to upsert before trying insert-only again ([`UPSERTS_AFTER_A_CONFLICT`]).
     upserts_left: u32,
+}
+
+/// What a connection has set up, gone with it (temporary tables and prepared statements die
+/// with their session).
+#[derive(Default)]
+struct Session {
+    /// The tables whose `COPY` stage this connection has created (`copy.rs`).
+    stages: std::sync::Mutex<std::collections::HashSet<usize>>,
+    /// Per table, the prepared `COPY` of new rows (`copy.rs`).
+    copy_into: std::sync::Mutex<std::collections::HashMap<usize, tokio_postgres::Statement>>,
 }
 
 /// An error as one line: the server's message and SQLSTATE when it has them (the driver's own
@@ -157,8 +165,7 @@ impl PostgresSink {
             client: None,
             types: Vec::new(),
             copy: true,
-            stages: Default::default(),
-            copy_into: Default::default(),
+            session: Default::default(),
             upserts_left: 0,
         };
         let temporary = sink
@@ -199,7 +206,8 @@ impl PostgresSink {
             });
             self.client = Some(client);
             // Temporary tables and prepared statements die with their session.
-            self.stages
+            self.session
+                .stages
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
@@ -303,7 +311,8 @@ impl PostgresSink {
 
     /// Drops the prepared `COPY`s: a new session, or tables whose indexes may have moved.
     fn forget_copies(&self) {
-        self.copy_into
+        self.session
+            .copy_into
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
@@ -442,7 +451,8 @@ impl Destination for PostgresSink {
         if matches!(attempt, Ok(Grouped::KeyExists)) {
             upserts_left = UPSERTS_AFTER_A_CONFLICT;
             // A stage created by the rolled-back attempt is gone with it.
-            self.stages
+            self.session
+                .stages
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
@@ -456,7 +466,8 @@ impl Destination for PostgresSink {
             ))),
             Err(e) if e.kind() == SinkErrorKind::RowRefused => {
                 // A stage created by the rolled-back transaction is gone with it.
-                self.stages
+                self.session
+                    .stages
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .clear();
