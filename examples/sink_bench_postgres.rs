@@ -43,11 +43,33 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .copy_in::<_, Bytes>("COPY wb_bench (id, first, last, age) FROM STDIN")
         .await?;
     futures_util::pin_mut!(sink);
-    sink.send(Bytes::from(tsv)).await?;
+    sink.send(Bytes::from(tsv.clone())).await?;
     sink.as_mut().finish().await?;
     let copy_rate = rows as f64 / started.elapsed().as_secs_f64();
     println!("rows={rows}");
     println!("copy_rows_per_second={copy_rate:.0}");
+
+    // The ceiling for a transaction per batch: COPY of 1,000 rows per transaction.
+    client.batch_execute(CREATE).await?;
+    let started = Instant::now();
+    for chunk in tsv.lines().collect::<Vec<_>>().chunks(1_000) {
+        client.batch_execute("BEGIN").await?;
+        let sink = client
+            .copy_in::<_, Bytes>("COPY wb_bench (id, first, last, age) FROM STDIN")
+            .await?;
+        futures_util::pin_mut!(sink);
+        let mut data = chunk.join("\n");
+        data.push('\n');
+        sink.send(Bytes::from(data)).await?;
+        sink.as_mut().finish().await?;
+        client.batch_execute("COMMIT").await?;
+    }
+    let rate = rows as f64 / started.elapsed().as_secs_f64();
+    println!("copy_1000_per_transaction_rows_per_second={rate:.0}");
+    println!(
+        "copy_1000_per_transaction_ratio_to_copy={:.2}",
+        rate / copy_rate
+    );
 
     let mappings = bench_rows::mappings(&url)?;
     let no_hook: BeforeCommit = std::sync::Arc::new(|_| Ok(()));

@@ -455,24 +455,7 @@ async fn database_crash_suite(backend_options: &str, postgres: bool) {
     assert!(rows
         .iter()
         .all(|(id, v)| v[0].as_deref() == Some(id.as_str())));
-    let twice: Vec<(String, i64)> = match &database {
-        Database::Maria { pool, .. } => pool
-            .get_conn()
-            .await
-            .expect("conn")
-            .query("SELECT id, COUNT(*) FROM writes GROUP BY id HAVING COUNT(*) > 1")
-            .await
-            .expect("count"),
-        // Each id written more than once, by its count (the ids are not needed to fail).
-        Database::Postgres { .. } => database
-            .query_i64("SELECT COUNT(*) FROM writes GROUP BY id HAVING COUNT(*) > 1")
-            .await
-            .into_iter()
-            .map(|count| ("an id".to_string(), count))
-            .collect(),
-        Database::Sqlite { .. } => unreachable!(),
-    };
-    assert!(twice.is_empty(), "rows written twice: {twice:?}");
+    assert_eq!(database.written_twice().await, 0, "rows written twice");
     service.stop().await;
 }
 
@@ -483,25 +466,30 @@ async fn a_multi_becomes_visible_at_once() {
     let database = Database::maria().await;
     database.execute(PERSON_TABLE).await;
     database.execute(CAR_TABLE).await;
+    multi_visible_at_once(database).await;
+}
+
+/// The same on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_becomes_visible_at_once_on_postgres() {
+    let database = Database::postgres().await;
+    database.execute(PERSON_TABLE).await;
+    database.execute(CAR_TABLE).await;
+    multi_visible_at_once(database).await;
+}
+
+async fn multi_visible_at_once(database: Database) {
     let server = RedisServer::start(&[]);
     let mut client = server.client().await;
     let service = start(&server, &database).await;
     service.settle(&mut client, &database).await;
-    let Database::Maria { url, .. } = &database else {
-        unreachable!()
-    };
-    let reader_pool = mysql_async::Pool::new(url.as_str());
+    let mut reader = database.reader().await;
     let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
     let groups = 40;
     let reader = tokio::spawn(async move {
-        let mut conn = reader_pool.get_conn().await.expect("conn");
-        let mut partial = Vec::new();
-        let mut reads = 0u64;
+        let (mut partial, mut reads) = (Vec::new(), 0u64);
         while !*done_rx.borrow_and_update() {
-            let counts: Vec<(String, u64)> = conn
-                .query("SELECT SUBSTRING_INDEX(id, '-', 1) AS g, COUNT(*) FROM person1 WHERE id LIKE 'g%' GROUP BY g")
-                .await
-                .expect("poll");
+            let counts = reader.group_counts().await;
             reads += 1;
             partial.extend(counts.into_iter().filter(|(_, n)| *n != 5));
         }

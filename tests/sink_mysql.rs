@@ -1,14 +1,14 @@
 //! MySQL/MariaDB-specific sink behaviour against real servers: sessions stay strict whatever
 //! the server's `sql_mode`, on every batch and not only the first; the partition count of a
-//! backend changes between runs without losing or repeating a write.
+//! backend changes between runs without losing or repeating a write (on PostgreSQL too).
 
 mod support;
 
 use std::time::{Duration, Instant};
 
-use mysql_async::prelude::Queryable;
 use support::sink::{
-    config_text_with, run, start, Database, CAR_TABLE, COUNTED_PERSON_TABLE, PERSON_TABLE,
+    config_text_with, run, start, Database, CAR_TABLE, COUNTED_PERSON_TABLE,
+    COUNTED_PERSON_TABLE_POSTGRES, PERSON_TABLE,
 };
 use support::{MariaDbServer, RedisServer};
 use writebehind::redis_client::RedisClient;
@@ -139,13 +139,6 @@ async fn until_rows(database: &Database, expected: u64, what: &str) {
     }
 }
 
-/// The checkpoint rows, by name.
-async fn checkpoint_rows(conn: &mut mysql_async::Conn) -> Vec<(String, u64)> {
-    conn.query("SELECT backend, change_seq FROM writebehind_checkpoint ORDER BY backend")
-        .await
-        .expect("checkpoint rows")
-}
-
 /// The partition count changes between runs: 1, then 4, then 2, then 3. In the run with 4,
 /// partition 1's checkpoint row is held locked by the test while a load arrives, so the other
 /// three partitions commit the batch and partition 1 cannot; the service is then killed
@@ -159,11 +152,19 @@ async fn the_partition_count_changes_between_runs_without_loss_or_repeats() {
     for statement in COUNTED_PERSON_TABLE.split(";\n") {
         database.execute(statement).await;
     }
+    partition_count_changes(database).await;
+}
+
+/// The same on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_count_changes_between_runs_on_postgres() {
+    let database = Database::postgres().await;
+    database.execute(COUNTED_PERSON_TABLE_POSTGRES).await;
+    partition_count_changes(database).await;
+}
+
+async fn partition_count_changes(database: Database) {
     database.execute(CAR_TABLE).await;
-    let Database::Maria { pool, .. } = &database else {
-        unreachable!()
-    };
-    let mut conn = pool.get_conn().await.expect("conn");
     let server = RedisServer::start(&[]);
     let mut client = server.client().await;
     let dir = tempfile::tempdir().expect("dir");
@@ -178,17 +179,13 @@ async fn the_partition_count_changes_between_runs_without_loss_or_repeats() {
             tokio::task::block_in_place(|| terminate(&mut child.0));
             continue;
         }
-        let before = checkpoint_rows(&mut conn).await;
+        let before = database.checkpoint_rows().await;
         assert_eq!(before.len(), 4, "{before:?}");
-        let mut lock = pool.get_conn().await.expect("lock conn");
-        lock.query_drop("BEGIN").await.expect("begin");
-        lock.query_drop("SELECT * FROM writebehind_checkpoint WHERE source = 'writebehind' AND backend = 'db#1/4' FOR UPDATE")
-            .await
-            .expect("lock");
+        let lock = database.lock_checkpoint_row("db#1/4").await;
         write_new_keys(&mut client, &mut next, 3_000).await;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let now = checkpoint_rows(&mut conn).await;
+            let now = database.checkpoint_rows().await;
             let moved: Vec<bool> = now.iter().zip(&before).map(|(a, b)| a.1 > b.1).collect();
             if moved == [true, false, true, true] {
                 break;
@@ -201,31 +198,21 @@ async fn the_partition_count_changes_between_runs_without_loss_or_repeats() {
         }
         child.kill().expect("kill");
         child.wait().expect("wait");
-        lock.query_drop("ROLLBACK").await.expect("unlock");
-        drop(lock);
+        lock.release().await;
     }
     let rows = database.rows("person1", &["age"]).await;
     assert_eq!(rows.len() as u64, next - 1, "every key has its row");
     assert!(rows
         .iter()
         .all(|(id, v)| v[0].as_deref() == Some(id.as_str())));
-    let twice: Vec<(String, i64)> = conn
-        .query("SELECT id, COUNT(*) FROM writes GROUP BY id HAVING COUNT(*) > 1")
-        .await
-        .expect("count");
-    assert!(
-        twice.is_empty(),
-        "rows written twice: {} ({:?}...)",
-        twice.len(),
-        twice.first()
-    );
-    let names: Vec<String> = checkpoint_rows(&mut conn)
+    assert_eq!(database.written_twice().await, 0, "rows written twice");
+    let names: Vec<String> = database
+        .checkpoint_rows()
         .await
         .into_iter()
         .map(|r| r.0)
         .collect();
     assert_eq!(names, vec!["db#0/3", "db#1/3", "db#2/3"]);
-    drop(conn);
     database.drop_database().await;
 }
 
@@ -287,17 +274,13 @@ async fn a_reconciliation_with_a_new_partition_count_acks_each_op_once() {
         let count = ack_count(&mut client, &format!("person2:{n}"), &format!("u{n}")).await;
         assert_eq!(count, 1, "person2:{n} acknowledged {count} times");
     }
-    let Database::Maria { pool, .. } = &database else {
-        unreachable!()
-    };
-    let mut conn = pool.get_conn().await.expect("conn");
-    let names: Vec<String> = checkpoint_rows(&mut conn)
+    let names: Vec<String> = database
+        .checkpoint_rows()
         .await
         .into_iter()
         .map(|r| r.0)
         .collect();
     assert_eq!(names, vec!["db#0/4", "db#1/4", "db#2/4", "db#3/4"]);
-    drop(conn);
     tokio::task::block_in_place(|| terminate(&mut child.0));
     database.drop_database().await;
 }

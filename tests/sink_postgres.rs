@@ -130,65 +130,6 @@ async fn poison_values_are_refused_alike_in_small_and_large_batches() {
     database.drop_database().await;
 }
 
-/// A reader polling the table never sees part of a MULTI: each group of keys written in one
-/// MULTI is either wholly absent or wholly present.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_multi_becomes_visible_at_once_on_postgres() {
-    let database = Database::postgres().await;
-    database
-        .execute("CREATE TABLE person1 (id TEXT PRIMARY KEY, first TEXT, last TEXT, age TEXT); CREATE TABLE car (id TEXT PRIMARY KEY, color TEXT)")
-        .await;
-    let server = RedisServer::start(&[]);
-    let mut client = server.client().await;
-    let service = start(&server, &database).await;
-    service.settle(&mut client, &database).await;
-    let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
-    let groups = 40;
-    let url = database.url();
-    let reader = tokio::spawn(async move {
-        let (reader, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .expect("reader");
-        tokio::spawn(connection);
-        let (mut partial, mut reads) = (Vec::new(), 0u64);
-        while !*done_rx.borrow_and_update() {
-            let rows = reader
-                .query("SELECT split_part(id, '-', 1), COUNT(*) FROM person1 WHERE id LIKE 'g%' GROUP BY 1", &[])
-                .await
-                .expect("poll");
-            reads += 1;
-            partial.extend(
-                rows.iter()
-                    .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
-                    .filter(|(_, n)| *n != 5),
-            );
-        }
-        (partial, reads)
-    });
-    for g in 0..groups {
-        client.command(&["MULTI"]).await.expect("multi");
-        for i in 0..5 {
-            let key = format!("person2:g{g}-{i}");
-            client
-                .command(&["HSET", &key, "first_name", "M"])
-                .await
-                .expect("hset");
-        }
-        client.command(&["EXEC"]).await.expect("exec");
-    }
-    service.settle(&mut client, &database).await;
-    let _ = done_tx.send(true);
-    let (partial, reads) = reader.await.expect("reader");
-    assert!(reads > 10, "the reader polled only {reads} times");
-    assert!(
-        partial.is_empty(),
-        "partially visible MULTI groups: {partial:?}"
-    );
-    assert_eq!(database.rows("person1", &["first"]).await.len(), groups * 5);
-    service.stop().await;
-    database.drop_database().await;
-}
-
 /// `writebehind check`: a user without INSERT, UPDATE and DELETE on the tables is told so, one
 /// line each; a database without the TEMP privilege is noted (large batches without COPY).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -255,6 +255,80 @@ impl Database {
         }
     }
 
+    /// A connection of its own for polling (MariaDB or PostgreSQL).
+    pub async fn reader(&self) -> Reader {
+        match self {
+            Database::Maria { url, .. } => Reader::Maria(
+                mysql_async::Conn::from_url(url.as_str())
+                    .await
+                    .expect("reader"),
+            ),
+            Database::Postgres { url, .. } => Reader::Postgres(Self::postgres_client(url).await),
+            Database::Sqlite { .. } => panic!("reader is for MariaDB and PostgreSQL"),
+        }
+    }
+
+    /// The checkpoint rows by name, each with its change seq (MariaDB or PostgreSQL).
+    pub async fn checkpoint_rows(&self) -> Vec<(String, u64)> {
+        let sql = "SELECT backend, change_seq FROM writebehind_checkpoint ORDER BY backend";
+        match self {
+            Database::Maria { pool, .. } => {
+                let mut conn = pool.get_conn().await.expect("conn");
+                conn.query(sql).await.expect("checkpoint rows")
+            }
+            Database::Postgres { url, .. } => Self::postgres_client(url)
+                .await
+                .query(sql, &[])
+                .await
+                .expect("checkpoint rows")
+                .iter()
+                .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+                .collect(),
+            Database::Sqlite { .. } => panic!("checkpoint_rows is for MariaDB and PostgreSQL"),
+        }
+    }
+
+    /// How many ids `writes` (see `COUNTED_PERSON_TABLE`) holds more than once.
+    pub async fn written_twice(&self) -> i64 {
+        let sql =
+            "SELECT COUNT(*) FROM (SELECT id FROM writes GROUP BY id HAVING COUNT(*) > 1) AS twice";
+        match self {
+            Database::Maria { pool, .. } => {
+                let mut conn = pool.get_conn().await.expect("conn");
+                let count: Option<i64> = conn.query_first(sql).await.expect("count");
+                count.unwrap_or(0)
+            }
+            Database::Postgres { url, .. } => Self::postgres_client(url)
+                .await
+                .query_one(sql, &[])
+                .await
+                .expect("count")
+                .get(0),
+            Database::Sqlite { .. } => panic!("written_twice is for MariaDB and PostgreSQL"),
+        }
+    }
+
+    /// Holds the checkpoint row `backend` locked (`SELECT ... FOR UPDATE` in an open
+    /// transaction) until the returned lock is released.
+    pub async fn lock_checkpoint_row(&self, backend: &str) -> RowLock {
+        let sql = format!("SELECT * FROM writebehind_checkpoint WHERE source = 'writebehind' AND backend = '{backend}' FOR UPDATE");
+        match self {
+            Database::Maria { pool, .. } => {
+                let mut conn = pool.get_conn().await.expect("lock conn");
+                conn.query_drop("BEGIN").await.expect("begin");
+                conn.query_drop(sql).await.expect("lock");
+                RowLock::Maria(conn)
+            }
+            Database::Postgres { url, .. } => {
+                let client = Self::postgres_client(url).await;
+                client.batch_execute("BEGIN").await.expect("begin");
+                client.batch_execute(&sql).await.expect("lock");
+                RowLock::Postgres(client)
+            }
+            Database::Sqlite { .. } => panic!("lock_checkpoint_row is for MariaDB and PostgreSQL"),
+        }
+    }
+
     pub async fn drop_database(self) {
         if let Database::Postgres { name, url } = self {
             let server = url.rsplit_once('/').map_or(SHARED_POSTGRES, |(s, _)| s);
@@ -404,4 +478,44 @@ pub async fn run(client: &mut RedisClient, args: &[&str]) {
         .command(args)
         .await
         .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+}
+
+/// A row held locked by an open transaction (`Database::lock_checkpoint_row`).
+pub enum RowLock {
+    Maria(mysql_async::Conn),
+    Postgres(tokio_postgres::Client),
+}
+
+impl RowLock {
+    pub async fn release(self) {
+        match self {
+            RowLock::Maria(mut conn) => conn.query_drop("ROLLBACK").await.expect("unlock"),
+            RowLock::Postgres(client) => client.batch_execute("ROLLBACK").await.expect("unlock"),
+        }
+    }
+}
+
+/// A connection kept open to poll a table (`Database::reader`).
+pub enum Reader {
+    Maria(mysql_async::Conn),
+    Postgres(tokio_postgres::Client),
+}
+
+impl Reader {
+    /// `person1`'s rows with ids `g<group>-<n>`, counted by group.
+    pub async fn group_counts(&mut self) -> Vec<(String, i64)> {
+        match self {
+            Reader::Maria(conn) => conn
+                .query("SELECT SUBSTRING_INDEX(id, '-', 1) AS g, COUNT(*) FROM person1 WHERE id LIKE 'g%' GROUP BY g")
+                .await
+                .expect("poll"),
+            Reader::Postgres(client) => client
+                .query("SELECT split_part(id, '-', 1), COUNT(*) FROM person1 WHERE id LIKE 'g%' GROUP BY 1", &[])
+                .await
+                .expect("poll")
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect(),
+        }
+    }
 }
