@@ -36,3 +36,4 @@ pub mod replication;
 pub mod resp;
 pub mod service;
 pub mod sink;
+pub mod tls;

@@ -56,6 +56,8 @@ pub struct RedisClient {
     input: BytesMut,
     address: String,
     timeout: Duration,
+    /// What TLS established, on a `rediss://` connection.
+    tls: Option<crate::tls::Negotiated>,
 }
 
 impl RedisClient {
@@ -65,22 +67,29 @@ impl RedisClient {
         timeout: Duration,
     ) -> Result<RedisClient, ClientError> {
         let address = endpoint.address();
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(&address))
-            .await
-            .map_err(|_| ClientError::Timeout {
+        let (stream, tls) = crate::tls::connect_redis(
+            &endpoint.host,
+            endpoint.port,
+            endpoint.tls.as_ref(),
+            timeout,
+        )
+        .await
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::TimedOut => ClientError::Timeout {
                 address: address.clone(),
                 seconds: timeout.as_secs(),
-            })?
-            .map_err(|source| ClientError::Connect {
+            },
+            _ => ClientError::Connect {
                 address: address.clone(),
                 source,
-            })?;
-        stream.set_nodelay(true).ok();
+            },
+        })?;
         let mut client = RedisClient {
             stream,
             input: BytesMut::with_capacity(16 * 1024),
             address,
             timeout,
+            tls,
         };
         if let Some(password) = &endpoint.password {
             let mut args: Vec<&[u8]> = vec![b"AUTH"];
@@ -95,6 +104,23 @@ impl RedisClient {
 
     pub fn address(&self) -> &str {
         &self.address
+    }
+
+    /// The connection was lost with `source`; with TLS, the TLS error behind it, if any.
+    fn lost(&self, source: std::io::Error) -> ClientError {
+        let source = match self.tls.as_ref().and_then(|t| t.failure()) {
+            Some(failure) => std::io::Error::new(source.kind(), format!("{source} ({failure})")),
+            None => source,
+        };
+        ClientError::Io {
+            address: self.address.clone(),
+            source,
+        }
+    }
+
+    /// What TLS established, or `None` on plain text.
+    pub fn tls(&self) -> Option<&crate::tls::Negotiated> {
+        self.tls.as_ref()
     }
 
     /// Sends one command and returns its reply; an error reply is an `Err`.
@@ -117,14 +143,10 @@ impl RedisClient {
         for args in commands {
             out.extend_from_slice(&encode_command(args));
         }
-        let address = self.address.clone();
         self.stream
             .write_all(&out)
             .await
-            .map_err(|source| ClientError::Io {
-                address: address.clone(),
-                source,
-            })?;
+            .map_err(|source| self.lost(source))?;
         let mut replies = Vec::with_capacity(commands.len());
         while replies.len() < commands.len() {
             replies.push(self.next_frame(Some(self.timeout)).await?);
@@ -152,11 +174,10 @@ impl RedisClient {
 
     /// Sends a command without reading its reply (for `SUBSCRIBE`).
     pub async fn send<A: AsRef<[u8]>>(&mut self, args: &[A]) -> Result<(), ClientError> {
-        let address = self.address.clone();
         self.stream
             .write_all(&encode_command(args))
             .await
-            .map_err(|source| ClientError::Io { address, source })
+            .map_err(|source| self.lost(source))
     }
 
     /// The next frame the server sends (a reply or a pushed message), waiting at most
@@ -191,15 +212,9 @@ impl RedisClient {
                             })?,
                         None => self.stream.read_buf(&mut self.input).await,
                     }
-                    .map_err(|source| ClientError::Io {
-                        address: address.clone(),
-                        source,
-                    })?;
+                    .map_err(|source| self.lost(source))?;
                     if read == 0 {
-                        return Err(ClientError::Io {
-                            address,
-                            source: std::io::ErrorKind::UnexpectedEof.into(),
-                        });
+                        return Err(self.lost(std::io::ErrorKind::UnexpectedEof.into()));
                     }
                 }
                 Err(e) => {

@@ -135,23 +135,47 @@ async fn check_redis(config: &Config) -> bool {
         match RedisClient::connect(&endpoint, Duration::from_secs(5)).await {
             Ok(mut client) => match client.command(&["PING"]).await {
                 Ok(_) => {
-                    println!("ok: Redis at {} answers", endpoint.address());
+                    match client.tls() {
+                        Some(tls) => {
+                            println!("ok: Redis at {} answers over {tls}", endpoint.address())
+                        }
+                        None => println!(
+                            "ok: Redis at {} answers (plain text, no TLS)",
+                            endpoint.address()
+                        ),
+                    }
                     if !replica_permissions(&mut client, &endpoint, config.acks.enabled).await {
                         failed = true;
                     }
                 }
                 Err(e) => {
                     failed = true;
-                    println!("error: {e}");
+                    println!("error: {e}{}", tls_hint(&endpoint, &e.to_string()));
                 }
             },
             Err(e) => {
                 failed = true;
-                println!("error: {e}");
+                println!("error: {e}{}", tls_hint(&endpoint, &e.to_string()));
             }
         }
     }
     !failed
+}
+
+/// What to do about a Redis connection that failed with `error`, when TLS may be the cause.
+fn tls_hint(endpoint: &RedisEndpoint, error: &str) -> &'static str {
+    match (&endpoint.tls, error) {
+        (Some(_), e) if e.contains("CertificateRequired") || e.contains("certificate required") => {
+            "; the server asks for a client certificate: set `cert_file` and `key_file` in [source.tls]"
+        }
+        (Some(_), e) if e.contains("invalid peer certificate") => {
+            "; the server's certificate is not trusted: set [source.tls] `ca_file` to the CA that signed it (and `server_name` if the address is not the certificate's name)"
+        }
+        (None, e) if e.contains("connection lost") || e.contains("reset by peer") => {
+            "; if this port takes TLS, write the address as rediss://"
+        }
+        _ => "",
+    }
 }
 
 /// Every backend: reachable, its tables and columns as the mappings need them, its grants.

@@ -1,14 +1,19 @@
-//! Redis addresses: `redis://[user:password@]host:port`, and redaction of secrets in URLs.
+//! Redis addresses: `redis://[user:password@]host:port` (`rediss://` for TLS), and redaction of
+//! secrets in URLs.
 
 use std::fmt;
 
-/// A Redis server address with optional credentials: `redis://[user:password@]host:port`.
+/// A Redis server address with optional credentials: `redis://[user:password@]host:port`, or
+/// `rediss://` for TLS.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisEndpoint {
     pub host: String,
     pub port: u16,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// TLS settings (`rediss://`): the public CAs until `[source.tls]` is applied
+    /// (`Discovery::from_config`).
+    pub tls: Option<crate::tls::RedisTls>,
 }
 
 /// Why a Redis address cannot be used (the text says which and why).
@@ -17,8 +22,9 @@ pub struct RedisEndpoint {
 pub struct EndpointError(String);
 
 impl RedisEndpoint {
-    /// Parses `redis://[user:password@]host[:port]` (user and password percent-decoded; a
-    /// password alone is `redis://:password@host`). A bare `host:port` is accepted too.
+    /// Parses `redis://[user:password@]host[:port]` or `rediss://...` (user and password
+    /// percent-decoded; a password alone is `redis://:password@host`). A bare `host:port` is
+    /// accepted too (plain TCP).
     pub fn parse(text: &str) -> Result<RedisEndpoint, EndpointError> {
         let with_scheme = if text.contains("://") {
             text.to_string()
@@ -27,13 +33,16 @@ impl RedisEndpoint {
         };
         let url = url::Url::parse(&with_scheme)
             .map_err(|e| EndpointError(format!("`{}` is not a redis:// URL: {e}", redact(text))))?;
-        if url.scheme() != "redis" {
-            return Err(EndpointError(format!(
-                "`{}` uses scheme `{}`; only redis:// is supported",
-                redact(text),
-                url.scheme()
-            )));
-        }
+        let tls = match url.scheme() {
+            "redis" => None,
+            "rediss" => Some(crate::tls::RedisTls::public()),
+            other => {
+                return Err(EndpointError(format!(
+                    "`{}` uses scheme `{other}`; use redis:// or rediss:// (TLS)",
+                    redact(text),
+                )))
+            }
+        };
         let host = url
             .host_str()
             .filter(|h| !h.is_empty())
@@ -55,6 +64,7 @@ impl RedisEndpoint {
             port: url.port().unwrap_or(6379),
             username,
             password,
+            tls,
         })
     }
 
@@ -75,6 +85,7 @@ impl fmt::Debug for RedisEndpoint {
             .field("address", &self.address())
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }

@@ -76,6 +76,8 @@ pub struct SourceConfig {
     /// names).
     pub username: Option<String>,
     pub password: Option<String>,
+    /// `[source.tls]`: trusted CAs, client certificate, server name for `rediss://` addresses.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -95,6 +97,34 @@ impl Default for BufferConfig {
             mirror_cache_mb: default_mirror_cache_mb(),
         }
     }
+}
+
+/// TLS to Redis is all or nothing: every address `rediss://` or none, and `[source.tls]` only
+/// with `rediss://` (never a silent fall-back to plain text); its files must load.
+fn tls_problems(source: &SourceConfig) -> Vec<String> {
+    let addresses: Vec<&String> = source
+        .url
+        .iter()
+        .chain(source.nodes.iter().flatten())
+        .chain(source.sentinels.iter().flatten())
+        .collect();
+    let secure = addresses
+        .iter()
+        .filter(|a| a.trim_start().starts_with("rediss://"))
+        .count();
+    let mut problems = Vec::new();
+    if secure > 0 && secure < addresses.len() {
+        problems.push("[source]: some addresses are rediss:// (TLS) and some are not; use rediss:// for all of them or for none".to_string());
+    }
+    if let Some(files) = &source.tls {
+        if secure == 0 && !addresses.is_empty() {
+            problems.push("[source.tls] is set but the source addresses are redis:// (plain text); write them as rediss://".to_string());
+        }
+        if let Err(e) = crate::tls::RedisTls::from_files(files) {
+            problems.push(e);
+        }
+    }
+    problems
 }
 
 fn default_mirror_cache_mb() -> u64 {
@@ -373,6 +403,7 @@ impl Config {
                 }
             }
         }
+        problems.extend(tls_problems(source));
         if source.sentinels.is_some() && source.master_name.as_deref().unwrap_or("").is_empty() {
             problems.push("[source]: `sentinels` needs `master_name`".to_string());
         }
@@ -656,6 +687,39 @@ color = "color"
                 .unwrap_err()
                 .to_string();
             assert!(errors.contains("[admin] token"), "{weak}: {errors}");
+        }
+    }
+
+    #[test]
+    fn tls_to_redis_is_all_or_nothing_and_its_files_must_load() {
+        let env = |n: &str| (n == "DB_PASSWORD").then(|| "pw".to_string());
+        let with = |source: &str| {
+            let text = EXAMPLE.replace("url = \"redis://127.0.0.1:6379\"", source);
+            Config::parse(&text, &env).map_err(|e| e.to_string())
+        };
+        assert!(with("url = \"rediss://127.0.0.1:6379\"").is_ok());
+        let cases = [
+            (
+                "url = \"redis://127.0.0.1:6379\"\n[source.tls]\nserver_name = \"redis\"",
+                "write them as rediss://",
+            ),
+            (
+                "sentinels = [\"rediss://a:26379\", \"redis://b:26379\"]\nmaster_name = \"m\"",
+                "some addresses are rediss://",
+            ),
+            (
+                "url = \"rediss://127.0.0.1:6379\"\n[source.tls]\nca_file = \"/nonexistent/ca.pem\"",
+                "cannot read /nonexistent/ca.pem",
+            ),
+            (
+                "url = \"rediss://127.0.0.1:6379\"\n[source.tls]\ncert_file = \"/x.pem\"",
+                "set both `cert_file` and `key_file`",
+            ),
+            ("url = \"http://127.0.0.1:6379\"", "use redis:// or rediss://"),
+        ];
+        for (source, expected) in cases {
+            let errors = with(source).unwrap_err();
+            assert!(errors.contains(expected), "{source}: {errors}");
         }
     }
 

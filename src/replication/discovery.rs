@@ -35,12 +35,24 @@ impl Discovery {
                 .map(|u| RedisEndpoint::parse(u))
                 .collect::<Result<Vec<_>, _>>()
         };
+        let tls = match &source.tls {
+            Some(files) => {
+                Some(crate::tls::RedisTls::from_files(files).map_err(DiscoveryError::Tls)?)
+            }
+            None => None,
+        };
+        let with_tls = |mut e: RedisEndpoint| {
+            if let (Some(_), Some(tls)) = (&e.tls, &tls) {
+                e.tls = Some(tls.clone());
+            }
+            e
+        };
         let with_auth = |mut e: RedisEndpoint| {
             if e.password.is_none() {
                 e.username = source.username.clone();
                 e.password = source.password.clone();
             }
-            e
+            with_tls(e)
         };
         match (&source.url, &source.nodes, &source.sentinels) {
             (Some(url), _, _) => Ok(Discovery::Fixed(with_auth(RedisEndpoint::parse(url)?))),
@@ -48,7 +60,7 @@ impl Discovery {
                 parse(nodes)?.into_iter().map(with_auth).collect(),
             )),
             (None, None, Some(sentinels)) => Ok(Discovery::Sentinel {
-                sentinels: parse(sentinels)?,
+                sentinels: parse(sentinels)?.into_iter().map(with_tls).collect(),
                 master_name: source.master_name.clone().unwrap_or_default(),
                 auth: (source.username.clone(), source.password.clone()),
             }),
@@ -112,11 +124,13 @@ impl Discovery {
                 for sentinel in sentinels {
                     match master_address(sentinel, master_name, timeout).await {
                         Ok((host, port)) => {
+                            // Reached as the Sentinel that named it is: with TLS or without.
                             return Ok(RedisEndpoint {
                                 host,
                                 port,
                                 username: auth.0.clone(),
                                 password: auth.1.clone(),
+                                tls: sentinel.tls.clone(),
                             });
                         }
                         Err(e) => seen.push(e.to_string()),
@@ -170,6 +184,8 @@ pub enum DiscoveryError {
     Redis(#[from] ClientError),
     #[error("{address}: {message}")]
     Reply { address: String, message: String },
+    #[error("{0}")]
+    Tls(String),
 }
 
 fn unexpected(node: &RedisEndpoint, message: String) -> DiscoveryError {

@@ -95,23 +95,30 @@ impl Link {
         durable: DurableOffset,
     ) -> Result<(Link, ReplicationEvent), LinkError> {
         let address = endpoint.address();
-        let stream = tokio::time::timeout(options.timeout, TcpStream::connect(&address))
-            .await
-            .map_err(|_| LinkError::Timeout {
+        let (stream, tls) = crate::tls::connect_redis(
+            &endpoint.host,
+            endpoint.port,
+            endpoint.tls.as_ref(),
+            options.timeout,
+        )
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::TimedOut => LinkError::Timeout {
                 address: address.clone(),
                 seconds: options.timeout.as_secs(),
-            })?
-            .map_err(|e| LinkError::Io {
+            },
+            _ => LinkError::Io {
                 address: address.clone(),
                 message: format!("cannot connect: {e}"),
-            })?;
-        stream.set_nodelay(true).ok();
+            },
+        })?;
         let (reader, mut write_half) = stream.into_split();
         let mut handshake = Socket {
             source: Source::Tcp(reader),
             input: BytesMut::with_capacity(READ_CHUNK),
             address: address.clone(),
             timeout: options.timeout,
+            tls,
         };
         handshake
             .greet(&mut write_half, endpoint, options.announce_port)
@@ -389,6 +396,8 @@ struct Socket {
     input: BytesMut,
     address: String,
     timeout: Duration,
+    /// What TLS established, on a `rediss://` link.
+    tls: Option<crate::tls::Negotiated>,
 }
 
 enum Source {
@@ -612,17 +621,23 @@ impl Socket {
                 address: self.address.clone(),
                 seconds: self.timeout.as_secs(),
             })?
-            .map_err(|e| LinkError::Io {
-                address: self.address.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| self.lost(e.to_string()))?;
         if read == 0 {
-            return Err(LinkError::Io {
-                address: self.address.clone(),
-                message: "the primary closed the connection".into(),
-            });
+            return Err(self.lost("the primary closed the connection".into()));
         }
         Ok(())
+    }
+
+    /// The connection was lost (`message`); with TLS, the TLS error behind it, if any.
+    fn lost(&self, message: String) -> LinkError {
+        let message = match self.tls.as_ref().and_then(|t| t.failure()) {
+            Some(failure) => format!("{message} ({failure})"),
+            None => message,
+        };
+        LinkError::Io {
+            address: self.address.clone(),
+            message,
+        }
     }
 
     async fn send(&mut self, writer: &mut OwnedWriteHalf, args: &[&[u8]]) -> Result<(), LinkError> {

@@ -13,6 +13,7 @@ pub mod postgres;
 pub mod replication;
 pub mod service;
 pub mod sink;
+pub mod tls;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

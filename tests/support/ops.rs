@@ -35,6 +35,13 @@ impl Setup {
     /// The same, with the database on the MariaDB server at `server` (`mysql://user@host:port`).
     pub async fn start_on(extra: &[&str], server: &str) -> Setup {
         let redis = RedisServer::start(extra);
+        let source = format!("url = \"{}\"", redis.url());
+        Setup::start_with_source(redis, server, &source).await
+    }
+
+    /// With `redis` and `source` as the `[source]` section's lines (the service's view of
+    /// Redis: a TLS port, say), the tests' client on the plain port.
+    pub async fn start_with_source(redis: RedisServer, server: &str, source: &str) -> Setup {
         let client = redis.client().await;
         let (database, url) = super::create_database(server, "wb_ops").await;
         let pool = mysql_async::Pool::new(url.as_str());
@@ -56,8 +63,7 @@ impl Setup {
         std::fs::write(
             dir.path().join("writebehind.toml"),
             format!(
-                "[admin]\nlisten = \"\"\n[source]\nurl = \"{}\"\n[buffer]\npath = \"{}\"\n[backends.db]\nurl = \"{url}\"\n{mappings}",
-                redis.url(),
+                "[admin]\nlisten = \"\"\n[source]\n{source}\n[buffer]\npath = \"{}\"\n[backends.db]\nurl = \"{url}\"\n{mappings}",
                 dir.path().join("buffer").display()
             ),
         )

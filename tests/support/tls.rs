@@ -1,0 +1,141 @@
+//! Certificates for the TLS tests, generated per test (rcgen): a CA, a server certificate for
+//! `localhost` and `127.0.0.1` signed by it, a client certificate signed by it, and a second,
+//! unrelated CA (to be refused). PEM files in a temporary directory.
+
+use std::path::PathBuf;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+
+use super::{free_port, RedisServer};
+
+pub struct TestCerts {
+    pub dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// A CA that signed none of the above.
+    pub other_ca: PathBuf,
+}
+
+fn ca(name: &str) -> (rcgen::Certificate, KeyPair) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.distinguished_name.push(DnType::CommonName, name);
+    let key = KeyPair::generate().expect("ca key");
+    (params.self_signed(&key).expect("ca"), key)
+}
+
+fn leaf(
+    names: &[&str],
+    common_name: &str,
+    purpose: ExtendedKeyUsagePurpose,
+    issuer: &(rcgen::Certificate, KeyPair),
+) -> (String, String) {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let mut params = CertificateParams::new(names).expect("params");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.extended_key_usages = vec![purpose];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    let key = KeyPair::generate().expect("key");
+    let cert = params.signed_by(&key, &issuer.0, &issuer.1).expect("sign");
+    (cert.pem(), key.serialize_pem())
+}
+
+impl TestCerts {
+    pub fn generate() -> TestCerts {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = |name: &str| dir.path().join(name);
+        let authority = ca("writebehind test CA");
+        let (server_cert, server_key) = leaf(
+            &["localhost", "127.0.0.1"],
+            "localhost",
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &authority,
+        );
+        let (client_cert, client_key) = leaf(
+            &["writebehind"],
+            "writebehind",
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &authority,
+        );
+        let other = ca("some other CA");
+        for (name, text) in [
+            ("ca.pem", authority.0.pem()),
+            ("server.pem", server_cert),
+            ("server.key", server_key),
+            ("client.pem", client_cert),
+            ("client.key", client_key),
+            ("other-ca.pem", other.0.pem()),
+        ] {
+            std::fs::write(path(name), text).expect("write pem");
+        }
+        TestCerts {
+            ca: path("ca.pem"),
+            server_cert: path("server.pem"),
+            server_key: path("server.key"),
+            client_cert: path("client.pem"),
+            client_key: path("client.key"),
+            other_ca: path("other-ca.pem"),
+            dir,
+        }
+    }
+
+    /// The key files readable by another user (a server run as `postgres` or `mysql`).
+    pub fn share_with_servers(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        for path in [
+            &self.dir.path().to_path_buf(),
+            &self.server_key,
+            &self.server_cert,
+            &self.ca,
+        ] {
+            let mode = if path.is_dir() { 0o755 } else { 0o644 };
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        }
+    }
+}
+
+/// A Redis server with a TLS port beside its plain one (the tests' own client and readiness
+/// probe use the plain port; the service is given only the TLS one). `client_certificates`:
+/// whether clients must present a certificate signed by the CA (`--tls-auth-clients yes`).
+pub fn tls_redis(
+    certs: &TestCerts,
+    client_certificates: bool,
+    extra: &[&str],
+) -> (RedisServer, u16) {
+    let tls_port = free_port().to_string();
+    let file = |p: &PathBuf| p.display().to_string();
+    let (cert, key, ca) = (
+        file(&certs.server_cert),
+        file(&certs.server_key),
+        file(&certs.ca),
+    );
+    let mut args = vec![
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        if client_certificates { "yes" } else { "no" },
+        "--tls-replication",
+        "yes",
+    ];
+    args.extend(extra);
+    let server = RedisServer::start(&args);
+    (server, tls_port.parse().expect("port"))
+}
