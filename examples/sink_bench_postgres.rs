@@ -71,6 +71,9 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         rate / copy_rate
     );
 
+    // Plain text, as the reference's connection: a server with `ssl = on` would otherwise be
+    // written to over TLS (`sslmode=prefer`, the default).
+    let url = format!("{url}?sslmode=disable");
     let mappings = bench_rows::mappings(&url)?;
     let no_hook: BeforeCommit = std::sync::Arc::new(|_| Ok(()));
     // The last pass writes the same rows again: every row exists, every write an update.

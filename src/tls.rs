@@ -53,34 +53,35 @@ pub enum Verify {
     Nothing,
 }
 
+/// The server certificate a configuration last accepted: subject and issuer.
+pub type Seen = Arc<std::sync::Mutex<Option<(String, String)>>>;
+
 /// A client configuration: `ca_file` (or the public CAs), an optional client identity
-/// (`cert_file`, `key_file`), and how much to verify. Errors name the file and what is wrong.
+/// (`cert_file`, `key_file`), and how much to verify; with the slot where it records the
+/// server certificate it accepts. Errors name the file and what is wrong.
 pub fn client_config(
     ca_file: Option<&Path>,
     identity: Option<(&Path, &Path)>,
     verify: Verify,
-) -> Result<ClientConfig, String> {
+) -> Result<(ClientConfig, Seen), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS set-up: {e}"))?;
     let roots = Arc::new(root_store(ca_file)?);
-    let builder = match verify {
-        Verify::Full => builder.with_root_certificates(roots),
-        Verify::ChainOnly | Verify::Nothing => {
-            let chain = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-                .build()
-                .map_err(|e| format!("TLS set-up: {e}"))?;
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Lenient {
-                    chain,
-                    check_chain: verify == Verify::ChainOnly,
-                }))
-        }
-    };
-    match identity {
-        None => Ok(builder.with_no_client_auth()),
+    let chain = WebPkiServerVerifier::builder_with_provider(roots, provider)
+        .build()
+        .map_err(|e| format!("TLS set-up: {e}"))?;
+    let seen = Seen::default();
+    let builder = builder
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Verifier {
+            chain,
+            verify,
+            seen: seen.clone(),
+        }));
+    let config = match identity {
+        None => builder.with_no_client_auth(),
         Some((cert_file, key_file)) => {
             let chain = certificates(cert_file)?;
             let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| {
@@ -88,9 +89,10 @@ pub fn client_config(
             })?;
             builder
                 .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("{} and {}: {e}", cert_file.display(), key_file.display()))
+                .map_err(|e| format!("{} and {}: {e}", cert_file.display(), key_file.display()))?
         }
-    }
+    };
+    Ok((config, seen))
 }
 
 fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
@@ -120,14 +122,16 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     }
 }
 
-/// Verifies the chain only, or nothing; handshake signatures are always checked.
+/// rustls's own verification, relaxed as `verify` says (handshake signatures are always
+/// checked), recording the certificate it accepts.
 #[derive(Debug)]
-struct Lenient {
+struct Verifier {
     chain: Arc<WebPkiServerVerifier>,
-    check_chain: bool,
+    verify: Verify,
+    seen: Seen,
 }
 
-impl ServerCertVerifier for Lenient {
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -136,22 +140,31 @@ impl ServerCertVerifier for Lenient {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if !self.check_chain {
-            return Ok(ServerCertVerified::assertion());
-        }
-        match self.chain.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForName
-                | rustls::CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
+        let verified = match self.verify {
+            Verify::Nothing => Ok(ServerCertVerified::assertion()),
+            Verify::Full => self.chain.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            ),
+            Verify::ChainOnly => match self.chain.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            ) {
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::NotValidForName
+                    | rustls::CertificateError::NotValidForNameContext { .. },
+                )) => Ok(ServerCertVerified::assertion()),
+                other => other,
+            },
+        }?;
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(names_of(end_entity));
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -205,7 +218,7 @@ impl RedisTls {
                 return Err("[source.tls]: set both `cert_file` and `key_file`, or neither".into())
             }
         };
-        let config = client_config(files.ca_file.as_deref(), identity, Verify::Full)
+        let (config, _) = client_config(files.ca_file.as_deref(), identity, Verify::Full)
             .map_err(|e| format!("[source.tls]: {e}"))?;
         Ok(RedisTls {
             config: Arc::new(config),
@@ -223,11 +236,13 @@ impl RedisTls {
         PUBLIC
             .get_or_init(|| {
                 // Cannot fail without files: the provider's defaults and built-in roots.
-                let config = client_config(None, None, Verify::Full).unwrap_or_else(|_| {
-                    ClientConfig::builder()
-                        .with_root_certificates(RootCertStore::empty())
-                        .with_no_client_auth()
-                });
+                let config = client_config(None, None, Verify::Full)
+                    .map(|(config, _)| config)
+                    .unwrap_or_else(|_| {
+                        ClientConfig::builder()
+                            .with_root_certificates(RootCertStore::empty())
+                            .with_no_client_auth()
+                    });
                 RedisTls {
                     config: Arc::new(config),
                     server_name: None,

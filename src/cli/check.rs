@@ -200,6 +200,14 @@ async fn check_backends(config: &Config) -> bool {
                 continue;
             }
         };
+        match sink.transport().await {
+            Some(Ok(transport)) => println!("ok: backend `{name}` connected over {transport}"),
+            Some(Err(e)) => {
+                failed = true;
+                println!("error: {e}");
+            }
+            None => {}
+        }
         for note in sink.notes().await {
             println!("note: {note}");
         }

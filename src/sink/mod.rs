@@ -286,6 +286,15 @@ impl Sink {
 
 impl Sink {
     /// What `check` should mention about this backend without failing (slower paths taken).
+    /// How the connection is carried (TLS or plain text), for `check`; `None` for SQLite.
+    pub async fn transport(&mut self) -> Option<Result<String, SinkError>> {
+        match self {
+            Sink::Mysql(s) => Some(s.transport().await),
+            Sink::Postgres(s) => Some(s.transport().await),
+            Sink::Sqlite(_) => None,
+        }
+    }
+
     pub async fn notes(&mut self) -> Vec<String> {
         match self {
             Sink::Mysql(s) => s.staging_notes().await,

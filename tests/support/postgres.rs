@@ -11,6 +11,8 @@ pub struct PostgresServer {
     dir: tempfile::TempDir,
     bindir: PathBuf,
     running: bool,
+    /// Extra `-c name=value` settings (TLS).
+    settings: Vec<String>,
 }
 
 /// Runs a PostgreSQL program as the `postgres` user; panics with its output on failure.
@@ -34,6 +36,16 @@ fn as_postgres(program: &std::path::Path, args: &[&str]) {
 
 impl PostgresServer {
     pub fn start() -> PostgresServer {
+        Self::start_with(None)
+    }
+
+    /// With TLS (`ssl = on`, the server certificate of `certs`), and the role `tlsonly` (a
+    /// superuser without password) refused unless it connects with TLS.
+    pub fn start_with_tls(certs: &super::tls::TestCerts) -> PostgresServer {
+        Self::start_with(Some(certs))
+    }
+
+    fn start_with(certs: Option<&super::tls::TestCerts>) -> PostgresServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let status = Command::new("chown")
             .args(["postgres:postgres"])
@@ -59,23 +71,76 @@ impl PostgresServer {
                 "--no-sync",
             ],
         );
+        let mut settings = Vec::new();
+        if let Some(certs) = certs {
+            // The key must belong to the server's user and be readable by it alone.
+            for (from, name) in [
+                (&certs.server_cert, "server.crt"),
+                (&certs.server_key, "server.key"),
+            ] {
+                let to = data.join(name);
+                std::fs::copy(from, &to).expect("copy certificate");
+                let status = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&to)
+                    .status();
+                assert!(status.expect("chown").success());
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod");
+            }
+            let hba = data.join("pg_hba.conf");
+            let rules = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+            std::fs::write(
+                &hba,
+                format!("hostnossl all tlsonly 127.0.0.1/32 reject\n{rules}"),
+            )
+            .expect("pg_hba.conf");
+            settings = [
+                "ssl=on",
+                "ssl_cert_file=server.crt",
+                "ssl_key_file=server.key",
+            ]
+            .map(String::from)
+            .to_vec();
+        }
         let mut server = PostgresServer {
             port: super::free_port(),
             dir,
             bindir,
             running: false,
+            settings,
         };
         server.launch();
+        if certs.is_some() {
+            let psql = server.bindir.join("psql");
+            as_postgres(
+                &psql,
+                &[
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &server.port.to_string(),
+                    "-d",
+                    "postgres",
+                    "-c",
+                    "CREATE ROLE tlsonly SUPERUSER LOGIN",
+                ],
+            );
+        }
         server
     }
 
     fn launch(&mut self) {
         let d = self.dir.path();
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
             self.port,
             d.display()
         );
+        for setting in &self.settings {
+            options.push_str(&format!(" -c {setting}"));
+        }
         as_postgres(
             &self.bindir.join("pg_ctl"),
             &[

@@ -410,13 +410,19 @@ pub async fn start_with(
     database: &Database,
     backend_options: &str,
 ) -> Running {
+    start_with_url(server, &database.url(), backend_options).await
+}
+
+/// The service writing to `db_url` (the test database reached another way: as another user,
+/// with TLS parameters).
+pub async fn start_with_url(server: &RedisServer, db_url: &str, backend_options: &str) -> Running {
     let dir = tempfile::tempdir().expect("dir");
     let buffer = dir.path().join("buffer");
     // The configuration as a file too, for the command line (`dlq`).
     let config_file = dir.path().join("writebehind.toml");
     let text = format!(
         "{}\n[buffer]\npath = \"{}\"\n",
-        config_text_with(server, &database.url(), backend_options),
+        config_text_with(server, db_url, backend_options),
         buffer.display()
     );
     std::fs::write(&config_file, &text).expect("config file");

@@ -22,6 +22,7 @@ use crate::position::ChangeSeq;
 
 mod packet;
 mod schema;
+mod ssl;
 mod staging;
 
 use packet::{param_bytes, row_text_bytes};
@@ -57,6 +58,8 @@ pub struct MysqlSink {
     stage_engine: staging::StageEngine,
     /// The server's `max_allowed_packet`, read on every new session (see `packet.rs`).
     max_packet: std::sync::atomic::AtomicUsize,
+    /// `ssl-mode` and what it verifies against (`ssl.rs`), for `check`.
+    tls: String,
 }
 
 fn q(identifier: &str) -> String {
@@ -134,7 +137,9 @@ fn classify(error: mysql_async::Error) -> SinkError {
 impl MysqlSink {
     pub async fn connect(name: &str, url: &str) -> Result<MysqlSink, SinkError> {
         let redacted = crate::config::redact(url);
-        let opts = Opts::from_url(&url.replacen("mariadb://", "mysql://", 1)).map_err(|e| {
+        let (url, tls) = ssl::split(&url.replacen("mariadb://", "mysql://", 1))
+            .map_err(|e| SinkError::fatal(format!("backend `{name}`: `{redacted}`: {e}")))?;
+        let opts = Opts::from_url(&url).map_err(|e| {
             SinkError::fatal(format!(
                 "backend `{name}`: `{redacted}` is not a MySQL URL: {e}"
             ))
@@ -144,9 +149,29 @@ impl MysqlSink {
         // hold is an error (a refused row), never clamped, truncated or filled in. `setup`, not
         // `init`: the pool resets a connection when it is returned (COM_RESET_CONNECTION puts
         // the server's sql_mode back), and only `setup` runs again after a reset.
-        let opts: Opts = OptsBuilder::from_opts(opts)
+        let plain: Opts = OptsBuilder::from_opts(opts)
             .setup(vec![STRICT_SESSION, "SET NAMES utf8mb4"])
             .into();
+        // TLS required: never switched to the server's local socket, which carries no TLS.
+        let required = tls.ssl.is_some() && !tls.plain_allowed;
+        let mut builder = OptsBuilder::from_opts(plain.clone()).ssl_opts(tls.ssl.clone());
+        if required {
+            builder = builder.prefer_socket(false);
+        }
+        let mut opts: Opts = builder.into();
+        if tls.plain_allowed && tls.ssl.is_some() {
+            // PREFERRED: plain text only when the server offers no TLS at all.
+            match Conn::new(opts.clone()).await {
+                Ok(probe) => {
+                    let _ = probe.disconnect().await;
+                }
+                Err(mysql_async::Error::Driver(DriverError::NoClientSslFlagFromServer)) => {
+                    opts = plain;
+                }
+                // Reported by the first connection below, as for any other failure.
+                Err(_) => {}
+            }
+        }
         let pool = Pool::new(opts.clone());
         let sink = MysqlSink {
             name: name.to_string(),
@@ -157,6 +182,7 @@ impl MysqlSink {
             staging: std::sync::atomic::AtomicBool::new(true),
             stage_engine: staging::StageEngine::ServerDefault,
             max_packet: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_PACKET),
+            tls: tls.describe,
         };
         let mut conn = sink.conn().await?;
         let database: Option<String> = conn
@@ -175,6 +201,30 @@ impl MysqlSink {
         Ok(MysqlSink {
             stage_engine,
             ..sink
+        })
+    }
+
+    /// How the connection is carried, for `check`: the TLS version and cipher, or plain text.
+    pub async fn transport(&self) -> Result<String, SinkError> {
+        let mut conn = self.conn().await?;
+        let status: Vec<(String, String)> = conn
+            .query("SHOW SESSION STATUS WHERE Variable_name IN ('Ssl_version', 'Ssl_cipher')")
+            .await
+            .map_err(|e| self.error(e))?;
+        let value = |name: &str| {
+            status
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .filter(|v| !v.is_empty())
+        };
+        Ok(match (value("Ssl_version"), value("Ssl_cipher")) {
+            (Some(version), cipher) => format!(
+                "{version}{} ({})",
+                cipher.map(|c| format!(" {c}")).unwrap_or_default(),
+                self.tls
+            ),
+            (None, _) => format!("plain text, no TLS ({})", self.tls),
         })
     }
 

@@ -28,11 +28,12 @@
 mod copy;
 mod grouped;
 mod schema;
+mod ssl;
 
 use std::str::FromStr;
 
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::convert::SqlValue;
 use super::{
@@ -54,6 +55,8 @@ pub struct PostgresSink {
     address: String,
     /// The connection batches are written on; replaced after it is lost.
     client: Option<Client>,
+    /// `sslmode` and the rest (`ssl.rs`; boxed: `Sink` holds one of three backends).
+    tls: Box<ssl::PgTls>,
     /// Per mapped table (in schema order): the cast of each column, key first.
     types: Vec<TableTypes>,
     /// Whether large batches may go through `COPY` (it needs the TEMP privilege for its stage).
@@ -79,7 +82,16 @@ struct Session {
 pub(super) fn message(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => error.to_string(),
+        None => {
+            // The driver's own text omits its cause ("error performing TLS handshake").
+            let mut text = error.to_string();
+            let mut cause = std::error::Error::source(error);
+            while let Some(inner) = cause {
+                text.push_str(&format!(": {inner}"));
+                cause = inner.source();
+            }
+            text
+        }
     }
 }
 
@@ -141,11 +153,14 @@ impl Param {
 impl PostgresSink {
     pub async fn connect(name: &str, url: &str) -> Result<PostgresSink, SinkError> {
         let redacted = crate::config::redact(url);
-        let config = tokio_postgres::Config::from_str(url).map_err(|e| {
+        let (url, tls) = ssl::split(url)
+            .map_err(|e| SinkError::fatal(format!("backend `{name}`: `{redacted}`: {e}")))?;
+        let mut config = tokio_postgres::Config::from_str(&url).map_err(|e| {
             SinkError::fatal(format!(
                 "backend `{name}`: `{redacted}` is not a PostgreSQL URL: {e}"
             ))
         })?;
+        config.ssl_mode(tls.mode);
         let host = match config.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
             #[cfg(unix)]
@@ -163,6 +178,7 @@ impl PostgresSink {
             config: Box::new(config),
             address: format!("{host}:{port}"),
             client: None,
+            tls: Box::new(tls),
             types: Vec::new(),
             copy: true,
             session: Default::default(),
@@ -192,7 +208,8 @@ impl PostgresSink {
     /// The connection: the kept one, or a new one when there is none or it was lost.
     async fn client(&mut self) -> Result<&Client, SinkError> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
-            let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
+            let connector = self.tls.connector.clone();
+            let (client, connection) = self.config.connect(connector).await.map_err(|e| {
                 classify(e).outside_row().context(format!(
                     "backend `{}`: cannot connect to {}",
                     self.name, self.address
@@ -316,6 +333,41 @@ impl PostgresSink {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+    }
+
+    /// How the connection is carried, for `check`: TLS (version, the certificate, what it was
+    /// verified against) or plain text.
+    pub async fn transport(&mut self) -> Result<String, SinkError> {
+        let row = self
+            .client()
+            .await?
+            .query_one(
+                "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        let ssl: bool = row.try_get(0).map_err(|e| self.error(e))?;
+        let version: Option<String> = row.try_get(1).map_err(|e| self.error(e))?;
+        let seen = self
+            .tls
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Ok(match (ssl, seen) {
+            (true, Some((subject, issuer))) => format!(
+                "{}, certificate `{subject}` issued by `{issuer}` ({})",
+                version.unwrap_or_else(|| "TLS".into()),
+                self.tls.describe
+            ),
+            (true, None) => format!(
+                "{} ({})",
+                version.unwrap_or_else(|| "TLS".into()),
+                self.tls.describe
+            ),
+            (false, _) => format!("plain text, no TLS ({})", self.tls.describe),
+        })
     }
 
     /// What `check` mentions without failing: a slower path taken.
