@@ -371,3 +371,75 @@ async fn op_completions_and_acks_follow_the_promoted_primary() {
         "the row has only the write after the op"
     );
 }
+
+/// All over TLS: a primary and its replica replicating with TLS, three Sentinels reached with
+/// TLS (`rediss://`, naming the nodes by IP: `server_name` says what their certificate
+/// carries), the service following the Sentinels' failover with a partial resync, and an op on
+/// the promoted primary acknowledged there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_over_tls() {
+    let certs = support::tls::TestCerts::generate();
+    let (mut primary, primary_tls) = support::tls::tls_redis(&certs, false, &[]);
+    let (replica, replica_tls) = support::tls::tls_redis(
+        &certs,
+        false,
+        &["--replicaof", "127.0.0.1", &primary_tls.to_string()],
+    );
+    let (mut p, mut r) = (primary.client().await, replica.client().await);
+    let sentinels: Vec<(SentinelServer, u16)> = (0..3)
+        .map(|_| support::tls::tls_sentinel(&certs, "mymaster", primary_tls, 2))
+        .collect();
+    let list: Vec<String> = sentinels
+        .iter()
+        .map(|(_, port)| format!("\"rediss://127.0.0.1:{port}\""))
+        .collect();
+    let service = Service::start(&format!(
+        "sentinels = [{}]\nmaster_name = \"mymaster\"\n[source.tls]\nca_file = \"{}\"\nserver_name = \"localhost\"",
+        list.join(", "),
+        certs.ca.display()
+    ));
+    hset(&mut p, 1..30, "old").await;
+    service.converges_to(&mut p).await;
+    replica_caught_up(&mut p, &mut r).await;
+
+    primary.kill();
+    let mut sentinel = RedisClient::connect(
+        &writebehind::config::RedisEndpoint::parse(&sentinels[0].0.url()).expect("url"),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("sentinel");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = sentinel
+            .command(&["SENTINEL", "get-master-addr-by-name", "mymaster"])
+            .await
+            .expect("sentinel");
+        let BytesFrame::Array(address) = reply else {
+            panic!("{reply:?}")
+        };
+        if frame_text(&address[1]) == replica_tls.to_string() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failover:\n{}",
+            sentinels[0].0.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut r = replica.client().await;
+    hset(&mut r, 25..40, "new").await;
+    service.converges_to(&mut r).await;
+    assert_eq!(
+        stat(&mut r, "sync_full").await,
+        0,
+        "the service resumed with PSYNC:\n{}",
+        service.log()
+    );
+    r.command(&["HSET", "person2:3", "first_name", "z", "#", "=tls"])
+        .await
+        .expect("hset");
+    let acked = ack(&mut r, "{person2:3}tls", &service).await;
+    assert!(acked.contains("done"), "{acked}");
+}

@@ -290,13 +290,23 @@ pub struct SentinelServer {
 
 impl SentinelServer {
     pub fn start(master_name: &str, master_port: u16, quorum: u32) -> SentinelServer {
+        Self::start_with(master_name, master_port, quorum, "")
+    }
+
+    /// With `extra` lines in its configuration (TLS: `tests/support/tls.rs`).
+    pub fn start_with(
+        master_name: &str,
+        master_port: u16,
+        quorum: u32,
+        extra: &str,
+    ) -> SentinelServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let conf = dir.path().join("sentinel.conf");
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\nlogfile {}\nsentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}\n\
+                "port {port}\nbind 127.0.0.1\ndir {}\nlogfile {}\n{extra}\nsentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}\n\
                  sentinel down-after-milliseconds {master_name} 1000\nsentinel failover-timeout {master_name} 5000\n\
                  sentinel parallel-syncs {master_name} 1\n",
                 dir.path().display(),

@@ -10,7 +10,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-use super::{free_port, RedisServer};
+use super::{free_port, RedisServer, SentinelServer};
 
 pub struct TestCerts {
     pub dir: tempfile::TempDir,
@@ -139,4 +139,22 @@ pub fn tls_redis(
     args.extend(extra);
     let server = RedisServer::start(&args);
     (server, tls_port.parse().expect("port"))
+}
+
+/// A Sentinel monitoring `master_tls_port` over TLS, with a TLS port of its own; that port.
+pub fn tls_sentinel(
+    certs: &TestCerts,
+    master_name: &str,
+    master_tls_port: u16,
+    quorum: u32,
+) -> (SentinelServer, u16) {
+    let tls_port = free_port();
+    let extra = format!(
+        "tls-port {tls_port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\ntls-auth-clients no\ntls-replication yes",
+        certs.server_cert.display(),
+        certs.server_key.display(),
+        certs.ca.display()
+    );
+    let sentinel = SentinelServer::start_with(master_name, master_tls_port, quorum, &extra);
+    (sentinel, tls_port)
 }
