@@ -7,6 +7,8 @@
 # Not a test: it measures.
 #
 # Usage: scripts/bench-capture.sh [commands]   (default 1000000 HSETs, pipeline 32)
+#        TLS=1 scripts/bench-capture.sh ...     (the replica and the service replicate over TLS:
+#        a CA and a server certificate made with openssl, the primary's --tls-port)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 commands="${1:-1000000}"
@@ -25,14 +27,29 @@ export ROCKSDB_LIB_DIR="${ROCKSDB_LIB_DIR:-/usr/lib/$(gcc -print-multiarch 2>/de
 cargo build --release --bin writebehind >/dev/null 2>&1
 bin="${BIN:-${CARGO_TARGET_DIR:-target}/release/writebehind}"  # BIN: another build to compare
 
+tls_args=(); upstream=$primary; source="url = \"redis://127.0.0.1:$primary\""
+if [ -n "${TLS:-}" ]; then
+  upstream=$(free_port)
+  ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+  openssl req -x509 "${ec[@]}" -days 1 -subj "/CN=writebehind bench CA" \
+    -keyout "$work/ca.key" -out "$work/ca.pem" 2>/dev/null
+  openssl req "${ec[@]}" -subj "/CN=localhost" -keyout "$work/server.key" -out "$work/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n' > "$work/server.ext"
+  openssl x509 -req -in "$work/server.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" -CAcreateserial \
+    -days 1 -extfile "$work/server.ext" -out "$work/server.pem" 2>/dev/null
+  tls_args=(--tls-cert-file "$work/server.pem" --tls-key-file "$work/server.key"
+    --tls-ca-cert-file "$work/ca.pem" --tls-auth-clients no --tls-replication yes)
+  source=$(printf 'url = "rediss://localhost:%s"\n[source.tls]\nca_file = "%s"' "$upstream" "$work/ca.pem")
+fi
 redis-server --port "$primary" --bind 127.0.0.1 --dir "$work" --save '' --appendonly no \
-  --repl-backlog-size 512mb --daemonize yes --logfile "$work/primary.log"
+  --repl-backlog-size 512mb --daemonize yes --logfile "$work/primary.log" \
+  ${TLS:+--tls-port "$upstream"} "${tls_args[@]}"
 mkdir -p "$work/replica"
 redis-server --port "$replica" --bind 127.0.0.1 --dir "$work/replica" --save '' --appendonly no \
-  --replicaof 127.0.0.1 "$primary" --daemonize yes --logfile "$work/replica.log"
+  --replicaof 127.0.0.1 "$upstream" --daemonize yes --logfile "$work/replica.log" "${tls_args[@]}"
 cat > "$work/writebehind.toml" <<TOML
 [source]
-url = "redis://127.0.0.1:$primary"
+$source
 [buffer]
 path = "$work/buffer"
 mirror_cache_mb = ${MIRROR_CACHE_MB:-128}

@@ -154,6 +154,35 @@ async fn mutual_tls_works_and_a_wrong_ca_or_plain_text_is_refused() {
     }
 }
 
+/// A server whose certificate has expired: `check` fails with one line naming Redis and saying
+/// so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_is_refused_with_one_line() {
+    let certs = TestCerts::generate();
+    let (redis, tls_port) = support::tls::tls_redis_serving(
+        &certs,
+        [&certs.expired_cert, &certs.expired_key],
+        false,
+        &[],
+    );
+    let t = Setup::start_with_source(
+        redis,
+        support::SHARED_MARIADB,
+        &tls_source(tls_port, &ca_line(&certs)),
+    )
+    .await;
+    let (ok, out) = check_with_source(&t, &tls_source(tls_port, &ca_line(&certs)));
+    assert!(!ok, "{out}");
+    let errors: Vec<&str> = out.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{out}");
+    assert!(
+        errors[0].contains(&format!("localhost:{tls_port}"))
+            && errors[0].contains("certificate expired")
+            && errors[0].contains("must be renewed"),
+        "{out}"
+    );
+}
+
 /// `writebehind check --config <file>`: whether it passed, and what it printed.
 fn check(config: &std::path::Path) -> (bool, String) {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_writebehind"))

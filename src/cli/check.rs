@@ -168,9 +168,13 @@ fn tls_hint(endpoint: &RedisEndpoint, error: &str) -> &'static str {
         (Some(_), e) if e.contains("CertificateRequired") || e.contains("certificate required") => {
             "; the server asks for a client certificate: set `cert_file` and `key_file` in [source.tls]"
         }
-        (Some(_), e) if e.contains("invalid peer certificate") => {
-            "; the server's certificate is not trusted: set [source.tls] `ca_file` to the CA that signed it (and `server_name` if the address is not the certificate's name)"
+        (Some(_), e) if e.contains("UnknownIssuer") => {
+            "; the server's certificate is not trusted: set [source.tls] `ca_file` to the CA that signed it"
         }
+        (Some(_), e) if e.contains("not valid for name") => {
+            "; set [source.tls] `server_name` to a name the server's certificate carries"
+        }
+        (Some(_), e) if e.contains("expired") => "; the server's certificate must be renewed",
         (None, e) if e.contains("connection lost") || e.contains("reset by peer") => {
             "; if this port takes TLS, write the address as rediss://"
         }

@@ -21,6 +21,9 @@ pub struct TestCerts {
     pub client_key: PathBuf,
     /// A CA that signed none of the above.
     pub other_ca: PathBuf,
+    /// A server certificate for `localhost`, signed by the CA, expired since 2021.
+    pub expired_cert: PathBuf,
+    pub expired_key: PathBuf,
 }
 
 fn ca(name: &str) -> (rcgen::Certificate, KeyPair) {
@@ -38,8 +41,24 @@ fn leaf(
     purpose: ExtendedKeyUsagePurpose,
     issuer: &(rcgen::Certificate, KeyPair),
 ) -> (String, String) {
+    leaf_valid(names, common_name, purpose, issuer, None)
+}
+
+/// A certificate valid from January 1st of `years.0` to that of `years.1` (default: rcgen's,
+/// 1975 to 4096).
+fn leaf_valid(
+    names: &[&str],
+    common_name: &str,
+    purpose: ExtendedKeyUsagePurpose,
+    issuer: &(rcgen::Certificate, KeyPair),
+    years: Option<(i32, i32)>,
+) -> (String, String) {
     let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     let mut params = CertificateParams::new(names).expect("params");
+    if let Some((from, to)) = years {
+        params.not_before = rcgen::date_time_ymd(from, 1, 1);
+        params.not_after = rcgen::date_time_ymd(to, 1, 1);
+    }
     params
         .distinguished_name
         .push(DnType::CommonName, common_name);
@@ -70,6 +89,13 @@ impl TestCerts {
             ExtendedKeyUsagePurpose::ClientAuth,
             &authority,
         );
+        let (expired_cert, expired_key) = leaf_valid(
+            &["localhost"],
+            "localhost",
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &authority,
+            Some((2020, 2021)),
+        );
         let other = ca("some other CA");
         for (name, text) in [
             ("ca.pem", authority.0.pem()),
@@ -78,6 +104,8 @@ impl TestCerts {
             ("client.pem", client_cert),
             ("client.key", client_key),
             ("other-ca.pem", other.0.pem()),
+            ("expired.pem", expired_cert),
+            ("expired.key", expired_key),
         ] {
             std::fs::write(path(name), text).expect("write pem");
         }
@@ -88,6 +116,8 @@ impl TestCerts {
             client_cert: path("client.pem"),
             client_key: path("client.key"),
             other_ca: path("other-ca.pem"),
+            expired_cert: path("expired.pem"),
+            expired_key: path("expired.key"),
             dir,
         }
     }
@@ -115,13 +145,24 @@ pub fn tls_redis(
     client_certificates: bool,
     extra: &[&str],
 ) -> (RedisServer, u16) {
+    tls_redis_serving(
+        certs,
+        [&certs.server_cert, &certs.server_key],
+        client_certificates,
+        extra,
+    )
+}
+
+/// The same, serving the certificate and key `served`.
+pub fn tls_redis_serving(
+    certs: &TestCerts,
+    served: [&PathBuf; 2],
+    client_certificates: bool,
+    extra: &[&str],
+) -> (RedisServer, u16) {
     let tls_port = free_port().to_string();
     let file = |p: &PathBuf| p.display().to_string();
-    let (cert, key, ca) = (
-        file(&certs.server_cert),
-        file(&certs.server_key),
-        file(&certs.ca),
-    );
+    let (cert, key, ca) = (file(served[0]), file(served[1]), file(&certs.ca));
     let mut args = vec![
         "--tls-port",
         &tls_port,
