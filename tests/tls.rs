@@ -55,7 +55,9 @@ fn check_with_source(t: &Setup, source: &str) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_recipe_with_acks_and_a_kill_9_over_tls() {
     let certs = TestCerts::generate();
-    let (redis, tls_port) = tls_redis(&certs, false, &[]);
+    let Some((redis, tls_port)) = tls_redis(&certs, false, &[]) else {
+        return;
+    };
     let mut t = Setup::start_with_source(
         redis,
         support::SHARED_MARIADB,
@@ -95,7 +97,9 @@ async fn the_recipe_with_acks_and_a_kill_9_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_works_and_a_wrong_ca_or_plain_text_is_refused() {
     let certs = TestCerts::generate();
-    let (redis, tls_port) = tls_redis(&certs, true, &[]);
+    let Some((redis, tls_port)) = tls_redis(&certs, true, &[]) else {
+        return;
+    };
     let mut t = Setup::start_with_source(
         redis,
         support::SHARED_MARIADB,
@@ -159,12 +163,14 @@ async fn mutual_tls_works_and_a_wrong_ca_or_plain_text_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_certificate_is_refused_with_one_line() {
     let certs = TestCerts::generate();
-    let (redis, tls_port) = support::tls::tls_redis_serving(
+    let Some((redis, tls_port)) = support::tls::tls_redis_serving(
         &certs,
         [&certs.expired_cert, &certs.expired_key],
         false,
         &[],
-    );
+    ) else {
+        return;
+    };
     let t = Setup::start_with_source(
         redis,
         support::SHARED_MARIADB,

@@ -79,6 +79,16 @@ impl RedisServer {
     }
 
     fn start_with(fixed_port: Option<u16>, extra: &[&str]) -> RedisServer {
+        Self::try_start_with(fixed_port, extra)
+            .unwrap_or_else(|e| panic!("could not start redis-server: {e}"))
+    }
+
+    /// Starts, or says why the server would not run.
+    pub fn try_start(extra: &[&str]) -> Result<RedisServer, String> {
+        Self::try_start_with(None, extra)
+    }
+
+    fn try_start_with(fixed_port: Option<u16>, extra: &[&str]) -> Result<RedisServer, String> {
         let mut last_error = String::new();
         for _ in 0..5 {
             let port = fixed_port.unwrap_or_else(free_port);
@@ -109,7 +119,7 @@ impl RedisServer {
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if answers_ping(port) {
-                    return RedisServer { child, port, dir };
+                    return Ok(RedisServer { child, port, dir });
                 }
                 if let Ok(Some(status)) = child.try_wait() {
                     last_error = format!(
@@ -123,7 +133,7 @@ impl RedisServer {
             let _ = child.kill();
             let _ = child.wait();
         }
-        panic!("could not start redis-server: {last_error}");
+        Err(last_error)
     }
 
     pub fn endpoint(&self) -> RedisEndpoint {
