@@ -230,24 +230,17 @@ impl RedisTls {
         })
     }
 
-    /// `rediss://` without `[source.tls]`: the public CAs, the address's host.
-    pub fn public() -> RedisTls {
-        static PUBLIC: OnceLock<RedisTls> = OnceLock::new();
+    /// `rediss://` without `[source.tls]`: the public CAs, the address's host. Built once.
+    pub fn public() -> Result<RedisTls, String> {
+        static PUBLIC: OnceLock<Result<RedisTls, String>> = OnceLock::new();
         PUBLIC
             .get_or_init(|| {
-                // Cannot fail without files: the provider's defaults and built-in roots.
-                let config = client_config(None, None, Verify::Full)
-                    .map(|(config, _)| config)
-                    .unwrap_or_else(|_| {
-                        ClientConfig::builder()
-                            .with_root_certificates(RootCertStore::empty())
-                            .with_no_client_auth()
-                    });
-                RedisTls {
+                let (config, _) = client_config(None, None, Verify::Full)?;
+                Ok(RedisTls {
                     config: Arc::new(config),
                     server_name: None,
                     roots: "the public CAs".into(),
-                }
+                })
             })
             .clone()
     }

@@ -35,7 +35,7 @@ impl RedisEndpoint {
             .map_err(|e| EndpointError(format!("`{}` is not a redis:// URL: {e}", redact(text))))?;
         let tls = match url.scheme() {
             "redis" => None,
-            "rediss" => Some(crate::tls::RedisTls::public()),
+            "rediss" => Some(crate::tls::RedisTls::public().map_err(EndpointError)?),
             other => {
                 return Err(EndpointError(format!(
                     "`{}` uses scheme `{other}`; use redis:// or rediss:// (TLS)",
