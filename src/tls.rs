@@ -29,6 +29,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 /// `[source.tls]`: files for TLS to Redis.
@@ -342,9 +343,12 @@ pub async fn connect_redis(
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timed out"))?
 }
 
+/// How long the relay waits for the server to close after our side has.
+const RELAY_GRACE: Duration = Duration::from_secs(5);
+
 /// Relays `stream` over a loopback connection (see the module doc); our end of it.
 async fn relay(
-    mut stream: tokio_rustls::client::TlsStream<TcpStream>,
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
     address: String,
     failure: Arc<OnceLock<String>>,
 ) -> io::Result<TcpStream> {
@@ -360,10 +364,25 @@ async fn relay(
     ours.set_nodelay(true).ok();
     theirs.set_nodelay(true).ok();
     tokio::spawn(async move {
-        let relayed =
-            tokio::io::copy_bidirectional_with_sizes(&mut theirs, &mut stream, 64 << 10, 64 << 10)
-                .await;
-        if let Err(error) = relayed {
+        let (mut from_server, mut to_server) = tokio::io::split(stream);
+        let (mut from_us, mut to_us) = theirs.split();
+        let upstream = async {
+            tokio::io::copy(&mut from_us, &mut to_server).await?;
+            to_server.shutdown().await
+        };
+        let downstream = tokio::io::copy(&mut from_server, &mut to_us);
+        tokio::pin!(upstream, downstream);
+        let ended = tokio::select! {
+            // The server's side ended (closed, or a TLS error): our end closes with the task.
+            down = &mut downstream => down.map(|_| ()),
+            // Our side closed: the server has a moment to close too, then the task ends
+            // whatever it does (a frozen server must not keep it forever).
+            up = &mut upstream => {
+                let _ = tokio::time::timeout(RELAY_GRACE, &mut downstream).await;
+                up
+            }
+        };
+        if let Err(error) = ended {
             tracing::debug!(redis = %address, %error, "the TLS connection to Redis ended");
             let _ = failure.set(format!("TLS: {error}"));
         }

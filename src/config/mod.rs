@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 mod endpoint;
+pub(crate) use endpoint::percent_decode;
 pub use endpoint::{redact, EndpointError, RedisEndpoint};
 
 /// The longest backend name: its checkpoint rows (`<name>#<p>/<n>`, up to 6 more characters)
@@ -108,9 +109,11 @@ fn tls_problems(source: &SourceConfig) -> Vec<String> {
         .chain(source.nodes.iter().flatten())
         .chain(source.sentinels.iter().flatten())
         .collect();
+    // By the parsed scheme (`REDISS://` is TLS too); an address that does not parse is
+    // reported on its own.
     let secure = addresses
         .iter()
-        .filter(|a| a.trim_start().starts_with("rediss://"))
+        .filter(|a| RedisEndpoint::parse(a).is_ok_and(|e| e.tls.is_some()))
         .count();
     let mut problems = Vec::new();
     if secure > 0 && secure < addresses.len() {

@@ -14,6 +14,7 @@ pub mod postgres;
 mod reconcile;
 pub mod runner;
 pub mod sqlite;
+mod url_parameters;
 
 use std::collections::HashMap;
 

@@ -1,18 +1,27 @@
 //! The fast path: a batch as one transaction of grouped statements.
 //!
-//! Per table, `DELETE ... WHERE key = ANY($1)` of the ids to delete first, then one
-//! `INSERT ... SELECT ... FROM unnest($1, $2, ...)` of the upserts (one array per column), or,
-//! from `COPY_THRESHOLD` upserts into a table on, `COPY` into a stage and one merge
-//! (`copy.rs`); then the checkpoint rows; then `COMMIT`.
+//! Per table, `DELETE ... WHERE key = ANY($1)` of the ids to delete first, then the upserts: one
+//! `INSERT ... SELECT ... FROM unnest($1, $2, ...)` (one array per column); or, for new rows from
+//! `DIRECT_COPY_MIN` on, `COPY` straight into the table (where `COPY` acts as the insert would:
+//! no rules, no row-level security); or, for upserts from `COPY_THRESHOLD` on, `COPY` into a
+//! stage and one merge (`copy.rs`); then the checkpoint rows; then `COMMIT`.
 //!
-//! **Pipelined.** Without `COPY`, every statement of the transaction, `BEGIN` to `COMMIT`, is
-//! sent before the first answer is read: one round trip per batch instead of one per
-//! statement. Each statement is sent on its future's first poll (tokio-postgres), so the
-//! futures are polled once each, in order, before any is awaited. What makes it safe: after a
-//! statement fails, PostgreSQL refuses every later one in the transaction (`25P02`) and answers
-//! the `COMMIT` by rolling back, so a batch is written whole or not at all, and the first error
-//! is the one that counts. Everything a statement needs (the refusal checks, the arrays) is
-//! ready before the first is sent.
+//! **Pipelined.** Unless a table is staged, the statements of the transaction, `BEGIN` to
+//! `COMMIT`, are sent before the first answer is read: one round trip per batch instead of one
+//! per statement (a `COPY` of new rows waits for what precedes it). Each statement is sent on
+//! its future's first poll (tokio-postgres), so the futures are polled once each, in order,
+//! before any is awaited. Why a batch is still written whole or not at all:
+//! - after a statement fails on the server, PostgreSQL refuses every later one in the
+//!   transaction (`25P02`) and answers the `COMMIT` by rolling back; the first error counts;
+//! - a statement that fails before it is sent (parameters that cannot be encoded, a closed
+//!   connection) stops the sending there: the `COMMIT` is never sent, and the transaction is
+//!   rolled back (or the connection dropped);
+//! - `BEGIN` on an idle session cannot fail on the server but with the connection (then nothing
+//!   later runs); in a failed transaction it fails, and so does everything after it. The
+//!   session is never left in one: it is dropped after any failure.
+//!
+//! Everything a statement needs (the refusal checks, the arrays) is ready before the first is
+//! sent.
 //!
 //! **Insert first** ([`Upserts`]): the upserts are first tried as a plain `INSERT`; a key that
 //! exists fails it with `23505`, the transaction is rolled back and the batch is redone with
@@ -199,32 +208,40 @@ pub(super) async fn run_in_turn(
     Ok(())
 }
 
-/// Sends every statement before reading the first answer (see the module doc); the answers,
-/// in order.
+/// Sends every statement before reading the first answer (see the module doc); the answers, in
+/// order, and whether every statement was sent. A statement that fails before it is sent (its
+/// parameters cannot be encoded, the connection is closed) ends the sending: nothing after it
+/// goes, the `COMMIT` least of all, and the caller must end the transaction.
 async fn run_pipelined(
     client: &Client,
     statements: &[Statement<'_>],
-) -> Vec<Result<u64, tokio_postgres::Error>> {
+) -> (Vec<Result<u64, tokio_postgres::Error>>, bool) {
     let mut pending: Vec<_> = statements
         .iter()
         .map(|s| Box::pin(client.execute_typed(&s.sql, &s.params)))
         .collect();
-    // The first poll sends: in order, before anything is awaited.
+    // The first poll sends: in order, before anything is awaited. An answer on the first
+    // poll is a failure to send (the server cannot have answered yet).
     let mut answers = Vec::with_capacity(pending.len());
+    let mut all_sent = true;
     for future in &mut pending {
-        answers.push(match futures_util::poll!(future.as_mut()) {
-            Poll::Ready(answer) => Some(answer),
-            Poll::Pending => None,
-        });
+        match futures_util::poll!(future.as_mut()) {
+            Poll::Ready(answer) => {
+                answers.push(Some(answer));
+                all_sent = false;
+                break;
+            }
+            Poll::Pending => answers.push(None),
+        }
     }
-    let mut results = Vec::with_capacity(pending.len());
+    let mut results = Vec::with_capacity(answers.len());
     for (future, answer) in pending.into_iter().zip(answers) {
         results.push(match answer {
             Some(answer) => answer,
             None => future.await,
         });
     }
-    results
+    (results, all_sent)
 }
 
 /// A step of a pipelined transaction.
@@ -321,7 +338,8 @@ impl PostgresSink {
         let mut tables = Vec::with_capacity(self.types.len());
         for (index, types) in self.types.iter().enumerate() {
             let writes = checked_writes(batch, index, types)?;
-            let copied = insert_only && writes.upserts.len() >= copy::DIRECT_COPY_MIN;
+            let copied =
+                insert_only && types.direct_copy && writes.upserts.len() >= copy::DIRECT_COPY_MIN;
             let arrays = (!copied && !writes.upserts.is_empty())
                 .then(|| ColumnArrays::of(types, &writes.upserts));
             tables.push((
@@ -364,7 +382,7 @@ impl PostgresSink {
             match step {
                 Step::Send(statement) => queued.push(statement),
                 Step::Copy { index, types, rows } => {
-                    let answers = run_pipelined(client, &queued).await;
+                    let (answers, _) = run_pipelined(client, &queued).await;
                     queued.clear();
                     let copied = match answers.into_iter().find_map(Result::err) {
                         Some(e) => Err(e),
@@ -376,9 +394,14 @@ impl PostgresSink {
                 }
             }
         }
-        // After a failure, the later statements were refused and the COMMIT rolled back.
-        let answers = run_pipelined(client, &queued).await;
-        outcome(answers.into_iter().find_map(Result::err), mode)
+        // After a failure the server refused the later statements and rolled the COMMIT
+        // back; a statement that could not be sent stopped the sending before the COMMIT.
+        let (answers, all_sent) = run_pipelined(client, &queued).await;
+        let first_error = answers.into_iter().find_map(Result::err);
+        match (first_error, all_sent) {
+            (Some(e), false) => roll_back(client, e, mode).await,
+            (first_error, _) => outcome(first_error, mode),
+        }
     }
 
     /// `COPY` of new rows straight into table `index`.

@@ -51,12 +51,14 @@ pub struct TableTypes {
     quoted: String,
     key: Column,
     columns: Vec<Column>,
+    /// Whether new rows may be copied straight into it (`copy_allowed`).
+    pub direct_copy: bool,
 }
 
 impl TableTypes {
     /// The statements of `schema`'s table from its catalog columns `found`; `None` when a
     /// column of the schema is not among them.
-    fn of(schema: &TableSchema, found: &Found) -> Option<TableTypes> {
+    fn of(schema: &TableSchema, found: &Found, direct_copy: bool) -> Option<TableTypes> {
         let column = |name: &str| found.get(name).map(|(_, _, c)| c.clone());
         Some(TableTypes {
             table: schema.table.clone(),
@@ -67,6 +69,7 @@ impl TableTypes {
                 .iter()
                 .map(|c| column(&c.name))
                 .collect::<Option<Vec<_>>>()?,
+            direct_copy,
         })
     }
 
@@ -319,6 +322,23 @@ fn column_type(typname: &str, typmod: i32) -> (ColumnType, Option<u32>) {
 
 type Found = HashMap<String, (ColumnInfo, bool, Column)>;
 
+/// Whether `COPY` may write new rows straight into `table` as an `INSERT` would: a plain or
+/// partitioned table without rules (`COPY` ignores rules) and without row-level security
+/// (PostgreSQL refuses `COPY FROM` where it applies). Otherwise its new rows go as statements.
+async fn copy_allowed(client: &Client, table: &str) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT c.relkind IN ('r', 'p') AND NOT c.relhasrules AND NOT c.relrowsecurity \
+             FROM pg_class c WHERE c.oid = to_regclass($1)",
+            &[&qualified(table)],
+        )
+        .await?;
+    match row {
+        Some(row) => row.try_get(0),
+        None => Ok(false),
+    }
+}
+
 /// Reads one table's columns (empty: no such table).
 async fn read_table(client: &Client, table: &str) -> Result<Found, tokio_postgres::Error> {
     let rows = client.query(COLUMNS, &[&qualified(table)]).await?;
@@ -419,7 +439,14 @@ pub async fn types_of(client: &Client, schemas: &[TableSchema]) -> Result<Vec<Ta
                 super::message(&e)
             )
         })?;
-        let table = TableTypes::of(schema, &found).ok_or_else(|| {
+        let direct_copy = copy_allowed(client, &schema.table).await.map_err(|e| {
+            format!(
+                "cannot read table `{}`: {}",
+                schema.table,
+                super::message(&e)
+            )
+        })?;
+        let table = TableTypes::of(schema, &found, direct_copy).ok_or_else(|| {
             format!(
                 "table `{}` no longer has the columns it was prepared with",
                 schema.table
@@ -475,7 +502,18 @@ pub async fn read_all(
         match TableSchema::build(mapping, &infos) {
             Ok(schema) => {
                 problems.extend(missing_grants(client, mapping).await);
-                let Some(table) = TableTypes::of(&schema, &found) else {
+                let direct_copy = match copy_allowed(client, &mapping.table).await {
+                    Ok(allowed) => allowed,
+                    Err(e) => {
+                        problems.push(SchemaProblem::Unreadable {
+                            mapping: mapping.name.clone(),
+                            table: mapping.table.clone(),
+                            message: super::message(&e),
+                        });
+                        continue;
+                    }
+                };
+                let Some(table) = TableTypes::of(&schema, &found, direct_copy) else {
                     continue;
                 };
                 types.push(table);

@@ -4,7 +4,9 @@
 //! server offers it, plain text otherwise, the certificate not verified); `require` (TLS or no
 //! connection, the certificate not verified, or its chain verified when `sslrootcert` is
 //! given); `verify-ca` (the chain verified); `verify-full` (the chain and the host name).
-//! `sslrootcert=<file>` names the trusted CAs (default: the public CAs; `system` means them too),
+//! `sslrootcert=<file>` names the trusted CAs, which the verifying modes need; `system` (the
+//! public CAs) goes only with `verify-full`, as in libpq, since any public certificate would
+//! pass a chain-only check;
 //! `sslcert=<file>` and `sslkey=<file>` a client certificate. `allow` is refused (it would try
 //! plain text first). The parameters are taken out of the URL before tokio-postgres reads the
 //! rest.
@@ -28,23 +30,35 @@ pub struct PgTls {
 
 /// Splits the TLS parameters off `url`: the URL for tokio-postgres, and the settings.
 pub fn split(url: &str) -> Result<(String, PgTls), String> {
-    let mut parsed = url::Url::parse(url).map_err(|e| e.to_string())?;
-    let mut kept = Vec::new();
+    let (rest, taken) = crate::sink::url_parameters::take(url, |name| {
+        matches!(name, "sslmode" | "sslrootcert" | "sslcert" | "sslkey")
+    });
     let (mut mode, mut root, mut cert, mut key) = (None, None, None, None);
-    for (name, value) in parsed.query_pairs() {
-        match &*name {
-            "sslmode" => mode = Some(value.into_owned()),
-            "sslrootcert" => root = Some(value.into_owned()),
-            "sslcert" => cert = Some(PathBuf::from(&*value)),
-            "sslkey" => key = Some(PathBuf::from(&*value)),
-            _ => kept.push((name.into_owned(), value.into_owned())),
+    for (name, value) in taken {
+        match name.as_str() {
+            "sslmode" => mode = Some(value),
+            "sslrootcert" => root = Some(value),
+            "sslcert" => cert = Some(PathBuf::from(value)),
+            _ => key = Some(PathBuf::from(value)),
         }
     }
-    parsed.set_query(None);
-    if !kept.is_empty() {
-        parsed.query_pairs_mut().extend_pairs(kept);
-    }
     let mode = mode.unwrap_or_else(|| "prefer".to_string());
+    // As libpq: the public CAs (`system`) only with the host name checked too, and the
+    // verifying modes only against a named trust anchor.
+    match (mode.as_str(), root.as_deref()) {
+        ("verify-full", _) | (_, None) => {}
+        (_, Some("system")) => {
+            return Err(format!(
+                "sslrootcert=system needs sslmode=verify-full (not {mode}): any public certificate would pass"
+            ))
+        }
+        _ => {}
+    }
+    if mode.starts_with("verify-") && root.is_none() {
+        return Err(format!(
+            "sslmode={mode} needs sslrootcert=<CA file> (or, with verify-full, sslrootcert=system for the public CAs)"
+        ));
+    }
     let root = root.filter(|r| r != "system").map(PathBuf::from);
     let (ssl_mode, verify) = match (mode.as_str(), &root) {
         ("disable", _) => (SslMode::Disable, Verify::Nothing),
@@ -74,7 +88,7 @@ pub fn split(url: &str) -> Result<(String, PgTls), String> {
         Verify::Nothing => format!("sslmode={mode}: the certificate is not verified"),
     };
     Ok((
-        parsed.to_string(),
+        rest,
         PgTls {
             mode: ssl_mode,
             connector: MakeRustlsConnect::new(config),
@@ -90,8 +104,17 @@ mod tests {
 
     #[test]
     fn tls_parameters_are_taken_out_and_read() {
-        let (url, tls) =
-            split("postgres://u:p@h:5432/db?application_name=wb&sslmode=verify-ca").unwrap();
+        let dir = tempfile::tempdir().expect("dir");
+        let ca = dir.path().join("ca.pem");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        std::fs::write(&ca, params.self_signed(&key).expect("ca").pem()).expect("write");
+        let (url, tls) = split(&format!(
+            "postgres://u:p@h:5432/db?application_name=wb&sslmode=verify-ca&sslrootcert={}",
+            ca.display()
+        ))
+        .unwrap();
         assert_eq!(url, "postgres://u:p@h:5432/db?application_name=wb");
         assert!(matches!(tls.mode, SslMode::Require));
         assert!(tls.describe.contains("chain verified"), "{}", tls.describe);
