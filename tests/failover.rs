@@ -263,33 +263,44 @@ async fn sentinel_failover_is_followed_and_never_picks_the_service() {
 
     primary.kill();
     // Sentinel promotes the replica (the service announces port 1, where nothing answers).
-    let mut sentinel = RedisClient::connect(
-        &writebehind::config::RedisEndpoint::parse(&sentinels[0].url()).expect("url"),
+    until_sentinel_names(&sentinels[0], replica.port).await;
+    follows_with_continue(&replica, &service).await;
+}
+
+/// Waits until `sentinel` names `port` as the primary; it must never name the service (port 1).
+async fn until_sentinel_names(sentinel: &SentinelServer, port: u16) {
+    let mut client = RedisClient::connect(
+        &writebehind::config::RedisEndpoint::parse(&sentinel.url()).expect("url"),
         Duration::from_secs(5),
     )
     .await
     .expect("sentinel");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let reply = sentinel
+        let reply = client
             .command(&["SENTINEL", "get-master-addr-by-name", "mymaster"])
             .await
             .expect("sentinel");
         let BytesFrame::Array(address) = reply else {
             panic!("{reply:?}")
         };
-        let port = frame_text(&address[1]);
-        assert_ne!(port, "1", "Sentinel picked the service");
-        if port == replica.port.to_string() {
-            break;
+        let named = frame_text(&address[1]);
+        assert_ne!(named, "1", "Sentinel picked the service");
+        if named == port.to_string() {
+            return;
         }
         assert!(
             Instant::now() < deadline,
             "no failover:\n{}",
-            sentinels[0].log()
+            sentinel.log()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Writes to the promoted `replica` and checks that the service follows it with a partial
+/// resync; the client on it.
+async fn follows_with_continue(replica: &RedisServer, service: &Service) -> RedisClient {
     // Sentinel closes the promoted node's client connections when it promotes it.
     let mut r = replica.client().await;
     hset(&mut r, 25..40, "new").await;
@@ -300,6 +311,7 @@ async fn sentinel_failover_is_followed_and_never_picks_the_service() {
         "the service resumed with PSYNC:\n{}",
         service.log()
     );
+    r
 }
 
 /// The first entry of the ack stream `stream` (XREAD BLOCK 2000, as a recipe client), retried
@@ -406,40 +418,8 @@ async fn a_sentinel_failover_over_tls() {
     replica_caught_up(&mut p, &mut r).await;
 
     primary.kill();
-    let mut sentinel = RedisClient::connect(
-        &writebehind::config::RedisEndpoint::parse(&sentinels[0].0.url()).expect("url"),
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("sentinel");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let reply = sentinel
-            .command(&["SENTINEL", "get-master-addr-by-name", "mymaster"])
-            .await
-            .expect("sentinel");
-        let BytesFrame::Array(address) = reply else {
-            panic!("{reply:?}")
-        };
-        if frame_text(&address[1]) == replica_tls.to_string() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no failover:\n{}",
-            sentinels[0].0.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut r = replica.client().await;
-    hset(&mut r, 25..40, "new").await;
-    service.converges_to(&mut r).await;
-    assert_eq!(
-        stat(&mut r, "sync_full").await,
-        0,
-        "the service resumed with PSYNC:\n{}",
-        service.log()
-    );
+    until_sentinel_names(&sentinels[0].0, replica_tls).await;
+    let mut r = follows_with_continue(&replica, &service).await;
     r.command(&["HSET", "person2:3", "first_name", "z", "#", "=tls"])
         .await
         .expect("hset");

@@ -26,6 +26,16 @@ fn client_lines(certs: &TestCerts) -> String {
     )
 }
 
+/// A TLS Redis (asking for a client certificate or not) and the service started on it with
+/// `tls` as its `[source.tls]` lines; the TLS port. `None` when the server has no TLS.
+async fn setup(certs: &TestCerts, client_certificates: bool, tls: &str) -> Option<(Setup, u16)> {
+    let (redis, tls_port) = tls_redis(certs, client_certificates, &[])?;
+    let mut t =
+        Setup::start_with_source(redis, support::SHARED_MARIADB, &tls_source(tls_port, tls)).await;
+    t.spawn();
+    Some((t, tls_port))
+}
+
 /// `writebehind check` on the setup's configuration with its `[source]` lines replaced.
 fn check_with_source(t: &Setup, source: &str) -> (bool, String) {
     let path = t.dir.path().join("writebehind.toml");
@@ -55,16 +65,9 @@ fn check_with_source(t: &Setup, source: &str) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_recipe_with_acks_and_a_kill_9_over_tls() {
     let certs = TestCerts::generate();
-    let Some((redis, tls_port)) = tls_redis(&certs, false, &[]) else {
+    let Some((mut t, _)) = setup(&certs, false, &ca_line(&certs)).await else {
         return;
     };
-    let mut t = Setup::start_with_source(
-        redis,
-        support::SHARED_MARIADB,
-        &tls_source(tls_port, &ca_line(&certs)),
-    )
-    .await;
-    t.spawn();
     t.redis(&[
         "HSET",
         "person:1",
@@ -97,16 +100,9 @@ async fn the_recipe_with_acks_and_a_kill_9_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_works_and_a_wrong_ca_or_plain_text_is_refused() {
     let certs = TestCerts::generate();
-    let Some((redis, tls_port)) = tls_redis(&certs, true, &[]) else {
+    let Some((mut t, tls_port)) = setup(&certs, true, &client_lines(&certs)).await else {
         return;
     };
-    let mut t = Setup::start_with_source(
-        redis,
-        support::SHARED_MARIADB,
-        &tls_source(tls_port, &client_lines(&certs)),
-    )
-    .await;
-    t.spawn();
     t.redis(&["HSET", "person:1", "first_name", "m", "#", "=t1"])
         .await;
     assert_eq!(t.ack("person:1", "t1").await, done());

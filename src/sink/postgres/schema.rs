@@ -476,8 +476,12 @@ pub async fn read_all(
                 continue;
             }
         }
-        let found = match read_table(client, &mapping.table).await {
-            Ok(found) => found,
+        let read = async {
+            let found = read_table(client, &mapping.table).await?;
+            Ok::<_, tokio_postgres::Error>((found, copy_allowed(client, &mapping.table).await?))
+        };
+        let (found, direct_copy) = match read.await {
+            Ok(read) => read,
             Err(e) => {
                 problems.push(SchemaProblem::Unreadable {
                     mapping: mapping.name.clone(),
@@ -502,17 +506,6 @@ pub async fn read_all(
         match TableSchema::build(mapping, &infos) {
             Ok(schema) => {
                 problems.extend(missing_grants(client, mapping).await);
-                let direct_copy = match copy_allowed(client, &mapping.table).await {
-                    Ok(allowed) => allowed,
-                    Err(e) => {
-                        problems.push(SchemaProblem::Unreadable {
-                            mapping: mapping.name.clone(),
-                            table: mapping.table.clone(),
-                            message: super::message(&e),
-                        });
-                        continue;
-                    }
-                };
                 let Some(table) = TableTypes::of(&schema, &found, direct_copy) else {
                     continue;
                 };
