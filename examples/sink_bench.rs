@@ -1,6 +1,7 @@
 //! Sink benchmark: rows per second written by the MySQL/MariaDB sink at several batch sizes,
 //! and at 1,000 rows per batch in 2 and 4 partitions, next to `LOAD DATA LOCAL INFILE` of the
-//! same rows into the same table, in the same run.
+//! same rows into the same table, in the same run; and `LOAD DATA` in 1,000-row transactions,
+//! the ceiling of any design that commits each batch.
 //! Used by `scripts/bench-sink.sh`; prints one `key=value` line per figure.
 //!
 //! Usage: `sink_bench <mysql://user@host:port/database> [rows]`
@@ -35,7 +36,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     for (id, first, last, age) in &data {
         tsv.push_str(&format!("{id}\t{first}\t{last}\t{age}\n"));
     }
-    let payload = Bytes::from(tsv);
+    let payload = Bytes::from(tsv.clone());
     conn.set_infile_handler(
         async move { Ok(futures_util::stream::iter(vec![Ok(payload)]).boxed()) },
     );
@@ -46,6 +47,30 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let load_rate = rows as f64 / load_seconds;
     println!("rows={rows}");
     println!("load_data_rows_per_second={load_rate:.0}");
+    // The ceiling for a transaction per batch: LOAD DATA of 1,000 rows per transaction.
+    reset(&mut conn).await?;
+    let lines: Vec<&str> = tsv.lines().collect();
+    let started = Instant::now();
+    for chunk in lines.chunks(1_000) {
+        let mut part = chunk.join("\n");
+        part.push('\n');
+        let payload = Bytes::from(part);
+        conn.set_infile_handler(async move {
+            Ok(futures_util::stream::iter(vec![Ok(payload)]).boxed())
+        });
+        conn.query_drop("START TRANSACTION").await?;
+        conn.query_drop(
+            "LOAD DATA LOCAL INFILE 'rows.tsv' INTO TABLE wb_bench (id, first, last, age)",
+        )
+        .await?;
+        conn.query_drop("COMMIT").await?;
+    }
+    let rate = rows as f64 / started.elapsed().as_secs_f64();
+    println!("load_data_1000_per_transaction_rows_per_second={rate:.0}");
+    println!(
+        "load_data_1000_per_transaction_ratio_to_load_data={:.2}",
+        rate / load_rate
+    );
 
     let mappings = bench_rows::mappings(&url)?;
     let no_hook: BeforeCommit = std::sync::Arc::new(|_| Ok(()));
