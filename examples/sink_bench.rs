@@ -76,30 +76,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let no_hook: BeforeCommit = std::sync::Arc::new(|_| Ok(()));
     for batch_size in [100usize, 1_000, 5_000] {
         reset(&mut conn).await?;
-        let mut sink = Sink::connect("bench", &url).await?;
-        let schemas = sink.prepare(&mappings).await.map_err(|p| {
-            p.iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        })?;
-        let started = Instant::now();
-        let mut seq = 0u64;
-        for chunk in data.chunks(batch_size) {
-            let writes = chunk
-                .iter()
-                .map(|row| {
-                    seq += 1;
-                    bench_rows::upsert(seq, row)
-                })
-                .collect();
-            let batch = bench_rows::batch(writes, seq, vec!["bench".into()]);
-            let rejected = sink.apply(&schemas, &batch, &no_hook).await?;
-            if !rejected.is_empty() {
-                return Err(format!("rows refused: {rejected:?}").into());
-            }
-        }
-        let rate = rows as f64 / started.elapsed().as_secs_f64();
+        let rate = bench_rows::sink_rate(&url, &mappings, &data, batch_size).await?;
         println!("sink_batch_{batch_size}_rows_per_second={rate:.0}");
         println!(
             "sink_batch_{batch_size}_ratio_to_load_data={:.2}",

@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::SinkExt;
-use writebehind::sink::{BeforeCommit, Destination, Sink};
 
 mod bench_rows;
 
@@ -75,7 +74,6 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // written to over TLS (`sslmode=prefer`, the default).
     let url = format!("{url}?sslmode=disable");
     let mappings = bench_rows::mappings(&url)?;
-    let no_hook: BeforeCommit = std::sync::Arc::new(|_| Ok(()));
     // The last pass writes the same rows again: every row exists, every write an update.
     for (batch_size, updates) in [
         (100usize, false),
@@ -87,30 +85,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         if !updates {
             client.batch_execute(CREATE).await?;
         }
-        let mut sink = Sink::connect("bench", &url).await?;
-        let schemas = sink.prepare(&mappings).await.map_err(|p| {
-            p.iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        })?;
-        let started = Instant::now();
-        let mut seq = 0u64;
-        for chunk in data.chunks(batch_size) {
-            let writes = chunk
-                .iter()
-                .map(|row| {
-                    seq += 1;
-                    bench_rows::upsert(seq, row)
-                })
-                .collect();
-            let batch = bench_rows::batch(writes, seq, vec!["bench".into()]);
-            let rejected = sink.apply(&schemas, &batch, &no_hook).await?;
-            if !rejected.is_empty() {
-                return Err(format!("rows refused: {rejected:?}").into());
-            }
-        }
-        let rate = rows as f64 / started.elapsed().as_secs_f64();
+        let rate = bench_rows::sink_rate(&url, &mappings, &data, batch_size).await?;
         let name = match updates {
             true => format!("sink_batch_{batch_size}_updates"),
             false => format!("sink_batch_{batch_size}"),

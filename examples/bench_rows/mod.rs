@@ -79,3 +79,44 @@ pub fn batch(writes: Vec<RowWrite>, last_seq: u64, rows: Vec<String>) -> SinkBat
         retire_rows: Vec::new(),
     }
 }
+
+/// Rows per second the sink of `url` writes `data` at, in batches of `batch_size` upserts
+/// (each a transaction, as the runner commits them).
+pub async fn sink_rate(
+    url: &str,
+    mappings: &[Mapping],
+    data: &[Row],
+    batch_size: usize,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    use writebehind::sink::{BeforeCommit, Destination, Sink};
+    let no_hook: BeforeCommit = std::sync::Arc::new(|_| Ok(()));
+    let mut sink = Sink::connect("bench", url).await?;
+    let schemas = sink.prepare(mappings).await.map_err(|p| {
+        p.iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    let started = std::time::Instant::now();
+    let mut seq = 0u64;
+    for chunk in data.chunks(batch_size) {
+        let writes = chunk
+            .iter()
+            .map(|row| {
+                seq += 1;
+                upsert(seq, row)
+            })
+            .collect();
+        let rejected = sink
+            .apply(
+                &schemas,
+                &batch(writes, seq, vec!["bench".into()]),
+                &no_hook,
+            )
+            .await?;
+        if !rejected.is_empty() {
+            return Err(format!("rows refused: {rejected:?}").into());
+        }
+    }
+    Ok(data.len() as f64 / started.elapsed().as_secs_f64())
+}

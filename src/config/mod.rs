@@ -701,6 +701,11 @@ color = "color"
             Config::parse(&text, &env).map_err(|e| e.to_string())
         };
         assert!(with("url = \"rediss://127.0.0.1:6379\"").is_ok());
+        // The scheme decides, in any case.
+        assert!(
+            with("url = \"REDISS://127.0.0.1:6379\"\n[source.tls]\nserver_name = \"redis\"")
+                .is_ok()
+        );
         let cases = [
             (
                 "url = \"redis://127.0.0.1:6379\"\n[source.tls]\nserver_name = \"redis\"",

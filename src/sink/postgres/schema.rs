@@ -339,8 +339,9 @@ async fn copy_allowed(client: &Client, table: &str) -> Result<bool, tokio_postgr
     }
 }
 
-/// Reads one table's columns (empty: no such table).
-async fn read_table(client: &Client, table: &str) -> Result<Found, tokio_postgres::Error> {
+/// Reads one table's columns (empty: no such table) and whether `COPY` may write its new rows
+/// (`copy_allowed`).
+async fn read_table(client: &Client, table: &str) -> Result<(Found, bool), tokio_postgres::Error> {
     let rows = client.query(COLUMNS, &[&qualified(table)]).await?;
     let mut found = HashMap::new();
     for row in rows {
@@ -362,7 +363,7 @@ async fn read_table(client: &Client, table: &str) -> Result<Found, tokio_postgre
         };
         found.insert(name, (info, row.try_get(5)?, column));
     }
-    Ok(found)
+    Ok((found, copy_allowed(client, table).await?))
 }
 
 /// `CREATE TABLE IF NOT EXISTS` with the key column as a `TEXT` primary key and every mapped
@@ -432,14 +433,7 @@ async fn missing_grants(client: &Client, mapping: &Mapping) -> Vec<SchemaProblem
 pub async fn types_of(client: &Client, schemas: &[TableSchema]) -> Result<Vec<TableTypes>, String> {
     let mut types = Vec::with_capacity(schemas.len());
     for schema in schemas {
-        let found = read_table(client, &schema.table).await.map_err(|e| {
-            format!(
-                "cannot read table `{}`: {}",
-                schema.table,
-                super::message(&e)
-            )
-        })?;
-        let direct_copy = copy_allowed(client, &schema.table).await.map_err(|e| {
+        let (found, direct_copy) = read_table(client, &schema.table).await.map_err(|e| {
             format!(
                 "cannot read table `{}`: {}",
                 schema.table,
@@ -476,11 +470,7 @@ pub async fn read_all(
                 continue;
             }
         }
-        let read = async {
-            let found = read_table(client, &mapping.table).await?;
-            Ok::<_, tokio_postgres::Error>((found, copy_allowed(client, &mapping.table).await?))
-        };
-        let (found, direct_copy) = match read.await {
+        let (found, direct_copy) = match read_table(client, &mapping.table).await {
             Ok(read) => read,
             Err(e) => {
                 problems.push(SchemaProblem::Unreadable {
