@@ -8,6 +8,8 @@
 //! `INSERT ... ON DUPLICATE KEY UPDATE` of the same row into the same database.
 //!
 //! Usage: ack_latency <redis-url> <mysql-url> [writes-per-second] [seconds]
+//! With `LATENCY_CSV=file`, both latency distributions are written there (per mille, ack ms,
+//! write-through ms), for the script's plot.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -151,6 +153,18 @@ async fn main() {
     })
     .await;
 
+    if let Ok(path) = std::env::var("LATENCY_CSV") {
+        let mut csv = String::from("per_mille,ack_ms,write_through_ms\n");
+        for per_mille in 0..=1000 {
+            let p = f64::from(per_mille) / 1000.0;
+            csv.push_str(&format!(
+                "{per_mille},{:.3},{:.3}\n",
+                percentile(&acked, p),
+                percentile(&reference, p)
+            ));
+        }
+        std::fs::write(&path, csv).expect("write LATENCY_CSV");
+    }
     let (a50, a99) = (percentile(&acked, 0.50), percentile(&acked, 0.99));
     let (r50, r99) = (percentile(&reference, 0.50), percentile(&reference, 0.99));
     println!("rate {rate} writes/s for {seconds} s");

@@ -6,13 +6,16 @@
 # Not a test: it measures.
 #
 # Usage: scripts/bench-ack.sh [writes-per-second] [seconds]   (default 1000 for 10 s)
+#        OUT=dir: where ack-latency.csv and ack-latency.png go (default bench-out): both latency
+#        distributions, by percentile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rate="${1:-1000}"
 seconds="${2:-10}"
 work="$(mktemp -d /var/tmp/writebehind-ack-bench.XXXXXX)"
 database="wb_ack_bench_$$"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/bench-common.sh
+bench_out "${OUT:-}"
 port=$(free_port); admin=$(free_port)
 service_pid=""
 cleanup() {
@@ -57,5 +60,20 @@ service_pid=$!
 ready() { python3 -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:$admin/ready').status == 200 else 1)" 2>/dev/null; }
 for _ in $(seq 1 300); do ready && break; sleep 0.1; done
 ready || { echo "the service did not become ready"; cat "$work/service.log"; exit 1; }
-"$target/examples/ack_latency" "redis://127.0.0.1:$port" "mysql://root@127.0.0.1:3306/$database" "$rate" "$seconds"
+LATENCY_CSV="$out/ack-latency.csv" "$target/examples/ack_latency" "redis://127.0.0.1:$port" "mysql://root@127.0.0.1:3306/$database" "$rate" "$seconds"
+if command -v gnuplot >/dev/null; then
+  gnuplot <<GP
+set terminal pngcairo size 900,480
+set output "$out/ack-latency.png"
+set datafile separator ","
+set title "bench-ack: latency at $rate writes/s for $seconds s, by percentile"
+set xlabel "percentile"
+set ylabel "ms (log scale)"
+set logscale y
+set key top left
+set grid
+plot "$out/ack-latency.csv" using (\$1/10):2 skip 1 with lines lw 2 title "ack (HSET # =uuid until XREAD sees the ack)", \
+     "" using (\$1/10):3 skip 1 with lines lw 2 title "synchronous write-through (HSET, then INSERT)"
+GP
+fi
 echo "rows written by the service: $(mariadb --protocol=tcp -h127.0.0.1 -uroot -N -e "SELECT COUNT(*) FROM $database.persons")"

@@ -9,12 +9,15 @@
 # Usage: scripts/bench-capture.sh [commands]   (default 1000000 HSETs, pipeline 32)
 #        TLS=1 scripts/bench-capture.sh ...     (the replica and the service replicate over TLS:
 #        a CA and a server certificate made with openssl, the primary's --tls-port)
+#        OUT=dir: where capture-positions.csv and capture-positions.png go (default bench-out):
+#        the positions of the service and the replica's offset every 0.2 s through the burst.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 commands="${1:-1000000}"
 work="$(mktemp -d /var/tmp/writebehind-capture-bench.XXXXXX)"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-primary=$(free_port); replica=$(free_port)
+. scripts/bench-common.sh
+bench_out "${OUT:-}"
+primary=$(free_port); replica=$(free_port); admin=$(free_port)
 service_pid=""
 cleanup() {
   if [ -n "$service_pid" ]; then kill -9 "$service_pid" 2>/dev/null; wait "$service_pid" 2>/dev/null; fi || true
@@ -53,6 +56,8 @@ $source
 [buffer]
 path = "$work/buffer"
 mirror_cache_mb = ${MIRROR_CACHE_MB:-128}
+[admin]
+listen = "127.0.0.1:$admin"
 [backends.db]
 url = "sqlite://$work/unused.db"
 [[mappings]]
@@ -89,6 +94,8 @@ if [ -n "${PERF_OUT:-}" ]; then  # PERF_OUT=file: profile the service through th
   perf record -F 499 --call-graph dwarf,16384 -o "$PERF_OUT" -p "$service_pid" >/dev/null 2>&1 &
   perf_pid=$!
 fi
+sample_positions "$admin" "$service_pid" "$out/capture-positions.csv" "$primary" "$replica" &
+sampler=$!
 start=$(date +%s.%N)
 redis-benchmark -p "$primary" -q -n "$commands" -P 32 -r 100000 \
   HSET person2:__rand_int__ first_name John last_name Doe age 42 >/dev/null
@@ -108,6 +115,9 @@ for _ in $(seq 1 6000); do
 done
 [ -n "$wb_done" ] || { echo "writebehind did not catch up"; exit 1; }
 if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
+sleep 0.3
+kill "$sampler" 2>/dev/null || true
+plot_positions "$out/capture-positions.csv" "$out/capture-positions.png" "bench-capture: $commands HSETs, capture only (received/buffered) and a real replica"
 # CPU the service used (user + system), from its start: the cost per command, whatever the
 # machine's contention.
 read -r utime stime < <(awk '{print $14, $15}' "/proc/$service_pid/stat")

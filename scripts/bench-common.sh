@@ -57,30 +57,84 @@ cleanup_bench() {
   rm -rf "$work"
 }
 
-# sample_positions ADMIN_PORT SERVICE_PID CSV: every 0.2 s until killed, the positions from the
-# admin endpoint's metrics and the service's RSS, one CSV line each (time in seconds from the
-# first sample). Run it in the background.
+# bench_out DIR: the directory a script writes its CSV timelines and PNG plots into (created;
+# `bench-out` by default, which git ignores); sets `out`.
+bench_out() {
+  out="$(realpath -m "${1:-bench-out}")"
+  mkdir -p "$out"
+}
+
+# sample_positions ADMIN_PORT SERVICE_PID CSV [PRIMARY_PORT] [REPLICA_PORT]: every 0.2 s until
+# killed, one CSV line from the admin endpoint's metrics and the service's RSS: the positions,
+# the lag, the changes captured (`changes_total`, all mappings), the rows the sinks wrote
+# (`sink_batch_rows_sum`) and, with REPLICA_PORT, a real replica's offset (time in seconds from
+# the first sample). With PRIMARY_PORT the primary's offset is read from the primary itself (the
+# service samples it about once a second) and the lag is computed from it: primary minus
+# applied (buffered without a backend). Run it in the background.
 sample_positions() {
-  local admin=$1 pid=$2 csv=$3 started
+  local admin=$1 pid=$2 csv=$3 primary_port=${4:-} replica=${5:-} started
   started=$(date +%s.%N)
-  echo "seconds,primary,received,buffered,applied,acked,lag_bytes,rss_mb" >"$csv"
+  echo "seconds,primary,received,buffered,applied,acked,lag_bytes,rss_mb,changes,rows_written,replica" >"$csv"
   while kill -0 "$pid" 2>/dev/null; do
+    local replica_offset="" primary_offset=""
+    if [ -n "$primary_port" ]; then
+      primary_offset=$(redis-cli -p "$primary_port" info replication 2>/dev/null | tr -d '\r' | sed -n 's/^master_repl_offset://p')
+    fi
+    if [ -n "$replica" ]; then
+      replica_offset=$(redis-cli -p "$replica" info replication 2>/dev/null | tr -d '\r' | sed -n 's/^slave_repl_offset://p')
+    fi
     curl -sf "http://127.0.0.1:$admin/metrics" | awk -v t="$(date +%s.%N)" -v s="$started" \
-      -v rss="$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null)" '
+      -v rss="$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null)" -v rep="$replica_offset" -v prim="$primary_offset" '
       $1 == "writebehind_primary_offset_bytes" { p = $2 }
       $1 == "writebehind_position_received_bytes" { r = $2 }
       $1 == "writebehind_position_buffered_bytes" { b = $2 }
       $1 ~ /^writebehind_position_applied_bytes/ { a = $2 }
       $1 == "writebehind_position_acked_bytes" { k = $2 }
       $1 == "writebehind_lag_bytes" { l = $2 }
-      END { printf "%.2f,%s,%s,%s,%s,%s,%s,%.1f\n", t - s, p, r, b, a, k, l, rss / 1024 }' >>"$csv" || true
+      $1 ~ /^writebehind_changes_total/ { c += $2 }
+      $1 ~ /^writebehind_sink_batch_rows_sum/ { w += $2 }
+      END {
+        if (prim != "") { p = prim; l = p - (a != "" ? a : b); if (l < 0) l = 0 }
+        printf "%.2f,%s,%s,%s,%s,%s,%s,%.1f,%d,%d,%s\n", t - s, p, r, b, a, k, l, rss / 1024, c, w, rep }' >>"$csv" || true
     sleep 0.2
   done
 }
 
-# plot_positions CSV PNG TITLE: positions (MB of stream) and RSS over time, with gnuplot when
-# it is installed (apt-get install gnuplot-nox).
+# plot_positions CSV PNG TITLE: from a sample_positions CSV, the positions (MB of stream; a real
+# replica's too when sampled) over time, and below them the lag and the RSS, with gnuplot when it
+# is installed (apt-get install gnuplot-nox).
 plot_positions() {
+  command -v gnuplot >/dev/null || { echo "(gnuplot not installed: no plot)"; return 0; }
+  local replica_line=""
+  if awk -F, 'NR > 1 && $11 != "" { found = 1 } END { exit !found }' "$1"; then
+    replica_line=', "" using 1:($11/1e6) skip 1 with lines dt 3 lw 2 title "real replica"'
+  fi
+  gnuplot <<GP
+set terminal pngcairo size 900,640
+set output "$2"
+set datafile separator ","
+set multiplot layout 2,1 title "$3"
+set key top left
+set ylabel "stream position (MB)"
+plot "$1" using 1:(\$2/1e6) skip 1 with lines lw 2 title "primary", \
+     "" using 1:(\$3/1e6) skip 1 with lines title "received", \
+     "" using 1:(\$4/1e6) skip 1 with lines title "buffered", \
+     "" using 1:(\$5/1e6) skip 1 with lines lw 2 title "applied", \
+     "" using 1:(\$6/1e6) skip 1 with lines title "acked"$replica_line
+set xlabel "seconds"
+set ylabel "lag (MB of stream)"
+set y2label "RSS (MB)"
+set y2tics
+set ytics nomirror
+plot "$1" using 1:(\$7/1e6) skip 1 with lines lw 2 title "lag (primary - applied)", \
+     "" using 1:8 skip 1 axes x1y2 with lines dt 2 title "RSS (right)"
+unset multiplot
+GP
+}
+
+# plot_progress CSV PNG TITLE: from a sample_positions CSV, the changes captured and the rows
+# written over time (thousands), with the RSS on the right axis.
+plot_progress() {
   command -v gnuplot >/dev/null || { echo "(gnuplot not installed: no plot)"; return 0; }
   gnuplot <<GP
 set terminal pngcairo size 900,480
@@ -88,16 +142,32 @@ set output "$2"
 set datafile separator ","
 set key top left
 set xlabel "seconds"
-set ylabel "stream position (MB)"
+set ylabel "thousands"
 set y2label "RSS (MB)"
 set y2tics
+set ytics nomirror
 set title "$3"
-plot "$1" using 1:(\$2/1e6) skip 1 with lines lw 2 title "primary", \
-     "" using 1:(\$3/1e6) skip 1 with lines title "received", \
-     "" using 1:(\$4/1e6) skip 1 with lines title "buffered", \
-     "" using 1:(\$5/1e6) skip 1 with lines lw 2 title "applied", \
-     "" using 1:(\$6/1e6) skip 1 with lines title "acked", \
+plot "$1" using 1:(\$9/1e3) skip 1 with lines lw 2 title "changes captured", \
+     "" using 1:(\$10/1e3) skip 1 with lines lw 2 title "rows written", \
      "" using 1:8 skip 1 axes x1y2 with lines dt 2 title "RSS (right)"
+GP
+}
+
+# plot_bars DATA PNG TITLE YLABEL: a bar chart of "label value" lines (one bar each).
+plot_bars() {
+  command -v gnuplot >/dev/null || { echo "(gnuplot not installed: no plot)"; return 0; }
+  gnuplot <<GP
+set terminal pngcairo size 900,480
+set output "$2"
+set title "$3"
+set ylabel "$4"
+set style fill solid 0.6
+set boxwidth 0.6
+set yrange [0:*]
+set xtics rotate by -20
+set grid ytics
+plot "$1" using 0:2:xtic(1) with boxes notitle, \
+     "" using 0:2:(sprintf("%.2f", \$2)) with labels offset 0,0.7 notitle
 GP
 }
 

@@ -15,11 +15,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 commands="${1:-1000000}"
 partitions="${2:-1}"
-out="$(realpath -m "${3:-bench-out}")"
-mkdir -p "$out"
 work="$(mktemp -d /var/tmp/writebehind-e2e-bench.XXXXXX)"
 database="wb_bench_e2e_$$"
 . scripts/bench-common.sh
+bench_out "${3:-${OUT:-}}"
 primary=$(free_port)
 service_pid=""
 trap cleanup_bench EXIT
@@ -41,7 +40,7 @@ until has_row ready; do
 done
 
 echo "== burst: $commands HSETs (3 fields) over 100000 keys, pipeline 32, into MariaDB, $partitions partition(s)"
-sample_positions "$admin" "$service_pid" "$out/e2e-positions.csv" &
+sample_positions "$admin" "$service_pid" "$out/e2e-positions.csv" "$primary" &
 sampler=$!
 start=$(date +%s.%N)
 redis-benchmark -p "$primary" -q -n "$commands" -P 32 -r 100000 \

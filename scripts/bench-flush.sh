@@ -9,12 +9,15 @@
 # Not a test: it measures.
 #
 # Usage: scripts/bench-flush.sh [keys]   (default 1000000)
+#        OUT=dir: where flush-progress.csv and flush-progress.png go (default bench-out): changes
+#        captured, rows written and RSS every 0.2 s through the load and the flush.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 keys="${1:-1000000}"
 work="$(mktemp -d /var/tmp/writebehind-flush-bench.XXXXXX)"
 database="wb_bench_flush_$$"
 . scripts/bench-common.sh
+bench_out "${OUT:-}"
 primary=$(free_port)
 service_pid=""
 trap cleanup_bench EXIT
@@ -32,6 +35,8 @@ admin=$(free_port)
 printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$admin" >>"$work/writebehind.toml"
 RUST_LOG=warn "$bin" run --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
 service_pid=$!
+sample_positions "$admin" "$service_pid" "$out/flush-progress.csv" "$primary" &
+sampler=$!
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$service_pid/status"; }
 rows() { sql "SELECT COUNT(*) FROM $database.person1" 2>/dev/null || echo 0; }
 
@@ -66,6 +71,9 @@ done
 echo "memory_at_peak_mb: $at_peak"
 echo "sink_batch_rows: $(curl -sf "http://127.0.0.1:$admin/metrics" | grep -E "^writebehind_sink_batch_rows_(count|sum|bucket.*le=.(5000|\\+Inf))" | tr '\n' ' ')"
 flush_end=$(date +%s.%N)
+sleep 0.3
+kill "$sampler" 2>/dev/null || true
+plot_progress "$out/flush-progress.csv" "$out/flush-progress.png" "bench-flush: $keys hashes loaded into MariaDB, then FLUSHALL"
 hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$service_pid/status")
 python3 - "$keys" "$load_start" "$load_end" "$flush_start" "$flush_end" "$rss_before" "$peak" "$hwm" <<'PY'
 import sys

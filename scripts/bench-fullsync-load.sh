@@ -12,6 +12,7 @@
 #
 # Usage: scripts/bench-fullsync-load.sh [keys] [value-bytes] [writes-per-second]
 #        (default 1000000 1000 20000)
+#        OUT=dir: where the output buffers over time go, as CSV and fullsync-load.png (default bench-out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 keys="${1:-1000000}"
@@ -20,6 +21,7 @@ rate="${3:-20000}"
 work="$(mktemp -d /var/tmp/writebehind-fullsync-bench.XXXXXX)"
 database=""
 . scripts/bench-common.sh
+bench_out "${OUT:-}"
 primary=$(free_port)
 replica=$(free_port)
 service_pid=""
@@ -55,10 +57,12 @@ full_syncs() { redis-cli -p "$primary" info stats | tr -d '\r' | sed -n 's/^sync
 # SYNCS, peak output buffer (MB).
 follow() {
   local name=$1 pattern=$2 start=$3 syncs_before=$4 limit=600 peak=0 omem line target="" acked
+  echo "seconds,output_buffer_mb" >"$out/fullsync-$name.csv"
   while :; do
     line=$(redis-cli -p "$primary" info replication | tr -d '\r' | grep "^slave" | grep "$pattern" || true)
     omem=$(redis-cli -p "$primary" client list type replica | { grep -o 'omem=[0-9]*' || true; } | cut -d= -f2 | sort -n | tail -1)
     [ -n "$omem" ] && [ "$omem" -gt "$peak" ] && peak=$omem
+    echo "$(python3 -c "print(round($(date +%s.%N) - $start, 1))"),$(( ${omem:-0} / 1000000 ))" >>"$out/fullsync-$name.csv"
     if [ -z "$target" ] && [[ "$line" == *state=online* ]]; then
       target=$(redis-cli -p "$primary" info replication | tr -d '\r' | sed -n 's/^master_repl_offset://p')
       echo "${name}_online_seconds=$(python3 -c "print(round($(date +%s.%N) - $start, 1))")"
@@ -96,3 +100,17 @@ redis-server --port "$replica" --bind 127.0.0.1 --dir "$work/replica" --save '' 
   --replicaof 127.0.0.1 "$primary" --daemonize yes --logfile "$work/replica.log"
 follow replica "port=$replica," "$start" "$syncs"
 echo "primary_dropped_replicas=$(grep -c 'scheduled to be closed ASAP for overcoming of output buffer limits' "$work/primary-$primary.log" || true)"
+if command -v gnuplot >/dev/null; then
+  gnuplot <<GP
+set terminal pngcairo size 900,480
+set output "$out/fullsync-load.png"
+set datafile separator ","
+set title "bench-fullsync-load: the primary's output buffer for each replica through its full sync ($keys keys, $rate writes/s)"
+set xlabel "seconds from the replica's start"
+set ylabel "output buffer (MB)"
+set key top left
+plot "$out/fullsync-writebehind.csv" using 1:2 skip 1 with lines lw 2 title "writebehind", \\
+     "$out/fullsync-replica.csv" using 1:2 skip 1 with lines lw 2 title "real replica", \\
+     268.4 with lines dt 2 title "client-output-buffer-limit replica: 256mb hard"
+GP
+fi

@@ -6,6 +6,8 @@
 # Not a test: it measures.
 #
 # Usage: scripts/bench-load.sh [keys] [partitions]   (default 500000 1)
+#        OUT=dir: where load-progress.csv and load-progress.png go (default bench-out): changes
+#        captured, rows written and RSS every 0.2 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 keys="${1:-500000}"
@@ -13,7 +15,8 @@ partitions="${2:-1}"
 work="$(mktemp -d /var/tmp/writebehind-load-bench.XXXXXX)"
 database="wb_bench_load_$$"
 . scripts/bench-common.sh
-primary=$(free_port)
+bench_out "${OUT:-}"
+primary=$(free_port); admin=$(free_port)
 service_pid=""
 trap cleanup_bench EXIT
 build_release
@@ -39,10 +42,13 @@ for ((from = 1; from <= keys; from += 100000)); do
   redis-cli -p "$primary" eval "for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do redis.call('HSET', 'person2:' .. i, 'first_name', 'John', 'last_name', 'Doe', 'age', '42') end" 0 "$from" "$to" >/dev/null
 done
 write_config "$work/writebehind.toml" "$primary" "$work/buffer" "mysql://root@127.0.0.1:3306/$database" "$partitions"
+printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$admin" >>"$work/writebehind.toml"
 has_row() { [ "$(sql "SELECT COUNT(*) FROM $database.person1 WHERE id = '$1'" 2>/dev/null || echo 0)" = 1 ]; }
 start=$(date +%s.%N)
 RUST_LOG=warn "$bin" run --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
 service_pid=$!
+sample_positions "$admin" "$service_pid" "$out/load-progress.csv" "$primary" &
+sampler=$!
 # Written once the snapshot is delivered (the replica is `online`): it is then in the stream,
 # after the snapshot, not in it.
 until redis-cli -p "$primary" info replication | grep -q '^slave0:.*state=online'; do
@@ -55,6 +61,9 @@ until has_row marker; do
   sleep 0.1
 done
 done_at=$(date +%s.%N)
+sleep 0.3
+kill "$sampler" 2>/dev/null || true
+plot_progress "$out/load-progress.csv" "$out/load-progress.png" "bench-load: initial load of $keys hashes into MariaDB, $partitions partition(s)"
 rows=$(sql "SELECT COUNT(*) FROM $database.person1")
 read -r utime stime < <(awk '{print $14, $15}' "/proc/$service_pid/stat")
 hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$service_pid/status")

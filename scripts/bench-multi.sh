@@ -8,12 +8,15 @@
 # Not a test: it measures.
 #
 # Usage: scripts/bench-multi.sh [commands]   (default 1000000)
+#        OUT=dir: where multi-progress.csv and multi-progress.png go (default bench-out): changes
+#        captured, rows written and RSS every 0.2 s through both phases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 commands="${1:-1000000}"
 work="$(mktemp -d /var/tmp/writebehind-multi-bench.XXXXXX)"
 database="wb_bench_multi_$$"
 . scripts/bench-common.sh
+bench_out "${OUT:-}"
 primary=$(free_port)
 service_pid=""
 on_exit() {
@@ -33,6 +36,8 @@ admin=$(free_port)
 printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$admin" >>"$work/writebehind.toml"
 RUST_LOG=warn "$bin" run --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
 service_pid=$!
+sample_positions "$admin" "$service_pid" "$out/multi-progress.csv" "$primary" &
+sampler=$!
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$service_pid/status"; }
 rows() { sql "SELECT COUNT(*) FROM $database.person1" 2>/dev/null || echo 0; }
 memory_parts() {
@@ -76,6 +81,9 @@ redis-cli -p "$primary" eval "for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do re
 writer=$!
 measure transaction "$((2 * commands))"
 wait "$writer"
+sleep 0.3
+kill "$sampler" 2>/dev/null || true
+plot_progress "$out/multi-progress.csv" "$out/multi-progress.png" "bench-multi: $commands HSETs one by one, then $commands in one script (one MULTI)"
 echo "commands=$commands"
 python3 -c "print(f'ratio_transaction_to_separate_growth={max($transaction_growth_kb, 1) / max($separate_growth_kb, 1):.1f}')"
 grep -i error "$work/writebehind.log" | head -5 || true

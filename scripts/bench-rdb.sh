@@ -4,6 +4,7 @@
 # over the same file, and prints both with the ratio. Not a test: it measures.
 #
 # Usage: scripts/bench-rdb.sh [hashes]   (default 4500000 hashes of 10 fields, about 1.1 GB)
+#        OUT=dir: where a bar chart of the two times goes (default bench-out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 hashes="${1:-4500000}"
@@ -76,3 +77,7 @@ python3 -c "
 ours=$ours; redis=$redis_seconds
 print(f'ratio_decode_time_to_redis_load={ours/redis:.2f} (below 1: faster than redis-server loading the file)')
 "
+. scripts/bench-common.sh
+bench_out "${OUT:-}"
+printf '"redis-server loads the file" %s\n"writebehind decodes it" %s\n' "$redis_seconds" "$ours" >"$out/rdb-decode.dat"
+plot_bars "$out/rdb-decode.dat" "$out/rdb-decode.png" "bench-rdb: $hashes hashes, $((size / 1000000)) MB of RDB" "seconds"

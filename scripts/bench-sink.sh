@@ -2,6 +2,7 @@
 # Sink benchmark against the local MariaDB (a scratch database it creates and drops): upserts by
 # the MySQL sink at batch sizes 100, 1,000 and 5,000 rows, next to LOAD DATA LOCAL INFILE of the
 # same rows into the same table, with the ratios. Not a test: it measures.
+# OUT=dir: where the output and a bar chart of the ratios go (default bench-out).
 #
 # Usage: scripts/bench-sink.sh [rows] [mysql-url-of-server]   (default 200000, root@127.0.0.1:3306)
 set -euo pipefail
@@ -13,4 +14,9 @@ export ROCKSDB_LIB_DIR="${ROCKSDB_LIB_DIR:-/usr/lib/$(gcc -print-multiarch 2>/de
 mariadb --protocol=tcp -h127.0.0.1 -uroot -e "CREATE DATABASE $database"
 trap 'mariadb --protocol=tcp -h127.0.0.1 -uroot -e "DROP DATABASE IF EXISTS $database"' EXIT
 cargo build --release --example sink_bench >/dev/null 2>&1
-"${CARGO_TARGET_DIR:-target}/release/examples/sink_bench" "$server/$database" "$rows"
+. scripts/bench-common.sh
+bench_out "${OUT:-}"
+"${CARGO_TARGET_DIR:-target}/release/examples/sink_bench" "$server/$database" "$rows" | tee "$out/sink-ratios.txt"
+# The ratios as bars: each `<what>_ratio_to_<reference>=R` line is one bar.
+sed -n 's/^\(.*\)_ratio_to_[a-z_]*=\(.*\)$/"\1" \2/p' "$out/sink-ratios.txt" | tr '_' ' ' >"$out/sink-ratios.dat"
+plot_bars "$out/sink-ratios.dat" "$out/sink-ratios.png" "bench-sink.sh: $rows rows, rate as a ratio to one LOAD DATA of the same rows" "ratio"

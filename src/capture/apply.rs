@@ -21,7 +21,9 @@ use super::command::{FieldTtl, Write};
 use super::command_table::CommandTable;
 use super::mapping::{Mapping, Mappings};
 use super::ops::{apply_op, OpSeen};
-use super::rows::{mirror_value_from_dump, row_event, row_event_between, row_of, RowEvent};
+use super::rows::{
+    has_row, mirror_value_from_dump, row_event, row_event_between, row_of, RowEvent,
+};
 use super::working_set::WorkingSet;
 use crate::ack::OP_FIELD;
 use crate::buffer::{FieldValue, MirrorKind, MirrorValue, StoreError};
@@ -55,30 +57,76 @@ fn set_with_row(
     ws.set(db, key, after)
 }
 
+/// The fields of a hash, as a write changes them.
+type Fields = std::collections::BTreeMap<Bytes, FieldValue>;
+
+/// What a write did to the mapped fields of one hash: the value each mapped field had before the
+/// write first changed it. The row changed exactly when one of them differs afterwards (the
+/// other mapped fields were not touched), so no row image is built for a write that changes
+/// nothing mapped, which is most of them (a value set again, an unmapped field).
+struct MappedBefore<'m> {
+    mapping: &'m Mapping,
+    /// Column position and the value before the write.
+    saved: Vec<(usize, Option<Bytes>)>,
+}
+
+impl<'m> MappedBefore<'m> {
+    fn new(mapping: &'m Mapping) -> MappedBefore<'m> {
+        MappedBefore {
+            mapping,
+            saved: Vec::new(),
+        }
+    }
+
+    /// To be called before `field` changes its value or presence; `old` is what it holds.
+    fn changing(&mut self, field: &[u8], old: Option<&FieldValue>) {
+        if let Some(column) = self.mapping.column_of(field) {
+            if !self.saved.iter().any(|(c, _)| *c == column) {
+                self.saved.push((column, old.map(|f| f.value.clone())));
+            }
+        }
+    }
+
+    /// Whether a mapped value differs between before the write and `fields`.
+    fn row_changed(&self, fields: &Fields) -> bool {
+        self.saved.iter().any(|(column, old)| {
+            let field = &self.mapping.columns[*column].0;
+            fields.get(field).map(|f| &f.value) != old.as_ref()
+        })
+    }
+}
+
 /// `HSET`-like writes: each pair sets its field (unless `only_new` and it exists) with the TTL
 /// the write gives it.
 fn set_fields(
-    fields: &mut std::collections::BTreeMap<Bytes, FieldValue>,
+    fields: &mut Fields,
     pairs: &[(Bytes, Bytes)],
     only_new: bool,
     ttl: FieldTtl,
+    mapped: &mut MappedBefore,
 ) {
     for (field, value) in pairs {
         match fields.get_mut(field) {
             Some(_) if only_new => {}
             Some(old) => {
-                old.value = owned(value);
-                old.expire_at_ms = match ttl {
+                let expire_at_ms = match ttl {
                     FieldTtl::Clear => None,
                     FieldTtl::Keep => old.expire_at_ms,
                     FieldTtl::At(at) => Some(at),
                 };
+                old.expire_at_ms = expire_at_ms;
+                // The same value set again (common) is neither copied nor a row change.
+                if old.value != value {
+                    mapped.changing(field, Some(old));
+                    old.value = owned(value);
+                }
             }
             None => {
                 let expire_at_ms = match ttl {
                     FieldTtl::Clear | FieldTtl::Keep => None,
                     FieldTtl::At(at) => Some(at),
                 };
+                mapped.changing(field, None);
                 let value = owned(value);
                 fields.insert(
                     owned(field),
@@ -135,21 +183,25 @@ impl Applier<'_> {
                 only_new,
                 ttl,
             } => {
-                needs.op = self.update_hash(ws, db, key, command, out, |fields| {
-                    set_fields(fields, pairs, *only_new, *ttl)
+                needs.op = self.update_hash(ws, db, key, command, out, |fields, mapped| {
+                    set_fields(fields, pairs, *only_new, *ttl, mapped)
                 })?;
             }
             Write::DeleteFields { key, fields } => {
-                needs.op = self.update_hash(ws, db, key, command, out, |map| {
+                needs.op = self.update_hash(ws, db, key, command, out, |map, mapped| {
                     for field in fields {
-                        map.remove(field);
+                        if let Some(old) = map.get(field) {
+                            mapped.changing(field, Some(old));
+                            map.remove(field);
+                        }
                     }
                 })?;
             }
             Write::IncrementField { key, field, by } => {
-                needs.op = self.update_hash(ws, db, key, command, out, |fields| {
+                needs.op = self.update_hash(ws, db, key, command, out, |fields, mapped| {
                     let current = fields.get(field).and_then(|v| parse_i64(&v.value));
                     let value = Bytes::from(current.unwrap_or(0).wrapping_add(*by).to_string());
+                    mapped.changing(field, fields.get(field));
                     match fields.get_mut(field) {
                         Some(old) => old.value = value,
                         None => {
@@ -166,7 +218,8 @@ impl Applier<'_> {
                 })?;
             }
             Write::FieldExpiry { key, at, fields } => {
-                needs.op = self.update_hash(ws, db, key, command, out, |map| {
+                // A field's TTL is not in its row.
+                needs.op = self.update_hash(ws, db, key, command, out, |map, _| {
                     for field in fields {
                         if let Some(v) = map.get_mut(field) {
                             v.expire_at_ms = *at;
@@ -240,8 +293,9 @@ impl Applier<'_> {
             .is_some_and(|v| v.refreshed_through >= command.end)
     }
 
-    /// Changes the fields of a watched hash in place (no copy of the hash: only its row images
-    /// before and after are compared).
+    /// Changes the fields of a watched hash in place (no copy of the hash). `change` reports
+    /// each mapped field before it changes it ([`MappedBefore`]): the row changed when the hash
+    /// appeared or disappeared, or when one of those values differs afterwards.
     fn update_hash(
         &self,
         ws: &mut WorkingSet,
@@ -249,7 +303,7 @@ impl Applier<'_> {
         key: &Bytes,
         command: &Command,
         out: &mut Vec<RowEvent>,
-        change: impl FnOnce(&mut std::collections::BTreeMap<Bytes, FieldValue>),
+        change: impl FnOnce(&mut Fields, &mut MappedBefore),
     ) -> Result<Option<OpSeen>, StoreError> {
         let Some(mapping) = self.mappings.watching(db, key) else {
             return Ok(None);
@@ -258,13 +312,14 @@ impl Applier<'_> {
             return Ok(None);
         }
         let value = ws.get_mut(db, key)?;
-        let old_row = row_of(mapping, value);
+        let had_row = has_row(value);
         let hash = match value {
             Some(v) if v.kind == MirrorKind::Hash => v,
             // The command succeeded, so the key was a hash (or absent).
             _ => value.insert(MirrorValue::hash(self.generation)),
         };
-        change(&mut hash.fields);
+        let mut mapped = MappedBefore::new(mapping);
+        change(&mut hash.fields, &mut mapped);
         if self.ops && hash.fields.contains_key(OP_FIELD) {
             let after = std::mem::replace(hash, MirrorValue::hash(self.generation));
             let (intended, event, seen) = apply_op(mapping, db, key, after);
@@ -272,16 +327,20 @@ impl Applier<'_> {
             *value = intended;
             return Ok(Some(seen));
         }
-        if hash.fields.is_empty() {
+        let has_row = !hash.fields.is_empty();
+        let event = match (had_row, has_row) {
+            // Created, or a mapped value changed: the full image (`None` before forces it).
+            (false, true) => row_event_between(mapping, key, None, row_of(mapping, value), false),
+            (true, true) if mapped.row_changed(&hash.fields) => {
+                row_event_between(mapping, key, None, row_of(mapping, value), false)
+            }
+            (true, false) => row_event_between(mapping, key, Some(Vec::new()), None, false),
+            _ => None,
+        };
+        if !has_row {
             *value = None;
         }
-        out.extend(row_event_between(
-            mapping,
-            key,
-            old_row,
-            row_of(mapping, value),
-            false,
-        ));
+        out.extend(event);
         Ok(None)
     }
 

@@ -178,6 +178,45 @@ fn hash_commands_give_full_row_images() {
     );
 }
 
+/// A row event exactly when the mapped image changes: a value set again, a mapped field set
+/// and set back within one command, an unmapped field, a field's TTL or an absent field deleted
+/// change nothing; a mapped field set to another value, created or deleted does.
+#[test]
+fn a_row_event_comes_exactly_when_the_mapped_image_changes() {
+    let table = CommandTable::default();
+    let (out, _, _) = run(
+        "keep",
+        &table,
+        &[
+            &["HSET", "p:1", "name", "Ann", "n", "1"],
+            &["HSET", "p:1", "name", "Ann"],
+            &["HMSET", "p:1", "n", "1", "name", "Ann"],
+            &["HSET", "p:1", "name", "Bob", "name", "Ann"],
+            &["HSET", "p:1", "other", "x"],
+            &["HSET", "p:1", "other", "y", "n", "1"],
+            &["HDEL", "p:1", "absent", "other"],
+            &["HPEXPIREAT", "p:1", "99999999999999", "FIELDS", "1", "name"],
+            &["HINCRBY", "p:1", "n", "0"],
+            &["HINCRBY", "p:1", "n", "1"],
+            &["HSET", "p:1", "name", "Ann", "name", "Cy"],
+            &["HDEL", "p:1", "n"],
+            &["HSET", "p:1", "n", "3", "other", "z"],
+            &["HDEL", "p:1", "n", "name", "other"],
+        ],
+    );
+    assert_eq!(
+        out,
+        vec![
+            upsert("1", Some("Ann"), Some("1")),
+            upsert("1", Some("Ann"), Some("2")),
+            upsert("1", Some("Cy"), Some("2")),
+            upsert("1", Some("Cy"), None),
+            upsert("1", Some("Cy"), Some("3")),
+            delete("1")
+        ]
+    );
+}
+
 #[test]
 fn an_expiry_keeps_or_deletes_the_row_by_mapping() {
     let table = CommandTable::default();

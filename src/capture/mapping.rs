@@ -83,7 +83,12 @@ impl Mapping {
 
     /// Whether a field is mapped to a column (changes of other fields do not touch the row).
     pub fn maps_field(&self, field: &[u8]) -> bool {
-        self.columns.iter().any(|(f, _)| f.as_ref() == field)
+        self.column_of(field).is_some()
+    }
+
+    /// The position of a field's column in the mapping's column order.
+    pub fn column_of(&self, field: &[u8]) -> Option<usize> {
+        self.columns.iter().position(|(f, _)| f.as_ref() == field)
     }
 }
 

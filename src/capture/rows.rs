@@ -23,11 +23,14 @@ pub type RowImage = Option<Vec<Option<Bytes>>>;
 /// The row a state of a watched key has.
 pub fn row_of(mapping: &Mapping, value: &Option<MirrorValue>) -> RowImage {
     match value {
-        Some(v) if v.kind == MirrorKind::Hash && !v.fields.is_empty() => {
-            Some(mapping.row_values(&v.fields))
-        }
+        Some(v) if has_row(value) => Some(mapping.row_values(&v.fields)),
         _ => None,
     }
+}
+
+/// Whether a state of a watched key has a row: a hash with at least one field.
+pub fn has_row(value: &Option<MirrorValue>) -> bool {
+    matches!(value, Some(v) if v.kind == MirrorKind::Hash && !v.fields.is_empty())
 }
 
 /// The row event between two states of a watched key.
