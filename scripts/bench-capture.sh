@@ -88,7 +88,10 @@ for _ in $(seq 1 300); do
   sleep 0.1
 done
 
-echo "== burst: $commands HSETs (3 fields) over 100000 keys, pipeline 32"
+# AGE=changing: every HSET gives the key a new age (a row change each time); by default the
+# values are always the same, so only a key's first HSET changes its row.
+age=42; [ "${AGE:-}" = changing ] && age=__rand_int__
+echo "== burst: $commands HSETs (3 fields, age ${AGE:-42}) over 100000 keys, pipeline 32"
 perf_pid=""
 if [ -n "${PERF_OUT:-}" ]; then  # PERF_OUT=file: profile the service through the burst and catch-up
   perf record -F 499 --call-graph dwarf,16384 -o "$PERF_OUT" -p "$service_pid" >/dev/null 2>&1 &
@@ -98,7 +101,7 @@ sample_positions "$admin" "$service_pid" "$out/capture-positions.csv" "$primary"
 sampler=$!
 start=$(date +%s.%N)
 redis-benchmark -p "$primary" -q -n "$commands" -P 32 -r 100000 \
-  HSET person2:__rand_int__ first_name John last_name Doe age 42 >/dev/null
+  HSET person2:__rand_int__ first_name John last_name Doe age "$age" >/dev/null
 burst_end=$(date +%s.%N)
 read -r target r w < <(offsets)
 echo "burst_seconds=$(python3 -c "print(round($burst_end-$start,3))")"

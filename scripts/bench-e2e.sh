@@ -39,12 +39,15 @@ until has_row ready; do
   sleep 0.1
 done
 
-echo "== burst: $commands HSETs (3 fields) over 100000 keys, pipeline 32, into MariaDB, $partitions partition(s)"
+# AGE=changing: every HSET gives the key a new age (a row change each time); by default the
+# values are always the same, so only a key's first HSET changes its row.
+age=42; [ "${AGE:-}" = changing ] && age=__rand_int__
+echo "== burst: $commands HSETs (3 fields, age ${AGE:-42}) over 100000 keys, pipeline 32, into MariaDB, $partitions partition(s)"
 sample_positions "$admin" "$service_pid" "$out/e2e-positions.csv" "$primary" &
 sampler=$!
 start=$(date +%s.%N)
 redis-benchmark -p "$primary" -q -n "$commands" -P 32 -r 100000 \
-  HSET person2:__rand_int__ first_name John last_name Doe age 42 >/dev/null
+  HSET person2:__rand_int__ first_name John last_name Doe age "$age" >/dev/null
 burst_end=$(date +%s.%N)
 redis-cli -p "$primary" hset person2:marker first_name marker >/dev/null
 until has_row marker; do

@@ -32,6 +32,9 @@ pub(super) enum Op {
     /// capture's), in key order.
     MirrorEntries(Arc<MirrorEntries>),
     PutChange(ChangeSeq, Vec<u8>),
+    /// Changes encoded when the batch is written (on the committer's thread, which also frees
+    /// them), into one reused buffer.
+    Changes(Vec<Change>),
     PutMeta(Vec<u8>, Vec<u8>),
 }
 
@@ -51,6 +54,12 @@ impl Batch {
     }
     pub fn put_change(&mut self, change: &Change) {
         self.ops.push(Op::PutChange(change.seq, change.encode()));
+    }
+    /// Puts changes, encoded when the batch is written.
+    pub fn put_changes(&mut self, changes: Vec<Change>) {
+        if !changes.is_empty() {
+            self.ops.push(Op::Changes(changes));
+        }
     }
     pub fn put_checkpoint(&mut self, checkpoint: &Checkpoint) {
         self.ops

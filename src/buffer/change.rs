@@ -43,7 +43,17 @@ pub struct Change {
 
 impl Change {
     pub(super) fn encode(&self) -> Vec<u8> {
-        let mut e = Encoder::default();
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// Encodes into `out` (emptied first), so that a batch of changes reuses one buffer.
+    pub(super) fn encode_into(&self, out: &mut Vec<u8>) {
+        out.clear();
+        let mut e = Encoder {
+            out: std::mem::take(out),
+        };
         e.u64(self.unit.0)
             .u8(u8::from(self.unit_end))
             .u64(self.offset.0)
@@ -64,7 +74,7 @@ impl Change {
             Some(op) => e.u8(1).u8(op.op).bytes(&op.uuid).u32(op.db).bytes(&op.key),
             None => e.u8(0),
         };
-        e.finish()
+        *out = e.out;
     }
 
     pub(super) fn decode(seq: ChangeSeq, input: &[u8]) -> Result<Change, DecodeError> {

@@ -433,6 +433,13 @@ impl Store {
                 Op::PutMirror(k, v) => write.put_cf(mirror, k, v),
                 Op::DeleteMirror(k) => write.delete_cf(mirror, k),
                 Op::PutChange(seq, v) => write.put_cf(changes, seq.key(), v),
+                Op::Changes(list) => {
+                    let mut value = Vec::new();
+                    for change in &list {
+                        change.encode_into(&mut value);
+                        write.put_cf(changes, change.seq.key(), &value);
+                    }
+                }
                 Op::PutMeta(k, v) => write.put_cf(meta, k, v),
                 Op::PutDeadLetter(seq, v) => write.put_cf(dead, seq.key(), v),
                 Op::DeleteDeadLetter(seq) => write.delete_cf(dead, seq.key()),

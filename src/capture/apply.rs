@@ -60,26 +60,36 @@ fn set_with_row(
 /// The fields of a hash, as a write changes them.
 type Fields = std::collections::BTreeMap<Bytes, FieldValue>;
 
-/// What a write did to the mapped fields of one hash: the value each mapped field had before the
-/// write first changed it. The row changed exactly when one of them differs afterwards (the
-/// other mapped fields were not touched), so no row image is built for a write that changes
-/// nothing mapped, which is most of them (a value set again, an unmapped field).
-struct MappedBefore<'m> {
+/// What a write did to the fields of one hash: whether it changed anything at all (a write that
+/// sets values again changes nothing, and its entry is not written back), and the value each
+/// mapped field had before the write first changed it. The row changed exactly when one of
+/// those differs afterwards (the other mapped fields were not touched), so no row image is
+/// built for a write that changes nothing mapped, which is most of them.
+struct FieldChanges<'m> {
     mapping: &'m Mapping,
+    /// Whether a field's value, presence or TTL changed.
+    any: bool,
     /// Column position and the value before the write.
     saved: Vec<(usize, Option<Bytes>)>,
 }
 
-impl<'m> MappedBefore<'m> {
-    fn new(mapping: &'m Mapping) -> MappedBefore<'m> {
-        MappedBefore {
+impl<'m> FieldChanges<'m> {
+    fn new(mapping: &'m Mapping) -> FieldChanges<'m> {
+        FieldChanges {
             mapping,
+            any: false,
             saved: Vec::new(),
         }
     }
 
+    /// A field's TTL changed (not in its row).
+    fn ttl_changed(&mut self) {
+        self.any = true;
+    }
+
     /// To be called before `field` changes its value or presence; `old` is what it holds.
     fn changing(&mut self, field: &[u8], old: Option<&FieldValue>) {
+        self.any = true;
         if let Some(column) = self.mapping.column_of(field) {
             if !self.saved.iter().any(|(c, _)| *c == column) {
                 self.saved.push((column, old.map(|f| f.value.clone())));
@@ -103,7 +113,7 @@ fn set_fields(
     pairs: &[(Bytes, Bytes)],
     only_new: bool,
     ttl: FieldTtl,
-    mapped: &mut MappedBefore,
+    mapped: &mut FieldChanges,
 ) {
     for (field, value) in pairs {
         match fields.get_mut(field) {
@@ -114,7 +124,10 @@ fn set_fields(
                     FieldTtl::Keep => old.expire_at_ms,
                     FieldTtl::At(at) => Some(at),
                 };
-                old.expire_at_ms = expire_at_ms;
+                if old.expire_at_ms != expire_at_ms {
+                    mapped.ttl_changed();
+                    old.expire_at_ms = expire_at_ms;
+                }
                 // The same value set again (common) is neither copied nor a row change.
                 if old.value != value {
                     mapped.changing(field, Some(old));
@@ -219,10 +232,13 @@ impl Applier<'_> {
             }
             Write::FieldExpiry { key, at, fields } => {
                 // A field's TTL is not in its row.
-                needs.op = self.update_hash(ws, db, key, command, out, |map, _| {
+                needs.op = self.update_hash(ws, db, key, command, out, |map, changes| {
                     for field in fields {
                         if let Some(v) = map.get_mut(field) {
-                            v.expire_at_ms = *at;
+                            if v.expire_at_ms != *at {
+                                changes.ttl_changed();
+                                v.expire_at_ms = *at;
+                            }
                         }
                     }
                 })?;
@@ -294,8 +310,9 @@ impl Applier<'_> {
     }
 
     /// Changes the fields of a watched hash in place (no copy of the hash). `change` reports
-    /// each mapped field before it changes it ([`MappedBefore`]): the row changed when the hash
-    /// appeared or disappeared, or when one of those values differs afterwards.
+    /// what it changes ([`FieldChanges`]): the row changed when the hash appeared or
+    /// disappeared, or when a mapped value differs afterwards; a hash the write left as it was
+    /// is not written back.
     fn update_hash(
         &self,
         ws: &mut WorkingSet,
@@ -303,7 +320,7 @@ impl Applier<'_> {
         key: &Bytes,
         command: &Command,
         out: &mut Vec<RowEvent>,
-        change: impl FnOnce(&mut Fields, &mut MappedBefore),
+        change: impl FnOnce(&mut Fields, &mut FieldChanges),
     ) -> Result<Option<OpSeen>, StoreError> {
         let Some(mapping) = self.mappings.watching(db, key) else {
             return Ok(None);
@@ -311,21 +328,37 @@ impl Applier<'_> {
         if Self::already_in(ws.peek(db, key)?, command) {
             return Ok(None);
         }
-        let value = ws.get_mut(db, key)?;
+        ws.update(db, key, |value| {
+            let was_hash = matches!(value, Some(v) if v.kind == MirrorKind::Hash);
+            let mut changes = FieldChanges::new(mapping);
+            let seen = self.change_hash(value, (mapping, db, key), out, change, &mut changes);
+            let changed = seen.is_some() || changes.any || !was_hash;
+            (seen, changed)
+        })
+    }
+
+    /// The body of [`Applier::update_hash`], on the key's value.
+    fn change_hash(
+        &self,
+        value: &mut Option<MirrorValue>,
+        (mapping, db, key): (&Mapping, u32, &Bytes),
+        out: &mut Vec<RowEvent>,
+        change: impl FnOnce(&mut Fields, &mut FieldChanges),
+        mapped: &mut FieldChanges,
+    ) -> Option<OpSeen> {
         let had_row = has_row(value);
         let hash = match value {
             Some(v) if v.kind == MirrorKind::Hash => v,
             // The command succeeded, so the key was a hash (or absent).
             _ => value.insert(MirrorValue::hash(self.generation)),
         };
-        let mut mapped = MappedBefore::new(mapping);
-        change(&mut hash.fields, &mut mapped);
+        change(&mut hash.fields, mapped);
         if self.ops && hash.fields.contains_key(OP_FIELD) {
             let after = std::mem::replace(hash, MirrorValue::hash(self.generation));
             let (intended, event, seen) = apply_op(mapping, db, key, after);
             out.extend(event);
             *value = intended;
-            return Ok(Some(seen));
+            return Some(seen);
         }
         let has_row = !hash.fields.is_empty();
         let event = match (had_row, has_row) {
@@ -341,7 +374,7 @@ impl Applier<'_> {
             *value = None;
         }
         out.extend(event);
-        Ok(None)
+        None
     }
 
     fn delete_key(

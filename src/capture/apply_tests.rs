@@ -540,3 +540,65 @@ fn stored_keys_names_and_values_do_not_hold_the_stream_buffer() {
         assert!(outside(key), "key {key:?} is a slice of the read");
     }
 }
+
+/// A hash that a write leaves as it was (values set again, an absent field deleted) is not
+/// written back; one whose value, field or field TTL changed is.
+#[test]
+fn a_hash_left_as_it_was_is_not_written_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let mappings = mappings("keep");
+    let clock = PrimaryClock::default();
+    let table = CommandTable::default();
+    let applier = Applier {
+        mappings: &mappings,
+        commands: &table,
+        generation: 1,
+        ops: true,
+        clock: &clock,
+    };
+    let apply_batch = |commands: &[&[&str]]| {
+        let mut ws = WorkingSet::new(store.clone());
+        let mut out = Vec::new();
+        for (i, args) in commands.iter().enumerate() {
+            let command = command(args, 100 + i as u64);
+            let write = Write::parse(&command, now_ms());
+            applier.apply(&mut ws, &command, &write, &mut out).unwrap();
+        }
+        let mut batch = crate::buffer::Batch::default();
+        let flushed = ws.flush_into(&mut batch);
+        let mut written: Vec<String> = flushed
+            .changed()
+            .keys()
+            .map(|(_, k)| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        written.sort();
+        store.write(batch, true).unwrap();
+        flushed.written();
+        written
+    };
+    let all = ["p:1", "p:2", "p:3", "p:4"];
+    let first: Vec<&[&str]> = vec![
+        &["HSET", "p:1", "name", "A", "other", "x"],
+        &["HSET", "p:2", "name", "B"],
+        &["HSET", "p:3", "name", "C"],
+        &["HSET", "p:4", "name", "D"],
+    ];
+    assert_eq!(apply_batch(&first), all);
+    assert_eq!(
+        apply_batch(&[
+            &["HSET", "p:1", "other", "x", "name", "A"],
+            &["HDEL", "p:1", "absent"],
+            &["HSET", "p:2", "other", "new"],
+            &["HSET", "p:3", "name", "C", "name", "C2"],
+            &["HPEXPIREAT", "p:4", "99999999999999", "FIELDS", "1", "name"],
+        ]),
+        ["p:2", "p:3", "p:4"]
+    );
+    assert_eq!(
+        store.mirror(0, b"p:2").unwrap().unwrap().fields.len(),
+        2,
+        "a changed hash is written"
+    );
+    assert_eq!(apply_batch(&first), ["p:3", "p:4"], "p:4's field TTL is cleared");
+}

@@ -60,6 +60,20 @@ impl CaptureState {
         offset: ReplOffset,
         counts: &mut ChangeCounts,
     ) {
+        let mut changes = Vec::with_capacity(events.len());
+        self.number_unit(&mut changes, events, offset, counts);
+        batch.put_changes(changes);
+    }
+
+    /// Numbers one unit of row events as [`CaptureState::append_unit`] does, onto `changes`
+    /// (for a batch that puts the changes of all its units at once).
+    pub fn number_unit(
+        &mut self,
+        changes: &mut Vec<Change>,
+        events: Vec<RowEvent>,
+        offset: ReplOffset,
+        counts: &mut ChangeCounts,
+    ) {
         let unit = self.checkpoint.next_seq;
         let count = events.len();
         for (i, event) in events.into_iter().enumerate() {
@@ -74,7 +88,7 @@ impl CaptureState {
                 op: event.op,
             };
             counts.add(&change);
-            batch.put_change(&change);
+            changes.push(change);
             self.checkpoint.next_seq = self.checkpoint.next_seq.next();
             self.stats.changes += 1;
         }

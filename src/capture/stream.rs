@@ -312,9 +312,11 @@ impl StreamBatch {
         let flushed = self.ws.flush_into(&mut batch);
         let first_seq = state.checkpoint.next_seq;
         let mut counts = ChangeCounts::default();
+        let mut changes = Vec::with_capacity(self.changes.iter().map(|(rows, _)| rows.len()).sum());
         for (rows, offset) in self.changes {
-            state.append_unit(&mut batch, rows, offset, &mut counts);
+            state.number_unit(&mut changes, rows, offset, &mut counts);
         }
+        batch.put_changes(changes);
         batch.put_acks(self.acks);
         for seq in self.retired {
             batch.delete_dead_letter(seq);

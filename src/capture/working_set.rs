@@ -196,6 +196,22 @@ impl WorkingSet {
         Ok(&mut slot.value)
     }
 
+    /// Changes the value of `key` in place with `f`, which says whether it changed it: an
+    /// entry left as it was is not written back (unless something else changed it). Raw states
+    /// are always written back (`ops.rs` decides what they need).
+    pub fn update<R>(
+        &mut self,
+        db: u32,
+        key: &Bytes,
+        f: impl FnOnce(&mut Option<MirrorValue>) -> (R, bool),
+    ) -> Result<R, StoreError> {
+        let raw = self.raw;
+        let slot = self.slot(db, key)?;
+        let (result, changed) = f(&mut slot.value);
+        slot.dirty |= changed || raw;
+        Ok(result)
+    }
+
     pub fn get(&mut self, db: u32, key: &Bytes) -> Result<Option<MirrorValue>, StoreError> {
         Ok(self.slot(db, key)?.value.clone())
     }
