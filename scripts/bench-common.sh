@@ -164,7 +164,10 @@ set ylabel "$4"
 set style fill solid 0.6
 set boxwidth 0.6
 set yrange [0:*]
-set xtics rotate by -20
+set offsets 0, 0, graph 0.12, 0
+set xtics rotate by -25
+set bmargin 7
+set rmargin 10
 set grid ytics
 plot "$1" using 0:2:xtic(1) with boxes notitle, \
      "" using 0:2:(sprintf("%.2f", \$2)) with labels offset 0,0.7 notitle
