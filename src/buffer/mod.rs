@@ -96,4 +96,6 @@ pub enum StoreError {
     InUse { path: PathBuf },
     #[error("buffer at {path} has format version {found}; this writebehind reads version {FORMAT_VERSION}")]
     Format { path: PathBuf, found: u32 },
+    #[error("buffer at {path}: {message}; restart the service (nothing it did not write was acknowledged)")]
+    Writer { path: PathBuf, message: String },
 }

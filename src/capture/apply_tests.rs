@@ -600,5 +600,9 @@ fn a_hash_left_as_it_was_is_not_written_back() {
         2,
         "a changed hash is written"
     );
-    assert_eq!(apply_batch(&first), ["p:3", "p:4"], "p:4's field TTL is cleared");
+    assert_eq!(
+        apply_batch(&first),
+        ["p:3", "p:4"],
+        "p:4's field TTL is cleared"
+    );
 }

@@ -14,6 +14,7 @@ use bytes::Bytes;
 
 use super::progress::SnapshotProgress;
 use super::rows::row_event;
+use super::snapshot_writer::SnapshotWriter;
 use super::state::{CaptureState, ChangeCounts};
 use crate::buffer::{Batch, FieldValue, MirrorCursor, MirrorValue, StoreError};
 use crate::config::InitialLoad;
@@ -42,6 +43,11 @@ pub struct FullSync {
     /// Changes in `batch`, for the metrics once it is written.
     counts: ChangeCounts,
     progress: SnapshotProgress,
+    /// Whether the mirror held nothing when the sync began (a first load): no key then has a
+    /// previous value to read back.
+    mirror_was_empty: bool,
+    /// Writes the batches while the next keys are read.
+    writer: SnapshotWriter,
 }
 
 /// What a finished full sync did, for the log.
@@ -71,7 +77,14 @@ impl FullSync {
         // The snapshot says what Redis holds: pending `#` ops are found in it again.
         state.store.clear_raw()?;
         state.ops.forget_pending();
+        let mirror_was_empty = state
+            .store
+            .mirror_scan(None, &MirrorCursor::default(), 1)?
+            .entries
+            .is_empty();
         Ok(FullSync {
+            mirror_was_empty,
+            writer: SnapshotWriter::start(state.store.clone())?,
             first,
             offset,
             key: None,
@@ -140,7 +153,10 @@ impl FullSync {
         let Some(mapping) = state.mappings.watching(key.db, &key.key).cloned() else {
             return Ok(());
         };
-        let before = state.store.mirror(key.db, &key.key)?;
+        let before = match self.mirror_was_empty {
+            true => None,
+            false => state.store.mirror(key.db, &key.key)?,
+        };
         let after = if key.empty { None } else { Some(key.value) };
         let emit = !self.first || mapping.initial_load == InitialLoad::Upsert;
         let mut acks = Vec::new();
@@ -175,7 +191,7 @@ impl FullSync {
             self.keys_in_batch = 0;
             let mut batch = std::mem::take(&mut self.batch);
             batch.put_checkpoint(&state.checkpoint);
-            state.store.write(batch, false)?;
+            self.writer.write(batch)?;
             std::mem::take(&mut self.counts).report();
         }
         Ok(())
@@ -191,7 +207,9 @@ impl FullSync {
         self.progress.finish();
         let mut batch = std::mem::take(&mut self.batch);
         batch.put_checkpoint(&state.checkpoint);
-        state.store.write(batch, false)?;
+        self.writer.write(batch)?;
+        // The sweep reads the whole mirror: every batch is written first.
+        self.writer.finish()?;
         std::mem::take(&mut self.counts).report();
         let swept = sweep(state, position.offset)?;
         let mut batch = Batch::default();

@@ -124,18 +124,23 @@ pub fn fingerprint<'m>(mappings: impl IntoIterator<Item = &'m Mapping>) -> Strin
 /// All mappings, looked up by database and key.
 #[derive(Debug, Clone, Default)]
 pub struct Mappings {
-    mappings: Vec<Mapping>,
+    /// Shared: a full sync holds the mapping of each key while it changes the state around it
+    /// (a clone of its columns per key was measurable in the initial load).
+    mappings: Vec<std::sync::Arc<Mapping>>,
 }
 
 impl Mappings {
     pub fn new(configs: &[MappingConfig]) -> Mappings {
         Mappings {
-            mappings: configs.iter().map(Mapping::from_config).collect(),
+            mappings: configs
+                .iter()
+                .map(|config| std::sync::Arc::new(Mapping::from_config(config)))
+                .collect(),
         }
     }
 
     /// The mapping watching `key` in `db`, if any.
-    pub fn watching(&self, db: u32, key: &[u8]) -> Option<&Mapping> {
+    pub fn watching(&self, db: u32, key: &[u8]) -> Option<&std::sync::Arc<Mapping>> {
         self.mappings.iter().find(|m| {
             m.db == db && key.len() > m.key_prefix.len() && key.starts_with(&m.key_prefix)
         })
@@ -160,7 +165,7 @@ impl Mappings {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Mapping> {
-        self.mappings.iter()
+        self.mappings.iter().map(|m| &**m)
     }
 }
 

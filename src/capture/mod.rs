@@ -29,6 +29,7 @@ mod primary;
 mod progress;
 pub mod requeue;
 pub mod rows;
+mod snapshot_writer;
 mod state;
 mod stream;
 pub mod working_set;
@@ -283,6 +284,9 @@ impl Capture {
                 tracing::info!(%replid, %offset, "full sync started");
                 self.load_command_table().await;
                 let total = self.primary.key_count().await;
+                // An earlier sync's writes end before this one records its generation: its
+                // writing thread would otherwise write an older checkpoint after the new one.
+                self.full_sync = None;
                 self.full_sync = Some(FullSync::begin(&mut self.state, total, offset)?);
             }
             ReplicationEvent::Snapshot(event) => {

@@ -254,7 +254,7 @@ impl StreamBatch {
             if !state.ops.op_took_effect(&op, &key, &after) {
                 return Ok(None);
             }
-            let mapping = state.mappings.watching(db, &key);
+            let mapping = state.mappings.watching(db, &key).map(|m| &**m);
             state.ops.atomic(
                 mapping,
                 &mut self.ws,
