@@ -1,11 +1,11 @@
 //! Mirror records: a watched key as Redis holds it (column families `mirror` and `raw`).
 
-use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
 use bytes::Bytes;
 
 use super::codec::{DecodeError, Decoder, Encoder};
+use super::fields::Fields;
 use crate::position::ReplOffset;
 
 /// What a mirrored key holds.
@@ -29,7 +29,7 @@ pub struct MirrorValue {
     pub expire_at_ms: Option<i64>,
     pub generation: u64,
     pub refreshed_through: ReplOffset,
-    pub fields: BTreeMap<Bytes, FieldValue>,
+    pub fields: Fields,
 }
 
 impl MirrorValue {
@@ -39,7 +39,7 @@ impl MirrorValue {
             expire_at_ms: None,
             generation,
             refreshed_through: ReplOffset(0),
-            fields: BTreeMap::new(),
+            fields: Fields::new(),
         }
     }
 
@@ -121,7 +121,7 @@ impl MirrorValue {
         let generation = d.u64()?;
         let refreshed_through = ReplOffset(d.u64()?);
         let count = d.u32()?;
-        let mut fields = BTreeMap::new();
+        let mut fields = Fields::new();
         for _ in 0..count {
             let field = d.bytes()?;
             let value = d.bytes()?;

@@ -26,7 +26,7 @@ use super::rows::{
 };
 use super::working_set::WorkingSet;
 use crate::ack::OP_FIELD;
-use crate::buffer::{FieldValue, MirrorKind, MirrorValue, StoreError};
+use crate::buffer::{FieldValue, Fields, MirrorKind, MirrorValue, StoreError};
 use crate::position::ReplOffset;
 use crate::replication::rdb::decode_dump_payload;
 use crate::replication::stream::Command;
@@ -56,9 +56,6 @@ fn set_with_row(
     out.extend(row_event(mapping, key, before, &after, expired));
     ws.set(db, key, after)
 }
-
-/// The fields of a hash, as a write changes them.
-type Fields = std::collections::BTreeMap<Bytes, FieldValue>;
 
 /// What a write did to the fields of one hash: whether it changed anything at all (a write that
 /// sets values again changes nothing, and its entry is not written back), and the value each

@@ -5,11 +5,9 @@
 //! `a:b`). The row image lists every mapped column in a fixed order, `None` for an absent field;
 //! a field mapped onto the key column is left out of the image, since the key decides the id.
 
-use std::collections::BTreeMap;
-
 use bytes::Bytes;
 
-use crate::buffer::FieldValue;
+use crate::buffer::Fields;
 use crate::config::{InitialLoad, MappingConfig, OnExpire};
 
 #[derive(Debug, Clone)]
@@ -59,13 +57,13 @@ impl Mapping {
     }
 
     /// The mapped row image of a hash's fields.
-    pub fn row_image(&self, fields: &BTreeMap<Bytes, FieldValue>) -> Vec<(String, Option<Bytes>)> {
+    pub fn row_image(&self, fields: &Fields) -> Vec<(String, Option<Bytes>)> {
         self.named(self.row_values(fields))
     }
 
     /// The values of the mapped columns, in the mapping's column order (cheaper to compare than
     /// a named image: no column names are copied).
-    pub fn row_values(&self, fields: &BTreeMap<Bytes, FieldValue>) -> Vec<Option<Bytes>> {
+    pub fn row_values(&self, fields: &Fields) -> Vec<Option<Bytes>> {
         self.columns
             .iter()
             .map(|(field, _)| fields.get(field).map(|f| f.value.clone()))
@@ -172,6 +170,7 @@ impl Mappings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::buffer::FieldValue;
     use crate::config::Config;
 
     #[test]
@@ -202,7 +201,7 @@ age = "age"
         assert!(mappings.watching(1, b"person2:1").is_none());
         assert!(mappings.watching(0, b"person2:").is_none());
         assert!(mappings.watching(0, b"person20:1").is_none());
-        let mut fields = BTreeMap::new();
+        let mut fields = Fields::new();
         fields.insert(
             Bytes::from("first_name"),
             FieldValue {

@@ -26,17 +26,10 @@ use bytes::Bytes;
 use crate::buffer::{KeyRef, MirrorValue};
 
 /// Bytes counted for an entry besides its key and fields: the table slot, the value's header
-/// and the key's allocation.
+/// and the key's allocation. The fields count what they take ([`Fields::heap_bytes`](crate::buffer::Fields::heap_bytes)):
+/// a model that undercounted (64 bytes a field, when a B-tree node alone took 900) let a
+/// "64 MB" cache take 160 MB and more (scripts/soak.sh).
 const ENTRY_OVERHEAD: u64 = 160;
-/// Bytes counted per field besides its name and value: their two allocations.
-const FIELD_OVERHEAD: u64 = 32;
-/// Bytes of one node of a hash's field map (a B-tree node is allocated whole: 11 slots of 80
-/// bytes, whatever the number of fields in it), counted per 8 fields (nodes are not full).
-/// Measured: 100,000 hashes of 3 small fields took about 1,040 bytes each (RSS with the cache
-/// minus RSS without it, scripts/soak.sh), for which this model counts 1,200; the earlier model
-/// (64 bytes a field, no node) counted 400, so a "64 MB" cache took 160 MB and more.
-const FIELD_NODE: u64 = 900;
-const FIELDS_PER_NODE: u64 = 8;
 
 type Key = (u32, Bytes);
 type Value = Option<MirrorValue>;
@@ -51,13 +44,7 @@ struct Weighed {
 
 impl Weighed {
     fn new(key: &Key, value: MirrorValue) -> Weighed {
-        let nodes = (value.fields.len() as u64).div_ceil(FIELDS_PER_NODE);
-        let contents: u64 = value
-            .fields
-            .iter()
-            .map(|(f, v)| f.len() as u64 + v.value.len() as u64 + FIELD_OVERHEAD)
-            .sum();
-        let weight = ENTRY_OVERHEAD + key.1.len() as u64 + nodes * FIELD_NODE + contents;
+        let weight = ENTRY_OVERHEAD + key.1.len() as u64 + value.fields.heap_bytes();
         Weighed { value, weight }
     }
 }

@@ -1,0 +1,282 @@
+//! The fields of a mirrored hash, in field-name order.
+//!
+//! Most watched hashes are rows: a handful of fields. A `BTreeMap` allocates a whole node (11
+//! slots of 80 bytes, about 900 bytes) for even one field, so a 3-field hash took about 1 KB in
+//! memory (measured: docs/benchmarks.md), which bounded how many keys the mirror cache holds and
+//! what a large transaction's working set costs. Up to [`SMALL_FIELDS`] fields are therefore
+//! kept in one sorted vector (80 bytes a field, looked up by binary search); a hash that grows
+//! past that becomes a `BTreeMap`, whose inserts stay logarithmic for hashes of millions of
+//! fields. Both iterate in name order and compare by content, whatever the representation.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use super::mirror::FieldValue;
+
+/// Fields kept in the sorted vector before the hash becomes a map.
+pub const SMALL_FIELDS: usize = 32;
+
+/// Bytes of one field besides its name and value: its slot (name and value handles, TTL) and
+/// the allocations of the name and the value.
+const FIELD_OVERHEAD: u64 = 80 + 32;
+/// Bytes of one node of the map (11 slots of 80 bytes), counted per 8 fields (nodes are not full).
+const MAP_NODE: u64 = 900;
+const FIELDS_PER_NODE: u64 = 8;
+
+#[derive(Debug, Clone)]
+enum Repr {
+    /// Sorted by name, names unique.
+    Small(Vec<(Bytes, FieldValue)>),
+    Large(BTreeMap<Bytes, FieldValue>),
+}
+
+/// The fields of a hash.
+#[derive(Debug, Clone)]
+pub struct Fields(Repr);
+
+impl Default for Fields {
+    fn default() -> Fields {
+        Fields(Repr::Small(Vec::new()))
+    }
+}
+
+impl PartialEq for Fields {
+    fn eq(&self, other: &Fields) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Fields {}
+
+impl Fields {
+    pub fn new() -> Fields {
+        Fields::default()
+    }
+
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            Repr::Small(v) => v.len(),
+            Repr::Large(m) => m.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn get(&self, name: &[u8]) -> Option<&FieldValue> {
+        match &self.0 {
+            Repr::Small(v) => find(v, name).ok().map(|i| &v[i].1),
+            Repr::Large(m) => m.get(name),
+        }
+    }
+
+    pub fn get_mut(&mut self, name: &[u8]) -> Option<&mut FieldValue> {
+        match &mut self.0 {
+            Repr::Small(v) => find(v, name).ok().map(|i| &mut v[i].1),
+            Repr::Large(m) => m.get_mut(name),
+        }
+    }
+
+    pub fn contains_key(&self, name: &[u8]) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Sets `name`; returns what it held.
+    pub fn insert(&mut self, name: Bytes, value: FieldValue) -> Option<FieldValue> {
+        match &mut self.0 {
+            Repr::Small(v) => match find(v, &name) {
+                Ok(i) => Some(std::mem::replace(&mut v[i].1, value)),
+                Err(i) => {
+                    if v.len() < SMALL_FIELDS {
+                        v.insert(i, (name, value));
+                    } else {
+                        let mut map: BTreeMap<Bytes, FieldValue> = v.drain(..).collect();
+                        map.insert(name, value);
+                        self.0 = Repr::Large(map);
+                    }
+                    None
+                }
+            },
+            Repr::Large(m) => m.insert(name, value),
+        }
+    }
+
+    pub fn remove(&mut self, name: &[u8]) -> Option<FieldValue> {
+        match &mut self.0 {
+            Repr::Small(v) => find(v, name).ok().map(|i| v.remove(i).1),
+            Repr::Large(m) => m.remove(name),
+        }
+    }
+
+    /// Fields in name order.
+    pub fn iter(&self) -> Iter<'_> {
+        match &self.0 {
+            Repr::Small(v) => Iter::Small(v.iter()),
+            Repr::Large(m) => Iter::Large(m.iter()),
+        }
+    }
+
+    /// Field names in order.
+    pub fn keys(&self) -> impl Iterator<Item = &Bytes> {
+        self.iter().map(|(name, _)| name)
+    }
+
+    /// The memory the fields take, estimated (the mirror cache's weight).
+    pub fn heap_bytes(&self) -> u64 {
+        let contents: u64 = self
+            .iter()
+            .map(|(f, v)| f.len() as u64 + v.value.len() as u64 + FIELD_OVERHEAD)
+            .sum();
+        match &self.0 {
+            Repr::Small(v) => contents + (v.capacity() - v.len()) as u64 * 80,
+            Repr::Large(m) => contents + (m.len() as u64).div_ceil(FIELDS_PER_NODE) * MAP_NODE,
+        }
+    }
+}
+
+/// The position of `name` in a sorted vector, or where it would go: a scan for the few fields of
+/// a row (no unpredictable branches), a binary search beyond.
+fn find(fields: &[(Bytes, FieldValue)], name: &[u8]) -> Result<usize, usize> {
+    if fields.len() > 8 {
+        return fields.binary_search_by(|(f, _)| f.as_ref().cmp(name));
+    }
+    for (i, (f, _)) in fields.iter().enumerate() {
+        match f.as_ref().cmp(name) {
+            std::cmp::Ordering::Less => continue,
+            std::cmp::Ordering::Equal => return Ok(i),
+            std::cmp::Ordering::Greater => return Err(i),
+        }
+    }
+    Err(fields.len())
+}
+
+/// Fields in name order.
+pub enum Iter<'a> {
+    Small(std::slice::Iter<'a, (Bytes, FieldValue)>),
+    Large(std::collections::btree_map::Iter<'a, Bytes, FieldValue>),
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = (&'a Bytes, &'a FieldValue);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Iter::Small(i) => i.next().map(|(f, v)| (f, v)),
+            Iter::Large(i) => i.next(),
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Fields {
+    type Item = (&'a Bytes, &'a FieldValue);
+    type IntoIter = Iter<'a>;
+
+    fn into_iter(self) -> Iter<'a> {
+        self.iter()
+    }
+}
+
+/// Fields in name order, owned.
+pub enum IntoIter {
+    Small(std::vec::IntoIter<(Bytes, FieldValue)>),
+    Large(std::collections::btree_map::IntoIter<Bytes, FieldValue>),
+}
+
+impl Iterator for IntoIter {
+    type Item = (Bytes, FieldValue);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            IntoIter::Small(i) => i.next(),
+            IntoIter::Large(i) => i.next(),
+        }
+    }
+}
+
+impl IntoIterator for Fields {
+    type Item = (Bytes, FieldValue);
+    type IntoIter = IntoIter;
+
+    fn into_iter(self) -> IntoIter {
+        match self.0 {
+            Repr::Small(v) => IntoIter::Small(v.into_iter()),
+            Repr::Large(m) => IntoIter::Large(m.into_iter()),
+        }
+    }
+}
+
+impl FromIterator<(Bytes, FieldValue)> for Fields {
+    fn from_iter<I: IntoIterator<Item = (Bytes, FieldValue)>>(items: I) -> Fields {
+        let mut fields = Fields::new();
+        for (name, value) in items {
+            fields.insert(name, value);
+        }
+        fields
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(v: &str) -> FieldValue {
+        FieldValue {
+            value: Bytes::copy_from_slice(v.as_bytes()),
+            expire_at_ms: None,
+        }
+    }
+
+    /// The same operations on `Fields` and on a `BTreeMap` give the same contents, in the same
+    /// order, across the change of representation and back down in size.
+    #[test]
+    fn behaves_as_an_ordered_map_small_and_large() {
+        let mut fields = Fields::new();
+        let mut model = BTreeMap::new();
+        let name = |i: u64| Bytes::from(format!("f{}", (i * 7919) % 101));
+        for i in 0..300u64 {
+            let (n, v) = (name(i), value(&i.to_string()));
+            assert_eq!(fields.insert(n.clone(), v.clone()), model.insert(n, v));
+            if i % 3 == 0 {
+                let gone = name(i / 2);
+                assert_eq!(fields.remove(&gone), model.remove(&gone));
+            }
+            assert_eq!(fields.len(), model.len());
+            assert!(
+                fields.iter().eq(model.iter()),
+                "same contents in order at {i}"
+            );
+            assert_eq!(fields.get(&name(i)), model.get(&name(i)));
+            assert!(!fields.contains_key(b"absent"));
+        }
+        assert!(
+            matches!(fields.0, Repr::Large(_)),
+            "grown past {SMALL_FIELDS}"
+        );
+        let small: Fields = model
+            .iter()
+            .take(3)
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        let mut large = fields.clone();
+        let names: Vec<Bytes> = large.keys().skip(3).cloned().collect();
+        for n in names {
+            large.remove(&n);
+        }
+        assert!(matches!(small.0, Repr::Small(_)));
+        assert_eq!(small, large, "equal by content whatever the representation");
+        if let Some(v) = large.get_mut(b"f0") {
+            v.value = Bytes::from_static(b"changed");
+        }
+        assert_ne!(small.get(b"f0"), large.get(b"f0"));
+    }
+
+    #[test]
+    fn a_small_hash_takes_far_less_than_a_map_node() {
+        let fields: Fields = (0..3)
+            .map(|i| (Bytes::from(format!("field{i}")), value("value")))
+            .collect();
+        assert!(fields.heap_bytes() < 500, "{}", fields.heap_bytes());
+    }
+}
