@@ -21,23 +21,45 @@ fn command(args: &[&str], end: u64) -> Command {
 }
 
 /// Applies `commands` in order; returns the row events.
+/// A buffer in a temporary directory and what an applier of generation 1 borrows.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    store: Arc<Store>,
+    mappings: Mappings,
+    clock: PrimaryClock,
+}
+
+impl Fixture {
+    fn new(on_expire: &str) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        Fixture {
+            _dir: dir,
+            store,
+            mappings: mappings(on_expire),
+            clock: PrimaryClock::default(),
+        }
+    }
+
+    fn applier<'a>(&'a self, table: &'a CommandTable) -> Applier<'a> {
+        Applier {
+            mappings: &self.mappings,
+            commands: table,
+            generation: 1,
+            ops: true,
+            clock: &self.clock,
+        }
+    }
+}
+
 fn run(
     on_expire: &str,
     table: &CommandTable,
     commands: &[&[&str]],
 ) -> (Vec<RowEvent>, Needs, WorkingSet) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
-    let mappings = mappings(on_expire);
-    let clock = PrimaryClock::default();
-    let applier = Applier {
-        mappings: &mappings,
-        commands: table,
-        generation: 1,
-        ops: true,
-        clock: &clock,
-    };
-    let mut ws = WorkingSet::new(store);
+    let fixture = Fixture::new(on_expire);
+    let applier = fixture.applier(table);
+    let mut ws = WorkingSet::new(fixture.store.clone());
     let mut out = Vec::new();
     let mut needs = Needs::default();
     for (i, args) in commands.iter().enumerate() {
@@ -485,25 +507,16 @@ mod field_ttl_tests {
 /// key, new field names and values are not slices of the stream read they came from.
 #[test]
 fn stored_keys_names_and_values_do_not_hold_the_stream_buffer() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
-    let mappings = mappings("keep");
-    let clock = PrimaryClock::default();
+    let fixture = Fixture::new("keep");
     let table = CommandTable::default();
-    let applier = Applier {
-        mappings: &mappings,
-        commands: &table,
-        generation: 1,
-        ops: true,
-        clock: &clock,
-    };
+    let applier = fixture.applier(&table);
     // One buffer, as a stream read is, every argument a slice of it.
     let read = Bytes::from_static(b"HSETp:1namevaluenname2HINCRBYcount5");
     let range = read.as_ptr() as usize..read.as_ptr() as usize + read.len();
     let slices = |spans: &[(usize, usize)]| -> Vec<Bytes> {
         spans.iter().map(|&(a, b)| read.slice(a..b)).collect()
     };
-    let mut ws = WorkingSet::new(store);
+    let mut ws = WorkingSet::new(fixture.store.clone());
     let mut out = Vec::new();
     for (i, args) in [
         slices(&[(0, 4), (4, 7), (7, 11), (11, 16), (16, 17), (17, 22)]),
@@ -545,18 +558,10 @@ fn stored_keys_names_and_values_do_not_hold_the_stream_buffer() {
 /// written back; one whose value, field or field TTL changed is.
 #[test]
 fn a_hash_left_as_it_was_is_not_written_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path()).unwrap());
-    let mappings = mappings("keep");
-    let clock = PrimaryClock::default();
+    let fixture = Fixture::new("keep");
     let table = CommandTable::default();
-    let applier = Applier {
-        mappings: &mappings,
-        commands: &table,
-        generation: 1,
-        ops: true,
-        clock: &clock,
-    };
+    let applier = fixture.applier(&table);
+    let store = fixture.store.clone();
     let apply_batch = |commands: &[&[&str]]| {
         let mut ws = WorkingSet::new(store.clone());
         let mut out = Vec::new();
