@@ -174,10 +174,10 @@ async fn check_reports_missing_postgres_grants() {
         "large batches without COPY are noted: {out}"
     );
     database.drop_database().await;
-    Database::postgres()
-        .await
-        .execute(&format!("DROP ROLE IF EXISTS {user}"))
-        .await;
+    // A connection for dropping the role, in a scratch database of its own, dropped too.
+    let admin = Database::postgres().await;
+    admin.execute(&format!("DROP ROLE IF EXISTS {user}")).await;
+    admin.drop_database().await;
 }
 
 /// Values that need escaping in COPY's text format, by row number.
