@@ -220,14 +220,20 @@ async fn run_pipelined(
         .iter()
         .map(|s| Box::pin(client.execute_typed(&s.sql, &s.params)))
         .collect();
-    // The first poll sends: in order, before anything is awaited. An answer on the first
-    // poll is a failure to send (the server cannot have answered yet).
+    // The first poll sends: in order, before anything is awaited. A success on the first
+    // poll is an answer that came back already (the connection runs on another thread: a
+    // loaded machine can let it send and read before this poll looks): the statement was sent,
+    // and the next ones must go too. Treating it as a failure stopped the sending after
+    // `BEGIN` and reported the batch written with nothing sent (found by the poison-value test
+    // under CPU load). An error on the first poll is a failure to send, or an answer as fast:
+    // either way nothing more is sent, and the caller ends the transaction.
     let mut answers = Vec::with_capacity(pending.len());
     let mut all_sent = true;
     for future in &mut pending {
         match futures_util::poll!(future.as_mut()) {
-            Poll::Ready(answer) => {
-                answers.push(Some(answer));
+            Poll::Ready(Ok(answer)) => answers.push(Some(Ok(answer))),
+            Poll::Ready(Err(e)) => {
+                answers.push(Some(Err(e)));
                 all_sent = false;
                 break;
             }
