@@ -216,17 +216,27 @@ async fn run_pipelined(
     client: &Client,
     statements: &[Statement<'_>],
 ) -> (Vec<Result<u64, tokio_postgres::Error>>, bool) {
-    let mut pending: Vec<_> = statements
+    let pending: Vec<_> = statements
         .iter()
         .map(|s| Box::pin(client.execute_typed(&s.sql, &s.params)))
         .collect();
-    // The first poll sends: in order, before anything is awaited. A success on the first
-    // poll is an answer that came back already (the connection runs on another thread: a
-    // loaded machine can let it send and read before this poll looks): the statement was sent,
-    // and the next ones must go too. Treating it as a failure stopped the sending after
-    // `BEGIN` and reported the batch written with nothing sent (found by the poison-value test
-    // under CPU load). An error on the first poll is a failure to send, or an answer as fast:
-    // either way nothing more is sent, and the caller ends the transaction.
+    send_in_order(pending).await
+}
+
+/// Polls each future once, in order (the first poll sends), then awaits the answers; returns
+/// them with whether every future was sent. A success on the first poll is an answer that came
+/// back already (the connection runs on another thread: a loaded machine can let it send and
+/// read before this poll looks): the statement was sent, and the next ones must go too.
+/// Treating it as a failure stopped the sending after `BEGIN` and reported the batch written
+/// with nothing sent (found by the poison-value test under CPU load). An error on the first
+/// poll is a failure to send, or an answer as fast: either way nothing more is sent, and the
+/// caller ends the transaction.
+async fn send_in_order<F, T, E>(
+    mut pending: Vec<std::pin::Pin<Box<F>>>,
+) -> (Vec<Result<T, E>>, bool)
+where
+    F: std::future::Future<Output = Result<T, E>> + ?Sized,
+{
     let mut answers = Vec::with_capacity(pending.len());
     let mut all_sent = true;
     for future in &mut pending {
@@ -466,5 +476,64 @@ impl PostgresSink {
         let numbers = CheckpointNumbers::of(batch);
         run_in_turn(client, &checkpoint_statements(batch, &numbers)).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// A statement's future: answers on its first poll when `early`, else on its second; counts
+    /// its first poll (the send) in `sent`.
+    fn statement(
+        sent: Arc<AtomicUsize>,
+        early: Option<Result<u64, &'static str>>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, &'static str>>>> {
+        let mut polls = 0;
+        Box::pin(std::future::poll_fn(move |cx| {
+            polls += 1;
+            if polls == 1 {
+                sent.fetch_add(1, Ordering::SeqCst);
+                if let Some(answer) = early {
+                    return Poll::Ready(answer);
+                }
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(Ok(polls))
+        }))
+    }
+
+    /// A statement answered at its first poll (a fast `BEGIN`) does not stop the sending: every
+    /// later statement is sent and answered; an early error does stop it.
+    #[tokio::test]
+    async fn an_early_answer_does_not_stop_the_sending_an_early_error_does() {
+        let sent = Arc::new(AtomicUsize::new(0));
+        let futures = vec![
+            statement(sent.clone(), Some(Ok(0))),
+            statement(sent.clone(), None),
+            statement(sent.clone(), None),
+        ];
+        let (answers, all_sent) = send_in_order(futures).await;
+        assert!(all_sent);
+        assert_eq!(sent.load(Ordering::SeqCst), 3, "every statement was sent");
+        assert_eq!(answers, vec![Ok(0), Ok(2), Ok(2)]);
+
+        let sent = Arc::new(AtomicUsize::new(0));
+        let futures = vec![
+            statement(sent.clone(), None),
+            statement(sent.clone(), Some(Err("cannot send"))),
+            statement(sent.clone(), None),
+        ];
+        let (answers, all_sent) = send_in_order(futures).await;
+        assert!(!all_sent);
+        assert_eq!(
+            sent.load(Ordering::SeqCst),
+            2,
+            "nothing after the failure is sent"
+        );
+        assert_eq!(answers, vec![Ok(2), Err("cannot send")]);
     }
 }
