@@ -110,7 +110,7 @@ fn set_fields(
     pairs: &[(Bytes, Bytes)],
     only_new: bool,
     ttl: FieldTtl,
-    mapped: &mut FieldChanges,
+    changes: &mut FieldChanges,
 ) {
     for (field, value) in pairs {
         match fields.get_mut(field) {
@@ -122,12 +122,12 @@ fn set_fields(
                     FieldTtl::At(at) => Some(at),
                 };
                 if old.expire_at_ms != expire_at_ms {
-                    mapped.ttl_changed();
+                    changes.ttl_changed();
                     old.expire_at_ms = expire_at_ms;
                 }
                 // The same value set again (common) is neither copied nor a row change.
                 if old.value != value {
-                    mapped.changing(field, Some(old));
+                    changes.changing(field, Some(old));
                     old.value = owned(value);
                 }
             }
@@ -136,7 +136,7 @@ fn set_fields(
                     FieldTtl::Clear | FieldTtl::Keep => None,
                     FieldTtl::At(at) => Some(at),
                 };
-                mapped.changing(field, None);
+                changes.changing(field, None);
                 let value = owned(value);
                 fields.insert(
                     owned(field),
@@ -193,25 +193,25 @@ impl Applier<'_> {
                 only_new,
                 ttl,
             } => {
-                needs.op = self.update_hash(ws, db, key, command, out, |fields, mapped| {
-                    set_fields(fields, pairs, *only_new, *ttl, mapped)
+                needs.op = self.update_hash(ws, db, key, command, out, |fields, changes| {
+                    set_fields(fields, pairs, *only_new, *ttl, changes)
                 })?;
             }
             Write::DeleteFields { key, fields } => {
-                needs.op = self.update_hash(ws, db, key, command, out, |map, mapped| {
+                needs.op = self.update_hash(ws, db, key, command, out, |map, changes| {
                     for field in fields {
                         if let Some(old) = map.get(field) {
-                            mapped.changing(field, Some(old));
+                            changes.changing(field, Some(old));
                             map.remove(field);
                         }
                     }
                 })?;
             }
             Write::IncrementField { key, field, by } => {
-                needs.op = self.update_hash(ws, db, key, command, out, |fields, mapped| {
+                needs.op = self.update_hash(ws, db, key, command, out, |fields, changes| {
                     let current = fields.get(field).and_then(|v| parse_i64(&v.value));
                     let value = Bytes::from(current.unwrap_or(0).wrapping_add(*by).to_string());
-                    mapped.changing(field, fields.get(field));
+                    changes.changing(field, fields.get(field));
                     match fields.get_mut(field) {
                         Some(old) => old.value = value,
                         None => {
@@ -327,41 +327,41 @@ impl Applier<'_> {
         }
         ws.update(db, key, |value| {
             let was_hash = matches!(value, Some(v) if v.kind == MirrorKind::Hash);
-            let mut changes = FieldChanges::new(mapping);
-            let seen = self.change_hash(value, (mapping, db, key), out, change, &mut changes);
-            let changed = seen.is_some() || changes.any || !was_hash;
+            let (seen, any) = self.change_hash(value, (mapping, db, key), out, change);
+            let changed = seen.is_some() || any || !was_hash;
             (seen, changed)
         })
     }
 
-    /// The body of [`Applier::update_hash`], on the key's value.
+    /// The body of [`Applier::update_hash`], on the key's value: the op seen, and whether any
+    /// field changed.
     fn change_hash(
         &self,
         value: &mut Option<MirrorValue>,
         (mapping, db, key): (&Mapping, u32, &Bytes),
         out: &mut Vec<RowEvent>,
         change: impl FnOnce(&mut Fields, &mut FieldChanges),
-        mapped: &mut FieldChanges,
-    ) -> Option<OpSeen> {
+    ) -> (Option<OpSeen>, bool) {
+        let mut changes = FieldChanges::new(mapping);
         let had_row = has_row(value);
         let hash = match value {
             Some(v) if v.kind == MirrorKind::Hash => v,
             // The command succeeded, so the key was a hash (or absent).
             _ => value.insert(MirrorValue::hash(self.generation)),
         };
-        change(&mut hash.fields, mapped);
+        change(&mut hash.fields, &mut changes);
         if self.ops && hash.fields.contains_key(OP_FIELD) {
             let after = std::mem::replace(hash, MirrorValue::hash(self.generation));
             let (intended, event, seen) = apply_op(mapping, db, key, after);
             out.extend(event);
             *value = intended;
-            return Some(seen);
+            return (Some(seen), changes.any);
         }
         let has_row = !hash.fields.is_empty();
         let event = match (had_row, has_row) {
             // Created, or a mapped value changed: the full image (`None` before forces it).
             (false, true) => row_event_between(mapping, key, None, row_of(mapping, value), false),
-            (true, true) if mapped.row_changed(&hash.fields) => {
+            (true, true) if changes.row_changed(&hash.fields) => {
                 row_event_between(mapping, key, None, row_of(mapping, value), false)
             }
             (true, false) => row_event_between(mapping, key, Some(Vec::new()), None, false),
@@ -371,7 +371,7 @@ impl Applier<'_> {
             *value = None;
         }
         out.extend(event);
-        None
+        (None, changes.any)
     }
 
     fn delete_key(
