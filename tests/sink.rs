@@ -611,6 +611,143 @@ async fn a_large_batch_is_staged_and_every_value_survives() {
     database.drop_database().await;
 }
 
+/// The stage's own warnings are a refusal, as the merge's are: a value the stage cannot hold
+/// as it is (bytes that are not UTF-8, bound for a `BIT` column, which the stage's text column
+/// loads as `?`) sends the batch row by row, where the value is written exactly; loaded and
+/// merged as it was, the row would hold `0x3F..` instead. The stage is loaded, merged and
+/// emptied in one query (statements.rs), so this also checks that each statement's warnings
+/// are read as its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_the_stage_would_alter_is_written_exactly() {
+    let database = Database::maria().await;
+    database.execute("CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first TEXT, last BIT(40), age VARCHAR(20))").await;
+    database.execute(CAR_TABLE).await;
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let service = start(&server, &database).await;
+    service.settle(&mut client, &database).await;
+    let not_utf8 = [0xff, 0xfe, 0x00, 0x01, 0x80];
+    // Twice: in the second batch the session's stage exists and was emptied by the first.
+    for round in 0..2 {
+        client.command(&["MULTI"]).await.expect("multi");
+        for i in 0..600 {
+            let key = format!("person2:{round}_{i}");
+            let last: &[u8] = if i == 300 { &not_utf8 } else { b"abcde" };
+            client
+                .command(&[
+                    &b"HSET"[..],
+                    key.as_bytes(),
+                    b"first_name",
+                    b"x",
+                    b"last_name",
+                    last,
+                ])
+                .await
+                .expect("hset");
+        }
+        client.command(&["EXEC"]).await.expect("exec");
+    }
+    service.settle(&mut client, &database).await;
+    let Database::Maria { pool, .. } = &database else {
+        unreachable!()
+    };
+    let rows: Vec<(String, Vec<u8>)> = pool
+        .get_conn()
+        .await
+        .expect("conn")
+        .query("SELECT id, last FROM person1")
+        .await
+        .expect("select");
+    assert_eq!(rows.len(), 1200);
+    for (id, last) in rows {
+        let expected: &[u8] = if id.ends_with("_300") {
+            &not_utf8
+        } else {
+            b"abcde"
+        };
+        assert_eq!(last, expected, "row {id}");
+    }
+    service.stop().await;
+    database.drop_database().await;
+}
+
+/// A stage a failed merge left full is emptied before the session loads it again: a batch
+/// whose merge is refused (a value too long for its `BIT` column) is redone row by row on the
+/// same session, leaving its rows in the stage; a later row change, a fix of the column (after
+/// which the refused value would fit) and another staged batch must not merge the old rows
+/// again (which would put back the older value and write the dead-lettered row behind the
+/// user's back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_left_full_by_a_refused_merge_is_emptied_before_it_is_used_again() {
+    let database = Database::maria().await;
+    database.execute("CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first TEXT, last BIT(40), age VARCHAR(20))").await;
+    database.execute(CAR_TABLE).await;
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let service = start(&server, &database).await;
+    service.settle(&mut client, &database).await;
+    let staged_batch = |prefix: &'static str, refused: Option<usize>| {
+        let mut commands = vec![vec!["MULTI".to_string()]];
+        for i in 0..600 {
+            let last = if Some(i) == refused {
+                "abcdefg"
+            } else {
+                "abcde"
+            };
+            commands.push(
+                [
+                    "HSET",
+                    &format!("person2:{prefix}{i}"),
+                    "first_name",
+                    "x",
+                    "last_name",
+                    last,
+                ]
+                .map(String::from)
+                .to_vec(),
+            );
+        }
+        commands.push(vec!["EXEC".to_string()]);
+        commands
+    };
+    let Database::Maria { pool, .. } = &database else {
+        unreachable!()
+    };
+    let rows = || async {
+        let rows: Vec<(String, Vec<u8>)> = pool
+            .get_conn()
+            .await
+            .expect("conn")
+            .query("SELECT id, last FROM person1")
+            .await
+            .expect("select");
+        rows.into_iter().collect::<BTreeMap<String, Vec<u8>>>()
+    };
+    support::send_all(&mut client, &staged_batch("a", Some(300))).await;
+    service.settle(&mut client, &database).await;
+    assert_eq!(rows().await.len(), 599, "the refused row is not written");
+    client
+        .command(&["HSET", "person2:a0", "last_name", "zzzzz"])
+        .await
+        .expect("hset");
+    service.settle(&mut client, &database).await;
+    database
+        .execute("ALTER TABLE person1 MODIFY last BIT(64)")
+        .await;
+    support::send_all(&mut client, &staged_batch("b", None)).await;
+    service.settle(&mut client, &database).await;
+    let rows = rows().await;
+    assert_eq!(rows.len(), 1199, "the dead-lettered row stays out");
+    assert!(!rows.contains_key("a300"));
+    for (id, last) in rows {
+        // BIT(64) returns 8 bytes, zero-padded on the left.
+        let expected: &[u8] = if id == "a0" { b"zzzzz" } else { b"abcde" };
+        assert_eq!(&last[3..], expected, "row {id}");
+    }
+    service.stop().await;
+    database.drop_database().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_reports_missing_database_grants() {
     let database = Database::maria().await;

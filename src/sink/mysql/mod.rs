@@ -24,10 +24,12 @@ mod packet;
 mod schema;
 mod ssl;
 mod staging;
+mod statements;
 
 use packet::{param_bytes, row_text_bytes};
 use schema::{add_identity_columns, create_table, missing_grants};
-use staging::{no_warnings, StageError};
+use staging::{no_warnings, StageError, Stages};
+use statements::{push_checkpoint, BatchTransaction, Statements};
 
 /// Placeholders per statement stay well under the protocol's 65,535.
 const MAX_PLACEHOLDERS: usize = 30_000;
@@ -50,7 +52,7 @@ pub struct MysqlSink {
     /// The session batches are written on, kept between batches so that its staging tables and
     /// prepared statements last; dropped (closed, so the server rolls back whatever it had
     /// open) after any failure.
-    session: Option<(Conn, std::time::Instant)>,
+    session: Option<Session>,
     address: String,
     /// Whether large batches may use LOAD DATA LOCAL INFILE (off once the server refuses it).
     staging: std::sync::atomic::AtomicBool,
@@ -60,6 +62,13 @@ pub struct MysqlSink {
     max_packet: std::sync::atomic::AtomicUsize,
     /// `ssl-mode` and what it verifies against (`ssl.rs`), for `check`.
     tls: String,
+}
+
+/// The batch session: its connection, when it was last used, and its staging tables.
+struct Session {
+    conn: Conn,
+    used: std::time::Instant,
+    stages: Stages,
 }
 
 fn q(identifier: &str) -> String {
@@ -248,10 +257,10 @@ impl MysqlSink {
 
     /// The batch session: the kept one (checked with a ping after an idle spell: the server
     /// may have closed it), or a new connection.
-    async fn session(&mut self) -> Result<Conn, SinkError> {
-        if let Some((mut conn, used)) = self.session.take() {
-            if used.elapsed() < SESSION_IDLE || conn.ping().await.is_ok() {
-                return Ok(conn);
+    async fn session(&mut self) -> Result<Session, SinkError> {
+        if let Some(mut session) = self.session.take() {
+            if session.used.elapsed() < SESSION_IDLE || session.conn.ping().await.is_ok() {
+                return Ok(session);
             }
         }
         let mut conn = Conn::new(self.opts.clone()).await.map_err(|e| {
@@ -261,7 +270,11 @@ impl MysqlSink {
             ))
         })?;
         self.read_max_packet(&mut conn).await?;
-        Ok(conn)
+        Ok(Session {
+            conn,
+            used: std::time::Instant::now(),
+            stages: Stages::default(),
+        })
     }
 
     /// Reads the server's `max_allowed_packet` (it may have been changed since the last
@@ -300,65 +313,22 @@ impl MysqlSink {
         })
     }
 
-    /// Sets the batch's checkpoint rows and deletes its retired ones.
-    async fn write_checkpoint<Q: Queryable>(
-        conn: &mut Q,
-        batch: &SinkBatch,
-    ) -> Result<(), mysql_async::Error> {
-        if !batch.checkpoint_rows.is_empty() {
-            let row = "('writebehind', ?, ?, ?, ?, ?, ?)";
-            let sql = format!(
-                "INSERT INTO {CHECKPOINT_TABLE} (source, backend, replid, repl_offset, change_seq, buffer_id, mappings_id) VALUES {} \
-                 ON DUPLICATE KEY UPDATE replid = VALUES(replid), repl_offset = VALUES(repl_offset), change_seq = VALUES(change_seq), \
-                 buffer_id = VALUES(buffer_id), mappings_id = VALUES(mappings_id)",
-                vec![row; batch.checkpoint_rows.len()].join(", ")
-            );
-            let params: Vec<Value> = batch
-                .checkpoint_rows
-                .iter()
-                .flat_map(|name| {
-                    [
-                        Value::from(name.clone()),
-                        Value::from(batch.replid.clone()),
-                        Value::UInt(batch.offset.0),
-                        Value::UInt(batch.last_seq.0),
-                        Value::from(batch.buffer_id.clone()),
-                        Value::from(batch.mappings_id.clone()),
-                    ]
-                })
-                .collect();
-            conn.exec_drop(sql, Params::Positional(params)).await?;
-        }
-        if !batch.retire_rows.is_empty() {
-            let sql = format!(
-                "DELETE FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend IN ({})",
-                vec!["?"; batch.retire_rows.len()].join(", ")
-            );
-            let params = batch
-                .retire_rows
-                .iter()
-                .map(|n| Value::from(n.clone()))
-                .collect();
-            conn.exec_drop(sql, Params::Positional(params)).await?;
-        }
-        Ok(())
-    }
-
-    /// The fast path: a few multi-row statements.
+    /// The fast path: a few multi-row statements, in few round trips: the transaction begins
+    /// with its first statement, a staged table is loaded and merged in one query
+    /// (`staging.rs`), and the checkpoint rows go with the `COMMIT`.
     async fn apply_grouped(
         &self,
-        conn: &mut Conn,
+        session: &mut Session,
         schemas: &[TableSchema],
         batch: &SinkBatch,
     ) -> Result<(), SinkError> {
         // A transaction by hand (not `Transaction`), so that the connection's LOCAL INFILE
-        // handler can be set for the staged path.
-        conn.query_drop("START TRANSACTION")
-            .await
-            .map_err(classify)?;
-        let result = self.write_grouped(conn, schemas, batch).await;
+        // handler can be set for the staged path, and statements sent together.
+        let mut tx = BatchTransaction::default();
+        let result = self.write_grouped(session, schemas, batch, &mut tx).await;
+        let conn = &mut session.conn;
         match result {
-            Ok(()) => conn.query_drop("COMMIT").await.map_err(classify),
+            Ok(()) => Ok(()),
             Err(failure) => match conn.query_drop("ROLLBACK").await {
                 Ok(()) => Err(failure),
                 // The session cannot be trusted to be outside a transaction (the row-by-row
@@ -370,12 +340,16 @@ impl MysqlSink {
         }
     }
 
+    /// Writes the batch and commits it (with its checkpoint rows, in the same query as the
+    /// `COMMIT`).
     async fn write_grouped(
         &self,
-        conn: &mut Conn,
+        session: &mut Session,
         schemas: &[TableSchema],
         batch: &SinkBatch,
+        tx: &mut BatchTransaction,
     ) -> Result<(), SinkError> {
+        let Session { conn, stages, .. } = session;
         for (index, schema) in schemas.iter().enumerate() {
             let super::TableWrites { deletes, upserts } = super::TableWrites::of(batch, index);
             let deletes: Vec<Value> = deletes.into_iter().map(value).collect();
@@ -393,6 +367,7 @@ impl MysqlSink {
                     q(&schema.key_column.name),
                     vec!["?"; chunk.len()].join(",")
                 );
+                tx.begin(conn).await.map_err(classify)?;
                 conn.exec_drop(sql, Params::Positional(chunk.to_vec()))
                     .await
                     .map_err(classify)?;
@@ -409,7 +384,10 @@ impl MysqlSink {
             if upserts.len() >= STAGE_THRESHOLD
                 && self.staging.load(std::sync::atomic::Ordering::Relaxed)
             {
-                match self.stage_and_merge(conn, index, schema, &upserts).await {
+                match self
+                    .stage_and_merge(conn, (stages, tx), index, schema, &upserts)
+                    .await
+                {
                     Ok(()) => continue,
                     Err(StageError::Failed(failure)) if failure.kind() != SinkErrorKind::Fatal => {
                         return Err(failure)
@@ -445,13 +423,18 @@ impl MysqlSink {
                     .iter()
                     .flat_map(|(id, values)| std::iter::once(*id).chain(values.iter()).map(value))
                     .collect();
+                tx.begin(conn).await.map_err(classify)?;
                 conn.exec_drop(sql, Params::Positional(params))
                     .await
                     .map_err(classify)?;
-                no_warnings(conn, "a multi-row INSERT")?;
+                no_warnings(conn.get_warnings(), "a multi-row INSERT")?;
             }
         }
-        Self::write_checkpoint(conn, batch).await.map_err(classify)
+        let mut statements = Statements::default();
+        tx.begin_in(&mut statements);
+        push_checkpoint(&mut statements, batch);
+        statements.push("COMMIT");
+        statements.run(conn).await.map(drop).map_err(classify)
     }
 
     /// Staging failed in a way retrying cannot fix: statements for the life of the process.
@@ -567,7 +550,9 @@ impl MysqlSink {
                     .map_err(err)?,
             }
         }
-        Self::write_checkpoint(&mut tx, batch).await.map_err(err)?;
+        let mut checkpoint = Statements::default();
+        push_checkpoint(&mut checkpoint, batch);
+        checkpoint.run(&mut tx).await.map_err(err)?;
         super::store_refused(before_commit, &rejected, &self.name)?;
         tx.commit().await.map_err(err)?;
         Ok(rejected)
@@ -710,11 +695,11 @@ impl Destination for MysqlSink {
         batch: &SinkBatch,
         before_commit: &BeforeCommit,
     ) -> Result<Vec<Rejected>, SinkError> {
-        let mut conn = self.session().await?;
-        let result = match self.apply_grouped(&mut conn, schemas, batch).await {
+        let mut session = self.session().await?;
+        let result = match self.apply_grouped(&mut session, schemas, batch).await {
             Ok(()) => Ok(Vec::new()),
             Err(e) if e.kind() == SinkErrorKind::RowRefused => {
-                self.apply_row_by_row(&mut conn, schemas, batch, before_commit)
+                self.apply_row_by_row(&mut session.conn, schemas, batch, before_commit)
                     .await
             }
             Err(e) => Err(e.context(self.place())),
@@ -722,7 +707,8 @@ impl Destination for MysqlSink {
         // After a failure the session is not trusted (an open transaction, a broken stream):
         // dropping it closes it, and the server rolls back what it had.
         if result.is_ok() {
-            self.session = Some((conn, std::time::Instant::now()));
+            session.used = std::time::Instant::now();
+            self.session = Some(session);
         }
         result
     }

@@ -20,6 +20,7 @@ use futures_util::StreamExt;
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
+use super::statements::{BatchTransaction, Statements};
 use super::{classify, q, MysqlSink};
 use crate::sink::convert::{ColumnType, SqlValue};
 use crate::sink::{SinkError, SinkErrorKind, TableSchema};
@@ -75,8 +76,8 @@ fn staging_type(kind: &ColumnType) -> &'static str {
 
 /// A statement's warnings count as a refusal: the batch is redone row by row, where the same
 /// value gets the same answer as a single row would.
-pub(super) fn no_warnings(conn: &Conn, what: &str) -> Result<(), SinkError> {
-    match conn.get_warnings() {
+pub(super) fn no_warnings(warnings: u16, what: &str) -> Result<(), SinkError> {
+    match warnings {
         0 => Ok(()),
         n => Err(SinkError::new(
             SinkErrorKind::RowRefused,
@@ -114,10 +115,13 @@ impl MysqlSink {
     }
 
     /// Loads `upserts` for table `index` (`schema`) and merges them inside the batch's
-    /// transaction (mapped columns only, as the multi-row INSERT).
+    /// transaction (mapped columns only, as the multi-row INSERT), in one query: the stage
+    /// (re)created or emptied only when [`Stages`] says it must be, the load, the start of the
+    /// transaction unless begun, the merge, and the stage emptied again.
     pub(super) async fn stage_and_merge(
         &self,
         conn: &mut Conn,
+        (stages, tx): (&mut Stages, &mut BatchTransaction),
         index: usize,
         schema: &TableSchema,
         upserts: &[(&SqlValue, &Vec<SqlValue>)],
@@ -144,16 +148,9 @@ impl MysqlSink {
                 .iter()
                 .map(|c| format!("{} {}", q(&c.name), staging_type(&c.kind))),
         );
-        conn.query_drop(format!(
-            "CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ({}){}",
-            definitions.join(", "),
-            self.stage_engine.clause()
-        ))
-        .await
-        .map_err(failed)?;
-        conn.query_drop(format!("DELETE FROM {stage}"))
-            .await
-            .map_err(failed)?;
+        let definitions = format!("({}){}", definitions.join(", "), self.stage_engine.clause());
+        let mut statements = Statements::default();
+        stages.prepare(index, &stage, definitions, &mut statements);
         let mut data = Vec::with_capacity(upserts.len() * 64);
         for (id, values) in upserts {
             for (i, v) in std::iter::once(*id).chain(values.iter()).enumerate() {
@@ -174,10 +171,7 @@ impl MysqlSink {
             .map(|at| Ok(payload.slice(at..(at + chunk).min(payload.len()))))
             .collect();
         conn.set_infile_handler(async move { Ok(futures_util::stream::iter(chunks).boxed()) });
-        conn.query_drop(format!("LOAD DATA LOCAL INFILE 'writebehind-batch' INTO TABLE {stage} CHARACTER SET binary ({column_list})"))
-            .await
-            .map_err(failed)?;
-        no_warnings(conn, "loading the stage").map_err(StageError::Failed)?;
+        let load = statements.push(format!("LOAD DATA LOCAL INFILE 'writebehind-batch' INTO TABLE {stage} CHARACTER SET binary ({column_list})"));
         let updates = if schema.columns.is_empty() {
             format!("{0} = {0}", q(&schema.key_column.name))
         } else {
@@ -188,10 +182,57 @@ impl MysqlSink {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        conn.query_drop(format!("INSERT INTO {} ({column_list}) SELECT {column_list} FROM {stage} ON DUPLICATE KEY UPDATE {updates}", q(&schema.table)))
-            .await
-            .map_err(failed)?;
-        no_warnings(conn, "merging the stage").map_err(StageError::Failed)
+        tx.begin_in(&mut statements);
+        let merge = statements.push(format!("INSERT INTO {} ({column_list}) SELECT {column_list} FROM {stage} ON DUPLICATE KEY UPDATE {updates}", q(&schema.table)));
+        statements.push(format!("DELETE FROM {stage}"));
+        let warnings = statements.run(conn).await.map_err(failed)?;
+        stages.emptied(index);
+        no_warnings(warnings[load], "loading the stage").map_err(StageError::Failed)?;
+        no_warnings(warnings[merge], "merging the stage").map_err(StageError::Failed)
+    }
+}
+
+/// What a session's staging tables hold, so that a batch neither re-creates nor empties a stage
+/// it knows to be ready. A stage is *dirty* from the moment a load is sent until the query that
+/// merges and empties it has answered in full: after any failure in between (the session kept,
+/// the batch redone row by row) the next load empties it first. The stages are temporary
+/// tables: they end with the session, and so does this record of them.
+#[derive(Debug, Default)]
+pub(super) struct Stages {
+    /// By table index: the stage's column definitions, and whether it may hold rows.
+    ready: std::collections::HashMap<usize, (String, bool)>,
+}
+
+impl Stages {
+    /// Adds to `statements` what makes stage `index` (named `stage`) an empty table with
+    /// `definitions`, and marks it dirty.
+    fn prepare(
+        &mut self,
+        index: usize,
+        stage: &str,
+        definitions: String,
+        statements: &mut Statements,
+    ) {
+        match self.ready.get(&index) {
+            Some((known, dirty)) if *known == definitions => {
+                if *dirty {
+                    statements.push(format!("DELETE FROM {stage}"));
+                }
+            }
+            // Not made by this session, or made for other columns (the mappings changed).
+            _ => {
+                statements.push(format!("DROP TEMPORARY TABLE IF EXISTS {stage}"));
+                statements.push(format!("CREATE TEMPORARY TABLE {stage} {definitions}"));
+            }
+        }
+        self.ready.insert(index, (definitions, true));
+    }
+
+    /// Stage `index` was merged and emptied.
+    fn emptied(&mut self, index: usize) {
+        if let Some((_, dirty)) = self.ready.get_mut(&index) {
+            *dirty = false;
+        }
     }
 }
 
