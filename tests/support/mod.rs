@@ -303,7 +303,12 @@ impl SentinelServer {
         Self::start_with(master_name, master_port, quorum, "")
     }
 
-    /// With `extra` lines in its configuration (TLS: `tests/support/tls.rs`).
+    /// With `extra` lines in its configuration (TLS: `tests/support/tls.rs`). A primary is
+    /// judged down after 3 s without an answer. With 1 s, `a_sentinel_failover_over_tls` failed
+    /// once on a loaded CI machine with its own client cut (`UnexpectedEof` on `KEYS`) before
+    /// the test killed the primary: most likely the Sentinels failed the live primary over,
+    /// and a Sentinel that demotes a primary kills its clients (`sentinelSendSlaveOf` sends
+    /// `CLIENT KILL TYPE normal` with the `SLAVEOF`).
     pub fn start_with(
         master_name: &str,
         master_port: u16,
@@ -317,7 +322,7 @@ impl SentinelServer {
             &conf,
             format!(
                 "port {port}\nbind 127.0.0.1\ndir {}\nlogfile {}\n{extra}\nsentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}\n\
-                 sentinel down-after-milliseconds {master_name} 1000\nsentinel failover-timeout {master_name} 5000\n\
+                 sentinel down-after-milliseconds {master_name} 3000\nsentinel failover-timeout {master_name} 5000\n\
                  sentinel parallel-syncs {master_name} 1\n",
                 dir.path().display(),
                 dir.path().join("sentinel.log").display()
