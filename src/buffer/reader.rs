@@ -26,6 +26,7 @@ impl Store {
         let mut options = Options::default();
         // A secondary must keep every table open: the primary may delete files it read.
         options.set_max_open_files(-1);
+        options.set_log_level(super::store::ROCKSDB_LOG_LEVEL);
         let db = DB::open_cf_as_secondary(&options, path, &reader_dir, FAMILIES)
             .map_err(|e| classify(path, e))?;
         db.try_catch_up_with_primary()

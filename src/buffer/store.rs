@@ -82,6 +82,16 @@ pub(super) const FAMILIES: [&str; 6] = [
 /// scripts/bench-flush.sh and scripts/bench-capture.sh: docs/benchmarks.md).
 const MEMTABLES_BYTES: usize = 64 << 20;
 
+/// What RocksDB writes to its own log (`LOG` in the buffer): fatal errors only. Its log shares
+/// the buffer's disk, and RocksDB 7.x's log writer, once a line failed to be written, fails a
+/// debug assertion on the next one, which Debian's build keeps: on a full disk, RocksDB's own
+/// message about the failed write (the line before it having failed for want of space)
+/// aborted the process instead of letting the service stop with its one-line error, and a
+/// restart on the still-full disk aborted while opening the buffer (`tests/full_disk.rs`: 8
+/// runs of 8 with RocksDB's default level). Everything the service has to say about its
+/// buffer, it says in its own log.
+pub(super) const ROCKSDB_LOG_LEVEL: rocksdb::LogLevel = rocksdb::LogLevel::Fatal;
+
 /// The block cache of the change log, which also holds the log's index and filter blocks: the
 /// memory the log's tables take is then bounded by this figure whatever the log's length
 /// (without it, the index and filter blocks of every open table stay in memory beside the cache
@@ -123,6 +133,7 @@ impl Store {
         // Memtables of all column families together: RocksDB's default is 64 MiB per family,
         // two each, which a flush of a large keyspace fills in every family at once.
         options.set_db_write_buffer_size(MEMTABLES_BYTES);
+        options.set_log_level(ROCKSDB_LOG_LEVEL);
         let mut families = Vec::with_capacity(FAMILIES.len());
         for name in FAMILIES {
             let options = family_options(name).map_err(|e| classify(path, e))?;
@@ -196,11 +207,7 @@ impl Store {
         let identity = uuid::Uuid::new_v4().to_string();
         let mut write = WriteBatch::default();
         write.put_cf(meta, META_IDENTITY, identity.as_bytes());
-        let mut options = WriteOptions::default();
-        options.set_sync(true);
-        self.db
-            .write_opt(write, &options)
-            .map_err(|e| self.rocks(e))?;
+        self.write_rocks(write, true)?;
         Ok(identity)
     }
 
@@ -244,6 +251,15 @@ impl Store {
 
     pub(super) fn rocks(&self, e: rocksdb::Error) -> StoreError {
         classify(&self.path, e)
+    }
+
+    /// Writes `write`, synced to disk first with `sync` (every write goes through here).
+    fn write_rocks(&self, write: WriteBatch, sync: bool) -> Result<(), StoreError> {
+        let mut options = WriteOptions::default();
+        options.set_sync(sync);
+        self.db
+            .write_opt(write, &options)
+            .map_err(|e| self.rocks(e))
     }
 
     pub(super) fn corrupt(&self, e: DecodeError) -> StoreError {
@@ -414,7 +430,7 @@ impl Store {
             0u64.to_be_bytes(),
             through.next().key(),
         );
-        self.db.write(batch).map_err(|e| self.rocks(e))
+        self.write_rocks(batch, false)
     }
 
     /// Applies `batch` atomically; with `sync`, it is on disk when this returns.
@@ -448,13 +464,8 @@ impl Store {
                 Op::DeleteAck(id) => write.delete_cf(acks, id.to_be_bytes()),
             }
         }
-        let mut options = WriteOptions::default();
-        options.set_sync(sync);
         if batch.new_acks.is_empty() {
-            return self
-                .db
-                .write_opt(write, &options)
-                .map_err(|e| self.rocks(e));
+            return self.write_rocks(write, sync);
         }
         let mut next_id = self.next_ack_id.lock().unwrap_or_else(|p| p.into_inner());
         let first = *next_id;
@@ -470,10 +481,7 @@ impl Store {
             write.put_cf(acks, id.to_be_bytes(), record.encode());
             *next_id = id + 1;
         }
-        let written = self
-            .db
-            .write_opt(write, &options)
-            .map_err(|e| self.rocks(e));
+        let written = self.write_rocks(write, sync);
         if written.is_err() {
             *next_id = first;
         }
@@ -542,11 +550,7 @@ impl Store {
     pub fn clear_raw(&self) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(self.cf(CF_RAW)?, Vec::<u8>::new(), vec![0xffu8; 5]);
-        let mut options = WriteOptions::default();
-        options.set_sync(true);
-        self.db
-            .write_opt(batch, &options)
-            .map_err(|e| self.rocks(e))
+        self.write_rocks(batch, true)
     }
 
     /// Every key with a `#` op not completed in Redis.
