@@ -15,23 +15,8 @@ cd "$(dirname "$0")/.."
 fields="${1:-1000000}"
 rate="${2:-1000}"
 seconds="${3:-30}"
-work="$(mktemp -d /var/tmp/writebehind-bighash-bench.XXXXXX)"
-database="wb_bench_bighash_$$"
 . scripts/bench-common.sh
-bench_out "${OUT:-}"
-primary=$(free_port)
-service_pid=""
-on_exit() {
-  local status=$?
-  if [ "$status" != 0 ] && [ -f "$work/writebehind.log" ]; then
-    echo "failed ($status); the service's log ends:"; tail -5 "$work/writebehind.log" | cut -c1-400
-  fi
-  cleanup_bench
-}
-trap on_exit EXIT
-build_release
-sql "CREATE DATABASE $database"
-start_primary "$primary" "$work"
+bench_start bighash
 
 # The hash, in commands of 1,000 fields.
 python3 - "$fields" >"$work/create.resp" <<'PY'

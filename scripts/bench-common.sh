@@ -57,6 +57,32 @@ cleanup_bench() {
   rm -rf "$work"
 }
 
+# The EXIT trap of a script whose service logs to "$work/writebehind.log": on a failure, the
+# end of that log, then `cleanup_bench`. Set with `trap cleanup_bench_showing_log EXIT`.
+cleanup_bench_showing_log() {
+  local status=$?
+  if [ "$status" != 0 ] && [ -f "$work/writebehind.log" ]; then
+    echo "failed ($status); the service's log ends:"; tail -5 "$work/writebehind.log" | cut -c1-400
+  fi
+  cleanup_bench
+}
+
+# bench_start NAME: the set-up of a script measuring one service against a primary and
+# MariaDB: a work directory and a scratch database named after NAME (`work`, `database`), `out`,
+# a primary on a free port (`primary`), the release build (`bin`), and the EXIT trap that shows
+# the end of the service's log on a failure and cleans up.
+bench_start() {
+  work="$(mktemp -d "/var/tmp/writebehind-$1-bench.XXXXXX")"
+  database="wb_bench_$1_$$"
+  bench_out "${OUT:-}"
+  primary=$(free_port)
+  service_pid=""
+  trap cleanup_bench_showing_log EXIT
+  build_release
+  sql "CREATE DATABASE $database"
+  start_primary "$primary" "$work"
+}
+
 # bench_out DIR: the directory a script writes its CSV timelines and PNG plots into (created;
 # `bench-out` by default, which git ignores); sets `out`.
 bench_out() {

@@ -13,24 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 commands="${1:-1000000}"
-work="$(mktemp -d /var/tmp/writebehind-multi-bench.XXXXXX)"
-database="wb_bench_multi_$$"
 . scripts/bench-common.sh
-bench_out "${OUT:-}"
-primary=$(free_port)
-service_pid=""
-on_exit() {
-  local status=$?
-  if [ "$status" != 0 ] && [ -f "$work/writebehind.log" ]; then
-    echo "failed ($status); the service's log ends:"; tail -5 "$work/writebehind.log" | cut -c1-400
-  fi
-  cleanup_bench
-}
-trap on_exit EXIT
-build_release
-sql "CREATE DATABASE $database"
-
-start_primary "$primary" "$work"
+bench_start multi
 write_config "$work/writebehind.toml" "$primary" "$work/buffer" "mysql://root@127.0.0.1:3306/$database"
 admin=$(free_port)
 printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$admin" >>"$work/writebehind.toml"

@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use support::capture::*;
@@ -75,6 +75,29 @@ fn spawn_logging(config: &std::path::Path, log: &std::path::Path) -> Service {
     )
 }
 
+/// Waits until the service stops (on a full disk it must): how it ended, and its log.
+async fn until_stopped(service: &mut Service, log: &std::path::Path) -> (ExitStatus, String) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = || std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(status) = service.0.try_wait().expect("wait") {
+            return (status, text());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the service still runs on a full disk:\n{}",
+            text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether the log has the service's one error line for a full disk.
+fn names_the_full_disk(log: &str) -> bool {
+    log.lines()
+        .any(|l| l.contains("ERROR") && l.contains("No space left on device"))
+}
+
 /// Rows of about 1 KB, each a new key (`person2:<n>` with `seq = n`), so none coalesce.
 fn rows(next_seq: &mut u64, count: usize) -> Vec<Vec<String>> {
     let padding = "x".repeat(1000);
@@ -115,58 +138,33 @@ async fn a_full_disk_stops_capture_without_acknowledging_or_losing_anything() {
     }
     // Write until the buffer's disk is full and the service stops: at most 100 MB, which the
     // 24 MB disk cannot hold (the service may still be catching up when they are written).
-    let mut next_seq = 1u64;
+    // The highest offset the service acknowledged is sampled as it runs (once it is gone, the
+    // primary no longer shows it).
+    let (mut next_seq, mut acked) = (1u64, 0u64);
     let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = service.0.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the service still runs on a full 24 MB disk:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+    while service.0.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "the service never stopped");
+        acked = acked.max(replica_ack_offset(&mut client).await.unwrap_or(0));
         if next_seq < 100_000 {
             send_all(&mut client, &rows(&mut next_seq, 200)).await;
         } else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    };
+    }
+    let (status, text) = until_stopped(&mut service, &log).await;
     let written = next_seq - 1;
-    let acked = replica_ack_offset(&mut client).await.unwrap_or(0);
-    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(acked > 0, "the service never acknowledged anything");
     assert!(
-        !status.success(),
-        "the service stopped with success:\n{text}"
-    );
-    let errors: Vec<&str> = text.lines().filter(|l| l.contains("ERROR")).collect();
-    assert!(
-        errors
-            .iter()
-            .any(|l| l.contains("No space left on device") || l.contains("space")),
-        "no error line names the full disk:\n{text}"
+        !status.success() && names_the_full_disk(&text),
+        "no error line names the full disk: {status}\n{text}"
     );
 
     // Started again on the disk still full, it stops again with its own error line.
     let again = dir.path().join("service-full.log");
     let mut service = spawn_logging(&config, &again);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = service.0.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a service started on a full disk runs"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let text = std::fs::read_to_string(&again).expect("log");
+    let (status, text) = until_stopped(&mut service, &again).await;
     assert!(
-        !status.success()
-            && text
-                .lines()
-                .any(|l| l.contains("ERROR") && l.contains("space")),
+        !status.success() && names_the_full_disk(&text),
         "started on a full disk: {status}\n{text}"
     );
 
@@ -185,21 +183,15 @@ async fn a_full_disk_stops_capture_without_acknowledging_or_losing_anything() {
     drop(store);
 
     // A restart resumes with PSYNC and captures and applies every row once.
-    let service = spawn_logging(&config, &dir.path().join("service2.log"));
-    let target = master_offset(&mut client).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while replica_ack_offset(&mut client)
-        .await
-        .is_none_or(|o| o < target)
-        || database.row_count().await < written
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the restarted service never caught up (offset {target}, {written} rows):\n{}",
-            std::fs::read_to_string(dir.path().join("service2.log")).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let restarted_log = dir.path().join("service2.log");
+    let service = spawn_logging(&config, &restarted_log);
+    until_caught_up(&mut client, &database, written, || {
+        format!(
+            ":\n{}",
+            std::fs::read_to_string(&restarted_log).unwrap_or_default()
+        )
+    })
+    .await;
     drop(service);
     let stats = client.info("stats").await.expect("info");
     assert_eq!(
@@ -212,13 +204,6 @@ async fn a_full_disk_stops_capture_without_acknowledging_or_losing_anything() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!((1..=2).contains(&partial), "resumed with PSYNC: {partial}");
-    let (rows, seqs, twice) = database.counts().await;
-    assert_eq!(rows, written);
-    assert_eq!(
-        seqs,
-        (1..next_seq).collect::<Vec<u64>>(),
-        "every write arrived"
-    );
-    assert_eq!(twice, 0, "no row was written twice");
+    assert_each_row_written_once(&database, written).await;
     drop(disk);
 }

@@ -467,6 +467,40 @@ pub fn spawn_service(config: &std::path::Path) -> std::process::Child {
         .expect("start writebehind")
 }
 
+/// Waits until the service has acknowledged the primary's offset of now and `database` holds
+/// `rows` rows; `context` (a service log, say) goes into the failure message.
+pub async fn until_caught_up(
+    client: &mut RedisClient,
+    database: &CountedDb,
+    rows: u64,
+    context: impl Fn() -> String,
+) {
+    let target = master_offset(client).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while replica_ack_offset(client).await.is_none_or(|o| o < target)
+        || database.row_count().await < rows
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the service never caught up (offset {target}, {rows} rows){}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The table holds rows 1 to `written`, each written once (the triggers count the writes).
+pub async fn assert_each_row_written_once(database: &CountedDb, written: u64) {
+    let (rows, seqs, twice) = database.counts().await;
+    assert_eq!(rows, written);
+    assert_eq!(
+        seqs,
+        (1..=written).collect::<Vec<u64>>(),
+        "every write arrived"
+    );
+    assert_eq!(twice, 0, "no row was written twice");
+}
+
 /// The primary's view of our acknowledged offset (`slave0:...,offset=N`).
 pub async fn replica_ack_offset(client: &mut RedisClient) -> Option<u64> {
     let info = client.info("replication").await.ok()?;
