@@ -65,6 +65,8 @@ type Inner = quick_cache::unsync::Cache<Key, Weighed, Weight>;
 #[derive(Clone, Default)]
 pub struct MirrorCache {
     inner: Option<Arc<Mutex<Inner>>>,
+    /// Bytes it may hold.
+    capacity: u64,
 }
 
 impl MirrorCache {
@@ -78,6 +80,7 @@ impl MirrorCache {
         let cache = Inner::with_weighter(items, bytes, Weight);
         MirrorCache {
             inner: Some(Arc::new(Mutex::new(cache))),
+            capacity: bytes,
         }
     }
 
@@ -110,6 +113,12 @@ impl MirrorCache {
         if let Some(mut cache) = self.lock() {
             for ((db, key), value) in entries {
                 match value {
+                    // It could never fit: not weighed (walking a hash of a million fields in
+                    // every batch was 5% of capture's time in scripts/bench-bighash.sh), and
+                    // an older copy forgotten.
+                    Some(value) if value.fields.min_heap_bytes() > self.capacity => {
+                        cache.remove(&(db, key));
+                    }
                     Some(value) => {
                         let key = (db, key);
                         let weighed = Weighed::new(&key, value);
@@ -191,6 +200,20 @@ mod tests {
             "it holds what fits: {}",
             cache.weight()
         );
+    }
+
+    #[test]
+    fn a_value_too_large_for_the_cache_leaves_no_older_copy_behind() {
+        let cache = MirrorCache::new(1 << 10);
+        let a = Bytes::from_static(b"a");
+        cache.insert_committed([((0, a.clone()), Some(hash(&[("f", "v")])))]);
+        assert!(cache.get(0, &a).is_some());
+        let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
+        let large: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+        let large = hash(&large);
+        assert!(large.fields.min_heap_bytes() > 1 << 10);
+        cache.insert_committed([((0, a.clone()), Some(large))]);
+        assert_eq!(cache.get(0, &a), None, "the older copy is not read");
     }
 
     #[test]
