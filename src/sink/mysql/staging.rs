@@ -172,18 +172,13 @@ impl MysqlSink {
             .collect();
         conn.set_infile_handler(async move { Ok(futures_util::stream::iter(chunks).boxed()) });
         let load = statements.push(format!("LOAD DATA LOCAL INFILE 'writebehind-batch' INTO TABLE {stage} CHARACTER SET binary ({column_list})"));
-        let updates = if schema.columns.is_empty() {
-            format!("{0} = {0}", q(&schema.key_column.name))
-        } else {
-            schema
-                .columns
-                .iter()
-                .map(|c| format!("{0} = VALUES({0})", q(&c.name)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
         tx.begin_in(&mut statements);
-        let merge = statements.push(format!("INSERT INTO {} ({column_list}) SELECT {column_list} FROM {stage} ON DUPLICATE KEY UPDATE {updates}", q(&schema.table)));
+        // The statement path's upsert, its rows selected from the stage.
+        let merge = statements.push(format!(
+            "{} SELECT {column_list} FROM {stage}{}",
+            self.insert_head(schema),
+            self.insert_tail(schema)
+        ));
         statements.push(format!("DELETE FROM {stage}"));
         let warnings = statements.run(conn).await.map_err(failed)?;
         stages.emptied(index);
