@@ -47,11 +47,7 @@ async fn kill_dash_nine(backend: &str) {
     let mut rng = StdRng::seed_from_u64(9);
     let mut service = spawn_service(&config);
     // The first attach is a full sync of an empty database; writes start once it is done.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while replica_ack_offset(&mut client).await.is_none() {
-        assert!(Instant::now() < deadline, "the service never attached");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_attached(&mut client, || service_log(&config)).await;
     let mut next_seq = 1u64;
     let kills = 20;
     for round in 0..=kills {
@@ -64,7 +60,12 @@ async fn kill_dash_nine(backend: &str) {
                 "sync_partial_ok",
             ) != Some(round.to_string().as_str())
         {
-            assert!(Instant::now() < deadline, "restart {round} did not attach");
+            assert!(
+                Instant::now() < deadline,
+                "restart {round} did not attach; sync_full {:?}{}",
+                info_field(&client.info("stats").await.expect("info"), "sync_full"),
+                service_log(&config)
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let kill_after = Duration::from_millis(rng.random_range(50..400));
@@ -90,7 +91,7 @@ async fn kill_dash_nine(backend: &str) {
     }
     // Let the last service capture and apply everything, then stop it.
     let written = next_seq - 1;
-    until_caught_up(&mut client, &database, written, String::new).await;
+    until_caught_up(&mut client, &database, written, || service_log(&config)).await;
     let _ = service.kill();
     let _ = service.wait();
 
@@ -190,7 +191,12 @@ async fn kill_dash_nine_during_a_paged_flush_deletes_every_row_once_resumed() {
             "sync_partial_ok",
         ) != Some(round.to_string().as_str())
         {
-            assert!(Instant::now() < deadline, "restart {round} did not attach");
+            assert!(
+                Instant::now() < deadline,
+                "restart {round} did not attach; sync_full {:?}{}",
+                info_field(&client.info("stats").await.expect("info"), "sync_full"),
+                service_log(&config)
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

@@ -456,15 +456,33 @@ impl CountedDb {
 }
 
 /// Starts `writebehind run` on `config`.
+/// Starts `writebehind run` on `config`; its warnings and errors are appended to
+/// [`service_log_path`], which a failing test prints with [`service_log`].
 pub fn spawn_service(config: &std::path::Path) -> std::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(service_log_path(config))
+        .expect("service log");
     std::process::Command::new(env!("CARGO_BIN_EXE_writebehind"))
         .args(["run", "--config"])
         .arg(config)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(log)
         .spawn()
         .expect("start writebehind")
+}
+
+/// Where [`spawn_service`] appends the stderr of every service started on `config`.
+pub fn service_log_path(config: &std::path::Path) -> std::path::PathBuf {
+    config.with_extension("log")
+}
+
+/// The stderr of every service started on `config` so far, for a failure message.
+pub fn service_log(config: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(service_log_path(config)).unwrap_or_default();
+    format!("\nservice log ({} bytes):\n{text}", text.len())
 }
 
 /// Waits until the service has acknowledged the primary's offset of now and `database` holds
@@ -502,6 +520,27 @@ pub async fn assert_each_row_written_once(database: &CountedDb, written: u64) {
 }
 
 /// The primary's view of our acknowledged offset (`slave0:...,offset=N`).
+/// Waits until the service's first snapshot is in its buffer: a write to an unwatched key is
+/// made, and the offset the service acknowledges must reach it (it acknowledges only what is
+/// durable, and nothing past a snapshot before the snapshot itself). `slave0` alone proves
+/// nothing: the primary lists a replica, at offset 0, as soon as it asks for a sync.
+pub async fn until_attached(client: &mut RedisClient, context: impl Fn() -> String) {
+    client
+        .command(&["SET", "unwatched:attached", "1"])
+        .await
+        .expect("set");
+    let target = master_offset(client).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while replica_ack_offset(client).await.is_none_or(|o| o < target) {
+        assert!(
+            Instant::now() < deadline,
+            "the service never attached (offset {target}){}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn replica_ack_offset(client: &mut RedisClient) -> Option<u64> {
     let info = client.info("replication").await.ok()?;
     let line = info_field(&info, "slave0")?;
