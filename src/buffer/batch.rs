@@ -6,6 +6,7 @@ use super::checkpoint::Checkpoint;
 use super::codec::Encoder;
 use super::dead_letter::DeadLetter;
 use super::mirror::{mirror_key, MirrorEntries, MirrorValue};
+use super::open_unit::{undo_key, undo_value, OpenUnit, META_OPEN_UNIT};
 use super::{
     META_ACKS_ENQUEUED_PREFIX, META_CHECKPOINT, META_CLOCK, META_REPLID_PREFIX, META_WATCHED,
 };
@@ -36,6 +37,10 @@ pub(super) enum Op {
     /// them), into one reused buffer.
     Changes(Vec<Change>),
     PutMeta(Vec<u8>, Vec<u8>),
+    /// The value a key had before the open unit (`open_unit.rs`).
+    PutUndo(Vec<u8>, Vec<u8>),
+    /// The open unit ends: its record and undo entries go.
+    CloseUnit,
 }
 
 impl Batch {
@@ -113,6 +118,20 @@ impl Batch {
         let mut key = META_ACKS_ENQUEUED_PREFIX.to_vec();
         key.extend_from_slice(backend.as_bytes());
         self.ops.push(Op::PutMeta(key, seq.key().to_vec()));
+    }
+    /// Records the unit being written in parts (`open_unit.rs`).
+    pub fn open_unit(&mut self, unit: &OpenUnit) {
+        self.ops
+            .push(Op::PutMeta(META_OPEN_UNIT.to_vec(), unit.encode()));
+    }
+    /// Records that `key` held `before` when the open unit began.
+    pub fn put_undo(&mut self, db: u32, key: &[u8], before: &Option<MirrorValue>) {
+        self.ops
+            .push(Op::PutUndo(undo_key(db, key), undo_value(before)));
+    }
+    /// The open unit's end is in this batch: its record and undo entries are deleted.
+    pub fn close_unit(&mut self) {
+        self.ops.push(Op::CloseUnit);
     }
     /// Whether it writes raw states of `#` ops.
     pub fn touches_raw(&self) -> bool {

@@ -55,6 +55,7 @@ mod dead_letter;
 mod fields;
 mod footprint;
 mod mirror;
+mod open_unit;
 mod reader;
 mod store;
 
@@ -69,6 +70,7 @@ pub use dead_letter::{DeadLetter, DeadLetterSummary};
 pub use fields::Fields;
 pub use footprint::StoreMemory;
 pub use mirror::{FieldValue, KeyRef, MirrorEntries, MirrorKind, MirrorValue};
+pub use open_unit::OpenUnit;
 pub use store::{MirrorCursor, MirrorPage, Store};
 
 const FORMAT_VERSION: u32 = 2;
@@ -78,6 +80,8 @@ const CF_META: &str = "meta";
 const CF_DEAD_LETTERS: &str = "dead_letters";
 const CF_RAW: &str = "raw";
 const CF_ACKS: &str = "acks";
+/// Mirror values from before an open unit (`open_unit.rs`).
+const CF_UNDO: &str = "undo";
 const META_FORMAT: &[u8] = b"format";
 const META_CHECKPOINT: &[u8] = b"checkpoint";
 const META_REPLID_PREFIX: &[u8] = b"replid/";

@@ -14,8 +14,9 @@ use super::codec::{DecodeError, Decoder};
 use super::mirror::{mirror_key, put_entries, split_mirror_key};
 use super::{
     AckRecord, Batch, Change, Checkpoint, DeadLetter, MirrorValue, StoreError, CF_ACKS, CF_CHANGES,
-    CF_DEAD_LETTERS, CF_META, CF_MIRROR, CF_RAW, FORMAT_VERSION, META_ACKS_ENQUEUED_PREFIX,
-    META_CHECKPOINT, META_CLOCK, META_FORMAT, META_IDENTITY, META_REPLID_PREFIX, META_WATCHED,
+    CF_DEAD_LETTERS, CF_META, CF_MIRROR, CF_RAW, CF_UNDO, FORMAT_VERSION,
+    META_ACKS_ENQUEUED_PREFIX, META_CHECKPOINT, META_CLOCK, META_FORMAT, META_IDENTITY,
+    META_REPLID_PREFIX, META_WATCHED,
 };
 use crate::position::{ChangeSeq, ReplId, ReplOffset};
 
@@ -69,13 +70,14 @@ impl Drop for Store {
 }
 
 /// Every column family.
-pub(super) const FAMILIES: [&str; 6] = [
+pub(super) const FAMILIES: [&str; 7] = [
     CF_MIRROR,
     CF_CHANGES,
     CF_META,
     CF_DEAD_LETTERS,
     CF_RAW,
     CF_ACKS,
+    CF_UNDO,
 ];
 
 /// The memory RocksDB's memtables may take, all column families together (measured with
@@ -254,7 +256,7 @@ impl Store {
     }
 
     /// Writes `write`, synced to disk first with `sync` (every write goes through here).
-    fn write_rocks(&self, write: WriteBatch, sync: bool) -> Result<(), StoreError> {
+    pub(super) fn write_rocks(&self, write: WriteBatch, sync: bool) -> Result<(), StoreError> {
         let mut options = WriteOptions::default();
         options.set_sync(sync);
         self.db
@@ -381,21 +383,36 @@ impl Store {
 
     /// Up to `limit` changes with seq >= `from`, in order.
     pub fn changes(&self, from: ChangeSeq, limit: usize) -> Result<Vec<Change>, StoreError> {
-        self.by_seq(CF_CHANGES, "change key", from.0, limit, |seq, value| {
-            Change::decode(ChangeSeq(seq), value)
-        })
+        self.changes_until(from, ChangeSeq(u64::MAX), limit)
     }
 
-    /// Up to `limit` entries of a column family keyed by `seq u64`, from `from` on, decoded.
+    /// Up to `limit` changes with `from` <= seq < `until`, in order.
+    pub(super) fn changes_until(
+        &self,
+        from: ChangeSeq,
+        until: ChangeSeq,
+        limit: usize,
+    ) -> Result<Vec<Change>, StoreError> {
+        self.by_seq(
+            CF_CHANGES,
+            "change key",
+            from.0..until.0,
+            limit,
+            |seq, value| Change::decode(ChangeSeq(seq), value),
+        )
+    }
+
+    /// Up to `limit` entries of a column family keyed by `seq u64`, with seqs in `seqs`,
+    /// decoded.
     fn by_seq<T>(
         &self,
         family: &str,
         what: &'static str,
-        from: u64,
+        seqs: std::ops::Range<u64>,
         limit: usize,
         decode: impl Fn(u64, &[u8]) -> Result<T, DecodeError>,
     ) -> Result<Vec<T>, StoreError> {
-        let start = from.to_be_bytes();
+        let start = seqs.start.to_be_bytes();
         let mut out = Vec::new();
         for item in self.db.iterator_cf(
             self.cf(family)?,
@@ -406,6 +423,9 @@ impl Store {
             }
             let (key, value) = item.map_err(|e| self.rocks(e))?;
             let seq = self.seq_key(&key, what)?;
+            if seq >= seqs.end {
+                break;
+            }
             out.push(decode(seq, &value).map_err(|e| self.corrupt(e))?);
         }
         Ok(out)
@@ -462,6 +482,8 @@ impl Store {
                 Op::PutRaw(k, v) => write.put_cf(raw, k, v),
                 Op::DeleteRaw(k) => write.delete_cf(raw, k),
                 Op::DeleteAck(id) => write.delete_cf(acks, id.to_be_bytes()),
+                Op::PutUndo(k, v) => write.put_cf(self.cf(CF_UNDO)?, k, v),
+                Op::CloseUnit => super::open_unit::close_unit(self, &mut write)?,
             }
         }
         if batch.new_acks.is_empty() {
@@ -491,9 +513,13 @@ impl Store {
     /// All dead letters, in seq order.
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
         let all = usize::MAX;
-        self.by_seq(CF_DEAD_LETTERS, "dead letter key", 0, all, |seq, value| {
-            DeadLetter::decode(ChangeSeq(seq), value)
-        })
+        self.by_seq(
+            CF_DEAD_LETTERS,
+            "dead letter key",
+            0..u64::MAX,
+            all,
+            |seq, value| DeadLetter::decode(ChangeSeq(seq), value),
+        )
     }
 
     /// At most `limit` dead letters from `from` on, in seq order.
@@ -505,7 +531,7 @@ impl Store {
         self.by_seq(
             CF_DEAD_LETTERS,
             "dead letter key",
-            from.0,
+            from.0..u64::MAX,
             limit,
             |seq, value| DeadLetter::decode(ChangeSeq(seq), value),
         )
@@ -568,7 +594,7 @@ impl Store {
     /// Up to `limit` acknowledgements not written yet with id >= `from`, oldest first. (Written
     /// ones are deleted: starting after them skips their tombstones.)
     pub fn acks(&self, from: u64, limit: usize) -> Result<Vec<AckRecord>, StoreError> {
-        self.by_seq(CF_ACKS, "ack key", from, limit, AckRecord::decode)
+        self.by_seq(CF_ACKS, "ack key", from..u64::MAX, limit, AckRecord::decode)
     }
 
     /// The seq up to which `backend`'s acks are queued (0: none recorded).

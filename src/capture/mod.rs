@@ -22,6 +22,7 @@ pub mod command;
 pub mod command_table;
 mod committer;
 mod full_sync;
+mod long_unit;
 pub mod mapping;
 pub mod mirror_cache;
 mod ops;
@@ -47,6 +48,7 @@ use clock::{ClockSample, PrimaryClock};
 use command::Write;
 use committer::Committer;
 use full_sync::FullSync;
+use long_unit::LongUnit;
 use mapping::Mappings;
 use mirror_cache::MirrorCache;
 use ops::OpState;
@@ -78,6 +80,11 @@ pub struct CaptureStats {
     pub unknown_commands: u64,
     pub full_syncs: u64,
     pub partial_syncs: u64,
+    /// Parts of long transactions written ahead of their end (`long_unit.rs`).
+    pub unit_parts_written: u64,
+    /// Transactions written in parts that were rolled back (their end never came on the link,
+    /// or the process stopped first).
+    pub units_rolled_back: u64,
 }
 
 /// Where capture reports what it made durable.
@@ -113,6 +120,10 @@ pub struct Capture {
     last_sample: Option<std::time::Instant>,
     /// Dead letters to requeue, from the admin listener (`requeue.rs`).
     requests: Option<tokio::sync::mpsc::Receiver<RequeueRequest>>,
+    /// The transaction being applied in parts, if its `EXEC` has not arrived (`long_unit.rs`).
+    long: Option<LongUnit>,
+    /// The batch holding its latest part, kept between reads of the stream.
+    open_batch: Option<StreamBatch>,
 }
 
 /// Mirror keys deleted per commit ahead of a flush.
@@ -130,6 +141,12 @@ impl Capture {
         settings: CaptureSettings,
         outputs: CaptureOutputs,
     ) -> Result<Capture, StoreError> {
+        // A transaction written in parts whose end was not: the primary sends it again.
+        let rolled_back = store.roll_back_open_unit()?;
+        if let Some(open) = rolled_back {
+            tracing::warn!(first_seq = %open.first_seq, start = %open.start, "rolled back a transaction written in parts before the last stop; the primary sends it again");
+            metrics::counter!("writebehind_transactions_rolled_back_total").increment(1);
+        }
         let mut checkpoint = store.checkpoint()?;
         // Seqs start at 1: a sink whose checkpoint says 0 has applied nothing.
         checkpoint.next_seq = checkpoint.next_seq.max(ChangeSeq::FIRST);
@@ -173,7 +190,10 @@ impl Capture {
                 commands: Default::default(),
                 checkpoint,
                 ops,
-                stats: CaptureStats::default(),
+                stats: CaptureStats {
+                    units_rolled_back: u64::from(rolled_back.is_some()),
+                    ..CaptureStats::default()
+                },
                 clock,
                 cache: MirrorCache::new(settings.mirror_cache_bytes),
             },
@@ -183,6 +203,8 @@ impl Capture {
             committer: None,
             last_sample: None,
             requests: None,
+            long: None,
+            open_batch: None,
         })
     }
 
@@ -230,14 +252,20 @@ impl Capture {
                         biased;
                         _ = &mut stop => return self.written().await,
                         event = &mut next => break event?,
-                        Some(request) = next_request(&mut self.requests) => {
+                        // Not inside a long unit: a requeued change would fall inside it.
+                        Some(request) = next_request(&mut self.requests), if self.long.is_none() => {
                             self.requeue(&durable, request).await?;
                         }
                     }
                 }
             };
             self.handle(replicator, event).await?;
-            if let Some(request) = self.requests.as_mut().and_then(|r| r.try_recv().ok()) {
+            if let Some(request) = self
+                .requests
+                .as_mut()
+                .filter(|_| self.long.is_none())
+                .and_then(|r| r.try_recv().ok())
+            {
                 self.requeue(&durable, request).await?;
             }
         }
@@ -272,8 +300,10 @@ impl Capture {
         event: ReplicationEvent,
     ) -> Result<(), CaptureError> {
         if !matches!(event, ReplicationEvent::Stream(_)) {
-            // Everything but the stream reads or writes the buffer directly.
+            // Everything but the stream reads or writes the buffer directly; a transaction
+            // cut off by it never ends on this link.
             self.written().await?;
+            self.abandon_long_unit().await?;
         }
         // After a failover the primary is another server: ordinary commands go there too.
         if let Some(primary) = replicator.primary() {
@@ -406,7 +436,10 @@ impl Capture {
         first: StreamEvent,
     ) -> Result<(), CaptureError> {
         let durable = replicator.durable_offset();
-        let mut batch = self.new_batch(&durable)?;
+        let mut batch = match self.open_batch.take() {
+            Some(batch) => batch,
+            None => self.new_batch(&durable)?,
+        };
         let mut next = Some(first);
         while let Some(event) = next.take() {
             self.outputs.health.received(event.end());
@@ -417,9 +450,15 @@ impl Capture {
                 self.flush_ahead(&durable, db, event.end()).await?;
                 batch = self.new_batch(&durable)?;
             }
-            let resync = batch
-                .apply(&mut self.state, &mut self.primary, &event)
-                .await?;
+            let long = self.long.is_some() || matches!(event, StreamEvent::TransactionPart { .. });
+            let resync = match long {
+                true => self.apply_long(&durable, &mut batch, event).await?,
+                false => {
+                    batch
+                        .apply(&mut self.state, &mut self.primary, &event)
+                        .await?
+                }
+            };
             if let Some(reason) = resync {
                 // Nothing of this batch is kept: a unit may be half applied to the working
                 // set. The full sync compares the snapshot with the mirror as of the last
@@ -427,6 +466,7 @@ impl Capture {
                 tracing::warn!(%reason, "starting a full resynchronisation");
                 drop(batch);
                 self.written().await?;
+                self.abandon_long_unit().await?;
                 self.state.checkpoint = self.state.store.checkpoint()?;
                 replicator.resume_from(None);
                 replicator.disconnect();
@@ -441,6 +481,11 @@ impl Capture {
             .is_none_or(|at| at.elapsed() >= SAMPLE_EVERY)
         {
             self.sample_clock().await;
+        }
+        if self.long.is_some() {
+            // The unit goes on in the next read of the stream.
+            self.open_batch = Some(batch);
+            return Ok(());
         }
         self.hand_over(&durable, batch).await
     }

@@ -12,7 +12,7 @@ use super::ops::OpState;
 use super::rows::RowEvent;
 use super::CaptureStats;
 use crate::buffer::{Batch, Change, Checkpoint, RowChange, Store};
-use crate::position::ReplOffset;
+use crate::position::{ChangeSeq, ReplOffset};
 
 pub struct CaptureState {
     pub store: Arc<Store>,
@@ -75,12 +75,25 @@ impl CaptureState {
         counts: &mut ChangeCounts,
     ) {
         let unit = self.checkpoint.next_seq;
+        self.number_rows(changes, events, (unit, offset, true), counts);
+    }
+
+    /// Numbers row events of unit `unit` (the seq of its first change) from the next seq on,
+    /// each recorded at `offset`; the last one ends the unit when `ends` (a long unit's parts
+    /// end nothing: `long_unit.rs`).
+    pub fn number_rows(
+        &mut self,
+        changes: &mut Vec<Change>,
+        events: Vec<RowEvent>,
+        (unit, offset, ends): (ChangeSeq, ReplOffset, bool),
+        counts: &mut ChangeCounts,
+    ) {
         let count = events.len();
         for (i, event) in events.into_iter().enumerate() {
             let change = Change {
                 seq: self.checkpoint.next_seq,
                 unit,
-                unit_end: i + 1 == count,
+                unit_end: ends && i + 1 == count,
                 offset,
                 mapping: event.mapping,
                 row_id: event.row_id,

@@ -41,15 +41,22 @@ pub struct Committed {
 /// The stream events of one group commit.
 pub struct StreamBatch {
     /// The mirror entries the batch touches.
-    ws: WorkingSet,
+    pub(super) ws: WorkingSet,
     /// The raw states of keys with a pending `#` op that the batch touches.
-    raw: WorkingSet,
+    pub(super) raw: WorkingSet,
     /// Row events per unit, with the offset after the unit.
     changes: Vec<(Vec<RowEvent>, ReplOffset)>,
-    acks: Vec<NewAck>,
-    units: usize,
+    pub(super) acks: Vec<NewAck>,
+    pub(super) units: usize,
     /// Dead letters whose changes this batch requeues (`requeue.rs`), deleted with it.
-    retired: Vec<ChangeSeq>,
+    pub(super) retired: Vec<ChangeSeq>,
+    /// Row events of the long unit being applied, not yet numbered (`long_unit.rs`).
+    pub(super) long_rows: Vec<RowEvent>,
+    /// The long unit that ends in this batch: the index of its last rows in `changes` and the
+    /// seq of its first change (earlier parts of it may be written already).
+    continued: Option<(usize, ChangeSeq)>,
+    /// Whether a long unit written in parts ends in this batch (its undo entries go).
+    pub(super) closes_unit: bool,
 }
 
 impl StreamBatch {
@@ -61,6 +68,9 @@ impl StreamBatch {
             acks: Vec::new(),
             units: 0,
             retired: Vec::new(),
+            long_rows: Vec::new(),
+            continued: None,
+            closes_unit: false,
         }
     }
 
@@ -120,6 +130,20 @@ impl StreamBatch {
         }
     }
 
+    /// Appends the last row events of a long unit whose first change is `unit`, recorded at
+    /// `offset` (its end): numbered on from the changes already written of it (`long_unit.rs`).
+    pub(super) fn push_long_end(
+        &mut self,
+        rows: Vec<RowEvent>,
+        offset: ReplOffset,
+        unit: ChangeSeq,
+    ) {
+        if !rows.is_empty() {
+            self.continued = Some((self.changes.len(), unit));
+            self.changes.push((rows, offset));
+        }
+    }
+
     /// Deletes a dead letter with this batch's write.
     pub fn retire_dead_letter(&mut self, seq: ChangeSeq) {
         self.retired.push(seq);
@@ -163,19 +187,11 @@ impl StreamBatch {
         {
             return Ok(Some(reason));
         }
-        for (db, key) in refresh {
-            let when = (state.checkpoint.generation, state.clock.now());
-            match primary
-                .read_key_retrying(db, &key, &position.replid, when)
-                .await
-            {
-                Some(value) => self.refreshed(state, db, &key, value, &mut rows)?,
-                None => {
-                    return Ok(Some(
-                        "the primary's replication ID changed while reading a key".into(),
-                    ))
-                }
-            }
+        if let Some(reason) = self
+            .refresh_keys(state, primary, refresh, &position.replid, &mut rows)
+            .await?
+        {
+            return Ok(Some(reason));
         }
         let db = match event {
             StreamEvent::Transaction { db, .. } => *db,
@@ -191,6 +207,31 @@ impl StreamBatch {
             offset: event.end(),
             db,
         });
+        Ok(None)
+    }
+
+    /// Reads `keys` from the primary (after their unit: the commands of the unit wrote what
+    /// this service does not model) and applies what it holds; returns a reason when a full
+    /// resync is needed instead.
+    pub(super) async fn refresh_keys(
+        &mut self,
+        state: &mut CaptureState,
+        primary: &mut Primary,
+        keys: Vec<(u32, Bytes)>,
+        replid: &crate::position::ReplId,
+        rows: &mut Vec<RowEvent>,
+    ) -> Result<Option<String>, StoreError> {
+        for (db, key) in keys {
+            let when = (state.checkpoint.generation, state.clock.now());
+            match primary.read_key_retrying(db, &key, replid, when).await {
+                Some(value) => self.refreshed(state, db, &key, value, rows)?,
+                None => {
+                    return Ok(Some(
+                        "the primary's replication ID changed while reading a key".into(),
+                    ))
+                }
+            }
+        }
         Ok(None)
     }
 
@@ -218,6 +259,41 @@ impl StreamBatch {
             commands
         };
         let own_completion = matches!(tag, Some((_, Tag::Completion { .. })));
+        if let Some(reason) =
+            self.apply_commands(state, commands, (end, own_completion), rows, refresh)?
+        {
+            return Ok(Some(reason));
+        }
+        if let Some((db, Tag::Op { op, key })) = tag {
+            let after = self.ws.get(db, &key)?;
+            if !state.ops.op_took_effect(&op, &key, &after) {
+                return Ok(None);
+            }
+            let mapping = state.mappings.watching(db, &key).map(|m| &**m);
+            state.ops.atomic(
+                mapping,
+                &mut self.ws,
+                (db, key),
+                op,
+                rows,
+                &mut self.acks,
+                end,
+            )?;
+        }
+        Ok(None)
+    }
+
+    /// Applies `commands` (of a unit ending at `end`, or a part of a long one) to the raw
+    /// states and the mirror; `own_completion`: they are the function library's completion of
+    /// a `#` op, which only brings Redis to the mirror's state.
+    pub(super) fn apply_commands(
+        &mut self,
+        state: &mut CaptureState,
+        commands: &[Command],
+        (end, own_completion): (ReplOffset, bool),
+        rows: &mut Vec<RowEvent>,
+        refresh: &mut Vec<(u32, Bytes)>,
+    ) -> Result<Option<String>, StoreError> {
         let now = state.clock.now();
         for command in commands {
             let write = Write::parse(command, now);
@@ -249,22 +325,6 @@ impl StreamBatch {
                 self.op_seen(state, seen, end);
             }
         }
-        if let Some((db, Tag::Op { op, key })) = tag {
-            let after = self.ws.get(db, &key)?;
-            if !state.ops.op_took_effect(&op, &key, &after) {
-                return Ok(None);
-            }
-            let mapping = state.mappings.watching(db, &key).map(|m| &**m);
-            state.ops.atomic(
-                mapping,
-                &mut self.ws,
-                (db, key),
-                op,
-                rows,
-                &mut self.acks,
-                end,
-            )?;
-        }
         Ok(None)
     }
 
@@ -274,7 +334,7 @@ impl StreamBatch {
 
     /// A key read from the primary replaces the mirror's value (and the raw state, which is
     /// what Redis holds); a `#` op in it is applied now, without an ack (it may have been seen).
-    fn refreshed(
+    pub(super) fn refreshed(
         &mut self,
         state: &mut CaptureState,
         db: u32,
@@ -313,8 +373,17 @@ impl StreamBatch {
         let first_seq = state.checkpoint.next_seq;
         let mut counts = ChangeCounts::default();
         let mut changes = Vec::with_capacity(self.changes.iter().map(|(rows, _)| rows.len()).sum());
-        for (rows, offset) in self.changes {
-            state.number_unit(&mut changes, rows, offset, &mut counts);
+        for (i, (rows, offset)) in self.changes.into_iter().enumerate() {
+            match self.continued {
+                // The rest of a long unit, some of which may be written already.
+                Some((at, unit)) if at == i => {
+                    state.number_rows(&mut changes, rows, (unit, offset, true), &mut counts)
+                }
+                _ => state.number_unit(&mut changes, rows, offset, &mut counts),
+            }
+        }
+        if self.closes_unit {
+            batch.close_unit();
         }
         batch.put_changes(changes);
         batch.put_acks(self.acks);

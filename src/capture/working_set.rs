@@ -161,6 +161,11 @@ impl WorkingSet {
             .collect()
     }
 
+    /// The keys whose entries are to be written back.
+    pub fn dirty_keys(&self) -> impl Iterator<Item = &(u32, Bytes)> {
+        self.slots.iter().filter(|(_, s)| s.dirty).map(|(k, _)| k)
+    }
+
     /// Whether a key of this name is held, in any database.
     pub fn holds_name(&self, key: &[u8]) -> bool {
         self.slots.keys().any(|(_, k)| k.as_ref() == key)

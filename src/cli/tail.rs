@@ -211,6 +211,14 @@ fn stream_line(event: &StreamEvent) -> String {
                 texts.join("; ")
             )
         }
+        StreamEvent::TransactionPart { commands, end } => {
+            let texts: Vec<String> = commands.iter().map(command_text).collect();
+            format!(
+                "{end} MULTI (continued) {} commands: {}",
+                commands.len(),
+                texts.join("; ")
+            )
+        }
         StreamEvent::Select { db, end } => format!("{end} SELECT {db}"),
         StreamEvent::Ping { end } => format!("{end} PING"),
         StreamEvent::GetAck { before, end } => format!("{end} REPLCONF GETACK before={before}"),

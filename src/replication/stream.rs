@@ -8,7 +8,11 @@
 //! What the stream holds besides writes, and what is done with it:
 //! - `SELECT n` changes the database of the commands after it (also inside `MULTI`);
 //! - `MULTI ... EXEC` wraps an execution unit (a transaction, a script's or function's effects)
-//!   and is delivered as one [`StreamEvent::Transaction`]; positions never fall inside it;
+//!   and is delivered as one [`StreamEvent::Transaction`]; positions never fall inside it. A
+//!   long one comes first as [`StreamEvent::TransactionPart`]s of
+//!   [`TRANSACTION_PART_COMMANDS`] commands, so that no layer holds a whole transaction of
+//!   a million commands (capture applies the parts as they come: `src/capture/long_unit.rs`);
+//!   the `Transaction` then holds the commands after the last part;
 //! - `PING` (every `repl-ping-replica-period`) and `REPLCONF GETACK *` count toward the offset
 //!   like any command; GETACK must be answered with the offset *before* its own frame.
 //!
@@ -20,6 +24,9 @@ use redis_protocol::resp2::types::{BytesFrame, Resp2Frame};
 
 use crate::position::ReplOffset;
 use crate::resp;
+
+/// Commands of a transaction delivered together before its `EXEC`.
+pub const TRANSACTION_PART_COMMANDS: usize = 1024;
 
 /// One replicated command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +77,14 @@ impl Command {
 pub enum StreamEvent {
     /// A command outside `MULTI`.
     Command(Command),
-    /// `MULTI`, the commands, `EXEC`: one execution unit of the primary.
+    /// The next [`TRANSACTION_PART_COMMANDS`] commands of a transaction whose `EXEC` has not
+    /// arrived: not a boundary (`end` is the offset after its last command, inside the unit).
+    TransactionPart {
+        commands: Vec<Command>,
+        end: ReplOffset,
+    },
+    /// `MULTI`, the commands (those after its last part, if it came in parts), `EXEC`: one
+    /// execution unit of the primary.
     Transaction {
         commands: Vec<Command>,
         start: ReplOffset,
@@ -92,7 +106,8 @@ impl StreamEvent {
     pub fn end(&self) -> ReplOffset {
         match self {
             StreamEvent::Command(c) => c.end,
-            StreamEvent::Transaction { end, .. }
+            StreamEvent::TransactionPart { end, .. }
+            | StreamEvent::Transaction { end, .. }
             | StreamEvent::Select { end, .. }
             | StreamEvent::Ping { end }
             | StreamEvent::GetAck { end, .. }
@@ -282,7 +297,13 @@ impl CommandStream {
         match &mut self.transaction {
             Some(tx) => {
                 tx.commands.push(command);
-                Ok(None)
+                if tx.commands.len() < TRANSACTION_PART_COMMANDS {
+                    return Ok(None);
+                }
+                Ok(Some(StreamEvent::TransactionPart {
+                    commands: std::mem::take(&mut tx.commands),
+                    end,
+                }))
             }
             None => Ok(Some(StreamEvent::Command(command))),
         }
@@ -356,6 +377,58 @@ mod tests {
             }
         );
         assert_eq!(stream.decode(&mut input).unwrap(), None);
+    }
+
+    /// A transaction longer than a part comes as parts of its commands, in order, each ending
+    /// inside the unit, then the rest with `EXEC`; no position inside it is a boundary.
+    #[test]
+    fn a_long_transaction_comes_in_parts() {
+        let count = 2 * TRANSACTION_PART_COMMANDS + 5;
+        let mut bytes = resp(&["MULTI"]);
+        let multi = bytes.len() as u64;
+        for i in 0..count {
+            bytes.extend(resp(&["HSET", &format!("k{i}"), "f", "v"]));
+        }
+        bytes.extend(resp(&["EXEC"]));
+        let mut input = BytesMut::from(&bytes[..]);
+        let mut stream = CommandStream::new(ReplOffset(0), 0);
+        let mut seen = Vec::new();
+        let mut part_ends = Vec::new();
+        let (start, end) = loop {
+            match stream.decode(&mut input).unwrap().unwrap() {
+                StreamEvent::TransactionPart { commands, end } => {
+                    assert_eq!(commands.len(), TRANSACTION_PART_COMMANDS);
+                    assert_eq!(end, commands.last().unwrap().end);
+                    assert!(stream.in_transaction());
+                    part_ends.push(end);
+                    seen.extend(commands);
+                }
+                StreamEvent::Transaction {
+                    commands,
+                    start,
+                    end,
+                    ..
+                } => {
+                    assert_eq!(commands.len(), 5);
+                    seen.extend(commands);
+                    break (start, end);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(part_ends.len(), 2);
+        assert!(part_ends.iter().all(|e| e.0 > multi && *e < end));
+        assert_eq!(
+            (start, end),
+            (ReplOffset(0), ReplOffset(bytes.len() as u64))
+        );
+        let keys: Vec<String> = seen
+            .iter()
+            .map(|c| String::from_utf8_lossy(&c.args[1]).into_owned())
+            .collect();
+        let expected: Vec<String> = (0..count).map(|i| format!("k{i}")).collect();
+        assert_eq!(keys, expected);
+        assert!(!stream.in_transaction());
     }
 
     #[test]

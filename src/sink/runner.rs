@@ -519,13 +519,14 @@ impl<D: Destination> SinkRunner<D> {
     }
 
     /// Changes after the lowest applied seq, whole units only: the units that end within the
-    /// first `MAX_BATCH_CHANGES`, or, when one unit alone is longer, that unit. (Reading on in
+    /// first `MAX_BATCH_CHANGES`, or, when one unit alone is longer, that unit. Never a unit
+    /// still being written in parts (`Store::closed_changes`). (Reading on in
     /// steps of `MAX_BATCH_CHANGES` until a step happened to end on a unit end made batches of
     /// 640,000 changes out of a flush's 1,024-change units: docs/benchmarks.md.)
     fn read_units(&self) -> Result<Vec<Change>, StoreError> {
         let mut changes = self
             .store
-            .changes(self.lowest_applied().next(), MAX_BATCH_CHANGES)?;
+            .closed_changes(self.lowest_applied().next(), MAX_BATCH_CHANGES)?;
         if let Some(last_end) = changes.iter().rposition(|c| c.unit_end) {
             changes.truncate(last_end + 1);
             return Ok(changes);
@@ -533,7 +534,7 @@ impl<D: Destination> SinkRunner<D> {
         // The first unit is longer than a batch: read on to its end.
         while changes.last().is_some_and(|c| !c.unit_end) {
             let from = changes.last().map(|c| c.seq.next()).unwrap_or_default();
-            let more = self.store.changes(from, MAX_BATCH_CHANGES)?;
+            let more = self.store.closed_changes(from, MAX_BATCH_CHANGES)?;
             if more.is_empty() {
                 // The rest of the unit is not written yet (it is, atomically, so this is a
                 // unit cut by a trim or a damaged log): stop before it.

@@ -146,7 +146,8 @@ pub fn commands(events: &[StreamEvent]) -> Vec<Command> {
         .iter()
         .flat_map(|e| match e {
             StreamEvent::Command(c) => vec![c.clone()],
-            StreamEvent::Transaction { commands, .. } => commands.clone(),
+            StreamEvent::TransactionPart { commands, .. }
+            | StreamEvent::Transaction { commands, .. } => commands.clone(),
             _ => vec![],
         })
         .collect()

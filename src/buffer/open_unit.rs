@@ -1,0 +1,337 @@
+//! A unit written before it ends: the parts of a long `MULTI ... EXEC` (`src/capture/long_unit.rs`).
+//!
+//! A transaction (or a script's effects) of more than a few thousand keys would otherwise be
+//! held whole in memory from the stream to its commit. Capture therefore writes it in parts,
+//! each with the mirror entries and changes it made so far, while the checkpoint stays before
+//! the unit's `MULTI`. Until the part holding `EXEC` is written, the buffer holds:
+//!
+//! - **`meta/open_unit`**: `first_seq u64` (the seq of the unit's first change: the changes from
+//!   it on belong to the open unit, and none of them ends it), `start u64` (the stream offset
+//!   before `MULTI`, the checkpoint's offset).
+//! - **column family `undo`**: for every mirror key a written part changed, its value before the
+//!   unit. Key: `u` then the mirror key; value: `u8 0` (the key did not exist) or `u8 1` then the
+//!   mirror encoding.
+//!
+//! The last part deletes both in the write that holds the unit's last change and the checkpoint
+//! after `EXEC`. A unit that cannot end (the process stopped, the link was lost, a full resync)
+//! is **rolled back** ([`Store::roll_back_open_unit`]): its changes are deleted, `next_seq` goes
+//! back to `first_seq`, and every mirror entry is restored from `undo`, a page at a time, each
+//! page deleting its undo entries with the restored values (so a rollback cut short is simply
+//! repeated). The primary then sends the unit again from its `MULTI`.
+//!
+//! Sinks never read into an open unit ([`Store::closed_changes`] stops at `first_seq`): its
+//! changes are not a unit yet.
+
+use rocksdb::{Direction, IteratorMode, WriteBatch};
+
+use super::codec::{Decoder, Encoder};
+use super::mirror::{mirror_key_into, MirrorValue};
+use super::store::Store;
+use super::{Change, StoreError, CF_CHANGES, CF_META, CF_MIRROR, CF_UNDO, META_CHECKPOINT};
+use crate::position::{ChangeSeq, ReplOffset};
+
+pub(super) const META_OPEN_UNIT: &[u8] = b"open_unit";
+/// Every undo key starts with it, so that the last part deletes them all with one range.
+const UNDO_PREFIX: u8 = b'u';
+/// Undo entries restored per write of a rollback.
+const ROLLBACK_PAGE: usize = 1024;
+
+/// A unit whose parts are in the buffer and whose end is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenUnit {
+    /// The seq of its first change (`next_seq` when it began).
+    pub first_seq: ChangeSeq,
+    /// The stream offset before its `MULTI`.
+    pub start: ReplOffset,
+}
+
+impl OpenUnit {
+    pub(super) fn encode(&self) -> Vec<u8> {
+        Encoder::default()
+            .u64(self.first_seq.0)
+            .u64(self.start.0)
+            .finish()
+    }
+
+    fn decode(input: &[u8]) -> Result<OpenUnit, super::DecodeError> {
+        let mut d = Decoder::new(input, "open unit");
+        let unit = OpenUnit {
+            first_seq: ChangeSeq(d.u64()?),
+            start: ReplOffset(d.u64()?),
+        };
+        d.end()?;
+        Ok(unit)
+    }
+}
+
+/// The undo key of `key` in `db`.
+pub(super) fn undo_key(db: u32, key: &[u8]) -> Vec<u8> {
+    let mut mirror = Vec::with_capacity(4 + key.len());
+    mirror_key_into(db, key, &mut mirror);
+    let mut out = Vec::with_capacity(1 + mirror.len());
+    out.push(UNDO_PREFIX);
+    out.extend_from_slice(&mirror);
+    out
+}
+
+/// The undo value of a mirror entry.
+pub(super) fn undo_value(value: &Option<MirrorValue>) -> Vec<u8> {
+    match value {
+        None => vec![0],
+        Some(value) => {
+            let mut out = vec![1];
+            out.extend_from_slice(&value.encode());
+            out
+        }
+    }
+}
+
+/// Adds to `write` what deletes every undo entry and the open unit's record.
+pub(super) fn close_unit(store: &Store, write: &mut WriteBatch) -> Result<(), StoreError> {
+    write.delete_range_cf(store.cf(CF_UNDO)?, [UNDO_PREFIX], [UNDO_PREFIX + 1]);
+    write.delete_cf(store.cf(CF_META)?, META_OPEN_UNIT);
+    Ok(())
+}
+
+impl Store {
+    /// The unit whose parts are written and whose end is not, if any.
+    pub fn open_unit(&self) -> Result<Option<OpenUnit>, StoreError> {
+        match self
+            .db
+            .get_pinned_cf(self.cf(CF_META)?, META_OPEN_UNIT)
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(raw) => OpenUnit::decode(&raw)
+                .map(Some)
+                .map_err(|e| self.corrupt(e)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the open unit has recorded the value `key` had before it.
+    pub fn has_undo(&self, db: u32, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_UNDO)?, undo_key(db, key))
+            .map_err(|e| self.rocks(e))?
+            .is_some())
+    }
+
+    /// Up to `limit` changes with seq >= `from`, in order, stopping before an open unit: what a
+    /// sink may read.
+    pub fn closed_changes(&self, from: ChangeSeq, limit: usize) -> Result<Vec<Change>, StoreError> {
+        let until = self.open_unit()?.map_or(u64::MAX, |open| open.first_seq.0);
+        self.changes_until(from, ChangeSeq(until), limit)
+    }
+
+    /// Undoes the open unit, if any (see the module doc): its changes are deleted, the
+    /// checkpoint's `next_seq` goes back to its first seq, and the mirror entries it changed
+    /// get their values from before it. Returns what was rolled back.
+    pub fn roll_back_open_unit(&self) -> Result<Option<OpenUnit>, StoreError> {
+        let Some(open) = self.open_unit()? else {
+            return Ok(None);
+        };
+        let (mirror, undo, meta) = (self.cf(CF_MIRROR)?, self.cf(CF_UNDO)?, self.cf(CF_META)?);
+        let mut checkpoint = self.checkpoint()?;
+        checkpoint.next_seq = open.first_seq;
+        let mut write = WriteBatch::default();
+        write.delete_range_cf(
+            self.cf(CF_CHANGES)?,
+            open.first_seq.key(),
+            u64::MAX.to_be_bytes(),
+        );
+        write.put_cf(meta, META_CHECKPOINT, checkpoint.encode());
+        self.write_rocks(write, false)?;
+        // Each page starts after the last key of the one before, not over its deletions.
+        let mut from = vec![UNDO_PREFIX];
+        loop {
+            let mut write = WriteBatch::default();
+            let mut restored = 0;
+            for item in self
+                .db
+                .iterator_cf(undo, IteratorMode::From(&from, Direction::Forward))
+            {
+                let (key, value) = item.map_err(|e| self.rocks(e))?;
+                if restored == ROLLBACK_PAGE || key.first() != Some(&UNDO_PREFIX) {
+                    break;
+                }
+                from.clear();
+                from.extend_from_slice(&key);
+                from.push(0);
+                let mirror_key = &key[1..];
+                match value.split_first() {
+                    Some((0, [])) => write.delete_cf(mirror, mirror_key),
+                    Some((1, encoded)) => {
+                        // Decoded first: a damaged entry is an error, never a value.
+                        MirrorValue::decode(encoded).map_err(|e| self.corrupt(e))?;
+                        write.put_cf(mirror, mirror_key, encoded);
+                    }
+                    _ => {
+                        return Err(self.corrupt(super::DecodeError {
+                            what: "undo entry",
+                            at: 0,
+                            message: format!("starts with {:?}", value.first()),
+                        }))
+                    }
+                }
+                write.delete_cf(undo, &key);
+                restored += 1;
+            }
+            if restored == 0 {
+                break;
+            }
+            self.write_rocks(write, false)?;
+        }
+        let mut write = WriteBatch::default();
+        write.delete_cf(meta, META_OPEN_UNIT);
+        self.write_rocks(write, true)?;
+        Ok(Some(open))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::buffer::{Batch, Checkpoint, FieldValue, RowChange};
+
+    fn hash(value: &str) -> MirrorValue {
+        let mut hash = MirrorValue::hash(1);
+        let field = FieldValue {
+            value: Bytes::copy_from_slice(value.as_bytes()),
+            expire_at_ms: None,
+        };
+        hash.fields.insert(Bytes::from_static(b"f"), field);
+        hash
+    }
+
+    fn change(seq: u64, unit: u64, unit_end: bool) -> Change {
+        Change {
+            seq: ChangeSeq(seq),
+            unit: ChangeSeq(unit),
+            unit_end,
+            offset: ReplOffset(100),
+            mapping: "m".into(),
+            row_id: Bytes::from(format!("{seq}")),
+            row: RowChange::Delete,
+            op: None,
+        }
+    }
+
+    fn seqs(changes: &[Change]) -> Vec<u64> {
+        changes.iter().map(|c| c.seq.0).collect()
+    }
+
+    /// Writes keys `k0..k<keys>` and changes 1..=4 as committed units, then a part of an open
+    /// unit (changes 5 and 6) that gives `k0` a new value, creates `new`, and changes every
+    /// other key too.
+    fn store_with_a_written_part(dir: &std::path::Path, keys: usize) -> Store {
+        let store = Store::open(dir).unwrap();
+        let mut batch = Batch::default();
+        for i in 0..keys {
+            batch.put_mirror(0, format!("k{i}").as_bytes(), &hash("before"));
+        }
+        batch.put_changes((1..=4).map(|s| change(s, s, true)).collect());
+        batch.put_checkpoint(&Checkpoint {
+            next_seq: ChangeSeq(5),
+            ..Checkpoint::default()
+        });
+        store.write(batch, true).unwrap();
+
+        let mut part = Batch::default();
+        for i in 0..keys {
+            let key = format!("k{i}");
+            part.put_undo(0, key.as_bytes(), &store.mirror(0, key.as_bytes()).unwrap());
+            part.put_mirror(0, key.as_bytes(), &hash("inside"));
+        }
+        part.put_undo(0, b"new", &None);
+        part.put_mirror(0, b"new", &hash("inside"));
+        part.put_changes(vec![change(5, 5, false), change(6, 5, false)]);
+        part.open_unit(&OpenUnit {
+            first_seq: ChangeSeq(5),
+            start: ReplOffset(90),
+        });
+        part.put_checkpoint(&Checkpoint {
+            next_seq: ChangeSeq(7),
+            ..Checkpoint::default()
+        });
+        store.write(part, true).unwrap();
+        store
+    }
+
+    #[test]
+    fn sinks_read_no_change_of_an_open_unit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_a_written_part(dir.path(), 2);
+        assert_eq!(
+            seqs(&store.changes(ChangeSeq(1), 100).unwrap()),
+            [1, 2, 3, 4, 5, 6]
+        );
+        assert_eq!(
+            seqs(&store.closed_changes(ChangeSeq(1), 100).unwrap()),
+            [1, 2, 3, 4]
+        );
+        assert_eq!(
+            seqs(&store.closed_changes(ChangeSeq(5), 100).unwrap()),
+            Vec::<u64>::new()
+        );
+    }
+
+    /// More keys than a page of the rollback: every page is restored.
+    #[test]
+    fn a_rollback_restores_every_key_and_forgets_the_units_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = ROLLBACK_PAGE * 2 + 7;
+        let store = store_with_a_written_part(dir.path(), keys);
+        assert!(store.has_undo(0, b"k0").unwrap());
+
+        let open = store.roll_back_open_unit().unwrap();
+        assert_eq!(
+            open,
+            Some(OpenUnit {
+                first_seq: ChangeSeq(5),
+                start: ReplOffset(90)
+            })
+        );
+        for i in 0..keys {
+            let key = format!("k{i}");
+            assert_eq!(
+                store.mirror(0, key.as_bytes()).unwrap(),
+                Some(hash("before")),
+                "{key}"
+            );
+            assert!(!store.has_undo(0, key.as_bytes()).unwrap());
+        }
+        assert_eq!(store.mirror(0, b"new").unwrap(), None);
+        assert_eq!(
+            seqs(&store.changes(ChangeSeq(1), 100).unwrap()),
+            [1, 2, 3, 4]
+        );
+        assert_eq!(store.checkpoint().unwrap().next_seq, ChangeSeq(5));
+        assert_eq!(store.open_unit().unwrap(), None);
+        // Nothing is left to roll back.
+        assert_eq!(store.roll_back_open_unit().unwrap(), None);
+        assert_eq!(store.mirror(0, b"k0").unwrap(), Some(hash("before")));
+    }
+
+    /// The unit's end deletes the undo entries and the record, and keeps what the parts wrote.
+    #[test]
+    fn the_end_of_a_unit_keeps_its_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_a_written_part(dir.path(), 3);
+        let mut end = Batch::default();
+        end.put_changes(vec![change(7, 5, true)]);
+        end.close_unit();
+        store.write(end, true).unwrap();
+        assert_eq!(store.open_unit().unwrap(), None);
+        assert!(!store.has_undo(0, b"k1").unwrap());
+        assert!(!store.has_undo(0, b"new").unwrap());
+        assert_eq!(store.roll_back_open_unit().unwrap(), None);
+        assert_eq!(store.mirror(0, b"k1").unwrap(), Some(hash("inside")));
+        assert_eq!(
+            seqs(&store.closed_changes(ChangeSeq(1), 100).unwrap()),
+            [1, 2, 3, 4, 5, 6, 7]
+        );
+    }
+}

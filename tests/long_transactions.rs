@@ -1,0 +1,257 @@
+//! Transactions far longer than a part (`src/capture/long_unit.rs`), against real servers: they
+//! are written in parts and end as one unit; a link lost or a process killed inside one rolls
+//! back what was written of it, and it is received and applied again, once.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::capture::*;
+use support::send_all;
+use support::RedisServer;
+use writebehind::buffer::{Change, Store};
+use writebehind::redis_client::info_field;
+
+/// `MULTI`, an `HSET` of `first_name` on `person2:<prefix><i>` for every `i` in `keys`, `EXEC`.
+fn transaction(prefix: &str, keys: std::ops::Range<usize>, value: &str) -> Vec<Vec<String>> {
+    let mut commands = vec![vec!["MULTI".to_string()]];
+    commands.extend(keys.map(|i| {
+        vec![
+            "HSET".into(),
+            format!("person2:{prefix}{i}"),
+            "first_name".into(),
+            format!("{value}{i}"),
+        ]
+    }));
+    commands.push(vec!["EXEC".into()]);
+    commands
+}
+
+fn all_changes(store: &Store) -> Vec<Change> {
+    store
+        .changes(Default::default(), usize::MAX)
+        .expect("changes")
+}
+
+/// Every unit of the log is whole: it starts at its own seq, its changes follow each other, and
+/// only its last change ends it.
+fn assert_units_whole(changes: &[Change]) {
+    let mut open: Option<u64> = None;
+    for change in changes {
+        match open {
+            None => assert_eq!(change.unit, change.seq, "a unit starts at its first change"),
+            Some(unit) => assert_eq!(change.unit.0, unit, "seq {}", change.seq),
+        }
+        open = (!change.unit_end).then_some(change.unit.0);
+    }
+    assert_eq!(open, None, "the last unit is not ended");
+}
+
+/// The changes of the unit that ends last.
+fn last_unit(changes: &[Change]) -> Vec<&Change> {
+    let Some(last) = changes.last() else {
+        return Vec::new();
+    };
+    changes.iter().filter(|c| c.unit == last.unit).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_transaction_is_written_in_parts_and_ends_as_one_unit() {
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let mappings = mappings(&server, "keep");
+    // Rows that exist before: the transaction updates some and deletes others.
+    send_all(&mut client, &transaction("", 0..3000, "before")[1..3001]).await;
+    let running = start_capture(&server, store.clone(), mappings.clone());
+    caught_up(&store, &mut client).await;
+    let before = all_changes(&store).len();
+
+    let keys = 30_000;
+    let mut commands = transaction("", 0..keys, "inside");
+    let exec = commands.pop().expect("EXEC");
+    commands.extend((0..1000).map(|i| vec!["DEL".into(), format!("person2:{}", i * 3)]));
+    // Then more keys than a part holds change no row (an unmapped field): the unit's last
+    // change was written with an earlier part's, and must still end the unit.
+    commands.extend((10_000..20_000).map(|i| {
+        vec![
+            "HSET".into(),
+            format!("person2:{i}"),
+            "unmapped".into(),
+            "x".into(),
+        ]
+    }));
+    commands.push(exec);
+    send_all(&mut client, &commands).await;
+    let exec_end = master_offset(&mut client).await;
+    caught_up(&store, &mut client).await;
+    let capture = running.stop().await;
+
+    assert!(
+        capture.stats().unit_parts_written >= 2,
+        "a transaction of {keys} keys is written in parts: {:?}",
+        capture.stats()
+    );
+    assert_eq!(capture.stats().units_rolled_back, 0);
+    assert_eq!(store.open_unit().expect("open unit"), None);
+    assert!(!store.has_undo(0, b"person2:5").expect("undo"));
+    let changes = all_changes(&store);
+    assert_units_whole(&changes);
+    let unit = last_unit(&changes);
+    assert_eq!(unit.len(), changes.len() - before, "one unit");
+    assert_eq!(unit.len(), keys + 1000);
+    // The unit's last change records the offset after EXEC (where a sink's checkpoint goes);
+    // those written in parts, the offset before MULTI (the first one was).
+    let (last, others) = unit.split_last().expect("changes");
+    let start = unit[0].offset;
+    assert!(last.offset.0 <= exec_end && start < last.offset);
+    assert!(others
+        .iter()
+        .all(|c| c.offset == start || c.offset == last.offset));
+    let redis = redis_hashes(&mut client, &mappings).await;
+    assert_eq!(redis.len(), keys - 1000);
+    assert_eq!(mirror_hashes(&store), redis, "mirror vs Redis");
+    assert_eq!(
+        replay(&store),
+        projection(&redis, &mappings),
+        "change log vs Redis"
+    );
+}
+
+/// The primary cuts the link while capture is inside a transaction it has written parts of
+/// (the transaction is larger than the socket's buffers, so its EXEC is not yet received):
+/// they are rolled back, the partial resync sends the transaction again from its MULTI, and
+/// the log holds it once, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_lost_inside_a_long_transaction_rolls_it_back_and_receives_it_again() {
+    let server = RedisServer::start(&["--repl-backlog-size", "256mb"]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let mappings = mappings(&server, "keep");
+    let running = start_capture(&server, store.clone(), mappings.clone());
+    caught_up(&store, &mut client).await;
+
+    // About 40 MB of stream: 150,000 HSETs with 200-byte values.
+    let keys = 150_000;
+    let value = "v".repeat(200);
+    let commands = transaction("", 0..keys, &value);
+    let mut sender = server.client().await;
+    let sent = tokio::spawn(async move { send_all(&mut sender, &commands).await });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while store.open_unit().expect("open unit").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no part of the transaction was written"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    client
+        .command(&["CLIENT", "KILL", "TYPE", "replica"])
+        .await
+        .expect("client kill");
+    sent.await.expect("send");
+    caught_up(&store, &mut client).await;
+    let capture = running.stop().await;
+
+    assert!(
+        capture.stats().units_rolled_back >= 1,
+        "the cut transaction was rolled back: {:?}",
+        capture.stats()
+    );
+    assert_eq!(
+        capture.stats().full_syncs,
+        1,
+        "resumed with a partial resync"
+    );
+    assert!(capture.stats().partial_syncs >= 1);
+    assert_eq!(store.open_unit().expect("open unit"), None);
+    let changes = all_changes(&store);
+    assert_units_whole(&changes);
+    assert_eq!(
+        last_unit(&changes).len(),
+        keys,
+        "the transaction once, as one unit"
+    );
+    let redis = redis_hashes(&mut client, &mappings).await;
+    assert_eq!(redis.len(), keys);
+    assert_eq!(mirror_hashes(&store), redis, "mirror vs Redis");
+    assert_eq!(
+        replay(&store),
+        projection(&redis, &mappings),
+        "change log vs Redis"
+    );
+}
+
+/// `kill -9` while the service has written parts of a transaction (seen through a reader of
+/// its buffer): the restart rolls them back, the primary sends the transaction again, and every
+/// row of it reaches MariaDB once (triggers count the writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_inside_a_long_transaction_rolls_it_back_and_applies_it_once() {
+    let server = RedisServer::start(&["--repl-backlog-size", "256mb"]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let database = CountedDb::maria().await;
+    let (config, buffer) = service_config_for(&server, &dir, &database.url());
+    let mut service = spawn_service(&config);
+    until_attached(&mut client, || service_log(&config)).await;
+
+    let (transactions, per) = (2, 40_000);
+    for t in 0..transactions {
+        // New rows (`seq` is what the counted table checks), one transaction each.
+        let mut commands = vec![vec!["MULTI".to_string()]];
+        commands.extend((t * per..(t + 1) * per).map(|i| {
+            let seq = (i + 1).to_string();
+            vec!["HSET".into(), format!("person2:{seq}"), "seq".into(), seq]
+        }));
+        commands.push(vec!["EXEC".into()]);
+        send_all(&mut client, &commands).await;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Store::open_for_reading(&buffer)
+            .and_then(|reader| reader.open_unit())
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "transaction {t}: no part was written{}",
+                service_log(&config)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = service.kill();
+        let _ = service.wait();
+        service = spawn_service(&config);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while info_field(
+            &client.info("stats").await.expect("info"),
+            "sync_partial_ok",
+        ) != Some((t + 1).to_string().as_str())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "restart {t} did not resume{}",
+                service_log(&config)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let written = (transactions * per) as u64;
+    until_caught_up(&mut client, &database, written, || service_log(&config)).await;
+    let _ = service.kill();
+    let _ = service.wait();
+
+    let log = service_log(&config);
+    assert_eq!(
+        log.matches("rolled back a transaction written in parts")
+            .count(),
+        transactions,
+        "every kill landed inside a transaction and was rolled back:{log}"
+    );
+    let stats = client.info("stats").await.expect("info");
+    assert_eq!(info_field(&stats, "sync_full"), Some("1"));
+    assert_each_row_written_once(&database, written).await;
+}
