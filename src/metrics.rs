@@ -16,6 +16,9 @@
 //! - `sink_batches_total{backend}`, `sink_batch_rows{backend}` and `sink_commit_seconds{backend}`
 //!   (histograms), `sink_retries_total{backend}`;
 //! - `link_errors_total{kind}`, `full_syncs_total`, `partial_syncs_total`;
+//! - `transaction_parts_written_total` (parts of long transactions written ahead of their end)
+//!   and `transactions_rolled_back_total` (such transactions cut off before their end, rolled
+//!   back and received again): `src/capture/long_unit.rs`;
 //! - `buffer_size_bytes` (RocksDB files), `spool_bytes` (a full sync received and not yet decoded,
 //!   `src/replication/spool.rs`), `link_up`, `backend_up{backend}`;
 //! - `memory_bytes{part}`: `heap_allocated` and `heap_resident` (the allocator's figures: what

@@ -120,6 +120,51 @@ async fn a_long_transaction_is_written_in_parts_and_ends_as_one_unit() {
     );
 }
 
+/// A command that needs a full resync (SWAPDB of a mapped database) late in a transaction
+/// already written in parts: what was written is rolled back before the full sync, which then
+/// reconciles the mirror and the log with Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_transaction_that_needs_a_full_resync_is_rolled_back_first() {
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let mappings = mappings(&server, "keep");
+    let running = start_capture(&server, store.clone(), mappings.clone());
+    caught_up(&store, &mut client).await;
+
+    let keys = 20_000;
+    let mut commands = transaction("", 0..keys, "inside");
+    let exec = commands.pop().expect("EXEC");
+    commands.push(vec!["SWAPDB".into(), "0".into(), "1".into()]);
+    commands.push(exec);
+    send_all(&mut client, &commands).await;
+    caught_up(&store, &mut client).await;
+    let capture = running.stop().await;
+
+    assert!(
+        capture.stats().unit_parts_written >= 2,
+        "{:?}",
+        capture.stats()
+    );
+    assert_eq!(
+        capture.stats().units_rolled_back,
+        1,
+        "{:?}",
+        capture.stats()
+    );
+    assert_eq!(capture.stats().full_syncs, 2);
+    assert_eq!(store.open_unit().expect("open unit"), None);
+    assert_units_whole(&all_changes(&store));
+    let redis = redis_hashes(&mut client, &mappings).await;
+    assert_eq!(mirror_hashes(&store), redis, "mirror vs Redis");
+    assert_eq!(
+        replay(&store),
+        projection(&redis, &mappings),
+        "change log vs Redis"
+    );
+}
+
 /// The primary cuts the link while capture is inside a transaction it has written parts of
 /// (the transaction is larger than the socket's buffers, so its EXEC is not yet received):
 /// they are rolled back, the partial resync sends the transaction again from its MULTI, and

@@ -2,7 +2,7 @@
 //!
 //! # On-disk format (format version 2)
 //!
-//! Six column families; integers big-endian, byte strings `u32 length + bytes` (see [`codec`]).
+//! Seven column families; integers big-endian, byte strings `u32 length + bytes` (see [`codec`]).
 //! Each record kind has its own file (`mirror.rs`, `change.rs`, `checkpoint.rs`,
 //! `dead_letter.rs`, `acknowledgement.rs`) with its encoding; `batch.rs` gathers writes and
 //! `store.rs` applies them atomically:
@@ -15,7 +15,8 @@
 //!   value bytes, expire_at_ms opt i64`.
 //! - **`changes`**: the change log, in order. Key: `seq u64` (from 1; 0 means "none"). Value: `unit u64` (seq of the first
 //!   change of its execution unit: a command, or a `MULTI ... EXEC`; the sink commits a unit in
-//!   one transaction), `unit_end u8`, `offset u64` (stream offset after the unit), `mapping
+//!   one transaction), `unit_end u8`, `offset u64` (stream offset after the unit; before it, for
+//!   the changes of a long transaction written in parts, none of which ends it), `mapping
 //!   bytes`, `row_id bytes`, `kind u8` (1 upsert, 2 delete), for an upsert `column count u32` and
 //!   per column `name bytes, value opt bytes` (absent field = NULL), then `op opt (u8 op, bytes
 //!   uuid, u32 db, bytes key)`: the `#` op of the write when it carried a uuid, so the sink's
@@ -40,11 +41,17 @@
 //!   `db:prefix` of every mapping, one per line, as of the last full sync; when the
 //!   configuration watches other keys the mirror is rebuilt by a full sync); `clock`
 //!   (`offset u64, time_ms i64, expired_keys u64`: the latest sample of the primary's clock,
-//!   written with each commit; see `src/capture/clock.rs`).
+//!   written with each commit; see `src/capture/clock.rs`); `open_unit` (`first_seq u64, start
+//!   u64`: a long transaction written in parts whose end is not written yet).
+//! - **`undo`**: the mirror values from before the open unit, for a rollback (`open_unit.rs`
+//!   describes both; added 2026-11-29 without a new format version: a buffer of version 2 gets
+//!   the family when it is next opened).
 //!
 //! Every command (or `MULTI` unit) is applied with one `WriteBatch` holding its mirror updates,
 //! its changes and the checkpoint after it, so the three never disagree; several units share one
-//! synced write (group commit). `REPLCONF ACK` reports only a checkpoint that has been synced.
+//! synced write (group commit). A long transaction is the exception: its parts are written
+//! before its end, with undo records and the checkpoint before it, and rolled back if its end
+//! never comes (`open_unit.rs`). `REPLCONF ACK` reports only a checkpoint that has been synced.
 
 mod acknowledgement;
 mod batch;
