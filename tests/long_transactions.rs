@@ -300,3 +300,28 @@ async fn kill_dash_nine_inside_a_long_transaction_rolls_it_back_and_applies_it_o
     assert_eq!(info_field(&stats, "sync_full"), Some("1"));
     assert_each_row_written_once(&database, written).await;
 }
+
+/// The embedded default: a transaction of more changes than a batch holds reaches SQLite in one
+/// transaction written in parts, every row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_transaction_reaches_sqlite_once() {
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let database = CountedDb::sqlite(dir.path().join("writebehind.db"));
+    let (config, _buffer) = service_config_for(&server, &dir, &database.url());
+    let mut service = spawn_service(&config);
+    until_attached(&mut client, || service_log(&config)).await;
+    let rows = 12_000;
+    let mut commands = vec![vec!["MULTI".to_string()]];
+    commands.extend((1..=rows).map(|seq| {
+        let seq = seq.to_string();
+        vec!["HSET".into(), format!("person2:{seq}"), "seq".into(), seq]
+    }));
+    commands.push(vec!["EXEC".into()]);
+    send_all(&mut client, &commands).await;
+    until_caught_up(&mut client, &database, rows, || service_log(&config)).await;
+    let _ = service.kill();
+    let _ = service.wait();
+    assert_each_row_written_once(&database, rows).await;
+}

@@ -518,6 +518,57 @@ async fn multi_visible_at_once(database: Database) {
     database.drop_database().await;
 }
 
+/// A MULTI of more changes than a batch holds is written in parts through one transaction
+/// (src/sink/long_unit.rs): a reader polling the table sees none of its rows or all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_multi_becomes_visible_at_once() {
+    let database = Database::maria().await;
+    database.execute(PERSON_TABLE).await;
+    database.execute(CAR_TABLE).await;
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let service = start(&server, &database).await;
+    service.settle(&mut client, &database).await;
+    let mut reader = database.reader().await;
+    let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
+    let rows = 12_000;
+    let reader = tokio::spawn(async move {
+        let (mut seen, mut reads) = (Vec::new(), 0u64);
+        while !*done_rx.borrow_and_update() {
+            seen.extend(reader.group_counts().await.into_iter().map(|(_, n)| n));
+            reads += 1;
+        }
+        (seen, reads)
+    });
+    let mut commands = vec![vec!["MULTI".to_string()]];
+    commands.extend((0..rows).map(|i| {
+        vec![
+            "HSET".into(),
+            format!("person2:g0-{i}"),
+            "first_name".into(),
+            format!("n{i}"),
+        ]
+    }));
+    commands.push(vec!["EXEC".into()]);
+    support::send_all(&mut client, &commands).await;
+    service.settle(&mut client, &database).await;
+    let _ = done_tx.send(true);
+    let (seen, reads) = reader.await.expect("reader");
+    assert!(reads > 10, "the reader polled only {reads} times");
+    assert!(
+        seen.iter().all(|n| *n == rows),
+        "the unit was seen partly written: {:?}",
+        seen.iter()
+            .filter(|n| **n != rows)
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    let written = database.rows("person1", &["first"]).await;
+    assert_eq!(written.len() as i64, rows);
+    service.stop().await;
+    database.drop_database().await;
+}
+
 /// `person1` with a `BIT(40)` column for `last`, which the stage's text columns cannot carry
 /// every value of.
 const BIT_PERSON_TABLE: &str =

@@ -27,6 +27,19 @@ pub struct MemoryDestination {
     pub refuse: HashSet<String>,
     /// Batches committed.
     pub commits: u32,
+    /// Whether long units are written in parts (`Destination::apply_unit_part`).
+    pub streams: bool,
+    /// The tables as a long unit's open transaction has them.
+    pub open_unit: Option<BTreeMap<String, BTreeMap<String, Vec<SqlValue>>>>,
+    /// Parts of long units written.
+    pub unit_parts: u32,
+    /// The largest batch (in writes) handed over.
+    pub largest_batch: usize,
+    /// The part with this number (counted from 1 over every attempt) fails once, as an outage
+    /// (0: none).
+    pub fail_part: u32,
+    /// Parts attempted (written or failed).
+    pub parts_attempted: u32,
 }
 
 fn text_column(name: &str) -> ColumnInfo {
@@ -97,6 +110,74 @@ impl Destination for MemoryDestination {
             return Err(SinkError::transient("memory: simulated outage"));
         }
         let mut tables = self.tables.clone();
+        let rejected = self.write(&mut tables, schemas, batch);
+        before_commit(&rejected)
+            .map_err(|e| SinkError::fatal("memory: cannot store refused rows").caused_by(e))?;
+        self.commit(tables, batch)?;
+        Ok(rejected)
+    }
+
+    async fn apply_unit_part(
+        &mut self,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<bool, SinkError> {
+        if !self.streams {
+            return Ok(false);
+        }
+        let mut tables = self.open_unit.take().unwrap_or_else(|| self.tables.clone());
+        self.write_part(&mut tables, schemas, batch)?;
+        self.open_unit = Some(tables);
+        self.unit_parts += 1;
+        Ok(true)
+    }
+
+    async fn commit_unit(
+        &mut self,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<(), SinkError> {
+        let mut tables = self.open_unit.take().unwrap_or_else(|| self.tables.clone());
+        self.write_part(&mut tables, schemas, batch)?;
+        self.commit(tables, batch)
+    }
+
+    async fn abandon_unit(&mut self) {
+        self.open_unit = None;
+    }
+}
+
+impl MemoryDestination {
+    /// Writes a part of a long unit: a simulated outage or a refused row fails it (the caller
+    /// then abandons the unit).
+    fn write_part(
+        &mut self,
+        tables: &mut BTreeMap<String, BTreeMap<String, Vec<SqlValue>>>,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<(), SinkError> {
+        self.parts_attempted += 1;
+        if self.fail_next > 0 || self.parts_attempted == self.fail_part {
+            self.fail_next = self.fail_next.saturating_sub(1);
+            return Err(SinkError::transient("memory: simulated outage"));
+        }
+        match self.write(tables, schemas, batch).first() {
+            Some(refused) => Err(SinkError::new(
+                super::SinkErrorKind::RowRefused,
+                refused.reason.clone(),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies the batch's writes to `tables`; returns the refused rows.
+    fn write(
+        &mut self,
+        tables: &mut BTreeMap<String, BTreeMap<String, Vec<SqlValue>>>,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Vec<Rejected> {
+        self.largest_batch = self.largest_batch.max(batch.writes.len());
         let mut rejected = Vec::new();
         for write in &batch.writes {
             let Some(rows) = schemas
@@ -120,8 +201,15 @@ impl Destination for MemoryDestination {
                 }
             }
         }
-        before_commit(&rejected)
-            .map_err(|e| SinkError::fatal("memory: cannot store refused rows").caused_by(e))?;
+        rejected
+    }
+
+    /// Commits `tables` with the batch's checkpoint rows (or, as asked, loses the answer).
+    fn commit(
+        &mut self,
+        tables: BTreeMap<String, BTreeMap<String, Vec<SqlValue>>>,
+        batch: &SinkBatch,
+    ) -> Result<(), SinkError> {
         self.tables = tables;
         for row in &batch.checkpoint_rows {
             let checkpoint = SinkCheckpoint {
@@ -141,6 +229,6 @@ impl Destination for MemoryDestination {
                 "memory: simulated lost answer to COMMIT",
             ));
         }
-        Ok(rejected)
+        Ok(())
     }
 }

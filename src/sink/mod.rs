@@ -6,6 +6,7 @@ mod applied;
 mod coalesce;
 pub mod convert;
 mod error;
+mod long_unit;
 #[cfg(test)]
 pub mod memory;
 pub mod mysql;
@@ -227,6 +228,10 @@ pub struct Rejected {
 /// - **Errors**: transient ones (connection lost, server restarting, deadlock, lock timeout) are
 ///   reported as such and the runner retries the batch forever with backoff; anything else is
 ///   fatal and stops the service with a clear line.
+/// - **Long units** (`long_unit.rs`): a unit longer than a batch may be written in parts
+///   through one open transaction ([`Destination::apply_unit_part`], then
+///   [`Destination::commit_unit`]), so that it is never held whole; a backend that does not
+///   (the default) gets the whole unit in one [`Destination::apply`].
 #[allow(async_fn_in_trait)]
 pub trait Destination {
     /// Creates missing tables (when the mapping asks) and the checkpoint table, then reads each
@@ -256,6 +261,34 @@ pub trait Destination {
         batch: &SinkBatch,
         before_commit: &BeforeCommit,
     ) -> Result<Vec<Rejected>, SinkError>;
+
+    /// Writes `batch`'s rows (a part of a unit too long to hold: `long_unit.rs`) in the
+    /// transaction the unit keeps open across calls, begun by its first part: no checkpoint, no
+    /// commit. Any failure ends that transaction (rolled back); a row the database refuses fails
+    /// it with `RowRefused`, and the unit is then written whole with [`Destination::apply`].
+    /// Returns `false` when the backend does not write units in parts (nothing was done).
+    async fn apply_unit_part(
+        &mut self,
+        _schemas: &[TableSchema],
+        _batch: &SinkBatch,
+    ) -> Result<bool, SinkError> {
+        Ok(false)
+    }
+
+    /// Writes `batch` (the long unit's last rows) and its checkpoint rows, and commits the
+    /// unit's transaction. Fails as [`Destination::apply_unit_part`] does.
+    async fn commit_unit(
+        &mut self,
+        _schemas: &[TableSchema],
+        _batch: &SinkBatch,
+    ) -> Result<(), SinkError> {
+        Err(SinkError::fatal(
+            "this backend does not write units in parts".to_string(),
+        ))
+    }
+
+    /// Rolls back the open transaction of a long unit, if any.
+    async fn abandon_unit(&mut self) {}
 }
 
 /// The configured backend, by URL scheme.
@@ -351,6 +384,38 @@ impl Destination for Sink {
             Sink::Mysql(s) => s.apply(schemas, batch, before_commit).await,
             Sink::Postgres(s) => s.apply(schemas, batch, before_commit).await,
             Sink::Sqlite(s) => s.apply(schemas, batch, before_commit).await,
+        }
+    }
+
+    async fn apply_unit_part(
+        &mut self,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<bool, SinkError> {
+        match self {
+            Sink::Mysql(s) => s.apply_unit_part(schemas, batch).await,
+            Sink::Postgres(s) => s.apply_unit_part(schemas, batch).await,
+            Sink::Sqlite(s) => s.apply_unit_part(schemas, batch).await,
+        }
+    }
+
+    async fn commit_unit(
+        &mut self,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<(), SinkError> {
+        match self {
+            Sink::Mysql(s) => s.commit_unit(schemas, batch).await,
+            Sink::Postgres(s) => s.commit_unit(schemas, batch).await,
+            Sink::Sqlite(s) => s.commit_unit(schemas, batch).await,
+        }
+    }
+
+    async fn abandon_unit(&mut self) {
+        match self {
+            Sink::Mysql(s) => s.abandon_unit().await,
+            Sink::Postgres(s) => s.abandon_unit().await,
+            Sink::Sqlite(s) => s.abandon_unit().await,
         }
     }
 }

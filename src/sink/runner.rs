@@ -14,6 +14,7 @@ use super::acks::AckShare;
 pub use super::applied::AppliedPositions;
 pub use super::coalesce::convert_row;
 use super::coalesce::{coalesce, Coalesced, RefusedRow};
+use super::long_unit::Streamed;
 use super::partition::{partition_of_change, row_name, FoundRows};
 use super::reconcile::{Reconcile, RECONCILE_LETTERS};
 use super::{
@@ -91,6 +92,9 @@ pub struct SinkRunner<D: Destination> {
     pub(super) reconcile: Option<Reconcile>,
     /// The next dead-letter id of a reconciliation.
     pub(super) reconcile_letters: u64,
+    /// The first seq of a long unit that is to be written whole, not in parts
+    /// (`long_unit.rs`: the database refused a row of it).
+    pub(super) whole_unit: Option<ChangeSeq>,
 }
 
 impl<D: Destination> SinkRunner<D> {
@@ -157,6 +161,7 @@ impl<D: Destination> SinkRunner<D> {
             mappings_id,
             reconcile,
             reconcile_letters,
+            whole_unit: None,
         })
     }
 
@@ -213,7 +218,20 @@ impl<D: Destination> SinkRunner<D> {
 
     /// Applies one batch if there is one; returns whether it did.
     pub async fn step(&mut self) -> Result<bool, RunnerError> {
-        let changes = self.read_units()?;
+        let first = self
+            .store
+            .closed_changes(self.lowest_applied().next(), MAX_BATCH_CHANGES)?;
+        let long = first.first().filter(|_| !first.iter().any(|c| c.unit_end));
+        if let Some(start) = long.map(|c| c.seq) {
+            if self.streams_long_unit(start) {
+                match self.stream_long_unit(first.clone()).await? {
+                    Streamed::Committed => return Ok(true),
+                    Streamed::Incomplete => return Ok(false),
+                    Streamed::WriteWhole => {}
+                }
+            }
+        }
+        let changes = self.read_units(first)?;
         let Some(last) = changes.last() else {
             return Ok(false);
         };
@@ -456,7 +474,7 @@ impl<D: Destination> SinkRunner<D> {
         })
     }
 
-    fn report(&self) -> Result<(), StoreError> {
+    pub(super) fn report(&self) -> Result<(), StoreError> {
         if let Some(through) = self.positions.record(&self.name, self.lowest_applied()) {
             self.store.trim_changes(through)?;
         }
@@ -464,7 +482,7 @@ impl<D: Destination> SinkRunner<D> {
     }
 
     /// Stores rows refused before reaching the database, synced.
-    fn dead_letter(&self, refused: Vec<RefusedRow>) -> Result<(), StoreError> {
+    pub(super) fn dead_letter(&self, refused: Vec<RefusedRow>) -> Result<(), StoreError> {
         if refused.is_empty() {
             return Ok(());
         }
@@ -518,15 +536,13 @@ impl<D: Destination> SinkRunner<D> {
             .unwrap_or_default())
     }
 
-    /// Changes after the lowest applied seq, whole units only: the units that end within the
-    /// first `MAX_BATCH_CHANGES`, or, when one unit alone is longer, that unit. Never a unit
-    /// still being written in parts (`Store::closed_changes`). (Reading on in
+    /// Whole units from `changes` (the first `MAX_BATCH_CHANGES` after the lowest applied
+    /// seq): the units that end within them, or, when one unit alone is longer, that unit (read
+    /// on to its end; `long_unit.rs` writes such a unit in parts where it can). Never a unit
+    /// still being written in parts by capture (`Store::closed_changes`). (Reading on in
     /// steps of `MAX_BATCH_CHANGES` until a step happened to end on a unit end made batches of
     /// 640,000 changes out of a flush's 1,024-change units: docs/benchmarks.md.)
-    fn read_units(&self) -> Result<Vec<Change>, StoreError> {
-        let mut changes = self
-            .store
-            .closed_changes(self.lowest_applied().next(), MAX_BATCH_CHANGES)?;
+    fn read_units(&self, mut changes: Vec<Change>) -> Result<Vec<Change>, StoreError> {
         if let Some(last_end) = changes.iter().rposition(|c| c.unit_end) {
             changes.truncate(last_end + 1);
             return Ok(changes);
@@ -623,7 +639,7 @@ fn refused_in(store: &Store, name: &str, batch: &SinkBatch) -> Result<Vec<Reject
 /// Whether the checkpoint `rows` say `batch` has committed (a lost connection may have hidden
 /// its COMMIT). Only a batch that moves checkpoint rows can tell; the others (reconciliation
 /// writes) are idempotent and simply applied again.
-fn batch_is_in(batch: &SinkBatch, rows: &[(String, SinkCheckpoint)]) -> bool {
+pub(super) fn batch_is_in(batch: &SinkBatch, rows: &[(String, SinkCheckpoint)]) -> bool {
     batch.last_seq > ChangeSeq::NONE
         && !batch.buffer_id.is_empty()
         && !batch.checkpoint_rows.is_empty()

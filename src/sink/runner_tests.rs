@@ -331,3 +331,116 @@ async fn the_acks_caught_up_at_start_are_queued_in_change_log_order_across_parti
         "queued once"
     );
 }
+
+/// One unit of `len` upserts from seq `first`: rows `0..len`, each named `name`.
+fn long_unit(first: u64, len: u64, name: &str) -> Vec<Change> {
+    (0..len)
+        .map(|i| Change {
+            unit: ChangeSeq(first),
+            unit_end: i + 1 == len,
+            ..upsert(first + i, &i.to_string(), name, None)
+        })
+        .collect()
+}
+
+/// 12,000 changes in one unit, then a unit of one change; the destination writes long units in
+/// parts (with `destination`'s other settings).
+async fn long_unit_runner(
+    destination: MemoryDestination,
+) -> (tempfile::TempDir, Arc<Store>, SinkRunner<MemoryDestination>) {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    log(&store, &long_unit(1, 12_000, "a"));
+    log(&store, &[upsert(12_001, "x", "b", None)]);
+    let destination = MemoryDestination {
+        streams: true,
+        ..destination
+    };
+    let runner = runner(&store, vec![destination]).await;
+    (dir, store, runner)
+}
+
+fn assert_long_unit_written(runner: &SinkRunner<MemoryDestination>) {
+    let rows = &runner.sinks[0].tables["t"];
+    assert_eq!(rows.len(), 12_000);
+    assert!(rows
+        .values()
+        .all(|v| *v == vec![SqlValue::Text("a".into())]));
+    assert_eq!(runner.sinks[0].checkpoints["db"].seq, ChangeSeq(12_000));
+    assert_eq!(runner.applied, vec![ChangeSeq(12_000)]);
+    assert_eq!(runner.sinks[0].open_unit, None, "no transaction left open");
+}
+
+/// A unit longer than a batch is written a batch at a time inside one transaction, committed
+/// once with its checkpoint; the next unit follows as usual.
+#[tokio::test]
+async fn a_unit_longer_than_a_batch_is_written_in_parts_in_one_transaction() {
+    let (_dir, _store, mut runner) = long_unit_runner(MemoryDestination::default()).await;
+    assert!(runner.step().await.expect("step"));
+    assert_long_unit_written(&runner);
+    let sink = &runner.sinks[0];
+    assert_eq!((sink.commits, sink.unit_parts), (1, 2));
+    assert!(
+        sink.largest_batch <= MAX_BATCH_CHANGES,
+        "{}",
+        sink.largest_batch
+    );
+    assert!(runner.step().await.expect("step"));
+    assert_eq!(runner.sinks[0].commits, 2);
+    assert_eq!(runner.sinks[0].tables["t"].len(), 12_001);
+    assert!(!runner.step().await.expect("step"), "nothing left");
+}
+
+/// A row the database refuses inside a long unit: the unit is rolled back and written whole,
+/// which dead-letters that row and commits the rest once.
+#[tokio::test]
+async fn a_long_unit_with_a_refused_row_is_written_whole() {
+    let destination = MemoryDestination {
+        refuse: ["7000".to_string()].into(),
+        ..MemoryDestination::default()
+    };
+    let (_dir, store, mut runner) = long_unit_runner(destination).await;
+    assert!(runner.step().await.expect("step"));
+    let sink = &runner.sinks[0];
+    assert_eq!(sink.commits, 1);
+    assert_eq!(sink.largest_batch, 12_000, "written whole");
+    assert_eq!(sink.tables["t"].len(), 11_999);
+    assert_eq!(sink.open_unit, None);
+    let letters = store.dead_letters().expect("letters");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].seq, ChangeSeq(7_001));
+    assert_eq!(runner.applied, vec![ChangeSeq(12_000)]);
+}
+
+/// An outage after a part was written: the open transaction is dropped and the unit written
+/// again from its first change, committed once.
+#[tokio::test]
+async fn a_long_unit_cut_by_an_outage_is_written_again_from_its_start() {
+    let destination = MemoryDestination {
+        fail_part: 2,
+        ..MemoryDestination::default()
+    };
+    let (_dir, _store, mut runner) = long_unit_runner(destination).await;
+    assert!(runner.step().await.expect("step"));
+    assert_long_unit_written(&runner);
+    assert_eq!(runner.sinks[0].commits, 1);
+    assert_eq!(
+        runner.sinks[0].unit_parts, 3,
+        "part 1, then parts 1 and 2 again"
+    );
+}
+
+/// The answer to the unit's COMMIT is lost after it committed: the checkpoint rows say it is
+/// in, so it is not written again.
+#[tokio::test]
+async fn a_long_unit_whose_commit_answer_was_lost_is_not_written_twice() {
+    let destination = MemoryDestination {
+        lose_answer_next: 1,
+        ..MemoryDestination::default()
+    };
+    let (_dir, _store, mut runner) = long_unit_runner(destination).await;
+    assert!(runner.step().await.expect("step"));
+    assert_long_unit_written(&runner);
+    assert_eq!(runner.sinks[0].commits, 1);
+    assert_eq!(runner.sinks[0].unit_parts, 2);
+}

@@ -197,6 +197,23 @@ fn apply_blocking(
     };
     let tx = connection.transaction().map_err(fail)?;
     let mut rejected = Vec::new();
+    write_rows(&tx, name, schemas, batch, &mut rejected)?;
+    write_checkpoint(&tx, batch).map_err(fail)?;
+    super::store_refused(before_commit, &rejected, name)?;
+    tx.commit().map_err(fail)?;
+    Ok(rejected)
+}
+
+/// Writes the batch's rows on `connection` (inside its transaction); a row SQLite refuses is
+/// skipped (its statement alone is backed out) and reported in `rejected`.
+fn write_rows(
+    connection: &Connection,
+    name: &str,
+    schemas: &[TableSchema],
+    batch: &SinkBatch,
+    rejected: &mut Vec<Rejected>,
+) -> Result<(), SinkError> {
+    let tx = connection;
     for write in &batch.writes {
         let Some(schema) = schemas.get(write.table) else {
             continue;
@@ -264,6 +281,11 @@ fn apply_blocking(
             }
         }
     }
+    Ok(())
+}
+
+/// Sets the batch's checkpoint rows and deletes its retired ones.
+fn write_checkpoint(tx: &Connection, batch: &SinkBatch) -> rusqlite::Result<()> {
     for row in &batch.checkpoint_rows {
         tx.execute(
             &format!(
@@ -272,8 +294,7 @@ fn apply_blocking(
                  buffer_id = excluded.buffer_id, mappings_id = excluded.mappings_id, updated_at = excluded.updated_at"
             ),
             rusqlite::params![row, batch.replid, batch.offset.0 as i64, batch.last_seq.0 as i64, batch.buffer_id, batch.mappings_id],
-        )
-        .map_err(fail)?;
+        )?;
     }
     for row in &batch.retire_rows {
         tx.execute(
@@ -281,12 +302,48 @@ fn apply_blocking(
                 "DELETE FROM {CHECKPOINT_TABLE} WHERE source = 'writebehind' AND backend = ?1"
             ),
             [row],
-        )
-        .map_err(fail)?;
+        )?;
     }
-    super::store_refused(before_commit, &rejected, name)?;
-    tx.commit().map_err(fail)?;
-    Ok(rejected)
+    Ok(())
+}
+
+/// Writes a part of a long unit in the transaction it keeps open on `connection` (begun by its
+/// first part), and with `commit` its checkpoint and the commit. Any failure, a refused row
+/// included, rolls the unit back.
+fn write_unit_part(
+    connection: &Connection,
+    name: &str,
+    schemas: &[TableSchema],
+    batch: &SinkBatch,
+    commit: bool,
+) -> Result<(), SinkError> {
+    let fail = |e: rusqlite::Error| {
+        classify(e)
+            .outside_row()
+            .context(format!("backend `{name}`"))
+    };
+    let written = (|| {
+        if connection.is_autocommit() {
+            connection.execute_batch("BEGIN").map_err(fail)?;
+        }
+        let mut rejected = Vec::new();
+        write_rows(connection, name, schemas, batch, &mut rejected)?;
+        if let Some(first) = rejected.first() {
+            return Err(SinkError::new(
+                SinkErrorKind::RowRefused,
+                format!("backend `{name}`: {}", first.reason),
+            ));
+        }
+        if commit {
+            write_checkpoint(connection, batch).map_err(fail)?;
+            connection.execute_batch("COMMIT").map_err(fail)?;
+        }
+        Ok(())
+    })();
+    if written.is_err() && !connection.is_autocommit() {
+        let _ = connection.execute_batch("ROLLBACK");
+    }
+    written
 }
 
 impl Destination for SqliteSink {
@@ -418,5 +475,38 @@ impl Destination for SqliteSink {
             apply_blocking(connection, &name, &schemas, &batch, &before_commit)
         })
         .await?
+    }
+
+    async fn apply_unit_part(
+        &mut self,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<bool, SinkError> {
+        let (schemas, batch, name) = (schemas.to_vec(), batch.clone(), self.name.clone());
+        self.blocking(move |connection| {
+            write_unit_part(connection, &name, &schemas, &batch, false)
+        })
+        .await??;
+        Ok(true)
+    }
+
+    async fn commit_unit(
+        &mut self,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<(), SinkError> {
+        let (schemas, batch, name) = (schemas.to_vec(), batch.clone(), self.name.clone());
+        self.blocking(move |connection| write_unit_part(connection, &name, &schemas, &batch, true))
+            .await?
+    }
+
+    async fn abandon_unit(&mut self) {
+        let _ = self
+            .blocking(|connection| {
+                if !connection.is_autocommit() {
+                    let _ = connection.execute_batch("ROLLBACK");
+                }
+            })
+            .await;
     }
 }

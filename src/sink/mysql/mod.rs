@@ -53,6 +53,9 @@ pub struct MysqlSink {
     /// prepared statements last; dropped (closed, so the server rolls back whatever it had
     /// open) after any failure.
     session: Option<Session>,
+    /// The session of a long unit written in parts, with its open transaction
+    /// (`Destination::apply_unit_part`).
+    unit: Option<(Session, BatchTransaction)>,
     address: String,
     /// Whether large batches may use LOAD DATA LOCAL INFILE (off once the server refuses it).
     staging: std::sync::atomic::AtomicBool,
@@ -69,6 +72,20 @@ struct Session {
     conn: Conn,
     used: std::time::Instant,
     stages: Stages,
+}
+
+/// Sets the batch's checkpoint rows and commits, in one query (beginning the transaction
+/// there if nothing else did).
+async fn commit_with_checkpoint(
+    conn: &mut Conn,
+    batch: &SinkBatch,
+    tx: &mut BatchTransaction,
+) -> Result<(), SinkError> {
+    let mut statements = Statements::default();
+    tx.begin_in(&mut statements);
+    push_checkpoint(&mut statements, batch);
+    statements.push("COMMIT");
+    statements.run(conn).await.map(drop).map_err(classify)
 }
 
 fn q(identifier: &str) -> String {
@@ -187,6 +204,7 @@ impl MysqlSink {
             pool,
             opts,
             session: None,
+            unit: None,
             address,
             staging: std::sync::atomic::AtomicBool::new(true),
             stage_engine: staging::StageEngine::ServerDefault,
@@ -349,6 +367,18 @@ impl MysqlSink {
         batch: &SinkBatch,
         tx: &mut BatchTransaction,
     ) -> Result<(), SinkError> {
+        self.write_rows(session, schemas, batch, tx).await?;
+        commit_with_checkpoint(&mut session.conn, batch, tx).await
+    }
+
+    /// Writes the batch's rows in the transaction `tx` (begun with the first statement).
+    async fn write_rows(
+        &self,
+        session: &mut Session,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+        tx: &mut BatchTransaction,
+    ) -> Result<(), SinkError> {
         let Session { conn, stages, .. } = session;
         for (index, schema) in schemas.iter().enumerate() {
             let super::TableWrites { deletes, upserts } = super::TableWrites::of(batch, index);
@@ -430,11 +460,7 @@ impl MysqlSink {
                 no_warnings(conn.get_warnings(), "a multi-row INSERT")?;
             }
         }
-        let mut statements = Statements::default();
-        tx.begin_in(&mut statements);
-        push_checkpoint(&mut statements, batch);
-        statements.push("COMMIT");
-        statements.run(conn).await.map(drop).map_err(classify)
+        Ok(())
     }
 
     /// Staging failed in a way retrying cannot fix: statements for the life of the process.
@@ -711,5 +737,49 @@ impl Destination for MysqlSink {
             self.session = Some(session);
         }
         result
+    }
+
+    async fn apply_unit_part(
+        &mut self,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<bool, SinkError> {
+        let (mut session, mut tx) = match self.unit.take() {
+            Some(open) => open,
+            None => (self.session().await?, BatchTransaction::default()),
+        };
+        // After a failure the session is dropped: closed, so the server rolls the unit back.
+        self.write_rows(&mut session, schemas, batch, &mut tx)
+            .await
+            .map_err(|e| e.context(self.place()))?;
+        self.unit = Some((session, tx));
+        Ok(true)
+    }
+
+    async fn commit_unit(
+        &mut self,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<(), SinkError> {
+        let Some((mut session, mut tx)) = self.unit.take() else {
+            return Err(SinkError::transient(format!(
+                "{}: the transaction of a long unit is gone",
+                self.place()
+            )));
+        };
+        self.write_rows(&mut session, schemas, batch, &mut tx)
+            .await
+            .map_err(|e| e.context(self.place()))?;
+        commit_with_checkpoint(&mut session.conn, batch, &mut tx)
+            .await
+            .map_err(|e| e.context(self.place()))?;
+        session.used = std::time::Instant::now();
+        self.session = Some(session);
+        Ok(())
+    }
+
+    async fn abandon_unit(&mut self) {
+        // Dropped: closed, so the server rolls the unit back.
+        self.unit = None;
     }
 }
