@@ -14,8 +14,9 @@
 //!
 //! The usual path stays for what streaming does not do: a row the database refuses (the unit is
 //! rolled back and written whole with [`Destination::apply`], which isolates and dead-letters
-//! it), a backend that does not stream (PostgreSQL, for now), and several partitions (each
-//! writes its share of the unit in its own transaction, design 8.6). A transient failure rolls
+//! it), a backend that does not stream (none of the three today: MySQL/MariaDB, SQLite and
+//! PostgreSQL all do), and several partitions (each writes its share of the unit in its own
+//! transaction, design 8.6). A transient failure rolls
 //! the unit back and writes it again from its first change, after the backoff; when the commit
 //! itself may have reached the database, the checkpoint rows decide, as for any batch.
 

@@ -237,6 +237,23 @@ pub fn replay(store: &Store) -> Rows {
     rows
 }
 
+/// Asserts that the mirror holds what Redis holds and that the change log replays to the rows
+/// it projects to; returns Redis's hashes.
+pub async fn assert_follows_redis(
+    store: &Store,
+    client: &mut RedisClient,
+    mappings: &Mappings,
+) -> Hashes {
+    let redis = redis_hashes(client, mappings).await;
+    assert_eq!(mirror_hashes(store), redis, "mirror vs Redis");
+    assert_eq!(
+        replay(store),
+        projection(&redis, mappings),
+        "change log replay vs Redis"
+    );
+    redis
+}
+
 /// The rows the tables should hold for these hashes.
 pub fn projection(hashes: &Hashes, mappings: &Mappings) -> Rows {
     let mut rows = BTreeMap::new();

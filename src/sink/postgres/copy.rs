@@ -38,13 +38,14 @@ pub const DIRECT_COPY_MIN: usize = 2_000;
 const COPY_CHUNK: usize = 1 << 20;
 
 /// Copies `upserts` into table `index`'s stage (created first unless `staged`: this session
-/// has it) and merges them.
+/// has it; emptied first when `in_unit`: a long unit's earlier part may have filled it in the
+/// same transaction, and it is emptied only at commit) and merges them.
 pub async fn copy_and_merge(
     client: &Client,
     index: usize,
     types: &TableTypes,
     upserts: &[(&SqlValue, &Vec<SqlValue>)],
-    staged: bool,
+    (staged, in_unit): (bool, bool),
 ) -> Result<(), tokio_postgres::Error> {
     let stage = format!("writebehind_stage_{index}");
     if !staged {
@@ -53,6 +54,10 @@ pub async fn copy_and_merge(
                 "CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ({}) ON COMMIT DELETE ROWS",
                 types.stage_columns().join(", ")
             ))
+            .await?;
+    } else if in_unit {
+        client
+            .batch_execute(&format!("DELETE FROM {stage}"))
             .await?;
     }
     copy_rows(client, &format!("COPY {stage} FROM STDIN"), types, upserts).await?;

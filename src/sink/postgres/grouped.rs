@@ -113,7 +113,7 @@ impl ColumnArrays {
 
 /// Table `index`'s writes in `batch`, or the reason a row is refused (refused on every path:
 /// the row-by-row replay dead-letters it).
-fn checked_writes<'b>(
+pub(super) fn checked_writes<'b>(
     batch: &'b SinkBatch,
     index: usize,
     types: &TableTypes,
@@ -440,6 +440,21 @@ impl PostgresSink {
         batch: &SinkBatch,
         tables: Vec<TableWrites<'_>>,
     ) -> Result<(), tokio_postgres::Error> {
+        self.write_in_turn(client, tables, false).await?;
+        let numbers = CheckpointNumbers::of(batch);
+        run_in_turn(client, &checkpoint_statements(batch, &numbers)).await?;
+        Ok(())
+    }
+
+    /// Writes `tables` one statement after the other inside the open transaction, as upserts;
+    /// `in_unit`: the transaction is a long unit's, whose stages may still hold an earlier
+    /// part's rows (they are emptied only at commit), so each is emptied before it is filled.
+    pub(super) async fn write_in_turn(
+        &self,
+        client: &Client,
+        tables: Vec<TableWrites<'_>>,
+        in_unit: bool,
+    ) -> Result<(), tokio_postgres::Error> {
         for (index, (types, writes)) in self.types.iter().zip(tables).enumerate() {
             let TableWrites { deletes, upserts } = writes;
             for chunk in &delete_chunks(&deletes) {
@@ -452,7 +467,7 @@ impl PostgresSink {
             }
             // Measured (docs/benchmarks.md): one statement of column arrays is the faster
             // below COPY_THRESHOLD rows, COPY and a merge from there on.
-            if upserts.len() < copy::COPY_THRESHOLD {
+            if upserts.len() < copy::COPY_THRESHOLD || !self.copy {
                 let arrays = ColumnArrays::of(types, &upserts);
                 client
                     .execute_typed(&types.upsert_unnest(false), &arrays.params(types))
@@ -465,7 +480,8 @@ impl PostgresSink {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .contains(&index);
-            let merged = copy::copy_and_merge(client, index, types, &upserts, staged).await;
+            let merged =
+                copy::copy_and_merge(client, index, types, &upserts, (staged, in_unit)).await;
             self.session
                 .stages
                 .lock()
@@ -473,8 +489,6 @@ impl PostgresSink {
                 .insert(index);
             merged?;
         }
-        let numbers = CheckpointNumbers::of(batch);
-        run_in_turn(client, &checkpoint_statements(batch, &numbers)).await?;
         Ok(())
     }
 }

@@ -29,6 +29,7 @@ mod copy;
 mod grouped;
 mod schema;
 mod ssl;
+mod unit;
 
 use std::str::FromStr;
 
@@ -65,6 +66,8 @@ pub struct PostgresSink {
     session: Box<Session>,
     /// Batches left to upsert before trying insert-only again ([`UPSERTS_AFTER_A_CONFLICT`]).
     upserts_left: u32,
+    /// Whether `client` holds the open transaction of a long unit (`unit.rs`).
+    in_unit: bool,
 }
 
 /// What a connection has set up, gone with it (temporary tables and prepared statements die
@@ -183,6 +186,7 @@ impl PostgresSink {
             copy: true,
             session: Default::default(),
             upserts_left: 0,
+            in_unit: false,
         };
         let temporary = sink
             .client()
@@ -533,5 +537,26 @@ impl Destination for PostgresSink {
             self.client = None;
         }
         result
+    }
+
+    async fn apply_unit_part(
+        &mut self,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<bool, SinkError> {
+        self.write_unit_part(schemas, batch, false).await?;
+        Ok(true)
+    }
+
+    async fn commit_unit(
+        &mut self,
+        schemas: &[TableSchema],
+        batch: &SinkBatch,
+    ) -> Result<(), SinkError> {
+        self.write_unit_part(schemas, batch, true).await
+    }
+
+    async fn abandon_unit(&mut self) {
+        self.abandon_unit_transaction();
     }
 }
