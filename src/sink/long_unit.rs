@@ -12,11 +12,17 @@
 //! Chunks are applied in order inside the transaction, so a row changed in several chunks ends
 //! as the last one left it (coalescing works within a chunk only).
 //!
+//! With several partitions (design 8.6), each partition's share of the unit goes through its
+//! own connection and transaction, as a batch's would: the partitions are written one after the
+//! other (the unit is read once per partition), each committing with its own checkpoint row.
+//! After a crash between two of them, the partitions that committed skip their share, as for a
+//! batch.
+//!
 //! The usual path stays for what streaming does not do: a row the database refuses (the unit is
 //! rolled back and written whole with [`Destination::apply`], which isolates and dead-letters
 //! it), a backend that does not stream (none of the three today: MySQL/MariaDB, SQLite and
-//! PostgreSQL all do), and several partitions (each writes its share of the unit in its own
-//! transaction, design 8.6). A transient failure rolls
+//! PostgreSQL all do), and a layout whose partitions do not have a connection each (while
+//! the partition count changes). A transient failure rolls
 //! the unit back and writes it again from its first change, after the backoff; when the commit
 //! itself may have reached the database, the checkpoint rows decide, as for any batch.
 
@@ -26,9 +32,9 @@ use bytes::Bytes;
 
 use super::coalesce::{coalesce, Coalesced};
 use super::runner::{batch_is_in, RunnerError, SinkRunner, MAX_BATCH_CHANGES};
-use super::{Destination, SinkBatch, SinkError, SinkErrorKind};
+use super::{Destination, SinkBatch, SinkErrorKind};
 use crate::buffer::Change;
-use crate::position::ChangeSeq;
+use crate::position::{ChangeSeq, ReplOffset};
 
 /// How writing a long unit in parts ended.
 pub(super) enum Streamed {
@@ -41,53 +47,69 @@ pub(super) enum Streamed {
 }
 
 impl<D: Destination> SinkRunner<D> {
-    /// Whether the unit starting at `first` may be written in parts: one connection, one
+    /// Whether the unit starting at `first` may be written in parts: a connection per
     /// partition, and not already found to need the usual path.
     pub(super) fn streams_long_unit(&self, first: ChangeSeq) -> bool {
-        self.sinks.len() == 1 && self.applied.len() == 1 && self.whole_unit != Some(first)
+        self.sinks.len() == self.applied.len() && self.whole_unit != Some(first)
     }
 
-    /// Writes the unit whose first changes are `first` (no unit end among them) in parts,
-    /// retrying transient failures from its start.
+    /// Writes the unit whose first changes are `first` (no unit end among them) in parts, a
+    /// partition after the other.
     pub(super) async fn stream_long_unit(
         &mut self,
         first: Vec<Change>,
     ) -> Result<Streamed, RunnerError> {
+        let started = std::time::Instant::now();
+        let mut end = None;
+        for partition in 0..self.applied.len() {
+            match self.stream_partition(&first, partition).await? {
+                (Streamed::Committed, at) => end = at.or(end),
+                (other, _) => return Ok(other),
+            }
+        }
+        self.report()?;
+        let backend = self.name.clone();
+        metrics::histogram!("writebehind_sink_commit_seconds", "backend" => backend)
+            .record(started.elapsed().as_secs_f64());
+        if let Some((last_seq, offset)) = end {
+            self.health.backend(&self.name, true, None);
+            self.health.applied(&self.name, last_seq, offset);
+            self.applied_offset = offset;
+        }
+        Ok(Streamed::Committed)
+    }
+
+    /// Writes `partition`'s share of the unit, retrying transient failures from its start;
+    /// returns with a committed share the unit's last seq and offset.
+    async fn stream_partition(
+        &mut self,
+        first: &[Change],
+        partition: usize,
+    ) -> Result<(Streamed, Option<(ChangeSeq, ReplOffset)>), RunnerError> {
         let mut write = true;
         loop {
-            let started = std::time::Instant::now();
-            let result = self.write_long_unit(first.clone(), write).await;
-            let error = match result {
-                Ok(streamed) => {
-                    if let Some(backoff) = self.backoffs.first_mut() {
-                        backoff.reset();
-                    }
-                    if matches!(streamed, Streamed::Committed) {
-                        metrics::histogram!("writebehind_sink_commit_seconds", "backend" => self.name.clone())
-                            .record(started.elapsed().as_secs_f64());
-                    }
-                    return Ok(streamed);
+            let error = match self.write_share(first.to_vec(), partition, write).await {
+                Ok(done) => {
+                    self.backoffs[partition].reset();
+                    return Ok(done);
                 }
                 Err(RunnerError::Sink(error)) => error,
                 Err(other) => {
-                    self.abandon_long_unit().await;
+                    self.sinks[partition].abandon_unit().await;
                     return Err(other);
                 }
             };
-            self.abandon_long_unit().await;
+            self.sinks[partition].abandon_unit().await;
             match error.kind() {
                 SinkErrorKind::RowRefused => {
                     tracing::info!(backend = %self.name, first = %first[0].seq, reason = %error, "a long unit holds a row the database refuses; writing it whole, to isolate that row");
                     self.whole_unit = Some(first[0].seq);
-                    return Ok(Streamed::WriteWhole);
+                    return Ok((Streamed::WriteWhole, None));
                 }
                 SinkErrorKind::Fatal => return Err(error.into()),
                 SinkErrorKind::Transient => {}
             }
-            let Some(backoff) = self.backoffs.first_mut() else {
-                return Err(error.into());
-            };
-            let delay = backoff.next_delay();
+            let delay = self.backoffs[partition].next_delay();
             tracing::warn!(backend = %self.name, %error, retry_in = ?delay, "database write failed; retrying the long unit from its start");
             metrics::counter!("writebehind_sink_retries_total", "backend" => self.name.clone())
                 .increment(1);
@@ -95,19 +117,23 @@ impl<D: Destination> SinkRunner<D> {
                 .backend(&self.name, false, Some(error.to_string()));
             tokio::time::sleep(delay).await;
             // The commit may have reached the database before the connection failed.
-            write = !self.long_unit_is_in(&first).await?;
+            write = !self.share_is_in(first, partition).await?;
         }
     }
 
-    /// Reads the unit on from `first` a chunk at a time and, with `write`, writes each chunk
-    /// (without: the unit is known to be committed; only its acknowledgements and positions
-    /// are recorded).
-    async fn write_long_unit(
+    /// Reads the unit on from `first` a chunk at a time and, with `write`, writes `partition`'s
+    /// share of each chunk (without: the share is known to be committed; only its
+    /// acknowledgements and position are recorded). A partition a crash left past the unit
+    /// writes nothing.
+    async fn write_share(
         &mut self,
         first: Vec<Change>,
+        partition: usize,
         write: bool,
-    ) -> Result<Streamed, RunnerError> {
+    ) -> Result<(Streamed, Option<(ChangeSeq, ReplOffset)>), RunnerError> {
         let replid = self.replid()?;
+        let applied = self.applied[partition];
+        let unit = first.first().map(|c| c.seq).unwrap_or_default();
         let mut chunk = first;
         let mut acks = Vec::new();
         // Rows refused before the database (conversion), for the acknowledgements' reasons.
@@ -119,9 +145,16 @@ impl<D: Destination> SinkRunner<D> {
                 chunk.truncate(end + 1);
             }
             let Some((last_seq, offset)) = chunk.last().map(|c| (c.seq, c.offset)) else {
-                return Ok(Streamed::Incomplete);
+                return Ok((Streamed::Incomplete, None));
             };
-            let Coalesced { writes, refused } = coalesce(&self.mappings, &self.schemas, &chunk);
+            if end.is_some() && applied >= last_seq {
+                return Ok((Streamed::Committed, None));
+            }
+            let mine: Vec<Change> = chunk
+                .into_iter()
+                .filter(|c| c.seq > applied && self.partition(c) == partition)
+                .collect();
+            let Coalesced { writes, refused } = coalesce(&self.mappings, &self.schemas, &mine);
             refused_rows.extend(
                 refused
                     .iter()
@@ -131,36 +164,32 @@ impl<D: Destination> SinkRunner<D> {
                 // Stored before the unit commits: nothing is lost if we crash.
                 self.dead_letter(refused)?;
             }
-            acks.extend(self.acks_of(&chunk, |c| {
+            acks.extend(self.acks_of(&mine, |c| {
                 refused_rows
                     .get(&(c.mapping.clone(), c.row_id.clone()))
                     .cloned()
             }));
             rows += writes.len();
-            let batch = self.unit_batch(writes, last_seq, offset, &replid);
-            let Some(sink) = self.sinks.first_mut() else {
-                return Err(
-                    SinkError::fatal(format!("backend `{}`: no connection", self.name)).into(),
-                );
-            };
+            let batch = self.unit_batch(writes, (last_seq, offset), &replid, partition);
+            let sink = &mut self.sinks[partition];
             if end.is_some() {
                 if write {
                     sink.commit_unit(&self.schemas, &batch).await?;
                 }
-                self.long_unit_committed(last_seq, offset, acks, rows)?;
-                return Ok(Streamed::Committed);
+                self.share_committed(partition, last_seq, acks, rows)?;
+                return Ok((Streamed::Committed, Some((last_seq, offset))));
             }
             if write && !sink.apply_unit_part(&self.schemas, &batch).await? {
                 // The backend does not write units in parts.
-                self.whole_unit = chunk.first().map(|c| c.unit);
-                return Ok(Streamed::WriteWhole);
+                self.whole_unit = Some(unit);
+                return Ok((Streamed::WriteWhole, None));
             }
             chunk = self
                 .store
                 .closed_changes(last_seq.next(), MAX_BATCH_CHANGES)?;
             if chunk.is_empty() {
-                self.abandon_long_unit().await;
-                return Ok(Streamed::Incomplete);
+                self.sinks[partition].abandon_unit().await;
+                return Ok((Streamed::Incomplete, None));
             }
         }
     }
@@ -168,9 +197,9 @@ impl<D: Destination> SinkRunner<D> {
     fn unit_batch(
         &self,
         writes: Vec<super::RowWrite>,
-        last_seq: ChangeSeq,
-        offset: crate::position::ReplOffset,
+        (last_seq, offset): (ChangeSeq, ReplOffset),
         replid: &str,
+        partition: usize,
     ) -> SinkBatch {
         SinkBatch {
             writes,
@@ -179,38 +208,38 @@ impl<D: Destination> SinkRunner<D> {
             offset,
             buffer_id: self.store.identity().to_string(),
             mappings_id: self.mappings_id.clone(),
-            checkpoint_rows: vec![self.row(0)],
+            checkpoint_rows: vec![self.row(partition)],
             retire_rows: Vec::new(),
         }
     }
 
-    /// Records a committed long unit: its acknowledgements, the applied position, metrics.
-    fn long_unit_committed(
+    /// Records a committed share: its acknowledgements, the partition's position, metrics.
+    fn share_committed(
         &mut self,
+        partition: usize,
         last_seq: ChangeSeq,
-        offset: crate::position::ReplOffset,
         acks: Vec<(ChangeSeq, crate::buffer::NewAck)>,
         rows: usize,
     ) -> Result<(), RunnerError> {
-        let row = self.row(0);
-        self.applied[0] = last_seq;
+        let row = self.row(partition);
+        self.applied[partition] = last_seq;
         self.existing_rows.insert(row.clone());
         self.queue_shares(vec![(row, last_seq, acks)])?;
-        self.report()?;
         let backend = self.name.clone();
         metrics::counter!("writebehind_sink_batches_total", "backend" => backend.clone())
             .increment(1);
         metrics::histogram!("writebehind_sink_batch_rows", "backend" => backend)
             .record(rows as f64);
-        self.health.backend(&self.name, true, None);
-        self.health.applied(&self.name, last_seq, offset);
-        self.applied_offset = offset;
         Ok(())
     }
 
-    /// Whether the checkpoint rows say the unit starting with `first` has committed: its
-    /// last seq is read from the log.
-    async fn long_unit_is_in(&mut self, first: &[Change]) -> Result<bool, RunnerError> {
+    /// Whether `partition`'s checkpoint row says its share of the unit starting with `first`
+    /// has committed: the unit's last seq is read from the log.
+    async fn share_is_in(
+        &mut self,
+        first: &[Change],
+        partition: usize,
+    ) -> Result<bool, RunnerError> {
         let mut from = first.last().map(|c| c.seq).unwrap_or_default();
         let last = loop {
             let chunk = self.store.closed_changes(from, MAX_BATCH_CHANGES)?;
@@ -222,19 +251,10 @@ impl<D: Destination> SinkRunner<D> {
                 None => return Ok(false),
             }
         };
-        let batch = self.unit_batch(Vec::new(), last, Default::default(), "");
-        let Some(sink) = self.sinks.first_mut() else {
-            return Ok(false);
-        };
-        Ok(match sink.checkpoints().await {
+        let batch = self.unit_batch(Vec::new(), (last, ReplOffset::default()), "", partition);
+        Ok(match self.sinks[partition].checkpoints().await {
             Ok(rows) => batch_is_in(&batch, &rows),
             Err(_) => false,
         })
-    }
-
-    async fn abandon_long_unit(&mut self) {
-        if let Some(sink) = self.sinks.first_mut() {
-            sink.abandon_unit().await;
-        }
     }
 }

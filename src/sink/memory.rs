@@ -180,9 +180,11 @@ impl MemoryDestination {
         self.largest_batch = self.largest_batch.max(batch.writes.len());
         let mut rejected = Vec::new();
         for write in &batch.writes {
+            // Every connection of a backend writes to the same tables (only the first one is
+            // prepared).
             let Some(rows) = schemas
                 .get(write.table)
-                .and_then(|s| tables.get_mut(&s.table))
+                .map(|s| tables.entry(s.table.clone()).or_default())
             else {
                 continue;
             };

@@ -444,3 +444,54 @@ async fn a_long_unit_whose_commit_answer_was_lost_is_not_written_twice() {
     assert_eq!(runner.sinks[0].commits, 1);
     assert_eq!(runner.sinks[0].unit_parts, 2);
 }
+
+/// The long unit in two partitions: each partition's share goes through its own transaction
+/// in parts and commits with its own checkpoint row; a partition a crash left past the unit
+/// writes nothing again.
+#[tokio::test]
+async fn a_long_unit_in_two_partitions_is_written_a_share_at_a_time() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    log(&store, &long_unit(1, 12_000, "a"));
+    let streaming = || MemoryDestination {
+        streams: true,
+        ..MemoryDestination::default()
+    };
+    let mut first = runner(&store, vec![streaming(), streaming()]).await;
+    assert!(first.step().await.expect("step"));
+    let mut rows = 0;
+    for (index, sink) in first.sinks.iter().enumerate() {
+        assert_eq!(sink.commits, 1, "partition {index}");
+        assert!(
+            sink.largest_batch <= MAX_BATCH_CHANGES,
+            "{}",
+            sink.largest_batch
+        );
+        assert!(
+            sink.unit_parts >= 1,
+            "partition {index} was written in parts"
+        );
+        assert_eq!(
+            sink.checkpoints[&format!("db#{index}/2")].seq,
+            ChangeSeq(12_000)
+        );
+        assert_eq!(sink.open_unit, None);
+        rows += sink.tables["t"].len();
+    }
+    assert_eq!(rows, 12_000);
+    assert_eq!(first.applied, vec![ChangeSeq(12_000); 2]);
+
+    // As if partition 0 had committed its share and the process had died before partition 1.
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    log(&store, &long_unit(1, 12_000, "a"));
+    let mut runner = runner(&store, vec![streaming(), streaming()]).await;
+    runner.applied = vec![ChangeSeq(12_000), ChangeSeq::NONE];
+    assert!(runner.step().await.expect("step"));
+    assert_eq!(
+        runner.sinks[0].commits, 0,
+        "partition 0 writes nothing again"
+    );
+    assert_eq!(runner.sinks[1].commits, 1);
+    assert_eq!(runner.applied, vec![ChangeSeq(12_000); 2]);
+}
