@@ -314,3 +314,61 @@ async fn a_replayed_completion_tag_is_not_a_completion() {
         t.row("persons", "45").await == Some((s("Replayed"), None, None))
     );
 }
+
+/// `#` ops inside a transaction long enough to be written in parts (src/capture/long_unit.rs):
+/// a part holding an acknowledgement is not written ahead of the unit's end, every op is
+/// acknowledged once the unit is in the table, and every row is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_inside_a_long_transaction_are_acknowledged() {
+    let mut t = Setup::start(&[]).await;
+    t.spawn();
+    let keys = 20_000;
+    // The first ops come after the first part was written (8,192 keys): that part is in the
+    // buffer, and the batches from the first op on wait for the unit's end.
+    let with_op = |i: usize| i >= 10_000 && i % 5_000 == 4_999;
+    let mut commands = vec![vec!["MULTI".to_string()]];
+    for i in 0..keys {
+        let mut command: Vec<String> = [
+            "HSET".to_string(),
+            format!("person:{i}"),
+            "first_name".into(),
+            format!("n{i}"),
+            "age".into(),
+            i.to_string(),
+        ]
+        .into();
+        if with_op(i) {
+            command.extend(["#".to_string(), format!("=u{i}")]);
+        }
+        commands.push(command);
+    }
+    commands.push(vec!["EXEC".into()]);
+    support::send_all(&mut t.client, &commands).await;
+    for i in (0..keys).filter(|i| with_op(*i)) {
+        assert_eq!(
+            t.ack(&format!("person:{i}"), &format!("u{i}")).await,
+            done(),
+            "person:{i}"
+        );
+    }
+    // Each op is completed in Redis: its `#` field goes.
+    for i in (0..keys).filter(|i| with_op(*i)) {
+        let key = format!("person:{i}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while t.hash(&key).await.iter().any(|(field, _)| field == "#") {
+            assert!(
+                Instant::now() < deadline,
+                "{key} kept its op; log:\n{}",
+                t.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for i in [0, 4_999, 12_345, 14_999, keys - 1] {
+        assert_eq!(
+            t.row("persons", &i.to_string()).await,
+            Some((Some(format!("n{i}")), None, Some(i as i64))),
+            "person:{i}"
+        );
+    }
+}
