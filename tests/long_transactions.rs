@@ -114,6 +114,46 @@ async fn a_long_transaction_is_written_in_parts_and_ends_as_one_unit() {
     assert_eq!(redis.len(), keys - 1000);
 }
 
+/// A write that reaches the stream just before a long transaction touching the same key (a
+/// script's effects, pipelined right after it): the unit starts from the value that write
+/// left, not from an older one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_transaction_sees_the_write_just_before_it() {
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let mappings = mappings(&server, "keep");
+    let running = start_capture(&server, store.clone(), mappings.clone());
+    caught_up(&store, &mut client).await;
+    let script = "redis.call('HSET', ARGV[1], 'age', '9') \
+                  for i = 0, 9999 do redis.call('HSET', ARGV[2] .. i, 'first_name', 'x') end";
+    for round in 0..5 {
+        let key = format!("person2:{round}");
+        client
+            .command(&["HSET", &key, "first_name", "before"])
+            .await
+            .expect("hset");
+        caught_up(&store, &mut client).await;
+        let prefix = format!("person2:r{round}-");
+        client
+            .pipeline(&[
+                &["HSET", &key, "last_name", "just before"][..],
+                &["EVAL", script, "0", &key, &prefix][..],
+            ])
+            .await
+            .expect("pipeline");
+        caught_up(&store, &mut client).await;
+    }
+    let capture = running.stop().await;
+    assert!(
+        capture.stats().unit_parts_written >= 5,
+        "{:?}",
+        capture.stats()
+    );
+    assert_follows_redis(&store, &mut client, &mappings).await;
+}
+
 /// A command that needs a full resync (SWAPDB of a mapped database) late in a transaction
 /// already written in parts: what was written is rolled back before the full sync, which then
 /// reconciles the mirror and the log with Redis.
@@ -149,6 +189,43 @@ async fn a_long_transaction_that_needs_a_full_resync_is_rolled_back_first() {
     );
     assert_eq!(capture.stats().full_syncs, 2);
     assert_eq!(store.open_unit().expect("open unit"), None);
+    assert_units_whole(&all_changes(&store));
+    assert_follows_redis(&store, &mut client, &mappings).await;
+}
+
+/// A command that needs a full resync right after a long transaction, in the same read of the
+/// stream: the unit's end was applied but not written when the batch is dropped, so what was
+/// written of it is rolled back before the full sync (left, it would stop every sink at the
+/// unit for good and be rolled back over the full sync's changes at the next start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_right_after_a_long_transaction_rolls_back_its_written_parts() {
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let mappings = mappings(&server, "keep");
+    let running = start_capture(&server, store.clone(), mappings.clone());
+    caught_up(&store, &mut client).await;
+    let script = "for i = 0, 19999 do redis.call('HSET', 'person2:' .. i, 'first_name', 'x') end";
+    client
+        .pipeline(&[&["EVAL", script, "0"][..], &["SWAPDB", "0", "1"][..]])
+        .await
+        .expect("pipeline");
+    caught_up(&store, &mut client).await;
+    let capture = running.stop().await;
+
+    assert!(
+        capture.stats().unit_parts_written >= 2,
+        "{:?}",
+        capture.stats()
+    );
+    assert_eq!(capture.stats().full_syncs, 2);
+    assert_eq!(
+        store.open_unit().expect("open unit"),
+        None,
+        "{:?}",
+        capture.stats()
+    );
     assert_units_whole(&all_changes(&store));
     assert_follows_redis(&store, &mut client, &mappings).await;
 }

@@ -118,10 +118,38 @@ impl Store {
     }
 
     /// Up to `limit` changes with seq >= `from`, in order, stopping before an open unit: what a
-    /// sink may read.
+    /// sink may read. Both are read from one snapshot: a part written between two reads would
+    /// otherwise be taken for closed changes.
     pub fn closed_changes(&self, from: ChangeSeq, limit: usize) -> Result<Vec<Change>, StoreError> {
-        let until = self.open_unit()?.map_or(u64::MAX, |open| open.first_seq.0);
-        self.changes_until(from, ChangeSeq(until), limit)
+        let snapshot = self.db.snapshot();
+        let until = match snapshot
+            .get_pinned_cf(self.cf(CF_META)?, META_OPEN_UNIT)
+            .map_err(|e| self.rocks(e))?
+        {
+            Some(raw) => {
+                OpenUnit::decode(&raw)
+                    .map_err(|e| self.corrupt(e))?
+                    .first_seq
+                    .0
+            }
+            None => u64::MAX,
+        };
+        let mut out = Vec::new();
+        for item in snapshot.iterator_cf(
+            self.cf(CF_CHANGES)?,
+            IteratorMode::From(&from.key(), Direction::Forward),
+        ) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            let seq = self.seq_key(&key, "change key")?;
+            if seq >= until {
+                break;
+            }
+            out.push(Change::decode(ChangeSeq(seq), &value).map_err(|e| self.corrupt(e))?);
+        }
+        Ok(out)
     }
 
     /// Undoes the open unit, if any (see the module doc): its changes are deleted, the

@@ -383,20 +383,10 @@ impl Store {
 
     /// Up to `limit` changes with seq >= `from`, in order.
     pub fn changes(&self, from: ChangeSeq, limit: usize) -> Result<Vec<Change>, StoreError> {
-        self.changes_until(from, ChangeSeq(u64::MAX), limit)
-    }
-
-    /// Up to `limit` changes with `from` <= seq < `until`, in order.
-    pub(super) fn changes_until(
-        &self,
-        from: ChangeSeq,
-        until: ChangeSeq,
-        limit: usize,
-    ) -> Result<Vec<Change>, StoreError> {
         self.by_seq(
             CF_CHANGES,
             "change key",
-            from.0..until.0,
+            from.0..u64::MAX,
             limit,
             |seq, value| Change::decode(ChangeSeq(seq), value),
         )

@@ -178,10 +178,17 @@ impl Capture {
             Some(long) => long,
             None => {
                 // What came before the unit is committed on its own: the unit's batches then
-                // hold nothing else, and the values before the unit are those in RocksDB.
+                // hold nothing else, and the values before the unit are those in RocksDB. The
+                // unit's batch is made after the hand-over, so that it reads through that
+                // batch's entries while they are in flight (made before, it read what the
+                // batch had changed from RocksDB or an older batch: a lost update).
                 if !batch.is_empty() {
-                    let before = std::mem::replace(batch, self.new_batch(durable)?);
+                    let before = std::mem::replace(
+                        batch,
+                        StreamBatch::new(self.state.store.clone(), MirrorView::default()),
+                    );
                     self.hand_over(durable, before).await?;
+                    *batch = self.new_batch(durable)?;
                 }
                 let tagged = match &event {
                     StreamEvent::TransactionPart { commands, .. } => commands
@@ -216,6 +223,7 @@ impl Capture {
                         StreamBatch::new(self.state.store.clone(), MirrorView::default()),
                     );
                     let prepared = full.spill(&mut self.state, &mut long)?;
+                    self.unit_on_disk = true;
                     self.committer(durable)?.commit(prepared).await?;
                     self.state.stats.unit_parts_written += 1;
                     metrics::counter!("writebehind_transaction_parts_written_total").increment(1);
@@ -270,15 +278,15 @@ impl Capture {
     }
 
     /// Drops the long unit being applied, if any, rolling back what was written of it (see
-    /// the module doc); the batch holding its latest part is dropped by the caller.
+    /// the module doc); the batch holding its latest part (or its end, not yet handed over) is
+    /// dropped by the caller.
     pub(super) async fn abandon_long_unit(&mut self) -> Result<(), CaptureError> {
         self.open_batch = None;
-        let Some(long) = self.long.take() else {
-            return Ok(());
-        };
-        if !long.written {
+        self.long = None;
+        if !self.unit_on_disk {
             return Ok(());
         }
+        self.unit_on_disk = false;
         self.written().await?;
         if let Some(open) = self.state.store.roll_back_open_unit()? {
             self.state.stats.units_rolled_back += 1;

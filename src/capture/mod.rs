@@ -124,6 +124,10 @@ pub struct Capture {
     long: Option<LongUnit>,
     /// The batch holding its latest part, kept between reads of the stream.
     open_batch: Option<StreamBatch>,
+    /// Whether parts of a long unit are written and the batch ending it is not handed over
+    /// yet: until then a unit dropped for a resync must be rolled back, even once its `EXEC`
+    /// was applied to a batch.
+    unit_on_disk: bool,
 }
 
 /// Mirror keys deleted per commit ahead of a flush.
@@ -205,6 +209,7 @@ impl Capture {
             requests: None,
             long: None,
             open_batch: None,
+            unit_on_disk: false,
         })
     }
 
@@ -505,8 +510,13 @@ impl Capture {
         durable: &DurableOffset,
         batch: StreamBatch,
     ) -> Result<(), CaptureError> {
+        let closes_unit = batch.closes_unit;
         let prepared = batch.commit(&mut self.state)?;
-        self.committer(durable)?.commit(prepared).await
+        self.committer(durable)?.commit(prepared).await?;
+        if closes_unit {
+            self.unit_on_disk = false;
+        }
+        Ok(())
     }
 
     /// The databases a stand-alone `FLUSHALL` (`None`) or `FLUSHDB` empties.

@@ -134,6 +134,11 @@ impl<D: Destination> SinkRunner<D> {
         let replid = self.replid()?;
         let applied = self.applied[partition];
         let unit = first.first().map(|c| c.seq).unwrap_or_default();
+        if applied >= unit {
+            // Committed before a crash (positions are at unit ends): nothing to write, and no
+            // transaction may be begun for it.
+            return Ok((Streamed::Committed, None));
+        }
         let mut chunk = first;
         let mut acks = Vec::new();
         // Rows refused before the database (conversion), for the acknowledgements' reasons.
@@ -147,9 +152,6 @@ impl<D: Destination> SinkRunner<D> {
             let Some((last_seq, offset)) = chunk.last().map(|c| (c.seq, c.offset)) else {
                 return Ok((Streamed::Incomplete, None));
             };
-            if end.is_some() && applied >= last_seq {
-                return Ok((Streamed::Committed, None));
-            }
             let mine: Vec<Change> = chunk
                 .into_iter()
                 .filter(|c| c.seq > applied && self.partition(c) == partition)

@@ -22,6 +22,8 @@ pub struct SqliteSink {
     name: String,
     path: String,
     connection: Arc<Mutex<Connection>>,
+    /// Whether the connection holds a long unit's open transaction (`write_unit_part`).
+    in_unit: bool,
 }
 
 fn q(identifier: &str) -> String {
@@ -82,6 +84,7 @@ impl SqliteSink {
             name,
             path,
             connection: Arc::new(Mutex::new(connection)),
+            in_unit: false,
         })
     }
 
@@ -308,14 +311,14 @@ fn write_checkpoint(tx: &Connection, batch: &SinkBatch) -> rusqlite::Result<()> 
 }
 
 /// Writes a part of a long unit in the transaction it keeps open on `connection` (begun by its
-/// first part), and with `commit` its checkpoint and the commit. Any failure, a refused row
-/// included, rolls the unit back.
+/// first part: `starting`), and with `commit` its checkpoint and the commit. Any failure, a
+/// refused row included, rolls the unit back.
 fn write_unit_part(
     connection: &Connection,
     name: &str,
     schemas: &[TableSchema],
     batch: &SinkBatch,
-    commit: bool,
+    (starting, commit): (bool, bool),
 ) -> Result<(), SinkError> {
     let fail = |e: rusqlite::Error| {
         classify(e)
@@ -323,8 +326,16 @@ fn write_unit_part(
             .context(format!("backend `{name}`"))
     };
     let written = (|| {
-        if connection.is_autocommit() {
+        if starting {
+            // A transaction an earlier attempt could not roll back is not continued.
+            if !connection.is_autocommit() {
+                connection.execute_batch("ROLLBACK").map_err(fail)?;
+            }
             connection.execute_batch("BEGIN").map_err(fail)?;
+        } else if connection.is_autocommit() {
+            return Err(SinkError::transient(format!(
+                "backend `{name}`: the transaction of a long unit is gone"
+            )));
         }
         let mut rejected = Vec::new();
         write_rows(connection, name, schemas, batch, &mut rejected)?;
@@ -483,11 +494,15 @@ impl Destination for SqliteSink {
         batch: &SinkBatch,
     ) -> Result<bool, SinkError> {
         let (schemas, batch, name) = (schemas.to_vec(), batch.clone(), self.name.clone());
-        self.blocking(move |connection| {
-            write_unit_part(connection, &name, &schemas, &batch, false)
-        })
-        .await??;
-        Ok(true)
+        let starting = !self.in_unit;
+        let written = self
+            .blocking(move |connection| {
+                write_unit_part(connection, &name, &schemas, &batch, (starting, false))
+            })
+            .await
+            .and_then(|written| written);
+        self.in_unit = written.is_ok();
+        written.map(|()| true)
     }
 
     async fn commit_unit(
@@ -496,11 +511,16 @@ impl Destination for SqliteSink {
         batch: &SinkBatch,
     ) -> Result<(), SinkError> {
         let (schemas, batch, name) = (schemas.to_vec(), batch.clone(), self.name.clone());
-        self.blocking(move |connection| write_unit_part(connection, &name, &schemas, &batch, true))
-            .await?
+        let starting = !self.in_unit;
+        self.in_unit = false;
+        self.blocking(move |connection| {
+            write_unit_part(connection, &name, &schemas, &batch, (starting, true))
+        })
+        .await?
     }
 
     async fn abandon_unit(&mut self) {
+        self.in_unit = false;
         let _ = self
             .blocking(|connection| {
                 if !connection.is_autocommit() {
