@@ -11,7 +11,8 @@ use support::capture::*;
 use support::send_all;
 use support::RedisServer;
 use writebehind::buffer::{Change, Store};
-use writebehind::redis_client::info_field;
+use writebehind::capture::mapping::Mappings;
+use writebehind::redis_client::{info_field, RedisClient};
 
 /// `MULTI`, an `HSET` of `first_name` on `person2:<prefix><i>` for every `i` in `keys`, `EXEC`.
 fn transaction(prefix: &str, keys: std::ops::Range<usize>, value: &str) -> Vec<Vec<String>> {
@@ -56,16 +57,47 @@ fn last_unit(changes: &[Change]) -> Vec<&Change> {
     changes.iter().filter(|c| c.unit == last.unit).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_transaction_is_written_in_parts_and_ends_as_one_unit() {
-    let server = RedisServer::start(&[]);
+/// A new primary (started with `args`) and capture running on it in this process, caught up.
+/// Destructure it binding every field: one left to `..` is dropped at once (the server stops).
+struct Captured {
+    server: RedisServer,
+    client: RedisClient,
+    _dir: tempfile::TempDir,
+    store: Arc<Store>,
+    mappings: Mappings,
+    running: Running,
+}
+
+async fn capture_started(args: &[&str]) -> Captured {
+    let server = RedisServer::start(args);
     let mut client = server.client().await;
     let dir = tempfile::tempdir().expect("dir");
     let store = Arc::new(Store::open(dir.path()).expect("store"));
     let mappings = mappings(&server, "keep");
+    let running = start_capture(&server, store.clone(), mappings.clone());
+    caught_up(&store, &mut client).await;
+    Captured {
+        server,
+        client,
+        _dir: dir,
+        store,
+        mappings,
+        running,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_transaction_is_written_in_parts_and_ends_as_one_unit() {
+    let Captured {
+        server: _server,
+        mut client,
+        _dir,
+        store,
+        mappings,
+        running,
+    } = capture_started(&[]).await;
     // Rows that exist before: the transaction updates some and deletes others.
     send_all(&mut client, &transaction("", 0..3000, "before")[1..3001]).await;
-    let running = start_capture(&server, store.clone(), mappings.clone());
     caught_up(&store, &mut client).await;
     let before = all_changes(&store).len();
 
@@ -119,13 +151,14 @@ async fn a_long_transaction_is_written_in_parts_and_ends_as_one_unit() {
 /// left, not from an older one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_transaction_sees_the_write_just_before_it() {
-    let server = RedisServer::start(&[]);
-    let mut client = server.client().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let store = Arc::new(Store::open(dir.path()).expect("store"));
-    let mappings = mappings(&server, "keep");
-    let running = start_capture(&server, store.clone(), mappings.clone());
-    caught_up(&store, &mut client).await;
+    let Captured {
+        server: _server,
+        mut client,
+        _dir,
+        store,
+        mappings,
+        running,
+    } = capture_started(&[]).await;
     let script = "redis.call('HSET', ARGV[1], 'age', '9') \
                   for i = 0, 9999 do redis.call('HSET', ARGV[2] .. i, 'first_name', 'x') end";
     for round in 0..5 {
@@ -159,13 +192,14 @@ async fn a_long_transaction_sees_the_write_just_before_it() {
 /// reconciles the mirror and the log with Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_transaction_that_needs_a_full_resync_is_rolled_back_first() {
-    let server = RedisServer::start(&[]);
-    let mut client = server.client().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let store = Arc::new(Store::open(dir.path()).expect("store"));
-    let mappings = mappings(&server, "keep");
-    let running = start_capture(&server, store.clone(), mappings.clone());
-    caught_up(&store, &mut client).await;
+    let Captured {
+        server: _server,
+        mut client,
+        _dir,
+        store,
+        mappings,
+        running,
+    } = capture_started(&[]).await;
 
     let keys = 20_000;
     let mut commands = transaction("", 0..keys, "inside");
@@ -199,13 +233,14 @@ async fn a_long_transaction_that_needs_a_full_resync_is_rolled_back_first() {
 /// unit for good and be rolled back over the full sync's changes at the next start).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resync_right_after_a_long_transaction_rolls_back_its_written_parts() {
-    let server = RedisServer::start(&[]);
-    let mut client = server.client().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let store = Arc::new(Store::open(dir.path()).expect("store"));
-    let mappings = mappings(&server, "keep");
-    let running = start_capture(&server, store.clone(), mappings.clone());
-    caught_up(&store, &mut client).await;
+    let Captured {
+        server: _server,
+        mut client,
+        _dir,
+        store,
+        mappings,
+        running,
+    } = capture_started(&[]).await;
     let script = "for i = 0, 19999 do redis.call('HSET', 'person2:' .. i, 'first_name', 'x') end";
     client
         .pipeline(&[&["EVAL", script, "0"][..], &["SWAPDB", "0", "1"][..]])
@@ -236,13 +271,14 @@ async fn a_resync_right_after_a_long_transaction_rolls_back_its_written_parts() 
 /// the log holds it once, whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_lost_inside_a_long_transaction_rolls_it_back_and_receives_it_again() {
-    let server = RedisServer::start(&["--repl-backlog-size", "256mb"]);
-    let mut client = server.client().await;
-    let dir = tempfile::tempdir().expect("dir");
-    let store = Arc::new(Store::open(dir.path()).expect("store"));
-    let mappings = mappings(&server, "keep");
-    let running = start_capture(&server, store.clone(), mappings.clone());
-    caught_up(&store, &mut client).await;
+    let Captured {
+        server,
+        mut client,
+        _dir,
+        store,
+        mappings,
+        running,
+    } = capture_started(&["--repl-backlog-size", "256mb"]).await;
 
     // About 40 MB of stream: 150,000 HSETs with 200-byte values.
     let keys = 150_000;
