@@ -6,7 +6,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use redis_protocol::resp2::types::BytesFrame;
@@ -16,7 +15,8 @@ use writebehind::redis_client::{frame_text, info_field, RedisClient};
 type Rows = BTreeMap<String, (Option<String>, Option<String>)>;
 
 struct Service {
-    child: Child,
+    /// Killed when dropped.
+    _child: support::ServiceProcess,
     database: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -43,7 +43,7 @@ impl Service {
             std::fs::File::create(dir.path().join("service.log")).expect("log"),
         );
         Service {
-            child,
+            _child: child,
             database,
             _dir: dir,
         }
@@ -78,13 +78,6 @@ impl Service {
             assert!(Instant::now() < deadline, "table never matched the primary:\ntable {table:?}\nexpected {expected:?}\nservice log:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use support::capture::*;
@@ -53,26 +53,10 @@ impl Drop for SmallDisk {
 
 /// The service, killed when the test ends (a failed assertion included), so that nothing
 /// holds the small disk when it is unmounted.
-struct Service(Child);
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+type Service = support::ServiceProcess;
 
 fn spawn_logging(config: &std::path::Path, log: &std::path::Path) -> Service {
-    Service(
-        Command::new(env!("CARGO_BIN_EXE_writebehind"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).expect("log"))
-            .spawn()
-            .expect("start writebehind"),
-    )
+    support::spawn_service(config, std::fs::File::create(log).expect("log"))
 }
 
 /// Waits until the service stops (on a full disk it must): how it ended, and its log.

@@ -58,35 +58,12 @@ async fn every_batch_is_strict_on_a_server_that_is_not() {
     service.stop().await;
 }
 
-/// The service as a process, killed when dropped (a failing test leaves none behind).
-struct Spawned(std::process::Child);
-
-impl std::ops::Deref for Spawned {
-    type Target = std::process::Child;
-    fn deref(&self) -> &std::process::Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Spawned {
-    fn deref_mut(&mut self) -> &mut std::process::Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The service as a process on the configuration `text`, its log kept in `dir`.
-fn spawn(dir: &std::path::Path, text: &str, run: usize) -> Spawned {
+fn spawn(dir: &std::path::Path, text: &str, run: usize) -> support::ServiceProcess {
     let config = dir.join(format!("writebehind-{run}.toml"));
     std::fs::write(&config, text).expect("config");
     let log = std::fs::File::create(dir.join(format!("run-{run}.log"))).expect("log");
-    Spawned(support::spawn_service(&config, log))
+    support::spawn_service(&config, log)
 }
 
 /// SIGTERM, then waits for the exit (a graceful stop writes what was captured).

@@ -473,22 +473,15 @@ impl CountedDb {
 }
 
 /// Starts `writebehind run` on `config`.
-/// Starts `writebehind run` on `config`; its warnings and errors are appended to
-/// [`service_log_path`], which a failing test prints with [`service_log`].
-pub fn spawn_service(config: &std::path::Path) -> std::process::Child {
+/// Starts `writebehind run` on `config`; its log is appended to [`service_log_path`], which a
+/// failing test prints with [`service_log`].
+pub fn spawn_service(config: &std::path::Path) -> super::ServiceProcess {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(service_log_path(config))
         .expect("service log");
-    std::process::Command::new(env!("CARGO_BIN_EXE_writebehind"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start writebehind")
+    super::spawn_service(config, log)
 }
 
 /// Where [`spawn_service`] appends the stderr of every service started on `config`.

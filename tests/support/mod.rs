@@ -366,15 +366,40 @@ impl Drop for SentinelServer {
 
 /// Starts `writebehind run --config <config>` at log level info, its log (standard error) into
 /// `log`.
-pub fn spawn_service(config: &std::path::Path, log: impl Into<Stdio>) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_writebehind"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start writebehind")
+pub fn spawn_service(config: &std::path::Path, log: impl Into<Stdio>) -> ServiceProcess {
+    ServiceProcess(
+        Command::new(env!("CARGO_BIN_EXE_writebehind"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start writebehind"),
+    )
+}
+
+/// A `writebehind run` process, killed when dropped: a test that fails leaves none behind.
+pub struct ServiceProcess(pub Child);
+
+impl std::ops::Deref for ServiceProcess {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ServiceProcess {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The machine's shared MariaDB (root, empty password), started by `.ci/run`.

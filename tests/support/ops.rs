@@ -1,8 +1,6 @@
 //! Helpers of the `#` op tests (tests/ops.rs, tests/ops_acks.rs): Redis, a fresh MariaDB
 //! database with the recipe's tables, and the service binary between them.
 
-use std::process::Child;
-
 use mysql_async::prelude::Queryable;
 use redis_protocol::resp2::types::BytesFrame;
 use writebehind::redis_client::RedisClient;
@@ -21,7 +19,7 @@ pub struct Setup {
     pub client: RedisClient,
     pub pool: mysql_async::Pool,
     pub database: String,
-    pub child: Option<Child>,
+    pub child: Option<super::ServiceProcess>,
     pub dir: tempfile::TempDir,
 }
 

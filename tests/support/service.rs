@@ -3,7 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::{free_port, RedisServer};
@@ -42,7 +42,7 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 /// and `seq`; `Strict`: `strict:*`, `first` required) into SQLite (or `database_url`), its log
 /// in the temporary directory, killed on drop.
 pub struct Service {
-    child: Option<Child>,
+    child: Option<super::ServiceProcess>,
     pub config: std::path::PathBuf,
     /// The admin listener's port (on 127.0.0.1, or on every address: see [`Service::start`]).
     pub admin: u16,
