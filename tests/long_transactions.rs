@@ -394,6 +394,7 @@ async fn kill_dash_nine_inside_a_long_transaction_rolls_it_back_and_applies_it_o
     let stats = client.info("stats").await.expect("info");
     assert_eq!(info_field(&stats, "sync_full"), Some("1"));
     assert_each_row_written_once(&database, written).await;
+    database.drop_database().await;
 }
 
 /// The embedded default: a transaction of more changes than a batch holds reaches SQLite in one
