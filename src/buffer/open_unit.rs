@@ -25,7 +25,7 @@
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 use super::codec::{Decoder, Encoder};
-use super::mirror::{mirror_key_into, MirrorValue};
+use super::mirror::{mirror_key, MirrorValue};
 use super::store::Store;
 use super::{Change, StoreError, CF_CHANGES, CF_META, CF_MIRROR, CF_UNDO, META_CHECKPOINT};
 use crate::position::{ChangeSeq, ReplOffset};
@@ -66,11 +66,8 @@ impl OpenUnit {
 
 /// The undo key of `key` in `db`.
 pub(super) fn undo_key(db: u32, key: &[u8]) -> Vec<u8> {
-    let mut mirror = Vec::with_capacity(4 + key.len());
-    mirror_key_into(db, key, &mut mirror);
-    let mut out = Vec::with_capacity(1 + mirror.len());
-    out.push(UNDO_PREFIX);
-    out.extend_from_slice(&mirror);
+    let mut out = mirror_key(db, key);
+    out.insert(0, UNDO_PREFIX);
     out
 }
 
