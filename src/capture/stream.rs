@@ -187,11 +187,14 @@ impl StreamBatch {
         {
             return Ok(Some(reason));
         }
-        if let Some(reason) = self
-            .refresh_keys(state, primary, refresh, &position.replid, &mut rows)
-            .await?
-        {
-            return Ok(Some(reason));
+        // Most units refresh nothing: no future is built for them (this runs per command).
+        if !refresh.is_empty() {
+            if let Some(reason) = self
+                .refresh_keys(state, primary, refresh, &position.replid, &mut rows)
+                .await?
+            {
+                return Ok(Some(reason));
+            }
         }
         let db = match event {
             StreamEvent::Transaction { db, .. } => *db,
