@@ -5,6 +5,7 @@ use super::change::Change;
 use super::checkpoint::Checkpoint;
 use super::codec::Encoder;
 use super::dead_letter::DeadLetter;
+use super::field_store::by_field;
 use super::mirror::{mirror_key, MirrorEntries, MirrorValue};
 use super::open_unit::{undo_key, undo_value, OpenUnit, META_OPEN_UNIT};
 use super::{
@@ -28,7 +29,11 @@ pub(super) enum Op {
     PutDeadLetter(ChangeSeq, Vec<u8>),
     DeleteDeadLetter(ChangeSeq),
     PutMirror(Vec<u8>, Vec<u8>),
+    /// A value stored by field (`field_store.rs`), encoded when the batch is written.
+    PutMirrorValue(u32, Vec<u8>, Box<MirrorValue>),
     DeleteMirror(Vec<u8>),
+    /// The stored fields of a key that is no longer stored by field (before its new value).
+    ClearFields(u32, Vec<u8>),
     /// Mirror entries encoded when the batch is written (on the committer's thread, not
     /// capture's), in key order.
     MirrorEntries(Arc<MirrorEntries>),
@@ -45,8 +50,28 @@ pub(super) enum Op {
 
 impl Batch {
     pub fn put_mirror(&mut self, db: u32, key: &[u8], value: &MirrorValue) {
-        self.ops
-            .push(Op::PutMirror(mirror_key(db, key), value.encode()));
+        match by_field(value) {
+            true => self.put_mirror_value(db, key, value.clone()),
+            false => self
+                .ops
+                .push(Op::PutMirror(mirror_key(db, key), value.encode())),
+        }
+    }
+    /// Puts `value`, moved (a whole large hash is not copied).
+    pub fn put_mirror_value(&mut self, db: u32, key: &[u8], value: MirrorValue) {
+        match by_field(&value) {
+            true => self
+                .ops
+                .push(Op::PutMirrorValue(db, key.to_vec(), Box::new(value))),
+            false => self
+                .ops
+                .push(Op::PutMirror(mirror_key(db, key), value.encode())),
+        }
+    }
+    /// Clears the stored fields of `key` (it was stored by field and no longer is); comes
+    /// before its new value.
+    pub fn clear_fields(&mut self, db: u32, key: &[u8]) {
+        self.ops.push(Op::ClearFields(db, key.to_vec()));
     }
     pub fn delete_mirror(&mut self, db: u32, key: &[u8]) {
         self.ops.push(Op::DeleteMirror(mirror_key(db, key)));
@@ -87,6 +112,7 @@ impl Batch {
     }
     /// What Redis really holds for a key whose `#` op is not completed yet.
     pub fn put_raw(&mut self, db: u32, key: &[u8], value: &MirrorValue) {
+        debug_assert!(value.fields.window().is_none(), "a raw state is whole");
         self.ops
             .push(Op::PutRaw(mirror_key(db, key), value.encode()));
     }
@@ -128,6 +154,10 @@ impl Batch {
     pub fn put_undo(&mut self, db: u32, key: &[u8], before: &Option<MirrorValue>) {
         self.ops
             .push(Op::PutUndo(undo_key(db, key), undo_value(before)));
+    }
+    /// An undo entry already encoded (`Store::undo_fields`).
+    pub(super) fn put_undo_entry(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push(Op::PutUndo(key, value));
     }
     /// The open unit's end is in this batch: its record and undo entries are deleted.
     pub fn close_unit(&mut self) {

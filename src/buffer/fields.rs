@@ -7,12 +7,18 @@
 //! kept in one sorted vector (80 bytes a field, looked up by binary search); a hash that grows
 //! past that becomes a `BTreeMap`, whose inserts stay logarithmic for hashes of millions of
 //! fields. Both iterate in name order and compare by content, whatever the representation.
+//!
+//! A hash of more than [`STORED_BY_FIELD`](super::window::STORED_BY_FIELD) fields is stored one
+//! entry per field and held as a [`Window`] (`window.rs`): only the fields loaded or changed.
+//! Its `get` answers only for fields it has seen (the callers load what they ask for first),
+//! and its `iter` yields only those.
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
 use super::mirror::FieldValue;
+use super::window::{Window, STORED_BY_FIELD};
 
 /// Fields kept in the sorted vector before the hash becomes a map.
 pub const SMALL_FIELDS: usize = 32;
@@ -29,6 +35,8 @@ enum Repr {
     /// Sorted by name, names unique.
     Small(Vec<(Bytes, FieldValue)>),
     Large(BTreeMap<Bytes, FieldValue>),
+    /// A hash stored by field: what was seen of it.
+    Window(Box<Window>),
 }
 
 /// The fields of a hash.
@@ -42,8 +50,13 @@ impl Default for Fields {
 }
 
 impl PartialEq for Fields {
+    /// By content; windows compare what they have seen (and what they would write).
     fn eq(&self, other: &Fields) -> bool {
-        self.len() == other.len() && self.iter().eq(other.iter())
+        match (&self.0, &other.0) {
+            (Repr::Window(a), Repr::Window(b)) => a == b,
+            (Repr::Window(_), _) | (_, Repr::Window(_)) => false,
+            _ => self.len() == other.len() && self.iter().eq(other.iter()),
+        }
     }
 }
 
@@ -54,10 +67,62 @@ impl Fields {
         Fields::default()
     }
 
+    /// A hash of `len` fields stored by field, none of them loaded.
+    pub fn unseen(len: usize) -> Fields {
+        Fields(Repr::Window(Box::new(Window::unseen(len))))
+    }
+
     pub fn len(&self) -> usize {
         match &self.0 {
             Repr::Small(v) => v.len(),
             Repr::Large(m) => m.len(),
+            Repr::Window(w) => w.len(),
+        }
+    }
+
+    /// The window, for a hash stored by field.
+    pub fn window(&self) -> Option<&Window> {
+        match &self.0 {
+            Repr::Window(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    pub fn window_mut(&mut self) -> Option<&mut Window> {
+        match &mut self.0 {
+            Repr::Window(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    /// Whether the hash is stored one entry per field: held as a window, or whole and larger
+    /// than [`STORED_BY_FIELD`].
+    pub fn stored_by_field(&self) -> bool {
+        matches!(self.0, Repr::Window(_)) || self.len() > STORED_BY_FIELD
+    }
+
+    /// A whole hash larger than [`STORED_BY_FIELD`] becomes a window to be written whole
+    /// (then only what changes is written); anything else is left as it is.
+    pub fn into_stored_form(self) -> Fields {
+        match self.0 {
+            Repr::Large(m) if m.len() > STORED_BY_FIELD => {
+                Fields(Repr::Window(Box::new(Window::rewrite(m))))
+            }
+            other => Fields(other),
+        }
+    }
+
+    /// The whole hash from a window and its stored fields (anything else is whole already).
+    pub fn merged(self, stored: impl IntoIterator<Item = (Bytes, FieldValue)>) -> Fields {
+        match self.0 {
+            Repr::Window(w) => {
+                let whole = w.merge(stored);
+                match whole.len() <= SMALL_FIELDS {
+                    true => Fields(Repr::Small(whole.into_iter().collect())),
+                    false => Fields(Repr::Large(whole)),
+                }
+            }
+            other => Fields(other),
         }
     }
 
@@ -69,6 +134,7 @@ impl Fields {
         match &self.0 {
             Repr::Small(v) => find(v, name).ok().map(|i| &v[i].1),
             Repr::Large(m) => m.get(name),
+            Repr::Window(w) => w.get(name),
         }
     }
 
@@ -76,6 +142,7 @@ impl Fields {
         match &mut self.0 {
             Repr::Small(v) => find(v, name).ok().map(|i| &mut v[i].1),
             Repr::Large(m) => m.get_mut(name),
+            Repr::Window(w) => w.get_mut(name),
         }
     }
 
@@ -100,6 +167,7 @@ impl Fields {
                 }
             },
             Repr::Large(m) => m.insert(name, value),
+            Repr::Window(w) => w.insert(name, value),
         }
     }
 
@@ -107,14 +175,16 @@ impl Fields {
         match &mut self.0 {
             Repr::Small(v) => find(v, name).ok().map(|i| v.remove(i).1),
             Repr::Large(m) => m.remove(name),
+            Repr::Window(w) => w.remove(name),
         }
     }
 
-    /// Fields in name order.
+    /// Fields in name order (of a window: those it has seen).
     pub fn iter(&self) -> Iter<'_> {
         match &self.0 {
             Repr::Small(v) => Iter::Small(v.iter()),
             Repr::Large(m) => Iter::Large(m.iter()),
+            Repr::Window(w) => Iter::Window(Box::new(w.iter())),
         }
     }
 
@@ -130,11 +200,15 @@ impl Fields {
         match &self.0 {
             Repr::Small(_) => len * FIELD_OVERHEAD,
             Repr::Large(_) => len * FIELD_OVERHEAD + len.div_ceil(FIELDS_PER_NODE) * MAP_NODE,
+            Repr::Window(_) => 0,
         }
     }
 
     /// The memory the fields take, estimated (the mirror cache's weight).
     pub fn heap_bytes(&self) -> u64 {
+        if let Repr::Window(w) = &self.0 {
+            return w.heap_bytes(FIELD_OVERHEAD, MAP_NODE, FIELDS_PER_NODE);
+        }
         let contents: u64 = self
             .iter()
             .map(|(f, v)| f.len() as u64 + v.value.len() as u64 + FIELD_OVERHEAD)
@@ -142,6 +216,7 @@ impl Fields {
         match &self.0 {
             Repr::Small(v) => contents + (v.capacity() - v.len()) as u64 * 80,
             Repr::Large(m) => contents + (m.len() as u64).div_ceil(FIELDS_PER_NODE) * MAP_NODE,
+            Repr::Window(_) => contents,
         }
     }
 }
@@ -166,6 +241,7 @@ fn find(fields: &[(Bytes, FieldValue)], name: &[u8]) -> Result<usize, usize> {
 pub enum Iter<'a> {
     Small(std::slice::Iter<'a, (Bytes, FieldValue)>),
     Large(std::collections::btree_map::Iter<'a, Bytes, FieldValue>),
+    Window(Box<dyn Iterator<Item = (&'a Bytes, &'a FieldValue)> + 'a>),
 }
 
 impl<'a> Iterator for Iter<'a> {
@@ -175,6 +251,7 @@ impl<'a> Iterator for Iter<'a> {
         match self {
             Iter::Small(i) => i.next().map(|(f, v)| (f, v)),
             Iter::Large(i) => i.next(),
+            Iter::Window(i) => i.next(),
         }
     }
 }
@@ -213,6 +290,7 @@ impl IntoIterator for Fields {
         match self.0 {
             Repr::Small(v) => IntoIter::Small(v.into_iter()),
             Repr::Large(m) => IntoIter::Large(m.into_iter()),
+            Repr::Window(w) => IntoIter::Large(w.merge([]).into_iter()),
         }
     }
 }

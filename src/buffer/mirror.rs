@@ -5,8 +5,12 @@ use std::hash::{Hash, Hasher};
 use bytes::Bytes;
 
 use super::codec::{DecodeError, Decoder, Encoder};
+use super::field_store::{by_field, put_whole, put_window};
 use super::fields::Fields;
 use crate::position::ReplOffset;
+
+/// The kind byte of a hash whose fields are stored apart (`field_store.rs`).
+const KIND_HASH_BY_FIELD: u8 = 3;
 
 /// What a mirrored key holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,8 +86,12 @@ impl MirrorValue {
         out
     }
 
-    /// Encodes into `out` (emptied first), so that a batch of values reuses one buffer.
+    /// Encodes into `out` (emptied first), so that a batch of values reuses one buffer. A
+    /// window (a hash stored by field) encodes its header alone.
     pub(super) fn encode_into(&self, out: &mut Vec<u8>) {
+        if self.fields.window().is_some() {
+            return self.encode_header_into(out);
+        }
         out.clear();
         let size: usize = self
             .fields
@@ -110,17 +118,44 @@ impl MirrorValue {
         *out = e.out;
     }
 
+    /// The header of a hash stored by field (`field_store.rs`): kind 3, no fields.
+    pub(super) fn encode_header_into(&self, out: &mut Vec<u8>) {
+        out.clear();
+        let mut e = Encoder {
+            out: std::mem::take(out),
+        };
+        e.u8(KIND_HASH_BY_FIELD)
+            .opt_i64(self.expire_at_ms)
+            .u64(self.generation)
+            .u64(self.refreshed_through.0)
+            .u32(self.fields.len() as u32);
+        *out = e.out;
+    }
+
     pub(super) fn decode(input: &[u8]) -> Result<MirrorValue, DecodeError> {
         let mut d = Decoder::new(input, "mirror value");
-        let kind = match d.u8()? {
-            1 => MirrorKind::Hash,
-            2 => MirrorKind::Other,
-            other => return Err(d.error(format!("kind {other}"))),
-        };
+        let kind = d.u8()?;
+        if !matches!(kind, 1..=KIND_HASH_BY_FIELD) {
+            return Err(d.error(format!("kind {kind}")));
+        }
         let expire_at_ms = d.opt_i64()?;
         let generation = d.u64()?;
         let refreshed_through = ReplOffset(d.u64()?);
         let count = d.u32()?;
+        if kind == KIND_HASH_BY_FIELD {
+            d.end()?;
+            return Ok(MirrorValue {
+                kind: MirrorKind::Hash,
+                expire_at_ms,
+                generation,
+                refreshed_through,
+                fields: Fields::unseen(count as usize),
+            });
+        }
+        let kind = match kind {
+            1 => MirrorKind::Hash,
+            _ => MirrorKind::Other,
+        };
         let mut fields = Fields::new();
         for _ in 0..count {
             let field = d.bytes()?;
@@ -184,7 +219,7 @@ impl From<&KeyRef<'_>> for (u32, Bytes) {
 /// same, cached, nodes (in hash order each one is a cold search).
 pub(super) fn put_entries(
     write: &mut rocksdb::WriteBatch,
-    family: &rocksdb::ColumnFamily,
+    (family, fields): (&rocksdb::ColumnFamily, &rocksdb::ColumnFamily),
     entries: &MirrorEntries,
 ) {
     let mut sorted: Vec<_> = entries.iter().collect();
@@ -193,12 +228,38 @@ pub(super) fn put_entries(
     for ((db, name), entry) in sorted {
         mirror_key_into(*db, name, &mut key);
         match entry {
-            Some(entry) => {
-                entry.encode_into(&mut value);
-                write.put_cf(family, &key, &value);
-            }
+            Some(entry) => put_value(
+                write,
+                (family, fields),
+                (*db, name, &key),
+                entry,
+                &mut value,
+            ),
             None => write.delete_cf(family, &key),
         }
+    }
+}
+
+/// Adds one mirror value to `write`: whole, or as a header and its fields when it is stored by
+/// field (`field_store.rs`). `buffer` is reused between calls.
+pub(super) fn put_value(
+    write: &mut rocksdb::WriteBatch,
+    (family, fields): (&rocksdb::ColumnFamily, &rocksdb::ColumnFamily),
+    (db, key, mirror_key): (u32, &[u8], &[u8]),
+    value: &MirrorValue,
+    buffer: &mut Vec<u8>,
+) {
+    if !by_field(value) {
+        value.encode_into(buffer);
+        write.put_cf(family, mirror_key, &*buffer);
+        return;
+    }
+    value.encode_header_into(buffer);
+    write.put_cf(family, mirror_key, &*buffer);
+    match value.fields.window() {
+        Some(window) => put_window(write, fields, (db, key), window),
+        // A whole hash past the size (not made a window by its batch): written whole.
+        None => put_whole(write, fields, (db, key), &value.fields),
     }
 }
 

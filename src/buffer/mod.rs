@@ -59,12 +59,14 @@ mod change;
 mod checkpoint;
 pub mod codec;
 mod dead_letter;
+mod field_store;
 mod fields;
 mod footprint;
 mod mirror;
 mod open_unit;
 mod reader;
 mod store;
+mod window;
 
 use std::path::PathBuf;
 
@@ -79,6 +81,7 @@ pub use footprint::StoreMemory;
 pub use mirror::{FieldValue, KeyRef, MirrorEntries, MirrorKind, MirrorValue};
 pub use open_unit::OpenUnit;
 pub use store::{MirrorCursor, MirrorPage, Store};
+pub use window::{Window, STORED_BY_FIELD};
 
 const FORMAT_VERSION: u32 = 2;
 const CF_MIRROR: &str = "mirror";
@@ -89,6 +92,8 @@ const CF_RAW: &str = "raw";
 const CF_ACKS: &str = "acks";
 /// Mirror values from before an open unit (`open_unit.rs`).
 const CF_UNDO: &str = "undo";
+/// The fields of hashes stored one entry per field (`field_store.rs`).
+const CF_FIELDS: &str = "fields";
 const META_FORMAT: &[u8] = b"format";
 const META_CHECKPOINT: &[u8] = b"checkpoint";
 const META_REPLID_PREFIX: &[u8] = b"replid/";

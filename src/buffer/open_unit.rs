@@ -10,7 +10,9 @@
 //!   before `MULTI`, the checkpoint's offset).
 //! - **column family `undo`**: for every mirror key a written part changed, its value before the
 //!   unit. Key: `u` then the mirror key; value: `u8 0` (the key did not exist) or `u8 1` then the
-//!   mirror encoding.
+//!   mirror encoding. For every field of a hash stored by field (`field_store.rs`) a part wrote
+//!   or cleared, the same: key `f` then the field key, value `u8 0` or `u8 1` then the field
+//!   encoding.
 //!
 //! The last part deletes both in the write that holds the unit's last change and the checkpoint
 //! after `EXEC`. A unit that cannot end (the process stopped, the link was lost, a full resync)
@@ -25,14 +27,20 @@
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 use super::codec::{Decoder, Encoder};
-use super::mirror::{mirror_key, MirrorValue};
+use super::field_store::{decode_field, encode_field, field_key, field_prefix};
+use super::mirror::{mirror_key, FieldValue, MirrorValue};
 use super::store::Store;
-use super::{Change, StoreError, CF_CHANGES, CF_META, CF_MIRROR, CF_UNDO, META_CHECKPOINT};
+use super::{
+    Change, StoreError, CF_CHANGES, CF_FIELDS, CF_META, CF_MIRROR, CF_UNDO, META_CHECKPOINT,
+};
 use crate::position::{ChangeSeq, ReplOffset};
 
 pub(super) const META_OPEN_UNIT: &[u8] = b"open_unit";
-/// Every undo key starts with it, so that the last part deletes them all with one range.
+/// Every undo key of a mirror entry starts with it.
 const UNDO_PREFIX: u8 = b'u';
+/// Every undo key of a field starts with it (below [`UNDO_PREFIX`]: the last part deletes
+/// both with one range, a rollback reads both in one pass).
+const FIELD_UNDO_PREFIX: u8 = b'f';
 /// Undo entries restored per write of a rollback.
 const ROLLBACK_PAGE: usize = 1024;
 
@@ -85,7 +93,7 @@ pub(super) fn undo_value(value: &Option<MirrorValue>) -> Vec<u8> {
 
 /// Adds to `write` what deletes every undo entry and the open unit's record.
 pub(super) fn close_unit(store: &Store, write: &mut WriteBatch) -> Result<(), StoreError> {
-    write.delete_range_cf(store.cf(CF_UNDO)?, [UNDO_PREFIX], [UNDO_PREFIX + 1]);
+    write.delete_range_cf(store.cf(CF_UNDO)?, [FIELD_UNDO_PREFIX], [UNDO_PREFIX + 1]);
     write.delete_cf(store.cf(CF_META)?, META_OPEN_UNIT);
     Ok(())
 }
@@ -112,6 +120,50 @@ impl Store {
             .get_pinned_cf(self.cf(CF_UNDO)?, undo_key(db, key))
             .map_err(|e| self.rocks(e))?
             .is_some())
+    }
+
+    /// Adds to `batch` the values before the open unit of the fields of `key` a part writes:
+    /// `names`, and every stored field when `all_stored` (the part clears them), those without
+    /// an undo entry yet.
+    pub fn undo_fields(
+        &self,
+        batch: &mut super::Batch,
+        (db, key): (u32, &[u8]),
+        all_stored: bool,
+        names: &[bytes::Bytes],
+    ) -> Result<(), StoreError> {
+        let prefix = field_prefix(db, key);
+        let undo = self.cf(CF_UNDO)?;
+        let mut record = |name: &[u8], before: Option<&FieldValue>| -> Result<(), StoreError> {
+            let mut undo_key = vec![FIELD_UNDO_PREFIX];
+            undo_key.extend_from_slice(&field_key(&prefix, name));
+            let known = self
+                .db
+                .get_pinned_cf(undo, &undo_key)
+                .map_err(|e| self.rocks(e))?;
+            if known.is_none() {
+                let value = match before {
+                    None => vec![0],
+                    Some(field) => [&[1u8][..], &encode_field(field)].concat(),
+                };
+                batch.put_undo_entry(undo_key, value);
+            }
+            Ok(())
+        };
+        let mut failed = Ok(());
+        if all_stored {
+            self.each_stored_field(db, key, |name, value| {
+                if failed.is_ok() {
+                    failed = record(&name, Some(&value));
+                }
+            })?;
+        }
+        failed?;
+        let names: Vec<&[u8]> = names.iter().map(|n| &n[..]).collect();
+        for (name, before) in names.iter().zip(self.fields_of(db, key, &names)?) {
+            record(name, before.as_ref())?;
+        }
+        Ok(())
     }
 
     /// Up to `limit` changes with seq >= `from`, in order, stopping before an open unit: what a
@@ -157,6 +209,7 @@ impl Store {
             return Ok(None);
         };
         let (mirror, undo, meta) = (self.cf(CF_MIRROR)?, self.cf(CF_UNDO)?, self.cf(CF_META)?);
+        let fields = self.cf(CF_FIELDS)?;
         let mut checkpoint = self.checkpoint()?;
         checkpoint.next_seq = open.first_seq;
         let mut write = WriteBatch::default();
@@ -168,7 +221,7 @@ impl Store {
         write.put_cf(meta, META_CHECKPOINT, checkpoint.encode());
         self.write_rocks(write, false)?;
         // Each page starts after the last key of the one before, not over its deletions.
-        let mut from = vec![UNDO_PREFIX];
+        let mut from = vec![FIELD_UNDO_PREFIX];
         loop {
             let mut write = WriteBatch::default();
             let mut restored = 0;
@@ -177,13 +230,33 @@ impl Store {
                 .iterator_cf(undo, IteratorMode::From(&from, Direction::Forward))
             {
                 let (key, value) = item.map_err(|e| self.rocks(e))?;
-                if restored == ROLLBACK_PAGE || key.first() != Some(&UNDO_PREFIX) {
+                let prefix = key.first().copied();
+                if restored == ROLLBACK_PAGE || key.first() > Some(&UNDO_PREFIX) {
                     break;
                 }
                 from.clear();
                 from.extend_from_slice(&key);
                 from.push(0);
                 let mirror_key = &key[1..];
+                if prefix == Some(FIELD_UNDO_PREFIX) {
+                    match value.split_first() {
+                        Some((0, [])) => write.delete_cf(fields, mirror_key),
+                        Some((1, encoded)) => {
+                            decode_field(encoded).map_err(|e| self.corrupt(e))?;
+                            write.put_cf(fields, mirror_key, encoded);
+                        }
+                        _ => {
+                            return Err(self.corrupt(super::DecodeError {
+                                what: "field undo entry",
+                                at: 0,
+                                message: format!("starts with {:?}", value.first()),
+                            }))
+                        }
+                    }
+                    write.delete_cf(undo, &key);
+                    restored += 1;
+                    continue;
+                }
                 match value.split_first() {
                     Some((0, [])) => write.delete_cf(mirror, mirror_key),
                     Some((1, encoded)) => {

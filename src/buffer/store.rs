@@ -11,10 +11,11 @@ use rocksdb::{
 
 use super::batch::Op;
 use super::codec::{DecodeError, Decoder};
-use super::mirror::{mirror_key, put_entries, split_mirror_key};
+use super::field_store::clear_fields;
+use super::mirror::{mirror_key, put_entries, put_value, split_mirror_key};
 use super::{
     AckRecord, Batch, Change, Checkpoint, DeadLetter, MirrorValue, StoreError, CF_ACKS, CF_CHANGES,
-    CF_DEAD_LETTERS, CF_META, CF_MIRROR, CF_RAW, CF_UNDO, FORMAT_VERSION,
+    CF_DEAD_LETTERS, CF_FIELDS, CF_META, CF_MIRROR, CF_RAW, CF_UNDO, FORMAT_VERSION,
     META_ACKS_ENQUEUED_PREFIX, META_CHECKPOINT, META_CLOCK, META_FORMAT, META_IDENTITY,
     META_REPLID_PREFIX, META_WATCHED,
 };
@@ -70,7 +71,7 @@ impl Drop for Store {
 }
 
 /// Every column family.
-pub(super) const FAMILIES: [&str; 7] = [
+pub(super) const FAMILIES: [&str; 8] = [
     CF_MIRROR,
     CF_CHANGES,
     CF_META,
@@ -78,6 +79,7 @@ pub(super) const FAMILIES: [&str; 7] = [
     CF_RAW,
     CF_ACKS,
     CF_UNDO,
+    CF_FIELDS,
 ];
 
 /// The memory RocksDB's memtables may take, all column families together (measured with
@@ -110,7 +112,7 @@ const CHANGE_LOG_CACHE_BYTES: usize = 16 << 20;
 /// log's index blocks live in its bounded cache, those of its newest tables (level 0) pinned.
 fn family_options(name: &str) -> Result<Options, rocksdb::Error> {
     let mut options = Options::default();
-    if name == CF_MIRROR || name == CF_RAW {
+    if name == CF_MIRROR || name == CF_RAW || name == CF_FIELDS {
         options.set_memtable_whole_key_filtering(true);
         options.set_memtable_prefix_bloom_ratio(0.1);
         let mut table = rocksdb::BlockBasedOptions::default();
@@ -452,11 +454,24 @@ impl Store {
             self.cf(CF_DEAD_LETTERS)?,
         );
         let (raw, acks) = (self.cf(CF_RAW)?, self.cf(CF_ACKS)?);
+        let fields = self.cf(CF_FIELDS)?;
         let mut write = WriteBatch::default();
         for op in batch.ops {
             match op {
-                Op::MirrorEntries(entries) => put_entries(&mut write, mirror, &entries),
+                Op::MirrorEntries(entries) => put_entries(&mut write, (mirror, fields), &entries),
                 Op::PutMirror(k, v) => write.put_cf(mirror, k, v),
+                Op::PutMirrorValue(db, key, value) => {
+                    let mirror_key = mirror_key(db, &key);
+                    let mut buffer = Vec::new();
+                    put_value(
+                        &mut write,
+                        (mirror, fields),
+                        (db, &key, &mirror_key),
+                        &value,
+                        &mut buffer,
+                    );
+                }
+                Op::ClearFields(db, key) => clear_fields(&mut write, fields, db, &key),
                 Op::DeleteMirror(k) => write.delete_cf(mirror, k),
                 Op::PutChange(seq, v) => write.put_cf(changes, seq.key(), v),
                 Op::Changes(list) => {
@@ -555,7 +570,7 @@ impl Store {
         let Some(raw) = self.raw(db, key)? else {
             return Ok(None);
         };
-        let intended = self.mirror(db, key)?;
+        let intended = self.mirror_whole(db, key)?;
         if self.raw(db, key)?.as_ref() != Some(&raw) {
             return Ok(None);
         }

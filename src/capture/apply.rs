@@ -159,6 +159,11 @@ pub(super) fn owned(bytes: &Bytes) -> Bytes {
     Bytes::copy_from_slice(bytes)
 }
 
+/// The hash fields `mapping` maps to columns.
+pub(super) fn columns(mapping: &Mapping) -> impl Iterator<Item = &[u8]> {
+    mapping.columns.iter().map(|(field, _)| &field[..])
+}
+
 fn parse_i64(b: &[u8]) -> Option<i64> {
     std::str::from_utf8(b).ok()?.parse().ok()
 }
@@ -186,6 +191,7 @@ impl Applier<'_> {
     ) -> Result<Needs, StoreError> {
         let mut needs = Needs::default();
         let db = command.db;
+        self.see_named_fields(ws, db, write)?;
         match write {
             Write::SetFields {
                 key,
@@ -280,8 +286,50 @@ impl Applier<'_> {
         Ok(needs)
     }
 
+    /// Loads what a field write reads of a large hash (stored by field, `buffer/window.rs`):
+    /// the fields it names, the mapped ones and the `#` field. A hash with a `#` op (or
+    /// getting one) is read whole: its op completes against the whole hash.
+    fn see_named_fields(
+        &self,
+        ws: &mut WorkingSet,
+        db: u32,
+        write: &Write,
+    ) -> Result<(), StoreError> {
+        let (key, named): (&Bytes, Vec<&[u8]>) = match write {
+            Write::SetFields { key, pairs, .. } => {
+                (key, pairs.iter().map(|(f, _)| &f[..]).collect())
+            }
+            Write::DeleteFields { key, fields } | Write::FieldExpiry { key, fields, .. } => {
+                (key, fields.iter().map(|f| &f[..]).collect())
+            }
+            Write::IncrementField { key, field, .. } => (key, vec![&field[..]]),
+            _ => return Ok(()),
+        };
+        let Some(mapping) = self.mappings.watching(db, key) else {
+            return Ok(());
+        };
+        if !ws.is_window(db, key)? {
+            return Ok(());
+        }
+        let op_named = named.contains(&OP_FIELD);
+        ws.see_fields(
+            db,
+            key,
+            named.into_iter().chain(columns(mapping)).chain([OP_FIELD]),
+        )?;
+        let holds_op = ws
+            .peek(db, key)?
+            .as_ref()
+            .is_some_and(|v| v.fields.contains_key(OP_FIELD));
+        if self.ops && (op_named || holds_op) {
+            ws.get_whole(db, key)?;
+        }
+        Ok(())
+    }
+
     /// The mapping watching a key and the key's mirrored state, unless the key is not watched or
-    /// its state already contains this command (it was refreshed from the primary later).
+    /// its state already contains this command (it was refreshed from the primary later). Of a
+    /// large hash, the mapped fields are loaded (the row before the command).
     fn watched<'s>(
         &'s self,
         ws: &mut WorkingSet,
@@ -292,6 +340,7 @@ impl Applier<'_> {
         let Some(mapping) = self.mappings.watching(db, key) else {
             return Ok(None);
         };
+        ws.see_fields(db, key, columns(mapping))?;
         let before = ws.get(db, key)?;
         if Self::already_in(&before, command) {
             return Ok(None);
@@ -436,7 +485,8 @@ impl Applier<'_> {
         }
         let source_mapping = self.mappings.watching(from_db, from);
         let source = if source_mapping.is_some() {
-            ws.get(from_db, from)?
+            // Whole: the destination gets every field.
+            ws.get_whole(from_db, from)?
         } else {
             None
         };
@@ -587,3 +637,7 @@ impl Applier<'_> {
 #[cfg(test)]
 #[path = "apply_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "large_hash_tests.rs"]
+mod large_hash_tests;

@@ -16,21 +16,21 @@ fn mappings(on_expire: &str) -> Mappings {
     Mappings::new(&Config::parse(&text, &|_| None).unwrap().mappings)
 }
 
-fn command(args: &[&str], end: u64) -> Command {
+pub(super) fn command(args: &[&str], end: u64) -> Command {
     Command::from_words(args, 0, ReplOffset(end))
 }
 
 /// Applies `commands` in order; returns the row events.
 /// A buffer in a temporary directory and what an applier of generation 1 borrows.
-struct Fixture {
+pub(super) struct Fixture {
     _dir: tempfile::TempDir,
-    store: Arc<Store>,
+    pub(super) store: Arc<Store>,
     mappings: Mappings,
     clock: PrimaryClock,
 }
 
 impl Fixture {
-    fn new(on_expire: &str) -> Fixture {
+    pub(super) fn new(on_expire: &str) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         Fixture {
@@ -41,7 +41,7 @@ impl Fixture {
         }
     }
 
-    fn applier<'a>(&'a self, table: &'a CommandTable) -> Applier<'a> {
+    pub(super) fn applier<'a>(&'a self, table: &'a CommandTable) -> Applier<'a> {
         Applier {
             mappings: &self.mappings,
             commands: table,
@@ -70,7 +70,7 @@ fn run(
     (out, needs, ws)
 }
 
-fn upsert(id: &str, name: Option<&str>, n: Option<&str>) -> RowEvent {
+pub(super) fn upsert(id: &str, name: Option<&str>, n: Option<&str>) -> RowEvent {
     RowEvent {
         mapping: "P".into(),
         row_id: Bytes::copy_from_slice(id.as_bytes()),

@@ -157,6 +157,13 @@ impl FullSync {
             true => None,
             false => state.store.mirror(key.db, &key.key)?,
         };
+        // Of a large hash (stored by field), the mapped fields: its row.
+        let mut before = before;
+        if let Some(value) = before.as_mut() {
+            let columns = super::apply::columns(&mapping);
+            state.store.see_fields(key.db, &key.key, value, columns)?;
+        }
+        let before_by_field = before.as_ref().is_some_and(|v| v.fields.window().is_some());
         let after = if key.empty { None } else { Some(key.value) };
         let emit = !self.first || mapping.initial_load == InitialLoad::Upsert;
         let mut acks = Vec::new();
@@ -178,8 +185,12 @@ impl FullSync {
                 .flatten()
         });
         self.batch.put_acks(acks);
-        match &after {
-            Some(value) => self.batch.put_mirror(key.db, &key.key, value),
+        let after_by_field = after.as_ref().is_some_and(|v| v.fields.stored_by_field());
+        if before_by_field && !after_by_field {
+            self.batch.clear_fields(key.db, &key.key);
+        }
+        match after {
+            Some(value) => self.batch.put_mirror_value(key.db, &key.key, value),
             None if before.is_some() => self.batch.delete_mirror(key.db, &key.key),
             None => {}
         }
@@ -244,6 +255,9 @@ fn sweep(state: &mut CaptureState, offset: ReplOffset) -> Result<u64, StoreError
                 continue;
             }
             swept += 1;
+            if value.fields.window().is_some() {
+                batch.clear_fields(db, &key);
+            }
             batch.delete_mirror(db, &key);
             if let Some(mapping) = state.mappings.watching(db, &key).cloned() {
                 if let Some(event) = row_event(&mapping, &key, &Some(value), &None, false) {

@@ -92,6 +92,10 @@ impl StreamBatch {
             if !store.has_undo(*db, key)? {
                 batch.put_undo(*db, key, &store.mirror(*db, key)?);
             }
+            // And of a large hash, the fields it writes (`buffer/field_store.rs`).
+            if let Some(writes) = self.ws.field_writes(*db, key) {
+                store.undo_fields(&mut batch, (*db, key), writes.all_stored, &writes.names)?;
+            }
         }
         let mut rows: Vec<RowEvent> = long.held.take().into_iter().collect();
         rows.append(&mut self.long_rows);

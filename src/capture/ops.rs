@@ -312,7 +312,7 @@ impl OpState {
             if state.mappings.watching(db, key).is_some() && !raw.contains(db, key) {
                 let value = match state.store.raw(db, key)? {
                     Some(value) => Some(value),
-                    None => ws.get(db, key)?,
+                    None => ws.get_whole(db, key)?,
                 };
                 raw.seed(db, key, value);
             }
@@ -325,7 +325,7 @@ impl OpState {
                 {
                     let value = match state.store.raw(command.db, key)? {
                         Some(value) => Some(value),
-                        None => ws.get(command.db, key)?,
+                        None => ws.get_whole(command.db, key)?,
                     };
                     raw.seed(command.db, key, value);
                 }
@@ -440,7 +440,7 @@ impl OpState {
     ) -> Result<Vec<(u32, Bytes)>, StoreError> {
         let mut to_complete = Vec::new();
         for ((db, key), value) in raw.drain() {
-            let intended = ws.get(db, &key)?;
+            let intended = ws.get_whole(db, &key)?;
             match value {
                 Some(value) if !MirrorValue::agree(&Some(value.clone()), &intended) => {
                     batch.put_raw(db, &key, &value);

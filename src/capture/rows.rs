@@ -41,13 +41,13 @@ pub fn row_event(
     after: &Option<MirrorValue>,
     expired: bool,
 ) -> Option<RowEvent> {
-    row_event_between(
-        mapping,
-        key,
-        row_of(mapping, before),
-        row_of(mapping, after),
-        expired,
-    )
+    // A row that goes is deleted whatever it held: its values are not read (of a large hash,
+    // only the fields loaded are known).
+    let old = match after {
+        None => has_row(before).then(Vec::new),
+        Some(_) => row_of(mapping, before),
+    };
+    row_event_between(mapping, key, old, row_of(mapping, after), expired)
 }
 
 /// The row event between two rows of a watched key (see [`row_of`]).

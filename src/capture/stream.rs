@@ -346,9 +346,13 @@ impl StreamBatch {
         rows: &mut Vec<RowEvent>,
     ) -> Result<(), StoreError> {
         state.stats.refreshed_keys += 1;
+        let mapping = state.mappings.watching(db, key);
+        if let Some(mapping) = mapping {
+            self.ws
+                .see_fields(db, key, super::apply::columns(mapping))?;
+        }
         let before = self.ws.get(db, key)?;
         let mut value = value;
-        let mapping = state.mappings.watching(db, key);
         let op_mapping = mapping.filter(|_| value.as_ref().is_some_and(|v| state.ops.holds_op(v)));
         if op_mapping.is_some() || self.raw.contains(db, key) || state.ops.is_pending(db, key) {
             // What was read is what Redis holds.

@@ -46,14 +46,49 @@ impl Flushed {
         // Shared only while the committer or the next batch still holds it (rare: the
         // committer drops the batch before reporting it written, the next batch is flushed).
         let changed = Arc::try_unwrap(self.changed).unwrap_or_else(|shared| (*shared).clone());
+        // A large hash is cached as its field count: its fields are read again when asked for.
+        let forget_seen = |(key, mut value): ((u32, Bytes), Option<MirrorValue>)| {
+            if let Some(window) = value.as_mut().and_then(|v| v.fields.window_mut()) {
+                window.forget_seen();
+            }
+            (key, value)
+        };
         self.cache
-            .insert_committed(changed.into_iter().chain(self.loaded));
+            .insert_committed(changed.into_iter().chain(self.loaded).map(forget_seen));
     }
 }
 
 struct Slot {
     value: Option<MirrorValue>,
     dirty: bool,
+    /// The store holds the key's fields one entry each (it was loaded as a window): a new
+    /// value that is not stored so clears them.
+    by_field: bool,
+}
+
+impl Slot {
+    fn loaded(value: Option<MirrorValue>) -> Slot {
+        let by_field = value.as_ref().is_some_and(|v| v.fields.window().is_some());
+        Slot {
+            value,
+            dirty: false,
+            by_field,
+        }
+    }
+}
+
+fn slot_is_window(slot: &Slot) -> bool {
+    slot.value
+        .as_ref()
+        .is_some_and(|v| v.fields.window().is_some())
+}
+
+/// The fields of a hash stored by field that a batch writes (for a long unit's undo records).
+pub struct FieldWrites {
+    /// Every stored field is cleared or replaced.
+    pub all_stored: bool,
+    /// The fields written.
+    pub names: Vec<Bytes>,
 }
 
 /// The mirror entries touched by the commands of one batch, loaded on first use and written
@@ -99,7 +134,12 @@ impl WorkingSet {
     /// when `take`, copied otherwise), else RocksDB.
     fn load_mirror(store: &Store, view: &MirrorView, key: KeyRef, take: bool) -> LoadResult {
         if let Some(value) = view.in_flight.as_ref().and_then(|e| e.get(&key)) {
-            return Ok(value.clone());
+            let mut value = value.clone();
+            // What the batch in flight writes of a large hash is written by it, not again.
+            if let Some(window) = value.as_mut().and_then(|v| v.fields.window_mut()) {
+                window.settle();
+            }
+            return Ok(value);
         }
         let cached = match take {
             true => view.cache.take(key.db, key.key),
@@ -120,27 +160,83 @@ impl WorkingSet {
                 let value = match raw {
                     true => match store.raw(db, key)? {
                         Some(value) => Some(value),
-                        // The mirror is only read here: it is not this set's to put back.
-                        None => Self::load_mirror(store, view, id, false)?,
+                        // The mirror is only read here: it is not this set's to put back. A
+                        // raw state is whole.
+                        None => match Self::load_mirror(store, view, id, false)? {
+                            Some(value) => Some(store.whole(db, key, value)?),
+                            None => None,
+                        },
                     },
                     false => Self::load_mirror(store, view, id, true)?,
                 };
                 // The key goes in as its own allocation (see `apply::owned`): it goes to the
                 // cache.
-                Ok(vacant.insert(Slot {
-                    value,
-                    dirty: false,
-                }))
+                Ok(vacant.insert(Slot::loaded(value)))
             }
         }
     }
 
     /// Loads `key` with `value` unless it is already held.
     pub fn seed(&mut self, db: u32, key: &Bytes, value: Option<MirrorValue>) {
-        self.slots.entry_ref(&KeyRef { db, key }).or_insert(Slot {
-            value,
-            dirty: false,
-        });
+        self.slots
+            .entry_ref(&KeyRef { db, key })
+            .or_insert_with(|| Slot::loaded(value));
+    }
+
+    /// Loads `names` of `key` when it is a hash stored by field (any other value holds every
+    /// field): what a command reads of a large hash is loaded before it runs.
+    pub fn see_fields<'n>(
+        &mut self,
+        db: u32,
+        key: &[u8],
+        names: impl IntoIterator<Item = &'n [u8]>,
+    ) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        match &mut self.slot(db, key)?.value {
+            Some(value) if value.fields.window().is_some() => {
+                store.see_fields(db, key, value, names)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `key` is a hash stored by field, held as a window.
+    pub fn is_window(&mut self, db: u32, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self
+            .slot(db, key)?
+            .value
+            .as_ref()
+            .is_some_and(|v| v.fields.window().is_some()))
+    }
+
+    /// The value of `key` with every field (a hash stored by field is read whole from the
+    /// store, once: it stays whole in this set).
+    pub fn get_whole(&mut self, db: u32, key: &Bytes) -> Result<Option<MirrorValue>, StoreError> {
+        let store = self.store.clone();
+        let slot = self.slot(db, key)?;
+        if let Some(value) = slot.value.take() {
+            slot.value = Some(store.whole(db, key, value)?);
+        }
+        Ok(slot.value.clone())
+    }
+
+    /// The fields of a hash stored by field that writing `key` back writes (`None`: none).
+    pub fn field_writes(&self, db: u32, key: &[u8]) -> Option<FieldWrites> {
+        let slot = self.slots.get(&KeyRef { db, key }).filter(|s| s.dirty)?;
+        let fields = slot.value.as_ref().map(|v| &v.fields);
+        match fields.and_then(|f| f.window()) {
+            Some(window) => Some(FieldWrites {
+                all_stored: window.is_rewrite() || !slot.by_field,
+                names: window.changed().map(|(name, _)| name.clone()).collect(),
+            }),
+            None => {
+                let whole = fields.filter(|f| f.stored_by_field());
+                (slot.by_field || whole.is_some()).then(|| FieldWrites {
+                    all_stored: true,
+                    names: whole.into_iter().flat_map(|f| f.keys().cloned()).collect(),
+                })
+            }
+        }
     }
 
     pub fn contains(&self, db: u32, key: &[u8]) -> bool {
@@ -238,10 +334,24 @@ impl WorkingSet {
     pub fn flush_into(&mut self, batch: &mut Batch) -> Flushed {
         let mut changed = Entries::with_capacity_and_hasher(self.slots.len(), Default::default());
         let mut loaded = Vec::new();
-        for (id, slot) in self.slots.drain() {
+        for (id, mut slot) in self.slots.drain() {
             if slot.dirty {
+                // A hash past the size is stored by field from now on (written whole once);
+                // one that no longer is has its stored fields cleared first.
+                if let Some(value) = slot.value.as_mut() {
+                    value.fields = std::mem::take(&mut value.fields).into_stored_form();
+                }
+                let stored_by_field = slot
+                    .value
+                    .as_ref()
+                    .is_some_and(|v| v.fields.stored_by_field());
+                if slot.by_field && !stored_by_field {
+                    batch.clear_fields(id.0, &id.1);
+                }
                 changed.insert(id, slot.value);
-            } else if slot.value.is_some() {
+            } else if slot.value.is_some() && (!slot.by_field || slot_is_window(&slot)) {
+                // (A large hash read whole here is not cached whole: the store holds it by
+                // field, and the cache must say so.)
                 // Taken out of the cache (or read): it goes back in with this batch.
                 loaded.push((id, slot.value));
             }

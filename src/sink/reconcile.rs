@@ -294,7 +294,10 @@ impl<D: Destination> super::runner::SinkRunner<D> {
             cursor = page.next;
             let mut writes = Vec::new();
             let mut refused = Vec::new();
-            for (_, key, value) in page.entries {
+            for (_, key, mut value) in page.entries {
+                let columns = mapping.columns.iter().map(|(field, _)| &field[..]);
+                self.store
+                    .see_fields(mapping.db, &key, &mut value, columns)?;
                 if !key.starts_with(&mapping.key_prefix)
                     || key.len() == mapping.key_prefix.len()
                     || value.kind != MirrorKind::Hash
