@@ -137,28 +137,29 @@ impl Store {
     }
 
     /// Loads `names` into `value`'s window (a hash stored by field), those it has not seen;
-    /// any other value holds them already.
+    /// any other value holds them already. Returns how many it loaded.
     pub fn see_fields<'n>(
         &self,
         db: u32,
         key: &[u8],
         value: &mut MirrorValue,
         names: impl IntoIterator<Item = &'n [u8]>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
         let Some(window) = value.fields.window_mut() else {
-            return Ok(());
+            return Ok(0);
         };
         let mut unseen: Vec<&[u8]> = names.into_iter().filter(|n| !window.has_seen(n)).collect();
         if unseen.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         unseen.sort_unstable();
         unseen.dedup();
         let read = self.fields_of(db, key, &unseen)?;
+        let loaded = unseen.len();
         for (name, field) in unseen.into_iter().zip(read) {
             window.see(Bytes::copy_from_slice(name), field);
         }
-        Ok(())
+        Ok(loaded)
     }
 
     /// Up to `limit` stored fields of `key` in `db` after the field `after` (from the first

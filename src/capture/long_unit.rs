@@ -39,6 +39,9 @@ use crate::replication::stream::{Command, StreamEvent};
 pub const SPILL_KEYS: usize = 8192;
 /// Row events of a long unit's batch before they are written.
 pub const SPILL_ROWS: usize = 8192;
+/// Fields of large hashes (`buffer/window.rs`) a long unit's batch loads before what it
+/// changed is written.
+pub const SPILL_FIELDS: usize = 8192;
 
 /// A unit whose `EXEC` has not arrived.
 pub struct LongUnit {
@@ -59,7 +62,9 @@ pub struct LongUnit {
 impl StreamBatch {
     /// Whether what the long unit changed in this batch is to be written now.
     fn should_spill(&self) -> bool {
-        let large = self.ws.len() >= SPILL_KEYS || self.long_rows.len() >= SPILL_ROWS;
+        let large = self.ws.len() >= SPILL_KEYS
+            || self.long_rows.len() >= SPILL_ROWS
+            || self.ws.fields_seen() >= SPILL_FIELDS;
         large && self.raw.is_empty() && self.acks.is_empty() && self.retired.is_empty()
     }
 

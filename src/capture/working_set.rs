@@ -104,6 +104,9 @@ pub struct WorkingSet {
     raw: bool,
     /// What it reads before RocksDB.
     view: MirrorView,
+    /// Fields of large hashes loaded into their windows (a long unit writes what it changed
+    /// when there are many: `long_unit.rs`).
+    fields_seen: usize,
 }
 
 impl WorkingSet {
@@ -118,6 +121,7 @@ impl WorkingSet {
             slots: Default::default(),
             raw: false,
             view,
+            fields_seen: 0,
         }
     }
 
@@ -192,12 +196,10 @@ impl WorkingSet {
         names: impl IntoIterator<Item = &'n [u8]>,
     ) -> Result<(), StoreError> {
         let store = self.store.clone();
-        match &mut self.slot(db, key)?.value {
-            Some(value) if value.fields.window().is_some() => {
-                store.see_fields(db, key, value, names)
-            }
-            _ => Ok(()),
+        if let Some(value) = &mut self.slot(db, key)?.value {
+            self.fields_seen += store.see_fields(db, key, value, names)?;
         }
+        Ok(())
     }
 
     /// Whether `key` is a hash stored by field, held as a window.
@@ -214,10 +216,16 @@ impl WorkingSet {
     pub fn get_whole(&mut self, db: u32, key: &Bytes) -> Result<Option<MirrorValue>, StoreError> {
         let store = self.store.clone();
         let slot = self.slot(db, key)?;
+        let mut loaded = 0;
         if let Some(value) = slot.value.take() {
-            slot.value = Some(store.whole(db, key, value)?);
+            let was_window = value.fields.window().is_some();
+            let whole = store.whole(db, key, value)?;
+            loaded = if was_window { whole.fields.len() } else { 0 };
+            slot.value = Some(whole);
         }
-        Ok(slot.value.clone())
+        let value = slot.value.clone();
+        self.fields_seen += loaded;
+        Ok(value)
     }
 
     /// The fields of a hash stored by field that writing `key` back writes (`None`: none).
@@ -270,6 +278,11 @@ impl WorkingSet {
     /// Every entry held, emptying the set.
     pub fn drain(&mut self) -> Vec<((u32, Bytes), Option<MirrorValue>)> {
         self.slots.drain().map(|(k, s)| (k, s.value)).collect()
+    }
+
+    /// Fields of large hashes loaded since the set was last flushed.
+    pub fn fields_seen(&self) -> usize {
+        self.fields_seen
     }
 
     /// Number of keys held.
@@ -334,6 +347,7 @@ impl WorkingSet {
     pub fn flush_into(&mut self, batch: &mut Batch) -> Flushed {
         let mut changed = Entries::with_capacity_and_hasher(self.slots.len(), Default::default());
         let mut loaded = Vec::new();
+        self.fields_seen = 0;
         for (id, mut slot) in self.slots.drain() {
             if slot.dirty {
                 // A hash past the size is stored by field from now on (written whole once);

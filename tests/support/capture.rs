@@ -205,6 +205,8 @@ pub fn mirror_hashes(store: &Store) -> Hashes {
         .into_iter()
         .filter(|(_, _, v)| v.kind == MirrorKind::Hash)
         .map(|(db, key, v)| {
+            // A large hash is stored by field: read whole.
+            let v = store.whole(db, &key, v).expect("whole hash");
             (
                 (db, key),
                 v.fields.into_iter().map(|(f, v)| (f, v.value)).collect(),

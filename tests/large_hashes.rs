@@ -1,0 +1,156 @@
+//! Hashes stored one entry per field (`src/buffer/window.rs`), against a real Redis: a large
+//! hash from the snapshot and from the stream follows every command, and a long transaction on
+//! one is rolled back field by field when its link is cut.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::capture::*;
+use support::send_all;
+use support::RedisServer;
+use writebehind::buffer::{Store, STORED_BY_FIELD};
+use writebehind::redis_client::RedisClient;
+
+/// `HSET key f<i> <value><i>` for every `i` in `fields`, as one command.
+fn hset_fields(key: &str, fields: std::ops::Range<usize>, value: &str) -> Vec<String> {
+    let mut command = vec!["HSET".to_string(), key.to_string()];
+    for i in fields {
+        command.extend([format!("f{i}"), format!("{value}{i}")]);
+    }
+    command
+}
+
+/// Whether the mirror holds `key` as a hash stored by field.
+fn stored_by_field(store: &Store, key: &str) -> bool {
+    store
+        .mirror(0, key.as_bytes())
+        .expect("mirror")
+        .is_some_and(|v| v.fields.window().is_some())
+}
+
+/// A deterministic mix of field commands on `keys`, with renames, copies and deletes.
+fn command_mix(keys: &[&str], count: usize) -> Vec<Vec<String>> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |bound: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % bound
+    };
+    let words = |list: &[&str]| list.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+    let mut commands = Vec::new();
+    for i in 0..count {
+        let key = keys[next(keys.len() as u64) as usize];
+        let field = format!("f{}", next(3000));
+        let command = match next(10) {
+            0..=3 => words(&["HSET", key, &field, &format!("w{i}")]),
+            4 => words(&["HSET", key, "first_name", &format!("n{i}"), &field, "x"]),
+            5 => words(&["HDEL", key, &field, &format!("f{}", next(3000))]),
+            6 => words(&["HINCRBY", key, "age", "3"]),
+            7 => words(&["HSETNX", key, &field, "only-new"]),
+            _ => words(&["HSET", key, "last_name", &format!("l{i}")]),
+        };
+        commands.push(command);
+        match i % 700 {
+            100 => commands.push(words(&["COPY", key, "person2:copy", "REPLACE"])),
+            200 => commands.push(words(&["RENAME", "person2:copy", "person2:renamed"])),
+            300 => commands.push(words(&["DEL", "person2:renamed"])),
+            _ => {}
+        }
+    }
+    commands
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_hashes_from_the_snapshot_and_the_stream_follow_redis() {
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let size = STORED_BY_FIELD + 500;
+    // One large hash before the service starts: it arrives in the snapshot.
+    send_all(&mut client, &[hset_fields("person2:snap", 0..size, "s")]).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let mappings = mappings(&server, "keep");
+    let running = start_capture(&server, store.clone(), mappings.clone());
+    caught_up(&store, &mut client).await;
+    assert!(stored_by_field(&store, "person2:snap"));
+
+    // One more from the stream, then a mix of commands on both.
+    send_all(&mut client, &[hset_fields("person2:live", 0..size, "l")]).await;
+    let keys = ["person2:snap", "person2:live"];
+    send_all(&mut client, &command_mix(&keys, 6000)).await;
+    caught_up(&store, &mut client).await;
+    let capture = running.stop().await;
+
+    assert!(stored_by_field(&store, "person2:live"));
+    let redis = assert_follows_redis(&store, &mut client, &mappings).await;
+    assert_eq!(redis.len(), 2, "{:?}", redis.keys().collect::<Vec<_>>());
+    assert_eq!(capture.stats().full_syncs, 1);
+}
+
+/// A transaction of 120,000 `HSET`s on one large hash (far more fields than a part loads)
+/// whose link is cut once parts are written: the parts are rolled back field by field, the
+/// transaction is received again, and its one mapped change is in the log once. Its mapped
+/// field is set once, first: without the field undo records, the mirror would keep the new
+/// value through the rollback, the re-sent `HSET` would change nothing, and the log would
+/// lose the row change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_transaction_on_a_large_hash_is_rolled_back_field_by_field() {
+    let server = RedisServer::start(&["--repl-backlog-size", "256mb"]);
+    let mut client = server.client().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let mappings = mappings(&server, "keep");
+    let running = start_capture(&server, store.clone(), mappings.clone());
+    caught_up(&store, &mut client).await;
+    let key = "person2:big";
+    let mut before = hset_fields(key, 0..STORED_BY_FIELD + 1000, "old");
+    before.extend(["first_name".to_string(), "old".to_string()]);
+    send_all(&mut client, &[before]).await;
+    caught_up(&store, &mut client).await;
+    assert!(stored_by_field(&store, key));
+
+    let value = "v".repeat(200);
+    let mut commands = vec![vec!["MULTI".to_string()]];
+    commands.push(vec![
+        "HSET".into(),
+        key.into(),
+        "first_name".into(),
+        "new".into(),
+    ]);
+    commands.extend((0..120_000).map(|i| hset_fields(key, i..i + 1, &value)));
+    commands.push(vec!["EXEC".into()]);
+    let mut sender = server.client().await;
+    let sent = tokio::spawn(async move { send_all(&mut sender, &commands).await });
+    cut_once_a_part_is_written(&store, &mut client).await;
+    sent.await.expect("send");
+    caught_up(&store, &mut client).await;
+    let capture = running.stop().await;
+
+    assert!(
+        capture.stats().units_rolled_back >= 1,
+        "the cut transaction was rolled back: {:?}",
+        capture.stats()
+    );
+    assert_eq!(store.open_unit().expect("open unit"), None);
+    assert!(stored_by_field(&store, key));
+    assert_follows_redis(&store, &mut client, &mappings).await;
+}
+
+/// Waits until a part of the open transaction is written, then has the primary cut the link.
+async fn cut_once_a_part_is_written(store: &Store, client: &mut RedisClient) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while store.open_unit().expect("open unit").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no part of the transaction was written"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    client
+        .command(&["CLIENT", "KILL", "TYPE", "replica"])
+        .await
+        .expect("client kill");
+}
