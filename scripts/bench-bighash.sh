@@ -80,6 +80,7 @@ until_acked "$(master_offset)" 600 >/dev/null
 echo "snapshot_seconds=$(python3 -c "print(round($(date +%s.%N) - $started, 1))")"
 echo "rss_after_snapshot_mb=$(($(rss_kb) / 1024))"
 cpu_before=$(cpu_seconds)
+peak_writes=0
 primary_start=$(master_offset); acked_start=$(acked_offset)
 end=$(($(date +%s) + seconds))
 while [ "$(date +%s)" -lt "$end" ]; do
@@ -87,6 +88,7 @@ while [ "$(date +%s)" -lt "$end" ]; do
   redis-benchmark -p "$primary" -q -n "$rate" -P 10 -r "$fields" \
     HSET person2:big first_name __rand_int__ f__rand_int__ __rand_int__ >/dev/null
   track_rss
+  rss=$(rss_kb); if [ "$rss" -gt "$peak_writes" ]; then peak_writes=$rss; fi
   while [ "$(date +%s)" -lt "$next" ]; do sleep 0.05; done
 done
 primary_end=$(master_offset); acked_end=$(acked_offset)
@@ -96,6 +98,7 @@ python3 -c "print(f'ratio_captured_to_primary={($acked_end - $acked_start) / max
 echo "catch_up_seconds=$(until_acked "$primary_end" 600)"
 echo "cpu_seconds_for_the_writes=$(python3 -c "print(round($(cpu_seconds) - $cpu_before, 1))")"
 echo "peak_rss_mb=$((peak / 1024))"
+echo "peak_rss_during_writes_mb=$((peak_writes / 1024))"
 sleep 0.3
 kill "$sampler" 2>/dev/null || true
 plot_positions "$out/bighash-positions.csv" "$out/bighash-positions.png" "bench-bighash: a hash of $fields fields, $rate HSETs/s on it for $seconds s"

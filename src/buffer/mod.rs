@@ -2,17 +2,20 @@
 //!
 //! # On-disk format (format version 2)
 //!
-//! Seven column families; integers big-endian, byte strings `u32 length + bytes` (see [`codec`]).
+//! Eight column families; integers big-endian, byte strings `u32 length + bytes` (see [`codec`]).
 //! Each record kind has its own file (`mirror.rs`, `change.rs`, `checkpoint.rs`,
 //! `dead_letter.rs`, `acknowledgement.rs`) with its encoding; `batch.rs` gathers writes and
 //! `store.rs` applies them atomically:
 //!
 //! - **`mirror`**: every watched key, as Redis holds it. Key: `db u32 + key bytes` (so a database
-//!   is a contiguous range). Value: `kind u8` (1 hash, 2 any other type), `expire_at_ms opt i64`,
-//!   `generation u64` (the full sync that last saw it; for mark-and-sweep), `refreshed_through
-//!   u64` (commands ending at or before this offset are already in the value: it was read from
-//!   the primary at that offset), `field count u32`, then per field in byte order `field bytes,
-//!   value bytes, expire_at_ms opt i64`.
+//!   is a contiguous range). Value: `kind u8` (1 hash, 2 any other type, 3 a hash stored by
+//!   field), `expire_at_ms opt i64`, `generation u64` (the full sync that last saw it; for
+//!   mark-and-sweep), `refreshed_through u64` (commands ending at or before this offset are
+//!   already in the value: it was read from the primary at that offset), `field count u32`, then
+//!   (kinds 1 and 2) per field in byte order `field bytes, value bytes, expire_at_ms opt i64`.
+//! - **`fields`**: the fields of hashes of kind 3 (more than 1,024 fields), one entry each. Key:
+//!   `db u32 + key length u32 + key bytes + field bytes`; value: `value bytes, expire_at_ms opt
+//!   i64` (`field_store.rs`; `window.rs` for how capture holds such a hash).
 //! - **`changes`**: the change log, in order. Key: `seq u64` (from 1; 0 means "none"). Value: `unit u64` (seq of the first
 //!   change of its execution unit: a command, or a `MULTI ... EXEC`; the sink commits a unit in
 //!   one transaction), `unit_end u8`, `offset u64` (stream offset after the unit; before it, for
@@ -43,9 +46,10 @@
 //!   (`offset u64, time_ms i64, expired_keys u64`: the latest sample of the primary's clock,
 //!   written with each commit; see `src/capture/clock.rs`); `open_unit` (`first_seq u64, start
 //!   u64`: a long transaction written in parts whose end is not written yet).
-//! - **`undo`**: the mirror values from before the open unit, for a rollback (`open_unit.rs`
-//!   describes both; added 2026-11-29 without a new format version: a buffer of version 2 gets
-//!   the family when it is next opened).
+//! - **`undo`**: the mirror values and large-hash fields from before the open unit, for a
+//!   rollback (`open_unit.rs` describes both; added 2026-11-29 without a new format version: a
+//!   buffer of version 2 gets the family when it is next opened; `fields` likewise, in a
+//!   later session of the same day).
 //!
 //! Every command (or `MULTI` unit) is applied with one `WriteBatch` holding its mirror updates,
 //! its changes and the checkpoint after it, so the three never disagree; several units share one

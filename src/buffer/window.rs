@@ -168,6 +168,16 @@ impl Window {
         }
     }
 
+    /// Only the fields it changed (what the next batch must read from it while they are being
+    /// written): the others are in the store, and the next batch reads them there (a copy of
+    /// every field read would be taken by every batch that follows while the hash is busy).
+    /// A rewrite keeps everything: the store is being cleared.
+    pub fn keep_changed(&mut self) {
+        if !self.rewrite {
+            self.seen.retain(|_, seen| seen.dirty);
+        }
+    }
+
     /// The window once written, for the mirror cache: the count alone (the seen fields are read
     /// again when asked for, so a cached large hash weighs next to nothing).
     pub fn forget_seen(&mut self) {

@@ -295,22 +295,28 @@ impl Applier<'_> {
         db: u32,
         write: &Write,
     ) -> Result<(), StoreError> {
-        let (key, named): (&Bytes, Vec<&[u8]>) = match write {
-            Write::SetFields { key, pairs, .. } => {
-                (key, pairs.iter().map(|(f, _)| &f[..]).collect())
-            }
-            Write::DeleteFields { key, fields } | Write::FieldExpiry { key, fields, .. } => {
-                (key, fields.iter().map(|f| &f[..]).collect())
-            }
-            Write::IncrementField { key, field, .. } => (key, vec![&field[..]]),
+        let key = match write {
+            Write::SetFields { key, .. }
+            | Write::DeleteFields { key, .. }
+            | Write::FieldExpiry { key, .. }
+            | Write::IncrementField { key, .. } => key,
             _ => return Ok(()),
         };
         let Some(mapping) = self.mappings.watching(db, key) else {
             return Ok(());
         };
+        // Every command on a small hash stops here (no allocation on the hot path).
         if !ws.is_window(db, key)? {
             return Ok(());
         }
+        let named: Vec<&[u8]> = match write {
+            Write::SetFields { pairs, .. } => pairs.iter().map(|(f, _)| &f[..]).collect(),
+            Write::DeleteFields { fields, .. } | Write::FieldExpiry { fields, .. } => {
+                fields.iter().map(|f| &f[..]).collect()
+            }
+            Write::IncrementField { field, .. } => vec![&field[..]],
+            _ => Vec::new(),
+        };
         let op_named = named.contains(&OP_FIELD);
         ws.see_fields(
             db,

@@ -195,6 +195,9 @@ impl WorkingSet {
         key: &[u8],
         names: impl IntoIterator<Item = &'n [u8]>,
     ) -> Result<(), StoreError> {
+        if !self.is_window(db, key)? {
+            return Ok(());
+        }
         let store = self.store.clone();
         if let Some(value) = &mut self.slot(db, key)?.value {
             self.fields_seen += store.see_fields(db, key, value, names)?;
@@ -354,6 +357,9 @@ impl WorkingSet {
                 // one that no longer is has its stored fields cleared first.
                 if let Some(value) = slot.value.as_mut() {
                     value.fields = std::mem::take(&mut value.fields).into_stored_form();
+                    if let Some(window) = value.fields.window_mut() {
+                        window.keep_changed();
+                    }
                 }
                 let stored_by_field = slot
                     .value
