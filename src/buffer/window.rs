@@ -41,6 +41,9 @@ pub struct Window {
     len: usize,
     /// Every field is in `seen`: the stored fields are cleared and `seen` written.
     rewrite: bool,
+    /// Every field is in `seen` (a rewrite, or a copy of one in flight): a field not seen is
+    /// absent, whatever the store holds (it may not be cleared yet).
+    complete: bool,
 }
 
 impl Window {
@@ -65,6 +68,7 @@ impl Window {
             len: seen.len(),
             seen,
             rewrite: true,
+            complete: true,
         }
     }
 
@@ -82,7 +86,7 @@ impl Window {
 
     /// Whether `name` was loaded (or written): its answer is known.
     pub fn has_seen(&self, name: &[u8]) -> bool {
-        self.rewrite || self.seen.contains_key(name)
+        self.complete || self.seen.contains_key(name)
     }
 
     /// Records a field read from the store (`None`: not stored); a field already seen keeps
@@ -160,7 +164,9 @@ impl Window {
     }
 
     /// The window as of its write: nothing to write back (a copy of a window in flight, read by
-    /// the next batch while the committer writes it).
+    /// the next batch while the committer writes it). A copy of a rewrite stays complete: the
+    /// store is not cleared until the rewrite is written, so it must not be read for what the
+    /// copy has not seen.
     pub fn settle(&mut self) {
         self.rewrite = false;
         for seen in self.seen.values_mut() {
@@ -175,6 +181,7 @@ impl Window {
     pub fn keep_changed(&mut self) {
         if !self.rewrite {
             self.seen.retain(|_, seen| seen.dirty);
+            self.complete = false;
         }
     }
 
@@ -191,7 +198,7 @@ impl Window {
         stored: impl IntoIterator<Item = (Bytes, FieldValue)>,
     ) -> BTreeMap<Bytes, FieldValue> {
         let mut whole = BTreeMap::new();
-        if !self.rewrite {
+        if !self.complete {
             whole.extend(stored);
         }
         for (name, seen) in self.seen {

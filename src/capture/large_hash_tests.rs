@@ -215,3 +215,44 @@ fn a_large_hash_replaced_by_a_small_one_leaves_no_field() {
         .into();
     assert_eq!(stored(&store, "p:big"), Some(expected));
 }
+
+/// A batch reading a large hash that the batch in flight rewrites whole (a `COPY ... REPLACE`
+/// onto it) must not read the store for what it does not see: the store is cleared only when
+/// the rewrite is written, and still holds the old hash's fields.
+#[test]
+fn a_copy_of_a_rewrite_in_flight_never_reads_the_old_fields() {
+    let fixture = Fixture::new("keep");
+    let store = fixture.store.clone();
+    let mut big = words(&["HSET", "p:big", "only_in_big", "old"]);
+    let mut src = words(&["HSET", "p:src"]);
+    let mut model = BTreeMap::new();
+    for i in 0..STORED_BY_FIELD + 100 {
+        big.extend([format!("f{i}"), "b".to_string()]);
+        src.extend([format!("f{i}"), "s".to_string()]);
+        model.insert(format!("f{i}"), "s".to_string());
+    }
+    let (_, flushed, batch) = apply_batch(&fixture, MirrorView::default(), &[big, src]);
+    store.write(batch, true).unwrap();
+    flushed.written();
+
+    let (_, copied, copy_batch) = apply_batch(
+        &fixture,
+        MirrorView::default(),
+        &[words(&["COPY", "p:src", "p:big", "REPLACE"])],
+    );
+    let view = MirrorView {
+        cache: MirrorCache::default(),
+        in_flight: Some(copied.changed()),
+    };
+    let (_, after, after_batch) = apply_batch(
+        &fixture,
+        view,
+        &[words(&["HSETNX", "p:big", "only_in_big", "new"])],
+    );
+    model.insert("only_in_big".into(), "new".into());
+    store.write(copy_batch, true).unwrap();
+    copied.written();
+    store.write(after_batch, true).unwrap();
+    after.written();
+    assert_eq!(stored(&store, "p:big"), Some(model));
+}
