@@ -9,14 +9,15 @@
 //! stored by field (deleted, replaced by a small one) has its range cleared in the same write.
 
 use bytes::Bytes;
-use rocksdb::{ColumnFamily, Direction, IteratorMode, ReadOptions, WriteBatch};
+use rocksdb::{ColumnFamily, Direction, IteratorMode, ReadOptions, Snapshot, WriteBatch};
 
 use super::codec::{DecodeError, Decoder, Encoder};
 use super::fields::Fields;
+use super::mirror::mirror_key;
 use super::mirror::{FieldValue, MirrorValue};
 use super::store::Store;
 use super::window::Window;
-use super::{StoreError, CF_FIELDS};
+use super::{StoreError, CF_FIELDS, CF_MIRROR};
 
 /// Fields read per page when a whole hash is read.
 const PAGE_FIELDS: usize = 4096;
@@ -123,11 +124,21 @@ impl Store {
         key: &[u8],
         names: &[&[u8]],
     ) -> Result<Vec<Option<FieldValue>>, StoreError> {
+        self.fields_at(db, key, names, None)
+    }
+
+    fn fields_at(
+        &self,
+        db: u32,
+        key: &[u8],
+        names: &[&[u8]],
+        snapshot: Option<&Snapshot>,
+    ) -> Result<Vec<Option<FieldValue>>, StoreError> {
         let family = self.cf(CF_FIELDS)?;
         let prefix = field_prefix(db, key);
         let keys = names.iter().map(|name| (family, field_key(&prefix, name)));
         self.db
-            .multi_get_cf(keys)
+            .multi_get_cf_opt(keys, &read_options(snapshot))
             .into_iter()
             .map(|read| match read.map_err(|e| self.rocks(e))? {
                 Some(raw) => decode_field(&raw).map(Some).map_err(|e| self.corrupt(e)),
@@ -171,6 +182,17 @@ impl Store {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Bytes, FieldValue)>, StoreError> {
+        self.stored_fields_at(db, key, after, limit, None)
+    }
+
+    fn stored_fields_at(
+        &self,
+        db: u32,
+        key: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<Vec<(Bytes, FieldValue)>, StoreError> {
         let prefix = field_prefix(db, key);
         let start = match after {
             Some(after) => {
@@ -180,7 +202,7 @@ impl Store {
             }
             None => prefix.clone(),
         };
-        let mut options = ReadOptions::default();
+        let mut options = read_options(snapshot);
         options.set_iterate_upper_bound(prefix_end(&prefix));
         let mut out = Vec::new();
         for item in self.db.iterator_cf_opt(
@@ -204,11 +226,21 @@ impl Store {
         &self,
         db: u32,
         key: &[u8],
+        each: impl FnMut(Bytes, FieldValue),
+    ) -> Result<(), StoreError> {
+        self.each_stored_field_at(db, key, each, None)
+    }
+
+    fn each_stored_field_at(
+        &self,
+        db: u32,
+        key: &[u8],
         mut each: impl FnMut(Bytes, FieldValue),
+        snapshot: Option<&Snapshot>,
     ) -> Result<(), StoreError> {
         let mut after: Option<Bytes> = None;
         loop {
-            let page = self.stored_fields(db, key, after.as_deref(), PAGE_FIELDS)?;
+            let page = self.stored_fields_at(db, key, after.as_deref(), PAGE_FIELDS, snapshot)?;
             let full = page.len() == PAGE_FIELDS;
             for (name, value) in page {
                 after = Some(name.clone());
@@ -220,18 +252,29 @@ impl Store {
         }
     }
 
-    /// `value` whole: a window (a hash stored by field) merged with its stored fields.
+    /// `value` whole: a window (a hash stored by field) merged with its stored fields. For
+    /// capture, whose windows hold whatever the batch in flight writes.
     pub fn whole(
         &self,
         db: u32,
         key: &[u8],
         value: MirrorValue,
     ) -> Result<MirrorValue, StoreError> {
+        self.whole_at(db, key, value, None)
+    }
+
+    fn whole_at(
+        &self,
+        db: u32,
+        key: &[u8],
+        value: MirrorValue,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<MirrorValue, StoreError> {
         if value.fields.window().is_none() {
             return Ok(value);
         }
         let mut stored = Vec::new();
-        self.each_stored_field(db, key, |name, field| stored.push((name, field)))?;
+        self.each_stored_field_at(db, key, |name, field| stored.push((name, field)), snapshot)?;
         let MirrorValue {
             kind,
             expire_at_ms,
@@ -249,13 +292,70 @@ impl Store {
     }
 
     /// The mirrored value of `key` with every field (see [`Store::mirror`], which gives a hash
-    /// stored by field as a window).
+    /// stored by field as a window), header and fields read from one snapshot (capture may be
+    /// writing meanwhile).
     pub fn mirror_whole(&self, db: u32, key: &[u8]) -> Result<Option<MirrorValue>, StoreError> {
-        match self.mirror(db, key)? {
-            Some(value) => self.whole(db, key, value).map(Some),
+        let snapshot = self.db.snapshot();
+        match self.mirror_at(db, key, &snapshot)? {
+            Some(value) => self.whole_at(db, key, value, Some(&snapshot)).map(Some),
             None => Ok(None),
         }
     }
+
+    /// The mirrored value of `key` with `names` loaded (a hash stored by field holds only
+    /// those), read from one snapshot: what a reader outside capture needs for a row.
+    pub fn mirror_with_fields<'n>(
+        &self,
+        db: u32,
+        key: &[u8],
+        names: impl IntoIterator<Item = &'n [u8]>,
+    ) -> Result<Option<MirrorValue>, StoreError> {
+        let snapshot = self.db.snapshot();
+        let Some(mut value) = self.mirror_at(db, key, &snapshot)? else {
+            return Ok(None);
+        };
+        if let Some(window) = value.fields.window_mut() {
+            let mut names: Vec<&[u8]> = names.into_iter().collect();
+            names.sort_unstable();
+            names.dedup();
+            let read = self.fields_at(db, key, &names, Some(&snapshot))?;
+            for (name, field) in names.into_iter().zip(read) {
+                window.see(Bytes::copy_from_slice(name), field);
+            }
+        }
+        Ok(Some(value))
+    }
+
+    fn mirror_at(
+        &self,
+        db: u32,
+        key: &[u8],
+        snapshot: &Snapshot,
+    ) -> Result<Option<MirrorValue>, StoreError> {
+        let read = self
+            .db
+            .get_pinned_cf_opt(
+                self.cf(CF_MIRROR)?,
+                mirror_key(db, key),
+                &read_options(Some(snapshot)),
+            )
+            .map_err(|e| self.rocks(e))?;
+        match read {
+            Some(raw) => MirrorValue::decode(&raw)
+                .map(Some)
+                .map_err(|e| self.corrupt(e)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Read options at `snapshot`, if any.
+fn read_options(snapshot: Option<&Snapshot>) -> ReadOptions {
+    let mut options = ReadOptions::default();
+    if let Some(snapshot) = snapshot {
+        options.set_snapshot(snapshot);
+    }
+    options
 }
 
 #[cfg(test)]

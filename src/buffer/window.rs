@@ -80,6 +80,11 @@ impl Window {
         self.len == 0
     }
 
+    /// Fields held in memory (seen: loaded, changed or known absent).
+    pub fn seen_len(&self) -> usize {
+        self.seen.len()
+    }
+
     pub fn is_rewrite(&self) -> bool {
         self.rewrite
     }
@@ -143,7 +148,8 @@ impl Window {
         let old = seen.value.take();
         if old.is_some() {
             seen.dirty = true;
-            self.len -= 1;
+            // (A count below the fields seen would be a damaged header: never below zero.)
+            self.len = self.len.saturating_sub(1);
         }
         old
     }

@@ -384,6 +384,8 @@ impl OpState {
         // The op decides the row, not the commands that carried it out.
         let row_id = mapping.row_id(&key);
         rows.retain(|e| !(e.mapping == mapping.name && e.row_id == row_id));
+        // Of a large hash, the mapped fields: the op may have written none of them.
+        ws.see_fields(db, &key, super::apply::columns(mapping))?;
         let after = ws.get(db, &key)?;
         let (event, ack_now) = op_effects(mapping, db, &key, &op, &after);
         rows.extend(event);

@@ -232,7 +232,7 @@ impl StreamBatch {
         let mut key = BytesMut::from(&mapping.key_prefix[..]);
         key.extend_from_slice(&letter.row_id);
         let key: Bytes = key.freeze();
-        let value = self.mirror_state(mapping.db, &key)?;
+        let value = self.mirror_state(mapping, &key)?;
         let row = match row_of(mapping, &value) {
             Some(values) => RowChange::Upsert {
                 columns: mapping.named(values),

@@ -114,13 +114,16 @@ impl StreamBatch {
         Ok(())
     }
 
-    /// The state of `key` as of this batch.
+    /// The state of `key`, watched by `mapping`, as of this batch (of a large hash, with its
+    /// mapped fields loaded).
     pub fn mirror_state(
         &mut self,
-        db: u32,
+        mapping: &super::mapping::Mapping,
         key: &Bytes,
     ) -> Result<Option<crate::buffer::MirrorValue>, StoreError> {
-        self.ws.get(db, key)
+        self.ws
+            .see_fields(mapping.db, key, super::apply::columns(mapping))?;
+        self.ws.get(mapping.db, key)
     }
 
     /// Appends row events as one unit recorded at `offset`.

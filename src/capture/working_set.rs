@@ -104,8 +104,8 @@ pub struct WorkingSet {
     raw: bool,
     /// What it reads before RocksDB.
     view: MirrorView,
-    /// Fields of large hashes loaded into their windows (a long unit writes what it changed
-    /// when there are many: `long_unit.rs`).
+    /// Fields of large hashes read whole into this set (a long unit writes what it changed
+    /// when it holds many: `long_unit.rs`).
     fields_seen: usize,
 }
 
@@ -200,7 +200,7 @@ impl WorkingSet {
         }
         let store = self.store.clone();
         if let Some(value) = &mut self.slot(db, key)?.value {
-            self.fields_seen += store.see_fields(db, key, value, names)?;
+            store.see_fields(db, key, value, names)?;
         }
         Ok(())
     }
@@ -220,10 +220,9 @@ impl WorkingSet {
         let store = self.store.clone();
         let slot = self.slot(db, key)?;
         let mut loaded = 0;
-        if let Some(value) = slot.value.take() {
-            let was_window = value.fields.window().is_some();
-            let whole = store.whole(db, key, value)?;
-            loaded = if was_window { whole.fields.len() } else { 0 };
+        if let Some(value) = slot.value.as_ref().filter(|v| v.fields.window().is_some()) {
+            let whole = store.whole(db, key, value.clone())?;
+            loaded = whole.fields.len();
             slot.value = Some(whole);
         }
         let value = slot.value.clone();
@@ -283,9 +282,16 @@ impl WorkingSet {
         self.slots.drain().map(|(k, s)| (k, s.value)).collect()
     }
 
-    /// Fields of large hashes loaded since the set was last flushed.
+    /// Fields of large hashes held: those their windows hold, and those of large hashes read
+    /// whole. Walks the keys held: asked once per part of a long unit, not per command.
     pub fn fields_seen(&self) -> usize {
-        self.fields_seen
+        let windows: usize = self
+            .slots
+            .values()
+            .filter_map(|s| s.value.as_ref()?.fields.window())
+            .map(|w| w.seen_len())
+            .sum();
+        windows + self.fields_seen
     }
 
     /// Number of keys held.

@@ -143,11 +143,8 @@ async fn retry_one(
         .ok_or_else(|| RetryError::NoTable(mapping.name.clone()))?;
     let mut key = mapping.key_prefix.to_vec();
     key.extend_from_slice(&letter.row_id);
-    let mut current = store.mirror(mapping.db, &key)?;
-    if let Some(value) = current.as_mut() {
-        let columns = mapping.columns.iter().map(|(field, _)| &field[..]);
-        store.see_fields(mapping.db, &key, value, columns)?;
-    }
+    let columns = mapping.columns.iter().map(|(field, _)| &field[..]);
+    let current = store.mirror_with_fields(mapping.db, &key, columns)?;
     let id = crate::sink::convert::convert(
         &schema.key_column.kind,
         &schema.key_column.name,

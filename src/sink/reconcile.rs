@@ -294,10 +294,7 @@ impl<D: Destination> super::runner::SinkRunner<D> {
             cursor = page.next;
             let mut writes = Vec::new();
             let mut refused = Vec::new();
-            for (_, key, mut value) in page.entries {
-                let columns = mapping.columns.iter().map(|(field, _)| &field[..]);
-                self.store
-                    .see_fields(mapping.db, &key, &mut value, columns)?;
+            for (_, key, value) in page.entries {
                 if !key.starts_with(&mapping.key_prefix)
                     || key.len() == mapping.key_prefix.len()
                     || value.kind != MirrorKind::Hash
@@ -305,6 +302,18 @@ impl<D: Destination> super::runner::SinkRunner<D> {
                 {
                     continue;
                 }
+                // A large hash: its header and mapped fields read again together (capture may
+                // have changed it since the page was read).
+                let value = match value.fields.window() {
+                    None => value,
+                    Some(_) => {
+                        let columns = mapping.columns.iter().map(|(field, _)| &field[..]);
+                        match self.store.mirror_with_fields(mapping.db, &key, columns)? {
+                            Some(value) if !value.fields.is_empty() => value,
+                            _ => continue,
+                        }
+                    }
+                };
                 let row_id = mapping.row_id(&key);
                 let key_column = &schema.key_column;
                 let converted = convert(&key_column.kind, &key_column.name, Some(&row_id))
