@@ -137,6 +137,60 @@ async fn a_poison_row_is_listed_and_retried_while_the_pipeline_flows() {
     assert!(ok && out.contains("is not a dead letter"), "{out}");
 }
 
+/// A dead letter of a large hash (stored one entry per field, `src/buffer/window.rs`) is
+/// requeued with the key's mapped fields: they are read for the row, never taken for absent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_of_a_large_hash_is_requeued_with_its_row() {
+    let redis = RedisServer::start(&[]);
+    let mut client = redis.client().await;
+    let service = Service::new(&redis, None);
+    service.until_ready().await;
+    let poison = "BEGIN SELECT RAISE(ABORT, 'poisoned row'); END;";
+    sqlite(
+        &service,
+        &format!("CREATE TRIGGER poison_insert BEFORE INSERT ON person1 WHEN NEW.first = 'poison' {poison}"),
+    );
+    let mut big: Vec<String> = ["HSET", "person2:big", "first_name", "poison", "seq", "7"]
+        .map(String::from)
+        .to_vec();
+    for i in 0..writebehind::buffer::STORED_BY_FIELD + 100 {
+        big.extend([format!("f{i}"), "v".to_string()]);
+    }
+    let big: Vec<&str> = big.iter().map(String::as_str).collect();
+    client.command(&big).await.expect("hset");
+    let status = || status_of(service.admin).expect("status");
+    service
+        .until("a dead letter", || status()["dead_letters"] == 1)
+        .await;
+    sqlite(&service, "DROP TRIGGER poison_insert;");
+    // Other keys written since: the large hash is no longer in the batch in flight, and is
+    // read from the cache or the store, as a window.
+    write(&mut client, 0..10).await;
+    service
+        .until("the other rows", || sqlite_rows(&service.sqlite()) == 10)
+        .await;
+    let (ok, out) = dlq(&service, &["retry", "--all"]);
+    assert!(ok, "{out}");
+    service
+        .until("the row, no dead letter", || {
+            status()["dead_letters"] == 0 && first_of(&service, "big").is_some()
+        })
+        .await;
+    assert_eq!(first_of(&service, "big").as_deref(), Some("poison"));
+    let seq: Option<String> = rusqlite::Connection::open(service.sqlite())
+        .and_then(|c| {
+            c.query_row("SELECT seq FROM person1 WHERE id = 'big'", [], |r| {
+                r.get::<_, Option<String>>(0)
+            })
+        })
+        .expect("row");
+    assert_eq!(
+        seq.as_deref(),
+        Some("7"),
+        "every mapped field of the large hash"
+    );
+}
+
 /// `dlq list` reads a running service's buffer; `dlq drop` goes through its admin listener;
 /// `/status` counts the letter and names the oldest without its row.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

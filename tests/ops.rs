@@ -269,6 +269,44 @@ async fn op_alone_resends_the_row_and_invalid_ops_are_reported_and_removed() {
     );
 }
 
+/// An atomic `=` with no field on a large hash (stored one entry per field,
+/// `src/buffer/window.rs`) re-sends the full row: the mapped fields are read for it, never
+/// taken for absent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_atomic_write_op_alone_on_a_large_hash_re_sends_its_row() {
+    let mut t = Setup::start(&[]).await;
+    t.spawn();
+    until!(
+        t,
+        "the library",
+        t.library_version().await == Some(writebehind::ack::LIBRARY_VERSION)
+    );
+    let mut big: Vec<String> = ["HSET", "person:big", "first_name", "A", "age", "7"]
+        .map(String::from)
+        .to_vec();
+    for i in 0..writebehind::buffer::STORED_BY_FIELD + 100 {
+        big.extend([format!("f{i}"), "v".to_string()]);
+    }
+    let big: Vec<&str> = big.iter().map(String::as_str).collect();
+    t.redis(&big).await;
+    until!(
+        t,
+        "the large hash's row",
+        t.row("persons", "big").await == Some((s("A"), None, Some(7)))
+    );
+    // Another key since: the large hash is read as a window, not from the batch in flight.
+    t.redis(&["HSET", "person:other", "first_name", "O"]).await;
+    until!(
+        t,
+        "the other row",
+        t.row("persons", "other").await.is_some()
+    );
+    t.redis(&["FCALL", "writebehind_hset", "1", "person:big", "#", "=b1"])
+        .await;
+    assert_eq!(t.ack("person:big", "b1").await, done());
+    assert_eq!(t.row("persons", "big").await, Some((s("A"), None, Some(7))));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_atomic_entry_point_applies_the_op_in_the_same_instant() {
     let mut t = Setup::start(&[]).await;
