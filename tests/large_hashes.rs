@@ -90,6 +90,47 @@ async fn large_hashes_from_the_snapshot_and_the_stream_follow_redis() {
     assert_eq!(capture.stats().full_syncs, 1);
 }
 
+/// A hash of 10,000 fields in a snapshot is written a page of fields at a time, never held
+/// whole; a later full sync (the primary's replication id changed while the service was
+/// stopped) reads its old row first, replaces its fields page by page, and logs the row change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_hash_in_a_snapshot_is_written_a_page_at_a_time() {
+    let server = RedisServer::start(&["--enable-debug-command", "yes"]);
+    let mut client = server.client().await;
+    let key = "person2:huge";
+    let mut create = hset_fields(key, 0..10_000, "a");
+    create.extend(["first_name", "old", "age", "1"].map(String::from));
+    send_all(&mut client, &[create]).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let mappings = mappings(&server, "keep");
+    let running = start_capture(&server, store.clone(), mappings.clone());
+    caught_up(&store, &mut client).await;
+    running.stop().await;
+    assert!(stored_by_field(&store, key));
+    assert_follows_redis(&store, &mut client, &mappings).await;
+
+    let mut delete = vec!["HDEL".to_string(), key.to_string()];
+    delete.extend((0..5_000).map(|i| format!("f{}", i * 2)));
+    let mut change = hset_fields(key, 20_000..20_010, "b");
+    change.extend(["first_name", "new"].map(String::from));
+    send_all(&mut client, &[delete, change]).await;
+    client
+        .command(&["DEBUG", "CHANGE-REPL-ID"])
+        .await
+        .expect("DEBUG CHANGE-REPL-ID");
+    let running = start_capture(&server, store.clone(), mappings.clone());
+    caught_up(&store, &mut client).await;
+    let capture = running.stop().await;
+    assert_eq!(capture.stats().full_syncs, 1, "{:?}", capture.stats());
+    assert!(stored_by_field(&store, key));
+    let redis = assert_follows_redis(&store, &mut client, &mappings).await;
+    assert_eq!(
+        redis.values().next().map(|fields| fields.len()),
+        Some(5_012)
+    );
+}
+
 /// A transaction of 120,000 `HSET`s on one large hash (far more fields than a part loads)
 /// whose link is cut once parts are written: the parts are rolled back field by field, the
 /// transaction is received again, and its one mapped change is in the log once. Its mapped

@@ -6,6 +6,7 @@ use super::checkpoint::Checkpoint;
 use super::codec::Encoder;
 use super::dead_letter::DeadLetter;
 use super::field_store::by_field;
+use super::fields::Fields;
 use super::mirror::{mirror_key, MirrorEntries, MirrorValue};
 use super::open_unit::{undo_key, undo_value, OpenUnit, META_OPEN_UNIT};
 use super::{
@@ -34,6 +35,8 @@ pub(super) enum Op {
     DeleteMirror(Vec<u8>),
     /// The stored fields of a key that is no longer stored by field (before its new value).
     ClearFields(u32, Vec<u8>),
+    /// Fields of a hash stored by field, written as they are (a page of a snapshot's hash).
+    PutFields(u32, Vec<u8>, Fields),
     /// Mirror entries encoded when the batch is written (on the committer's thread, not
     /// capture's), in key order.
     MirrorEntries(Arc<MirrorEntries>),
@@ -67,6 +70,11 @@ impl Batch {
                 .ops
                 .push(Op::PutMirror(mirror_key(db, key), value.encode())),
         }
+    }
+    /// Writes `fields` as fields of `key`, a hash stored by field whose header is written
+    /// apart (a full sync's page).
+    pub fn put_fields(&mut self, db: u32, key: &[u8], fields: Fields) {
+        self.ops.push(Op::PutFields(db, key.to_vec(), fields));
     }
     /// Clears the stored fields of `key` (it was stored by field and no longer is); comes
     /// before its new value.

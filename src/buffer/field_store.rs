@@ -104,8 +104,18 @@ pub(super) fn put_whole(
     (db, key): (u32, &[u8]),
     fields: &Fields,
 ) {
+    clear_fields(write, family, db, key);
+    put_fields(write, family, (db, key), fields);
+}
+
+/// Adds to `write` every field of `fields` (a page of a hash whose range was cleared before).
+pub(super) fn put_fields(
+    write: &mut WriteBatch,
+    family: &ColumnFamily,
+    (db, key): (u32, &[u8]),
+    fields: &Fields,
+) {
     let prefix = field_prefix(db, key);
-    write.delete_range_cf(family, &prefix, &prefix_end(&prefix));
     for (name, value) in fields {
         write.put_cf(family, field_key(&prefix, name), encode_field(value));
     }

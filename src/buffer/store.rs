@@ -11,7 +11,7 @@ use rocksdb::{
 
 use super::batch::Op;
 use super::codec::{DecodeError, Decoder};
-use super::field_store::clear_fields;
+use super::field_store::{clear_fields, put_fields};
 use super::mirror::{mirror_key, put_entries, put_value, split_mirror_key};
 use super::{
     AckRecord, Batch, Change, Checkpoint, DeadLetter, MirrorValue, StoreError, CF_ACKS, CF_CHANGES,
@@ -472,6 +472,7 @@ impl Store {
                     );
                 }
                 Op::ClearFields(db, key) => clear_fields(&mut write, fields, db, &key),
+                Op::PutFields(db, key, page) => put_fields(&mut write, fields, (db, &key), &page),
                 Op::DeleteMirror(k) => write.delete_cf(mirror, k),
                 Op::PutChange(seq, v) => write.put_cf(changes, seq.key(), v),
                 Op::Changes(list) => {

@@ -16,7 +16,8 @@ use super::progress::SnapshotProgress;
 use super::rows::row_event;
 use super::snapshot_writer::SnapshotWriter;
 use super::state::{CaptureState, ChangeCounts};
-use crate::buffer::{Batch, FieldValue, MirrorCursor, MirrorValue, StoreError};
+use crate::ack::OP_FIELD;
+use crate::buffer::{Batch, FieldValue, Fields, MirrorCursor, MirrorValue, StoreError};
 use crate::config::InitialLoad;
 use crate::position::{ReplOffset, StreamPosition};
 use crate::replication::rdb::{RdbEvent, ValueKind};
@@ -24,12 +25,32 @@ use crate::replication::rdb::{RdbEvent, ValueKind};
 /// Snapshot keys written per batch.
 pub const SNAPSHOT_BATCH_KEYS: usize = 1_000;
 
+/// Fields of a snapshot hash gathered before they are written by field: a hash larger than
+/// this is never held whole (docs/design.md 5.3 "Large hashes").
+pub const SNAPSHOT_FIELD_PAGE: usize = 4096;
+
 /// The watched key of the snapshot being read.
 struct SnapshotKey {
     db: u32,
     key: Bytes,
+    /// Its value; of a hash written a page at a time, the fields of the page being gathered.
     value: MirrorValue,
     empty: bool,
+    /// Set once the first page of a large hash is written.
+    paged: Option<Paged>,
+}
+
+/// A large hash of the snapshot written a page of fields at a time.
+struct Paged {
+    /// The key's mirror value before the snapshot, with its mapped fields: read before the
+    /// first page is written (the pages replace its fields).
+    before: Option<MirrorValue>,
+    /// Fields written.
+    written: usize,
+    /// The names whose values are kept in memory: the mapped fields and `#` (its row, its op).
+    names: Vec<Bytes>,
+    /// Their values, as the pages passed.
+    kept: Vec<(Bytes, FieldValue)>,
 }
 
 pub struct FullSync {
@@ -123,25 +144,36 @@ impl FullSync {
                         key,
                         value,
                         empty: false,
+                        paged: None,
                     }
                 });
             }
             RdbEvent::HashField(field) => {
-                if let Some(current) = self.key.as_mut() {
-                    current.value.fields.insert(
-                        field.field,
-                        FieldValue {
-                            value: field.value,
-                            expire_at_ms: field.expire_at_ms,
-                        },
-                    );
+                let Some(current) = self.key.as_mut() else {
+                    return Ok(());
+                };
+                current.value.fields.insert(
+                    field.field,
+                    FieldValue {
+                        value: field.value,
+                        expire_at_ms: field.expire_at_ms,
+                    },
+                );
+                if current.value.fields.len() >= SNAPSHOT_FIELD_PAGE {
+                    self.write_page(state)?;
                 }
             }
             RdbEvent::KeyEnd { empty } => {
                 self.progress.key_done();
+                if self.key.as_ref().is_some_and(|k| k.paged.is_some()) {
+                    self.write_page(state)?;
+                }
                 if let Some(mut current) = self.key.take() {
                     current.empty = empty;
-                    self.key_done(state, current)?;
+                    if let Some(paged) = current.paged.take() {
+                        return self.paged_key_done(state, current, paged);
+                    }
+                    self.key_done(state, current, None)?;
                 }
             }
             _ => {}
@@ -149,21 +181,102 @@ impl FullSync {
         Ok(())
     }
 
-    fn key_done(&mut self, state: &mut CaptureState, key: SnapshotKey) -> Result<(), StoreError> {
+    /// Writes the fields gathered of the current key as a page of a hash stored by field
+    /// (the first page reads the key's value before the snapshot and clears its fields).
+    fn write_page(&mut self, state: &mut CaptureState) -> Result<(), StoreError> {
+        let Some(current) = self.key.as_mut() else {
+            return Ok(());
+        };
+        let (db, key) = (current.db, current.key.clone());
+        if current.paged.is_none() {
+            let Some(mapping) = state.mappings.watching(db, &key) else {
+                return Ok(());
+            };
+            let columns = super::apply::columns(mapping);
+            let before = match self.mirror_was_empty {
+                true => None,
+                false => state.store.mirror_with_fields(db, &key, columns)?,
+            };
+            let mut names: Vec<Bytes> = mapping.columns.iter().map(|(f, _)| f.clone()).collect();
+            names.push(Bytes::from_static(OP_FIELD));
+            // Whatever the key held (or an interrupted sync left) is replaced.
+            self.batch.clear_fields(db, &key);
+            current.paged = Some(Paged {
+                before,
+                written: 0,
+                names,
+                kept: Vec::new(),
+            });
+        }
+        let page = std::mem::take(&mut current.value.fields);
+        if let Some(paged) = current.paged.as_mut() {
+            for (name, value) in &page {
+                if paged.names.contains(name) {
+                    paged.kept.push((name.clone(), value.clone()));
+                }
+            }
+            paged.written += page.len();
+        }
+        self.batch.put_fields(db, &key, page);
+        // Handed over at once: a batch never holds more than a page of one hash.
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.put_checkpoint(&state.checkpoint);
+        self.writer.write(batch)
+    }
+
+    /// The end of a large hash written in pages: its header, its row, its op.
+    fn paged_key_done(
+        &mut self,
+        state: &mut CaptureState,
+        mut key: SnapshotKey,
+        paged: Paged,
+    ) -> Result<(), StoreError> {
+        let mut fields = Fields::unseen(paged.written);
+        if let Some(window) = fields.window_mut() {
+            for (name, value) in paged.kept {
+                window.see(name, Some(value));
+            }
+            for name in paged.names {
+                window.see(name, None);
+            }
+        }
+        key.value.fields = fields;
+        if state.ops.holds_op(&key.value) {
+            // Its op is completed against the whole hash: read back once every page is written.
+            let mut batch = std::mem::take(&mut self.batch);
+            batch.put_checkpoint(&state.checkpoint);
+            self.writer.write(batch)?;
+            self.writer.finish()?;
+            self.writer = SnapshotWriter::start(state.store.clone())?;
+            key.value = state.store.whole(key.db, &key.key, key.value)?;
+        }
+        self.key_done(state, key, Some(paged.before))
+    }
+
+    /// The end of a watched key of the snapshot; `before`: its value before the snapshot when
+    /// already read (a key written in pages), else read here.
+    fn key_done(
+        &mut self,
+        state: &mut CaptureState,
+        key: SnapshotKey,
+        before: Option<Option<MirrorValue>>,
+    ) -> Result<(), StoreError> {
         let Some(mapping) = state.mappings.watching(key.db, &key.key).cloned() else {
             return Ok(());
         };
-        let before = match self.mirror_was_empty {
-            true => None,
-            false => state.store.mirror(key.db, &key.key)?,
+        let paged = before.is_some();
+        let before = match before {
+            Some(before) => before,
+            None if self.mirror_was_empty => None,
+            // Of a large hash (stored by field), the mapped fields: its row.
+            None => {
+                let columns = super::apply::columns(&mapping);
+                state.store.mirror_with_fields(key.db, &key.key, columns)?
+            }
         };
-        // Of a large hash (stored by field), the mapped fields: its row.
-        let mut before = before;
-        if let Some(value) = before.as_mut() {
-            let columns = super::apply::columns(&mapping);
-            state.store.see_fields(key.db, &key.key, value, columns)?;
-        }
-        let before_by_field = before.as_ref().is_some_and(|v| v.fields.window().is_some());
+        // (A key written in pages cleared its fields with its first page.)
+        let before_by_field =
+            !paged && before.as_ref().is_some_and(|v| v.fields.window().is_some());
         let after = if key.empty { None } else { Some(key.value) };
         let emit = !self.first || mapping.initial_load == InitialLoad::Upsert;
         let mut acks = Vec::new();
