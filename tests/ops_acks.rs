@@ -322,6 +322,10 @@ async fn a_replayed_completion_tag_is_not_a_completion() {
 async fn ops_inside_a_long_transaction_are_acknowledged() {
     let mut t = Setup::start(&[]).await;
     t.spawn();
+    // Attached first: a transaction sent before the snapshot is in it, key by key (each key
+    // its own unit, acknowledged alone), and this test would not be about a transaction.
+    let mut probe = t._redis.client().await;
+    support::capture::until_attached(&mut probe, || t.log()).await;
     let keys = 20_000;
     // The first ops come after the first part was written (8,192 keys): that part is in the
     // buffer, and the batches from the first op on wait for the unit's end.
