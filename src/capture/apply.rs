@@ -191,7 +191,6 @@ impl Applier<'_> {
     ) -> Result<Needs, StoreError> {
         let mut needs = Needs::default();
         let db = command.db;
-        self.see_named_fields(ws, db, write)?;
         match write {
             Write::SetFields {
                 key,
@@ -199,52 +198,56 @@ impl Applier<'_> {
                 only_new,
                 ttl,
             } => {
-                needs.op = self.update_hash(ws, db, key, command, out, |fields, changes| {
-                    set_fields(fields, pairs, *only_new, *ttl, changes)
-                })?;
+                needs.op =
+                    self.update_hash(ws, (db, key, write), command, out, |fields, changes| {
+                        set_fields(fields, pairs, *only_new, *ttl, changes)
+                    })?;
             }
             Write::DeleteFields { key, fields } => {
-                needs.op = self.update_hash(ws, db, key, command, out, |map, changes| {
-                    for field in fields {
-                        if let Some(old) = map.get(field) {
-                            changes.changing(field, Some(old));
-                            map.remove(field);
+                needs.op =
+                    self.update_hash(ws, (db, key, write), command, out, |map, changes| {
+                        for field in fields {
+                            if let Some(old) = map.get(field) {
+                                changes.changing(field, Some(old));
+                                map.remove(field);
+                            }
                         }
-                    }
-                })?;
+                    })?;
             }
             Write::IncrementField { key, field, by } => {
-                needs.op = self.update_hash(ws, db, key, command, out, |fields, changes| {
-                    let current = fields.get(field).and_then(|v| parse_i64(&v.value));
-                    let value = Bytes::from(current.unwrap_or(0).wrapping_add(*by).to_string());
-                    changes.changing(field, fields.get(field));
-                    match fields.get_mut(field) {
-                        Some(old) => old.value = value,
-                        None => {
-                            let expire_at_ms = None;
-                            fields.insert(
-                                owned(field),
-                                FieldValue {
-                                    value,
-                                    expire_at_ms,
-                                },
-                            );
+                needs.op =
+                    self.update_hash(ws, (db, key, write), command, out, |fields, changes| {
+                        let current = fields.get(field).and_then(|v| parse_i64(&v.value));
+                        let value = Bytes::from(current.unwrap_or(0).wrapping_add(*by).to_string());
+                        changes.changing(field, fields.get(field));
+                        match fields.get_mut(field) {
+                            Some(old) => old.value = value,
+                            None => {
+                                let expire_at_ms = None;
+                                fields.insert(
+                                    owned(field),
+                                    FieldValue {
+                                        value,
+                                        expire_at_ms,
+                                    },
+                                );
+                            }
                         }
-                    }
-                })?;
+                    })?;
             }
             Write::FieldExpiry { key, at, fields } => {
                 // A field's TTL is not in its row.
-                needs.op = self.update_hash(ws, db, key, command, out, |map, changes| {
-                    for field in fields {
-                        if let Some(v) = map.get_mut(field) {
-                            if v.expire_at_ms != *at {
-                                changes.ttl_changed();
-                                v.expire_at_ms = *at;
+                needs.op =
+                    self.update_hash(ws, (db, key, write), command, out, |map, changes| {
+                        for field in fields {
+                            if let Some(v) = map.get_mut(field) {
+                                if v.expire_at_ms != *at {
+                                    changes.ttl_changed();
+                                    v.expire_at_ms = *at;
+                                }
                             }
                         }
-                    }
-                })?;
+                    })?;
             }
             Write::Unreproducible { key } => self.refresh_if_watched(ws, db, key, &mut needs)?,
             Write::Delete { keys } => {
@@ -292,23 +295,9 @@ impl Applier<'_> {
     fn see_named_fields(
         &self,
         ws: &mut WorkingSet,
-        db: u32,
+        (db, key, mapping): (u32, &Bytes, &Mapping),
         write: &Write,
     ) -> Result<(), StoreError> {
-        let key = match write {
-            Write::SetFields { key, .. }
-            | Write::DeleteFields { key, .. }
-            | Write::FieldExpiry { key, .. }
-            | Write::IncrementField { key, .. } => key,
-            _ => return Ok(()),
-        };
-        let Some(mapping) = self.mappings.watching(db, key) else {
-            return Ok(());
-        };
-        // Every command on a small hash stops here (no allocation on the hot path).
-        if !ws.is_window(db, key)? {
-            return Ok(());
-        }
         let named: Vec<&[u8]> = match write {
             Write::SetFields { pairs, .. } => pairs.iter().map(|(f, _)| &f[..]).collect(),
             Write::DeleteFields { fields, .. } | Write::FieldExpiry { fields, .. } => {
@@ -368,8 +357,7 @@ impl Applier<'_> {
     fn update_hash(
         &self,
         ws: &mut WorkingSet,
-        db: u32,
-        key: &Bytes,
+        (db, key, write): (u32, &Bytes, &Write),
         command: &Command,
         out: &mut Vec<RowEvent>,
         change: impl FnOnce(&mut Fields, &mut FieldChanges),
@@ -377,8 +365,13 @@ impl Applier<'_> {
         let Some(mapping) = self.mappings.watching(db, key) else {
             return Ok(None);
         };
-        if Self::already_in(ws.peek(db, key)?, command) {
+        let before = ws.peek(db, key)?;
+        if Self::already_in(before, command) {
             return Ok(None);
+        }
+        // A large hash: what the command reads is loaded first (a small one holds it all).
+        if before.as_ref().is_some_and(|v| v.fields.window().is_some()) {
+            self.see_named_fields(ws, (db, key, mapping), write)?;
         }
         ws.update(db, key, |value| {
             let was_hash = matches!(value, Some(v) if v.kind == MirrorKind::Hash);
