@@ -5,13 +5,11 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use support::capture::*;
 use support::send_all;
 use support::RedisServer;
 use writebehind::buffer::{Store, STORED_BY_FIELD};
-use writebehind::redis_client::RedisClient;
 
 /// `HSET key f<i> <value><i>` for every `i` in `fields`, as one command.
 fn hset_fields(key: &str, fields: std::ops::Range<usize>, value: &str) -> Vec<String> {
@@ -178,20 +176,4 @@ async fn a_long_transaction_on_a_large_hash_is_rolled_back_field_by_field() {
     assert_eq!(store.open_unit().expect("open unit"), None);
     assert!(stored_by_field(&store, key));
     assert_follows_redis(&store, &mut client, &mappings).await;
-}
-
-/// Waits until a part of the open transaction is written, then has the primary cut the link.
-async fn cut_once_a_part_is_written(store: &Store, client: &mut RedisClient) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while store.open_unit().expect("open unit").is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "no part of the transaction was written"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    client
-        .command(&["CLIENT", "KILL", "TYPE", "replica"])
-        .await
-        .expect("client kill");
 }

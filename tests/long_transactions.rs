@@ -286,18 +286,7 @@ async fn a_link_lost_inside_a_long_transaction_rolls_it_back_and_receives_it_aga
     let commands = transaction("", 0..keys, &value);
     let mut sender = server.client().await;
     let sent = tokio::spawn(async move { send_all(&mut sender, &commands).await });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while store.open_unit().expect("open unit").is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "no part of the transaction was written"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    client
-        .command(&["CLIENT", "KILL", "TYPE", "replica"])
-        .await
-        .expect("client kill");
+    cut_once_a_part_is_written(&store, &mut client).await;
     sent.await.expect("send");
     caught_up(&store, &mut client).await;
     let capture = running.stop().await;

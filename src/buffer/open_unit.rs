@@ -237,36 +237,26 @@ impl Store {
                 from.clear();
                 from.extend_from_slice(&key);
                 from.push(0);
-                let mirror_key = &key[1..];
-                if prefix == Some(FIELD_UNDO_PREFIX) {
-                    match value.split_first() {
-                        Some((0, [])) => write.delete_cf(fields, mirror_key),
-                        Some((1, encoded)) => {
-                            decode_field(encoded).map_err(|e| self.corrupt(e))?;
-                            write.put_cf(fields, mirror_key, encoded);
-                        }
-                        _ => {
-                            return Err(self.corrupt(super::DecodeError {
-                                what: "field undo entry",
-                                at: 0,
-                                message: format!("starts with {:?}", value.first()),
-                            }))
-                        }
-                    }
-                    write.delete_cf(undo, &key);
-                    restored += 1;
-                    continue;
-                }
+                // A field's undo entry restores a field, any other a mirror entry.
+                let (family, what): (_, &'static str) = match prefix == Some(FIELD_UNDO_PREFIX) {
+                    true => (fields, "field undo entry"),
+                    false => (mirror, "undo entry"),
+                };
+                let target = &key[1..];
                 match value.split_first() {
-                    Some((0, [])) => write.delete_cf(mirror, mirror_key),
+                    Some((0, [])) => write.delete_cf(family, target),
                     Some((1, encoded)) => {
                         // Decoded first: a damaged entry is an error, never a value.
-                        MirrorValue::decode(encoded).map_err(|e| self.corrupt(e))?;
-                        write.put_cf(mirror, mirror_key, encoded);
+                        let decoded = match prefix == Some(FIELD_UNDO_PREFIX) {
+                            true => decode_field(encoded).map(drop),
+                            false => MirrorValue::decode(encoded).map(drop),
+                        };
+                        decoded.map_err(|e| self.corrupt(e))?;
+                        write.put_cf(family, target, encoded);
                     }
                     _ => {
                         return Err(self.corrupt(super::DecodeError {
-                            what: "undo entry",
+                            what,
                             at: 0,
                             message: format!("starts with {:?}", value.first()),
                         }))

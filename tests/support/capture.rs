@@ -560,3 +560,20 @@ pub async fn replica_ack_offset(client: &mut RedisClient) -> Option<u64> {
         .find_map(|part| part.strip_prefix("offset="))
         .and_then(|o| o.parse().ok())
 }
+
+/// Waits until a part of an open transaction is written (`src/buffer/open_unit.rs`), then has
+/// the primary cut the replication link.
+pub async fn cut_once_a_part_is_written(store: &Store, client: &mut RedisClient) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while store.open_unit().expect("open unit").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no part of the transaction was written"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    client
+        .command(&["CLIENT", "KILL", "TYPE", "replica"])
+        .await
+        .expect("client kill");
+}
