@@ -161,19 +161,7 @@ async fn a_long_transaction_on_a_large_hash_is_rolled_back_field_by_field() {
     ]);
     commands.extend((0..120_000).map(|i| hset_fields(key, i..i + 1, &value)));
     commands.push(vec!["EXEC".into()]);
-    let mut sender = server.client().await;
-    let sent = tokio::spawn(async move { send_all(&mut sender, &commands).await });
-    cut_once_a_part_is_written(&store, &mut client).await;
-    sent.await.expect("send");
-    caught_up(&store, &mut client).await;
-    let capture = running.stop().await;
-
-    assert!(
-        capture.stats().units_rolled_back >= 1,
-        "the cut transaction was rolled back: {:?}",
-        capture.stats()
-    );
-    assert_eq!(store.open_unit().expect("open unit"), None);
+    cut_inside_a_transaction(&server, &store, &mut client, commands, running).await;
     assert!(stored_by_field(&store, key));
     assert_follows_redis(&store, &mut client, &mappings).await;
 }

@@ -561,6 +561,31 @@ pub async fn replica_ack_offset(client: &mut RedisClient) -> Option<u64> {
         .and_then(|o| o.parse().ok())
 }
 
+/// Sends `commands` (a long transaction) from another connection, cuts the replication link
+/// once a part of it is written, waits until capture has caught up, stops it and checks that
+/// what was written of the transaction was rolled back.
+pub async fn cut_inside_a_transaction(
+    server: &RedisServer,
+    store: &Store,
+    client: &mut RedisClient,
+    commands: Vec<Vec<String>>,
+    running: Running,
+) -> Capture {
+    let mut sender = server.client().await;
+    let sent = tokio::spawn(async move { super::send_all(&mut sender, &commands).await });
+    cut_once_a_part_is_written(store, client).await;
+    sent.await.expect("send");
+    caught_up(store, client).await;
+    let capture = running.stop().await;
+    assert!(
+        capture.stats().units_rolled_back >= 1,
+        "the cut transaction was rolled back: {:?}",
+        capture.stats()
+    );
+    assert_eq!(store.open_unit().expect("open unit"), None);
+    capture
+}
+
 /// Waits until a part of an open transaction is written (`src/buffer/open_unit.rs`), then has
 /// the primary cut the replication link.
 pub async fn cut_once_a_part_is_written(store: &Store, client: &mut RedisClient) {
