@@ -5,7 +5,6 @@ use super::change::Change;
 use super::checkpoint::Checkpoint;
 use super::codec::Encoder;
 use super::dead_letter::DeadLetter;
-use super::field_store::by_field;
 use super::fields::Fields;
 use super::mirror::{mirror_key, MirrorEntries, MirrorValue};
 use super::open_unit::{undo_key, undo_value, OpenUnit, META_OPEN_UNIT};
@@ -53,7 +52,7 @@ pub(super) enum Op {
 
 impl Batch {
     pub fn put_mirror(&mut self, db: u32, key: &[u8], value: &MirrorValue) {
-        match by_field(value) {
+        match value.fields.stored_by_field() {
             true => self.put_mirror_value(db, key, value.clone()),
             false => self
                 .ops
@@ -62,7 +61,7 @@ impl Batch {
     }
     /// Puts `value`, moved (a whole large hash is not copied).
     pub fn put_mirror_value(&mut self, db: u32, key: &[u8], value: MirrorValue) {
-        match by_field(&value) {
+        match value.fields.stored_by_field() {
             true => self
                 .ops
                 .push(Op::PutMirrorValue(db, key.to_vec(), Box::new(value))),

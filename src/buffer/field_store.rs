@@ -84,10 +84,10 @@ pub(super) fn put_window(
     (db, key): (u32, &[u8]),
     window: &Window,
 ) {
-    let prefix = field_prefix(db, key);
     if window.is_rewrite() {
-        write.delete_range_cf(family, &prefix, &prefix_end(&prefix));
+        clear_fields(write, family, db, key);
     }
+    let prefix = field_prefix(db, key);
     for (name, value) in window.changed() {
         let key = field_key(&prefix, name);
         match value {
@@ -119,11 +119,6 @@ pub(super) fn put_fields(
     for (name, value) in fields {
         write.put_cf(family, field_key(&prefix, name), encode_field(value));
     }
-}
-
-/// Whether a value is written as a header with its fields apart.
-pub(super) fn by_field(value: &MirrorValue) -> bool {
-    value.fields.stored_by_field()
 }
 
 impl Store {
@@ -158,43 +153,43 @@ impl Store {
     }
 
     /// Loads `names` into `value`'s window (a hash stored by field), those it has not seen;
-    /// any other value holds them already. Returns how many it loaded.
+    /// any other value holds them already.
     pub fn see_fields<'n>(
         &self,
         db: u32,
         key: &[u8],
         value: &mut MirrorValue,
         names: impl IntoIterator<Item = &'n [u8]>,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<(), StoreError> {
+        self.see_fields_at(db, key, value, names, None)
+    }
+
+    fn see_fields_at<'n>(
+        &self,
+        db: u32,
+        key: &[u8],
+        value: &mut MirrorValue,
+        names: impl IntoIterator<Item = &'n [u8]>,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<(), StoreError> {
         let Some(window) = value.fields.window_mut() else {
-            return Ok(0);
+            return Ok(());
         };
         let mut unseen: Vec<&[u8]> = names.into_iter().filter(|n| !window.has_seen(n)).collect();
         if unseen.is_empty() {
-            return Ok(0);
+            return Ok(());
         }
         unseen.sort_unstable();
         unseen.dedup();
-        let read = self.fields_of(db, key, &unseen)?;
-        let loaded = unseen.len();
+        let read = self.fields_at(db, key, &unseen, snapshot)?;
         for (name, field) in unseen.into_iter().zip(read) {
             window.see(Bytes::copy_from_slice(name), field);
         }
-        Ok(loaded)
+        Ok(())
     }
 
     /// Up to `limit` stored fields of `key` in `db` after the field `after` (from the first
     /// when `None`), in name order.
-    pub fn stored_fields(
-        &self,
-        db: u32,
-        key: &[u8],
-        after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Bytes, FieldValue)>, StoreError> {
-        self.stored_fields_at(db, key, after, limit, None)
-    }
-
     fn stored_fields_at(
         &self,
         db: u32,
@@ -324,15 +319,7 @@ impl Store {
         let Some(mut value) = self.mirror_at(db, key, &snapshot)? else {
             return Ok(None);
         };
-        if let Some(window) = value.fields.window_mut() {
-            let mut names: Vec<&[u8]> = names.into_iter().collect();
-            names.sort_unstable();
-            names.dedup();
-            let read = self.fields_at(db, key, &names, Some(&snapshot))?;
-            for (name, field) in names.into_iter().zip(read) {
-                window.see(Bytes::copy_from_slice(name), field);
-            }
-        }
+        self.see_fields_at(db, key, &mut value, names, Some(&snapshot))?;
         Ok(Some(value))
     }
 

@@ -5,7 +5,7 @@ use std::hash::{Hash, Hasher};
 use bytes::Bytes;
 
 use super::codec::{DecodeError, Decoder, Encoder};
-use super::field_store::{by_field, put_whole, put_window};
+use super::field_store::{put_whole, put_window};
 use super::fields::Fields;
 use crate::position::ReplOffset;
 
@@ -249,7 +249,7 @@ pub(super) fn put_value(
     value: &MirrorValue,
     buffer: &mut Vec<u8>,
 ) {
-    if !by_field(value) {
+    if !value.fields.stored_by_field() {
         value.encode_into(buffer);
         write.put_cf(family, mirror_key, &*buffer);
         return;

@@ -159,11 +159,6 @@ pub(super) fn owned(bytes: &Bytes) -> Bytes {
     Bytes::copy_from_slice(bytes)
 }
 
-/// The hash fields `mapping` maps to columns.
-pub(super) fn columns(mapping: &Mapping) -> impl Iterator<Item = &[u8]> {
-    mapping.columns.iter().map(|(field, _)| &field[..])
-}
-
 fn parse_i64(b: &[u8]) -> Option<i64> {
     std::str::from_utf8(b).ok()?.parse().ok()
 }
@@ -310,7 +305,10 @@ impl Applier<'_> {
         ws.see_fields(
             db,
             key,
-            named.into_iter().chain(columns(mapping)).chain([OP_FIELD]),
+            named
+                .into_iter()
+                .chain(mapping.mapped_fields())
+                .chain([OP_FIELD]),
         )?;
         let holds_op = ws
             .peek(db, key)?
@@ -335,7 +333,7 @@ impl Applier<'_> {
         let Some(mapping) = self.mappings.watching(db, key) else {
             return Ok(None);
         };
-        ws.see_fields(db, key, columns(mapping))?;
+        ws.see_fields(db, key, mapping.mapped_fields())?;
         let before = ws.get(db, key)?;
         if Self::already_in(&before, command) {
             return Ok(None);

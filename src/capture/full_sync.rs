@@ -192,7 +192,7 @@ impl FullSync {
             let Some(mapping) = state.mappings.watching(db, &key) else {
                 return Ok(());
             };
-            let columns = super::apply::columns(mapping);
+            let columns = mapping.mapped_fields();
             let before = match self.mirror_was_empty {
                 true => None,
                 false => state.store.mirror_with_fields(db, &key, columns)?,
@@ -270,7 +270,7 @@ impl FullSync {
             None if self.mirror_was_empty => None,
             // Of a large hash (stored by field), the mapped fields: its row.
             None => {
-                let columns = super::apply::columns(&mapping);
+                let columns = mapping.mapped_fields();
                 state.store.mirror_with_fields(key.db, &key.key, columns)?
             }
         };

@@ -79,6 +79,11 @@ impl Mapping {
             .collect()
     }
 
+    /// The hash fields mapped to columns, in column order.
+    pub fn mapped_fields(&self) -> impl Iterator<Item = &[u8]> {
+        self.columns.iter().map(|(field, _)| &field[..])
+    }
+
     /// Whether a field is mapped to a column (changes of other fields do not touch the row).
     pub fn maps_field(&self, field: &[u8]) -> bool {
         self.column_of(field).is_some()

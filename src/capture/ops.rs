@@ -385,7 +385,7 @@ impl OpState {
         let row_id = mapping.row_id(&key);
         rows.retain(|e| !(e.mapping == mapping.name && e.row_id == row_id));
         // Of a large hash, the mapped fields: the op may have written none of them.
-        ws.see_fields(db, &key, super::apply::columns(mapping))?;
+        ws.see_fields(db, &key, mapping.mapped_fields())?;
         let after = ws.get(db, &key)?;
         let (event, ack_now) = op_effects(mapping, db, &key, &op, &after);
         rows.extend(event);

@@ -122,7 +122,7 @@ impl StreamBatch {
         key: &Bytes,
     ) -> Result<Option<crate::buffer::MirrorValue>, StoreError> {
         self.ws
-            .see_fields(mapping.db, key, super::apply::columns(mapping))?;
+            .see_fields(mapping.db, key, mapping.mapped_fields())?;
         self.ws.get(mapping.db, key)
     }
 
@@ -351,8 +351,7 @@ impl StreamBatch {
         state.stats.refreshed_keys += 1;
         let mapping = state.mappings.watching(db, key);
         if let Some(mapping) = mapping {
-            self.ws
-                .see_fields(db, key, super::apply::columns(mapping))?;
+            self.ws.see_fields(db, key, mapping.mapped_fields())?;
         }
         let before = self.ws.get(db, key)?;
         let mut value = value;

@@ -68,7 +68,7 @@ struct Slot {
 
 impl Slot {
     fn loaded(value: Option<MirrorValue>) -> Slot {
-        let by_field = value.as_ref().is_some_and(|v| v.fields.window().is_some());
+        let by_field = is_window(&value);
         Slot {
             value,
             dirty: false,
@@ -77,10 +77,9 @@ impl Slot {
     }
 }
 
-fn slot_is_window(slot: &Slot) -> bool {
-    slot.value
-        .as_ref()
-        .is_some_and(|v| v.fields.window().is_some())
+/// Whether `value` is a hash stored by field, held as a window.
+fn is_window(value: &Option<MirrorValue>) -> bool {
+    value.as_ref().is_some_and(|v| v.fields.window().is_some())
 }
 
 /// The fields of a hash stored by field that a batch writes (for a long unit's undo records).
@@ -207,11 +206,7 @@ impl WorkingSet {
 
     /// Whether `key` is a hash stored by field, held as a window.
     pub fn is_window(&mut self, db: u32, key: &[u8]) -> Result<bool, StoreError> {
-        Ok(self
-            .slot(db, key)?
-            .value
-            .as_ref()
-            .is_some_and(|v| v.fields.window().is_some()))
+        Ok(is_window(&self.slot(db, key)?.value))
     }
 
     /// The value of `key` with every field (a hash stored by field is read whole from the
@@ -375,7 +370,7 @@ impl WorkingSet {
                     batch.clear_fields(id.0, &id.1);
                 }
                 changed.insert(id, slot.value);
-            } else if slot.value.is_some() && (!slot.by_field || slot_is_window(&slot)) {
+            } else if slot.value.is_some() && (!slot.by_field || is_window(&slot.value)) {
                 // (A large hash read whole here is not cached whole: the store holds it by
                 // field, and the cache must say so.)
                 // Taken out of the cache (or read): it goes back in with this batch.

@@ -143,8 +143,7 @@ async fn retry_one(
         .ok_or_else(|| RetryError::NoTable(mapping.name.clone()))?;
     let mut key = mapping.key_prefix.to_vec();
     key.extend_from_slice(&letter.row_id);
-    let columns = mapping.columns.iter().map(|(field, _)| &field[..]);
-    let current = store.mirror_with_fields(mapping.db, &key, columns)?;
+    let current = store.mirror_with_fields(mapping.db, &key, mapping.mapped_fields())?;
     let id = crate::sink::convert::convert(
         &schema.key_column.kind,
         &schema.key_column.name,

@@ -307,8 +307,8 @@ impl<D: Destination> super::runner::SinkRunner<D> {
                 let value = match value.fields.window() {
                     None => value,
                     Some(_) => {
-                        let columns = mapping.columns.iter().map(|(field, _)| &field[..]);
-                        match self.store.mirror_with_fields(mapping.db, &key, columns)? {
+                        let fields = mapping.mapped_fields();
+                        match self.store.mirror_with_fields(mapping.db, &key, fields)? {
                             Some(value) if !value.fields.is_empty() => value,
                             _ => continue,
                         }
