@@ -262,6 +262,56 @@ async fn a_reconciliation_with_a_new_partition_count_acks_each_op_once() {
     database.drop_database().await;
 }
 
+/// Every row a batch writes or deletes is written inside the batch's transaction, on the
+/// statement path and on the staged one (`LOAD DATA` and a merge): a trigger on the table
+/// records `@@in_transaction` for each. The batch session runs with autocommit off and sends
+/// no `START TRANSACTION`; were autocommit on, each statement would commit alone and a unit
+/// could be seen, or survive a crash, in part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_row_of_a_batch_is_written_inside_its_transaction() {
+    let database = Database::maria().await;
+    database.execute(PERSON_TABLE).await;
+    database.execute(CAR_TABLE).await;
+    database.execute("CREATE TABLE tx_log (in_tx INT)").await;
+    for event in ["INSERT", "UPDATE", "DELETE"] {
+        database
+            .execute(&format!("CREATE TRIGGER log_{event} BEFORE {event} ON person1 FOR EACH ROW INSERT INTO tx_log VALUES (@@in_transaction)"))
+            .await;
+    }
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let service = start(&server, &database).await;
+    run(&mut client, &["HSET", "person2:1", "first_name", "A"]).await;
+    run(&mut client, &["HSET", "person2:2", "first_name", "B"]).await;
+    service.settle(&mut client, &database).await;
+    // 600 rows in one unit: staged (the threshold is 500), one of them an update.
+    one_transaction(&mut client, 2..602, "C").await;
+    service.settle(&mut client, &database).await;
+    run(&mut client, &["DEL", "person2:1", "person2:2"]).await;
+    service.settle(&mut client, &database).await;
+    let counts = database
+        .rows(
+            "(SELECT CAST(in_tx AS CHAR) AS id, CAST(COUNT(*) AS CHAR) AS n FROM tx_log GROUP BY in_tx) AS counts",
+            &["n"],
+        )
+        .await;
+    let count = |in_tx: &str| {
+        counts
+            .get(in_tx)
+            .and_then(|n| n[0].as_deref())
+            .map_or(0, |n| n.parse::<u64>().expect("a count"))
+    };
+    assert_eq!(
+        count("0"),
+        0,
+        "rows written outside a transaction: {counts:?}"
+    );
+    // 602 inserts, the update of person2:2 (its BEFORE INSERT and BEFORE UPDATE), 2 deletes.
+    assert!(count("1") >= 605, "every row was logged: {counts:?}");
+    service.stop().await;
+    database.drop_database().await;
+}
+
 /// One `MULTI` of `count` HSETs of `person2:<n>` with `first_name` = `value`.
 async fn one_transaction(client: &mut RedisClient, keys: std::ops::Range<u64>, value: &str) {
     let keys: Vec<String> = keys.map(|n| format!("person2:{n}")).collect();

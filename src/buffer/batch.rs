@@ -170,6 +170,27 @@ impl Batch {
     pub fn close_unit(&mut self) {
         self.ops.push(Op::CloseUnit);
     }
+    /// Whether it queues acknowledgements.
+    pub fn queues_acks(&self) -> bool {
+        !self.new_acks.is_empty()
+    }
+    /// Whether nothing outside the buffer depends on it being on disk: it only updates the
+    /// mirror, deletes raw states and moves the checkpoint (no change, acknowledgement, raw
+    /// state, dead letter or undo record). Capture's committer syncs such a batch later.
+    pub fn is_quiet(&self) -> bool {
+        self.new_acks.is_empty()
+            && self.ops.iter().all(|op| match op {
+                Op::PutMirror(..)
+                | Op::PutMirrorValue(..)
+                | Op::DeleteMirror(_)
+                | Op::ClearFields(..)
+                | Op::PutFields(..)
+                | Op::MirrorEntries(_)
+                | Op::DeleteRaw(_) => true,
+                Op::PutMeta(key, _) => key == META_CHECKPOINT || key == META_CLOCK,
+                _ => false,
+            })
+    }
     /// Whether it writes raw states of `#` ops.
     pub fn touches_raw(&self) -> bool {
         self.ops

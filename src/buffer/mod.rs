@@ -63,6 +63,7 @@ mod change;
 mod checkpoint;
 pub mod codec;
 mod dead_letter;
+mod durability;
 mod field_store;
 mod fields;
 mod footprint;

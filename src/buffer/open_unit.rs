@@ -166,8 +166,8 @@ impl Store {
         Ok(())
     }
 
-    /// Up to `limit` changes with seq >= `from`, in order, stopping before an open unit: what a
-    /// sink may read. Both are read from one snapshot: a part written between two reads would
+    /// Up to `limit` changes with seq >= `from`, in order, stopping before an open unit and
+    /// before changes not synced yet (`durability.rs`): what a sink may read. Both are read from one snapshot: a part written between two reads would
     /// otherwise be taken for closed changes.
     pub fn closed_changes(&self, from: ChangeSeq, limit: usize) -> Result<Vec<Change>, StoreError> {
         let snapshot = self.db.snapshot();
@@ -183,6 +183,9 @@ impl Store {
             }
             None => u64::MAX,
         };
+        // Read after the snapshot is taken: a change the snapshot holds was written after
+        // its batch set this bound, so the bound read now is still set unless it is synced.
+        let until = until.min(self.unsynced_from.get());
         let mut out = Vec::new();
         for item in snapshot.iterator_cf(
             self.cf(CF_CHANGES)?,

@@ -290,10 +290,10 @@ impl Capture {
         Ok(self.committer.insert(committer))
     }
 
-    /// Waits until every batch handed to the committer is written.
+    /// Waits until every batch handed to the committer is written, synced and published.
     async fn written(&mut self) -> Result<(), CaptureError> {
         match self.committer.as_mut() {
-            Some(committer) => committer.wait().await,
+            Some(committer) => committer.settle().await,
             None => Ok(()),
         }
     }

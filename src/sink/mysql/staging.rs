@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 use mysql_async::prelude::Queryable;
 use mysql_async::Conn;
 
-use super::statements::{BatchTransaction, Statements};
+use super::statements::Statements;
 use super::{classify, q, MysqlSink};
 use crate::sink::convert::{ColumnType, SqlValue};
 use crate::sink::{SinkError, SinkErrorKind, TableSchema};
@@ -116,12 +116,12 @@ impl MysqlSink {
 
     /// Loads `upserts` for table `index` (`schema`) and merges them inside the batch's
     /// transaction (mapped columns only, as the multi-row INSERT), in one query: the stage
-    /// (re)created or emptied only when [`Stages`] says it must be, the load, the start of the
-    /// transaction unless begun, the merge, and the stage emptied again.
+    /// (re)created or emptied only when [`Stages`] says it must be, the load, the merge, and
+    /// the stage emptied again.
     pub(super) async fn stage_and_merge(
         &self,
         conn: &mut Conn,
-        (stages, tx): (&mut Stages, &mut BatchTransaction),
+        stages: &mut Stages,
         index: usize,
         schema: &TableSchema,
         upserts: &[(&SqlValue, &Vec<SqlValue>)],
@@ -172,7 +172,6 @@ impl MysqlSink {
             .collect();
         conn.set_infile_handler(async move { Ok(futures_util::stream::iter(chunks).boxed()) });
         let load = statements.push(format!("LOAD DATA LOCAL INFILE 'writebehind-batch' INTO TABLE {stage} CHARACTER SET binary ({column_list})"));
-        tx.begin_in(&mut statements);
         // The statement path's upsert, its rows selected from the stage.
         let merge = statements.push(format!(
             "{} SELECT {column_list} FROM {stage}{}",

@@ -109,34 +109,6 @@ pub(super) fn push_checkpoint(statements: &mut Statements, batch: &SinkBatch) {
     }
 }
 
-/// The batch's transaction, begun with its first statement: `START TRANSACTION` goes in the
-/// same query as that statement when it is text ([`BatchTransaction::begin_in`]), alone before
-/// a prepared one ([`BatchTransaction::begin`]).
-#[derive(Debug, Default)]
-pub(super) struct BatchTransaction {
-    begun: bool,
-}
-
-impl BatchTransaction {
-    /// Begins the transaction ahead of the statements to come in `statements` (unless begun).
-    pub(super) fn begin_in(&mut self, statements: &mut Statements) {
-        if !self.begun {
-            statements.push("START TRANSACTION");
-            self.begun = true;
-        }
-    }
-
-    /// Begins the transaction on its own (unless begun), before a prepared statement.
-    pub(super) async fn begin(&mut self, conn: &mut mysql_async::Conn) -> mysql_async::Result<()> {
-        if !self.begun {
-            // Marked first: after a failure here the batch rolls back, whatever was sent.
-            self.begun = true;
-            conn.query_drop("START TRANSACTION").await?;
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,15 +126,5 @@ mod tests {
     fn a_hex_literal_holds_any_bytes() {
         assert_eq!(hex_literal(b""), "X''");
         assert_eq!(hex_literal(b"a'\\\x00\xff"), "X'61275C00FF'");
-    }
-
-    #[test]
-    fn a_transaction_begins_once() {
-        let mut tx = BatchTransaction::default();
-        let mut statements = Statements::default();
-        tx.begin_in(&mut statements);
-        tx.begin_in(&mut statements);
-        statements.push("COMMIT");
-        assert_eq!(statements.sql, "START TRANSACTION;\nCOMMIT");
     }
 }
