@@ -53,7 +53,8 @@
 //!
 //! Every command (or `MULTI` unit) is applied with one `WriteBatch` holding its mirror updates,
 //! its changes and the checkpoint after it, so the three never disagree; several units share one
-//! synced write (group commit). A long transaction is the exception: its parts are written
+//! synced write (group commit), written first and synced after (`durability.rs` says who may
+//! read it in between). A long transaction is the exception: its parts are written
 //! before its end, with undo records and the checkpoint before it, and rolled back if its end
 //! never comes (`open_unit.rs`). `REPLCONF ACK` reports only a checkpoint that has been synced.
 
