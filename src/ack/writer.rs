@@ -184,6 +184,11 @@ impl Writer {
             self.candidates.remove(key);
             self.attempted.remove(key);
         }
+        if !self.store.raw_states_synced() {
+            // A raw state read above may not be on disk yet (`buffer/durability.rs`): no
+            // completion from it. Its batch's publication, after the sync, wakes this task.
+            pending.clear();
+        }
         let acks = self.store.acks(self.next_ack, PIPELINE)?;
         if pending.is_empty() && acks.is_empty() {
             self.health.acks_pending(None);

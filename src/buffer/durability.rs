@@ -11,48 +11,70 @@
 //! disk; a crash of the machine (not of the process: the page cache keeps it) could lose it.
 //! Whatever acts on a write outside this buffer must therefore not read it early:
 //! - **sinks**: a change applied to a database and then lost would leave the database ahead of
-//!   the buffer. The first seq of the write's changes is marked in [`UnsyncedFrom`] before the
-//!   write and cleared once the sync returns; [`Store::closed_changes`] stops before it. The mark
-//!   is read *after* the read's RocksDB snapshot is taken: a change in the snapshot was written
+//!   the buffer. Before the write, [`Unsynced`] marks the first seq of its changes' first unit
+//!   (for the batch that ends a long transaction written in parts, that is the transaction's
+//!   first change: its earlier parts become readable with its end, not before); the mark is
+//!   cleared once the sync returns, and [`Store::closed_changes`] stops before it. The mark is
+//!   read *after* the read's RocksDB snapshot is taken: a change in the snapshot was written
 //!   after the mark was set, so the mark read then is still set unless the sync has returned.
 //!   A failed sync leaves the mark set (the service stops on the error).
+//! - **the write-back task**, which completes `#` ops from the raw states it reads: a batch that
+//!   puts raw states sets [`Store::raw_states_synced`] false until its sync returns, and the
+//!   task defers its completions meanwhile (read first, checked after, as above); the batch's
+//!   publication wakes it again.
 //! - **acknowledgements** queued by capture (`+`, `-`, invalid ops: sent once durably
 //!   captured): a batch that queues any is written with `sync` as before (the committer decides).
 //! - **the durable offset** (`REPLCONF ACK`) and the buffered position: published by the
-//!   committer after the sync.
+//!   committer after the sync. A reconciliation (`sink/reconcile.rs`) syncs before it reads the
+//!   checkpoint it records in the database.
 //!
-//! Anything else read in between (mirror values, raw states of `#` ops, the checkpoint) is the
-//! state the replication stream up to the write's offset gives; after a crash capture resumes
-//! from the last synced checkpoint and rebuilds the same state from the same commands.
+//! Anything else read in between (mirror values) is the state the replication stream up to the
+//! write's offset gives; after a crash capture resumes from the last synced checkpoint and
+//! rebuilds the same state from the same commands. (A full sync's batches are written without
+//! `sync` and its last write with it, as before this file; only capture's committer uses
+//! [`Store::write_then_sync`], one write at a time.)
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::batch::Op;
 use super::{Batch, Store, StoreError};
 use crate::position::ChangeSeq;
 
-/// The first seq of changes written but not synced yet (`u64::MAX`: none).
+/// What is written but not synced yet: the first seq sinks must not read (`u64::MAX`: none),
+/// and whether raw states of `#` ops are among it.
 #[derive(Debug)]
-pub(crate) struct UnsyncedFrom(AtomicU64);
+pub(crate) struct Unsynced {
+    changes_from: AtomicU64,
+    raw: AtomicBool,
+}
 
-impl Default for UnsyncedFrom {
+impl Default for Unsynced {
     fn default() -> Self {
-        UnsyncedFrom(AtomicU64::new(u64::MAX))
+        Unsynced {
+            changes_from: AtomicU64::new(u64::MAX),
+            raw: AtomicBool::new(false),
+        }
     }
 }
 
-impl UnsyncedFrom {
+impl Unsynced {
     /// The seq sinks stop before.
-    pub(super) fn get(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
+    pub(super) fn changes_from(&self) -> u64 {
+        self.changes_from.load(Ordering::SeqCst)
     }
 
-    fn mark(&self, seq: ChangeSeq) {
-        self.0.store(seq.0, Ordering::SeqCst);
+    fn mark(&self, seq: Option<ChangeSeq>, raw: bool) {
+        if let Some(seq) = seq {
+            self.changes_from.store(seq.0, Ordering::SeqCst);
+        }
+        if raw {
+            self.raw.store(true, Ordering::SeqCst);
+        }
     }
 
     fn clear(&self) {
-        self.0.store(u64::MAX, Ordering::SeqCst);
+        self.changes_from.store(u64::MAX, Ordering::SeqCst);
+        self.raw.store(false, Ordering::SeqCst);
     }
 }
 
@@ -60,20 +82,20 @@ impl Store {
     /// Applies `batch` atomically and then syncs it, letting other writes go on during the
     /// sync; its changes are hidden from sinks until the sync returns (see the module doc).
     pub fn write_then_sync(&self, batch: Batch) -> Result<(), StoreError> {
-        let first = batch.first_change_seq();
-        if let Some(seq) = first {
-            self.unsynced_from.mark(seq);
-        }
+        self.unsynced.mark(batch.first_unit_seq(), batch.puts_raw());
         if let Err(e) = self.write(batch, false) {
             // Nothing was written.
-            self.unsynced_from.clear();
+            self.unsynced.clear();
             return Err(e);
         }
         self.sync()?;
-        if first.is_some() {
-            self.unsynced_from.clear();
-        }
+        self.unsynced.clear();
         Ok(())
+    }
+
+    /// Whether every raw state written is synced. Read *after* the raw states it vouches for.
+    pub fn raw_states_synced(&self) -> bool {
+        !self.unsynced.raw.load(Ordering::SeqCst)
     }
 
     /// Syncs every write made so far to disk.
@@ -83,13 +105,19 @@ impl Store {
 }
 
 impl Batch {
-    /// The seq of the first change the batch puts, if any.
-    pub(super) fn first_change_seq(&self) -> Option<ChangeSeq> {
+    /// The first seq of the unit of the first change the batch puts, if any (of a long
+    /// transaction whose end it writes, the transaction's first change).
+    pub(super) fn first_unit_seq(&self) -> Option<ChangeSeq> {
         self.ops.iter().find_map(|op| match op {
             Op::PutChange(seq, _) => Some(*seq),
-            Op::Changes(changes) => changes.first().map(|c| c.seq),
+            Op::Changes(changes) => changes.first().map(|c| c.unit.min(c.seq)),
             _ => None,
         })
+    }
+
+    /// Whether it puts raw states of `#` ops.
+    pub(super) fn puts_raw(&self) -> bool {
+        self.ops.iter().any(|op| matches!(op, Op::PutRaw(..)))
     }
 }
 
@@ -132,7 +160,7 @@ mod tests {
         store.write_then_sync(batch).unwrap();
         assert_eq!(read(&store), vec![1, 2, 3]);
         assert_eq!(
-            store.unsynced_from.get(),
+            store.unsynced.changes_from(),
             u64::MAX,
             "cleared after the sync"
         );
@@ -140,13 +168,58 @@ mod tests {
         // The state between `write_then_sync`'s write and its sync.
         let mut batch = Batch::default();
         batch.put_changes(changes(4..=5));
-        assert_eq!(batch.first_change_seq(), Some(ChangeSeq(4)));
-        store.unsynced_from.mark(ChangeSeq(4));
+        assert_eq!(batch.first_unit_seq(), Some(ChangeSeq(4)));
+        store.unsynced.mark(batch.first_unit_seq(), false);
         store.write(batch, false).unwrap();
         assert_eq!(read(&store), vec![1, 2, 3], "4 and 5 are not synced yet");
         store.sync().unwrap();
-        store.unsynced_from.clear();
+        store.unsynced.clear();
         assert_eq!(read(&store), vec![1, 2, 3, 4, 5]);
+    }
+
+    /// The batch that ends a unit whose first part is already written marks the unit's first
+    /// change: until its sync, a sink sees none of the unit (its parts would be a unit without
+    /// its end).
+    #[test]
+    fn the_end_of_a_long_unit_hides_the_whole_unit_until_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut part = changes(1..=4);
+        part[3].unit_end = false;
+        let mut batch = Batch::default();
+        batch.put_changes(part);
+        store.write_then_sync(batch).unwrap();
+        let mut end = changes(5..=5);
+        end[0].unit = ChangeSeq(4);
+        let mut batch = Batch::default();
+        batch.put_changes(end);
+        assert_eq!(batch.first_unit_seq(), Some(ChangeSeq(4)));
+        store.unsynced.mark(batch.first_unit_seq(), false);
+        store.write(batch, false).unwrap();
+        assert_eq!(
+            read(&store),
+            vec![1, 2, 3],
+            "nothing of the unit before its sync"
+        );
+        store.unsynced.clear();
+        assert_eq!(read(&store), vec![1, 2, 3, 4, 5]);
+    }
+
+    /// Raw states written by `write_then_sync` are vouched for only once synced.
+    #[test]
+    fn raw_states_are_vouched_for_once_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.raw_states_synced());
+        store.unsynced.mark(None, true);
+        assert!(!store.raw_states_synced(), "between the write and its sync");
+        store.unsynced.clear();
+        let mut batch = Batch::default();
+        let value = crate::buffer::MirrorValue::hash(1);
+        batch.put_raw(0, b"k", &value);
+        assert!(batch.puts_raw());
+        store.write_then_sync(batch).unwrap();
+        assert!(store.raw_states_synced());
     }
 
     /// A batch without changes marks nothing (and leaves a mark of no one else's).
@@ -156,8 +229,8 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let mut batch = Batch::default();
         batch.put_clock(ReplOffset(5), 1, 0);
-        assert_eq!(batch.first_change_seq(), None);
+        assert_eq!(batch.first_unit_seq(), None);
         store.write_then_sync(batch).unwrap();
-        assert_eq!(store.unsynced_from.get(), u64::MAX);
+        assert_eq!(store.unsynced.changes_from(), u64::MAX);
     }
 }

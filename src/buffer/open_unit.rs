@@ -185,7 +185,7 @@ impl Store {
         };
         // Read after the snapshot is taken: a change the snapshot holds was written after
         // its batch set this bound, so the bound read now is still set unless it is synced.
-        let until = until.min(self.unsynced_from.get());
+        let until = until.min(self.unsynced.changes_from());
         let mut out = Vec::new();
         for item in snapshot.iterator_cf(
             self.cf(CF_CHANGES)?,

@@ -37,7 +37,7 @@ impl Store {
             next_ack_id: std::sync::Mutex::new(0),
             identity: String::new(),
             reader_dir: Some(reader_dir),
-            unsynced_from: Default::default(),
+            unsynced: Default::default(),
         })
     }
 }

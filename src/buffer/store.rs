@@ -60,9 +60,8 @@ pub struct Store {
     pub(super) identity: String,
     /// A reader's own directory (`open_for_reading`), removed when the store is dropped.
     pub(super) reader_dir: Option<PathBuf>,
-    /// Changes from this seq on are written but not synced yet: sinks stop before them
-    /// (`durability.rs`).
-    pub(super) unsynced_from: super::durability::UnsyncedFrom,
+    /// What is written but not synced yet (`durability.rs`).
+    pub(super) unsynced: super::durability::Unsynced,
 }
 
 impl Drop for Store {
@@ -154,7 +153,7 @@ impl Store {
             next_ack_id: std::sync::Mutex::new(1),
             identity: String::new(),
             reader_dir: None,
-            unsynced_from: Default::default(),
+            unsynced: Default::default(),
         };
         let last_ack = match store
             .db

@@ -207,6 +207,10 @@ fn write_jobs(
                     Err(RecvTimeoutError::Timeout) => {
                         if let Err(error) = sync_quiet(store, &mut unsynced, outputs, durable) {
                             tracing::error!(%error, "syncing the buffer failed");
+                            // Not retried by the clock (that would spin): the next job or
+                            // `settle` gets the error, which stops capture; the batch's offset
+                            // is never published.
+                            unsynced = None;
                             failed = Some(error);
                         }
                         continue;

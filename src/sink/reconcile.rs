@@ -201,6 +201,10 @@ impl<D: Destination> super::runner::SinkRunner<D> {
     ) -> Result<Option<ChangeSeq>, StoreError> {
         loop {
             let notified = self.notify.notified();
+            // Synced first: the checkpoint read may be a commit not synced yet
+            // (`buffer/durability.rs`), and what is recorded in the database must never be
+            // ahead of the buffer after a crash.
+            self.store.sync()?;
             let checkpoint = self.store.checkpoint()?;
             if checkpoint.position.is_some() && !checkpoint.full_sync_in_progress {
                 return Ok(Some(checkpoint.next_seq.previous().unwrap_or_default()));
