@@ -1,5 +1,6 @@
 //! The write-back task: loads the function library into the primary, completes pending `#` ops
-//! and writes queued acknowledgements, each kind as one pipeline per round.
+//! and writes queued acknowledgements, both in one pipeline per round (an ack then never waits
+//! for the answer to the round's completions).
 //!
 //! Capture reports the keys whose raw state it wrote ([`super::Writeback`]); at start every key
 //! with a raw state is a candidate. Acks are read on from the last id written. Neither needs a
@@ -66,6 +67,17 @@ impl WriterError {
                 | WriterError::LibraryLoad { .. }
         )
     }
+}
+
+/// A completion sent: its key, the raw state it was sent for, and its nonce.
+type Completion = (u32, Bytes, MirrorValue, Bytes);
+
+/// The completions of one round, sent in the same pipeline as its acks.
+#[derive(Default)]
+struct Completions {
+    commands: Vec<Vec<Bytes>>,
+    /// Per command, its completion (`None` for a `SELECT`).
+    keys: Vec<Option<Completion>>,
 }
 
 struct Connection {
@@ -194,8 +206,32 @@ impl Writer {
             self.health.acks_pending(None);
             return Ok(false);
         }
-        let completed = self.complete(pending).await?;
-        let written = self.write_acks(&acks).await?;
+        // Both in one pipeline: an ack does not wait for the completions' answer.
+        let mut db_now = self.connection.as_ref().map(|c| c.db).unwrap_or(0);
+        let completed = pending.len();
+        let completions = self.completion_commands(pending, &mut db_now);
+        let (ack_commands, ack_index) = self.ack_commands(&acks, &mut db_now);
+        let mut commands = completions.commands;
+        let split = commands.len();
+        commands.extend(ack_commands);
+        let mut replies = Vec::new();
+        if !commands.is_empty() {
+            replies = match self.pipeline(&commands, db_now).await {
+                Ok(replies) => replies,
+                Err(error) => {
+                    // Unknown whether they ran: forgotten (one that did is then taken for a
+                    // client write, which brings Redis to the state the mirror holds:
+                    // harmless). The acks stay queued.
+                    for (db, key, _, nonce) in completions.keys.iter().flatten() {
+                        self.writeback.withdraw(*db, key, nonce);
+                    }
+                    return Err(error);
+                }
+            };
+        }
+        let ack_replies = replies.split_off(split.min(replies.len()));
+        self.completion_replies(replies, completions.keys);
+        let written = self.ack_replies(ack_replies, &ack_index, &acks)?;
         if let Some(last) = acks.last() {
             self.next_ack = last.id + 1;
         }
@@ -217,16 +253,14 @@ impl Writer {
         Ok(())
     }
 
-    /// Sends `writebehind_complete` for each key.
-    async fn complete(
+    /// The `writebehind_complete` calls for `pending` (each nonce registered before it is
+    /// sent: capture may see its effect before the reply), from database `db_now` on.
+    fn completion_commands(
         &mut self,
         pending: Vec<(u32, Bytes, MirrorValue, Option<MirrorValue>)>,
-    ) -> Result<usize, WriterError> {
-        let count = pending.len();
-        let now = Instant::now();
-        let mut keys = Vec::new();
-        let mut commands: Vec<Vec<Bytes>> = Vec::new();
-        let mut db_now = self.connection.as_ref().map(|c| c.db).unwrap_or(0);
+        db_now: &mut u32,
+    ) -> Completions {
+        let mut completions = Completions::default();
         for (db, key, raw, intended) in pending {
             if raw.kind != MirrorKind::Hash
                 || intended
@@ -235,34 +269,27 @@ impl Writer {
             {
                 continue;
             }
-            if db != db_now {
-                commands.push(vec![
+            if db != *db_now {
+                completions.commands.push(vec![
                     Bytes::from_static(b"SELECT"),
                     Bytes::from(db.to_string()),
                 ]);
-                keys.push(None);
-                db_now = db;
+                completions.keys.push(None);
+                *db_now = db;
             }
-            // Registered before it is sent: capture may see its effect before the reply.
             let nonce = Bytes::from(uuid::Uuid::new_v4().simple().to_string());
             self.writeback.issue(db, key.clone(), nonce.clone());
-            commands.push(completion_command(&key, &raw, intended.as_ref(), &nonce));
-            keys.push(Some((db, key, raw, nonce)));
+            completions
+                .commands
+                .push(completion_command(&key, &raw, intended.as_ref(), &nonce));
+            completions.keys.push(Some((db, key, raw, nonce)));
         }
-        if commands.is_empty() {
-            return Ok(count);
-        }
-        let replies = match self.pipeline(&commands, db_now).await {
-            Ok(replies) => replies,
-            Err(error) => {
-                // Unknown whether they ran: forgotten (one that did is then taken for a client
-                // write, which brings Redis to the state the mirror holds: harmless).
-                for (db, key, _, nonce) in keys.iter().flatten() {
-                    self.writeback.withdraw(*db, key, nonce);
-                }
-                return Err(error);
-            }
-        };
+        completions
+    }
+
+    /// Records what each completion's reply says.
+    fn completion_replies(&mut self, replies: Vec<BytesFrame>, keys: Vec<Option<Completion>>) {
+        let now = Instant::now();
         for (reply, key) in replies.into_iter().zip(keys) {
             let Some((db, key, raw, nonce)) = key else {
                 continue;
@@ -283,29 +310,26 @@ impl Writer {
             metrics::counter!("writebehind_completions_total", "result" => result).increment(1);
             self.attempted.insert((db, key), (raw, now));
         }
-        Ok(count)
     }
 
-    /// Writes acks through `writebehind_ack`, then removes them from the queue.
-    async fn write_acks(
-        &mut self,
+    /// The `writebehind_ack` calls for `acks`, from database `db_now` on; with each command,
+    /// the index of its ack (`None` for a `SELECT`).
+    fn ack_commands(
+        &self,
         acks: &[crate::buffer::AckRecord],
-    ) -> Result<usize, WriterError> {
-        if acks.is_empty() {
-            return Ok(0);
-        }
+        db_now: &mut u32,
+    ) -> (Vec<Vec<Bytes>>, Vec<Option<usize>>) {
         let mut commands: Vec<Vec<Bytes>> = Vec::with_capacity(acks.len() + 4);
         let mut index = Vec::with_capacity(acks.len() + 4);
-        let mut db_now = self.connection.as_ref().map(|c| c.db).unwrap_or(0);
         let expire = Bytes::from(self.expire_secs.to_string());
-        for ack in acks {
-            if ack.db != db_now {
+        for (i, ack) in acks.iter().enumerate() {
+            if ack.db != *db_now {
                 commands.push(vec![
                     Bytes::from_static(b"SELECT"),
                     Bytes::from(ack.db.to_string()),
                 ]);
                 index.push(None);
-                db_now = ack.db;
+                *db_now = ack.db;
             }
             let mut command = vec![
                 Bytes::from_static(b"FCALL"),
@@ -322,13 +346,27 @@ impl Writer {
                 }
             }
             commands.push(command);
-            index.push(Some(ack));
+            index.push(Some(i));
         }
-        let replies = self.pipeline(&commands, db_now).await?;
+        (commands, index)
+    }
+
+    /// Removes from the queue the acks whose replies say they are written (or can never be).
+    fn ack_replies(
+        &mut self,
+        replies: Vec<BytesFrame>,
+        index: &[Option<usize>],
+        acks: &[crate::buffer::AckRecord],
+    ) -> Result<usize, WriterError> {
+        if acks.is_empty() {
+            return Ok(0);
+        }
         let mut batch = Batch::default();
         let mut retry = None;
-        for (reply, ack) in replies.into_iter().zip(index) {
-            let Some(ack) = ack else { continue };
+        for (reply, i) in replies.into_iter().zip(index) {
+            let Some(ack) = i.and_then(|i| acks.get(i)) else {
+                continue;
+            };
             let status = match reply {
                 // The stream key holds another type: no retry can write it. Dropped, so that it
                 // does not block the queue, logged and counted.
