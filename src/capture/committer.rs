@@ -52,16 +52,6 @@ pub struct Publication {
 /// most its offset's acknowledgement to the primary (`REPLCONF ACK`, hence `WAIT`) is delayed.
 pub const QUIET_SYNC_DELAY: Duration = Duration::from_millis(5);
 
-impl Publication {
-    /// Whether nothing but the offset is published: no change, acknowledgement or `#` op to
-    /// complete.
-    fn is_quiet(&self) -> bool {
-        self.committed.to_complete.is_empty()
-            && !self.committed.acks_queued
-            && self.committed.last_seq.is_none()
-    }
-}
-
 struct Job {
     batch: Batch,
     publication: Publication,
@@ -241,7 +231,7 @@ fn write_jobs(
             let _ = job.done.send(Err(error));
             continue;
         }
-        let written = write_job(store, job.batch, &job.publication);
+        let written = write_job(store, job.batch);
         match &written {
             Ok(true) => {
                 let since = unsynced
@@ -260,9 +250,12 @@ fn write_jobs(
     }
 }
 
-/// Writes one batch; returns whether it is quiet (written, its sync left for later).
-fn write_job(store: &Store, batch: Batch, publication: &Publication) -> Result<bool, StoreError> {
-    if batch.is_quiet() && publication.is_quiet() {
+/// Writes one batch; returns whether it is quiet (written, its sync left for later); the
+/// publication of a quiet batch holds nothing but its offset.
+fn write_job(store: &Store, batch: Batch) -> Result<bool, StoreError> {
+    // Its publication then holds nothing but the offset: a batch with changes, acks or ops to
+    // complete (whose raw states it puts) is not quiet.
+    if batch.is_quiet() {
         store.write(batch, false)?;
         return Ok(true);
     }
