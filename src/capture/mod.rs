@@ -481,18 +481,21 @@ impl Capture {
                 next = replicator.try_next_buffered();
             }
         }
+        if self.long.is_some() {
+            // The unit goes on in the next read of the stream.
+            self.open_batch = Some(batch);
+        } else {
+            self.hand_over(&durable, batch).await?;
+        }
+        // After the hand-over: the round trip overlaps the batch's write and sync instead of
+        // delaying them (and the acknowledgements they carry).
         if self
             .last_sample
             .is_none_or(|at| at.elapsed() >= SAMPLE_EVERY)
         {
             self.sample_clock().await;
         }
-        if self.long.is_some() {
-            // The unit goes on in the next read of the stream.
-            self.open_batch = Some(batch);
-            return Ok(());
-        }
-        self.hand_over(&durable, batch).await
+        Ok(())
     }
 
     /// An empty batch whose working sets read through the cache and the batch in flight.
