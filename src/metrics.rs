@@ -18,7 +18,9 @@
 //! - `link_errors_total{kind}`, `full_syncs_total`, `partial_syncs_total`;
 //! - `transaction_parts_written_total` (parts of long transactions written ahead of their end)
 //!   and `transactions_rolled_back_total` (such transactions cut off before their end, rolled
-//!   back and received again): `src/capture/long_unit.rs`;
+//!   back and received again): `src/capture/long_unit.rs`; `open_transaction_commands` (the
+//!   commands received so far of a transaction whose `EXEC` has not arrived; 0: none, which
+//!   `/status` details as `open_transaction`);
 //! - `buffer_size_bytes` (RocksDB files), `spool_bytes` (a full sync received and not yet decoded,
 //!   `src/replication/spool.rs`), `link_up`, `backend_up{backend}`;
 //! - `memory_bytes{part}`: `heap_allocated` and `heap_resident` (the allocator's figures: what
@@ -124,6 +126,23 @@ pub struct Health {
     restarted_lower: AtomicBool,
     /// Why capture cannot go on for now (a key it cannot read from the primary).
     capture_problem: Mutex<Option<String>>,
+    /// The transaction capture is receiving in parts, and since when.
+    open_transaction: Mutex<Option<(OpenTransaction, Instant)>>,
+}
+
+/// A transaction capture receives in parts and whose `EXEC` has not arrived yet
+/// (`src/capture/long_unit.rs`): `/status` shows it, as the reason the positions stand still
+/// while it arrives (nothing of it is acknowledged or applied before its end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenTransaction {
+    /// The stream offset before its `MULTI` (where the buffered position stays until its end).
+    pub start: ReplOffset,
+    /// The seq its first change gets.
+    pub first_seq: ChangeSeq,
+    /// Its commands received so far.
+    pub commands: u64,
+    /// Its parts written to the buffer ahead of its end.
+    pub parts_written: u64,
 }
 
 /// The positions along the stream at one moment (see `src/position.rs`), in order.
@@ -305,6 +324,28 @@ impl Health {
             .unwrap_or_else(|p| p.into_inner()) = problem;
     }
 
+    /// The transaction capture is receiving in parts (`None`: none); the time it is shown
+    /// open for counts from when its start was first reported.
+    pub fn open_transaction(&self, open: Option<OpenTransaction>) {
+        let mut shown = self
+            .open_transaction
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        metrics::gauge!("writebehind_open_transaction_commands")
+            .set(open.map_or(0.0, |o| o.commands as f64));
+        *shown = open.map(|open| {
+            let since = match *shown {
+                Some((before, since))
+                    if (before.start, before.first_seq) == (open.start, open.first_seq) =>
+                {
+                    since
+                }
+                _ => Instant::now(),
+            };
+            (open, since)
+        });
+    }
+
     pub fn begin_shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
     }
@@ -431,6 +472,23 @@ impl Health {
         }
     }
 
+    fn open_transaction_status(&self) -> serde_json::Value {
+        let shown = *self
+            .open_transaction
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match shown {
+            Some((open, since)) => serde_json::json!({
+                "start_offset": open.start.0,
+                "first_seq": open.first_seq.0,
+                "commands": open.commands,
+                "parts_written": open.parts_written,
+                "open_seconds": since.elapsed().as_secs_f64(),
+            }),
+            None => serde_json::Value::Null,
+        }
+    }
+
     /// The status document (`GET /status`, `writebehind status`).
     pub fn status(&self, dead_letters: &DeadLetterSummary) -> serde_json::Value {
         let backends = self
@@ -463,6 +521,7 @@ impl Health {
             "oldest_dead_letter": oldest_dead_letter(dead_letters),
             "buffer_bytes": self.buffer_bytes.load(Ordering::Relaxed),
             "backends": backends,
+            "open_transaction": self.open_transaction_status(),
             "ready": self.not_ready().is_none(),
         })
     }

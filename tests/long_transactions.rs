@@ -8,10 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::capture::*;
+use support::proxy::LinkProxy;
 use support::send_all;
 use support::RedisServer;
 use writebehind::buffer::{Change, Store};
 use writebehind::capture::mapping::Mappings;
+use writebehind::capture::CaptureOutputs;
+use writebehind::config::RedisEndpoint;
 use writebehind::redis_client::{info_field, RedisClient};
 
 /// `MULTI`, an `HSET` of `first_name` on `person2:<prefix><i>` for every `i` in `keys`, `EXEC`.
@@ -187,6 +190,76 @@ async fn a_long_transaction_sees_the_write_just_before_it() {
     assert_follows_redis(&store, &mut client, &mappings).await;
 }
 
+/// While a transaction arrives in parts, `/status` shows it open (where it began, its commands
+/// so far, its parts written), and once its `EXEC` has arrived, no longer. A proxy holds the
+/// replication stream inside the transaction, so that it stays open while the test looks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_transaction_is_shown_until_its_exec_arrives() {
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let proxy = LinkProxy::start(server.port).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let mappings = mappings(&server, "keep");
+    let health = writebehind::metrics::Health::new();
+    let outputs = CaptureOutputs {
+        health: health.clone(),
+        ..Default::default()
+    };
+    let through_proxy =
+        RedisEndpoint::parse(&format!("redis://127.0.0.1:{}", proxy.port)).expect("endpoint");
+    let running = start_capture_as(through_proxy, store.clone(), mappings.clone(), outputs);
+    caught_up(&store, &mut client).await;
+    let shown = || health.status(&Default::default())["open_transaction"].clone();
+    assert!(shown().is_null(), "{}", shown());
+
+    let before = master_offset(&mut client).await;
+    let keys = 40_000;
+    // About half of the transaction's 73 bytes a command pass, then the stream is held.
+    proxy.hold_after(keys as u64 * 35);
+    send_all(&mut client, &transaction("open", 0..keys, "inside")).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let open = loop {
+        let open = shown();
+        // (Shown when handed to the committer, which writes it a moment later.)
+        if open["parts_written"].as_u64().unwrap_or(0) >= 1
+            && store.open_unit().expect("open unit").is_some()
+        {
+            break open;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no open transaction shown: {open}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // It began at MULTI (after a PING of the primary's, at most).
+    let start = open["start_offset"].as_u64().expect("start");
+    assert!(
+        (before..before + 64).contains(&start),
+        "{open} (before {before})"
+    );
+    let received = open["commands"].as_u64().expect("commands");
+    assert!(
+        (8192..keys as u64).contains(&received),
+        "part of the transaction received: {open}"
+    );
+    assert!(open["open_seconds"].as_f64().is_some(), "{open}");
+    let checkpoint = store.checkpoint().expect("checkpoint");
+    assert_eq!(
+        checkpoint.position.map(|p| p.offset.0),
+        Some(start),
+        "nothing of it is acknowledged before its end"
+    );
+
+    proxy.release();
+    caught_up(&store, &mut client).await;
+    assert!(shown().is_null(), "ended: {}", shown());
+    let capture = running.stop().await;
+    assert_eq!(capture.stats().units_rolled_back, 0);
+    assert_follows_redis(&store, &mut client, &mappings).await;
+}
+
 /// A command that needs a full resync (SWAPDB of a mapped database) late in a transaction
 /// already written in parts: what was written is rolled back before the full sync, which then
 /// reconciles the mirror and the log with Redis.
@@ -341,6 +414,23 @@ async fn kill_dash_nine_inside_a_long_transaction_rolls_it_back_and_applies_it_o
         }
         let _ = service.kill();
         let _ = service.wait();
+        // Stopped inside it: `status` shows what the next start rolls back.
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_writebehind"))
+            .args(["status", "--config"])
+            .arg(&config)
+            .output()
+            .expect("status");
+        let status: serde_json::Value =
+            serde_json::from_slice(&output.stdout).expect("status JSON");
+        assert_eq!(status["service"], "stopped", "{status}");
+        let open = &status["open_transaction"];
+        assert!(
+            open["first_seq"].as_u64().is_some_and(|seq| seq > 0)
+                && open["note"]
+                    .as_str()
+                    .is_some_and(|note| note.contains("rolled back at the next start")),
+            "{status}"
+        );
         service = spawn_service(&config);
         let deadline = Instant::now() + Duration::from_secs(60);
         while info_field(

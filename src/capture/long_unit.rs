@@ -32,6 +32,7 @@ use super::working_set::MirrorView;
 use super::{Capture, CaptureError};
 use crate::ack::parse_tag;
 use crate::buffer::{Batch, OpenUnit, StoreError};
+use crate::metrics::OpenTransaction;
 use crate::position::{ChangeSeq, DurableOffset, ReplOffset, StreamPosition};
 use crate::replication::stream::{Command, StreamEvent};
 
@@ -57,6 +58,21 @@ pub struct LongUnit {
     refresh: Vec<(u32, Bytes)>,
     /// The commands of a unit of the function library, applied whole at its end.
     tagged: Option<Vec<Command>>,
+    /// Its commands received so far and its parts written (shown by `/status`).
+    commands: u64,
+    parts_written: u64,
+}
+
+impl LongUnit {
+    /// What `/status` shows of it.
+    fn shown(&self) -> OpenTransaction {
+        OpenTransaction {
+            start: self.start,
+            first_seq: self.first_seq,
+            commands: self.commands,
+            parts_written: self.parts_written,
+        }
+    }
 }
 
 impl StreamBatch {
@@ -213,11 +229,15 @@ impl Capture {
                     held: None,
                     refresh: Vec::new(),
                     tagged: tagged.then(Vec::new),
+                    commands: 0,
+                    parts_written: 0,
                 }
             }
         };
         match event {
             StreamEvent::TransactionPart { commands, end } => {
+                long.commands += commands.len() as u64;
+                self.outputs.health.open_transaction(Some(long.shown()));
                 if let Some(tagged) = long.tagged.as_mut() {
                     tagged.extend(commands);
                     self.long = Some(long);
@@ -235,6 +255,8 @@ impl Capture {
                     self.unit_on_disk = true;
                     self.committer(durable)?.commit(prepared).await?;
                     self.state.stats.unit_parts_written += 1;
+                    long.parts_written += 1;
+                    self.outputs.health.open_transaction(Some(long.shown()));
                     metrics::counter!("writebehind_transaction_parts_written_total").increment(1);
                     *batch = self.new_batch(durable)?;
                 }
@@ -246,35 +268,12 @@ impl Capture {
                 start,
                 end,
                 db,
-            } => match long.tagged.take() {
-                Some(mut tagged) => {
-                    tagged.extend(commands);
-                    let whole = StreamEvent::Transaction {
-                        commands: tagged,
-                        start,
-                        end,
-                        db,
-                    };
-                    Ok(batch
-                        .apply(&mut self.state, &mut self.primary, &whole)
-                        .await?)
-                }
-                None => {
-                    let ended = batch
-                        .finish_long(
-                            &mut self.state,
-                            &mut self.primary,
-                            &mut long,
-                            (&commands, end, db),
-                        )
-                        .await?;
-                    if ended.is_some() {
-                        // A full resync instead: what was written of it is rolled back first.
-                        self.long = Some(long);
-                    }
-                    Ok(ended)
-                }
-            },
+            } => {
+                // Its end has arrived: applied in this batch (or, should it need a full
+                // resync, rolled back).
+                self.outputs.health.open_transaction(None);
+                self.end_long(batch, long, (commands, start, end, db)).await
+            }
             other => {
                 // Parts are followed by parts or their EXEC only (replication/stream.rs).
                 self.long = Some(long);
@@ -286,12 +285,52 @@ impl Capture {
         }
     }
 
+    /// Applies the end of a long unit (its `Transaction` event) to `batch`.
+    async fn end_long(
+        &mut self,
+        batch: &mut StreamBatch,
+        mut long: LongUnit,
+        (commands, start, end, db): (Vec<Command>, ReplOffset, ReplOffset, u32),
+    ) -> Result<Option<String>, CaptureError> {
+        match long.tagged.take() {
+            Some(mut tagged) => {
+                tagged.extend(commands);
+                let whole = StreamEvent::Transaction {
+                    commands: tagged,
+                    start,
+                    end,
+                    db,
+                };
+                Ok(batch
+                    .apply(&mut self.state, &mut self.primary, &whole)
+                    .await?)
+            }
+            None => {
+                let ended = batch
+                    .finish_long(
+                        &mut self.state,
+                        &mut self.primary,
+                        &mut long,
+                        (&commands, end, db),
+                    )
+                    .await?;
+                if ended.is_some() {
+                    // A full resync instead: what was written of it is rolled back first.
+                    self.long = Some(long);
+                }
+                Ok(ended)
+            }
+        }
+    }
+
     /// Drops the long unit being applied, if any, rolling back what was written of it (see
     /// the module doc); the batch holding its latest part (or its end, not yet handed over) is
     /// dropped by the caller.
     pub(super) async fn abandon_long_unit(&mut self) -> Result<(), CaptureError> {
         self.open_batch = None;
-        self.long = None;
+        if self.long.take().is_some() {
+            self.outputs.health.open_transaction(None);
+        }
         if !self.unit_on_disk {
             return Ok(());
         }

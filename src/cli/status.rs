@@ -134,6 +134,20 @@ pub(super) async fn status(path: &std::path::Path) -> ExitCode {
         .ok()
         .and_then(|c| c.first().map(|c| c.seq));
     let letters = store.dead_letter_summary().unwrap_or_default();
+    // Parts of a transaction written ahead of its EXEC: being received, or, when the service
+    // stopped before its end, rolled back at the next start (the primary sends it again).
+    let open_transaction = match store.open_unit() {
+        Ok(Some(open)) => serde_json::json!({
+            "start_offset": open.start.0,
+            "first_seq": open.first_seq.0,
+            "note": match service {
+                "stopped" => "written in parts without its EXEC: rolled back at the next start, then received again",
+                _ => "being received: parts written ahead of its EXEC",
+            },
+        }),
+        Ok(None) => serde_json::Value::Null,
+        Err(e) => serde_json::Value::from(e.to_string()),
+    };
     let mut backends = serde_json::Map::new();
     let mappings = crate::capture::mapping::Mappings::new(&config.mappings);
     for (name, backend) in &config.backends {
@@ -164,6 +178,7 @@ pub(super) async fn status(path: &std::path::Path) -> ExitCode {
         "oldest_dead_letter": crate::metrics::oldest_dead_letter(&letters),
         "buffer_bytes": store.disk_size(),
         "backends": backends,
+        "open_transaction": open_transaction,
     });
     println!(
         "{}",

@@ -10,6 +10,7 @@
 pub mod capture;
 pub mod ops;
 pub mod postgres;
+pub mod proxy;
 pub mod replication;
 pub mod service;
 pub mod sink;
