@@ -12,7 +12,7 @@ Usage: bench-catch-up.py PRIMARY_PORT REPLICA_PORT TARGET_OFFSET [TIMEOUT_SECOND
   second);
 - writebehind's is the offset of its `REPLCONF ACK` as the primary reports it (the replica the
   primary lists with `port=1`, writebehind's listening port), which it sends only once synced.
-Exits 1 when writebehind has not caught up within the timeout (default 600 s).
+Exits 1, saying which, when either has not caught up within the timeout (default 600 s).
 """
 import socket
 import sys
@@ -23,7 +23,7 @@ class Redis:
     """One connection, `INFO replication` as a dict."""
 
     def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.file = self.sock.makefile("rb")
 
     def info_replication(self):
@@ -57,19 +57,22 @@ def main():
     deadline = time.time() + timeout
     replica_done = writebehind_done = None
     while time.time() < deadline:
-        now = time.time()
+        # Each time is read once its answer is in, as the shell loop did.
         if replica_done is None:
             if int(replica.info_replication().get("slave_repl_offset", 0)) >= target:
-                replica_done = now
+                replica_done = time.time()
         if writebehind_done is None:
             if writebehind_offset(primary.info_replication()) >= target:
-                writebehind_done = now
+                writebehind_done = time.time()
         if replica_done is not None and writebehind_done is not None:
             break
         time.sleep(0.01)
     print(f"replica_done={replica_done or ''}")
     print(f"writebehind_done={writebehind_done or ''}")
-    sys.exit(0 if writebehind_done is not None and replica_done is not None else 1)
+    late = [name for name, done in (("writebehind", writebehind_done), ("the replica", replica_done)) if done is None]
+    if late:
+        print(f"{' and '.join(late)} did not catch up within {timeout:.0f} s", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -221,9 +221,11 @@ async fn an_open_transaction_is_shown_until_its_exec_arrives() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let open = loop {
         let open = shown();
-        // (Shown when handed to the committer, which writes it a moment later.)
+        // (Shown when handed to the committer, which writes it a moment later.) The stream is
+        // held inside the transaction: it stays open while the test looks.
         if open["parts_written"].as_u64().unwrap_or(0) >= 1
             && store.open_unit().expect("open unit").is_some()
+            && proxy.holding()
         {
             break open;
         }

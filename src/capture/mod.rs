@@ -460,6 +460,11 @@ impl Capture {
                 batch = self.new_batch(&durable)?;
             }
             let long = self.long.is_some() || matches!(event, StreamEvent::TransactionPart { .. });
+            if long {
+                // One read of the stream can last a whole long transaction (it reads on while
+                // bytes are there): reported per part (1,024 commands) meanwhile.
+                self.outputs.health.received(received);
+            }
             let resync = match long {
                 true => self.apply_long(&durable, &mut batch, event).await?,
                 false => {

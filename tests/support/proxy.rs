@@ -14,6 +14,8 @@ use tokio::sync::Notify;
 struct Gate {
     budget: Mutex<Option<u64>>,
     changed: Notify,
+    /// Bytes of the stream are waiting for the budget.
+    holding: std::sync::atomic::AtomicBool,
 }
 
 impl Gate {
@@ -67,6 +69,11 @@ impl LinkProxy {
         self.gate.set(Some(bytes));
     }
 
+    /// Whether bytes of the replication stream are held back now.
+    pub fn holding(&self) -> bool {
+        self.gate.holding.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Everything passes again.
     pub fn release(&self) {
         self.gate.set(None);
@@ -113,7 +120,11 @@ async fn relay(client: TcpStream, server: TcpStream, gate: Arc<Gate>) {
                 false => rest.len(),
             };
             if allowed == 0 {
+                gate.holding
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 changed.await;
+                gate.holding
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
                 continue;
             }
             if client_write.write_all(&rest[..allowed]).await.is_err() {
