@@ -481,11 +481,18 @@ impl Applier<'_> {
             return Ok(());
         }
         let source_mapping = self.mappings.watching(from_db, from);
-        let source = if source_mapping.is_some() {
+        let source = match source_mapping {
             // Whole: the destination gets every field.
-            ws.get_whole(from_db, from)?
-        } else {
-            None
+            Some(_) if self.mappings.watching(to_db, to).is_some() => {
+                ws.get_whole(from_db, from)?
+            }
+            // Only deleted (or copied away from): its row needs its mapped fields alone, and a
+            // large hash is not read whole for it.
+            Some(mapping) => {
+                ws.see_fields(from_db, from, mapping.mapped_fields())?;
+                ws.get(from_db, from)?
+            }
+            None => None,
         };
         let source_ahead = Self::already_in(&source, command);
         if let Some(mapping) = source_mapping {

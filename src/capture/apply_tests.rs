@@ -164,7 +164,7 @@ fn op_field_semantics_in_the_mirror_and_the_rows() {
     );
 }
 
-fn delete(id: &str) -> RowEvent {
+pub(super) fn delete(id: &str) -> RowEvent {
     RowEvent {
         mapping: "P".into(),
         row_id: Bytes::copy_from_slice(id.as_bytes()),

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::tests::{command, upsert, Fixture};
+use super::tests::{command, delete, upsert, Fixture};
 use super::*;
 use crate::buffer::{Batch, RowChange, Store, STORED_BY_FIELD};
 use crate::capture::mirror_cache::MirrorCache;
@@ -255,4 +255,47 @@ fn a_copy_of_a_rewrite_in_flight_never_reads_the_old_fields() {
     store.write(after_batch, true).unwrap();
     after.written();
     assert_eq!(stored(&store, "p:big"), Some(model));
+}
+
+/// A large hash renamed, moved or copied to a key no mapping watches only loses (or keeps) its
+/// row: its mapped fields are read, not the whole hash.
+#[test]
+fn a_large_hash_sent_to_an_unwatched_key_is_not_read_whole() {
+    let fixture = Fixture::new("keep");
+    let store = fixture.store.clone();
+    let mut create = words(&["HSET", "p:big", "name", "A"]);
+    for i in 0..STORED_BY_FIELD + 100 {
+        create.extend([format!("f{i}"), format!("v{i}")]);
+    }
+    let (_, first, batch) = apply_batch(&fixture, MirrorView::default(), &[create]);
+    store.write(batch, true).unwrap();
+    first.written();
+
+    let table = CommandTable::default();
+    let applier = fixture.applier(&table);
+    for (args, deleted) in [
+        (vec!["COPY", "p:big", "unwatched:copy"], false),
+        (vec!["RENAME", "p:big", "unwatched:away"], true),
+    ] {
+        let mut ws = WorkingSet::new(store.clone());
+        let command = command(&args, 200);
+        let write = Write::parse(&command, now_ms());
+        let mut out = Vec::new();
+        applier.apply(&mut ws, &command, &write, &mut out).unwrap();
+        assert!(
+            ws.fields_seen() < 10,
+            "{args:?} read {} fields",
+            ws.fields_seen()
+        );
+        match deleted {
+            true => assert_eq!(out, vec![delete("big")]),
+            false => assert_eq!(out, Vec::new()),
+        }
+        let mut batch = Batch::default();
+        let flushed = ws.flush_into(&mut batch);
+        store.write(batch, true).unwrap();
+        flushed.written();
+    }
+    assert_eq!(stored(&store, "p:big"), None);
+    assert_eq!(stored_field_count(&store, "p:big"), 0, "no field left");
 }
