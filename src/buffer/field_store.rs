@@ -275,11 +275,14 @@ impl Store {
         value: MirrorValue,
         snapshot: Option<&Snapshot>,
     ) -> Result<MirrorValue, StoreError> {
-        if value.fields.window().is_none() {
+        let Some(window) = value.fields.window() else {
             return Ok(value);
-        }
+        };
         let mut stored = Vec::new();
-        self.each_stored_field_at(db, key, |name, field| stored.push((name, field)), snapshot)?;
+        // A complete window (a rewrite) ignores what the store holds: not read.
+        if !window.is_complete() {
+            self.each_stored_field_at(db, key, |name, field| stored.push((name, field)), snapshot)?;
+        }
         let MirrorValue {
             kind,
             expire_at_ms,

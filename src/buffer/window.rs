@@ -89,6 +89,11 @@ impl Window {
         self.rewrite
     }
 
+    /// Whether every field is seen: the store has nothing to add to it.
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
     /// Whether `name` was loaded (or written): its answer is known.
     pub fn has_seen(&self, name: &[u8]) -> bool {
         self.complete || self.seen.contains_key(name)
