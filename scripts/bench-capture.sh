@@ -3,7 +3,9 @@
 # primary, fed the same pipelined HSET burst by redis-benchmark. Reports, for both, the lag in
 # bytes when the burst ends and the time to catch up (the service runs --capture-only: capture
 # alone, no database writes), then the throughput in commands per second
-# durably applied (writebehind acknowledges only what is synced to RocksDB), and the ratio.
+# durably applied (writebehind acknowledges only what is synced to RocksDB), and the ratio; and
+# the most the primary held in its output buffer for each of them (bench-outbuf.py), which is
+# what `client-output-buffer-limit replica` cuts a slow replica on.
 # Not a test: it measures.
 #
 # Usage: scripts/bench-capture.sh [commands]   (default 1000000 HSETs, pipeline 32)
@@ -99,6 +101,8 @@ if [ -n "${PERF_OUT:-}" ]; then  # PERF_OUT=file: profile the service through th
 fi
 sample_positions "$admin" "$service_pid" "$out/capture-positions.csv" "$primary" "$replica" &
 sampler=$!
+python3 scripts/bench-outbuf.py "$primary" >"$work/outbuf.txt" &
+outbuf=$!
 start=$(date +%s.%N)
 redis-benchmark -p "$primary" -q -n "$commands" -P 32 -r 100000 \
   HSET person2:__rand_int__ first_name John last_name Doe age "$age" >/dev/null
@@ -113,6 +117,8 @@ catch_up=$(python3 scripts/bench-catch-up.py "$primary" "$replica" "$target") ||
 replica_done=$(echo "$catch_up" | sed -n 's/^replica_done=//p')
 wb_done=$(echo "$catch_up" | sed -n 's/^writebehind_done=//p')
 if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
+kill "$outbuf" && wait "$outbuf" || true
+cat "$work/outbuf.txt"
 sleep 0.3
 kill "$sampler" 2>/dev/null || true
 plot_positions "$out/capture-positions.csv" "$out/capture-positions.png" "bench-capture: $commands HSETs, capture only (received/buffered) and a real replica"

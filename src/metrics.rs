@@ -21,8 +21,10 @@
 //!   back and received again): `src/capture/long_unit.rs`; `open_transaction_commands` (the
 //!   commands received so far of a transaction whose `EXEC` has not arrived; 0: none, which
 //!   `/status` details as `open_transaction`);
-//! - `buffer_size_bytes` (RocksDB files), `spool_bytes` (a full sync received and not yet decoded,
-//!   `src/replication/spool.rs`), `link_up`, `backend_up{backend}`;
+//! - `buffer_size_bytes` (RocksDB files), `spool_bytes` (a full sync, or the command stream while
+//!   capture is behind it, received and not yet decoded: `src/replication/spool.rs`),
+//!   `stream_spooled_total` (times the link spooled the command stream), `link_up`,
+//!   `backend_up{backend}`;
 //! - `memory_bytes{part}`: `heap_allocated` and `heap_resident` (the allocator's figures: what
 //!   the process asked for, and what the allocator keeps in RAM for it, which RSS follows),
 //!   `rocksdb_memtables`, `rocksdb_table_readers` (index and filter blocks held outside the
@@ -109,6 +111,8 @@ pub struct Health {
     /// The primary accepted a full sync and has not started the snapshot for over a second
     /// (set by the replication link).
     waiting_for_snapshot: Arc<AtomicBool>,
+    /// Bytes received into the replication spool and not yet captured (set by the link).
+    spooled: Arc<AtomicU64>,
     /// The buffer's size on disk (bytes), sampled by the service.
     buffer_bytes: AtomicU64,
     backends: Mutex<BTreeMap<String, BackendState>>,
@@ -284,6 +288,12 @@ impl Health {
     /// (`ReplicatorOptions::waiting_for_snapshot`).
     pub fn waiting_for_snapshot_flag(&self) -> Arc<AtomicBool> {
         self.waiting_for_snapshot.clone()
+    }
+
+    /// The count the replication link keeps of what waits in its spool
+    /// (`ReplicatorOptions::spooled`).
+    pub fn spooled_counter(&self) -> Arc<AtomicU64> {
+        self.spooled.clone()
     }
 
     /// What the link is doing, for `/status`: `up`, `down`, or waiting for the primary to start
@@ -520,6 +530,9 @@ impl Health {
             "dead_letters": dead_letters.count,
             "oldest_dead_letter": oldest_dead_letter(dead_letters),
             "buffer_bytes": self.buffer_bytes.load(Ordering::Relaxed),
+            // Received from the primary into the spool (a snapshot, or the stream while
+            // capture is behind) and not captured yet: part of the lag, on this host's disk.
+            "spool_bytes": self.spooled.load(Ordering::Relaxed),
             "backends": backends,
             "open_transaction": self.open_transaction_status(),
             "ready": self.not_ready().is_none(),

@@ -222,7 +222,9 @@ impl Service {
         replication.announce_port = config.replication.announce_port;
         replication.timeout = Duration::from_secs(config.replication.timeout_secs);
         replication.spool_dir = config.buffer.path.join("spool");
+        replication.stream_spool_bytes = config.replication.stream_spool_mb.saturating_mul(1 << 20);
         replication.waiting_for_snapshot = outputs.health.waiting_for_snapshot_flag();
+        replication.spooled = outputs.health.spooled_counter();
         // A spool never outlives its link: what a previous run left is of no use.
         if let Err(e) = std::fs::remove_dir_all(&replication.spool_dir) {
             if e.kind() != std::io::ErrorKind::NotFound {

@@ -497,6 +497,128 @@ async fn a_paused_consumer_is_not_cut_by_the_output_buffer_limit(diskless: &str)
     }
 }
 
+/// A consumer slower than the primary's writes, under a 4 MB `client-output-buffer-limit
+/// replica`: read straight from the socket, the primary would hold the lag and cut the link
+/// past 4 MB. Once the kernel holds more than the consumer reads, the link spools the command
+/// stream instead: the link is never cut, every write arrives once and in order, the primary
+/// gets our ACKs (`WAIT`), and once the consumer has caught up the link reads the socket again.
+#[tokio::test]
+async fn a_slow_consumer_of_the_stream_is_not_cut_by_the_output_buffer_limit() {
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    run(
+        &mut client,
+        &[
+            "CONFIG",
+            "SET",
+            "client-output-buffer-limit",
+            "replica 4mb 0 0",
+        ],
+    )
+    .await;
+    let spool_root = tempfile::tempdir().expect("tempdir");
+    let mut options = options(&server);
+    options.spool_dir = spool_root.path().to_path_buf();
+    let spooled = options.spooled.clone();
+    let mut replicator = Replicator::new(options, None);
+    full_sync(&mut replicator).await;
+    // Let the link leave the snapshot's spool: the first write arrives over the socket.
+    run(&mut client, &["SET", "started", "1"]).await;
+    stream_until(
+        &mut replicator,
+        |e| matches!(e, StreamEvent::Command(c) if c.is("SET")),
+    )
+    .await;
+
+    // 30 MB of writes, pipelined from another connection as fast as the primary takes them.
+    const WRITES: usize = 3_000;
+    let mut writer_client = server.client().await;
+    let writer = tokio::spawn(async move {
+        let value = "x".repeat(10_000);
+        for chunk in 0..WRITES / 100 {
+            let commands: Vec<[String; 4]> = (chunk * 100..(chunk + 1) * 100)
+                .map(|i| {
+                    [
+                        "HSET".into(),
+                        "during".into(),
+                        format!("f{i}"),
+                        value.clone(),
+                    ]
+                })
+                .collect();
+            let commands: Vec<&[String]> = commands.iter().map(|c| &c[..]).collect();
+            writer_client.pipeline(&commands).await.expect("writes");
+        }
+    });
+    let mut fields = Vec::with_capacity(WRITES);
+    let (mut saw_spool, mut most_spooled) = (false, 0);
+    while fields.len() < WRITES {
+        match next(&mut replicator).await {
+            ReplicationEvent::Stream(event) => {
+                replicator.report_durable(event.end());
+                if let StreamEvent::Command(c) = &event {
+                    if c.is("HSET") {
+                        fields.push(String::from_utf8_lossy(&c.args[2]).into_owned());
+                    }
+                }
+            }
+            other => panic!(
+                "the link dropped after {} writes: {other:?}\n{}",
+                fields.len(),
+                server.log()
+            ),
+        }
+        saw_spool |= std::fs::read_dir(spool_root.path()).map_or(0, Iterator::count) > 0;
+        most_spooled = most_spooled.max(spooled.load(std::sync::atomic::Ordering::Relaxed));
+        // The consumer is slow: it takes a millisecond per write (about 10 MB/s).
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    writer.await.expect("writer");
+    let expected: Vec<String> = (0..WRITES).map(|i| format!("f{i}")).collect();
+    assert!(
+        fields == expected,
+        "the writes arrived out of order or twice"
+    );
+    assert!(saw_spool, "the link never spooled the stream");
+    assert!(
+        most_spooled > 1 << 20,
+        "the spool's unread bytes were not counted (at most {most_spooled})"
+    );
+    assert!(
+        !server.log().contains("output buffer limits"),
+        "{}",
+        server.log()
+    );
+
+    // Caught up: the primary counts us for WAIT, and the link reads the socket again (the
+    // spool's directory is removed) once the spool is read to its end.
+    let ack = replicator.durable_offset();
+    let reader = tokio::spawn(async move {
+        loop {
+            match replicator.next().await {
+                Ok(ReplicationEvent::Stream(event)) => ack.advance(event.end()),
+                // The link dropped: the check below fails.
+                _ => return,
+            }
+        }
+    });
+    let waited = run(&mut client, &["WAIT", "1", "10000"]).await;
+    assert_eq!(waited, BytesFrame::Integer(1));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(spool_root.path()).map_or(0, Iterator::count) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the link never left the spool"
+        );
+        // Reads make the link look at the spool: PINGs and GETACKs come by themselves.
+        run(&mut client, &["SET", "poke", "1"]).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!reader.is_finished(), "{:?}", server.log());
+    assert_eq!(spooled.load(std::sync::atomic::Ordering::Relaxed), 0);
+    reader.abort();
+}
+
 /// Bytes in the spool files under `root` (one directory per link).
 fn spooled_bytes(root: &std::path::Path) -> u64 {
     let files = std::fs::read_dir(root)

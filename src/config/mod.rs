@@ -149,6 +149,11 @@ pub struct ReplicationConfig {
     /// Seconds of silence from the primary after which the link is considered dead.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
+    /// MiB of the command stream spooled to disk (under `<buffer path>/spool`) and not yet
+    /// captured, at most, while capture is behind the primary; past it the primary holds the
+    /// rest in its output buffer for this replica. 0: never spool the stream.
+    #[serde(default = "default_stream_spool_mb")]
+    pub stream_spool_mb: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -156,6 +161,7 @@ impl Default for ReplicationConfig {
         ReplicationConfig {
             announce_port: default_announce_port(),
             timeout_secs: default_timeout_secs(),
+            stream_spool_mb: default_stream_spool_mb(),
         }
     }
 }
@@ -167,6 +173,10 @@ fn default_announce_port() -> u16 {
 
 fn default_timeout_secs() -> u64 {
     60
+}
+
+fn default_stream_spool_mb() -> u64 {
+    1024
 }
 
 #[derive(Clone, Deserialize)]

@@ -1,10 +1,14 @@
 //! One connection to a primary, from the handshake to the end of the command stream.
 //!
 //! The read side is driven by the caller ([`Link::next`]); it decodes only when asked. A full
-//! sync is drained into the snapshot spool by a thread of its own ([`spool`](super::spool)) so
-//! that the primary never holds the snapshot's backlog for us; once the snapshot is decoded and
-//! the spool read to its end, the link reads the socket directly again, and a slow consumer
-//! slows the socket (TCP backpressure) instead of buffering without bound. While the link reads
+//! sync is drained into the spool by a thread of its own ([`spool`](super::spool)) so that the
+//! primary never holds the snapshot's backlog for us; once the snapshot is decoded and the spool
+//! read to its end, the link reads the socket directly again. When its consumer then falls
+//! behind the command stream (the kernel holds more unread bytes for the socket than
+//! [`behind_threshold`] after a read), the link spools the stream the same way until the
+//! consumer has caught up, so that the primary does not hold the lag either; past
+//! `[replication] stream_spool_mb` unread in the spool, the spooler stops reading and the
+//! socket slows (TCP backpressure) instead of the disk filling without bound. While the link reads
 //! the socket directly, a task of its own sends `REPLCONF ACK <offset>` every second with the
 //! position the caller acknowledged, and at once when the primary asks with
 //! `REPLCONF GETACK *`; while it is spooled, the spooler does (with a `\n` every second until
@@ -22,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::rdb::{RdbDecoder, RdbEvent};
-use super::spool::{SnapshotEnd, Spool, SpoolSettings};
+use super::spool::{behind_threshold, SnapshotEnd, Spool, SpoolSettings};
 use super::stream::{CommandStream, StreamEvent};
 use super::{LinkError, ReplicationEvent, ReplicatorOptions, SnapshotFraming};
 use crate::position::{DurableOffset, ReplId, ReplOffset, StreamPosition};
@@ -54,6 +58,8 @@ enum WriterMessage {
     AckNow(Option<tokio::sync::oneshot::Sender<()>>),
     /// `REPLCONF GETACK` arrived: answer with at most this offset.
     GetAck(ReplOffset),
+    /// Stop, and give the socket's write half back (to the spooler).
+    Stop(tokio::sync::oneshot::Sender<OwnedWriteHalf>),
 }
 
 /// The task that writes ACKs while the link reads the socket directly.
@@ -83,6 +89,15 @@ pub(crate) struct Link {
     durable: DurableOffset,
     /// None while the link is spooled (the spooler sends the ACKs).
     writer: Option<AckWriter>,
+    /// The ACK writer asked to give the write half back, to spool the command stream; kept
+    /// until it has (dropping it would abort its task, and the half with it).
+    returning: Option<(AckWriter, tokio::sync::oneshot::Receiver<OwnedWriteHalf>)>,
+    /// Where this link's spool directories go.
+    spool_root: PathBuf,
+    /// The most bytes of the command stream spooled and unread (0: the stream is never spooled).
+    stream_spool_bytes: u64,
+    /// Where the spool counts its unread bytes (`ReplicatorOptions::spooled`).
+    spooled: std::sync::Arc<AtomicU64>,
 }
 
 impl Link {
@@ -119,6 +134,7 @@ impl Link {
             address: address.clone(),
             timeout: options.timeout,
             tls,
+            behind: false,
         };
         handshake
             .greet(&mut write_half, endpoint, options.announce_port)
@@ -137,6 +153,10 @@ impl Link {
             address,
             durable,
             writer: None,
+            returning: None,
+            spool_root: options.spool_dir.clone(),
+            stream_spool_bytes: options.stream_spool_bytes,
+            spooled: options.spooled.clone(),
         };
         match &link.phase {
             Phase::Snapshot { framing, .. } => {
@@ -144,7 +164,7 @@ impl Link {
                     SnapshotFraming::Length(len) => SnapshotEnd::AfterBytes(*len),
                     SnapshotFraming::EofMark(mark) => SnapshotEnd::Mark(mark.clone()),
                 };
-                link.start_spool(write_half, end, &options.spool_dir)?;
+                link.start_spool(write_half, end, None)?;
             }
             Phase::Streaming { .. } => {
                 link.writer = Some(AckWriter::start(
@@ -157,12 +177,13 @@ impl Link {
         Ok((link, first_event))
     }
 
-    /// Hands the socket to a spooler for the snapshot (see the module doc).
+    /// Hands the socket to a spooler (see the module doc); `limit`: the most bytes spooled and
+    /// unread before it stops reading.
     fn start_spool(
         &mut self,
         write_half: OwnedWriteHalf,
         end: SnapshotEnd,
-        spool_root: &std::path::Path,
+        limit: Option<u64>,
     ) -> Result<(), LinkError> {
         let Source::Tcp(reader) = std::mem::replace(&mut self.socket.source, Source::Detached)
         else {
@@ -170,14 +191,14 @@ impl Link {
         };
         let io_error = |e: std::io::Error| LinkError::Io {
             address: self.address.clone(),
-            message: format!("cannot hand the socket to the snapshot spool: {e}"),
+            message: format!("cannot hand the socket to the spool: {e}"),
         };
         let socket = reader
             .reunite(write_half)
             .map_err(|e| io_error(std::io::Error::other(e.to_string())))?
             .into_std()
             .map_err(io_error)?;
-        let dir: PathBuf = spool_root.join(format!(
+        let dir: PathBuf = self.spool_root.join(format!(
             "link-{}-{}",
             std::process::id(),
             SPOOL_COUNTER.fetch_add(1, Ordering::Relaxed)
@@ -188,9 +209,43 @@ impl Link {
             durable: self.durable.clone(),
             address: self.address.clone(),
             timeout: self.socket.timeout,
+            limit,
+            unread: self.spooled.clone(),
         };
         let spool = Spool::start(socket, &self.socket.input, settings)?;
         self.socket.source = Source::Spool(spool);
+        Ok(())
+    }
+
+    /// Spools the command stream, its consumer being behind (see the module doc). Cancel-safe:
+    /// the ACK writer is kept until it has given the write half back, and a later call goes on
+    /// waiting for it.
+    async fn spool_stream(&mut self) -> Result<(), LinkError> {
+        if self.returning.is_none() {
+            let Some(writer) = self.writer.take() else {
+                return Ok(());
+            };
+            let (back, receiver) = tokio::sync::oneshot::channel();
+            let _ = writer.messages.send(WriterMessage::Stop(back));
+            self.returning = Some((writer, receiver));
+        }
+        let Some((_, receiver)) = self.returning.as_mut() else {
+            return Ok(());
+        };
+        let write_half = receiver.await;
+        self.returning = None;
+        self.socket.behind = false;
+        let write_half = write_half.map_err(|_| LinkError::Io {
+            address: self.address.clone(),
+            message: "the ACK writer stopped before giving the socket to the spool".into(),
+        })?;
+        self.start_spool(
+            write_half,
+            SnapshotEnd::AlreadyArrived,
+            Some(self.stream_spool_bytes),
+        )?;
+        metrics::counter!("writebehind_stream_spooled_total").increment(1);
+        tracing::info!(address = %self.address, "capture is behind the command stream: spooling it to disk until capture catches up, so that the primary does not hold the difference");
         Ok(())
     }
 
@@ -206,15 +261,16 @@ impl Link {
         let address = self.address.clone();
         let io_error = |e: std::io::Error| LinkError::Io {
             address: address.clone(),
-            message: format!("cannot take the socket back from the snapshot spool: {e}"),
+            message: format!("cannot take the socket back from the spool: {e}"),
         };
         socket.set_read_timeout(None).map_err(io_error)?;
         socket.set_nonblocking(true).map_err(io_error)?;
         let (reader, writer) = TcpStream::from_std(socket).map_err(io_error)?.into_split();
         // Dropping the spool removes its directory.
         self.socket.source = Source::Tcp(reader);
+        self.socket.behind = false;
         self.writer = Some(AckWriter::start(writer, self.durable.clone(), address));
-        tracing::debug!(address = %self.address, "the snapshot spool is read to its end; reading the primary directly");
+        tracing::debug!(address = %self.address, "the spool is read to its end; reading the primary directly");
         Ok(())
     }
 
@@ -223,7 +279,7 @@ impl Link {
     async fn fill(&mut self) -> Result<(), LinkError> {
         if let (Source::Spool(spool), Phase::Streaming { .. }) = (&self.socket.source, &self.phase)
         {
-            if spool.caught_up() {
+            if spool.may_leave() {
                 self.leave_spool().await?;
                 if !self.socket.input.is_empty() {
                     return Ok(());
@@ -247,6 +303,10 @@ impl Link {
     /// The next event of this link.
     pub(crate) async fn next(&mut self) -> Result<ReplicationEvent, LinkError> {
         loop {
+            let streaming = matches!(self.phase, Phase::Streaming { .. });
+            if streaming && self.stream_spool_bytes > 0 && self.socket.behind {
+                self.spool_stream().await?;
+            }
             match &mut self.phase {
                 Phase::Snapshot {
                     decoder,
@@ -398,6 +458,9 @@ struct Socket {
     timeout: Duration,
     /// What TLS established, on a `rediss://` link.
     tls: Option<crate::tls::Negotiated>,
+    /// A read of the socket left more unread in the kernel than the consumer keeps up with
+    /// ([`behind_threshold`]).
+    behind: bool,
 }
 
 enum Source {
@@ -594,7 +657,13 @@ impl Socket {
         match &mut self.source {
             Source::Tcp(reader) => {
                 self.input.reserve(want);
-                matches!(reader.try_read_buf(&mut self.input), Ok(read) if read > 0)
+                match reader.try_read_buf(&mut self.input) {
+                    Ok(read) if read > 0 => {
+                        self.behind |= read >= READ_CHUNK && left_behind(reader);
+                        true
+                    }
+                    _ => false,
+                }
             }
             Source::Spool(spool) => matches!(spool.try_fill(&mut self.input, want), Ok(true)),
             Source::Detached => false,
@@ -615,8 +684,9 @@ impl Socket {
             }
         };
         self.input.reserve(want);
-        let read = tokio::time::timeout(self.timeout, reader.read_buf(&mut self.input))
-            .await
+        let result = tokio::time::timeout(self.timeout, reader.read_buf(&mut self.input)).await;
+        self.behind |= matches!(result, Ok(Ok(read)) if read >= READ_CHUNK) && left_behind(reader);
+        let read = result
             .map_err(|_| LinkError::Timeout {
                 address: self.address.clone(),
                 seconds: self.timeout.as_secs(),
@@ -690,6 +760,16 @@ impl Socket {
     }
 }
 
+/// Whether the kernel still holds more unread bytes for `socket` than a consumer that keeps up
+/// leaves there (checked only after a read of a whole chunk: a consumer that waits for its
+/// reads is not behind). An error reads as "not behind": the link goes on as it is.
+fn left_behind(socket: &OwnedReadHalf) -> bool {
+    let socket: &TcpStream = socket.as_ref();
+    let unread = rustix::io::ioctl_fionread(socket).unwrap_or(0);
+    let buffer = rustix::net::sockopt::socket_recv_buffer_size(socket).unwrap_or(0);
+    buffer > 0 && unread >= behind_threshold(buffer as u64)
+}
+
 /// Sends `REPLCONF ACK <durable offset>` every second and when asked.
 async fn write_acks(
     mut writer: OwnedWriteHalf,
@@ -712,6 +792,10 @@ async fn write_acks(
                 Some(WriterMessage::AckNow(done)) => {
                     written = done;
                     true
+                }
+                Some(WriterMessage::Stop(back)) => {
+                    let _ = back.send(writer);
+                    return;
                 }
                 Some(WriterMessage::GetAck(before)) => {
                     if durable.get() < before {

@@ -40,7 +40,7 @@ mod spool;
 pub mod stream;
 
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -163,10 +163,15 @@ pub struct ReplicatorOptions {
     /// Where full syncs are spooled (a directory per link inside; see `spool.rs`). The
     /// service uses `<buffer path>/spool`; by default the system's temporary directory.
     pub spool_dir: PathBuf,
+    /// The most bytes of the command stream spooled and not yet read when capture falls behind
+    /// (see `spool.rs`; 0: never spooled, the primary holds the lag).
+    pub stream_spool_bytes: u64,
     /// Set while the primary has accepted a full sync but not started sending the snapshot for
     /// over a second (it waits `repl-diskless-sync-delay`, or saves its RDB first): shown by
     /// `/status`, which otherwise only sees a link that is down.
     pub waiting_for_snapshot: Arc<AtomicBool>,
+    /// Bytes received into the spool and not yet read by capture (shown by `/status`).
+    pub spooled: Arc<AtomicU64>,
 }
 
 impl ReplicatorOptions {
@@ -182,7 +187,9 @@ impl ReplicatorOptions {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             spool_dir: std::env::temp_dir(),
+            stream_spool_bytes: 1 << 30,
             waiting_for_snapshot: Arc::new(AtomicBool::new(false)),
+            spooled: Arc::new(AtomicU64::new(0)),
         }
     }
 }

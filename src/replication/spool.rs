@@ -1,5 +1,5 @@
-//! The snapshot spool: a full sync is drained from the socket at network speed into files on
-//! disk and decoded from there.
+//! The spool: a full sync, and the command stream whenever capture falls behind it, is drained
+//! from the socket at network speed into files on disk and decoded from there.
 //!
 //! # Why
 //!
@@ -36,6 +36,21 @@
 //! ([`Spool::take_socket`]), reads the last bytes the spooler wrote, and from then on reads the
 //! socket directly: the command stream is not written to disk once the link has caught up.
 //!
+//! # The command stream, when the consumer falls behind
+//!
+//! Read straight from the socket, a consumer slower than the primary's writes slows the socket
+//! (TCP backpressure), and the primary keeps the difference in the replica's output buffer:
+//! measured, 78 MB for a burst of a million `HSET`s that a real replica followed with 0.2 MB
+//! (docs/benchmarks.md, session 16), and the same limit as above cuts the link past 256 MB, or
+//! past 64 MB held for 60 s; the reconnection then needs a backlog that large or a full sync. So
+//! the link spools the stream too whenever the kernel holds more unread bytes for it than
+//! [`behind_threshold`] after a read (`link.rs`), with [`SnapshotEnd::AlreadyArrived`]: the
+//! spooler ACKs at once and every second, and stops reading once `limit` bytes are spooled and
+//! unread (`[replication] stream_spool_mb`: past it the primary holds the rest, as without a
+//! spool). The consumer leaves such a spool as above, once it has read it to its end, but not
+//! before [`STREAM_SPOOL_AT_LEAST`] has passed, so that a consumer close to the primary's pace
+//! does not hand the socket back and forth on every read.
+//!
 //! Nothing in the spool outlives its link: the link's directory is removed when the link ends,
 //! and the service empties its spool root (`<buffer path>/spool`) when it starts.
 
@@ -62,6 +77,18 @@ const READ_BYTES: usize = 1 << 20;
 const POLL: Duration = Duration::from_millis(100);
 /// Length of a diskless snapshot's EOF mark.
 const MARK_LEN: usize = 40;
+/// The shortest time the command stream stays spooled once the link spools it.
+pub(crate) const STREAM_SPOOL_AT_LEAST: Duration = Duration::from_secs(1);
+/// Unread bytes in the kernel that show a consumer of the command stream is behind.
+const BEHIND_BYTES: u64 = 256 << 10;
+
+/// The unread bytes in the kernel past which a consumer of the command stream is behind: 256
+/// KiB, or a quarter of the socket's receive buffer when that is smaller (measured on loopback,
+/// Linux's autotuned buffer held up to about 500 KB while capture lagged by 90 MB; a threshold
+/// above what the buffer can hold would never be reached).
+pub(crate) fn behind_threshold(receive_buffer: u64) -> u64 {
+    BEHIND_BYTES.min(receive_buffer / 4).max(1)
+}
 
 /// How the spooler knows that the whole snapshot has arrived.
 #[derive(Debug, Clone)]
@@ -70,6 +97,9 @@ pub(crate) enum SnapshotEnd {
     AfterBytes(u64),
     /// `$EOF:<mark>` framing: when the last bytes received are the mark.
     Mark(Vec<u8>),
+    /// The snapshot is behind us: the link spools the command stream, its consumer being
+    /// behind (see the module doc).
+    AlreadyArrived,
 }
 
 /// Watches the received bytes for the end of the snapshot.
@@ -84,6 +114,7 @@ impl SnapshotWatch {
     fn saw(&mut self, bytes: &[u8]) -> bool {
         self.seen += bytes.len() as u64;
         match &self.end {
+            SnapshotEnd::AlreadyArrived => true,
             SnapshotEnd::AfterBytes(len) => self.seen >= *len,
             SnapshotEnd::Mark(mark) => {
                 self.tail
@@ -101,6 +132,8 @@ impl SnapshotWatch {
 struct Shared {
     /// Bytes appended to the segment files (published after each write).
     written: AtomicU64,
+    /// Bytes the consumer has read (for the spooler's limit).
+    read: AtomicU64,
     /// Why the spooler stopped reading, set once, after the last write.
     failure: OnceLock<LinkError>,
     /// Set by the consumer: stop and hand the socket back.
@@ -190,6 +223,12 @@ pub(crate) struct SpoolSettings {
     pub address: String,
     /// Silence after which the primary is considered gone.
     pub timeout: Duration,
+    /// The most bytes spooled and not yet read before the spooler stops reading the socket
+    /// (`None`: no limit, for a snapshot, which must arrive whole).
+    pub limit: Option<u64>,
+    /// Where the consumer publishes the bytes spooled and not yet read (with the
+    /// `writebehind_spool_bytes` gauge).
+    pub unread: Arc<AtomicU64>,
 }
 
 /// The consumer's side of a spooled link.
@@ -202,10 +241,17 @@ pub(crate) struct Spool {
     /// still connected, and its backlog with it).
     closer: Option<TcpStream>,
     address: String,
+    /// When the spooler started.
+    started: Instant,
+    /// Spooling the command stream only (the snapshot had arrived before).
+    stream_only: bool,
+    /// [`SpoolSettings::unread`].
+    unread: Arc<AtomicU64>,
 }
 
 impl Drop for Spool {
     fn drop(&mut self) {
+        self.publish_unread(0);
         self.shared.stop.store(true, Ordering::SeqCst);
         if let Some(socket) = self.closer.take() {
             let _ = socket.shutdown(std::net::Shutdown::Both);
@@ -233,10 +279,12 @@ impl Spool {
     ) -> Result<Spool, LinkError> {
         let address = settings.address.clone();
         let dir = settings.dir.clone();
+        let stream_only = matches!(settings.end, SnapshotEnd::AlreadyArrived);
+        let unread = settings.unread.clone();
         let io_error = |what: &str, e: io::Error| LinkError::Io {
             address: address.clone(),
             message: format!(
-                "cannot {what} the snapshot spool in {}: {e}; check the buffer directory's disk",
+                "cannot {what} the spool in {}: {e}; check the buffer directory's disk",
                 dir.display()
             ),
         };
@@ -284,6 +332,9 @@ impl Spool {
             socket: Some(socket_back),
             closer: Some(closer),
             address,
+            started: Instant::now(),
+            stream_only,
+            unread,
         })
     }
 
@@ -320,13 +371,20 @@ impl Spool {
         self.reader
             .read_into(input, written, want)
             .map_err(|e| self.read_error(e))?;
-        metrics::gauge!("writebehind_spool_bytes").set((written - self.reader.read) as f64);
+        self.shared.read.store(self.reader.read, Ordering::Release);
+        self.publish_unread(written - self.reader.read);
         Ok(true)
     }
 
     /// True when everything the spooler wrote is read.
     pub(crate) fn caught_up(&self) -> bool {
         self.shared.written.load(Ordering::Acquire) == self.reader.read
+    }
+
+    /// True when the link may read the socket directly again: the spool is read to its end,
+    /// and a spool of the command stream alone has lasted [`STREAM_SPOOL_AT_LEAST`].
+    pub(crate) fn may_leave(&self) -> bool {
+        self.caught_up() && (!self.stream_only || self.started.elapsed() >= STREAM_SPOOL_AT_LEAST)
     }
 
     /// Asks the spooler to send `REPLCONF ACK` now.
@@ -352,7 +410,7 @@ impl Spool {
             (None, Some(failure)) => Err(failure.clone()),
             (None, None) => Err(LinkError::Io {
                 address: self.address.clone(),
-                message: "the snapshot spooler ended without handing the socket back".into(),
+                message: "the spooler ended without handing the socket back".into(),
             }),
         }
     }
@@ -361,15 +419,20 @@ impl Spool {
     /// spooler writes no more); dropping the spool then removes its directory.
     pub(crate) fn drain(&mut self, input: &mut BytesMut) -> Result<(), LinkError> {
         while self.try_fill(input, usize::MAX)? {}
-        metrics::gauge!("writebehind_spool_bytes").set(0.0);
+        self.publish_unread(0);
         Ok(())
+    }
+
+    fn publish_unread(&self, bytes: u64) {
+        self.unread.store(bytes, Ordering::Relaxed);
+        metrics::gauge!("writebehind_spool_bytes").set(bytes as f64);
     }
 
     fn read_error(&self, e: io::Error) -> LinkError {
         LinkError::Io {
             address: self.address.clone(),
             message: format!(
-                "cannot read the snapshot spool in {}: {e}",
+                "cannot read the spool in {}: {e}",
                 self.reader.dir.display()
             ),
         }
@@ -415,17 +478,26 @@ impl Spooler {
         let mut sent: Option<Instant> = None;
         let mut just_arrived = self.arrived;
         // Bytes arrived after the snapshot: the command stream flows.
-        let mut streaming = false;
+        let mut streaming = matches!(self.settings.end, SnapshotEnd::AlreadyArrived);
         loop {
             if self.shared.stop.load(Ordering::SeqCst) {
                 return None;
+            }
+            if self.full() {
+                // The primary holds what follows until the consumer reads: not silence.
+                std::thread::sleep(POLL);
+                heard = Instant::now();
+                if let Some(failure) = self.keep_alive(&mut sent, &mut just_arrived, streaming) {
+                    return Some(failure);
+                }
+                continue;
             }
             match self.socket.read(&mut buffer) {
                 Ok(0) => return Some(self.io_failure("the primary closed the connection".into())),
                 Ok(read) => {
                     if let Err(e) = self.segments.append(&buffer[..read]) {
                         return Some(self.io_failure(format!(
-                            "cannot write the snapshot spool in {}: {e}; free disk space there or move [buffer] path",
+                            "cannot write the spool in {}: {e}; free disk space there or move [buffer] path",
                             self.settings.dir.display()
                         )));
                     }
@@ -451,30 +523,52 @@ impl Spooler {
                 }
                 Err(e) => return Some(self.io_failure(e.to_string())),
             }
-            // Until the stream flows, ACK at every poll: a primary that got our first ACK
-            // before it considered the snapshot sent (a diskless one waits for its child to
-            // exit) starts the stream only on the next.
-            let interval = if self.arrived && !streaming {
-                POLL
-            } else {
-                Duration::from_secs(1)
-            };
-            let due = sent.is_none_or(|at| at.elapsed() >= interval);
-            let asked = self.shared.ack_now.swap(false, Ordering::SeqCst);
-            let message = if just_arrived || asked || (self.arrived && due) {
-                let offset = self.settings.durable.get().to_string();
-                encode_command(&[&b"REPLCONF"[..], b"ACK", offset.as_bytes()])
-            } else if due {
-                b"\n".to_vec()
-            } else {
-                continue;
-            };
-            just_arrived = false;
-            if let Err(e) = self.sender.write_all(&message) {
-                return Some(self.io_failure(e.to_string()));
+            if let Some(failure) = self.keep_alive(&mut sent, &mut just_arrived, streaming) {
+                return Some(failure);
             }
-            sent = Some(Instant::now());
         }
+    }
+
+    /// Whether the limit of unread spooled bytes is reached.
+    fn full(&self) -> bool {
+        self.settings.limit.is_some_and(|limit| {
+            let read = self.shared.read.load(Ordering::Acquire);
+            self.segments.written.saturating_sub(read) >= limit
+        })
+    }
+
+    /// Sends what keeps the link alive when it is due: an ACK, or a `\n` before the snapshot
+    /// has arrived.
+    fn keep_alive(
+        &mut self,
+        sent: &mut Option<Instant>,
+        just_arrived: &mut bool,
+        streaming: bool,
+    ) -> Option<LinkError> {
+        // Until the stream flows, ACK at every poll: a primary that got our first ACK before
+        // it considered the snapshot sent (a diskless one waits for its child to exit) starts
+        // the stream only on the next.
+        let interval = if self.arrived && !streaming {
+            POLL
+        } else {
+            Duration::from_secs(1)
+        };
+        let due = sent.is_none_or(|at| at.elapsed() >= interval);
+        let asked = self.shared.ack_now.swap(false, Ordering::SeqCst);
+        let message = if *just_arrived || asked || (self.arrived && due) {
+            let offset = self.settings.durable.get().to_string();
+            encode_command(&[&b"REPLCONF"[..], b"ACK", offset.as_bytes()])
+        } else if due {
+            b"\n".to_vec()
+        } else {
+            return None;
+        };
+        *just_arrived = false;
+        if let Err(e) = self.sender.write_all(&message) {
+            return Some(self.io_failure(e.to_string()));
+        }
+        *sent = Some(Instant::now());
+        None
     }
 
     fn io_failure(&self, message: String) -> LinkError {

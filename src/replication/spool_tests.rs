@@ -90,6 +90,15 @@ fn the_snapshot_end_is_counted_or_seen_as_the_mark_across_reads() {
 
 /// A spooler on a real socket: `primary` is the other end.
 fn spooled(end: SnapshotEnd, received: &[u8], dir: &Path) -> (Spool, TcpStream, DurableOffset) {
+    spooled_with_limit(end, received, dir, None)
+}
+
+fn spooled_with_limit(
+    end: SnapshotEnd,
+    received: &[u8],
+    dir: &Path,
+    limit: Option<u64>,
+) -> (Spool, TcpStream, DurableOffset) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let ours = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
     let (primary, _) = listener.accept().expect("accept");
@@ -98,6 +107,8 @@ fn spooled(end: SnapshotEnd, received: &[u8], dir: &Path) -> (Spool, TcpStream, 
         .expect("timeout");
     let durable = DurableOffset::default();
     let settings = SpoolSettings {
+        limit,
+        unread: Default::default(),
         dir: dir.to_path_buf(),
         end,
         durable: durable.clone(),
@@ -207,4 +218,60 @@ async fn a_length_framed_snapshot_is_acknowledged_once_its_bytes_arrived() {
         b"*3\r\n$8\r\nREPLCONF\r\n$3\r\nACK\r\n$4\r\n1234\r\n",
     );
     drop(spool);
+}
+
+/// Polls `done` until it holds, for at most 10 s.
+fn poll_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[tokio::test]
+async fn a_spooled_stream_is_acknowledged_at_once_and_read_no_further_than_its_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut spool, mut primary, durable) = spooled_with_limit(
+        SnapshotEnd::AlreadyArrived,
+        b"",
+        &dir.path().join("l"),
+        Some(10),
+    );
+    durable.advance(crate::position::ReplOffset(77));
+    // No snapshot to wait for: the first message is an ACK.
+    expect_from_us(
+        &mut primary,
+        b"*3\r\n$8\r\nREPLCONF\r\n$3\r\nACK\r\n$2\r\n77\r\n",
+    );
+    let first = patterned(25);
+    primary.write_all(&first).expect("send");
+    poll_until("the spooler never read the first bytes", || {
+        spool.shared.written.load(Ordering::Acquire) == 25
+    });
+    // 25 unread bytes are past the limit of 10: what follows stays in the kernel.
+    let second: Vec<u8> = patterned(60)[30..].to_vec();
+    primary.write_all(&second).expect("send");
+    let socket = spool.closer.as_ref().expect("the spooler's socket");
+    poll_until("the second bytes never arrived", || {
+        rustix::io::ioctl_fionread(socket).unwrap_or(0) == 30
+    });
+    // An ACK asked for now is sent after the spooler's next look at the socket: by then it
+    // would have read what is there.
+    spool.request_ack();
+    expect_from_us(
+        &mut primary,
+        b"*3\r\n$8\r\nREPLCONF\r\n$3\r\nACK\r\n$2\r\n77\r\n",
+    );
+    assert_eq!(spool.shared.written.load(Ordering::Acquire), 25);
+    assert_eq!(rustix::io::ioctl_fionread(socket).unwrap_or(0), 30);
+    // Read, the spool has room again: the spooler reads on.
+    let mut input = BytesMut::new();
+    while input.len() < 55 {
+        tokio::time::timeout(Duration::from_secs(10), spool.fill(&mut input, 1_000))
+            .await
+            .expect("the spooler read on")
+            .expect("fill");
+    }
+    assert_eq!(&input[..], &[first, second].concat()[..]);
 }
