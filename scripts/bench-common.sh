@@ -96,34 +96,10 @@ bench_out() {
 # (`sink_batch_rows_sum`) and, with REPLICA_PORT, a real replica's offset (time in seconds from
 # the first sample). With PRIMARY_PORT the primary's offset is read from the primary itself (the
 # service samples it about once a second) and the lag is computed from it: primary minus
-# applied (buffered without a backend). Run it in the background.
+# applied (buffered without a backend). Run it in the background (`&`; kill it when done).
 sample_positions() {
-  local admin=$1 pid=$2 csv=$3 primary_port=${4:-} replica=${5:-} started
-  started=$(date +%s.%N)
-  echo "seconds,primary,received,buffered,applied,acked,lag_bytes,rss_mb,changes,rows_written,replica" >"$csv"
-  while kill -0 "$pid" 2>/dev/null; do
-    local replica_offset="" primary_offset=""
-    if [ -n "$primary_port" ]; then
-      primary_offset=$(redis-cli -p "$primary_port" info replication 2>/dev/null | tr -d '\r' | sed -n 's/^master_repl_offset://p')
-    fi
-    if [ -n "$replica" ]; then
-      replica_offset=$(redis-cli -p "$replica" info replication 2>/dev/null | tr -d '\r' | sed -n 's/^slave_repl_offset://p')
-    fi
-    curl -sf "http://127.0.0.1:$admin/metrics" | awk -v t="$(date +%s.%N)" -v s="$started" \
-      -v rss="$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null)" -v rep="$replica_offset" -v prim="$primary_offset" '
-      $1 == "writebehind_primary_offset_bytes" { p = $2 }
-      $1 == "writebehind_position_received_bytes" { r = $2 }
-      $1 == "writebehind_position_buffered_bytes" { b = $2 }
-      $1 ~ /^writebehind_position_applied_bytes/ { a = $2 }
-      $1 == "writebehind_position_acked_bytes" { k = $2 }
-      $1 == "writebehind_lag_bytes" { l = $2 }
-      $1 ~ /^writebehind_changes_total/ { c += $2 }
-      $1 ~ /^writebehind_sink_batch_rows_sum/ { w += $2 }
-      END {
-        if (prim != "") { p = prim; l = p - (a != "" ? a : b); if (l < 0) l = 0 }
-        printf "%.2f,%s,%s,%s,%s,%s,%s,%.1f,%d,%d,%s\n", t - s, p, r, b, a, k, l, rss / 1024, c, w, rep }' >>"$csv" || true
-    sleep 0.2
-  done
+  # Kept connections, one process (scripts/sample-positions.py says why).
+  exec python3 scripts/sample-positions.py "$@"
 }
 
 # plot_positions CSV PNG TITLE: from a sample_positions CSV, the positions (MB of stream; a real
