@@ -124,6 +124,18 @@ async fn a_full_disk_stops_capture_without_acknowledging_or_losing_anything() {
     // The highest offset the service acknowledged is sampled as it runs (once it is gone, the
     // primary no longer shows it).
     let (mut next_seq, mut acked) = (1u64, 0u64);
+    // First a few rows, until the primary has an acknowledged offset past them: the service
+    // ACKs once a second, and a fast machine fills the disk below within one.
+    send_all(&mut client, &rows(&mut next_seq, 200)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the service never acknowledged anything"
+        );
+        acked = replica_ack_offset(&mut client).await.unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let deadline = Instant::now() + Duration::from_secs(120);
     while service.0.try_wait().expect("wait").is_none() {
         assert!(Instant::now() < deadline, "the service never stopped");

@@ -239,13 +239,23 @@ impl Link {
             address: self.address.clone(),
             message: "the ACK writer stopped before giving the socket to the spool".into(),
         })?;
-        self.start_spool(
-            write_half,
-            SnapshotEnd::AlreadyArrived,
-            Some(self.stream_spool_bytes),
-        )?;
+        // The spool shares its disk with the buffer: it takes at most a quarter of what is
+        // free, so that a spool never fills the disk capture writes to.
+        let limit = self
+            .stream_spool_bytes
+            .min(available_disk(&self.spool_root) / 4);
+        if limit < MIN_STREAM_SPOOL_BYTES {
+            tracing::debug!(address = %self.address, limit, "capture is behind the command stream, but the disk has no room to spool it");
+            self.writer = Some(AckWriter::start(
+                write_half,
+                self.durable.clone(),
+                self.address.clone(),
+            ));
+            return Ok(());
+        }
+        self.start_spool(write_half, SnapshotEnd::AlreadyArrived, Some(limit))?;
         metrics::counter!("writebehind_stream_spooled_total").increment(1);
-        tracing::info!(address = %self.address, "capture is behind the command stream: spooling it to disk until capture catches up, so that the primary does not hold the difference");
+        tracing::info!(address = %self.address, limit_bytes = limit, "capture is behind the command stream: spooling it to disk until capture catches up, so that the primary does not hold the difference");
         Ok(())
     }
 
@@ -758,6 +768,17 @@ impl Socket {
             self.fill().await?;
         }
     }
+}
+
+/// The smallest spool of the command stream worth starting: below it the primary holds the lag.
+const MIN_STREAM_SPOOL_BYTES: u64 = 16 << 20;
+
+/// Bytes free for an unprivileged writer on the disk holding `path` (or its nearest existing
+/// ancestor); 0 when it cannot be read.
+fn available_disk(path: &std::path::Path) -> u64 {
+    path.ancestors()
+        .find_map(|dir| rustix::fs::statvfs(dir).ok())
+        .map_or(0, |disk| disk.f_bavail.saturating_mul(disk.f_frsize))
 }
 
 /// Whether the kernel still holds more unread bytes for `socket` than a consumer that keeps up

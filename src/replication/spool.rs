@@ -46,10 +46,13 @@
 //! the link spools the stream too whenever the kernel holds more unread bytes for it than
 //! [`behind_threshold`] after a read (`link.rs`), with [`SnapshotEnd::AlreadyArrived`]: the
 //! spooler ACKs at once and every second, and stops reading once `limit` bytes are spooled and
-//! unread (`[replication] stream_spool_mb`: past it the primary holds the rest, as without a
-//! spool). The consumer leaves such a spool as above, once it has read it to its end, but not
-//! before [`STREAM_SPOOL_AT_LEAST`] has passed, so that a consumer close to the primary's pace
-//! does not hand the socket back and forth on every read.
+//! unread (`[replication] stream_spool_mb`, and at most a quarter of the disk's free space when
+//! the spool starts: past it the primary holds the rest, as without a spool). The consumer
+//! leaves such a spool as above, once it has read it to its end, but not before
+//! [`STREAM_SPOOL_AT_LEAST`] has passed, so that a consumer close to the primary's pace does not
+//! hand the socket back and forth on every read. Unlike a snapshot's, a failed write (a full
+//! disk) does not end the link: the spooler stops reading and hands the socket back with the
+//! bytes it read and could not write, which the consumer takes after the files.
 //!
 //! Nothing in the spool outlives its link: the link's directory is removed when the link ends,
 //! and the service empties its spool root (`<buffer path>/spool`) when it starts.
@@ -142,6 +145,11 @@ struct Shared {
     ack_now: AtomicBool,
     /// Notified after each write and on failure.
     arrived: Notify,
+    /// Set by a spooler of the command stream that could not write (a full disk): it stopped
+    /// reading and hands the socket back, with what it read and could not write in `leftover`.
+    ended: AtomicBool,
+    /// Read from the socket, not written to the files: the consumer takes it after the files.
+    leftover: std::sync::Mutex<Vec<u8>>,
 }
 
 /// Appends to numbered segment files of a fixed size.
@@ -203,7 +211,11 @@ impl SegmentReader {
         self.read += count as u64;
         if self.read % self.segment_bytes == 0 {
             self.file = None;
-            fs::remove_file(segment_path(&self.dir, index))?;
+            // Already gone is as good as removed.
+            match fs::remove_file(segment_path(&self.dir, index)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -348,11 +360,17 @@ impl Spool {
         loop {
             // Read before the failure is looked at: everything written before it counts.
             let failure = self.shared.failure.get().cloned();
+            let ended = self.shared.ended.load(Ordering::SeqCst);
             if self.try_fill(input, want)? {
                 return Ok(());
             }
             if let Some(failure) = failure {
                 return Err(failure);
+            }
+            if ended {
+                // Nothing more comes from the files: the caller takes the socket back
+                // ([`Spool::may_leave`]).
+                return Ok(());
             }
             self.shared.arrived.notified().await;
         }
@@ -384,7 +402,10 @@ impl Spool {
     /// True when the link may read the socket directly again: the spool is read to its end,
     /// and a spool of the command stream alone has lasted [`STREAM_SPOOL_AT_LEAST`].
     pub(crate) fn may_leave(&self) -> bool {
-        self.caught_up() && (!self.stream_only || self.started.elapsed() >= STREAM_SPOOL_AT_LEAST)
+        self.caught_up()
+            && (!self.stream_only
+                || self.shared.ended.load(Ordering::SeqCst)
+                || self.started.elapsed() >= STREAM_SPOOL_AT_LEAST)
     }
 
     /// Asks the spooler to send `REPLCONF ACK` now.
@@ -419,6 +440,14 @@ impl Spool {
     /// spooler writes no more); dropping the spool then removes its directory.
     pub(crate) fn drain(&mut self, input: &mut BytesMut) -> Result<(), LinkError> {
         while self.try_fill(input, usize::MAX)? {}
+        let leftover = std::mem::take(
+            &mut *self
+                .shared
+                .leftover
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        input.extend_from_slice(&leftover);
         self.publish_unread(0);
         Ok(())
     }
@@ -495,7 +524,13 @@ impl Spooler {
             match self.socket.read(&mut buffer) {
                 Ok(0) => return Some(self.io_failure("the primary closed the connection".into())),
                 Ok(read) => {
+                    let before = self.segments.written;
                     if let Err(e) = self.segments.append(&buffer[..read]) {
+                        if matches!(self.settings.end, SnapshotEnd::AlreadyArrived) {
+                            let appended = (self.segments.written - before) as usize;
+                            self.end_early(&buffer[appended..read], &e);
+                            return None;
+                        }
                         return Some(self.io_failure(format!(
                             "cannot write the spool in {}: {e}; free disk space there or move [buffer] path",
                             self.settings.dir.display()
@@ -527,6 +562,24 @@ impl Spooler {
                 return Some(failure);
             }
         }
+    }
+
+    /// Stops spooling the command stream after a failed write: the files keep what they hold,
+    /// `unwritten` goes to the consumer after them, and the socket back to the link, which reads
+    /// the primary directly again (the primary then holds what capture has not read, as without
+    /// a spool). A spool of a snapshot cannot do that: its failure ends the link.
+    fn end_early(&mut self, unwritten: &[u8], error: &io::Error) {
+        tracing::warn!(dir = %self.settings.dir.display(), %error, "cannot write the spool of the command stream; reading the primary directly again");
+        self.shared
+            .written
+            .store(self.segments.written, Ordering::Release);
+        self.shared
+            .leftover
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .extend_from_slice(unwritten);
+        self.shared.ended.store(true, Ordering::SeqCst);
+        self.shared.arrived.notify_one();
     }
 
     /// Whether the limit of unread spooled bytes is reached.

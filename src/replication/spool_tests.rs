@@ -275,3 +275,43 @@ async fn a_spooled_stream_is_acknowledged_at_once_and_read_no_further_than_its_l
     }
     assert_eq!(&input[..], &[first, second].concat()[..]);
 }
+
+#[tokio::test]
+async fn a_spooled_stream_that_cannot_be_written_hands_the_socket_back_with_every_byte() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let link_dir = dir.path().join("l");
+    let (mut spool, mut primary, _) =
+        spooled_with_limit(SnapshotEnd::AlreadyArrived, b"", &link_dir, Some(1 << 20));
+    let data = patterned(6_000);
+    primary.write_all(&data[..3_000]).expect("send");
+    let mut input = BytesMut::new();
+    while input.len() < 3_000 {
+        spool.fill(&mut input, 10_000).await.expect("fill");
+    }
+    // The next segment (of 4,096 bytes) cannot be created: the spooler's write fails after
+    // the 1,096 bytes that still fit in the open one.
+    fs::remove_dir_all(&link_dir).expect("remove the spool's directory");
+    primary.write_all(&data[3_000..]).expect("send");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !spool.may_leave() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the spooler never gave up"
+        );
+        tokio::time::timeout(Duration::from_secs(10), spool.fill(&mut input, 10_000))
+            .await
+            .expect("fill returns once the spooler has stopped")
+            .expect("a failed write of the stream's spool is not a link failure");
+    }
+    let mut socket = spool.take_socket().await.expect("the socket back");
+    spool.drain(&mut input).expect("drain");
+    assert_eq!(&input[..], &data[..], "every byte once, in order");
+    // The link goes on over the socket.
+    primary.write_all(b"more").expect("send");
+    let mut more = [0u8; 4];
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    socket.read_exact(&mut more).expect("read");
+    assert_eq!(&more, b"more");
+}
