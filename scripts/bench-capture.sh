@@ -11,6 +11,9 @@
 # Usage: scripts/bench-capture.sh [commands]   (default 1000000 HSETs, pipeline 32)
 #        TLS=1 scripts/bench-capture.sh ...     (the replica and the service replicate over TLS:
 #        a CA and a server certificate made with openssl, the primary's --tls-port)
+#        OUTPUT_LIMIT="64mb 64mb 0": the primary's `client-output-buffer-limit replica` (default
+#        Redis's, 256mb 64mb 60); the script then also counts the replicas the primary cut for it
+#        and the resyncs that followed.
 #        OUT=dir: where capture-positions.csv and capture-positions.png go (default bench-out):
 #        the positions of the service and the replica's offset every 0.2 s through the burst.
 set -euo pipefail
@@ -49,6 +52,9 @@ fi
 redis-server --port "$primary" --bind 127.0.0.1 --dir "$work" --save '' --appendonly no \
   --repl-backlog-size 512mb --daemonize yes --logfile "$work/primary.log" \
   ${TLS:+--tls-port "$upstream"} "${tls_args[@]}"
+if [ -n "${OUTPUT_LIMIT:-}" ]; then
+  redis-cli -p "$primary" config set client-output-buffer-limit "replica $OUTPUT_LIMIT" >/dev/null
+fi
 mkdir -p "$work/replica"
 redis-server --port "$replica" --bind 127.0.0.1 --dir "$work/replica" --save '' --appendonly no \
   --replicaof 127.0.0.1 "$upstream" --daemonize yes --logfile "$work/replica.log" "${tls_args[@]}"
@@ -119,6 +125,10 @@ wb_done=$(echo "$catch_up" | sed -n 's/^writebehind_done=//p')
 if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
 kill "$outbuf" && wait "$outbuf" || true
 cat "$work/outbuf.txt"
+# Replicas the primary dropped past its output-buffer limit, and the syncs it served (the two
+# initial full syncs included).
+echo "primary_cut_replicas=$(grep -c 'output buffer limits' "$work/primary.log" || true)"
+redis-cli -p "$primary" info stats | tr -d '\r' | grep -E '^sync_(full|partial_ok):' | sed 's/:/=/' 
 sleep 0.3
 kill "$sampler" 2>/dev/null || true
 plot_positions "$out/capture-positions.csv" "$out/capture-positions.png" "bench-capture: $commands HSETs, capture only (received/buffered) and a real replica"

@@ -142,7 +142,7 @@ async fn a_long_transaction_on_a_large_hash_is_rolled_back_field_by_field() {
     let dir = tempfile::tempdir().expect("dir");
     let store = Arc::new(Store::open(dir.path()).expect("store"));
     let mappings = mappings(&server, "keep");
-    let running = start_capture(&server, store.clone(), mappings.clone());
+    let running = start_capture_unspooled(&server, store.clone(), mappings.clone());
     caught_up(&store, &mut client).await;
     let key = "person2:big";
     let mut before = hset_fields(key, 0..STORED_BY_FIELD + 1000, "old");

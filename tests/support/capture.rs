@@ -85,12 +85,39 @@ pub fn start_capture(server: &RedisServer, store: Arc<Store>, mappings: Mappings
     )
 }
 
+/// Capture whose link never spools the command stream (`[replication] stream_spool_mb = 0`):
+/// what it has not read stays with the primary. For the tests that cut the link inside a
+/// transaction whose `EXEC` must not have arrived yet: a spool would have received it whole.
+pub fn start_capture_unspooled(
+    server: &RedisServer,
+    store: Arc<Store>,
+    mappings: Mappings,
+) -> Running {
+    start_capture_configured(
+        server.endpoint(),
+        store,
+        mappings,
+        CaptureOutputs::default(),
+        |options| options.stream_spool_bytes = 0,
+    )
+}
+
 /// Capture connecting as `endpoint` says (a user, a password), reporting to `outputs`.
 pub fn start_capture_as(
     endpoint: writebehind::config::RedisEndpoint,
     store: Arc<Store>,
     mappings: Mappings,
     outputs: CaptureOutputs,
+) -> Running {
+    start_capture_configured(endpoint, store, mappings, outputs, |_| {})
+}
+
+fn start_capture_configured(
+    endpoint: writebehind::config::RedisEndpoint,
+    store: Arc<Store>,
+    mappings: Mappings,
+    outputs: CaptureOutputs,
+    configure: impl FnOnce(&mut ReplicatorOptions),
 ) -> Running {
     let settings = CaptureSettings {
         ops: true,
@@ -102,6 +129,7 @@ pub fn start_capture_as(
     let mut options = ReplicatorOptions::new(endpoint);
     options.timeout = Duration::from_secs(20);
     options.backoff_min = Duration::from_millis(10);
+    configure(&mut options);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let mut replicator = Replicator::new(options, capture.resume_position());
