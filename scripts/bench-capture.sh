@@ -50,7 +50,7 @@ if [ -n "${TLS:-}" ]; then
   source=$(printf 'url = "rediss://localhost:%s"\n[source.tls]\nca_file = "%s"' "$upstream" "$work/ca.pem")
 fi
 redis-server --port "$primary" --bind 127.0.0.1 --dir "$work" --save '' --appendonly no \
-  --repl-backlog-size 512mb --daemonize yes --logfile "$work/primary.log" \
+  --repl-backlog-size "${BACKLOG:-512mb}" --daemonize yes --logfile "$work/primary.log" \
   ${TLS:+--tls-port "$upstream"} "${tls_args[@]}"
 if [ -n "${OUTPUT_LIMIT:-}" ]; then
   redis-cli -p "$primary" config set client-output-buffer-limit "replica $OUTPUT_LIMIT" >/dev/null
