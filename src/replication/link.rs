@@ -98,6 +98,8 @@ pub(crate) struct Link {
     stream_spool_bytes: u64,
     /// Where the spool counts its unread bytes (`ReplicatorOptions::spooled`).
     spooled: std::sync::Arc<AtomicU64>,
+    /// When spooling the stream was last logged, and the times it started since.
+    spool_logged: Option<(std::time::Instant, u64)>,
 }
 
 impl Link {
@@ -157,6 +159,7 @@ impl Link {
             spool_root: options.spool_dir.clone(),
             stream_spool_bytes: options.stream_spool_bytes,
             spooled: options.spooled.clone(),
+            spool_logged: None,
         };
         match &link.phase {
             Phase::Snapshot { framing, .. } => {
@@ -255,7 +258,17 @@ impl Link {
         }
         self.start_spool(write_half, SnapshotEnd::AlreadyArrived, Some(limit))?;
         metrics::counter!("writebehind_stream_spooled_total").increment(1);
-        tracing::info!(address = %self.address, limit_bytes = limit, "capture is behind the command stream: spooling it to disk until capture catches up, so that the primary does not hold the difference");
+        // A load near capture's pace starts a spool every second or two: one line a minute.
+        let times = match self.spool_logged {
+            Some((at, times)) if at.elapsed() < SPOOL_LOG_EVERY => {
+                self.spool_logged = Some((at, times + 1));
+                return Ok(());
+            }
+            Some((_, times)) => times + 1,
+            None => 1,
+        };
+        self.spool_logged = Some((std::time::Instant::now(), 0));
+        tracing::info!(address = %self.address, limit_bytes = limit, times, "capture is behind the command stream: spooling it to disk until capture catches up, so that the primary does not hold the difference (`times`: spools started since the last such line)");
         Ok(())
     }
 
@@ -769,6 +782,9 @@ impl Socket {
         }
     }
 }
+
+/// How often starting a spool of the command stream is logged at most.
+const SPOOL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// The smallest spool of the command stream worth starting: below it the primary holds the lag.
 const MIN_STREAM_SPOOL_BYTES: u64 = 16 << 20;
