@@ -396,17 +396,7 @@ async fn keepalives_hold_the_link_while_a_slow_consumer_decodes_the_snapshot() {
 /// so the primary never cuts it and the one full sync completes with every write after it.
 async fn a_paused_consumer_is_not_cut_by_the_output_buffer_limit(diskless: &str) {
     let server = RedisServer::start(&["--repl-diskless-sync", diskless]);
-    let mut client = server.client().await;
-    run(
-        &mut client,
-        &[
-            "CONFIG",
-            "SET",
-            "client-output-buffer-limit",
-            "replica 4mb 0 0",
-        ],
-    )
-    .await;
+    let mut client = client_limiting_replicas_to_4mb(&server).await;
     for chunk in 0..20 {
         let fields: Vec<String> = (0..100)
             .flat_map(|i| [format!("k{chunk}-{i}"), "v".repeat(100)])
@@ -505,17 +495,7 @@ async fn a_paused_consumer_is_not_cut_by_the_output_buffer_limit(diskless: &str)
 #[tokio::test]
 async fn a_slow_consumer_of_the_stream_is_not_cut_by_the_output_buffer_limit() {
     let server = RedisServer::start(&[]);
-    let mut client = server.client().await;
-    run(
-        &mut client,
-        &[
-            "CONFIG",
-            "SET",
-            "client-output-buffer-limit",
-            "replica 4mb 0 0",
-        ],
-    )
-    .await;
+    let mut client = client_limiting_replicas_to_4mb(&server).await;
     let spool_root = tempfile::tempdir().expect("tempdir");
     let mut options = options(&server);
     options.spool_dir = spool_root.path().to_path_buf();
@@ -617,6 +597,19 @@ async fn a_slow_consumer_of_the_stream_is_not_cut_by_the_output_buffer_limit() {
     assert!(!reader.is_finished(), "{:?}", server.log());
     assert_eq!(spooled.load(std::sync::atomic::Ordering::Relaxed), 0);
     reader.abort();
+}
+
+/// A client of `server`, which cuts a replica whose output buffer passes 4 MB.
+async fn client_limiting_replicas_to_4mb(server: &RedisServer) -> RedisClient {
+    let mut client = server.client().await;
+    let limit = [
+        "CONFIG",
+        "SET",
+        "client-output-buffer-limit",
+        "replica 4mb 0 0",
+    ];
+    run(&mut client, &limit).await;
+    client
 }
 
 /// Bytes in the spool files under `root` (one directory per link).
