@@ -225,6 +225,8 @@ pub fn main() -> ExitCode {
                 let mut options = ReplicatorOptions::new(endpoint);
                 options.announce_port = announce_port;
                 options.timeout = Duration::from_secs(timeout.max(1));
+                // A terminal that reads slowly should slow the link, not fill a disk.
+                options.stream_spool_bytes = 0;
                 tail::tail(options, resume).await
             }
         }

@@ -437,6 +437,12 @@ impl Config {
         if self.buffer.path.as_os_str().is_empty() {
             problems.push("[buffer] path: must not be empty".to_string());
         }
+        if (1..16).contains(&self.replication.stream_spool_mb) {
+            problems.push(format!(
+                "[replication] stream_spool_mb = {}: must be 0 (never spool the stream) or at least 16",
+                self.replication.stream_spool_mb
+            ));
+        }
         if self.replication.timeout_secs < 5 {
             problems.push(format!(
                 "[replication] timeout_secs = {}: must be at least 5 (the primary pings every 10 s by default)",
@@ -764,6 +770,26 @@ color = "color"
             .0
             .iter()
             .any(|e| e.contains("overlap with mapping `PersonWriteBehind`")));
+    }
+
+    /// `[replication] stream_spool_mb`: 1024 by default; 0 (never) or at least 16.
+    #[test]
+    fn the_stream_spool_is_0_or_at_least_16_mb() {
+        let config = Config::parse(EXAMPLE, &env).unwrap();
+        assert_eq!(config.replication.stream_spool_mb, 1024);
+        for (mb, refused) in [(0, false), (8, true), (15, true), (16, false)] {
+            let text = format!("{EXAMPLE}\n[replication]\nstream_spool_mb = {mb}\n");
+            match Config::parse(&text, &env) {
+                Ok(config) => {
+                    assert!(!refused, "{mb} accepted");
+                    assert_eq!(config.replication.stream_spool_mb, mb);
+                }
+                Err(errors) => {
+                    assert!(refused, "{mb} refused: {errors}");
+                    assert!(errors.to_string().contains("stream_spool_mb"), "{errors}");
+                }
+            }
+        }
     }
 
     /// Partitions: 1 by default; a count out of range, several on SQLite, and a backend name

@@ -89,9 +89,16 @@ pub(crate) struct Link {
     durable: DurableOffset,
     /// None while the link is spooled (the spooler sends the ACKs).
     writer: Option<AckWriter>,
-    /// The ACK writer asked to give the write half back, to spool the command stream; kept
-    /// until it has (dropping it would abort its task, and the half with it).
-    returning: Option<(AckWriter, tokio::sync::oneshot::Receiver<OwnedWriteHalf>)>,
+    /// The ACK writer asked to give the write half back, to spool the command stream with the
+    /// limit beside it; kept until it has (dropping it would abort its task, and the half with
+    /// it).
+    returning: Option<(
+        AckWriter,
+        tokio::sync::oneshot::Receiver<OwnedWriteHalf>,
+        u64,
+    )>,
+    /// After a spool of the stream that could not write, none is started before this.
+    spool_paused_until: Option<std::time::Instant>,
     /// Where this link's spool directories go.
     spool_root: PathBuf,
     /// The most bytes of the command stream spooled and unread (0: the stream is never spooled).
@@ -156,6 +163,7 @@ impl Link {
             durable,
             writer: None,
             returning: None,
+            spool_paused_until: None,
             spool_root: options.spool_dir.clone(),
             stream_spool_bytes: options.stream_spool_bytes,
             spooled: options.spooled.clone(),
@@ -225,37 +233,41 @@ impl Link {
     /// waiting for it.
     async fn spool_stream(&mut self) -> Result<(), LinkError> {
         if self.returning.is_none() {
+            self.socket.behind = false;
+            if self
+                .spool_paused_until
+                .is_some_and(|until| std::time::Instant::now() < until)
+            {
+                return Ok(());
+            }
+            // The spool shares its disk with the buffer: it takes at most a quarter of what is
+            // free, so that a spool never fills the disk capture writes to. Checked before the
+            // socket moves: a spool that cannot start must not end the link.
+            let limit = self
+                .stream_spool_bytes
+                .min(available_disk(&self.spool_root) / 4);
+            if limit < MIN_STREAM_SPOOL_BYTES || std::fs::create_dir_all(&self.spool_root).is_err()
+            {
+                tracing::debug!(address = %self.address, limit, "capture is behind the command stream, but the disk has no room to spool it");
+                return Ok(());
+            }
             let Some(writer) = self.writer.take() else {
                 return Ok(());
             };
             let (back, receiver) = tokio::sync::oneshot::channel();
             let _ = writer.messages.send(WriterMessage::Stop(back));
-            self.returning = Some((writer, receiver));
+            self.returning = Some((writer, receiver, limit));
         }
-        let Some((_, receiver)) = self.returning.as_mut() else {
+        let Some((_, receiver, limit)) = self.returning.as_mut() else {
             return Ok(());
         };
+        let limit = *limit;
         let write_half = receiver.await;
         self.returning = None;
-        self.socket.behind = false;
         let write_half = write_half.map_err(|_| LinkError::Io {
             address: self.address.clone(),
             message: "the ACK writer stopped before giving the socket to the spool".into(),
         })?;
-        // The spool shares its disk with the buffer: it takes at most a quarter of what is
-        // free, so that a spool never fills the disk capture writes to.
-        let limit = self
-            .stream_spool_bytes
-            .min(available_disk(&self.spool_root) / 4);
-        if limit < MIN_STREAM_SPOOL_BYTES {
-            tracing::debug!(address = %self.address, limit, "capture is behind the command stream, but the disk has no room to spool it");
-            self.writer = Some(AckWriter::start(
-                write_half,
-                self.durable.clone(),
-                self.address.clone(),
-            ));
-            return Ok(());
-        }
         self.start_spool(write_half, SnapshotEnd::AlreadyArrived, Some(limit))?;
         metrics::counter!("writebehind_stream_spooled_total").increment(1);
         // A load near capture's pace starts a spool every second or two: one line a minute.
@@ -281,6 +293,11 @@ impl Link {
         };
         let socket = spool.take_socket().await?;
         spool.drain(&mut self.socket.input)?;
+        if spool.ended_early() {
+            // The disk refused a write: no spool of the stream for a while (and no warning a
+            // read).
+            self.spool_paused_until = Some(std::time::Instant::now() + SPOOL_PAUSE_AFTER_FAILURE);
+        }
         let address = self.address.clone();
         let io_error = |e: std::io::Error| LinkError::Io {
             address: address.clone(),
@@ -318,7 +335,10 @@ impl Link {
             (Some(writer), _) => {
                 let _ = writer.messages.send(message);
             }
-            (None, Source::Spool(spool)) => spool.request_ack(),
+            (None, Source::Spool(spool)) => match message {
+                WriterMessage::AckNow(written) => spool.request_ack(written),
+                _ => spool.request_ack(None),
+            },
             (None, _) => {}
         }
     }
@@ -782,6 +802,9 @@ impl Socket {
         }
     }
 }
+
+/// How long the command stream is not spooled after its spool could not write.
+const SPOOL_PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(60);
 
 /// How often starting a spool of the command stream is logged at most.
 const SPOOL_LOG_EVERY: Duration = Duration::from_secs(60);

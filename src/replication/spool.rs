@@ -51,8 +51,9 @@
 //! leaves such a spool as above, once it has read it to its end, but not before
 //! [`STREAM_SPOOL_AT_LEAST`] has passed, so that a consumer close to the primary's pace does not
 //! hand the socket back and forth on every read. Unlike a snapshot's, a failed write (a full
-//! disk) does not end the link: the spooler stops reading and hands the socket back with the
-//! bytes it read and could not write, which the consumer takes after the files.
+//! disk) does not end the link: the spooler stops reading (it goes on sending ACKs) and hands
+//! the socket back with the bytes it read and could not write, which the consumer takes after
+//! the files; the link then spools no stream for a minute.
 //!
 //! Nothing in the spool outlives its link: the link's directory is removed when the link ends,
 //! and the service empties its spool root (`<buffer path>/spool`) when it starts.
@@ -143,6 +144,8 @@ struct Shared {
     stop: AtomicBool,
     /// Set by the consumer: send `REPLCONF ACK` now.
     ack_now: AtomicBool,
+    /// Told once the ACK asked for is written (a stop's last report waits for it).
+    ack_written: std::sync::Mutex<Option<oneshot::Sender<()>>>,
     /// Notified after each write and on failure.
     arrived: Notify,
     /// Set by a spooler of the command stream that could not write (a full disk): it stopped
@@ -408,9 +411,21 @@ impl Spool {
                 || self.started.elapsed() >= STREAM_SPOOL_AT_LEAST)
     }
 
-    /// Asks the spooler to send `REPLCONF ACK` now.
-    pub(crate) fn request_ack(&self) {
+    /// Asks the spooler to send `REPLCONF ACK` now; `written`, if any, is told once it is.
+    pub(crate) fn request_ack(&self, written: Option<oneshot::Sender<()>>) {
+        if let Some(written) = written {
+            *self
+                .shared
+                .ack_written
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(written);
+        }
         self.shared.ack_now.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the spooler stopped early, unable to write (see [`Spooler::end_early`]).
+    pub(crate) fn ended_early(&self) -> bool {
+        self.shared.ended.load(Ordering::SeqCst)
     }
 
     /// Stops the spooler and waits for the socket (blocking, with a read timeout: the caller
@@ -512,8 +527,10 @@ impl Spooler {
             if self.shared.stop.load(Ordering::SeqCst) {
                 return None;
             }
-            if self.full() {
-                // The primary holds what follows until the consumer reads: not silence.
+            if self.full() || self.shared.ended.load(Ordering::SeqCst) {
+                // The primary holds what follows until the consumer reads (or, after a failed
+                // write, takes the socket back): not silence. ACKs go on meanwhile, or the
+                // primary would drop the link after its `repl-timeout`.
                 std::thread::sleep(POLL);
                 heard = Instant::now();
                 if let Some(failure) = self.keep_alive(&mut sent, &mut just_arrived, streaming) {
@@ -529,7 +546,7 @@ impl Spooler {
                         if matches!(self.settings.end, SnapshotEnd::AlreadyArrived) {
                             let appended = (self.segments.written - before) as usize;
                             self.end_early(&buffer[appended..read], &e);
-                            return None;
+                            continue;
                         }
                         return Some(self.io_failure(format!(
                             "cannot write the spool in {}: {e}; free disk space there or move [buffer] path",
@@ -540,6 +557,11 @@ impl Spooler {
                         .written
                         .store(self.segments.written, Ordering::Release);
                     self.shared.arrived.notify_one();
+                    // Published here too: a stalled consumer publishes nothing.
+                    let consumed = self.shared.read.load(Ordering::Acquire);
+                    let unread = self.segments.written.saturating_sub(consumed);
+                    self.settings.unread.store(unread, Ordering::Relaxed);
+                    metrics::gauge!("writebehind_spool_bytes").set(unread as f64);
                     heard = Instant::now();
                     if self.arrived {
                         streaming = true;
@@ -565,9 +587,11 @@ impl Spooler {
     }
 
     /// Stops spooling the command stream after a failed write: the files keep what they hold,
-    /// `unwritten` goes to the consumer after them, and the socket back to the link, which reads
-    /// the primary directly again (the primary then holds what capture has not read, as without
-    /// a spool). A spool of a snapshot cannot do that: its failure ends the link.
+    /// `unwritten` goes to the consumer after them, and the socket back to the link once the
+    /// consumer has read the files (the spooler reads no more but goes on sending ACKs until
+    /// then); the link then reads the primary directly again (the primary holds what capture
+    /// has not read, as without a spool). A spool of a snapshot cannot do that: its failure
+    /// ends the link.
     fn end_early(&mut self, unwritten: &[u8], error: &io::Error) {
         tracing::warn!(dir = %self.settings.dir.display(), %error, "cannot write the spool of the command stream; reading the primary directly again");
         self.shared
@@ -621,6 +645,17 @@ impl Spooler {
             return Some(self.io_failure(e.to_string()));
         }
         *sent = Some(Instant::now());
+        if asked {
+            let written = self
+                .shared
+                .ack_written
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .take();
+            if let Some(written) = written {
+                let _ = written.send(());
+            }
+        }
         None
     }
 

@@ -258,7 +258,7 @@ async fn a_spooled_stream_is_acknowledged_at_once_and_read_no_further_than_its_l
     });
     // An ACK asked for now is sent after the spooler's next look at the socket: by then it
     // would have read what is there.
-    spool.request_ack();
+    spool.request_ack(None);
     expect_from_us(
         &mut primary,
         b"*3\r\n$8\r\nREPLCONF\r\n$3\r\nACK\r\n$2\r\n77\r\n",
@@ -280,8 +280,9 @@ async fn a_spooled_stream_is_acknowledged_at_once_and_read_no_further_than_its_l
 async fn a_spooled_stream_that_cannot_be_written_hands_the_socket_back_with_every_byte() {
     let dir = tempfile::tempdir().expect("tempdir");
     let link_dir = dir.path().join("l");
-    let (mut spool, mut primary, _) =
+    let (mut spool, mut primary, durable) =
         spooled_with_limit(SnapshotEnd::AlreadyArrived, b"", &link_dir, Some(1 << 20));
+    durable.advance(crate::position::ReplOffset(99));
     let data = patterned(6_000);
     primary.write_all(&data[..3_000]).expect("send");
     let mut input = BytesMut::new();
@@ -303,6 +304,23 @@ async fn a_spooled_stream_that_cannot_be_written_hands_the_socket_back_with_ever
             .expect("fill returns once the spooler has stopped")
             .expect("a failed write of the stream's spool is not a link failure");
     }
+    assert!(spool.ended_early());
+    // Until the link takes the socket back, the spooler still sends ACKs (the primary drops a
+    // replica silent for its `repl-timeout`): one asked for now is written.
+    primary.set_nonblocking(true).expect("nonblocking");
+    let mut sent_before = [0u8; 4096];
+    while primary.read(&mut sent_before).is_ok_and(|n| n > 0) {}
+    primary.set_nonblocking(false).expect("blocking");
+    let (done, written) = oneshot::channel();
+    spool.request_ack(Some(done));
+    tokio::time::timeout(Duration::from_secs(10), written)
+        .await
+        .expect("the ACK asked for was written")
+        .expect("told");
+    expect_from_us(
+        &mut primary,
+        b"*3\r\n$8\r\nREPLCONF\r\n$3\r\nACK\r\n$2\r\n99\r\n",
+    );
     let mut socket = spool.take_socket().await.expect("the socket back");
     spool.drain(&mut input).expect("drain");
     assert_eq!(&input[..], &data[..], "every byte once, in order");
