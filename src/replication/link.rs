@@ -53,13 +53,18 @@ enum Phase {
     },
 }
 
+/// What the ACK task gives back when it stops: its half of the socket, and the target of a
+/// `GETACK` it was still to answer again.
+type HandOver = tokio::sync::oneshot::Receiver<(OwnedWriteHalf, Option<u64>)>;
+
 enum WriterMessage {
     /// Send an ACK now. The sender, if any, is told once it is written.
     AckNow(Option<tokio::sync::oneshot::Sender<()>>),
     /// `REPLCONF GETACK` arrived: answer with at most this offset.
     GetAck(ReplOffset),
-    /// Stop, and give the socket's write half back (to the spooler).
-    Stop(tokio::sync::oneshot::Sender<OwnedWriteHalf>),
+    /// Stop, and give the socket's write half back (to the spooler), with the offset of a
+    /// `GETACK` still waiting to be answered again, if any.
+    Stop(tokio::sync::oneshot::Sender<(OwnedWriteHalf, Option<u64>)>),
 }
 
 /// The task that writes ACKs while the link reads the socket directly.
@@ -92,11 +97,7 @@ pub(crate) struct Link {
     /// The ACK writer asked to give the write half back, to spool the command stream with the
     /// limit beside it; kept until it has (dropping it would abort its task, and the half with
     /// it).
-    returning: Option<(
-        AckWriter,
-        tokio::sync::oneshot::Receiver<OwnedWriteHalf>,
-        u64,
-    )>,
+    returning: Option<(AckWriter, HandOver, u64)>,
     /// After a spool of the stream that could not write, none is started before this.
     spool_paused_until: Option<std::time::Instant>,
     /// Where this link's spool directories go.
@@ -221,6 +222,7 @@ impl Link {
             address: self.address.clone(),
             timeout: self.socket.timeout,
             limit,
+            ack_every: super::spool::ACK_EVERY,
             unread: self.spooled.clone(),
         };
         let spool = Spool::start(socket, &self.socket.input, settings)?;
@@ -262,13 +264,16 @@ impl Link {
             return Ok(());
         };
         let limit = *limit;
-        let write_half = receiver.await;
+        let handed = receiver.await;
         self.returning = None;
-        let write_half = write_half.map_err(|_| LinkError::Io {
+        let (write_half, getack_target) = handed.map_err(|_| LinkError::Io {
             address: self.address.clone(),
             message: "the ACK writer stopped before giving the socket to the spool".into(),
         })?;
         self.start_spool(write_half, SnapshotEnd::AlreadyArrived, Some(limit))?;
+        if let (Some(target), Source::Spool(spool)) = (getack_target, &self.socket.source) {
+            spool.answer_getack(ReplOffset(target));
+        }
         metrics::counter!("writebehind_stream_spooled_total").increment(1);
         // A load near capture's pace starts a spool every second or two: one line a minute.
         let times = match self.spool_logged {
@@ -337,7 +342,8 @@ impl Link {
             }
             (None, Source::Spool(spool)) => match message {
                 WriterMessage::AckNow(written) => spool.request_ack(written),
-                _ => spool.request_ack(None),
+                WriterMessage::GetAck(before) => spool.answer_getack(before),
+                WriterMessage::Stop(_) => {}
             },
             (None, _) => {}
         }
@@ -854,7 +860,7 @@ async fn write_acks(
                     true
                 }
                 Some(WriterMessage::Stop(back)) => {
-                    let _ = back.send(writer);
+                    let _ = back.send((writer, getack_target));
                     return;
                 }
                 Some(WriterMessage::GetAck(before)) => {

@@ -70,7 +70,7 @@ use bytes::BytesMut;
 use tokio::sync::{oneshot, Notify};
 
 use super::LinkError;
-use crate::position::DurableOffset;
+use crate::position::{DurableOffset, ReplOffset};
 use crate::redis_client::encode_command;
 
 /// Size of one segment file: the disk the consumer frees at a time.
@@ -81,6 +81,8 @@ const READ_BYTES: usize = 1 << 20;
 const POLL: Duration = Duration::from_millis(100);
 /// Length of a diskless snapshot's EOF mark.
 const MARK_LEN: usize = 40;
+/// How often a replica sends `REPLCONF ACK` (a real one does, from its `replicationCron`).
+pub(crate) const ACK_EVERY: Duration = Duration::from_secs(1);
 /// The shortest time the command stream stays spooled once the link spools it.
 pub(crate) const STREAM_SPOOL_AT_LEAST: Duration = Duration::from_secs(1);
 /// Unread bytes in the kernel that show a consumer of the command stream is behind.
@@ -144,6 +146,9 @@ struct Shared {
     stop: AtomicBool,
     /// Set by the consumer: send `REPLCONF ACK` now.
     ack_now: AtomicBool,
+    /// The offset a `GETACK` asked for, when what was synced was below it (0: none): the
+    /// spooler ACKs again once the durable offset reaches it, so that `WAIT` returns promptly.
+    getack_target: AtomicU64,
     /// Told once the ACK asked for is written (a stop's last report waits for it).
     ack_written: std::sync::Mutex<Option<oneshot::Sender<()>>>,
     /// Notified after each write and on failure.
@@ -241,6 +246,8 @@ pub(crate) struct SpoolSettings {
     /// The most bytes spooled and not yet read before the spooler stops reading the socket
     /// (`None`: no limit, for a snapshot, which must arrive whole).
     pub limit: Option<u64>,
+    /// How often `REPLCONF ACK` is sent once the snapshot has arrived ([`ACK_EVERY`]).
+    pub ack_every: Duration,
     /// Where the consumer publishes the bytes spooled and not yet read (with the
     /// `writebehind_spool_bytes` gauge).
     pub unread: Arc<AtomicU64>,
@@ -420,6 +427,15 @@ impl Spool {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(written);
         }
+        self.shared.ack_now.store(true, Ordering::SeqCst);
+    }
+
+    /// A `GETACK` asked for `before`: answered now with what is synced, and again once the
+    /// synced offset reaches `before` if it was lower.
+    pub(crate) fn answer_getack(&self, before: ReplOffset) {
+        self.shared
+            .getack_target
+            .fetch_max(before.0, Ordering::SeqCst);
         self.shared.ack_now.store(true, Ordering::SeqCst);
     }
 
@@ -628,11 +644,22 @@ impl Spooler {
         let interval = if self.arrived && !streaming {
             POLL
         } else {
-            Duration::from_secs(1)
+            self.settings.ack_every
         };
         let due = sent.is_none_or(|at| at.elapsed() >= interval);
         let asked = self.shared.ack_now.swap(false, Ordering::SeqCst);
-        let message = if *just_arrived || asked || (self.arrived && due) {
+        let target = self.shared.getack_target.load(Ordering::SeqCst);
+        let reached = target != 0 && self.settings.durable.get().0 >= target;
+        if reached {
+            // A later GETACK's larger target stays.
+            let _ = self.shared.getack_target.compare_exchange(
+                target,
+                0,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        }
+        let message = if *just_arrived || asked || reached || (self.arrived && due) {
             let offset = self.settings.durable.get().to_string();
             encode_command(&[&b"REPLCONF"[..], b"ACK", offset.as_bytes()])
         } else if due {

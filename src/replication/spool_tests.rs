@@ -99,6 +99,16 @@ fn spooled_with_limit(
     dir: &Path,
     limit: Option<u64>,
 ) -> (Spool, TcpStream, DurableOffset) {
+    spooled_with(end, received, dir, limit, ACK_EVERY)
+}
+
+fn spooled_with(
+    end: SnapshotEnd,
+    received: &[u8],
+    dir: &Path,
+    limit: Option<u64>,
+    ack_every: Duration,
+) -> (Spool, TcpStream, DurableOffset) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let ours = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
     let (primary, _) = listener.accept().expect("accept");
@@ -108,6 +118,7 @@ fn spooled_with_limit(
     let durable = DurableOffset::default();
     let settings = SpoolSettings {
         limit,
+        ack_every,
         unread: Default::default(),
         dir: dir.to_path_buf(),
         end,
@@ -332,4 +343,44 @@ async fn a_spooled_stream_that_cannot_be_written_hands_the_socket_back_with_ever
         .expect("timeout");
     socket.read_exact(&mut more).expect("read");
     assert_eq!(&more, b"more");
+}
+
+/// The offset of the next `REPLCONF ACK` the spooler sends to `primary`.
+fn next_ack(primary: &mut TcpStream) -> String {
+    let mut lines = Vec::new();
+    let mut line = Vec::new();
+    while lines.len() < 7 {
+        let mut byte = [0u8; 1];
+        primary.read_exact(&mut byte).expect("read an ACK");
+        match byte[0] {
+            b'\n' if line.is_empty() => {}
+            b'\n' => lines.push(String::from_utf8_lossy(&std::mem::take(&mut line)).into_owned()),
+            b'\r' => {}
+            other => line.push(other),
+        }
+    }
+    assert_eq!(lines[2..5], ["REPLCONF", "$3", "ACK"], "{lines:?}");
+    lines[6].clone()
+}
+
+#[tokio::test]
+async fn a_getack_above_the_synced_offset_is_answered_again_once_it_is_synced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No periodic ACK within the test: every ACK seen answers something.
+    let (spool, mut primary, durable) = spooled_with(
+        SnapshotEnd::AlreadyArrived,
+        b"",
+        &dir.path().join("l"),
+        Some(1 << 20),
+        Duration::from_secs(3600),
+    );
+    // The spool's first ACK (sent as it starts).
+    next_ack(&mut primary);
+    durable.advance(crate::position::ReplOffset(10));
+    // A GETACK is answered now with what is synced...
+    spool.answer_getack(crate::position::ReplOffset(50));
+    assert_eq!(next_ack(&mut primary), "10");
+    // ... and again, at once, when what is synced passes what it asked for.
+    durable.advance(crate::position::ReplOffset(60));
+    assert_eq!(next_ack(&mut primary), "60");
 }
