@@ -5,7 +5,7 @@
 //! primary never holds the snapshot's backlog for us; once the snapshot is decoded and the spool
 //! read to its end, the link reads the socket directly again. When its consumer then falls
 //! behind the command stream (the kernel holds more unread bytes for the socket than
-//! [`behind_threshold`] after a read), the link spools the stream the same way until the
+//! [`left_behind`](super::behind::left_behind) after a read), the link spools the stream the same way until the
 //! consumer has caught up, so that the primary does not hold the lag either; past
 //! `[replication] stream_spool_mb` unread in the spool, the spooler stops reading and the
 //! socket slows (TCP backpressure) instead of the disk filling without bound. While the link reads
@@ -22,11 +22,13 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
+use super::ack_task::{AckWriter, HandOver, WriterMessage};
+use super::behind::{
+    available_disk, left_behind, MIN_STREAM_SPOOL_BYTES, SPOOL_LOG_EVERY, SPOOL_PAUSE_AFTER_FAILURE,
+};
 use super::rdb::{RdbDecoder, RdbEvent};
-use super::spool::{behind_threshold, SnapshotEnd, Spool, SpoolSettings};
+use super::spool::{SnapshotEnd, Spool, SpoolSettings};
 use super::stream::{CommandStream, StreamEvent};
 use super::{LinkError, ReplicationEvent, ReplicatorOptions, SnapshotFraming};
 use crate::position::{DurableOffset, ReplId, ReplOffset, StreamPosition};
@@ -51,40 +53,6 @@ enum Phase {
         replid: ReplId,
         stream: CommandStream,
     },
-}
-
-/// What the ACK task gives back when it stops: its half of the socket, and the target of a
-/// `GETACK` it was still to answer again.
-type HandOver = tokio::sync::oneshot::Receiver<(OwnedWriteHalf, Option<u64>)>;
-
-enum WriterMessage {
-    /// Send an ACK now. The sender, if any, is told once it is written.
-    AckNow(Option<tokio::sync::oneshot::Sender<()>>),
-    /// `REPLCONF GETACK` arrived: answer with at most this offset.
-    GetAck(ReplOffset),
-    /// Stop, and give the socket's write half back (to the spooler), with the offset of a
-    /// `GETACK` still waiting to be answered again, if any.
-    Stop(tokio::sync::oneshot::Sender<(OwnedWriteHalf, Option<u64>)>),
-}
-
-/// The task that writes ACKs while the link reads the socket directly.
-struct AckWriter {
-    messages: mpsc::UnboundedSender<WriterMessage>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for AckWriter {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl AckWriter {
-    fn start(writer: OwnedWriteHalf, durable: DurableOffset, address: String) -> AckWriter {
-        let (messages, receiver) = mpsc::unbounded_channel();
-        let task = tokio::spawn(write_acks(writer, receiver, durable, address));
-        AckWriter { messages, task }
-    }
 }
 
 pub(crate) struct Link {
@@ -508,7 +476,7 @@ struct Socket {
     /// What TLS established, on a `rediss://` link.
     tls: Option<crate::tls::Negotiated>,
     /// A read of the socket left more unread in the kernel than the consumer keeps up with
-    /// ([`behind_threshold`]).
+    /// ([`left_behind`](super::behind::left_behind)).
     behind: bool,
 }
 
@@ -805,97 +773,6 @@ impl Socket {
                 });
             }
             self.fill().await?;
-        }
-    }
-}
-
-/// How long the command stream is not spooled after its spool could not write.
-const SPOOL_PAUSE_AFTER_FAILURE: Duration = Duration::from_secs(60);
-
-/// How often starting a spool of the command stream is logged at most.
-const SPOOL_LOG_EVERY: Duration = Duration::from_secs(60);
-
-/// The smallest spool of the command stream worth starting: below it the primary holds the lag.
-const MIN_STREAM_SPOOL_BYTES: u64 = 16 << 20;
-
-/// Bytes free for an unprivileged writer on the disk holding `path` (or its nearest existing
-/// ancestor); 0 when it cannot be read.
-fn available_disk(path: &std::path::Path) -> u64 {
-    path.ancestors()
-        .find_map(|dir| rustix::fs::statvfs(dir).ok())
-        .map_or(0, |disk| disk.f_bavail.saturating_mul(disk.f_frsize))
-}
-
-/// Whether the kernel still holds more unread bytes for `socket` than a consumer that keeps up
-/// leaves there (checked only after a read of a whole chunk: a consumer that waits for its
-/// reads is not behind). An error reads as "not behind": the link goes on as it is.
-fn left_behind(socket: &OwnedReadHalf) -> bool {
-    let socket: &TcpStream = socket.as_ref();
-    let unread = rustix::io::ioctl_fionread(socket).unwrap_or(0);
-    let buffer = rustix::net::sockopt::socket_recv_buffer_size(socket).unwrap_or(0);
-    buffer > 0 && unread >= behind_threshold(buffer as u64)
-}
-
-/// Sends `REPLCONF ACK <durable offset>` every second and when asked.
-async fn write_acks(
-    mut writer: OwnedWriteHalf,
-    mut messages: mpsc::UnboundedReceiver<WriterMessage>,
-    durable: DurableOffset,
-    address: String,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // A GETACK answered below the offset it asked for is answered again once the caller's
-    // acknowledged position reaches it, so that `WAIT` returns promptly.
-    let mut getack_target: Option<u64> = None;
-    let mut written: Option<tokio::sync::oneshot::Sender<()>> = None;
-    let mut recheck = tokio::time::interval(Duration::from_millis(5));
-    loop {
-        let send_ack = tokio::select! {
-            _ = tick.tick() => true,
-            message = messages.recv() => match message {
-                None => return,
-                Some(WriterMessage::AckNow(done)) => {
-                    written = done;
-                    true
-                }
-                Some(WriterMessage::Stop(back)) => {
-                    let _ = back.send((writer, getack_target));
-                    return;
-                }
-                Some(WriterMessage::GetAck(before)) => {
-                    if durable.get() < before {
-                        getack_target = Some(before.0);
-                    }
-                    true
-                }
-            },
-            _ = recheck.tick(), if getack_target.is_some() => {
-                match getack_target {
-                    Some(target) if durable.get().0 >= target => {
-                        getack_target = None;
-                        true
-                    }
-                    _ => false,
-                }
-            }
-        };
-        if send_ack {
-            let offset = durable.get().to_string();
-            let result = writer
-                .write_all(&encode_command(&[
-                    &b"REPLCONF"[..],
-                    b"ACK",
-                    offset.as_bytes(),
-                ]))
-                .await;
-            if let Some(done) = written.take() {
-                let _ = done.send(());
-            }
-            if let Err(e) = result {
-                tracing::debug!(%address, error = %e, "cannot send REPLCONF ACK; the reader will notice the broken link");
-                return;
-            }
         }
     }
 }

@@ -33,6 +33,8 @@
 //! [`Replicator`] wraps one link (`link.rs`) at a time and reconnects with exponential backoff and
 //! jitter when it drops, resuming from the position the caller hands back.
 
+mod ack_task;
+mod behind;
 pub mod discovery;
 mod link;
 pub mod rdb;

@@ -44,7 +44,7 @@
 //! (docs/benchmarks.md, session 16), and the same limit as above cuts the link past 256 MB, or
 //! past 64 MB held for 60 s; the reconnection then needs a backlog that large or a full sync. So
 //! the link spools the stream too whenever the kernel holds more unread bytes for it than
-//! [`behind_threshold`] after a read (`link.rs`), with [`SnapshotEnd::AlreadyArrived`]: the
+//! `behind.rs` after a read (`link.rs`), with [`SnapshotEnd::AlreadyArrived`]: the
 //! spooler ACKs at once and every second, and stops reading once `limit` bytes are spooled and
 //! unread (`[replication] stream_spool_mb`, and at most a quarter of the disk's free space when
 //! the spool starts: past it the primary holds the rest, as without a spool). The consumer
@@ -85,17 +85,6 @@ const MARK_LEN: usize = 40;
 pub(crate) const ACK_EVERY: Duration = Duration::from_secs(1);
 /// The shortest time the command stream stays spooled once the link spools it.
 pub(crate) const STREAM_SPOOL_AT_LEAST: Duration = Duration::from_secs(1);
-/// Unread bytes in the kernel that show a consumer of the command stream is behind.
-const BEHIND_BYTES: u64 = 256 << 10;
-
-/// The unread bytes in the kernel past which a consumer of the command stream is behind: 256
-/// KiB, or a quarter of the socket's receive buffer when that is smaller (measured on loopback,
-/// Linux's autotuned buffer held up to about 500 KB while capture lagged by 90 MB; a threshold
-/// above what the buffer can hold would never be reached).
-pub(crate) fn behind_threshold(receive_buffer: u64) -> u64 {
-    BEHIND_BYTES.min(receive_buffer / 4).max(1)
-}
-
 /// How the spooler knows that the whole snapshot has arrived.
 #[derive(Debug, Clone)]
 pub(crate) enum SnapshotEnd {
