@@ -15,7 +15,8 @@
 #        Redis's, 256mb 64mb 60); the script then also counts the replicas the primary cut for it
 #        and the resyncs that followed.
 #        OUT=dir: where capture-positions.csv and capture-positions.png go (default bench-out):
-#        the positions of the service and the replica's offset every 0.2 s through the burst.
+#        the positions of the service and the replica's offset every 0.2 s through the burst;
+#        and capture-outbuf.csv / .png: the primary's output buffer for each replica, every 0.1 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 commands="${1:-1000000}"
@@ -107,7 +108,7 @@ if [ -n "${PERF_OUT:-}" ]; then  # PERF_OUT=file: profile the service through th
 fi
 sample_positions "$admin" "$service_pid" "$out/capture-positions.csv" "$primary" "$replica" &
 sampler=$!
-python3 scripts/bench-outbuf.py "$primary" >"$work/outbuf.txt" &
+python3 scripts/bench-outbuf.py "$primary" "$out/capture-outbuf.csv" >"$work/outbuf.txt" &
 outbuf=$!
 start=$(date +%s.%N)
 redis-benchmark -p "$primary" -q -n "$commands" -P 32 -r 100000 \
@@ -125,6 +126,19 @@ wb_done=$(echo "$catch_up" | sed -n 's/^writebehind_done=//p')
 if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
 kill "$outbuf" && wait "$outbuf" || true
 cat "$work/outbuf.txt"
+if command -v gnuplot >/dev/null; then
+  gnuplot <<GP
+set terminal pngcairo size 900,360
+set output "$out/capture-outbuf.png"
+set datafile separator ","
+set key top right
+set xlabel "seconds from the burst's start"
+set ylabel "primary's output buffer (MB)"
+set title "bench-capture: $commands HSETs, what the primary held for each replica"
+plot "$out/capture-outbuf.csv" using 1:3 skip 1 with lines lw 2 title "writebehind", \
+     "" using 1:2 skip 1 with lines dt 2 lw 2 title "real replica"
+GP
+fi
 # Replicas the primary dropped past its output-buffer limit, and the syncs it served (the two
 # initial full syncs included).
 echo "primary_cut_replicas=$(grep -c 'output buffer limits' "$work/primary.log" || true)"

@@ -4,7 +4,8 @@ buffer (`CLIENT LIST TYPE replica`, `omem`: one round trip on a kept connection)
 prints the peaks, for the real replica (the `redis-server` owning the replica's end of the
 connection, found with `ss` once per connection) and for the service (any other).
 
-Usage: bench-outbuf.py PRIMARY_PORT   (run it in the background; kill it with SIGTERM)
+Usage: bench-outbuf.py PRIMARY_PORT [CSV]   (run it in the background; kill it with SIGTERM)
+CSV: also writes every sample there (`seconds,replica_mb,writebehind_mb`), for a plot.
 """
 import re
 import signal
@@ -14,6 +15,10 @@ import sys
 import time
 
 port = int(sys.argv[1])
+csv = open(sys.argv[2], "w") if len(sys.argv) > 2 else None
+if csv:
+    csv.write("seconds,replica_mb,writebehind_mb\n")
+started = time.time()
 peaks = {}  # "replica" or "writebehind" -> the largest omem seen
 stop = False
 
@@ -55,6 +60,7 @@ while not stop:
         clients = command(sock, b"CLIENT", b"LIST", b"TYPE", b"replica").decode()
     except (OSError, ValueError):
         break
+    sample = {}
     for line in clients.splitlines():
         addr = re.search(r"\baddr=[^ ]*:(\d+)", line)
         omem = re.search(r"\bomem=(\d+)", line)
@@ -66,6 +72,12 @@ while not stop:
         # The service's binary may be a copy under another name (BIN=): anything but Redis is it.
         key = "replica" if names[local].startswith("redis") else "writebehind"
         peaks[key] = max(peaks.get(key, 0), int(omem.group(1)))
+        sample[key] = int(omem.group(1))
+    if csv:
+        csv.write(f"{time.time() - started:.2f},{sample.get('replica', 0) / 1e6:.3f},"
+                  f"{sample.get('writebehind', 0) / 1e6:.3f}\n")
     time.sleep(0.1)
+if csv:
+    csv.close()
 for key, omem in sorted(peaks.items()):
     print(f"peak_output_buffer_{key}_bytes={omem}")
