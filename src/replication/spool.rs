@@ -38,22 +38,23 @@
 //!
 //! # The command stream, when the consumer falls behind
 //!
-//! Read straight from the socket, a consumer slower than the primary's writes slows the socket
-//! (TCP backpressure), and the primary keeps the difference in the replica's output buffer:
-//! measured, 78 MB for a burst of a million `HSET`s that a real replica followed with 0.2 MB
-//! (docs/benchmarks.md, session 16), and the same limit as above cuts the link past 256 MB, or
-//! past 64 MB held for 60 s; the reconnection then needs a backlog that large or a full sync. So
-//! the link spools the stream too whenever the kernel holds more unread bytes for it than
-//! `behind.rs` after a read (`link.rs`), with [`SnapshotEnd::AlreadyArrived`]: the
-//! spooler ACKs at once and every second, and stops reading once `limit` bytes are spooled and
-//! unread (`[replication] stream_spool_mb`, and at most a quarter of the disk's free space when
-//! the spool starts: past it the primary holds the rest, as without a spool). The consumer
-//! leaves such a spool as above, once it has read it to its end, but not before
-//! [`STREAM_SPOOL_AT_LEAST`] has passed, so that a consumer close to the primary's pace does not
-//! hand the socket back and forth on every read. Unlike a snapshot's, a failed write (a full
-//! disk) does not end the link: the spooler stops reading (it goes on sending ACKs) and hands
-//! the socket back with the bytes it read and could not write, which the consumer takes after
-//! the files; the link then spools no stream for a minute.
+//! Read straight from the socket, a consumer slower than the primary's writes slows the socket (TCP
+//! backpressure), and the primary keeps the difference in the replica's output buffer: measured, 78
+//! MB for a burst of a million `HSET`s that a real replica followed with 0.2 MB
+//! (docs/benchmarks.md, session 16), and the same limit as above cuts the link past 256 MB, or past
+//! 64 MB held for 60 s; the reconnection then needs a backlog that large or a full sync. So the
+//! link spools the stream too whenever the kernel holds more unread bytes for it after a read than
+//! a consumer that keeps up leaves there (256 KiB: `behind.rs`, `link.rs`), with
+//! [`SnapshotEnd::AlreadyArrived`]: the spooler ACKs at once and every second, answers a `GETACK`
+//! again once the synced offset reaches it, and stops reading once `limit` bytes are spooled and
+//! unread (`[replication] stream_spool_mb`, and at most a quarter of the disk's free space when the
+//! spool starts: past it the primary holds the rest, as without a spool). The consumer leaves such
+//! a spool as above, once it has read it to its end, but not before [`STREAM_SPOOL_AT_LEAST`] has
+//! passed, so that a consumer close to the primary's pace does not hand the socket back and forth
+//! on every read. Unlike a snapshot's, a failed write (a full disk) does not end the link: the
+//! spooler stops reading (it goes on sending ACKs) and hands the socket back with the bytes it read
+//! and could not write, which the consumer takes after the files; the link then spools no stream
+//! for a minute.
 //!
 //! Nothing in the spool outlives its link: the link's directory is removed when the link ends,
 //! and the service empties its spool root (`<buffer path>/spool`) when it starts.
