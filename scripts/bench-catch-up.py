@@ -14,30 +14,10 @@ Usage: bench-catch-up.py PRIMARY_PORT REPLICA_PORT TARGET_OFFSET [TIMEOUT_SECOND
   primary lists with `port=1`, writebehind's listening port), which it sends only once synced.
 Exits 1, saying which, when either has not caught up within the timeout (default 600 s).
 """
-import socket
 import sys
 import time
 
-
-class Redis:
-    """One connection, `INFO replication` as a dict."""
-
-    def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.file = self.sock.makefile("rb")
-
-    def info_replication(self):
-        self.sock.sendall(b"*2\r\n$4\r\nINFO\r\n$11\r\nreplication\r\n")
-        header = self.file.readline()
-        if not header.startswith(b"$"):
-            raise RuntimeError(f"unexpected reply to INFO: {header!r}")
-        body = self.file.read(int(header[1:]) + 2).decode()
-        fields = {}
-        for line in body.split("\r\n"):
-            name, sep, value = line.partition(":")
-            if sep:
-                fields[name] = value
-        return fields
+from bench_redis import Redis
 
 
 def writebehind_offset(info):

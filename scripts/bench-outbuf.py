@@ -9,10 +9,11 @@ CSV: also writes every sample there (`seconds,replica_mb,writebehind_mb`), for a
 """
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
+
+from bench_redis import Redis
 
 port = int(sys.argv[1])
 csv = open(sys.argv[2], "w") if len(sys.argv) > 2 else None
@@ -31,20 +32,6 @@ def on_term(*_):
 signal.signal(signal.SIGTERM, on_term)
 
 
-def command(sock, *args):
-    sock.sendall(b"".join([b"*%d\r\n" % len(args)] + [b"$%d\r\n%s\r\n" % (len(a), a) for a in args]))
-    data = b""
-    while b"\r\n" not in data:
-        data += sock.recv(65536)
-    header, rest = data.split(b"\r\n", 1)
-    if not header.startswith(b"$"):
-        return b""
-    length = int(header[1:])
-    while len(rest) < length + 2:
-        rest += sock.recv(65536)
-    return rest[:length]
-
-
 def owner(local_port):
     """The process name at the replica's end of the connection from `local_port` (one `ss`)."""
     out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{local_port} )"],
@@ -54,10 +41,10 @@ def owner(local_port):
 
 
 names = {}  # the replica's local port -> process name
-sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+redis = Redis(port)
 while not stop:
     try:
-        clients = command(sock, b"CLIENT", b"LIST", b"TYPE", b"replica").decode()
+        clients = redis.bulk(b"CLIENT", b"LIST", b"TYPE", b"replica")
     except (OSError, ValueError):
         break
     sample = {}

@@ -12,9 +12,10 @@ Usage: sample-positions.py ADMIN_PORT SERVICE_PID CSV [PRIMARY_PORT] [REPLICA_PO
 import http.client
 import os
 import signal
-import socket
 import sys
 import time
+
+from bench_redis import Redis
 
 stop = False
 
@@ -27,27 +28,21 @@ def on_term(*_):
 signal.signal(signal.SIGTERM, on_term)
 
 
-class Redis:
-    """One kept connection; `INFO replication` fields as a dict (empty when it cannot)."""
+class Reconnecting:
+    """INFO replication over a kept connection, opened again after a failure; {} meanwhile."""
 
     def __init__(self, port):
         self.port = port
-        self.sock = None
+        self.redis = None
 
     def info_replication(self):
         try:
-            if self.sock is None:
-                self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-                self.file = self.sock.makefile("rb")
-            self.sock.sendall(b"*2\r\n$4\r\nINFO\r\n$11\r\nreplication\r\n")
-            header = self.file.readline()
-            if not header.startswith(b"$"):
-                raise OSError(f"unexpected reply {header!r}")
-            body = self.file.read(int(header[1:]) + 2).decode()
+            if self.redis is None:
+                self.redis = Redis(self.port, timeout=5)
+            return self.redis.info_replication()
         except (OSError, ValueError):
-            self.sock = None
+            self.redis = None
             return {}
-        return dict(line.split(":", 1) for line in body.split("\r\n") if ":" in line)
 
 
 class Admin:
@@ -101,8 +96,8 @@ def fmt(value):
 
 def main():
     admin, pid, csv = Admin(int(sys.argv[1])), int(sys.argv[2]), sys.argv[3]
-    primary = Redis(int(sys.argv[4])) if len(sys.argv) > 4 and sys.argv[4] else None
-    replica = Redis(int(sys.argv[5])) if len(sys.argv) > 5 and sys.argv[5] else None
+    primary = Reconnecting(int(sys.argv[4])) if len(sys.argv) > 4 and sys.argv[4] else None
+    replica = Reconnecting(int(sys.argv[5])) if len(sys.argv) > 5 and sys.argv[5] else None
     started = time.time()
     with open(csv, "w") as out:
         out.write("seconds,primary,received,buffered,applied,acked,lag_bytes,rss_mb,changes,"

@@ -64,7 +64,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -140,14 +140,22 @@ struct Shared {
     /// spooler ACKs again once the durable offset reaches it, so that `WAIT` returns promptly.
     getack_target: AtomicU64,
     /// Told once the ACK asked for is written (a stop's last report waits for it).
-    ack_written: std::sync::Mutex<Option<oneshot::Sender<()>>>,
+    ack_written: Mutex<Option<oneshot::Sender<()>>>,
     /// Notified after each write and on failure.
     arrived: Notify,
     /// Set by a spooler of the command stream that could not write (a full disk): it stopped
     /// reading and hands the socket back, with what it read and could not write in `leftover`.
     ended: AtomicBool,
     /// Read from the socket, not written to the files: the consumer takes it after the files.
-    leftover: std::sync::Mutex<Vec<u8>>,
+    leftover: Mutex<Vec<u8>>,
+}
+
+/// `mutex` locked; a panic while it was held leaves a value still whole (each use is one
+/// assignment or take).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Appends to numbered segment files of a fixed size.
@@ -411,11 +419,7 @@ impl Spool {
     /// Asks the spooler to send `REPLCONF ACK` now; `written`, if any, is told once it is.
     pub(crate) fn request_ack(&self, written: Option<oneshot::Sender<()>>) {
         if let Some(written) = written {
-            *self
-                .shared
-                .ack_written
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(written);
+            *lock(&self.shared.ack_written) = Some(written);
         }
         self.shared.ack_now.store(true, Ordering::SeqCst);
     }
@@ -461,13 +465,7 @@ impl Spool {
     /// spooler writes no more); dropping the spool then removes its directory.
     pub(crate) fn drain(&mut self, input: &mut BytesMut) -> Result<(), LinkError> {
         while self.try_fill(input, usize::MAX)? {}
-        let leftover = std::mem::take(
-            &mut *self
-                .shared
-                .leftover
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        );
+        let leftover = std::mem::take(&mut *lock(&self.shared.leftover));
         input.extend_from_slice(&leftover);
         self.publish_unread(0);
         Ok(())
@@ -603,11 +601,7 @@ impl Spooler {
         self.shared
             .written
             .store(self.segments.written, Ordering::Release);
-        self.shared
-            .leftover
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .extend_from_slice(unwritten);
+        lock(&self.shared.leftover).extend_from_slice(unwritten);
         self.shared.ended.store(true, Ordering::SeqCst);
         self.shared.arrived.notify_one();
     }
@@ -663,12 +657,7 @@ impl Spooler {
         }
         *sent = Some(Instant::now());
         if asked {
-            let written = self
-                .shared
-                .ack_written
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .take();
+            let written = lock(&self.shared.ack_written).take();
             if let Some(written) = written {
                 let _ = written.send(());
             }
