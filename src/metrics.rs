@@ -29,7 +29,9 @@
 //!   the process asked for, and what the allocator keeps in RAM for it, which RSS follows),
 //!   `rocksdb_memtables`, `rocksdb_table_readers` (index and filter blocks held outside the
 //!   caches: the mirror's, which grow with the keyspace; the change log's are in its cache),
-//!   `rocksdb_block_cache`, `rocksdb_pinned_blocks`; sampled with the primary's offset.
+//!   `rocksdb_block_cache`, `rocksdb_pinned_blocks`, `mirror_journal` (mirror updates held in
+//!   memory until they are settled into RocksDB's mirror: `src/buffer/journal.rs`); sampled
+//!   with the primary's offset.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -474,6 +476,7 @@ impl Health {
             ("rocksdb_table_readers", Some(store.table_readers)),
             ("rocksdb_block_cache", Some(store.block_cache)),
             ("rocksdb_pinned_blocks", Some(store.pinned_blocks)),
+            ("mirror_journal", Some(store.journal)),
         ];
         for (part, bytes) in parts {
             if let Some(bytes) = bytes {

@@ -14,6 +14,18 @@ use super::{
 use crate::position::{ChangeSeq, ReplId, ReplOffset};
 use std::sync::Arc;
 
+/// How a batch writes the mirror (`journal.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum MirrorWrite {
+    /// Not at all.
+    None,
+    /// Whole values only, as a journal record.
+    Journal,
+    /// Some other way too (by field, puts and deletes of its own): the journal is settled
+    /// first, and every mirror write of the batch goes to the family.
+    Direct,
+}
+
 /// Writes to apply together, in order, atomically.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -190,6 +202,30 @@ impl Batch {
                 Op::PutMeta(key, _) => key == META_CHECKPOINT || key == META_CLOCK,
                 _ => false,
             })
+    }
+    /// How it writes the mirror.
+    pub(super) fn mirror_write(&self) -> MirrorWrite {
+        let mut mode = MirrorWrite::None;
+        for op in &self.ops {
+            match op {
+                Op::MirrorEntries(entries) => {
+                    let by_field = entries
+                        .values()
+                        .any(|v| v.as_ref().is_some_and(|v| v.fields.stored_by_field()));
+                    if by_field {
+                        return MirrorWrite::Direct;
+                    }
+                    mode = MirrorWrite::Journal;
+                }
+                Op::PutMirror(..)
+                | Op::PutMirrorValue(..)
+                | Op::DeleteMirror(_)
+                | Op::ClearFields(..)
+                | Op::PutFields(..) => return MirrorWrite::Direct,
+                _ => {}
+            }
+        }
+        mode
     }
     /// Whether it writes raw states of `#` ops.
     pub fn touches_raw(&self) -> bool {

@@ -124,7 +124,7 @@ impl<'a> Decoder<'a> {
         let bytes = self.bytes()?;
         String::from_utf8(bytes.to_vec()).map_err(|_| self.error("text is not UTF-8"))
     }
-    fn flag(&mut self) -> Result<bool, DecodeError> {
+    pub(crate) fn flag(&mut self) -> Result<bool, DecodeError> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
@@ -137,6 +137,13 @@ impl<'a> Decoder<'a> {
         } else {
             None
         })
+    }
+    /// Where a byte string lies in the input (for a value kept as a slice of its record).
+    pub(crate) fn bytes_range(&mut self) -> Result<std::ops::Range<usize>, DecodeError> {
+        let len = self.u32()? as usize;
+        let start = self.pos;
+        self.take(len)?;
+        Ok(start..self.pos)
     }
     pub(crate) fn opt_bytes(&mut self) -> Result<Option<Bytes>, DecodeError> {
         Ok(if self.flag()? {

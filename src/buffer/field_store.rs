@@ -303,6 +303,11 @@ impl Store {
     /// stored by field as a window), header and fields read from one snapshot (capture may be
     /// writing meanwhile).
     pub fn mirror_whole(&self, db: u32, key: &[u8]) -> Result<Option<MirrorValue>, StoreError> {
+        // A journaled value is whole. Looked up before the snapshot is taken: a key not
+        // pending then is in the family, as new, at any later snapshot (`journal.rs`).
+        if let Some(value) = self.journaled(db, key)? {
+            return Ok(value);
+        }
         let snapshot = self.db.snapshot();
         match self.mirror_at(db, key, &snapshot)? {
             Some(value) => self.whole_at(db, key, value, Some(&snapshot)).map(Some),
@@ -318,6 +323,9 @@ impl Store {
         key: &[u8],
         names: impl IntoIterator<Item = &'n [u8]>,
     ) -> Result<Option<MirrorValue>, StoreError> {
+        if let Some(value) = self.journaled(db, key)? {
+            return Ok(value);
+        }
         let snapshot = self.db.snapshot();
         let Some(mut value) = self.mirror_at(db, key, &snapshot)? else {
             return Ok(None);

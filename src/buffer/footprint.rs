@@ -16,6 +16,8 @@ pub struct StoreMemory {
     pub table_readers: u64,
     pub block_cache: u64,
     pub pinned_blocks: u64,
+    /// Journaled mirror updates held in memory until they are settled (`journal.rs`).
+    pub journal: u64,
 }
 
 impl Store {
@@ -38,6 +40,7 @@ impl Store {
             table_readers: sum("rocksdb.estimate-table-readers-mem"),
             block_cache: sum("rocksdb.block-cache-usage"),
             pinned_blocks: sum("rocksdb.block-cache-pinned-usage"),
+            journal: self.journal.pending_bytes(),
         }
     }
 }

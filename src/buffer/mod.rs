@@ -2,7 +2,7 @@
 //!
 //! # On-disk format (format version 2)
 //!
-//! Eight column families; integers big-endian, byte strings `u32 length + bytes` (see [`codec`]).
+//! Nine column families; integers big-endian, byte strings `u32 length + bytes` (see [`codec`]).
 //! Each record kind has its own file (`mirror.rs`, `change.rs`, `checkpoint.rs`,
 //! `dead_letter.rs`, `acknowledgement.rs`) with its encoding; `batch.rs` gathers writes and
 //! `store.rs` applies them atomically:
@@ -50,8 +50,12 @@
 //!   rollback (`open_unit.rs` describes both; added 2026-11-29 without a new format version: a
 //!   buffer of version 2 gets the family when it is next opened; `fields` likewise, in a
 //!   later session of the same day).
+//! - **`journal`**: the mirror's updates not yet settled into `mirror`, one record per batch
+//!   (`journal.rs` gives the format and the rules); added, like `undo`, without a new format
+//!   version.
 //!
-//! Every command (or `MULTI` unit) is applied with one `WriteBatch` holding its mirror updates,
+//! Every command (or `MULTI` unit) is applied with one `WriteBatch` holding its mirror updates
+//! (a journal record),
 //! its changes and the checkpoint after it, so the three never disagree; several units share one
 //! synced write (group commit), written first and synced after (`durability.rs` says who may
 //! read it in between). A long transaction is the exception: its parts are written
@@ -68,6 +72,7 @@ mod durability;
 mod field_store;
 mod fields;
 mod footprint;
+mod journal;
 mod mirror;
 mod open_unit;
 mod reader;
@@ -100,6 +105,8 @@ const CF_ACKS: &str = "acks";
 const CF_UNDO: &str = "undo";
 /// The fields of hashes stored one entry per field (`field_store.rs`).
 const CF_FIELDS: &str = "fields";
+/// Records of mirror updates not yet settled into `mirror` (`journal.rs`).
+const CF_JOURNAL: &str = "journal";
 const META_FORMAT: &[u8] = b"format";
 const META_CHECKPOINT: &[u8] = b"checkpoint";
 const META_REPLID_PREFIX: &[u8] = b"replid/";

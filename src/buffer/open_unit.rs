@@ -211,6 +211,8 @@ impl Store {
         let Some(open) = self.open_unit()? else {
             return Ok(None);
         };
+        // The undo entries are written to the family: nothing journaled may land over them.
+        self.settle_mirror()?;
         let (mirror, undo, meta) = (self.cf(CF_MIRROR)?, self.cf(CF_UNDO)?, self.cf(CF_META)?);
         let fields = self.cf(CF_FIELDS)?;
         let mut checkpoint = self.checkpoint()?;

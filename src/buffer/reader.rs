@@ -31,14 +31,18 @@ impl Store {
             .map_err(|e| classify(path, e))?;
         db.try_catch_up_with_primary()
             .map_err(|e| classify(path, e))?;
-        Ok(Store {
+        let store = Store {
             db,
             path: path.to_path_buf(),
             next_ack_id: std::sync::Mutex::new(0),
             identity: String::new(),
             reader_dir: Some(reader_dir),
             unsynced: Default::default(),
-        })
+            journal: Default::default(),
+        };
+        // Point reads of the mirror see what the journal holds; a reader never settles.
+        store.replay_journal()?;
+        Ok(store)
     }
 }
 

@@ -9,13 +9,15 @@ use rocksdb::{
     WriteOptions, DB,
 };
 
+use super::batch::MirrorWrite;
 use super::batch::Op;
 use super::codec::{DecodeError, Decoder};
 use super::field_store::{clear_fields, put_fields};
+use super::journal::Journal;
 use super::mirror::{mirror_key, put_entries, put_value, split_mirror_key};
 use super::{
     AckRecord, Batch, Change, Checkpoint, DeadLetter, MirrorValue, StoreError, CF_ACKS, CF_CHANGES,
-    CF_DEAD_LETTERS, CF_FIELDS, CF_META, CF_MIRROR, CF_RAW, CF_UNDO, FORMAT_VERSION,
+    CF_DEAD_LETTERS, CF_FIELDS, CF_JOURNAL, CF_META, CF_MIRROR, CF_RAW, CF_UNDO, FORMAT_VERSION,
     META_ACKS_ENQUEUED_PREFIX, META_CHECKPOINT, META_CLOCK, META_FORMAT, META_IDENTITY,
     META_REPLID_PREFIX, META_WATCHED,
 };
@@ -62,6 +64,8 @@ pub struct Store {
     pub(super) reader_dir: Option<PathBuf>,
     /// What is written but not synced yet (`durability.rs`).
     pub(super) unsynced: super::durability::Unsynced,
+    /// Mirror updates not yet settled into the `mirror` family (`journal.rs`).
+    pub(super) journal: Journal,
 }
 
 impl Drop for Store {
@@ -73,7 +77,7 @@ impl Drop for Store {
 }
 
 /// Every column family.
-pub(super) const FAMILIES: [&str; 8] = [
+pub(super) const FAMILIES: [&str; 9] = [
     CF_MIRROR,
     CF_CHANGES,
     CF_META,
@@ -82,6 +86,7 @@ pub(super) const FAMILIES: [&str; 8] = [
     CF_ACKS,
     CF_UNDO,
     CF_FIELDS,
+    CF_JOURNAL,
 ];
 
 /// The memory RocksDB's memtables may take, all column families together (measured with
@@ -154,6 +159,7 @@ impl Store {
             identity: String::new(),
             reader_dir: None,
             unsynced: Default::default(),
+            journal: Journal::default(),
         };
         let last_ack = match store
             .db
@@ -192,7 +198,44 @@ impl Store {
             }
         }
         store.identity = store.load_identity()?;
+        store.replay_journal()?;
         Ok(store)
+    }
+
+    /// Reads the journal's records back into memory, in order (`journal.rs`).
+    pub(super) fn replay_journal(&self) -> Result<(), StoreError> {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_JOURNAL)?, IteratorMode::Start)
+        {
+            let (key, value) = item.map_err(|e| self.rocks(e))?;
+            let seq = self.seq_key(&key, "mirror journal key")?;
+            let record = Journal::decode(seq, &value).map_err(|e| self.corrupt(e))?;
+            self.journal.applied(record);
+        }
+        Ok(())
+    }
+
+    /// Writes every journaled mirror update into the `mirror` family (`journal.rs`): before
+    /// anything reads or writes the family alone.
+    pub fn settle_mirror(&self) -> Result<(), StoreError> {
+        if !self.journal.has_pending() {
+            return Ok(());
+        }
+        let _writer = self.journal.writer();
+        self.settle_locked()
+    }
+
+    /// [`Store::settle_mirror`], the journal's writer lock held.
+    fn settle_locked(&self) -> Result<(), StoreError> {
+        let mut write = WriteBatch::default();
+        let families = (self.cf(CF_MIRROR)?, self.cf(CF_JOURNAL)?);
+        let Some(settled) = self.journal.settle_into(&mut write, families) else {
+            return Ok(());
+        };
+        self.write_rocks(write, false)?;
+        self.journal.settled(settled);
+        Ok(())
     }
 
     /// The buffer's identity, created (synced) the first time it is opened.
@@ -317,7 +360,26 @@ impl Store {
     }
 
     pub fn mirror(&self, db: u32, key: &[u8]) -> Result<Option<MirrorValue>, StoreError> {
-        self.mirror_value(CF_MIRROR, db, key)
+        match self.journaled(db, key)? {
+            Some(value) => Ok(value),
+            None => self.mirror_value(CF_MIRROR, db, key),
+        }
+    }
+
+    /// The newest journaled value of `key`, when it has one not settled (`journal.rs`):
+    /// always a whole value.
+    pub(super) fn journaled(
+        &self,
+        db: u32,
+        key: &[u8],
+    ) -> Result<Option<Option<MirrorValue>>, StoreError> {
+        match self.journal.get(db, key) {
+            Some(Some(raw)) => MirrorValue::decode(&raw)
+                .map(|value| Some(Some(value)))
+                .map_err(|e| self.corrupt(e)),
+            Some(None) => Ok(Some(None)),
+            None => Ok(None),
+        }
     }
 
     /// A value of `mirror` or `raw` (same keys, same encoding).
@@ -347,6 +409,7 @@ impl Store {
         cursor: &MirrorCursor,
         limit: usize,
     ) -> Result<MirrorPage, StoreError> {
+        self.settle_mirror()?;
         let start = match (&cursor.after, db) {
             (Some(after), _) => {
                 let mut k = after.clone();
@@ -448,8 +511,44 @@ impl Store {
         self.write_rocks(batch, false)
     }
 
-    /// Applies `batch` atomically; with `sync`, it is on disk when this returns.
+    /// Applies `batch` atomically; with `sync`, it is on disk when this returns. Its mirror
+    /// entries go to the journal, unless it writes the mirror some other way too (`journal.rs`).
     pub fn write(&self, batch: Batch, sync: bool) -> Result<(), StoreError> {
+        let mode = batch.mirror_write();
+        let writer = (mode != MirrorWrite::None).then(|| self.journal.writer());
+        let mut write = WriteBatch::default();
+        let (mirror, journal) = (self.cf(CF_MIRROR)?, self.cf(CF_JOURNAL)?);
+        // Settled in the same write, before the batch's own writes to the family.
+        let settled = match mode {
+            MirrorWrite::Direct => self.journal.settle_into(&mut write, (mirror, journal)),
+            _ => None,
+        };
+        let mut records = Vec::new();
+        for op in batch.ops {
+            match op {
+                Op::MirrorEntries(entries) if mode == MirrorWrite::Journal => {
+                    let record = self.journal.record(&entries);
+                    write.put_cf(journal, record.key(), record.bytes());
+                    records.push(record);
+                }
+                op => self.add_op(&mut write, op)?,
+            }
+        }
+        let written = self.write_with_acks(write, batch.new_acks, sync);
+        if written.is_ok() {
+            records.into_iter().for_each(|r| self.journal.applied(r));
+            if let Some(settled) = settled {
+                self.journal.settled(settled);
+            }
+            if writer.is_some() && self.journal.is_due() {
+                self.settle_locked()?;
+            }
+        }
+        written
+    }
+
+    /// Adds one op of a batch to `write`.
+    fn add_op(&self, write: &mut WriteBatch, op: Op) -> Result<(), StoreError> {
         let (mirror, changes, meta, dead) = (
             self.cf(CF_MIRROR)?,
             self.cf(CF_CHANGES)?,
@@ -458,49 +557,58 @@ impl Store {
         );
         let (raw, acks) = (self.cf(CF_RAW)?, self.cf(CF_ACKS)?);
         let fields = self.cf(CF_FIELDS)?;
-        let mut write = WriteBatch::default();
-        for op in batch.ops {
-            match op {
-                Op::MirrorEntries(entries) => put_entries(&mut write, (mirror, fields), &entries),
-                Op::PutMirror(k, v) => write.put_cf(mirror, k, v),
-                Op::PutMirrorValue(db, key, value) => {
-                    let mirror_key = mirror_key(db, &key);
-                    let mut buffer = Vec::new();
-                    put_value(
-                        &mut write,
-                        (mirror, fields),
-                        (db, &key, &mirror_key),
-                        &value,
-                        &mut buffer,
-                    );
-                }
-                Op::ClearFields(db, key) => clear_fields(&mut write, fields, db, &key),
-                Op::PutFields(db, key, page) => put_fields(&mut write, fields, (db, &key), &page),
-                Op::DeleteMirror(k) => write.delete_cf(mirror, k),
-                Op::PutChange(seq, v) => write.put_cf(changes, seq.key(), v),
-                Op::Changes(list) => {
-                    let mut value = Vec::new();
-                    for change in &list {
-                        change.encode_into(&mut value);
-                        write.put_cf(changes, change.seq.key(), &value);
-                    }
-                }
-                Op::PutMeta(k, v) => write.put_cf(meta, k, v),
-                Op::PutDeadLetter(seq, v) => write.put_cf(dead, seq.key(), v),
-                Op::DeleteDeadLetter(seq) => write.delete_cf(dead, seq.key()),
-                Op::PutRaw(k, v) => write.put_cf(raw, k, v),
-                Op::DeleteRaw(k) => write.delete_cf(raw, k),
-                Op::DeleteAck(id) => write.delete_cf(acks, id.to_be_bytes()),
-                Op::PutUndo(k, v) => write.put_cf(self.cf(CF_UNDO)?, k, v),
-                Op::CloseUnit => super::open_unit::close_unit(self, &mut write)?,
+        match op {
+            Op::MirrorEntries(entries) => put_entries(write, (mirror, fields), &entries),
+            Op::PutMirror(k, v) => write.put_cf(mirror, k, v),
+            Op::PutMirrorValue(db, key, value) => {
+                let mirror_key = mirror_key(db, &key);
+                let mut buffer = Vec::new();
+                put_value(
+                    write,
+                    (mirror, fields),
+                    (db, &key, &mirror_key),
+                    &value,
+                    &mut buffer,
+                );
             }
+            Op::ClearFields(db, key) => clear_fields(write, fields, db, &key),
+            Op::PutFields(db, key, page) => put_fields(write, fields, (db, &key), &page),
+            Op::DeleteMirror(k) => write.delete_cf(mirror, k),
+            Op::PutChange(seq, v) => write.put_cf(changes, seq.key(), v),
+            Op::Changes(list) => {
+                let mut value = Vec::new();
+                for change in &list {
+                    change.encode_into(&mut value);
+                    write.put_cf(changes, change.seq.key(), &value);
+                }
+            }
+            Op::PutMeta(k, v) => write.put_cf(meta, k, v),
+            Op::PutDeadLetter(seq, v) => write.put_cf(dead, seq.key(), v),
+            Op::DeleteDeadLetter(seq) => write.delete_cf(dead, seq.key()),
+            Op::PutRaw(k, v) => write.put_cf(raw, k, v),
+            Op::DeleteRaw(k) => write.delete_cf(raw, k),
+            Op::DeleteAck(id) => write.delete_cf(acks, id.to_be_bytes()),
+            Op::PutUndo(k, v) => write.put_cf(self.cf(CF_UNDO)?, k, v),
+            Op::CloseUnit => super::open_unit::close_unit(self, write)?,
         }
-        if batch.new_acks.is_empty() {
+        Ok(())
+    }
+
+    /// Writes `write` with `new_acks` given their ids (in increasing order, under the lock, so
+    /// they become visible in order).
+    fn write_with_acks(
+        &self,
+        mut write: WriteBatch,
+        new_acks: Vec<super::NewAck>,
+        sync: bool,
+    ) -> Result<(), StoreError> {
+        if new_acks.is_empty() {
             return self.write_rocks(write, sync);
         }
+        let acks = self.cf(CF_ACKS)?;
         let mut next_id = self.next_ack_id.lock().unwrap_or_else(|p| p.into_inner());
         let first = *next_id;
-        for (id, ack) in (first..).zip(batch.new_acks) {
+        for (id, ack) in (first..).zip(new_acks) {
             let record = AckRecord {
                 id,
                 db: ack.db,

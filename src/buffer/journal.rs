@@ -1,0 +1,441 @@
+//! The mirror journal: how the command stream's mirror updates reach RocksDB without a random
+//! insert per key per batch.
+//!
+//! **Why.** Every batch of the command stream used to put each key it changed into the `mirror`
+//! family: one memtable insert per key per batch, each a skiplist search among random keys.
+//! Profiling `scripts/bench-capture.sh` put two thirds of capture's commit thread there
+//! (docs/benchmarks.md, sessions 15 and 16), and a key written in every batch was inserted
+//! every time.
+//!
+//! **How.** A batch writes its mirror entries as **one record** of the `journal` family, in
+//! the same `WriteBatch` as its changes and checkpoint (so the three still never disagree).
+//! Records have sequential keys: one cheap insert per batch. The entries are also held in
+//! memory, the newest per key (`Pending`), and every point read of the mirror looks there
+//! before the `mirror` family. Once the records not yet settled pass the journal's size
+//! ([`Journal::limit`]), the journal is **settled**: the newest value of every pending key is
+//! put into `mirror`, in key order, once however often it was written, and the records are
+//! deleted, in one `WriteBatch`. Invariant: **the `mirror` family with the journal's records
+//! applied over it in order is the mirror**; a crash at any point leaves that true (a settle
+//! is atomic), and opening the buffer replays the records into memory.
+//!
+//! **On disk.** Family `journal`; key: `seq u64` (big-endian, from 1, in write order); value:
+//! `count u32`, then per entry `db u32, key bytes, present u8` and, when present, `value
+//! bytes` (a whole value in the `mirror` family's encoding, see `mirror.rs`).
+//!
+//! **Rules** (`store.rs` applies them):
+//! - only whole values go through the journal; a batch that writes the mirror any other way (a
+//!   hash stored by field, its fields, a put or delete of its own: a full sync's pages, a large
+//!   hash's updates) settles first, in its own `WriteBatch`, so an older journaled value can
+//!   never be applied over a newer direct write;
+//! - a scan of the mirror, and a rollback of an open unit, settle first: they read (or write)
+//!   the family alone;
+//! - memory: pending values are slices of their records, so what the journal holds is bounded
+//!   by its size (plus one batch's record);
+//! - one writer at a time ([`Journal::writer`]): records are written and applied in seq order,
+//!   and a settle deletes only records whose entries it wrote. A reader takes the pending lock
+//!   only to look up; a settle writes the family before it forgets the entries it wrote (and
+//!   not those journaled since), so a key that is not pending is in the family, as new.
+
+use std::ops::Range;
+use std::sync::{Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+use super::codec::{DecodeError, Decoder, Encoder};
+use super::mirror::{mirror_key_into, KeyRef, MirrorEntries};
+
+/// The bytes of records the journal holds before it is settled (and about what its pending
+/// values take in memory). Measured with `scripts/bench-capture.sh` (docs/benchmarks.md).
+pub(super) const JOURNAL_BYTES: u64 = 32 << 20;
+
+/// The newest journaled value of a key: the `mirror` encoding (`None`: deleted), and the
+/// record it came from.
+struct PendingEntry {
+    value: Option<Bytes>,
+    seq: u64,
+}
+
+#[derive(Default)]
+struct Pending {
+    entries: hashbrown::HashMap<(u32, Bytes), PendingEntry, ahash::RandomState>,
+    /// The newest record applied to `entries` (0: none).
+    applied: u64,
+    /// The seq the next record gets.
+    next_seq: u64,
+    /// Bytes of the records applied and not settled.
+    bytes: u64,
+}
+
+/// A key of a record, with where its value lies in the record (`None`: deleted).
+type RecordEntry = ((u32, Bytes), Option<Range<usize>>);
+
+/// A record written (or about to be), with where each entry's value lies in it.
+pub(super) struct Record {
+    seq: u64,
+    blob: Bytes,
+    entries: Vec<RecordEntry>,
+}
+
+impl Record {
+    pub(super) fn key(&self) -> [u8; 8] {
+        self.seq.to_be_bytes()
+    }
+    pub(super) fn bytes(&self) -> &[u8] {
+        &self.blob
+    }
+}
+
+/// What a settle wrote: each key with the record of the value it wrote, and the bytes of the
+/// records it deleted.
+pub(super) struct Settled {
+    keys: Vec<((u32, Bytes), u64)>,
+    bytes: u64,
+}
+
+/// The journal's state in memory (see the module doc).
+pub(super) struct Journal {
+    pending: Mutex<Pending>,
+    writer: Mutex<()>,
+    limit: u64,
+}
+
+impl Default for Journal {
+    fn default() -> Self {
+        Journal {
+            pending: Mutex::new(Pending {
+                next_seq: 1,
+                ..Default::default()
+            }),
+            writer: Mutex::new(()),
+            limit: JOURNAL_BYTES,
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Each critical section leaves the state whole: a panic elsewhere does not poison it.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Journal {
+    /// Held by whatever writes mirror data (records, settles, direct writes), for the whole
+    /// write.
+    pub(super) fn writer(&self) -> MutexGuard<'_, ()> {
+        lock(&self.writer)
+    }
+
+    /// The newest journaled value of `key`: `Some(None)` when it was deleted, `None` when the
+    /// `mirror` family holds what there is.
+    pub(super) fn get(&self, db: u32, key: &[u8]) -> Option<Option<Bytes>> {
+        lock(&self.pending)
+            .entries
+            .get(&KeyRef { db, key })
+            .map(|entry| entry.value.clone())
+    }
+
+    /// Whether there is anything to settle.
+    pub(super) fn has_pending(&self) -> bool {
+        !lock(&self.pending).entries.is_empty()
+    }
+
+    /// Whether the records not settled pass the journal's size.
+    pub(super) fn is_due(&self) -> bool {
+        lock(&self.pending).bytes > self.limit
+    }
+
+    /// Bytes of records applied and not settled (about what the pending values take).
+    pub(super) fn pending_bytes(&self) -> u64 {
+        lock(&self.pending).bytes
+    }
+
+    /// Encodes `entries` as the next record (written by the caller, then [`Journal::applied`]).
+    pub(super) fn record(&self, entries: &MirrorEntries) -> Record {
+        let seq = {
+            let mut pending = lock(&self.pending);
+            pending.next_seq += 1;
+            pending.next_seq - 1
+        };
+        let size: usize = entries.iter().map(|((_, key), _)| key.len() + 160).sum();
+        let mut out = Encoder {
+            out: Vec::with_capacity(size + 4),
+        };
+        out.u32(entries.len() as u32);
+        let mut ranges = Vec::with_capacity(entries.len());
+        let mut value = Vec::new();
+        for ((db, key), entry) in entries {
+            out.u32(*db).bytes(key);
+            let range = match entry {
+                Some(entry) => {
+                    debug_assert!(
+                        !entry.fields.stored_by_field(),
+                        "journaled values are whole"
+                    );
+                    entry.encode_into(&mut value);
+                    out.u8(1).bytes(&value);
+                    Some(out.out.len() - value.len()..out.out.len())
+                }
+                None => {
+                    out.u8(0);
+                    None
+                }
+            };
+            ranges.push(((*db, key.clone()), range));
+        }
+        Record {
+            seq,
+            blob: Bytes::from(out.finish()),
+            entries: ranges,
+        }
+    }
+
+    /// The record was written: its entries become the newest values of their keys.
+    pub(super) fn applied(&self, record: Record) {
+        let mut pending = lock(&self.pending);
+        let Record { seq, blob, entries } = record;
+        for (key, range) in entries {
+            let value = range.map(|range| blob.slice(range));
+            pending.entries.insert(key, PendingEntry { value, seq });
+        }
+        pending.applied = pending.applied.max(seq);
+        pending.next_seq = pending.next_seq.max(seq + 1);
+        pending.bytes += blob.len() as u64;
+    }
+
+    /// Adds a settle to `write`: every pending value put into (or deleted from) `mirror` in
+    /// key order, and the records deleted. `None`: nothing to settle.
+    pub(super) fn settle_into(
+        &self,
+        write: &mut rocksdb::WriteBatch,
+        (mirror, journal): (&rocksdb::ColumnFamily, &rocksdb::ColumnFamily),
+    ) -> Option<Settled> {
+        let (mut values, through, bytes) = {
+            let pending = lock(&self.pending);
+            if pending.entries.is_empty() {
+                return None;
+            }
+            let values: Vec<_> = pending
+                .entries
+                .iter()
+                .map(|(key, entry)| (key.clone(), entry.value.clone(), entry.seq))
+                .collect();
+            (values, pending.applied, pending.bytes)
+        };
+        // In key order, consecutive inserts walk mostly the same nodes of the memtable.
+        values.sort_unstable_by(|(a, ..), (b, ..)| a.cmp(b));
+        let mut mirror_key = Vec::new();
+        let mut keys = Vec::with_capacity(values.len());
+        for ((db, key), value, seq) in values {
+            mirror_key_into(db, &key, &mut mirror_key);
+            match value {
+                Some(value) => write.put_cf(mirror, &mirror_key, &value),
+                None => write.delete_cf(mirror, &mirror_key),
+            }
+            keys.push(((db, key), seq));
+        }
+        write.delete_range_cf(journal, 0u64.to_be_bytes(), (through + 1).to_be_bytes());
+        Some(Settled { keys, bytes })
+    }
+
+    /// The settle was written: the entries it wrote are forgotten (unless journaled again
+    /// since).
+    pub(super) fn settled(&self, settled: Settled) {
+        let mut pending = lock(&self.pending);
+        for (key, seq) in settled.keys {
+            if let hashbrown::hash_map::Entry::Occupied(entry) = pending.entries.entry(key) {
+                if entry.get().seq == seq {
+                    entry.remove();
+                }
+            }
+        }
+        pending.bytes = pending.bytes.saturating_sub(settled.bytes);
+    }
+
+    /// Decodes a record read back from the journal (opening the buffer).
+    pub(super) fn decode(seq: u64, raw: &[u8]) -> Result<Record, DecodeError> {
+        let blob = Bytes::copy_from_slice(raw);
+        let mut d = Decoder::new(&blob, "mirror journal record");
+        let count = d.u32()?;
+        let mut entries = Vec::new();
+        for _ in 0..count {
+            let db = d.u32()?;
+            let key = d.bytes()?;
+            let range = match d.flag()? {
+                true => Some(d.bytes_range()?),
+                false => None,
+            };
+            entries.push(((db, key), range));
+        }
+        d.end()?;
+        Ok(Record { seq, blob, entries })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::{Batch, MirrorValue, Store};
+
+    fn entries(list: &[(&str, Option<u64>)]) -> MirrorEntries {
+        list.iter()
+            .map(|(key, generation)| {
+                let value = generation.map(MirrorValue::hash);
+                ((0, Bytes::copy_from_slice(key.as_bytes())), value)
+            })
+            .collect()
+    }
+
+    fn stored_generation(store: &Store, key: &str) -> Option<u64> {
+        Some(store.mirror(0, key.as_bytes()).unwrap()?.generation)
+    }
+
+    fn journal_batch(list: &[(&str, Option<u64>)]) -> Batch {
+        let mut batch = Batch::default();
+        batch.put_mirror_entries(std::sync::Arc::new(entries(list)));
+        batch
+    }
+
+    /// The invariant of the module doc across restarts: what was journaled is read back, and
+    /// a value written to the family directly is never overwritten by an older journaled one.
+    #[test]
+    fn journaled_values_are_read_survive_a_restart_and_never_land_over_a_newer_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .write(journal_batch(&[("a", Some(1)), ("b", Some(1))]), true)
+            .unwrap();
+        assert_eq!(stored_generation(&store, "a"), Some(1));
+        let family = store.cf(super::super::CF_MIRROR).unwrap();
+        assert_eq!(
+            store.db.get_cf(family, b"\0\0\0\0a").unwrap(),
+            None,
+            "journaled"
+        );
+        let mut direct = Batch::default();
+        direct.put_mirror(0, b"a", &MirrorValue::hash(2));
+        store.write(direct, true).unwrap();
+        assert_eq!(stored_generation(&store, "a"), Some(2));
+        drop(store);
+
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            stored_generation(&store, "a"),
+            Some(2),
+            "not the journaled 1"
+        );
+        assert_eq!(stored_generation(&store, "b"), Some(1));
+        store
+            .write(journal_batch(&[("a", Some(3)), ("b", None)]), true)
+            .unwrap();
+        drop(store);
+
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(stored_generation(&store, "a"), Some(3));
+        assert_eq!(stored_generation(&store, "b"), None);
+        assert_eq!(store.mirror_whole(0, b"a").unwrap().unwrap().generation, 3);
+        let page = store
+            .mirror_scan(None, &crate::buffer::MirrorCursor::default(), 10)
+            .unwrap();
+        let scanned: Vec<_> = page
+            .entries
+            .iter()
+            .map(|(_, k, v)| (k.clone(), v.generation))
+            .collect();
+        assert_eq!(
+            scanned,
+            vec![(Bytes::from_static(b"a"), 3)],
+            "a scan settles first"
+        );
+        assert_eq!(store.journal.pending_bytes(), 0);
+    }
+
+    #[test]
+    fn past_its_size_the_journal_is_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        store.journal.limit = 200;
+        store.write(journal_batch(&[("a", Some(1))]), true).unwrap();
+        assert!(store.journal.has_pending(), "under its size");
+        let many: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+        let list: Vec<_> = many.iter().map(|k| (k.as_str(), Some(2))).collect();
+        store.write(journal_batch(&list), true).unwrap();
+        assert!(!store.journal.has_pending());
+        assert_eq!(store.journal.pending_bytes(), 0);
+        let records = store.cf(super::super::CF_JOURNAL).unwrap();
+        assert_eq!(
+            store
+                .db
+                .iterator_cf(records, rocksdb::IteratorMode::Start)
+                .count(),
+            0
+        );
+        assert_eq!(stored_generation(&store, "a"), Some(1));
+        assert_eq!(stored_generation(&store, "k9"), Some(2));
+    }
+
+    fn generation(journal: &Journal, key: &str) -> Option<Option<u64>> {
+        let value = journal.get(0, key.as_bytes())?;
+        Some(value.map(|raw| MirrorValue::decode(&raw).unwrap().generation))
+    }
+
+    #[test]
+    fn the_newest_value_of_each_key_is_pending_and_a_record_reads_back_as_written() {
+        let journal = Journal::default();
+        let first = journal.record(&entries(&[("a", Some(1)), ("b", Some(1))]));
+        let again = Journal::decode(first.seq, first.bytes()).unwrap();
+        journal.applied(again);
+        journal.applied(journal.record(&entries(&[("a", Some(2)), ("b", None)])));
+        assert_eq!(generation(&journal, "a"), Some(Some(2)));
+        assert_eq!(generation(&journal, "b"), Some(None), "deleted");
+        assert_eq!(generation(&journal, "c"), None, "never journaled");
+        assert!(journal.pending_bytes() > 0);
+    }
+
+    #[test]
+    fn a_settle_forgets_only_what_it_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = rocksdb::Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        let db = rocksdb::DB::open_cf(&options, dir.path(), ["m", "j"]).unwrap();
+        let (mirror, records) = (db.cf_handle("m").unwrap(), db.cf_handle("j").unwrap());
+        let journal = Journal::default();
+        let record = journal.record(&entries(&[("a", Some(1)), ("b", Some(1))]));
+        db.put_cf(records, record.key(), record.bytes()).unwrap();
+        journal.applied(record);
+        let mut write = rocksdb::WriteBatch::default();
+        let settled = journal.settle_into(&mut write, (mirror, records)).unwrap();
+        // Journaled between the settle's reading and its end: stays pending.
+        let later = journal.record(&entries(&[("a", Some(3))]));
+        db.put_cf(records, later.key(), later.bytes()).unwrap();
+        journal.applied(later);
+        db.write(write).unwrap();
+        journal.settled(settled);
+        assert_eq!(generation(&journal, "a"), Some(Some(3)));
+        assert_eq!(generation(&journal, "b"), None, "written to the family");
+        let b = db.get_cf(mirror, [0, 0, 0, 0, b'b']).unwrap().unwrap();
+        assert_eq!(MirrorValue::decode(&b).unwrap().generation, 1);
+        let left: Vec<_> = db
+            .iterator_cf(records, rocksdb::IteratorMode::Start)
+            .map(|item| item.unwrap().0.to_vec())
+            .collect();
+        assert_eq!(
+            left,
+            vec![2u64.to_be_bytes().to_vec()],
+            "the later record stays"
+        );
+        let mut write = rocksdb::WriteBatch::default();
+        assert!(journal.settle_into(&mut write, (mirror, records)).is_some());
+    }
+
+    #[test]
+    fn a_damaged_record_is_an_error_naming_where() {
+        let journal = Journal::default();
+        let record = journal.record(&entries(&[("a", Some(1))]));
+        let cut = &record.bytes()[..record.bytes().len() - 3];
+        let error = Journal::decode(1, cut).err().unwrap();
+        assert_eq!(error.what, "mirror journal record");
+        assert!(Journal::decode(1, &[0, 0, 0, 1, 0]).is_err());
+    }
+}
