@@ -209,12 +209,17 @@ impl Fields {
         if let Repr::Window(w) = &self.0 {
             return w.heap_bytes(FIELD_OVERHEAD, MAP_NODE, FIELDS_PER_NODE);
         }
-        let contents: u64 = self
-            .iter()
-            .map(|(f, v)| f.len() as u64 + v.value.len() as u64 + FIELD_OVERHEAD)
-            .sum();
+        let weigh =
+            |(f, v): (&Bytes, &FieldValue)| f.len() as u64 + v.value.len() as u64 + FIELD_OVERHEAD;
+        // The few fields of a row directly, not through the iterator of every representation
+        // (weighing each value cached was 3% of capture's thread).
+        if let Repr::Small(v) = &self.0 {
+            let contents: u64 = v.iter().map(|(f, v)| weigh((f, v))).sum();
+            return contents + (v.capacity() - v.len()) as u64 * 80;
+        }
+        let contents: u64 = self.iter().map(weigh).sum();
         match &self.0 {
-            Repr::Small(v) => contents + (v.capacity() - v.len()) as u64 * 80,
+            Repr::Small(_) => contents,
             Repr::Large(m) => contents + (m.len() as u64).div_ceil(FIELDS_PER_NODE) * MAP_NODE,
             Repr::Window(_) => contents,
         }

@@ -85,13 +85,14 @@ impl<'m> FieldChanges<'m> {
     }
 
     /// To be called before `field` changes its value or presence; `old` is what it holds.
-    fn changing(&mut self, field: &[u8], old: Option<&FieldValue>) {
+    /// Returns the mapping's own copy of the name when the field is mapped.
+    fn changing(&mut self, field: &[u8], old: Option<&FieldValue>) -> Option<&'m Bytes> {
         self.any = true;
-        if let Some(column) = self.mapping.column_of(field) {
-            if !self.saved.iter().any(|(c, _)| *c == column) {
-                self.saved.push((column, old.map(|f| f.value.clone())));
-            }
+        let column = self.mapping.column_of(field)?;
+        if !self.saved.iter().any(|(c, _)| *c == column) {
+            self.saved.push((column, old.map(|f| f.value.clone())));
         }
+        Some(&self.mapping.columns[column].0)
     }
 
     /// Whether a mapped value differs between before the write and `fields`.
@@ -136,10 +137,16 @@ fn set_fields(
                     FieldTtl::Clear | FieldTtl::Keep => None,
                     FieldTtl::At(at) => Some(at),
                 };
-                changes.changing(field, None);
+                // A mapped field's name is shared with the mapping (every hash of the mapping
+                // then compares its names in the same, cached, bytes: looking a field up among
+                // names each in an allocation of its own was 7% of capture's thread).
+                let name = match changes.changing(field, None) {
+                    Some(shared) => shared.clone(),
+                    None => owned(field),
+                };
                 let value = owned(value);
                 fields.insert(
-                    owned(field),
+                    name,
                     FieldValue {
                         value,
                         expire_at_ms,
@@ -214,13 +221,13 @@ impl Applier<'_> {
                     self.update_hash(ws, (db, key, write), command, out, |fields, changes| {
                         let current = fields.get(field).and_then(|v| parse_i64(&v.value));
                         let value = Bytes::from(current.unwrap_or(0).wrapping_add(*by).to_string());
-                        changes.changing(field, fields.get(field));
+                        let shared = changes.changing(field, fields.get(field));
                         match fields.get_mut(field) {
                             Some(old) => old.value = value,
                             None => {
                                 let expire_at_ms = None;
                                 fields.insert(
-                                    owned(field),
+                                    shared.cloned().unwrap_or_else(|| owned(field)),
                                     FieldValue {
                                         value,
                                         expire_at_ms,

@@ -31,7 +31,7 @@ use crate::buffer::{KeyRef, MirrorValue};
 /// "64 MB" cache take 160 MB and more (scripts/soak.sh).
 const ENTRY_OVERHEAD: u64 = 160;
 
-type Key = (u32, Bytes);
+pub type Key = (u32, Bytes);
 type Value = Option<MirrorValue>;
 
 /// A cached value with its weight, computed once when it goes in: the cache weighs an entry
@@ -98,12 +98,13 @@ impl MirrorCache {
         Some(Some(weighed.value.clone()))
     }
 
-    /// The mirrored state of a key as of the last commit, moved out of the cache, when cached;
-    /// it goes back in with the batch that took it ([`MirrorCache::insert_committed`]).
-    pub fn take(&self, db: u32, key: &[u8]) -> Option<Value> {
+    /// The mirrored state of a key as of the last commit, moved out of the cache with its
+    /// owned key (which the batch keeps rather than allocating another), when cached; it goes
+    /// back in with the batch that took it ([`MirrorCache::insert_committed`]).
+    pub fn take(&self, db: u32, key: &[u8]) -> Option<(Key, Value)> {
         self.lock()?
             .remove(&KeyRef { db, key })
-            .map(|(_, weighed)| Some(weighed.value))
+            .map(|(key, weighed)| (key, Some(weighed.value)))
     }
 
     /// Records the state of keys as of a commit that succeeded. A key that does not exist is
@@ -174,7 +175,10 @@ mod tests {
         ]);
         assert_eq!(cache.get(0, &a), Some(Some(hash(&[("f", "v")]))));
         assert_eq!(cache.get(1, &a), None, "another database is another key");
-        assert_eq!(cache.take(0, &a), Some(Some(hash(&[("f", "v")]))));
+        assert_eq!(
+            cache.take(0, &a),
+            Some(((0, a.clone()), Some(hash(&[("f", "v")]))))
+        );
         assert_eq!(
             cache.get(0, &a),
             None,

@@ -10,7 +10,8 @@ use hashbrown::hash_map::EntryRef;
 use super::mirror_cache::MirrorCache;
 use crate::buffer::{Batch, KeyRef, MirrorEntries, MirrorValue, Store, StoreError};
 
-type LoadResult = Result<Option<MirrorValue>, StoreError>;
+/// A loaded value, with its owned key when it came from the cache.
+type LoadResult = Result<(Option<(u32, Bytes)>, Option<MirrorValue>), StoreError>;
 
 /// The mirror entries a batch changed, keyed by database and key.
 pub type Entries = MirrorEntries;
@@ -133,8 +134,8 @@ impl WorkingSet {
         }
     }
 
-    /// The mirrored value of `key`: from the batch in flight, else the cache (moved out of it
-    /// when `take`, copied otherwise), else RocksDB.
+    /// The mirrored value of `key`: from the batch in flight, else the cache (moved out of it,
+    /// with its owned key, when `take`; copied otherwise), else RocksDB.
     fn load_mirror(store: &Store, view: &MirrorView, key: KeyRef, take: bool) -> LoadResult {
         if let Some(value) = view.in_flight.as_ref().and_then(|e| e.get(&key)) {
             let mut value = value.clone();
@@ -142,15 +143,18 @@ impl WorkingSet {
             if let Some(window) = value.as_mut().and_then(|v| v.fields.window_mut()) {
                 window.settle();
             }
-            return Ok(value);
+            return Ok((None, value));
         }
         let cached = match take {
-            true => view.cache.take(key.db, key.key),
-            false => view.cache.get(key.db, key.key),
+            true => view
+                .cache
+                .take(key.db, key.key)
+                .map(|(owned, value)| (Some(owned), value)),
+            false => view.cache.get(key.db, key.key).map(|value| (None, value)),
         };
         match cached {
-            Some(value) => Ok(value),
-            None => store.mirror(key.db, key.key),
+            Some((owned, value)) => Ok((owned, value)),
+            None => Ok((None, store.mirror(key.db, key.key)?)),
         }
     }
 
@@ -160,21 +164,24 @@ impl WorkingSet {
         match self.slots.entry_ref(&id) {
             EntryRef::Occupied(slot) => Ok(slot.into_mut()),
             EntryRef::Vacant(vacant) => {
-                let value = match raw {
+                let (owned, value) = match raw {
                     true => match store.raw(db, key)? {
-                        Some(value) => Some(value),
+                        Some(value) => (None, Some(value)),
                         // The mirror is only read here: it is not this set's to put back. A
                         // raw state is whole.
-                        None => match Self::load_mirror(store, view, id, false)? {
-                            Some(value) => Some(store.whole(db, key, value)?),
-                            None => None,
+                        None => match Self::load_mirror(store, view, id, false)?.1 {
+                            Some(value) => (None, Some(store.whole(db, key, value)?)),
+                            None => (None, None),
                         },
                     },
                     false => Self::load_mirror(store, view, id, true)?,
                 };
                 // The key goes in as its own allocation (see `apply::owned`): it goes to the
-                // cache.
-                Ok(vacant.insert(Slot::loaded(value)))
+                // cache. One taken from the cache is one already.
+                Ok(match owned {
+                    Some(owned) => vacant.insert_with_key(owned, Slot::loaded(value)),
+                    None => vacant.insert(Slot::loaded(value)),
+                })
             }
         }
     }
