@@ -44,13 +44,12 @@ pub struct Change {
 impl Change {
     pub(super) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        self.encode_into(&mut out);
+        self.append_to(&mut out);
         out
     }
 
-    /// Encodes into `out` (emptied first), so that a batch of changes reuses one buffer.
-    pub(super) fn encode_into(&self, out: &mut Vec<u8>) {
-        out.clear();
+    /// Encodes at the end of `out`.
+    pub(super) fn append_to(&self, out: &mut Vec<u8>) {
         let mut e = Encoder {
             out: std::mem::take(out),
         };

@@ -110,7 +110,7 @@ impl Batch {
     pub(super) fn first_unit_seq(&self) -> Option<ChangeSeq> {
         self.ops.iter().find_map(|op| match op {
             Op::PutChange(seq, _) => Some(*seq),
-            Op::Changes(changes) => changes.first().map(|c| c.unit.min(c.seq)),
+            Op::Changes(changes) => changes.first_unit,
             _ => None,
         })
     }

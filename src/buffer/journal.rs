@@ -66,8 +66,11 @@ struct Pending {
     bytes: u64,
 }
 
-/// A key of a record, with where its value lies in the record (`None`: deleted).
-type RecordEntry = ((u32, Bytes), Option<Range<usize>>);
+/// A key of a record: its database, where its name and its value lie in the record (`None`:
+/// deleted). Pending keys and values are slices of their record, never the batch's own
+/// `Bytes`: those are shared with capture's thread, and counting their references from the
+/// committer's too cost more than the whole journal (docs/benchmarks.md).
+type RecordEntry = (u32, Range<usize>, Option<Range<usize>>);
 
 /// A record written (or about to be), with where each entry's value lies in it.
 pub(super) struct Record {
@@ -165,7 +168,10 @@ impl Journal {
         let mut ranges = Vec::with_capacity(entries.len());
         let mut value = Vec::new();
         for ((db, key), entry) in entries {
-            out.u32(*db).bytes(key);
+            out.u32(*db);
+            let start = out.out.len() + 4;
+            out.bytes(key);
+            let name = start..out.out.len();
             let range = match entry {
                 Some(entry) => {
                     debug_assert!(
@@ -181,7 +187,7 @@ impl Journal {
                     None
                 }
             };
-            ranges.push(((*db, key.clone()), range));
+            ranges.push((*db, name, range));
         }
         Record {
             seq,
@@ -194,8 +200,9 @@ impl Journal {
     pub(super) fn applied(&self, record: Record) {
         let mut pending = lock(&self.pending);
         let Record { seq, blob, entries } = record;
-        for (key, range) in entries {
+        for (db, name, range) in entries {
             let value = range.map(|range| blob.slice(range));
+            let key = (db, blob.slice(name));
             pending.entries.insert(key, PendingEntry { value, seq });
         }
         pending.applied = pending.applied.max(seq);
@@ -260,12 +267,12 @@ impl Journal {
         let mut entries = Vec::new();
         for _ in 0..count {
             let db = d.u32()?;
-            let key = d.bytes()?;
+            let name = d.bytes_range()?;
             let range = match d.flag()? {
                 true => Some(d.bytes_range()?),
                 false => None,
             };
-            entries.push(((db, key), range));
+            entries.push((db, name, range));
         }
         d.end()?;
         Ok(Record { seq, blob, entries })

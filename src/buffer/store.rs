@@ -575,11 +575,9 @@ impl Store {
             Op::PutFields(db, key, page) => put_fields(write, fields, (db, &key), &page),
             Op::DeleteMirror(k) => write.delete_cf(mirror, k),
             Op::PutChange(seq, v) => write.put_cf(changes, seq.key(), v),
-            Op::Changes(list) => {
-                let mut value = Vec::new();
-                for change in &list {
-                    change.encode_into(&mut value);
-                    write.put_cf(changes, change.seq.key(), &value);
+            Op::Changes(encoded) => {
+                for (seq, value) in encoded.iter() {
+                    write.put_cf(changes, seq.key(), value);
                 }
             }
             Op::PutMeta(k, v) => write.put_cf(meta, k, v),
