@@ -230,16 +230,30 @@ impl Fields {
 /// a row (no unpredictable branches), a binary search beyond.
 fn find(fields: &[(Bytes, FieldValue)], name: &[u8]) -> Result<usize, usize> {
     if fields.len() > 8 {
-        return fields.binary_search_by(|(f, _)| f.as_ref().cmp(name));
+        return fields.binary_search_by(|(f, _)| compare(f, name));
     }
     for (i, (f, _)) in fields.iter().enumerate() {
-        match f.as_ref().cmp(name) {
+        match compare(f, name) {
             std::cmp::Ordering::Less => continue,
             std::cmp::Ordering::Equal => return Ok(i),
             std::cmp::Ordering::Greater => return Err(i),
         }
     }
     Err(fields.len())
+}
+
+/// `stored` against `name`, in byte order. The names of a row mostly differ in their first
+/// byte, and a mapped name is often looked up by the mapping's own bytes, which the stored name
+/// shares (`capture::apply`): both are answered without calling `memcmp` (field lookups were 8%
+/// of capture's thread, half of it in `memcmp`).
+fn compare(stored: &Bytes, name: &[u8]) -> std::cmp::Ordering {
+    if stored.as_ptr() == name.as_ptr() && stored.len() == name.len() {
+        return std::cmp::Ordering::Equal;
+    }
+    match (stored.first(), name.first()) {
+        (Some(a), Some(b)) if a != b => a.cmp(b),
+        _ => stored.as_ref().cmp(name),
+    }
 }
 
 /// Fields in name order.
@@ -318,6 +332,24 @@ mod tests {
         FieldValue {
             value: Bytes::copy_from_slice(v.as_bytes()),
             expire_at_ms: None,
+        }
+    }
+
+    /// The shortcuts of `compare` give byte order, as a slice comparison does.
+    #[test]
+    fn names_compare_in_byte_order() {
+        let names: Vec<Bytes> = [
+            "", "a", "ab", "abc", "b", "ba", "\u{0}", "\u{ff}", "age", "agE",
+        ]
+        .iter()
+        .map(|n| Bytes::copy_from_slice(n.as_bytes()))
+        .collect();
+        for stored in &names {
+            for name in &names {
+                let copy = name.to_vec();
+                assert_eq!(compare(stored, &copy), stored.as_ref().cmp(&copy[..]));
+                assert_eq!(compare(stored, name), stored.as_ref().cmp(name.as_ref()));
+            }
         }
     }
 
