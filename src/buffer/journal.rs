@@ -12,7 +12,7 @@
 //! Records have sequential keys: one cheap insert per batch. The entries are also held in
 //! memory, the newest per key (`Pending`), and every point read of the mirror looks there
 //! before the `mirror` family. Once the records not yet settled pass the journal's size
-//! ([`Journal::limit`]), the journal is **settled**: the newest value of every pending key is
+//! ([`Journal::limit`]), the next write first **settles** the journal: the newest value of every pending key is
 //! put into `mirror`, in key order, once however often it was written, and the records are
 //! deleted, in one `WriteBatch`. Invariant: **the `mirror` family with the journal's records
 //! applied over it in order is the mirror**; a crash at any point leaves that true (a settle
@@ -25,12 +25,21 @@
 //! **Rules** (`store.rs` applies them):
 //! - only whole values go through the journal; a batch that writes the mirror any other way (a
 //!   hash stored by field, its fields, a put or delete of its own: a full sync's pages, a large
-//!   hash's updates) settles first, in its own `WriteBatch`, so an older journaled value can
-//!   never be applied over a newer direct write;
+//!   hash's updates) settles first, by a write of its own, so an older journaled value can
+//!   never be applied over a newer direct write (and readers find the same values throughout);
+//! - a record's entries become readable **before** its write, never after: a reader must not
+//!   find a batch's raw states, changes or checkpoint with the mirror from before it (the
+//!   write-back task completes a `#` op only when the raw state and the mirror say so; a
+//!   mirror ahead of the raw state makes the completion's compare-and-set fail, a mirror
+//!   behind it would complete with the old value). A write that fails puts back what the
+//!   record replaced;
 //! - a scan of the mirror, and a rollback of an open unit, settle first: they read (or write)
 //!   the family alone;
-//! - memory: pending values are slices of their records, so what the journal holds is bounded
-//!   by its size (plus one batch's record);
+//! - memory: pending keys and values are slices of their records; what the journal counts
+//!   against its size is each record's allocation and a slot per entry, so what it holds is
+//!   bounded by its size plus one batch's record; the map's table is given back once a settle
+//!   leaves it mostly empty;
+//! - a scan settles on every page: during a reconcile (rare) the journal writes through;
 //! - one writer at a time ([`Journal::writer`]): records are written and applied in seq order,
 //!   and a settle deletes only records whose entries it wrote. A reader takes the pending lock
 //!   only to look up; a settle writes the family before it forgets the entries it wrote (and
@@ -77,6 +86,19 @@ pub(super) struct Record {
     seq: u64,
     blob: Bytes,
     entries: Vec<RecordEntry>,
+    /// What it holds in memory once applied: its allocation and its entries' slots.
+    size: u64,
+}
+
+/// Memory a pending entry takes besides its record's bytes: its slot in the map (key, value,
+/// seq, control byte) and the map's spare room.
+const ENTRY_BYTES: u64 = 96;
+
+/// What applying a record replaced, to put back when its write fails.
+pub(super) struct Undo {
+    replaced: Vec<((u32, Bytes), Option<PendingEntry>)>,
+    applied: u64,
+    size: u64,
 }
 
 impl Record {
@@ -160,9 +182,8 @@ impl Journal {
             pending.next_seq += 1;
             pending.next_seq - 1
         };
-        let size: usize = entries.iter().map(|((_, key), _)| key.len() + 160).sum();
         let mut out = Encoder {
-            out: Vec::with_capacity(size + 4),
+            out: Vec::with_capacity(entries.len() * 64 + 4),
         };
         out.u32(entries.len() as u32);
         let mut ranges = Vec::with_capacity(entries.len());
@@ -189,25 +210,68 @@ impl Journal {
             };
             ranges.push((*db, name, range));
         }
+        let mut blob = out.finish();
+        if blob.capacity() > blob.len() + blob.len() / 4 {
+            blob.shrink_to_fit();
+        }
+        // The allocation is what stays in memory (`Bytes` keeps all of it).
+        let size = blob.capacity() as u64 + ranges.len() as u64 * ENTRY_BYTES;
         Record {
             seq,
-            blob: Bytes::from(out.finish()),
+            blob: Bytes::from(blob),
             entries: ranges,
+            size,
         }
     }
 
-    /// The record was written: its entries become the newest values of their keys.
+    /// Its entries become the newest values of their keys (replaying the journal).
     pub(super) fn applied(&self, record: Record) {
+        drop(self.apply(record));
+    }
+
+    /// Its entries become the newest values of their keys, before its write: a reader must
+    /// never find a batch's raw states, changes or checkpoint with the mirror from before it
+    /// (the write-back task completes `#` ops by comparing the raw state with the mirror). The
+    /// caller holds [`Journal::writer`] and undoes this when the write fails.
+    pub(super) fn apply(&self, record: Record) -> Undo {
         let mut pending = lock(&self.pending);
-        let Record { seq, blob, entries } = record;
+        let Record {
+            seq,
+            blob,
+            entries,
+            size,
+        } = record;
+        let mut replaced = Vec::with_capacity(entries.len());
         for (db, name, range) in entries {
             let value = range.map(|range| blob.slice(range));
             let key = (db, blob.slice(name));
-            pending.entries.insert(key, PendingEntry { value, seq });
+            let before = pending
+                .entries
+                .insert(key.clone(), PendingEntry { value, seq });
+            replaced.push((key, before));
         }
+        let undo = Undo {
+            replaced,
+            applied: pending.applied,
+            size,
+        };
         pending.applied = pending.applied.max(seq);
         pending.next_seq = pending.next_seq.max(seq + 1);
-        pending.bytes += blob.len() as u64;
+        pending.bytes += size;
+        undo
+    }
+
+    /// The record applied with `undo` was not written: the values before it come back.
+    pub(super) fn undo(&self, undo: Undo) {
+        let mut pending = lock(&self.pending);
+        for (key, before) in undo.replaced.into_iter().rev() {
+            match before {
+                Some(entry) => pending.entries.insert(key, entry),
+                None => pending.entries.remove(&key),
+            };
+        }
+        pending.applied = undo.applied;
+        pending.bytes = pending.bytes.saturating_sub(undo.size);
     }
 
     /// Adds a settle to `write`: every pending value put into (or deleted from) `mirror` in
@@ -257,6 +321,12 @@ impl Journal {
             }
         }
         pending.bytes = pending.bytes.saturating_sub(settled.bytes);
+        // A settle after a large batch (a flush of many keys) leaves the map's table as large
+        // as it was: given back once mostly empty.
+        let (len, capacity) = (pending.entries.len(), pending.entries.capacity());
+        if capacity > 4096 && capacity > 4 * len {
+            pending.entries.shrink_to(len * 2);
+        }
     }
 
     /// Decodes a record read back from the journal (opening the buffer).
@@ -275,7 +345,13 @@ impl Journal {
             entries.push((db, name, range));
         }
         d.end()?;
-        Ok(Record { seq, blob, entries })
+        let size = blob.len() as u64 + entries.len() as u64 * ENTRY_BYTES;
+        Ok(Record {
+            seq,
+            blob,
+            entries,
+            size,
+        })
     }
 }
 
@@ -367,6 +443,13 @@ mod tests {
         let many: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
         let list: Vec<_> = many.iter().map(|k| (k.as_str(), Some(2))).collect();
         store.write(journal_batch(&list), true).unwrap();
+        assert!(
+            store.journal.is_due(),
+            "past its size: settled by the next write"
+        );
+        store.write(journal_batch(&[("b", Some(3))]), true).unwrap();
+        assert!(store.journal.has_pending(), "the next write's own record");
+        store.settle_mirror().unwrap();
         assert!(!store.journal.has_pending());
         assert_eq!(store.journal.pending_bytes(), 0);
         let records = store.cf(super::super::CF_JOURNAL).unwrap();
@@ -379,6 +462,7 @@ mod tests {
         );
         assert_eq!(stored_generation(&store, "a"), Some(1));
         assert_eq!(stored_generation(&store, "k9"), Some(2));
+        assert_eq!(stored_generation(&store, "b"), Some(3));
     }
 
     fn generation(journal: &Journal, key: &str) -> Option<Option<u64>> {
@@ -397,6 +481,24 @@ mod tests {
         assert_eq!(generation(&journal, "b"), Some(None), "deleted");
         assert_eq!(generation(&journal, "c"), None, "never journaled");
         assert!(journal.pending_bytes() > 0);
+    }
+
+    #[test]
+    fn a_record_whose_write_failed_is_undone() {
+        let journal = Journal::default();
+        journal.applied(journal.record(&entries(&[("a", Some(1))])));
+        let bytes = journal.pending_bytes();
+        let undo = journal.apply(journal.record(&entries(&[("a", Some(2)), ("b", None)])));
+        assert_eq!(
+            generation(&journal, "a"),
+            Some(Some(2)),
+            "visible before the write"
+        );
+        journal.undo(undo);
+        assert_eq!(generation(&journal, "a"), Some(Some(1)));
+        assert_eq!(generation(&journal, "b"), None);
+        assert_eq!(journal.pending_bytes(), bytes);
+        assert_eq!(lock(&journal.pending).applied, 1);
     }
 
     #[test]

@@ -515,14 +515,16 @@ impl Store {
     /// entries go to the journal, unless it writes the mirror some other way too (`journal.rs`).
     pub fn write(&self, batch: Batch, sync: bool) -> Result<(), StoreError> {
         let mode = batch.mirror_write();
-        let writer = (mode != MirrorWrite::None).then(|| self.journal.writer());
+        let _writer = (mode != MirrorWrite::None).then(|| self.journal.writer());
+        // Settled by a write of its own, before the batch (never after it: a write that fails
+        // must mean the batch was not written, and RocksDB is not written to again after a
+        // failed write): the family then holds what the journal held, readers find the same
+        // either way, and the batch lands whole after it.
+        if mode == MirrorWrite::Direct || (mode == MirrorWrite::Journal && self.journal.is_due()) {
+            self.settle_locked()?;
+        }
         let mut write = WriteBatch::default();
-        let (mirror, journal) = (self.cf(CF_MIRROR)?, self.cf(CF_JOURNAL)?);
-        // Settled in the same write, before the batch's own writes to the family.
-        let settled = match mode {
-            MirrorWrite::Direct => self.journal.settle_into(&mut write, (mirror, journal)),
-            _ => None,
-        };
+        let journal = self.cf(CF_JOURNAL)?;
         let mut records = Vec::new();
         for op in batch.ops {
             match op {
@@ -534,15 +536,10 @@ impl Store {
                 op => self.add_op(&mut write, op)?,
             }
         }
+        let undo: Vec<_> = records.into_iter().map(|r| self.journal.apply(r)).collect();
         let written = self.write_with_acks(write, batch.new_acks, sync);
-        if written.is_ok() {
-            records.into_iter().for_each(|r| self.journal.applied(r));
-            if let Some(settled) = settled {
-                self.journal.settled(settled);
-            }
-            if writer.is_some() && self.journal.is_due() {
-                self.settle_locked()?;
-            }
+        if written.is_err() {
+            undo.into_iter().rev().for_each(|u| self.journal.undo(u));
         }
         written
     }
