@@ -152,7 +152,9 @@ impl Service {
                 })?),
                 None => None,
             };
-        let store = Arc::new(Store::open(&config.buffer.path)?);
+        let mut store = Store::open(&config.buffer.path)?;
+        store.set_journal_bytes(config.buffer.mirror_journal_mb << 20);
+        let store = Arc::new(store);
         let mappings = Mappings::new(&config.mappings);
         let outputs = CaptureOutputs::default();
         let mut capture = Capture::new(
@@ -247,6 +249,7 @@ impl Service {
         std::thread::Builder::new()
             .name("writebehind-capture".into())
             .spawn(move || {
+                crate::buffer::stop_rocksdb_perf_counters();
                 let result = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

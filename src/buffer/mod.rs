@@ -89,9 +89,10 @@ pub use codec::DecodeError;
 pub use dead_letter::{DeadLetter, DeadLetterSummary};
 pub use fields::Fields;
 pub use footprint::StoreMemory;
+pub use journal::DEFAULT_JOURNAL_BYTES;
 pub use mirror::{FieldValue, KeyRef, MirrorEntries, MirrorKind, MirrorValue};
 pub use open_unit::OpenUnit;
-pub use store::{MirrorCursor, MirrorPage, Store};
+pub use store::{stop_rocksdb_perf_counters, MirrorCursor, MirrorPage, Store};
 pub use window::{Window, STORED_BY_FIELD};
 
 const FORMAT_VERSION: u32 = 2;

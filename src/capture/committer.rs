@@ -87,7 +87,10 @@ impl Committer {
         let (jobs, queue) = sync_channel::<Work>(1);
         let thread = std::thread::Builder::new()
             .name("writebehind-commit".into())
-            .spawn(move || write_jobs(queue, &store, &outputs, &durable))?;
+            .spawn(move || {
+                crate::buffer::stop_rocksdb_perf_counters();
+                write_jobs(queue, &store, &outputs, &durable)
+            })?;
         Ok(Committer {
             jobs: Some(jobs),
             thread: Some(thread),

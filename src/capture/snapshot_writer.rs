@@ -33,6 +33,7 @@ impl SnapshotWriter {
         let thread = std::thread::Builder::new()
             .name("writebehind-snapshot".into())
             .spawn(move || {
+                crate::buffer::stop_rocksdb_perf_counters();
                 for batch in queue {
                     store.write(batch, false)?;
                 }

@@ -191,6 +191,8 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // The sinks and the write-back task read the buffer on these threads.
+        .on_thread_start(crate::buffer::stop_rocksdb_perf_counters)
         .build()
     {
         Ok(runtime) => runtime,

@@ -89,6 +89,10 @@ pub struct BufferConfig {
     /// Megabytes of mirrored hashes capture keeps in memory in front of RocksDB (0: none).
     #[serde(default = "default_mirror_cache_mb")]
     pub mirror_cache_mb: u64,
+    /// Megabytes of mirror updates journaled before they are settled into RocksDB's mirror
+    /// (`src/buffer/journal.rs`): memory they hold until then; at least 1.
+    #[serde(default = "default_mirror_journal_mb")]
+    pub mirror_journal_mb: u64,
 }
 
 impl Default for BufferConfig {
@@ -96,6 +100,7 @@ impl Default for BufferConfig {
         BufferConfig {
             path: default_buffer_path(),
             mirror_cache_mb: default_mirror_cache_mb(),
+            mirror_journal_mb: default_mirror_journal_mb(),
         }
     }
 }
@@ -132,6 +137,10 @@ fn tls_problems(source: &SourceConfig) -> Vec<String> {
 
 fn default_mirror_cache_mb() -> u64 {
     128
+}
+
+fn default_mirror_journal_mb() -> u64 {
+    crate::buffer::DEFAULT_JOURNAL_BYTES >> 20
 }
 
 fn default_buffer_path() -> PathBuf {
@@ -436,6 +445,9 @@ impl Config {
         }
         if self.buffer.path.as_os_str().is_empty() {
             problems.push("[buffer] path: must not be empty".to_string());
+        }
+        if self.buffer.mirror_journal_mb == 0 {
+            problems.push("[buffer] mirror_journal_mb = 0: must be at least 1 (megabytes of mirror updates held before they are settled)".to_string());
         }
         if (1..16).contains(&self.replication.stream_spool_mb) {
             problems.push(format!(
@@ -770,6 +782,25 @@ color = "color"
             .0
             .iter()
             .any(|e| e.contains("overlap with mapping `PersonWriteBehind`")));
+    }
+
+    /// `[buffer] mirror_journal_mb`: 32 by default, at least 1.
+    #[test]
+    fn the_mirror_journal_is_at_least_1_mb() {
+        let config = Config::parse(EXAMPLE, &env).unwrap();
+        assert_eq!(config.buffer.mirror_journal_mb, 32);
+        let with = |mb: u64| {
+            let text = EXAMPLE.replacen(
+                "[buffer]",
+                &format!("[buffer]\nmirror_journal_mb = {mb}"),
+                1,
+            );
+            assert_ne!(text, EXAMPLE, "the example has a [buffer] section");
+            Config::parse(&text, &env)
+        };
+        assert_eq!(with(8).unwrap().buffer.mirror_journal_mb, 8);
+        let errors = with(0).err().unwrap().to_string();
+        assert!(errors.contains("mirror_journal_mb"), "{errors}");
     }
 
     /// `[replication] stream_spool_mb`: 1024 by default; 0 (never) or at least 16.
