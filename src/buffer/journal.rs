@@ -38,9 +38,9 @@
 //!   against its size is each record's allocation and the map's table, so what it holds is
 //!   bounded by its size plus one batch's record; the map's table is given back once a settle
 //!   leaves it mostly empty;
-//! - a scan settles first when a key at or after its start may be pending (the greatest pending
-//!   key is kept): a flush's pages, which delete in key order and scan past what they deleted,
-//!   settle nothing; during a reconcile (rare) most pages settle;
+//! - a scan of the mirror settles first, on every page: it reads the family alone (a flush's
+//!   pages then settle the page before's deletions; during a reconcile, rare, the journal
+//!   writes through);
 //! - one writer at a time ([`Journal::writer`]): records are written and applied in seq order,
 //!   and a settle deletes only records whose entries it wrote. A reader takes the pending lock
 //!   only to look up; a settle writes the family before it forgets the entries it wrote (and
@@ -80,10 +80,6 @@ struct Pending {
     next_seq: u64,
     /// Bytes of the records applied and not settled (their allocations).
     bytes: u64,
-    /// The greatest key pending, or a greater one (it is lowered only by a settle): a scan
-    /// that starts past it reads nothing pending (a flush deletes in key order, a page at a
-    /// time, each page's scan starting after the keys the page before deleted).
-    last: Option<(u32, Bytes)>,
 }
 
 /// A key of a record: its database, where its name and its value lie in the record (`None`:
@@ -179,13 +175,6 @@ impl Journal {
         !lock(&self.pending).entries.is_empty()
     }
 
-    /// Whether a key at or after `(db, key)` may be pending.
-    pub(super) fn pending_from(&self, db: u32, key: &[u8]) -> bool {
-        let pending = lock(&self.pending);
-        let last = pending.last.as_ref();
-        last.is_some_and(|(last_db, last_key)| (*last_db, last_key.as_ref()) >= (db, key))
-    }
-
     /// Whether what is pending passes the journal's size.
     pub(super) fn is_due(&self) -> bool {
         lock(&self.pending).memory() > self.limit
@@ -263,19 +252,14 @@ impl Journal {
             size,
         } = record;
         let mut replaced = Vec::with_capacity(entries.len());
-        let mut last = pending.last.take();
         for (db, name, range) in entries {
             let value = range.map(|range| blob.slice(range));
             let key = (db, blob.slice(name));
-            if last.as_ref().is_none_or(|last| key > *last) {
-                last = Some(key.clone());
-            }
             let before = pending
                 .entries
                 .insert(key.clone(), PendingEntry { value, seq });
             replaced.push((key, before));
         }
-        pending.last = last;
         let undo = Undo {
             replaced,
             applied: pending.applied,
@@ -347,7 +331,6 @@ impl Journal {
             }
         }
         pending.bytes = pending.bytes.saturating_sub(settled.bytes);
-        pending.last = pending.entries.keys().max().cloned();
         // A settle after a large batch (a flush of many keys) leaves the map's table as large
         // as it was: given back once mostly empty.
         let (len, capacity) = (pending.entries.len(), pending.entries.capacity());
@@ -457,40 +440,6 @@ mod tests {
             vec![(Bytes::from_static(b"a"), 3)],
             "a scan settles first"
         );
-        assert!(!store.journal.has_pending());
-    }
-
-    #[test]
-    fn a_scan_settles_only_what_is_pending_in_its_range() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        store
-            .write(journal_batch(&[("a", Some(1)), ("c", Some(1))]), true)
-            .unwrap();
-        let scan = |cursor: &crate::buffer::MirrorCursor| {
-            let page = store.mirror_scan(Some(0), cursor, 1).unwrap();
-            let keys: Vec<_> = page.entries.iter().map(|(_, k, _)| k.clone()).collect();
-            (keys, page.next.unwrap())
-        };
-        let (first, after_a) = scan(&Default::default());
-        assert_eq!(
-            first,
-            vec![Bytes::from_static(b"a")],
-            "settled: pending from the start"
-        );
-        // Deleted in key order, as a flush does: a page after them settles nothing.
-        store.write(journal_batch(&[("a", None)]), true).unwrap();
-        let (second, _) = scan(&after_a);
-        assert_eq!(second, vec![Bytes::from_static(b"c")]);
-        assert!(
-            store.journal.has_pending(),
-            "the deletion of a stays pending"
-        );
-        assert_eq!(stored_generation(&store, "a"), None);
-        // A key pending past the cursor is settled before the page is read.
-        store.write(journal_batch(&[("b", Some(2))]), true).unwrap();
-        let (third, _) = scan(&after_a);
-        assert_eq!(third, vec![Bytes::from_static(b"b")]);
         assert!(!store.journal.has_pending());
     }
 
