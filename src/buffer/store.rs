@@ -211,48 +211,6 @@ impl Store {
         Ok(store)
     }
 
-    /// Reads the journal's records back into memory, in order (`journal.rs`).
-    pub(super) fn replay_journal(&self) -> Result<(), StoreError> {
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_JOURNAL)?, IteratorMode::Start)
-        {
-            let (key, value) = item.map_err(|e| self.rocks(e))?;
-            let seq = self.seq_key(&key, "mirror journal key")?;
-            let record = Journal::decode(seq, &value).map_err(|e| self.corrupt(e))?;
-            self.journal.applied(record);
-        }
-        Ok(())
-    }
-
-    /// How many bytes of mirror updates the journal holds before they are settled
-    /// (`[buffer] mirror_journal_mb`; at least 1).
-    pub fn set_journal_bytes(&mut self, bytes: u64) {
-        self.journal.limit = bytes.max(1);
-    }
-
-    /// Writes every journaled mirror update into the `mirror` family (`journal.rs`): before
-    /// anything reads or writes the family alone.
-    pub fn settle_mirror(&self) -> Result<(), StoreError> {
-        if !self.journal.has_pending() {
-            return Ok(());
-        }
-        let _writer = self.journal.writer();
-        self.settle_locked()
-    }
-
-    /// [`Store::settle_mirror`], the journal's writer lock held.
-    fn settle_locked(&self) -> Result<(), StoreError> {
-        let mut write = WriteBatch::default();
-        let families = (self.cf(CF_MIRROR)?, self.cf(CF_JOURNAL)?);
-        let Some(settled) = self.journal.settle_into(&mut write, families) else {
-            return Ok(());
-        };
-        self.write_rocks(write, false)?;
-        self.journal.settled(settled);
-        Ok(())
-    }
-
     /// The buffer's identity, created (synced) the first time it is opened.
     fn load_identity(&self) -> Result<String, StoreError> {
         let meta = self.cf(CF_META)?;
@@ -378,22 +336,6 @@ impl Store {
         match self.journaled(db, key)? {
             Some(value) => Ok(value),
             None => self.mirror_value(CF_MIRROR, db, key),
-        }
-    }
-
-    /// The newest journaled value of `key`, when it has one not settled (`journal.rs`):
-    /// always a whole value.
-    pub(super) fn journaled(
-        &self,
-        db: u32,
-        key: &[u8],
-    ) -> Result<Option<Option<MirrorValue>>, StoreError> {
-        match self.journal.get(db, key) {
-            Some(Some(raw)) => MirrorValue::decode(&raw)
-                .map(|value| Some(Some(value)))
-                .map_err(|e| self.corrupt(e)),
-            Some(None) => Ok(Some(None)),
-            None => Ok(None),
         }
     }
 
