@@ -36,6 +36,7 @@
 mod ack_task;
 mod behind;
 pub mod discovery;
+mod frame;
 mod link;
 pub mod rdb;
 mod spool;

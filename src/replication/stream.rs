@@ -2,7 +2,7 @@
 //!
 //! Every command is a RESP2 array of bulk strings, exactly as the primary fed it to its
 //! replication buffer, so the byte length of each frame is what it adds to the offset. Frames
-//! are decoded with `redis-protocol` from the connection's `BytesMut`; arguments are `Bytes`
+//! are parsed in one pass (`frame.rs`) from the connection's `BytesMut`; arguments are `Bytes`
 //! slices of it, never copies.
 //!
 //! What the stream holds besides writes, and what is done with it:
@@ -18,12 +18,12 @@
 //!
 //! Command names arrive in any case (`ping` is lowercase), so they compare case-insensitively.
 
-use bytes::{Bytes, BytesMut};
-use redis_protocol::resp2::decode::decode_bytes_mut;
-use redis_protocol::resp2::types::{BytesFrame, Resp2Frame};
+use std::ops::Range;
 
+use bytes::{Bytes, BytesMut};
+
+use super::frame;
 use crate::position::ReplOffset;
-use crate::resp;
 
 /// Commands of a transaction delivered together before its `EXEC`.
 pub const TRANSACTION_PART_COMMANDS: usize = 1024;
@@ -134,6 +134,8 @@ pub struct CommandStream {
     offset: ReplOffset,
     db: u32,
     transaction: Option<PendingTransaction>,
+    /// Where the arguments of the frame being parsed lie (kept: no allocation per command).
+    ranges: Vec<Range<usize>>,
 }
 
 impl CommandStream {
@@ -143,6 +145,7 @@ impl CommandStream {
             offset,
             db,
             transaction: None,
+            ranges: Vec::new(),
         }
     }
 
@@ -163,29 +166,17 @@ impl CommandStream {
     /// is not complete yet.
     pub fn decode(&mut self, input: &mut BytesMut) -> Result<Option<StreamEvent>, StreamError> {
         loop {
-            match resp::check(input, resp::MAX_DEPTH) {
-                resp::Check::Incomplete => return Ok(None),
-                resp::Check::TooDeep { at } => {
-                    return Err(self.error(format!(
-                        "RESP arrays nested deeper than {} levels (at byte {at} of the frame)",
-                        resp::MAX_DEPTH
-                    )))
-                }
-                resp::Check::Complete => {}
-            }
-            let frame_start = self.offset;
-            let (frame, consumed) = match decode_bytes_mut(input) {
-                Ok(Some((frame, consumed, _))) => (frame, consumed),
-                Ok(None) => return Ok(None),
+            let len = match frame::parse(input, &mut self.ranges) {
+                Ok(frame::Parsed::Incomplete) => return Ok(None),
+                Ok(frame::Parsed::Command { len }) => len,
                 Err(e) => {
-                    return Err(self.error(format!(
-                        "undecodable RESP: {e:?} (first bytes {:?})",
-                        preview(input)
-                    )))
+                    return Err(self.error(format!("{} (byte {} of the frame)", e.message, e.at)))
                 }
             };
-            self.offset = self.offset.advanced(consumed as u64);
-            let args = self.arguments(frame, frame_start)?;
+            let frame_start = self.offset;
+            let frame = input.split_to(len).freeze();
+            self.offset = self.offset.advanced(len as u64);
+            let args = self.ranges.iter().map(|r| frame.slice(r.clone())).collect();
             if let Some(event) = self.handle(args, frame_start)? {
                 return Ok(Some(event));
             }
@@ -197,32 +188,6 @@ impl CommandStream {
             offset: self.offset.next_byte(),
             message,
         }
-    }
-
-    fn arguments(&self, frame: BytesFrame, start: ReplOffset) -> Result<Vec<Bytes>, StreamError> {
-        let fail = |message: String| StreamError {
-            offset: start.next_byte(),
-            message,
-        };
-        let BytesFrame::Array(items) = frame else {
-            return Err(fail(format!(
-                "expected a command (array of bulk strings), found {:?}",
-                frame.kind()
-            )));
-        };
-        if items.is_empty() {
-            return Err(fail("empty command array".into()));
-        }
-        items
-            .into_iter()
-            .map(|item| match item {
-                BytesFrame::BulkString(bytes) => Ok(bytes),
-                other => Err(fail(format!(
-                    "command argument is {:?}, expected a bulk string",
-                    other.kind()
-                ))),
-            })
-            .collect()
     }
 
     fn handle(
@@ -308,14 +273,6 @@ impl CommandStream {
             None => Ok(Some(StreamEvent::Command(command))),
         }
     }
-}
-
-/// Check-then-parse: for the usual `*N\r\n($len\r\n<data>\r\n)*` shape, walks the lengths
-/// (not the data) to see whether the whole frame is buffered, so that a large command arriving
-/// in many reads is decoded once, not re-parsed on every read. Other shapes are left to the
-/// decoder (`true`).
-fn preview(input: &[u8]) -> String {
-    String::from_utf8_lossy(&input[..input.len().min(32)]).into_owned()
 }
 
 #[cfg(test)]
