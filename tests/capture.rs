@@ -515,7 +515,7 @@ async fn a_forced_full_resync_reconciles_exactly() {
                     "upsert {:?}",
                     columns
                         .iter()
-                        .find(|(c, _)| c == "age")
+                        .find(|(c, _)| &**c == "age")
                         .and_then(|(_, v)| v.clone())
                 ),
                 RowChange::Delete => "delete".to_string(),
@@ -656,7 +656,7 @@ async fn swapdb_of_a_mapped_database_is_reconciled_by_a_full_sync() {
         .into_iter()
         .map(|c| {
             (
-                c.mapping,
+                c.mapping.to_string(),
                 String::from_utf8_lossy(&c.row_id).into_owned(),
                 c.row == RowChange::Delete,
             )
@@ -787,7 +787,7 @@ async fn a_flush_of_many_keys_is_committed_in_bounded_units() {
     let mut deleted: Vec<(String, Bytes)> = changes
         .iter()
         .filter(|c| c.row == RowChange::Delete)
-        .map(|c| (c.mapping.clone(), c.row_id.clone()))
+        .map(|c| (c.mapping.to_string(), c.row_id.clone()))
         .collect();
     let count = deleted.len();
     deleted.sort();
@@ -806,7 +806,7 @@ async fn a_flush_of_many_keys_is_committed_in_bounded_units() {
     // The FLUSHDB's deletes are all recorded no later than the FLUSHDB itself.
     let people_deletes_offset = changes
         .iter()
-        .filter(|c| c.row == RowChange::Delete && c.mapping == "People")
+        .filter(|c| c.row == RowChange::Delete && &*c.mapping == "People")
         .map(|c| c.offset.0)
         .max()
         .expect("deletes");

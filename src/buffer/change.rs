@@ -5,12 +5,16 @@ use bytes::Bytes;
 use super::codec::{DecodeError, Decoder, Encoder};
 use crate::position::{ChangeSeq, ReplOffset};
 
+/// A mapping's or a column's name in a change. Shared: a change names its mapping and every
+/// column of its row, and a copy of each name per change was 5% of capture's thread.
+pub type Name = std::sync::Arc<str>;
+
 /// What a change does to its row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RowChange {
     /// The full mapped row image: every mapped column, `None` for an absent field.
     Upsert {
-        columns: Vec<(String, Option<Bytes>)>,
+        columns: Vec<(Name, Option<Bytes>)>,
     },
     Delete,
 }
@@ -35,7 +39,7 @@ pub struct Change {
     pub unit_end: bool,
     /// Stream offset after the unit.
     pub offset: ReplOffset,
-    pub mapping: String,
+    pub mapping: Name,
     pub row_id: Bytes,
     pub row: RowChange,
     pub op: Option<HashOp>,
@@ -81,14 +85,14 @@ impl Change {
         let unit = ChangeSeq(d.u64()?);
         let unit_end = d.u8()? != 0;
         let offset = ReplOffset(d.u64()?);
-        let mapping = d.string()?;
+        let mapping = Name::from(d.string()?);
         let row_id = d.bytes()?;
         let row = match d.u8()? {
             1 => {
                 let count = d.u32()?;
                 let mut columns = Vec::with_capacity(count.min(1024) as usize);
                 for _ in 0..count {
-                    columns.push((d.string()?, d.opt_bytes()?));
+                    columns.push((Name::from(d.string()?), d.opt_bytes()?));
                 }
                 RowChange::Upsert { columns }
             }

@@ -83,7 +83,7 @@ use std::path::PathBuf;
 
 pub use acknowledgement::{AckRecord, NewAck};
 pub use batch::Batch;
-pub use change::{Change, HashOp, RowChange};
+pub use change::{Change, HashOp, Name, RowChange};
 pub use checkpoint::Checkpoint;
 pub use codec::DecodeError;
 pub use dead_letter::{DeadLetter, DeadLetterSummary};

@@ -95,6 +95,17 @@ impl<'m> FieldChanges<'m> {
         Some(&self.mapping.columns[column].0)
     }
 
+    /// `field`'s value was replaced; `previous` is what it held (moved here, not copied: a
+    /// clone of a value made its first reference count, an allocation, on every row change).
+    fn replaced(&mut self, field: &[u8], previous: Bytes) {
+        self.any = true;
+        if let Some(column) = self.mapping.column_of(field) {
+            if !self.saved.iter().any(|(c, _)| *c == column) {
+                self.saved.push((column, Some(previous)));
+            }
+        }
+    }
+
     /// Whether a mapped value differs between before the write and `fields`.
     fn row_changed(&self, fields: &Fields) -> bool {
         self.saved.iter().any(|(column, old)| {
@@ -128,8 +139,8 @@ fn set_fields(
                 }
                 // The same value set again (common) is neither copied nor a row change.
                 if old.value != value {
-                    changes.changing(field, Some(old));
-                    old.value = owned(value);
+                    let previous = std::mem::replace(&mut old.value, owned(value));
+                    changes.replaced(field, previous);
                 }
             }
             None => {

@@ -87,13 +87,17 @@ fn parse_u32(b: &[u8]) -> Option<u32> {
     std::str::from_utf8(b).ok()?.parse().ok()
 }
 
+/// Longer than any name [`Write::parse`] models (a longer one is [`Write::Other`]).
+const NAME_BUFFER: usize = 24;
+
 impl Write {
     /// Parses `command`; `now_ms` makes relative times absolute.
     pub fn parse(command: &Command, now_ms: i64) -> Write {
         let args = &command.args;
         let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
-        let name = command.name();
-        match name.as_str() {
+        let mut upper = [0u8; NAME_BUFFER];
+        let name = command.name_in(&mut upper);
+        match name {
             "HSET" | "HMSET" => Write::SetFields {
                 key: arg(1),
                 pairs: pairs(args.get(2..).unwrap_or_default()),
@@ -134,7 +138,7 @@ impl Write {
             },
             "PEXPIREAT" | "EXPIREAT" | "PEXPIRE" | "EXPIRE" | "PERSIST" => {
                 let value = parse_i64(&arg(2)).unwrap_or(0);
-                let at = match name.as_str() {
+                let at = match name {
                     "PEXPIREAT" => Some(value),
                     "EXPIREAT" => Some(value.saturating_mul(1000)),
                     "PEXPIRE" => Some(now_ms.saturating_add(value)),

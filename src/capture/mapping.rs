@@ -7,17 +7,17 @@
 
 use bytes::Bytes;
 
-use crate::buffer::Fields;
+use crate::buffer::{Fields, Name};
 use crate::config::{InitialLoad, MappingConfig, OnExpire};
 
 #[derive(Debug, Clone)]
 pub struct Mapping {
-    pub name: String,
+    pub name: Name,
     pub db: u32,
     pub key_prefix: Bytes,
     pub key_column: String,
     /// (hash field, column), in column order, without the key column.
-    pub columns: Vec<(Bytes, String)>,
+    pub columns: Vec<(Bytes, Name)>,
     pub on_expire: OnExpire,
     pub initial_load: InitialLoad,
     pub backend: String,
@@ -29,15 +29,15 @@ pub struct Mapping {
 
 impl Mapping {
     pub fn from_config(config: &MappingConfig) -> Mapping {
-        let mut columns: Vec<(Bytes, String)> = config
+        let mut columns: Vec<(Bytes, Name)> = config
             .columns
             .iter()
             .filter(|(_, column)| **column != config.key_column)
-            .map(|(field, column)| (Bytes::from(field.clone()), column.clone()))
+            .map(|(field, column)| (Bytes::from(field.clone()), Name::from(column.as_str())))
             .collect();
         columns.sort_by(|a, b| a.1.cmp(&b.1));
         Mapping {
-            name: config.name.clone(),
+            name: Name::from(config.name.as_str()),
             db: config.db,
             key_prefix: Bytes::from(config.key_prefix()),
             key_column: config.key_column.clone(),
@@ -57,7 +57,7 @@ impl Mapping {
     }
 
     /// The mapped row image of a hash's fields.
-    pub fn row_image(&self, fields: &Fields) -> Vec<(String, Option<Bytes>)> {
+    pub fn row_image(&self, fields: &Fields) -> Vec<(Name, Option<Bytes>)> {
         self.named(self.row_values(fields))
     }
 
@@ -71,7 +71,7 @@ impl Mapping {
     }
 
     /// Names values given in the mapping's column order (see [`Mapping::row_values`]).
-    pub fn named(&self, values: Vec<Option<Bytes>>) -> Vec<(String, Option<Bytes>)> {
+    pub fn named(&self, values: Vec<Option<Bytes>>) -> Vec<(Name, Option<Bytes>)> {
         self.columns
             .iter()
             .zip(values)
@@ -224,8 +224,8 @@ age = "age"
         assert_eq!(
             m.row_image(&fields),
             vec![
-                ("age".to_string(), None),
-                ("first".to_string(), Some(Bytes::from("Ann")))
+                (Name::from("age"), None),
+                (Name::from("first"), Some(Bytes::from("Ann")))
             ]
         );
     }

@@ -217,7 +217,7 @@ impl StreamBatch {
         state: &mut super::state::CaptureState,
         letter: &DeadLetter,
     ) -> Result<Result<(), String>, StoreError> {
-        let Some(mapping) = state.mappings.iter().find(|m| m.name == letter.mapping) else {
+        let Some(mapping) = state.mappings.iter().find(|m| *m.name == *letter.mapping) else {
             return Ok(Err(format!(
                 "mapping `{}` is no longer configured",
                 letter.mapping

@@ -3,14 +3,14 @@
 use bytes::Bytes;
 
 use super::mapping::Mapping;
-use crate::buffer::{FieldValue, HashOp, MirrorKind, MirrorValue, RowChange};
+use crate::buffer::{FieldValue, HashOp, MirrorKind, MirrorValue, Name, RowChange};
 use crate::config::OnExpire;
 use crate::replication::rdb::{DumpedValue, ValueKind};
 
 /// A row change derived from a command, before it gets its place in the change log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowEvent {
-    pub mapping: String,
+    pub mapping: Name,
     pub row_id: Bytes,
     pub row: RowChange,
     /// The `#` op (with its uuid) to acknowledge once the database has this change.

@@ -11,7 +11,7 @@ use super::mirror_cache::MirrorCache;
 use super::ops::OpState;
 use super::rows::RowEvent;
 use super::CaptureStats;
-use crate::buffer::{Batch, Change, Checkpoint, RowChange, Store};
+use crate::buffer::{Batch, Change, Checkpoint, Name, RowChange, Store};
 use crate::position::{ChangeSeq, ReplOffset};
 
 pub struct CaptureState {
@@ -111,19 +111,23 @@ impl CaptureState {
 /// Changes written, per mapping and operation, until [`ChangeCounts::report`].
 #[derive(Default)]
 pub struct ChangeCounts {
-    /// Per mapping: upserts, deletes.
-    counts: std::collections::HashMap<String, [u64; 2]>,
+    /// Per mapping: upserts, deletes. A few mappings, each change naming one by the mapping's
+    /// own shared name: found by address first, without hashing the name per change.
+    counts: Vec<(Name, [u64; 2])>,
 }
 
 impl ChangeCounts {
     fn add(&mut self, change: &Change) {
         let slot = usize::from(matches!(change.row, RowChange::Delete));
-        match self.counts.get_mut(change.mapping.as_str()) {
-            Some(n) => n[slot] += 1,
+        let found = self.counts.iter_mut().find(|(mapping, _)| {
+            Name::ptr_eq(mapping, &change.mapping) || *mapping == change.mapping
+        });
+        match found {
+            Some((_, n)) => n[slot] += 1,
             None => {
                 let mut n = [0; 2];
                 n[slot] = 1;
-                self.counts.insert(change.mapping.clone(), n);
+                self.counts.push((change.mapping.clone(), n));
             }
         }
     }
@@ -133,7 +137,7 @@ impl ChangeCounts {
         for (mapping, [upserts, deletes]) in self.counts {
             for (operation, n) in [("upsert", upserts), ("delete", deletes)] {
                 if n > 0 {
-                    metrics::counter!("writebehind_changes_total", "mapping" => mapping.clone(), "operation" => operation).increment(n);
+                    metrics::counter!("writebehind_changes_total", "mapping" => mapping.to_string(), "operation" => operation).increment(n);
                 }
             }
         }

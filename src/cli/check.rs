@@ -225,7 +225,7 @@ async fn check_backends(config: &Config) -> bool {
                     // Checked as they are: a table `create_table` will create is reported as such.
                     let created = problem
                         .missing_table_of()
-                        .and_then(|name| mappings.iter().find(|m| m.name == name))
+                        .and_then(|name| mappings.iter().find(|m| &*m.name == name))
                         .filter(|m| m.create_table);
                     match created {
                         Some(mapping) => println!(

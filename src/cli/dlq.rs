@@ -127,7 +127,7 @@ async fn retry_one(
 ) -> Result<(), RetryError> {
     let mapping = mappings
         .iter()
-        .find(|m| m.name == letter.mapping)
+        .find(|m| *m.name == *letter.mapping)
         .ok_or_else(|| RetryError::UnknownMapping(letter.mapping.clone()))?;
     let backend = config
         .backends
@@ -140,7 +140,7 @@ async fn retry_one(
         .map_err(RetryError::Schema)?;
     let schema = schemas
         .first()
-        .ok_or_else(|| RetryError::NoTable(mapping.name.clone()))?;
+        .ok_or_else(|| RetryError::NoTable(mapping.name.to_string()))?;
     let mut key = mapping.key_prefix.to_vec();
     key.extend_from_slice(&letter.row_id);
     let current = store.mirror_with_fields(mapping.db, &key, mapping.mapped_fields())?;

@@ -24,9 +24,8 @@
 
 use std::ops::Range;
 
-/// The longest length line accepted, digits and sign (`$` or `*` and CRLF aside): an `i64`
-/// has at most 19 digits.
-const MAX_NUMBER_DIGITS: usize = 20;
+/// The most digits a length may have: an `i64` has at most 19.
+const MAX_NUMBER_DIGITS: usize = 19;
 
 /// What [`parse`] found at the front of the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,28 +111,33 @@ fn number_line(input: &[u8], from: usize) -> Result<Option<(i64, usize)>, FrameE
     let rest = &input[from.min(input.len())..];
     let negative = rest.first() == Some(&b'-');
     let digits_from = usize::from(negative);
-    let mut value: i64 = 0;
-    let mut digits = 0;
-    for (i, &b) in rest.iter().enumerate().skip(digits_from) {
-        match b {
-            b'0'..=b'9' if digits < MAX_NUMBER_DIGITS => {
-                value = value
-                    .checked_mul(10)
-                    .and_then(|v| v.checked_add(i64::from(b - b'0')))
-                    .ok_or_else(|| unexpected(input, from, "a length that fits 64 bits"))?;
-                digits += 1;
-            }
-            b'\r' if digits > 0 => {
-                return match rest.get(i + 1) {
-                    None => Ok(None),
-                    Some(b'\n') => Ok(Some((if negative { -value } else { value }, from + i + 2))),
-                    Some(_) => Err(unexpected(input, from + i, "CRLF after a length")),
-                };
-            }
-            _ => return Err(unexpected(input, from + i, "a length (digits, then CRLF)")),
+    // At most 19 digits: their value fits a u64 without overflow checks per digit.
+    let mut value: u64 = 0;
+    let mut i = digits_from;
+    while let Some(&b) = rest.get(i) {
+        if !b.is_ascii_digit() {
+            break;
         }
+        if i - digits_from == MAX_NUMBER_DIGITS {
+            return Err(unexpected(input, from + i, "a length of at most 19 digits"));
+        }
+        value = value * 10 + u64::from(b - b'0');
+        i += 1;
     }
-    Ok(None)
+    let Some(&end) = rest.get(i) else {
+        return Ok(None);
+    };
+    if end != b'\r' || i == digits_from {
+        return Err(unexpected(input, from + i, "a length (digits, then CRLF)"));
+    }
+    let Ok(value) = i64::try_from(value) else {
+        return Err(unexpected(input, from, "a length that fits 64 bits"));
+    };
+    match rest.get(i + 1) {
+        None => Ok(None),
+        Some(b'\n') => Ok(Some((if negative { -value } else { value }, from + i + 2))),
+        Some(_) => Err(unexpected(input, from + i, "CRLF after a length")),
+    }
 }
 
 fn unexpected(input: &[u8], at: usize, expected: &str) -> FrameError {
@@ -200,9 +204,10 @@ mod tests {
             (b"*1\r\n$\r\n", 5, "expected a length"),
             (b"*1\r\n$1\rx", 6, "CRLF after a length"),
             (b"*1\r\n$1\r\nabc", 9, "CRLF after the argument"),
-            (b"*99999999999999999999\r\n", 1, "fits 64 bits"),
-            (b"*1\r\n$123456789012345678901", 5, "fits 64 bits"),
-            (b"*1\r\n$000000000000000000001\r\n", 25, "expected a length"),
+            (b"*9999999999999999999\r\n", 1, "fits 64 bits"),
+            (b"*1\r\n$9223372036854775808\r\n", 5, "fits 64 bits"),
+            (b"*1\r\n$00000000000000000001\r\n", 24, "at most 19 digits"),
+            (b"*1\r\n$-\r\n", 6, "expected a length"),
         ];
         let mut ranges = Vec::new();
         for (input, at, says) in cases {

@@ -62,6 +62,18 @@ impl Command {
             .is_some_and(|n| n.eq_ignore_ascii_case(name.as_bytes()))
     }
 
+    /// The command name in upper case, written in `buffer` (no allocation: this runs for every
+    /// command); empty when the name is longer than the buffer or not UTF-8.
+    pub fn name_in<'b>(&self, buffer: &'b mut [u8]) -> &'b str {
+        let name = self.args.first().map_or(&b""[..], |n| &n[..]);
+        let Some(upper) = buffer.get_mut(..name.len()) else {
+            return "";
+        };
+        upper.copy_from_slice(name);
+        upper.make_ascii_uppercase();
+        std::str::from_utf8(upper).unwrap_or("")
+    }
+
     /// The command name in upper case.
     pub fn name(&self) -> String {
         self.args
@@ -386,6 +398,17 @@ mod tests {
         let expected: Vec<String> = (0..count).map(|i| format!("k{i}")).collect();
         assert_eq!(keys, expected);
         assert!(!stream.in_transaction());
+    }
+
+    #[test]
+    fn names_are_upper_cased_in_the_buffer_given() {
+        let mut buffer = [0u8; 8];
+        let command = Command::from_words(&["hSet", "k"], 0, ReplOffset(1));
+        assert_eq!(command.name_in(&mut buffer), "HSET");
+        let long = Command::from_words(&["function"], 0, ReplOffset(1));
+        assert_eq!(long.name_in(&mut buffer), "FUNCTION");
+        let longer = Command::from_words(&["functions"], 0, ReplOffset(1));
+        assert_eq!(longer.name_in(&mut buffer), "");
     }
 
     #[test]

@@ -45,7 +45,7 @@ impl<D: Destination> SinkRunner<D> {
         let refused = |c: &Change| {
             letters.get(&c.seq).cloned().or_else(|| {
                 reconciled
-                    .get(&(c.mapping.clone(), c.row_id.clone()))
+                    .get(&(c.mapping.to_string(), c.row_id.clone()))
                     .cloned()
             })
         };

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use super::convert::{convert, Refusal, SqlValue};
 use super::{RowOp, RowWrite, TableSchema};
-use crate::buffer::{Change, RowChange};
+use crate::buffer::{Change, Name, RowChange};
 use crate::capture::mapping::Mapping;
 use crate::position::ChangeSeq;
 
@@ -62,7 +62,7 @@ pub fn coalesce(mappings: &[Mapping], schemas: &[TableSchema], changes: &[Change
         };
         let refuse = |reason: String| RefusedRow {
             seq: change.seq,
-            mapping: mapping.name.clone(),
+            mapping: mapping.name.to_string(),
             row_id: row_id.clone(),
             reason,
         };
@@ -98,7 +98,7 @@ pub fn coalesce(mappings: &[Mapping], schemas: &[TableSchema], changes: &[Change
 /// Converts a row image to the schema's columns, checking required ones.
 pub fn convert_row(
     schema: &TableSchema,
-    columns: &[(String, Option<Bytes>)],
+    columns: &[(Name, Option<Bytes>)],
 ) -> Result<Vec<SqlValue>, Refusal> {
     schema
         .columns
@@ -106,7 +106,7 @@ pub fn convert_row(
         .map(|column| {
             let value = columns
                 .iter()
-                .find(|(name, _)| *name == column.name)
+                .find(|(name, _)| **name == *column.name)
                 .and_then(|(_, v)| v.as_deref());
             if value.is_none() && schema.required.contains(&column.name) {
                 return Err(Refusal(format!(

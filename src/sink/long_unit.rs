@@ -168,7 +168,7 @@ impl<D: Destination> SinkRunner<D> {
             }
             acks.extend(self.acks_of(&mine, |c| {
                 refused_rows
-                    .get(&(c.mapping.clone(), c.row_id.clone()))
+                    .get(&(c.mapping.to_string(), c.row_id.clone()))
                     .cloned()
             }));
             rows += writes.len();

@@ -60,7 +60,7 @@ impl TableSchema {
             Some((info, true)) => Some(info.clone()),
             Some((_, false)) => {
                 problems.push(SchemaProblem::KeyNotUnique {
-                    mapping: mapping.name.clone(),
+                    mapping: mapping.name.to_string(),
                     table: table.to_string(),
                     column: mapping.key_column.clone(),
                 });
@@ -68,7 +68,7 @@ impl TableSchema {
             }
             None => {
                 problems.push(SchemaProblem::MissingKeyColumn {
-                    mapping: mapping.name.clone(),
+                    mapping: mapping.name.to_string(),
                     table: table.to_string(),
                     column: mapping.key_column.clone(),
                 });
@@ -77,12 +77,12 @@ impl TableSchema {
         };
         let mut columns = Vec::new();
         for (_, column) in &mapping.columns {
-            match found.get(column) {
+            match found.get(&**column) {
                 Some((info, _)) => columns.push(info.clone()),
                 None => problems.push(SchemaProblem::MissingColumn {
-                    mapping: mapping.name.clone(),
+                    mapping: mapping.name.to_string(),
                     table: table.to_string(),
-                    column: column.clone(),
+                    column: column.to_string(),
                 }),
             }
         }

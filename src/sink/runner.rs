@@ -335,7 +335,7 @@ impl<D: Destination> SinkRunner<D> {
         }
         let refused = |c: &Change| {
             refused_rows
-                .get(&(c.mapping.clone(), c.row_id.clone()))
+                .get(&(c.mapping.to_string(), c.row_id.clone()))
                 .cloned()
         };
         let row = self.row(partition);
@@ -438,7 +438,7 @@ impl<D: Destination> SinkRunner<D> {
     pub(super) fn mapping_name(&self, write: &RowWrite) -> String {
         self.mappings
             .get(write.table)
-            .map(|m| m.name.clone())
+            .map(|m| m.name.to_string())
             .unwrap_or_default()
     }
 

@@ -382,7 +382,7 @@ impl Destination for SqliteSink {
                         let sql = format!("CREATE TABLE IF NOT EXISTS {} ({})", q(&mapping.table), columns.join(", "));
                         if let Err(e) = connection.execute_batch(&sql) {
                             problems.push(SchemaProblem::CannotCreate {
-                                mapping: mapping.name.clone(),
+                                mapping: mapping.name.to_string(),
                                 table: mapping.table.clone(),
                                 message: e.to_string(),
                             });
@@ -391,7 +391,7 @@ impl Destination for SqliteSink {
                     }
                     match describe(connection, &mapping.table) {
                         Ok(found) if found.is_empty() => problems.push(SchemaProblem::MissingTable {
-                            mapping: mapping.name.clone(),
+                            mapping: mapping.name.to_string(),
                             table: mapping.table.clone(),
                             place: path.clone(),
                         }),
@@ -400,7 +400,7 @@ impl Destination for SqliteSink {
                             Err(mut p) => problems.append(&mut p),
                         },
                         Err(e) => problems.push(SchemaProblem::Unreadable {
-                            mapping: mapping.name.clone(),
+                            mapping: mapping.name.to_string(),
                             table: mapping.table.clone(),
                             message: e.to_string(),
                         }),

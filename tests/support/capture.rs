@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mysql_async::prelude::Queryable;
 use redis_protocol::resp2::types::BytesFrame;
-use writebehind::buffer::{MirrorCursor, MirrorKind, RowChange, Store};
+use writebehind::buffer::{MirrorCursor, MirrorKind, Name, RowChange, Store};
 use writebehind::capture::mapping::Mappings;
 use writebehind::capture::{Capture, CaptureOutputs, CaptureSettings};
 use writebehind::config::Config;
@@ -243,7 +243,7 @@ pub fn mirror_hashes(store: &Store) -> Hashes {
         .collect()
 }
 
-pub type Rows = BTreeMap<(String, Bytes), Vec<(String, Option<Bytes>)>>;
+pub type Rows = BTreeMap<(Name, Bytes), Vec<(Name, Option<Bytes>)>>;
 
 /// Replays the whole change log over an empty table.
 pub fn replay(store: &Store) -> Rows {

@@ -626,7 +626,7 @@ impl Destination for MysqlSink {
             if mapping.create_table {
                 if let Err(e) = create_table(&mut conn, mapping).await {
                     problems.push(SchemaProblem::CannotCreate {
-                        mapping: mapping.name.clone(),
+                        mapping: mapping.name.to_string(),
                         table: mapping.table.clone(),
                         message: e.to_string(),
                     });
@@ -644,7 +644,7 @@ impl Destination for MysqlSink {
                 Ok(rows) => rows,
                 Err(e) => {
                     problems.push(SchemaProblem::Unreadable {
-                        mapping: mapping.name.clone(),
+                        mapping: mapping.name.to_string(),
                         table: mapping.table.clone(),
                         message: e.to_string(),
                     });
@@ -653,7 +653,7 @@ impl Destination for MysqlSink {
             };
             if rows.is_empty() {
                 problems.push(SchemaProblem::MissingTable {
-                    mapping: mapping.name.clone(),
+                    mapping: mapping.name.to_string(),
                     table: mapping.table.clone(),
                     place: format!("backend `{}`", self.name),
                 });

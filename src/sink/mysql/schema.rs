@@ -58,7 +58,7 @@ pub(super) async fn missing_grants(
         if let Err(mysql_async::Error::Server(e)) = conn.query_drop(sql).await {
             if matches!(e.code, 1142 | 1143) {
                 problems.push(SchemaProblem::MissingGrant {
-                    mapping: mapping.name.clone(),
+                    mapping: mapping.name.to_string(),
                     table: schema.table.clone(),
                     privilege: privilege.to_string(),
                     message: e.message,

@@ -413,13 +413,13 @@ async fn missing_grants(client: &Client, mapping: &Mapping) -> Vec<SchemaProblem
         match granted {
             Ok(true) => {}
             Ok(false) => problems.push(SchemaProblem::MissingGrant {
-                mapping: mapping.name.clone(),
+                mapping: mapping.name.to_string(),
                 table: mapping.table.clone(),
                 privilege: privilege.to_string(),
                 message: format!("permission denied for table {}", mapping.table),
             }),
             Err(e) => problems.push(SchemaProblem::Unreadable {
-                mapping: mapping.name.clone(),
+                mapping: mapping.name.to_string(),
                 table: mapping.table.clone(),
                 message: super::message(&e),
             }),
@@ -463,7 +463,7 @@ pub async fn read_all(
         if mapping.create_table {
             if let Err(e) = create_table(client, mapping).await {
                 problems.push(SchemaProblem::CannotCreate {
-                    mapping: mapping.name.clone(),
+                    mapping: mapping.name.to_string(),
                     table: mapping.table.clone(),
                     message: super::message(&e),
                 });
@@ -474,7 +474,7 @@ pub async fn read_all(
             Ok(read) => read,
             Err(e) => {
                 problems.push(SchemaProblem::Unreadable {
-                    mapping: mapping.name.clone(),
+                    mapping: mapping.name.to_string(),
                     table: mapping.table.clone(),
                     message: super::message(&e),
                 });
@@ -483,7 +483,7 @@ pub async fn read_all(
         };
         if found.is_empty() {
             problems.push(SchemaProblem::MissingTable {
-                mapping: mapping.name.clone(),
+                mapping: mapping.name.to_string(),
                 table: mapping.table.clone(),
                 place: format!("backend `{backend}`"),
             });
