@@ -24,8 +24,9 @@ use super::window::{Window, STORED_BY_FIELD};
 pub const SMALL_FIELDS: usize = 32;
 
 /// Bytes of one field besides its name and value: its slot (name and value handles, TTL) and
-/// the allocations of the name and the value.
-const FIELD_OVERHEAD: u64 = 80 + 32;
+/// the allocations of the name and the value (a short one is held inline in an allocation of
+/// 32 bytes with its reference count: `capture::apply::owned`).
+const FIELD_OVERHEAD: u64 = 80 + 48;
 /// Bytes of one node of the map (11 slots of 80 bytes), counted per 8 fields (nodes are not full).
 const MAP_NODE: u64 = 900;
 const FIELDS_PER_NODE: u64 = 8;

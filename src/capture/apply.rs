@@ -22,7 +22,7 @@ use super::command_table::CommandTable;
 use super::mapping::{Mapping, Mappings};
 use super::ops::{apply_op, OpSeen};
 use super::rows::{
-    has_row, mirror_value_from_dump, row_event, row_event_between, row_of, RowEvent,
+    has_row, mirror_value_from_dump, row_event, row_event_between, upsert, RowEvent,
 };
 use super::working_set::WorkingSet;
 use crate::ack::OP_FIELD;
@@ -173,8 +173,46 @@ fn set_fields(
 /// stays cached), a slice would keep that whole buffer alive, unseen by the cache's weight.
 /// Measured: a "64 MB" cache of 100,000 small hashes grew the process by 300 MB and more
 /// (scripts/soak.sh). Only what is stored is copied: names of new fields and values.
+///
+/// A short one (most values of a row) is held inline in its reference-counted allocation
+/// ([`Bytes::from_owner`]), one allocation as before. A `Bytes` made from a vector takes a
+/// second allocation (its shared header) the first time it is cloned, and every value a
+/// command sets is cloned into its row image: that cost an allocation and a free per changed
+/// column (scripts/bench-instructions.sh).
 pub(super) fn owned(bytes: &Bytes) -> Bytes {
+    if bytes.is_empty() {
+        return Bytes::new();
+    }
+    if let Some(inline) = Inline::<15>::new(bytes) {
+        return Bytes::from_owner(inline);
+    }
+    if let Some(inline) = Inline::<47>::new(bytes) {
+        return Bytes::from_owner(inline);
+    }
     Bytes::copy_from_slice(bytes)
+}
+
+/// Up to `N` bytes inline. With the owner's header (a reference count and a drop function),
+/// `Inline<15>` fills an allocation of 32 bytes and `Inline<47>` one of 64.
+struct Inline<const N: usize> {
+    len: u8,
+    data: [u8; N],
+}
+
+impl<const N: usize> Inline<N> {
+    /// `bytes` inline, when they fit.
+    fn new(bytes: &[u8]) -> Option<Inline<N>> {
+        let len = u8::try_from(bytes.len()).ok()?;
+        let mut data = [0; N];
+        data.get_mut(..bytes.len())?.copy_from_slice(bytes);
+        Some(Inline { len, data })
+    }
+}
+
+impl<const N: usize> AsRef<[u8]> for Inline<N> {
+    fn as_ref(&self) -> &[u8] {
+        &self.data[..usize::from(self.len)]
+    }
 }
 
 fn parse_i64(b: &[u8]) -> Option<i64> {
@@ -423,10 +461,10 @@ impl Applier<'_> {
         }
         let has_row = !hash.fields.is_empty();
         let event = match (had_row, has_row) {
-            // Created, or a mapped value changed: the full image (`None` before forces it).
-            (false, true) => row_event_between(mapping, key, None, row_of(mapping, value), false),
+            // Created, or a mapped value changed: the full image.
+            (false, true) => Some(upsert(mapping, key, &hash.fields)),
             (true, true) if changes.row_changed(&hash.fields) => {
-                row_event_between(mapping, key, None, row_of(mapping, value), false)
+                Some(upsert(mapping, key, &hash.fields))
             }
             (true, false) => row_event_between(mapping, key, Some(Vec::new()), None, false),
             _ => None,

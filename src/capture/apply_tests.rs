@@ -611,3 +611,25 @@ fn a_hash_left_as_it_was_is_not_written_back() {
         "p:4's field TTL is cleared"
     );
 }
+
+/// A stored copy holds the same bytes at every length (inline or not), and a clone of a short
+/// one shares its allocation (no second allocation for the row image).
+#[test]
+fn owned_copies_are_equal_and_short_ones_clone_in_place() {
+    let source: Vec<u8> = (0..=255u8).cycle().take(300).collect();
+    for len in 0..=300 {
+        let stream = Bytes::copy_from_slice(&source[..len]);
+        let copy = owned(&stream);
+        assert_eq!(copy, stream, "length {len}");
+        if len > 0 {
+            assert_ne!(copy.as_ptr(), stream.as_ptr(), "a copy, not a slice");
+            let clone = copy.clone();
+            assert_eq!(clone.as_ptr(), copy.as_ptr());
+            drop(copy);
+            assert_eq!(
+                clone, stream,
+                "length {len}: the clone outlives the original"
+            );
+        }
+    }
+}

@@ -58,7 +58,10 @@ impl Mapping {
 
     /// The mapped row image of a hash's fields.
     pub fn row_image(&self, fields: &Fields) -> Vec<(Name, Option<Bytes>)> {
-        self.named(self.row_values(fields))
+        self.columns
+            .iter()
+            .map(|(field, column)| (column.clone(), fields.get(field).map(|f| f.value.clone())))
+            .collect()
     }
 
     /// The values of the mapped columns, in the mapping's column order (cheaper to compare than

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 
 use super::mapping::Mapping;
-use crate::buffer::{FieldValue, HashOp, MirrorKind, MirrorValue, Name, RowChange};
+use crate::buffer::{FieldValue, Fields, HashOp, MirrorKind, MirrorValue, Name, RowChange};
 use crate::config::OnExpire;
 use crate::replication::rdb::{DumpedValue, ValueKind};
 
@@ -48,6 +48,19 @@ pub fn row_event(
         Some(_) => row_of(mapping, before),
     };
     row_event_between(mapping, key, old, row_of(mapping, after), expired)
+}
+
+/// The row event of a hash whose row was created or whose mapped values changed: its full
+/// image, named in one pass (no intermediate [`RowImage`] to compare).
+pub fn upsert(mapping: &Mapping, key: &Bytes, fields: &Fields) -> RowEvent {
+    RowEvent {
+        mapping: mapping.name.clone(),
+        row_id: mapping.row_id(key),
+        row: RowChange::Upsert {
+            columns: mapping.row_image(fields),
+        },
+        op: None,
+    }
 }
 
 /// The row event between two rows of a watched key (see [`row_of`]).
