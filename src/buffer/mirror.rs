@@ -210,7 +210,49 @@ impl hashbrown::Equivalent<(u32, Bytes)> for KeyRef<'_> {
 /// `capture::apply::owned`).
 impl From<&KeyRef<'_>> for (u32, Bytes) {
     fn from(key: &KeyRef<'_>) -> (u32, Bytes) {
-        (key.db, Bytes::copy_from_slice(key.key))
+        (key.db, stored_copy(key.key))
+    }
+}
+
+/// A copy of `bytes` to keep in the mirror. A short one (most keys and most values of a row)
+/// is held inline in its reference-counted allocation ([`Bytes::from_owner`]): one allocation,
+/// as a copy in a vector of its own takes, but a vector's `Bytes` allocates a second, shared
+/// header the first time it is cloned or sliced, and every value a command sets is cloned into
+/// its row image, every key sliced into its row id (an allocation and a free per changed
+/// column: scripts/bench-instructions.sh).
+pub fn stored_copy(bytes: &[u8]) -> Bytes {
+    if bytes.is_empty() {
+        return Bytes::new();
+    }
+    if let Some(inline) = Inline::<15>::new(bytes) {
+        return Bytes::from_owner(inline);
+    }
+    if let Some(inline) = Inline::<47>::new(bytes) {
+        return Bytes::from_owner(inline);
+    }
+    Bytes::copy_from_slice(bytes)
+}
+
+/// Up to `N` bytes inline. With the owner's header (a reference count and a drop function),
+/// `Inline<15>` fills an allocation of 32 bytes and `Inline<47>` one of 64.
+struct Inline<const N: usize> {
+    len: u8,
+    data: [u8; N],
+}
+
+impl<const N: usize> Inline<N> {
+    /// `bytes` inline, when they fit.
+    fn new(bytes: &[u8]) -> Option<Inline<N>> {
+        let len = u8::try_from(bytes.len()).ok()?;
+        let mut data = [0; N];
+        data.get_mut(..bytes.len())?.copy_from_slice(bytes);
+        Some(Inline { len, data })
+    }
+}
+
+impl<const N: usize> AsRef<[u8]> for Inline<N> {
+    fn as_ref(&self) -> &[u8] {
+        &self.data[..usize::from(self.len)]
     }
 }
 

@@ -90,7 +90,7 @@ pub use dead_letter::{DeadLetter, DeadLetterSummary};
 pub use fields::Fields;
 pub use footprint::StoreMemory;
 pub use journal::DEFAULT_JOURNAL_BYTES;
-pub use mirror::{FieldValue, KeyRef, MirrorEntries, MirrorKind, MirrorValue};
+pub use mirror::{stored_copy, FieldValue, KeyRef, MirrorEntries, MirrorKind, MirrorValue};
 pub use open_unit::OpenUnit;
 pub use store::{stop_rocksdb_perf_counters, MirrorCursor, MirrorPage, Store};
 pub use window::{Window, STORED_BY_FIELD};

@@ -26,7 +26,7 @@ use super::rows::{
 };
 use super::working_set::WorkingSet;
 use crate::ack::OP_FIELD;
-use crate::buffer::{FieldValue, Fields, MirrorKind, MirrorValue, StoreError};
+use crate::buffer::{stored_copy, FieldValue, Fields, MirrorKind, MirrorValue, StoreError};
 use crate::position::ReplOffset;
 use crate::replication::rdb::decode_dump_payload;
 use crate::replication::stream::Command;
@@ -172,47 +172,10 @@ fn set_fields(
 /// whole stream read (64 KiB or more): kept in the mirror (and its cache, for as long as the key
 /// stays cached), a slice would keep that whole buffer alive, unseen by the cache's weight.
 /// Measured: a "64 MB" cache of 100,000 small hashes grew the process by 300 MB and more
-/// (scripts/soak.sh). Only what is stored is copied: names of new fields and values.
-///
-/// A short one (most values of a row) is held inline in its reference-counted allocation
-/// ([`Bytes::from_owner`]), one allocation as before. A `Bytes` made from a vector takes a
-/// second allocation (its shared header) the first time it is cloned, and every value a
-/// command sets is cloned into its row image: that cost an allocation and a free per changed
-/// column (scripts/bench-instructions.sh).
+/// (scripts/soak.sh). Only what is stored is copied: names of new fields and values
+/// ([`stored_copy`]: a short one inline).
 pub(super) fn owned(bytes: &Bytes) -> Bytes {
-    if bytes.is_empty() {
-        return Bytes::new();
-    }
-    if let Some(inline) = Inline::<15>::new(bytes) {
-        return Bytes::from_owner(inline);
-    }
-    if let Some(inline) = Inline::<47>::new(bytes) {
-        return Bytes::from_owner(inline);
-    }
-    Bytes::copy_from_slice(bytes)
-}
-
-/// Up to `N` bytes inline. With the owner's header (a reference count and a drop function),
-/// `Inline<15>` fills an allocation of 32 bytes and `Inline<47>` one of 64.
-struct Inline<const N: usize> {
-    len: u8,
-    data: [u8; N],
-}
-
-impl<const N: usize> Inline<N> {
-    /// `bytes` inline, when they fit.
-    fn new(bytes: &[u8]) -> Option<Inline<N>> {
-        let len = u8::try_from(bytes.len()).ok()?;
-        let mut data = [0; N];
-        data.get_mut(..bytes.len())?.copy_from_slice(bytes);
-        Some(Inline { len, data })
-    }
-}
-
-impl<const N: usize> AsRef<[u8]> for Inline<N> {
-    fn as_ref(&self) -> &[u8] {
-        &self.data[..usize::from(self.len)]
-    }
+    stored_copy(bytes)
 }
 
 fn parse_i64(b: &[u8]) -> Option<i64> {
