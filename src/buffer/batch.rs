@@ -14,9 +14,11 @@ use super::{
 use crate::position::{ChangeSeq, ReplId, ReplOffset};
 use std::sync::Arc;
 
-/// Changes encoded for a batch ([`Op::Changes`]).
+/// Changes encoded for a batch ([`Op::Changes`]), in seq order: each encoded as it is pushed
+/// and freed at once, where it is made (capture's thread), so that neither a vector of changes
+/// nor the committer's thread touches their values.
 #[derive(Debug, Default)]
-pub(super) struct EncodedChanges {
+pub struct EncodedChanges {
     pub(super) first_unit: Option<ChangeSeq>,
     pub(super) bytes: Vec<u8>,
     /// Each change's seq and where its encoding ends in `bytes`.
@@ -24,6 +26,28 @@ pub(super) struct EncodedChanges {
 }
 
 impl EncodedChanges {
+    /// Room for about `changes` changes.
+    pub fn with_capacity(changes: usize) -> EncodedChanges {
+        EncodedChanges {
+            first_unit: None,
+            bytes: Vec::with_capacity(changes * 128),
+            ends: Vec::with_capacity(changes),
+        }
+    }
+
+    /// Encodes `change` after those pushed before it.
+    pub fn push(&mut self, change: Change) {
+        if self.first_unit.is_none() {
+            self.first_unit = Some(change.unit.min(change.seq));
+        }
+        change.append_to(&mut self.bytes);
+        self.ends.push((change.seq, self.bytes.len()));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
     /// Each change's seq and encoding, in order.
     pub(super) fn iter(&self) -> impl Iterator<Item = (ChangeSeq, &[u8])> {
         let starts = std::iter::once(0).chain(self.ends.iter().map(|(_, end)| *end));
@@ -128,19 +152,18 @@ impl Batch {
     }
     /// Puts changes (encoded here, and freed).
     pub fn put_changes(&mut self, changes: Vec<Change>) {
-        let Some(first) = changes.first() else {
-            return;
-        };
-        let mut encoded = EncodedChanges {
-            first_unit: Some(first.unit.min(first.seq)),
-            bytes: Vec::with_capacity(changes.len() * 128),
-            ends: Vec::with_capacity(changes.len()),
-        };
-        for change in &changes {
-            change.append_to(&mut encoded.bytes);
-            encoded.ends.push((change.seq, encoded.bytes.len()));
+        let mut encoded = EncodedChanges::with_capacity(changes.len());
+        for change in changes {
+            encoded.push(change);
         }
-        self.ops.push(Op::Changes(encoded));
+        self.put_encoded_changes(encoded);
+    }
+
+    /// Puts changes encoded already.
+    pub fn put_encoded_changes(&mut self, changes: EncodedChanges) {
+        if !changes.is_empty() {
+            self.ops.push(Op::Changes(changes));
+        }
     }
     pub fn put_checkpoint(&mut self, checkpoint: &Checkpoint) {
         self.ops

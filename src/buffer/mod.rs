@@ -82,7 +82,7 @@ mod window;
 use std::path::PathBuf;
 
 pub use acknowledgement::{AckRecord, NewAck};
-pub use batch::Batch;
+pub use batch::{Batch, EncodedChanges};
 pub use change::{Change, HashOp, Name, RowChange};
 pub use checkpoint::Checkpoint;
 pub use codec::DecodeError;

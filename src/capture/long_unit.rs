@@ -31,7 +31,7 @@ use super::stream::{Committed, Prepared, StreamBatch};
 use super::working_set::MirrorView;
 use super::{Capture, CaptureError};
 use crate::ack::parse_tag;
-use crate::buffer::{Batch, OpenUnit, StoreError};
+use crate::buffer::{Batch, EncodedChanges, OpenUnit, StoreError};
 use crate::metrics::OpenTransaction;
 use crate::position::{ChangeSeq, DurableOffset, ReplOffset, StreamPosition};
 use crate::replication::stream::{Command, StreamEvent};
@@ -122,14 +122,14 @@ impl StreamBatch {
         rows.append(&mut self.long_rows);
         long.held = rows.pop();
         let mut counts = ChangeCounts::default();
-        let mut changes = Vec::with_capacity(rows.len());
+        let mut changes = EncodedChanges::with_capacity(rows.len());
         state.number_rows(
             &mut changes,
             rows,
             (long.first_seq, long.start, false),
             &mut counts,
         );
-        batch.put_changes(changes);
+        batch.put_encoded_changes(changes);
         let flushed = self.ws.flush_into(&mut batch);
         batch.open_unit(&OpenUnit {
             first_seq: long.first_seq,

@@ -11,7 +11,7 @@ use super::mirror_cache::MirrorCache;
 use super::ops::OpState;
 use super::rows::RowEvent;
 use super::CaptureStats;
-use crate::buffer::{Batch, Change, Checkpoint, Name, RowChange, Store};
+use crate::buffer::{Batch, Change, Checkpoint, EncodedChanges, Name, RowChange, Store};
 use crate::position::{ChangeSeq, ReplOffset};
 
 pub struct CaptureState {
@@ -60,16 +60,16 @@ impl CaptureState {
         offset: ReplOffset,
         counts: &mut ChangeCounts,
     ) {
-        let mut changes = Vec::with_capacity(events.len());
+        let mut changes = EncodedChanges::with_capacity(events.len());
         self.number_unit(&mut changes, events, offset, counts);
-        batch.put_changes(changes);
+        batch.put_encoded_changes(changes);
     }
 
     /// Numbers one unit of row events as [`CaptureState::append_unit`] does, onto `changes`
     /// (for a batch that puts the changes of all its units at once).
     pub fn number_unit(
         &mut self,
-        changes: &mut Vec<Change>,
+        changes: &mut EncodedChanges,
         events: Vec<RowEvent>,
         offset: ReplOffset,
         counts: &mut ChangeCounts,
@@ -83,7 +83,7 @@ impl CaptureState {
     /// end nothing: `long_unit.rs`).
     pub fn number_rows(
         &mut self,
-        changes: &mut Vec<Change>,
+        changes: &mut EncodedChanges,
         events: Vec<RowEvent>,
         (unit, offset, ends): (ChangeSeq, ReplOffset, bool),
         counts: &mut ChangeCounts,

@@ -21,7 +21,7 @@ use super::rows::{row_event, RowEvent};
 use super::state::{CaptureState, ChangeCounts};
 use super::working_set::{Flushed, MirrorView, WorkingSet};
 use crate::ack::{parse_tag, Tag};
-use crate::buffer::{Batch, NewAck, Store, StoreError};
+use crate::buffer::{Batch, EncodedChanges, NewAck, Store, StoreError};
 use crate::position::{ChangeSeq, ReplOffset, StreamPosition};
 use crate::replication::stream::{Command, StreamEvent};
 
@@ -381,7 +381,8 @@ impl StreamBatch {
         let flushed = self.ws.flush_into(&mut batch);
         let first_seq = state.checkpoint.next_seq;
         let mut counts = ChangeCounts::default();
-        let mut changes = Vec::with_capacity(self.changes.iter().map(|(rows, _)| rows.len()).sum());
+        let mut changes =
+            EncodedChanges::with_capacity(self.changes.iter().map(|(rows, _)| rows.len()).sum());
         for (i, (rows, offset)) in self.changes.into_iter().enumerate() {
             match self.continued {
                 // The rest of a long unit, some of which may be written already.
@@ -394,7 +395,7 @@ impl StreamBatch {
         if self.closes_unit {
             batch.close_unit();
         }
-        batch.put_changes(changes);
+        batch.put_encoded_changes(changes);
         batch.put_acks(self.acks);
         for seq in self.retired {
             batch.delete_dead_letter(seq);
