@@ -227,4 +227,77 @@ mod tests {
             );
         }
     }
+
+    /// A small deterministic generator (no dependency for a test).
+    struct Xorshift(u64);
+
+    impl Xorshift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> usize {
+            (self.next() % n) as usize
+        }
+    }
+
+    /// Random commands, concatenated and cut at random points: parsed back exactly, each
+    /// prefix of a frame incomplete, never an error.
+    #[test]
+    fn random_commands_cut_anywhere_parse_back_exactly() {
+        let mut rng = Xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut stream = Vec::new();
+        let mut commands = Vec::new();
+        for _ in 0..500 {
+            let args: Vec<Vec<u8>> = (0..1 + rng.below(9))
+                .map(|_| (0..rng.below(40)).map(|_| rng.next() as u8).collect())
+                .collect();
+            stream.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+            for arg in &args {
+                stream.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+                stream.extend_from_slice(arg);
+                stream.extend_from_slice(b"\r\n");
+            }
+            commands.push(args);
+        }
+        let mut ranges = Vec::new();
+        let (mut buffered, mut consumed, mut parsed) = (0, 0, Vec::<Vec<Vec<u8>>>::new());
+        while consumed < stream.len() {
+            buffered = (buffered + 1 + rng.below(64)).min(stream.len());
+            loop {
+                let input = &stream[consumed..buffered];
+                match parse(input, &mut ranges).expect("a valid stream") {
+                    Parsed::Incomplete => break,
+                    Parsed::Command { len } => {
+                        parsed.push(ranges.iter().map(|r| input[r.clone()].to_vec()).collect());
+                        consumed += len;
+                    }
+                }
+            }
+        }
+        assert_eq!(parsed, commands);
+    }
+
+    /// Arbitrary bytes are a command, incomplete or an error, never a panic, and a command
+    /// never claims more than the input holds.
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = Xorshift(0x2545_f491_4f6c_dd1d);
+        let alphabet = b"*$-0123456789\r\nab";
+        let mut ranges = Vec::new();
+        for _ in 0..20_000 {
+            let input: Vec<u8> = (0..rng.below(48))
+                .map(|_| match rng.below(4) {
+                    0 => rng.next() as u8,
+                    _ => alphabet[rng.below(alphabet.len() as u64)],
+                })
+                .collect();
+            if let Ok(Parsed::Command { len }) = parse(&input, &mut ranges) {
+                assert!(len <= input.len());
+                assert!(ranges.iter().all(|r| r.end <= len));
+            }
+        }
+    }
 }
