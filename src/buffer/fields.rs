@@ -24,8 +24,11 @@ use super::window::{Window, STORED_BY_FIELD};
 pub const SMALL_FIELDS: usize = 32;
 
 /// Bytes of one field besides its name and value: its slot (name and value handles, TTL) and
-/// the allocations of the name and the value (a short one is held inline in an allocation of
-/// 32 bytes with its reference count: `capture::apply::owned`).
+/// the allocations of the name and the value. A name or value of up to 23 bytes is held
+/// inline in an allocation of 32 with its reference count, one of up to 55 in 64
+/// (`buffer::mirror::stored_copy`); a mapped name is the mapping's own. 48 covers a value and
+/// an unmapped name of the usual few bytes; the weight is an estimate (scripts/soak.sh
+/// checks the process against it).
 const FIELD_OVERHEAD: u64 = 80 + 48;
 /// Bytes of one node of the map (11 slots of 80 bytes), counted per 8 fields (nodes are not full).
 const MAP_NODE: u64 = 900;

@@ -224,17 +224,17 @@ pub fn stored_copy(bytes: &[u8]) -> Bytes {
     if bytes.is_empty() {
         return Bytes::new();
     }
-    if let Some(inline) = Inline::<15>::new(bytes) {
+    if let Some(inline) = Inline::<23>::new(bytes) {
         return Bytes::from_owner(inline);
     }
-    if let Some(inline) = Inline::<47>::new(bytes) {
+    if let Some(inline) = Inline::<55>::new(bytes) {
         return Bytes::from_owner(inline);
     }
     Bytes::copy_from_slice(bytes)
 }
 
-/// Up to `N` bytes inline. With the owner's header (a reference count and a drop function),
-/// `Inline<15>` fills an allocation of 32 bytes and `Inline<47>` one of 64.
+/// Up to `N` bytes inline. With the owner's header (`bytes` 1.12: a reference count of 8 bytes)
+/// and the length, `Inline<23>` fills an allocation of 32 bytes and `Inline<55>` one of 64.
 struct Inline<const N: usize> {
     len: u8,
     data: [u8; N],

@@ -81,7 +81,9 @@ pub fn parse(input: &[u8], args: &mut Vec<Range<usize>>) -> Result<Parsed, Frame
         if len < 0 {
             return Err(FrameError {
                 at: pos,
-                message: "a null argument (`$-1`), not a bulk string".into(),
+                message: format!(
+                    "an argument of length {len} (`$-1` is a null), not a bulk string"
+                ),
             });
         }
         let Some(end) = usize::try_from(len).ok().and_then(|l| data.checked_add(l)) else {
@@ -199,7 +201,8 @@ mod tests {
             (b"*-1\r\n", 0, "-1 arguments"),
             (b"*1\r\n:1\r\n", 4, "expected an argument"),
             (b"*1\r\n*1\r\n$1\r\na\r\n", 4, "expected an argument"),
-            (b"*1\r\n$-1\r\n", 4, "null argument"),
+            (b"*1\r\n$-1\r\n", 4, "length -1"),
+            (b"*1\r\n$-5\r\n", 4, "length -5"),
             (b"*1\r\n$x\r\n", 5, "expected a length"),
             (b"*1\r\n$\r\n", 5, "expected a length"),
             (b"*1\r\n$1\rx", 6, "CRLF after a length"),

@@ -25,6 +25,9 @@ use bytes::{Bytes, BytesMut};
 use super::frame;
 use crate::position::ReplOffset;
 
+/// Argument ranges kept between commands (beyond, the table of one large command is freed).
+const MAX_KEPT_RANGES: usize = 1024;
+
 /// Commands of a transaction delivered together before its `EXEC`.
 pub const TRANSACTION_PART_COMMANDS: usize = 1024;
 
@@ -189,6 +192,10 @@ impl CommandStream {
             let frame = input.split_to(len).freeze();
             self.offset = self.offset.advanced(len as u64);
             let args = self.ranges.iter().map(|r| frame.slice(r.clone())).collect();
+            if self.ranges.capacity() > MAX_KEPT_RANGES {
+                // One command of many arguments does not keep its table for the link's life.
+                self.ranges = Vec::new();
+            }
             if let Some(event) = self.handle(args, frame_start)? {
                 return Ok(Some(event));
             }
