@@ -24,8 +24,8 @@ use super::window::{Window, STORED_BY_FIELD};
 pub const SMALL_FIELDS: usize = 32;
 
 /// Bytes of one field besides its name and value: its slot (name and value handles, TTL) and
-/// the allocations of the name and the value. A name or value of up to 23 bytes is held
-/// inline in an allocation of 32 with its reference count, one of up to 55 in 64
+/// the allocations of the name and the value. A name or value of up to 7 bytes is held inline
+/// in an allocation of 16 with its reference count, one of up to 23 in 32, one of up to 55 in 64
 /// (`buffer::mirror::stored_copy`); a mapped name is the mapping's own. 48 covers a value and
 /// an unmapped name of the usual few bytes; the weight is an estimate (scripts/soak.sh
 /// checks the process against it).

@@ -207,10 +207,12 @@ impl hashbrown::Equivalent<(u32, Bytes)> for KeyRef<'_> {
 }
 
 /// The owned key, in an allocation of its own (never a slice of a stream read: see
-/// `capture::apply::owned`).
+/// `capture::apply::owned`). Not inline ([`stored_copy`]): a key is sliced into row ids while
+/// it stays cached, and its shared header is made once; inline, every key of a large flush
+/// took a larger allocation for no measured gain (scripts/bench-flush.sh, session 18).
 impl From<&KeyRef<'_>> for (u32, Bytes) {
     fn from(key: &KeyRef<'_>) -> (u32, Bytes) {
-        (key.db, stored_copy(key.key))
+        (key.db, Bytes::copy_from_slice(key.key))
     }
 }
 
@@ -224,6 +226,9 @@ pub fn stored_copy(bytes: &[u8]) -> Bytes {
     if bytes.is_empty() {
         return Bytes::new();
     }
+    if let Some(inline) = Inline::<7>::new(bytes) {
+        return Bytes::from_owner(inline);
+    }
     if let Some(inline) = Inline::<23>::new(bytes) {
         return Bytes::from_owner(inline);
     }
@@ -234,7 +239,9 @@ pub fn stored_copy(bytes: &[u8]) -> Bytes {
 }
 
 /// Up to `N` bytes inline. With the owner's header (`bytes` 1.12: a reference count of 8 bytes)
-/// and the length, `Inline<23>` fills an allocation of 32 bytes and `Inline<55>` one of 64.
+/// and the length, `Inline<7>` fills an allocation of 16 bytes, `Inline<23>` one of 32 and
+/// `Inline<55>` one of 64 (a vector's copy of a few bytes takes 8, and 32 more for the shared
+/// header once cloned).
 struct Inline<const N: usize> {
     len: u8,
     data: [u8; N],
