@@ -216,12 +216,12 @@ impl From<&KeyRef<'_>> for (u32, Bytes) {
     }
 }
 
-/// A copy of `bytes` to keep in the mirror. A short one (most keys and most values of a row)
-/// is held inline in its reference-counted allocation ([`Bytes::from_owner`]): one allocation,
-/// as a copy in a vector of its own takes, but a vector's `Bytes` allocates a second, shared
-/// header the first time it is cloned or sliced, and every value a command sets is cloned into
-/// its row image, every key sliced into its row id (an allocation and a free per changed
-/// column: scripts/bench-instructions.sh).
+/// A copy of `bytes` to keep in the mirror: the values a command sets and the names of fields
+/// it adds (`capture::apply::owned`). A short one (most values of a row) is held inline in its
+/// reference-counted allocation ([`Bytes::from_owner`]): one allocation, as a copy in a vector
+/// of its own takes, but a vector's `Bytes` allocates a second, shared header the first time it
+/// is cloned, and every value a command sets is cloned into its row image (an allocation and a
+/// free per changed column: scripts/bench-instructions.sh).
 pub fn stored_copy(bytes: &[u8]) -> Bytes {
     if bytes.is_empty() {
         return Bytes::new();
