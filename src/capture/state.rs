@@ -119,9 +119,11 @@ pub struct ChangeCounts {
 impl ChangeCounts {
     fn add(&mut self, change: &Change) {
         let slot = usize::from(matches!(change.row, RowChange::Delete));
-        let found = self.counts.iter_mut().find(|(mapping, _)| {
-            Name::ptr_eq(mapping, &change.mapping) || *mapping == change.mapping
-        });
+        // `Arc`'s equality compares addresses first (the mapping's own name): no hashing.
+        let found = self
+            .counts
+            .iter_mut()
+            .find(|(mapping, _)| *mapping == change.mapping);
         match found {
             Some((_, n)) => n[slot] += 1,
             None => {
