@@ -14,15 +14,17 @@ use super::{
 use crate::position::{ChangeSeq, ReplId, ReplOffset};
 use std::sync::Arc;
 
-/// Changes encoded for a batch ([`Op::Changes`]), in seq order: each encoded as it is pushed
-/// and freed at once, where it is made (capture's thread), so that neither a vector of changes
-/// nor the committer's thread touches their values.
+/// Changes encoded for a batch ([`Op::Changes`]) as one block of the change log
+/// (`change_log.rs`), in seq order: each encoded as it is pushed and freed at once, where it is
+/// made (capture's thread), so that neither a vector of changes nor the committer's thread
+/// touches their values.
 #[derive(Debug, Default)]
 pub struct EncodedChanges {
     pub(super) first_unit: Option<ChangeSeq>,
-    pub(super) bytes: Vec<u8>,
-    /// Each change's seq and where its encoding ends in `bytes`.
-    pub(super) ends: Vec<(ChangeSeq, usize)>,
+    /// The seqs of the first and the last change.
+    pub(super) seqs: Option<(ChangeSeq, ChangeSeq)>,
+    /// The block's value.
+    pub(super) block: Vec<u8>,
 }
 
 impl EncodedChanges {
@@ -30,31 +32,38 @@ impl EncodedChanges {
     pub fn with_capacity(changes: usize) -> EncodedChanges {
         EncodedChanges {
             first_unit: None,
-            bytes: Vec::with_capacity(changes * 128),
-            ends: Vec::with_capacity(changes),
+            seqs: None,
+            block: Vec::with_capacity(changes * 128),
         }
     }
 
-    /// Encodes `change` after those pushed before it.
+    /// Encodes `change` after those pushed before it; its seq must be higher than theirs.
     pub fn push(&mut self, change: Change) {
-        if self.first_unit.is_none() {
-            self.first_unit = Some(change.unit.min(change.seq));
-        }
-        change.append_to(&mut self.bytes);
-        self.ends.push((change.seq, self.bytes.len()));
+        self.push_ref(&change);
+    }
+
+    fn push_ref(&mut self, change: &Change) {
+        let first = match self.seqs {
+            None => {
+                self.first_unit = Some(change.unit.min(change.seq));
+                change.seq
+            }
+            Some((first, last)) => {
+                assert!(
+                    change.seq > last,
+                    "change {} pushed after {}: a block's seqs increase",
+                    change.seq.0,
+                    last.0
+                );
+                first
+            }
+        };
+        super::change_log::append_to_block(&mut self.block, change.seq, change);
+        self.seqs = Some((first, change.seq));
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
-    }
-
-    /// Each change's seq and encoding, in order.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (ChangeSeq, &[u8])> {
-        let starts = std::iter::once(0).chain(self.ends.iter().map(|(_, end)| *end));
-        self.ends
-            .iter()
-            .zip(starts)
-            .map(|((seq, end), start)| (*seq, &self.bytes[start..*end]))
+        self.seqs.is_none()
     }
 }
 
@@ -95,9 +104,8 @@ pub(super) enum Op {
     /// Mirror entries encoded when the batch is written (on the committer's thread, not
     /// capture's), in key order.
     MirrorEntries(Arc<MirrorEntries>),
-    PutChange(ChangeSeq, Vec<u8>),
-    /// Changes encoded into one buffer, each ending where `ends` says, and the first seq of
-    /// the unit of the first one. Encoded where the batch is built, not on the committer's
+    /// Changes encoded into one block of the change log, and the first seq of the unit of
+    /// the first one. Encoded where the batch is built, not on the committer's
     /// thread: the changes' values share their bytes with the mirror, and releasing them on
     /// another thread than capture's was a fifth of the committer's time (docs/benchmarks.md).
     Changes(EncodedChanges),
@@ -147,8 +155,11 @@ impl Batch {
             self.ops.push(Op::MirrorEntries(entries));
         }
     }
+    /// Puts one change, as a block of its own.
     pub fn put_change(&mut self, change: &Change) {
-        self.ops.push(Op::PutChange(change.seq, change.encode()));
+        let mut encoded = EncodedChanges::with_capacity(1);
+        encoded.push_ref(change);
+        self.put_encoded_changes(encoded);
     }
     /// Puts changes (encoded here, and freed).
     pub fn put_changes(&mut self, changes: Vec<Change>) {

@@ -46,6 +46,7 @@ pub struct Change {
 }
 
 impl Change {
+    #[cfg(test)]
     pub(super) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         self.append_to(&mut out);

@@ -145,6 +145,15 @@ impl<'a> Decoder<'a> {
         self.take(len)?;
         Ok(start..self.pos)
     }
+    /// A byte string as a slice of the input.
+    pub(crate) fn bytes_slice(&mut self) -> Result<&'a [u8], DecodeError> {
+        let len = self.u32()? as usize;
+        self.take(len)
+    }
+    /// Whether every byte has been read.
+    pub(crate) fn at_end(&self) -> bool {
+        self.pos == self.input.len()
+    }
     pub(crate) fn opt_bytes(&mut self) -> Result<Option<Bytes>, DecodeError> {
         Ok(if self.flag()? {
             Some(self.bytes()?)

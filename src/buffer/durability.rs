@@ -109,7 +109,6 @@ impl Batch {
     /// transaction whose end it writes, the transaction's first change).
     pub(super) fn first_unit_seq(&self) -> Option<ChangeSeq> {
         self.ops.iter().find_map(|op| match op {
-            Op::PutChange(seq, _) => Some(*seq),
             Op::Changes(changes) => changes.first_unit,
             _ => None,
         })

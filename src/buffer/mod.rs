@@ -1,6 +1,6 @@
 //! The durable buffer: a RocksDB database between the replication stream and the sinks.
 //!
-//! # On-disk format (format version 2)
+//! # On-disk format (format version 3)
 //!
 //! Nine column families; integers big-endian, byte strings `u32 length + bytes` (see [`codec`]).
 //! Each record kind has its own file (`mirror.rs`, `change.rs`, `checkpoint.rs`,
@@ -16,7 +16,9 @@
 //! - **`fields`**: the fields of hashes of kind 3 (more than 1,024 fields), one entry each. Key:
 //!   `db u32 + key length u32 + key bytes + field bytes`; value: `value bytes, expire_at_ms opt
 //!   i64` (`field_store.rs`; `window.rs` for how capture holds such a hash).
-//! - **`changes`**: the change log, in order. Key: `seq u64` (from 1; 0 means "none"). Value: `unit u64` (seq of the first
+//! - **`changes`**: the change log, in order, a block of changes per entry (`change_log.rs`
+//!   gives the block's layout; a buffer of format 2 holds one change per entry). Key: the
+//!   first seq, `seq u64` (from 1; 0 means "none"), then the byte 1. Each change: `unit u64` (seq of the first
 //!   change of its execution unit: a command, or a `MULTI ... EXEC`; the sink commits a unit in
 //!   one transaction), `unit_end u8`, `offset u64` (stream offset after the unit; before it, for
 //!   the changes of a long transaction written in parts, none of which ends it), `mapping
@@ -35,7 +37,8 @@
 //!   key bytes, uuid bytes, status bytes` (`done` or `failed`), `reason opt bytes`, `offset u64`
 //!   (stream offset of the change). Ids are given when the batch is written, under a lock, so
 //!   they become visible in increasing order. Deleted once written.
-//! - **`meta`**: `format` (u32 = 2); `checkpoint` (`replid opt bytes`, `offset u64`, `db u32`,
+//! - **`meta`**: `format` (u32 = 3; a buffer of format 2 is read as it is and recorded as 3 when
+//!   opened: only the change log's entries differ, and both forms are read); `checkpoint` (`replid opt bytes`, `offset u64`, `db u32`,
 //!   `next_seq u64`, `generation u64`, `full_sync_in_progress u8`); `replid/<seq u64>` the
 //!   history of replication IDs (`replid bytes, first offset u64`); `acks_enqueued/<backend>`
 //!   (u64: the backend's changes up to this seq have their acks in `acks`); `identity` (text: a
@@ -65,6 +68,7 @@
 mod acknowledgement;
 mod batch;
 mod change;
+mod change_log;
 mod checkpoint;
 pub mod codec;
 mod dead_letter;
@@ -95,7 +99,10 @@ pub use open_unit::OpenUnit;
 pub use store::{stop_rocksdb_perf_counters, MirrorCursor, MirrorPage, Store};
 pub use window::{Window, STORED_BY_FIELD};
 
-const FORMAT_VERSION: u32 = 2;
+const FORMAT_VERSION: u32 = 3;
+/// The oldest format this build reads (`change_log.rs`: format 2's change log is read as it
+/// is).
+const OLDEST_READABLE_FORMAT: u32 = 2;
 const CF_MIRROR: &str = "mirror";
 const CF_CHANGES: &str = "changes";
 const CF_META: &str = "meta";
@@ -126,7 +133,7 @@ pub enum StoreError {
     Damaged { path: PathBuf, message: String },
     #[error("buffer at {path} is in use by another writebehind process; stop it first")]
     InUse { path: PathBuf },
-    #[error("buffer at {path} has format version {found}; this writebehind reads version {FORMAT_VERSION}")]
+    #[error("buffer at {path} has format version {found}; this writebehind reads versions {OLDEST_READABLE_FORMAT} to {FORMAT_VERSION}: run a release that reads it, or move the buffer away to start over")]
     Format { path: PathBuf, found: u32 },
     #[error("buffer at {path}: {message}; restart the service (nothing it did not write was acknowledged)")]
     Writer { path: PathBuf, message: String },

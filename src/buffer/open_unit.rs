@@ -186,22 +186,8 @@ impl Store {
         // Read after the snapshot is taken: a change the snapshot holds was written after
         // its batch set this bound, so the bound read now is still set unless it is synced.
         let until = until.min(self.unsynced.changes_from());
-        let mut out = Vec::new();
-        for item in snapshot.iterator_cf(
-            self.cf(CF_CHANGES)?,
-            IteratorMode::From(&from.key(), Direction::Forward),
-        ) {
-            if out.len() >= limit {
-                break;
-            }
-            let (key, value) = item.map_err(|e| self.rocks(e))?;
-            let seq = self.seq_key(&key, "change key")?;
-            if seq >= until {
-                break;
-            }
-            out.push(Change::decode(ChangeSeq(seq), &value).map_err(|e| self.corrupt(e))?);
-        }
-        Ok(out)
+        let iter = snapshot.raw_iterator_cf(self.cf(CF_CHANGES)?);
+        self.read_changes(iter, from, until, limit)
     }
 
     /// Undoes the open unit, if any (see the module doc): its changes are deleted, the
@@ -218,11 +204,7 @@ impl Store {
         let mut checkpoint = self.checkpoint()?;
         checkpoint.next_seq = open.first_seq;
         let mut write = WriteBatch::default();
-        write.delete_range_cf(
-            self.cf(CF_CHANGES)?,
-            open.first_seq.key(),
-            u64::MAX.to_be_bytes(),
-        );
+        self.cut_changes(&mut write, open.first_seq)?;
         write.put_cf(meta, META_CHECKPOINT, checkpoint.encode());
         self.write_rocks(write, false)?;
         // Each page starts after the last key of the one before, not over its deletions.

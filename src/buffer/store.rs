@@ -11,15 +11,16 @@ use rocksdb::{
 
 use super::batch::MirrorWrite;
 use super::batch::Op;
+use super::change_log::block_key;
 use super::codec::{DecodeError, Decoder};
 use super::field_store::{clear_fields, put_fields};
 use super::journal::Journal;
 use super::mirror::{mirror_key, put_entries, put_value, split_mirror_key};
 use super::{
-    AckRecord, Batch, Change, Checkpoint, DeadLetter, MirrorValue, StoreError, CF_ACKS, CF_CHANGES,
+    AckRecord, Batch, Checkpoint, DeadLetter, MirrorValue, StoreError, CF_ACKS, CF_CHANGES,
     CF_DEAD_LETTERS, CF_FIELDS, CF_JOURNAL, CF_META, CF_MIRROR, CF_RAW, CF_UNDO, FORMAT_VERSION,
     META_ACKS_ENQUEUED_PREFIX, META_CHECKPOINT, META_CLOCK, META_FORMAT, META_IDENTITY,
-    META_REPLID_PREFIX, META_WATCHED,
+    META_REPLID_PREFIX, META_WATCHED, OLDEST_READABLE_FORMAT,
 };
 use crate::position::{ChangeSeq, ReplId, ReplOffset};
 
@@ -198,11 +199,18 @@ impl Store {
                     .try_into()
                     .map(u32::from_be_bytes)
                     .unwrap_or(0);
-                if found != FORMAT_VERSION {
+                if !(OLDEST_READABLE_FORMAT..=FORMAT_VERSION).contains(&found) {
                     return Err(StoreError::Format {
                         path: store.path.clone(),
                         found,
                     });
+                }
+                // An older format is read as it is; the blocks written from now on need this
+                // build or a later one.
+                if found < FORMAT_VERSION {
+                    let mut write = WriteBatch::default();
+                    write.put_cf(meta, META_FORMAT, FORMAT_VERSION.to_be_bytes());
+                    store.write_rocks(write, true)?;
                 }
             }
         }
@@ -410,17 +418,6 @@ impl Store {
         Ok(MirrorPage { entries, next })
     }
 
-    /// Up to `limit` changes with seq >= `from`, in order.
-    pub fn changes(&self, from: ChangeSeq, limit: usize) -> Result<Vec<Change>, StoreError> {
-        self.by_seq(
-            CF_CHANGES,
-            "change key",
-            from.0..u64::MAX,
-            limit,
-            |seq, value| Change::decode(ChangeSeq(seq), value),
-        )
-    }
-
     /// Up to `limit` entries of a column family keyed by `seq u64`, with seqs in `seqs`,
     /// decoded.
     fn by_seq<T>(
@@ -459,17 +456,6 @@ impl Store {
                 message: format!("{} bytes, expected 8", key.len()),
             })
         })
-    }
-
-    /// Removes every change with seq <= `through` (the sinks have applied them).
-    pub fn trim_changes(&self, through: ChangeSeq) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        batch.delete_range_cf(
-            self.cf(CF_CHANGES)?,
-            0u64.to_be_bytes(),
-            through.next().key(),
-        );
-        self.write_rocks(batch, false)
     }
 
     /// Applies `batch` atomically; with `sync`, it is on disk when this returns. Its mirror
@@ -532,10 +518,9 @@ impl Store {
             Op::ClearFields(db, key) => clear_fields(write, fields, db, &key),
             Op::PutFields(db, key, page) => put_fields(write, fields, (db, &key), &page),
             Op::DeleteMirror(k) => write.delete_cf(mirror, k),
-            Op::PutChange(seq, v) => write.put_cf(changes, seq.key(), v),
             Op::Changes(encoded) => {
-                for (seq, value) in encoded.iter() {
-                    write.put_cf(changes, seq.key(), value);
+                if let Some((first, _)) = encoded.seqs {
+                    write.put_cf(changes, block_key(first), encoded.block);
                 }
             }
             Op::PutMeta(k, v) => write.put_cf(meta, k, v),
@@ -688,7 +673,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::{FieldValue, HashOp, RowChange};
+    use crate::buffer::{Change, FieldValue, HashOp, RowChange};
     use crate::position::StreamPosition;
 
     fn value() -> MirrorValue {

@@ -1,0 +1,470 @@
+//! The change log (`changes` family): its entries, reading from a seq, trimming and cutting.
+//!
+//! # Format (buffer format 3)
+//!
+//! An entry holds the changes of one batch, a *block*. Key: `first seq u64` then the byte 1
+//! (9 bytes). Value: per change, in increasing seq order from the first, `seq u64` then the
+//! change's encoding as `bytes` (`u32 length` + the bytes `change.rs` describes). Every change
+//! of an entry has a lower seq than the first of the next entry: entries never overlap, so the
+//! log in key order is the changes in seq order.
+//!
+//! Buffers of format 2 (before 2026-11-30) hold one change per entry, under the 8-byte key
+//! `seq u64`, its value the change's encoding; they are read as blocks of one, so such a
+//! buffer is used as it is (opening it records format 3; no entry is rewritten). `seq` and
+//! `seq + 1` compare as their seqs do whatever their form.
+//!
+//! # Why blocks
+//! A change per entry cost a RocksDB memtable insert per change: a skip-list search of about
+//! forty key comparisons, about 3,200 instructions, a third of the committer's thread
+//! (`scripts/bench-instructions.sh`, docs/benchmarks.md session 19). A block is one insert per
+//! batch.
+//!
+//! # Reading, trimming, cutting
+//! - **Reading from a seq** starts at the entry holding it: the last entry whose key is at most
+//!   `seq` then `0xff`. Its changes before the seq are skipped.
+//! - **Trimming** through a seq removes whole entries only: an entry holding a change the sinks
+//!   have not applied stays whole, its applied changes included, until all of them are applied;
+//!   readers skip them (they read from a seq) and `status` counts them as held.
+//! - **Cutting** from a seq (rolling back an open unit) deletes every entry from there and
+//!   rewrites the entry holding that seq, if it started before it, with only its earlier
+//!   changes.
+
+use rocksdb::{DBAccess, DBRawIteratorWithThreadMode, WriteBatch};
+
+use super::codec::{DecodeError, Decoder};
+use super::{Change, StoreError, CF_CHANGES};
+use crate::position::ChangeSeq;
+
+/// The last byte of a block's key.
+const BLOCK_TAG: u8 = 1;
+
+/// The key of a block whose first change is `first`.
+pub(super) fn block_key(first: ChangeSeq) -> [u8; 9] {
+    let mut key = [BLOCK_TAG; 9];
+    key[..8].copy_from_slice(&first.key());
+    key
+}
+
+/// A key at or after every entry whose first seq is `seq`, before those of later seqs: the
+/// entry holding `seq` is the last at or before it.
+fn seek_key(seq: ChangeSeq) -> [u8; 9] {
+    let mut key = [0xff; 9];
+    key[..8].copy_from_slice(&seq.key());
+    key
+}
+
+/// Appends a change, numbered `seq`, to a block's value being built.
+pub(super) fn append_to_block(block: &mut Vec<u8>, seq: ChangeSeq, change: &Change) {
+    block.extend_from_slice(&seq.key());
+    let length_at = block.len();
+    block.extend_from_slice(&[0; 4]);
+    change.append_to(block);
+    let length = (block.len() - length_at - 4) as u32;
+    block[length_at..length_at + 4].copy_from_slice(&length.to_be_bytes());
+}
+
+/// One entry of the log: its changes' seqs and encodings, in order.
+pub(super) struct Entry<'a> {
+    /// The first seq (the key's).
+    first: u64,
+    /// The change of a format 2 entry; `None` for a block.
+    single: Option<&'a [u8]>,
+    block: Decoder<'a>,
+    /// The seq of the change returned last.
+    last: Option<u64>,
+}
+
+impl<'a> Entry<'a> {
+    /// Reads an entry's key and value.
+    pub(super) fn parse(key: &[u8], value: &'a [u8]) -> Result<Entry<'a>, DecodeError> {
+        let key_error = |message: String| DecodeError {
+            what: "change log key",
+            at: 0,
+            message,
+        };
+        let single = match (key.len(), key.last()) {
+            (8, _) => true,
+            (9, Some(&BLOCK_TAG)) => false,
+            (9, Some(other)) => {
+                return Err(key_error(format!(
+                    "last byte {other}, expected {BLOCK_TAG}"
+                )))
+            }
+            (n, _) => return Err(key_error(format!("{n} bytes, expected 8 or 9"))),
+        };
+        let mut seq = [0; 8];
+        seq.copy_from_slice(&key[..8]);
+        let first = u64::from_be_bytes(seq);
+        Ok(Entry {
+            first,
+            single: single.then_some(value),
+            block: Decoder::new(if single { &[] } else { value }, "change block"),
+            last: None,
+        })
+    }
+
+    /// The next change's seq and encoding, or `None` after the last.
+    pub(super) fn next_change(&mut self) -> Result<Option<(ChangeSeq, &'a [u8])>, DecodeError> {
+        if let Some(single) = self.single.take() {
+            self.last = Some(self.first);
+            return Ok(Some((ChangeSeq(self.first), single)));
+        }
+        if self.block.at_end() {
+            return match self.last {
+                None => Err(self.block.error("an empty block")),
+                Some(_) => Ok(None),
+            };
+        }
+        let seq = self.block.u64()?;
+        let in_order = match self.last {
+            None => seq == self.first,
+            Some(last) => seq > last,
+        };
+        if !in_order {
+            return Err(self.block.error(format!(
+                "seq {seq} in the block of {} after {:?}: seqs increase from the key's",
+                self.first, self.last
+            )));
+        }
+        let change = self.block.bytes_slice()?;
+        self.last = Some(seq);
+        Ok(Some((ChangeSeq(seq), change)))
+    }
+
+    /// The seq of its last change.
+    fn last_seq(mut self) -> Result<u64, DecodeError> {
+        while self.next_change()?.is_some() {}
+        Ok(self.last.unwrap_or(self.first))
+    }
+}
+
+impl super::Store {
+    /// Up to `limit` changes with `from <= seq < until`, in order, read with `iter` (of the
+    /// change log, from the database or a snapshot).
+    pub(super) fn read_changes<D: DBAccess>(
+        &self,
+        mut iter: DBRawIteratorWithThreadMode<'_, D>,
+        from: ChangeSeq,
+        until: u64,
+        limit: usize,
+    ) -> Result<Vec<Change>, StoreError> {
+        let mut out = Vec::new();
+        iter.seek_for_prev(seek_key(from));
+        if !iter.valid() {
+            iter.seek_to_first();
+        }
+        'entries: while let Some((key, value)) = iter.item() {
+            let mut entry = Entry::parse(key, value).map_err(|e| self.corrupt(e))?;
+            while let Some((seq, bytes)) = entry.next_change().map_err(|e| self.corrupt(e))? {
+                if seq < from {
+                    continue;
+                }
+                if seq.0 >= until || out.len() >= limit {
+                    break 'entries;
+                }
+                out.push(Change::decode(seq, bytes).map_err(|e| self.corrupt(e))?);
+            }
+            iter.next();
+        }
+        iter.status().map_err(|e| self.rocks(e))?;
+        Ok(out)
+    }
+
+    /// Up to `limit` changes with seq >= `from`, in order.
+    pub fn changes(&self, from: ChangeSeq, limit: usize) -> Result<Vec<Change>, StoreError> {
+        let iter = self.db.raw_iterator_cf(self.cf(CF_CHANGES)?);
+        self.read_changes(iter, from, u64::MAX, limit)
+    }
+
+    /// Removes every entry whose changes all have seq <= `through` (the sinks have applied
+    /// them); the entry holding `through` and later changes stays (see the module doc).
+    pub fn trim_changes(&self, through: ChangeSeq) -> Result<(), StoreError> {
+        let changes = self.cf(CF_CHANGES)?;
+        let mut iter = self.db.raw_iterator_cf(changes);
+        iter.seek_for_prev(seek_key(through));
+        let end = match iter.item() {
+            None => {
+                iter.status().map_err(|e| self.rocks(e))?;
+                return Ok(());
+            }
+            Some((key, value)) => {
+                let entry = Entry::parse(key, value).map_err(|e| self.corrupt(e))?;
+                match entry.last_seq().map_err(|e| self.corrupt(e))? <= through.0 {
+                    true => through.next().key().to_vec(),
+                    false => key.to_vec(),
+                }
+            }
+        };
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(changes, &0u64.to_be_bytes()[..], &end[..]);
+        self.write_rocks(batch, false)
+    }
+
+    /// Adds to `write` the deletion of every change with seq >= `from`: the entries from
+    /// there, and the changes from `from` on of the entry holding it.
+    pub(super) fn cut_changes(
+        &self,
+        write: &mut WriteBatch,
+        from: ChangeSeq,
+    ) -> Result<(), StoreError> {
+        let changes = self.cf(CF_CHANGES)?;
+        let mut iter = self.db.raw_iterator_cf(changes);
+        iter.seek_for_prev(seek_key(from));
+        if let Some((key, value)) = iter.item() {
+            let mut entry = Entry::parse(key, value).map_err(|e| self.corrupt(e))?;
+            let mut kept = Vec::new();
+            let mut cut = false;
+            while let Some((seq, bytes)) = entry.next_change().map_err(|e| self.corrupt(e))? {
+                match seq < from {
+                    true => {
+                        kept.extend_from_slice(&seq.key());
+                        kept.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+                        kept.extend_from_slice(bytes);
+                    }
+                    false => cut = true,
+                }
+            }
+            // An entry starting at `from` or later goes with the range below.
+            if cut && !kept.is_empty() {
+                write.put_cf(changes, key, kept);
+            }
+        }
+        iter.status().map_err(|e| self.rocks(e))?;
+        write.delete_range_cf(changes, from.key(), u64::MAX.to_be_bytes());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::{Batch, RowChange, Store};
+    use crate::position::ReplOffset;
+    use bytes::Bytes;
+
+    fn change(seq: u64) -> Change {
+        Change {
+            seq: ChangeSeq(seq),
+            unit: ChangeSeq(seq),
+            unit_end: true,
+            offset: ReplOffset(seq * 10),
+            mapping: "m".into(),
+            row_id: Bytes::from(format!("row{seq}")),
+            row: RowChange::Delete,
+            op: None,
+        }
+    }
+
+    fn seqs(changes: &[Change]) -> Vec<u64> {
+        changes.iter().map(|c| c.seq.0).collect()
+    }
+
+    /// A log as a buffer of format 2 left it (one change per 8-byte key, seqs 1-3), then blocks
+    /// of 4-6 and 7-9 written by this build.
+    fn mixed_log(dir: &std::path::Path) -> Result<Store, Box<dyn std::error::Error>> {
+        let store = Store::open(dir)?;
+        let log = store.cf(CF_CHANGES)?;
+        for seq in 1..=3 {
+            store
+                .db
+                .put_cf(log, ChangeSeq(seq).key(), change(seq).encode())?;
+        }
+        for block in [4..=6, 7..=9] {
+            let mut batch = Batch::default();
+            batch.put_changes(block.map(change).collect());
+            store.write(batch, false)?;
+        }
+        Ok(store)
+    }
+
+    #[test]
+    fn reads_from_any_seq_of_either_form() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = mixed_log(dir.path())?;
+        assert_eq!(
+            store.changes(ChangeSeq::NONE, 100)?,
+            (1..=9).map(change).collect::<Vec<_>>()
+        );
+        for from in 0..=10 {
+            for limit in [1, 2, 5, 100] {
+                let expected: Vec<u64> = (from.max(1)..=9).take(limit).collect();
+                assert_eq!(
+                    seqs(&store.changes(ChangeSeq(from), limit)?),
+                    expected,
+                    "from {from}, limit {limit}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn trimming_removes_whole_entries_only() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = mixed_log(dir.path())?;
+        store.trim_changes(ChangeSeq(2))?;
+        assert_eq!(
+            seqs(&store.changes(ChangeSeq::NONE, 100)?),
+            (3..=9).collect::<Vec<_>>()
+        );
+        // 5 is applied, 6 is not: the block of 4-6 stays whole.
+        store.trim_changes(ChangeSeq(5))?;
+        assert_eq!(
+            seqs(&store.changes(ChangeSeq::NONE, 100)?),
+            (4..=9).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            seqs(&store.changes(ChangeSeq(6), 100)?),
+            (6..=9).collect::<Vec<_>>()
+        );
+        store.trim_changes(ChangeSeq(6))?;
+        assert_eq!(
+            seqs(&store.changes(ChangeSeq::NONE, 100)?),
+            (7..=9).collect::<Vec<_>>()
+        );
+        store.trim_changes(ChangeSeq(20))?;
+        assert!(store.changes(ChangeSeq::NONE, 100)?.is_empty());
+        store.trim_changes(ChangeSeq(20))?;
+        Ok(())
+    }
+
+    #[test]
+    fn cutting_keeps_what_comes_before() -> Result<(), Box<dyn std::error::Error>> {
+        for from in 1..=10 {
+            let dir = tempfile::tempdir()?;
+            let store = mixed_log(dir.path())?;
+            let mut write = WriteBatch::default();
+            store.cut_changes(&mut write, ChangeSeq(from))?;
+            store.write_rocks(write, false)?;
+            assert_eq!(
+                store.changes(ChangeSeq::NONE, 100)?,
+                (1..from.min(10)).map(change).collect::<Vec<_>>(),
+                "cut from {from}"
+            );
+            // The log goes on after a cut as before it.
+            let mut batch = Batch::default();
+            batch.put_changes((from..from + 2).map(change).collect());
+            store.write(batch, false)?;
+            assert_eq!(
+                seqs(&store.changes(ChangeSeq::NONE, 100)?),
+                (1..from + 2).collect::<Vec<_>>()
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn damaged_entries_are_errors_naming_what_was_seen() -> Result<(), Box<dyn std::error::Error>> {
+        let mut good = Vec::new();
+        append_to_block(&mut good, ChangeSeq(5), &change(5));
+        append_to_block(&mut good, ChangeSeq(6), &change(6));
+        let mut backwards = Vec::new();
+        append_to_block(&mut backwards, ChangeSeq(5), &change(5));
+        append_to_block(&mut backwards, ChangeSeq(5), &change(5));
+        let cases: Vec<(Vec<u8>, Vec<u8>, &str)> = vec![
+            (block_key(ChangeSeq(6)).to_vec(), good.clone(), "block of 6"),
+            (block_key(ChangeSeq(5)).to_vec(), backwards, "seqs increase"),
+            (
+                block_key(ChangeSeq(5)).to_vec(),
+                Vec::new(),
+                "an empty block",
+            ),
+            (
+                block_key(ChangeSeq(5)).to_vec(),
+                good[..good.len() - 1].to_vec(),
+                "more bytes",
+            ),
+            (vec![0; 10], good.clone(), "10 bytes, expected 8 or 9"),
+            (
+                [&ChangeSeq(5).key()[..], &[2]].concat(),
+                good.clone(),
+                "last byte 2",
+            ),
+        ];
+        for (key, value, expected) in cases {
+            let dir = tempfile::tempdir()?;
+            let store = Store::open(dir.path())?;
+            store.db.put_cf(store.cf(CF_CHANGES)?, &key, &value)?;
+            match store.changes(ChangeSeq::NONE, 100) {
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    assert!(
+                        e.to_string().contains(expected),
+                        "{e} should say {expected}"
+                    )
+                }
+                other => panic!("{key:?}: expected a corrupt entry, got {other:?}"),
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_buffer_of_format_2_is_read_and_recorded_as_3() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let format = |store: &Store| -> Result<Option<Vec<u8>>, Box<dyn std::error::Error>> {
+            Ok(store
+                .db
+                .get_cf(store.cf(super::super::CF_META)?, super::super::META_FORMAT)?)
+        };
+        // Written with RocksDB itself: `Store::open` refuses a format it does not read.
+        let set_format = |version: u32| -> Result<(), Box<dyn std::error::Error>> {
+            let db = rocksdb::DB::open_cf(
+                &rocksdb::Options::default(),
+                dir.path(),
+                super::super::store::FAMILIES,
+            )?;
+            let meta = db
+                .cf_handle(super::super::CF_META)
+                .ok_or("no meta family")?;
+            db.put_cf(meta, super::super::META_FORMAT, version.to_be_bytes())?;
+            Ok(())
+        };
+        drop(mixed_log(dir.path())?);
+        set_format(2)?;
+        let store = Store::open(dir.path())?;
+        assert_eq!(format(&store)?, Some(3u32.to_be_bytes().to_vec()));
+        assert_eq!(
+            seqs(&store.changes(ChangeSeq::NONE, 100)?),
+            (1..=9).collect::<Vec<_>>()
+        );
+        drop(store);
+        for refused in [1, 4] {
+            set_format(refused)?;
+            match Store::open(dir.path()) {
+                Err(StoreError::Format { found, .. }) => assert_eq!(found, refused),
+                other => panic!("format {refused}: {:?}", other.map(|_| ())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Damaged blocks (bytes changed, cut short, keys of every length) are errors or changes,
+    /// never a panic.
+    #[test]
+    fn damaged_bytes_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(19);
+        let mut good = Vec::new();
+        for seq in 5..9 {
+            append_to_block(&mut good, ChangeSeq(seq), &change(seq));
+        }
+        for _ in 0..20_000 {
+            let mut value = good.clone();
+            value.truncate(rng.random_range(0..=good.len()));
+            for _ in 0..rng.random_range(0..4) {
+                if !value.is_empty() {
+                    let at = rng.random_range(0..value.len());
+                    value[at] = rng.random();
+                }
+            }
+            let mut key = block_key(ChangeSeq(5)).to_vec();
+            key.truncate(rng.random_range(7..=9));
+            let Ok(mut entry) = Entry::parse(&key, &value) else {
+                continue;
+            };
+            while let Ok(Some((seq, bytes))) = entry.next_change() {
+                let _ = Change::decode(seq, bytes);
+            }
+        }
+    }
+}
