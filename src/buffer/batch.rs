@@ -14,17 +14,19 @@ use super::{
 use crate::position::{ChangeSeq, ReplId, ReplOffset};
 use std::sync::Arc;
 
-/// Changes encoded for a batch ([`Op::Changes`]) as one block of the change log
+use super::change_log::BLOCK_BYTES;
+
+/// Changes encoded for a batch ([`Op::Changes`]) as blocks of the change log
 /// (`change_log.rs`), in seq order: each encoded as it is pushed and freed at once, where it is
 /// made (capture's thread), so that neither a vector of changes nor the committer's thread
 /// touches their values.
 #[derive(Debug, Default)]
 pub struct EncodedChanges {
     pub(super) first_unit: Option<ChangeSeq>,
-    /// The seqs of the first and the last change.
-    pub(super) seqs: Option<(ChangeSeq, ChangeSeq)>,
-    /// The block's value.
-    pub(super) block: Vec<u8>,
+    /// The seq of the last change.
+    last: Option<ChangeSeq>,
+    /// Each block's first seq and value; the last one is being filled.
+    pub(super) blocks: Vec<(ChangeSeq, Vec<u8>)>,
 }
 
 impl EncodedChanges {
@@ -32,8 +34,8 @@ impl EncodedChanges {
     pub fn with_capacity(changes: usize) -> EncodedChanges {
         EncodedChanges {
             first_unit: None,
-            seqs: None,
-            block: Vec::with_capacity(changes * 128),
+            last: None,
+            blocks: Vec::with_capacity(changes * 128 / BLOCK_BYTES + 1),
         }
     }
 
@@ -43,27 +45,29 @@ impl EncodedChanges {
     }
 
     fn push_ref(&mut self, change: &Change) {
-        let first = match self.seqs {
-            None => {
-                self.first_unit = Some(change.unit.min(change.seq));
-                change.seq
-            }
-            Some((first, last)) => {
-                assert!(
-                    change.seq > last,
-                    "change {} pushed after {}: a block's seqs increase",
-                    change.seq.0,
-                    last.0
-                );
-                first
+        match self.last {
+            None => self.first_unit = Some(change.unit.min(change.seq)),
+            Some(last) => assert!(
+                change.seq > last,
+                "change {} pushed after {}: a block's seqs increase",
+                change.seq.0,
+                last.0
+            ),
+        }
+        self.last = Some(change.seq);
+        let block = match self.blocks.last_mut() {
+            Some((_, block)) if block.len() < BLOCK_BYTES => block,
+            _ => {
+                self.blocks
+                    .push((change.seq, Vec::with_capacity(BLOCK_BYTES + 1024)));
+                &mut self.blocks.last_mut().expect("a block was just pushed").1
             }
         };
-        super::change_log::append_to_block(&mut self.block, change.seq, change);
-        self.seqs = Some((first, change.seq));
+        super::change_log::append_to_block(block, change.seq, change);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.seqs.is_none()
+        self.last.is_none()
     }
 }
 

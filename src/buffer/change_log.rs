@@ -2,7 +2,8 @@
 //!
 //! # Format (buffer format 3)
 //!
-//! An entry holds the changes of one batch, a *block*. Key: `first seq u64` then the byte 1
+//! An entry holds consecutive changes of one batch, a *block* of about [`BLOCK_BYTES`] (a batch
+//! writes as many as its changes need). Key: `first seq u64` then the byte 1
 //! (9 bytes). Value: per change, in increasing seq order from the first, `seq u64` then the
 //! change's encoding as `bytes` (`u32 length` + the bytes `change.rs` describes). Every change
 //! of an entry has a lower seq than the first of the next entry: entries never overlap, so the
@@ -17,7 +18,11 @@
 //! A change per entry cost a RocksDB memtable insert per change: a skip-list search of about
 //! forty key comparisons, about 3,200 instructions, a third of the committer's thread
 //! (`scripts/bench-instructions.sh`, docs/benchmarks.md session 19). A block is one insert per
-//! batch.
+//! about two hundred changes. Blocks are bounded because RocksDB reads a value whole, in a
+//! table block of its own when it is larger than the table's blocks: a batch's 10,000 changes
+//! (1.5 MB) in one value were read and decompressed again by every read of the sinks, as the
+//! change log's block cache (16 MiB in 32 shards of 512 KiB) cannot keep a block larger than a
+//! shard.
 //!
 //! # Reading, trimming, cutting
 //! - **Reading from a seq** starts at the entry holding it: the last entry whose key is at most
@@ -34,6 +39,9 @@ use rocksdb::{DBAccess, DBRawIteratorWithThreadMode, WriteBatch};
 use super::codec::{DecodeError, Decoder};
 use super::{Change, StoreError, CF_CHANGES};
 use crate::position::ChangeSeq;
+
+/// The size at which a block is full (its last change may end past it).
+pub(super) const BLOCK_BYTES: usize = 32 << 10;
 
 /// The last byte of a block's key.
 const BLOCK_TAG: u8 = 1;
@@ -466,5 +474,35 @@ mod tests {
                 let _ = Change::decode(seq, bytes);
             }
         }
+    }
+
+    /// A batch of many changes is written as blocks of about `BLOCK_BYTES`, read back from
+    /// any seq across their boundaries.
+    #[test]
+    fn a_large_batch_is_several_bounded_blocks() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        let mut batch = Batch::default();
+        batch.put_changes((1..=2_000).map(change).collect());
+        store.write(batch, false)?;
+        let mut sizes = Vec::new();
+        let mut iter = store.db.raw_iterator_cf(store.cf(CF_CHANGES)?);
+        iter.seek_to_first();
+        while let Some((_, value)) = iter.item() {
+            sizes.push(value.len());
+            iter.next();
+        }
+        assert!(sizes.len() > 1, "one block of {sizes:?}");
+        assert!(
+            sizes.iter().all(|size| *size < BLOCK_BYTES + 1024),
+            "{sizes:?}"
+        );
+        for from in [1, 2, 999, 1_000, 1_999, 2_000] {
+            assert_eq!(
+                seqs(&store.changes(ChangeSeq(from), 700)?),
+                (from..=2_000).take(700).collect::<Vec<_>>()
+            );
+        }
+        Ok(())
     }
 }

@@ -519,8 +519,8 @@ impl Store {
             Op::PutFields(db, key, page) => put_fields(write, fields, (db, &key), &page),
             Op::DeleteMirror(k) => write.delete_cf(mirror, k),
             Op::Changes(encoded) => {
-                if let Some((first, _)) = encoded.seqs {
-                    write.put_cf(changes, block_key(first), encoded.block);
+                for (first, block) in encoded.blocks {
+                    write.put_cf(changes, block_key(first), block);
                 }
             }
             Op::PutMeta(k, v) => write.put_cf(meta, k, v),
