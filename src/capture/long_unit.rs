@@ -125,7 +125,7 @@ impl StreamBatch {
         let mut changes = EncodedChanges::with_capacity(rows.len());
         state.number_rows(
             &mut changes,
-            rows,
+            rows.into_iter(),
             (long.first_seq, long.start, false),
             &mut counts,
         );

@@ -200,6 +200,7 @@ impl Capture {
                 },
                 clock,
                 cache: MirrorCache::new(settings.mirror_cache_bytes),
+                last_batch_rows: 0,
             },
             full_sync: None,
             primary: Primary::new(endpoint, outputs.health.clone()),
@@ -515,7 +516,8 @@ impl Capture {
             cache: self.state.cache.clone(),
             in_flight: self.committer(durable)?.in_flight(),
         };
-        Ok(StreamBatch::new(self.state.store.clone(), view))
+        Ok(StreamBatch::new(self.state.store.clone(), view)
+            .with_room_for(self.state.last_batch_rows))
     }
 
     /// Hands a batch to the committer.

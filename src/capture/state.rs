@@ -26,7 +26,13 @@ pub struct CaptureState {
     pub clock: PrimaryClock,
     /// The mirror as of the last commit, in memory.
     pub cache: MirrorCache,
+    /// The row events of the last batch (at most [`ROWS_HINT_LIMIT`]): room the next batch
+    /// makes for its own, rather than growing its vector step by step.
+    pub last_batch_rows: usize,
 }
+
+/// The most row events a batch makes room for before it has any.
+pub const ROWS_HINT_LIMIT: usize = 16_384;
 
 impl CaptureState {
     /// An applier of the current generation; `ops`: whether `#` is the op field (false for the
@@ -61,7 +67,7 @@ impl CaptureState {
         counts: &mut ChangeCounts,
     ) {
         let mut changes = EncodedChanges::with_capacity(events.len());
-        self.number_unit(&mut changes, events, offset, counts);
+        self.number_unit(&mut changes, events.into_iter(), offset, counts);
         batch.put_encoded_changes(changes);
     }
 
@@ -70,7 +76,7 @@ impl CaptureState {
     pub fn number_unit(
         &mut self,
         changes: &mut EncodedChanges,
-        events: Vec<RowEvent>,
+        events: impl ExactSizeIterator<Item = RowEvent>,
         offset: ReplOffset,
         counts: &mut ChangeCounts,
     ) {
@@ -84,12 +90,12 @@ impl CaptureState {
     pub fn number_rows(
         &mut self,
         changes: &mut EncodedChanges,
-        events: Vec<RowEvent>,
+        events: impl ExactSizeIterator<Item = RowEvent>,
         (unit, offset, ends): (ChangeSeq, ReplOffset, bool),
         counts: &mut ChangeCounts,
     ) {
         let count = events.len();
-        for (i, event) in events.into_iter().enumerate() {
+        for (i, event) in events.enumerate() {
             let change = Change {
                 seq: self.checkpoint.next_seq,
                 unit,

@@ -44,15 +44,18 @@ pub struct StreamBatch {
     pub(super) ws: WorkingSet,
     /// The raw states of keys with a pending `#` op that the batch touches.
     pub(super) raw: WorkingSet,
-    /// Row events per unit, with the offset after the unit.
-    changes: Vec<(Vec<RowEvent>, ReplOffset)>,
+    /// The row events of every unit, in order (one vector for the batch: a vector per unit was
+    /// an allocation and a free per command).
+    rows: Vec<RowEvent>,
+    /// Per unit with row events: where its events end in `rows`, and the offset after it.
+    unit_ends: Vec<(usize, ReplOffset)>,
     pub(super) acks: Vec<NewAck>,
     pub(super) units: usize,
     /// Dead letters whose changes this batch requeues (`requeue.rs`), deleted with it.
     pub(super) retired: Vec<ChangeSeq>,
     /// Row events of the long unit being applied, not yet numbered (`long_unit.rs`).
     pub(super) long_rows: Vec<RowEvent>,
-    /// The long unit that ends in this batch: the index of its last rows in `changes` and the
+    /// The long unit that ends in this batch: the index of its last rows in `unit_ends` and the
     /// seq of its first change (earlier parts of it may be written already).
     continued: Option<(usize, ChangeSeq)>,
     /// Whether a long unit written in parts ends in this batch (its undo entries go).
@@ -64,7 +67,8 @@ impl StreamBatch {
         StreamBatch {
             ws: WorkingSet::viewing(store.clone(), view.clone()),
             raw: WorkingSet::raw(store, view),
-            changes: Vec::new(),
+            rows: Vec::new(),
+            unit_ends: Vec::new(),
             acks: Vec::new(),
             units: 0,
             retired: Vec::new(),
@@ -74,6 +78,12 @@ impl StreamBatch {
         }
     }
 
+    /// With room for `rows` row events.
+    pub fn with_room_for(mut self, rows: usize) -> StreamBatch {
+        self.rows.reserve(rows);
+        self
+    }
+
     /// Whether it holds as many units as one commit may.
     pub fn is_full(&self) -> bool {
         self.units >= MAX_UNITS_PER_COMMIT
@@ -81,7 +91,7 @@ impl StreamBatch {
 
     /// Whether it holds anything to commit.
     pub fn is_empty(&self) -> bool {
-        self.units == 0 && self.changes.is_empty()
+        self.units == 0 && self.unit_ends.is_empty()
     }
 
     /// Deletes, ahead of a `FLUSHALL`/`FLUSHDB` ending at `end`, the watched keys of one page of
@@ -108,9 +118,7 @@ impl StreamBatch {
             self.ws.seed(db, &key, value);
             self.ws.set(db, &key, None)?;
         }
-        if !rows.is_empty() {
-            self.changes.push((rows, state.offset()));
-        }
+        self.push_unit(rows, state.offset());
         Ok(())
     }
 
@@ -127,9 +135,10 @@ impl StreamBatch {
     }
 
     /// Appends row events as one unit recorded at `offset`.
-    pub fn push_unit(&mut self, rows: Vec<RowEvent>, offset: ReplOffset) {
+    pub fn push_unit(&mut self, mut rows: Vec<RowEvent>, offset: ReplOffset) {
         if !rows.is_empty() {
-            self.changes.push((rows, offset));
+            self.rows.append(&mut rows);
+            self.unit_ends.push((self.rows.len(), offset));
         }
     }
 
@@ -142,8 +151,8 @@ impl StreamBatch {
         unit: ChangeSeq,
     ) {
         if !rows.is_empty() {
-            self.continued = Some((self.changes.len(), unit));
-            self.changes.push((rows, offset));
+            self.continued = Some((self.unit_ends.len(), unit));
+            self.push_unit(rows, offset);
         }
     }
 
@@ -159,6 +168,28 @@ impl StreamBatch {
         state: &mut CaptureState,
         primary: &mut Primary,
         event: &StreamEvent,
+    ) -> Result<Option<String>, StoreError> {
+        let mut rows = std::mem::take(&mut self.rows);
+        let start = rows.len();
+        let applied = self.apply_event(state, primary, event, &mut rows).await;
+        // The events of a unit not wholly applied are never numbered.
+        if !matches!(applied, Ok(None)) {
+            rows.truncate(start);
+        }
+        self.rows = rows;
+        if self.rows.len() > start {
+            self.unit_ends.push((self.rows.len(), event.end()));
+        }
+        applied
+    }
+
+    /// [`StreamBatch::apply`], the unit's row events appended to `rows`.
+    async fn apply_event(
+        &mut self,
+        state: &mut CaptureState,
+        primary: &mut Primary,
+        event: &StreamEvent,
+        rows: &mut Vec<RowEvent>,
     ) -> Result<Option<String>, StoreError> {
         self.units += 1;
         let Some(position) = state.checkpoint.position.clone() else {
@@ -183,17 +214,14 @@ impl StreamBatch {
                 return Ok(None);
             }
         };
-        let mut rows = Vec::new();
         let mut refresh = Vec::new();
-        if let Some(reason) =
-            self.apply_unit(state, commands, event.end(), &mut rows, &mut refresh)?
-        {
+        if let Some(reason) = self.apply_unit(state, commands, event.end(), rows, &mut refresh)? {
             return Ok(Some(reason));
         }
         // Most units refresh nothing: no future is built for them (this runs per command).
         if !refresh.is_empty() {
             if let Some(reason) = self
-                .refresh_keys(state, primary, refresh, &position.replid, &mut rows)
+                .refresh_keys(state, primary, refresh, &position.replid, rows)
                 .await?
             {
                 return Ok(Some(reason));
@@ -204,9 +232,6 @@ impl StreamBatch {
             StreamEvent::Command(command) => command.db,
             _ => position.db,
         };
-        if !rows.is_empty() {
-            self.changes.push((rows, event.end()));
-        }
         state.stats.units += 1;
         state.checkpoint.position = Some(StreamPosition {
             replid: position.replid,
@@ -381,17 +406,22 @@ impl StreamBatch {
         let flushed = self.ws.flush_into(&mut batch);
         let first_seq = state.checkpoint.next_seq;
         let mut counts = ChangeCounts::default();
-        let mut changes =
-            EncodedChanges::with_capacity(self.changes.iter().map(|(rows, _)| rows.len()).sum());
-        for (i, (rows, offset)) in self.changes.into_iter().enumerate() {
+        state.last_batch_rows = self.rows.len().min(super::state::ROWS_HINT_LIMIT);
+        let mut changes = EncodedChanges::with_capacity(self.rows.len());
+        let mut rows = self.rows.into_iter();
+        let mut start = 0;
+        for (i, (end, offset)) in self.unit_ends.into_iter().enumerate() {
+            let unit_rows = rows.by_ref().take(end - start);
+            start = end;
             match self.continued {
                 // The rest of a long unit, some of which may be written already.
                 Some((at, unit)) if at == i => {
-                    state.number_rows(&mut changes, rows, (unit, offset, true), &mut counts)
+                    state.number_rows(&mut changes, unit_rows, (unit, offset, true), &mut counts)
                 }
-                _ => state.number_unit(&mut changes, rows, offset, &mut counts),
+                _ => state.number_unit(&mut changes, unit_rows, offset, &mut counts),
             }
         }
+        debug_assert_eq!(rows.len(), 0, "every row event belongs to a unit");
         if self.closes_unit {
             batch.close_unit();
         }
