@@ -392,3 +392,62 @@ async fn the_atomic_entry_point_applies_the_op_in_the_same_instant() {
         BytesFrame::Integer(0)
     );
 }
+
+/// An op applied through the atomic entry point replaces the row events of its own unit for
+/// its row, never those of earlier units of the same batch (a batch's events are one vector:
+/// an op once removed an earlier transaction's events of the same row, and the units after it
+/// were numbered with the wrong events).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_op_leaves_the_rows_of_earlier_units_in_its_batch_alone() {
+    let mut t = Setup::start(&[]).await;
+    t.spawn();
+    until!(
+        t,
+        "the library",
+        t.library_version().await == Some(writebehind::ack::LIBRARY_VERSION)
+    );
+    until!(
+        t,
+        "the replica online",
+        t.client
+            .info("replication")
+            .await
+            .is_ok_and(|info| info.contains("state=online"))
+    );
+    // One pipeline, so that capture receives the units together: a transaction writing the
+    // row three times, a `+` op on the same key (stored, no row change), another key.
+    let replies = t
+        .client
+        .pipeline(&[
+            &["MULTI"][..],
+            &["HSET", "person:5", "first_name", "A"][..],
+            &["HSET", "person:5", "age", "1"][..],
+            &["HSET", "person:5", "last_name", "L"][..],
+            &["EXEC"][..],
+            &[
+                "FCALL",
+                "writebehind_hset",
+                "1",
+                "person:5",
+                "age",
+                "2",
+                "#",
+                "+b1",
+            ][..],
+            &["HSET", "person:6", "first_name", "X"][..],
+        ])
+        .await
+        .expect("pipeline");
+    assert!(replies.iter().all(|r| !matches!(r, BytesFrame::Error(_))));
+    assert_eq!(t.ack("person:5", "b1").await, done());
+    until!(
+        t,
+        "the later key's row",
+        t.row("persons", "6").await == Some((s("X"), None, None))
+    );
+    assert_eq!(
+        t.row("persons", "5").await,
+        Some((s("A"), s("L"), Some(1))),
+        "the transaction's row, which the `+` op leaves as it was"
+    );
+}

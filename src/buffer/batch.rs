@@ -27,6 +27,8 @@ pub struct EncodedChanges {
     last: Option<ChangeSeq>,
     /// Each block's first seq and value; the last one is being filled.
     pub(super) blocks: Vec<(ChangeSeq, Vec<u8>)>,
+    /// The room the first block is made with (a batch of one change needs little).
+    first_block_bytes: usize,
 }
 
 impl EncodedChanges {
@@ -36,6 +38,7 @@ impl EncodedChanges {
             first_unit: None,
             last: None,
             blocks: Vec::with_capacity(changes * 128 / BLOCK_BYTES + 1),
+            first_block_bytes: changes.saturating_mul(128),
         }
     }
 
@@ -58,8 +61,11 @@ impl EncodedChanges {
         let block = match self.blocks.last_mut() {
             Some((_, block)) if block.len() < BLOCK_BYTES => block,
             _ => {
-                self.blocks
-                    .push((change.seq, Vec::with_capacity(BLOCK_BYTES + 1024)));
+                let room = match self.blocks.is_empty() {
+                    true => self.first_block_bytes.min(BLOCK_BYTES + 1024),
+                    false => BLOCK_BYTES + 1024,
+                };
+                self.blocks.push((change.seq, Vec::with_capacity(room)));
                 &mut self.blocks.last_mut().expect("a block was just pushed").1
             }
         };

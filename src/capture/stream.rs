@@ -49,6 +49,8 @@ pub struct StreamBatch {
     rows: Vec<RowEvent>,
     /// Per unit with row events: where its events end in `rows`, and the offset after it.
     unit_ends: Vec<(usize, ReplOffset)>,
+    /// The events of the unit being applied (empty between units; kept for its room).
+    unit_rows: Vec<RowEvent>,
     pub(super) acks: Vec<NewAck>,
     pub(super) units: usize,
     /// Dead letters whose changes this batch requeues (`requeue.rs`), deleted with it.
@@ -69,6 +71,7 @@ impl StreamBatch {
             raw: WorkingSet::raw(store, view),
             rows: Vec::new(),
             unit_ends: Vec::new(),
+            unit_rows: Vec::new(),
             acks: Vec::new(),
             units: 0,
             retired: Vec::new(),
@@ -169,21 +172,21 @@ impl StreamBatch {
         primary: &mut Primary,
         event: &StreamEvent,
     ) -> Result<Option<String>, StoreError> {
-        let mut rows = std::mem::take(&mut self.rows);
-        let start = rows.len();
+        // The unit's own events first (an op replaces the events of its unit for its row, never
+        // those of earlier units), in a vector kept from unit to unit.
+        let mut rows = std::mem::take(&mut self.unit_rows);
         let applied = self.apply_event(state, primary, event, &mut rows).await;
         // The events of a unit not wholly applied are never numbered.
-        if !matches!(applied, Ok(None)) {
-            rows.truncate(start);
-        }
-        self.rows = rows;
-        if self.rows.len() > start {
+        if matches!(applied, Ok(None)) && !rows.is_empty() {
+            self.rows.append(&mut rows);
             self.unit_ends.push((self.rows.len(), event.end()));
         }
+        rows.clear();
+        self.unit_rows = rows;
         applied
     }
 
-    /// [`StreamBatch::apply`], the unit's row events appended to `rows`.
+    /// [`StreamBatch::apply`], the unit's row events put in `rows` (empty when called).
     async fn apply_event(
         &mut self,
         state: &mut CaptureState,
