@@ -25,7 +25,7 @@ pub struct EncodedChanges {
     pub(super) first_unit: Option<ChangeSeq>,
     /// The seq of the last change.
     last: Option<ChangeSeq>,
-    /// Each block's first seq and value; the last one is being filled.
+    /// Each block's last seq (its key) and value; the last block is being filled.
     pub(super) blocks: Vec<(ChangeSeq, Vec<u8>)>,
     /// The room the first block is made with (a batch of one change needs little).
     first_block_bytes: usize,
@@ -58,18 +58,21 @@ impl EncodedChanges {
             ),
         }
         self.last = Some(change.seq);
-        let block = match self.blocks.last_mut() {
-            Some((_, block)) if block.len() < BLOCK_BYTES => block,
-            _ => {
-                let room = match self.blocks.is_empty() {
-                    true => self.first_block_bytes.min(BLOCK_BYTES + 1024),
-                    false => BLOCK_BYTES + 1024,
-                };
-                self.blocks.push((change.seq, Vec::with_capacity(room)));
-                &mut self.blocks.last_mut().expect("a block was just pushed").1
-            }
-        };
-        super::change_log::append_to_block(block, change.seq, change);
+        if self
+            .blocks
+            .last()
+            .is_none_or(|(_, block)| block.len() >= BLOCK_BYTES)
+        {
+            let room = match self.blocks.is_empty() {
+                true => self.first_block_bytes.min(BLOCK_BYTES + 1024),
+                false => BLOCK_BYTES + 1024,
+            };
+            self.blocks.push((change.seq, Vec::with_capacity(room)));
+        }
+        if let Some((last, block)) = self.blocks.last_mut() {
+            super::change_log::append_to_block(block, change.seq, change);
+            *last = change.seq;
+        }
     }
 
     pub fn is_empty(&self) -> bool {

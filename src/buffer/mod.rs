@@ -18,7 +18,7 @@
 //!   i64` (`field_store.rs`; `window.rs` for how capture holds such a hash).
 //! - **`changes`**: the change log, in order, a block of changes per entry (`change_log.rs`
 //!   gives the block's layout; a buffer of format 2 holds one change per entry). Key: the
-//!   first seq, `seq u64` (from 1; 0 means "none"), then the byte 1. Each change: `unit u64` (seq of the first
+//!   last seq, `seq u64` (from 1; 0 means "none"), then the byte 1. Each change: `unit u64` (seq of the first
 //!   change of its execution unit: a command, or a `MULTI ... EXEC`; the sink commits a unit in
 //!   one transaction), `unit_end u8`, `offset u64` (stream offset after the unit; before it, for
 //!   the changes of a long transaction written in parts, none of which ends it), `mapping
