@@ -310,22 +310,7 @@ async fn an_atomic_write_op_alone_on_a_large_hash_re_sends_its_row() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_atomic_entry_point_applies_the_op_in_the_same_instant() {
     let mut t = Setup::start(&[]).await;
-    t.spawn();
-    until!(
-        t,
-        "the library",
-        t.library_version().await == Some(writebehind::ack::LIBRARY_VERSION)
-    );
-    // Attached: an op tag written before the snapshot's fork is not in the snapshot, so its
-    // ack would never come (docs/design.md 10.1).
-    until!(
-        t,
-        "the replica online",
-        t.client
-            .info("replication")
-            .await
-            .is_ok_and(|info| info.contains("state=online"))
-    );
+    t.spawn_attached().await;
     let fcall = |op: &'static str| {
         vec![
             "FCALL",
@@ -400,20 +385,7 @@ async fn the_atomic_entry_point_applies_the_op_in_the_same_instant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_op_leaves_the_rows_of_earlier_units_in_its_batch_alone() {
     let mut t = Setup::start(&[]).await;
-    t.spawn();
-    until!(
-        t,
-        "the library",
-        t.library_version().await == Some(writebehind::ack::LIBRARY_VERSION)
-    );
-    until!(
-        t,
-        "the replica online",
-        t.client
-            .info("replication")
-            .await
-            .is_ok_and(|info| info.contains("state=online"))
-    );
+    t.spawn_attached().await;
     // One pipeline, so that capture receives the units together: a transaction writing the
     // row three times, a `+` op on the same key (stored, no row change), another key.
     let replies = t

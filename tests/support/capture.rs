@@ -565,12 +565,29 @@ pub async fn assert_each_row_written_once(database: &CountedDb, written: u64) {
 /// durable, and nothing past a snapshot before the snapshot itself). `slave0` alone proves
 /// nothing: the primary lists a replica, at offset 0, as soon as it asks for a sync.
 pub async fn until_attached(client: &mut RedisClient, context: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Online first: until a replica is attached the primary keeps no backlog, a write leaves
+    // its offset at 0, and the replica's first listing (offset 0) passed for an acknowledgement
+    // of the write (CI, session 19: a kill landed before the first snapshot was durable).
+    while !client.info("replication").await.is_ok_and(|info| {
+        info_field(&info, "slave0").is_some_and(|line| line.contains("state=online"))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "the service never came online{}",
+            context()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     client
         .command(&["SET", "unwatched:attached", "1"])
         .await
         .expect("set");
     let target = master_offset(client).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
+    assert!(
+        target > 0,
+        "the primary's offset did not move with a replica online"
+    );
     while replica_ack_offset(client).await.is_none_or(|o| o < target) {
         assert!(
             Instant::now() < deadline,

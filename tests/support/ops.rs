@@ -227,6 +227,30 @@ macro_rules! until {
     }};
 }
 
+impl Setup {
+    /// Starts the service and waits for the function library and for the replica link to be
+    /// online: an op tag written before the snapshot's fork is not in the snapshot, so its ack
+    /// would never come (docs/design.md 10.1).
+    pub async fn spawn_attached(&mut self) {
+        use std::time::{Duration, Instant};
+        self.spawn();
+        let t = self;
+        until!(
+            t,
+            "the library",
+            t.library_version().await == Some(writebehind::ack::LIBRARY_VERSION)
+        );
+        until!(
+            t,
+            "the replica online",
+            t.client
+                .info("replication")
+                .await
+                .is_ok_and(|info| info.contains("state=online"))
+        );
+    }
+}
+
 pub fn done() -> Vec<String> {
     vec!["status".into(), "done".into()]
 }
