@@ -27,8 +27,8 @@
 //! # Reading, trimming, cutting
 //! Keyed by their last seq, the entries are found by forward seeks only (a backward seek in
 //! RocksDB crosses every memtable, table and range deletion backwards, and the sinks read
-//! after every commit: keyed by first seq, with `seek_for_prev`, an initial load took a quarter more
-//! CPU).
+//! after every commit: keyed by first seq, with `seek_for_prev`, an initial load took a
+//! quarter more CPU).
 //! - **Reading from a seq** starts at the first entry whose key is at least the seq's 8 bytes:
 //!   the entry holding it. Its changes before the seq are skipped.
 //! - **Trimming** through a seq deletes the keys below `seq + 1`: the entries whose changes
