@@ -46,6 +46,21 @@ pub struct Change {
 }
 
 impl Change {
+    /// A test change: the deletion of row `seq`, a unit of its own, at offset `seq * 10`.
+    #[cfg(test)]
+    pub(super) fn deleting(seq: u64) -> Change {
+        Change {
+            seq: ChangeSeq(seq),
+            unit: ChangeSeq(seq),
+            unit_end: true,
+            offset: ReplOffset(seq * 10),
+            mapping: "m".into(),
+            row_id: Bytes::from(format!("{seq}")),
+            row: RowChange::Delete,
+            op: None,
+        }
+    }
+
     #[cfg(test)]
     pub(super) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();

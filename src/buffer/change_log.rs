@@ -58,7 +58,15 @@ pub(super) fn block_key(last: ChangeSeq) -> [u8; 9] {
     key
 }
 
-/// Appends a change, numbered `seq`, to a block's value being built.
+/// Appends a change already encoded, numbered `seq`, to a block's value being built.
+fn append_encoded(block: &mut Vec<u8>, seq: ChangeSeq, encoded: &[u8]) {
+    block.extend_from_slice(&seq.key());
+    block.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+    block.extend_from_slice(encoded);
+}
+
+/// Appends a change, numbered `seq`, to a block's value being built (encoded in place, its
+/// length written after).
 pub(super) fn append_to_block(block: &mut Vec<u8>, seq: ChangeSeq, change: &Change) {
     block.extend_from_slice(&seq.key());
     let length_at = block.len();
@@ -201,9 +209,7 @@ impl super::Store {
                 if seq >= from {
                     break;
                 }
-                kept.extend_from_slice(&seq.key());
-                kept.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-                kept.extend_from_slice(bytes);
+                append_encoded(&mut kept, seq, bytes);
                 kept_last = Some(seq);
             }
             // The entry itself, keyed at or after `from`, goes with the range below.
@@ -220,21 +226,10 @@ impl super::Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::{Batch, RowChange, Store};
-    use crate::position::ReplOffset;
-    use bytes::Bytes;
+    use crate::buffer::{Batch, Store};
 
     fn change(seq: u64) -> Change {
-        Change {
-            seq: ChangeSeq(seq),
-            unit: ChangeSeq(seq),
-            unit_end: true,
-            offset: ReplOffset(seq * 10),
-            mapping: "m".into(),
-            row_id: Bytes::from(format!("row{seq}")),
-            row: RowChange::Delete,
-            op: None,
-        }
+        Change::deleting(seq)
     }
 
     fn seqs(changes: &[Change]) -> Vec<u64> {

@@ -122,24 +122,12 @@ impl Batch {
 
 #[cfg(test)]
 mod tests {
-    use bytes::Bytes;
-
     use super::*;
-    use crate::buffer::{Change, RowChange};
+    use crate::buffer::Change;
     use crate::position::ReplOffset;
 
     fn changes(seqs: std::ops::RangeInclusive<u64>) -> Vec<Change> {
-        seqs.map(|seq| Change {
-            seq: ChangeSeq(seq),
-            unit: ChangeSeq(seq),
-            unit_end: true,
-            offset: ReplOffset(seq * 10),
-            mapping: "m".into(),
-            row_id: Bytes::from(format!("{seq}")),
-            row: RowChange::Delete,
-            op: None,
-        })
-        .collect()
+        seqs.map(Change::deleting).collect()
     }
 
     fn read(store: &Store) -> Vec<u64> {

@@ -269,7 +269,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::buffer::{Batch, Checkpoint, FieldValue, RowChange};
+    use crate::buffer::{Batch, Checkpoint, FieldValue};
 
     fn hash(value: &str) -> MirrorValue {
         let mut hash = MirrorValue::hash(1);
@@ -283,14 +283,10 @@ mod tests {
 
     fn change(seq: u64, unit: u64, unit_end: bool) -> Change {
         Change {
-            seq: ChangeSeq(seq),
             unit: ChangeSeq(unit),
             unit_end,
             offset: ReplOffset(100),
-            mapping: "m".into(),
-            row_id: Bytes::from(format!("{seq}")),
-            row: RowChange::Delete,
-            op: None,
+            ..Change::deleting(seq)
         }
     }
 
