@@ -1,5 +1,6 @@
-//! Sink benchmark: rows per second written by the MySQL/MariaDB sink at several batch sizes,
-//! and at 1,000 rows per batch in 2 and 4 partitions, next to `LOAD DATA LOCAL INFILE` of the
+//! Sink benchmark: rows per second written by the MySQL/MariaDB sink at several batch sizes
+//! (new rows), updates of every row at 1,000 rows per batch, and new rows at 1,000 rows per
+//! batch in 2 and 4 partitions, next to `LOAD DATA LOCAL INFILE` of the
 //! same rows into the same table, in the same run; and `LOAD DATA` in 1,000-row transactions,
 //! the ceiling of any design that commits each batch.
 //! Used by `scripts/bench-sink.sh`; prints one `key=value` line per figure.
@@ -74,14 +75,24 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     let mappings = bench_rows::mappings(&url)?;
     let no_hook: BeforeCommit = std::sync::Arc::new(|_| Ok(()));
-    for batch_size in [100usize, 1_000, 5_000] {
-        reset(&mut conn).await?;
+    // New rows at each size; the last pass writes the same rows again: every row exists,
+    // every write an update.
+    for (batch_size, updates) in [
+        (100usize, false),
+        (1_000, false),
+        (5_000, false),
+        (1_000, true),
+    ] {
+        if !updates {
+            reset(&mut conn).await?;
+        }
         let rate = bench_rows::sink_rate(&url, &mappings, &data, batch_size).await?;
-        println!("sink_batch_{batch_size}_rows_per_second={rate:.0}");
-        println!(
-            "sink_batch_{batch_size}_ratio_to_load_data={:.2}",
-            rate / load_rate
-        );
+        let name = match updates {
+            true => format!("sink_batch_{batch_size}_updates"),
+            false => format!("sink_batch_{batch_size}"),
+        };
+        println!("{name}_rows_per_second={rate:.0}");
+        println!("{name}_ratio_to_load_data={:.2}", rate / load_rate);
     }
     // Partitions, as the runner applies them: each batch of 1,000 rows split by
     // `partition_of`, every share applied at once on its own connection with its own

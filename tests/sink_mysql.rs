@@ -284,7 +284,8 @@ async fn every_row_of_a_batch_is_written_inside_its_transaction() {
     run(&mut client, &["HSET", "person2:1", "first_name", "A"]).await;
     run(&mut client, &["HSET", "person2:2", "first_name", "B"]).await;
     service.settle(&mut client, &database).await;
-    // 600 rows in one unit: staged (the threshold is 500), one of them an update.
+    // 600 rows in one unit, one of them an update: tried as new rows straight into the table
+    // (500 or more), rolled back on the key that exists, then staged and merged.
     one_transaction(&mut client, 2..602, "C").await;
     service.settle(&mut client, &database).await;
     run(&mut client, &["DEL", "person2:1", "person2:2"]).await;
@@ -310,6 +311,123 @@ async fn every_row_of_a_batch_is_written_inside_its_transaction() {
     assert!(count("1") >= 605, "every row was logged: {counts:?}");
     service.stop().await;
     database.drop_database().await;
+}
+
+/// A large batch of new rows goes straight into its table (`LOAD DATA` into the table itself,
+/// no stage), and every value arrives as sent: tabs, line breaks, backslashes, `\N`, non-ASCII
+/// text, an empty string, an absent field (`NULL`), text converted into a `latin1` column. A large batch holding a key that exists is
+/// rolled back to its savepoint and staged instead: the rolled-back attempt leaves nothing (its
+/// rows and what their trigger wrote are gone), and the row that existed is updated, not
+/// duplicated or skipped. A trigger logs, for every row inserted, how many rows the session's
+/// stage held at that moment: 0 for a row loaded straight in, the batch's size for a merged
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_rows_go_straight_into_the_table_and_an_existing_key_sends_the_batch_to_the_stage() {
+    let database = Database::maria().await;
+    // `last` in latin1: text reaches it converted from UTF-8, as a statement's would.
+    database
+        .execute("CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first VARCHAR(255), last VARCHAR(255) CHARACTER SET latin1, age VARCHAR(20))")
+        .await;
+    database.execute(CAR_TABLE).await;
+    database
+        .execute("CREATE TABLE stage_log (n INT AUTO_INCREMENT PRIMARY KEY, staged INT)")
+        .await;
+    // The rows in the session's stages (named by table index; 1146: not made yet).
+    database
+        .execute("CREATE FUNCTION staged_rows() RETURNS INT READS SQL DATA BEGIN DECLARE n INT DEFAULT 0; DECLARE CONTINUE HANDLER FOR 1146 BEGIN END; SET n = n + (SELECT COUNT(*) FROM writebehind_stage_0); SET n = n + (SELECT COUNT(*) FROM writebehind_stage_1); RETURN n; END")
+        .await;
+    database
+        .execute("CREATE TRIGGER log_stage AFTER INSERT ON person1 FOR EACH ROW INSERT INTO stage_log (staged) VALUES (staged_rows())")
+        .await;
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let service = start(&server, &database).await;
+    service.settle(&mut client, &database).await;
+    let tricky = [
+        "a\tb",
+        "line\nbreak\r\n",
+        "back\\slash",
+        "\\N",
+        "ünïcödé ✓",
+        "",
+    ];
+    let last = |n: u64| match n % 3 {
+        0 => None,
+        1 => Some("Doe".to_string()),
+        _ => Some("Müller é".to_string()),
+    };
+    // In round 1, person2:599 changes.
+    let first = |n: u64, round: u64| format!("{}{n}", tricky[(n + round) as usize % tricky.len()]);
+    let hsets = |keys: std::ops::Range<u64>, round: u64| -> Vec<Vec<String>> {
+        keys.map(|n| {
+            let mut hset = vec!["HSET".to_string(), format!("person2:{n}")];
+            hset.extend(["first_name".to_string(), first(n, round), "age".to_string()]);
+            hset.push(n.to_string());
+            if n % 3 != 0 {
+                hset.extend(["last_name".to_string(), last(n).expect("a name")]);
+            }
+            hset
+        })
+        .collect()
+    };
+    let logged = || async {
+        let rows = database
+            .rows(
+                "(SELECT CAST(staged > 0 AS CHAR) AS id, CAST(COUNT(*) AS CHAR) AS n FROM stage_log GROUP BY staged > 0) AS counts",
+                &["n"],
+            )
+            .await;
+        let count = |staged: &str| {
+            rows.get(staged)
+                .and_then(|n| n[0].as_deref())
+                .map_or(0, |n| n.parse::<u64>().expect("a count"))
+        };
+        (count("0"), count("1"))
+    };
+    let before = logged().await;
+    multi(&mut client, &hsets(0..600, 0)).await;
+    service.settle(&mut client, &database).await;
+    let (straight, staged) = logged().await;
+    assert_eq!(
+        (straight - before.0, staged - before.1),
+        (600, 0),
+        "600 new rows loaded straight in, none through the stage"
+    );
+    // 599 exists: the whole table's share is staged; 600 more new rows, one update.
+    multi(&mut client, &hsets(599..1200, 1)).await;
+    service.settle(&mut client, &database).await;
+    assert_eq!(
+        logged().await,
+        (straight, staged + 600),
+        "the attempt rolled back; 600 rows inserted by the merge, person2:599 updated"
+    );
+    let rows = database.rows("person1", &["first", "last", "age"]).await;
+    for n in 0..1200u64 {
+        assert_eq!(
+            rows.get(&n.to_string()),
+            Some(&vec![
+                Some(first(n, (n >= 599).into())),
+                last(n),
+                Some(n.to_string())
+            ]),
+            "person2:{n}"
+        );
+    }
+    service.stop().await;
+    database.drop_database().await;
+}
+
+/// Runs `commands` as one `MULTI`.
+async fn multi(client: &mut RedisClient, commands: &[Vec<String>]) {
+    let mut all: Vec<Vec<&str>> = vec![vec!["MULTI"]];
+    all.extend(
+        commands
+            .iter()
+            .map(|c| c.iter().map(String::as_str).collect()),
+    );
+    all.push(vec!["EXEC"]);
+    let slices: Vec<&[&str]> = all.iter().map(Vec::as_slice).collect();
+    client.pipeline(&slices).await.expect("MULTI");
 }
 
 /// One `MULTI` of `count` HSETs of `person2:<n>` with `first_name` = `value`.

@@ -17,7 +17,9 @@ use super::rows::row_event;
 use super::snapshot_writer::SnapshotWriter;
 use super::state::{CaptureState, ChangeCounts};
 use crate::ack::OP_FIELD;
-use crate::buffer::{Batch, FieldValue, Fields, MirrorCursor, MirrorValue, StoreError};
+use crate::buffer::{
+    Batch, EncodedChanges, FieldValue, Fields, MirrorCursor, MirrorValue, StoreError,
+};
 use crate::config::InitialLoad;
 use crate::position::{ReplOffset, StreamPosition};
 use crate::replication::rdb::{RdbEvent, ValueKind};
@@ -60,6 +62,9 @@ pub struct FullSync {
     offset: ReplOffset,
     key: Option<SnapshotKey>,
     batch: Batch,
+    /// The changes of `batch`, in blocks (one entry of the change log holds many keys'
+    /// changes); put into it when it is handed over.
+    changes: EncodedChanges,
     keys_in_batch: usize,
     /// Changes in `batch`, for the metrics once it is written.
     counts: ChangeCounts,
@@ -110,6 +115,7 @@ impl FullSync {
             offset,
             key: None,
             batch: Batch::default(),
+            changes: EncodedChanges::with_capacity(SNAPSHOT_BATCH_KEYS),
             keys_in_batch: 0,
             counts: ChangeCounts::default(),
             progress: SnapshotProgress::new(total_keys),
@@ -219,7 +225,18 @@ impl FullSync {
         }
         self.batch.put_fields(db, &key, page);
         // Handed over at once: a batch never holds more than a page of one hash.
+        self.hand_over(state)
+    }
+
+    /// Hands the batch, its changes and the checkpoint (whose next seq follows them) to the
+    /// writer.
+    fn hand_over(&mut self, state: &CaptureState) -> Result<(), StoreError> {
         let mut batch = std::mem::take(&mut self.batch);
+        let changes = std::mem::replace(
+            &mut self.changes,
+            EncodedChanges::with_capacity(SNAPSHOT_BATCH_KEYS),
+        );
+        batch.put_encoded_changes(changes);
         batch.put_checkpoint(&state.checkpoint);
         self.writer.write(batch)
     }
@@ -243,9 +260,7 @@ impl FullSync {
         key.value.fields = fields;
         if state.ops.holds_op(&key.value) {
             // Its op is completed against the whole hash: read back once every page is written.
-            let mut batch = std::mem::take(&mut self.batch);
-            batch.put_checkpoint(&state.checkpoint);
-            self.writer.write(batch)?;
+            self.hand_over(state)?;
             self.writer.finish()?;
             self.writer = SnapshotWriter::start(state.store.clone())?;
             key.value = state.store.whole(key.db, &key.key, key.value)?;
@@ -308,14 +323,13 @@ impl FullSync {
             None => {}
         }
         if let Some(event) = event {
-            state.append_unit(&mut self.batch, vec![event], self.offset, &mut self.counts);
+            let events = std::iter::once(event);
+            state.number_unit(&mut self.changes, events, self.offset, &mut self.counts);
         }
         self.keys_in_batch += 1;
         if self.keys_in_batch >= SNAPSHOT_BATCH_KEYS {
             self.keys_in_batch = 0;
-            let mut batch = std::mem::take(&mut self.batch);
-            batch.put_checkpoint(&state.checkpoint);
-            self.writer.write(batch)?;
+            self.hand_over(state)?;
             std::mem::take(&mut self.counts).report();
         }
         Ok(())
@@ -329,9 +343,7 @@ impl FullSync {
         position: StreamPosition,
     ) -> Result<FullSyncSummary, StoreError> {
         self.progress.finish();
-        let mut batch = std::mem::take(&mut self.batch);
-        batch.put_checkpoint(&state.checkpoint);
-        self.writer.write(batch)?;
+        self.hand_over(state)?;
         // The sweep reads the whole mirror: every batch is written first.
         self.writer.finish()?;
         std::mem::take(&mut self.counts).report();
@@ -362,6 +374,7 @@ fn sweep(state: &mut CaptureState, offset: ReplOffset) -> Result<u64, StoreError
         let page = state.store.mirror_scan(None, &from, SNAPSHOT_BATCH_KEYS)?;
         cursor = page.next;
         let mut batch = Batch::default();
+        let mut changes = EncodedChanges::with_capacity(page.entries.len());
         let mut counts = ChangeCounts::default();
         for (db, key, value) in page.entries {
             if value.generation >= generation {
@@ -374,10 +387,11 @@ fn sweep(state: &mut CaptureState, offset: ReplOffset) -> Result<u64, StoreError
             batch.delete_mirror(db, &key);
             if let Some(mapping) = state.mappings.watching(db, &key).cloned() {
                 if let Some(event) = row_event(&mapping, &key, &Some(value), &None, false) {
-                    state.append_unit(&mut batch, vec![event], offset, &mut counts);
+                    state.number_unit(&mut changes, std::iter::once(event), offset, &mut counts);
                 }
             }
         }
+        batch.put_encoded_changes(changes);
         batch.put_checkpoint(&state.checkpoint);
         state.store.write(batch, false)?;
         counts.report();

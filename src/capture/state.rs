@@ -11,7 +11,7 @@ use super::mirror_cache::MirrorCache;
 use super::ops::OpState;
 use super::rows::RowEvent;
 use super::CaptureStats;
-use crate::buffer::{Batch, Change, Checkpoint, EncodedChanges, Name, RowChange, Store};
+use crate::buffer::{Change, Checkpoint, EncodedChanges, Name, RowChange, Store};
 use crate::position::{ChangeSeq, ReplOffset};
 
 pub struct CaptureState {
@@ -56,23 +56,9 @@ impl CaptureState {
             .unwrap_or_default()
     }
 
-    /// Appends one unit of row events to the change log in `batch`: consecutive seqs, the
-    /// first one naming the unit, the last one ending it. `counts` tallies them per mapping and
-    /// operation, for the metrics (counted once per commit: a labelled counter costs a lookup).
-    pub fn append_unit(
-        &mut self,
-        batch: &mut Batch,
-        events: Vec<RowEvent>,
-        offset: ReplOffset,
-        counts: &mut ChangeCounts,
-    ) {
-        let mut changes = EncodedChanges::with_capacity(events.len());
-        self.number_unit(&mut changes, events.into_iter(), offset, counts);
-        batch.put_encoded_changes(changes);
-    }
-
-    /// Numbers one unit of row events as [`CaptureState::append_unit`] does, onto `changes`
-    /// (for a batch that puts the changes of all its units at once).
+    /// Numbers one unit of row events onto `changes`: consecutive seqs, the first one naming
+    /// the unit, the last one ending it. `counts` tallies them per mapping and operation, for
+    /// the metrics (counted once per commit: a labelled counter costs a lookup).
     pub fn number_unit(
         &mut self,
         changes: &mut EncodedChanges,

@@ -2,9 +2,12 @@
 //!
 //! A batch is one transaction: `DELETE ... WHERE key IN (...)` per table, then multi-row
 //! `INSERT ... ON DUPLICATE KEY UPDATE` of the mapped columns only (so unmapped columns of
-//! existing rows stay as they are), then the checkpoint row, then `COMMIT`. If the server refuses
-//! a row, the transaction is rolled back and replayed row by row, each behind a savepoint, so the
-//! refused rows are isolated and the others commit.
+//! existing rows stay as they are), then the checkpoint row, then `COMMIT`. From
+//! [`STAGE_THRESHOLD`] upserts for a table on, they are first loaded straight into the table as
+//! new rows (`new_rows.rs`), and when not every one of them goes in as sent, loaded into a stage
+//! and merged (`staging.rs`). If the server refuses a row, the transaction is rolled back and
+//! replayed row by row, each behind a savepoint, so the refused rows are isolated and the others
+//! commit.
 
 use std::collections::HashMap;
 
@@ -20,12 +23,14 @@ use super::{
 use crate::capture::mapping::Mapping;
 use crate::position::ChangeSeq;
 
+mod new_rows;
 mod packet;
 mod schema;
 mod ssl;
 mod staging;
 mod statements;
 
+use new_rows::NewRows;
 use packet::{param_bytes, row_text_bytes};
 use schema::{add_identity_columns, create_table, missing_grants};
 use staging::{no_warnings, StageError, Stages};
@@ -38,7 +43,8 @@ const STRICT_SESSION: &str = "SET SESSION sql_mode = IF(@@SESSION.sql_mode = '',
 /// A kept session idle this long is pinged before a batch (a server closes idle sessions after
 /// its `wait_timeout`).
 const SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
-/// Upserts into one table from this many rows on go through LOAD DATA LOCAL INFILE.
+/// Upserts into one table from this many rows on go through LOAD DATA LOCAL INFILE (straight
+/// into the table as new rows, or into a stage).
 pub(super) const STAGE_THRESHOLD: usize = 500;
 /// `max_allowed_packet` until the server has said (MariaDB's default).
 const DEFAULT_MAX_PACKET: usize = 16 << 20;
@@ -72,6 +78,7 @@ struct Session {
     conn: Conn,
     used: std::time::Instant,
     stages: Stages,
+    new_rows: NewRows,
 }
 
 /// Sets the batch's checkpoint rows and commits, in one query.
@@ -287,6 +294,7 @@ impl MysqlSink {
             conn,
             used: std::time::Instant::now(),
             stages: Stages::default(),
+            new_rows: NewRows::default(),
         })
     }
 
@@ -329,6 +337,11 @@ impl MysqlSink {
     /// Bytes a statement may take (see `packet.rs`).
     fn statement_budget(&self) -> usize {
         packet::budget(self.max_packet.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// The largest chunk of a `LOAD DATA` payload (see `packet.rs`).
+    fn infile_chunk(&self) -> usize {
+        packet::INFILE_CHUNK.min(self.statement_budget())
     }
 
     /// Why a row cannot be written by any statement, when its own upsert (whose SQL text
@@ -395,7 +408,12 @@ impl MysqlSink {
         schemas: &[TableSchema],
         batch: &SinkBatch,
     ) -> Result<(), SinkError> {
-        let Session { conn, stages, .. } = session;
+        let Session {
+            conn,
+            stages,
+            new_rows,
+            ..
+        } = session;
         for (index, schema) in schemas.iter().enumerate() {
             let super::TableWrites { deletes, upserts } = super::TableWrites::of(batch, index);
             let deletes: Vec<Value> = deletes.into_iter().map(value).collect();
@@ -429,10 +447,18 @@ impl MysqlSink {
             if upserts.len() >= STAGE_THRESHOLD
                 && self.staging.load(std::sync::atomic::Ordering::Relaxed)
             {
-                match self
-                    .stage_and_merge(conn, stages, index, schema, &upserts)
+                let staged = match self
+                    .write_new_rows(conn, new_rows, index, schema, &upserts)
                     .await
                 {
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        self.stage_and_merge(conn, stages, index, schema, &upserts)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                match staged {
                     Ok(()) => continue,
                     Err(StageError::Failed(failure)) if failure.kind() != SinkErrorKind::Fatal => {
                         return Err(failure)

@@ -34,6 +34,17 @@ pub(super) enum StageError {
     Failed(SinkError),
 }
 
+impl From<mysql_async::Error> for StageError {
+    fn from(e: mysql_async::Error) -> StageError {
+        match &e {
+            mysql_async::Error::Server(server) if matches!(server.code, 1148 | 3948) => {
+                StageError::Unavailable(e.to_string())
+            }
+            _ => StageError::Failed(classify(e)),
+        }
+    }
+}
+
 /// The engine staging tables are created with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum StageEngine {
@@ -126,12 +137,6 @@ impl MysqlSink {
         schema: &TableSchema,
         upserts: &[(&SqlValue, &Vec<SqlValue>)],
     ) -> Result<(), StageError> {
-        let failed = |e: mysql_async::Error| match &e {
-            mysql_async::Error::Server(server) if matches!(server.code, 1148 | 3948) => {
-                StageError::Unavailable(e.to_string())
-            }
-            _ => StageError::Failed(classify(e)),
-        };
         // Named by index: a table name may be up to 64 characters, as is the stage's.
         let stage = q(&format!("writebehind_stage_{index}"));
         let mut columns = vec![q(&schema.key_column.name)];
@@ -151,25 +156,7 @@ impl MysqlSink {
         let definitions = format!("({}){}", definitions.join(", "), self.stage_engine.clause());
         let mut statements = Statements::default();
         stages.prepare(index, &stage, definitions, &mut statements);
-        let mut data = Vec::with_capacity(upserts.len() * 64);
-        for (id, values) in upserts {
-            for (i, v) in std::iter::once(*id).chain(values.iter()).enumerate() {
-                if i > 0 {
-                    data.push(b'\t');
-                }
-                infile_field(&mut data, v);
-            }
-            data.push(b'\n');
-        }
-        // One packet per chunk: each within the server's max_allowed_packet (`packet.rs`).
-        let payload = bytes::Bytes::from(data);
-        let chunk = super::packet::INFILE_CHUNK
-            .min(self.statement_budget())
-            .max(1);
-        let chunks: Vec<std::io::Result<bytes::Bytes>> = (0..payload.len())
-            .step_by(chunk)
-            .map(|at| Ok(payload.slice(at..(at + chunk).min(payload.len()))))
-            .collect();
+        let chunks = infile_payload(upserts, self.infile_chunk());
         conn.set_infile_handler(async move { Ok(futures_util::stream::iter(chunks).boxed()) });
         let load = statements.push(format!("LOAD DATA LOCAL INFILE 'writebehind-batch' INTO TABLE {stage} CHARACTER SET binary ({column_list})"));
         // The statement path's upsert, its rows selected from the stage.
@@ -179,10 +166,10 @@ impl MysqlSink {
             self.insert_tail(schema)
         ));
         statements.push(format!("DELETE FROM {stage}"));
-        let warnings = statements.run(conn).await.map_err(failed)?;
+        let answers = statements.run(conn).await.map_err(StageError::from)?;
         stages.emptied(index);
-        no_warnings(warnings[load], "loading the stage").map_err(StageError::Failed)?;
-        no_warnings(warnings[merge], "merging the stage").map_err(StageError::Failed)
+        no_warnings(answers[load].warnings, "loading the stage").map_err(StageError::Failed)?;
+        no_warnings(answers[merge].warnings, "merging the stage").map_err(StageError::Failed)
     }
 }
 
@@ -228,6 +215,31 @@ impl Stages {
             *dirty = false;
         }
     }
+}
+
+/// `upserts` (key first, then the mapped columns) as a `LOAD DATA` payload in its default
+/// format, in chunks of at most `chunk` bytes: one packet each, within the server's
+/// `max_allowed_packet` (`packet.rs`).
+pub(super) fn infile_payload(
+    upserts: &[(&SqlValue, &Vec<SqlValue>)],
+    chunk: usize,
+) -> Vec<std::io::Result<bytes::Bytes>> {
+    let mut data = Vec::with_capacity(upserts.len() * 64);
+    for (id, values) in upserts {
+        for (i, v) in std::iter::once(*id).chain(values.iter()).enumerate() {
+            if i > 0 {
+                data.push(b'\t');
+            }
+            infile_field(&mut data, v);
+        }
+        data.push(b'\n');
+    }
+    let payload = bytes::Bytes::from(data);
+    let chunk = chunk.max(1);
+    (0..payload.len())
+        .step_by(chunk)
+        .map(|at| Ok(payload.slice(at..(at + chunk).min(payload.len()))))
+        .collect()
 }
 
 /// One field in LOAD DATA's default format: `\N` for NULL; tab, newline, backslash and NUL

@@ -17,6 +17,13 @@ use mysql_async::prelude::Queryable;
 
 use crate::sink::{SinkBatch, CHECKPOINT_TABLE};
 
+/// What one statement of a query answered (its OK packet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Answer {
+    pub warnings: u16,
+    pub affected_rows: u64,
+}
+
 /// Statements to send as one query.
 #[derive(Debug, Default)]
 pub(super) struct Statements {
@@ -37,26 +44,34 @@ impl Statements {
     }
 
     /// Runs the statements in one round trip (and the LOCAL INFILE exchange of a load among
-    /// them); returns each statement's warning count, in order.
+    /// them); returns each statement's answer, in order.
     pub(super) async fn run<Q: Queryable>(
         self,
         conn: &mut Q,
-    ) -> Result<Vec<u16>, mysql_async::Error> {
+    ) -> Result<Vec<Answer>, mysql_async::Error> {
         if self.count == 0 {
             return Ok(Vec::new());
         }
         let mut result = conn.query_iter(self.sql).await?;
-        let mut warnings = Vec::with_capacity(self.count);
-        warnings.push(result.warnings());
+        let mut answers = Vec::with_capacity(self.count);
+        answers.push(answer(&result));
         // Reading a statement's (empty) result moves to the next statement's OK packet. A
         // statement that failed is reported by the read after the one that reached it, or by
         // the last read below: every error is seen before any warning count is used.
         for _ in 1..self.count {
             result.collect::<mysql_async::Row>().await?;
-            warnings.push(result.warnings());
+            answers.push(answer(&result));
         }
         result.drop_result().await?;
-        Ok(warnings)
+        Ok(answers)
+    }
+}
+
+/// The answer `result` is at.
+fn answer(result: &mysql_async::QueryResult<'_, '_, mysql_async::TextProtocol>) -> Answer {
+    Answer {
+        warnings: result.warnings(),
+        affected_rows: result.affected_rows(),
     }
 }
 
