@@ -61,6 +61,8 @@ until has_row marker; do
   sleep 0.1
 done
 done_at=$(date +%s.%N)
+# The sink's batches and their mean size, from the service's own metrics.
+curl -s "http://127.0.0.1:$admin/metrics" | awk '/^writebehind_sink_batches_total/ {b += $2} /^writebehind_sink_batch_rows_sum/ {r += $2} /^writebehind_sink_commit_seconds_sum/ {s += $2} END {if (b > 0) printf "sink_batches=%d mean_rows_per_batch=%.0f mean_commit_ms=%.1f\n", b, r / b, 1000 * s / b}'
 sleep 0.3
 kill "$sampler" 2>/dev/null || true
 plot_progress "$out/load-progress.csv" "$out/load-progress.png" "bench-load: initial load of $keys hashes into MariaDB, $partitions partition(s)"

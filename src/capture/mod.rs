@@ -326,8 +326,13 @@ impl Capture {
                 self.full_sync = Some(FullSync::begin(&mut self.state, total, offset)?);
             }
             ReplicationEvent::Snapshot(event) => {
-                if let Some(sync) = self.full_sync.as_mut() {
-                    sync.on_event(&mut self.state, event)?;
+                // With every event already buffered after it.
+                let mut next = Some(event);
+                while let Some(event) = next {
+                    if let Some(sync) = self.full_sync.as_mut() {
+                        sync.on_event(&mut self.state, event)?;
+                    }
+                    next = replicator.try_next_snapshot();
                 }
             }
             ReplicationEvent::FullSyncCompleted {

@@ -332,32 +332,15 @@ impl Link {
                     offset,
                     stream_db,
                 } => {
-                    let event = decoder.decode(&mut self.socket.input).map_err(|e| {
-                        LinkError::Snapshot {
-                            address: self.address.clone(),
-                            message: e.to_string(),
-                        }
-                    })?;
-                    if let SnapshotFraming::Length(len) = framing {
-                        if decoder.consumed() > *len {
-                            return Err(LinkError::Snapshot {
-                                address: self.address.clone(),
-                                message: format!("the RDB runs past its announced {len} bytes"),
-                            });
-                        }
-                    }
+                    let event = decode_snapshot_event(
+                        &self.address,
+                        &mut self.socket.input,
+                        decoder,
+                        framing,
+                        stream_db,
+                    )?;
                     match event {
-                        Some(event) => {
-                            if let RdbEvent::Aux { key, value } = &event {
-                                if key.as_ref() == b"repl-stream-db" {
-                                    *stream_db = std::str::from_utf8(value)
-                                        .ok()
-                                        .and_then(|v| v.parse().ok())
-                                        .unwrap_or(0);
-                                }
-                            }
-                            return Ok(ReplicationEvent::Snapshot(event));
-                        }
+                        Some(event) => return Ok(ReplicationEvent::Snapshot(event)),
                         None if decoder.is_done() => {
                             let rdb_bytes = decoder.consumed();
                             match framing {
@@ -419,6 +402,27 @@ impl Link {
                 },
             }
         }
+    }
+
+    /// The next snapshot event from what is already buffered (never reads the socket; `None`
+    /// also at the snapshot's end, which [`Link::next`] reports).
+    pub(crate) fn try_next_snapshot(&mut self) -> Result<Option<RdbEvent>, LinkError> {
+        let Phase::Snapshot {
+            decoder,
+            framing,
+            stream_db,
+            ..
+        } = &mut self.phase
+        else {
+            return Ok(None);
+        };
+        decode_snapshot_event(
+            &self.address,
+            &mut self.socket.input,
+            decoder,
+            framing,
+            stream_db,
+        )
     }
 
     /// The next command-stream event from what is already buffered (never reads the socket).
@@ -485,6 +489,38 @@ enum Source {
     Spool(Spool),
     /// Only while the socket moves between the two (a failure then ends the link).
     Detached,
+}
+
+/// Decodes the next snapshot event from `input` (`None`: more input is needed, or the snapshot
+/// is complete); notes the stream's database from the `repl-stream-db` aux field.
+fn decode_snapshot_event(
+    address: &str,
+    input: &mut BytesMut,
+    decoder: &mut RdbDecoder,
+    framing: &SnapshotFraming,
+    stream_db: &mut u32,
+) -> Result<Option<RdbEvent>, LinkError> {
+    let event = decoder.decode(input).map_err(|e| LinkError::Snapshot {
+        address: address.to_string(),
+        message: e.to_string(),
+    })?;
+    if let SnapshotFraming::Length(len) = framing {
+        if decoder.consumed() > *len {
+            return Err(LinkError::Snapshot {
+                address: address.to_string(),
+                message: format!("the RDB runs past its announced {len} bytes"),
+            });
+        }
+    }
+    if let Some(RdbEvent::Aux { key, value }) = &event {
+        if key.as_ref() == b"repl-stream-db" {
+            *stream_db = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(event)
 }
 
 /// The server version announced with `REPLCONF version`: the newest whose snapshot format the

@@ -326,6 +326,31 @@ impl Replicator {
         }
     }
 
+    /// The next snapshot event if it is already buffered, without waiting for the socket: a
+    /// snapshot is millions of small events, and each through [`Replicator::next`] cost a
+    /// third of capture's thread in a full sync (its `select!` and wake-ups). `None` when more
+    /// input is needed, at the snapshot's end and on an error, which `next` then reports.
+    pub fn try_next_snapshot(&mut self) -> Option<RdbEvent> {
+        if self.pending.is_some() {
+            return None;
+        }
+        let link = self.link.as_mut()?;
+        match link.try_next_snapshot() {
+            Ok(event) => event,
+            Err(error) => {
+                self.link = None;
+                self.pending = Some(match self.failed(error) {
+                    Ok(event) => event,
+                    Err(fatal) => ReplicationEvent::Disconnected {
+                        error: fatal,
+                        retry_in: Duration::ZERO,
+                    },
+                });
+                None
+            }
+        }
+    }
+
     /// The next command-stream event if it is already buffered, without waiting for the
     /// socket: lets a consumer apply everything that arrived together and commit it at once.
     pub fn try_next_buffered(&mut self) -> Option<StreamEvent> {

@@ -3,6 +3,7 @@
 //! by column type. A row whose values cannot be written is refused here, with its reason, the
 //! same way for every backend.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use bytes::Bytes;
@@ -33,30 +34,34 @@ pub struct Coalesced {
 /// Coalesces `changes` per row and converts them for `schemas` (one per mapping, same order);
 /// changes of other mappings are skipped.
 pub fn coalesce(mappings: &[Mapping], schemas: &[TableSchema], changes: &[Change]) -> Coalesced {
-    let mut order: Vec<(usize, Bytes)> = Vec::new();
-    let mut rows: HashMap<(usize, Bytes), (bool, &Change)> = HashMap::new();
+    // Each row's last change, in the order rows first appear, and whether a delete of the row
+    // came before it; found by (table, row id) with one hash per change.
+    let mut rows: Vec<(usize, &Change, bool)> = Vec::with_capacity(changes.len());
+    let mut found: HashMap<(usize, &[u8]), usize, ahash::RandomState> =
+        HashMap::with_capacity_and_hasher(changes.len(), ahash::RandomState::default());
     for change in changes {
         let Some(table) = mappings.iter().position(|m| m.name == change.mapping) else {
             continue;
         };
-        let key = (table, change.row_id.clone());
-        match rows.get_mut(&key) {
-            Some((deleted, last)) => {
+        match found.entry((table, &change.row_id[..])) {
+            Entry::Occupied(at) => {
+                let (_, last, deleted) = &mut rows[*at.get()];
                 *deleted |= matches!(last.row, RowChange::Delete);
                 *last = change;
             }
-            None => {
-                order.push(key.clone());
-                rows.insert(key, (false, change));
+            Entry::Vacant(at) => {
+                at.insert(rows.len());
+                rows.push((table, change, false));
             }
         }
     }
-    let mut out = Coalesced::default();
-    for key in order {
-        let Some((deleted, change)) = rows.get(&key) else {
-            continue;
-        };
-        let (table, row_id) = key;
+    drop(found);
+    let mut out = Coalesced {
+        writes: Vec::with_capacity(rows.len()),
+        refused: Vec::new(),
+    };
+    for (table, change, deleted) in rows {
+        let row_id = change.row_id.clone();
         let (Some(schema), Some(mapping)) = (schemas.get(table), mappings.get(table)) else {
             continue;
         };
@@ -88,7 +93,7 @@ pub fn coalesce(mappings: &[Mapping], schemas: &[TableSchema], changes: &[Change
             table,
             seq: change.seq,
             row_id,
-            delete_first: *deleted && matches!(op, RowOp::Upsert { .. }),
+            delete_first: deleted && matches!(op, RowOp::Upsert { .. }),
             op,
         });
     }

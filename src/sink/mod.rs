@@ -12,6 +12,7 @@ pub mod memory;
 pub mod mysql;
 pub mod partition;
 pub mod postgres;
+mod read_ahead;
 mod reconcile;
 pub mod runner;
 pub mod sqlite;

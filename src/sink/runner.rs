@@ -13,9 +13,10 @@ use tokio::sync::Notify;
 use super::acks::AckShare;
 pub use super::applied::AppliedPositions;
 pub use super::coalesce::convert_row;
-use super::coalesce::{coalesce, Coalesced, RefusedRow};
+use super::coalesce::{Coalesced, RefusedRow};
 use super::long_unit::Streamed;
 use super::partition::{partition_of_change, row_name, FoundRows};
+use super::read_ahead::{split_batch, ReadAhead, Share, Shares};
 use super::reconcile::{Reconcile, RECONCILE_LETTERS};
 use super::{
     BeforeCommit, Destination, Rejected, RowWrite, SchemaProblem, SinkBatch, SinkCheckpoint,
@@ -95,6 +96,8 @@ pub struct SinkRunner<D: Destination> {
     /// The first seq of a long unit that is to be written whole, not in parts
     /// (`long_unit.rs`: the database refused a row of it).
     pub(super) whole_unit: Option<ChangeSeq>,
+    /// The next batch, prepared while the database writes the current one.
+    pub(super) read_ahead: Option<ReadAhead>,
 }
 
 impl<D: Destination> SinkRunner<D> {
@@ -162,6 +165,7 @@ impl<D: Destination> SinkRunner<D> {
             reconcile,
             reconcile_letters,
             whole_unit: None,
+            read_ahead: None,
         })
     }
 
@@ -218,41 +222,31 @@ impl<D: Destination> SinkRunner<D> {
 
     /// Applies one batch if there is one; returns whether it did.
     pub async fn step(&mut self) -> Result<bool, RunnerError> {
-        let first = self
-            .store
-            .closed_changes(self.lowest_applied().next(), MAX_BATCH_CHANGES)?;
-        let long = first.first().filter(|_| !first.iter().any(|c| c.unit_end));
-        if let Some(start) = long.map(|c| c.seq) {
-            if self.streams_long_unit(start) {
-                match self.stream_long_unit(first.clone()).await? {
-                    Streamed::Committed => return Ok(true),
-                    Streamed::Incomplete => return Ok(false),
-                    Streamed::WriteWhole => {}
-                }
-            }
-        }
-        let changes = self.read_units(first)?;
-        let Some(last) = changes.last() else {
-            return Ok(false);
+        let from = self.lowest_applied().next();
+        let prepared = match self.read_ahead.take() {
+            Some(ahead) => ahead.take_for(from, self.layout, &self.applied).await,
+            None => None,
         };
-        let (last_seq, offset) = (last.seq, last.offset);
+        let shares = match prepared {
+            Some(shares) => shares,
+            None => match self.read_batch(from).await? {
+                Ok(shares) => shares,
+                Err(done) => return Ok(done),
+            },
+        };
+        let Shares {
+            last_seq,
+            offset,
+            shares,
+        } = shares;
         let replid = self.replid()?;
-        let mut parts: Vec<Vec<Change>> = vec![Vec::new(); self.applied.len()];
-        for change in changes {
-            let partition = self.partition(&change);
-            // After a crash some partitions may have committed this far already.
-            if change.seq > self.applied[partition] {
-                parts[partition].push(change);
-            }
-        }
-        let mut work = Vec::with_capacity(parts.len());
-        for (partition, changes) in parts.into_iter().enumerate() {
-            // A partition a crash left ahead of this batch has nothing in it (and its row must
-            // not move back).
-            if self.applied[partition] >= last_seq {
-                continue;
-            }
-            let Coalesced { writes, refused } = coalesce(&self.mappings, &self.schemas, &changes);
+        let mut work = Vec::with_capacity(shares.len());
+        for Share {
+            partition,
+            changes,
+            coalesced: Coalesced { writes, refused },
+        } in shares
+        {
             let refused_rows = refused
                 .iter()
                 .map(|r| ((r.mapping.clone(), r.row_id.clone()), r.reason.clone()))
@@ -280,6 +274,15 @@ impl<D: Destination> SinkRunner<D> {
             });
         }
         let started = std::time::Instant::now();
+        // While the database writes this batch, the next one is prepared on a thread of its
+        // own (`read_ahead.rs`).
+        self.read_ahead = Some(ReadAhead::start(
+            &self.store,
+            (&self.mappings, &self.schemas),
+            (self.layout, self.applied.len()),
+            last_seq,
+            MAX_BATCH_CHANGES,
+        ));
         let results = self.apply_parts(&work).await;
         let mut failure = None;
         let mut rows = 0;
@@ -542,6 +545,32 @@ impl<D: Destination> SinkRunner<D> {
     /// still being written in parts by capture (`Store::closed_changes`). (Reading on in
     /// steps of `MAX_BATCH_CHANGES` until a step happened to end on a unit end made batches of
     /// 640,000 changes out of a flush's 1,024-change units: docs/benchmarks.md.)
+    /// Reads the batch that starts at `from` and splits it (`Err(applied)`: there is none to
+    /// split: nothing to write, or a long unit written in parts, `applied` saying whether a
+    /// part committed).
+    async fn read_batch(&mut self, from: ChangeSeq) -> Result<Result<Shares, bool>, RunnerError> {
+        let first = self.store.closed_changes(from, MAX_BATCH_CHANGES)?;
+        let long = first.first().filter(|_| !first.iter().any(|c| c.unit_end));
+        if let Some(start) = long.map(|c| c.seq) {
+            if self.streams_long_unit(start) {
+                match self.stream_long_unit(first.clone()).await? {
+                    Streamed::Committed => return Ok(Err(true)),
+                    Streamed::Incomplete => return Ok(Err(false)),
+                    Streamed::WriteWhole => {}
+                }
+            }
+        }
+        let changes = self.read_units(first)?;
+        let shares = split_batch(
+            changes,
+            &self.mappings,
+            &self.schemas,
+            self.layout,
+            &self.applied,
+        );
+        Ok(shares.ok_or(false))
+    }
+
     fn read_units(&self, mut changes: Vec<Change>) -> Result<Vec<Change>, StoreError> {
         if let Some(last_end) = changes.iter().rposition(|c| c.unit_end) {
             changes.truncate(last_end + 1);

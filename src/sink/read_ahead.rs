@@ -1,0 +1,257 @@
+//! The next batch, read and coalesced while the database writes the current one.
+//!
+//! A batch's own time is mostly the database's (a 5,000-row batch of a full sync: 26 ms of
+//! its 34 ms, docs/benchmarks.md); reading its changes from the log, splitting them by
+//! partition and coalescing them took the rest, during which the database waited. So while
+//! batch N is applied, batch N+1 is prepared on a blocking thread ([`ReadAhead::start`]) from
+//! what the log holds then, assuming N commits: every partition then stands at N's last seq.
+//! The next step uses it only if that holds ([`ReadAhead::take_for`]): the same changes, the
+//! same split, the same coalescing as it would compute itself; otherwise (a failed share, a
+//! changed layout) it is dropped and the step reads anew. A long unit (no unit end among the
+//! changes read) is left to the step, which writes it in parts.
+
+use tokio::task::JoinHandle;
+
+use super::coalesce::{coalesce, Coalesced};
+use super::partition::partition_of_change;
+use super::TableSchema;
+use crate::buffer::{Change, Store, StoreError};
+use crate::capture::mapping::Mapping;
+use crate::position::{ChangeSeq, ReplOffset};
+
+/// One partition's share of a batch: its changes and their writes.
+pub(super) struct Share {
+    pub partition: usize,
+    pub changes: Vec<Change>,
+    pub coalesced: Coalesced,
+}
+
+/// A batch of whole units split by partition.
+pub(super) struct Shares {
+    pub last_seq: ChangeSeq,
+    /// The stream offset after its last unit.
+    pub offset: ReplOffset,
+    /// Only the partitions not already past it (after a crash some may be).
+    pub shares: Vec<Share>,
+}
+
+/// Splits `changes` (whole units) by partition of `layout` and coalesces each share; a
+/// partition whose applied seq (`applied`) is at or past a change leaves it out, and one at or
+/// past the batch's end has no share. `None` for no changes.
+pub(super) fn split_batch(
+    changes: Vec<Change>,
+    mappings: &[Mapping],
+    schemas: &[TableSchema],
+    layout: u32,
+    applied: &[ChangeSeq],
+) -> Option<Shares> {
+    let last = changes.last()?;
+    let (last_seq, offset) = (last.seq, last.offset);
+    let mut parts: Vec<Vec<Change>> = vec![Vec::new(); applied.len()];
+    for change in changes {
+        let partition = partition_of_change(&change, mappings, schemas, layout);
+        // After a crash some partitions may have committed this far already.
+        if change.seq > applied[partition] {
+            parts[partition].push(change);
+        }
+    }
+    let shares = parts
+        .into_iter()
+        .enumerate()
+        // A partition a crash left ahead of this batch has nothing in it (and its row must not
+        // move back).
+        .filter(|(partition, _)| applied[*partition] < last_seq)
+        .map(|(partition, changes)| Share {
+            partition,
+            coalesced: coalesce(mappings, schemas, &changes),
+            changes,
+        })
+        .collect();
+    Some(Shares {
+        last_seq,
+        offset,
+        shares,
+    })
+}
+
+/// The next batch being prepared.
+pub(super) struct ReadAhead {
+    /// Its first seq: the one after the batch being applied.
+    from: ChangeSeq,
+    layout: u32,
+    prepared: JoinHandle<Result<Option<Shares>, StoreError>>,
+}
+
+impl ReadAhead {
+    /// Prepares the batch after `after` (on a blocking thread), as the step would if every one
+    /// of `partitions` partitions of `layout` stood at `after`.
+    pub(super) fn start(
+        store: &std::sync::Arc<Store>,
+        (mappings, schemas): (&[Mapping], &[TableSchema]),
+        (layout, partitions): (u32, usize),
+        after: ChangeSeq,
+        batch_changes: usize,
+    ) -> ReadAhead {
+        let store = store.clone();
+        let (mappings, schemas) = (mappings.to_vec(), schemas.to_vec());
+        let prepared = tokio::task::spawn_blocking(move || {
+            let mut changes = store.closed_changes(after.next(), batch_changes)?;
+            // Whole units only; a long unit is the step's to write in parts.
+            let Some(last_end) = changes.iter().rposition(|c| c.unit_end) else {
+                return Ok(None);
+            };
+            changes.truncate(last_end + 1);
+            let applied = vec![after; partitions];
+            Ok(split_batch(changes, &mappings, &schemas, layout, &applied))
+        });
+        ReadAhead {
+            from: after.next(),
+            layout,
+            prepared,
+        }
+    }
+
+    /// The prepared batch, if it is the one that starts at `from` with every partition of
+    /// `layout` at the seq before it (`applied`); `None` otherwise, or when nothing was
+    /// prepared (a read failed: the step's own read reports it).
+    pub(super) async fn take_for(
+        self,
+        from: ChangeSeq,
+        layout: u32,
+        applied: &[ChangeSeq],
+    ) -> Option<Shares> {
+        let prepared = self.prepared.await.ok()?.ok()??;
+        let standing = applied.iter().all(|seq| seq.next() == from);
+        (self.from == from && self.layout == layout && standing).then_some(prepared)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::buffer::{Batch, RowChange};
+
+    /// Changes `seqs` of mapping `P`, each a unit of its own unless `open` (no unit end).
+    fn store_with(
+        dir: &std::path::Path,
+        seqs: std::ops::RangeInclusive<u64>,
+        open: bool,
+    ) -> Arc<Store> {
+        let store = Arc::new(Store::open(&dir.join("buffer")).expect("store"));
+        let mut batch = Batch::default();
+        for seq in seqs {
+            batch.put_change(&Change {
+                seq: ChangeSeq(seq),
+                unit: ChangeSeq(if open { 1 } else { seq }),
+                unit_end: !open,
+                offset: ReplOffset(seq * 10),
+                mapping: "P".into(),
+                row_id: bytes::Bytes::from(format!("{seq}")),
+                row: RowChange::Delete,
+                op: None,
+            });
+        }
+        store.write(batch, true).expect("write");
+        store
+    }
+
+    fn seqs(shares: &Shares) -> Vec<Vec<u64>> {
+        let seqs = |share: &Share| share.changes.iter().map(|c| c.seq.0).collect();
+        shares.shares.iter().map(seqs).collect()
+    }
+
+    #[tokio::test]
+    async fn a_prepared_batch_is_taken_only_where_the_step_would_read_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = store_with(dir.path(), 1..=10, false);
+        let start = |after: u64, layout: u32, partitions: usize| {
+            ReadAhead::start(
+                &store,
+                (&[], &[]),
+                (layout, partitions),
+                ChangeSeq(after),
+                5,
+            )
+        };
+        let taken = start(3, 1, 1)
+            .take_for(ChangeSeq(4), 1, &[ChangeSeq(3)])
+            .await
+            .expect("taken");
+        assert_eq!(seqs(&taken), vec![vec![4, 5, 6, 7, 8]]);
+        assert_eq!(
+            (taken.last_seq, taken.offset),
+            (ChangeSeq(8), ReplOffset(80))
+        );
+        // Another start, another layout, a partition behind (its share failed): dropped.
+        let at_5 = [ChangeSeq(4)];
+        assert!(start(3, 1, 1)
+            .take_for(ChangeSeq(5), 1, &at_5)
+            .await
+            .is_none());
+        let two = [ChangeSeq(3), ChangeSeq(3)];
+        assert!(start(3, 1, 1)
+            .take_for(ChangeSeq(4), 2, &two)
+            .await
+            .is_none());
+        let behind = [ChangeSeq(3), ChangeSeq(2)];
+        assert!(start(3, 2, 2)
+            .take_for(ChangeSeq(3), 2, &behind)
+            .await
+            .is_none());
+        // A partition ahead of the others (left so by a crash): the step filters its share.
+        let ahead = [ChangeSeq(3), ChangeSeq(5)];
+        assert!(start(3, 2, 2)
+            .take_for(ChangeSeq(4), 2, &ahead)
+            .await
+            .is_none());
+        let taken = start(3, 2, 2).take_for(ChangeSeq(4), 2, &two).await;
+        assert_eq!(taken.map(|t| seqs(&t).concat().len()), Some(5));
+        // Nothing after the end.
+        assert!(start(10, 1, 1)
+            .take_for(ChangeSeq(11), 1, &[ChangeSeq(10)])
+            .await
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn a_long_unit_is_left_to_the_step() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = store_with(dir.path(), 1..=10, true);
+        let ahead = ReadAhead::start(&store, (&[], &[]), (1, 1), ChangeSeq(0), 5);
+        assert!(ahead
+            .take_for(ChangeSeq(1), 1, &[ChangeSeq(0)])
+            .await
+            .is_none());
+    }
+
+    #[test]
+    fn a_partition_already_past_the_batch_has_no_share() {
+        let changes: Vec<Change> = (1..=4)
+            .map(|seq| Change {
+                seq: ChangeSeq(seq),
+                unit: ChangeSeq(seq),
+                unit_end: true,
+                offset: ReplOffset(seq),
+                mapping: "P".into(),
+                row_id: bytes::Bytes::from(format!("{seq}")),
+                row: RowChange::Delete,
+                op: None,
+            })
+            .collect();
+        let partition = |c: &Change| partition_of_change(c, &[], &[], 2);
+        let expected: Vec<u64> = changes
+            .iter()
+            .filter(|c| partition(c) == 0 && c.seq > ChangeSeq(2))
+            .map(|c| c.seq.0)
+            .collect();
+        // Partition 1 has applied the whole batch: no share; partition 0 the first 2 changes.
+        let split =
+            split_batch(changes, &[], &[], 2, &[ChangeSeq(2), ChangeSeq(4)]).expect("split");
+        assert_eq!(seqs(&split), vec![expected]);
+        assert_eq!(split.shares[0].partition, 0);
+        assert_eq!(split.last_seq, ChangeSeq(4));
+        assert!(split_batch(Vec::new(), &[], &[], 1, &[ChangeSeq(0)]).is_none());
+    }
+}
