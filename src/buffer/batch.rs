@@ -282,6 +282,46 @@ impl Batch {
                 _ => false,
             })
     }
+    /// Puts the batch's mirror writes (`put_mirror`, `put_mirror_value`, `delete_mirror`) in key
+    /// order after its other ops, a key's own writes in the order they came. Consecutive
+    /// memtable inserts in key order walk mostly the same skiplist nodes (the journal settles
+    /// the same way): a full sync's batch of 1,000 random keys. The other ops write other
+    /// families, so the batch means the same; one that also writes or clears fields apart, or
+    /// holds journal entries, whose order with the mirror's writes matters, is left as it is.
+    pub fn sort_mirror_writes(&mut self) {
+        let apart = |op: &Op| {
+            matches!(
+                op,
+                Op::MirrorEntries(_) | Op::ClearFields(..) | Op::PutFields(..)
+            )
+        };
+        if self.ops.iter().any(apart) {
+            return;
+        }
+        let (mirror, mut ops): (Vec<Op>, Vec<Op>) =
+            std::mem::take(&mut self.ops).into_iter().partition(|op| {
+                matches!(
+                    op,
+                    Op::PutMirror(..) | Op::PutMirrorValue(..) | Op::DeleteMirror(_)
+                )
+            });
+        let mut keyed: Vec<(Vec<u8>, usize, Op)> = mirror
+            .into_iter()
+            .enumerate()
+            .map(|(index, op)| {
+                let key = match &op {
+                    Op::PutMirror(key, _) | Op::DeleteMirror(key) => key.clone(),
+                    Op::PutMirrorValue(db, key, _) => mirror_key(*db, key),
+                    _ => Vec::new(),
+                };
+                (key, index, op)
+            })
+            .collect();
+        keyed.sort_unstable_by(|(a, i, _), (b, j, _)| a.cmp(b).then(i.cmp(j)));
+        ops.extend(keyed.into_iter().map(|(_, _, op)| op));
+        self.ops = ops;
+    }
+
     /// How it writes the mirror.
     pub(super) fn mirror_write(&self) -> MirrorWrite {
         let mut mode = MirrorWrite::None;
@@ -318,5 +358,61 @@ impl Batch {
     }
     pub fn len(&self) -> usize {
         self.ops.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each op as the family it writes and its key (the value's first byte for puts).
+    fn shown(batch: &Batch) -> Vec<(&'static str, Vec<u8>)> {
+        batch
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::PutMirror(key, value) => ("mirror", [&key[..], &value[..1]].concat()),
+                Op::DeleteMirror(key) => ("mirror-", key.clone()),
+                Op::PutRaw(key, _) => ("raw", key.clone()),
+                Op::PutMeta(key, _) => ("meta", key.clone()),
+                Op::ClearFields(_, key) => ("fields-", key.clone()),
+                _ => ("other", Vec::new()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn mirror_writes_go_in_key_order_after_the_rest_a_keys_own_in_their_order() {
+        let mut batch = Batch::default();
+        batch.ops.push(Op::PutMirror(b"b".to_vec(), b"1".to_vec()));
+        batch.ops.push(Op::PutRaw(b"r".to_vec(), Vec::new()));
+        batch.ops.push(Op::PutMirror(b"a".to_vec(), b"2".to_vec()));
+        batch.ops.push(Op::DeleteMirror(b"c".to_vec()));
+        batch.ops.push(Op::PutMirror(b"a".to_vec(), b"3".to_vec()));
+        batch.ops.push(Op::PutMeta(b"m".to_vec(), Vec::new()));
+        let raw = shown(&batch)[1].clone();
+        batch.sort_mirror_writes();
+        assert_eq!(
+            shown(&batch),
+            vec![
+                raw,
+                ("meta", b"m".to_vec()),
+                ("mirror", b"a2".to_vec()),
+                ("mirror", b"a3".to_vec()),
+                ("mirror", b"b1".to_vec()),
+                ("mirror-", b"c".to_vec()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_batch_that_writes_fields_apart_keeps_its_order() {
+        let mut batch = Batch::default();
+        batch.ops.push(Op::PutMirror(b"b".to_vec(), b"1".to_vec()));
+        batch.clear_fields(0, b"a");
+        batch.ops.push(Op::PutMirror(b"a".to_vec(), b"2".to_vec()));
+        let before = shown(&batch);
+        batch.sort_mirror_writes();
+        assert_eq!(shown(&batch), before);
     }
 }
