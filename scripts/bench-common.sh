@@ -187,3 +187,36 @@ steady_load() {
     while [ "$(date +%s)" -lt "$next" ]; do sleep 0.05; done
   done
 }
+
+# load_data_reference KEYS: the rows `<i>\tJohn\tDoe\t42` (i from 1 to KEYS) written to
+# `$work/rows.tsv` and loaded by LOAD DATA LOCAL INFILE into `$database.reference`, shaped as
+# create_table makes `person1`; sets `load_start` and `load_end` (seconds).
+load_data_reference() {
+  python3 - "$1" >"$work/rows.tsv" <<'PY'
+import sys
+out = sys.stdout
+for i in range(1, int(sys.argv[1]) + 1):
+    out.write(f"{i}\tJohn\tDoe\t42\n")
+PY
+  sql "CREATE TABLE $database.reference (id VARCHAR(255) NOT NULL PRIMARY KEY, first TEXT, last TEXT, age TEXT) ENGINE=InnoDB"
+  load_start=$(date +%s.%N)
+  mariadb --protocol=tcp -h127.0.0.1 -uroot --local-infile=1 -e \
+    "LOAD DATA LOCAL INFILE '$work/rows.tsv' INTO TABLE $database.reference (id, first, last, age)"
+  load_end=$(date +%s.%N)
+}
+
+# fill_primary PORT KEYS: the hashes `person2:<i>` (first_name John, last_name Doe, age 42), i
+# from 1 to KEYS, written by scripts of 100,000 keys.
+fill_primary() {
+  local port=$1 keys=$2 from to
+  for ((from = 1; from <= keys; from += 100000)); do
+    to=$((from + 99999 < keys ? from + 99999 : keys))
+    redis-cli -p "$port" eval "for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do redis.call('HSET', 'person2:' .. i, 'first_name', 'John', 'last_name', 'Doe', 'age', '42') end" 0 "$from" "$to" >/dev/null
+  done
+}
+
+# sink_batch_summary ADMIN_PORT: the sink's batches, their mean size and the mean time of a
+# batch's transaction, from the service's metrics.
+sink_batch_summary() {
+  curl -s "http://127.0.0.1:$1/metrics" | awk '/^writebehind_sink_batches_total/ {b += $2} /^writebehind_sink_batch_rows_sum/ {r += $2} /^writebehind_sink_commit_seconds_sum/ {s += $2} END {if (b > 0) printf "sink_batches=%d mean_rows_per_batch=%.0f mean_commit_ms=%.1f\n", b, r / b, 1000 * s / b}'
+}

@@ -19,23 +19,10 @@ trap cleanup_bench EXIT
 build_release
 sql "CREATE DATABASE $database"
 
-python3 - "$keys" >"$work/rows.tsv" <<'PY'
-import sys
-out = sys.stdout
-for i in range(1, int(sys.argv[1]) + 1):
-    out.write(f"{i}\tJohn\tDoe\t42\n")
-PY
-sql "CREATE TABLE $database.reference (id VARCHAR(255) NOT NULL PRIMARY KEY, first TEXT, last TEXT, age TEXT) ENGINE=InnoDB"
-load_start=$(date +%s.%N)
-mariadb --protocol=tcp -h127.0.0.1 -uroot --local-infile=1 -e \
-  "LOAD DATA LOCAL INFILE '$work/rows.tsv' INTO TABLE $database.reference (id, first, last, age)"
-load_end=$(date +%s.%N)
+load_data_reference "$keys"
 
 start_primary "$primary" "$work" --repl-diskless-sync-delay 0
-for ((from = 1; from <= keys; from += 100000)); do
-  to=$((from + 99999 < keys ? from + 99999 : keys))
-  redis-cli -p "$primary" eval "for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do redis.call('HSET', 'person2:' .. i, 'first_name', 'John', 'last_name', 'Doe', 'age', '42') end" 0 "$from" "$to" >/dev/null
-done
+fill_primary "$primary" "$keys"
 write_config "$work/writebehind.toml" "$primary" "$work/buffer" "mysql://root@127.0.0.1:3306/$database" 1
 printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$admin" >>"$work/writebehind.toml"
 RUST_LOG=warn "$bin" run --capture-only --config "$work/writebehind.toml" 2>"$work/capture.log" &
@@ -62,8 +49,7 @@ until has_row marker; do
   sleep 0.05
 done
 done_at=$(date +%s.%N)
-# The sink's batches, their mean size and the mean time of a batch's transaction.
-curl -s "http://127.0.0.1:$admin/metrics" | awk '/^writebehind_sink_batches_total/ {b += $2} /^writebehind_sink_batch_rows_sum/ {r += $2} /^writebehind_sink_commit_seconds_sum/ {s += $2} END {if (b > 0) printf "sink_batches=%d mean_rows_per_batch=%.0f mean_commit_ms=%.1f\n", b, r / b, 1000 * s / b}'
+sink_batch_summary "$admin"
 read -r utime stime < <(awk '{print $14, $15}' "/proc/$service_pid/stat")
 python3 - "$keys" "$load_start" "$load_end" "$start" "$done_at" "$utime" "$stime" "$(getconf CLK_TCK)" <<'PY'
 import sys

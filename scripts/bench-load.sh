@@ -23,24 +23,11 @@ build_release
 sql "CREATE DATABASE $database"
 
 # The reference: the same rows by LOAD DATA into a table shaped as create_table makes it.
-python3 - "$keys" >"$work/rows.tsv" <<'PY'
-import sys
-out = sys.stdout
-for i in range(1, int(sys.argv[1]) + 1):
-    out.write(f"{i}\tJohn\tDoe\t42\n")
-PY
-sql "CREATE TABLE $database.reference (id VARCHAR(255) NOT NULL PRIMARY KEY, first TEXT, last TEXT, age TEXT) ENGINE=InnoDB"
-load_start=$(date +%s.%N)
-mariadb --protocol=tcp -h127.0.0.1 -uroot --local-infile=1 -e \
-  "LOAD DATA LOCAL INFILE '$work/rows.tsv' INTO TABLE $database.reference (id, first, last, age)"
-load_end=$(date +%s.%N)
+load_data_reference "$keys"
 
 # No diskless-sync delay (5 s by default): the load is timed from the service's start.
 start_primary "$primary" "$work" --repl-diskless-sync-delay 0
-for ((from = 1; from <= keys; from += 100000)); do
-  to=$((from + 99999 < keys ? from + 99999 : keys))
-  redis-cli -p "$primary" eval "for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do redis.call('HSET', 'person2:' .. i, 'first_name', 'John', 'last_name', 'Doe', 'age', '42') end" 0 "$from" "$to" >/dev/null
-done
+fill_primary "$primary" "$keys"
 write_config "$work/writebehind.toml" "$primary" "$work/buffer" "mysql://root@127.0.0.1:3306/$database" "$partitions"
 printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$admin" >>"$work/writebehind.toml"
 has_row() { [ "$(sql "SELECT COUNT(*) FROM $database.person1 WHERE id = '$1'" 2>/dev/null || echo 0)" = 1 ]; }
@@ -61,8 +48,7 @@ until has_row marker; do
   sleep 0.1
 done
 done_at=$(date +%s.%N)
-# The sink's batches and their mean size, from the service's own metrics.
-curl -s "http://127.0.0.1:$admin/metrics" | awk '/^writebehind_sink_batches_total/ {b += $2} /^writebehind_sink_batch_rows_sum/ {r += $2} /^writebehind_sink_commit_seconds_sum/ {s += $2} END {if (b > 0) printf "sink_batches=%d mean_rows_per_batch=%.0f mean_commit_ms=%.1f\n", b, r / b, 1000 * s / b}'
+sink_batch_summary "$admin"
 sleep 0.3
 kill "$sampler" 2>/dev/null || true
 plot_progress "$out/load-progress.csv" "$out/load-progress.png" "bench-load: initial load of $keys hashes into MariaDB, $partitions partition(s)"

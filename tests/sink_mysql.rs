@@ -290,18 +290,8 @@ async fn every_row_of_a_batch_is_written_inside_its_transaction() {
     service.settle(&mut client, &database).await;
     run(&mut client, &["DEL", "person2:1", "person2:2"]).await;
     service.settle(&mut client, &database).await;
-    let counts = database
-        .rows(
-            "(SELECT CAST(in_tx AS CHAR) AS id, CAST(COUNT(*) AS CHAR) AS n FROM tx_log GROUP BY in_tx) AS counts",
-            &["n"],
-        )
-        .await;
-    let count = |in_tx: &str| {
-        counts
-            .get(in_tx)
-            .and_then(|n| n[0].as_deref())
-            .map_or(0, |n| n.parse::<u64>().expect("a count"))
-    };
+    let counts = counts_by(&database, "in_tx", "tx_log").await;
+    let count = |in_tx: &str| counts.get(in_tx).copied().unwrap_or(0);
     assert_eq!(
         count("0"),
         0,
@@ -371,17 +361,8 @@ async fn new_rows_go_straight_into_the_table_and_an_existing_key_sends_the_batch
         .collect()
     };
     let logged = || async {
-        let rows = database
-            .rows(
-                "(SELECT CAST(staged > 0 AS CHAR) AS id, CAST(COUNT(*) AS CHAR) AS n FROM stage_log GROUP BY staged > 0) AS counts",
-                &["n"],
-            )
-            .await;
-        let count = |staged: &str| {
-            rows.get(staged)
-                .and_then(|n| n[0].as_deref())
-                .map_or(0, |n| n.parse::<u64>().expect("a count"))
-        };
+        let counts = counts_by(&database, "staged > 0", "stage_log").await;
+        let count = |staged: &str| counts.get(staged).copied().unwrap_or(0);
         (count("0"), count("1"))
     };
     let before = logged().await;
@@ -415,6 +396,22 @@ async fn new_rows_go_straight_into_the_table_and_an_existing_key_sends_the_batch
     }
     service.stop().await;
     database.drop_database().await;
+}
+
+/// The rows of `table` counted by the value of `expression`, as text.
+async fn counts_by(
+    database: &Database,
+    expression: &str,
+    table: &str,
+) -> std::collections::BTreeMap<String, u64> {
+    let grouped = format!("(SELECT CAST({expression} AS CHAR) AS id, CAST(COUNT(*) AS CHAR) AS n FROM {table} GROUP BY {expression}) AS counts");
+    let rows = database.rows(&grouped, &["n"]).await;
+    rows.into_iter()
+        .map(|(value, n)| {
+            let n = n[0].as_deref().map(|n| n.parse().expect("a count"));
+            (value, n.unwrap_or(0))
+        })
+        .collect()
 }
 
 /// Runs `commands` as one `MULTI`.

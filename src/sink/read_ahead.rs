@@ -133,7 +133,21 @@ mod tests {
     use super::*;
     use crate::buffer::{Batch, RowChange};
 
-    /// Changes `seqs` of mapping `P`, each a unit of its own unless `open` (no unit end).
+    /// Change `seq` of mapping `P`, a deletion, in unit `unit` (ending it when `ends`).
+    fn change(seq: u64, unit: u64, ends: bool) -> Change {
+        Change {
+            seq: ChangeSeq(seq),
+            unit: ChangeSeq(unit),
+            unit_end: ends,
+            offset: ReplOffset(seq * 10),
+            mapping: "P".into(),
+            row_id: bytes::Bytes::from(format!("{seq}")),
+            row: RowChange::Delete,
+            op: None,
+        }
+    }
+
+    /// Changes `seqs`, each a unit of its own unless `open` (one unit without an end).
     fn store_with(
         dir: &std::path::Path,
         seqs: std::ops::RangeInclusive<u64>,
@@ -142,16 +156,7 @@ mod tests {
         let store = Arc::new(Store::open(&dir.join("buffer")).expect("store"));
         let mut batch = Batch::default();
         for seq in seqs {
-            batch.put_change(&Change {
-                seq: ChangeSeq(seq),
-                unit: ChangeSeq(if open { 1 } else { seq }),
-                unit_end: !open,
-                offset: ReplOffset(seq * 10),
-                mapping: "P".into(),
-                row_id: bytes::Bytes::from(format!("{seq}")),
-                row: RowChange::Delete,
-                op: None,
-            });
+            batch.put_change(&change(seq, if open { 1 } else { seq }, !open));
         }
         store.write(batch, true).expect("write");
         store
@@ -228,18 +233,7 @@ mod tests {
 
     #[test]
     fn a_partition_already_past_the_batch_has_no_share() {
-        let changes: Vec<Change> = (1..=4)
-            .map(|seq| Change {
-                seq: ChangeSeq(seq),
-                unit: ChangeSeq(seq),
-                unit_end: true,
-                offset: ReplOffset(seq),
-                mapping: "P".into(),
-                row_id: bytes::Bytes::from(format!("{seq}")),
-                row: RowChange::Delete,
-                op: None,
-            })
-            .collect();
+        let changes: Vec<Change> = (1..=4).map(|seq| change(seq, seq, true)).collect();
         let partition = |c: &Change| partition_of_change(c, &[], &[], 2);
         let expected: Vec<u64> = changes
             .iter()

@@ -548,12 +548,6 @@ impl<D: Destination> SinkRunner<D> {
             .unwrap_or_default())
     }
 
-    /// Whole units from `changes` (the first `MAX_BATCH_CHANGES` after the lowest applied
-    /// seq): the units that end within them, or, when one unit alone is longer, that unit (read
-    /// on to its end; `long_unit.rs` writes such a unit in parts where it can). Never a unit
-    /// still being written in parts by capture (`Store::closed_changes`). (Reading on in
-    /// steps of `MAX_BATCH_CHANGES` until a step happened to end on a unit end made batches of
-    /// 640,000 changes out of a flush's 1,024-change units: docs/benchmarks.md.)
     /// Reads the batch that starts at `from` and splits it (`Err(applied)`: there is none to
     /// split: nothing to write, or a long unit written in parts, `applied` saying whether a
     /// part committed).
@@ -580,6 +574,12 @@ impl<D: Destination> SinkRunner<D> {
         Ok(shares.ok_or(false))
     }
 
+    /// Whole units from `changes` (the first `MAX_BATCH_CHANGES` after the lowest applied
+    /// seq): the units that end within them, or, when one unit alone is longer, that unit (read
+    /// on to its end; `long_unit.rs` writes such a unit in parts where it can). Never a unit
+    /// still being written in parts by capture (`Store::closed_changes`). (Reading on in
+    /// steps of `MAX_BATCH_CHANGES` until a step happened to end on a unit end made batches of
+    /// 640,000 changes out of a flush's 1,024-change units: docs/benchmarks.md.)
     fn read_units(&self, mut changes: Vec<Change>) -> Result<Vec<Change>, StoreError> {
         if let Some(last_end) = changes.iter().rposition(|c| c.unit_end) {
             changes.truncate(last_end + 1);

@@ -15,8 +15,10 @@
 //! the table's upserts take the staged path (`staging.rs`), which decides as it always did.
 //!
 //! **When it is tried** ([`MysqlSink::write_new_rows`]):
-//! - the table's engine is transactional (InnoDB; read from `information_schema` once per
-//!   session and table), so that rolling back to the savepoint undoes the attempt;
+//! - the table is an InnoDB table (read from `information_schema` once per session and table),
+//!   so that rolling back to the savepoint undoes the attempt (another engine that reports
+//!   transactions may refuse that rollback once rows changed, MyRocks does, and every batch
+//!   would fail on the same attempt);
 //! - every value is text or a number: the file is declared `utf8mb4`, the character set of the
 //!   session's statements, so each value reaches its column as a statement's parameter would
 //!   (a `latin1` column refuses what it cannot hold instead of taking UTF-8 bytes as `latin1`).
@@ -55,11 +57,11 @@ pub(super) enum Loaded {
     Refused(String),
 }
 
-/// Per session, by table index: whether the table is transactional (read on its first large
+/// Per session, by table index: whether the table is an InnoDB table (read on its first large
 /// batch), and the batches a table whose last attempt was refused still waits.
 #[derive(Debug, Default)]
 pub(super) struct NewRows {
-    transactional: HashMap<usize, bool>,
+    innodb: HashMap<usize, bool>,
     waiting: HashMap<usize, u32>,
 }
 
@@ -75,14 +77,16 @@ impl NewRows {
         }
     }
 
-    /// Whether table `index` (`table`) is transactional, read on `conn` the first time.
-    async fn transactional(&mut self, conn: &mut Conn, index: usize, table: &str) -> bool {
-        if let Some(known) = self.transactional.get(&index) {
+    /// Whether table `index` (`table`) is an InnoDB table, read on `conn` the first time (a
+    /// failed read is not kept: the next large batch asks again).
+    async fn innodb(&mut self, conn: &mut Conn, index: usize, table: &str) -> bool {
+        if let Some(known) = self.innodb.get(&index) {
             return *known;
         }
-        let known = is_transactional(conn, table).await;
-        self.transactional.insert(index, known);
-        known
+        match is_innodb(conn, table).await {
+            Some(known) => *self.innodb.entry(index).or_insert(known),
+            None => false,
+        }
     }
 
     /// Table `index`'s attempt was refused.
@@ -100,19 +104,22 @@ pub(super) fn text_or_numbers(upserts: &[(&SqlValue, &Vec<SqlValue>)]) -> bool {
     })
 }
 
-/// Whether `table`'s engine is transactional (`false` when that cannot be read).
-async fn is_transactional(conn: &mut Conn, table: &str) -> bool {
-    let transactions: Option<String> = conn
+/// Whether `table` is an InnoDB table (`None` when that cannot be read now). InnoDB only: an
+/// engine that reports transactions may still refuse to roll back to a savepoint once rows
+/// changed (MyRocks), and every batch would then fail on the same attempt.
+async fn is_innodb(conn: &mut Conn, table: &str) -> Option<bool> {
+    let engine: Option<Option<String>> = conn
         .exec_first(
-            "SELECT e.TRANSACTIONS FROM information_schema.TABLES t \
-             JOIN information_schema.ENGINES e ON e.ENGINE = t.ENGINE \
-             WHERE t.TABLE_SCHEMA = DATABASE() AND t.TABLE_NAME = ?",
+            "SELECT ENGINE FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
             (table,),
         )
         .await
-        .ok()
-        .flatten();
-    transactions.as_deref() == Some("YES")
+        .ok()?;
+    Some(
+        engine
+            .flatten()
+            .is_some_and(|e| e.eq_ignore_ascii_case("InnoDB")),
+    )
 }
 
 impl MysqlSink {
@@ -129,7 +136,7 @@ impl MysqlSink {
     ) -> Result<bool, StageError> {
         if !text_or_numbers(upserts)
             || !new_rows.try_now(index)
-            || !new_rows.transactional(conn, index, &schema.table).await
+            || !new_rows.innodb(conn, index, &schema.table).await
         {
             return Ok(false);
         }
