@@ -283,11 +283,12 @@ impl Batch {
             })
     }
     /// Puts the batch's mirror writes (`put_mirror`, `put_mirror_value`, `delete_mirror`) in key
-    /// order after its other ops, a key's own writes in the order they came. Consecutive
-    /// memtable inserts in key order walk mostly the same skiplist nodes (the journal settles
-    /// the same way): a full sync's batch of 1,000 random keys. The other ops write other
-    /// families, so the batch means the same; one that also writes or clears fields apart, or
-    /// holds journal entries, whose order with the mirror's writes matters, is left as it is.
+    /// order after its other ops, a key's own writes in the order they came (a stable sort).
+    /// Consecutive memtable inserts in key order walk mostly the same skiplist nodes (the
+    /// journal settles the same way): a full sync's batch of 1,000 random keys. The other ops
+    /// write other families, so the batch means the same; one that also writes or clears fields
+    /// apart, or holds journal entries, whose order with the mirror's writes matters, is left
+    /// as it is.
     pub fn sort_mirror_writes(&mut self) {
         let apart = |op: &Op| {
             matches!(
@@ -298,27 +299,11 @@ impl Batch {
         if self.ops.iter().any(apart) {
             return;
         }
-        let (mirror, mut ops): (Vec<Op>, Vec<Op>) =
-            std::mem::take(&mut self.ops).into_iter().partition(|op| {
-                matches!(
-                    op,
-                    Op::PutMirror(..) | Op::PutMirrorValue(..) | Op::DeleteMirror(_)
-                )
-            });
-        let mut keyed: Vec<(Vec<u8>, usize, Op)> = mirror
+        let (mut mirror, mut ops): (Vec<Op>, Vec<Op>) = std::mem::take(&mut self.ops)
             .into_iter()
-            .enumerate()
-            .map(|(index, op)| {
-                let key = match &op {
-                    Op::PutMirror(key, _) | Op::DeleteMirror(key) => key.clone(),
-                    Op::PutMirrorValue(db, key, _) => mirror_key(*db, key),
-                    _ => Vec::new(),
-                };
-                (key, index, op)
-            })
-            .collect();
-        keyed.sort_unstable_by(|(a, i, _), (b, j, _)| a.cmp(b).then(i.cmp(j)));
-        ops.extend(keyed.into_iter().map(|(_, _, op)| op));
+            .partition(|op| mirror_sort_key(op).is_some());
+        mirror.sort_by(|a, b| mirror_sort_key(a).cmp(&mirror_sort_key(b)));
+        ops.append(&mut mirror);
         self.ops = ops;
     }
 
@@ -358,6 +343,19 @@ impl Batch {
     }
     pub fn len(&self) -> usize {
         self.ops.len()
+    }
+}
+
+/// A mirror write's key as its database and key, which order as the mirror key does
+/// (`mirror_key`: the database in 4 big-endian bytes, then the key); `None` for other ops.
+fn mirror_sort_key(op: &Op) -> Option<(u32, &[u8])> {
+    match op {
+        Op::PutMirror(raw, _) | Op::DeleteMirror(raw) => Some(match raw.split_first_chunk::<4>() {
+            Some((db, key)) => (u32::from_be_bytes(*db), key),
+            None => (0, raw.as_slice()),
+        }),
+        Op::PutMirrorValue(db, key, _) => Some((*db, key.as_slice())),
+        _ => None,
     }
 }
 

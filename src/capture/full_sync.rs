@@ -238,7 +238,6 @@ impl FullSync {
         );
         batch.put_encoded_changes(changes);
         batch.put_checkpoint(&state.checkpoint);
-        batch.sort_mirror_writes();
         self.writer.write(batch)
     }
 

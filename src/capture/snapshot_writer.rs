@@ -34,7 +34,9 @@ impl SnapshotWriter {
             .name("writebehind-snapshot".into())
             .spawn(move || {
                 crate::buffer::stop_rocksdb_perf_counters();
-                for batch in queue {
+                for mut batch in queue {
+                    // Sorted here, not on capture's thread.
+                    batch.sort_mirror_writes();
                     store.write(batch, false)?;
                 }
                 Ok(())

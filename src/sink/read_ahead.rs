@@ -35,6 +35,15 @@ pub(super) struct Shares {
     pub shares: Vec<Share>,
 }
 
+/// What the step's own read found (`SinkRunner::read_batch`).
+pub(super) enum Read {
+    /// A batch to write.
+    Batch(Shares),
+    /// Nothing to write here: the log holds nothing after the applied seq, or a long unit was
+    /// written in parts (`applied`: a part committed).
+    Done { applied: bool },
+}
+
 /// Splits `changes` (whole units) by partition of `layout` and coalesces each share; a
 /// partition whose applied seq (`applied`) is at or past a change leaves it out, and one at or
 /// past the batch's end has no share. `None` for no changes.

@@ -16,7 +16,7 @@ pub use super::coalesce::convert_row;
 use super::coalesce::{Coalesced, RefusedRow};
 use super::long_unit::Streamed;
 use super::partition::{partition_of_change, row_name, FoundRows};
-use super::read_ahead::{split_batch, ReadAhead, Share, Shares};
+use super::read_ahead::{split_batch, Read, ReadAhead, Share, Shares};
 use super::reconcile::{Reconcile, RECONCILE_LETTERS};
 use super::{
     BeforeCommit, Destination, Rejected, RowWrite, SchemaProblem, SinkBatch, SinkCheckpoint,
@@ -235,8 +235,8 @@ impl<D: Destination> SinkRunner<D> {
         let shares = match prepared {
             Some(shares) => shares,
             None => match self.read_batch(from).await? {
-                Ok(shares) => shares,
-                Err(done) => return Ok(done),
+                Read::Batch(shares) => shares,
+                Read::Done { applied } => return Ok(applied),
             },
         };
         let Shares {
@@ -548,17 +548,16 @@ impl<D: Destination> SinkRunner<D> {
             .unwrap_or_default())
     }
 
-    /// Reads the batch that starts at `from` and splits it (`Err(applied)`: there is none to
-    /// split: nothing to write, or a long unit written in parts, `applied` saying whether a
-    /// part committed).
-    async fn read_batch(&mut self, from: ChangeSeq) -> Result<Result<Shares, bool>, RunnerError> {
+    /// Reads the batch that starts at `from` and splits it, or writes the long unit that starts
+    /// there in parts.
+    async fn read_batch(&mut self, from: ChangeSeq) -> Result<Read, RunnerError> {
         let first = self.store.closed_changes(from, MAX_BATCH_CHANGES)?;
         let long = first.first().filter(|_| !first.iter().any(|c| c.unit_end));
         if let Some(start) = long.map(|c| c.seq) {
             if self.streams_long_unit(start) {
                 match self.stream_long_unit(first.clone()).await? {
-                    Streamed::Committed => return Ok(Err(true)),
-                    Streamed::Incomplete => return Ok(Err(false)),
+                    Streamed::Committed => return Ok(Read::Done { applied: true }),
+                    Streamed::Incomplete => return Ok(Read::Done { applied: false }),
                     Streamed::WriteWhole => {}
                 }
             }
@@ -571,7 +570,7 @@ impl<D: Destination> SinkRunner<D> {
             self.layout,
             &self.applied,
         );
-        Ok(shares.ok_or(false))
+        Ok(shares.map_or(Read::Done { applied: false }, Read::Batch))
     }
 
     /// Whole units from `changes` (the first `MAX_BATCH_CHANGES` after the lowest applied
