@@ -498,6 +498,7 @@ async fn a_slow_consumer_of_the_stream_is_not_cut_by_the_output_buffer_limit() {
     let mut client = client_limiting_replicas_to_4mb(&server).await;
     let spool_root = tempfile::tempdir().expect("tempdir");
     let mut options = options(&server);
+
     options.spool_dir = spool_root.path().to_path_buf();
     let spooled = options.spooled.clone();
     let mut replicator = Replicator::new(options, None);
@@ -510,7 +511,12 @@ async fn a_slow_consumer_of_the_stream_is_not_cut_by_the_output_buffer_limit() {
     )
     .await;
 
-    // 30 MB of writes, pipelined from another connection as fast as the primary takes them.
+    // 30 MB of writes, pipelined from another connection at about 35 MB/s: over three times
+    // what the consumer below reads, so the primary would hold about 20 MB for us when the
+    // writes end (5 times its limit) without the spool. Not as fast as the primary takes them:
+    // then the primary reached its 4 MB limit within about 10 ms of the first write, and a
+    // spooler thread that a loaded machine let wait that long was cut (seen once in CI); at
+    // this pace the spool has about 100 ms to start.
     const WRITES: usize = 3_000;
     let mut writer_client = server.client().await;
     let writer = tokio::spawn(async move {
@@ -528,6 +534,7 @@ async fn a_slow_consumer_of_the_stream_is_not_cut_by_the_output_buffer_limit() {
                 .collect();
             let commands: Vec<&[String]> = commands.iter().map(|c| &c[..]).collect();
             writer_client.pipeline(&commands).await.expect("writes");
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
     });
     let mut fields = Vec::with_capacity(WRITES);
