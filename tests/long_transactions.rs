@@ -485,7 +485,10 @@ async fn a_long_transaction_reaches_sqlite_once() {
     let (config, _buffer) = service_config_for(&server, &dir, &database.url());
     let mut service = spawn_service(&config);
     until_attached(&mut client, || service_log(&config)).await;
-    let rows = 12_000;
+    // Twice what a batch holds by its bytes alone (each change counted at least
+    // `DECODED_CHANGE_BYTES`).
+    let rows = (2 * writebehind::sink::runner::BATCH_LIMIT.bytes
+        / writebehind::buffer::DECODED_CHANGE_BYTES) as u64;
     let mut commands = vec![vec!["MULTI".to_string()]];
     commands.extend((1..=rows).map(|seq| {
         let seq = seq.to_string();

@@ -555,7 +555,11 @@ async fn long_multi_visible_at_once(database: Database) {
     let mut client = server.client().await;
     let service = start(&server, &database).await;
     service.settle(&mut client, &database).await;
-    let rows = 12_000;
+    // More changes than a batch holds by its bytes alone (each counted at least
+    // `DECODED_CHANGE_BYTES`), half again with the rewrites below.
+    let batch =
+        writebehind::sink::runner::BATCH_LIMIT.bytes / writebehind::buffer::DECODED_CHANGE_BYTES;
+    let rows = batch as i64;
     let (done_tx, reader) = poll_group_counts(&database, rows).await;
     let mut commands = vec![vec!["MULTI".to_string()]];
     commands.extend((0..rows).map(|i| {

@@ -495,3 +495,80 @@ async fn statements_stay_within_the_servers_max_allowed_packet() {
     );
     service.stop().await;
 }
+
+/// A batch is bounded by the bytes of its changes, not only by their count (`BATCH_LIMIT`):
+/// while the checkpoint table is locked, 48 hashes of 1 MB values are written one by one (48
+/// units) and pile up in the log behind the sink's blocked batch; once it is unlocked they
+/// reach the table in at least three more transactions, every value whole. A trigger logs the
+/// transaction each row is inserted in. (By count alone, one batch took them all: 5,000 such
+/// changes would have been 5 GB in the sink.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_large_values_is_bounded_by_their_bytes() {
+    use mysql_async::prelude::Queryable;
+    let database = Database::maria().await;
+    database
+        .execute("CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first LONGTEXT, last LONGTEXT, age INT)")
+        .await;
+    database.execute(CAR_TABLE).await;
+    database
+        .execute("CREATE TABLE trx_log (n INT AUTO_INCREMENT PRIMARY KEY, trx VARCHAR(32))")
+        .await;
+    database
+        .execute("CREATE TRIGGER log_trx AFTER INSERT ON person1 FOR EACH ROW INSERT INTO trx_log (trx) SELECT trx_id FROM information_schema.innodb_trx WHERE trx_mysql_thread_id = CONNECTION_ID()")
+        .await;
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let service = start(&server, &database).await;
+    service.settle(&mut client, &database).await;
+    let mut lock = mysql_async::Conn::from_url(database.url().as_str())
+        .await
+        .expect("connect");
+    lock.query_drop("LOCK TABLES writebehind_checkpoint WRITE")
+        .await
+        .expect("lock");
+    let rows = 48u64;
+    let value = |n: u64| format!("{n}-{}", "v".repeat(1 << 20));
+    for n in 0..rows {
+        let key = format!("person2:{n}");
+        let command = ["HSET", key.as_str(), "first_name", &value(n)];
+        client.pipeline(&[&command[..]]).await.expect("HSET");
+    }
+    // Every write captured while the sink waits for the lock.
+    let info = client.info("replication").await.expect("info");
+    let target: u64 = writebehind::redis_client::info_field(&info, "master_repl_offset")
+        .and_then(|v| v.parse().ok())
+        .expect("offset");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let captured = || {
+        service
+            .store
+            .checkpoint()
+            .expect("checkpoint")
+            .position
+            .is_some_and(|p| p.offset.0 >= target)
+    };
+    while !captured() {
+        assert!(Instant::now() < deadline, "not captured within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lock.query_drop("UNLOCK TABLES").await.expect("unlock");
+    drop(lock);
+    service.settle(&mut client, &database).await;
+    let written = database.rows("person1", &["first"]).await;
+    let mut large = 0;
+    for (id, first) in &written {
+        let Ok(n) = id.parse::<u64>() else { continue };
+        assert!(first[0].as_deref() == Some(value(n).as_str()), "{id}");
+        large += 1;
+    }
+    assert_eq!(large, rows);
+    let transactions = counts_by(&database, "trx", "trx_log").await;
+    let bound = writebehind::sink::runner::BATCH_LIMIT.bytes as u64;
+    // The blocked batch, then the rest a bound at a time.
+    assert!(
+        transactions.len() as u64 > (rows - 1) * (1 << 20) / bound,
+        "{} transactions for {rows} MB: {transactions:?}",
+        transactions.len()
+    );
+    service.stop().await;
+}

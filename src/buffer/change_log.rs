@@ -144,6 +144,32 @@ impl<'a> Entry<'a> {
     }
 }
 
+/// What one read of the change log returns at most: `changes` changes, and changes taking
+/// about `bytes` of memory once decoded, each counted as its encoded size plus
+/// [`DECODED_CHANGE_BYTES`]. A read returns at least one change (a change larger than `bytes`
+/// is read alone). A count alone did not bound a sink's memory: a change carries its row's
+/// mapped values, and values may be large.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimit {
+    pub changes: usize,
+    pub bytes: usize,
+}
+
+/// A count alone: no bound on bytes.
+impl From<usize> for ReadLimit {
+    fn from(changes: usize) -> ReadLimit {
+        ReadLimit {
+            changes,
+            bytes: usize::MAX,
+        }
+    }
+}
+
+/// What a change read from the log takes in a sink beyond its encoded bytes: the decoded
+/// `Change` and its row image, its coalesced row and the row's converted values (measured
+/// with `bench-e2e.sh`: docs/benchmarks.md, session 21).
+pub const DECODED_CHANGE_BYTES: usize = 1024;
+
 impl super::Store {
     /// Up to `limit` changes with `from <= seq < until`, in order, read with `iter` (of the
     /// change log, from the database or a snapshot).
@@ -152,9 +178,10 @@ impl super::Store {
         mut iter: DBRawIteratorWithThreadMode<'_, D>,
         from: ChangeSeq,
         until: u64,
-        limit: usize,
+        limit: ReadLimit,
     ) -> Result<Vec<Change>, StoreError> {
         let mut out = Vec::new();
+        let mut weight = 0usize;
         iter.seek(from.key());
         'entries: while let Some((key, value)) = iter.item() {
             let mut entry = Entry::parse(key, value).map_err(|e| self.corrupt(e))?;
@@ -162,7 +189,9 @@ impl super::Store {
                 if seq < from {
                     continue;
                 }
-                if seq.0 >= until || out.len() >= limit {
+                weight = weight.saturating_add(bytes.len().saturating_add(DECODED_CHANGE_BYTES));
+                let over = !out.is_empty() && weight > limit.bytes;
+                if seq.0 >= until || out.len() >= limit.changes || over {
                     break 'entries;
                 }
                 out.push(Change::decode(seq, bytes).map_err(|e| self.corrupt(e))?);
@@ -173,10 +202,14 @@ impl super::Store {
         Ok(out)
     }
 
-    /// Up to `limit` changes with seq >= `from`, in order.
-    pub fn changes(&self, from: ChangeSeq, limit: usize) -> Result<Vec<Change>, StoreError> {
+    /// The changes with seq >= `from`, in order, as many as `limit` allows.
+    pub fn changes(
+        &self,
+        from: ChangeSeq,
+        limit: impl Into<ReadLimit>,
+    ) -> Result<Vec<Change>, StoreError> {
         let iter = self.db.raw_iterator_cf(self.cf(CF_CHANGES)?);
-        self.read_changes(iter, from, u64::MAX, limit)
+        self.read_changes(iter, from, u64::MAX, limit.into())
     }
 
     /// Removes every entry whose changes all have seq <= `through` (the sinks have applied
@@ -481,6 +514,51 @@ mod tests {
                 (from..=2_000).take(700).collect::<Vec<_>>()
             );
         }
+        Ok(())
+    }
+
+    /// A read stops before the change that would take it past its bytes, whatever the count
+    /// allows, and returns at least one change however large.
+    #[test]
+    fn a_read_is_bounded_by_bytes_and_returns_at_least_one_change(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        // Changes 1-10 carry a 100 KB value each, 11-20 none.
+        let valued = |seq: u64| Change {
+            row: crate::buffer::RowChange::Upsert {
+                columns: vec![("v".into(), Some(bytes::Bytes::from(vec![b'x'; 100_000])))],
+            },
+            ..change(seq)
+        };
+        let mut batch = Batch::default();
+        batch.put_changes((1..=10).map(valued).chain((11..=20).map(change)).collect());
+        store.write(batch, false)?;
+        let limit = |bytes: usize| ReadLimit {
+            changes: 1_000,
+            bytes,
+        };
+        let per_large = 100_000 + DECODED_CHANGE_BYTES;
+        // Room for three large changes and a part of a fourth: three.
+        let read = store.changes(ChangeSeq(1), limit(3 * per_large + 50_000))?;
+        assert_eq!(seqs(&read), vec![1, 2, 3]);
+        // A bound smaller than one change: that change alone.
+        assert_eq!(seqs(&store.changes(ChangeSeq(4), limit(10))?), vec![4]);
+        // Small changes: as many as their bytes allow.
+        let small = store.changes(ChangeSeq(11), limit(5 * (DECODED_CHANGE_BYTES + 100)))?;
+        assert!((4..=5).contains(&small.len()), "{}", small.len());
+        // The count still bounds, and a count alone has no bound on bytes.
+        assert_eq!(store.changes(ChangeSeq(1), 20)?.len(), 20);
+        assert_eq!(
+            seqs(&store.changes(
+                ChangeSeq(1),
+                ReadLimit {
+                    changes: 2,
+                    bytes: usize::MAX
+                }
+            )?),
+            vec![1, 2]
+        );
         Ok(())
     }
 }

@@ -30,6 +30,7 @@ use super::codec::{Decoder, Encoder};
 use super::field_store::{decode_field, encode_field, field_key, field_prefix};
 use super::mirror::{mirror_key, FieldValue, MirrorValue};
 use super::store::Store;
+use super::ReadLimit;
 use super::{
     Change, StoreError, CF_CHANGES, CF_FIELDS, CF_META, CF_MIRROR, CF_UNDO, META_CHECKPOINT,
 };
@@ -166,10 +167,15 @@ impl Store {
         Ok(())
     }
 
-    /// Up to `limit` changes with seq >= `from`, in order, stopping before an open unit and
-    /// before changes not synced yet (`durability.rs`): what a sink may read. Both are read from one snapshot: a part written between two reads would
-    /// otherwise be taken for closed changes.
-    pub fn closed_changes(&self, from: ChangeSeq, limit: usize) -> Result<Vec<Change>, StoreError> {
+    /// The changes with seq >= `from`, in order, as many as `limit` allows, stopping before an
+    /// open unit and before changes not synced yet (`durability.rs`): what a sink may read.
+    /// Both are read from one snapshot: a part written between two reads would otherwise be
+    /// taken for closed changes.
+    pub fn closed_changes(
+        &self,
+        from: ChangeSeq,
+        limit: impl Into<ReadLimit>,
+    ) -> Result<Vec<Change>, StoreError> {
         let snapshot = self.db.snapshot();
         let until = match snapshot
             .get_pinned_cf(self.cf(CF_META)?, META_OPEN_UNIT)
@@ -187,7 +193,7 @@ impl Store {
         // its batch set this bound, so the bound read now is still set unless it is synced.
         let until = until.min(self.unsynced.changes_from());
         let iter = snapshot.raw_iterator_cf(self.cf(CF_CHANGES)?);
-        self.read_changes(iter, from, until, limit)
+        self.read_changes(iter, from, until, limit.into())
     }
 
     /// Undoes the open unit, if any (see the module doc): its changes are deleted, the

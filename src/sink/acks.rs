@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use super::reconcile::RECONCILE_LETTERS;
-use super::runner::{SinkRunner, MAX_BATCH_CHANGES};
+use super::runner::SinkRunner;
 use super::Destination;
 use crate::buffer::{Batch, Change, NewAck, StoreError};
 use crate::position::ChangeSeq;
@@ -57,7 +57,7 @@ impl<D: Destination> SinkRunner<D> {
         loop {
             let changes: Vec<Change> = self
                 .store
-                .changes(from, MAX_BATCH_CHANGES)?
+                .changes(from, self.batch_limit)?
                 .into_iter()
                 .take_while(|c| c.seq <= highest)
                 .collect();

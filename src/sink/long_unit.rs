@@ -1,7 +1,7 @@
 //! Units longer than a batch, written in parts through one open transaction.
 //!
 //! A unit (a `MULTI ... EXEC`, a script's effects) of more changes than a batch holds
-//! ([`MAX_BATCH_CHANGES`]) was read whole and written in one `apply`: a transaction of a million
+//! ([`BATCH_LIMIT`](super::runner::BATCH_LIMIT)) was read whole and written in one `apply`: a transaction of a million
 //! commands held a million changes in the sink (docs/benchmarks.md). With one connection and one
 //! partition, the runner now reads such a unit a batch of changes at a time, coalesces each
 //! chunk, and hands it to [`Destination::apply_unit_part`], which writes it inside the
@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 use super::coalesce::{coalesce, Coalesced};
-use super::runner::{batch_is_in, RunnerError, SinkRunner, MAX_BATCH_CHANGES};
+use super::runner::{batch_is_in, RunnerError, SinkRunner};
 use super::{Destination, SinkBatch, SinkErrorKind};
 use crate::buffer::Change;
 use crate::position::{ChangeSeq, ReplOffset};
@@ -188,7 +188,7 @@ impl<D: Destination> SinkRunner<D> {
             }
             chunk = self
                 .store
-                .closed_changes(last_seq.next(), MAX_BATCH_CHANGES)?;
+                .closed_changes(last_seq.next(), self.batch_limit)?;
             if chunk.is_empty() {
                 self.sinks[partition].abandon_unit().await;
                 return Ok((Streamed::Incomplete, None));
@@ -244,7 +244,7 @@ impl<D: Destination> SinkRunner<D> {
     ) -> Result<bool, RunnerError> {
         let mut from = first.last().map(|c| c.seq).unwrap_or_default();
         let last = loop {
-            let chunk = self.store.closed_changes(from, MAX_BATCH_CHANGES)?;
+            let chunk = self.store.closed_changes(from, self.batch_limit)?;
             if let Some(end) = chunk.iter().find(|c| c.unit_end) {
                 break end.seq;
             }

@@ -15,14 +15,19 @@ use tokio::task::JoinHandle;
 use super::coalesce::{coalesce, Coalesced};
 use super::partition::partition_of_change;
 use super::TableSchema;
-use crate::buffer::{Change, Store, StoreError};
+use crate::buffer::{Change, ReadLimit, Store, StoreError};
 use crate::capture::mapping::Mapping;
 use crate::position::{ChangeSeq, ReplOffset};
 
-/// One partition's share of a batch: its changes and their writes.
+/// One partition's share of a batch: its writes, and of its changes those that carry a `#` op
+/// (their acks are queued once it commits).
 pub(super) struct Share {
     pub partition: usize,
-    pub changes: Vec<Change>,
+    /// How many changes it holds.
+    pub count: usize,
+    /// Its changes that carry an op. The others are dropped once coalesced, so that a batch
+    /// holds its rows, not its changes as well, while it waits and while it is written.
+    pub with_ops: Vec<Change>,
     pub coalesced: Coalesced,
 }
 
@@ -70,10 +75,16 @@ pub(super) fn split_batch(
         // A partition a crash left ahead of this batch has nothing in it (and its row must not
         // move back).
         .filter(|(partition, _)| applied[*partition] < last_seq)
-        .map(|(partition, changes)| Share {
-            partition,
-            coalesced: coalesce(mappings, schemas, &changes),
-            changes,
+        .map(|(partition, mut changes)| {
+            let coalesced = coalesce(mappings, schemas, &changes);
+            let count = changes.len();
+            changes.retain(|c| c.op.is_some());
+            Share {
+                partition,
+                count,
+                with_ops: changes,
+                coalesced,
+            }
         })
         .collect();
     Some(Shares {
@@ -99,12 +110,12 @@ impl ReadAhead {
         (mappings, schemas): (&[Mapping], &[TableSchema]),
         (layout, partitions): (u32, usize),
         after: ChangeSeq,
-        batch_changes: usize,
+        limit: ReadLimit,
     ) -> ReadAhead {
         let store = store.clone();
         let (mappings, schemas) = (mappings.to_vec(), schemas.to_vec());
         let prepared = tokio::task::spawn_blocking(move || {
-            let mut changes = store.closed_changes(after.next(), batch_changes)?;
+            let mut changes = store.closed_changes(after.next(), limit)?;
             // Whole units only; a long unit is the step's to write in parts.
             let Some(last_end) = changes.iter().rposition(|c| c.unit_end) else {
                 return Ok(None);
@@ -171,9 +182,9 @@ mod tests {
         store
     }
 
-    fn seqs(shares: &Shares) -> Vec<Vec<u64>> {
-        let seqs = |share: &Share| share.changes.iter().map(|c| c.seq.0).collect();
-        shares.shares.iter().map(seqs).collect()
+    /// How many changes each share holds.
+    fn counts(shares: &Shares) -> Vec<usize> {
+        shares.shares.iter().map(|share| share.count).collect()
     }
 
     #[tokio::test]
@@ -186,14 +197,14 @@ mod tests {
                 (&[], &[]),
                 (layout, partitions),
                 ChangeSeq(after),
-                5,
+                5.into(),
             )
         };
         let taken = start(3, 1, 1)
             .take_for(ChangeSeq(4), 1, &[ChangeSeq(3)])
             .await
             .expect("taken");
-        assert_eq!(seqs(&taken), vec![vec![4, 5, 6, 7, 8]]);
+        assert_eq!(counts(&taken), vec![5], "4 to 8");
         assert_eq!(
             (taken.last_seq, taken.offset),
             (ChangeSeq(8), ReplOffset(80))
@@ -221,7 +232,7 @@ mod tests {
             .await
             .is_none());
         let taken = start(3, 2, 2).take_for(ChangeSeq(4), 2, &two).await;
-        assert_eq!(taken.map(|t| seqs(&t).concat().len()), Some(5));
+        assert_eq!(taken.map(|t| counts(&t).iter().sum()), Some(5));
         // Nothing after the end.
         assert!(start(10, 1, 1)
             .take_for(ChangeSeq(11), 1, &[ChangeSeq(10)])
@@ -233,7 +244,7 @@ mod tests {
     async fn a_long_unit_is_left_to_the_step() {
         let dir = tempfile::tempdir().expect("dir");
         let store = store_with(dir.path(), 1..=10, true);
-        let ahead = ReadAhead::start(&store, (&[], &[]), (1, 1), ChangeSeq(0), 5);
+        let ahead = ReadAhead::start(&store, (&[], &[]), (1, 1), ChangeSeq(0), 5.into());
         assert!(ahead
             .take_for(ChangeSeq(1), 1, &[ChangeSeq(0)])
             .await
@@ -244,15 +255,14 @@ mod tests {
     fn a_partition_already_past_the_batch_has_no_share() {
         let changes: Vec<Change> = (1..=4).map(|seq| change(seq, seq, true)).collect();
         let partition = |c: &Change| partition_of_change(c, &[], &[], 2);
-        let expected: Vec<u64> = changes
+        let expected = changes
             .iter()
             .filter(|c| partition(c) == 0 && c.seq > ChangeSeq(2))
-            .map(|c| c.seq.0)
-            .collect();
+            .count();
         // Partition 1 has applied the whole batch: no share; partition 0 the first 2 changes.
         let split =
             split_batch(changes, &[], &[], 2, &[ChangeSeq(2), ChangeSeq(4)]).expect("split");
-        assert_eq!(seqs(&split), vec![expected]);
+        assert_eq!(counts(&split), vec![expected]);
         assert_eq!(split.shares[0].partition, 0);
         assert_eq!(split.last_seq, ChangeSeq(4));
         assert!(split_batch(Vec::new(), &[], &[], 1, &[ChangeSeq(0)]).is_none());

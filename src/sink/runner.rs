@@ -24,15 +24,26 @@ use super::{
 };
 use crate::ack::Writeback;
 use crate::backoff::Backoff;
-use crate::buffer::{Batch, Change, DeadLetter, Store, StoreError};
+use crate::buffer::{Batch, Change, DeadLetter, ReadLimit, Store, StoreError};
 use crate::capture::mapping::fingerprint;
 use crate::capture::mapping::Mapping;
 use crate::clock::now_ms;
 use crate::metrics::Health;
 use crate::position::{ChangeSeq, ReplOffset};
 
-/// Most changes read for one batch (more when a unit is larger).
-pub const MAX_BATCH_CHANGES: usize = 5_000;
+/// Most read for one batch (more when one unit is larger): 50,000 changes, taking about 16 MiB
+/// once decoded at most (`ReadLimit`: about 15,000 changes of a three-column row; the read
+/// ahead holds one more such batch). Bounded by bytes because a change carries its row's
+/// mapped values, whatever their size (5,000 changes of 1 MB values were 5 GB). Larger than
+/// the 5,000 changes of before because a sink that is behind then coalesces more changes of a
+/// row into one write and spreads each transaction's fixed costs further (a batch is what is
+/// waiting: a sink that keeps up writes each change as it comes). 8 MiB gained nothing, 16 MiB
+/// a quarter end to end, 32 MiB a little more for 40 MB more at a flush's peak
+/// (docs/benchmarks.md, session 21).
+pub const BATCH_LIMIT: ReadLimit = ReadLimit {
+    changes: 50_000,
+    bytes: 16 << 20,
+};
 
 /// A batch of this many changes or more has the next one read while it is written
 /// (`read_ahead.rs`); a smaller one means the sink keeps up (at 1,000 acknowledged writes a
@@ -63,7 +74,10 @@ pub struct RunnerLinks {
 /// One partition's share of a batch.
 struct PartWork {
     partition: usize,
-    changes: Vec<Change>,
+    /// How many changes its share holds.
+    count: usize,
+    /// Its changes that carry a `#` op (`Share::with_ops`).
+    with_ops: Vec<Change>,
     batch: SinkBatch,
     before_commit: BeforeCommit,
     /// Why each row refused before the database was refused (for the acks).
@@ -103,6 +117,8 @@ pub struct SinkRunner<D: Destination> {
     pub(super) whole_unit: Option<ChangeSeq>,
     /// The next batch, prepared while the database writes the current one.
     pub(super) read_ahead: Option<ReadAhead>,
+    /// Most read for one batch: [`BATCH_LIMIT`] (less in tests).
+    pub(super) batch_limit: ReadLimit,
 }
 
 impl<D: Destination> SinkRunner<D> {
@@ -171,6 +187,7 @@ impl<D: Destination> SinkRunner<D> {
             reconcile_letters,
             whole_unit: None,
             read_ahead: None,
+            batch_limit: BATCH_LIMIT,
         })
     }
 
@@ -248,7 +265,8 @@ impl<D: Destination> SinkRunner<D> {
         let mut work = Vec::with_capacity(shares.len());
         for Share {
             partition,
-            changes,
+            count,
+            with_ops,
             coalesced: Coalesced { writes, refused },
         } in shares
         {
@@ -272,7 +290,8 @@ impl<D: Destination> SinkRunner<D> {
             let before_commit = self.dead_letters_before_commit(&batch);
             work.push(PartWork {
                 partition,
-                changes,
+                count,
+                with_ops,
                 batch,
                 before_commit,
                 refused_rows,
@@ -282,14 +301,14 @@ impl<D: Destination> SinkRunner<D> {
         // While the database writes this batch, the next one is prepared on a thread of its
         // own (`read_ahead.rs`), when the sink is behind (a small batch: it keeps up, and the
         // next batch is not there yet).
-        let changes: usize = work.iter().map(|part| part.changes.len()).sum();
+        let changes: usize = work.iter().map(|part| part.count).sum();
         if changes >= READ_AHEAD_FROM {
             self.read_ahead = Some(ReadAhead::start(
                 &self.store,
                 (&self.mappings, &self.schemas),
                 (self.layout, self.applied.len()),
                 last_seq,
-                MAX_BATCH_CHANGES,
+                self.batch_limit,
             ));
         }
         let results = self.apply_parts(&work).await;
@@ -332,7 +351,7 @@ impl<D: Destination> SinkRunner<D> {
     fn finish_part(&mut self, part: PartWork, rejected: Vec<Rejected>) -> AckShare {
         let PartWork {
             partition,
-            changes,
+            with_ops,
             batch,
             mut refused_rows,
             ..
@@ -351,7 +370,7 @@ impl<D: Destination> SinkRunner<D> {
                 .cloned()
         };
         let row = self.row(partition);
-        let acks = self.acks_of(&changes, refused);
+        let acks = self.acks_of(&with_ops, refused);
         self.applied[partition] = batch.last_seq;
         self.existing_rows.insert(row.clone());
         (row, batch.last_seq, acks)
@@ -551,7 +570,7 @@ impl<D: Destination> SinkRunner<D> {
     /// Reads the batch that starts at `from` and splits it, or writes the long unit that starts
     /// there in parts.
     async fn read_batch(&mut self, from: ChangeSeq) -> Result<Read, RunnerError> {
-        let first = self.store.closed_changes(from, MAX_BATCH_CHANGES)?;
+        let first = self.store.closed_changes(from, self.batch_limit)?;
         let long = first.first().filter(|_| !first.iter().any(|c| c.unit_end));
         if let Some(start) = long.map(|c| c.seq) {
             if self.streams_long_unit(start) {
@@ -573,11 +592,11 @@ impl<D: Destination> SinkRunner<D> {
         Ok(shares.map_or(Read::Done { applied: false }, Read::Batch))
     }
 
-    /// Whole units from `changes` (the first `MAX_BATCH_CHANGES` after the lowest applied
+    /// Whole units from `changes` (the first batch's worth after the lowest applied
     /// seq): the units that end within them, or, when one unit alone is longer, that unit (read
     /// on to its end; `long_unit.rs` writes such a unit in parts where it can). Never a unit
     /// still being written in parts by capture (`Store::closed_changes`). (Reading on in
-    /// steps of `MAX_BATCH_CHANGES` until a step happened to end on a unit end made batches of
+    /// steps of a batch until a step happened to end on a unit end made batches of
     /// 640,000 changes out of a flush's 1,024-change units: docs/benchmarks.md.)
     fn read_units(&self, mut changes: Vec<Change>) -> Result<Vec<Change>, StoreError> {
         if let Some(last_end) = changes.iter().rposition(|c| c.unit_end) {
@@ -587,7 +606,7 @@ impl<D: Destination> SinkRunner<D> {
         // The first unit is longer than a batch: read on to its end.
         while changes.last().is_some_and(|c| !c.unit_end) {
             let from = changes.last().map(|c| c.seq.next()).unwrap_or_default();
-            let more = self.store.closed_changes(from, MAX_BATCH_CHANGES)?;
+            let more = self.store.closed_changes(from, self.batch_limit)?;
             if more.is_empty() {
                 // The rest of the unit is not written yet (it is, atomically, so this is a
                 // unit cut by a trim or a damaged log): stop before it.

@@ -81,10 +81,16 @@ async fn runner(
     store: &Arc<Store>,
     sinks: Vec<MemoryDestination>,
 ) -> SinkRunner<MemoryDestination> {
-    SinkRunner::start("db", sinks, mappings(), links(store))
+    let mut runner = SinkRunner::start("db", sinks, mappings(), links(store))
         .await
-        .expect("runner")
+        .expect("runner");
+    runner.batch_limit = ReadLimit::from(TEST_BATCH_CHANGES);
+    runner
 }
+
+/// The batch size of these tests' runners (a count only, as before batches were bounded by
+/// bytes too): their long units are 12,000 changes.
+const TEST_BATCH_CHANGES: usize = 5_000;
 
 /// A buffer holding 40 upserts with `#` ops, and a runner in two partitions.
 async fn forty_ops_in_two_partitions() -> (
@@ -244,7 +250,7 @@ fn acks_by_uuid(store: &Store) -> Vec<(Vec<u8>, Option<String>)> {
 }
 
 /// A batch holds whole units and no more than it must: units of 1,024 changes (a flush's pages)
-/// give batches of the units that end within `MAX_BATCH_CHANGES`; one unit longer than that is
+/// give batches of the units that end within `TEST_BATCH_CHANGES`; one unit longer than that is
 /// one batch of its own, whole; every change is applied once.
 #[tokio::test]
 async fn batches_end_at_the_last_whole_unit() {
@@ -263,7 +269,7 @@ async fn batches_end_at_the_last_whole_unit() {
     for page in 0..12 {
         changes.extend(unit(1 + page * 1024, 1024));
     }
-    let long = MAX_BATCH_CHANGES as u64 * 3 / 2;
+    let long = TEST_BATCH_CHANGES as u64 * 3 / 2;
     changes.extend(unit(1 + 12 * 1024, long));
     changes.extend(unit(1 + 12 * 1024 + long, 10));
     log(&store, &changes);
@@ -275,7 +281,7 @@ async fn batches_end_at_the_last_whole_unit() {
         sizes.push(now.0 - applied.0);
         applied = now;
     }
-    let whole = (MAX_BATCH_CHANGES as u64 / 1024) * 1024;
+    let whole = (TEST_BATCH_CHANGES as u64 / 1024) * 1024;
     assert_eq!(sizes[0], whole, "the units ending within the first read");
     assert!(sizes.contains(&long), "the long unit alone: {sizes:?}");
     assert!(sizes.iter().all(|s| *s <= whole || *s == long), "{sizes:?}");
@@ -381,7 +387,7 @@ async fn a_unit_longer_than_a_batch_is_written_in_parts_in_one_transaction() {
     let sink = &runner.sinks[0];
     assert_eq!((sink.commits, sink.unit_parts), (1, 2));
     assert!(
-        sink.largest_batch <= MAX_BATCH_CHANGES,
+        sink.largest_batch <= TEST_BATCH_CHANGES,
         "{}",
         sink.largest_batch
     );
@@ -463,7 +469,7 @@ async fn a_long_unit_in_two_partitions_is_written_a_share_at_a_time() {
     for (index, sink) in first.sinks.iter().enumerate() {
         assert_eq!(sink.commits, 1, "partition {index}");
         assert!(
-            sink.largest_batch <= MAX_BATCH_CHANGES,
+            sink.largest_batch <= TEST_BATCH_CHANGES,
             "{}",
             sink.largest_batch
         );
