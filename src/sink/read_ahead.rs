@@ -79,6 +79,7 @@ pub(super) fn split_batch(
             let coalesced = coalesce(mappings, schemas, &changes);
             let count = changes.len();
             changes.retain(|c| c.op.is_some());
+            changes.shrink_to_fit();
             Share {
                 partition,
                 count,

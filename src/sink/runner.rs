@@ -31,17 +31,18 @@ use crate::clock::now_ms;
 use crate::metrics::Health;
 use crate::position::{ChangeSeq, ReplOffset};
 
-/// Most read for one batch (more when one unit is larger): 50,000 changes, taking about 16 MiB
-/// once decoded at most (`ReadLimit`: about 15,000 changes of a three-column row; the read
-/// ahead holds one more such batch). Bounded by bytes because a change carries its row's
-/// mapped values, whatever their size (5,000 changes of 1 MB values were 5 GB). Larger than
-/// the 5,000 changes of before because a sink that is behind then coalesces more changes of a
-/// row into one write and spreads each transaction's fixed costs further (a batch is what is
-/// waiting: a sink that keeps up writes each change as it comes). 8 MiB gained nothing, 16 MiB
-/// a quarter end to end, 32 MiB a little more for 40 MB more at a flush's peak
+/// Most read for one batch (more when one unit is larger): changes taking about 16 MiB once
+/// decoded (`ReadLimit`: each counts its encoded size plus 1 KiB, so at most 16,384 changes;
+/// about 15,000 of a three-column row; the read ahead holds one more such batch). Bounded by
+/// bytes because a change carries its row's mapped values, whatever their size (5,000 changes
+/// of 1 MB values were 5 GB). Larger than the 5,000 changes of before because a sink that is
+/// behind then coalesces more changes of a row into one write and spreads each transaction's
+/// fixed costs further (a batch is what is waiting: a sink that keeps up writes each change as
+/// it comes). End to end: 8 MiB gained nothing, 16 MiB 4-8% on a quiet machine and 20-30%
+/// while the disk was busy, 32 MiB a little more for 40 MB more at a flush's peak
 /// (docs/benchmarks.md, session 21).
 pub const BATCH_LIMIT: ReadLimit = ReadLimit {
-    changes: 50_000,
+    changes: 16_384,
     bytes: 16 << 20,
 };
 
