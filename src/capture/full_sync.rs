@@ -307,9 +307,19 @@ impl FullSync {
             ),
             other => (other, None),
         };
+        // A hash stored by field (before, or written in pages now) is not compared with the
+        // mirror: its pages are written before its header and its row, so after a crash in a
+        // full sync its field range holds the interrupted sync's values under the older header
+        // while the table still holds the older row; compared with that, a restarted sync
+        // would find nothing to write. Its row is written whole (one upsert per such hash and
+        // sync). A row that goes is still deleted.
+        let compared = match &after {
+            Some(_) if paged || before_by_field => &None,
+            _ => &before,
+        };
         // The op's row when it has one, else the difference with the mirror.
         let event = op_row.or_else(|| {
-            emit.then(|| row_event(&mapping, &key.key, &before, &after, false))
+            emit.then(|| row_event(&mapping, &key.key, compared, &after, false))
                 .flatten()
         });
         self.batch.put_acks(acks);
