@@ -63,6 +63,58 @@ fn command_mix(keys: &[&str], count: usize) -> Vec<Vec<String>> {
     commands
 }
 
+/// The key [`huge_hash_captured`] writes.
+const HUGE: &str = "person2:huge";
+
+/// A primary holding `person2:huge` (10,000 fields, `first_name` "old", `age` 1) and a buffer
+/// that captured it from the snapshot (stored by field), capture stopped.
+struct Huge {
+    server: RedisServer,
+    client: writebehind::redis_client::RedisClient,
+    _dir: tempfile::TempDir,
+    store: Arc<Store>,
+    mappings: writebehind::capture::mapping::Mappings,
+}
+
+async fn huge_hash_captured() -> Huge {
+    let server = RedisServer::start(&["--enable-debug-command", "yes"]);
+    let mut client = server.client().await;
+    let mut create = hset_fields(HUGE, 0..10_000, "a");
+    create.extend(["first_name", "old", "age", "1"].map(String::from));
+    send_all(&mut client, &[create]).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    let mappings = mappings(&server, "keep");
+    let running = start_capture(&server, store.clone(), mappings.clone());
+    caught_up(&store, &mut client).await;
+    running.stop().await;
+    assert!(stored_by_field(&store, HUGE));
+    Huge {
+        server,
+        client,
+        _dir: dir,
+        store,
+        mappings,
+    }
+}
+
+/// Captures again after the primary's replication id changed: one full sync.
+async fn full_sync_again(
+    server: &RedisServer,
+    client: &mut writebehind::redis_client::RedisClient,
+    store: &Arc<Store>,
+    mappings: &writebehind::capture::mapping::Mappings,
+) {
+    client
+        .command(&["DEBUG", "CHANGE-REPL-ID"])
+        .await
+        .expect("DEBUG CHANGE-REPL-ID");
+    let running = start_capture(server, store.clone(), mappings.clone());
+    caught_up(store, client).await;
+    let capture = running.stop().await;
+    assert_eq!(capture.stats().full_syncs, 1, "{:?}", capture.stats());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_hashes_from_the_snapshot_and_the_stream_follow_redis() {
     let server = RedisServer::start(&[]);
@@ -95,19 +147,14 @@ async fn large_hashes_from_the_snapshot_and_the_stream_follow_redis() {
 /// stopped) reads its old row first, replaces its fields page by page, and logs the row change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_hash_in_a_snapshot_is_written_a_page_at_a_time() {
-    let server = RedisServer::start(&["--enable-debug-command", "yes"]);
-    let mut client = server.client().await;
-    let key = "person2:huge";
-    let mut create = hset_fields(key, 0..10_000, "a");
-    create.extend(["first_name", "old", "age", "1"].map(String::from));
-    send_all(&mut client, &[create]).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let store = Arc::new(Store::open(dir.path()).expect("store"));
-    let mappings = mappings(&server, "keep");
-    let running = start_capture(&server, store.clone(), mappings.clone());
-    caught_up(&store, &mut client).await;
-    running.stop().await;
-    assert!(stored_by_field(&store, key));
+    let Huge {
+        server,
+        mut client,
+        _dir,
+        store,
+        mappings,
+    } = huge_hash_captured().await;
+    let key = HUGE;
     assert_follows_redis(&store, &mut client, &mappings).await;
 
     let mut delete = vec!["HDEL".to_string(), key.to_string()];
@@ -115,14 +162,7 @@ async fn a_large_hash_in_a_snapshot_is_written_a_page_at_a_time() {
     let mut change = hset_fields(key, 20_000..20_010, "b");
     change.extend(["first_name", "new"].map(String::from));
     send_all(&mut client, &[delete, change]).await;
-    client
-        .command(&["DEBUG", "CHANGE-REPL-ID"])
-        .await
-        .expect("DEBUG CHANGE-REPL-ID");
-    let running = start_capture(&server, store.clone(), mappings.clone());
-    caught_up(&store, &mut client).await;
-    let capture = running.stop().await;
-    assert_eq!(capture.stats().full_syncs, 1, "{:?}", capture.stats());
+    full_sync_again(&server, &mut client, &store, &mappings).await;
     assert!(stored_by_field(&store, key));
     let redis = assert_follows_redis(&store, &mut client, &mappings).await;
     assert_eq!(
@@ -175,19 +215,14 @@ async fn a_long_transaction_on_a_large_hash_is_rolled_back_field_by_field() {
 /// writing such a page into the buffer while the service is stopped).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_hash_whose_page_a_crash_left_behind_still_gets_its_row() {
-    let server = RedisServer::start(&["--enable-debug-command", "yes"]);
-    let mut client = server.client().await;
-    let key = "person2:huge";
-    let mut create = hset_fields(key, 0..10_000, "a");
-    create.extend(["first_name", "old", "age", "1"].map(String::from));
-    send_all(&mut client, &[create]).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let store = Arc::new(Store::open(dir.path()).expect("store"));
-    let mappings = mappings(&server, "keep");
-    let running = start_capture(&server, store.clone(), mappings.clone());
-    caught_up(&store, &mut client).await;
-    running.stop().await;
-    assert!(stored_by_field(&store, key));
+    let Huge {
+        server,
+        mut client,
+        _dir,
+        store,
+        mappings,
+    } = huge_hash_captured().await;
+    let key = HUGE;
     let logged = store
         .changes(ChangeSeq::NONE, 1_000)
         .expect("changes")
@@ -209,14 +244,7 @@ async fn a_large_hash_whose_page_a_crash_left_behind_still_gets_its_row() {
     batch.put_fields(0, key.as_bytes(), page);
     store.write(batch, true).expect("page");
 
-    client
-        .command(&["DEBUG", "CHANGE-REPL-ID"])
-        .await
-        .expect("DEBUG CHANGE-REPL-ID");
-    let running = start_capture(&server, store.clone(), mappings.clone());
-    caught_up(&store, &mut client).await;
-    let capture = running.stop().await;
-    assert_eq!(capture.stats().full_syncs, 1, "{:?}", capture.stats());
+    full_sync_again(&server, &mut client, &store, &mappings).await;
     let changes = store.changes(ChangeSeq::NONE, 1_000).expect("changes");
     let rows: Vec<&Change> = changes[logged..]
         .iter()
