@@ -220,3 +220,32 @@ fill_primary() {
 sink_batch_summary() {
   curl -s "http://127.0.0.1:$1/metrics" | awk '/^writebehind_sink_batches_total/ {b += $2} /^writebehind_sink_batch_rows_sum/ {r += $2} /^writebehind_sink_commit_seconds_sum/ {s += $2} END {if (b > 0) printf "sink_batches=%d mean_rows_per_batch=%.0f mean_commit_ms=%.1f\n", b, r / b, 1000 * s / b}'
 }
+
+# poll_service LOG CMD...: runs CMD every 50 ms until it succeeds; ends the script (with LOG's
+# last lines) if the service ($service_pid) stops first.
+poll_service() {
+  local log=$1
+  shift
+  until "$@"; do
+    kill -0 "$service_pid" 2>/dev/null || { echo "the service stopped"; tail -5 "$log"; exit 1; }
+    sleep 0.05
+  done
+}
+
+# has_row ID: whether `$database.person1` holds the row ID.
+has_row() { [ "$(sql "SELECT COUNT(*) FROM $database.person1 WHERE id = '$1'" 2>/dev/null || echo 0)" = 1 ]; }
+
+# replica_online PORT: whether the primary on PORT has a replica online.
+replica_online() { redis-cli -p "$1" info replication | grep -q '^slave0:.*state=online'; }
+
+# load_bench_setup KEYS PARTITIONS: the scratch database, the `LOAD DATA` reference of KEYS
+# rows, a primary ($primary, no diskless-sync delay: a load is timed from the service's start)
+# holding the same KEYS hashes, and the service's configuration with its admin port ($admin).
+load_bench_setup() {
+  sql "CREATE DATABASE $database"
+  load_data_reference "$1"
+  start_primary "$primary" "$work" --repl-diskless-sync-delay 0
+  fill_primary "$primary" "$1"
+  write_config "$work/writebehind.toml" "$primary" "$work/buffer" "mysql://root@127.0.0.1:3306/$database" "$2"
+  printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$admin" >>"$work/writebehind.toml"
+}

@@ -17,37 +17,21 @@ primary=$(free_port); admin=$(free_port)
 service_pid=""
 trap cleanup_bench EXIT
 build_release
-sql "CREATE DATABASE $database"
-
-load_data_reference "$keys"
-
-start_primary "$primary" "$work" --repl-diskless-sync-delay 0
-fill_primary "$primary" "$keys"
-write_config "$work/writebehind.toml" "$primary" "$work/buffer" "mysql://root@127.0.0.1:3306/$database" 1
-printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$admin" >>"$work/writebehind.toml"
+load_bench_setup "$keys" 1
 RUST_LOG=warn "$bin" run --capture-only --config "$work/writebehind.toml" 2>"$work/capture.log" &
 service_pid=$!
-until redis-cli -p "$primary" info replication | grep -q '^slave0:.*state=online'; do
-  kill -0 "$service_pid" 2>/dev/null || { echo "the service stopped"; tail -5 "$work/capture.log"; exit 1; }
-  sleep 0.05
-done
+poll_service "$work/capture.log" replica_online "$primary"
 redis-cli -p "$primary" hset person2:marker first_name marker >/dev/null
 target=$(redis-cli -p "$primary" info replication | awk -F: '/^master_repl_offset/ {print $2 + 0}')
 # Captured once the service acknowledges the primary's offset (it acknowledges what is synced).
-until redis-cli -p "$primary" info replication | grep -q "^slave0:.*offset=$target,"; do
-  kill -0 "$service_pid" 2>/dev/null || { echo "the service stopped"; tail -5 "$work/capture.log"; exit 1; }
-  sleep 0.05
-done
+acknowledged() { redis-cli -p "$primary" info replication | grep -q "^slave0:.*offset=$target,"; }
+poll_service "$work/capture.log" acknowledged
 kill -TERM "$service_pid"
 wait "$service_pid" || true
 start=$(date +%s.%N)
 RUST_LOG=warn "$bin" run --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
 service_pid=$!
-has_row() { [ "$(sql "SELECT COUNT(*) FROM $database.person1 WHERE id = '$1'" 2>/dev/null || echo 0)" = 1 ]; }
-until has_row marker; do
-  kill -0 "$service_pid" 2>/dev/null || { echo "the service stopped"; tail -5 "$work/writebehind.log"; exit 1; }
-  sleep 0.05
-done
+poll_service "$work/writebehind.log" has_row marker
 done_at=$(date +%s.%N)
 sink_batch_summary "$admin"
 read -r utime stime < <(awk '{print $14, $15}' "/proc/$service_pid/stat")

@@ -31,13 +31,9 @@ admin=$(free_port)
 printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$admin" >>"$work/writebehind.toml"
 RUST_LOG=warn "$bin" run --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
 service_pid=$!
-has_row() { [ "$(sql "SELECT COUNT(*) FROM $database.person1 WHERE id = '$1'" 2>/dev/null || echo 0)" = 1 ]; }
 # Attached and writing: a first marker's row is in the table.
 redis-cli -p "$primary" hset person2:ready first_name ready >/dev/null
-until has_row ready; do
-  kill -0 "$service_pid" 2>/dev/null || { echo "the service stopped"; tail -5 "$work/writebehind.log"; exit 1; }
-  sleep 0.1
-done
+poll_service "$work/writebehind.log" has_row ready
 
 # AGE=changing: every HSET gives the key a new age (a row change each time); by default the
 # values are always the same, so only a key's first HSET changes its row.
@@ -50,10 +46,7 @@ redis-benchmark -p "$primary" -q -n "$commands" -P 32 -r 100000 \
   HSET person2:__rand_int__ first_name John last_name Doe age "$age" >/dev/null
 burst_end=$(date +%s.%N)
 redis-cli -p "$primary" hset person2:marker first_name marker >/dev/null
-until has_row marker; do
-  kill -0 "$service_pid" 2>/dev/null || { echo "the service stopped"; tail -5 "$work/writebehind.log"; exit 1; }
-  sleep 0.05
-done
+poll_service "$work/writebehind.log" has_row marker
 done_at=$(date +%s.%N)
 sleep 0.5
 kill "$sampler" 2>/dev/null || true

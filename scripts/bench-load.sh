@@ -20,17 +20,8 @@ primary=$(free_port); admin=$(free_port)
 service_pid=""
 trap cleanup_bench EXIT
 build_release
-sql "CREATE DATABASE $database"
-
 # The reference: the same rows by LOAD DATA into a table shaped as create_table makes it.
-load_data_reference "$keys"
-
-# No diskless-sync delay (5 s by default): the load is timed from the service's start.
-start_primary "$primary" "$work" --repl-diskless-sync-delay 0
-fill_primary "$primary" "$keys"
-write_config "$work/writebehind.toml" "$primary" "$work/buffer" "mysql://root@127.0.0.1:3306/$database" "$partitions"
-printf '[admin]\nlisten = "127.0.0.1:%s"\n' "$admin" >>"$work/writebehind.toml"
-has_row() { [ "$(sql "SELECT COUNT(*) FROM $database.person1 WHERE id = '$1'" 2>/dev/null || echo 0)" = 1 ]; }
+load_bench_setup "$keys" "$partitions"
 start=$(date +%s.%N)
 RUST_LOG=warn "$bin" run --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
 service_pid=$!
@@ -38,15 +29,9 @@ sample_positions "$admin" "$service_pid" "$out/load-progress.csv" "$primary" &
 sampler=$!
 # Written once the snapshot is delivered (the replica is `online`): it is then in the stream,
 # after the snapshot, not in it.
-until redis-cli -p "$primary" info replication | grep -q '^slave0:.*state=online'; do
-  kill -0 "$service_pid" 2>/dev/null || { echo "the service stopped"; tail -5 "$work/writebehind.log"; exit 1; }
-  sleep 0.05
-done
+poll_service "$work/writebehind.log" replica_online "$primary"
 redis-cli -p "$primary" hset person2:marker first_name marker >/dev/null
-until has_row marker; do
-  kill -0 "$service_pid" 2>/dev/null || { echo "the service stopped"; tail -5 "$work/writebehind.log"; exit 1; }
-  sleep 0.1
-done
+poll_service "$work/writebehind.log" has_row marker
 done_at=$(date +%s.%N)
 sink_batch_summary "$admin"
 sleep 0.3
