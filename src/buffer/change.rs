@@ -48,7 +48,7 @@ pub struct Change {
 impl Change {
     /// A test change: the deletion of row `seq`, a unit of its own, at offset `seq * 10`.
     #[cfg(test)]
-    pub(super) fn deleting(seq: u64) -> Change {
+    pub(crate) fn deleting(seq: u64) -> Change {
         Change {
             seq: ChangeSeq(seq),
             unit: ChangeSeq(seq),

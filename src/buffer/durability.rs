@@ -30,9 +30,15 @@
 //!
 //! Anything else read in between (mirror values) is the state the replication stream up to the
 //! write's offset gives; after a crash capture resumes from the last synced checkpoint and
-//! rebuilds the same state from the same commands. (A full sync's batches are written without
-//! `sync` and its last write with it, as before this file; only capture's committer uses
-//! [`Store::write_then_sync`], one write at a time.)
+//! rebuilds the same state from the same commands.
+//!
+//! A full sync writes many batches and syncs them together: [`Store::write_unsynced`] marks and
+//! writes one, [`Store::sync_written`] syncs every one written so far and clears the mark (the
+//! snapshot writer does so every few batches and at its end, so sinks trail a load by those few
+//! batches). A mark already set is kept: it names an earlier seq than the batch's. One writer
+//! of changes at a time: capture's committer or a full sync's writer, never both (capture waits
+//! for its committer before anything but the command stream), so a clear after a sync never
+//! uncovers another writer's write made during that sync.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -63,9 +69,10 @@ impl Unsynced {
         self.changes_from.load(Ordering::SeqCst)
     }
 
+    /// Hides `seq` and every later change; an earlier mark already set stays.
     fn mark(&self, seq: Option<ChangeSeq>, raw: bool) {
         if let Some(seq) = seq {
-            self.changes_from.store(seq.0, Ordering::SeqCst);
+            self.changes_from.fetch_min(seq.0, Ordering::SeqCst);
         }
         if raw {
             self.raw.store(true, Ordering::SeqCst);
@@ -83,11 +90,21 @@ impl Store {
     /// sync; its changes are hidden from sinks until the sync returns (see the module doc).
     pub fn write_then_sync(&self, batch: Batch) -> Result<(), StoreError> {
         self.unsynced.mark(batch.first_unit_seq(), batch.puts_raw());
-        if let Err(e) = self.write(batch, false) {
-            // Nothing was written.
-            self.unsynced.clear();
-            return Err(e);
-        }
+        // A failed write leaves the mark set, as a failed sync does (the caller stops): it may
+        // also stand for earlier writes not synced yet (`write_unsynced`).
+        self.write(batch, false)?;
+        self.sync_written()
+    }
+
+    /// Applies `batch` atomically without syncing it; its changes (and raw states) stay hidden
+    /// until [`Store::sync_written`]. A failed write leaves the mark set: the caller stops.
+    pub fn write_unsynced(&self, batch: Batch) -> Result<(), StoreError> {
+        self.unsynced.mark(batch.first_unit_seq(), batch.puts_raw());
+        self.write(batch, false)
+    }
+
+    /// Syncs every write made so far and shows what [`Store::write_unsynced`] hid.
+    pub fn sync_written(&self) -> Result<(), StoreError> {
         self.sync()?;
         self.unsynced.clear();
         Ok(())
@@ -206,6 +223,30 @@ mod tests {
         batch.put_raw(0, b"k", &value);
         assert!(batch.puts_raw());
         store.write_then_sync(batch).unwrap();
+        assert!(store.raw_states_synced());
+    }
+
+    /// Batches written by `write_unsynced` stay hidden, from the first one's first change on,
+    /// until `sync_written`; a later batch's mark does not move the first one's.
+    #[test]
+    fn batches_written_unsynced_are_hidden_until_synced_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut batch = Batch::default();
+        batch.put_changes(changes(1..=2));
+        store.write_then_sync(batch).unwrap();
+        for seqs in [3..=4, 5..=6] {
+            let mut batch = Batch::default();
+            batch.put_changes(changes(seqs));
+            store.write_unsynced(batch).unwrap();
+            assert_eq!(read(&store), vec![1, 2], "3 and later are not synced yet");
+        }
+        let mut batch = Batch::default();
+        batch.put_raw(0, b"k", &crate::buffer::MirrorValue::hash(1));
+        store.write_unsynced(batch).unwrap();
+        assert!(!store.raw_states_synced());
+        store.sync_written().unwrap();
+        assert_eq!(read(&store), vec![1, 2, 3, 4, 5, 6]);
         assert!(store.raw_states_synced());
     }
 

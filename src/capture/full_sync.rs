@@ -364,7 +364,8 @@ impl FullSync {
         state.checkpoint.full_sync_in_progress = false;
         batch.put_checkpoint(&state.checkpoint);
         batch.put_watched(&state.mappings.watched_keys());
-        state.store.write(batch, true)?;
+        // Synced with the sweep's deletions before it, which it then shows to sinks.
+        state.store.write_then_sync(batch)?;
         state.cache.clear();
         Ok(FullSyncSummary {
             keys: self.progress.keys,
@@ -403,7 +404,8 @@ fn sweep(state: &mut CaptureState, offset: ReplOffset) -> Result<u64, StoreError
         }
         batch.put_encoded_changes(changes);
         batch.put_checkpoint(&state.checkpoint);
-        state.store.write(batch, false)?;
+        // Hidden from sinks until the full sync's last write syncs it.
+        state.store.write_unsynced(batch)?;
         counts.report();
     }
     Ok(swept)

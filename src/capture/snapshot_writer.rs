@@ -2,9 +2,13 @@
 //! next keys of the snapshot while RocksDB inserts the previous ones (the initial load's
 //! profile: about a third of capture's thread in RocksDB's write, docs/benchmarks.md).
 //!
-//! The batches are written in the order they are handed over, unsynced as before: the full
-//! sync's last write is synced and made by capture itself after [`SnapshotWriter::finish`],
-//! which waits for every batch handed over. Reads during a full sync are not affected: a
+//! The batches are written in the order they are handed over, without syncing each: every
+//! [`SYNC_EVERY_BATCHES`] batches and at its end the thread syncs them together, and until then
+//! their changes are hidden from sinks ([`Store::write_unsynced`], `buffer/durability.rs`): a
+//! database written from a change a machine crash then takes from the buffer would stand ahead
+//! of it. [`SnapshotWriter::finish`] waits for every batch handed over and its sync; the full
+//! sync's last write is synced and made by capture itself after it. Reads during a full sync are
+//! not affected: a
 //! snapshot names each key once, so the key a batch reads back (its previous mirror value) is
 //! never one an earlier batch of the same sync wrote.
 
@@ -16,6 +20,10 @@ use crate::buffer::{Batch, Store, StoreError};
 
 /// Batches queued before handing over another one waits: bounds memory to a few batches.
 const QUEUED_BATCHES: usize = 2;
+
+/// Batches written between two syncs: what sinks may trail a load by (a few thousand keys),
+/// against a sync for every batch.
+pub(super) const SYNC_EVERY_BATCHES: usize = 4;
 
 /// The writing thread of one full sync.
 pub struct SnapshotWriter {
@@ -34,10 +42,19 @@ impl SnapshotWriter {
             .name("writebehind-snapshot".into())
             .spawn(move || {
                 crate::buffer::stop_rocksdb_perf_counters();
+                let mut unsynced = 0;
                 for mut batch in queue {
                     // Sorted here, not on capture's thread.
                     batch.sort_mirror_writes();
-                    store.write(batch, false)?;
+                    store.write_unsynced(batch)?;
+                    unsynced += 1;
+                    if unsynced == SYNC_EVERY_BATCHES {
+                        store.sync_written()?;
+                        unsynced = 0;
+                    }
+                }
+                if unsynced > 0 {
+                    store.sync_written()?;
                 }
                 Ok(())
             })
@@ -65,7 +82,8 @@ impl SnapshotWriter {
         Err(self.stopped("the full sync's writing thread stopped"))
     }
 
-    /// Waits until every batch handed over is written; the first failed write's error.
+    /// Waits until every batch handed over is written and synced; the first failed write's
+    /// error.
     pub fn finish(&mut self) -> Result<(), StoreError> {
         drop(self.batches.take());
         match self.thread.take().map(JoinHandle::join) {
@@ -98,7 +116,74 @@ impl Drop for SnapshotWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::buffer::MirrorValue;
+    use crate::buffer::{Change, MirrorValue};
+    use crate::position::ChangeSeq;
+    use std::time::{Duration, Instant};
+
+    /// A batch writing key `k<seq>` with the deletion of row `seq`.
+    fn batch_of_change(seq: u64) -> Batch {
+        let mut batch = Batch::default();
+        batch.put_mirror(0, format!("k{seq}").as_bytes(), &MirrorValue::hash(1));
+        batch.put_changes(vec![Change::deleting(seq)]);
+        batch
+    }
+
+    fn readable_seqs(store: &Store) -> Vec<u64> {
+        let changes = store.closed_changes(ChangeSeq(1), 100).unwrap();
+        changes.iter().map(|c| c.seq.0).collect()
+    }
+
+    /// Polls until `done` holds, failing after a deadline.
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A written batch's changes stay hidden from sinks until the thread syncs: after
+    /// `SYNC_EVERY_BATCHES` batches, and at the end for the rest.
+    #[test]
+    fn sinks_read_a_full_syncs_changes_only_once_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let mut writer = SnapshotWriter::start(store.clone()).unwrap();
+        let written = |seq: u64| {
+            let store = store.clone();
+            move || {
+                store
+                    .mirror(0, format!("k{seq}").as_bytes())
+                    .unwrap()
+                    .is_some()
+            }
+        };
+        writer.write(batch_of_change(1)).unwrap();
+        wait_for("the first batch's write", written(1));
+        assert_eq!(
+            readable_seqs(&store),
+            Vec::<u64>::new(),
+            "written, not synced"
+        );
+
+        let every = SYNC_EVERY_BATCHES as u64;
+        for seq in 2..=every {
+            writer.write(batch_of_change(seq)).unwrap();
+        }
+        let all: Vec<u64> = (1..=every).collect();
+        wait_for("the periodic sync", || readable_seqs(&store) == all);
+
+        writer.write(batch_of_change(every + 1)).unwrap();
+        wait_for("the last batch's write", written(every + 1));
+        assert_eq!(
+            readable_seqs(&store),
+            all,
+            "the last batch is not synced yet"
+        );
+        writer.finish().unwrap();
+        let all: Vec<u64> = (1..=every + 1).collect();
+        assert_eq!(readable_seqs(&store), all, "synced at the end");
+    }
 
     /// What is handed over is written in order, and `finish` returns once all of it is: the
     /// last batch's value of a key is the one read back.
