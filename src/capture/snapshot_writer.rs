@@ -19,11 +19,11 @@ use std::thread::JoinHandle;
 use crate::buffer::{Batch, Store, StoreError};
 
 /// Batches queued before handing over another one waits: bounds memory to a few batches.
-const QUEUED_BATCHES: usize = 2;
+const QUEUED_BATCHES: usize = 4;
 
 /// Batches written between two syncs: what sinks may trail a load by (a few thousand keys),
 /// against a sync for every batch.
-pub(super) const SYNC_EVERY_BATCHES: usize = 4;
+pub(super) const SYNC_EVERY_BATCHES: usize = 8;
 
 /// The writing thread of one full sync.
 pub struct SnapshotWriter {
