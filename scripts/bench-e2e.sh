@@ -11,6 +11,7 @@
 #
 # Usage: scripts/bench-e2e.sh [commands] [partitions] [output-dir]
 #        (default 1000000 HSETs over 100000 keys, pipeline 32; 1 partition; ./bench-out)
+#        AGE=changing: every HSET changes its row; PERF_OUT=file: a perf profile of the service
 set -euo pipefail
 cd "$(dirname "$0")/.."
 commands="${1:-1000000}"
@@ -41,6 +42,11 @@ age=42; [ "${AGE:-}" = changing ] && age=__rand_int__
 echo "== burst: $commands HSETs (3 fields, age ${AGE:-42}) over 100000 keys, pipeline 32, into MariaDB, $partitions partition(s)"
 sample_positions "$admin" "$service_pid" "$out/e2e-positions.csv" "$primary" &
 sampler=$!
+perf_pid=""
+if [ -n "${PERF_OUT:-}" ]; then  # PERF_OUT=file: profile the service through the burst and lag
+  perf record -F 499 --call-graph dwarf,16384 -o "$PERF_OUT" -p "$service_pid" >/dev/null 2>&1 &
+  perf_pid=$!
+fi
 start=$(date +%s.%N)
 redis-benchmark -p "$primary" -q -n "$commands" -P 32 -r 100000 \
   HSET person2:__rand_int__ first_name John last_name Doe age "$age" >/dev/null
@@ -48,6 +54,7 @@ burst_end=$(date +%s.%N)
 redis-cli -p "$primary" hset person2:marker first_name marker >/dev/null
 poll_service "$work/writebehind.log" has_row marker
 done_at=$(date +%s.%N)
+if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
 sleep 0.5
 kill "$sampler" 2>/dev/null || true
 plot_positions "$out/e2e-positions.csv" "$out/e2e-positions.png" "bench-e2e: $commands HSETs into MariaDB, $partitions partition(s)"

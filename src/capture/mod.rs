@@ -201,6 +201,7 @@ impl Capture {
                 clock,
                 cache: MirrorCache::new(settings.mirror_cache_bytes),
                 last_batch_rows: 0,
+                last_batch_keys: 0,
             },
             full_sync: None,
             primary: Primary::new(endpoint, outputs.health.clone()),
@@ -522,7 +523,7 @@ impl Capture {
             in_flight: self.committer(durable)?.in_flight(),
         };
         Ok(StreamBatch::new(self.state.store.clone(), view)
-            .with_room_for(self.state.last_batch_rows))
+            .with_room_for(self.state.last_batch_rows, self.state.last_batch_keys))
     }
 
     /// Hands a batch to the committer.

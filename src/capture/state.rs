@@ -29,9 +29,13 @@ pub struct CaptureState {
     /// The row events of the last batch (at most [`ROWS_HINT_LIMIT`]): room the next batch
     /// makes for its own, rather than growing its vector step by step.
     pub last_batch_rows: usize,
+    /// The keys the last batch touched (at most [`ROWS_HINT_LIMIT`]): room the next batch's
+    /// working set makes for its own (growing its table step by step rehashed every key
+    /// again: 2% of capture's thread, scripts/bench-instructions.sh).
+    pub last_batch_keys: usize,
 }
 
-/// The most row events a batch makes room for before it has any.
+/// The most row events (and keys) a batch makes room for before it has any.
 pub const ROWS_HINT_LIMIT: usize = 16_384;
 
 impl CaptureState {

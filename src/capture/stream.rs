@@ -22,7 +22,7 @@ use super::state::{CaptureState, ChangeCounts};
 use super::working_set::{Flushed, MirrorView, WorkingSet};
 use crate::ack::{parse_tag, Tag};
 use crate::buffer::{Batch, EncodedChanges, NewAck, Store, StoreError};
-use crate::position::{ChangeSeq, ReplOffset, StreamPosition};
+use crate::position::{ChangeSeq, ReplOffset};
 use crate::replication::stream::{Command, StreamEvent};
 
 /// Units applied before a commit even if more are buffered (bounds memory and latency).
@@ -81,9 +81,10 @@ impl StreamBatch {
         }
     }
 
-    /// With room for `rows` row events.
-    pub fn with_room_for(mut self, rows: usize) -> StreamBatch {
+    /// With room for `rows` row events and `keys` keys.
+    pub fn with_room_for(mut self, rows: usize, keys: usize) -> StreamBatch {
         self.rows.reserve(rows);
+        self.ws.reserve(keys);
         self
     }
 
@@ -195,25 +196,20 @@ impl StreamBatch {
         rows: &mut Vec<RowEvent>,
     ) -> Result<Option<String>, StoreError> {
         self.units += 1;
-        let Some(position) = state.checkpoint.position.clone() else {
+        // The position moves in place: this runs per command, and a copy of it copies the
+        // replication ID (an allocation).
+        let Some(position) = state.checkpoint.position.as_mut() else {
             return Ok(None);
         };
-        let commands = match event {
-            StreamEvent::Command(command) => std::slice::from_ref(command),
-            StreamEvent::Transaction { commands, .. } => commands.as_slice(),
+        let (commands, db) = match event {
+            StreamEvent::Command(command) => (std::slice::from_ref(command), command.db),
+            StreamEvent::Transaction { commands, db, .. } => (commands.as_slice(), *db),
             StreamEvent::Select { db, end } => {
-                state.checkpoint.position = Some(StreamPosition {
-                    replid: position.replid,
-                    offset: *end,
-                    db: *db,
-                });
+                (position.offset, position.db) = (*end, *db);
                 return Ok(None);
             }
             _ => {
-                state.checkpoint.position = Some(StreamPosition {
-                    offset: event.end(),
-                    ..position
-                });
+                position.offset = event.end();
                 return Ok(None);
             }
         };
@@ -223,24 +219,20 @@ impl StreamBatch {
         }
         // Most units refresh nothing: no future is built for them (this runs per command).
         if !refresh.is_empty() {
+            let Some(replid) = state.checkpoint.position.as_ref().map(|p| p.replid.clone()) else {
+                return Ok(None);
+            };
             if let Some(reason) = self
-                .refresh_keys(state, primary, refresh, &position.replid, rows)
+                .refresh_keys(state, primary, refresh, &replid, rows)
                 .await?
             {
                 return Ok(Some(reason));
             }
         }
-        let db = match event {
-            StreamEvent::Transaction { db, .. } => *db,
-            StreamEvent::Command(command) => command.db,
-            _ => position.db,
-        };
         state.stats.units += 1;
-        state.checkpoint.position = Some(StreamPosition {
-            replid: position.replid,
-            offset: event.end(),
-            db,
-        });
+        if let Some(position) = state.checkpoint.position.as_mut() {
+            (position.offset, position.db) = (event.end(), db);
+        }
         Ok(None)
     }
 
@@ -406,6 +398,7 @@ impl StreamBatch {
         let to_complete = state
             .ops
             .flush_raw(&mut self.ws, &mut self.raw, &mut batch)?;
+        state.last_batch_keys = self.ws.len().min(super::state::ROWS_HINT_LIMIT);
         let flushed = self.ws.flush_into(&mut batch);
         let first_seq = state.checkpoint.next_seq;
         let mut counts = ChangeCounts::default();

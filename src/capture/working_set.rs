@@ -301,6 +301,11 @@ impl WorkingSet {
         self.slots.len()
     }
 
+    /// Makes room for `keys` more keys.
+    pub fn reserve(&mut self, keys: usize) {
+        self.slots.reserve(keys);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
