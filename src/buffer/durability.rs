@@ -34,8 +34,13 @@
 //!
 //! A full sync writes many batches and syncs them together: [`Store::write_unsynced`] marks and
 //! writes one, [`Store::sync_written`] syncs every one written so far and clears the mark (the
-//! snapshot writer does so every few batches and at its end, so sinks trail a load by those few
-//! batches). A mark already set is kept: it names an earlier seq than the batch's. One writer
+//! snapshot writer does so every few batches, when no batch came for a moment, and at its end,
+//! so sinks trail a load by those few batches); a batch that queues acknowledgements is written
+//! with `sync` ([`Store::write_synced`]), as the committer writes one. A failed write or sync
+//! leaves the mark set: capture stops on the error, except when an abandoned full sync's writer
+//! fails (it is only logged); its changes then stay hidden until the next full sync, which the
+//! checkpoint still demands, syncs. A mark already set is kept: it names an earlier seq than the
+//! batch's. One writer
 //! of changes at a time: capture's committer or a full sync's writer, never both (capture waits
 //! for its committer before anything but the command stream), so a clear after a sync never
 //! uncovers another writer's write made during that sync.
@@ -90,17 +95,27 @@ impl Store {
     /// sync; its changes are hidden from sinks until the sync returns (see the module doc).
     pub fn write_then_sync(&self, batch: Batch) -> Result<(), StoreError> {
         self.unsynced.mark(batch.first_unit_seq(), batch.puts_raw());
-        // A failed write leaves the mark set, as a failed sync does (the caller stops): it may
+        // A failed write leaves the mark set, as a failed sync does (see the module doc): it may
         // also stand for earlier writes not synced yet (`write_unsynced`).
         self.write(batch, false)?;
         self.sync_written()
     }
 
     /// Applies `batch` atomically without syncing it; its changes (and raw states) stay hidden
-    /// until [`Store::sync_written`]. A failed write leaves the mark set: the caller stops.
+    /// until [`Store::sync_written`]. A failed write leaves the mark set (see the module doc).
     pub fn write_unsynced(&self, batch: Batch) -> Result<(), StoreError> {
         self.unsynced.mark(batch.first_unit_seq(), batch.puts_raw());
         self.write(batch, false)
+    }
+
+    /// Applies `batch` atomically with `sync` (readable only once on disk, with every write
+    /// before it), then shows what [`Store::write_unsynced`] hid: for a batch that queues
+    /// acknowledgements, which the write-back task sends as soon as it reads them.
+    pub fn write_synced(&self, batch: Batch) -> Result<(), StoreError> {
+        self.unsynced.mark(batch.first_unit_seq(), batch.puts_raw());
+        self.write(batch, true)?;
+        self.unsynced.clear();
+        Ok(())
     }
 
     /// Syncs every write made so far and shows what [`Store::write_unsynced`] hid.

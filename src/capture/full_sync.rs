@@ -364,8 +364,9 @@ impl FullSync {
         state.checkpoint.full_sync_in_progress = false;
         batch.put_checkpoint(&state.checkpoint);
         batch.put_watched(&state.mappings.watched_keys());
-        // Synced with the sweep's deletions before it, which it then shows to sinks.
-        state.store.write_then_sync(batch)?;
+        // Written with `sync` (its position is read once on disk), which syncs the sweep's
+        // deletions before it and then shows them to sinks.
+        state.store.write_synced(batch)?;
         state.cache.clear();
         Ok(FullSyncSummary {
             keys: self.progress.keys,
