@@ -1,7 +1,7 @@
 //! A batch of writes applied atomically by [`super::Store::write`].
 
 use super::acknowledgement::NewAck;
-use super::change::Change;
+use super::change::{Change, ChangeParts};
 use super::checkpoint::Checkpoint;
 use super::codec::Encoder;
 use super::dead_letter::DeadLetter;
@@ -44,10 +44,12 @@ impl EncodedChanges {
 
     /// Encodes `change` after those pushed before it; its seq must be higher than theirs.
     pub fn push(&mut self, change: Change) {
-        self.push_ref(&change);
+        self.push_parts(&change.parts());
     }
 
-    fn push_ref(&mut self, change: &Change) {
+    /// Encodes a change from its parts after those pushed before it; its seq must be higher
+    /// than theirs.
+    pub fn push_parts(&mut self, change: &ChangeParts) {
         match self.last {
             None => self.first_unit = Some(change.unit.min(change.seq)),
             Some(last) => assert!(
@@ -70,7 +72,7 @@ impl EncodedChanges {
             self.blocks.push((change.seq, Vec::with_capacity(room)));
         }
         if let Some((last, block)) = self.blocks.last_mut() {
-            super::change_log::append_to_block(block, change.seq, change);
+            super::change_log::append_to_block(block, change);
             *last = change.seq;
         }
     }
@@ -171,7 +173,7 @@ impl Batch {
     /// Puts one change, as a block of its own.
     pub fn put_change(&mut self, change: &Change) {
         let mut encoded = EncodedChanges::with_capacity(1);
-        encoded.push_ref(change);
+        encoded.push_parts(&change.parts());
         self.put_encoded_changes(encoded);
     }
     /// Puts changes (encoded here, and freed).

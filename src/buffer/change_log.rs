@@ -41,6 +41,7 @@
 
 use rocksdb::{DBAccess, DBRawIteratorWithThreadMode, WriteBatch};
 
+use super::change::ChangeParts;
 use super::codec::{DecodeError, Decoder};
 use super::{Change, StoreError, CF_CHANGES};
 use crate::position::ChangeSeq;
@@ -67,8 +68,8 @@ fn append_encoded(block: &mut Vec<u8>, seq: ChangeSeq, encoded: &[u8]) {
 
 /// Appends a change, numbered `seq`, to a block's value being built (encoded in place, its
 /// length written after).
-pub(super) fn append_to_block(block: &mut Vec<u8>, seq: ChangeSeq, change: &Change) {
-    block.extend_from_slice(&seq.key());
+pub(super) fn append_to_block(block: &mut Vec<u8>, change: &ChangeParts) {
+    block.extend_from_slice(&change.seq.key());
     let length_at = block.len();
     block.extend_from_slice(&[0; 4]);
     change.append_to(block);
@@ -366,11 +367,11 @@ mod tests {
     #[test]
     fn damaged_entries_are_errors_naming_what_was_seen() -> Result<(), Box<dyn std::error::Error>> {
         let mut good = Vec::new();
-        append_to_block(&mut good, ChangeSeq(5), &change(5));
-        append_to_block(&mut good, ChangeSeq(6), &change(6));
+        append_to_block(&mut good, &change(5).parts());
+        append_to_block(&mut good, &change(6).parts());
         let mut backwards = Vec::new();
-        append_to_block(&mut backwards, ChangeSeq(5), &change(5));
-        append_to_block(&mut backwards, ChangeSeq(5), &change(5));
+        append_to_block(&mut backwards, &change(5).parts());
+        append_to_block(&mut backwards, &change(5).parts());
         let cases: Vec<(Vec<u8>, Vec<u8>, &str)> = vec![
             (
                 block_key(ChangeSeq(7)).to_vec(),
@@ -465,7 +466,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(19);
         let mut good = Vec::new();
         for seq in 5..9 {
-            append_to_block(&mut good, ChangeSeq(seq), &change(seq));
+            append_to_block(&mut good, &change(seq).parts());
         }
         for _ in 0..20_000 {
             let mut value = good.clone();

@@ -42,6 +42,11 @@ impl Encoder {
         self.out.extend_from_slice(v);
         self
     }
+    /// Bytes encoded already, as they are (no length).
+    pub(crate) fn raw(&mut self, v: &[u8]) -> &mut Self {
+        self.out.extend_from_slice(v);
+        self
+    }
     pub(crate) fn opt_i64(&mut self, v: Option<i64>) -> &mut Self {
         match v {
             Some(v) => self.u8(1).i64(v),

@@ -87,7 +87,7 @@ use std::path::PathBuf;
 
 pub use acknowledgement::{AckRecord, NewAck};
 pub use batch::{Batch, EncodedChanges};
-pub use change::{Change, HashOp, Name, RowChange};
+pub use change::{Change, ChangeParts, EncodedRow, HashOp, Name, RowChange, RowRef};
 pub use change_log::{ReadLimit, DECODED_CHANGE_BYTES};
 pub use checkpoint::Checkpoint;
 pub use codec::DecodeError;

@@ -82,7 +82,8 @@ pub(super) fn upsert(id: &str, name: Option<&str>, n: Option<&str>) -> RowEvent 
                     name.map(|v| Bytes::copy_from_slice(v.as_bytes())),
                 ),
             ],
-        },
+        }
+        .into(),
         op: None,
     }
 }
@@ -168,7 +169,7 @@ pub(super) fn delete(id: &str) -> RowEvent {
     RowEvent {
         mapping: "P".into(),
         row_id: Bytes::copy_from_slice(id.as_bytes()),
-        row: RowChange::Delete,
+        row: RowChange::Delete.into(),
         op: None,
     }
 }

@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 
-use crate::buffer::{Fields, Name};
+use crate::buffer::{EncodedRow, Fields, Name};
 use crate::config::{InitialLoad, MappingConfig, OnExpire};
 
 #[derive(Debug, Clone)]
@@ -62,6 +62,17 @@ impl Mapping {
             .iter()
             .map(|(field, column)| (column.clone(), fields.get(field).map(|f| f.value.clone())))
             .collect()
+    }
+
+    /// The upsert of a hash's row, encoded as the change log holds it ([`EncodedRow`]).
+    pub fn encoded_row(&self, fields: &Fields) -> EncodedRow {
+        // Room for the names and short values: a longer value grows it.
+        let room: usize = self.columns.iter().map(|(_, c)| c.len() + 9 + 16).sum();
+        let values = self.columns.iter().map(|(field, column)| {
+            let value = fields.get(field).map(|f| &f.value[..]);
+            (&**column, value)
+        });
+        EncodedRow::upsert(values, room + 5)
     }
 
     /// The values of the mapped columns, in the mapping's column order (cheaper to compare than

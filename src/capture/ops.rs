@@ -92,7 +92,7 @@ pub fn op_effects(
             let event = RowEvent {
                 mapping: mapping.name.clone(),
                 row_id: mapping.row_id(key),
-                row,
+                row: row.into(),
                 op: op.uuid.clone().map(|uuid| HashOp {
                     op: kind.as_char(),
                     uuid,

@@ -248,7 +248,7 @@ impl StreamBatch {
         let event = RowEvent {
             mapping: mapping.name.clone(),
             row_id: letter.row_id.clone(),
-            row,
+            row: row.into(),
             op: None,
         };
         self.push_unit(vec![event], state.offset());

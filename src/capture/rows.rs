@@ -3,7 +3,9 @@
 use bytes::Bytes;
 
 use super::mapping::Mapping;
-use crate::buffer::{FieldValue, Fields, HashOp, MirrorKind, MirrorValue, Name, RowChange};
+use crate::buffer::{
+    EncodedRow, FieldValue, Fields, HashOp, MirrorKind, MirrorValue, Name, RowChange, RowRef,
+};
 use crate::config::OnExpire;
 use crate::replication::rdb::{DumpedValue, ValueKind};
 
@@ -12,9 +14,67 @@ use crate::replication::rdb::{DumpedValue, ValueKind};
 pub struct RowEvent {
     pub mapping: Name,
     pub row_id: Bytes,
-    pub row: RowChange,
+    pub row: EventRow,
     /// The `#` op (with its uuid) to acknowledge once the database has this change.
     pub op: Option<HashOp>,
+}
+
+/// A row event's row: a value, or (the upsert of a command, the common case) encoded as the
+/// change log holds it ([`EncodedRow`]). Equal by what they say, whatever the form.
+#[derive(Debug, Clone)]
+pub enum EventRow {
+    Change(RowChange),
+    Encoded(EncodedRow),
+}
+
+impl EventRow {
+    /// Whether it deletes the row.
+    pub fn is_delete(&self) -> bool {
+        matches!(self, EventRow::Change(RowChange::Delete))
+    }
+
+    /// What the change log encodes.
+    pub fn as_ref(&self) -> RowRef<'_> {
+        match self {
+            EventRow::Change(row) => RowRef::Change(row),
+            EventRow::Encoded(row) => RowRef::Encoded(row),
+        }
+    }
+
+    /// The row change it says (`None`: an encoding that does not decode, never made here).
+    pub fn decoded(&self) -> Option<RowChange> {
+        match self {
+            EventRow::Change(row) => Some(row.clone()),
+            EventRow::Encoded(row) => row.decode().ok(),
+        }
+    }
+}
+
+impl From<RowChange> for EventRow {
+    fn from(row: RowChange) -> EventRow {
+        EventRow::Change(row)
+    }
+}
+
+impl PartialEq for EventRow {
+    fn eq(&self, other: &EventRow) -> bool {
+        match (self, other) {
+            (EventRow::Change(a), EventRow::Change(b)) => a == b,
+            (EventRow::Encoded(a), EventRow::Encoded(b)) => a == b,
+            _ => match (self.decoded(), other.decoded()) {
+                (Some(a), Some(b)) => a == b,
+                _ => false,
+            },
+        }
+    }
+}
+
+impl Eq for EventRow {}
+
+impl PartialEq<RowChange> for EventRow {
+    fn eq(&self, other: &RowChange) -> bool {
+        self.decoded().as_ref() == Some(other)
+    }
 }
 
 /// The values of a row's mapped columns, in the mapping's column order (`None`: no row).
@@ -51,14 +111,12 @@ pub fn row_event(
 }
 
 /// The row event of a hash whose row was created or whose mapped values changed: its full
-/// image, named in one pass (no intermediate [`RowImage`] to compare).
+/// image, encoded in one pass (no intermediate [`RowImage`] to compare).
 pub fn upsert(mapping: &Mapping, key: &Bytes, fields: &Fields) -> RowEvent {
     RowEvent {
         mapping: mapping.name.clone(),
         row_id: mapping.row_id(key),
-        row: RowChange::Upsert {
-            columns: mapping.row_image(fields),
-        },
+        row: EventRow::Encoded(mapping.encoded_row(fields)),
         op: None,
     }
 }
@@ -82,7 +140,7 @@ pub fn row_event_between(
     Some(RowEvent {
         mapping: mapping.name.clone(),
         row_id: mapping.row_id(key),
-        row,
+        row: row.into(),
         op: None,
     })
 }

@@ -11,7 +11,7 @@ use super::mirror_cache::MirrorCache;
 use super::ops::OpState;
 use super::rows::RowEvent;
 use super::CaptureStats;
-use crate::buffer::{Change, Checkpoint, EncodedChanges, Name, RowChange, Store};
+use crate::buffer::{ChangeParts, Checkpoint, EncodedChanges, Name, Store};
 use crate::position::{ChangeSeq, ReplOffset};
 
 pub struct CaptureState {
@@ -86,18 +86,17 @@ impl CaptureState {
     ) {
         let count = events.len();
         for (i, event) in events.enumerate() {
-            let change = Change {
+            counts.add(&event.mapping, event.row.is_delete());
+            changes.push_parts(&ChangeParts {
                 seq: self.checkpoint.next_seq,
                 unit,
                 unit_end: ends && i + 1 == count,
                 offset,
-                mapping: event.mapping,
-                row_id: event.row_id,
-                row: event.row,
-                op: event.op,
-            };
-            counts.add(&change);
-            changes.push(change);
+                mapping: &event.mapping,
+                row_id: &event.row_id,
+                row: event.row.as_ref(),
+                op: event.op.as_ref(),
+            });
             self.checkpoint.next_seq = self.checkpoint.next_seq.next();
             self.stats.changes += 1;
         }
@@ -113,19 +112,16 @@ pub struct ChangeCounts {
 }
 
 impl ChangeCounts {
-    fn add(&mut self, change: &Change) {
-        let slot = usize::from(matches!(change.row, RowChange::Delete));
+    fn add(&mut self, mapping: &Name, delete: bool) {
+        let slot = usize::from(delete);
         // `Arc`'s equality compares addresses first (the mapping's own name): no hashing.
-        let found = self
-            .counts
-            .iter_mut()
-            .find(|(mapping, _)| *mapping == change.mapping);
+        let found = self.counts.iter_mut().find(|(m, _)| m == mapping);
         match found {
             Some((_, n)) => n[slot] += 1,
             None => {
                 let mut n = [0; 2];
                 n[slot] = 1;
-                self.counts.push((change.mapping.clone(), n));
+                self.counts.push((mapping.clone(), n));
             }
         }
     }
