@@ -9,6 +9,10 @@ use std::time::Instant;
 use bytes::BytesMut;
 use writebehind::replication::rdb::{RdbDecoder, RdbEvent};
 
+/// The service's allocator (`src/main.rs`), so that the decoder runs here as it runs there.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 const READ_SIZE: usize = 64 * 1024;
 
 fn peak_rss_kib() -> u64 {
