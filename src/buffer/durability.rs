@@ -132,6 +132,8 @@ impl Store {
 
     /// Syncs every write made so far to disk.
     pub fn sync(&self) -> Result<(), StoreError> {
+        #[cfg(test)]
+        self.syncs.fetch_add(1, Ordering::SeqCst);
         self.db.flush_wal(true).map_err(|e| self.rocks(e))
     }
 }

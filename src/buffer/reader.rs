@@ -38,6 +38,8 @@ impl Store {
             identity: String::new(),
             reader_dir: Some(reader_dir),
             unsynced: Default::default(),
+            #[cfg(test)]
+            syncs: Default::default(),
             journal: Default::default(),
         };
         // Point reads of the mirror see what the journal holds; a reader never settles.

@@ -65,6 +65,9 @@ pub struct Store {
     pub(super) reader_dir: Option<PathBuf>,
     /// What is written but not synced yet (`durability.rs`).
     pub(super) unsynced: super::durability::Unsynced,
+    /// Syncs begun (unit tests check what is synced before it is used).
+    #[cfg(test)]
+    pub(crate) syncs: std::sync::atomic::AtomicU64,
     /// Mirror updates not yet settled into the `mirror` family (`journal.rs`).
     pub(super) journal: Journal,
 }
@@ -169,6 +172,8 @@ impl Store {
             identity: String::new(),
             reader_dir: None,
             unsynced: Default::default(),
+            #[cfg(test)]
+            syncs: Default::default(),
             journal: Journal::default(),
         };
         let last_ack = match store

@@ -40,6 +40,27 @@ pub struct MemoryDestination {
     pub fail_part: u32,
     /// Parts attempted (written or failed).
     pub parts_attempted: u32,
+    /// What runs when `row_ids` is called and before `apply` writes a batch.
+    pub hooks: Hooks,
+}
+
+/// A call a test makes when a batch is applied.
+pub type ApplyHook = Box<dyn FnMut(&SinkBatch) + Send>;
+
+/// Calls a test makes at given points of the destination's work.
+#[derive(Default)]
+pub struct Hooks {
+    pub row_ids: Option<Box<dyn FnMut() + Send>>,
+    pub apply: Option<ApplyHook>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("row_ids", &self.row_ids.is_some())
+            .field("apply", &self.apply.is_some())
+            .finish()
+    }
 }
 
 fn text_column(name: &str) -> ColumnInfo {
@@ -87,6 +108,9 @@ impl Destination for MemoryDestination {
         after: Option<&SqlValue>,
         limit: usize,
     ) -> Result<Vec<SqlValue>, SinkError> {
+        if let Some(hook) = self.hooks.row_ids.as_mut() {
+            hook();
+        }
         let after = after.map(key_text);
         Ok(self
             .tables
@@ -108,6 +132,9 @@ impl Destination for MemoryDestination {
         if self.fail_next > 0 {
             self.fail_next -= 1;
             return Err(SinkError::transient("memory: simulated outage"));
+        }
+        if let Some(hook) = self.hooks.apply.as_mut() {
+            hook(batch);
         }
         let mut tables = self.tables.clone();
         let rejected = self.write(&mut tables, schemas, batch);

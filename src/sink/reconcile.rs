@@ -19,7 +19,8 @@
 //! 2. Wait until capture holds a complete mirror (no full sync in progress); `S` is the last seq
 //!    buffered then.
 //! 3. Per mapping: delete every row whose key Redis does not have (key column read in pages,
-//!    each id looked up in the mirror); then upsert every watched hash of the mirror.
+//!    each id looked up in the mirror); then upsert every watched hash of the mirror. The
+//!    buffer is synced before each page is written: what was read of the mirror is on disk.
 //! 4. The row records this buffer, these mappings and `S`; the runner continues from `S + 1`.
 //!
 //! Every write is an idempotent upsert or delete, and the change log after `S` is applied
@@ -354,6 +355,10 @@ impl<D: Destination> super::runner::SinkRunner<D> {
         if writes.is_empty() {
             return Ok(());
         }
+        // The values were read from the mirror, which capture goes on writing meanwhile (a full
+        // sync's batches, a commit's mirror entries) before it syncs them: synced now, so that
+        // no value reaches the database that a crash of the machine could take from the buffer.
+        self.store.sync()?;
         // Each write gets a dead-letter id of its own, should the database refuse it.
         let first = self.take_reconcile_letters(writes.len());
         for (n, write) in writes.iter_mut().enumerate() {

@@ -505,3 +505,76 @@ async fn a_long_unit_in_two_partitions_is_written_a_share_at_a_time() {
     assert_eq!(runner.sinks[1].commits, 1);
     assert_eq!(runner.applied, vec![ChangeSeq(12_000); 2]);
 }
+
+/// A reconciliation writes mirror values to the database only once they are synced: capture
+/// goes on writing the mirror while it runs, and a value it wrote but had not synced yet is
+/// synced before the page holding it goes to the database (a crash of the machine could
+/// otherwise take the value from the buffer and leave it in the table).
+#[tokio::test]
+async fn a_reconciliation_writes_only_synced_mirror_values() {
+    use crate::buffer::{Checkpoint, FieldValue, MirrorValue};
+    use crate::position::{ReplId, StreamPosition};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    // A complete mirror: the checkpoint of a finished full sync.
+    let mut batch = Batch::default();
+    batch.put_checkpoint(&Checkpoint {
+        position: Some(StreamPosition {
+            replid: ReplId::parse(&"a".repeat(40)).expect("replid"),
+            offset: ReplOffset(10),
+            db: 0,
+        }),
+        next_seq: ChangeSeq(1),
+        generation: 1,
+        full_sync_in_progress: false,
+    });
+    store.write(batch, true).expect("checkpoint");
+    // While the reconciliation looks for rows to delete, capture writes a hash, not synced.
+    let written_at = Arc::new(AtomicU64::new(u64::MAX));
+    let mut sink = MemoryDestination::default();
+    let (hook_store, hook_written) = (store.clone(), written_at.clone());
+    sink.hooks.row_ids = Some(Box::new(move || {
+        if hook_written.load(Ordering::SeqCst) != u64::MAX {
+            return;
+        }
+        let mut value = MirrorValue::hash(1);
+        let field = FieldValue {
+            value: Bytes::from_static(b"v"),
+            expire_at_ms: None,
+        };
+        value.fields.insert(Bytes::from_static(b"name"), field);
+        let mut batch = Batch::default();
+        batch.put_mirror(0, b"p:1", &value);
+        hook_store.write(batch, false).expect("mirror write");
+        let syncs = hook_store.syncs.load(Ordering::SeqCst);
+        hook_written.store(syncs, Ordering::SeqCst);
+    }));
+    // The syncs begun when the page holding it is written.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (hook_store, hook_seen) = (store.clone(), seen.clone());
+    sink.hooks.apply = Some(Box::new(move |batch: &SinkBatch| {
+        if batch.writes.iter().any(|w| w.row_id.as_ref() == b"1") {
+            let syncs = hook_store.syncs.load(Ordering::SeqCst);
+            hook_seen.lock().expect("lock").push(syncs);
+        }
+    }));
+    let mut runner = runner(&store, vec![sink]).await;
+    let stop = std::future::pending::<()>();
+    tokio::pin!(stop);
+    let reconciled = runner
+        .reconcile(&Reconcile::NoIdentity, &mut stop)
+        .await
+        .expect("reconcile");
+    assert!(reconciled);
+    let written_at = written_at.load(Ordering::SeqCst);
+    assert_ne!(written_at, u64::MAX, "the hook wrote the hash");
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 1, "its row written once: {seen:?}");
+    assert!(
+        seen[0] > written_at,
+        "a sync began after the value was written and before its row was: {seen:?} after {written_at}"
+    );
+    let rows = &runner.sinks[0].tables["t"];
+    assert_eq!(rows.get("1").map(Vec::len), Some(1), "{rows:?}");
+}
