@@ -573,4 +573,5 @@ async fn a_batch_of_large_values_is_bounded_by_their_bytes() {
         transactions.len()
     );
     service.stop().await;
+    database.drop_database().await;
 }
