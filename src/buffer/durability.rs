@@ -94,10 +94,7 @@ impl Store {
     /// Applies `batch` atomically and then syncs it, letting other writes go on during the
     /// sync; its changes are hidden from sinks until the sync returns (see the module doc).
     pub fn write_then_sync(&self, batch: Batch) -> Result<(), StoreError> {
-        self.unsynced.mark(batch.first_unit_seq(), batch.puts_raw());
-        // A failed write leaves the mark set, as a failed sync does (see the module doc): it may
-        // also stand for earlier writes not synced yet (`write_unsynced`).
-        self.write(batch, false)?;
+        self.write_unsynced(batch)?;
         self.sync_written()
     }
 

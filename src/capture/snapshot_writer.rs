@@ -10,9 +10,8 @@
 //! database written from a change a machine crash then takes from the buffer would stand ahead
 //! of it. [`SnapshotWriter::finish`] waits for every batch handed over and its sync; the full
 //! sync's last write is synced and made by capture itself after it. Reads during a full sync are
-//! not affected: a
-//! snapshot names each key once, so the key a batch reads back (its previous mirror value) is
-//! never one an earlier batch of the same sync wrote.
+//! not affected: a snapshot names each key once, so the key a batch reads back (its previous
+//! mirror value) is never one an earlier batch of the same sync wrote.
 
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
