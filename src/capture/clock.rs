@@ -19,7 +19,12 @@
 //!   `writebehind_expiry_decisions_total{basis="ambiguous"}`.
 //!
 //! The primary's time is the local clock corrected by the skew measured at the last sample
-//! (half the round trip counted), so a host clock that is off does not decide either.
+//! (half the round trip counted), so a host clock that is off does not decide either. That
+//! estimate is only good to half the sample's round trip plus the milliseconds both clocks
+//! truncate, so "after the primary's time now" means after it by more than that: a key whose
+//! expiry time is within it of now is ambiguous, never a delete (a key with a TTL of a few
+//! milliseconds, expired on the primary just before capture applies its `DEL`, must not lose
+//! its kept row to a clock estimate a millisecond behind).
 
 use std::collections::VecDeque;
 
@@ -40,6 +45,29 @@ pub struct ClockSample {
     pub expired_keys: u64,
 }
 
+/// The primary's time minus the local time, as one sample measured it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Skew {
+    /// Primary time minus local time (ms), the primary's time taken at the round trip's middle.
+    pub offset_ms: i64,
+    /// How far the true skew may be from `offset_ms` (ms): half the round trip, plus one
+    /// millisecond for each clock's truncation to whole milliseconds.
+    pub uncertainty_ms: i64,
+}
+
+impl Skew {
+    /// The skew measured by a request sent at local time `sent_ms`, answered at
+    /// `received_ms`, that read the primary's time `primary_ms` (all truncated to ms).
+    pub fn measured(sent_ms: i64, primary_ms: i64, received_ms: i64) -> Skew {
+        let half_trip = (received_ms - sent_ms).max(0) / 2;
+        Skew {
+            offset_ms: primary_ms - (sent_ms + half_trip),
+            // The remainder of an odd round trip, then one truncation per clock.
+            uncertainty_ms: (received_ms - sent_ms).max(0) - half_trip + 2,
+        }
+    }
+}
+
 /// What a `DEL` of a key with an expiry time was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deletion {
@@ -49,22 +77,22 @@ pub enum Deletion {
 
 #[derive(Debug, Default)]
 pub struct PrimaryClock {
-    /// Primary time minus local time (ms), from the last sample.
-    skew_ms: i64,
+    /// Primary time minus local time, from the last sample that measured it.
+    skew: Skew,
     samples: VecDeque<ClockSample>,
 }
 
 impl PrimaryClock {
     /// The primary's time now (ms), as well as it is known.
     pub fn now(&self) -> i64 {
-        now_ms().saturating_add(self.skew_ms)
+        now_ms().saturating_add(self.skew.offset_ms)
     }
 
     /// Records a sample (and the skew measured with it). Samples of an earlier stream (a
     /// higher offset than this one) are dropped: offsets only compare within one history.
-    pub fn record(&mut self, sample: ClockSample, skew_ms: Option<i64>) {
-        if let Some(skew) = skew_ms {
-            self.skew_ms = skew;
+    pub fn record(&mut self, sample: ClockSample, skew: Option<Skew>) {
+        if let Some(skew) = skew {
+            self.skew = skew;
         }
         while self
             .samples
@@ -97,7 +125,12 @@ impl PrimaryClock {
         if before.is_some_and(|b| expire_at_ms <= b.time_ms) {
             return (Deletion::Expiry, false);
         }
-        let latest = after.map_or_else(|| self.now(), |a| a.time_ms);
+        // A later sample read the primary's time itself; the estimate of now is only as good
+        // as the skew.
+        let latest = after.map_or_else(
+            || self.now().saturating_add(self.skew.uncertainty_ms),
+            |a| a.time_ms,
+        );
         if expire_at_ms > latest {
             return (Deletion::Delete, false);
         }
@@ -120,7 +153,7 @@ mod tests {
     #[test]
     fn a_del_is_an_expiry_only_when_the_samples_allow_it() {
         let mut clock = PrimaryClock::default();
-        clock.record(sample(100, 10_000, 5), Some(0));
+        clock.record(sample(100, 10_000, 5), Some(Skew::default()));
         clock.record(sample(200, 20_000, 5), None);
         clock.record(sample(300, 30_000, 6), None);
         // No key expired between the samples around it: a delete, whatever the TTL says.
@@ -152,6 +185,29 @@ mod tests {
         assert_eq!(
             clock.deletion(28_000, ReplOffset(400)),
             (Deletion::Expiry, false)
+        );
+    }
+
+    #[test]
+    fn a_del_within_the_skews_uncertainty_of_now_is_never_a_delete() {
+        let mut clock = PrimaryClock::default();
+        // Sent at 1,000, answered at 1,010: the primary read 5,003 somewhere in between.
+        let skew = Skew::measured(1_000, 5_003, 1_010);
+        assert_eq!(skew.offset_ms, 5_003 - 1_005);
+        assert_eq!(skew.uncertainty_ms, 7);
+        clock.record(sample(100, 5_003, 0), Some(skew));
+        // The key expired on the primary an instant ago, but the estimate of its time may be
+        // up to the uncertainty behind: not a delete.
+        let just_expired = clock.now() + skew.uncertainty_ms;
+        assert_eq!(
+            clock.deletion(just_expired, ReplOffset(200)),
+            (Deletion::Expiry, true)
+        );
+        // Beyond the uncertainty (and the time this test takes): certainly the application's.
+        let later = clock.now() + skew.uncertainty_ms + 60_000;
+        assert_eq!(
+            clock.deletion(later, ReplOffset(200)),
+            (Deletion::Delete, false)
         );
     }
 

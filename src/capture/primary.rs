@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis_protocol::resp2::types::BytesFrame;
 
-use super::clock::ClockSample;
+use super::clock::{ClockSample, Skew};
 use super::command_table::CommandTable;
 use super::rows::mirror_value_from_dump;
 use crate::backoff::Backoff;
@@ -118,7 +118,7 @@ impl Primary {
 
     /// A sample of the primary's clock (`TIME`, `INFO replication`, `INFO stats` in one
     /// `MULTI`) and the skew of its time against the local clock, half the round trip counted.
-    pub async fn sample_clock(&mut self) -> Result<(ClockSample, i64), ClientError> {
+    pub async fn sample_clock(&mut self) -> Result<(ClockSample, Skew), ClientError> {
         let sent = now_ms();
         let results = self
             .transaction(&[
@@ -146,7 +146,7 @@ impl Primary {
         ) else {
             return Err(bad("INFO has no master_repl_offset or expired_keys"));
         };
-        let skew = time_ms - (sent + (received - sent) / 2);
+        let skew = Skew::measured(sent, time_ms, received);
         let sample = ClockSample {
             offset: ReplOffset(offset),
             time_ms,
