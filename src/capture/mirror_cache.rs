@@ -33,8 +33,6 @@ const ENTRY_OVERHEAD: u64 = 160;
 
 pub type Key = (u32, Bytes);
 type Value = Option<MirrorValue>;
-/// A key's state as of a commit, with the weight it was taken with when it is unchanged since.
-pub type Committed = (Key, Value, Option<Weight>);
 
 /// A cached value with its weight, computed once when it goes in: the cache weighs an entry
 /// again when it takes it out, and walking the fields of a hash that is no longer in the CPU's
@@ -51,20 +49,16 @@ impl Weighed {
     }
 }
 
-/// What an entry weighed when it was taken out of the cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Weight(u64);
-
 #[derive(Clone)]
-struct Weigher;
+struct Weight;
 
-impl quick_cache::Weighter<Key, Weighed> for Weigher {
+impl quick_cache::Weighter<Key, Weighed> for Weight {
     fn weight(&self, _key: &Key, value: &Weighed) -> u64 {
         value.weight
     }
 }
 
-type Inner = quick_cache::unsync::Cache<Key, Weighed, Weigher>;
+type Inner = quick_cache::unsync::Cache<Key, Weighed, Weight>;
 
 /// A shared handle to the cache (capture's batches and its state hold it); `None` inside when
 /// the cache is disabled (size 0).
@@ -83,7 +77,7 @@ impl MirrorCache {
         }
         // The item estimate only sizes the hash table; the weight is what bounds the cache.
         let items = (bytes / 256).max(16) as usize;
-        let cache = Inner::with_weighter(items, bytes, Weigher);
+        let cache = Inner::with_weighter(items, bytes, Weight);
         MirrorCache {
             inner: Some(Arc::new(Mutex::new(cache))),
             capacity: bytes,
@@ -105,21 +99,20 @@ impl MirrorCache {
     }
 
     /// The mirrored state of a key as of the last commit, moved out of the cache with its
-    /// owned key (which the batch keeps rather than allocating another) and its weight, when
-    /// cached; it goes back in with the batch that took it ([`MirrorCache::insert_committed`]).
-    pub fn take(&self, db: u32, key: &[u8]) -> Option<(Key, MirrorValue, Weight)> {
+    /// owned key (which the batch keeps rather than allocating another), when cached; it goes
+    /// back in with the batch that took it ([`MirrorCache::insert_committed`]).
+    pub fn take(&self, db: u32, key: &[u8]) -> Option<(Key, Value)> {
         self.lock()?
             .remove(&KeyRef { db, key })
-            .map(|(key, weighed)| (key, weighed.value, Weight(weighed.weight)))
+            .map(|(key, weighed)| (key, Some(weighed.value)))
     }
 
     /// Records the state of keys as of a commit that succeeded. A key that does not exist is
     /// forgotten rather than cached: deleted keys are rarely written again, and a flush of a
-    /// large keyspace would fill the cache with them. An entry given with the [`Weight`] it was
-    /// taken with is not weighed again: it must be unchanged since.
-    pub fn insert_committed(&self, entries: impl IntoIterator<Item = Committed>) {
+    /// large keyspace would fill the cache with them.
+    pub fn insert_committed(&self, entries: impl IntoIterator<Item = (Key, Value)>) {
         if let Some(mut cache) = self.lock() {
-            for ((db, key), value, weight) in entries {
+            for ((db, key), value) in entries {
                 match value {
                     // It could never fit: not weighed (walking a hash of a million fields in
                     // every batch was 5% of capture's time in scripts/bench-bighash.sh), and
@@ -129,13 +122,7 @@ impl MirrorCache {
                     }
                     Some(value) => {
                         let key = (db, key);
-                        // Weighing walks every field: for the keys a batch only read, whose
-                        // fields are out of the CPU's caches by the time the batch is written,
-                        // that walk was 7% of capture's thread (values set again unchanged).
-                        let weighed = match weight {
-                            Some(Weight(weight)) => Weighed { value, weight },
-                            None => Weighed::new(&key, value),
-                        };
+                        let weighed = Weighed::new(&key, value);
                         cache.insert(key, weighed)
                     }
                     None => {
@@ -183,26 +170,21 @@ mod tests {
         let (a, b) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"));
         assert_eq!(cache.get(0, &a), None);
         cache.insert_committed([
-            ((0, a.clone()), Some(hash(&[("f", "v")])), None),
-            ((0, b.clone()), Some(hash(&[("g", "w")])), None),
+            ((0, a.clone()), Some(hash(&[("f", "v")]))),
+            ((0, b.clone()), Some(hash(&[("g", "w")]))),
         ]);
         assert_eq!(cache.get(0, &a), Some(Some(hash(&[("f", "v")]))));
         assert_eq!(cache.get(1, &a), None, "another database is another key");
-        let weight_of_b = cache.weight() / 2;
-        let (key, value, weight) = cache.take(0, &a).unwrap();
-        assert_eq!((key, value), ((0, a.clone()), hash(&[("f", "v")])));
-        assert_eq!(cache.weight(), weight_of_b, "its weight left with it");
-        // Put back with a weight: that one counts, the entry is not weighed again.
-        let given = Weight(weight.0 + 1000);
-        cache.insert_committed([((0, a.clone()), Some(hash(&[("f", "v")])), Some(given))]);
-        assert_eq!(cache.weight(), weight_of_b + given.0);
-        assert_eq!(cache.take(0, &a).map(|(_, _, w)| w), Some(given));
+        assert_eq!(
+            cache.take(0, &a),
+            Some(((0, a.clone()), Some(hash(&[("f", "v")]))))
+        );
         assert_eq!(
             cache.get(0, &a),
             None,
             "taken out until the batch puts it back"
         );
-        cache.insert_committed([((0, b.clone()), None, None)]);
+        cache.insert_committed([((0, b.clone()), None)]);
         assert_eq!(cache.get(0, &b), None, "a deleted key is read from RocksDB");
         cache.clear();
         assert_eq!(cache.get(0, &a), None);
@@ -214,7 +196,7 @@ mod tests {
         let big = "x".repeat(1000);
         for i in 0..1000u32 {
             let key = Bytes::from(format!("key:{i}"));
-            cache.insert_committed([((0, key), Some(hash(&[("f", &big)])), None)]);
+            cache.insert_committed([((0, key), Some(hash(&[("f", &big)])))]);
         }
         assert!(cache.weight() <= 64 << 10, "weight {}", cache.weight());
         assert!(
@@ -228,13 +210,13 @@ mod tests {
     fn a_value_too_large_for_the_cache_leaves_no_older_copy_behind() {
         let cache = MirrorCache::new(1 << 10);
         let a = Bytes::from_static(b"a");
-        cache.insert_committed([((0, a.clone()), Some(hash(&[("f", "v")])), None)]);
+        cache.insert_committed([((0, a.clone()), Some(hash(&[("f", "v")])))]);
         assert!(cache.get(0, &a).is_some());
         let names: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
         let large: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
         let large = hash(&large);
         assert!(large.fields.min_heap_bytes() > 1 << 10);
-        cache.insert_committed([((0, a.clone()), Some(large), None)]);
+        cache.insert_committed([((0, a.clone()), Some(large))]);
         assert_eq!(cache.get(0, &a), None, "the older copy is not read");
     }
 
@@ -242,7 +224,7 @@ mod tests {
     fn a_disabled_cache_holds_nothing() {
         let cache = MirrorCache::new(0);
         let a = Bytes::from_static(b"a");
-        cache.insert_committed([((0, a.clone()), Some(hash(&[])), None)]);
+        cache.insert_committed([((0, a.clone()), Some(hash(&[])))]);
         assert_eq!(cache.get(0, &a), None);
     }
 }

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use hashbrown::hash_map::EntryRef;
 
-use super::mirror_cache::{Committed, MirrorCache, Weight};
+use super::mirror_cache::MirrorCache;
 use crate::buffer::{Batch, KeyRef, MirrorEntries, MirrorValue, Store, StoreError};
 
-/// A loaded value, with its owned key and weight when it came from the cache.
-type LoadResult = Result<(Option<((u32, Bytes), Weight)>, Option<MirrorValue>), StoreError>;
+/// A loaded value, with its owned key when it came from the cache.
+type LoadResult = Result<(Option<(u32, Bytes)>, Option<MirrorValue>), StoreError>;
 
 /// The mirror entries a batch changed, keyed by database and key.
 pub type Entries = MirrorEntries;
@@ -32,8 +32,7 @@ pub struct MirrorView {
 #[must_use = "the cache learns nothing unless `written` is called"]
 pub struct Flushed {
     changed: Arc<Entries>,
-    /// With the weight each had in the cache, when it came from there.
-    loaded: Vec<Committed>,
+    loaded: Vec<((u32, Bytes), Option<MirrorValue>)>,
     cache: MirrorCache,
 }
 
@@ -49,24 +48,20 @@ impl Flushed {
         // committer drops the batch before reporting it written, the next batch is flushed).
         let changed = Arc::try_unwrap(self.changed).unwrap_or_else(|shared| (*shared).clone());
         // A large hash is cached as its field count: its fields are read again when asked for.
-        let forget_seen = |(key, mut value, weight): Committed| {
+        let forget_seen = |(key, mut value): ((u32, Bytes), Option<MirrorValue>)| {
             if let Some(window) = value.as_mut().and_then(|v| v.fields.window_mut()) {
                 window.forget_seen();
             }
-            (key, value, weight)
+            (key, value)
         };
-        let changed = changed.into_iter().map(|(key, value)| (key, value, None));
         self.cache
-            .insert_committed(changed.chain(self.loaded).map(forget_seen));
+            .insert_committed(changed.into_iter().chain(self.loaded).map(forget_seen));
     }
 }
 
 struct Slot {
     value: Option<MirrorValue>,
     dirty: bool,
-    /// What the value weighed in the cache it was taken from (a hash held whole only): it
-    /// goes back with that weight unless the batch changes it.
-    weight: Option<Weight>,
     /// The store holds the key's fields one entry each (it was loaded as a window): a new
     /// value that is not stored so clears them.
     by_field: bool,
@@ -78,18 +73,7 @@ impl Slot {
         Slot {
             value,
             dirty: false,
-            weight: None,
             by_field,
-        }
-    }
-
-    /// A value taken from the cache with its weight. A window's weight changes with the
-    /// fields it is shown (and forgets): it is weighed again.
-    fn cached(value: Option<MirrorValue>, weight: Weight) -> Slot {
-        let slot = Slot::loaded(value);
-        Slot {
-            weight: (!slot.by_field).then_some(weight),
-            ..slot
         }
     }
 }
@@ -165,7 +149,7 @@ impl WorkingSet {
             true => view
                 .cache
                 .take(key.db, key.key)
-                .map(|(owned, value, weight)| (Some((owned, weight)), Some(value))),
+                .map(|(owned, value)| (Some(owned), value)),
             false => view.cache.get(key.db, key.key).map(|value| (None, value)),
         };
         match cached {
@@ -195,9 +179,7 @@ impl WorkingSet {
                 // The key goes in as its own allocation (see `apply::owned`): it goes to the
                 // cache. One taken from the cache is one already.
                 Ok(match owned {
-                    Some((owned, weight)) => {
-                        vacant.insert_with_key(owned, Slot::cached(value, weight))
-                    }
+                    Some(owned) => vacant.insert_with_key(owned, Slot::loaded(value)),
                     None => vacant.insert(Slot::loaded(value)),
                 })
             }
@@ -404,7 +386,7 @@ impl WorkingSet {
                 // (A large hash read whole here is not cached whole: the store holds it by
                 // field, and the cache must say so.)
                 // Taken out of the cache (or read): it goes back in with this batch.
-                loaded.push((id, slot.value, slot.weight));
+                loaded.push((id, slot.value));
             }
         }
         let changed = Arc::new(changed);
@@ -453,8 +435,8 @@ mod tests {
         store.write(batch, false).unwrap();
         let cache = MirrorCache::new(1 << 20);
         cache.insert_committed([
-            ((0, changed.clone()), Some(hash("cached")), None),
-            ((0, read.clone()), Some(hash("cached")), None),
+            ((0, changed.clone()), Some(hash("cached"))),
+            ((0, read.clone()), Some(hash("cached"))),
         ]);
         let view = MirrorView {
             cache: cache.clone(),
