@@ -35,6 +35,7 @@ mod state;
 mod stream;
 pub mod working_set;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::ack::Writeback;
@@ -132,6 +133,9 @@ pub struct Capture {
 
 /// Mirror keys deleted per commit ahead of a flush.
 const FLUSH_PAGE_KEYS: usize = 1024;
+
+/// Events read ahead of the one being applied, whose cached mirror entries are taken together.
+const READ_AHEAD: usize = 32;
 
 /// How often the primary's clock is sampled while the stream flows.
 const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -452,11 +456,12 @@ impl Capture {
             Some(batch) => batch,
             None => self.new_batch(&durable)?,
         };
-        let mut next = Some(first);
+        // Events read ahead of the one applied, applied in order (`read_ahead`).
+        let mut ahead = VecDeque::from([first]);
         // Reported once per read of the stream, not per event (a gauge update per command was
         // 2.5% of capture's thread).
         let mut received = ReplOffset::default();
-        while let Some(event) = next.take() {
+        while let Some(event) = ahead.pop_front() {
             received = event.end();
             if let Some(db) = self.flush_of(&event) {
                 self.outputs.health.received(received);
@@ -494,8 +499,8 @@ impl Capture {
                 replicator.disconnect();
                 return Ok(());
             }
-            if !batch.is_full() {
-                next = replicator.try_next_buffered();
+            if ahead.is_empty() && !batch.is_full() {
+                self.read_ahead(replicator, &mut batch, &mut ahead);
             }
         }
         self.outputs.health.received(received);
@@ -514,6 +519,35 @@ impl Capture {
             self.sample_clock().await;
         }
         Ok(())
+    }
+
+    /// Reads into `ahead` up to [`READ_AHEAD`] events already buffered (stopping after the
+    /// first that is not a single command), and has the batch take what the plain hash writes
+    /// among them touch from the mirror cache in one go (`StreamBatch::preload`): looked up one
+    /// command at a time, a key's cache misses were most of capture's time (docs/benchmarks.md,
+    /// session 23). What is read ahead is applied even when the batch fills meanwhile: a
+    /// batch passes its size by fewer than [`READ_AHEAD`] commands and one transaction. Inside
+    /// a long unit, one event at a time, as before.
+    fn read_ahead(
+        &self,
+        replicator: &mut Replicator,
+        batch: &mut StreamBatch,
+        ahead: &mut VecDeque<StreamEvent>,
+    ) {
+        let limit = if self.long.is_some() { 1 } else { READ_AHEAD };
+        while ahead.len() < limit {
+            let Some(event) = replicator.try_next_buffered() else {
+                break;
+            };
+            let single = matches!(event, StreamEvent::Command(_));
+            ahead.push_back(event);
+            if !single {
+                break;
+            }
+        }
+        if self.long.is_none() {
+            batch.preload(&self.state.mappings, ahead.iter());
+        }
     }
 
     /// An empty batch whose working sets read through the cache and the batch in flight.

@@ -14,6 +14,7 @@ use bytes::Bytes;
 
 use super::command::Write;
 use super::committer::Publication;
+use super::mapping::Mappings;
 use super::ops::apply_op;
 use super::ops::OpSeen;
 use super::primary::Primary;
@@ -21,7 +22,7 @@ use super::rows::{row_event, RowEvent};
 use super::state::{CaptureState, ChangeCounts};
 use super::working_set::{Flushed, MirrorView, WorkingSet};
 use crate::ack::{parse_tag, Tag};
-use crate::buffer::{Batch, EncodedChanges, NewAck, Store, StoreError};
+use crate::buffer::{Batch, EncodedChanges, KeyRef, NewAck, Store, StoreError};
 use crate::position::{ChangeSeq, ReplOffset};
 use crate::replication::stream::{Command, StreamEvent};
 
@@ -163,6 +164,32 @@ impl StreamBatch {
     /// Deletes a dead letter with this batch's write.
     pub fn retire_dead_letter(&mut self, seq: ChangeSeq) {
         self.retired.push(seq);
+    }
+
+    /// Takes from the mirror cache, in one go, the entries of the watched keys that the plain
+    /// hash writes at the head of `events` (the events read ahead, in order) will touch, before
+    /// they are applied ([`WorkingSet::preload`]). It stops at the first other event: a flush,
+    /// a rename or a transaction decides for itself what it loads and when.
+    pub fn preload<'e>(
+        &mut self,
+        mappings: &Mappings,
+        events: impl IntoIterator<Item = &'e StreamEvent>,
+    ) {
+        let keys = events
+            .into_iter()
+            .map_while(|event| match event {
+                StreamEvent::Command(command) if is_plain_hash_write(command) => Some(command),
+                _ => None,
+            })
+            .filter_map(|command| {
+                let key = command.args.get(1)?;
+                mappings.watching(command.db, key)?;
+                Some(KeyRef {
+                    db: command.db,
+                    key,
+                })
+            });
+        self.ws.preload(keys);
     }
 
     /// Applies one stream event; returns a reason when a full resync is needed instead (the
@@ -455,4 +482,75 @@ pub struct Prepared {
     /// Whether capture must wait for the write (it writes raw states, which are never in
     /// flight: see committer.rs).
     pub wait: bool,
+}
+
+/// Whether `command` writes fields of one hash and nothing else (`HSET`, `HMSET`, `HSETNX`,
+/// `HDEL`, `HINCRBY`, `HINCRBYFLOAT`): all it loads is that key's mirror entry.
+fn is_plain_hash_write(command: &Command) -> bool {
+    const PLAIN: [&[u8]; 6] = [
+        b"hset",
+        b"hmset",
+        b"hsetnx",
+        b"hdel",
+        b"hincrby",
+        b"hincrbyfloat",
+    ];
+    command.args.len() >= 3
+        && PLAIN
+            .iter()
+            .any(|name| command.args[0].eq_ignore_ascii_case(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buffer::{FieldValue, MirrorValue};
+    use crate::capture::mirror_cache::MirrorCache;
+    use crate::config::Config;
+
+    fn mappings() -> Mappings {
+        let text = "[source]\nurl = \"redis://127.0.0.1:1\"\n[backends.db]\nurl = \"sqlite://x\"\n[[mappings]]\nname = \"P\"\nprefix = \"p\"\nbackend = \"db\"\ntable = \"t\"\nkey_column = \"id\"\n[mappings.columns]\nn = \"n\"\n";
+        Mappings::new(&Config::parse(text, &|_| None).unwrap().mappings)
+    }
+
+    fn hash() -> MirrorValue {
+        let mut hash = MirrorValue::hash(1);
+        let value = FieldValue {
+            value: Bytes::from_static(b"1"),
+            expire_at_ms: None,
+        };
+        hash.fields.insert(Bytes::from_static(b"n"), value);
+        hash
+    }
+
+    /// Only the keys of the plain hash writes at the head of what was read ahead are taken:
+    /// from the first other command on, each command loads what it needs when it runs.
+    #[test]
+    fn preload_takes_the_watched_keys_of_the_hash_writes_before_any_other_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let cache = MirrorCache::new(1 << 20);
+        let keys = ["p:1", "p:2", "q:1", "p:3"].map(|k| Bytes::from_static(k.as_bytes()));
+        cache.insert_committed(keys.iter().map(|k| ((0, k.clone()), Some(hash()))));
+        let view = MirrorView {
+            cache: cache.clone(),
+            in_flight: None,
+        };
+        let mut batch = StreamBatch::new(store, view);
+        let events = [
+            &["HSET", "p:1", "n", "2"][..],
+            &["hincrby", "p:2", "n", "1"],
+            &["HSET", "q:1", "n", "2"],
+            &["DEL", "p:3"],
+            &["HSET", "p:3", "n", "2"],
+        ]
+        .map(|words| StreamEvent::Command(Command::from_words(words, 0, ReplOffset(1))));
+        batch.preload(&mappings(), events.iter());
+        let cached = |key: &Bytes| cache.get(0, key).is_some();
+        let [p1, p2, q1, p3] = &keys;
+        assert!(!cached(p1) && !cached(p2), "taken");
+        assert!(batch.ws.contains(0, p1) && batch.ws.contains(0, p2));
+        assert!(cached(q1), "not watched");
+        assert!(cached(p3) && !batch.ws.contains(0, p3), "after a DEL");
+    }
 }

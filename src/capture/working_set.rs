@@ -186,6 +186,30 @@ impl WorkingSet {
         }
     }
 
+    /// Takes the cached entries of `keys` out of the cache in one go, before the commands that
+    /// touch them are applied ([`MirrorCache::take_each`]); a mirror set only. A key held
+    /// already, in the batch in flight (which is newer than the cache) or not cached is left
+    /// to its first use. What is loaded here is what that use would load: nothing the set
+    /// reads through changes while a batch is applied.
+    pub fn preload<'k>(&mut self, keys: impl IntoIterator<Item = KeyRef<'k>>) {
+        if self.raw {
+            return;
+        }
+        let in_flight = self.view.in_flight.as_deref();
+        let wanted: Vec<KeyRef<'k>> = keys
+            .into_iter()
+            .filter(|key| !self.slots.contains_key(key))
+            .filter(|key| in_flight.is_none_or(|entries| !entries.contains_key(key)))
+            .collect();
+        let slots = &mut self.slots;
+        self.view.cache.take_each(wanted, |key, value| {
+            value.fields.warm();
+            slots
+                .entry(key)
+                .or_insert_with(|| Slot::loaded(Some(value)));
+        });
+    }
+
     /// Loads `key` with `value` unless it is already held.
     pub fn seed(&mut self, db: u32, key: &Bytes, value: Option<MirrorValue>) {
         self.slots
@@ -420,6 +444,40 @@ mod tests {
 
     fn field(value: &Option<MirrorValue>) -> Option<Bytes> {
         Some(value.as_ref()?.fields.get(&b"f"[..])?.value.clone())
+    }
+
+    /// Read ahead, a batch takes the cached entries of the keys its next commands touch; a key
+    /// the batch in flight wrote is newer there than in the cache, and is left to be read
+    /// from it.
+    #[test]
+    fn preload_takes_cached_entries_and_leaves_those_of_the_batch_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let [a, b, c] = [b"a", b"b", b"c"].map(|k| Bytes::from_static(k));
+        let mut batch = Batch::default();
+        for key in [&a, &b, &c] {
+            batch.put_mirror(0, key, &hash("stored"));
+        }
+        store.write(batch, false).unwrap();
+        let cache = MirrorCache::new(1 << 20);
+        cache.insert_committed([
+            ((0, a.clone()), Some(hash("cached"))),
+            ((0, b.clone()), Some(hash("cached"))),
+        ]);
+        let mut in_flight = Entries::default();
+        in_flight.insert((0, b.clone()), Some(hash("in flight")));
+        let view = MirrorView {
+            cache: cache.clone(),
+            in_flight: Some(Arc::new(in_flight)),
+        };
+        let mut ws = WorkingSet::viewing(store, view);
+        ws.preload([&a, &b, &c].map(|key| KeyRef { db: 0, key }));
+        assert!(ws.contains(0, &a) && !ws.contains(0, &b) && !ws.contains(0, &c));
+        assert_eq!(cache.get(0, &a), None, "taken");
+        assert!(cache.get(0, &b).is_some(), "left in the cache");
+        assert_eq!(field(ws.peek(0, &a).unwrap()).unwrap(), "cached");
+        assert_eq!(field(ws.peek(0, &b).unwrap()).unwrap(), "in flight");
+        assert_eq!(field(ws.peek(0, &c).unwrap()).unwrap(), "stored");
     }
 
     /// A batch moves what it touches out of the cache; the cache gets it back only with a
