@@ -208,7 +208,6 @@ impl Fields {
         }
     }
 
-    /// The memory the fields take, estimated (the mirror cache's weight).
     /// Reads the first byte of every value of a small hash, and nothing of a larger one. Called
     /// for many keys in a row before they are used (`WorkingSet::preload`), the reads of
     /// different keys do not wait on one another, so their cache misses overlap. The lookups
@@ -221,6 +220,7 @@ impl Fields {
         }
     }
 
+    /// The memory the fields take, estimated (the mirror cache's weight).
     pub fn heap_bytes(&self) -> u64 {
         if let Repr::Window(w) = &self.0 {
             return w.heap_bytes(FIELD_OVERHEAD, MAP_NODE, FIELDS_PER_NODE);

@@ -275,9 +275,16 @@ impl Replicator {
         }
     }
 
-    /// Drops the current link (the next call reconnects at once).
+    /// Drops the current link (the next call reconnects at once), and a failure of it met by
+    /// `try_next_*` and not yet reported: the caller has decided how the next link starts
+    /// ([`Replicator::resume_from`]: a full sync after a resync), and a `Disconnected` it then
+    /// received first would make it resume from its checkpoint instead. Capture reads events
+    /// ahead of what it applies, so it can decide on a resync after such a failure.
     pub fn disconnect(&mut self) {
         self.link = None;
+        if let Some(ReplicationEvent::Disconnected { error, .. }) = self.pending.take() {
+            tracing::warn!(%error, "replication link lost while it was being dropped");
+        }
     }
 
     /// The next event. `Err` only for fatal errors (authentication, permission, PSYNC refused);
@@ -437,5 +444,29 @@ impl Replicator {
         let retry_in = self.backoff.next_delay();
         self.retry_at = Some(tokio::time::Instant::now() + retry_in);
         Ok(ReplicationEvent::Disconnected { error, retry_in })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resync decided after the link failed (what was read before the failure is applied
+    /// first) still starts the next link with a full sync.
+    #[test]
+    fn a_deliberate_disconnect_supersedes_a_failure_not_yet_reported() {
+        let endpoint = RedisEndpoint::parse("redis://127.0.0.1:1").unwrap();
+        let mut replicator = Replicator::new(ReplicatorOptions::new(endpoint), None);
+        replicator.pending = Some(ReplicationEvent::Disconnected {
+            error: LinkError::Io {
+                address: "127.0.0.1:1".into(),
+                message: "reset".into(),
+            },
+            retry_in: Duration::ZERO,
+        });
+        replicator.resume_from(None);
+        replicator.disconnect();
+        assert!(replicator.pending.is_none());
+        assert!(replicator.resume.is_none());
     }
 }
