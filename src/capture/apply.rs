@@ -17,7 +17,7 @@
 use bytes::Bytes;
 
 use super::clock::{Deletion, PrimaryClock};
-use super::command::{FieldTtl, Write};
+use super::command::{FieldTtl, Pairs, Write};
 use super::command_table::CommandTable;
 use super::mapping::{Mapping, Mappings};
 use super::ops::{apply_op, OpSeen};
@@ -119,12 +119,12 @@ impl<'m> FieldChanges<'m> {
 /// the write gives it.
 fn set_fields(
     fields: &mut Fields,
-    pairs: &[(Bytes, Bytes)],
+    pairs: Pairs<'_>,
     only_new: bool,
     ttl: FieldTtl,
     changes: &mut FieldChanges,
 ) {
-    for (field, value) in pairs {
+    for (field, value) in pairs.iter() {
         match fields.get_mut(field) {
             Some(_) if only_new => {}
             Some(old) => {
@@ -214,13 +214,13 @@ impl Applier<'_> {
             } => {
                 needs.op =
                     self.update_hash(ws, (db, key, write), command, out, |fields, changes| {
-                        set_fields(fields, pairs, *only_new, *ttl, changes)
+                        set_fields(fields, *pairs, *only_new, *ttl, changes)
                     })?;
             }
             Write::DeleteFields { key, fields } => {
                 needs.op =
                     self.update_hash(ws, (db, key, write), command, out, |map, changes| {
-                        for field in fields {
+                        for field in fields.iter() {
                             if let Some(old) = map.get(field) {
                                 changes.changing(field, Some(old));
                                 map.remove(field);
@@ -253,7 +253,7 @@ impl Applier<'_> {
                 // A field's TTL is not in its row.
                 needs.op =
                     self.update_hash(ws, (db, key, write), command, out, |map, changes| {
-                        for field in fields {
+                        for field in fields.iter() {
                             if let Some(v) = map.get_mut(field) {
                                 if v.expire_at_ms != *at {
                                     changes.ttl_changed();
@@ -265,7 +265,7 @@ impl Applier<'_> {
             }
             Write::Unreproducible { key } => self.refresh_if_watched(ws, db, key, &mut needs)?,
             Write::Delete { keys } => {
-                for key in keys {
+                for key in keys.iter() {
                     self.delete_key(ws, db, key, command, out)?;
                 }
             }
@@ -280,15 +280,7 @@ impl Applier<'_> {
                 key,
                 payload,
                 expire_at_ms,
-            } => self.restore(
-                ws,
-                command,
-                key,
-                payload.as_ref(),
-                *expire_at_ms,
-                out,
-                &mut needs,
-            )?,
+            } => self.restore(ws, command, key, *payload, *expire_at_ms, out, &mut needs)?,
             Write::Flush { db } => self.flush(ws, *db, command, out)?,
             Write::SwapDb { a, b, text } => {
                 if a.is_some_and(|a| self.mappings.watches_db(a))

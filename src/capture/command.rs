@@ -8,6 +8,11 @@
 //! relative `RESTORE` TTL) are made absolute with the `now_ms` given to [`Write::parse`].
 //! Options are read only where the syntax puts them, so keys and values named like options
 //! (`db`, `replace`, `fields`) are never taken for one.
+//!
+//! A `Write` borrows its command's arguments: a copy of each would take and drop a reference
+//! count on the stream read they are sliced from, two atomic operations per argument (with the
+//! vectors holding them, 9% of capture's thread went to these counts; docs/benchmarks.md,
+//! session 23).
 
 use bytes::Bytes;
 
@@ -24,45 +29,74 @@ pub enum FieldTtl {
     At(i64),
 }
 
-/// A replicated write, as capture models it.
+/// Field names and values, alternating, as the command sent them (an even number of words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pairs<'a>(&'a [Bytes]);
+
+impl<'a> Pairs<'a> {
+    /// The first `limit` pairs of `words` (a trailing word without its value is left out).
+    fn of(words: &'a [Bytes], limit: usize) -> Pairs<'a> {
+        let len = (words.len() / 2).min(limit) * 2;
+        Pairs(&words[..len])
+    }
+
+    /// Each field with its value.
+    pub fn iter(&self) -> impl Iterator<Item = (&'a Bytes, &'a Bytes)> {
+        self.0.chunks_exact(2).map(|pair| (&pair[0], &pair[1]))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len() / 2
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A replicated write, as capture models it, borrowing its command's arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Write {
+pub enum Write<'a> {
     /// `HSET`, `HMSET`, `HSETNX` (`only_new`), `HSETEX`.
     SetFields {
-        key: Bytes,
-        pairs: Vec<(Bytes, Bytes)>,
+        key: &'a Bytes,
+        pairs: Pairs<'a>,
         only_new: bool,
         ttl: FieldTtl,
     },
     /// `HDEL`.
-    DeleteFields { key: Bytes, fields: Vec<Bytes> },
+    DeleteFields { key: &'a Bytes, fields: &'a [Bytes] },
     /// `HINCRBY`.
-    IncrementField { key: Bytes, field: Bytes, by: i64 },
+    IncrementField {
+        key: &'a Bytes,
+        field: &'a Bytes,
+        by: i64,
+    },
     /// `HPEXPIREAT` (`at` set) and `HPERSIST` (`None`).
     FieldExpiry {
-        key: Bytes,
+        key: &'a Bytes,
         at: Option<i64>,
-        fields: Vec<Bytes>,
+        fields: &'a [Bytes],
     },
     /// A write whose effect cannot be reproduced bit for bit (`HINCRBYFLOAT` sent verbatim by a
     /// very old primary): the key is read from the primary instead.
-    Unreproducible { key: Bytes },
+    Unreproducible { key: &'a Bytes },
     /// `DEL`, `UNLINK`.
-    Delete { keys: Vec<Bytes> },
+    Delete { keys: &'a [Bytes] },
     /// `PEXPIREAT`, `EXPIREAT`, `PEXPIRE`, `EXPIRE` (`at` set) and `PERSIST` (`None`).
-    Expire { key: Bytes, at: Option<i64> },
+    Expire { key: &'a Bytes, at: Option<i64> },
     /// `RENAME`, `RENAMENX`, `MOVE` and `COPY`: `to` in `to_db` gets `from`'s value; `from` is
     /// gone unless `copy`.
     Move {
-        from: Bytes,
-        to: Bytes,
+        from: &'a Bytes,
+        to: &'a Bytes,
         to_db: u32,
         copy: bool,
     },
     /// `RESTORE key ttl payload [REPLACE] [ABSTTL] ...`; `expire_at_ms` already absolute.
     Restore {
-        key: Bytes,
-        payload: Option<Bytes>,
+        key: &'a Bytes,
+        payload: Option<&'a Bytes>,
         expire_at_ms: Option<i64>,
     },
     /// `FLUSHDB` (`Some(db)`) and `FLUSHALL` (`None`).
@@ -90,41 +124,44 @@ fn parse_u32(b: &[u8]) -> Option<u32> {
 /// Longer than any name [`Write::parse`] models (a longer one is [`Write::Other`]).
 const NAME_BUFFER: usize = 24;
 
-impl Write {
+/// What a missing argument reads as.
+static EMPTY: Bytes = Bytes::new();
+
+impl<'a> Write<'a> {
     /// Parses `command`; `now_ms` makes relative times absolute.
-    pub fn parse(command: &Command, now_ms: i64) -> Write {
-        let args = &command.args;
-        let arg = |i: usize| args.get(i).cloned().unwrap_or_default();
+    pub fn parse(command: &'a Command, now_ms: i64) -> Write<'a> {
+        let args = &command.args[..];
+        let arg = |i: usize| args.get(i).unwrap_or(&EMPTY);
         let mut upper = [0u8; NAME_BUFFER];
         let name = command.name_in(&mut upper);
         match name {
             "HSET" | "HMSET" => Write::SetFields {
                 key: arg(1),
-                pairs: pairs(args.get(2..).unwrap_or_default()),
+                pairs: Pairs::of(args.get(2..).unwrap_or_default(), usize::MAX),
                 only_new: false,
                 ttl: FieldTtl::Clear,
             },
             "HSETNX" => Write::SetFields {
                 key: arg(1),
-                pairs: vec![(arg(2), arg(3))],
+                pairs: Pairs::of(args.get(2..).unwrap_or_default(), 1),
                 only_new: true,
                 ttl: FieldTtl::Clear,
             },
             "HSETEX" => hsetex(args, now_ms),
             "HDEL" => Write::DeleteFields {
                 key: arg(1),
-                fields: args.iter().skip(2).cloned().collect(),
+                fields: args.get(2..).unwrap_or_default(),
             },
             "HINCRBY" => Write::IncrementField {
                 key: arg(1),
                 field: arg(2),
-                by: parse_i64(&arg(3)).unwrap_or(0),
+                by: parse_i64(arg(3)).unwrap_or(0),
             },
             "HINCRBYFLOAT" => Write::Unreproducible { key: arg(1) },
             // HPEXPIREAT key ms [NX|XX|GT|LT] FIELDS n f...
             "HPEXPIREAT" => Write::FieldExpiry {
                 key: arg(1),
-                at: parse_i64(&arg(2)),
+                at: parse_i64(arg(2)),
                 fields: fields_argument(args, 3),
             },
             // HPERSIST key FIELDS n f...
@@ -134,10 +171,10 @@ impl Write {
                 fields: fields_argument(args, 2),
             },
             "DEL" | "UNLINK" => Write::Delete {
-                keys: args.iter().skip(1).cloned().collect(),
+                keys: args.get(1..).unwrap_or_default(),
             },
             "PEXPIREAT" | "EXPIREAT" | "PEXPIRE" | "EXPIRE" | "PERSIST" => {
-                let value = parse_i64(&arg(2)).unwrap_or(0);
+                let value = parse_i64(arg(2)).unwrap_or(0);
                 let at = match name {
                     "PEXPIREAT" => Some(value),
                     "EXPIREAT" => Some(value.saturating_mul(1000)),
@@ -153,7 +190,7 @@ impl Write {
                 to_db: command.db,
                 copy: false,
             },
-            "MOVE" => match parse_u32(&arg(2)) {
+            "MOVE" => match parse_u32(arg(2)) {
                 Some(to_db) => Write::Move {
                     from: arg(1),
                     to: arg(1),
@@ -161,7 +198,7 @@ impl Write {
                     copy: false,
                 },
                 None => Write::Resync {
-                    reason: format!("MOVE with database {:?}", String::from_utf8_lossy(&arg(2))),
+                    reason: format!("MOVE with database {:?}", String::from_utf8_lossy(arg(2))),
                 },
             },
             "COPY" => copy(command),
@@ -171,12 +208,12 @@ impl Write {
             },
             "FLUSHALL" => Write::Flush { db: None },
             "SWAPDB" => Write::SwapDb {
-                a: parse_u32(&arg(1)),
-                b: parse_u32(&arg(2)),
+                a: parse_u32(arg(1)),
+                b: parse_u32(arg(2)),
                 text: format!(
                     "{} {}",
-                    String::from_utf8_lossy(&arg(1)),
-                    String::from_utf8_lossy(&arg(2))
+                    String::from_utf8_lossy(arg(1)),
+                    String::from_utf8_lossy(arg(2))
                 ),
             },
             // Since Redis 7 (and by default since 5) scripts replicate their effects; a script
@@ -192,7 +229,7 @@ impl Write {
 
     /// Every `(db, key)` this write may read or change, for the keys named by its arguments
     /// (a flush names none: it touches whole databases).
-    pub fn keys(&self, db: u32) -> Vec<(u32, &Bytes)> {
+    pub fn keys(&self, db: u32) -> Vec<(u32, &'a Bytes)> {
         match self {
             Write::SetFields { key, .. }
             | Write::DeleteFields { key, .. }
@@ -200,22 +237,16 @@ impl Write {
             | Write::FieldExpiry { key, .. }
             | Write::Unreproducible { key }
             | Write::Expire { key, .. }
-            | Write::Restore { key, .. } => vec![(db, key)],
+            | Write::Restore { key, .. } => vec![(db, *key)],
             Write::Delete { keys } => keys.iter().map(|k| (db, k)).collect(),
             Write::Move {
                 from, to, to_db, ..
-            } => vec![(db, from), (*to_db, to)],
+            } => vec![(db, *from), (*to_db, *to)],
             Write::Flush { .. } | Write::SwapDb { .. } | Write::Resync { .. } | Write::Other => {
                 Vec::new()
             }
         }
     }
-}
-
-fn pairs(args: &[Bytes]) -> Vec<(Bytes, Bytes)> {
-    args.chunks_exact(2)
-        .map(|p| (p[0].clone(), p[1].clone()))
-        .collect()
 }
 
 /// `HSETEX key [FNX|FXX] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL] FIELDS n field value ...`, as the
@@ -224,9 +255,9 @@ fn pairs(args: &[Bytes]) -> Vec<(Bytes, Bytes)> {
 /// `FIELDS` block (`HSETEX k FIELDS 1 f v PXAT 5000 FNX`), so options are read on both sides of
 /// it, and the block itself is skipped by its count (a field or value named `PX` is data).
 /// `FNX`/`FXX` need nothing: a write whose condition failed is not propagated.
-fn hsetex(args: &[Bytes], now_ms: i64) -> Write {
+fn hsetex(args: &[Bytes], now_ms: i64) -> Write<'_> {
     let mut ttl = FieldTtl::Clear;
-    let mut found = Vec::new();
+    let mut found = Pairs(&[]);
     let mut i = 2;
     while i < args.len() {
         let word = args[i].to_ascii_uppercase();
@@ -248,7 +279,7 @@ fn hsetex(args: &[Bytes], now_ms: i64) -> Write {
             b"FIELDS" if found.is_empty() => {
                 let n = number.max(0) as usize;
                 let block = args.get(i + 2..).unwrap_or_default();
-                found = pairs(block).into_iter().take(n).collect();
+                found = Pairs::of(block, n);
                 i += 2 + 2 * found.len();
                 continue;
             }
@@ -257,7 +288,7 @@ fn hsetex(args: &[Bytes], now_ms: i64) -> Write {
         i += 1;
     }
     Write::SetFields {
-        key: args.get(1).cloned().unwrap_or_default(),
+        key: args.get(1).unwrap_or(&EMPTY),
         pairs: found,
         only_new: false,
         ttl,
@@ -265,7 +296,7 @@ fn hsetex(args: &[Bytes], now_ms: i64) -> Write {
 }
 
 /// `COPY source destination [DB destination-db] [REPLACE]`: options start at index 3.
-fn copy(command: &Command) -> Write {
+fn copy(command: &Command) -> Write<'_> {
     let args = &command.args;
     let mut to_db = command.db;
     let mut i = 3;
@@ -284,15 +315,15 @@ fn copy(command: &Command) -> Write {
         i += 1;
     }
     Write::Move {
-        from: args.get(1).cloned().unwrap_or_default(),
-        to: args.get(2).cloned().unwrap_or_default(),
+        from: args.get(1).unwrap_or(&EMPTY),
+        to: args.get(2).unwrap_or(&EMPTY),
         to_db,
         copy: true,
     }
 }
 
 /// `RESTORE key ttl serialized-value [REPLACE] [ABSTTL] [IDLETIME s] [FREQ f]`
-fn restore(args: &[Bytes], now_ms: i64) -> Write {
+fn restore(args: &[Bytes], now_ms: i64) -> Write<'_> {
     let ttl = args.get(2).and_then(|t| parse_i64(t)).unwrap_or(0);
     let absolute = args
         .iter()
@@ -304,21 +335,21 @@ fn restore(args: &[Bytes], now_ms: i64) -> Write {
         (t, false) => Some(now_ms.saturating_add(t)),
     };
     Write::Restore {
-        key: args.get(1).cloned().unwrap_or_default(),
-        payload: args.get(3).cloned(),
+        key: args.get(1).unwrap_or(&EMPTY),
+        payload: args.get(3),
         expire_at_ms,
     }
 }
 
 /// The field names after `FIELDS n`, searching from `start` (the options before it are
 /// single words or a number, so the first `FIELDS` at or after `start` is the keyword).
-fn fields_argument(args: &[Bytes], start: usize) -> Vec<Bytes> {
+fn fields_argument(args: &[Bytes], start: usize) -> &[Bytes] {
     let Some(pos) = args
         .iter()
         .skip(start)
         .position(|a| a.eq_ignore_ascii_case(b"FIELDS"))
     else {
-        return Vec::new();
+        return &[];
     };
     let pos = start + pos;
     let n = args
@@ -326,7 +357,8 @@ fn fields_argument(args: &[Bytes], start: usize) -> Vec<Bytes> {
         .and_then(|n| parse_i64(n))
         .unwrap_or(0)
         .max(0) as usize;
-    args.iter().skip(pos + 2).take(n).cloned().collect()
+    let names = args.get(pos + 2..).unwrap_or_default();
+    &names[..n.min(names.len())]
 }
 
 #[cfg(test)]
@@ -334,8 +366,10 @@ mod tests {
     use super::*;
     use crate::position::ReplOffset;
 
-    fn parse(args: &[&str]) -> Write {
-        Write::parse(&Command::from_words(args, 0, ReplOffset(1)), 1_000)
+    /// The command is leaked: the `Write` borrows it (a few bytes per assertion, in tests).
+    fn parse(args: &[&str]) -> Write<'static> {
+        let command = Box::leak(Box::new(Command::from_words(args, 0, ReplOffset(1))));
+        Write::parse(command, 1_000)
     }
 
     fn b(text: &str) -> Bytes {
@@ -347,8 +381,8 @@ mod tests {
         assert_eq!(
             parse(&["COPY", "db", "replace", "DB", "1", "REPLACE"]),
             Write::Move {
-                from: b("db"),
-                to: b("replace"),
+                from: &b("db"),
+                to: &b("replace"),
                 to_db: 1,
                 copy: true
             }
@@ -356,8 +390,8 @@ mod tests {
         assert_eq!(
             parse(&["COPY", "db", "fields"]),
             Write::Move {
-                from: b("db"),
-                to: b("fields"),
+                from: &b("db"),
+                to: &b("fields"),
                 to_db: 0,
                 copy: true
             }
@@ -373,24 +407,24 @@ mod tests {
                 "db"
             ]),
             Write::FieldExpiry {
-                key: b("fields"),
+                key: &b("fields"),
                 at: Some(5000),
-                fields: vec![b("fields"), b("db")]
+                fields: &[b("fields"), b("db")]
             }
         );
         assert_eq!(
             parse(&["HPERSIST", "fields", "FIELDS", "1", "replace"]),
             Write::FieldExpiry {
-                key: b("fields"),
+                key: &b("fields"),
                 at: None,
-                fields: vec![b("replace")]
+                fields: &[b("replace")]
             }
         );
         assert_eq!(
             parse(&["HSETEX", "fields", "KEEPTTL", "FIELDS", "1", "px", "1"]),
             Write::SetFields {
-                key: b("fields"),
-                pairs: vec![(b("px"), b("1"))],
+                key: &b("fields"),
+                pairs: Pairs(&[b("px"), b("1")]),
                 only_new: false,
                 ttl: FieldTtl::Keep
             }
@@ -424,8 +458,8 @@ mod tests {
             assert_eq!(
                 parse(args),
                 Write::SetFields {
-                    key: b("k"),
-                    pairs: vec![(b("PX"), b("KEEPTTL"))],
+                    key: &b("k"),
+                    pairs: Pairs(&[b("PX"), b("KEEPTTL")]),
                     only_new: false,
                     ttl
                 },
@@ -435,8 +469,8 @@ mod tests {
         assert_eq!(
             parse(&["MOVE", "db", "3"]),
             Write::Move {
-                from: b("db"),
-                to: b("db"),
+                from: &b("db"),
+                to: &b("db"),
                 to_db: 3,
                 copy: false
             }
@@ -444,19 +478,60 @@ mod tests {
     }
 
     #[test]
+    fn field_lists_are_the_commands_own_words_within_their_counts() {
+        let set = parse(&["HSET", "k", "a", "1", "b", "2"]);
+        let Write::SetFields { pairs, .. } = set else {
+            panic!("{set:?}");
+        };
+        let pairs: Vec<(&[u8], &[u8])> = pairs.iter().map(|(f, v)| (&f[..], &v[..])).collect();
+        assert_eq!(pairs, [(&b"a"[..], &b"1"[..]), (b"b", b"2")]);
+        // HSETNX sets one field; a field without its value is no pair; a count larger than
+        // the words there takes what is there.
+        assert_eq!(
+            parse(&["HSETNX", "k", "a", "1", "b", "2"]),
+            Write::SetFields {
+                key: &b("k"),
+                pairs: Pairs(&[b("a"), b("1")]),
+                only_new: true,
+                ttl: FieldTtl::Clear
+            }
+        );
+        assert!(matches!(
+            parse(&["HSET", "k", "a"]),
+            Write::SetFields { pairs, .. } if pairs.is_empty()
+        ));
+        assert_eq!(
+            parse(&["HPERSIST", "k", "FIELDS", "5", "a"]),
+            Write::FieldExpiry {
+                key: &b("k"),
+                at: None,
+                fields: &[b("a")]
+            }
+        );
+        assert_eq!(
+            parse(&["HDEL", "k", "a", "b"]),
+            Write::DeleteFields {
+                key: &b("k"),
+                fields: &[b("a"), b("b")]
+            }
+        );
+        assert_eq!(parse(&["DEL"]), Write::Delete { keys: &[] });
+    }
+
+    #[test]
     fn relative_times_become_absolute_and_bad_numbers_resync() {
         assert_eq!(
             parse(&["PEXPIRE", "k", "500"]),
             Write::Expire {
-                key: b("k"),
+                key: &b("k"),
                 at: Some(1_500)
             }
         );
         assert_eq!(
             parse(&["RESTORE", "k", "20", "payload"]),
             Write::Restore {
-                key: b("k"),
-                payload: Some(b("payload")),
+                key: &b("k"),
+                payload: Some(&b("payload")),
                 expire_at_ms: Some(1_020)
             }
         );
