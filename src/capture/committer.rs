@@ -108,11 +108,13 @@ impl Committer {
     pub async fn commit(&mut self, prepared: Prepared) -> Result<(), CaptureError> {
         let Prepared {
             batch,
-            flushed,
+            mut flushed,
             publication,
             wait,
         } = prepared;
         self.wait().await?;
+        // Every earlier batch is written: what this one only read is the store's as of now.
+        flushed.unchanged_written();
         let (done, written) = tokio::sync::oneshot::channel();
         let job = Job {
             batch,
