@@ -13,10 +13,13 @@
 //! Coherence rule: the cache only ever holds what the mirror holds **as of the last commit**.
 //! Capture is the only writer of the mirror and the only user of the cache: a batch *takes* the
 //! entries it touches out of the cache (moved, not copied: copying a hash per command was
-//! about 6% of capture's time, dropping the replaced copy another 4%), and every entry it held
-//! goes back in only once the batch's write succeeded; a batch dropped for a resync leaves the
-//! keys it took uncached, and they are read from RocksDB, which holds the same. A full sync rewrites the mirror outside working sets,
-//! so it empties the cache when it starts and when it ends. Other readers of the mirror (the
+//! about 6% of capture's time, dropping the replaced copy another 4%). An entry it changed goes
+//! back in only once the batch's write succeeded; one it only read, once every earlier batch
+//! is written (its value is then the store's, and the batch's own write cannot change it:
+//! `working_set::Flushed::unchanged_written`). This relies on one batch at most being in flight,
+//! the one each new batch reads through. A batch dropped for a resync leaves the keys it took
+//! uncached, and they are read from RocksDB, which holds the same. A full sync rewrites the
+//! mirror outside working sets, so it empties the cache when it starts and when it ends. Other readers of the mirror (the
 //! write-back task, `status`) read RocksDB, which holds the same as of the last commit.
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -99,8 +102,9 @@ impl MirrorCache {
     }
 
     /// The mirrored state of a key as of the last commit, moved out of the cache with its
-    /// owned key (which the batch keeps rather than allocating another), when cached; it goes
-    /// back in with the batch that took it ([`MirrorCache::insert_committed`]).
+    /// owned key (which the batch keeps rather than allocating another), when cached; the
+    /// batch that took it puts it back ([`MirrorCache::insert_committed`]; see the module doc
+    /// for when).
     pub fn take(&self, db: u32, key: &[u8]) -> Option<(Key, Value)> {
         self.lock()?
             .remove(&KeyRef { db, key })

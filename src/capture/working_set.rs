@@ -30,7 +30,7 @@ pub struct MirrorView {
 /// once the batch is durably written (never before: a failed write must leave the cache as the
 /// store), and what it read unchanged, which may go back as soon as every earlier batch is
 /// written ([`Flushed::unchanged_written`]).
-#[must_use = "the cache learns nothing unless `written` is called"]
+#[must_use = "the cache learns nothing unless `unchanged_written` or `written` is called"]
 pub struct Flushed {
     changed: Arc<Entries>,
     loaded: Vec<((u32, Bytes), Option<MirrorValue>)>,
@@ -426,7 +426,8 @@ impl WorkingSet {
             } else if slot.value.is_some() && (!slot.by_field || is_window(&slot.value)) {
                 // (A large hash read whole here is not cached whole: the store holds it by
                 // field, and the cache must say so.)
-                // Taken out of the cache (or read): it goes back in with this batch.
+                // Taken out of the cache (or read): it goes back in once the batches before
+                // this one are written (`Flushed::unchanged_written`).
                 loaded.push((id, slot.value));
             }
         }
