@@ -18,6 +18,11 @@
 # Usage: scripts/bench-instructions.sh [commands]   (default 200000; AGE=same for a constant age)
 #        BIN=path: another build of writebehind to count.
 #        CG_OUT=dir: keep the callgrind files there (callgrind_annotate reads them).
+#        CACHE_SIM=1: also simulate the caches (valgrind's model: a first-level data cache and
+#        a last level of 32 MiB, each process alone in it) and print the data misses per
+#        command in each level. Capture is bound by memory latency more than by instructions
+#        (docs/benchmarks.md, session 23): misses at the last level are what a change to the
+#        layout of its data moves, and they too are the same from run to run.
 # Not a test: it measures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,12 +45,13 @@ build_release
 start_primary "$primary" "$work" --repl-backlog-size 512mb
 redis-cli -p "$primary" config set client-output-buffer-limit "replica 0 0 0" >/dev/null
 mkdir -p "$work/replica"
-valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$work/replica.cg" \
+cache_sim=(); [ -n "${CACHE_SIM:-}" ] && cache_sim=(--cache-sim=yes --LL=33554432,16,64)
+valgrind --tool=callgrind --separate-threads=yes "${cache_sim[@]}" --callgrind-out-file="$work/replica.cg" \
   redis-server --port "$replica" --bind 127.0.0.1 --dir "$work/replica" --save '' --appendonly no \
   --replicaof 127.0.0.1 "$primary" --logfile "$work/replica.log" 2>"$work/replica.valgrind" &
 replica_pid=$!
 write_config "$work/writebehind.toml" "$primary" "$work/buffer" "sqlite://$work/unused.db"
-RUST_LOG=warn valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$work/wb.cg" \
+RUST_LOG=warn valgrind --tool=callgrind --separate-threads=yes "${cache_sim[@]}" --callgrind-out-file="$work/wb.cg" \
   "$bin" run --capture-only --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
 service_pid=$!
 
@@ -96,3 +102,24 @@ print(f"writebehind_other_threads_per_command={(wb - cap - com) / n:.0f}")
 print(f"ratio_writebehind_to_replica_instructions={wb / rep:.2f}")
 print(f"ratio_capture_thread_to_replica_instructions={cap / rep:.2f}")
 PY
+if [ -n "${CACHE_SIM:-}" ]; then
+  # With the cache simulated, `events:` names the columns of `summary:`.
+  misses() {  # files -> "first-level last-level" data misses (reads and writes)
+    awk '/^events:/ {for (i = 2; i <= NF; i++) col[$i] = i}
+         /^summary:/ {d1 += $col["D1mr"] + $col["D1mw"]; ll += $col["DLmr"] + $col["DLmw"]}
+         END {print d1 + 0, ll + 0}' "$@"
+  }
+  capture_files=$(for f in $(threads_of wb.cg); do if grep -q 'StreamBatch::apply_commands' "$f"; then echo "$f"; fi; done)
+  # shellcheck disable=SC2046
+  read -r replica_d1 replica_ll < <(misses $(threads_of replica.cg))
+  # shellcheck disable=SC2086
+  read -r capture_d1 capture_ll < <(misses $capture_files)
+  python3 - "$commands" "$replica_d1" "$replica_ll" "$capture_d1" "$capture_ll" <<'PY'
+import sys
+n, rd1, rll, cd1, cll = map(int, sys.argv[1:])
+print(f"replica_d1_misses_per_command={rd1 / n:.1f}")
+print(f"replica_ll_misses_per_command={rll / n:.2f}")
+print(f"writebehind_capture_thread_d1_misses_per_command={cd1 / n:.1f}")
+print(f"writebehind_capture_thread_ll_misses_per_command={cll / n:.2f}")
+PY
+fi

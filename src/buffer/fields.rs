@@ -215,7 +215,7 @@ impl Fields {
     pub fn warm(&self) {
         if let Repr::Small(v) = &self.0 {
             for (_, field) in v {
-                std::hint::black_box(field.value.first());
+                std::hint::black_box(field.value.first().copied());
             }
         }
     }

@@ -374,6 +374,19 @@ impl Applier<'_> {
         let Some(mapping) = self.mappings.watching(db, key) else {
             return Ok(None);
         };
+        // Where the mirror cache holds the key, it is changed there: a write that sets values
+        // again (most, when values repeat) then neither moves the entry out of the cache nor
+        // puts it back (`WorkingSet::update_cached`).
+        let in_cache = ws.update_cached(db, key, change, |value, change| {
+            if Self::already_in(value, command) {
+                return (None, false);
+            }
+            self.update_fields(value, (mapping, db, key), out, change)
+        });
+        let change = match in_cache {
+            Ok(seen) => return Ok(seen),
+            Err(change) => change,
+        };
         let before = ws.peek(db, key)?;
         if Self::already_in(before, command) {
             return Ok(None);
@@ -383,11 +396,23 @@ impl Applier<'_> {
             self.see_named_fields(ws, (db, key, mapping), write)?;
         }
         ws.update(db, key, |value| {
-            let was_hash = matches!(value, Some(v) if v.kind == MirrorKind::Hash);
-            let (seen, any) = self.change_hash(value, (mapping, db, key), out, change);
-            let changed = seen.is_some() || any || !was_hash;
-            (seen, changed)
+            self.update_fields(value, (mapping, db, key), out, change)
         })
+    }
+
+    /// [`Applier::change_hash`], with whether the value changed: when an op was seen, a field
+    /// changed, or the key was not a hash.
+    fn update_fields(
+        &self,
+        value: &mut Option<MirrorValue>,
+        (mapping, db, key): (&Mapping, u32, &Bytes),
+        out: &mut Vec<RowEvent>,
+        change: impl FnOnce(&mut Fields, &mut FieldChanges),
+    ) -> (Option<OpSeen>, bool) {
+        let was_hash = matches!(value, Some(v) if v.kind == MirrorKind::Hash);
+        let (seen, any) = self.change_hash(value, (mapping, db, key), out, change);
+        let changed = seen.is_some() || any || !was_hash;
+        (seen, changed)
     }
 
     /// The body of [`Applier::update_hash`], on the key's value: the op seen, and whether any
@@ -656,3 +681,7 @@ mod tests;
 #[cfg(test)]
 #[path = "large_hash_tests.rs"]
 mod large_hash_tests;
+
+#[cfg(test)]
+#[path = "cached_apply_tests.rs"]
+mod cached_apply_tests;

@@ -11,11 +11,14 @@
 //! read, which would keep the whole read buffer alive unseen by the weight.
 //!
 //! Coherence rule: the cache only ever holds what the mirror holds **as of the last commit**.
-//! Capture is the only writer of the mirror and the only user of the cache: a batch *takes* the
-//! entries it touches out of the cache (moved, not copied: copying a hash per command was
-//! about 6% of capture's time, dropping the replaced copy another 4%). An entry it changed goes
-//! back in only once the batch's write succeeded; one it only read, once every earlier batch
-//! is written (its value is then the store's, and the batch's own write cannot change it:
+//! Capture is the only writer of the mirror and the only user of the cache. A hash write on a
+//! cached key runs on the cached entry, under the cache's lock ([`MirrorCache::update_in_place`]):
+//! when it leaves the entry as it was (most writes when values repeat), the entry stays, never
+//! moved out, put back or weighed again; when it changes it, the entry is moved out under the
+//! same lock. Otherwise a batch *takes* the entries it touches out of the cache (moved, not
+//! copied: copying a hash per command was about 6% of capture's time, dropping the replaced
+//! copy another 4%). An entry it changed goes back in only once the batch's write succeeded;
+//! one it only read, once every earlier batch is written (its value is then the store's, and the batch's own write cannot change it:
 //! `working_set::Flushed::unchanged_written`). This relies on one batch at most being in flight,
 //! the one each new batch reads through. A batch dropped for a resync leaves the keys it took
 //! uncached, and they are read from RocksDB, which holds the same. A full sync rewrites the
@@ -63,6 +66,23 @@ impl quick_cache::Weighter<Key, Weighed> for Weight {
 
 type Inner = quick_cache::unsync::Cache<Key, Weighed, Weight>;
 
+/// What [`MirrorCache::update_in_place`] did.
+pub enum InPlace<C, R> {
+    /// The key is not cached (or the cache is disabled), or `accept` refused its value: the
+    /// change did not run, and its input is given back.
+    NotRun(C),
+    /// The change left the value as it was: it stays cached.
+    Unchanged(R),
+    /// The value is no longer cached: the batch holds it, with its owned key, and writes it
+    /// back when `changed`.
+    Taken {
+        result: R,
+        key: Key,
+        value: Value,
+        changed: bool,
+    },
+}
+
 /// A shared handle to the cache (capture's batches and its state hold it); `None` inside when
 /// the cache is disabled (size 0).
 #[derive(Clone, Default)]
@@ -88,10 +108,17 @@ impl MirrorCache {
     }
 
     fn lock(&self) -> Option<MutexGuard<'_, Inner>> {
-        // A panic while holding the lock leaves a consistent cache: each operation is one call.
-        self.inner
-            .as_ref()
-            .map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+        // A panic while holding the lock may have left an entry half changed (or as the empty
+        // placeholder of `update_in_place`): the cache then forgets everything, and what it
+        // held is read from RocksDB, which holds the same.
+        self.inner.as_ref().map(|m| {
+            m.lock().unwrap_or_else(|poisoned| {
+                m.clear_poison();
+                let mut cache = poisoned.into_inner();
+                cache.clear();
+                cache
+            })
+        })
     }
 
     /// A copy of the mirrored state of a key as of the last commit, when cached.
@@ -111,22 +138,66 @@ impl MirrorCache {
             .map(|(key, weighed)| (key, Some(weighed.value)))
     }
 
-    /// [`MirrorCache::take`] for each of `keys` that is cached, under one lock; `taken` gets
-    /// each owned key with its value. The lookups of different keys do not depend on one
-    /// another, so the processor overlaps their cache misses, which one call (and one lock, a
-    /// fence) per key, between the commands that use them, never lets it do.
-    pub fn take_each<'k>(
-        &self,
-        keys: impl IntoIterator<Item = KeyRef<'k>>,
-        mut taken: impl FnMut(Key, MirrorValue),
-    ) {
-        let Some(mut cache) = self.lock() else {
+    /// Looks up each of `keys` that is cached, under one lock, and reads a byte of each value
+    /// of a small hash ([`Fields::warm`](crate::buffer::Fields::warm)). The lookups of
+    /// different keys do not depend on one another, so the processor overlaps their cache
+    /// misses, which one lookup (and one lock, a fence) per key, between the commands that use
+    /// them, never lets it do; the commands then find the entries in the processor's caches.
+    pub fn warm_each<'k>(&self, keys: impl IntoIterator<Item = KeyRef<'k>>) {
+        let Some(cache) = self.lock() else {
             return;
         };
         for key in keys {
-            if let Some((owned, weighed)) = cache.remove(&key) {
-                taken(owned, weighed.value);
+            if let Some(weighed) = cache.get(&key) {
+                weighed.value.fields.warm();
             }
+        }
+    }
+
+    /// Runs `change` (with its `input`) on the cached value of a key where it is cached, when
+    /// `accept` takes it.
+    /// `change` says whether it changed the value; a value it left as it was (most writes when
+    /// values repeat) stays cached, and is neither moved out nor put back, nor weighed again.
+    /// A value it changed is moved out at once, under the same lock: the cache never holds
+    /// what is not committed. `change` must leave a value it reports unchanged exactly as it
+    /// was, and `accept` must not change it.
+    pub fn update_in_place<C, R>(
+        &self,
+        (db, key): (u32, &[u8]),
+        accept: impl FnOnce(&MirrorValue) -> bool,
+        (input, change): (C, impl FnOnce(&mut Option<MirrorValue>, C) -> (R, bool)),
+    ) -> InPlace<C, R> {
+        let Some(mut cache) = self.lock() else {
+            return InPlace::NotRun(input);
+        };
+        let id = KeyRef { db, key };
+        let Some(mut entry) = cache.get_mut(&id) else {
+            return InPlace::NotRun(input);
+        };
+        if !accept(&entry.value) {
+            return InPlace::NotRun(input);
+        }
+        let mut value = Some(std::mem::replace(&mut entry.value, MirrorValue::hash(0)));
+        let (result, changed) = change(&mut value, input);
+        if let (false, Some(unchanged)) = (changed, &mut value) {
+            std::mem::swap(&mut entry.value, unchanged);
+            return InPlace::Unchanged(result);
+        }
+        drop(entry);
+        match cache.remove(&id) {
+            Some((owned, _placeholder)) => InPlace::Taken {
+                result,
+                key: owned,
+                value,
+                changed,
+            },
+            // Unreachable: the entry was found under this lock.
+            None => InPlace::Taken {
+                result,
+                key: (db, Bytes::copy_from_slice(key)),
+                value,
+                changed,
+            },
         }
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use hashbrown::hash_map::EntryRef;
 
-use super::mirror_cache::MirrorCache;
+use super::mirror_cache::{InPlace, MirrorCache};
 use crate::buffer::{Batch, KeyRef, MirrorEntries, MirrorValue, Store, StoreError};
 
 /// A loaded value, with its owned key when it came from the cache.
@@ -203,11 +203,9 @@ impl WorkingSet {
         }
     }
 
-    /// Takes the cached entries of `keys` out of the cache in one go, before the commands that
-    /// touch them are applied ([`MirrorCache::take_each`]); a mirror set only. A key held
-    /// already, in the batch in flight (which is newer than the cache) or not cached is left
-    /// to its first use. What is loaded here is what that use would load: nothing the set
-    /// reads through changes while a batch is applied.
+    /// Looks up the cached entries of `keys` in one go, before the commands that touch them
+    /// are applied ([`MirrorCache::warm_each`]); a mirror set only. A key held already or in
+    /// the batch in flight (which is newer than the cache) is not read from the cache.
     pub fn preload<'k>(&mut self, keys: impl IntoIterator<Item = KeyRef<'k>>) {
         if self.raw {
             return;
@@ -218,13 +216,55 @@ impl WorkingSet {
             .filter(|key| !self.slots.contains_key(key))
             .filter(|key| in_flight.is_none_or(|entries| !entries.contains_key(key)))
             .collect();
-        let slots = &mut self.slots;
-        self.view.cache.take_each(wanted, |key, value| {
-            value.fields.warm();
-            slots
-                .entry(key)
-                .or_insert_with(|| Slot::loaded(Some(value)));
-        });
+        self.view.cache.warm_each(wanted);
+    }
+
+    /// Runs `f` on the value of `key` where the mirror cache holds it
+    /// ([`MirrorCache::update_in_place`]), when this is the value [`WorkingSet::update`] would
+    /// load: a mirror set that does not hold the key, the batch in flight did not change it,
+    /// and it is not a hash stored by field (whose fields are loaded first). `f` says, as for
+    /// `update`, whether it changed the value; one it left as it was stays cached and is not
+    /// held by this set, one it changed is held and written back. Otherwise `f` does not run,
+    /// and its input comes back (`Err`) for `update`.
+    pub fn update_cached<C, R>(
+        &mut self,
+        db: u32,
+        key: &Bytes,
+        input: C,
+        f: impl FnOnce(&mut Option<MirrorValue>, C) -> (R, bool),
+    ) -> Result<R, C> {
+        let id = KeyRef { db, key };
+        let in_flight = self.view.in_flight.as_deref();
+        if self.raw
+            || self.slots.contains_key(&id)
+            || in_flight.is_some_and(|entries| entries.contains_key(&id))
+        {
+            return Err(input);
+        }
+        let accept = |value: &MirrorValue| value.fields.window().is_none();
+        match self
+            .view
+            .cache
+            .update_in_place((db, key), accept, (input, f))
+        {
+            InPlace::NotRun(input) => Err(input),
+            InPlace::Unchanged(result) => Ok(result),
+            InPlace::Taken {
+                result,
+                key,
+                value,
+                changed,
+            } => {
+                // Not a window (`accept` above): nothing of it is stored by field yet.
+                let slot = Slot {
+                    value,
+                    dirty: changed,
+                    by_field: false,
+                };
+                self.slots.insert(key, slot);
+                Ok(result)
+            }
+        }
     }
 
     /// Loads `key` with `value` unless it is already held.
@@ -495,38 +535,71 @@ mod tests {
         assert_eq!(field(&cache.get(0, &read).unwrap()).unwrap(), "cached");
     }
 
-    /// Read ahead, a batch takes the cached entries of the keys its next commands touch; a key
-    /// the batch in flight wrote is newer there than in the cache, and is left to be read
-    /// from it.
+    /// A write to a key the mirror cache holds runs on the cached entry: one that leaves it as
+    /// it was leaves it cached (and the set does not hold it), one that changes it moves it out
+    /// into the set, to be written. A key the set holds, or the batch in flight changed (newer
+    /// there than in the cache), or a hash stored by field, is not changed in the cache.
     #[test]
-    fn preload_takes_cached_entries_and_leaves_those_of_the_batch_in_flight() {
+    fn a_write_runs_where_the_key_is_cached_and_moves_it_out_only_when_it_changes_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        let [a, b, c] = [b"a", b"b", b"c"].map(|k| Bytes::from_static(k));
-        let mut batch = Batch::default();
-        for key in [&a, &b, &c] {
-            batch.put_mirror(0, key, &hash("stored"));
-        }
-        store.write(batch, false).unwrap();
+        let [same, changed, flying, held, large] =
+            [&b"same"[..], b"changed", b"flying", b"held", b"large"].map(Bytes::from_static);
         let cache = MirrorCache::new(1 << 20);
-        cache.insert_committed([
-            ((0, a.clone()), Some(hash("cached"))),
-            ((0, b.clone()), Some(hash("cached"))),
-        ]);
+        cache.insert_committed(
+            [&same, &changed, &flying, &held].map(|k| ((0, k.clone()), Some(hash("cached")))),
+        );
+        let mut window = MirrorValue::hash(1);
+        window.fields = crate::buffer::Fields::unseen(10_000);
+        cache.insert_committed([((0, large.clone()), Some(window))]);
         let mut in_flight = Entries::default();
-        in_flight.insert((0, b.clone()), Some(hash("in flight")));
+        in_flight.insert((0, flying.clone()), Some(hash("in flight")));
         let view = MirrorView {
             cache: cache.clone(),
             in_flight: Some(Arc::new(in_flight)),
         };
-        let mut ws = WorkingSet::viewing(store, view);
-        ws.preload([&a, &b, &c].map(|key| KeyRef { db: 0, key }));
-        assert!(ws.contains(0, &a) && !ws.contains(0, &b) && !ws.contains(0, &c));
-        assert_eq!(cache.get(0, &a), None, "taken");
-        assert!(cache.get(0, &b).is_some(), "left in the cache");
-        assert_eq!(field(ws.peek(0, &a).unwrap()).unwrap(), "cached");
-        assert_eq!(field(ws.peek(0, &b).unwrap()).unwrap(), "in flight");
-        assert_eq!(field(ws.peek(0, &c).unwrap()).unwrap(), "stored");
+        let mut ws = WorkingSet::viewing(store.clone(), view.clone());
+        ws.preload([&same, &changed, &flying].map(|key| KeyRef { db: 0, key }));
+        assert!(
+            cache.get(0, &same).is_some(),
+            "read ahead, nothing is taken"
+        );
+        let set = |to: &'static str| {
+            move |value: &mut Option<MirrorValue>, seen: &mut Vec<Option<Bytes>>| {
+                seen.push(field(value));
+                let was = field(value);
+                *value = Some(hash(to));
+                ((), was.as_deref() != Some(to.as_bytes()))
+            }
+        };
+        let mut seen = Vec::new();
+        assert!(ws.update_cached(0, &same, &mut seen, set("cached")).is_ok());
+        assert!(!ws.contains(0, &same), "left as it was: not held");
+        assert_eq!(field(&cache.get(0, &same).unwrap()).unwrap(), "cached");
+        assert!(ws.update_cached(0, &changed, &mut seen, set("new")).is_ok());
+        assert!(ws.contains(0, &changed), "changed: held, to be written");
+        assert_eq!(cache.get(0, &changed), None, "never cached uncommitted");
+        assert!(ws.update_cached(0, &flying, &mut seen, set("x")).is_err());
+        assert!(ws.update_cached(0, &large, &mut seen, set("x")).is_err());
+        ws.peek(0, &held).unwrap();
+        assert!(ws.update_cached(0, &held, &mut seen, set("x")).is_err());
+        let mut raw = WorkingSet::raw(store.clone(), view);
+        assert!(raw.update_cached(0, &same, &mut seen, set("x")).is_err());
+        assert_eq!(seen.len(), 2, "the change ran twice: {seen:?}");
+        assert!(seen.iter().all(|v| v.as_deref() == Some(&b"cached"[..])));
+        assert!(cache.get(0, &flying).is_some() && cache.get(0, &large).is_some());
+
+        let mut batch = Batch::default();
+        let flushed = ws.flush_into(&mut batch);
+        store.write(batch, true).unwrap();
+        flushed.written();
+        assert_eq!(field(&store.mirror(0, &changed).unwrap()).unwrap(), "new");
+        assert_eq!(
+            store.mirror(0, &same).unwrap(),
+            None,
+            "nothing written for it"
+        );
+        assert_eq!(field(&cache.get(0, &changed).unwrap()).unwrap(), "new");
     }
 
     /// A batch moves what it touches out of the cache; the cache gets it back only with a
