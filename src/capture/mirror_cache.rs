@@ -25,6 +25,7 @@
 //! mirror outside working sets, so it empties the cache when it starts and when it ends. Other readers of the mirror (the
 //! write-back task, `status`) read RocksDB, which holds the same as of the last commit.
 
+use std::cell::RefCell;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -43,15 +44,22 @@ type Value = Option<MirrorValue>;
 /// A cached value with its weight, computed once when it goes in: the cache weighs an entry
 /// again when it takes it out, and walking the fields of a hash that is no longer in the CPU's
 /// caches then cost about 2% of capture's thread.
+///
+/// The value is in a `RefCell` so that a write can change it where it is, inside the cache's
+/// `remove_if` (`MirrorCache::update_in_place`): one lookup decides, changes and, when the
+/// value changed, removes it.
 struct Weighed {
-    value: MirrorValue,
+    value: RefCell<MirrorValue>,
     weight: u64,
 }
 
 impl Weighed {
     fn new(key: &Key, value: MirrorValue) -> Weighed {
         let weight = ENTRY_OVERHEAD + key.1.len() as u64 + value.fields.heap_bytes();
-        Weighed { value, weight }
+        Weighed {
+            value: RefCell::new(value),
+            weight,
+        }
     }
 }
 
@@ -124,8 +132,8 @@ impl MirrorCache {
     /// A copy of the mirrored state of a key as of the last commit, when cached.
     pub fn get(&self, db: u32, key: &[u8]) -> Option<Value> {
         let cache = self.lock()?;
-        let weighed = cache.get(&KeyRef { db, key })?;
-        Some(Some(weighed.value.clone()))
+        let value = cache.get(&KeyRef { db, key })?.value.borrow().clone();
+        Some(Some(value))
     }
 
     /// The mirrored state of a key as of the last commit, moved out of the cache with its
@@ -135,7 +143,7 @@ impl MirrorCache {
     pub fn take(&self, db: u32, key: &[u8]) -> Option<(Key, Value)> {
         self.lock()?
             .remove(&KeyRef { db, key })
-            .map(|(key, weighed)| (key, Some(weighed.value)))
+            .map(|(key, weighed)| (key, Some(weighed.value.into_inner())))
     }
 
     /// Looks up each of `keys` that is cached, under one lock, and reads a byte of each value
@@ -149,18 +157,18 @@ impl MirrorCache {
         };
         for key in keys {
             if let Some(weighed) = cache.get(&key) {
-                weighed.value.fields.warm();
+                weighed.value.borrow().fields.warm();
             }
         }
     }
 
     /// Runs `change` (with its `input`) on the cached value of a key where it is cached, when
-    /// `accept` takes it.
-    /// `change` says whether it changed the value; a value it left as it was (most writes when
-    /// values repeat) stays cached, and is neither moved out nor put back, nor weighed again.
-    /// A value it changed is moved out at once, under the same lock: the cache never holds
-    /// what is not committed. `change` must leave a value it reports unchanged exactly as it
-    /// was, and `accept` must not change it.
+    /// `accept` takes it. `change` says whether it changed the value; a value it left as it
+    /// was (most writes when values repeat) stays cached, and is neither moved out nor put
+    /// back, nor weighed again. A value it changed is moved out at once, within the same
+    /// lookup (`remove_if`): the cache never holds what is not committed. `change` must leave
+    /// a value it reports unchanged exactly as it was. A value left in place is not marked as
+    /// used again (read ahead, [`MirrorCache::warm_each`] marks it).
     pub fn update_in_place<C, R>(
         &self,
         (db, key): (u32, &[u8]),
@@ -171,27 +179,45 @@ impl MirrorCache {
             return InPlace::NotRun(input);
         };
         let id = KeyRef { db, key };
-        let Some(mut entry) = cache.get_mut(&id) else {
-            return InPlace::NotRun(input);
+        let mut input = Some(input);
+        // What the change returned, and the value when it is to leave the cache.
+        let mut ran = None;
+        let removed = cache.remove_if(&id, |weighed| {
+            let mut cached = weighed.value.borrow_mut();
+            if !accept(&cached) {
+                return false;
+            }
+            let Some(input) = input.take() else {
+                return false;
+            };
+            let mut value = Some(std::mem::replace(&mut *cached, MirrorValue::hash(0)));
+            let (result, changed) = change(&mut value, input);
+            match (changed, value) {
+                (false, Some(unchanged)) => {
+                    *cached = unchanged;
+                    ran = Some((result, false, None));
+                    false
+                }
+                (changed, value) => {
+                    ran = Some((result, changed, value));
+                    true
+                }
+            }
+        });
+        let (result, changed, value) = match (input, ran) {
+            (Some(input), _) => return InPlace::NotRun(input),
+            (None, Some(ran)) => ran,
+            (None, None) => unreachable!("the input is taken only by the change, which then ran"),
         };
-        if !accept(&entry.value) {
-            return InPlace::NotRun(input);
-        }
-        let mut value = Some(std::mem::replace(&mut entry.value, MirrorValue::hash(0)));
-        let (result, changed) = change(&mut value, input);
-        if let (false, Some(unchanged)) = (changed, &mut value) {
-            std::mem::swap(&mut entry.value, unchanged);
-            return InPlace::Unchanged(result);
-        }
-        drop(entry);
-        match cache.remove(&id) {
-            Some((owned, _placeholder)) => InPlace::Taken {
+        match removed {
+            Some((key, _placeholder)) => InPlace::Taken {
                 result,
-                key: owned,
+                key,
                 value,
                 changed,
             },
-            // Unreachable: the entry was found under this lock.
+            None if !changed && value.is_none() => InPlace::Unchanged(result),
+            // `remove_if` removes exactly when the change asks it to: not reached.
             None => InPlace::Taken {
                 result,
                 key: (db, Bytes::copy_from_slice(key)),
