@@ -381,7 +381,7 @@ impl Applier<'_> {
             if Self::already_in(value, command) {
                 return (None, false);
             }
-            self.update_fields(value, (mapping, db, key), out, change)
+            self.change_hash(value, (mapping, db, key), out, change)
         });
         let change = match in_cache {
             Ok(seen) => return Ok(seen),
@@ -396,27 +396,12 @@ impl Applier<'_> {
             self.see_named_fields(ws, (db, key, mapping), write)?;
         }
         ws.update(db, key, |value| {
-            self.update_fields(value, (mapping, db, key), out, change)
+            self.change_hash(value, (mapping, db, key), out, change)
         })
     }
 
-    /// [`Applier::change_hash`], with whether the value changed: when an op was seen, a field
-    /// changed, or the key was not a hash.
-    fn update_fields(
-        &self,
-        value: &mut Option<MirrorValue>,
-        (mapping, db, key): (&Mapping, u32, &Bytes),
-        out: &mut Vec<RowEvent>,
-        change: impl FnOnce(&mut Fields, &mut FieldChanges),
-    ) -> (Option<OpSeen>, bool) {
-        let was_hash = matches!(value, Some(v) if v.kind == MirrorKind::Hash);
-        let (seen, any) = self.change_hash(value, (mapping, db, key), out, change);
-        let changed = seen.is_some() || any || !was_hash;
-        (seen, changed)
-    }
-
-    /// The body of [`Applier::update_hash`], on the key's value: the op seen, and whether any
-    /// field changed.
+    /// The body of [`Applier::update_hash`], on the key's value: the op seen, and whether the
+    /// value changed (an op was seen, a field changed, or the key was not a hash).
     fn change_hash(
         &self,
         value: &mut Option<MirrorValue>,
@@ -426,6 +411,7 @@ impl Applier<'_> {
     ) -> (Option<OpSeen>, bool) {
         let mut changes = FieldChanges::new(mapping);
         let had_row = has_row(value);
+        let was_hash = matches!(value, Some(v) if v.kind == MirrorKind::Hash);
         let hash = match value {
             Some(v) if v.kind == MirrorKind::Hash => v,
             // The command succeeded, so the key was a hash (or absent).
@@ -437,7 +423,7 @@ impl Applier<'_> {
             let (intended, event, seen) = apply_op(mapping, db, key, after);
             out.extend(event);
             *value = intended;
-            return (Some(seen), changes.any);
+            return (Some(seen), true);
         }
         let has_row = !hash.fields.is_empty();
         let event = match (had_row, has_row) {
@@ -453,7 +439,7 @@ impl Applier<'_> {
             *value = None;
         }
         out.extend(event);
-        (None, changes.any)
+        (None, changes.any || !was_hash)
     }
 
     fn delete_key(
