@@ -12,18 +12,20 @@
 //!
 //! Coherence rule: the cache only ever holds what the mirror holds **as of the last commit**.
 //! Capture is the only writer of the mirror and the only user of the cache. A hash write on a
-//! cached key runs on the cached entry, under the cache's lock ([`MirrorCache::update_in_place`]):
-//! when it leaves the entry as it was (most writes when values repeat), the entry stays, never
-//! moved out, put back or weighed again; when it changes it, the entry is moved out under the
-//! same lock. Otherwise a batch *takes* the entries it touches out of the cache (moved, not
-//! copied: copying a hash per command was about 6% of capture's time, dropping the replaced
-//! copy another 4%). An entry it changed goes back in only once the batch's write succeeded;
-//! one it only read, once every earlier batch is written (its value is then the store's, and the batch's own write cannot change it:
-//! `working_set::Flushed::unchanged_written`). This relies on one batch at most being in flight,
-//! the one each new batch reads through. A batch dropped for a resync leaves the keys it took
-//! uncached, and they are read from RocksDB, which holds the same. A full sync rewrites the
-//! mirror outside working sets, so it empties the cache when it starts and when it ends. Other readers of the mirror (the
-//! write-back task, `status`) read RocksDB, which holds the same as of the last commit.
+//! cached key runs on the cached entry, under the cache's lock
+//! ([`MirrorCache::update_in_place`]): when it leaves the entry as it was (most writes when
+//! values repeat), the entry stays, never moved out, put back or weighed again; when it
+//! changes it, the entry is moved out in the same lookup. Otherwise a batch *takes* the entries
+//! it touches out of the cache (moved, not copied: copying a hash per command was about 6% of
+//! capture's time, dropping the replaced copy another 4%). An entry it changed goes back in
+//! only once the batch's write succeeded; one it only read, once every earlier batch is
+//! written (its value is then the store's, and the batch's own write cannot change it:
+//! `working_set::Flushed::unchanged_written`). This relies on one batch at most being in
+//! flight, the one each new batch reads through. A batch dropped for a resync leaves the keys
+//! it took uncached, and they are read from RocksDB, which holds the same. A full sync rewrites
+//! the mirror outside working sets, so it empties the cache when it starts and when it ends.
+//! Other readers of the mirror (the write-back task, `status`) read RocksDB, which holds the
+//! same as of the last commit.
 
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex, MutexGuard};
