@@ -522,9 +522,9 @@ impl Capture {
     }
 
     /// Reads into `ahead` up to [`READ_AHEAD`] events already buffered (stopping after the
-    /// first that is not a single command), and has the batch take what the plain hash writes
-    /// among them touch from the mirror cache in one go (`StreamBatch::preload`): looked up one
-    /// command at a time, a key's cache misses were most of capture's time (docs/benchmarks.md,
+    /// first that is not a single command), and has the batch look up what the plain hash
+    /// writes among them touch in the mirror cache in one go (`StreamBatch::preload`): looked
+    /// up one command at a time, a key's cache misses were most of capture's time (docs/benchmarks.md,
     /// session 23). What is read ahead is applied even when the batch fills meanwhile: a
     /// batch passes its size by fewer than [`READ_AHEAD`] commands and one transaction. Inside
     /// a long unit, one event at a time, as before.
