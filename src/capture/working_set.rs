@@ -210,12 +210,12 @@ impl WorkingSet {
         if self.raw {
             return;
         }
-        let in_flight = self.view.in_flight.as_deref();
-        let wanted: Vec<KeyRef<'k>> = keys
+        // Filtered as they are looked up: no list of them is kept.
+        let (slots, in_flight) = (&self.slots, self.view.in_flight.as_deref());
+        let wanted = keys
             .into_iter()
-            .filter(|key| !self.slots.contains_key(key))
-            .filter(|key| in_flight.is_none_or(|entries| !entries.contains_key(key)))
-            .collect();
+            .filter(|key| !slots.contains_key(key))
+            .filter(|key| in_flight.is_none_or(|entries| !entries.contains_key(key)));
         self.view.cache.warm_each(wanted);
     }
 
