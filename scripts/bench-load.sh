@@ -7,7 +7,9 @@
 #
 # Usage: scripts/bench-load.sh [keys] [partitions]   (default 500000 1)
 #        OUT=dir: where load-progress.csv and load-progress.png go (default bench-out): changes
-#        captured, rows written and RSS every 0.2 s.
+#        captured, rows written and RSS every 0.2 s. PERF_OUT=file: a perf profile of the whole
+#        machine from the service's start to the marker row; PERF_STACKS=1: with call stacks
+#        (DWARF unwinding: large files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 keys="${1:-500000}"
@@ -25,6 +27,14 @@ load_bench_setup "$keys" "$partitions"
 start=$(date +%s.%N)
 RUST_LOG=warn "$bin" run --config "$work/writebehind.toml" 2>"$work/writebehind.log" &
 service_pid=$!
+if [ -n "${PERF_OUT:-}" ]; then  # PERF_OUT=file: profile the load (see the usage)
+  if [ -n "${PERF_STACKS:-}" ]; then
+    perf record -a --call-graph dwarf,16384 -F 499 -o "$PERF_OUT" >/dev/null 2>&1 &
+  else
+    perf record -a -g -F 499 -o "$PERF_OUT" >/dev/null 2>&1 &
+  fi
+  perf_pid=$!
+fi
 sample_positions "$admin" "$service_pid" "$out/load-progress.csv" "$primary" &
 sampler=$!
 # Written once the snapshot is delivered (the replica is `online`): it is then in the stream,
@@ -33,6 +43,7 @@ poll_service "$work/writebehind.log" replica_online "$primary"
 redis-cli -p "$primary" hset person2:marker first_name marker >/dev/null
 poll_service "$work/writebehind.log" has_row marker
 done_at=$(date +%s.%N)
+if [ -n "${PERF_OUT:-}" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
 sink_batch_summary "$admin"
 sleep 0.3
 kill "$sampler" 2>/dev/null || true

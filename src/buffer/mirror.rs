@@ -132,6 +132,18 @@ impl MirrorValue {
         *out = e.out;
     }
 
+    /// The generation of an encoded value, without decoding its fields (a sweep passes over
+    /// every entry of the current generation).
+    pub(super) fn generation_of(input: &[u8]) -> Result<u64, DecodeError> {
+        let mut d = Decoder::new(input, "mirror value");
+        let kind = d.u8()?;
+        if !matches!(kind, 1..=KIND_HASH_BY_FIELD) {
+            return Err(d.error(format!("kind {kind}")));
+        }
+        d.opt_i64()?;
+        d.u64()
+    }
+
     pub(super) fn decode(input: &[u8]) -> Result<MirrorValue, DecodeError> {
         let mut d = Decoder::new(input, "mirror value");
         let kind = d.u8()?;
@@ -327,8 +339,12 @@ pub(super) fn mirror_key_into(db: u32, key: &[u8], out: &mut Vec<u8>) {
 }
 
 pub(super) fn split_mirror_key(raw: &[u8]) -> Option<(u32, Bytes)> {
-    let db = u32::from_be_bytes(raw.get(..4)?.try_into().ok()?);
-    Some((db, Bytes::copy_from_slice(&raw[4..])))
+    Some((mirror_key_db(raw)?, Bytes::copy_from_slice(&raw[4..])))
+}
+
+/// The database of a mirror key; `None` when it is shorter than its 4-byte prefix.
+pub(super) fn mirror_key_db(raw: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(raw.get(..4)?.try_into().ok()?))
 }
 
 #[cfg(test)]

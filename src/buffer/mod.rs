@@ -78,6 +78,7 @@ mod fields;
 mod footprint;
 mod journal;
 mod mirror;
+mod mirror_scan;
 mod open_unit;
 mod reader;
 mod store;
@@ -96,8 +97,9 @@ pub use fields::Fields;
 pub use footprint::StoreMemory;
 pub use journal::DEFAULT_JOURNAL_BYTES;
 pub use mirror::{stored_copy, FieldValue, KeyRef, MirrorEntries, MirrorKind, MirrorValue};
+pub use mirror_scan::{MirrorCursor, MirrorPage};
 pub use open_unit::OpenUnit;
-pub use store::{stop_rocksdb_perf_counters, MirrorCursor, MirrorPage, Store};
+pub use store::{stop_rocksdb_perf_counters, Store};
 pub use window::{Window, STORED_BY_FIELD};
 
 const FORMAT_VERSION: u32 = 3;

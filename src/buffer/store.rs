@@ -37,21 +37,6 @@ pub(super) fn classify(path: &Path, e: rocksdb::Error) -> StoreError {
     }
 }
 
-/// Where a scan of the mirror continues (opaque outside the buffer): the start, or after the
-/// last entry of a page.
-#[derive(Debug, Clone, Default)]
-pub struct MirrorCursor {
-    after: Option<Vec<u8>>,
-}
-
-/// A page of a mirror scan: entries in key order and, unless the scan is over, where the
-/// next page starts.
-#[derive(Debug)]
-pub struct MirrorPage {
-    pub entries: Vec<(u32, Bytes, MirrorValue)>,
-    pub next: Option<MirrorCursor>,
-}
-
 /// The RocksDB buffer.
 pub struct Store {
     pub(super) db: DB,
@@ -369,58 +354,6 @@ impl Store {
                 .map_err(|e| self.corrupt(e)),
             None => Ok(None),
         }
-    }
-
-    /// Up to `limit` mirror entries from `cursor` on, in key order, restricted to `db` when
-    /// given; the page says where the next one starts.
-    pub fn mirror_scan(
-        &self,
-        db: Option<u32>,
-        cursor: &MirrorCursor,
-        limit: usize,
-    ) -> Result<MirrorPage, StoreError> {
-        let start = match (&cursor.after, db) {
-            (Some(after), _) => {
-                let mut k = after.clone();
-                k.push(0);
-                k
-            }
-            (None, Some(db)) => db.to_be_bytes().to_vec(),
-            (None, None) => Vec::new(),
-        };
-        // The family alone is read: what is pending is settled first. (Settling only what is
-        // pending at or after the scan's start let a flush, which deletes in key order behind
-        // its scan, keep its deletions pending: no faster, and 60 MB more at its peak in
-        // `bench-flush.sh`.)
-        self.settle_mirror()?;
-        let mut entries = Vec::new();
-        let mut last_key = None;
-        for item in self.db.iterator_cf(
-            self.cf(CF_MIRROR)?,
-            IteratorMode::From(&start, Direction::Forward),
-        ) {
-            let (raw_key, raw_value) = item.map_err(|e| self.rocks(e))?;
-            let Some((key_db, key)) = split_mirror_key(&raw_key) else {
-                return Err(self.corrupt(DecodeError {
-                    what: "mirror key",
-                    at: 0,
-                    message: "shorter than 4 bytes".into(),
-                }));
-            };
-            if db.is_some_and(|db| db != key_db) || entries.len() >= limit {
-                break;
-            }
-            entries.push((
-                key_db,
-                key,
-                MirrorValue::decode(&raw_value).map_err(|e| self.corrupt(e))?,
-            ));
-            last_key = Some(raw_key);
-        }
-        let next = last_key.map(|key| MirrorCursor {
-            after: Some(key.to_vec()),
-        });
-        Ok(MirrorPage { entries, next })
     }
 
     /// Up to `limit` entries of a column family keyed by `seq u64`, with seqs in `seqs`,
@@ -782,7 +715,7 @@ mod tests {
         assert_eq!(store.mirror(0, b"person2:1")?, None);
         assert_eq!(
             store
-                .mirror_scan(Some(1), &MirrorCursor::default(), 10)?
+                .mirror_scan(Some(1), &crate::buffer::MirrorCursor::default(), 10)?
                 .entries
                 .len(),
             1

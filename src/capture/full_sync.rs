@@ -357,7 +357,13 @@ impl FullSync {
         // The sweep reads the whole mirror: every batch is written first.
         self.writer.finish()?;
         std::mem::take(&mut self.counts).report();
-        let swept = sweep(state, position.offset)?;
+        // A mirror empty when the sync began holds only what this sync wrote: nothing older
+        // to sweep (on a first load, reading every entry back took a third of capture's
+        // instructions).
+        let swept = match self.mirror_was_empty {
+            true => 0,
+            false => sweep(state, position.offset)?,
+        };
         let mut batch = Batch::default();
         batch.add_replid(state.checkpoint.next_seq, &position.replid, position.offset);
         state.checkpoint.position = Some(position);
@@ -383,15 +389,17 @@ fn sweep(state: &mut CaptureState, offset: ReplOffset) -> Result<u64, StoreError
     let mut cursor = Some(MirrorCursor::default());
     let mut swept = 0u64;
     while let Some(from) = cursor.take() {
-        let page = state.store.mirror_scan(None, &from, SNAPSHOT_BATCH_KEYS)?;
+        let page = state
+            .store
+            .mirror_scan_older(generation, &from, SNAPSHOT_BATCH_KEYS)?;
         cursor = page.next;
+        if page.entries.is_empty() {
+            continue;
+        }
         let mut batch = Batch::default();
         let mut changes = EncodedChanges::with_capacity(page.entries.len());
         let mut counts = ChangeCounts::default();
         for (db, key, value) in page.entries {
-            if value.generation >= generation {
-                continue;
-            }
             swept += 1;
             if value.fields.window().is_some() {
                 batch.clear_fields(db, &key);
