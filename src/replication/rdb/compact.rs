@@ -184,7 +184,11 @@ pub(crate) fn listpack_entries(blob: &[u8]) -> Result<Vec<Entry>, BlobError> {
             ),
         );
     }
-    let mut entries = Vec::new();
+    // The header's element count (65,535: not known) sizes the vector once; every entry takes
+    // at least two bytes (its encoding and its length after it), so an untrusted count cannot
+    // reserve more than the blob could hold.
+    let count = usize::from(u16::from_le_bytes([blob[4], blob[5]]));
+    let mut entries = Vec::with_capacity(count.min(blob.len() / 2));
     let mut pos = 6;
     loop {
         let at = pos;

@@ -225,5 +225,7 @@ impl<'a> Cursor<'a> {
 }
 
 pub(crate) fn decimal(value: i64) -> StrRef {
-    StrRef::Owned(Bytes::from(value.to_string()))
+    StrRef::Owned(Bytes::copy_from_slice(
+        itoa::Buffer::new().format(value).as_bytes(),
+    ))
 }
