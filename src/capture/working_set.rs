@@ -205,18 +205,13 @@ impl WorkingSet {
 
     /// Looks up the cached entries of `keys` in one go, before the commands that touch them
     /// are applied ([`MirrorCache::warm_each`]); a mirror set only. A key held already or in
-    /// the batch in flight (which is newer than the cache) is not read from the cache.
+    /// the batch in flight (newer than the cache) is looked up too, though its write will not
+    /// read the cache: leaving it out took two map lookups per key, more than the probe.
     pub fn preload<'k>(&mut self, keys: impl IntoIterator<Item = KeyRef<'k>>) {
         if self.raw {
             return;
         }
-        // Filtered as they are looked up: no list of them is kept.
-        let (slots, in_flight) = (&self.slots, self.view.in_flight.as_deref());
-        let wanted = keys
-            .into_iter()
-            .filter(|key| !slots.contains_key(key))
-            .filter(|key| in_flight.is_none_or(|entries| !entries.contains_key(key)));
-        self.view.cache.warm_each(wanted);
+        self.view.cache.warm_each(keys);
     }
 
     /// Runs `f` on the value of `key` where the mirror cache holds it
