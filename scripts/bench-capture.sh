@@ -125,7 +125,7 @@ redis-benchmark -p "$primary" -q -n "$commands" -P 32 -r 100000 \
   HSET person2:__rand_int__ first_name John last_name Doe age "$age" >/dev/null
 burst_end=$(date +%s.%N)
 read -r target r _ < <(offsets)
-w=$(durable_offset)
+w=$(durable_offset); w=${w:-0}
 echo "burst_seconds=$(python3 -c "print(round($burst_end-$start,3))")"
 echo "lag_at_burst_end_replica_bytes=$((target - r))"
 echo "lag_at_burst_end_writebehind_bytes=$((target - w))"
