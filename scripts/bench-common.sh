@@ -238,6 +238,23 @@ has_row() { [ "$(sql "SELECT COUNT(*) FROM $database.person1 WHERE id = '$1'" 2>
 # replica_online PORT: whether the primary on PORT has a replica online.
 replica_online() { redis-cli -p "$1" info replication | grep -q '^slave0:.*state=online'; }
 
+# load_data_shuffled_reference: the same rows as load_data_reference's, shuffled (a fixed seed)
+# as a snapshot delivers them (Redis's hash order, not key order), by LOAD DATA into a table of
+# the same shape; sets shuffled_start and shuffled_end. Run after load_data_reference.
+load_data_shuffled_reference() {
+  python3 - "$work/rows.tsv" >"$work/rows-shuffled.tsv" <<'PY'
+import random, sys
+rows = open(sys.argv[1]).readlines()
+random.Random(13).shuffle(rows)
+sys.stdout.writelines(rows)
+PY
+  sql "CREATE TABLE $database.reference_shuffled (id VARCHAR(255) NOT NULL PRIMARY KEY, first TEXT, last TEXT, age TEXT) ENGINE=InnoDB"
+  shuffled_start=$(date +%s.%N)
+  mariadb --protocol=tcp -h127.0.0.1 -uroot --local-infile=1 -e \
+    "LOAD DATA LOCAL INFILE '$work/rows-shuffled.tsv' INTO TABLE $database.reference_shuffled (id, first, last, age)"
+  shuffled_end=$(date +%s.%N)
+}
+
 # load_bench_setup KEYS PARTITIONS: the scratch database, the `LOAD DATA` reference of KEYS
 # rows, a primary ($primary, no diskless-sync delay: a load is timed from the service's start)
 # holding the same KEYS hashes, and the service's configuration with its admin port ($admin).
