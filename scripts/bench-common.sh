@@ -198,11 +198,18 @@ out = sys.stdout
 for i in range(1, int(sys.argv[1]) + 1):
     out.write(f"{i}\tJohn\tDoe\t42\n")
 PY
-  sql "CREATE TABLE $database.reference (id VARCHAR(255) NOT NULL PRIMARY KEY, first TEXT, last TEXT, age TEXT) ENGINE=InnoDB"
-  load_start=$(date +%s.%N)
+  load_rows reference "$work/rows.tsv"
+  load_start=$loaded_start load_end=$loaded_end
+}
+
+# load_rows TABLE FILE: creates `$database.TABLE`, shaped as create_table makes `person1`, and
+# loads FILE into it by LOAD DATA LOCAL INFILE; sets `loaded_start` and `loaded_end` (seconds).
+load_rows() {
+  sql "CREATE TABLE $database.$1 (id VARCHAR(255) NOT NULL PRIMARY KEY, first TEXT, last TEXT, age TEXT) ENGINE=InnoDB"
+  loaded_start=$(date +%s.%N)
   mariadb --protocol=tcp -h127.0.0.1 -uroot --local-infile=1 -e \
-    "LOAD DATA LOCAL INFILE '$work/rows.tsv' INTO TABLE $database.reference (id, first, last, age)"
-  load_end=$(date +%s.%N)
+    "LOAD DATA LOCAL INFILE '$2' INTO TABLE $database.$1 (id, first, last, age)"
+  loaded_end=$(date +%s.%N)
 }
 
 # fill_primary PORT KEYS: the hashes `person2:<i>` (first_name John, last_name Doe, age 42), i
@@ -248,11 +255,8 @@ rows = open(sys.argv[1]).readlines()
 random.Random(13).shuffle(rows)
 sys.stdout.writelines(rows)
 PY
-  sql "CREATE TABLE $database.reference_shuffled (id VARCHAR(255) NOT NULL PRIMARY KEY, first TEXT, last TEXT, age TEXT) ENGINE=InnoDB"
-  shuffled_start=$(date +%s.%N)
-  mariadb --protocol=tcp -h127.0.0.1 -uroot --local-infile=1 -e \
-    "LOAD DATA LOCAL INFILE '$work/rows-shuffled.tsv' INTO TABLE $database.reference_shuffled (id, first, last, age)"
-  shuffled_end=$(date +%s.%N)
+  load_rows reference_shuffled "$work/rows-shuffled.tsv"
+  shuffled_start=$loaded_start shuffled_end=$loaded_end
 }
 
 # load_bench_setup KEYS PARTITIONS: the scratch database, the `LOAD DATA` reference of KEYS
