@@ -7,15 +7,24 @@
 //! client writing through synchronously, `HSET` then an autocommitted
 //! `INSERT ... ON DUPLICATE KEY UPDATE` of the same row into the same database.
 //!
-//! The two alternate second by second (a second of acked writes, then a second of writes
-//! through, and so on), so that both see the same machine: run one after the other, a
+//! With `FLOOR_DIR=dir`, a third client measures the floor of any design that acknowledges
+//! only what is durable and applies only what is buffered (`buffered >= applied`, design 1.1):
+//! `HSET`, then one small record written with `sync` into a RocksDB database in `dir` (the
+//! change made durable in the buffer, as the service's committer does before any sink may
+//! apply it; writers at the same moment share one sync, as the committer's batches do), then
+//! the same autocommitted upsert as the write-through. It does nothing else the service does
+//! (no replication hop, no change log, no checkpoint row, no ack written back and read): two
+//! syncs in series, the least an acknowledgement can wait for.
+//!
+//! The clients alternate second by second (a second of acked writes, then a second of writes
+//! through, and so on), so that all see the same machine: run one after the other, a
 //! background spell of the shared machine (a flush in the database, another process) fell on
 //! one of them only, and the ratio of the 99th percentiles moved between 1.3x and 4.6x from
 //! run to run of the same build.
 //!
 //! Usage: ack_latency <redis-url> <mysql-url> [writes-per-second] [seconds]
-//! With `LATENCY_CSV=file`, both latency distributions are written there (per mille, ack ms,
-//! write-through ms), for the script's plot.
+//! With `LATENCY_CSV=file`, the latency distributions are written there (per mille, ack ms,
+//! write-through ms, and floor ms with `FLOOR_DIR`), for the script's plot.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -130,6 +139,9 @@ async fn main() {
     });
 
     let mysql = mysql_async::Pool::new(mysql_url.as_str());
+    let floor_one = std::env::var("FLOOR_DIR")
+        .ok()
+        .map(|dir| floor_client(&dir, clients.clone(), mysql.clone()));
     let pool = clients.clone();
     let through_one = Arc::new(move |i: u64| {
         let (pool, mysql) = (pool.clone(), mysql.clone());
@@ -155,24 +167,29 @@ async fn main() {
             Some(elapsed)
         }
     });
-    let (mut acked, mut reference) = (Vec::new(), Vec::new());
-    let (mut acked_lost, mut reference_lost) = (0, 0);
+    let (mut acked, mut reference, mut floor) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut acked_lost, mut reference_lost, mut floor_lost) = (0, 0, 0);
     for second in 0..seconds {
         let first = second * rate;
         acked_lost += run(rate, first, rate, &ack_one, &mut acked).await;
         reference_lost += run(rate, first, rate, &through_one, &mut reference).await;
+        if let Some(floor_one) = &floor_one {
+            floor_lost += run(rate, first, rate, floor_one, &mut floor).await;
+        }
     }
     acked.sort_by(|a, b| a.total_cmp(b));
     reference.sort_by(|a, b| a.total_cmp(b));
+    floor.sort_by(|a, b| a.total_cmp(b));
 
     if let Ok(path) = std::env::var("LATENCY_CSV") {
-        let mut csv = String::from("per_mille,ack_ms,write_through_ms\n");
+        let mut csv = String::from("per_mille,ack_ms,write_through_ms,floor_ms\n");
         for per_mille in 0..=1000 {
             let p = f64::from(per_mille) / 1000.0;
             csv.push_str(&format!(
-                "{per_mille},{:.3},{:.3}\n",
+                "{per_mille},{:.3},{:.3},{:.3}\n",
                 percentile(&acked, p),
-                percentile(&reference, p)
+                percentile(&reference, p),
+                percentile(&floor, p)
             ));
         }
         std::fs::write(&path, csv).expect("write LATENCY_CSV");
@@ -194,4 +211,62 @@ async fn main() {
         a50 / r50,
         a99 / r99
     );
+    if floor_one.is_some() {
+        let (f50, f99) = (percentile(&floor, 0.50), percentile(&floor, 0.99));
+        println!(
+            "floor, two syncs in series (HSET + a synced RocksDB write + the same upsert): p50 {f50:.2} ms  p99 {f99:.2} ms  ({} writes, {floor_lost} failed)",
+            floor.len()
+        );
+        println!(
+            "ratio floor / write-through: p50 {:.2}x  p99 {:.2}x",
+            f50 / r50,
+            f99 / r99
+        );
+    }
 }
+
+/// The floor's client (see the module's doc): `HSET`, a synced RocksDB write, the upsert.
+fn floor_client(
+    dir: &str,
+    pool: Arc<Pool<RedisClient>>,
+    mysql: mysql_async::Pool,
+) -> Arc<impl Fn(u64) -> BoxedLatency + Send + Sync + 'static> {
+    let db = Arc::new(rocksdb::DB::open_default(dir).expect("open the floor's RocksDB"));
+    Arc::new(move |i: u64| -> BoxedLatency {
+        let (pool, mysql, db) = (pool.clone(), mysql.clone(), db.clone());
+        Box::pin(async move {
+            let mut client = pool.take().await?;
+            let mut conn = mysql.get_conn().await.ok()?;
+            let key = format!("floor:{i}");
+            let age = i.to_string();
+            let started = Instant::now();
+            client
+                .command(&["HSET", &key, "first_name", "bench", "age", &age])
+                .await
+                .ok()?;
+            let record = key.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut options = rocksdb::WriteOptions::default();
+                options.set_sync(true);
+                db.put_opt(record.as_bytes(), b"first_name bench", &options)
+            })
+            .await
+            .ok()?
+            .ok()?;
+            conn.exec_drop(
+                "INSERT INTO through_persons (person_id, first, age) VALUES (?, ?, ?) \
+                 ON DUPLICATE KEY UPDATE first = VALUES(first), age = VALUES(age)",
+                (key, "bench", i),
+            )
+            .await
+            .ok()?;
+            let elapsed = started.elapsed();
+            pool.give(client).await;
+            Some(elapsed)
+        })
+    })
+}
+
+/// One write's latency, or `None` if it failed.
+type BoxedLatency =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Option<Duration>> + Send + 'static>>;
