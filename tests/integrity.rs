@@ -432,6 +432,8 @@ const REFUSED: &[(&str, &[(&str, &str)])] = &[
     ("tiny", &[("tiny", "300"), ("need", "x")]),
     ("small", &[("small", "70000"), ("need", "x")]),
     ("price", &[("price", "1234.5"), ("need", "x")]),
+    // Rounded to the column's scale: a note, not an error, even in a strict session.
+    ("rounded", &[("price", "3.256"), ("need", "x")]),
     ("day", &[("day", "2024-13-45"), ("need", "x")]),
     ("need", &[("tiny", "1")]),
     ("color", &[("color", "green"), ("need", "x")]),

@@ -59,6 +59,74 @@ async fn every_batch_is_strict_on_a_server_that_is_not() {
 }
 
 /// The service as a process on the configuration `text`, its log kept in `dir`.
+/// A value the server would alter without an error (a decimal rounded to its column's scale:
+/// a note, even in a strict session) is refused and dead-lettered, never written rounded. The
+/// first such row is alone in a small batch, tried as one query (`one_query.rs`): its guard
+/// fails the query before its `COMMIT`, the batch takes the statements, whose warnings send it
+/// row by row, where the row is refused. The later ones skip the one query (after a fallback)
+/// and are refused the same way. Rows the server takes as sent are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_the_server_would_round_is_refused_not_written_rounded() {
+    let database = Database::maria().await;
+    database
+        .execute("CREATE TABLE person1 (id VARCHAR(64) PRIMARY KEY, first VARCHAR(255), last VARCHAR(255), age DECIMAL(5,2))")
+        .await;
+    database.execute(CAR_TABLE).await;
+    let server = RedisServer::start(&[]);
+    let mut client = server.client().await;
+    let service = start(&server, &database).await;
+    run(&mut client, &["HSET", "person2:0", "age", "1.25"]).await;
+    service.settle(&mut client, &database).await;
+    for round in 1..=3 {
+        let rounded = format!("person2:{round}");
+        run(&mut client, &["HSET", &rounded, "age", "3.256"]).await;
+        service.settle(&mut client, &database).await;
+        let fine = format!("person2:{}", 100 + round);
+        run(
+            &mut client,
+            &["HSET", &fine, "first_name", "é", "age", "7.25"],
+        )
+        .await;
+        service.settle(&mut client, &database).await;
+    }
+    let rows = database.rows("person1", &["first", "age"]).await;
+    let expected: std::collections::BTreeMap<String, Vec<Option<String>>> = [
+        ("0", None, "1.25"),
+        ("101", Some("é"), "7.25"),
+        ("102", Some("é"), "7.25"),
+        ("103", Some("é"), "7.25"),
+    ]
+    .into_iter()
+    .map(|(id, first, age)| {
+        (
+            id.to_string(),
+            vec![first.map(str::to_string), Some(age.to_string())],
+        )
+    })
+    .collect();
+    assert_eq!(
+        rows.into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>(),
+        expected
+    );
+    let letters = service.store.dead_letters().expect("dead letters");
+    let refused: Vec<(String, bool)> = letters
+        .iter()
+        .map(|l| {
+            (
+                String::from_utf8_lossy(&l.row_id).into_owned(),
+                l.reason.contains("1265"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        [1, 2, 3].map(|n| (n.to_string(), true)),
+        "each rounded value refused with the server's note: {letters:?}"
+    );
+    service.stop().await;
+}
+
 fn spawn(dir: &std::path::Path, text: &str, run: usize) -> support::ServiceProcess {
     let config = dir.join(format!("writebehind-{run}.toml"));
     std::fs::write(&config, text).expect("config");

@@ -292,9 +292,10 @@ pub trait Destination {
     async fn abandon_unit(&mut self) {}
 }
 
-/// The configured backend, by URL scheme.
+/// The configured backend, by URL scheme. The MySQL sink, which keeps two sessions' state, is
+/// boxed so that the enum is not sized by it.
 pub enum Sink {
-    Mysql(mysql::MysqlSink),
+    Mysql(Box<mysql::MysqlSink>),
     Postgres(postgres::PostgresSink),
     Sqlite(sqlite::SqliteSink),
 }
@@ -305,7 +306,9 @@ impl Sink {
         if let Some(path) = url.strip_prefix("sqlite://") {
             Ok(Sink::Sqlite(sqlite::SqliteSink::open(name, path).await?))
         } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
-            Ok(Sink::Mysql(mysql::MysqlSink::connect(name, url).await?))
+            Ok(Sink::Mysql(Box::new(
+                mysql::MysqlSink::connect(name, url).await?,
+            )))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(Sink::Postgres(
                 postgres::PostgresSink::connect(name, url).await?,

@@ -97,6 +97,25 @@ pub(super) fn no_warnings(warnings: u16, what: &str) -> Result<(), SinkError> {
     }
 }
 
+/// Why a row's statement, which succeeded with warnings, is refused: the server's own words
+/// (`SHOW WARNINGS`), so that the dead letter says which column and what it would have become.
+/// A strict session still answers some alterations with a note rather than an error (a
+/// decimal rounded to its column's scale, 1265): the row is refused all the same.
+pub(super) async fn altered_row_reason<Q: Queryable>(
+    conn: &mut Q,
+    warnings: u16,
+) -> Result<String, mysql_async::Error> {
+    let said: Vec<(String, u32, String)> = conn.query("SHOW WARNINGS LIMIT 3").await?;
+    let said: Vec<String> = said
+        .into_iter()
+        .map(|(level, code, message)| format!("{level} {code}: {message}"))
+        .collect();
+    Ok(format!(
+        "the database would not store the row exactly as sent ({warnings} warnings: {})",
+        said.join("; ")
+    ))
+}
+
 impl MysqlSink {
     /// Why large batches cannot be staged here (for `check`): the server refuses LOCAL INFILE,
     /// or the user may not create temporary tables. Batches are then written with statements.
