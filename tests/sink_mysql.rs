@@ -60,11 +60,10 @@ async fn every_batch_is_strict_on_a_server_that_is_not() {
 
 /// The service as a process on the configuration `text`, its log kept in `dir`.
 /// A value the server would alter without an error (a decimal rounded to its column's scale:
-/// a note, even in a strict session) is refused and dead-lettered, never written rounded. The
-/// first such row is alone in a small batch, tried as one query (`one_query.rs`): its guard
-/// fails the query before its `COMMIT`, the batch takes the statements, whose warnings send it
-/// row by row, where the row is refused. The later ones skip the one query (after a fallback)
-/// and are refused the same way. Rows the server takes as sent are written.
+/// a note, even in a strict session) is refused and dead-lettered, never written rounded: the
+/// batch's statement reports the note, the batch is redone row by row, and there the row's
+/// statement, which succeeds with the note, refuses its row. Rows the server takes as sent are
+/// written, in batches before and after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_value_the_server_would_round_is_refused_not_written_rounded() {
     let database = Database::maria().await;

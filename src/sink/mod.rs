@@ -292,10 +292,9 @@ pub trait Destination {
     async fn abandon_unit(&mut self) {}
 }
 
-/// The configured backend, by URL scheme. The MySQL sink, which keeps two sessions' state, is
-/// boxed so that the enum is not sized by it.
+/// The configured backend, by URL scheme.
 pub enum Sink {
-    Mysql(Box<mysql::MysqlSink>),
+    Mysql(mysql::MysqlSink),
     Postgres(postgres::PostgresSink),
     Sqlite(sqlite::SqliteSink),
 }
@@ -306,9 +305,7 @@ impl Sink {
         if let Some(path) = url.strip_prefix("sqlite://") {
             Ok(Sink::Sqlite(sqlite::SqliteSink::open(name, path).await?))
         } else if url.starts_with("mysql://") || url.starts_with("mariadb://") {
-            Ok(Sink::Mysql(Box::new(
-                mysql::MysqlSink::connect(name, url).await?,
-            )))
+            Ok(Sink::Mysql(mysql::MysqlSink::connect(name, url).await?))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(Sink::Postgres(
                 postgres::PostgresSink::connect(name, url).await?,

@@ -6,8 +6,8 @@
 //! [`STAGE_THRESHOLD`] upserts for a table on, they are first loaded straight into the table as
 //! new rows (`new_rows.rs`), and when not every one of them goes in as sent, loaded into a stage
 //! and merged (`staging.rs`). If the server refuses a row, the transaction is rolled back and
-//! replayed row by row, each behind a savepoint, so the refused rows are isolated and the others
-//! commit.
+//! replayed row by row, each behind a savepoint, so the refused rows (an error, or a statement
+//! that succeeded with warnings) are isolated and the others commit.
 
 use std::collections::HashMap;
 
@@ -24,7 +24,6 @@ use crate::capture::mapping::Mapping;
 use crate::position::ChangeSeq;
 
 mod new_rows;
-mod one_query;
 mod packet;
 mod schema;
 mod ssl;
@@ -80,10 +79,6 @@ struct Session {
     used: std::time::Instant,
     stages: Stages,
     new_rows: NewRows,
-    /// Whether a small batch may be tried as one query (a MariaDB server, `one_query.rs`), and
-    /// how many batches are still to skip it after one fell back.
-    one_query: bool,
-    one_query_pause: u8,
 }
 
 /// Sets the batch's checkpoint rows and commits, in one query.
@@ -229,7 +224,7 @@ impl MysqlSink {
             )));
         }
         let stage_engine = staging::StageEngine::probe(&mut conn).await;
-        sink.read_server(&mut conn).await?;
+        sink.read_max_packet(&mut conn).await?;
         drop(conn);
         Ok(MysqlSink {
             stage_engine,
@@ -293,15 +288,13 @@ impl MysqlSink {
                 self.name, self.address
             ))
         })?;
-        let mariadb = self.read_server(&mut conn).await?;
+        self.read_max_packet(&mut conn).await?;
         self.autocommit_off(&mut conn).await?;
         Ok(Session {
             conn,
             used: std::time::Instant::now(),
             stages: Stages::default(),
             new_rows: NewRows::default(),
-            one_query: mariadb,
-            one_query_pause: 0,
         })
     }
 
@@ -329,17 +322,16 @@ impl MysqlSink {
     }
 
     /// Reads the server's `max_allowed_packet` (it may have been changed since the last
-    /// session: `SET GLOBAL` applies to new sessions); returns whether the server is MariaDB.
-    async fn read_server(&self, conn: &mut Conn) -> Result<bool, SinkError> {
-        let read: Option<(Option<u64>, String)> = conn
-            .query_first("SELECT @@max_allowed_packet, VERSION()")
+    /// session: `SET GLOBAL` applies to new sessions).
+    async fn read_max_packet(&self, conn: &mut Conn) -> Result<(), SinkError> {
+        let size: Option<u64> = conn
+            .query_first("SELECT @@max_allowed_packet")
             .await
             .map_err(|e| self.error(e))?;
-        let (size, version) = read.unwrap_or_default();
         let size = size.map_or(DEFAULT_MAX_PACKET, |s| s as usize);
         self.max_packet
             .store(size, std::sync::atomic::Ordering::Relaxed);
-        Ok(version.contains("MariaDB"))
+        Ok(())
     }
 
     /// Bytes a statement may take (see `packet.rs`).
@@ -405,21 +397,6 @@ impl MysqlSink {
         schemas: &[TableSchema],
         batch: &SinkBatch,
     ) -> Result<(), SinkError> {
-        if session.one_query_pause > 0 {
-            session.one_query_pause -= 1;
-        } else if let Some(query) = session
-            .one_query
-            .then(|| self.one_query(schemas, batch))
-            .flatten()
-        {
-            match query.run(&mut session.conn).await? {
-                one_query::Outcome::Committed => return Ok(()),
-                one_query::Outcome::FellBack(reason) => {
-                    tracing::debug!(backend = %self.name, %reason, "a small batch fell back from one query to two round trips");
-                    session.one_query_pause = one_query::AFTER_A_FALLBACK;
-                }
-            }
-        }
         self.write_rows(session, schemas, batch).await?;
         commit_with_checkpoint(&mut session.conn, batch).await
     }

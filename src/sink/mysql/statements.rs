@@ -43,11 +43,6 @@ impl Statements {
         self.count - 1
     }
 
-    /// The query's length in bytes.
-    pub(super) fn bytes(&self) -> usize {
-        self.sql.len()
-    }
-
     /// Runs the statements in one round trip (and the LOCAL INFILE exchange of a load among
     /// them); returns each statement's answer, in order.
     pub(super) async fn run<Q: Queryable>(
