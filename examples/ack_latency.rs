@@ -139,33 +139,10 @@ async fn main() {
     });
 
     let mysql = mysql_async::Pool::new(mysql_url.as_str());
-    let floor_one = std::env::var("FLOOR_DIR")
-        .ok()
-        .map(|dir| floor_client(&dir, clients.clone(), mysql.clone()));
-    let pool = clients.clone();
-    let through_one = Arc::new(move |i: u64| {
-        let (pool, mysql) = (pool.clone(), mysql.clone());
-        async move {
-            let mut client = pool.take().await?;
-            let mut conn = mysql.get_conn().await.ok()?;
-            let key = format!("through:{i}");
-            let age = i.to_string();
-            let started = Instant::now();
-            client
-                .command(&["HSET", &key, "first_name", "bench", "age", &age])
-                .await
-                .ok()?;
-            conn.exec_drop(
-                "INSERT INTO through_persons (person_id, first, age) VALUES (?, ?, ?) \
-                 ON DUPLICATE KEY UPDATE first = VALUES(first), age = VALUES(age)",
-                (i.to_string(), "bench", i),
-            )
-            .await
-            .ok()?;
-            let elapsed = started.elapsed();
-            pool.give(client).await;
-            Some(elapsed)
-        }
+    let through_one = write_through_client(clients.clone(), mysql.clone(), None);
+    let floor_one = std::env::var("FLOOR_DIR").ok().map(|dir| {
+        let db = rocksdb::DB::open_default(dir).expect("open the floor's RocksDB");
+        write_through_client(clients.clone(), mysql.clone(), Some(Arc::new(db)))
     });
     let (mut acked, mut reference, mut floor) = (Vec::new(), Vec::new(), Vec::new());
     let (mut acked_lost, mut reference_lost, mut floor_lost) = (0, 0, 0);
@@ -225,34 +202,38 @@ async fn main() {
     }
 }
 
-/// The floor's client (see the module's doc): `HSET`, a synced RocksDB write, the upsert.
-fn floor_client(
-    dir: &str,
+/// A client writing through synchronously: `HSET`, then the autocommitted upsert of the same
+/// row; with `buffer`, the floor's client (see the module's doc): a synced RocksDB write between
+/// the two.
+fn write_through_client(
     pool: Arc<Pool<RedisClient>>,
     mysql: mysql_async::Pool,
+    buffer: Option<Arc<rocksdb::DB>>,
 ) -> Arc<impl Fn(u64) -> BoxedLatency + Send + Sync + 'static> {
-    let db = Arc::new(rocksdb::DB::open_default(dir).expect("open the floor's RocksDB"));
+    let prefix = if buffer.is_some() { "floor" } else { "through" };
     Arc::new(move |i: u64| -> BoxedLatency {
-        let (pool, mysql, db) = (pool.clone(), mysql.clone(), db.clone());
+        let (pool, mysql, buffer) = (pool.clone(), mysql.clone(), buffer.clone());
         Box::pin(async move {
             let mut client = pool.take().await?;
             let mut conn = mysql.get_conn().await.ok()?;
-            let key = format!("floor:{i}");
+            let key = format!("{prefix}:{i}");
             let age = i.to_string();
             let started = Instant::now();
             client
                 .command(&["HSET", &key, "first_name", "bench", "age", &age])
                 .await
                 .ok()?;
-            let record = key.clone();
-            tokio::task::spawn_blocking(move || {
-                let mut options = rocksdb::WriteOptions::default();
-                options.set_sync(true);
-                db.put_opt(record.as_bytes(), b"first_name bench", &options)
-            })
-            .await
-            .ok()?
-            .ok()?;
+            if let Some(db) = buffer {
+                let record = key.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut options = rocksdb::WriteOptions::default();
+                    options.set_sync(true);
+                    db.put_opt(record.as_bytes(), b"first_name bench", &options)
+                })
+                .await
+                .ok()?
+                .ok()?;
+            }
             conn.exec_drop(
                 "INSERT INTO through_persons (person_id, first, age) VALUES (?, ?, ?) \
                  ON DUPLICATE KEY UPDATE first = VALUES(first), age = VALUES(age)",
