@@ -599,11 +599,14 @@ impl MysqlSink {
                     refused = Some(failure.reason().to_string());
                     break;
                 }
-                // Warnings, notes included, are a refusal here as in every grouped path.
+                // Warnings about the values, notes included, are a refusal here as in every
+                // grouped path.
                 let warnings = tx.get_warnings();
                 if warnings > 0 {
-                    refused = Some(altered_row_reason(&mut tx, warnings).await.map_err(err)?);
-                    break;
+                    refused = altered_row_reason(&mut tx, warnings).await.map_err(err)?;
+                    if refused.is_some() {
+                        break;
+                    }
                 }
             }
             match refused {

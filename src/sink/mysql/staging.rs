@@ -97,23 +97,31 @@ pub(super) fn no_warnings(warnings: u16, what: &str) -> Result<(), SinkError> {
     }
 }
 
-/// Why a row's statement, which succeeded with warnings, is refused: the server's own words
-/// (`SHOW WARNINGS`), so that the dead letter says which column and what it would have become.
-/// A strict session still answers some alterations with a note rather than an error (a
-/// decimal rounded to its column's scale, 1265): the row is refused all the same.
+/// MySQL's warning that a syntax is deprecated (8.0.20 on: `VALUES()` in `ON DUPLICATE KEY
+/// UPDATE`): about the statement, not the row's values.
+const DEPRECATED_SYNTAX: u32 = 1287;
+
+/// Why a row's statement, which succeeded with `warnings`, is refused: the server's own words
+/// (`SHOW WARNINGS`), so that the dead letter says which column and what it would have become;
+/// `None` when every warning is about the statement's syntax, not the values. A strict
+/// session still answers some alterations with a note rather than an error (a decimal rounded
+/// to its column's scale, 1265): the row is refused all the same.
 pub(super) async fn altered_row_reason<Q: Queryable>(
     conn: &mut Q,
     warnings: u16,
-) -> Result<String, mysql_async::Error> {
-    let said: Vec<(String, u32, String)> = conn.query("SHOW WARNINGS LIMIT 3").await?;
+) -> Result<Option<String>, mysql_async::Error> {
+    let said: Vec<(String, u32, String)> = conn.query("SHOW WARNINGS").await?;
     let said: Vec<String> = said
         .into_iter()
+        .filter(|(_, code, _)| *code != DEPRECATED_SYNTAX)
         .map(|(level, code, message)| format!("{level} {code}: {message}"))
         .collect();
-    Ok(format!(
-        "the database would not store the row exactly as sent ({warnings} warnings: {})",
-        said.join("; ")
-    ))
+    Ok((!said.is_empty()).then(|| {
+        format!(
+            "the database would not store the row exactly as sent ({warnings} warnings: {})",
+            said[..said.len().min(3)].join("; ")
+        )
+    }))
 }
 
 impl MysqlSink {
