@@ -642,3 +642,114 @@ async fn a_batch_of_large_values_is_bounded_by_their_bytes() {
     service.stop().await;
     database.drop_database().await;
 }
+
+/// A batch read while the buffer is still syncing its changes (`buffer/durability.rs`) writes
+/// its rows at once, inside its transaction, but commits only once the sync has returned:
+/// until then no other session sees its row or its checkpoint, and the sync releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_read_before_the_buffer_synced_it_commits_only_after_the_sync() {
+    use writebehind::buffer::{Batch, Change, RowChange, Store};
+    use writebehind::position::{ChangeSeq, ReplOffset};
+    use writebehind::sink::convert::SqlValue;
+    use writebehind::sink::{
+        BeforeCommit, CommitGate, Destination, RowOp, RowWrite, Sink, SinkBatch,
+    };
+    let database = Database::maria().await;
+    database
+        .execute("CREATE TABLE gated (id VARCHAR(64) PRIMARY KEY, first VARCHAR(64))")
+        .await;
+    let config = writebehind::config::Config::parse(
+        &format!(
+            "[source]\nurl = \"redis://127.0.0.1:1\"\n[backends.gate]\nurl = \"{}\"\n[[mappings]]\nname = \"Gated\"\nprefix = \"g\"\nbackend = \"gate\"\ntable = \"gated\"\nkey_column = \"id\"\n[mappings.columns]\nfirst = \"first\"\n",
+            database.url()
+        ),
+        &|_| None,
+    )
+    .expect("config");
+    let mappings: Vec<_> = writebehind::capture::mapping::Mappings::new(&config.mappings)
+        .iter()
+        .cloned()
+        .collect();
+    let mut sink = Sink::connect("gate", &database.url())
+        .await
+        .expect("connect");
+    assert!(
+        sink.waits_at_commit(),
+        "MySQL overlaps its writes with the sync"
+    );
+    let schemas = sink.prepare(&mappings).await.expect("prepare");
+    let dir = tempfile::tempdir().expect("dir");
+    let store = std::sync::Arc::new(Store::open(dir.path()).expect("store"));
+    let mut captured = Batch::default();
+    captured.put_changes(vec![Change {
+        seq: ChangeSeq(1),
+        unit: ChangeSeq(1),
+        unit_end: true,
+        offset: ReplOffset(10),
+        mapping: "Gated".into(),
+        row_id: "1".into(),
+        row: RowChange::Delete,
+        op: None,
+    }]);
+    store
+        .write_in_window(captured)
+        .expect("written, not synced");
+    let batch = SinkBatch {
+        writes: vec![RowWrite {
+            table: 0,
+            seq: ChangeSeq(1),
+            row_id: "1".into(),
+            delete_first: false,
+            op: RowOp::Upsert {
+                id: SqlValue::Text("1".into()),
+                values: vec![SqlValue::Text("written early".into())],
+            },
+        }],
+        last_seq: ChangeSeq(1),
+        offset: ReplOffset(10),
+        buffer_id: "gate-test".into(),
+        checkpoint_rows: vec!["gate".into()],
+        commit_gate: CommitGate::after_sync(&store, ChangeSeq(1)),
+        ..SinkBatch::default()
+    };
+    let applying = tokio::spawn(async move {
+        let no_hook: BeforeCommit = std::sync::Arc::new(|_| Ok(()));
+        sink.apply(&schemas, &batch, &no_hook).await
+    });
+    // The row is written inside an open transaction (InnoDB counts the rows it modified;
+    // `innodb_trx` is a cache refreshed only when last read over 100 ms ago, hence the pace)...
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let open_transactions = "SELECT COUNT(*) FROM information_schema.innodb_trx t \
+        JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id \
+        WHERE p.db = DATABASE() AND t.trx_rows_modified > 0";
+    while database.query_i64(open_transactions).await != [1] {
+        if applying.is_finished() {
+            panic!("the batch ended before the sync: {:?}", applying.await);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the batch's rows were never written"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // ... which waits: nothing of it is visible, it has not returned.
+    assert_eq!(database.query_i64("SELECT COUNT(*) FROM gated").await, [0]);
+    assert_eq!(
+        database
+            .query_i64("SELECT COUNT(*) FROM writebehind_checkpoint")
+            .await,
+        [0]
+    );
+    assert!(!applying.is_finished(), "committed before the sync");
+    store.sync_window().expect("sync");
+    let rejected = applying
+        .await
+        .expect("task")
+        .expect("committed after the sync");
+    assert!(rejected.is_empty());
+    assert_eq!(
+        database.rows("gated", &["first"]).await,
+        [("1".to_string(), vec![Some("written early".to_string())])].into()
+    );
+    database.drop_database().await;
+}

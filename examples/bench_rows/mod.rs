@@ -69,6 +69,8 @@ pub fn upsert(seq: u64, (id, first, last, age): &Row) -> RowWrite {
 /// A batch of `writes` ending at change `last_seq`, moving the checkpoint rows `rows`.
 pub fn batch(writes: Vec<RowWrite>, last_seq: u64, rows: Vec<String>) -> SinkBatch {
     SinkBatch {
+        // Not from a buffer: nothing to wait for before the commit.
+        commit_gate: Default::default(),
         writes,
         last_seq: ChangeSeq(last_seq),
         replid: String::new(),

@@ -42,6 +42,11 @@ impl EncodedChanges {
         }
     }
 
+    /// The seq of the last change pushed.
+    pub(super) fn last_seq(&self) -> Option<ChangeSeq> {
+        self.last
+    }
+
     /// Encodes `change` after those pushed before it; its seq must be higher than theirs.
     pub fn push(&mut self, change: Change) {
         self.push_parts(&change.parts());

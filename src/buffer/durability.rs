@@ -32,6 +32,20 @@
 //! write's offset gives; after a crash capture resumes from the last synced checkpoint and
 //! rebuilds the same state from the same commands.
 //!
+//! **Applied while it syncs.** Capture's committer writes a batch with
+//! [`Store::write_in_window`] and syncs it with [`Store::sync_window`]. In between, the batch's
+//! changes are a *window*: sinks may read them ([`Store::changes_to_apply`]) and write them into
+//! an open database transaction, but they must not commit until [`Store::wait_synced`] says the
+//! sync has returned, and they abandon the transaction when it says the sync failed. The
+//! database's round trips then overlap the buffer's sync instead of following it (an
+//! acknowledgement's path is the sync *or* the sink's writes, whichever is longer, then the
+//! commit), and `buffered >= applied` still holds: a change counts as applied only once
+//! committed. A window is opened only when no earlier change is unsynced (the batch's mark is
+//! the mark), so what a sink reads in it is exactly that batch, which nothing else writes or
+//! cuts while it is in flight (the committer holds one batch at a time, and whatever cuts the
+//! change log waits for it). A failed sync is final for the process: every later wait fails
+//! too, since a later clear of the mark could not vouch for the changes read in the window.
+//!
 //! A full sync writes many batches and syncs them together: [`Store::write_unsynced`] marks and
 //! writes one, [`Store::sync_written`] syncs every one written so far and clears the mark (the
 //! snapshot writer does so every few batches, when no batch came for a moment, and at its end,
@@ -47,6 +61,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use tokio::sync::Notify;
+
 use super::batch::Op;
 use super::{Batch, Store, StoreError};
 use crate::position::ChangeSeq;
@@ -57,6 +73,12 @@ use crate::position::ChangeSeq;
 pub(crate) struct Unsynced {
     changes_from: AtomicU64,
     raw: AtomicBool,
+    /// The last seq of the window being synced (0: no window): sinks may read up to it.
+    window_end: AtomicU64,
+    /// A write or sync of a window failed: nothing read in a window may commit any more.
+    failed: AtomicBool,
+    /// Woken when a window's sync returns, or fails.
+    settled: Notify,
 }
 
 impl Default for Unsynced {
@@ -64,6 +86,9 @@ impl Default for Unsynced {
         Unsynced {
             changes_from: AtomicU64::new(u64::MAX),
             raw: AtomicBool::new(false),
+            window_end: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            settled: Notify::new(),
         }
     }
 }
@@ -85,10 +110,34 @@ impl Unsynced {
     }
 
     fn clear(&self) {
+        self.window_end.store(0, Ordering::SeqCst);
         self.changes_from.store(u64::MAX, Ordering::SeqCst);
         self.raw.store(false, Ordering::SeqCst);
     }
+
+    /// The seq a sink applying (not committing) stops before: past the mark to the window's
+    /// end while a window is open. Read after the read's snapshot is taken, as the mark is.
+    pub(super) fn apply_until(&self) -> u64 {
+        let from = self.changes_from();
+        let end = self.window_end.load(Ordering::SeqCst);
+        if end != 0 && end >= from {
+            end + 1
+        } else {
+            from
+        }
+    }
+
+    fn fail(&self) {
+        self.failed.store(true, Ordering::SeqCst);
+        self.window_end.store(0, Ordering::SeqCst);
+        self.settled.notify_waiters();
+    }
 }
+
+/// Why a change read in a window cannot be committed.
+#[derive(Debug, thiserror::Error)]
+#[error("the buffer failed to write or sync changes a sink had read before their sync; the sink's transaction is abandoned (capture stops on the same error)")]
+pub struct SyncFailed;
 
 impl Store {
     /// Applies `batch` atomically and then syncs it, letting other writes go on during the
@@ -122,6 +171,58 @@ impl Store {
         Ok(())
     }
 
+    /// Applies `batch` without syncing it and opens a window on its changes when no earlier
+    /// change is unsynced: sinks may read them now and commit them once
+    /// [`Store::sync_window`] has returned (see the module doc). One writer of changes at a
+    /// time (capture's committer).
+    pub fn write_in_window(&self, batch: Batch) -> Result<(), StoreError> {
+        let first = batch.first_unit_seq();
+        let last = batch.last_change_seq();
+        self.unsynced.mark(first, batch.puts_raw());
+        if let (Some(first), Some(last)) = (first, last) {
+            if self.unsynced.changes_from() == first.0 {
+                self.unsynced.window_end.store(last.0, Ordering::SeqCst);
+            }
+        }
+        self.write(batch, false)
+            .inspect_err(|_| self.unsynced.fail())
+    }
+
+    /// Syncs every write made so far, closes the window and shows what was hidden; wakes the
+    /// sinks waiting to commit (or, when the sync fails, tells them it did).
+    pub fn sync_window(&self) -> Result<(), StoreError> {
+        if let Err(error) = self.sync() {
+            self.unsynced.fail();
+            return Err(error);
+        }
+        self.unsynced.clear();
+        self.unsynced.settled.notify_waiters();
+        Ok(())
+    }
+
+    /// Whether every change through `seq` is synced (no mark at or before it).
+    pub fn is_synced(&self, seq: ChangeSeq) -> bool {
+        self.unsynced.changes_from() > seq.0
+    }
+
+    /// Waits until every change through `seq` is synced: what a sink that read them in a
+    /// window ([`Store::changes_to_apply`]) waits for before its commit.
+    pub async fn wait_synced(&self, seq: ChangeSeq) -> Result<(), SyncFailed> {
+        loop {
+            let settled = self.unsynced.settled.notified();
+            tokio::pin!(settled);
+            // Registered before the check: a sync returning in between still wakes it.
+            settled.as_mut().enable();
+            if self.unsynced.failed.load(Ordering::SeqCst) {
+                return Err(SyncFailed);
+            }
+            if self.is_synced(seq) {
+                return Ok(());
+            }
+            settled.await;
+        }
+    }
+
     /// Whether every raw state written is synced. Read *after* the raw states it vouches for.
     pub fn raw_states_synced(&self) -> bool {
         !self.unsynced.raw.load(Ordering::SeqCst)
@@ -141,6 +242,14 @@ impl Batch {
     pub(super) fn first_unit_seq(&self) -> Option<ChangeSeq> {
         self.ops.iter().find_map(|op| match op {
             Op::Changes(changes) => changes.first_unit,
+            _ => None,
+        })
+    }
+
+    /// The seq of the last change the batch puts, if any.
+    pub(super) fn last_change_seq(&self) -> Option<ChangeSeq> {
+        self.ops.iter().rev().find_map(|op| match op {
+            Op::Changes(changes) => changes.last_seq(),
             _ => None,
         })
     }
@@ -262,6 +371,87 @@ mod tests {
         store.sync_written().unwrap();
         assert_eq!(read(&store), vec![1, 2, 3, 4, 5, 6]);
         assert!(store.raw_states_synced());
+    }
+
+    fn applicable(store: &Store) -> Vec<u64> {
+        let read = store.changes_to_apply(ChangeSeq(1), 100).unwrap();
+        read.iter().map(|c| c.seq.0).collect()
+    }
+
+    /// A batch written in a window can be read for applying before its sync, not for anything
+    /// else; a commit waiting for it is released by the sync and not before.
+    #[tokio::test]
+    async fn a_window_is_applied_before_its_sync_and_committed_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(dir.path()).unwrap());
+        let mut batch = Batch::default();
+        batch.put_changes(changes(1..=2));
+        store.write_then_sync(batch).unwrap();
+        let mut batch = Batch::default();
+        batch.put_changes(changes(3..=5));
+        store.write_in_window(batch).unwrap();
+        assert_eq!(read(&store), vec![1, 2], "not synced: hidden from readers");
+        assert_eq!(
+            applicable(&store),
+            vec![1, 2, 3, 4, 5],
+            "the window is applied"
+        );
+        assert!(store.is_synced(ChangeSeq(2)) && !store.is_synced(ChangeSeq(3)));
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move { store.wait_synced(ChangeSeq(5)).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "released before the sync");
+        store.sync_window().unwrap();
+        waiting.await.unwrap().expect("released by the sync");
+        assert_eq!(read(&store), vec![1, 2, 3, 4, 5]);
+        store.wait_synced(ChangeSeq(5)).await.expect("synced");
+    }
+
+    /// No window opens over changes another write left unsynced (a full sync's batches): what
+    /// a sink applies early is exactly the window's batch.
+    #[test]
+    fn no_window_opens_behind_an_earlier_unsynced_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut batch = Batch::default();
+        batch.put_changes(changes(1..=2));
+        store.write_unsynced(batch).unwrap();
+        let mut batch = Batch::default();
+        batch.put_changes(changes(3..=4));
+        store.write_in_window(batch).unwrap();
+        assert_eq!(applicable(&store), Vec::<u64>::new());
+        store.sync_window().unwrap();
+        assert_eq!(applicable(&store), vec![1, 2, 3, 4]);
+    }
+
+    /// After a failed sync no commit waiting for a window is released, now or after a later
+    /// sync clears the mark.
+    #[tokio::test]
+    async fn a_failed_sync_fails_every_wait_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(dir.path()).unwrap());
+        let mut batch = Batch::default();
+        batch.put_changes(changes(1..=2));
+        store.write_in_window(batch).unwrap();
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move { store.wait_synced(ChangeSeq(2)).await }
+        });
+        tokio::task::yield_now().await;
+        store.unsynced.fail();
+        assert!(
+            waiting.await.unwrap().is_err(),
+            "the waiting commit is refused"
+        );
+        assert_eq!(
+            applicable(&store),
+            Vec::<u64>::new(),
+            "the window is closed"
+        );
+        store.sync_written().unwrap();
+        assert!(store.wait_synced(ChangeSeq(2)).await.is_err());
     }
 
     /// A batch without changes marks nothing (and leaves a mark of no one else's).

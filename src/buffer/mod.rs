@@ -93,6 +93,7 @@ pub use change_log::{ReadLimit, DECODED_CHANGE_BYTES};
 pub use checkpoint::Checkpoint;
 pub use codec::DecodeError;
 pub use dead_letter::{DeadLetter, DeadLetterSummary};
+pub use durability::SyncFailed;
 pub use fields::Fields;
 pub use footprint::StoreMemory;
 pub use journal::DEFAULT_JOURNAL_BYTES;

@@ -176,6 +176,26 @@ impl Store {
         from: ChangeSeq,
         limit: impl Into<ReadLimit>,
     ) -> Result<Vec<Change>, StoreError> {
+        self.readable_changes(from, limit.into(), false)
+    }
+
+    /// As [`Store::closed_changes`], and on into the window being synced, if any
+    /// (`durability.rs`): what a sink may write into its transaction, committing only once
+    /// [`Store::wait_synced`] allows.
+    pub fn changes_to_apply(
+        &self,
+        from: ChangeSeq,
+        limit: impl Into<ReadLimit>,
+    ) -> Result<Vec<Change>, StoreError> {
+        self.readable_changes(from, limit.into(), true)
+    }
+
+    fn readable_changes(
+        &self,
+        from: ChangeSeq,
+        limit: ReadLimit,
+        window: bool,
+    ) -> Result<Vec<Change>, StoreError> {
         let snapshot = self.db.snapshot();
         let until = match snapshot
             .get_pinned_cf(self.cf(CF_META)?, META_OPEN_UNIT)
@@ -191,9 +211,12 @@ impl Store {
         };
         // Read after the snapshot is taken: a change the snapshot holds was written after
         // its batch set this bound, so the bound read now is still set unless it is synced.
-        let until = until.min(self.unsynced.changes_from());
+        let unsynced = match window {
+            true => self.unsynced.apply_until(),
+            false => self.unsynced.changes_from(),
+        };
         let iter = snapshot.raw_iterator_cf(self.cf(CF_CHANGES)?);
-        self.read_changes(iter, from, until, limit.into())
+        self.read_changes(iter, from, until.min(unsynced), limit)
     }
 
     /// Undoes the open unit, if any (see the module doc): its changes are deleted, the

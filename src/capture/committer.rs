@@ -18,8 +18,10 @@
 //!
 //! **How a batch is synced** (`buffer/durability.rs` says who may read what before):
 //! - most batches are written without `sync` and then synced with `SyncWAL`
-//!   ([`Store::write_then_sync`]), so that the sinks' and the write-back task's writes do not
-//!   wait behind the sync; their changes stay hidden from sinks until it returns;
+//!   ([`Store::write_in_window`], [`Store::sync_window`]), so that the sinks' and the
+//!   write-back task's writes do not wait behind the sync; the sinks are woken between the two
+//!   and write the batch's changes into their transactions meanwhile, but commit only once
+//!   the sync has returned;
 //! - a batch that queues acknowledgements is written with `sync`, which makes it readable only
 //!   once it is on disk (the write-back task sends what it reads);
 //! - a *quiet* batch (only mirror updates, deleted raw states and the checkpoint: commands on
@@ -236,7 +238,7 @@ fn write_jobs(
             let _ = job.done.send(Err(error));
             continue;
         }
-        let written = write_job(store, job.batch);
+        let written = write_job(store, job.batch, &outputs.committed);
         match &written {
             Ok(true) => {
                 let since = unsynced
@@ -256,8 +258,10 @@ fn write_jobs(
 }
 
 /// Writes one batch; returns whether it is quiet (written, its sync left for later); the
-/// publication of a quiet batch holds nothing but its offset.
-fn write_job(store: &Store, batch: Batch) -> Result<bool, StoreError> {
+/// publication of a quiet batch holds nothing but its offset. `sinks` is woken between the
+/// write and the sync of a batch with changes: they apply them while it syncs, and commit
+/// after (`buffer/durability.rs`).
+fn write_job(store: &Store, batch: Batch, sinks: &tokio::sync::Notify) -> Result<bool, StoreError> {
     // Its publication then holds nothing but the offset: a batch with changes, acks or ops to
     // complete (whose raw states it puts) is not quiet.
     if batch.is_quiet() {
@@ -268,7 +272,9 @@ fn write_job(store: &Store, batch: Batch) -> Result<bool, StoreError> {
         // Readable only once synced: the write-back task sends what it reads.
         store.write(batch, true)?;
     } else {
-        store.write_then_sync(batch)?;
+        store.write_in_window(batch)?;
+        sinks.notify_waiters();
+        store.sync_window()?;
     }
     Ok(false)
 }

@@ -204,6 +204,8 @@ impl<D: Destination> SinkRunner<D> {
         partition: usize,
     ) -> SinkBatch {
         SinkBatch {
+            // A long unit is read once synced (`SinkRunner::read_batch`): nothing to wait for.
+            commit_gate: Default::default(),
             writes,
             last_seq,
             replid: replid.to_string(),

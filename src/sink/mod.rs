@@ -165,6 +165,44 @@ pub struct SinkBatch {
     pub checkpoint_rows: Vec<String>,
     /// Checkpoint rows the transaction deletes (those of another partition layout).
     pub retire_rows: Vec<String>,
+    /// What the transaction waits for before its `COMMIT` (the buffer's sync of changes read
+    /// while it was in flight).
+    pub commit_gate: CommitGate,
+}
+
+/// The buffer's sync a batch read in its window (`buffer/durability.rs`) waits for before it
+/// commits: none for a batch whose changes were all synced when it was read.
+#[derive(Clone, Default)]
+pub struct CommitGate(Option<(std::sync::Arc<crate::buffer::Store>, ChangeSeq)>);
+
+impl CommitGate {
+    /// The gate of a batch whose last change is `through`, read from `store`.
+    pub fn after_sync(store: &std::sync::Arc<crate::buffer::Store>, through: ChangeSeq) -> Self {
+        match store.is_synced(through) {
+            true => CommitGate(None),
+            false => CommitGate(Some((store.clone(), through))),
+        }
+    }
+
+    /// Waits for the sync; fatal when it failed (the transaction must then not commit).
+    pub async fn wait(&self) -> Result<(), SinkError> {
+        let Some((store, through)) = &self.0 else {
+            return Ok(());
+        };
+        store
+            .wait_synced(*through)
+            .await
+            .map_err(|e| SinkError::fatal(e.to_string()))
+    }
+}
+
+impl std::fmt::Debug for CommitGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            None => f.write_str("CommitGate(synced)"),
+            Some((_, through)) => write!(f, "CommitGate(through {})", through.0),
+        }
+    }
 }
 
 /// What a backend's checkpoint row says: how far it has applied, of which buffer, for which
@@ -229,6 +267,10 @@ pub struct Rejected {
 /// - **Errors**: transient ones (connection lost, server restarting, deadlock, lock timeout) are
 ///   reported as such and the runner retries the batch forever with backoff; anything else is
 ///   fatal and stops the service with a clear line.
+/// - **Durability**: a batch may hold changes the buffer is still syncing
+///   ([`SinkBatch::commit_gate`]). A backend whose [`Destination::waits_at_commit`] is true
+///   awaits the gate right before each `COMMIT` of the batch (so its statements overlap the
+///   sync); for any other the runner awaits it before [`Destination::apply`].
 /// - **Long units** (`long_unit.rs`): a unit longer than a batch may be written in parts
 ///   through one open transaction ([`Destination::apply_unit_part`], then
 ///   [`Destination::commit_unit`]), so that it is never held whole; a backend that does not
@@ -254,6 +296,12 @@ pub trait Destination {
         after: Option<&SqlValue>,
         limit: usize,
     ) -> Result<Vec<SqlValue>, SinkError>;
+
+    /// Whether [`Destination::apply`] awaits the batch's [`CommitGate`] before it commits
+    /// (the default: no, the runner awaits it first).
+    fn waits_at_commit(&self) -> bool {
+        false
+    }
 
     /// Applies a batch in one transaction with the checkpoint; returns the refused rows.
     async fn apply(
@@ -371,6 +419,14 @@ impl Destination for Sink {
             Sink::Mysql(s) => s.row_ids(schema, after, limit).await,
             Sink::Postgres(s) => s.row_ids(schema, after, limit).await,
             Sink::Sqlite(s) => s.row_ids(schema, after, limit).await,
+        }
+    }
+
+    fn waits_at_commit(&self) -> bool {
+        match self {
+            Sink::Mysql(s) => s.waits_at_commit(),
+            Sink::Postgres(s) => s.waits_at_commit(),
+            Sink::Sqlite(s) => s.waits_at_commit(),
         }
     }
 

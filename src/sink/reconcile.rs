@@ -232,6 +232,8 @@ impl<D: Destination> super::runner::SinkRunner<D> {
             .map(|index| self.row(index))
             .collect();
         let batch = SinkBatch {
+            // Written from the mirror, not from changes in a sync window: nothing to wait for.
+            commit_gate: Default::default(),
             writes: Vec::new(),
             last_seq: seq,
             replid: self.replid()?,
@@ -365,6 +367,8 @@ impl<D: Destination> super::runner::SinkRunner<D> {
             write.seq = ChangeSeq(first + n as u64);
         }
         let batch = SinkBatch {
+            // Written from the mirror, not from changes in a sync window: nothing to wait for.
+            commit_gate: Default::default(),
             writes,
             last_seq: ChangeSeq::NONE,
             replid: self.replid()?,

@@ -19,8 +19,8 @@ use super::partition::{partition_of_change, row_name, FoundRows};
 use super::read_ahead::{split_batch, Read, ReadAhead, Share, Shares};
 use super::reconcile::{Reconcile, RECONCILE_LETTERS};
 use super::{
-    BeforeCommit, Destination, Rejected, RowWrite, SchemaProblem, SinkBatch, SinkCheckpoint,
-    SinkError, TableSchema,
+    BeforeCommit, CommitGate, Destination, Rejected, RowWrite, SchemaProblem, SinkBatch,
+    SinkCheckpoint, SinkError, TableSchema,
 };
 use crate::ack::Writeback;
 use crate::backoff::Backoff;
@@ -287,6 +287,7 @@ impl<D: Destination> SinkRunner<D> {
                 mappings_id: self.mappings_id.clone(),
                 checkpoint_rows: vec![self.row(partition)],
                 retire_rows: Vec::new(),
+                commit_gate: CommitGate::after_sync(&self.store, last_seq),
             };
             let before_commit = self.dead_letters_before_commit(&batch);
             work.push(PartWork {
@@ -445,6 +446,8 @@ impl<D: Destination> SinkRunner<D> {
         }
         self.store.write(markers, true)?;
         let batch = SinkBatch {
+            // No rows, only the checkpoint rows of the new layout: nothing to wait for.
+            commit_gate: Default::default(),
             writes: Vec::new(),
             last_seq: settled,
             replid: self.replid()?,
@@ -571,7 +574,13 @@ impl<D: Destination> SinkRunner<D> {
     /// Reads the batch that starts at `from` and splits it, or writes the long unit that starts
     /// there in parts.
     async fn read_batch(&mut self, from: ChangeSeq) -> Result<Read, RunnerError> {
-        let first = self.store.closed_changes(from, self.batch_limit)?;
+        // Into the window the buffer is syncing, too: the batch's statements overlap the sync,
+        // its commit waits for it (`SinkBatch::commit_gate`). A unit longer than a batch is
+        // read only once synced (it may be written in parts, each part committing nothing).
+        let mut first = self.store.changes_to_apply(from, self.batch_limit)?;
+        if !first.is_empty() && !first.iter().any(|c| c.unit_end) {
+            first = self.store.closed_changes(from, self.batch_limit)?;
+        }
         let long = first.first().filter(|_| !first.iter().any(|c| c.unit_end));
         if let Some(start) = long.map(|c| c.seq) {
             if self.streams_long_unit(start) {
@@ -639,6 +648,9 @@ async fn apply_with_retry<D: Destination>(
     before_commit: &BeforeCommit,
 ) -> Result<Vec<Rejected>, SinkError> {
     let (name, health, store) = place;
+    if !sink.waits_at_commit() {
+        batch.commit_gate.wait().await?;
+    }
     loop {
         match sink.apply(schemas, batch, before_commit).await {
             Ok(rejected) => {

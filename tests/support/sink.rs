@@ -194,10 +194,18 @@ impl Database {
         }
     }
 
-    /// The first column of every row of `sql`, as integers (PostgreSQL only; empty on error).
+    /// The first column of every row of `sql`, as integers (PostgreSQL and MariaDB; empty on
+    /// error).
     pub async fn query_i64(&self, sql: &str) -> Vec<i64> {
-        let Database::Postgres { url, .. } = self else {
-            panic!("query_i64 is for PostgreSQL");
+        let url = match self {
+            Database::Postgres { url, .. } => url,
+            Database::Maria { pool, .. } => {
+                let Ok(mut conn) = pool.get_conn().await else {
+                    return Vec::new();
+                };
+                return conn.query::<i64, _>(sql).await.unwrap_or_default();
+            }
+            Database::Sqlite { .. } => panic!("query_i64 is for PostgreSQL and MariaDB"),
         };
         let Ok(client) = Self::try_postgres_client(url).await else {
             return Vec::new();

@@ -81,8 +81,10 @@ struct Session {
     new_rows: NewRows,
 }
 
-/// Sets the batch's checkpoint rows and commits, in one query.
+/// Sets the batch's checkpoint rows and commits, in one query, once the buffer has synced the
+/// batch's changes (its rows were written meanwhile: `buffer/durability.rs`).
 async fn commit_with_checkpoint(conn: &mut Conn, batch: &SinkBatch) -> Result<(), SinkError> {
+    batch.commit_gate.wait().await?;
     let mut statements = Statements::default();
     push_checkpoint(&mut statements, batch);
     statements.push("COMMIT");
@@ -629,6 +631,7 @@ impl MysqlSink {
         push_checkpoint(&mut checkpoint, batch);
         checkpoint.run(&mut tx).await.map_err(err)?;
         super::store_refused(before_commit, &rejected, &self.name)?;
+        batch.commit_gate.wait().await?;
         tx.commit().await.map_err(err)?;
         Ok(rejected)
     }
@@ -762,6 +765,10 @@ impl Destination for MysqlSink {
             .await
             .map_err(|e| self.error(e))?;
         Ok(ids.into_iter().map(sql_value).collect())
+    }
+
+    fn waits_at_commit(&self) -> bool {
+        true
     }
 
     async fn apply(
