@@ -75,8 +75,10 @@ pub(crate) struct Unsynced {
     raw: AtomicBool,
     /// The last seq of the window being synced (0: no window): sinks may read up to it.
     window_end: AtomicU64,
-    /// A write or sync of a window failed: nothing read in a window may commit any more.
+    /// A write or sync of a window failed (and why): nothing read in a window may commit any
+    /// more.
     failed: AtomicBool,
+    failure: std::sync::Mutex<String>,
     /// Woken when a window's sync returns, or fails.
     settled: Notify,
 }
@@ -88,6 +90,7 @@ impl Default for Unsynced {
             raw: AtomicBool::new(false),
             window_end: AtomicU64::new(0),
             failed: AtomicBool::new(false),
+            failure: Default::default(),
             settled: Notify::new(),
         }
     }
@@ -127,17 +130,18 @@ impl Unsynced {
         }
     }
 
-    fn fail(&self) {
+    fn fail(&self, error: &StoreError) {
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = error.to_string();
         self.failed.store(true, Ordering::SeqCst);
         self.window_end.store(0, Ordering::SeqCst);
         self.settled.notify_waiters();
     }
 }
 
-/// Why a change read in a window cannot be committed.
+/// Why a change read in a window cannot be committed: the buffer's error.
 #[derive(Debug, thiserror::Error)]
-#[error("the buffer failed to write or sync changes a sink had read before their sync; the sink's transaction is abandoned (capture stops on the same error)")]
-pub struct SyncFailed;
+#[error("the buffer could not write or sync changes read before their sync ({0}); their transaction is abandoned and capture stops on the same error")]
+pub struct SyncFailed(String);
 
 impl Store {
     /// Applies `batch` atomically and then syncs it, letting other writes go on during the
@@ -185,14 +189,14 @@ impl Store {
             }
         }
         self.write(batch, false)
-            .inspect_err(|_| self.unsynced.fail())
+            .inspect_err(|error| self.unsynced.fail(error))
     }
 
     /// Syncs every write made so far, closes the window and shows what was hidden; wakes the
     /// sinks waiting to commit (or, when the sync fails, tells them it did).
     pub fn sync_window(&self) -> Result<(), StoreError> {
         if let Err(error) = self.sync() {
-            self.unsynced.fail();
+            self.unsynced.fail(&error);
             return Err(error);
         }
         self.unsynced.clear();
@@ -214,7 +218,10 @@ impl Store {
             // Registered before the check: a sync returning in between still wakes it.
             settled.as_mut().enable();
             if self.unsynced.failed.load(Ordering::SeqCst) {
-                return Err(SyncFailed);
+                let failure = self.unsynced.failure.lock();
+                return Err(SyncFailed(
+                    failure.unwrap_or_else(|p| p.into_inner()).clone(),
+                ));
             }
             if self.is_synced(seq) {
                 return Ok(());
@@ -440,10 +447,17 @@ mod tests {
             async move { store.wait_synced(ChangeSeq(2)).await }
         });
         tokio::task::yield_now().await;
-        store.unsynced.fail();
+        store.unsynced.fail(&StoreError::RocksDb {
+            path: dir.path().into(),
+            message: "No space left on device".into(),
+        });
+        let refused = waiting
+            .await
+            .unwrap()
+            .expect_err("the waiting commit is refused");
         assert!(
-            waiting.await.unwrap().is_err(),
-            "the waiting commit is refused"
+            refused.to_string().contains("No space left on device"),
+            "the buffer's own error is named: {refused}"
         );
         assert_eq!(
             applicable(&store),
