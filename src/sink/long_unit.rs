@@ -31,7 +31,8 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 use super::coalesce::{coalesce, Coalesced};
-use super::runner::{batch_is_in, RunnerError, SinkRunner};
+use super::retry::batch_is_in;
+use super::runner::{RunnerError, SinkRunner};
 use super::{Destination, SinkBatch, SinkErrorKind};
 use crate::buffer::Change;
 use crate::position::{ChangeSeq, ReplOffset};

@@ -14,6 +14,7 @@ pub mod partition;
 pub mod postgres;
 mod read_ahead;
 mod reconcile;
+mod retry;
 pub mod runner;
 pub mod sqlite;
 mod url_parameters;

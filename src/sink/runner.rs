@@ -18,9 +18,10 @@ use super::long_unit::Streamed;
 use super::partition::{partition_of_change, row_name, FoundRows};
 use super::read_ahead::{split_batch, Read, ReadAhead, Share, Shares};
 use super::reconcile::{Reconcile, RECONCILE_LETTERS};
+use super::retry::{apply_with_retry, new_backoff};
 use super::{
-    BeforeCommit, CommitGate, Destination, Rejected, RowWrite, SchemaProblem, SinkBatch,
-    SinkCheckpoint, SinkError, TableSchema,
+    BeforeCommit, CommitGate, Destination, Rejected, RowWrite, SchemaProblem, SinkBatch, SinkError,
+    TableSchema,
 };
 use crate::ack::Writeback;
 use crate::backoff::Backoff;
@@ -631,98 +632,6 @@ impl<D: Destination> SinkRunner<D> {
         }
         Ok(changes)
     }
-}
-
-fn new_backoff() -> Backoff {
-    Backoff::new(Duration::from_millis(100), Duration::from_secs(30))
-}
-
-/// Applies `batch` on `sink`, retrying transient failures forever with `backoff`; `place` is
-/// the backend's name, its health and the buffer (where refused rows are dead-lettered).
-async fn apply_with_retry<D: Destination>(
-    sink: &mut D,
-    backoff: &mut Backoff,
-    place: (&str, &Health, &Store),
-    schemas: &[TableSchema],
-    batch: &SinkBatch,
-    before_commit: &BeforeCommit,
-) -> Result<Vec<Rejected>, SinkError> {
-    let (name, health, store) = place;
-    if !sink.waits_at_commit() {
-        batch.commit_gate.wait().await?;
-    }
-    loop {
-        match sink.apply(schemas, batch, before_commit).await {
-            Ok(rejected) => {
-                if backoff.failures() > 0 {
-                    tracing::info!(backend = %name, "database reachable again");
-                }
-                backoff.reset();
-                return Ok(rejected);
-            }
-            Err(error) if error.is_transient() => {
-                let delay = backoff.next_delay();
-                tracing::warn!(backend = %name, %error, retry_in = ?delay, "database write failed; retrying");
-                metrics::counter!("writebehind_sink_retries_total", "backend" => name.to_string())
-                    .increment(1);
-                health.backend(name, false, Some(error.to_string()));
-                tokio::time::sleep(delay).await;
-                // The connection may have died after COMMIT reached the server: if the
-                // checkpoint rows say the batch is in, it must not be applied again.
-                match sink.checkpoints().await {
-                    Ok(rows) if batch_is_in(batch, &rows) => {
-                        tracing::info!(backend = %name, seq = %batch.last_seq, "the batch had committed before the connection failed");
-                        backoff.reset();
-                        // The rows it refused were dead-lettered inside that commit: their
-                        // acknowledgements must say so.
-                        return refused_in(store, name, batch);
-                    }
-                    _ => {}
-                }
-            }
-            Err(fatal) => return Err(fatal),
-        }
-    }
-}
-
-/// The rows of `batch` that backend `name` dead-lettered (read back after a commit whose answer
-/// was lost).
-fn refused_in(store: &Store, name: &str, batch: &SinkBatch) -> Result<Vec<Rejected>, SinkError> {
-    let seqs: std::collections::HashSet<ChangeSeq> = batch.writes.iter().map(|w| w.seq).collect();
-    let letters = store.dead_letters().map_err(|e| {
-        SinkError::fatal(format!(
-            "backend `{name}`: cannot read the dead letters: {e}"
-        ))
-        .caused_by(e)
-    })?;
-    Ok(letters
-        .into_iter()
-        .filter(|l| l.backend == name && seqs.contains(&l.seq))
-        .map(|l| Rejected {
-            seq: l.seq,
-            reason: l.reason,
-        })
-        .collect())
-}
-
-/// Whether the checkpoint `rows` say `batch` has committed (a lost connection may have hidden
-/// its COMMIT). Only a batch that moves checkpoint rows can tell; the others (reconciliation
-/// writes) are idempotent and simply applied again.
-pub(super) fn batch_is_in(batch: &SinkBatch, rows: &[(String, SinkCheckpoint)]) -> bool {
-    batch.last_seq > ChangeSeq::NONE
-        && !batch.buffer_id.is_empty()
-        && !batch.checkpoint_rows.is_empty()
-        && batch.checkpoint_rows.iter().all(|name| {
-            rows.iter().any(|(found, row)| {
-                found == name
-                    && row.buffer_id.as_deref() == Some(batch.buffer_id.as_str())
-                    && row.seq >= batch.last_seq
-            })
-        })
-        && batch
-            .retire_rows
-            .iter()
-            .all(|name| rows.iter().all(|(found, _)| found != name))
 }
 
 /// Whether `stop` has already resolved (without waiting).

@@ -7,24 +7,28 @@
 //! new rows (`new_rows.rs`), and when not every one of them goes in as sent, loaded into a stage
 //! and merged (`staging.rs`). If the server refuses a row, the transaction is rolled back and
 //! replayed row by row, each behind a savepoint, so the refused rows (an error, or a statement
-//! that succeeded with warnings) are isolated and the others commit.
+//! that succeeded with warnings) are isolated and the others commit (`grouped.rs` for the
+//! fast path, `row_by_row.rs` for the slow one). Either way the `COMMIT` waits for the batch's
+//! `CommitGate`: its rows may be written while the buffer still syncs their changes.
 
 use std::collections::HashMap;
 
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, DriverError, Opts, OptsBuilder, Params, Pool, TxOpts, Value};
+use mysql_async::{Conn, DriverError, Opts, OptsBuilder, Params, Pool, Value};
 
 use super::convert::{ColumnType, SqlValue};
 use super::SinkCheckpoint;
 use super::{
-    quote, BeforeCommit, ColumnInfo, Destination, Rejected, RowOp, SchemaProblem, SinkBatch,
-    SinkError, SinkErrorKind, TableSchema, CHECKPOINT_TABLE,
+    quote, BeforeCommit, ColumnInfo, Destination, Rejected, SchemaProblem, SinkBatch, SinkError,
+    SinkErrorKind, TableSchema, CHECKPOINT_TABLE,
 };
 use crate::capture::mapping::Mapping;
 use crate::position::ChangeSeq;
 
+mod grouped;
 mod new_rows;
 mod packet;
+mod row_by_row;
 mod schema;
 mod ssl;
 mod staging;
@@ -33,7 +37,7 @@ mod statements;
 use new_rows::NewRows;
 use packet::{param_bytes, row_text_bytes};
 use schema::{add_identity_columns, create_table, missing_grants};
-use staging::{altered_row_reason, no_warnings, StageError, Stages};
+use staging::Stages;
 use statements::{push_checkpoint, Statements};
 
 /// Placeholders per statement stay well under the protocol's 65,535.
@@ -364,158 +368,6 @@ impl MysqlSink {
         })
     }
 
-    /// The fast path: a few multi-row statements, in few round trips: the transaction begins
-    /// with its first statement, a staged table is loaded and merged in one query
-    /// (`staging.rs`), and the checkpoint rows go with the `COMMIT`.
-    async fn apply_grouped(
-        &self,
-        session: &mut Session,
-        schemas: &[TableSchema],
-        batch: &SinkBatch,
-    ) -> Result<(), SinkError> {
-        // A transaction by hand (not `Transaction`), so that the connection's LOCAL INFILE
-        // handler can be set for the staged path, and statements sent together: the session
-        // runs with autocommit off, so the first statement begins it (`Self::session`).
-        let result = self.write_grouped(session, schemas, batch).await;
-        let conn = &mut session.conn;
-        match result {
-            Ok(()) => Ok(()),
-            Err(failure) => match conn.query_drop("ROLLBACK").await {
-                Ok(()) => Err(failure),
-                // The session cannot be trusted to be outside a transaction (the row-by-row
-                // replay would start one inside it): it is dropped, the batch retried.
-                Err(e) => Err(SinkError::transient(format!(
-                    "ROLLBACK after `{failure}` failed: {e}"
-                ))),
-            },
-        }
-    }
-
-    /// Writes the batch and commits it (with its checkpoint rows, in the same query as the
-    /// `COMMIT`).
-    async fn write_grouped(
-        &self,
-        session: &mut Session,
-        schemas: &[TableSchema],
-        batch: &SinkBatch,
-    ) -> Result<(), SinkError> {
-        self.write_rows(session, schemas, batch).await?;
-        commit_with_checkpoint(&mut session.conn, batch).await
-    }
-
-    /// Writes the batch's rows in the session's transaction (begun by the first statement).
-    async fn write_rows(
-        &self,
-        session: &mut Session,
-        schemas: &[TableSchema],
-        batch: &SinkBatch,
-    ) -> Result<(), SinkError> {
-        let Session {
-            conn,
-            stages,
-            new_rows,
-            ..
-        } = session;
-        for (index, schema) in schemas.iter().enumerate() {
-            let super::TableWrites { deletes, upserts } = super::TableWrites::of(batch, index);
-            let deletes: Vec<Value> = deletes.into_iter().map(value).collect();
-            let budget = self.statement_budget();
-            let delete_head = 64 + schema.table.len() + schema.key_column.name.len();
-            for chunk in packet::runs(&deletes, delete_head, budget, MAX_PLACEHOLDERS, |id| {
-                2 + match id {
-                    Value::Bytes(bytes) => 11 + bytes.len(),
-                    _ => 19,
-                }
-            }) {
-                let sql = format!(
-                    "DELETE FROM {} WHERE {} IN ({})",
-                    q(&schema.table),
-                    q(&schema.key_column.name),
-                    vec!["?"; chunk.len()].join(",")
-                );
-                conn.exec_drop(sql, Params::Positional(chunk.to_vec()))
-                    .await
-                    .map_err(classify)?;
-            }
-            // A row no statement can carry is refused on every path: the row-by-row replay
-            // dead-letters it with the reason.
-            let fixed = self.insert_head(schema).len() + self.insert_tail(schema).len();
-            if let Some(reason) = upserts
-                .iter()
-                .find_map(|(id, values)| self.oversized(fixed, id, values))
-            {
-                return Err(SinkError::new(SinkErrorKind::RowRefused, reason));
-            }
-            if upserts.len() >= STAGE_THRESHOLD
-                && self.staging.load(std::sync::atomic::Ordering::Relaxed)
-            {
-                let staged = match self
-                    .write_new_rows(conn, new_rows, index, schema, &upserts)
-                    .await
-                {
-                    Ok(true) => continue,
-                    Ok(false) => {
-                        self.stage_and_merge(conn, stages, index, schema, &upserts)
-                            .await
-                    }
-                    Err(e) => Err(e),
-                };
-                match staged {
-                    Ok(()) => continue,
-                    Err(StageError::Failed(failure)) if failure.kind() != SinkErrorKind::Fatal => {
-                        return Err(failure)
-                    }
-                    // LOCAL INFILE refused, or staging impossible here (a missing privilege):
-                    // statements from now on; the batch is redone.
-                    Err(StageError::Unavailable(message)) => {
-                        return Err(self.stop_staging(message));
-                    }
-                    Err(StageError::Failed(failure)) => {
-                        return Err(self.stop_staging(failure.to_string()));
-                    }
-                }
-            }
-            let width = schema.columns.len() + 1;
-            let row_bytes = |(id, values): &(&SqlValue, &Vec<SqlValue>)| {
-                row_text_bytes(width)
-                    + std::iter::once(*id)
-                        .chain(values.iter())
-                        .map(param_bytes)
-                        .sum::<usize>()
-            };
-            for chunk in packet::runs(&upserts, fixed, budget, MAX_PLACEHOLDERS / width, row_bytes)
-            {
-                let row = format!("({})", vec!["?"; width].join(","));
-                let sql = format!(
-                    "{} VALUES {}{}",
-                    self.insert_head(schema),
-                    vec![row; chunk.len()].join(","),
-                    self.insert_tail(schema)
-                );
-                let params: Vec<Value> = chunk
-                    .iter()
-                    .flat_map(|(id, values)| std::iter::once(*id).chain(values.iter()).map(value))
-                    .collect();
-                conn.exec_drop(sql, Params::Positional(params))
-                    .await
-                    .map_err(classify)?;
-                no_warnings(conn.get_warnings(), "a multi-row INSERT")?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Staging failed in a way retrying cannot fix: statements for the life of the process.
-    /// The batch is redone with them (reported as a transient failure, retried at once).
-    fn stop_staging(&self, message: String) -> SinkError {
-        tracing::warn!(backend = %self.name, %message, "large batches cannot be staged with LOAD DATA LOCAL INFILE; writing them with multi-row INSERT");
-        self.staging
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-        SinkError::transient(format!(
-            "staging stopped ({message}); the batch is redone with statements"
-        ))
-    }
-
     fn insert_head(&self, schema: &TableSchema) -> String {
         let mut columns = vec![q(&schema.key_column.name)];
         columns.extend(schema.columns.iter().map(|c| q(&c.name)));
@@ -533,107 +385,6 @@ impl MysqlSink {
             .map(|c| format!("{0} = VALUES({0})", q(&c.name)))
             .collect();
         format!(" ON DUPLICATE KEY UPDATE {}", updates.join(", "))
-    }
-
-    /// The slow path after a refused row: each row behind a savepoint.
-    async fn apply_row_by_row(
-        &self,
-        conn: &mut Conn,
-        schemas: &[TableSchema],
-        batch: &SinkBatch,
-        before_commit: &BeforeCommit,
-    ) -> Result<Vec<Rejected>, SinkError> {
-        let err = |e: mysql_async::Error| self.error(e);
-        let mut tx = conn
-            .start_transaction(TxOpts::default())
-            .await
-            .map_err(err)?;
-        let mut rejected = Vec::new();
-        for write in &batch.writes {
-            let Some(schema) = schemas.get(write.table) else {
-                continue;
-            };
-            let delete = format!(
-                "DELETE FROM {} WHERE {} = ?",
-                q(&schema.table),
-                q(&schema.key_column.name)
-            );
-            let mut statements: Vec<(String, Vec<Value>)> = Vec::new();
-            match &write.op {
-                RowOp::Delete { id } => statements.push((delete, vec![value(id)])),
-                RowOp::Upsert { id, values } => {
-                    let fixed = self.insert_head(schema).len() + self.insert_tail(schema).len();
-                    if let Some(reason) = self.oversized(fixed, id, values) {
-                        rejected.push(Rejected {
-                            seq: write.seq,
-                            reason,
-                        });
-                        continue;
-                    }
-                    if write.delete_first {
-                        statements.push((delete, vec![value(id)]));
-                    }
-                    let row = format!("({})", vec!["?"; values.len() + 1].join(","));
-                    let sql = format!(
-                        "{} VALUES {row}{}",
-                        self.insert_head(schema),
-                        self.insert_tail(schema)
-                    );
-                    statements.push((
-                        sql,
-                        std::iter::once(id)
-                            .chain(values.iter())
-                            .map(value)
-                            .collect(),
-                    ));
-                }
-            }
-            tx.query_drop("SAVEPOINT writebehind_row")
-                .await
-                .map_err(err)?;
-            let mut refused = None;
-            for (sql, params) in statements {
-                if let Err(e) = tx.exec_drop(sql, Params::Positional(params)).await {
-                    let failure = classify(e);
-                    if failure.kind() != SinkErrorKind::RowRefused {
-                        return Err(failure.context(self.place()));
-                    }
-                    refused = Some(failure.reason().to_string());
-                    break;
-                }
-                // Warnings about the values, notes included, are a refusal here as in every
-                // grouped path.
-                let warnings = tx.get_warnings();
-                if warnings > 0 {
-                    refused = altered_row_reason(&mut tx, warnings).await.map_err(err)?;
-                    if refused.is_some() {
-                        break;
-                    }
-                }
-            }
-            match refused {
-                Some(reason) => {
-                    tx.query_drop("ROLLBACK TO SAVEPOINT writebehind_row")
-                        .await
-                        .map_err(err)?;
-                    rejected.push(Rejected {
-                        seq: write.seq,
-                        reason,
-                    });
-                }
-                None => tx
-                    .query_drop("RELEASE SAVEPOINT writebehind_row")
-                    .await
-                    .map_err(err)?,
-            }
-        }
-        let mut checkpoint = Statements::default();
-        push_checkpoint(&mut checkpoint, batch);
-        checkpoint.run(&mut tx).await.map_err(err)?;
-        super::store_refused(before_commit, &rejected, &self.name)?;
-        batch.commit_gate.wait().await?;
-        tx.commit().await.map_err(err)?;
-        Ok(rejected)
     }
 }
 
