@@ -578,3 +578,38 @@ async fn a_reconciliation_writes_only_synced_mirror_values() {
     let rows = &runner.sinks[0].tables["t"];
     assert_eq!(rows.get("1").map(Vec::len), Some(1), "{rows:?}");
 }
+
+/// A batch whose changes the buffer is still syncing (a window, `buffer/durability.rs`) is read
+/// at once, but a backend that does not await the batch's gate inside its own transaction
+/// (`Destination::waits_at_commit`) gets it only once the sync has returned.
+#[tokio::test]
+async fn a_batch_read_in_a_sync_window_is_applied_only_after_the_sync() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = Arc::new(Store::open(dir.path()).expect("store"));
+    log(&store, &[upsert(1, "1", "a", None)]);
+    let mut runner = runner(&store, vec![MemoryDestination::default()]).await;
+    assert!(runner.step().await.expect("step"));
+    let mut batch = Batch::default();
+    batch.put_change(&upsert(2, "2", "b", None));
+    store.write_in_window(batch).expect("written, not synced");
+    let stepping = tokio::spawn(async move {
+        let applied = runner.step().await.expect("step");
+        (applied, runner)
+    });
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !stepping.is_finished(),
+        "the step ended before the sync: it applied the batch early or did not read it"
+    );
+    store.sync_window().expect("sync");
+    let (applied, runner) = stepping.await.expect("task");
+    assert!(applied, "applied once synced");
+    assert_eq!(runner.sinks[0].commits, 2);
+    assert_eq!(runner.applied, vec![ChangeSeq(2)]);
+    assert_eq!(
+        runner.sinks[0].tables["t"]["2"],
+        vec![SqlValue::Text("b".into())]
+    );
+}
