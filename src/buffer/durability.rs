@@ -6,8 +6,8 @@
 //! not, yet they waited for capture's syncs: about 0.2 ms at the median and 0.8 ms at the 99th
 //! percentile of an acknowledgement's path went there (docs/benchmarks.md, session 14).
 //!
-//! [`Store::write_then_sync`] writes without `sync`, then syncs the log (`SyncWAL`, which lets
-//! other writes go on meanwhile). Until the sync returns, the write can be read but is not on
+//! Capture's committer writes without `sync` ([`Store::write_in_window`]), then syncs the log
+//! ([`Store::sync_window`]: `SyncWAL`, which lets other writes go on meanwhile). Until the sync returns, the write can be read but is not on
 //! disk; a crash of the machine (not of the process: the page cache keeps it) could lose it.
 //! Whatever acts on a write outside this buffer must therefore not read it early:
 //! - **sinks**: a change applied to a database and then lost would leave the database ahead of
@@ -144,11 +144,12 @@ impl Unsynced {
 pub struct SyncFailed(String);
 
 impl Store {
-    /// Applies `batch` atomically and then syncs it, letting other writes go on during the
-    /// sync; its changes are hidden from sinks until the sync returns (see the module doc).
-    pub fn write_then_sync(&self, batch: Batch) -> Result<(), StoreError> {
-        self.write_unsynced(batch)?;
-        self.sync_written()
+    /// Applies `batch` atomically and then syncs it, as the committer does (in a window), in
+    /// one call: for tests.
+    #[cfg(test)]
+    pub(crate) fn write_then_sync(&self, batch: Batch) -> Result<(), StoreError> {
+        self.write_in_window(batch)?;
+        self.sync_window()
     }
 
     /// Applies `batch` atomically without syncing it; its changes (and raw states) stay hidden
