@@ -1,6 +1,8 @@
 //! MySQL/MariaDB-specific sink behaviour against real servers: sessions stay strict whatever
 //! the server's `sql_mode`, on every batch and not only the first; the partition count of a
-//! backend changes between runs without losing or repeating a write (on PostgreSQL too).
+//! backend changes between runs without losing or repeating a write (on PostgreSQL too); a
+//! batch read before the buffer synced it is written at once and committed only after the sync
+//! (on PostgreSQL too).
 
 mod support;
 
@@ -648,13 +650,34 @@ async fn a_batch_of_large_values_is_bounded_by_their_bytes() {
 /// until then no other session sees its row or its checkpoint, and the sync releases it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_read_before_the_buffer_synced_it_commits_only_after_the_sync() {
+    // InnoDB counts the rows an open transaction modified; `innodb_trx` is a cache refreshed
+    // only when last read over 100 ms ago (hence the polling pace below).
+    let open = "SELECT COUNT(*) FROM information_schema.innodb_trx t \
+        JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id \
+        WHERE p.db = DATABASE() AND t.trx_rows_modified > 0";
+    committed_only_after_the_sync(Database::maria().await, open).await;
+}
+
+/// The same on PostgreSQL, whose batch otherwise goes with its `COMMIT` in one flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_read_before_the_buffer_synced_it_commits_only_after_the_sync_on_postgres() {
+    // A session idle in its transaction, holding the lock its insert took on the table.
+    let open = "SELECT COUNT(*) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid \
+        JOIN pg_class c ON c.oid = l.relation WHERE a.datname = current_database() \
+        AND a.state = 'idle in transaction' AND c.relname = 'gated' \
+        AND l.mode = 'RowExclusiveLock'";
+    committed_only_after_the_sync(Database::postgres().await, open).await;
+}
+
+/// Applies a one-row batch read in a sync window; `open_transactions` counts the sink's open
+/// transaction once it has written the row.
+async fn committed_only_after_the_sync(database: Database, open_transactions: &str) {
     use writebehind::buffer::{Batch, Change, RowChange, Store};
     use writebehind::position::{ChangeSeq, ReplOffset};
     use writebehind::sink::convert::SqlValue;
     use writebehind::sink::{
         BeforeCommit, CommitGate, Destination, RowOp, RowWrite, Sink, SinkBatch,
     };
-    let database = Database::maria().await;
     database
         .execute("CREATE TABLE gated (id VARCHAR(64) PRIMARY KEY, first VARCHAR(64))")
         .await;
@@ -673,10 +696,7 @@ async fn a_batch_read_before_the_buffer_synced_it_commits_only_after_the_sync() 
     let mut sink = Sink::connect("gate", &database.url())
         .await
         .expect("connect");
-    assert!(
-        sink.waits_at_commit(),
-        "MySQL overlaps its writes with the sync"
-    );
+    assert!(sink.waits_at_commit(), "the writes overlap the sync");
     let schemas = sink.prepare(&mappings).await.expect("prepare");
     let dir = tempfile::tempdir().expect("dir");
     let store = std::sync::Arc::new(Store::open(dir.path()).expect("store"));
@@ -716,12 +736,8 @@ async fn a_batch_read_before_the_buffer_synced_it_commits_only_after_the_sync() 
         let no_hook: BeforeCommit = std::sync::Arc::new(|_| Ok(()));
         sink.apply(&schemas, &batch, &no_hook).await
     });
-    // The row is written inside an open transaction (InnoDB counts the rows it modified;
-    // `innodb_trx` is a cache refreshed only when last read over 100 ms ago, hence the pace)...
+    // The row is written inside an open transaction...
     let deadline = Instant::now() + Duration::from_secs(20);
-    let open_transactions = "SELECT COUNT(*) FROM information_schema.innodb_trx t \
-        JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id \
-        WHERE p.db = DATABASE() AND t.trx_rows_modified > 0";
     while database.query_i64(open_transactions).await != [1] {
         if applying.is_finished() {
             panic!("the batch ended before the sync: {:?}", applying.await);

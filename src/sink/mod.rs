@@ -185,6 +185,13 @@ impl CommitGate {
         }
     }
 
+    /// Whether the batch may commit now (its changes are synced).
+    pub fn is_open(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|(store, through)| store.is_synced(*through))
+    }
+
     /// Waits for the sync; fatal when it failed (the transaction must then not commit).
     pub async fn wait(&self) -> Result<(), SinkError> {
         let Some((store, through)) = &self.0 else {

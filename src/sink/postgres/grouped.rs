@@ -8,7 +8,9 @@
 //!
 //! **Pipelined.** Unless a table is staged, the statements of the transaction, `BEGIN` to
 //! `COMMIT`, are sent before the first answer is read: one round trip per batch instead of one
-//! per statement (a `COPY` of new rows waits for what precedes it). Each statement is sent on
+//! per statement (a `COPY` of new rows waits for what precedes it). A batch whose changes the
+//! buffer is still syncing (its `CommitGate` closed when it is sent) goes without its `COMMIT`,
+//! which is sent alone once the gate opens: the statements overlap the sync. Each statement is sent on
 //! its future's first poll (tokio-postgres), so the futures are polled once each, in order,
 //! before any is awaited. Why a batch is still written whole or not at all:
 //! - after a statement fails on the server, PostgreSQL refuses every later one in the
@@ -334,10 +336,14 @@ impl PostgresSink {
             .collect::<Result<Vec<_>, _>>()?;
         client.batch_execute("BEGIN").await.map_err(classify)?;
         match self.upsert_in_turn(client, batch, tables).await {
-            Ok(()) => match client.batch_execute("COMMIT").await {
-                Ok(()) => Ok(Grouped::Written),
-                Err(e) => Err(classify(e)),
-            },
+            Ok(()) => {
+                // A failed gate leaves the transaction open: the caller drops the connection.
+                batch.commit_gate.wait().await?;
+                match client.batch_execute("COMMIT").await {
+                    Ok(()) => Ok(Grouped::Written),
+                    Err(e) => Err(classify(e)),
+                }
+            }
             Err(failure) => roll_back(client, failure, mode).await,
         }
     }
@@ -392,7 +398,13 @@ impl PostgresSink {
                 .into_iter()
                 .map(Step::Send),
         );
-        steps.push(Step::Send(Statement::plain("COMMIT")));
+        // While the buffer still syncs the batch's changes, the transaction goes without its
+        // `COMMIT`, which follows once the gate opens: one more round trip, and the statements
+        // overlap the sync (`buffer/durability.rs`).
+        let commit_now = batch.commit_gate.is_open();
+        if commit_now {
+            steps.push(Step::Send(Statement::plain("COMMIT")));
+        }
         let mut queued = Vec::new();
         for step in steps {
             match step {
@@ -416,6 +428,14 @@ impl PostgresSink {
         let first_error = answers.into_iter().find_map(Result::err);
         match (first_error, all_sent) {
             (Some(e), false) => roll_back(client, e, mode).await,
+            // No `COMMIT` was sent: the failed transaction is still open.
+            (Some(e), true) if !commit_now => roll_back(client, e, mode).await,
+            (None, true) if !commit_now => {
+                // A failed gate leaves the transaction open: the caller drops the connection.
+                batch.commit_gate.wait().await?;
+                client.batch_execute("COMMIT").await.map_err(classify)?;
+                Ok(Grouped::Written)
+            }
             (first_error, _) => outcome(first_error, mode),
         }
     }

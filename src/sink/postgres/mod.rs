@@ -304,6 +304,7 @@ impl PostgresSink {
             .await
             .map_err(err)?;
         super::store_refused(before_commit, &rejected, &self.name)?;
+        batch.commit_gate.wait().await?;
         client.batch_execute("COMMIT").await.map_err(err)?;
         Ok(rejected)
     }
@@ -477,6 +478,10 @@ impl Destination for PostgresSink {
             ids.push(id);
         }
         Ok(ids)
+    }
+
+    fn waits_at_commit(&self) -> bool {
+        true
     }
 
     async fn apply(
