@@ -9,10 +9,10 @@
 //! **Pipelined.** Unless a table is staged, the statements of the transaction, `BEGIN` to
 //! `COMMIT`, are sent before the first answer is read: one round trip per batch instead of one
 //! per statement (a `COPY` of new rows waits for what precedes it). A batch whose changes the
-//! buffer is still syncing (its `CommitGate` closed when it is sent) goes without its `COMMIT`,
-//! which is sent alone once the gate opens: the statements overlap the sync. Each statement is sent on
-//! its future's first poll (tokio-postgres), so the futures are polled once each, in order,
-//! before any is awaited. Why a batch is still written whole or not at all:
+//! buffer is still syncing (its `CommitGate` closed when it is sent) goes without its
+//! `COMMIT`, which is sent alone once the gate opens: the statements overlap the sync. Each
+//! statement is sent on its future's first poll (tokio-postgres), so the futures are polled
+//! once each, in order, before any is awaited. Why a batch is still written whole or not at all:
 //! - after a statement fails on the server, PostgreSQL refuses every later one in the
 //!   transaction (`25P02`) and answers the `COMMIT` by rolling back; the first error counts;
 //! - a statement that fails before it is sent (parameters that cannot be encoded, a closed
