@@ -7,8 +7,9 @@
 //! percentile of an acknowledgement's path went there (docs/benchmarks.md, session 14).
 //!
 //! Capture's committer writes without `sync` ([`Store::write_in_window`]), then syncs the log
-//! ([`Store::sync_window`]: `SyncWAL`, which lets other writes go on meanwhile). Until the sync returns, the write can be read but is not on
-//! disk; a crash of the machine (not of the process: the page cache keeps it) could lose it.
+//! ([`Store::sync_window`]: `SyncWAL`, which lets other writes go on meanwhile). Until the
+//! sync returns, the write can be read but is not on disk; a crash of the machine (not of the
+//! process: the page cache keeps it) could lose it.
 //! Whatever acts on a write outside this buffer must therefore not read it early:
 //! - **sinks**: a change applied to a database and then lost would leave the database ahead of
 //!   the buffer. Before the write, [`Unsynced`] marks the first seq of its changes' first unit
