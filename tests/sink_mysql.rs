@@ -60,7 +60,6 @@ async fn every_batch_is_strict_on_a_server_that_is_not() {
     service.stop().await;
 }
 
-/// The service as a process on the configuration `text`, its log kept in `dir`.
 /// A value the server would alter without an error (a decimal rounded to its column's scale:
 /// a note, even in a strict session) is refused and dead-lettered, never written rounded: the
 /// batch's statement reports the note, the batch is redone row by row, and there the row's
@@ -128,6 +127,7 @@ async fn a_value_the_server_would_round_is_refused_not_written_rounded() {
     service.stop().await;
 }
 
+/// The service as a process on the configuration `text`, its log kept in `dir`.
 fn spawn(dir: &std::path::Path, text: &str, run: usize) -> support::ServiceProcess {
     let config = dir.join(format!("writebehind-{run}.toml"));
     std::fs::write(&config, text).expect("config");

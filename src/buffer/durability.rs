@@ -76,10 +76,9 @@ pub(crate) struct Unsynced {
     raw: AtomicBool,
     /// The last seq of the window being synced (0: no window): sinks may read up to it.
     window_end: AtomicU64,
-    /// A write or sync of a window failed (and why): nothing read in a window may commit any
-    /// more.
-    failed: AtomicBool,
-    failure: std::sync::Mutex<String>,
+    /// Why a write or sync of a window failed, once one has: nothing read in a window may
+    /// commit any more.
+    failure: std::sync::Mutex<Option<String>>,
     /// Woken when a window's sync returns, or fails.
     settled: Notify,
 }
@@ -90,7 +89,6 @@ impl Default for Unsynced {
             changes_from: AtomicU64::new(u64::MAX),
             raw: AtomicBool::new(false),
             window_end: AtomicU64::new(0),
-            failed: AtomicBool::new(false),
             failure: Default::default(),
             settled: Notify::new(),
         }
@@ -131,9 +129,16 @@ impl Unsynced {
         }
     }
 
+    /// Why a window failed, once one has.
+    fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn fail(&self, error: &StoreError) {
-        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = error.to_string();
-        self.failed.store(true, Ordering::SeqCst);
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
         self.window_end.store(0, Ordering::SeqCst);
         self.settled.notify_waiters();
     }
@@ -219,11 +224,8 @@ impl Store {
             tokio::pin!(settled);
             // Registered before the check: a sync returning in between still wakes it.
             settled.as_mut().enable();
-            if self.unsynced.failed.load(Ordering::SeqCst) {
-                let failure = self.unsynced.failure.lock();
-                return Err(SyncFailed(
-                    failure.unwrap_or_else(|p| p.into_inner()).clone(),
-                ));
+            if let Some(failure) = self.unsynced.failure() {
+                return Err(SyncFailed(failure));
             }
             if self.is_synced(seq) {
                 return Ok(());
