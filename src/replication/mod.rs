@@ -39,6 +39,7 @@ pub mod discovery;
 mod frame;
 mod link;
 pub mod rdb;
+mod socket;
 mod spool;
 pub mod stream;
 
