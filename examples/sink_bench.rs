@@ -5,6 +5,12 @@
 //! the ceiling of any design that commits each batch.
 //! Used by `scripts/bench-sink.sh`; prints one `key=value` line per figure.
 //!
+//! With `ROUNDS=n`, it measures instead, `n` times over in turn: one `LOAD DATA`, `LOAD DATA`
+//! in 1,000-row transactions, and the sink at 1,000 rows per batch in 1 and 2 partitions, each
+//! into an empty table; then the median of each ratio over the rounds. On a machine whose
+//! speed moves from minute to minute, a ratio of two figures taken seconds apart is steadier
+//! than one of figures a minute apart.
+//!
 //! Usage: `sink_bench <mysql://user@host:port/database> [rows]`
 
 use std::time::Instant;
@@ -12,8 +18,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use mysql_async::prelude::Queryable;
-use writebehind::sink::partition::{partition_of, row_name};
-use writebehind::sink::{BeforeCommit, Destination, RowWrite, Sink};
+use writebehind::capture::mapping::Mapping;
 
 mod bench_rows;
 
@@ -24,134 +29,157 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const CREATE: &str = "CREATE TABLE wb_bench (id VARCHAR(64) PRIMARY KEY, first VARCHAR(255), last VARCHAR(255), age INT) ENGINE=InnoDB";
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn main() -> BenchResult<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
         .block_on(run())
 }
 
-async fn run() -> Result<(), Box<dyn std::error::Error>> {
+async fn run() -> BenchResult<()> {
     let (url, rows) = bench_rows::args("usage: sink_bench <mysql-url> [rows]")?;
     let data = bench_rows::rows(rows);
     let pool = mysql_async::Pool::new(url.as_str());
     let mut conn = pool.get_conn().await?;
-    // The database's own fastest path.
     reset(&mut conn).await?;
-    let mut tsv = String::with_capacity(rows * 40);
-    for (id, first, last, age) in &data {
-        tsv.push_str(&format!("{id}\t{first}\t{last}\t{age}\n"));
-    }
-    let payload = Bytes::from(tsv.clone());
-    conn.set_infile_handler(
-        async move { Ok(futures_util::stream::iter(vec![Ok(payload)]).boxed()) },
-    );
-    let started = Instant::now();
-    conn.query_drop("LOAD DATA LOCAL INFILE 'rows.tsv' INTO TABLE wb_bench (id, first, last, age)")
-        .await?;
-    let load_seconds = started.elapsed().as_secs_f64();
-    let load_rate = rows as f64 / load_seconds;
-    println!("rows={rows}");
-    println!("load_data_rows_per_second={load_rate:.0}");
-    // The ceiling for a transaction per batch: LOAD DATA of 1,000 rows per transaction.
-    reset(&mut conn).await?;
-    let lines: Vec<&str> = tsv.lines().collect();
-    let started = Instant::now();
-    for chunk in lines.chunks(1_000) {
-        let mut part = chunk.join("\n");
-        part.push('\n');
-        let payload = Bytes::from(part);
-        conn.set_infile_handler(async move {
-            Ok(futures_util::stream::iter(vec![Ok(payload)]).boxed())
-        });
-        conn.query_drop("START TRANSACTION").await?;
-        conn.query_drop(
-            "LOAD DATA LOCAL INFILE 'rows.tsv' INTO TABLE wb_bench (id, first, last, age)",
-        )
-        .await?;
-        conn.query_drop("COMMIT").await?;
-    }
-    let rate = rows as f64 / started.elapsed().as_secs_f64();
-    println!("load_data_1000_per_transaction_rows_per_second={rate:.0}");
-    println!(
-        "load_data_1000_per_transaction_ratio_to_load_data={:.2}",
-        rate / load_rate
-    );
-
     let mappings = bench_rows::mappings(&url)?;
-    let no_hook: BeforeCommit = std::sync::Arc::new(|_| Ok(()));
-    // New rows at each size; the last pass writes the same rows again: every row exists,
-    // every write an update.
-    for (batch_size, updates) in [
-        (100usize, false),
-        (1_000, false),
-        (5_000, false),
-        (1_000, true),
-    ] {
-        if !updates {
-            reset(&mut conn).await?;
+    let tsv: Vec<String> = data
+        .iter()
+        .map(|(id, first, last, age)| format!("{id}\t{first}\t{last}\t{age}\n"))
+        .collect();
+    let rounds = std::env::var("ROUNDS").ok().and_then(|r| r.parse().ok());
+    println!("rows={rows}");
+    match rounds {
+        Some(rounds) if rounds > 0 => {
+            in_rounds(&mut conn, &url, &mappings, &data, &tsv, rounds).await?
         }
-        let rate = bench_rows::sink_rate(&url, &mappings, &data, batch_size).await?;
-        let name = match updates {
-            true => format!("sink_batch_{batch_size}_updates"),
-            false => format!("sink_batch_{batch_size}"),
-        };
-        println!("{name}_rows_per_second={rate:.0}");
-        println!("{name}_ratio_to_load_data={:.2}", rate / load_rate);
-    }
-    // Partitions, as the runner applies them: each batch of 1,000 rows split by
-    // `partition_of`, every share applied at once on its own connection with its own
-    // checkpoint row, the next batch after all of them.
-    for partitions in [2u32, 4] {
-        reset(&mut conn).await?;
-        let mut sinks = Vec::new();
-        for _ in 0..partitions {
-            sinks.push(Sink::connect("bench", &url).await?);
-        }
-        let schemas = sinks[0].prepare(&mappings).await.map_err(|p| {
-            p.iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join("; ")
-        })?;
-        let started = Instant::now();
-        let mut seq = 0u64;
-        for chunk in data.chunks(1_000) {
-            let mut shares: Vec<Vec<RowWrite>> = vec![Vec::new(); partitions as usize];
-            for row in chunk {
-                seq += 1;
-                shares[partition_of("Bench", row.0.as_bytes(), partitions)]
-                    .push(bench_rows::upsert(seq, row));
-            }
-            let applies =
-                sinks
-                    .iter_mut()
-                    .zip(shares)
-                    .enumerate()
-                    .map(|(index, (sink, writes))| {
-                        let rows = vec![row_name("bench", index, partitions)];
-                        let batch = bench_rows::batch(writes, seq, rows);
-                        let (schemas, no_hook) = (&schemas, &no_hook);
-                        async move { sink.apply(schemas, &batch, no_hook).await }
-                    });
-            for rejected in futures_util::future::join_all(applies).await {
-                if !rejected?.is_empty() {
-                    return Err("rows refused".into());
-                }
-            }
-        }
-        let rate = rows as f64 / started.elapsed().as_secs_f64();
-        println!("sink_batch_1000_partitions_{partitions}_rows_per_second={rate:.0}");
-        println!(
-            "sink_batch_1000_partitions_{partitions}_ratio_to_load_data={:.2}",
-            rate / load_rate
-        );
+        _ => once(&mut conn, &url, &mappings, &data, &tsv).await?,
     }
     conn.query_drop("DROP TABLE IF EXISTS wb_bench").await?;
     Ok(())
 }
 
-/// The upsert of one benchmark row (columns in the schema's order: age, first, last).
+/// Every figure once, one after the other.
+async fn once(
+    conn: &mut mysql_async::Conn,
+    url: &str,
+    mappings: &[Mapping],
+    data: &[bench_rows::Row],
+    tsv: &[String],
+) -> BenchResult<()> {
+    // The database's own fastest path.
+    reset(conn).await?;
+    let load_rate = load_data_rate(conn, tsv, tsv.len()).await?;
+    println!("load_data_rows_per_second={load_rate:.0}");
+    // The ceiling for a transaction per batch: LOAD DATA of 1,000 rows per transaction.
+    reset(conn).await?;
+    let rate = load_data_rate(conn, tsv, 1_000).await?;
+    println!("load_data_1000_per_transaction_rows_per_second={rate:.0}");
+    println!(
+        "load_data_1000_per_transaction_ratio_to_load_data={:.2}",
+        rate / load_rate
+    );
+    // New rows at each size; the 1,000-row updates pass writes the same rows again: every row
+    // exists, every write an update. Then partitions, as the runner applies them.
+    for (name, batch_size, partitions, updates) in [
+        ("sink_batch_100", 100usize, 1u32, false),
+        ("sink_batch_1000", 1_000, 1, false),
+        ("sink_batch_5000", 5_000, 1, false),
+        ("sink_batch_1000_updates", 1_000, 1, true),
+        ("sink_batch_1000_partitions_2", 1_000, 2, false),
+        ("sink_batch_1000_partitions_4", 1_000, 4, false),
+    ] {
+        if !updates {
+            reset(conn).await?;
+        }
+        let rate = bench_rows::sink_rate(url, mappings, data, batch_size, partitions).await?;
+        println!("{name}_rows_per_second={rate:.0}");
+        println!("{name}_ratio_to_load_data={:.2}", rate / load_rate);
+    }
+    Ok(())
+}
+
+/// The figures of goal 4 taken in turn, `rounds` times, then each ratio's median (see the
+/// module doc).
+async fn in_rounds(
+    conn: &mut mysql_async::Conn,
+    url: &str,
+    mappings: &[Mapping],
+    data: &[bench_rows::Row],
+    tsv: &[String],
+    rounds: usize,
+) -> BenchResult<()> {
+    const NAMES: [&str; 3] = [
+        "load_data_1000_per_transaction",
+        "sink_batch_1000",
+        "sink_batch_1000_partitions_2",
+    ];
+    let mut ratios: Vec<[f64; 3]> = Vec::with_capacity(rounds);
+    for round in 1..=rounds {
+        reset(conn).await?;
+        let load_rate = load_data_rate(conn, tsv, tsv.len()).await?;
+        reset(conn).await?;
+        let per_transaction = load_data_rate(conn, tsv, 1_000).await?;
+        reset(conn).await?;
+        let sink = bench_rows::sink_rate(url, mappings, data, 1_000, 1).await?;
+        reset(conn).await?;
+        let partitioned = bench_rows::sink_rate(url, mappings, data, 1_000, 2).await?;
+        let round_ratios = [per_transaction, sink, partitioned].map(|rate| rate / load_rate);
+        println!(
+            "round_{round}: load_data_rows_per_second={load_rate:.0} {}",
+            NAMES
+                .iter()
+                .zip(round_ratios)
+                .map(|(name, ratio)| format!("{name}_ratio_to_load_data={ratio:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        ratios.push(round_ratios);
+    }
+    for (index, name) in NAMES.iter().enumerate() {
+        let mut values: Vec<f64> = ratios.iter().map(|round| round[index]).collect();
+        values.sort_by(f64::total_cmp);
+        println!(
+            "median_{name}_ratio_to_load_data={:.2} (rounds: {:.2} to {:.2})",
+            values[values.len() / 2],
+            values[0],
+            values[values.len() - 1]
+        );
+    }
+    Ok(())
+}
+
+/// Rows per second of `LOAD DATA LOCAL INFILE` of `lines` into `wb_bench`, `per_transaction`
+/// rows in each transaction (all of them: one autocommitted statement).
+async fn load_data_rate(
+    conn: &mut mysql_async::Conn,
+    lines: &[String],
+    per_transaction: usize,
+) -> BenchResult<f64> {
+    let whole = per_transaction >= lines.len();
+    let started = Instant::now();
+    for chunk in lines.chunks(per_transaction.max(1)) {
+        let payload = Bytes::from(chunk.concat());
+        conn.set_infile_handler(async move {
+            Ok(futures_util::stream::iter(vec![Ok(payload)]).boxed())
+        });
+        if !whole {
+            conn.query_drop("START TRANSACTION").await?;
+        }
+        conn.query_drop(
+            "LOAD DATA LOCAL INFILE 'rows.tsv' INTO TABLE wb_bench (id, first, last, age)",
+        )
+        .await?;
+        if !whole {
+            conn.query_drop("COMMIT").await?;
+        }
+    }
+    Ok(lines.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+/// An empty `wb_bench`, and no checkpoint row of an earlier pass.
 async fn reset(conn: &mut mysql_async::Conn) -> Result<(), mysql_async::Error> {
     conn.query_drop("DROP TABLE IF EXISTS wb_bench").await?;
     conn.query_drop(CREATE).await?;

@@ -90,7 +90,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         if !updates {
             client.batch_execute(CREATE).await?;
         }
-        let rate = bench_rows::sink_rate(&url, &mappings, &data, batch_size).await?;
+        let rate = bench_rows::sink_rate(&url, &mappings, &data, batch_size, 1).await?;
         let name = match updates {
             true => format!("sink_batch_{batch_size}_updates"),
             false => format!("sink_batch_{batch_size}"),

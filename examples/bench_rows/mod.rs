@@ -82,18 +82,25 @@ pub fn batch(writes: Vec<RowWrite>, last_seq: u64, rows: Vec<String>) -> SinkBat
     }
 }
 
-/// Rows per second the sink of `url` writes `data` at, in batches of `batch_size` upserts
-/// (each a transaction, as the runner commits them).
+/// Rows per second the sink of `url` writes `data` at, in batches of `batch_size` upserts,
+/// each split into `partitions` shares by `partition_of` as the runner splits them: every share
+/// applied at once on its own connection with its own checkpoint row (a transaction each), the
+/// next batch after all of them.
 pub async fn sink_rate(
     url: &str,
     mappings: &[Mapping],
     data: &[Row],
     batch_size: usize,
+    partitions: u32,
 ) -> Result<f64, Box<dyn std::error::Error>> {
+    use writebehind::sink::partition::{partition_of, row_name};
     use writebehind::sink::{BeforeCommit, Destination, Sink};
     let no_hook: BeforeCommit = std::sync::Arc::new(|_| Ok(()));
-    let mut sink = Sink::connect("bench", url).await?;
-    let schemas = sink.prepare(mappings).await.map_err(|p| {
+    let mut sinks = Vec::new();
+    for _ in 0..partitions.max(1) {
+        sinks.push(Sink::connect("bench", url).await?);
+    }
+    let schemas = sinks[0].prepare(mappings).await.map_err(|p| {
         p.iter()
             .map(|p| p.to_string())
             .collect::<Vec<_>>()
@@ -102,22 +109,25 @@ pub async fn sink_rate(
     let started = std::time::Instant::now();
     let mut seq = 0u64;
     for chunk in data.chunks(batch_size) {
-        let writes = chunk
-            .iter()
-            .map(|row| {
-                seq += 1;
-                upsert(seq, row)
-            })
-            .collect();
-        let rejected = sink
-            .apply(
-                &schemas,
-                &batch(writes, seq, vec!["bench".into()]),
-                &no_hook,
-            )
-            .await?;
-        if !rejected.is_empty() {
-            return Err(format!("rows refused: {rejected:?}").into());
+        let mut shares: Vec<Vec<RowWrite>> = vec![Vec::new(); sinks.len()];
+        for row in chunk {
+            seq += 1;
+            shares[partition_of("Bench", row.0.as_bytes(), partitions)].push(upsert(seq, row));
+        }
+        let applies = sinks
+            .iter_mut()
+            .zip(shares)
+            .enumerate()
+            .map(|(index, (sink, writes))| {
+                let batch = batch(writes, seq, vec![row_name("bench", index, partitions)]);
+                let (schemas, no_hook) = (&schemas, &no_hook);
+                async move { sink.apply(schemas, &batch, no_hook).await }
+            });
+        for rejected in futures_util::future::join_all(applies).await {
+            let rejected = rejected?;
+            if !rejected.is_empty() {
+                return Err(format!("rows refused: {rejected:?}").into());
+            }
         }
     }
     Ok(data.len() as f64 / started.elapsed().as_secs_f64())
