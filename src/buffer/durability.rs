@@ -389,6 +389,15 @@ mod tests {
         read.iter().map(|c| c.seq.0).collect()
     }
 
+    /// A commit waiting, on a task of its own, for every change through `seq` to be synced.
+    fn wait_in_task(
+        store: &std::sync::Arc<Store>,
+        seq: ChangeSeq,
+    ) -> tokio::task::JoinHandle<Result<(), SyncFailed>> {
+        let store = store.clone();
+        tokio::spawn(async move { store.wait_synced(seq).await })
+    }
+
     /// A batch written in a window can be read for applying before its sync, not for anything
     /// else; a commit waiting for it is released by the sync and not before.
     #[tokio::test]
@@ -408,10 +417,7 @@ mod tests {
             "the window is applied"
         );
         assert!(store.is_synced(ChangeSeq(2)) && !store.is_synced(ChangeSeq(3)));
-        let waiting = tokio::spawn({
-            let store = store.clone();
-            async move { store.wait_synced(ChangeSeq(5)).await }
-        });
+        let waiting = wait_in_task(&store, ChangeSeq(5));
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "released before the sync");
         store.sync_window().unwrap();
@@ -446,10 +452,7 @@ mod tests {
         let mut batch = Batch::default();
         batch.put_changes(changes(1..=2));
         store.write_in_window(batch).unwrap();
-        let waiting = tokio::spawn({
-            let store = store.clone();
-            async move { store.wait_synced(ChangeSeq(2)).await }
-        });
+        let waiting = wait_in_task(&store, ChangeSeq(2));
         tokio::task::yield_now().await;
         store.unsynced.fail(&StoreError::RocksDb {
             path: dir.path().into(),
