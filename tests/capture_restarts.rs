@@ -177,8 +177,20 @@ async fn kill_dash_nine_during_a_paged_flush_deletes_every_row_once_resumed() {
     let kills = 5;
     let mut mirrored_at_kills = Vec::new();
     for round in 1..=kills {
-        // Killed while the pages are being deleted (or just after: both must end the same).
-        tokio::time::sleep(Duration::from_millis(rng.random_range(20..150))).await;
+        // Killed while the pages are being deleted (or just after: both must end the same):
+        // once the table shows the flush under way again (a blind delay from the restart let
+        // every kill of a slow machine land before the first page), then after a random delay.
+        let rows = database.row_count().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while rows > 0 && database.row_count().await == rows && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let delay = if round == 1 {
+            0
+        } else {
+            rng.random_range(0..40)
+        };
+        tokio::time::sleep(Duration::from_millis(delay)).await;
         let _ = service.kill();
         let _ = service.wait();
         let store = Store::open(&buffer).expect("store");
