@@ -48,13 +48,26 @@ type Reply = Response<Full<Bytes>>;
 
 /// What the admin listener serves from.
 pub struct Admin {
-    pub handle: PrometheusHandle,
+    handle: PrometheusHandle,
+    /// `[admin] token`: required for `/dlq...` when set.
+    token: Option<String>,
+    pipelines: Pipelines,
+}
+
+/// One pipeline's state, as the admin listener reaches it.
+#[derive(Clone)]
+pub struct PipelineAdmin {
     pub health: Arc<Health>,
     pub store: Arc<Store>,
     /// Where retries go (capture); `None`: retries are refused.
     pub requeue: Option<mpsc::Sender<RequeueRequest>>,
-    /// `[admin] token`: required for `/dlq...` when set.
-    pub token: Option<String>,
+}
+
+/// The pipelines served: the one of a single primary, or a cluster's, one per shard (a
+/// `/dlq...` request then names its shard with `shard=<id>`, and `/status` lists the shards).
+enum Pipelines {
+    One(PipelineAdmin),
+    Cluster(crate::cluster::ShardViews),
 }
 
 impl std::fmt::Debug for Admin {
@@ -123,6 +136,67 @@ pub async fn serve(
 }
 
 impl Admin {
+    /// Serves one primary's pipeline.
+    pub fn new(handle: PrometheusHandle, token: Option<String>, pipeline: PipelineAdmin) -> Admin {
+        Admin {
+            handle,
+            token,
+            pipelines: Pipelines::One(pipeline),
+        }
+    }
+
+    /// Serves every shard of a cluster (the list grows as shards are found).
+    pub fn for_cluster(
+        handle: PrometheusHandle,
+        shards: crate::cluster::ShardViews,
+        token: Option<String>,
+    ) -> Admin {
+        Admin {
+            handle,
+            token,
+            pipelines: Pipelines::Cluster(shards),
+        }
+    }
+
+    /// Every pipeline with its shard id (`None` for a single primary).
+    fn pipelines(&self) -> Vec<(Option<String>, PipelineAdmin)> {
+        match &self.pipelines {
+            Pipelines::One(one) => vec![(None, one.clone())],
+            Pipelines::Cluster(shards) => shards
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|v| (Some(v.id.clone()), v.admin()))
+                .collect(),
+        }
+    }
+
+    /// The pipeline a `/dlq...` request is for, and its query without `shard=`.
+    fn pipeline_of(&self, query: &str) -> Result<(PipelineAdmin, String), String> {
+        let (shard, rest): (Vec<&str>, Vec<&str>) = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .partition(|p| p.starts_with("shard="));
+        let rest = rest.join("&");
+        match (&self.pipelines, shard.as_slice()) {
+            (Pipelines::One(one), []) => Ok((one.clone(), rest)),
+            (Pipelines::One(_), _) => {
+                Err("`shard=` is for a cluster; this service follows one primary".into())
+            }
+            (Pipelines::Cluster(_), [pair]) => {
+                let id = &pair["shard=".len()..];
+                self.pipelines()
+                    .into_iter()
+                    .find(|(shard, _)| shard.as_deref() == Some(id))
+                    .map(|(_, pipeline)| (pipeline, rest))
+                    .ok_or_else(|| format!("no shard `{id}`; /status lists them"))
+            }
+            (Pipelines::Cluster(_), _) => {
+                Err("name one shard with shard=<id> (/status lists them)".into())
+            }
+        }
+    }
+
     async fn route<B>(&self, request: &Request<B>, loopback: bool) -> Reply {
         let (method, uri) = (request.method(), request.uri());
         let query = uri.query().unwrap_or("");
@@ -132,15 +206,26 @@ impl Admin {
                 return refusal;
             }
         }
-        match (method, uri.path()) {
-            (&Method::GET | &Method::HEAD, "/dlq") => self.list_dead_letters(query),
-            (&Method::GET | &Method::HEAD, path) => self.respond(path),
+        let path = uri.path();
+        if !guarded || (path != "/dlq" && matches!(method, &Method::GET | &Method::HEAD)) {
+            return match method {
+                &Method::GET | &Method::HEAD => self.respond(path),
+                _ => method_not_allowed(),
+            };
+        }
+        let (pipeline, query) = match self.pipeline_of(query) {
+            Ok(found) => found,
+            Err(problem) => return bad_request(&problem),
+        };
+        let query = query.as_str();
+        match (method, path) {
+            (&Method::GET | &Method::HEAD, _) => list_dead_letters(&pipeline.store, query),
             (&Method::POST, "/dlq/drop") => match parse_letters(query) {
-                Ok(letters) => self.drop_dead_letters(&letters),
+                Ok(letters) => drop_dead_letters(&pipeline.store, &letters),
                 Err(problem) => bad_request(&problem),
             },
             (&Method::POST, "/dlq/retry") => match parse_letters(query) {
-                Ok(letters) => self.requeue_dead_letters(letters).await,
+                Ok(letters) => requeue_dead_letters(&pipeline, letters).await,
                 Err(problem) => bad_request(&problem),
             },
             _ => method_not_allowed(),
@@ -181,89 +266,97 @@ impl Admin {
             }
         }
     }
+}
 
-    /// `GET /dlq?from=N&limit=M`: a page of dead letters, a line each (what `dlq list` prints).
-    fn list_dead_letters(&self, query: &str) -> Reply {
-        let (mut from, mut limit) = (0u64, DLQ_PAGE_LIMIT);
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let parsed = match pair.split_once('=') {
-                Some(("from", n)) => n.parse().map(|n| from = n).is_ok(),
-                Some(("limit", n)) => n
-                    .parse()
-                    .map(|n: usize| limit = n.min(DLQ_PAGE_LIMIT))
-                    .is_ok(),
-                _ => false,
-            };
-            if !parsed {
-                return bad_request(&format!("`{pair}`; use from=N and limit=M"));
+/// `GET /dlq?from=N&limit=M`: a page of dead letters, a line each (what `dlq list` prints).
+fn list_dead_letters(store: &Store, query: &str) -> Reply {
+    let (mut from, mut limit) = (0u64, DLQ_PAGE_LIMIT);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let parsed = match pair.split_once('=') {
+            Some(("from", n)) => n.parse().map(|n| from = n).is_ok(),
+            Some(("limit", n)) => n
+                .parse()
+                .map(|n: usize| limit = n.min(DLQ_PAGE_LIMIT))
+                .is_ok(),
+            _ => false,
+        };
+        if !parsed {
+            return bad_request(&format!("`{pair}`; use from=N and limit=M"));
+        }
+    }
+    match store.dead_letters_from(ChangeSeq(from), limit) {
+        Ok(letters) => {
+            let mut body = String::new();
+            for letter in &letters {
+                body.push_str(&letter.line());
+                body.push('\n');
             }
+            reply(StatusCode::OK, "text/plain", body)
         }
-        match self.store.dead_letters_from(ChangeSeq(from), limit) {
-            Ok(letters) => {
-                let mut body = String::new();
-                for letter in &letters {
-                    body.push_str(&letter.line());
-                    body.push('\n');
-                }
-                reply(StatusCode::OK, "text/plain", body)
-            }
-            Err(e) => internal_error(&e.to_string()),
-        }
+        Err(e) => internal_error(&e.to_string()),
     }
+}
 
-    /// `POST /dlq/drop`: forgets those dead letters (what `dlq drop` asks a running service),
-    /// a page at a time.
-    fn drop_dead_letters(&self, letters: &Letters) -> Reply {
-        match drop_letters(&self.store, letters) {
-            Ok(dropped) => reply(
-                StatusCode::OK,
-                "text/plain",
-                format!("{dropped} dead letters dropped\n"),
-            ),
-            Err(e) => internal_error(&e.to_string()),
-        }
+/// `POST /dlq/drop`: forgets those dead letters (what `dlq drop` asks a running service),
+/// a page at a time.
+fn drop_dead_letters(store: &Store, letters: &Letters) -> Reply {
+    match drop_letters(store, letters) {
+        Ok(dropped) => reply(
+            StatusCode::OK,
+            "text/plain",
+            format!("{dropped} dead letters dropped\n"),
+        ),
+        Err(e) => internal_error(&e.to_string()),
     }
+}
 
-    /// `POST /dlq/retry`: asks capture to requeue those dead letters (see
-    /// `capture/requeue.rs`) and answers with what it did.
-    async fn requeue_dead_letters(&self, letters: Letters) -> Reply {
-        let Some(requeue) = &self.requeue else {
-            return reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                "unavailable: this service does not requeue dead letters\n".into(),
-            );
-        };
-        let (answer, answered) = oneshot::channel();
-        let request = RequeueRequest {
-            letters,
-            reply: answer,
-        };
-        // Queued and answered within the timeout (the queue holds a few requests).
-        let asked = async {
-            requeue.send(request).await.map_err(|_| ())?;
-            answered.await.map_err(|_| ())
-        };
-        match tokio::time::timeout(REQUEUE_TIMEOUT, asked).await {
-            Ok(Ok(Ok(requeued))) => reply(StatusCode::OK, "text/plain", requeued.report()),
-            Ok(Ok(Err(reason))) => unavailable(&reason),
-            Ok(Err(())) => unavailable("capture has stopped"),
-            Err(_) => unavailable(&format!(
-                "capture did not answer within {} s; see the service's log",
-                REQUEUE_TIMEOUT.as_secs()
-            )),
-        }
+/// `POST /dlq/retry`: asks capture to requeue those dead letters (see
+/// `capture/requeue.rs`) and answers with what it did.
+async fn requeue_dead_letters(pipeline: &PipelineAdmin, letters: Letters) -> Reply {
+    let Some(requeue) = &pipeline.requeue else {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "unavailable: this service does not requeue dead letters\n".into(),
+        );
+    };
+    let (answer, answered) = oneshot::channel();
+    let request = RequeueRequest {
+        letters,
+        reply: answer,
+    };
+    // Queued and answered within the timeout (the queue holds a few requests).
+    let asked = async {
+        requeue.send(request).await.map_err(|_| ())?;
+        answered.await.map_err(|_| ())
+    };
+    match tokio::time::timeout(REQUEUE_TIMEOUT, asked).await {
+        Ok(Ok(Ok(requeued))) => reply(StatusCode::OK, "text/plain", requeued.report()),
+        Ok(Ok(Err(reason))) => unavailable(&reason),
+        Ok(Err(())) => unavailable("capture has stopped"),
+        Err(_) => unavailable(&format!(
+            "capture did not answer within {} s; see the service's log",
+            REQUEUE_TIMEOUT.as_secs()
+        )),
     }
+}
 
+impl Admin {
     fn respond(&self, path: &str) -> Reply {
-        let (handle, health, store) = (&self.handle, &self.health, &self.store);
+        let pipelines = self.pipelines();
         match path {
             "/metrics" => {
-                health.publish();
-                reply(StatusCode::OK, "text/plain; version=0.0.4", handle.render())
+                for (_, pipeline) in &pipelines {
+                    pipeline.health.publish();
+                }
+                reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    self.handle.render(),
+                )
             }
             "/health" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-            "/ready" => match health.not_ready() {
+            "/ready" => match not_ready(&pipelines) {
                 None => reply(StatusCode::OK, "text/plain", "ready\n".into()),
                 Some(reason) => reply(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -271,13 +364,7 @@ impl Admin {
                     format!("not ready: {reason}\n"),
                 ),
             },
-            "/status" => reply(
-                StatusCode::OK,
-                "application/json",
-                health
-                    .status(&store.dead_letter_summary().unwrap_or_default())
-                    .to_string(),
-            ),
+            "/status" => reply(StatusCode::OK, "application/json", self.status(&pipelines)),
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
@@ -285,6 +372,45 @@ impl Admin {
             ),
         }
     }
+
+    /// `/status`: one pipeline's status, or `{"shards": [...]}` with each shard's status and id.
+    fn status(&self, pipelines: &[(Option<String>, PipelineAdmin)]) -> String {
+        let one = |pipeline: &PipelineAdmin| {
+            pipeline
+                .health
+                .status(&pipeline.store.dead_letter_summary().unwrap_or_default())
+        };
+        match &self.pipelines {
+            Pipelines::One(pipeline) => one(pipeline).to_string(),
+            Pipelines::Cluster(_) => {
+                let shards: Vec<serde_json::Value> = pipelines
+                    .iter()
+                    .map(|(id, pipeline)| {
+                        let mut status = one(pipeline);
+                        if let Some(fields) = status.as_object_mut() {
+                            fields.insert("shard".into(), serde_json::json!(id));
+                        }
+                        status
+                    })
+                    .collect();
+                serde_json::json!({ "shards": shards }).to_string()
+            }
+        }
+    }
+}
+
+/// Why the service is not ready: the first pipeline's reason (with its shard), or no pipeline.
+fn not_ready(pipelines: &[(Option<String>, PipelineAdmin)]) -> Option<String> {
+    if pipelines.is_empty() {
+        return Some("no shard of the cluster found yet".into());
+    }
+    pipelines.iter().find_map(|(shard, pipeline)| {
+        let reason = pipeline.health.not_ready()?;
+        Some(match shard {
+            Some(shard) => format!("shard {shard}: {reason}"),
+            None => reason,
+        })
+    })
 }
 
 /// Deletes the letters named (those that exist), or all of them a page at a time; returns how

@@ -12,6 +12,7 @@
 //! - [`sink`]: writing the change log to MySQL/MariaDB and SQLite;
 //! - [`ack`]: the `#` op field: completing ops and writing acknowledgements back to Redis;
 //! - [`service`]: the pipeline of one process, wired (`Service::start`, `shutdown`, `wait`);
+//! - [`cluster`]: Redis Cluster: a pipeline per shard, following the topology;
 //! - [`position`]: offsets, change seqs and replication IDs;
 //! - [`backoff`]: the one retry pace;
 //! - [`config`]: the TOML configuration;
@@ -28,6 +29,7 @@ pub mod buffer;
 pub mod capture;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod position;

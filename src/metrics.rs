@@ -100,6 +100,8 @@ fn merge_neighbours(records: &mut VecDeque<(u64, Instant)>) {
 /// State shared by capture, the sinks and the admin listener.
 #[derive(Debug, Default)]
 pub struct Health {
+    /// In a cluster: the shard this is the health of (the `shard` label of its gauges).
+    shard: Option<String>,
     link_up: AtomicBool,
     stopping: AtomicBool,
     received: AtomicU64,
@@ -174,9 +176,34 @@ impl Health {
         Arc::new(Health::default())
     }
 
+    /// The health of one shard of a cluster (`None`: of the one primary).
+    pub fn for_shard(shard: Option<String>) -> Arc<Health> {
+        Arc::new(Health {
+            shard,
+            ..Health::default()
+        })
+    }
+
+    /// The shard this is the health of, in a cluster.
+    pub fn shard(&self) -> Option<&str> {
+        self.shard.as_deref()
+    }
+
+    /// The labels of this health's gauges, with `extra`.
+    fn labels(&self, extra: &[(&'static str, String)]) -> Vec<metrics::Label> {
+        let mut labels: Vec<metrics::Label> = extra
+            .iter()
+            .map(|(name, value)| metrics::Label::new(*name, value.clone()))
+            .collect();
+        if let Some(shard) = &self.shard {
+            labels.push(metrics::Label::new("shard", shard.clone()));
+        }
+        labels
+    }
+
     pub fn set_link(&self, up: bool, primary: Option<RedisEndpoint>, replid: Option<String>) {
         self.link_up.store(up, Ordering::SeqCst);
-        metrics::gauge!("writebehind_link_up").set(if up { 1.0 } else { 0.0 });
+        metrics::gauge!("writebehind_link_up", self.labels(&[])).set(if up { 1.0 } else { 0.0 });
         if primary.is_some() {
             *self.primary.lock().unwrap_or_else(|p| p.into_inner()) = primary;
         }
@@ -191,7 +218,8 @@ impl Health {
             .received
             .fetch_max(offset.0, Ordering::Relaxed)
             .max(offset.0);
-        metrics::gauge!("writebehind_position_received_bytes").set(received as f64);
+        metrics::gauge!("writebehind_position_received_bytes", self.labels(&[]))
+            .set(received as f64);
     }
 
     /// A commit made changes up to `last_seq` durable at `offset` (never moves back; what is
@@ -202,7 +230,8 @@ impl Health {
             .buffered
             .fetch_max(offset.0, Ordering::Relaxed)
             .max(offset.0);
-        metrics::gauge!("writebehind_position_buffered_bytes").set(buffered as f64);
+        metrics::gauge!("writebehind_position_buffered_bytes", self.labels(&[]))
+            .set(buffered as f64);
         let Some(seq) = last_seq else { return };
         // Nothing will apply it without a backend (`--capture-only`): no lag to measure, and a
         // record per commit would be kept for ever.
@@ -226,11 +255,11 @@ impl Health {
         let state = backends.entry(name.to_string()).or_default();
         state.up = up;
         state.last_error = error;
-        metrics::gauge!("writebehind_backend_up", "backend" => name.to_string()).set(if up {
-            1.0
-        } else {
-            0.0
-        });
+        metrics::gauge!(
+            "writebehind_backend_up",
+            self.labels(&[("backend", name.to_string())])
+        )
+        .set(if up { 1.0 } else { 0.0 });
     }
 
     /// The stream starts over at `offset` (a full sync completed): received and buffered are
@@ -263,8 +292,11 @@ impl Health {
                 .min()
                 .unwrap_or(seq)
         };
-        metrics::gauge!("writebehind_position_applied_bytes", "backend" => name.to_string())
-            .set(offset as f64);
+        metrics::gauge!(
+            "writebehind_position_applied_bytes",
+            self.labels(&[("backend", name.to_string())])
+        )
+        .set(offset as f64);
         let mut unapplied = self.unapplied.lock().unwrap_or_else(|p| p.into_inner());
         while unapplied.front().is_some_and(|(s, _)| *s <= slowest) {
             unapplied.pop_front();
@@ -343,7 +375,7 @@ impl Health {
             .open_transaction
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        metrics::gauge!("writebehind_open_transaction_commands")
+        metrics::gauge!("writebehind_open_transaction_commands", self.labels(&[]))
             .set(open.map_or(0.0, |o| o.commands as f64));
         *shown = open.map(|open| {
             let since = match *shown {
@@ -453,17 +485,19 @@ impl Health {
             .primary_offset
             .load(Ordering::Relaxed)
             .max(positions.received.0);
-        metrics::gauge!("writebehind_position_acked_bytes").set(positions.acked.0 as f64);
-        metrics::gauge!("writebehind_primary_offset_bytes").set(primary as f64);
-        metrics::gauge!("writebehind_lag_bytes").set(primary.saturating_sub(applied) as f64);
-        metrics::gauge!("writebehind_lag_seconds").set(self.lag_seconds());
+        metrics::gauge!("writebehind_position_acked_bytes", self.labels(&[]))
+            .set(positions.acked.0 as f64);
+        metrics::gauge!("writebehind_primary_offset_bytes", self.labels(&[])).set(primary as f64);
+        metrics::gauge!("writebehind_lag_bytes", self.labels(&[]))
+            .set(primary.saturating_sub(applied) as f64);
+        metrics::gauge!("writebehind_lag_seconds", self.labels(&[])).set(self.lag_seconds());
     }
 
     /// The buffer's size on disk (`buffer_size_bytes`, `buffer_bytes` in the status): what an
     /// outage of a backend makes grow.
     pub fn buffer_size(&self, bytes: u64) {
         self.buffer_bytes.store(bytes, Ordering::Relaxed);
-        metrics::gauge!("writebehind_buffer_size_bytes").set(bytes as f64);
+        metrics::gauge!("writebehind_buffer_size_bytes", self.labels(&[])).set(bytes as f64);
     }
 
     /// The process's memory by part (`memory_bytes{part}`), from the allocator and RocksDB.
@@ -480,7 +514,11 @@ impl Health {
         ];
         for (part, bytes) in parts {
             if let Some(bytes) = bytes {
-                metrics::gauge!("writebehind_memory_bytes", "part" => part).set(bytes as f64);
+                metrics::gauge!(
+                    "writebehind_memory_bytes",
+                    self.labels(&[("part", part.to_string())])
+                )
+                .set(bytes as f64);
             }
         }
     }

@@ -29,6 +29,8 @@ use crate::ack::writer::{Writer, WriterError};
 use crate::buffer::{Store, StoreError};
 use crate::capture::mapping::Mappings;
 use crate::capture::{Capture, CaptureError, CaptureOutputs, CaptureSettings, CaptureStats};
+use crate::cluster::locator::ShardLocator;
+use crate::cluster::peers::PeerMirrors;
 use crate::config::{Config, RedisEndpoint};
 use crate::metrics::{AdminError, Health};
 use crate::redis_client::{info_field, RedisClient};
@@ -51,6 +53,25 @@ pub struct ServiceOptions {
     pub capture_only: bool,
 }
 
+/// One shard of a Redis Cluster: `crate::cluster` starts a service per shard, each with a
+/// buffer of its own (`[buffer] path/shards/<id>`) and checkpoint rows of its own
+/// (`<backend>@<id>`).
+#[derive(Debug, Clone)]
+pub struct ShardSetup {
+    /// The shard's id: the node id of its primary when it was first seen.
+    pub id: String,
+    pub locator: Arc<ShardLocator>,
+    /// Every shard's buffer, for reconciliations.
+    pub peers: Arc<PeerMirrors>,
+}
+
+impl ShardSetup {
+    /// The shard's buffer directory.
+    pub fn buffer_path(&self, config: &Config) -> std::path::PathBuf {
+        config.buffer.path.join("shards").join(&self.id)
+    }
+}
+
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -71,6 +92,11 @@ pub enum StartError {
     Admin(#[from] AdminError),
     #[error("cannot start the capture thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot record the cluster's shards in {}: {source}; check that directory's permissions and free space", .path.display())]
+    Registry {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl StartError {
@@ -112,6 +138,11 @@ pub struct Stopper {
 }
 
 impl Stopper {
+    /// A stopper sending on `stop`; `health` turns unready when it is used.
+    pub(crate) fn new(stop: Arc<watch::Sender<bool>>, health: Arc<Health>) -> Stopper {
+        Stopper { stop, health }
+    }
+
     /// Begins a graceful stop (idempotent); `reason` is logged.
     pub fn shutdown(&self, reason: &str) {
         if !*self.stop.borrow() {
@@ -129,6 +160,8 @@ pub struct Service {
     stopper: Stopper,
     /// The capture thread's outcome (it supervises the other tasks).
     supervisor: tokio::sync::oneshot::Receiver<Result<CaptureStats, ServiceError>>,
+    /// Where dead-letter retries go (capture serves them between events).
+    requeue: tokio::sync::mpsc::Sender<crate::capture::requeue::RequeueRequest>,
 }
 
 /// Resolves when a stop has been requested.
@@ -140,23 +173,46 @@ impl Service {
     /// Opens the buffer, prepares every backend and starts the tasks. Every configuration
     /// problem is reported before anything starts.
     pub async fn start(config: &Config, options: ServiceOptions) -> Result<Service, StartError> {
-        let discovery = Discovery::from_config(&config.source)?;
+        Service::start_shard(config, options, None).await
+    }
+
+    /// [`Service::start`], for one shard of a cluster when `shard` is given: it has no admin
+    /// listener of its own (the cluster's serves every shard) and no write-back task.
+    pub async fn start_shard(
+        config: &Config,
+        options: ServiceOptions,
+        shard: Option<ShardSetup>,
+    ) -> Result<Service, StartError> {
+        let discovery = match &shard {
+            Some(shard) => Discovery::Cluster(shard.locator.clone()),
+            None => Discovery::from_config(&config.source)?,
+        };
         let endpoint = first_guess(&discovery)?;
         let admin =
-            match config.admin.address() {
-                Some(listen) => Some(listen.parse::<SocketAddr>().map_err(|source| {
+            match (&shard, config.admin.address()) {
+                (None, Some(listen)) => Some(listen.parse::<SocketAddr>().map_err(|source| {
                     StartError::AdminAddress {
                         listen: listen.to_string(),
                         source,
                     }
                 })?),
-                None => None,
+                _ => None,
             };
-        let mut store = Store::open(&config.buffer.path)?;
+        let buffer_path = match &shard {
+            Some(shard) => shard.buffer_path(config),
+            None => config.buffer.path.clone(),
+        };
+        let mut store = Store::open(&buffer_path)?;
         store.set_journal_bytes(config.buffer.mirror_journal_mb << 20);
         let store = Arc::new(store);
+        if let Some(shard) = &shard {
+            shard.peers.add(&shard.id, store.clone());
+        }
         let mappings = Mappings::new(&config.mappings);
-        let outputs = CaptureOutputs::default();
+        let outputs = CaptureOutputs {
+            health: Health::for_shard(shard.as_ref().map(|s| s.id.clone())),
+            ..CaptureOutputs::default()
+        };
         let mut capture = Capture::new(
             store.clone(),
             mappings.clone(),
@@ -170,8 +226,15 @@ impl Service {
         // Dead-letter retries from the admin listener, served by capture in the change order.
         let (requeue, requeues) = tokio::sync::mpsc::channel(4);
         capture.serve_requeues(requeues);
-        let runners = start_runners(config, &mappings, &store, &outputs, options).await?;
-        let writer = match config.acks.enabled {
+        let runners = start_runners(
+            config,
+            &mappings,
+            (&store, &outputs),
+            shard.as_ref(),
+            options,
+        )
+        .await?;
+        let writer = match config.acks.enabled && shard.is_none() {
             true => Some(Writer::new(
                 store.clone(),
                 discovery.clone(),
@@ -191,6 +254,7 @@ impl Service {
             health: outputs.health.clone(),
         };
         let mut tasks: JoinSet<Result<(), ServiceError>> = JoinSet::new();
+        let runner_count = runners.len();
         for runner in runners {
             let stop = stop_requested(stop_rx.clone());
             tasks.spawn(async move { runner.run(stop).await.map_err(ServiceError::from) });
@@ -201,13 +265,15 @@ impl Service {
         }
         let mut helpers = JoinSet::new();
         if let Some((listen, handle)) = metrics {
-            let admin = crate::admin::Admin {
+            let admin = crate::admin::Admin::new(
                 handle,
-                health: outputs.health.clone(),
-                store: store.clone(),
-                requeue: Some(requeue),
-                token: config.admin.token.clone(),
-            };
+                config.admin.token.clone(),
+                crate::admin::PipelineAdmin {
+                    health: outputs.health.clone(),
+                    store: store.clone(),
+                    requeue: Some(requeue.clone()),
+                },
+            );
             let stop = stop_requested(stop_rx.clone());
             helpers.spawn(async move {
                 if let Err(e) = crate::admin::serve(listen, admin, stop).await {
@@ -223,7 +289,7 @@ impl Service {
         let mut replication = ReplicatorOptions::with_discovery(discovery.clone());
         replication.announce_port = config.replication.announce_port;
         replication.timeout = Duration::from_secs(config.replication.timeout_secs);
-        replication.spool_dir = config.buffer.path.join("spool");
+        replication.spool_dir = buffer_path.join("spool");
         replication.stream_spool_bytes = config.replication.stream_spool_mb.saturating_mul(1 << 20);
         replication.waiting_for_snapshot = outputs.health.waiting_for_snapshot_flag();
         replication.spooled = outputs.health.spooled_counter();
@@ -234,7 +300,7 @@ impl Service {
             }
         }
         let replicator = Replicator::new(replication, capture.resume_position());
-        tracing::info!(source = %discovery.describe(), resume = ?capture.resume_position().map(|p| p.to_string()), buffer = %config.buffer.path.display(), backends = tasks.len().saturating_sub(usize::from(config.acks.enabled)), "starting");
+        tracing::info!(source = %discovery.describe(), resume = ?capture.resume_position().map(|p| p.to_string()), buffer = %buffer_path.display(), backends = runner_count, "starting");
         // Capture runs on a thread of its own (as a replica's main loop does): sharing the
         // runtime's workers with the sinks and the write-back task measurably delays every
         // commit, and so every acknowledgement.
@@ -267,7 +333,15 @@ impl Service {
             health: outputs.health,
             stopper,
             supervisor,
+            requeue,
         })
+    }
+
+    /// Where the admin listener sends dead-letter retries.
+    pub fn requeue(
+        &self,
+    ) -> Option<tokio::sync::mpsc::Sender<crate::capture::requeue::RequeueRequest>> {
+        Some(self.requeue.clone())
     }
 
     /// The buffer, for status and tests.
@@ -303,6 +377,9 @@ impl Service {
 fn first_guess(discovery: &Discovery) -> Result<RedisEndpoint, StartError> {
     match discovery {
         Discovery::Fixed(e) => Ok(e.clone()),
+        Discovery::Cluster(locator) => locator
+            .first_guess()
+            .ok_or(StartError::Source(DiscoveryError::NoSource)),
         Discovery::Nodes(nodes)
         | Discovery::Sentinel {
             sentinels: nodes, ..
@@ -315,11 +392,12 @@ fn first_guess(discovery: &Discovery) -> Result<RedisEndpoint, StartError> {
 
 /// One runner per backend that has mappings (none when capturing only); every problem of
 /// every backend is reported together.
+/// A shard's runners name their checkpoint rows `<backend>@<shard>`.
 async fn start_runners(
     config: &Config,
     mappings: &Mappings,
-    store: &Arc<Store>,
-    outputs: &CaptureOutputs,
+    (store, outputs): (&Arc<Store>, &CaptureOutputs),
+    shard: Option<&ShardSetup>,
     options: ServiceOptions,
 ) -> Result<Vec<SinkRunner<Sink>>, StartError> {
     let backends: Vec<_> = config
@@ -355,8 +433,13 @@ async fn start_runners(
             positions: positions.clone(),
             health: outputs.health.clone(),
             writeback: outputs.writeback.clone(),
+            peers: shard.map(|s| (s.id.clone(), s.peers.clone())),
         };
-        match SinkRunner::start(name, sinks, mine, links).await {
+        let rows = match shard {
+            Some(shard) => format!("{name}@{}", shard.id),
+            None => name.to_string(),
+        };
+        match SinkRunner::start(&rows, sinks, mine, links).await {
             Ok(runner) => runners.push(runner),
             Err(mut p) => problems.append(&mut p),
         }

@@ -88,6 +88,21 @@ pub struct CaptureStats {
     pub units_rolled_back: u64,
 }
 
+impl CaptureStats {
+    /// Adds `other`'s counts to these (a cluster's shards, summed).
+    pub fn absorb(&mut self, other: &CaptureStats) {
+        self.units += other.units;
+        self.changes += other.changes;
+        self.commits += other.commits;
+        self.refreshed_keys += other.refreshed_keys;
+        self.unknown_commands += other.unknown_commands;
+        self.full_syncs += other.full_syncs;
+        self.partial_syncs += other.partial_syncs;
+        self.unit_parts_written += other.unit_parts_written;
+        self.units_rolled_back += other.units_rolled_back;
+    }
+}
+
 /// Where capture reports what it made durable.
 #[derive(Debug, Clone, Default)]
 pub struct CaptureOutputs {

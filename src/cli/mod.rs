@@ -12,10 +12,12 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::capture::requeue::Letters;
+use crate::cluster::ClusterService;
 use crate::config::{Config, RedisEndpoint};
 use crate::position::{ChangeSeq, ReplId, ReplOffset, StreamPosition};
 use crate::replication::ReplicatorOptions;
 use crate::service::{Service, ServiceOptions};
+use futures_util::FutureExt;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -310,7 +312,16 @@ async fn run(path: &std::path::Path, capture_only: bool) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-    let service = match Service::start(&config, ServiceOptions { capture_only }).await {
+    let options = ServiceOptions { capture_only };
+    let started = match config.source.cluster.is_some() {
+        true => ClusterService::start(&config, options)
+            .await
+            .map(|s| (s.stopper(), s.wait().boxed())),
+        false => Service::start(&config, options)
+            .await
+            .map(|s| (s.stopper(), s.wait().boxed())),
+    };
+    let (stopper, stopped) = match started {
         Ok(service) => service,
         Err(e) => {
             for line in e.lines() {
@@ -322,8 +333,6 @@ async fn run(path: &std::path::Path, capture_only: bool) -> ExitCode {
             };
         }
     };
-    let stopper = service.stopper();
-    let stopped = service.wait();
     tokio::pin!(stopped);
     let outcome = tokio::select! {
         outcome = &mut stopped => outcome,

@@ -72,6 +72,8 @@ pub struct SourceConfig {
     pub url: Option<String>,
     pub nodes: Option<Vec<String>>,
     pub sentinels: Option<Vec<String>>,
+    /// Seed nodes of a Redis Cluster: every shard is followed (`src/cluster`).
+    pub cluster: Option<Vec<String>>,
     pub master_name: Option<String>,
     /// Credentials for data nodes whose address carries none (nodes, or the primary Sentinel
     /// names).
@@ -113,6 +115,7 @@ fn tls_problems(source: &SourceConfig) -> Vec<String> {
         .iter()
         .chain(source.nodes.iter().flatten())
         .chain(source.sentinels.iter().flatten())
+        .chain(source.cluster.iter().flatten())
         .collect();
     // By the parsed scheme (`REDISS://` is TLS too); an address that does not parse is
     // reported on its own.
@@ -221,6 +224,7 @@ impl fmt::Debug for SourceConfig {
             .field("url", &self.url.as_deref().map(redact))
             .field("nodes", &redact_all(&self.nodes))
             .field("sentinels", &redact_all(&self.sentinels))
+            .field("cluster", &redact_all(&self.cluster))
             .field("master_name", &self.master_name)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
@@ -400,20 +404,26 @@ impl Config {
             source.url.is_some(),
             source.nodes.is_some(),
             source.sentinels.is_some(),
+            source.cluster.is_some(),
         ];
         match given.iter().filter(|g| **g).count() {
-            0 => problems.push("[source]: set one of `url`, `nodes` or `sentinels`".to_string()),
+            0 => problems
+                .push("[source]: set one of `url`, `nodes`, `sentinels` or `cluster`".to_string()),
             1 => {}
-            _ => {
-                problems.push("[source]: set only one of `url`, `nodes` or `sentinels`".to_string())
-            }
+            _ => problems.push(
+                "[source]: set only one of `url`, `nodes`, `sentinels` or `cluster`".to_string(),
+            ),
         }
         if let Some(url) = &source.url {
             if let Err(e) = RedisEndpoint::parse(url) {
                 problems.push(format!("[source] url: {e}"));
             }
         }
-        for (field, list) in [("nodes", &source.nodes), ("sentinels", &source.sentinels)] {
+        for (field, list) in [
+            ("nodes", &source.nodes),
+            ("sentinels", &source.sentinels),
+            ("cluster", &source.cluster),
+        ] {
             if let Some(list) = list {
                 if list.is_empty() {
                     problems.push(format!("[source] {field}: the list is empty"));
@@ -426,6 +436,9 @@ impl Config {
             }
         }
         problems.extend(tls_problems(source));
+        if source.cluster.is_some() && self.acks.enabled {
+            problems.push("[acks] enabled: the `#` op field and acknowledgements are not supported with [source] cluster yet; set [acks] enabled = false".to_string());
+        }
         if source.sentinels.is_some() && source.master_name.as_deref().unwrap_or("").is_empty() {
             problems.push("[source]: `sentinels` needs `master_name`".to_string());
         }

@@ -1,7 +1,8 @@
 //! Finding the current primary: a fixed URL, a replicaof-style list of nodes (asked with
 //! `ROLE`), or Sentinel (`SENTINEL get-master-addr-by-name`), and Sentinel's `+switch-master`
 //! announcements, which make the service reconnect at once instead of waiting for its link to
-//! time out.
+//! time out. In a cluster, each shard's link finds its primary through the cluster's own view
+//! (`crate::cluster::locator`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use redis_protocol::resp2::types::BytesFrame;
 use tokio::sync::Notify;
 
 use super::LinkError;
+use crate::cluster::locator::ShardLocator;
 use crate::config::{EndpointError, RedisEndpoint, SourceConfig};
 use crate::redis_client::{frame_text, ClientError, RedisClient};
 
@@ -25,35 +27,22 @@ pub enum Discovery {
         master_name: String,
         auth: (Option<String>, Option<String>),
     },
+    /// One shard of a Redis Cluster (`[source] cluster`).
+    Cluster(Arc<ShardLocator>),
 }
 
 impl Discovery {
-    /// From a validated `[source]` section.
+    /// From a validated `[source]` section naming one primary (`url`, `nodes` or `sentinels`;
+    /// a cluster's shards are found by `crate::cluster`).
     pub fn from_config(source: &SourceConfig) -> Result<Discovery, DiscoveryError> {
         let parse = |list: &[String]| {
             list.iter()
                 .map(|u| RedisEndpoint::parse(u))
                 .collect::<Result<Vec<_>, _>>()
         };
-        let tls = match &source.tls {
-            Some(files) => {
-                Some(crate::tls::RedisTls::from_files(files).map_err(DiscoveryError::Tls)?)
-            }
-            None => None,
-        };
-        let with_tls = |mut e: RedisEndpoint| {
-            if let (Some(_), Some(tls)) = (&e.tls, &tls) {
-                e.tls = Some(tls.clone());
-            }
-            e
-        };
-        let with_auth = |mut e: RedisEndpoint| {
-            if e.password.is_none() {
-                e.username = source.username.clone();
-                e.password = source.password.clone();
-            }
-            with_tls(e)
-        };
+        let tls = source_tls(source)?;
+        let with_tls = |e: RedisEndpoint| with_source_tls(e, &tls);
+        let with_auth = |e: RedisEndpoint| with_source_auth(e, source, &tls);
         match (&source.url, &source.nodes, &source.sentinels) {
             (Some(url), _, _) => Ok(Discovery::Fixed(with_auth(RedisEndpoint::parse(url)?))),
             (None, Some(nodes), _) => Ok(Discovery::Nodes(
@@ -66,6 +55,19 @@ impl Discovery {
             }),
             _ => Err(DiscoveryError::NoSource),
         }
+    }
+
+    /// The seed nodes of `[source] cluster`, with the source's credentials and TLS.
+    pub fn cluster_seeds(source: &SourceConfig) -> Result<Vec<RedisEndpoint>, DiscoveryError> {
+        let tls = source_tls(source)?;
+        let seeds = source.cluster.as_deref().unwrap_or_default();
+        if seeds.is_empty() {
+            return Err(DiscoveryError::NoSource);
+        }
+        seeds
+            .iter()
+            .map(|u| Ok(with_source_auth(RedisEndpoint::parse(u)?, source, &tls)))
+            .collect()
     }
 
     /// A short description for logs.
@@ -94,6 +96,7 @@ impl Discovery {
                         .join(", ")
                 )
             }
+            Discovery::Cluster(locator) => locator.describe(),
         }
     }
 
@@ -141,6 +144,7 @@ impl Discovery {
                     message: format!("no sentinel knows the primary ({})", seen.join("; ")),
                 })
             }
+            Discovery::Cluster(locator) => locator.primary(timeout).await,
         }
     }
 
@@ -173,10 +177,41 @@ impl Discovery {
     }
 }
 
+/// `[source.tls]` loaded, when set.
+fn source_tls(source: &SourceConfig) -> Result<Option<crate::tls::RedisTls>, DiscoveryError> {
+    match &source.tls {
+        Some(files) => Ok(Some(
+            crate::tls::RedisTls::from_files(files).map_err(DiscoveryError::Tls)?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// A `rediss://` address with `[source.tls]` instead of the public CAs.
+fn with_source_tls(mut e: RedisEndpoint, tls: &Option<crate::tls::RedisTls>) -> RedisEndpoint {
+    if let (Some(_), Some(tls)) = (&e.tls, tls) {
+        e.tls = Some(tls.clone());
+    }
+    e
+}
+
+/// A data node's address with the source's credentials when it carries none.
+fn with_source_auth(
+    mut e: RedisEndpoint,
+    source: &SourceConfig,
+    tls: &Option<crate::tls::RedisTls>,
+) -> RedisEndpoint {
+    if e.password.is_none() {
+        e.username = source.username.clone();
+        e.password = source.password.clone();
+    }
+    with_source_tls(e, tls)
+}
+
 /// Why a node or a Sentinel could not say where the primary is.
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
-    #[error("[source]: set one of `url`, `nodes` or `sentinels`")]
+    #[error("[source]: set one of `url`, `nodes`, `sentinels` or `cluster`")]
     NoSource,
     #[error(transparent)]
     Endpoint(#[from] EndpointError),

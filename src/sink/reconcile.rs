@@ -19,7 +19,7 @@
 //! 2. Wait until capture holds a complete mirror (no full sync in progress); `S` is the last seq
 //!    buffered then.
 //! 3. Per mapping: delete every row whose key Redis does not have (key column read in pages,
-//!    each id looked up in the mirror); then upsert every watched hash of the mirror. The
+//!    each id looked up in the mirror; in a cluster, in every shard's mirror); then upsert every watched hash of the mirror. The
 //!    buffer is synced before each page is written: what was read of the mirror is on disk.
 //! 4. The row records this buffer, these mappings and `S`; the runner continues from `S + 1`.
 //!
@@ -273,7 +273,11 @@ impl<D: Destination> super::runner::SinkRunner<D> {
                 let present = self
                     .store
                     .mirror(mapping.db, &key)?
-                    .is_some_and(|v| v.kind == MirrorKind::Hash && !v.fields.is_empty());
+                    .is_some_and(|v| v.kind == MirrorKind::Hash && !v.fields.is_empty())
+                    || match &self.peers {
+                        Some((shard, peers)) => peers.others_hold(shard, mapping.db, &key)?,
+                        None => false,
+                    };
                 if !present {
                     writes.push(RowWrite {
                         table: index,

@@ -3,6 +3,7 @@
 //! rows, retried forever on transient errors; refused rows go to the dead-letter store; the
 //! change log is trimmed behind the slowest backend.
 
+use crate::cluster::peers::PeerMirrors;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,6 +72,9 @@ pub struct RunnerLinks {
     pub health: Arc<Health>,
     /// Woken when acknowledgements are queued.
     pub writeback: Arc<Writeback>,
+    /// In a cluster: this shard's id and every shard's buffer (a reconciliation deletes a row
+    /// only when no shard holds its key).
+    pub peers: Option<(String, Arc<PeerMirrors>)>,
 }
 
 /// One partition's share of a batch.
@@ -108,6 +112,8 @@ pub struct SinkRunner<D: Destination> {
     pub(super) existing_rows: BTreeSet<String>,
     pub(super) health: Arc<Health>,
     pub(super) writeback: Arc<Writeback>,
+    /// In a cluster: this shard's id and every shard's buffer.
+    pub(super) peers: Option<(String, Arc<PeerMirrors>)>,
     /// The fingerprint of `mappings`, recorded with every checkpoint.
     pub(super) mappings_id: String,
     /// Why the tables must be reconciled before anything else (found at start).
@@ -184,6 +190,7 @@ impl<D: Destination> SinkRunner<D> {
             existing_rows: found.rows.keys().cloned().collect(),
             health: links.health,
             writeback: links.writeback,
+            peers: links.peers,
             mappings_id,
             reconcile,
             reconcile_letters,

@@ -30,6 +30,7 @@ fn links(store: &Arc<Store>) -> RunnerLinks {
         positions: Arc::new(AppliedPositions::new(1)),
         health: crate::metrics::Health::new(),
         writeback: Arc::new(Writeback::default()),
+        peers: None,
     }
 }
 

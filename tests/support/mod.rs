@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod capture;
+pub mod cluster;
 pub mod ops;
 pub mod postgres;
 pub mod proxy;

@@ -1,0 +1,156 @@
+//! Finding the primary of one shard of a cluster, whichever node serves it now.
+//!
+//! A shard is known by the ids of the nodes seen in it (its primary and replicas, remembered as
+//! they come). To find its primary, the nodes last seen and then the seeds are asked for the
+//! cluster's shards (`topology.rs`) until one answers; the shard holding any remembered node is
+//! this one, and its primary is the node the cluster names `master` and `online`. So a manual
+//! failover, an automatic one, and a replica added and promoted after every node first seen
+//! was replaced are all followed, as long as each step leaves one remembered node in the shard.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::topology::{self, endpoint_of, Shard, Topology};
+use crate::config::RedisEndpoint;
+use crate::redis_client::RedisClient;
+use crate::replication::LinkError;
+
+/// Where one shard's primary is.
+#[derive(Debug)]
+pub struct ShardLocator {
+    /// The configured seeds, with the source's credentials and TLS.
+    seeds: Vec<RedisEndpoint>,
+    /// The shard's identity: every node id seen in it.
+    members: Mutex<Vec<String>>,
+    /// Node addresses of the shard as last seen (asked before the seeds).
+    nodes: Mutex<Vec<RedisEndpoint>>,
+}
+
+impl ShardLocator {
+    pub fn new(seeds: Vec<RedisEndpoint>, shard: &Shard) -> ShardLocator {
+        let locator = ShardLocator {
+            seeds,
+            members: Mutex::new(Vec::new()),
+            nodes: Mutex::new(Vec::new()),
+        };
+        locator.remember(shard);
+        locator
+    }
+
+    /// A locator for a shard known only by the node ids remembered in its buffer.
+    pub fn from_members(seeds: Vec<RedisEndpoint>, members: Vec<String>) -> ShardLocator {
+        ShardLocator {
+            seeds,
+            members: Mutex::new(members),
+            nodes: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Every node id seen in the shard.
+    pub fn members(&self) -> Vec<String> {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether `shard` is this one (it holds a remembered node).
+    pub fn is(&self, shard: &Shard) -> bool {
+        let members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        members.iter().any(|id| shard.has_node(id))
+    }
+
+    /// Takes in the nodes `shard` has now; returns whether a node id was new.
+    pub fn remember(&self, shard: &Shard) -> bool {
+        let template = self.seeds.first().cloned();
+        if let Some(template) = &template {
+            *self.nodes.lock().unwrap_or_else(|p| p.into_inner()) = shard
+                .nodes
+                .iter()
+                .map(|n| endpoint_of(n, template))
+                .collect();
+        }
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let mut grew = false;
+        for node in &shard.nodes {
+            if !members.contains(&node.id) {
+                members.push(node.id.clone());
+                grew = true;
+            }
+        }
+        grew
+    }
+
+    /// Where the link first looks (it follows whatever primary [`ShardLocator::primary`]
+    /// finds): a node last seen in the shard, else a seed.
+    pub fn first_guess(&self) -> Option<RedisEndpoint> {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes.first().or(self.seeds.first()).cloned()
+    }
+
+    /// A short description for logs.
+    pub fn describe(&self) -> String {
+        let members = self.members();
+        format!(
+            "cluster shard of node {}",
+            members.first().map(String::as_str).unwrap_or("?")
+        )
+    }
+
+    /// The shard's primary now. `NotReady` when no node answers, the shard is gone, or it has
+    /// no online primary (retried with backoff by the link).
+    pub async fn primary(&self, timeout: Duration) -> Result<RedisEndpoint, LinkError> {
+        let not_ready = |message: String| LinkError::NotReady {
+            address: self.describe(),
+            message,
+        };
+        let (topology, template) = self
+            .ask_any(timeout)
+            .await
+            .map_err(|seen| not_ready(format!("no node describes the cluster ({seen})")))?;
+        let Some(shard) = topology.shards.iter().find(|s| self.is(s)) else {
+            return Err(not_ready(
+                "no shard of the cluster holds any node this shard had: it was removed".into(),
+            ));
+        };
+        self.remember(shard);
+        match shard.primary() {
+            Some(primary) => Ok(endpoint_of(primary, &template)),
+            None => Err(not_ready(
+                "the shard has no online primary (a failover in progress?)".into(),
+            )),
+        }
+    }
+
+    /// The topology as told by the first node that answers (the shard's last known nodes,
+    /// then the seeds), with that node's endpoint as the template for the others.
+    async fn ask_any(&self, timeout: Duration) -> Result<(Topology, RedisEndpoint), String> {
+        let mut candidates = self.nodes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        candidates.extend(self.seeds.iter().cloned());
+        ask_first(&candidates, timeout).await
+    }
+}
+
+/// The topology from the first of `candidates` that describes it.
+pub async fn ask_first(
+    candidates: &[RedisEndpoint],
+    timeout: Duration,
+) -> Result<(Topology, RedisEndpoint), String> {
+    let mut seen = Vec::new();
+    for node in candidates {
+        let asked = async {
+            let mut client = RedisClient::connect(node, timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::time::timeout(timeout, topology::read(&mut client))
+                .await
+                .map_err(|_| format!("{}: no answer within {timeout:?}", node.address()))?
+                .map_err(|e| e.to_string())
+        };
+        match asked.await {
+            Ok(topology) => return Ok((topology, node.clone())),
+            Err(e) => seen.push(e),
+        }
+    }
+    Err(seen.join("; "))
+}

@@ -1,0 +1,409 @@
+//! A cluster's shards as its nodes describe them: `CLUSTER SHARDS` (Redis 7.0 and later,
+//! Valkey), or `CLUSTER SLOTS` where that is unknown.
+//!
+//! `CLUSTER SHARDS` answers one entry per shard, each a flat map: `slots` (pairs of first and
+//! last slot) and `nodes`, each node itself a flat map with at least `id`, `port`, `ip`,
+//! `endpoint`, `role` (`master` or `replica`), `replication-offset` and `health` (`online`,
+//! `failed` or `loading`). A primary with no slots is listed too. `CLUSTER SLOTS` answers one
+//! entry per slot range: first slot, last slot, then the primary and its replicas as `[ip,
+//! port, id, ...]`; primaries without slots are missing and health is not given (every node
+//! listed is taken as online). Replies are from the network: every field is checked and a
+//! malformed reply is an error naming what was seen, never a panic.
+
+use redis_protocol::resp2::types::BytesFrame;
+
+use super::slot::SLOTS;
+use crate::config::RedisEndpoint;
+use crate::redis_client::{frame_text, ClientError, RedisClient};
+
+/// One node of a shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// The cluster's 40-character node id.
+    pub id: String,
+    pub host: String,
+    pub port: u16,
+    pub primary: bool,
+    /// Reachable as far as the cluster knows (`health` is `online`).
+    pub online: bool,
+    pub replication_offset: u64,
+}
+
+/// A primary, its replicas and the slots it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Shard {
+    /// Inclusive ranges.
+    pub slots: Vec<(u16, u16)>,
+    pub nodes: Vec<Node>,
+}
+
+impl Shard {
+    /// The node serving the shard's writes, when the cluster names one that is online.
+    pub fn primary(&self) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.primary && n.online)
+    }
+
+    pub fn owns(&self, slot: u16) -> bool {
+        self.slots
+            .iter()
+            .any(|&(first, last)| first <= slot && slot <= last)
+    }
+
+    pub fn slot_count(&self) -> u32 {
+        self.slots
+            .iter()
+            .map(|&(first, last)| u32::from(last - first) + 1)
+            .sum()
+    }
+
+    /// Whether `id` is one of this shard's nodes.
+    pub fn has_node(&self, id: &str) -> bool {
+        self.nodes.iter().any(|n| n.id == id)
+    }
+}
+
+/// Every shard of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Topology {
+    pub shards: Vec<Shard>,
+}
+
+impl Topology {
+    /// The shard serving `slot`.
+    pub fn owner(&self, slot: u16) -> Option<&Shard> {
+        self.shards.iter().find(|s| s.owns(slot))
+    }
+
+    /// The shard one of whose nodes is one of `ids`.
+    pub fn shard_with_any(&self, ids: &[String]) -> Option<&Shard> {
+        self.shards
+            .iter()
+            .find(|s| ids.iter().any(|id| s.has_node(id)))
+    }
+
+    /// Slots no shard serves.
+    pub fn unserved_slots(&self) -> u32 {
+        u32::from(SLOTS) - self.shards.iter().map(Shard::slot_count).sum::<u32>()
+    }
+}
+
+/// Why a node's description of the cluster cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{address}: {message}")]
+    Reply { address: String, message: String },
+}
+
+/// Asks `node` for the cluster's shards (`CLUSTER SHARDS`, else `CLUSTER SLOTS`).
+pub async fn read(client: &mut RedisClient) -> Result<Topology, TopologyError> {
+    let address = client.address().to_string();
+    let reply = |message: String| TopologyError::Reply {
+        address: address.clone(),
+        message,
+    };
+    match client.command(&["CLUSTER", "SHARDS"]).await? {
+        BytesFrame::Error(e) if e.to_ascii_lowercase().contains("unknown subcommand") => {
+            match client.command(&["CLUSTER", "SLOTS"]).await? {
+                BytesFrame::Error(e) => Err(reply(format!("CLUSTER SLOTS: {e}"))),
+                frame => parse_slots(&frame).map_err(reply),
+            }
+        }
+        BytesFrame::Error(e) => Err(reply(format!("CLUSTER SHARDS: {e}"))),
+        frame => parse_shards(&frame).map_err(reply),
+    }
+}
+
+fn items(frame: &BytesFrame, what: &str) -> Result<Vec<BytesFrame>, String> {
+    match frame {
+        BytesFrame::Array(items) => Ok(items.clone()),
+        other => Err(format!("{what}: expected an array, got {other:?}")),
+    }
+}
+
+fn integer(frame: &BytesFrame, what: &str) -> Result<i64, String> {
+    match frame {
+        BytesFrame::Integer(i) => Ok(*i),
+        other => frame_text(other)
+            .parse()
+            .map_err(|_| format!("{what}: expected an integer, got {other:?}")),
+    }
+}
+
+fn slot(frame: &BytesFrame) -> Result<u16, String> {
+    let value = integer(frame, "slot")?;
+    u16::try_from(value)
+        .ok()
+        .filter(|&s| s < SLOTS)
+        .ok_or_else(|| format!("slot {value} is out of range"))
+}
+
+fn port(value: i64) -> Result<u16, String> {
+    u16::try_from(value).map_err(|_| format!("port {value} is out of range"))
+}
+
+/// Pairs of a flat map (`[name, value, name, value, ...]`).
+fn pairs(frame: &BytesFrame, what: &str) -> Result<Vec<(String, BytesFrame)>, String> {
+    let items = items(frame, what)?;
+    if items.len() % 2 != 0 {
+        return Err(format!("{what}: a map of {} items", items.len()));
+    }
+    Ok(items
+        .chunks(2)
+        .map(|pair| (frame_text(&pair[0]), pair[1].clone()))
+        .collect())
+}
+
+/// Parses a `CLUSTER SHARDS` reply.
+pub fn parse_shards(frame: &BytesFrame) -> Result<Topology, String> {
+    let mut shards = Vec::new();
+    for entry in items(frame, "CLUSTER SHARDS")? {
+        let mut shard = Shard::default();
+        for (name, value) in pairs(&entry, "a shard")? {
+            match name.as_str() {
+                "slots" => {
+                    let bounds = items(&value, "slots")?;
+                    if bounds.len() % 2 != 0 {
+                        return Err(format!("slots: {} bounds", bounds.len()));
+                    }
+                    for pair in bounds.chunks(2) {
+                        let (first, last) = (slot(&pair[0])?, slot(&pair[1])?);
+                        if first > last {
+                            return Err(format!("slots: range {first}-{last}"));
+                        }
+                        shard.slots.push((first, last));
+                    }
+                }
+                "nodes" => {
+                    for node in items(&value, "nodes")? {
+                        shard.nodes.push(parse_shard_node(&node)?);
+                    }
+                }
+                _ => {}
+            }
+        }
+        shards.push(shard);
+    }
+    Ok(Topology { shards })
+}
+
+fn parse_shard_node(frame: &BytesFrame) -> Result<Node, String> {
+    let (mut id, mut ip, mut endpoint, mut port_number) = (None, None, None, None);
+    let mut node = Node {
+        id: String::new(),
+        host: String::new(),
+        port: 0,
+        primary: false,
+        online: false,
+        replication_offset: 0,
+    };
+    for (name, value) in pairs(frame, "a node")? {
+        match name.as_str() {
+            "id" => id = Some(frame_text(&value)),
+            "ip" => ip = Some(frame_text(&value)),
+            "endpoint" => endpoint = Some(frame_text(&value)),
+            "port" => port_number = Some(port(integer(&value, "port")?)?),
+            "role" => node.primary = frame_text(&value) == "master",
+            "health" => node.online = frame_text(&value) == "online",
+            "replication-offset" => {
+                node.replication_offset = integer(&value, "replication-offset")?.max(0) as u64
+            }
+            _ => {}
+        }
+    }
+    node.id = id.filter(|i| !i.is_empty()).ok_or("a node without an id")?;
+    node.port = port_number.ok_or_else(|| format!("node {} without a port", node.id))?;
+    // `endpoint` is what clients are told to use (`?` when unknown); `ip` otherwise.
+    node.host = endpoint
+        .filter(|e| !e.is_empty() && e != "?")
+        .or(ip)
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| format!("node {} without an address", node.id))?;
+    Ok(node)
+}
+
+/// Parses a `CLUSTER SLOTS` reply (shards grouped by their primary's id).
+pub fn parse_slots(frame: &BytesFrame) -> Result<Topology, String> {
+    let mut topology = Topology::default();
+    for entry in items(frame, "CLUSTER SLOTS")? {
+        let fields = items(&entry, "a slot range")?;
+        if fields.len() < 3 {
+            return Err(format!("a slot range of {} items", fields.len()));
+        }
+        let (first, last) = (slot(&fields[0])?, slot(&fields[1])?);
+        let mut nodes = Vec::new();
+        for (index, node) in fields[2..].iter().enumerate() {
+            let parts = items(node, "a node")?;
+            if parts.len() < 3 {
+                return Err(format!("a node of {} items", parts.len()));
+            }
+            nodes.push(Node {
+                host: frame_text(&parts[0]),
+                port: port(integer(&parts[1], "port")?)?,
+                id: frame_text(&parts[2]),
+                primary: index == 0,
+                online: true,
+                replication_offset: 0,
+            });
+        }
+        let primary = nodes[0].id.clone();
+        match topology
+            .shards
+            .iter_mut()
+            .find(|s| s.nodes.first().is_some_and(|n| n.id == primary))
+        {
+            Some(shard) => shard.slots.push((first, last)),
+            None => topology.shards.push(Shard {
+                slots: vec![(first, last)],
+                nodes,
+            }),
+        }
+    }
+    Ok(topology)
+}
+
+/// The endpoint of `node`, with the credentials and TLS of `template` (a seed).
+pub fn endpoint_of(node: &Node, template: &RedisEndpoint) -> RedisEndpoint {
+    RedisEndpoint {
+        host: node.host.clone(),
+        port: node.port,
+        ..template.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn bulk(s: &str) -> BytesFrame {
+        BytesFrame::BulkString(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn array(items: Vec<BytesFrame>) -> BytesFrame {
+        BytesFrame::Array(items)
+    }
+
+    fn node(id: &str, port: i64, role: &str, health: &str) -> BytesFrame {
+        array(vec![
+            bulk("id"),
+            bulk(id),
+            bulk("port"),
+            BytesFrame::Integer(port),
+            bulk("ip"),
+            bulk("127.0.0.1"),
+            bulk("endpoint"),
+            bulk("127.0.0.1"),
+            bulk("role"),
+            bulk(role),
+            bulk("replication-offset"),
+            BytesFrame::Integer(72156),
+            bulk("health"),
+            bulk(health),
+        ])
+    }
+
+    #[test]
+    fn cluster_shards_gives_slots_primaries_and_health() {
+        let reply = array(vec![
+            array(vec![
+                bulk("slots"),
+                array(vec![BytesFrame::Integer(0), BytesFrame::Integer(5460)]),
+                bulk("nodes"),
+                array(vec![
+                    node("a1", 30001, "master", "online"),
+                    node("a2", 30004, "replica", "online"),
+                ]),
+            ]),
+            array(vec![
+                bulk("slots"),
+                array(vec![]),
+                bulk("nodes"),
+                array(vec![node("b1", 30002, "master", "failed")]),
+            ]),
+        ]);
+        let topology = parse_shards(&reply).unwrap();
+        assert_eq!(topology.shards.len(), 2);
+        let first = &topology.shards[0];
+        assert_eq!(first.slots, vec![(0, 5460)]);
+        assert_eq!(first.primary().map(|n| n.port), Some(30001));
+        assert!(first.owns(5460) && !first.owns(5461));
+        assert_eq!(first.slot_count(), 5461);
+        assert_eq!(
+            topology.shards[1].primary(),
+            None,
+            "a failed primary is not offered"
+        );
+        assert_eq!(
+            topology.owner(100).map(|s| s.nodes[0].id.as_str()),
+            Some("a1")
+        );
+        assert_eq!(topology.unserved_slots(), 16384 - 5461);
+        assert_eq!(
+            topology.shard_with_any(&["zz".into(), "a2".into()]),
+            Some(first)
+        );
+    }
+
+    #[test]
+    fn malformed_replies_are_errors_not_panics() {
+        let cases = [
+            bulk("no"),
+            array(vec![bulk("slots")]),
+            array(vec![array(vec![
+                bulk("slots"),
+                array(vec![BytesFrame::Integer(9), BytesFrame::Integer(3)]),
+            ])]),
+            array(vec![array(vec![
+                bulk("slots"),
+                array(vec![BytesFrame::Integer(0), BytesFrame::Integer(16384)]),
+            ])]),
+            array(vec![array(vec![
+                bulk("nodes"),
+                array(vec![array(vec![bulk("id"), bulk("x")])]),
+            ])]),
+            array(vec![array(vec![
+                bulk("nodes"),
+                array(vec![array(vec![
+                    bulk("id"),
+                    bulk("x"),
+                    bulk("port"),
+                    BytesFrame::Integer(70000),
+                ])]),
+            ])]),
+        ];
+        for case in cases {
+            assert!(parse_shards(&case).is_err(), "{case:?}");
+        }
+        assert!(parse_slots(&array(vec![array(vec![BytesFrame::Integer(0)])])).is_err());
+        assert!(parse_slots(&array(vec![array(vec![
+            BytesFrame::Integer(0),
+            BytesFrame::Integer(1),
+            array(vec![bulk("h")]),
+        ])]))
+        .is_err());
+    }
+
+    #[test]
+    fn cluster_slots_groups_ranges_by_primary() {
+        let node = |port: i64, id: &str| {
+            array(vec![bulk("127.0.0.1"), BytesFrame::Integer(port), bulk(id)])
+        };
+        let range = |first: i64, last: i64, nodes: Vec<BytesFrame>| {
+            let mut items = vec![BytesFrame::Integer(first), BytesFrame::Integer(last)];
+            items.extend(nodes);
+            array(items)
+        };
+        let reply = array(vec![
+            range(0, 99, vec![node(1, "p1"), node(4, "r1")]),
+            range(100, 199, vec![node(2, "p2")]),
+            range(200, 299, vec![node(1, "p1"), node(4, "r1")]),
+        ]);
+        let topology = parse_slots(&reply).unwrap();
+        assert_eq!(topology.shards.len(), 2);
+        assert_eq!(topology.shards[0].slots, vec![(0, 99), (200, 299)]);
+        assert_eq!(topology.shards[0].nodes.len(), 2);
+        assert!(topology.shards[0].nodes[0].primary && !topology.shards[0].nodes[1].primary);
+    }
+}

@@ -1,0 +1,387 @@
+//! A local Redis Cluster for the tests: primaries and replicas started on ports whose bus port
+//! (`port + 10000`) is free too, joined with `CLUSTER MEET`, given slots with
+//! `CLUSTER ADDSLOTSRANGE` and replicas with `CLUSTER REPLICATE` (no `redis-cli` needed, so
+//! every server of the matrix is formed the same way), and a client that sends each command to
+//! the node serving its key's slot.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use redis_protocol::resp2::types::BytesFrame;
+use writebehind::cluster::slot::slot_of;
+use writebehind::cluster::topology::{self, Topology};
+use writebehind::redis_client::{frame_text, info_field, RedisClient};
+
+use super::RedisServer;
+
+/// A port below 55536 whose bus port is free as well.
+pub fn cluster_port() -> u16 {
+    loop {
+        let port = 20_000 + (rand::random::<u16>() % 25_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
+/// Starts one cluster-enabled node (`--cluster-node-timeout 1000`: failovers in seconds).
+pub fn cluster_node() -> RedisServer {
+    RedisServer::start_on_port(
+        cluster_port(),
+        &["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"],
+    )
+}
+
+/// A running cluster; nodes are killed when it drops.
+pub struct RedisCluster {
+    /// Primaries first, then their replicas (replica `r` of primary `p` at
+    /// `primaries + p * replicas + r`), then nodes added by tests.
+    pub nodes: Vec<RedisServer>,
+    pub primaries: usize,
+}
+
+async fn command(client: &mut RedisClient, args: &[&str]) -> BytesFrame {
+    client
+        .command(args)
+        .await
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+pub async fn node_id(server: &RedisServer) -> String {
+    frame_text(&command(&mut server.client().await, &["CLUSTER", "MYID"]).await)
+}
+
+async fn until(what: &str, deadline_secs: u64, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(deadline_secs);
+    while !done().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {deadline_secs} s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl RedisCluster {
+    /// `primaries` primaries sharing the slots evenly, each with `replicas` replicas.
+    pub async fn start(primaries: usize, replicas: usize) -> RedisCluster {
+        let total = primaries * (1 + replicas);
+        let nodes: Vec<RedisServer> = (0..total).map(|_| cluster_node()).collect();
+        let per = 16_384 / primaries;
+        for (index, node) in nodes.iter().take(primaries).enumerate() {
+            let first = index * per;
+            let last = if index + 1 == primaries {
+                16_383
+            } else {
+                first + per - 1
+            };
+            let reply = command(
+                &mut node.client().await,
+                &[
+                    "CLUSTER",
+                    "ADDSLOTSRANGE",
+                    &first.to_string(),
+                    &last.to_string(),
+                ],
+            )
+            .await;
+            assert_eq!(frame_text(&reply), "OK", "ADDSLOTSRANGE");
+        }
+        let cluster = RedisCluster { nodes, primaries };
+        for node in &cluster.nodes[1..] {
+            cluster.meet(node).await;
+        }
+        cluster.until_known(total).await;
+        for p in 0..primaries {
+            let id = node_id(&cluster.nodes[p]).await;
+            for r in 0..replicas {
+                let replica = &cluster.nodes[primaries + p * replicas + r];
+                cluster.replicate(replica, &id).await;
+            }
+        }
+        cluster.until_stable(primaries, 1 + replicas).await;
+        cluster
+    }
+
+    /// Introduces `node` to the cluster.
+    pub async fn meet(&self, node: &RedisServer) {
+        let reply = command(
+            &mut self.nodes[0].client().await,
+            &["CLUSTER", "MEET", "127.0.0.1", &node.port.to_string()],
+        )
+        .await;
+        assert_eq!(frame_text(&reply), "OK", "CLUSTER MEET");
+    }
+
+    /// Until every node knows `count` nodes.
+    pub async fn until_known(&self, count: usize) {
+        until("every node knows every other", 30, async || {
+            for node in &self.nodes {
+                let info =
+                    frame_text(&command(&mut node.client().await, &["CLUSTER", "INFO"]).await);
+                if info_field(&info, "cluster_known_nodes") != Some(&count.to_string()) {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+    }
+
+    /// Makes `replica` a replica of node `primary_id` (once gossip has told it of that node).
+    pub async fn replicate(&self, replica: &RedisServer, primary_id: &str) {
+        until("CLUSTER REPLICATE accepted", 30, async || {
+            let mut client = replica.client().await;
+            let reply = client.command(&["CLUSTER", "REPLICATE", primary_id]).await;
+            matches!(reply, Ok(ref r) if frame_text(r) == "OK")
+        })
+        .await;
+    }
+
+    /// Until every node says the cluster is ok and node 0 sees `shards` shards of `size`
+    /// online nodes each, with every replica's link up.
+    pub async fn until_stable(&self, shards: usize, size: usize) {
+        until("the cluster is formed", 60, async || {
+            for node in &self.nodes {
+                let Ok(mut client) =
+                    RedisClient::connect(&node.endpoint(), Duration::from_secs(2)).await
+                else {
+                    continue;
+                };
+                let info = frame_text(&command(&mut client, &["CLUSTER", "INFO"]).await);
+                if info_field(&info, "cluster_state") != Some("ok") {
+                    return false;
+                }
+                let replication = client.info("replication").await.expect("info");
+                if info_field(&replication, "role") == Some("slave")
+                    && info_field(&replication, "master_link_status") != Some("up")
+                {
+                    return false;
+                }
+            }
+            let topology = self.topology().await;
+            topology.shards.len() == shards
+                && topology
+                    .shards
+                    .iter()
+                    .all(|s| s.nodes.len() == size && s.nodes.iter().all(|n| n.online))
+        })
+        .await;
+    }
+
+    /// The cluster as the first answering node describes it.
+    pub async fn topology(&self) -> Topology {
+        for node in &self.nodes {
+            let Ok(mut client) =
+                RedisClient::connect(&node.endpoint(), Duration::from_secs(2)).await
+            else {
+                continue;
+            };
+            if let Ok(topology) = topology::read(&mut client).await {
+                return topology;
+            }
+        }
+        panic!("no node of the cluster answers");
+    }
+
+    /// The `[source] cluster` seeds: every node's address.
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("\"{}\"", n.url()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The node with this port.
+    pub fn node(&self, port: u16) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .expect("a node of the cluster")
+    }
+
+    /// A client routing by slot.
+    pub async fn client(&self) -> ClusterClient {
+        ClusterClient {
+            topology: self.topology().await,
+            clients: HashMap::new(),
+        }
+    }
+}
+
+/// Sends each command to the primary serving its key's slot (the key is the second argument),
+/// following `MOVED` by reading the topology again.
+pub struct ClusterClient {
+    pub topology: Topology,
+    clients: HashMap<u16, RedisClient>,
+}
+
+impl ClusterClient {
+    async fn node_client(&mut self, port: u16) -> &mut RedisClient {
+        if let std::collections::hash_map::Entry::Vacant(entry) = self.clients.entry(port) {
+            let endpoint = writebehind::config::RedisEndpoint::parse(&format!("127.0.0.1:{port}"))
+                .expect("endpoint");
+            let client = RedisClient::connect(&endpoint, Duration::from_secs(5))
+                .await
+                .expect("connect to a cluster node");
+            entry.insert(client);
+        }
+        self.clients.get_mut(&port).expect("just inserted")
+    }
+
+    /// The port of the primary serving `key`.
+    pub fn port_of(&self, key: &str) -> u16 {
+        self.topology
+            .owner(slot_of(key.as_bytes()))
+            .and_then(|s| s.primary())
+            .map(|n| n.port)
+            .expect("every slot served")
+    }
+
+    /// Re-reads the topology from any known node.
+    pub async fn refresh(&mut self) {
+        let ports: Vec<u16> = self
+            .topology
+            .shards
+            .iter()
+            .flat_map(|s| s.nodes.iter().map(|n| n.port))
+            .collect();
+        for port in ports {
+            let client = self.node_client(port).await;
+            if let Ok(topology) = topology::read(client).await {
+                self.topology = topology;
+                return;
+            }
+            self.clients.remove(&port);
+        }
+    }
+
+    /// Runs one command on the node serving its key.
+    pub async fn run(&mut self, args: &[&str]) -> BytesFrame {
+        for _ in 0..20 {
+            let port = self.port_of(args[1]);
+            let reply = self.node_client(port).await.command(args).await;
+            match reply {
+                Ok(BytesFrame::Error(e))
+                    if e.starts_with("MOVED") || e.starts_with("CLUSTERDOWN") =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    self.refresh().await;
+                }
+                Ok(frame) => return frame,
+                Err(_) => {
+                    self.clients.remove(&port);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    self.refresh().await;
+                }
+            }
+        }
+        panic!("{args:?}: no node took it");
+    }
+
+    /// Sends groups of commands (each group one key's slot: a single command or a whole
+    /// `MULTI` ... `EXEC`), every node's share as one pipeline, in order per node.
+    pub async fn send_groups(&mut self, groups: &[Vec<Vec<String>>]) {
+        let mut by_node: BTreeMap<u16, Vec<&Vec<String>>> = BTreeMap::new();
+        for group in groups {
+            let key = group
+                .iter()
+                .find(|c| c.len() > 1)
+                .map(|c| c[1].as_str())
+                .expect("a command with a key");
+            let port = self.port_of(key);
+            by_node.entry(port).or_default().extend(group.iter());
+        }
+        for (port, commands) in by_node {
+            for chunk in commands.chunks(500) {
+                let refs: Vec<Vec<&str>> = chunk
+                    .iter()
+                    .map(|c| c.iter().map(String::as_str).collect())
+                    .collect();
+                let slices: Vec<&[&str]> = refs.iter().map(Vec::as_slice).collect();
+                self.node_client(port)
+                    .await
+                    .pipeline(&slices)
+                    .await
+                    .expect("pipeline");
+            }
+        }
+    }
+
+    /// Every hash whose key starts with `prefix` on every primary: key -> fields.
+    pub async fn hashes(&mut self, prefix: &str) -> BTreeMap<String, BTreeMap<String, String>> {
+        let ports: Vec<u16> = self
+            .topology
+            .shards
+            .iter()
+            .filter_map(|s| s.primary().map(|n| n.port))
+            .collect();
+        let mut all = BTreeMap::new();
+        for port in ports {
+            let client = self.node_client(port).await;
+            let mut cursor = "0".to_string();
+            loop {
+                let pattern = format!("{prefix}*");
+                let reply = client
+                    .command(&[
+                        "SCAN", &cursor, "MATCH", &pattern, "COUNT", "1000", "TYPE", "hash",
+                    ])
+                    .await
+                    .expect("scan");
+                let BytesFrame::Array(parts) = reply else {
+                    panic!("SCAN reply")
+                };
+                cursor = frame_text(&parts[0]);
+                let BytesFrame::Array(keys) = &parts[1] else {
+                    panic!("SCAN keys")
+                };
+                for key in keys.iter().map(frame_text) {
+                    let BytesFrame::Array(items) =
+                        client.command(&["HGETALL", &key]).await.expect("hgetall")
+                    else {
+                        panic!("HGETALL reply")
+                    };
+                    let fields: BTreeMap<String, String> = items
+                        .chunks(2)
+                        .map(|p| (frame_text(&p[0]), frame_text(&p[1])))
+                        .collect();
+                    if !fields.is_empty() {
+                        all.insert(key, fields);
+                    }
+                }
+                if cursor == "0" {
+                    break;
+                }
+            }
+        }
+        all
+    }
+
+    /// Keys with a time to live on every primary (`INFO keyspace` expires).
+    pub async fn volatile_keys(&mut self) -> u64 {
+        let ports: Vec<u16> = self
+            .topology
+            .shards
+            .iter()
+            .filter_map(|s| s.primary().map(|n| n.port))
+            .collect();
+        let mut total = 0;
+        for port in ports {
+            let info = self
+                .node_client(port)
+                .await
+                .info("keyspace")
+                .await
+                .expect("info");
+            total += info_field(&info, "db0")
+                .and_then(|v| v.split(',').find_map(|p| p.strip_prefix("expires=")))
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        total
+    }
+}
