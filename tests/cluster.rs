@@ -4,6 +4,8 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
@@ -235,5 +237,265 @@ async fn a_random_workload_over_every_slot_ends_equal_to_every_shard() {
     );
     service.shutdown();
     service.wait().await.expect("stopped cleanly");
+    database.drop_database().await;
+}
+
+/// Writes `HSET person2:w<n> ...` for n = 1, 2, ... (each key once) until stopped, one command
+/// at a time through the cluster's redirections; keys of the primary on the paused port are
+/// skipped while it is paused.
+struct Load {
+    stop: Arc<AtomicBool>,
+    paused: Arc<Mutex<Option<u16>>>,
+    written: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    async fn start(cluster: &RedisCluster) -> Load {
+        let mut client = cluster.client().await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let paused: Arc<Mutex<Option<u16>>> = Arc::new(Mutex::new(None));
+        let written = Arc::new(AtomicU64::new(0));
+        let (stopping, pausing, counting) = (stop.clone(), paused.clone(), written.clone());
+        let task = tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stopping.load(Ordering::SeqCst) {
+                n += 1;
+                let key = format!("person2:w{n}");
+                let skip = *pausing.lock().unwrap();
+                if skip.is_some_and(|port| client.port_of(&key) == port) {
+                    continue;
+                }
+                let value = format!("v{n}");
+                client
+                    .run(&["HSET", &key, "first_name", &value, "age", &n.to_string()])
+                    .await;
+                counting.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        Load {
+            stop,
+            paused,
+            written,
+            task,
+        }
+    }
+
+    /// Until `more` further keys are written.
+    async fn until_written(&self, more: u64) {
+        let target = self.written.load(Ordering::SeqCst) + more;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.written.load(Ordering::SeqCst) < target {
+            assert!(Instant::now() < deadline, "the load stalled");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("the load task");
+        self.written.load(Ordering::SeqCst)
+    }
+}
+
+/// Until a shard holding node `node_id` has a primary other than `old_port`; its port.
+async fn until_promoted(cluster: &RedisCluster, node_id: &str, old_port: u16) -> u16 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let topology = cluster.topology().await;
+        let primary = topology
+            .shards
+            .iter()
+            .filter(|s| s.has_node(node_id))
+            .filter_map(|s| s.primary())
+            .find(|p| p.port != old_port);
+        if let Some(primary) = primary {
+            return primary.port;
+        }
+        assert!(Instant::now() < deadline, "no replica promoted within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_and_automatic_failovers_under_load_are_followed_by_partial_resyncs() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let database = Database::maria().await;
+    database.execute(PERSON_TABLE).await;
+    let (service, _dir) = start_service(&cluster, &database).await;
+    let load = Load::start(&cluster).await;
+    load.until_written(500).await;
+
+    // Manual: the replica of the first shard takes over (it waits until it holds everything).
+    let first = cluster.topology().await.shards[0].clone();
+    let (primary, replica) = (
+        first.primary().unwrap().clone(),
+        first.nodes.iter().find(|n| !n.primary).unwrap().clone(),
+    );
+    let reply = cluster
+        .node(replica.port)
+        .client()
+        .await
+        .command(&["CLUSTER", "FAILOVER"])
+        .await
+        .expect("failover");
+    assert_eq!(writebehind::redis_client::frame_text(&reply), "OK");
+    assert_eq!(
+        until_promoted(&cluster, &primary.id, primary.port).await,
+        replica.port
+    );
+    load.until_written(500).await;
+
+    // Automatic: the second shard's primary is killed. Its writes pause first, and its replica
+    // is seen to hold everything (`WAIT`), so that what the service received is on the replica
+    // and the link can continue there; the other shards stay under load.
+    let second = cluster
+        .topology()
+        .await
+        .shards
+        .iter()
+        .find(|s| !s.has_node(&primary.id))
+        .unwrap()
+        .clone();
+    let victim = second.primary().unwrap().clone();
+    *load.paused.lock().unwrap() = Some(victim.port);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let acked = cluster
+        .node(victim.port)
+        .client()
+        .await
+        .command(&["WAIT", "2", "5000"])
+        .await
+        .expect("wait");
+    assert_eq!(
+        writebehind::redis_client::frame_text(&acked),
+        "2",
+        "the replica (and the service) hold everything"
+    );
+    let index = cluster
+        .nodes
+        .iter()
+        .position(|n| n.port == victim.port)
+        .unwrap();
+    let mut cluster = cluster;
+    cluster.nodes[index].kill();
+    let heir = second.nodes.iter().find(|n| !n.primary).unwrap().clone();
+    let promoted = until_promoted(&cluster, &heir.id, victim.port).await;
+    assert_eq!(promoted, heir.port);
+    *load.paused.lock().unwrap() = None;
+    load.until_written(500).await;
+    let written = load.finish().await;
+
+    let mut client = cluster.client().await;
+    until_equal(&mut client, &database).await;
+    let rows = database.rows("person1", &["first"]).await;
+    assert!(
+        rows.len() as u64 >= written.min(1500),
+        "{} rows for {written} writes",
+        rows.len()
+    );
+    let shards = service.shards();
+    assert_eq!(shards.len(), 3, "a failover starts no new pipeline");
+    for shard in &shards {
+        let primary_now = shard.health.primary().expect("a primary").port;
+        if shard.locator.members().contains(&victim.id) {
+            assert_eq!(
+                primary_now, promoted,
+                "the killed primary's shard follows its replica"
+            );
+        }
+        if shard.locator.members().contains(&primary.id) {
+            assert_eq!(primary_now, replica.port, "the manual failover is followed");
+        }
+    }
+    service.shutdown();
+    let stats = service.wait().await.expect("stopped cleanly");
+    assert_eq!(
+        stats.full_syncs, 3,
+        "one full sync per shard, none after a failover: {stats:?}"
+    );
+    assert!(
+        stats.partial_syncs >= 2,
+        "both failovers continued: {stats:?}"
+    );
+    database.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_under_load_resumes_every_shard_and_applies_nothing_twice() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let database = Database::maria().await;
+    database.execute(support::sink::COUNTED_PERSON_TABLE).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("writebehind.toml");
+    std::fs::write(
+        &config,
+        config_text(&cluster, &database.url(), &dir.path().join("buffer")),
+    )
+    .expect("config");
+    let log_path = dir.path().join("service.log");
+    let log = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("log")
+    };
+    // Until every shard's link is up in this run: its snapshot captured (first start) or its
+    // partial resync accepted (restarts).
+    let until_linked = async |runs: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let linked = text.matches("snapshot captured").count()
+                + text.matches("partial resync accepted").count();
+            if linked >= 3 * runs {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "shards not linked in run {runs}: {text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let load = Load::start(&cluster).await;
+    load.until_written(200).await;
+    let mut service = support::spawn_service(&config, log());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for run in 1..=3 {
+        until_linked(run).await;
+        load.until_written(rng.random_range(100..600)).await;
+        service.0.kill().expect("kill -9");
+        service.0.wait().expect("reaped");
+        load.until_written(200).await;
+        service = support::spawn_service(&config, log());
+    }
+    until_linked(4).await;
+    load.until_written(300).await;
+    let written = load.finish().await;
+    let mut client = cluster.client().await;
+    until_equal(&mut client, &database).await;
+    assert_eq!(
+        database.rows("person1", &["first"]).await.len() as u64,
+        written,
+        "every key written is a row"
+    );
+    assert_eq!(database.written_twice().await, 0, "rows written twice");
+    drop(service);
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert_eq!(
+        text.matches("full sync started").count(),
+        3,
+        "one full sync per shard, at the first start only"
+    );
+    assert!(
+        text.matches("partial resync accepted").count() == 9,
+        "each restart continued every shard: {}",
+        text.lines()
+            .filter(|l| l.contains("resync") || l.contains("full sync") || l.contains("starting"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     database.drop_database().await;
 }

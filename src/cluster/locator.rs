@@ -60,6 +60,17 @@ impl ShardLocator {
         members.iter().any(|id| shard.has_node(id))
     }
 
+    /// This shard in `topology`: of the entries holding a remembered node, the one with an
+    /// online primary and slots first. (A primary that failed and was replaced stays listed as
+    /// a primary of its own, without slots, until it comes back as a replica.)
+    pub fn find<'t>(&self, topology: &'t Topology) -> Option<&'t Shard> {
+        topology
+            .shards
+            .iter()
+            .filter(|s| self.is(s))
+            .max_by_key(|s| (s.primary().is_some(), s.slot_count() > 0))
+    }
+
     /// Takes in the nodes `shard` has now; returns whether a node id was new.
     pub fn remember(&self, shard: &Shard) -> bool {
         let template = self.seeds.first().cloned();
@@ -108,7 +119,7 @@ impl ShardLocator {
             .ask_any(timeout)
             .await
             .map_err(|seen| not_ready(format!("no node describes the cluster ({seen})")))?;
-        let Some(shard) = topology.shards.iter().find(|s| self.is(s)) else {
+        let Some(shard) = self.find(&topology) else {
             return Err(not_ready(
                 "no shard of the cluster holds any node this shard had: it was removed".into(),
             ));

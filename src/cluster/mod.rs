@@ -261,7 +261,7 @@ impl Supervisor {
     /// Takes in the nodes each known shard has now, and records any new one on disk.
     fn remember(&self, topology: &Topology) -> Result<(), StartError> {
         for view in self.views() {
-            let Some(shard) = topology.shards.iter().find(|s| view.locator.is(s)) else {
+            let Some(shard) = view.locator.find(topology) else {
                 continue;
             };
             let before = view.locator.members().len();

@@ -222,15 +222,21 @@ pub struct ClusterClient {
 
 impl ClusterClient {
     async fn node_client(&mut self, port: u16) -> &mut RedisClient {
+        self.try_node_client(port)
+            .await
+            .unwrap_or_else(|| panic!("cannot connect to cluster node {port}"))
+    }
+
+    async fn try_node_client(&mut self, port: u16) -> Option<&mut RedisClient> {
         if let std::collections::hash_map::Entry::Vacant(entry) = self.clients.entry(port) {
             let endpoint = writebehind::config::RedisEndpoint::parse(&format!("127.0.0.1:{port}"))
                 .expect("endpoint");
-            let client = RedisClient::connect(&endpoint, Duration::from_secs(5))
+            let client = RedisClient::connect(&endpoint, Duration::from_secs(2))
                 .await
-                .expect("connect to a cluster node");
+                .ok()?;
             entry.insert(client);
         }
-        self.clients.get_mut(&port).expect("just inserted")
+        self.clients.get_mut(&port)
     }
 
     /// The port of the primary serving `key`.
@@ -251,10 +257,11 @@ impl ClusterClient {
             .flat_map(|s| s.nodes.iter().map(|n| n.port))
             .collect();
         for port in ports {
-            let client = self.node_client(port).await;
-            if let Ok(topology) = topology::read(client).await {
-                self.topology = topology;
-                return;
+            if let Some(client) = self.try_node_client(port).await {
+                if let Ok(topology) = topology::read(client).await {
+                    self.topology = topology;
+                    return;
+                }
             }
             self.clients.remove(&port);
         }
@@ -262,18 +269,21 @@ impl ClusterClient {
 
     /// Runs one command on the node serving its key.
     pub async fn run(&mut self, args: &[&str]) -> BytesFrame {
-        for _ in 0..20 {
+        for _ in 0..300 {
             let port = self.port_of(args[1]);
-            let reply = self.node_client(port).await.command(args).await;
+            let reply = match self.try_node_client(port).await {
+                Some(client) => client.command(args).await.ok(),
+                None => None,
+            };
             match reply {
-                Ok(BytesFrame::Error(e))
+                Some(BytesFrame::Error(e))
                     if e.starts_with("MOVED") || e.starts_with("CLUSTERDOWN") =>
                 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     self.refresh().await;
                 }
-                Ok(frame) => return frame,
-                Err(_) => {
+                Some(frame) => return frame,
+                None => {
                     self.clients.remove(&port);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     self.refresh().await;
