@@ -250,6 +250,12 @@ impl Health {
         }
     }
 
+    /// The seq backend (runner) `name` has applied through, once it has applied a batch.
+    pub fn applied_seq(&self, name: &str) -> Option<ChangeSeq> {
+        let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        backends.get(name).map(|b| ChangeSeq(b.applied_seq))
+    }
+
     pub fn backend(&self, name: &str, up: bool, error: Option<String>) {
         let mut backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
         let state = backends.entry(name.to_string()).or_default();

@@ -30,7 +30,7 @@ use crate::buffer::{Store, StoreError};
 use crate::capture::mapping::Mappings;
 use crate::capture::{Capture, CaptureError, CaptureOutputs, CaptureSettings, CaptureStats};
 use crate::cluster::locator::ShardLocator;
-use crate::cluster::peers::PeerMirrors;
+use crate::cluster::peers::{Peer, Peers};
 use crate::config::{Config, RedisEndpoint};
 use crate::metrics::{AdminError, Health};
 use crate::redis_client::{info_field, RedisClient};
@@ -61,8 +61,8 @@ pub struct ShardSetup {
     /// The shard's id: the node id of its primary when it was first seen.
     pub id: String,
     pub locator: Arc<ShardLocator>,
-    /// Every shard's buffer, for reconciliations.
-    pub peers: Arc<PeerMirrors>,
+    /// Every shard's buffer, health and capture (`cluster/peers.rs`).
+    pub peers: Arc<Peers>,
 }
 
 impl ShardSetup {
@@ -205,9 +205,6 @@ impl Service {
         let mut store = Store::open(&buffer_path)?;
         store.set_journal_bytes(config.buffer.mirror_journal_mb << 20);
         let store = Arc::new(store);
-        if let Some(shard) = &shard {
-            shard.peers.add(&shard.id, store.clone());
-        }
         let mappings = Mappings::new(&config.mappings);
         let outputs = CaptureOutputs {
             health: Health::for_shard(shard.as_ref().map(|s| s.id.clone())),
@@ -226,6 +223,17 @@ impl Service {
         // Dead-letter retries from the admin listener, served by capture in the change order.
         let (requeue, requeues) = tokio::sync::mpsc::channel(4);
         capture.serve_requeues(requeues);
+        if let Some(shard) = &shard {
+            // Other shards' runners ask this capture about keys that move here.
+            let (holds, checks) = tokio::sync::mpsc::unbounded_channel();
+            capture.serve_holds(shard.id.clone(), shard.peers.clone(), checks);
+            shard.peers.add(Peer {
+                id: shard.id.clone(),
+                store: store.clone(),
+                health: outputs.health.clone(),
+                holds,
+            });
+        }
         let runners = start_runners(
             config,
             &mappings,
@@ -514,7 +522,7 @@ fn task_outcome(
 /// The primary's offset (for the lag), the buffer's size and the memory figures, every
 /// [`POLL_EVERY`].
 /// The primary's `master_repl_offset`, or why it cannot be read.
-async fn primary_offset(primary: &RedisEndpoint) -> Result<u64, String> {
+pub(crate) async fn primary_offset(primary: &RedisEndpoint) -> Result<u64, String> {
     let mut client = RedisClient::connect(primary, Duration::from_secs(2))
         .await
         .map_err(|e| e.to_string())?;

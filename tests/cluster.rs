@@ -499,3 +499,72 @@ async fn kill_dash_nine_under_load_resumes_every_shard_and_applies_nothing_twice
     );
     database.drop_database().await;
 }
+
+/// Updates and deletes of `person2:k0` to `person2:k299` at random (through `MOVED` and `ASK`)
+/// until stopped.
+async fn churn(cluster: &RedisCluster, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    let mut client = cluster.client().await;
+    tokio::spawn(async move {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut n = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            n += 1;
+            let key = format!("person2:k{}", rng.random_range(0..300));
+            let value = format!("c{n}");
+            match rng.random_range(0..10) {
+                0..=5 => client.run(&["HSET", &key, "first_name", &value]).await,
+                6..=7 => {
+                    client
+                        .run(&["HSET", &key, "age", &value, "last_name", "M"])
+                        .await
+                }
+                _ => client.run(&["DEL", &key]).await,
+            };
+        }
+        n
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_under_load_leaves_every_row_equal_to_the_shard_holding_its_key() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let database = Database::maria().await;
+    database.execute(PERSON_TABLE).await;
+    let mut client = cluster.client().await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    client.send_groups(&workload(&mut rng, 3000)).await;
+    let (service, _dir) = start_service(&cluster, &database).await;
+    until_equal(&mut client, &database).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let churning = churn(&cluster, stop.clone()).await;
+    let load = Load::start(&cluster).await;
+    let topology = cluster.topology().await;
+    let port_of = |slot: u16| {
+        topology
+            .owner(slot)
+            .and_then(|s| s.primary())
+            .map(|n| n.port)
+            .unwrap()
+    };
+    let (first, second, third) = (port_of(0), port_of(6000), port_of(12000));
+    // Thousands of slots while both loads write: from the first shard to the second, then part
+    // of those on to the third, and some of the third's back to the first.
+    let mut moved = client.migrate_slots(0..2500, first, second).await;
+    moved += client.migrate_slots(1000..1800, second, third).await;
+    moved += client.migrate_slots(11000..12000, third, first).await;
+    stop.store(true, Ordering::SeqCst);
+    let churned = churning.await.expect("churn");
+    let written = load.finish().await;
+    assert!(moved > 300, "keys were migrated: {moved}");
+    assert!(
+        churned > 100 && written > 100,
+        "both loads ran: {churned}, {written}"
+    );
+
+    until_expired(&mut client).await;
+    until_equal(&mut client, &database).await;
+    service.shutdown();
+    service.wait().await.expect("stopped cleanly");
+    database.drop_database().await;
+}

@@ -202,7 +202,9 @@ impl<'a> Write<'a> {
                 },
             },
             "COPY" => copy(command),
-            "RESTORE" => restore(args, now_ms),
+            // A slot migration's copy (`MIGRATE` sends `RESTORE-ASKING`, propagated as such, its
+            // TTL made absolute with `ABSTTL`): the key's whole value, like `RESTORE`.
+            "RESTORE" | "RESTORE-ASKING" => restore(args, now_ms),
             "FLUSHDB" => Write::Flush {
                 db: Some(command.db),
             },
@@ -322,7 +324,8 @@ fn copy(command: &Command) -> Write<'_> {
     }
 }
 
-/// `RESTORE key ttl serialized-value [REPLACE] [ABSTTL] [IDLETIME s] [FREQ f]`
+/// `RESTORE key ttl serialized-value [REPLACE] [ABSTTL] [IDLETIME s] [FREQ f]`, and
+/// `RESTORE-ASKING` with the same arguments.
 fn restore(args: &[Bytes], now_ms: i64) -> Write<'_> {
     let ttl = args.get(2).and_then(|t| parse_i64(t)).unwrap_or(0);
     let absolute = args
@@ -533,6 +536,14 @@ mod tests {
                 key: &b("k"),
                 payload: Some(&b("payload")),
                 expire_at_ms: Some(1_020)
+            }
+        );
+        assert_eq!(
+            parse(&["RESTORE-ASKING", "k", "5000", "payload", "ABSTTL"]),
+            Write::Restore {
+                key: &b("k"),
+                payload: Some(&b("payload")),
+                expire_at_ms: Some(5_000)
             }
         );
         assert!(matches!(parse(&["MOVE", "k", "x"]), Write::Resync { .. }));

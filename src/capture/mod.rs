@@ -22,6 +22,7 @@ pub mod command;
 pub mod command_table;
 mod committer;
 mod full_sync;
+mod handoff;
 mod long_unit;
 pub mod mapping;
 pub mod mirror_cache;
@@ -136,6 +137,8 @@ pub struct Capture {
     last_sample: Option<std::time::Instant>,
     /// Dead letters to requeue, from the admin listener (`requeue.rs`).
     requests: Option<tokio::sync::mpsc::Receiver<RequeueRequest>>,
+    /// In a cluster: other shards' questions about keys that moved here (`handoff.rs`).
+    holds: Option<handoff::Holds>,
     /// The transaction being applied in parts, if its `EXEC` has not arrived (`long_unit.rs`).
     long: Option<LongUnit>,
     /// The batch holding its latest part, kept between reads of the stream.
@@ -228,6 +231,7 @@ impl Capture {
             committer: None,
             last_sample: None,
             requests: None,
+            holds: None,
             long: None,
             open_batch: None,
             unit_on_disk: false,
@@ -282,10 +286,14 @@ impl Capture {
                         Some(request) = next_request(&mut self.requests), if self.long.is_none() => {
                             self.requeue(&durable, request).await?;
                         }
+                        check = handoff::Holds::next(&mut self.holds) => {
+                            self.hold_check(&durable, check).await?;
+                        }
                     }
                 }
             };
             self.handle(replicator, event).await?;
+            self.answer_holds(&durable).await?;
             if let Some(request) = self
                 .requests
                 .as_mut()

@@ -23,6 +23,7 @@ pub mod locator;
 pub mod peers;
 pub mod registry;
 pub mod slot;
+pub mod slot_state;
 pub mod topology;
 
 use std::path::PathBuf;
@@ -41,7 +42,7 @@ use crate::service::{
     FINISH_GRACE,
 };
 use locator::ShardLocator;
-use peers::PeerMirrors;
+use peers::Peers;
 use registry::KnownShard;
 use topology::Topology;
 
@@ -101,7 +102,7 @@ impl ClusterService {
             options,
             seeds,
             dir,
-            peers: Arc::new(PeerMirrors::default()),
+            peers: Arc::new(Peers::default()),
             shards: Arc::new(RwLock::new(Vec::new())),
             stoppers: Vec::new(),
             finished,
@@ -179,7 +180,7 @@ struct Supervisor {
     options: ServiceOptions,
     seeds: Vec<RedisEndpoint>,
     dir: PathBuf,
-    peers: Arc<PeerMirrors>,
+    peers: Arc<Peers>,
     shards: ShardViews,
     stoppers: Vec<Stopper>,
     finished: mpsc::UnboundedSender<Finished>,

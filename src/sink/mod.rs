@@ -6,6 +6,7 @@ mod applied;
 mod coalesce;
 pub mod convert;
 mod error;
+mod handoff;
 mod long_unit;
 #[cfg(test)]
 pub mod memory;

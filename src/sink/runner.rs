@@ -3,7 +3,6 @@
 //! rows, retried forever on transient errors; refused rows go to the dead-letter store; the
 //! change log is trimmed behind the slowest backend.
 
-use crate::cluster::peers::PeerMirrors;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,9 +71,9 @@ pub struct RunnerLinks {
     pub health: Arc<Health>,
     /// Woken when acknowledgements are queued.
     pub writeback: Arc<Writeback>,
-    /// In a cluster: this shard's id and every shard's buffer (a reconciliation deletes a row
-    /// only when no shard holds its key).
-    pub peers: Option<(String, Arc<PeerMirrors>)>,
+    /// In a cluster: this shard's id and every shard (a reconciliation deletes a row only when
+    /// no shard holds its key; a delete of a key that moved is a hand-over: `handoff.rs`).
+    pub peers: Option<(String, Arc<crate::cluster::peers::Peers>)>,
 }
 
 /// One partition's share of a batch.
@@ -112,8 +111,8 @@ pub struct SinkRunner<D: Destination> {
     pub(super) existing_rows: BTreeSet<String>,
     pub(super) health: Arc<Health>,
     pub(super) writeback: Arc<Writeback>,
-    /// In a cluster: this shard's id and every shard's buffer.
-    pub(super) peers: Option<(String, Arc<PeerMirrors>)>,
+    /// In a cluster: this shard's id and every shard.
+    pub(super) peers: Option<(String, Arc<crate::cluster::peers::Peers>)>,
     /// The fingerprint of `mappings`, recorded with every checkpoint.
     pub(super) mappings_id: String,
     /// Why the tables must be reconciled before anything else (found at start).
@@ -268,8 +267,11 @@ impl<D: Destination> SinkRunner<D> {
         let Shares {
             last_seq,
             offset,
-            shares,
+            mut shares,
         } = shares;
+        if let Some(hand_off) = self.hand_off() {
+            hand_off.run(from, last_seq, &mut shares).await;
+        }
         let replid = self.replid()?;
         let mut work = Vec::with_capacity(shares.len());
         for Share {

@@ -276,6 +276,24 @@ impl ClusterClient {
                 None => None,
             };
             match reply {
+                Some(BytesFrame::Error(e)) if e.starts_with("ASK ") => {
+                    // `ASK <slot> <host>:<port>`: this command once at that node, after ASKING.
+                    let target: u16 = e
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse().ok())
+                        .expect("ASK names a port");
+                    if let Some(client) = self.try_node_client(target).await {
+                        if let Ok(replies) = client.pipeline(&[&["ASKING"][..], args]).await {
+                            match replies.last() {
+                                Some(BytesFrame::Error(e)) if e.starts_with("TRYAGAIN") => {}
+                                Some(reply) => return reply.clone(),
+                                None => {}
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 Some(BytesFrame::Error(e))
                     if e.starts_with("MOVED") || e.starts_with("CLUSTERDOWN") =>
                 {
@@ -320,6 +338,80 @@ impl ClusterClient {
                     .expect("pipeline");
             }
         }
+    }
+
+    /// Moves `slots` from the primary on port `from` to the one on `to` as `redis-cli --cluster
+    /// reshard` does: `SETSLOT IMPORTING` on the target, `MIGRATING` on the source, `MIGRATE`
+    /// of the slot's keys ten at a time, then `SETSLOT NODE` on both. Returns the keys moved.
+    pub async fn migrate_slots(&mut self, slots: std::ops::Range<u16>, from: u16, to: u16) -> u64 {
+        let id = async |client: &mut ClusterClient, port: u16| {
+            frame_text(&command(client.node_client(port).await, &["CLUSTER", "MYID"]).await)
+        };
+        let (from_id, to_id) = (id(self, from).await, id(self, to).await);
+        let mut moved = 0;
+        for slot in slots {
+            let slot = slot.to_string();
+            let ok = |reply: BytesFrame, what: &str| {
+                assert_eq!(frame_text(&reply), "OK", "{what}");
+            };
+            ok(
+                command(
+                    self.node_client(to).await,
+                    &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id],
+                )
+                .await,
+                "IMPORTING",
+            );
+            ok(
+                command(
+                    self.node_client(from).await,
+                    &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id],
+                )
+                .await,
+                "MIGRATING",
+            );
+            loop {
+                let BytesFrame::Array(keys) = command(
+                    self.node_client(from).await,
+                    &["CLUSTER", "GETKEYSINSLOT", &slot, "10"],
+                )
+                .await
+                else {
+                    panic!("GETKEYSINSLOT reply");
+                };
+                if keys.is_empty() {
+                    break;
+                }
+                let keys: Vec<String> = keys.iter().map(frame_text).collect();
+                let port = to.to_string();
+                let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+                args.extend(keys.iter().map(String::as_str));
+                let reply = command(self.node_client(from).await, &args).await;
+                assert!(
+                    matches!(frame_text(&reply).as_str(), "OK" | "NOKEY"),
+                    "MIGRATE: {reply:?}"
+                );
+                moved += keys.len() as u64;
+            }
+            ok(
+                command(
+                    self.node_client(to).await,
+                    &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id],
+                )
+                .await,
+                "NODE on the target",
+            );
+            ok(
+                command(
+                    self.node_client(from).await,
+                    &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id],
+                )
+                .await,
+                "NODE on the source",
+            );
+        }
+        self.refresh().await;
+        moved
     }
 
     /// Every hash whose key starts with `prefix` on every primary: key -> fields.
