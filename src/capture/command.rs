@@ -225,6 +225,17 @@ impl<'a> Write<'a> {
                     "{name} replicated verbatim (the primary replicates scripts, not their effects)"
                 ),
             },
+            // Slots emptied without a delete per key: Redis 8.4's atomic slot migration trims
+            // the source (`TRIMSLOTS RANGES n first last ...`), `SFLUSH` and Valkey's
+            // `CLUSTER FLUSHSLOT` flush slots. The mirror cannot tell which keys went; a full
+            // sync does, and the deletes of its sweep are checked with the other shards
+            // (`cluster/peers.rs`) like any delete of a slot this shard no longer serves.
+            "TRIMSLOTS" | "SFLUSH" => Write::Resync {
+                reason: format!("{name}: slots emptied without a delete per key"),
+            },
+            "CLUSTER" if arg(1).eq_ignore_ascii_case(b"FLUSHSLOT") => Write::Resync {
+                reason: "CLUSTER FLUSHSLOT: a slot emptied without a delete per key".into(),
+            },
             _ => Write::Other,
         }
     }
@@ -547,6 +558,17 @@ mod tests {
             }
         );
         assert!(matches!(parse(&["MOVE", "k", "x"]), Write::Resync { .. }));
+        for emptied in [
+            &["TRIMSLOTS", "RANGES", "1", "0", "99"][..],
+            &["SFLUSH", "0", "99"],
+            &["cluster", "flushslot", "7"],
+        ] {
+            assert!(
+                matches!(parse(emptied), Write::Resync { .. }),
+                "{emptied:?}"
+            );
+        }
+        assert_eq!(parse(&["CLUSTER", "SETSLOT", "7", "STABLE"]), Write::Other);
         assert!(matches!(
             parse(&["COPY", "a", "b", "DB", "x"]),
             Write::Resync { .. }

@@ -92,6 +92,11 @@ impl ShardLocator {
         grew
     }
 
+    /// The shard's node addresses as last seen.
+    pub fn nodes(&self) -> Vec<RedisEndpoint> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Where the link first looks (it follows whatever primary [`ShardLocator::primary`]
     /// finds): a node last seen in the shard, else a seed.
     pub fn first_guess(&self) -> Option<RedisEndpoint> {

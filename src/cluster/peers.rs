@@ -83,6 +83,8 @@ pub struct Peer {
 #[derive(Default)]
 pub struct Peers {
     shards: RwLock<Vec<Peer>>,
+    /// Every shard known at start has been added (set by the cluster's supervisor).
+    started: std::sync::atomic::AtomicBool,
     /// By shard, the seqs of changes written for a hand-over, with the batch each waits for.
     dependencies: Mutex<BTreeMap<String, BTreeMap<ChangeSeq, Vec<Dependency>>>>,
 }
@@ -102,6 +104,39 @@ impl Peers {
         let mut shards = self.shards.write().unwrap_or_else(|p| p.into_inner());
         shards.retain(|p| p.id != peer.id);
         shards.push(peer);
+    }
+
+    /// Every shard known at start has been added.
+    pub fn set_started(&self) {
+        self.started
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether every shard's mirror is complete: every shard known at start added, and none
+    /// without a position or in a full sync. A reconciliation deletes rows only then, so that a
+    /// key of a shard that is still starting is not taken for an absent one.
+    pub fn mirrors_complete(&self) -> Result<bool, StoreError> {
+        if !self.started.load(std::sync::atomic::Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let shards = self
+            .shards
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for peer in shards {
+            let checkpoint = peer.store.checkpoint()?;
+            if checkpoint.position.is_none() || checkpoint.full_sync_in_progress {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Forgets a shard (removed from the cluster).
+    pub fn remove(&self, shard: &str) {
+        let mut shards = self.shards.write().unwrap_or_else(|p| p.into_inner());
+        shards.retain(|p| p.id != shard);
     }
 
     /// Every shard but `except`.

@@ -66,6 +66,16 @@ pub fn save(dir: &Path, shard: &KnownShard) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Marks shard `id` retired: its members file becomes `<id>.retired` (not started again; its
+/// buffer stays for inspection).
+pub fn retire(dir: &Path, id: &str) -> std::io::Result<()> {
+    let path = dir.join(format!("{id}.members"));
+    match std::fs::rename(&path, dir.join(format!("{id}.retired"))) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => std::fs::File::open(dir)?.sync_all(),
+    }
+}
+
 /// Whether `id` can name a shard's files: a node id is 40 hexadecimal characters.
 pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())

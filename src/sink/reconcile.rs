@@ -16,8 +16,8 @@
 //! # How
 //!
 //! 1. The row is set to a marker (no buffer, seq 0), so a crash anywhere below starts over.
-//! 2. Wait until capture holds a complete mirror (no full sync in progress); `S` is the last seq
-//!    buffered then.
+//! 2. Wait until capture holds a complete mirror (no full sync in progress; in a cluster, every
+//!    shard's); `S` is the last seq buffered then.
 //! 3. Per mapping: delete every row whose key Redis does not have (key column read in pages,
 //!    each id looked up in the mirror; in a cluster, in every shard's mirror); then upsert every watched hash of the mirror. The
 //!    buffer is synced before each page is written: what was read of the mirror is on disk.
@@ -207,7 +207,13 @@ impl<D: Destination> super::runner::SinkRunner<D> {
             // ahead of the buffer after a crash.
             self.store.sync()?;
             let checkpoint = self.store.checkpoint()?;
-            if checkpoint.position.is_some() && !checkpoint.full_sync_in_progress {
+            // In a cluster, every shard's mirror too (`cluster/peers.rs`).
+            let peers_complete = match &self.peers {
+                Some((_, peers)) => peers.mirrors_complete()?,
+                None => true,
+            };
+            if checkpoint.position.is_some() && !checkpoint.full_sync_in_progress && peers_complete
+            {
                 return Ok(Some(checkpoint.next_seq.previous().unwrap_or_default()));
             }
             tokio::select! {
