@@ -497,6 +497,46 @@ async fn kill_dash_nine_under_load_resumes_every_shard_and_applies_nothing_twice
             .collect::<Vec<_>>()
             .join("\n")
     );
+
+    // The command line, on every shard.
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_writebehind"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .expect("writebehind runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.code(), text)
+    };
+    let (code, text) = cli(&["check"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("the cluster has 3 shards with a primary"),
+        "{text}"
+    );
+    let (code, text) = cli(&["status"]);
+    assert_eq!(code, Some(0), "{text}");
+    let status: serde_json::Value = serde_json::from_str(&text).expect("status is JSON");
+    let shards = status["shards"].as_array().expect("a status per shard");
+    assert_eq!(shards.len(), 3, "{text}");
+    for shard in shards {
+        let id = shard["shard"].as_str().expect("the shard's id");
+        assert!(shard["captured_seq"].as_u64().unwrap_or(0) > 0, "{text}");
+        assert_eq!(
+            shard["backends"]["db"]["applied_seq"], shard["captured_seq"],
+            "{text}"
+        );
+        let (code, listed) = cli(&["dlq", "--shard", id, "list"]);
+        assert_eq!(code, Some(0), "{listed}");
+    }
+    let (code, text) = cli(&["dlq", "list"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("--shard"), "{text}");
     database.drop_database().await;
 }
 

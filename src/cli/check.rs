@@ -107,7 +107,11 @@ pub(super) async fn check(path: &std::path::Path) -> ExitCode {
 /// The primary (found as the service would), reachable, and its user's permissions.
 async fn check_redis(config: &Config) -> bool {
     let mut failed = false;
-    let endpoints: Vec<RedisEndpoint> = match Discovery::from_config(&config.source) {
+    let discovered = match config.source.cluster.is_some() {
+        true => cluster_primaries(config).await,
+        false => Discovery::from_config(&config.source).map_err(|e| e.to_string()),
+    };
+    let endpoints: Vec<RedisEndpoint> = match discovered {
         Ok(Discovery::Fixed(endpoint)) => vec![endpoint],
         Ok(Discovery::Nodes(nodes)) => nodes,
         Ok(discovery) => match discovery.primary(Duration::from_secs(5)).await {
@@ -160,6 +164,30 @@ async fn check_redis(config: &Config) -> bool {
         }
     }
     !failed
+}
+
+/// With `[source] cluster`: every shard's primary, as the seeds describe the cluster (as
+/// [`Discovery::Nodes`], each then checked like a single primary).
+async fn cluster_primaries(config: &Config) -> Result<Discovery, String> {
+    let seeds = Discovery::cluster_seeds(&config.source).map_err(|e| e.to_string())?;
+    let (topology, template) = crate::cluster::locator::ask_first(&seeds, Duration::from_secs(5))
+        .await
+        .map_err(|seen| format!("no seed of [source] cluster describes the cluster: {seen}"))?;
+    let primaries: Vec<RedisEndpoint> = topology
+        .shards
+        .iter()
+        .filter_map(|s| s.primary())
+        .map(|n| crate::cluster::topology::endpoint_of(n, &template))
+        .collect();
+    println!(
+        "ok: the cluster has {} shards with a primary ({} slots unserved)",
+        primaries.len(),
+        topology.unserved_slots()
+    );
+    if topology.unserved_slots() > 0 {
+        println!("warning: {} of 16384 slots have no primary: their keys cannot be written until one serves them", topology.unserved_slots());
+    }
+    Ok(Discovery::Nodes(primaries))
 }
 
 /// What to do about a Redis connection that failed with `error`, when TLS may be the cause.

@@ -63,6 +63,9 @@ enum Command {
     },
     /// The dead-letter store: rows a database refused (stop the service first).
     Dlq {
+        /// With `[source] cluster`: the shard whose dead letters these are (`status` lists them).
+        #[arg(long, global = true)]
+        shard: Option<String>,
         #[command(subcommand)]
         action: DlqAction,
     },
@@ -112,7 +115,7 @@ enum DlqAction {
     },
 }
 
-async fn dead_letters(action: DlqAction) -> ExitCode {
+async fn dead_letters(action: DlqAction, shard: Option<String>) -> ExitCode {
     let (path, letters) = match &action {
         DlqAction::List { config } => (config, Letters::All),
         DlqAction::Retry { config, seqs, all } | DlqAction::Drop { config, seqs, all } => (
@@ -128,7 +131,14 @@ async fn dead_letters(action: DlqAction) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let store = match crate::buffer::Store::open(&config.buffer.path) {
+    let buffer = match shard_buffer(&config, shard.as_deref()) {
+        Ok(buffer) => buffer,
+        Err(problem) => {
+            eprintln!("error: {problem}");
+            return ExitCode::from(2);
+        }
+    };
+    let store = match crate::buffer::Store::open(&buffer) {
         Ok(store) => std::sync::Arc::new(store),
         // The service runs: a listing reads what it wrote; changes are asked of it.
         Err(crate::buffer::StoreError::InUse { path }) => {
@@ -139,7 +149,8 @@ async fn dead_letters(action: DlqAction) -> ExitCode {
             };
             return match (verb, config.admin.address()) {
                 (Some(verb), Some(listen)) => {
-                    ask_the_service(listen, config.admin.token.as_deref(), verb, &letters).await
+                    let request = (verb, &letters, shard.as_deref());
+                    ask_the_service(listen, config.admin.token.as_deref(), request).await
                 }
                 (Some(verb), None) => {
                     eprintln!("error: the service is running on the buffer at {} without an admin listener: `dlq {verb}` is asked of it through one; set [admin] listen, or stop the service", path.display());
@@ -171,10 +182,10 @@ async fn dead_letters(action: DlqAction) -> ExitCode {
 async fn ask_the_service(
     listen: &str,
     token: Option<&str>,
-    verb: &str,
-    letters: &Letters,
+    (verb, letters, shard): (&str, &Letters, Option<&str>),
 ) -> ExitCode {
-    let path = format!("/dlq/{verb}?{}", letters.query());
+    let shard = shard.map(|s| format!("shard={s}&")).unwrap_or_default();
+    let path = format!("/dlq/{verb}?{shard}{}", letters.query());
     match status::admin_request(listen, "POST", &path, token).await {
         Ok(body) => {
             print!("{body}");
@@ -183,6 +194,32 @@ async fn ask_the_service(
         Err(e) => {
             eprintln!("error: the running service did not {verb} the dead letters ({e})");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The buffer a `dlq` command works on: `[buffer] path`, or in a cluster that of `--shard`.
+fn shard_buffer(config: &Config, shard: Option<&str>) -> Result<PathBuf, String> {
+    let dir = crate::cluster::registry::shards_dir(&config.buffer.path);
+    match (config.source.cluster.is_some(), shard) {
+        (false, None) => Ok(config.buffer.path.clone()),
+        (false, Some(_)) => Err("--shard is for a [source] cluster configuration".into()),
+        (true, shard) => {
+            let known = crate::cluster::registry::load(&dir)
+                .map_err(|e| format!("cannot read the shards in {}: {e}", dir.display()))?;
+            let ids: Vec<&str> = known.iter().map(|k| k.id.as_str()).collect();
+            match shard {
+                Some(id) if ids.contains(&id) => Ok(dir.join(id)),
+                Some(id) => Err(format!(
+                    "no shard `{id}` in {}; the shards are: {}",
+                    dir.display(),
+                    ids.join(", ")
+                )),
+                None => Err(format!(
+                    "[source] cluster: name the shard with --shard <id>; the shards are: {}",
+                    ids.join(", ")
+                )),
+            }
         }
     }
 }
@@ -210,7 +247,7 @@ pub fn main() -> ExitCode {
                 capture_only,
             } => run(&config, capture_only).await,
             Command::Check { config } => check::check(&config).await,
-            Command::Dlq { action } => dead_letters(action).await,
+            Command::Dlq { shard, action } => dead_letters(action, shard).await,
             Command::Status { config } => status::status(&config).await,
             Command::Tail {
                 source,

@@ -105,29 +105,68 @@ pub(super) async fn status(path: &std::path::Path) -> ExitCode {
             }
         }
     }
-    // A running service without its admin listener holds the buffer: read what it wrote.
-    let (store, service) = match crate::buffer::Store::open(&config.buffer.path) {
-        Ok(store) => (store, "stopped"),
-        Err(crate::buffer::StoreError::InUse { path }) => {
-            match crate::buffer::Store::open_for_reading(&path) {
-                Ok(store) => (store, "running (read from its buffer)"),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::FAILURE;
+    // A running service without its admin listener holds the buffer: read what it wrote. In a
+    // cluster, each shard's buffer.
+    let json = match config.source.cluster.is_some() {
+        false => buffer_status(&config, &config.buffer.path, None).await,
+        true => {
+            let dir = crate::cluster::registry::shards_dir(&config.buffer.path);
+            match crate::cluster::registry::load(&dir) {
+                Ok(known) => {
+                    let mut shards = Vec::new();
+                    for shard in known {
+                        let mut status =
+                            match buffer_status(&config, &dir.join(&shard.id), Some(&shard.id))
+                                .await
+                            {
+                                Ok(status) => status,
+                                Err(e) => serde_json::json!({ "error": e }),
+                            };
+                        if let Some(fields) = status.as_object_mut() {
+                            fields.insert("shard".into(), serde_json::json!(shard.id));
+                        }
+                        shards.push(status);
+                    }
+                    Ok(serde_json::json!({ "shards": shards }))
                 }
+                Err(e) => Err(format!("cannot read the shards in {}: {e}", dir.display())),
             }
         }
+    };
+    let json = match json {
+        Ok(json) => json,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json).unwrap_or_default()
+    );
+    ExitCode::SUCCESS
+}
+
+/// The status read from the buffer at `path` and the databases' checkpoint rows (of `shard`'s
+/// runners in a cluster).
+async fn buffer_status(
+    config: &crate::config::Config,
+    path: &std::path::Path,
+    shard: Option<&str>,
+) -> Result<serde_json::Value, String> {
+    let (store, service) = match crate::buffer::Store::open(path) {
+        Ok(store) => (store, "stopped"),
+        Err(crate::buffer::StoreError::InUse { path }) => {
+            match crate::buffer::Store::open_for_reading(&path) {
+                Ok(store) => (store, "running (read from its buffer)"),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     let checkpoint = match store.checkpoint() {
         Ok(checkpoint) => checkpoint,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return Err(e.to_string()),
     };
     let oldest = store
         .changes(ChangeSeq::NONE, 1)
@@ -154,21 +193,26 @@ pub(super) async fn status(path: &std::path::Path) -> ExitCode {
         if !mappings.iter().any(|m| &m.backend == name) {
             continue;
         }
-        // The seq every partition has applied (the lowest of the backend's rows).
+        // The seq every partition has applied (the lowest of the backend's rows); a shard's
+        // rows are `<backend>@<shard>`.
+        let rows_name = match shard {
+            Some(shard) => format!("{name}@{shard}"),
+            None => name.clone(),
+        };
         let applied = match crate::sink::Sink::connect(name, &backend.url).await {
             Ok(mut sink) => sink
                 .checkpoints()
                 .await
                 .map(|rows| {
-                    let rows = crate::sink::partition::FoundRows::new(name, rows);
-                    serde_json::Value::from(rows.merged(name).seq.0)
+                    let rows = crate::sink::partition::FoundRows::new(&rows_name, rows);
+                    serde_json::Value::from(rows.merged(&rows_name).seq.0)
                 })
                 .unwrap_or_else(|e| serde_json::Value::from(e.to_string())),
             Err(e) => serde_json::Value::from(e.to_string()),
         };
         backends.insert(name.clone(), serde_json::json!({ "applied_seq": applied }));
     }
-    let json = serde_json::json!({
+    Ok(serde_json::json!({
         "service": service,
         "position": checkpoint.position.as_ref().map(|p| p.to_string()),
         "full_sync_in_progress": checkpoint.full_sync_in_progress,
@@ -179,10 +223,5 @@ pub(super) async fn status(path: &std::path::Path) -> ExitCode {
         "buffer_bytes": store.disk_size(),
         "backends": backends,
         "open_transaction": open_transaction,
-    });
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&json).unwrap_or_default()
-    );
-    ExitCode::SUCCESS
+    }))
 }
