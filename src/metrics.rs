@@ -497,6 +497,8 @@ impl Health {
         metrics::gauge!("writebehind_lag_bytes", self.labels(&[]))
             .set(primary.saturating_sub(applied) as f64);
         metrics::gauge!("writebehind_lag_seconds", self.labels(&[])).set(self.lag_seconds());
+        metrics::gauge!("writebehind_spool_bytes", self.labels(&[]))
+            .set(self.spooled.load(Ordering::Relaxed) as f64);
     }
 
     /// The buffer's size on disk (`buffer_size_bytes`, `buffer_bytes` in the status): what an
@@ -519,6 +521,14 @@ impl Health {
             ("mirror_journal", Some(store.journal)),
         ];
         for (part, bytes) in parts {
+            // The heap is the process's: never labelled with a shard (summing shards would
+            // count it once per shard).
+            if part.starts_with("heap_") {
+                if let Some(bytes) = bytes {
+                    metrics::gauge!("writebehind_memory_bytes", "part" => part).set(bytes as f64);
+                }
+                continue;
+            }
             if let Some(bytes) = bytes {
                 metrics::gauge!(
                     "writebehind_memory_bytes",

@@ -99,6 +99,14 @@ fn the_compose_example_parses_and_its_configuration_validates() {
     let postgres = Config::parse(&read("compose/writebehind-postgres.toml"), &env)
         .expect("compose/writebehind-postgres.toml");
     assert!(postgres.backends["pg"].url.starts_with("postgres://"));
+    let cluster = yaml_documents("compose/docker-compose-cluster.yml");
+    let services = &cluster[0]["services"];
+    for name in ["redis-1", "redis-6", "cluster-init", "mariadb", "writebehind"] {
+        assert!(!services[name].is_badvalue(), "cluster service {name} missing");
+    }
+    let config = Config::parse(&read("compose/writebehind-cluster.toml"), &env)
+        .expect("compose/writebehind-cluster.toml");
+    assert_eq!(config.source.cluster.as_ref().map(Vec::len), Some(6));
     assert!(
         read("Dockerfile")
             .lines()

@@ -472,8 +472,8 @@ impl Spool {
     }
 
     fn publish_unread(&self, bytes: u64) {
+        // Published as `writebehind_spool_bytes` by the health it belongs to (with its shard).
         self.unread.store(bytes, Ordering::Relaxed);
-        metrics::gauge!("writebehind_spool_bytes").set(bytes as f64);
     }
 
     fn read_error(&self, e: io::Error) -> LinkError {
@@ -565,7 +565,6 @@ impl Spooler {
                     let consumed = self.shared.read.load(Ordering::Acquire);
                     let unread = self.segments.written.saturating_sub(consumed);
                     self.settings.unread.store(unread, Ordering::Relaxed);
-                    metrics::gauge!("writebehind_spool_bytes").set(unread as f64);
                     heard = Instant::now();
                     if self.arrived {
                         streaming = true;
