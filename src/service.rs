@@ -177,7 +177,7 @@ impl Service {
     }
 
     /// [`Service::start`], for one shard of a cluster when `shard` is given: it has no admin
-    /// listener of its own (the cluster's serves every shard) and no write-back task.
+    /// listener of its own (the cluster's serves every shard).
     pub async fn start_shard(
         config: &Config,
         options: ServiceOptions,
@@ -242,7 +242,7 @@ impl Service {
             options,
         )
         .await?;
-        let writer = match config.acks.enabled && shard.is_none() {
+        let writer = match config.acks.enabled {
             true => Some(Writer::new(
                 store.clone(),
                 discovery.clone(),

@@ -101,8 +101,17 @@ fn the_compose_example_parses_and_its_configuration_validates() {
     assert!(postgres.backends["pg"].url.starts_with("postgres://"));
     let cluster = yaml_documents("compose/docker-compose-cluster.yml");
     let services = &cluster[0]["services"];
-    for name in ["redis-1", "redis-6", "cluster-init", "mariadb", "writebehind"] {
-        assert!(!services[name].is_badvalue(), "cluster service {name} missing");
+    for name in [
+        "redis-1",
+        "redis-6",
+        "cluster-init",
+        "mariadb",
+        "writebehind",
+    ] {
+        assert!(
+            !services[name].is_badvalue(),
+            "cluster service {name} missing"
+        );
     }
     let config = Config::parse(&read("compose/writebehind-cluster.toml"), &env)
         .expect("compose/writebehind-cluster.toml");

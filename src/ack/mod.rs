@@ -59,6 +59,7 @@
 //! deletes them from the queue. A crash between the two writes an ack twice: a client reading
 //! from `0-0` sees the first entry.
 
+mod redirect;
 pub mod writer;
 
 use std::collections::HashSet;
@@ -72,7 +73,7 @@ use crate::replication::stream::Command;
 /// The function library (Lua), loaded with `FUNCTION LOAD REPLACE`.
 pub const LIBRARY: &str = include_str!("writebehind.lua");
 /// The version `writebehind_version` returns; the service upgrades an older library.
-pub const LIBRARY_VERSION: i64 = 3;
+pub const LIBRARY_VERSION: i64 = 4;
 /// The field that carries the op.
 pub const OP_FIELD: &[u8] = b"#";
 /// The reason of the `failed` ack of an invalid op (one with a uuid is never empty).
@@ -203,16 +204,55 @@ pub enum Tag {
     Op { op: OpField, key: Bytes },
 }
 
-/// The tag of a unit whose first command is `PUBLISH __writebehind__ <kind>:<n>:<op><key>`.
-pub fn parse_tag(command: &Command) -> Option<Tag> {
-    let args = &command.args;
-    if args.len() != 3
-        || !args[0].eq_ignore_ascii_case(b"PUBLISH")
-        || args[1].as_ref() != TAG_CHANNEL
+/// The key a tag is written to in a Redis Cluster: in `key`'s slot (`cluster::slot`), as the
+/// library names it (`tag_key` in `writebehind.lua`). `None` for a key with `}` and no hash tag.
+pub fn tag_key(key: &[u8]) -> Option<Vec<u8>> {
+    let channel = TAG_CHANNEL;
+    let mut reserved = Vec::with_capacity(channel.len() + key.len() + 3);
+    reserved.extend_from_slice(channel);
+    reserved.push(b':');
+    if crate::cluster::slot::hash_tag(key).len() != key.len() {
+        // A hash tag of its own, which stays the first one after the prefix.
+        reserved.extend_from_slice(key);
+        return Some(reserved);
+    }
+    if key.is_empty() || key.contains(&b'}') {
+        return None;
+    }
+    reserved.push(b'{');
+    reserved.extend_from_slice(key);
+    reserved.push(b'}');
+    Some(reserved)
+}
+
+/// The tag a unit starts with, and how many of its commands the tag takes: `PUBLISH
+/// __writebehind__ <kind>:<n>:<op><key>` (1), or, in a cluster, `SET <tag key> <payload>` then
+/// `DEL <tag key>` (2), the tag key being [`tag_key`] of the payload's key.
+pub fn parse_tag(commands: &[Command]) -> Option<(Tag, usize)> {
+    let first = commands.first()?;
+    let args = &first.args;
+    if args.len() == 3
+        && args[0].eq_ignore_ascii_case(b"PUBLISH")
+        && args[1].as_ref() == TAG_CHANNEL
+    {
+        return parse_payload(&args[2]).map(|tag| (tag, 1));
+    }
+    if args.len() != 3 || !args[0].eq_ignore_ascii_case(b"SET") || !args[1].starts_with(TAG_CHANNEL)
     {
         return None;
     }
-    let payload = &args[2];
+    let deleted = commands.get(1).is_some_and(|c| {
+        c.args.len() == 2 && c.args[0].eq_ignore_ascii_case(b"DEL") && c.args[1] == args[1]
+    });
+    let tag = parse_payload(&args[2]).filter(|_| deleted)?;
+    let key = match &tag {
+        Tag::Completion { key, .. } | Tag::Op { key, .. } => key,
+    };
+    (tag_key(key).as_deref() == Some(&args[1][..])).then_some((tag, 2))
+}
+
+/// `<kind>:<n>:<op><key>`.
+fn parse_payload(payload: &Bytes) -> Option<Tag> {
     let colon = payload.iter().position(|&b| b == b':')?;
     let (kind, rest) = (&payload[..colon], colon + 1);
     let second = rest + payload[rest..].iter().position(|&b| b == b':')?;
@@ -277,24 +317,77 @@ mod tests {
     #[test]
     fn tags_parse_and_anything_else_is_not_a_tag() {
         assert_eq!(
-            parse_tag(&publish(b"complete:3:abcp:1")),
-            Some(Tag::Completion {
-                key: Bytes::from("p:1"),
-                nonce: Bytes::from("abc")
-            })
+            parse_tag(&[publish(b"complete:3:abcp:1")]),
+            Some((
+                Tag::Completion {
+                    key: Bytes::from("p:1"),
+                    nonce: Bytes::from("abc")
+                },
+                1
+            ))
         );
         assert_eq!(
-            parse_tag(&publish(b"op:3:~u1p:a:b")),
-            Some(Tag::Op {
-                op: OpField::parse(&Bytes::from("~u1")),
-                key: Bytes::from("p:a:b")
-            })
+            parse_tag(&[publish(b"op:3:~u1p:a:b")]),
+            Some((
+                Tag::Op {
+                    op: OpField::parse(&Bytes::from("~u1")),
+                    key: Bytes::from("p:a:b")
+                },
+                1
+            ))
         );
         for bad in [&b"op:9:~u"[..], b"op:x:~", b"other:0:k", b"complete", b""] {
-            assert_eq!(parse_tag(&publish(bad)), None, "{bad:?}");
+            assert_eq!(parse_tag(&[publish(bad)]), None, "{bad:?}");
         }
         let mut other_channel = publish(b"complete:0:k");
         other_channel.args[1] = Bytes::from("news");
-        assert_eq!(parse_tag(&other_channel), None);
+        assert_eq!(parse_tag(&[other_channel]), None);
+    }
+
+    fn command(args: &[&[u8]]) -> Command {
+        Command {
+            args: args.iter().map(|a| Bytes::copy_from_slice(a)).collect(),
+            db: 0,
+            end: ReplOffset(1),
+        }
+    }
+
+    #[test]
+    fn tag_keys_share_the_key_s_slot() {
+        use crate::cluster::slot::slot_of;
+        for key in [&b"p:1"[..], b"p:{t}1", b"{u}", b"a{b"] {
+            let reserved = tag_key(key).expect("a tag key");
+            assert_eq!(slot_of(&reserved), slot_of(key), "{key:?}");
+            assert!(reserved.starts_with(b"__writebehind__:"));
+        }
+        assert_eq!(tag_key(b"p:1").unwrap(), b"__writebehind__:{p:1}");
+        assert_eq!(tag_key(b"p:{t}1").unwrap(), b"__writebehind__:p:{t}1");
+        assert_eq!(tag_key(b"a}b"), None);
+        assert_eq!(tag_key(b"{}x}"), None);
+        assert_eq!(tag_key(b"x{}{y}"), None);
+        assert_eq!(tag_key(b""), None);
+    }
+
+    #[test]
+    fn a_cluster_tag_is_a_set_and_del_of_the_key_s_tag_key() {
+        let set = command(&[b"SET", b"__writebehind__:{p:1}", b"op:3:=u1p:1"]);
+        let del = command(&[b"DEL", b"__writebehind__:{p:1}"]);
+        let write = command(&[b"HSET", b"p:1", b"a", b"1"]);
+        assert_eq!(
+            parse_tag(&[set.clone(), del.clone(), write.clone()]),
+            Some((
+                Tag::Op {
+                    op: OpField::parse(&Bytes::from("=u1")),
+                    key: Bytes::from("p:1")
+                },
+                2
+            ))
+        );
+        // Without its DEL, with another key's tag key, or a SET of anything else: no tag.
+        assert_eq!(parse_tag(&[set.clone(), write.clone()]), None);
+        let elsewhere = command(&[b"SET", b"__writebehind__:{p:2}", b"op:3:=u1p:1"]);
+        let elsewhere_del = command(&[b"DEL", b"__writebehind__:{p:2}"]);
+        assert_eq!(parse_tag(&[elsewhere, elsewhere_del, write.clone()]), None);
+        assert_eq!(parse_tag(&[command(&[b"SET", b"k", b"v"]), del]), None);
     }
 }

@@ -3,15 +3,47 @@
 -- primary holds no version or an older one (writebehind_version). Every write this library makes
 -- on behalf of a `#` op is preceded, in the same atomic unit, by
 --     PUBLISH __writebehind__ <kind>:<op length>:<op><key>
--- so that the service recognises it in the replication stream (README, "The # op field").
+-- so that the service recognises it in the replication stream (README, "The # op field"). In a
+-- Redis Cluster, where PUBLISH is not replicated, by
+--     SET <tag key> <kind>:<op length>:<op><key>    DEL <tag key>
+-- with a tag key in the key's slot (tag_key below), which leaves nothing behind.
 
-local VERSION = 3
+local VERSION = 4
 -- Lua's unpack takes a few thousand values at most: commands are sent in chunks of this many.
 local CHUNK = 1000
 local CHANNEL = '__writebehind__'
 
+-- Whether this server is a cluster node (CLUSTER answers only there).
+local function in_cluster()
+  return pcall(redis.call, 'CLUSTER', 'MYID')
+end
+
+-- A key in KEY's slot, or nil when none can be named: the key's hash tag (its first `{...}`
+-- that is not empty) stays first with a prefix without braces; a key without one and without
+-- `}` is hashed whole, so it becomes the hash tag. (A key with `}` and no hash tag: nil.)
+local function tag_key(key)
+  local open = string.find(key, '{', 1, true)
+  if open then
+    local close = string.find(key, '}', open + 1, true)
+    if close and close > open + 1 then
+      return CHANNEL .. ':' .. key
+    end
+  end
+  if #key > 0 and not string.find(key, '}', 1, true) then
+    return CHANNEL .. ':{' .. key .. '}'
+  end
+  return nil
+end
+
 local function tag(kind, op, key)
-  redis.call('PUBLISH', CHANNEL, kind .. ':' .. #op .. ':' .. op .. key)
+  local payload = kind .. ':' .. #op .. ':' .. op .. key
+  local reserved = in_cluster() and tag_key(key)
+  if reserved then
+    redis.call('SET', reserved, payload)
+    redis.call('DEL', reserved)
+  else
+    redis.call('PUBLISH', CHANNEL, payload)
+  end
 end
 
 -- redis.call(command, key, values...) for `values` in chunks.
@@ -51,6 +83,9 @@ local function hset(keys, args)
   end
   if not is_op(string.sub(op, 1, 1)) then
     return redis.error_reply('ERR invalid # op "' .. op .. '": the first character must be one of = + - ~')
+  end
+  if in_cluster() and not tag_key(key) then
+    return redis.error_reply('ERR writebehind_hset: in a Redis Cluster the key needs a hash tag ({...}) or no "}"')
   end
   tag('op', op, key)
   local c = string.sub(op, 1, 1)

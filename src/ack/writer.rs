@@ -82,7 +82,11 @@ struct Completions {
 
 struct Connection {
     client: RedisClient,
+    /// The primary's endpoint (credentials and TLS for the nodes a cluster redirects to).
+    endpoint: RedisEndpoint,
     db: u32,
+    /// In a cluster, the other nodes commands are redirected to (`redirect.rs`).
+    redirects: super::redirect::Redirects,
 }
 
 pub struct Writer {
@@ -247,7 +251,12 @@ impl Writer {
         }
         let endpoint = self.discovery.primary(Duration::from_secs(5)).await?;
         let client = RedisClient::connect(&endpoint, Duration::from_secs(10)).await?;
-        let mut connection = Connection { client, db: 0 };
+        let mut connection = Connection {
+            client,
+            endpoint: endpoint.clone(),
+            db: 0,
+            redirects: Default::default(),
+        };
         ensure_library(&mut connection.client, &endpoint).await?;
         self.connection = Some(connection);
         Ok(())
@@ -413,8 +422,12 @@ impl Writer {
                 message: "not connected".into(),
             })?;
         let refs: Vec<&[Bytes]> = commands.iter().map(|c| c.as_slice()).collect();
-        let replies = connection.client.pipeline(&refs).await?;
+        let mut replies = connection.client.pipeline(&refs).await?;
         connection.db = db_after;
+        connection
+            .redirects
+            .follow(&connection.endpoint, commands, &mut replies)
+            .await?;
         // A read-only or loading server (a failover in progress) refuses everything: reconnect.
         if let Some(BytesFrame::Error(e)) = replies.iter().find(|r| {
             matches!(r, BytesFrame::Error(e) if e.starts_with("READONLY") || e.starts_with("LOADING") || e.starts_with("NOSCRIPT") || e.contains("Function not found"))

@@ -216,10 +216,9 @@ impl Capture {
                     *batch = self.new_batch(durable)?;
                 }
                 let tagged = match &event {
-                    StreamEvent::TransactionPart { commands, .. } => commands
-                        .first()
-                        .filter(|_| self.state.ops.enabled)
-                        .is_some_and(|first| parse_tag(first).is_some()),
+                    StreamEvent::TransactionPart { commands, .. } => {
+                        self.state.ops.enabled && parse_tag(commands).is_some()
+                    }
                     _ => false,
                 };
                 LongUnit {

@@ -285,16 +285,18 @@ impl StreamBatch {
     ) -> Result<Option<String>, StoreError> {
         // A unit of the function library starts with its tag (src/ack), believed only when it
         // cannot be a forgery.
-        let tag = match commands.split_first() {
-            Some((first, rest)) if state.ops.enabled => parse_tag(first)
-                .and_then(|tag| state.ops.believe(tag, first.db, rest))
-                .map(|tag| (first.db, tag)),
+        let tag = match commands.first() {
+            Some(first) if state.ops.enabled => parse_tag(commands).and_then(|(tag, taken)| {
+                state
+                    .ops
+                    .believe(tag, first.db, &commands[taken..])
+                    .map(|tag| (first.db, tag, taken))
+            }),
             _ => None,
         };
-        let commands = if tag.is_some() {
-            &commands[1..]
-        } else {
-            commands
+        let (tag, commands) = match tag {
+            Some((db, tag, taken)) => (Some((db, tag)), &commands[taken..]),
+            None => (None, commands),
         };
         let own_completion = matches!(tag, Some((_, Tag::Completion { .. })));
         if let Some(reason) =

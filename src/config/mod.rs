@@ -436,9 +436,6 @@ impl Config {
             }
         }
         problems.extend(tls_problems(source));
-        if source.cluster.is_some() && self.acks.enabled {
-            problems.push("[acks] enabled: the `#` op field and acknowledgements are not supported with [source] cluster yet; set [acks] enabled = false".to_string());
-        }
         if source.sentinels.is_some() && source.master_name.as_deref().unwrap_or("").is_empty() {
             problems.push("[source]: `sentinels` needs `master_name`".to_string());
         }

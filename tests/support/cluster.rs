@@ -267,12 +267,22 @@ impl ClusterClient {
         }
     }
 
-    /// Runs one command on the node serving its key.
+    /// Runs one command on the node serving its key (its second argument).
     pub async fn run(&mut self, args: &[&str]) -> BytesFrame {
+        self.run_for(args[1], args).await
+    }
+
+    /// Runs one command on the node serving `key`.
+    pub async fn run_for(&mut self, key: &str, args: &[&str]) -> BytesFrame {
         for _ in 0..300 {
-            let port = self.port_of(args[1]);
+            let port = self.port_of(key);
+            // Error replies as frames: a redirection is followed, any other is the answer.
             let reply = match self.try_node_client(port).await {
-                Some(client) => client.command(args).await.ok(),
+                Some(client) => client
+                    .pipeline(&[args])
+                    .await
+                    .ok()
+                    .and_then(|mut r| r.pop()),
                 None => None,
             };
             match reply {
