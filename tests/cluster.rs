@@ -15,7 +15,8 @@ use writebehind::cluster::ClusterService;
 use writebehind::config::Config;
 use writebehind::service::ServiceOptions;
 
-/// The configuration: every node a seed, `person2:*` hashes into `person1`, expiry deletes.
+/// The configuration: every node a seed, `person2:*` hashes into `person1`, expiry deletes;
+/// without the op field (the tests of `#` switch it on).
 fn config_text(cluster: &RedisCluster, db_url: &str, buffer: &std::path::Path) -> String {
     format!(
         r#"
