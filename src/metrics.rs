@@ -250,6 +250,12 @@ impl Health {
         }
     }
 
+    /// The lowest seq the backends have applied through (`None`: no backend).
+    pub fn slowest_applied_seq(&self) -> Option<ChangeSeq> {
+        let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        backends.values().map(|b| ChangeSeq(b.applied_seq)).min()
+    }
+
     /// The seq backend (runner) `name` has applied through, once it has applied a batch.
     pub fn applied_seq(&self, name: &str) -> Option<ChangeSeq> {
         let backends = self.backends.lock().unwrap_or_else(|p| p.into_inner());
@@ -394,6 +400,11 @@ impl Health {
             };
             (open, since)
         });
+    }
+
+    /// Whether a stop has begun.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     pub fn begin_shutdown(&self) {

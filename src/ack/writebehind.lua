@@ -13,9 +13,14 @@ local VERSION = 4
 local CHUNK = 1000
 local CHANNEL = '__writebehind__'
 
--- Whether this server is a cluster node (CLUSTER answers only there).
+-- Whether this server is a cluster node (`INFO cluster`), asked once per library load: a node
+-- cannot leave or join cluster mode without a restart, which loads the library again.
+local cluster_mode = nil
 local function in_cluster()
-  return pcall(redis.call, 'CLUSTER', 'MYID')
+  if cluster_mode == nil then
+    cluster_mode = string.find(redis.call('INFO', 'cluster'), 'cluster_enabled:1', 1, true) ~= nil
+  end
+  return cluster_mode
 end
 
 -- A key in KEY's slot, or nil when none can be named: the key's hash tag (its first `{...}`

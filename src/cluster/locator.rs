@@ -60,15 +60,39 @@ impl ShardLocator {
         members.iter().any(|id| shard.has_node(id))
     }
 
-    /// This shard in `topology`: of the entries holding a remembered node, the one with an
-    /// online primary and slots first. (A primary that failed and was replaced stays listed as
-    /// a primary of its own, without slots, until it comes back as a replica.)
+    /// This shard in `topology`, among the entries holding a remembered node: first one whose
+    /// online primary is a remembered node (a replica that moved to another shard leaves that
+    /// shard's entry holding a remembered node too, but not as its primary), then one with an
+    /// online primary, then with slots, then holding more remembered nodes. (A primary that
+    /// failed and was replaced stays listed as a primary of its own, without slots, until it
+    /// comes back as a replica.) Two entries that rank alike: `None`, as neither can be told to
+    /// be this shard.
     pub fn find<'t>(&self, topology: &'t Topology) -> Option<&'t Shard> {
-        topology
+        let members = self.members();
+        let rank = |s: &Shard| {
+            let primary = s.primary();
+            (
+                primary.is_some_and(|p| members.contains(&p.id)),
+                primary.is_some(),
+                s.slot_count() > 0,
+                s.nodes.iter().filter(|n| members.contains(&n.id)).count(),
+            )
+        };
+        let mut ranked: Vec<_> = topology
             .shards
             .iter()
             .filter(|s| self.is(s))
-            .max_by_key(|s| (s.primary().is_some(), s.slot_count() > 0))
+            .map(|s| (rank(s), s))
+            .collect();
+        ranked.sort_by_key(|(rank, _)| std::cmp::Reverse(*rank));
+        match ranked.as_slice() {
+            [] => None,
+            [(best, shard), (second, _), ..] if best == second => {
+                tracing::warn!(shard = ?shard.nodes.first().map(|n| &n.id), "two shards of the cluster hold nodes this shard had, alike: following neither until it is clear");
+                None
+            }
+            [(_, shard), ..] => Some(shard),
+        }
     }
 
     /// Takes in the nodes `shard` has now; returns whether a node id was new.

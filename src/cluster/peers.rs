@@ -70,6 +70,9 @@ pub struct HoldCheck {
     pub reply: oneshot::Sender<Vec<bool>>,
 }
 
+/// The changes of one shard and backend written for hand-overs, with the batches they wait for.
+type Waits = BTreeMap<ChangeSeq, Vec<Dependency>>;
+
 /// One shard as the others see it.
 #[derive(Clone)]
 pub struct Peer {
@@ -85,8 +88,9 @@ pub struct Peers {
     shards: RwLock<Vec<Peer>>,
     /// Every shard known at start has been added (set by the cluster's supervisor).
     started: std::sync::atomic::AtomicBool,
-    /// By shard, the seqs of changes written for a hand-over, with the batch each waits for.
-    dependencies: Mutex<BTreeMap<String, BTreeMap<ChangeSeq, Vec<Dependency>>>>,
+    /// By shard and backend, the seqs of changes written for a hand-over, with the batch each
+    /// waits for.
+    dependencies: Mutex<BTreeMap<(String, String), Waits>>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -104,6 +108,11 @@ impl Peers {
         let mut shards = self.shards.write().unwrap_or_else(|p| p.into_inner());
         shards.retain(|p| p.id != peer.id);
         shards.push(peer);
+    }
+
+    /// Whether every shard known at start has been added.
+    pub fn started(&self) -> bool {
+        self.started.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Every shard known at start has been added.
@@ -169,7 +178,7 @@ impl Peers {
     pub fn depend(&self, shard: &str, seq: ChangeSeq, waiter: Dependency) {
         let mut dependencies = self.dependencies.lock().unwrap_or_else(|p| p.into_inner());
         dependencies
-            .entry(shard.to_string())
+            .entry((shard.to_string(), waiter.backend.clone()))
             .or_default()
             .entry(seq)
             .or_default()
@@ -186,23 +195,27 @@ impl Peers {
         through: ChangeSeq,
     ) -> Vec<Dependency> {
         let mut dependencies = self.dependencies.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(mine) = dependencies.get_mut(shard) else {
+        let Some(mine) = dependencies.get_mut(&(shard.to_string(), backend.to_string())) else {
             return Vec::new();
         };
         let kept = mine.split_off(&from);
         *mine = kept;
         mine.range(from..=through)
             .flat_map(|(_, waiters)| waiters.iter())
-            .filter(|w| w.backend == backend)
             .cloned()
             .collect()
     }
 
-    /// The seq `shard`'s runner for `backend` has applied through.
-    pub fn applied(&self, shard: &str, backend: &str) -> Option<ChangeSeq> {
+    /// Whether `shard`'s runner for `backend` has applied through `seq`; a shard no longer in
+    /// the process (retired) has nothing left to apply.
+    pub fn applied_through(&self, shard: &str, backend: &str, seq: ChangeSeq) -> bool {
         let shards = self.shards.read().unwrap_or_else(|p| p.into_inner());
-        let peer = shards.iter().find(|p| p.id == shard)?;
-        peer.health.applied_seq(&format!("{backend}@{shard}"))
+        let Some(peer) = shards.iter().find(|p| p.id == shard) else {
+            return true;
+        };
+        peer.health
+            .applied_seq(&format!("{backend}@{shard}"))
+            .is_some_and(|applied| applied >= seq)
     }
 }
 

@@ -152,7 +152,12 @@ impl Supervisor {
         self.remember(&topology)?;
         self.retire_departed(&topology).await?;
         for shard in &topology.shards {
-            let known = self.views().iter().any(|v| v.locator.is(shard));
+            // Known: a running shard takes this entry for itself (holding one of its nodes is
+            // not enough: a replica may have moved here from it).
+            let known = self
+                .views()
+                .iter()
+                .any(|v| v.locator.find(&topology) == Some(shard));
             let Some(primary) = shard.primary().filter(|_| !known) else {
                 continue;
             };
@@ -197,11 +202,21 @@ impl Supervisor {
                     .iter()
                     .any(|older| older.locator.find(topology) == Some(shard))
             });
-            let departed = found.is_none()
-                && view.health.positions().applied >= view.health.positions().buffered
-                && !self.serves_slots(&view.locator).await;
+            // Everything it captured applied (by seq: stream bytes that change no row, such as
+            // the primary's pings, move the buffered offset but never the applied one).
+            let drained = view.store.checkpoint().is_ok_and(|c| {
+                let captured = c.next_seq.previous().unwrap_or_default();
+                view.health
+                    .slowest_applied_seq()
+                    .is_none_or(|a| a >= captured)
+            });
+            let departed = drained && found.is_none() && !self.serves_slots(&view.locator).await;
             let count = self.gone.entry(view.id.clone()).or_default();
-            *count = if shadowed || departed { *count + 1 } else { 0 };
+            *count = if (shadowed && drained) || departed {
+                *count + 1
+            } else {
+                0
+            };
             if *count >= RETIRE_AFTER {
                 let why = if shadowed {
                     "another shard follows the same nodes"

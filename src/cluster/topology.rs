@@ -22,7 +22,10 @@ pub struct Node {
     /// The cluster's 40-character node id.
     pub id: String,
     pub host: String,
+    /// The plain-text port (0 when the node serves TLS only).
     pub port: u16,
+    /// The TLS port, when `CLUSTER SHARDS` gives one.
+    pub tls_port: Option<u16>,
     pub primary: bool,
     /// Reachable as far as the cluster knows (`health` is `online`).
     pub online: bool,
@@ -83,7 +86,7 @@ impl Topology {
 
     /// Slots no shard serves.
     pub fn unserved_slots(&self) -> u32 {
-        u32::from(SLOTS) - self.shards.iter().map(Shard::slot_count).sum::<u32>()
+        u32::from(SLOTS).saturating_sub(self.shards.iter().map(Shard::slot_count).sum::<u32>())
     }
 }
 
@@ -194,6 +197,7 @@ fn parse_shard_node(frame: &BytesFrame) -> Result<Node, String> {
         id: String::new(),
         host: String::new(),
         port: 0,
+        tls_port: None,
         primary: false,
         online: false,
         replication_offset: 0,
@@ -204,6 +208,7 @@ fn parse_shard_node(frame: &BytesFrame) -> Result<Node, String> {
             "ip" => ip = Some(frame_text(&value)),
             "endpoint" => endpoint = Some(frame_text(&value)),
             "port" => port_number = Some(port(integer(&value, "port")?)?),
+            "tls-port" => node.tls_port = Some(port(integer(&value, "tls-port")?)?),
             "role" => node.primary = frame_text(&value) == "master",
             "health" => node.online = frame_text(&value) == "online",
             "replication-offset" => {
@@ -213,7 +218,11 @@ fn parse_shard_node(frame: &BytesFrame) -> Result<Node, String> {
         }
     }
     node.id = id.filter(|i| !i.is_empty()).ok_or("a node without an id")?;
-    node.port = port_number.ok_or_else(|| format!("node {} without a port", node.id))?;
+    node.port = match (port_number, node.tls_port) {
+        (Some(port), _) => port,
+        (None, Some(_)) => 0,
+        (None, None) => return Err(format!("node {} without a port", node.id)),
+    };
     // `endpoint` is what clients are told to use (`?` when unknown); `ip` otherwise.
     node.host = endpoint
         .filter(|e| !e.is_empty() && e != "?")
@@ -242,6 +251,7 @@ pub fn parse_slots(frame: &BytesFrame) -> Result<Topology, String> {
                 host: frame_text(&parts[0]),
                 port: port(integer(&parts[1], "port")?)?,
                 id: frame_text(&parts[2]),
+                tls_port: None,
                 primary: index == 0,
                 online: true,
                 replication_offset: 0,
@@ -263,11 +273,16 @@ pub fn parse_slots(frame: &BytesFrame) -> Result<Topology, String> {
     Ok(topology)
 }
 
-/// The endpoint of `node`, with the credentials and TLS of `template` (a seed).
+/// The endpoint of `node`, with the credentials and TLS of `template` (a seed): its TLS port
+/// when the seeds are reached with TLS and the node names one.
 pub fn endpoint_of(node: &Node, template: &RedisEndpoint) -> RedisEndpoint {
+    let port = match (&template.tls, node.tls_port) {
+        (Some(_), Some(tls_port)) => tls_port,
+        _ => node.port,
+    };
     RedisEndpoint {
         host: node.host.clone(),
-        port: node.port,
+        port,
         ..template.clone()
     }
 }
@@ -344,6 +359,32 @@ mod tests {
             topology.shard_with_any(&["zz".into(), "a2".into()]),
             Some(first)
         );
+    }
+
+    #[test]
+    fn a_tls_port_is_used_when_the_seeds_are_reached_with_tls() {
+        let node = array(vec![
+            bulk("id"),
+            bulk("t1"),
+            bulk("tls-port"),
+            BytesFrame::Integer(7443),
+            bulk("ip"),
+            bulk("10.0.0.1"),
+            bulk("role"),
+            bulk("master"),
+            bulk("health"),
+            bulk("online"),
+        ]);
+        let reply = array(vec![array(vec![bulk("nodes"), array(vec![node])])]);
+        let parsed = parse_shards(&reply).unwrap();
+        let node = &parsed.shards[0].nodes[0];
+        assert_eq!((node.port, node.tls_port), (0, Some(7443)));
+        let plain = RedisEndpoint::parse("redis://seed:1").unwrap();
+        assert_eq!(endpoint_of(node, &plain).port, 0);
+        let mut secure = plain.clone();
+        secure.tls = Some(crate::tls::RedisTls::public().unwrap());
+        assert_eq!(endpoint_of(node, &secure).port, 7443);
+        assert_eq!(endpoint_of(node, &secure).host, "10.0.0.1");
     }
 
     #[test]

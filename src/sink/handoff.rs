@@ -50,8 +50,14 @@ impl<D: Destination> SinkRunner<D> {
 }
 
 impl HandOff {
-    /// See the module doc; `shares` is the batch `from..=last_seq`.
-    pub(super) async fn run(self, from: ChangeSeq, last_seq: ChangeSeq, shares: &mut [Share]) {
+    /// See the module doc; `shares` is the batch `from..=last_seq`. `false` when a shard asked
+    /// could not answer (it is stopping): the batch is not written now, and is read again.
+    pub(super) async fn run(
+        self,
+        from: ChangeSeq,
+        last_seq: ChangeSeq,
+        shares: &mut [Share],
+    ) -> bool {
         let (shard, peers) = (&self.shard, &self.peers);
         let backend = self.backend_name().to_string();
         for dependency in peers.dependencies(shard, &backend, from, last_seq) {
@@ -59,7 +65,11 @@ impl HandOff {
         }
         let deletes = self.deleted_keys(shares);
         if deletes.is_empty() {
-            return;
+            return true;
+        }
+        // Every shard known at start is asked, not only those started before this one.
+        while !peers.started() {
+            tokio::time::sleep(DEPENDENCY_POLL).await;
         }
         let steady = self.steady_slots().await;
         let asked: Vec<(usize, usize, AskedKey)> = deletes
@@ -67,7 +77,7 @@ impl HandOff {
             .filter(|(_, _, k)| !steady.as_ref().is_some_and(|s| s.contains(slot_of(&k.key))))
             .collect();
         if asked.is_empty() {
-            return;
+            return true;
         }
         let keys: Vec<AskedKey> = asked.iter().map(|(_, _, k)| k.clone()).collect();
         let waiter = Dependency {
@@ -75,7 +85,10 @@ impl HandOff {
             backend,
             seq: last_seq,
         };
-        let held = ask_every_shard(peers, shard, &keys, &waiter).await;
+        let Some(held) = ask_every_shard(peers, shard, &keys, &waiter).await else {
+            tracing::info!(backend = %self.name, "a shard asked about a delete did not answer (stopping?): the batch is written later");
+            return false;
+        };
         let mut dropped: Vec<(usize, usize)> = asked
             .iter()
             .zip(&held)
@@ -83,7 +96,7 @@ impl HandOff {
             .map(|((share, write, _), _)| (*share, *write))
             .collect();
         if dropped.is_empty() {
-            return;
+            return true;
         }
         tracing::info!(backend = %self.name, rows = dropped.len(), "deletes of keys another shard now holds are hand-overs: not applied; that shard writes their rows");
         metrics::counter!("writebehind_cluster_deletes_handed_over_total", "backend" => self.name.clone())
@@ -93,6 +106,7 @@ impl HandOff {
         for (share, write) in dropped {
             shares[share].coalesced.writes.remove(write);
         }
+        true
     }
 
     /// The backend's name as configured (a shard's runner is named `<backend>@<shard>`).
@@ -152,10 +166,7 @@ impl HandOff {
 async fn wait_for(peers: &Peers, dependency: &Dependency) {
     let started = Instant::now();
     let mut told = false;
-    while peers
-        .applied(&dependency.shard, &dependency.backend)
-        .is_none_or(|applied| applied < dependency.seq)
-    {
+    while !peers.applied_through(&dependency.shard, &dependency.backend, dependency.seq) {
         if !told && started.elapsed() > Duration::from_secs(30) {
             tracing::warn!(shard = %dependency.shard, seq = %dependency.seq, "a row written for another shard's hand-over waits for that shard's batch to commit");
             told = true;
@@ -164,13 +175,14 @@ async fn wait_for(peers: &Peers, dependency: &Dependency) {
     }
 }
 
-/// For each key, whether any other shard holds it (each asked at once).
+/// For each key, whether any other shard holds it (each asked at once); `None` when a shard
+/// could not answer.
 async fn ask_every_shard(
     peers: &Peers,
     shard: &str,
     keys: &[AskedKey],
     waiter: &Dependency,
-) -> Vec<bool> {
+) -> Option<Vec<bool>> {
     let answers = futures_util::future::join_all(
         peers
             .others(shard)
@@ -178,18 +190,22 @@ async fn ask_every_shard(
             .map(|peer| async move { ask_one(&peer, keys, waiter).await }),
     )
     .await;
-    (0..keys.len())
-        .map(|i| {
-            answers
-                .iter()
-                .any(|held| held.get(i).copied().unwrap_or(false))
-        })
-        .collect()
+    let answers: Vec<Vec<bool>> = answers.into_iter().collect::<Option<_>>()?;
+    Some(
+        (0..keys.len())
+            .map(|i| {
+                answers
+                    .iter()
+                    .any(|held| held.get(i).copied().unwrap_or(false))
+            })
+            .collect(),
+    )
 }
 
-/// Asks `peer`'s capture once it has captured through its primary's offset now; a shard that
-/// cannot answer is looked up in its buffer directly.
-async fn ask_one(peer: &Peer, keys: &[AskedKey], waiter: &Dependency) -> Vec<bool> {
+/// Asks `peer`'s capture once it has captured through its primary's offset now; `None` when
+/// its capture cannot answer (it has stopped): a guess from its buffer could drop a delete that
+/// nothing then replaces.
+async fn ask_one(peer: &Peer, keys: &[AskedKey], waiter: &Dependency) -> Option<Vec<bool>> {
     let after = offset_now(peer).await;
     let (reply, answer) = tokio::sync::oneshot::channel();
     let check = HoldCheck {
@@ -198,20 +214,17 @@ async fn ask_one(peer: &Peer, keys: &[AskedKey], waiter: &Dependency) -> Vec<boo
         waiter: waiter.clone(),
         reply,
     };
-    if peer.holds.send(check).is_ok() {
-        if let Ok(held) = answer.await {
-            return held;
+    peer.holds.send(check).ok()?;
+    // A shard that is stopping serves no more checks: no answer, rather than a wait until its
+    // capture is dropped.
+    tokio::pin!(answer);
+    loop {
+        match tokio::time::timeout(Duration::from_millis(100), &mut answer).await {
+            Ok(answered) => return answered.ok(),
+            Err(_) if peer.health.is_stopping() => return None,
+            Err(_) => {}
         }
     }
-    keys.iter()
-        .map(|k| {
-            peer.store
-                .mirror(k.db, &k.key)
-                .ok()
-                .flatten()
-                .is_some_and(|v| !v.fields.is_empty())
-        })
-        .collect()
 }
 
 /// The offset of `peer`'s primary now, retried for [`OFFSET_PATIENCE`] (a failover).

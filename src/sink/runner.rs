@@ -270,7 +270,9 @@ impl<D: Destination> SinkRunner<D> {
             mut shares,
         } = shares;
         if let Some(hand_off) = self.hand_off() {
-            hand_off.run(from, last_seq, &mut shares).await;
+            if !hand_off.run(from, last_seq, &mut shares).await {
+                return Ok(false);
+            }
         }
         let replid = self.replid()?;
         let mut work = Vec::with_capacity(shares.len());
