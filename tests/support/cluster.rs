@@ -27,12 +27,18 @@ pub fn cluster_port() -> u16 {
     }
 }
 
-/// Starts one cluster-enabled node (`--cluster-node-timeout 1000`: failovers in seconds).
+/// Starts one cluster-enabled node (`--cluster-node-timeout 1000`: failovers in seconds), on
+/// another port when the one picked was taken meanwhile.
 pub fn cluster_node() -> RedisServer {
-    RedisServer::start_on_port(
-        cluster_port(),
-        &["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"],
-    )
+    let options = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"];
+    let mut last = String::new();
+    for _ in 0..5 {
+        match RedisServer::try_start_on_port(cluster_port(), &options) {
+            Ok(server) => return server,
+            Err(e) => last = e,
+        }
+    }
+    panic!("could not start a cluster node: {last}");
 }
 
 /// A running cluster; nodes are killed when it drops.

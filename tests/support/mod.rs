@@ -9,6 +9,7 @@
 
 pub mod capture;
 pub mod cluster;
+pub mod cluster_load;
 pub mod ops;
 pub mod postgres;
 pub mod proxy;
@@ -83,6 +84,11 @@ impl RedisServer {
     fn start_with(fixed_port: Option<u16>, extra: &[&str]) -> RedisServer {
         Self::try_start_with(fixed_port, extra)
             .unwrap_or_else(|e| panic!("could not start redis-server: {e}"))
+    }
+
+    /// Starts on `port`, or says why the server would not run there.
+    pub fn try_start_on_port(port: u16, extra: &[&str]) -> Result<RedisServer, String> {
+        Self::try_start_with(Some(port), extra)
     }
 
     /// Starts, or says why the server would not run.
