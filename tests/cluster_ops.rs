@@ -17,8 +17,10 @@ async fn op_field_scenarios_and_acks_on_keys_of_every_shard_and_with_hash_tags()
     let database = Database::maria().await;
     database.execute(PERSON_TABLE).await;
     let dir = tempfile::tempdir().expect("dir");
+    let admin = support::free_port();
     let text = config_text(&cluster, &database.url(), &dir.path().join("buffer"))
-        .replace("enabled = false", "enabled = true");
+        .replace("enabled = false", "enabled = true")
+        .replace("listen = \"\"", &format!("listen = \"127.0.0.1:{admin}\""));
     let config = Config::parse(&text, &|_| None).expect("config");
     let service = ClusterService::start(&config, ServiceOptions::default())
         .await
@@ -132,6 +134,41 @@ async fn op_field_scenarios_and_acks_on_keys_of_every_shard_and_with_hash_tags()
     // No tag key is left behind anywhere.
     let left = client.hashes("__writebehind__").await;
     assert!(left.is_empty(), "{left:?}");
+
+    // The admin listener serves every shard.
+    let get = |path: &str| support::service::get(admin, path).expect("the admin listener answers");
+    let (code, body) = get("/status");
+    assert_eq!(code, 200, "{body}");
+    let status: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let shards = status["shards"].as_array().expect("a status per shard");
+    assert_eq!(shards.len(), 3, "{body}");
+    let ids: Vec<String> = shards
+        .iter()
+        .map(|s| s["shard"].as_str().expect("the shard's id").to_string())
+        .collect();
+    for shard in shards {
+        assert_eq!(shard["link"], "up", "{shard}");
+    }
+    assert_eq!(get("/ready").0, 200);
+    let (_, metrics) = get("/metrics");
+    for id in &ids {
+        let labelled = format!("writebehind_link_up{{shard=\"{id}\"}} 1");
+        assert!(
+            metrics.contains(&labelled),
+            "{labelled} in /metrics: {}",
+            metrics
+                .lines()
+                .filter(|l| l.contains("link_up"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        assert!(
+            metrics.contains(&format!("backend=\"db@{id}\"")),
+            "the shard's runner in /metrics"
+        );
+    }
+    assert_eq!(get("/dlq").0, 400, "/dlq names its shard in a cluster");
+    assert_eq!(get(&format!("/dlq?shard={}", ids[0])).0, 200);
     service.shutdown();
     service.wait().await.expect("stopped cleanly");
     database.drop_database().await;

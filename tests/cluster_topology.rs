@@ -25,15 +25,11 @@ async fn resharding_under_load_leaves_every_row_equal_to_the_shard_holding_its_k
     let stop = Arc::new(AtomicBool::new(false));
     let churning = churn(&cluster, stop.clone()).await;
     let load = Load::start(&cluster).await;
-    let topology = cluster.topology().await;
-    let port_of = |slot: u16| {
-        topology
-            .owner(slot)
-            .and_then(|s| s.primary())
-            .map(|n| n.port)
-            .unwrap()
-    };
-    let (first, second, third) = (port_of(0), port_of(6000), port_of(12000));
+    let (first, second, third) = (
+        cluster.primary_port(0).await,
+        cluster.primary_port(6000).await,
+        cluster.primary_port(12000).await,
+    );
     // Thousands of slots while both loads write: from the first shard to the second, then part
     // of those on to the third, and some of the third's back to the first.
     let mut moved = client.migrate_slots(0..2500, first, second).await;
@@ -85,14 +81,10 @@ async fn a_shard_added_and_a_shard_removed_under_load_are_followed() {
     };
     until_shards(4).await;
     let topology = cluster.topology().await;
-    let port_of = |slot: u16| {
-        topology
-            .owner(slot)
-            .and_then(|s| s.primary())
-            .map(|n| n.port)
-            .unwrap()
-    };
-    let (first, third) = (port_of(0), port_of(12000));
+    let (first, third) = (
+        cluster.primary_port(0).await,
+        cluster.primary_port(12000).await,
+    );
     let new_port = cluster.nodes[3].port;
     let moved_in = client.migrate_slots(0..1500, first, new_port).await;
     assert!(moved_in > 20, "keys moved to the new shard: {moved_in}");

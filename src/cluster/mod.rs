@@ -88,6 +88,11 @@ impl ClusterService {
     ) -> Result<ClusterService, StartError> {
         let seeds = Discovery::cluster_seeds(&config.source)?;
         let dir = registry::shards_dir(&config.buffer.path);
+        // The recorder before any shard starts: what a shard reports before it would be lost.
+        let metrics = match config.admin.address() {
+            Some(_) => Some(crate::metrics::install()?),
+            None => None,
+        };
         let known = registry::load(&dir).map_err(|e| StartError::Registry {
             path: dir.clone(),
             source: e,
@@ -103,13 +108,13 @@ impl ClusterService {
         let (stop, stop_rx) = watch::channel(false);
         let stopper = Stopper::new(Arc::new(stop), Health::new());
         let shards = supervisor.views_handle();
-        if let Some(listen) = config.admin.address() {
+        if let (Some(listen), Some(handle)) = (config.admin.address(), metrics) {
             let listen = listen.parse().map_err(|source| StartError::AdminAddress {
                 listen: listen.to_string(),
                 source,
             })?;
             let admin = crate::admin::Admin::for_cluster(
-                crate::metrics::install()?,
+                handle,
                 shards.clone(),
                 config.admin.token.clone(),
             );

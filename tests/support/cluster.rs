@@ -193,6 +193,16 @@ impl RedisCluster {
         panic!("no node of the cluster answers");
     }
 
+    /// The port of the primary serving `slot` now.
+    pub async fn primary_port(&self, slot: u16) -> u16 {
+        self.topology()
+            .await
+            .owner(slot)
+            .and_then(|s| s.primary())
+            .map(|n| n.port)
+            .expect("every slot served")
+    }
+
     /// The `[source] cluster` seeds: every node's address.
     pub fn seeds(&self) -> String {
         self.nodes
@@ -367,25 +377,8 @@ impl ClusterClient {
         let mut moved = 0;
         for slot in slots {
             let slot = slot.to_string();
-            let ok = |reply: BytesFrame, what: &str| {
-                assert_eq!(frame_text(&reply), "OK", "{what}");
-            };
-            ok(
-                command(
-                    self.node_client(to).await,
-                    &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id],
-                )
-                .await,
-                "IMPORTING",
-            );
-            ok(
-                command(
-                    self.node_client(from).await,
-                    &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id],
-                )
-                .await,
-                "MIGRATING",
-            );
+            self.setslot(to, &[&slot, "IMPORTING", &from_id]).await;
+            self.setslot(from, &[&slot, "MIGRATING", &to_id]).await;
             loop {
                 let BytesFrame::Array(keys) = command(
                     self.node_client(from).await,
@@ -409,14 +402,7 @@ impl ClusterClient {
                 );
                 moved += keys.len() as u64;
             }
-            ok(
-                command(
-                    self.node_client(to).await,
-                    &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id],
-                )
-                .await,
-                "NODE on the target",
-            );
+            self.setslot(to, &[&slot, "NODE", &to_id]).await;
             // The source's last slot gone, Redis 7 may have made it a replica of the target
             // already (`cluster-allow-replica-migration`): then it needs no SETSLOT.
             let source = self.node_client(from).await;
@@ -434,6 +420,14 @@ impl ClusterClient {
         }
         self.refresh().await;
         moved
+    }
+
+    /// `CLUSTER SETSLOT <args>` on the node on `port`, which must answer OK.
+    async fn setslot(&mut self, port: u16, args: &[&str]) {
+        let mut command_args = vec!["CLUSTER", "SETSLOT"];
+        command_args.extend_from_slice(args);
+        let reply = command(self.node_client(port).await, &command_args).await;
+        assert_eq!(frame_text(&reply), "OK", "{command_args:?}");
     }
 
     /// Every hash whose key starts with `prefix` on every primary: key -> fields.

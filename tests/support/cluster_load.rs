@@ -301,3 +301,37 @@ pub async fn ack_of(client: &mut ClusterClient, stream: &str) -> Vec<String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The replication offset a node reports (`master_repl_offset`, the primary's or, on a replica,
+/// what it has received).
+async fn replication_offset(cluster: &RedisCluster, port: u16) -> u64 {
+    let info = cluster
+        .node(port)
+        .client()
+        .await
+        .info("replication")
+        .await
+        .expect("INFO replication");
+    writebehind::redis_client::info_field(&info, "master_repl_offset")
+        .and_then(|o| o.parse().ok())
+        .expect("master_repl_offset")
+}
+
+/// Until the replica on `replica` holds everything the primary on `primary` has written (the
+/// primary's offset read twice alike around the replica's): nothing writes to that primary.
+pub async fn until_caught_up(cluster: &RedisCluster, primary: u16, replica: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let before = replication_offset(cluster, primary).await;
+        let received = replication_offset(cluster, replica).await;
+        let after = replication_offset(cluster, primary).await;
+        if received >= after && before == after {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica did not catch up: {received} of {after}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
