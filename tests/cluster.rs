@@ -133,7 +133,7 @@ async fn manual_and_automatic_failovers_under_load_are_followed_by_partial_resyn
     let written = load.finish().await;
 
     let mut client = cluster.client().await;
-    until_equal(&mut client, &database).await;
+    until_equal_explained(&mut client, &database, || shards_status(&service)).await;
     let rows = database.rows("person1", &["first"]).await;
     assert!(
         rows.len() as u64 >= written.min(1500),

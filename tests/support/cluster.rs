@@ -257,11 +257,15 @@ impl ClusterClient {
 
     /// The port of the primary serving `key`.
     pub fn port_of(&self, key: &str) -> u16 {
+        self.try_port_of(key).expect("every slot served")
+    }
+
+    /// The port of the primary serving `key`, if one is online (not during a failover).
+    pub fn try_port_of(&self, key: &str) -> Option<u16> {
         self.topology
             .owner(slot_of(key.as_bytes()))
             .and_then(|s| s.primary())
             .map(|n| n.port)
-            .expect("every slot served")
     }
 
     /// Re-reads the topology from any known node.
@@ -291,7 +295,12 @@ impl ClusterClient {
     /// Runs one command on the node serving `key`.
     pub async fn run_for(&mut self, key: &str, args: &[&str]) -> BytesFrame {
         for _ in 0..300 {
-            let port = self.port_of(key);
+            let Some(port) = self.try_port_of(key) else {
+                // A failover under way: no primary serves the slot yet.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                self.refresh().await;
+                continue;
+            };
             // Error replies as frames: a redirection is followed, any other is the answer.
             let reply = match self.try_node_client(port).await {
                 Some(client) => client

@@ -80,6 +80,25 @@ pub async fn expected_rows(client: &mut ClusterClient) -> BTreeMap<String, Vec<O
 
 /// Until the table equals the union of the shards' projections (a minute at most).
 pub async fn until_equal(client: &mut ClusterClient, database: &Database) {
+    until_equal_explained(client, database, String::new).await
+}
+
+/// Each shard's status (positions, link, backends), for a failure's message.
+pub fn shards_status(service: &ClusterService) -> String {
+    service
+        .shards()
+        .iter()
+        .map(|s| format!("{}: {}", s.id, s.health.status(&Default::default())))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// [`until_equal`], with `explain()` in the failure's message.
+pub async fn until_equal_explained(
+    client: &mut ClusterClient,
+    database: &Database,
+    explain: impl Fn() -> String,
+) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let expected = expected_rows(client).await;
@@ -104,9 +123,10 @@ pub async fn until_equal(client: &mut ClusterClient, database: &Database) {
                 .take(5)
                 .collect();
             panic!(
-                "the table differs from the cluster after 60 s: {} rows against {} hashes; missing {missing:?}, extra {extra:?}, different {differ:?}",
+                "the table differs from the cluster after 60 s: {} rows against {} hashes; missing {missing:?}, extra {extra:?}, different {differ:?}\n{}",
                 rows.len(),
-                expected.len()
+                expected.len(),
+                explain()
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
