@@ -77,6 +77,11 @@ async fn a_random_workload_over_every_slot_ends_equal_to_every_shard() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_and_automatic_failovers_under_load_are_followed_by_partial_resyncs() {
+    // The service's log on a failure (`cargo test` shows a failing test's output).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("writebehind=info")
+        .with_test_writer()
+        .try_init();
     let cluster = RedisCluster::start(3, 1).await;
     let database = Database::maria().await;
     database.execute(PERSON_TABLE).await;

@@ -152,12 +152,16 @@ impl Supervisor {
         self.remember(&topology)?;
         self.retire_departed(&topology).await?;
         for shard in &topology.shards {
-            // Known: a running shard takes this entry for itself (holding one of its nodes is
-            // not enough: a replica may have moved here from it).
-            let known = self
-                .views()
-                .iter()
-                .any(|v| v.locator.find(&topology) == Some(shard));
+            // Known: a running shard takes this entry for itself, or remembers its primary (a
+            // primary of a shard switching over shows, for a moment, in an entry of its own).
+            // Holding one of a shard's nodes is not enough: a replica may have moved here.
+            let views = self.views();
+            let known = views.iter().any(|v| {
+                v.locator.find(&topology) == Some(shard)
+                    || shard
+                        .primary()
+                        .is_some_and(|p| v.id == p.id || v.locator.members().contains(&p.id))
+            });
             let Some(primary) = shard.primary().filter(|_| !known) else {
                 continue;
             };
