@@ -28,9 +28,18 @@ pub fn cluster_port() -> u16 {
 }
 
 /// Starts one cluster-enabled node (`--cluster-node-timeout 1000`: failovers in seconds), on
-/// another port when the one picked was taken meanwhile.
+/// another port when the one picked was taken meanwhile. Its backlog (64 MiB) holds whatever a
+/// test writes while the service is down or a failover runs: a full sync a test sees is then
+/// the service's doing, not a backlog too small for a slow machine.
 pub fn cluster_node() -> RedisServer {
-    let options = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"];
+    let options = [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-node-timeout",
+        "1000",
+        "--repl-backlog-size",
+        "64mb",
+    ];
     let mut last = String::new();
     for _ in 0..5 {
         match RedisServer::try_start_on_port(cluster_port(), &options) {
@@ -294,9 +303,15 @@ impl ClusterClient {
 
     /// Runs one command on the node serving `key`.
     pub async fn run_for(&mut self, key: &str, args: &[&str]) -> BytesFrame {
-        for _ in 0..300 {
-            let Some(port) = self.try_port_of(key) else {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // What the last attempt met, for the failure message.
+        let mut last = String::from("nothing tried");
+        // Where the last `MOVED` pointed (tried next, as cluster clients do).
+        let mut moved_to: Option<u16> = None;
+        while Instant::now() < deadline {
+            let Some(port) = moved_to.take().or_else(|| self.try_port_of(key)) else {
                 // A failover under way: no primary serves the slot yet.
+                last = format!("no online primary serves slot {}", slot_of(key.as_bytes()));
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 self.refresh().await;
                 continue;
@@ -318,6 +333,7 @@ impl ClusterClient {
                         .next()
                         .and_then(|p| p.parse().ok())
                         .expect("ASK names a port");
+                    last = format!("{port} answered {e}");
                     if let Some(client) = self.try_node_client(target).await {
                         if let Ok(replies) = client.pipeline(&[&["ASKING"][..], args]).await {
                             match replies.last() {
@@ -332,18 +348,27 @@ impl ClusterClient {
                 Some(BytesFrame::Error(e))
                     if e.starts_with("MOVED") || e.starts_with("CLUSTERDOWN") =>
                 {
+                    last = format!("{port} answered {e}");
+                    // `MOVED <slot> <host>:<port>`
+                    if e.starts_with("MOVED") {
+                        moved_to = e.rsplit(':').next().and_then(|p| p.parse().ok());
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     self.refresh().await;
                 }
                 Some(frame) => return frame,
                 None => {
+                    last = format!("{port} did not answer");
                     self.clients.remove(&port);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     self.refresh().await;
                 }
             }
         }
-        panic!("{args:?}: no node took it");
+        panic!(
+            "{args:?}: no node took it within 60 s; last: {last}; topology: {:?}",
+            self.topology
+        );
     }
 
     /// Sends groups of commands (each group one key's slot: a single command or a whole

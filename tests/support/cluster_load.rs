@@ -219,8 +219,10 @@ impl Load {
             while !stopping.load(Ordering::SeqCst) {
                 n += 1;
                 let key = format!("person2:w{n}");
+                // While paused, also the keys whose slot has no online primary (the paused
+                // primary was killed and is not replaced yet).
                 let skip = *pausing.lock().unwrap();
-                if skip.is_some_and(|port| client.port_of(&key) == port) {
+                if skip.is_some_and(|port| client.try_port_of(&key).is_none_or(|p| p == port)) {
                     continue;
                 }
                 let value = format!("v{n}");
