@@ -25,6 +25,9 @@ use crate::redis_client::RedisClient;
 const OFFSET_PATIENCE: Duration = Duration::from_secs(10);
 /// How often a dependency's progress is looked at.
 const DEPENDENCY_POLL: Duration = Duration::from_millis(5);
+/// How long a wait on another shard (its batch, its answer) goes on before the log says so.
+/// The wait itself has no end: deciding without that shard could remove a row it holds.
+const WAIT_TOLD_AFTER: Duration = Duration::from_secs(30);
 
 /// What a hand-off needs of its runner (owned: the runner is not shared across the waits).
 pub(super) struct HandOff {
@@ -167,7 +170,7 @@ async fn wait_for(peers: &Peers, dependency: &Dependency) {
     let started = Instant::now();
     let mut told = false;
     while !peers.applied_through(&dependency.shard, &dependency.backend, dependency.seq) {
-        if !told && started.elapsed() > Duration::from_secs(30) {
+        if !told && started.elapsed() > WAIT_TOLD_AFTER {
             tracing::warn!(shard = %dependency.shard, seq = %dependency.seq, "a row written for another shard's hand-over waits for that shard's batch to commit");
             told = true;
         }
@@ -218,10 +221,15 @@ async fn ask_one(peer: &Peer, keys: &[AskedKey], waiter: &Dependency) -> Option<
     // A shard that is stopping serves no more checks: no answer, rather than a wait until its
     // capture is dropped.
     tokio::pin!(answer);
+    let (started, mut told) = (Instant::now(), false);
     loop {
         match tokio::time::timeout(Duration::from_millis(100), &mut answer).await {
             Ok(answered) => return answered.ok(),
             Err(_) if peer.health.is_stopping() => return None,
+            Err(_) if !told && started.elapsed() > WAIT_TOLD_AFTER => {
+                tracing::warn!(shard = %peer.id, through = ?after, backend = %waiter.backend, "deletes of keys this shard may now hold wait for it to capture through its primary's offset (is its replication link down?); the batch is written once it answers");
+                told = true;
+            }
             Err(_) => {}
         }
     }
