@@ -296,6 +296,15 @@ impl ClusterClient {
         }
     }
 
+    /// The ports of the online primaries, as last seen.
+    fn primary_ports(&self) -> Vec<u16> {
+        self.topology
+            .shards
+            .iter()
+            .filter_map(|s| s.primary().map(|n| n.port))
+            .collect()
+    }
+
     /// Runs one command on the node serving its key (its second argument).
     pub async fn run(&mut self, args: &[&str]) -> BytesFrame {
         self.run_for(args[1], args).await
@@ -466,14 +475,8 @@ impl ClusterClient {
 
     /// Every hash whose key starts with `prefix` on every primary: key -> fields.
     pub async fn hashes(&mut self, prefix: &str) -> BTreeMap<String, BTreeMap<String, String>> {
-        let ports: Vec<u16> = self
-            .topology
-            .shards
-            .iter()
-            .filter_map(|s| s.primary().map(|n| n.port))
-            .collect();
         let mut all = BTreeMap::new();
-        for port in ports {
+        for port in self.primary_ports() {
             let client = self.node_client(port).await;
             let mut cursor = "0".to_string();
             loop {
@@ -515,14 +518,8 @@ impl ClusterClient {
 
     /// Keys with a time to live on every primary (`INFO keyspace` expires).
     pub async fn volatile_keys(&mut self) -> u64 {
-        let ports: Vec<u16> = self
-            .topology
-            .shards
-            .iter()
-            .filter_map(|s| s.primary().map(|n| n.port))
-            .collect();
         let mut total = 0;
-        for port in ports {
+        for port in self.primary_ports() {
             let info = self
                 .node_client(port)
                 .await
