@@ -173,3 +173,71 @@ async fn op_field_scenarios_and_acks_on_keys_of_every_shard_and_with_hash_tags()
     service.wait().await.expect("stopped cleanly");
     database.drop_database().await;
 }
+
+/// `[source] cluster` seeds reached with TLS (`rediss://`, `[source.tls]`): every shard's link
+/// goes to its primary's TLS port as `CLUSTER SHARDS` names it (`tls-port`), with the seeds'
+/// CA and server name; the table ends equal to the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_reached_over_tls_is_followed_through_every_primarys_tls_port() {
+    // The service's log on a failure.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("writebehind=info")
+        .with_test_writer()
+        .try_init();
+    let certs = support::tls::TestCerts::generate();
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let Some(node) = support::cluster::tls_cluster_node(&certs) else {
+            return;
+        };
+        nodes.push(node);
+    }
+    let tls_ports: Vec<u16> = nodes.iter().map(|(_, port)| *port).collect();
+    let cluster = RedisCluster::form(nodes.into_iter().map(|(n, _)| n).collect(), 3, 0).await;
+    let database = Database::maria().await;
+    database.execute(PERSON_TABLE).await;
+    let dir = tempfile::tempdir().expect("dir");
+    // Only the TLS ports, by address (the certificate names `localhost`: `server_name`).
+    let seeds: Vec<String> = tls_ports
+        .iter()
+        .map(|p| format!("\"rediss://127.0.0.1:{p}\""))
+        .collect();
+    let text = config_text(&cluster, &database.url(), &dir.path().join("buffer")).replace(
+        &format!("cluster = [{}]", cluster.seeds()),
+        &format!(
+            "cluster = [{}]\n[source.tls]\nca_file = \"{}\"\nserver_name = \"localhost\"",
+            seeds.join(", "),
+            certs.ca.display()
+        ),
+    );
+    assert!(text.contains("rediss://"), "{text}");
+    let config = Config::parse(&text, &|_| None).expect("config");
+    let service = ClusterService::start(&config, ServiceOptions::default())
+        .await
+        .expect("the cluster service starts");
+    let mut client = cluster.client().await;
+    for n in 0..300 {
+        let key = format!("person2:t{n}");
+        client
+            .run(&["HSET", &key, "first_name", &format!("f{n}"), "age", "7"])
+            .await;
+        if n % 7 == 0 {
+            client.run(&["DEL", &key]).await;
+        }
+    }
+    until_equal_explained(&mut client, &database, || shards_status(&service)).await;
+    assert_eq!(database.rows("person1", &["first"]).await.len(), 300 - 43);
+    let shards = service.shards();
+    assert_eq!(shards.len(), 3, "{}", shards_status(&service));
+    for shard in &shards {
+        let primary = shard.health.primary().expect("a primary");
+        assert!(
+            tls_ports.contains(&primary.port) && primary.tls.is_some(),
+            "{} is followed over TLS at a TLS port",
+            primary.address()
+        );
+    }
+    service.shutdown();
+    service.wait().await.expect("stopped cleanly");
+    database.drop_database().await;
+}

@@ -155,6 +155,14 @@ impl ShardLocator {
         };
         self.remember(shard);
         match shard.primary() {
+            // Nodes learn each other's TLS ports only with `tls-cluster yes`: without it, the
+            // plain port would be tried with TLS, and the handshake wait for its timeout.
+            Some(primary) if template.tls.is_some() && primary.tls_port.is_none() => {
+                Err(not_ready(format!(
+                    "the cluster does not say at which TLS port its node {}:{} serves (the seeds are reached with TLS, and a cluster tells its nodes' TLS ports only with `tls-cluster yes`): set `tls-cluster yes` on every node, or use seeds without TLS",
+                    primary.host, primary.port
+                )))
+            }
             Some(primary) => Ok(endpoint_of(primary, &template)),
             None => Err(not_ready(
                 "the shard has no online primary (a failover in progress?)".into(),

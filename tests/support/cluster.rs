@@ -32,7 +32,12 @@ pub fn cluster_port() -> u16 {
 /// test writes while the service is down or a failover runs: a full sync a test sees is then
 /// the service's doing, not a backlog too small for a slow machine.
 pub fn cluster_node() -> RedisServer {
-    let options = [
+    try_cluster_node(&[]).unwrap_or_else(|last| panic!("could not start a cluster node: {last}"))
+}
+
+/// [`cluster_node`] with `extra` options; the last error when five ports failed.
+pub fn try_cluster_node(extra: &[&str]) -> Result<RedisServer, String> {
+    let mut options = vec![
         "--cluster-enabled",
         "yes",
         "--cluster-node-timeout",
@@ -40,14 +45,65 @@ pub fn cluster_node() -> RedisServer {
         "--repl-backlog-size",
         "64mb",
     ];
+    options.extend(extra);
     let mut last = String::new();
     for _ in 0..5 {
-        match RedisServer::try_start_on_port(cluster_port(), &options) {
-            Ok(server) => return server,
+        let port = cluster_port();
+        // The bus port said (plain port + 10000, what `CLUSTER MEET` assumes), also with
+        // `tls-cluster yes`, where it would otherwise follow the TLS port.
+        let bus = (port + 10_000).to_string();
+        let mut options = options.clone();
+        options.extend(["--cluster-port", bus.as_str()]);
+        match RedisServer::try_start_on_port(port, &options) {
+            Ok(server) => return Ok(server),
             Err(e) => last = e,
         }
     }
-    panic!("could not start a cluster node: {last}");
+    Err(last)
+}
+
+/// A cluster node with a TLS port beside its plain one, and that port; `None` when the server
+/// is built without TLS. `tls-cluster yes` (the bus over TLS, at `--cluster-port`: the plain
+/// port + 10000 as for every test node) is what makes nodes tell each other's TLS ports; the
+/// tests' own client stays on the plain ports.
+pub fn tls_cluster_node(certs: &super::tls::TestCerts) -> Option<(RedisServer, u16)> {
+    let tls_port = super::free_port().to_string();
+    let file = |p: &std::path::PathBuf| p.display().to_string();
+    let (cert, key, ca) = (
+        file(&certs.server_cert),
+        file(&certs.server_key),
+        file(&certs.ca),
+    );
+    // The bus always asks the connecting node for a certificate: one made for clients.
+    let (client_cert, client_key) = (file(&certs.client_cert), file(&certs.client_key));
+    let options = [
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-client-cert-file",
+        &client_cert,
+        "--tls-client-key-file",
+        &client_key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "no",
+        "--tls-cluster",
+        "yes",
+        "--tls-replication",
+        "yes",
+    ];
+    match try_cluster_node(&options) {
+        Ok(server) => Some((server, tls_port.parse().expect("port"))),
+        Err(why) if why.contains("TLS support") => {
+            eprintln!("skipped: {} is built without TLS", super::server_program());
+            None
+        }
+        Err(why) => panic!("could not start a cluster node with TLS: {why}"),
+    }
 }
 
 /// A running cluster; nodes are killed when it drops.
@@ -85,6 +141,14 @@ impl RedisCluster {
     pub async fn start(primaries: usize, replicas: usize) -> RedisCluster {
         let total = primaries * (1 + replicas);
         let nodes: Vec<RedisServer> = (0..total).map(|_| cluster_node()).collect();
+        RedisCluster::form(nodes, primaries, replicas).await
+    }
+
+    /// [`RedisCluster::start`] on nodes already running (`primaries * (1 + replicas)` of them,
+    /// in the order of [`RedisCluster::nodes`]).
+    pub async fn form(nodes: Vec<RedisServer>, primaries: usize, replicas: usize) -> RedisCluster {
+        let total = nodes.len();
+        assert_eq!(total, primaries * (1 + replicas), "nodes for the cluster");
         let per = 16_384 / primaries;
         for (index, node) in nodes.iter().take(primaries).enumerate() {
             let first = index * per;
