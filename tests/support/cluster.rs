@@ -67,43 +67,24 @@ pub fn try_cluster_node(extra: &[&str]) -> Result<RedisServer, String> {
 /// port + 10000 as for every test node) is what makes nodes tell each other's TLS ports; the
 /// tests' own client stays on the plain ports.
 pub fn tls_cluster_node(certs: &super::tls::TestCerts) -> Option<(RedisServer, u16)> {
-    let tls_port = super::free_port().to_string();
     let file = |p: &std::path::PathBuf| p.display().to_string();
-    let (cert, key, ca) = (
-        file(&certs.server_cert),
-        file(&certs.server_key),
-        file(&certs.ca),
-    );
     // The bus always asks the connecting node for a certificate: one made for clients.
     let (client_cert, client_key) = (file(&certs.client_cert), file(&certs.client_key));
-    let options = [
-        "--tls-port",
-        &tls_port,
-        "--tls-cert-file",
-        &cert,
-        "--tls-key-file",
-        &key,
+    let extra = [
         "--tls-client-cert-file",
         &client_cert,
         "--tls-client-key-file",
         &client_key,
-        "--tls-ca-cert-file",
-        &ca,
-        "--tls-auth-clients",
-        "no",
         "--tls-cluster",
         "yes",
-        "--tls-replication",
-        "yes",
     ];
-    match try_cluster_node(&options) {
-        Ok(server) => Some((server, tls_port.parse().expect("port"))),
-        Err(why) if why.contains("TLS support") => {
-            eprintln!("skipped: {} is built without TLS", super::server_program());
-            None
-        }
-        Err(why) => panic!("could not start a cluster node with TLS: {why}"),
-    }
+    super::tls::start_with_tls(
+        certs,
+        [&certs.server_cert, &certs.server_key],
+        false,
+        &extra,
+        try_cluster_node,
+    )
 }
 
 /// A running cluster; nodes are killed when it drops.

@@ -162,6 +162,24 @@ pub fn tls_redis_serving(
     client_certificates: bool,
     extra: &[&str],
 ) -> Option<(RedisServer, u16)> {
+    start_with_tls(
+        certs,
+        served,
+        client_certificates,
+        extra,
+        RedisServer::try_start,
+    )
+}
+
+/// A server started by `start` with the TLS options (and `extra`), and its TLS port; `None`
+/// when the server program is built without TLS.
+pub fn start_with_tls(
+    certs: &TestCerts,
+    served: [&PathBuf; 2],
+    client_certificates: bool,
+    extra: &[&str],
+    start: impl Fn(&[&str]) -> Result<RedisServer, String>,
+) -> Option<(RedisServer, u16)> {
     let tls_port = free_port().to_string();
     let file = |p: &PathBuf| p.display().to_string();
     let (cert, key, ca) = (file(served[0]), file(served[1]), file(&certs.ca));
@@ -180,7 +198,7 @@ pub fn tls_redis_serving(
         "yes",
     ];
     args.extend(extra);
-    match RedisServer::try_start(&args) {
+    match start(&args) {
         Ok(server) => Some((server, tls_port.parse().expect("port"))),
         Err(why) if why.contains("TLS support") => {
             eprintln!("skipped: {} is built without TLS", super::server_program());
