@@ -358,24 +358,31 @@ mod tests {
         ])
     }
 
+    /// One `CLUSTER SHARDS` entry: its slot ranges and nodes.
+    fn shard(ranges: &[(i64, i64)], nodes: Vec<BytesFrame>) -> BytesFrame {
+        let slots = ranges
+            .iter()
+            .flat_map(|&(first, last)| [BytesFrame::Integer(first), BytesFrame::Integer(last)])
+            .collect();
+        array(vec![
+            bulk("slots"),
+            array(slots),
+            bulk("nodes"),
+            array(nodes),
+        ])
+    }
+
     #[test]
     fn cluster_shards_gives_slots_primaries_and_health() {
         let reply = array(vec![
-            array(vec![
-                bulk("slots"),
-                array(vec![BytesFrame::Integer(0), BytesFrame::Integer(5460)]),
-                bulk("nodes"),
-                array(vec![
+            shard(
+                &[(0, 5460)],
+                vec![
                     node("a1", 30001, "master", "online"),
                     node("a2", 30004, "replica", "online"),
-                ]),
-            ]),
-            array(vec![
-                bulk("slots"),
-                array(vec![]),
-                bulk("nodes"),
-                array(vec![node("b1", 30002, "master", "fail")]),
-            ]),
+                ],
+            ),
+            shard(&[], vec![node("b1", 30002, "master", "fail")]),
         ]);
         let topology = parse_shards(&reply).unwrap();
         assert_eq!(topology.shards.len(), 2);
@@ -470,21 +477,14 @@ mod tests {
         // Redis 7.4.1 after an automatic failover: the failed primary first, the shard's slots
         // missing; the slot table gives them to the promoted replica.
         let shards = array(vec![
-            array(vec![
-                bulk("slots"),
-                array(vec![]),
-                bulk("nodes"),
-                array(vec![
+            shard(
+                &[],
+                vec![
                     node("old", 30002, "master", "fail"),
                     node("new", 30005, "master", "online"),
-                ]),
-            ]),
-            array(vec![
-                bulk("slots"),
-                array(vec![BytesFrame::Integer(0), BytesFrame::Integer(99)]),
-                bulk("nodes"),
-                array(vec![node("a1", 30001, "master", "online")]),
-            ]),
+                ],
+            ),
+            shard(&[(0, 99)], vec![node("a1", 30001, "master", "online")]),
         ]);
         let slots_node = |port: i64, id: &str| {
             array(vec![bulk("127.0.0.1"), BytesFrame::Integer(port), bulk(id)])
